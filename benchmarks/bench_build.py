@@ -1,0 +1,100 @@
+#!/usr/bin/env python3
+"""Database build throughput, split into tokenize / embed / index / write, against the bare encoder.
+
+    .venv/bin/python benchmarks/bench_build.py --docs 1200                 # bundled sample, CPU
+    .venv/bin/python benchmarks/bench_build.py --corpus data/full/wiki.jsonl --device cuda --batch-size 4096
+
+"Bare encoder" = only the encoder forward passes over the same chunk texts, pre-tokenized, in the same
+batches: the ceiling for the build. Target: build chunks/s >= 0.9 x bare encoder chunks/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from retrolm.database import BuildConfig, Database
+from retrolm.embed import Encoder
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def bare_encoder_rate(encoder: Encoder, texts: list[str], batch_size: int) -> float:
+    order = np.argsort([-len(t) for t in texts], kind="stable")
+    batches = [
+        encoder.tokenize([texts[i] for i in order[s : s + batch_size]]) for s in range(0, len(texts), batch_size)
+    ]
+    encoder.embed_features(batches[0])  # warm-up
+    if encoder.device.type == "cuda":
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    for b in batches:
+        encoder.embed_features(b)
+    if encoder.device.type == "cuda":
+        torch.cuda.synchronize()
+    return len(texts) / (time.perf_counter() - t)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--corpus", type=Path, default=REPO / "data" / "wiki-sample.jsonl")
+    ap.add_argument("--docs", type=int, default=None, help="use only the first N documents")
+    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--index", default="auto")
+    ap.add_argument("--json", type=Path, help="also write the results here")
+    args = ap.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="bench-build-"))
+    corpus = args.corpus
+    if args.docs:
+        corpus = work / "corpus.jsonl"
+        with open(args.corpus, encoding="utf-8") as f, open(corpus, "w", encoding="utf-8") as g:
+            for i, line in enumerate(f):
+                if i >= args.docs:
+                    break
+                g.write(line)
+    cfg = BuildConfig(tokenizer="train:32000", batch_size=args.batch_size, device=args.device, index=args.index)
+    t = time.perf_counter()
+    db = Database.build([corpus], work / "db", cfg, show_progress=False)
+    total = time.perf_counter() - t
+    stats = db.meta["build_stats"]
+    n = db.store.n_chunks
+    texts = db.chunk_texts(np.arange(n))
+    bare = bare_encoder_rate(db.encoder, texts, args.batch_size)
+    other = total - sum(stats.values())  # tokenizer training, model loading, meta/rename
+    rows = {
+        "chunks": n,
+        "device": str(db.encoder.device),
+        "tokenize_s": stats["tokenize_s"],
+        "embed_s": stats["embed_s"],
+        "index_s": stats["index_s"],
+        "other_s (tokenizer training, model load, write)": round(other, 2),
+        "total_s": round(total, 2),
+        "build chunks/s (embed+index+tokenize)": round(n / sum(stats.values()), 1),
+        "build chunks/s (end to end)": round(n / total, 1),
+        "bare encoder chunks/s": round(bare, 1),
+        "ratio build/bare (stages)": round(n / sum(stats.values()) / bare, 3),
+    }
+    width = max(map(len, rows))
+    print(
+        f"machine: {platform.node()} {platform.processor() or platform.machine()}, torch {torch.__version__}, "
+        f"threads {torch.get_num_threads()}"
+    )
+    for k, v in rows.items():
+        print(f"{k:<{width}}  {v}")
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2))
+    shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,213 @@
+"""The ``retrolm`` command line: one verb per pipeline stage (``retrolm db build|add|delete|search|info|compact``).
+
+Errors that are the user's to fix (a missing folder, a corrupt index, a mismatched encoder) are printed as
+one line, ``error: <file>: <problem>``, with exit status 2 and no traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import click
+import typer
+
+from retrolm.errors import RetrolmError
+
+app = typer.Typer(
+    help="retrolm: semi-parametric language models (retrieval databases, RETRO).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+db_app = typer.Typer(help="Build, update and search retrieval databases.", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+
+DbDir = Annotated[Path, typer.Argument(help="Database folder.")]
+Corpus = Annotated[
+    list[Path], typer.Argument(help="Corpus files or folders (.txt/.md/.html folders, .jsonl, .parquet).")
+]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
+
+
+def _print_json(obj: object) -> None:
+    sys.stdout.write(json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+
+
+@db_app.command("build")
+def db_build(
+    corpus: Corpus,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Database folder to create.")],
+    encoder: Annotated[str | None, typer.Option(help="Frozen encoder: HF name or local folder.")] = None,
+    tokenizer: Annotated[str | None, typer.Option(help="train:N, a tokenizer.json / folder, or a HF name.")] = None,
+    chunk_len: Annotated[int | None, typer.Option(help="Tokens per chunk (default 64).")] = None,
+    index: Annotated[str | None, typer.Option(help="auto | flat | ivfpq | hnsw.")] = None,
+    index_factory: Annotated[str | None, typer.Option(help="Explicit FAISS index_factory string.")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Chunks per encoder batch.")] = None,
+    shard_size: Annotated[int | None, typer.Option(help="Chunks per resumable embedding shard.")] = None,
+    device: Annotated[str | None, typer.Option(help="Encoder device (cpu, cuda, ...).")] = None,
+    config: Annotated[Path | None, typer.Option(help="YAML BuildConfig; flags override it.")] = None,
+    resume: Annotated[bool, typer.Option(help="Resume a partial build of the same inputs.")] = True,
+    overwrite: Annotated[
+        bool, typer.Option(help="Replace an existing database (kept until the new one is done).")
+    ] = False,
+    quiet: Quiet = False,
+) -> None:
+    """Build a retrieval database: tokenize, chunk, embed with a frozen encoder, index with FAISS."""
+    import shutil
+
+    from retrolm.config import load_config
+    from retrolm.database import BuildConfig, Database
+
+    cfg = load_config(
+        BuildConfig,
+        config,
+        encoder=encoder,
+        tokenizer=tokenizer,
+        chunk_len=chunk_len,
+        index=index,
+        index_factory=index_factory,
+        batch_size=batch_size,
+        shard_size=shard_size,
+        device=device,
+    )
+    if not resume:
+        shutil.rmtree(out.with_name(out.name + ".partial"), ignore_errors=True)
+    db = Database.build(corpus, out, cfg, overwrite=overwrite, show_progress=not quiet)
+    info = db.info()
+    typer.echo(
+        f"built {out}: {info['num_docs']} documents, {info['num_chunks']} chunks, index {info['index_factory']}, "
+        f"{info['bytes_on_disk'] / 1e6:.1f} MB"
+    )
+
+
+@db_app.command("add")
+def db_add(
+    db_dir: DbDir,
+    corpus: Corpus,
+    replace: Annotated[bool, typer.Option(help="Replace documents whose id already exists.")] = False,
+    encoder: Annotated[str | None, typer.Option(help="Must match the database's encoder (checked).")] = None,
+    tokenizer: Annotated[str | None, typer.Option(help="Must match the database's tokenizer (checked).")] = None,
+    chunk_len: Annotated[int | None, typer.Option(help="Must match the database's chunk length (checked).")] = None,
+    device: Annotated[str | None, typer.Option(help="Encoder device.")] = None,
+    quiet: Quiet = False,
+) -> None:
+    """Append documents to a database; they are searchable immediately, nothing is rebuilt."""
+    from retrolm.database import Database
+
+    db = Database.open(db_dir, device=device)
+    db.check_compatible(encoder=encoder, tokenizer=tokenizer, chunk_len=chunk_len)
+    r = db.add(corpus, replace=replace, show_progress=not quiet)
+    typer.echo(f"added {r['docs_added']} documents ({r['chunks_added']} chunks), replaced {r['docs_replaced']}")
+
+
+@db_app.command("delete")
+def db_delete(
+    db_dir: DbDir,
+    doc_id: Annotated[list[str] | None, typer.Option("--doc-id", help="Document id to delete (repeatable).")] = None,
+    match: Annotated[str | None, typer.Option(help="Delete every document whose text matches this regex.")] = None,
+    blocklist: Annotated[
+        Path | None, typer.Option(help="File of terms, one per line: delete documents containing any.")
+    ] = None,
+    quiet: Quiet = False,
+) -> None:
+    """Delete documents by id or by content filter; they are never returned by search again."""
+    from retrolm.database import Database
+
+    db = Database.open(db_dir)
+    deleted = db.delete(doc_ids=doc_id or (), match=match, blocklist=blocklist, show_progress=not quiet)
+    typer.echo(f"deleted {len(deleted)} documents" + (f": {', '.join(deleted[:20])}" if deleted else ""))
+
+
+@db_app.command("compact")
+def db_compact(db_dir: DbDir, quiet: Quiet = False) -> None:
+    """Rewrite the database without deleted documents (chunk ids change)."""
+    from retrolm.database import Database
+
+    r = Database.open(db_dir).compact(show_progress=not quiet)
+    typer.echo(f"compacted {db_dir}: {r['docs']} documents, {r['chunks']} chunks")
+
+
+@db_app.command("search")
+def db_search(
+    db_dir: DbDir,
+    query: Annotated[str, typer.Argument(help="Query text.")],
+    k: Annotated[int, typer.Option("-k", help="Number of results.")] = 5,
+    as_json: Annotated[bool, typer.Option("--json", help="Print results as JSON.")] = False,
+    device: Annotated[str | None, typer.Option(help="Encoder device.")] = None,
+) -> None:
+    """Search a database with a text query; shows each chunk, its continuation and its document."""
+    from retrolm.database import Database
+
+    hits = Database.open(db_dir, device=device).search(query, k=k)
+    if as_json:
+        _print_json([h.to_dict() for h in hits])
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(show_lines=True)
+    for col in ("#", "score", "doc (chunk)", "text ⟶ continuation"):
+        table.add_column(col)
+    for rank, h in enumerate(hits, 1):
+        table.add_row(
+            str(rank),
+            f"{h.score:.3f}",
+            f"{h.doc_id}\n(chunk {h.chunk_id}, #{h.position})",
+            f"{h.text.strip()}\n[dim]⟶ {h.continuation.strip()[:300]}[/dim]",
+        )
+    Console().print(table)
+
+
+@db_app.command("info")
+def db_info(db_dir: DbDir, as_json: Annotated[bool, typer.Option("--json", help="Print as JSON.")] = False) -> None:
+    """Describe a database: counts, tokenizer, encoder, index, size on disk."""
+    from retrolm.database import Database
+
+    info = Database.open(db_dir).info()
+    if as_json:
+        _print_json(info)
+    else:
+        width = max(map(len, info))
+        for key, value in info.items():
+            typer.echo(f"{key:<{width}}  {value}")
+
+
+def _setup_logging() -> None:
+    level = os.environ.get("RETROLM_LOG", "INFO").upper()
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    for noisy in ("transformers", "huggingface_hub", "urllib3", "httpx", "faiss", "trafilatura", "htmldate"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:  # pragma: no cover - transformers is a hard dependency
+        pass
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: run the CLI, turning user-facing errors into one line and exit status 2."""
+    _setup_logging()
+    try:
+        rc = app(args=argv, prog_name="retrolm", standalone_mode=False)
+    except RetrolmError as e:
+        sys.stderr.write(f"error: {e}\n")
+        sys.exit(2)
+    except click.exceptions.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        sys.stderr.write("interrupted\n")
+        sys.exit(130)
+    sys.exit(rc if isinstance(rc, int) else 0)
+
+
+if __name__ == "__main__":
+    main()

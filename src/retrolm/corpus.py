@@ -1,0 +1,193 @@
+"""Corpus ingestion: folders of text/Markdown/HTML, JSONL, Parquet → a stream of :class:`Document`.
+
+Formats (chosen by file name):
+
+* ``.txt .md .rst`` and other text files — one document per file, id = path relative to the given root;
+* ``.jsonl`` / ``.jsonl.gz`` — one document per line: ``{"id": ..., "text": ...}`` or ``{"id", "contents"}``
+  (pyserini's convention);
+* ``.parquet`` — one document per row with an ``id`` column and a ``text`` or ``contents`` column;
+* ``.html .htm`` — main text extracted with trafilatura (boilerplate, menus and scripts removed).
+
+Bad files never crash ingestion: binary files and empty files are skipped and invalid UTF-8 is repaired,
+each with a warning that names the file. Problems with the request itself (a path that does not exist,
+no documents at all, the same id twice) raise :class:`RetrolmError`.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import logging
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from retrolm.errors import RetrolmError
+
+logger = logging.getLogger(__name__)
+
+TEXT_SUFFIXES = {".txt", ".md", ".rst", ".text", ".markdown"}
+HTML_SUFFIXES = {".html", ".htm", ".xhtml"}
+TEXT_KEYS = ("text", "contents")
+# Files we know are not documents; everything else in a folder is sniffed and read as text.
+SKIP_SUFFIXES = {".pyc", ".so", ".o", ".a", ".zip", ".tar", ".whl", ".png", ".jpg", ".jpeg", ".gif", ".pdf", ".ico"}
+
+
+@dataclass(frozen=True)
+class Document:
+    """One document of a corpus: a unique id, its text, and where it came from (``file`` or ``file:line``)."""
+
+    id: str
+    text: str
+    source: str
+
+
+def _decode(data: bytes, source: str) -> str | None:
+    """Bytes → text, or None for a binary file. Invalid UTF-8 is replaced (with a warning), not fatal."""
+    if b"\x00" in data[:8192]:
+        logger.warning("skipping %s: binary file", source)
+        return None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        logger.warning("repairing %s: not valid UTF-8 (%s); invalid bytes replaced", source, e.reason)
+        return data.decode("utf-8", errors="replace")
+
+
+def _html_to_text(html: str) -> str:
+    import trafilatura
+
+    return trafilatura.extract(html, include_comments=False, include_tables=True, favor_recall=True) or ""
+
+
+def _read_file_document(path: Path, doc_id: str) -> Iterator[Document]:
+    source = str(path)
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        logger.warning("skipping %s: cannot read (%s)", source, e.strerror or e)
+        return
+    text = _decode(data, source)
+    if text is None:
+        return
+    if path.suffix.lower() in HTML_SUFFIXES:
+        text = _html_to_text(text)
+    if not text.strip():
+        logger.warning("skipping %s: empty document", source)
+        return
+    yield Document(id=doc_id, text=text, source=source)
+
+
+def _record_text(record: dict, source: str) -> str | None:
+    for key in TEXT_KEYS:
+        value = record.get(key)
+        if isinstance(value, str):
+            return value
+    logger.warning("skipping %s: record has no string 'text' or 'contents' field", source)
+    return None
+
+
+def _read_jsonl(path: Path) -> Iterator[Document]:
+    opener = gzip.open if path.name.endswith(".gz") else open
+    try:
+        with opener(path, "rb") as f:
+            for lineno, raw in enumerate(f, start=1):
+                source = f"{path}:{lineno}"
+                line = _decode(raw, source)
+                if line is None or not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as e:
+                    logger.warning("skipping %s: invalid JSON (%s)", source, e.msg)
+                    continue
+                if not isinstance(record, dict) or "id" not in record:
+                    logger.warning("skipping %s: expected an object with an 'id' field", source)
+                    continue
+                text = _record_text(record, source)
+                if text is None:
+                    continue
+                if not text.strip():
+                    logger.warning("skipping %s: empty document", source)
+                    continue
+                yield Document(id=str(record["id"]), text=text, source=source)
+    except (OSError, EOFError) as e:
+        logger.warning("skipping the rest of %s: cannot read (%s)", path, e)
+
+
+def _read_parquet(path: Path) -> Iterator[Document]:
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(path)
+    except Exception as e:  # pyarrow raises several unrelated types for a bad file
+        logger.warning("skipping %s: not a readable Parquet file (%s)", path, e)
+        return
+    names = pf.schema_arrow.names
+    text_col = next((k for k in TEXT_KEYS if k in names), None)
+    if "id" not in names or text_col is None:
+        logger.warning("skipping %s: Parquet needs an 'id' column and a 'text' or 'contents' column", path)
+        return
+    row = 0
+    for batch in pf.iter_batches(columns=["id", text_col], batch_size=4096):
+        for doc_id, text in zip(batch.column(0).to_pylist(), batch.column(1).to_pylist(), strict=True):
+            row += 1
+            source = f"{path}:row{row}"
+            if not isinstance(text, str) or not text.strip():
+                logger.warning("skipping %s: empty document", source)
+                continue
+            yield Document(id=str(doc_id), text=text, source=source)
+
+
+def _read_path(path: Path, root: Path) -> Iterator[Document]:
+    name = path.name.lower()
+    if name.endswith((".jsonl", ".jsonl.gz", ".ndjson")):
+        yield from _read_jsonl(path)
+    elif name.endswith(".parquet"):
+        yield from _read_parquet(path)
+    elif path.suffix.lower() in SKIP_SUFFIXES:
+        logger.warning("skipping %s: not a text format", path)
+    else:
+        doc_id = path.name if path == root else path.relative_to(root).as_posix()
+        yield from _read_file_document(path, doc_id)
+
+
+def list_files(paths: Iterable[str | Path]) -> list[tuple[Path, Path]]:
+    """Expand corpus paths into ``(file, root)`` pairs in a stable order; a missing path is an error."""
+    out: list[tuple[Path, Path]] = []
+    for p in paths:
+        root = Path(p)
+        if not root.exists():
+            raise RetrolmError(f"{root}: corpus path does not exist")
+        if root.is_file():
+            out.append((root, root))
+        else:
+            files = sorted(f for f in root.rglob("*") if f.is_file() and not f.name.startswith("."))
+            out.extend((f, root) for f in files)
+    return out
+
+
+def iter_documents(paths: Iterable[str | Path], *, unique_ids: bool = True) -> Iterator[Document]:
+    """Stream the documents of every corpus path, in a deterministic order.
+
+    Raises :class:`RetrolmError` if a path is missing, if no document at all was found, or (with
+    ``unique_ids``) if two documents share an id.
+    """
+    paths = list(paths)
+    seen: dict[str, str] = {}
+    count = 0
+    for file, root in list_files(paths):
+        for doc in _read_path(file, root):
+            if unique_ids:
+                first = seen.setdefault(doc.id, doc.source)
+                if first != doc.source:
+                    raise RetrolmError(f"{doc.source}: duplicate document id {doc.id!r} (first seen in {first})")
+            count += 1
+            yield doc
+    if count == 0:
+        raise RetrolmError(f"{', '.join(map(str, paths))}: no documents found (empty corpus)")
+
+
+def corpus_fingerprint(paths: Iterable[str | Path]) -> list[list]:
+    """Cheap identity of a corpus (resolved path, size, mtime of every file) to decide whether to resume."""
+    return [[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f, _ in list_files(paths)]

