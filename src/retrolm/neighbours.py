@@ -1,0 +1,119 @@
+"""Precomputed RETRO neighbours: for every chunk of a token source, the ids of its k nearest database chunks.
+
+RETRO retrieves with each training chunk as the query and never lets a chunk retrieve its own document
+(the paper's rule). ``exclude="sequence"`` is stricter: no neighbour may come from any document that appears
+in the same training sequence. Neighbour ids are stored as a ``(n_chunks, k)`` int64 ``.npy`` (memory-mapped
+when read) next to a ``neighbours.json`` that records the database and the database *version* they were
+computed against: chunk ids change when a database is compacted, so a stale set is refused.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from retrolm.chunks import ChunkStore
+from retrolm.database import Database
+from retrolm.errors import RetrolmError
+from retrolm.fsutil import load_npy, read_json, save_npy, write_json
+
+logger = logging.getLogger(__name__)
+
+EXCLUDE_RULES = ("none", "document", "sequence")
+
+
+@dataclass
+class NeighbourConfig:
+    """How neighbours are precomputed."""
+
+    k: int = 2
+    """Neighbours per chunk (RETRO trains with 2)."""
+    exclude: str = "document"
+    """none | document (the chunk's own document) | sequence (every document of its training sequence)."""
+    seq_chunks: int = 32
+    """Chunks per training sequence (T / chunk_len), used by ``exclude="sequence"``."""
+    batch_size: int = 1024
+    """Queries per search call."""
+
+    def __post_init__(self) -> None:
+        if self.exclude not in EXCLUDE_RULES:
+            raise RetrolmError(f"neighbour exclude rule must be one of {', '.join(EXCLUDE_RULES)}, got {self.exclude!r}")
+        if self.k < 1 or self.seq_chunks < 1:
+            raise RetrolmError("neighbour k and seq_chunks must be positive")
+
+
+def query_vectors(db: Database, source: ChunkStore, ids: np.ndarray, same_db: bool) -> np.ndarray:
+    """Query vectors of source chunks, formatted exactly like the database's keys.
+
+    Chunks of the database itself reuse their stored keys when the index holds them exactly (flat/HNSW),
+    which skips the encoder; otherwise the chunk text is embedded.
+    """
+    if same_db and db.index.kind in ("flat", "hnsw"):
+        return db.index.reconstruct(ids)
+    toks, lens = source.tokens(ids), source.lengths(ids)
+    texts = db.tokenizer.decode_batch([t[:n].tolist() for t, n in zip(toks, lens, strict=True)])
+    return db.embed(texts)
+
+
+def compute_neighbours(
+    db: Database,
+    source: ChunkStore | None = None,
+    config: NeighbourConfig | None = None,
+    show_progress: bool = True,
+) -> np.ndarray:
+    """Neighbour chunk ids ``(source.n_chunks, k)`` (-1 where fewer than k exist) for every source chunk.
+
+    ``source=None`` means the database's own chunks (training on the retrieval corpus, as RETRO does);
+    then the exclusion rule applies. A separate source (held-out documents) shares no documents with the
+    database, so nothing is excluded.
+    """
+    config = config or NeighbourConfig()
+    same_db = source is None
+    source = db.store if source is None else source
+    n = source.n_chunks
+    out = np.full((n, config.k), -1, dtype=np.int64)
+    chunk_doc = source.all_chunk_docs()
+    for start in tqdm(range(0, n, config.batch_size), desc="neighbours", unit="batch", disable=not show_progress):
+        ids = np.arange(start, min(start + config.batch_size, n))
+        vecs = query_vectors(db, source, ids + source.first_chunk, same_db)
+        exclude = None
+        if same_db and config.exclude == "document":
+            exclude = [[d] for d in chunk_doc[ids]]
+        elif same_db and config.exclude == "sequence":
+            seq = ids // config.seq_chunks
+            docs_of_seq = {s: np.unique(chunk_doc[s * config.seq_chunks : (s + 1) * config.seq_chunks])
+                           for s in np.unique(seq)}
+            exclude = [docs_of_seq[s] for s in seq]
+        _, nb = db.search_vectors(vecs, config.k, exclude_docs=exclude)
+        out[ids] = nb
+    return out
+
+
+def save_neighbours(folder: str | Path, neighbours: np.ndarray, db: Database, config: NeighbourConfig,
+                    source: str = "database") -> None:
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_npy(folder / "neighbours.npy", neighbours)
+    write_json(folder / "neighbours.json", {
+        "db": str(db.path.resolve()),
+        "db_version": db.meta["version"],
+        "source": source,
+        "n_chunks": int(len(neighbours)),
+        "config": asdict(config),
+    })
+
+
+def load_neighbours(folder: str | Path, db: Database) -> np.ndarray:
+    """Memory-map a neighbour set, refusing one computed against another version of the database."""
+    folder = Path(folder)
+    meta = read_json(folder / "neighbours.json", "neighbour description")
+    if meta["db_version"] != db.meta["version"]:
+        raise RetrolmError(
+            f"{folder}: neighbours were computed against version {meta['db_version']} of {meta['db']}, "
+            f"the database is now version {db.meta['version']}; recompute them"
+        )
+    return load_npy(folder / "neighbours.npy", mmap=True)

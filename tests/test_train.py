@@ -1,0 +1,74 @@
+"""The training recipe: it learns, checkpoints are complete folders, and resume is exact."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from retrolm.config import load_config
+from retrolm.errors import RetrolmError
+from retrolm.train import ModelSpec, Trainer, TrainConfig, load_checkpoint
+
+
+def tiny_cfg(db, out, **kw) -> TrainConfig:
+    base = dict(db=str(db.path), out_dir=str(out), model=ModelSpec(preset="tiny", seq_len=256), steps=6,
+                batch_size=2, eval_every=3, save_every=3, eval_batches=2, log_every=1, warmup_steps=2,
+                tensorboard=False, val_fraction=0.2)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def run(cfg: TrainConfig) -> dict:
+    t = Trainer(cfg)
+    t.setup(show_progress=False)
+    metrics = t.train()
+    t.cleanup()
+    return metrics
+
+
+def test_resume_is_exact(built_db, tmp_path):
+    straight = run(tiny_cfg(built_db, tmp_path / "a"))
+    run(tiny_cfg(built_db, tmp_path / "b", steps=3))
+    resumed = run(tiny_cfg(built_db, tmp_path / "b"))  # picks up step-000003
+    a = load_file(tmp_path / "a" / "checkpoints" / "step-000006" / "model.safetensors")
+    b = load_file(tmp_path / "b" / "checkpoints" / "step-000006" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert straight["train/loss"] == resumed["train/loss"]
+    ckpt = tmp_path / "a" / "checkpoints" / "step-000006"
+    assert {p.name for p in ckpt.iterdir()} == {"model.safetensors", "config.yaml", "model.json", "optimizer.pt",
+                                                "trainer.pt"}
+    lines = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert {"val/bpb", "val_no_retrieval/bpb"} <= set().union(*lines)
+
+
+def test_checkpoint_loads_back_and_baseline_has_no_retrieval(built_db, tmp_path):
+    run(tiny_cfg(built_db, tmp_path / "base", steps=2, model=ModelSpec(preset="tiny", seq_len=256, retro_layers=[])))
+    model, cfg = load_checkpoint(tmp_path / "base")
+    assert model.config.retro_layers == () and model.encoder is None
+    assert cfg["model"]["retro_layers"] == []
+    assert not (tmp_path / "base" / "neighbours").exists()  # the baseline needs no retrieval at all
+
+
+def test_training_lowers_loss(built_db, tmp_path):
+    cfg = tiny_cfg(built_db, tmp_path / "l", steps=30, eval_every=30, save_every=30, lr=3e-3, val_fraction=0.1)
+    t = Trainer(cfg)
+    t.setup(show_progress=False)
+    before = t.evaluate()["val/loss"]
+    after = t.train()["val/loss"]
+    assert after < before - 0.5, (before, after)  # measured: 6.93 → 6.08 in 30 steps
+
+
+def test_config_from_yaml_with_overrides(tmp_path):
+    y = tmp_path / "c.yaml"
+    y.write_text("db: some/db\nsteps: 10\nmodel:\n  preset: tiny\n  retro_layers: [4]\n")
+    cfg = load_config(TrainConfig, y, ["lr=0.01", "model.d_model=32"])
+    assert cfg.steps == 10 and cfg.lr == 0.01 and cfg.model.retro_layers == [4] and cfg.model.d_model == 32
+    with pytest.raises(RetrolmError, match="steps"):
+        load_config(TrainConfig, y, ["steps=abc"])
+    with pytest.raises(RetrolmError, match="nonexistent"):
+        load_config(TrainConfig, y, ["nonexistent=1"])
