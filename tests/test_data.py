@@ -65,7 +65,7 @@ def test_sequences_targets_and_neighbours(built_db):
         elif row < 3:
             assert targets[row, n - 1] == store.tokens([c + 1])[0, 0]
     # Neighbour tokens are the neighbour chunk followed by its continuation.
-    toks, mask = store.neighbour_tokens(nb[ids].reshape(-1))
+    toks, _mask = store.neighbour_tokens(nb[ids].reshape(-1))
     np.testing.assert_array_equal(item["neighbours"].reshape(-1, 2 * m), toks)
     # Bytes: over every sequence, each document's bytes are counted once in total.
     total = sum(seqs.sequence(s, with_neighbours=False)["n_bytes"] for s in range(len(seqs)))

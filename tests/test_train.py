@@ -8,9 +8,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import REPO
 from retrolm.config import load_config
 from retrolm.errors import RetrolmError
-from retrolm.train import ModelSpec, Trainer, TrainConfig, load_checkpoint
+from retrolm.train import ModelSpec, TrainConfig, Trainer, load_checkpoint
 
 
 def tiny_cfg(db, out, **kw) -> TrainConfig:
@@ -72,3 +73,14 @@ def test_config_from_yaml_with_overrides(tmp_path):
         load_config(TrainConfig, y, ["steps=abc"])
     with pytest.raises(RetrolmError, match="nonexistent"):
         load_config(TrainConfig, y, ["nonexistent=1"])
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_parse(path):
+    cfg = load_config(TrainConfig, path)
+    model = cfg.model.build(vocab_size=32000, chunk_len=64, num_neighbours=cfg.num_neighbours)
+    assert model.seq_len % 64 == 0
+    if "baseline" in path.name:
+        assert model.retro_layers == ()
+    else:
+        assert model.retro_layers

@@ -175,6 +175,7 @@ class ChunkStore:
         self.doc_first_chunk = docs.column("first_chunk").to_numpy() if docs is not None else np.zeros(0, np.int64)
         self.doc_n_chunks = docs.column("n_chunks").to_numpy() if docs is not None else np.zeros(0, np.int32)
         self.doc_n_bytes = docs.column("n_bytes").to_numpy() if docs is not None else np.zeros(0, np.int64)
+        self.doc_n_tokens = docs.column("n_tokens").to_numpy() if docs is not None else np.zeros(0, np.int64)
         self._doc_index: dict[str, int] | None = None
 
     @classmethod

@@ -177,6 +177,61 @@ def db_info(db_dir: DbDir, as_json: Annotated[bool, typer.Option("--json", help=
             typer.echo(f"{key:<{width}}  {value}")
 
 
+@app.command("train", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def train(
+    ctx: typer.Context,
+    config: Annotated[Path | None, typer.Option(help="YAML TrainConfig (see configs/).")] = None,
+    no_resume: Annotated[bool, typer.Option("--no-resume", help="Ignore checkpoints in out_dir.")] = False,
+    quiet: Quiet = False,
+) -> None:
+    """Train RETRO (or the baseline: model.retro_layers=[]) on a database. Extra args are dotted overrides,
+    e.g. ``retrolm train --config configs/tiny.yaml steps=500 model.d_model=128``."""
+    from retrolm.config import load_config
+    from retrolm.train import TrainConfig, Trainer
+
+    cfg = load_config(TrainConfig, config, ctx.args)
+    trainer = Trainer(cfg)
+    trainer.setup(resume=not no_resume, show_progress=not quiet)
+    metrics = trainer.train()
+    trainer.cleanup()
+    typer.echo(json.dumps({k: round(v, 4) for k, v in metrics.items()}))
+
+
+@app.command("generate")
+def generate_cmd(
+    checkpoint: Annotated[Path, typer.Option(help="Checkpoint folder or run folder (newest checkpoint).")],
+    prompt: Annotated[str, typer.Option(help="Text to continue.")],
+    db: Annotated[Path | None, typer.Option(help="Retrieval database; omit for retrieval off.")] = None,
+    max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate.")] = 128,
+    temperature: Annotated[float, typer.Option(help="0 = greedy.")] = 0.0,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass.")] = 1.0,
+    k: Annotated[int | None, typer.Option("-k", help="Neighbours per chunk (default: as trained).")] = None,
+    seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
+    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    as_json: Annotated[bool, typer.Option("--json", help="Print as JSON.")] = False,
+) -> None:
+    """Generate text; every generated chunk lists the database chunks it was conditioned on."""
+    from retrolm.database import Database
+    from retrolm.generate import format_generation, generate
+    from retrolm.tokenizer import LMTokenizer
+    from retrolm.train import load_checkpoint
+
+    model, train_cfg = load_checkpoint(checkpoint, device=device)
+    database = Database.open(db, device=device) if db is not None else None
+    if database is not None:
+        tokenizer = database.tokenizer
+    else:
+        train_db = Path(train_cfg.get("db", ""))
+        if not (train_db / "tokenizer.json").is_file():
+            raise RetrolmError(f"{checkpoint}: its training database {train_db} is gone; pass --db for the tokenizer")
+        tokenizer = LMTokenizer.from_file(train_db / "tokenizer.json")
+    g = generate(model, tokenizer, prompt, database, max_new_tokens, temperature, top_p, k, seed)
+    if as_json:
+        _print_json(g.to_dict())
+    else:
+        typer.echo(format_generation(g))
+
+
 def _setup_logging() -> None:
     level = os.environ.get("RETROLM_LOG", "INFO").upper()
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)

@@ -44,7 +44,8 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequenc
             cfg = OmegaConf.merge(cfg, {k: v for k, v in values.items() if v is not None})
         return OmegaConf.to_object(cfg)  # type: ignore[return-value]
     except OmegaConfBaseException as e:
-        raise RetrolmError(f"{where}: {str(e).splitlines()[0]}") from None
+        key = getattr(e, "full_key", None)
+        raise RetrolmError(f"{where}: {key + ': ' if key else ''}{str(e).splitlines()[0]}") from None
 
 
 def save_config(config: Any, path: str | Path) -> None:

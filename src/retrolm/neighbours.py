@@ -41,7 +41,8 @@ class NeighbourConfig:
 
     def __post_init__(self) -> None:
         if self.exclude not in EXCLUDE_RULES:
-            raise RetrolmError(f"neighbour exclude rule must be one of {', '.join(EXCLUDE_RULES)}, got {self.exclude!r}")
+            rules = ", ".join(EXCLUDE_RULES)
+            raise RetrolmError(f"neighbour exclude rule must be one of {rules}, got {self.exclude!r}")
         if self.k < 1 or self.seq_chunks < 1:
             raise RetrolmError("neighbour k and seq_chunks must be positive")
 
@@ -102,7 +103,7 @@ def save_neighbours(folder: str | Path, neighbours: np.ndarray, db: Database, co
         "db": str(db.path.resolve()),
         "db_version": db.meta["version"],
         "source": source,
-        "n_chunks": int(len(neighbours)),
+        "n_chunks": len(neighbours),
         "config": asdict(config),
     })
 

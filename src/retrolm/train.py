@@ -146,7 +146,9 @@ class Trainer:
         self.db = Database.open(cfg.db)
         self.model_cfg = cfg.model.build(self.db.tokenizer.vocab_size, self.db.chunk_len, cfg.num_neighbours)
         if self.model_cfg.seq_len % self.db.chunk_len:
-            raise RetrolmError(f"model seq_len {self.model_cfg.seq_len} is not a multiple of chunk_len {self.db.chunk_len}")
+            raise RetrolmError(
+                f"model seq_len {self.model_cfg.seq_len} is not a multiple of chunk_len {self.db.chunk_len}"
+            )
         self.retrieval = bool(self.model_cfg.retro_layers)
         seq_chunks = self.model_cfg.seq_len // self.db.chunk_len
 
@@ -158,7 +160,7 @@ class Trainer:
         if len(self.seqs) < 2:
             raise RetrolmError(f"{cfg.db}: too little data for sequences of {self.model_cfg.seq_len} tokens")
         order = np.random.default_rng(cfg.seed).permutation(len(self.seqs))
-        n_val = max(1, int(round(cfg.val_fraction * len(order)))) if cfg.val_fraction > 0 else 0
+        n_val = max(1, round(cfg.val_fraction * len(order))) if cfg.val_fraction > 0 else 0
         self.val_ids, self.train_ids = order[:n_val], order[n_val:]
 
         torch.manual_seed(cfg.seed)
