@@ -29,6 +29,16 @@ def write_jsonl(path: Path, docs: list[dict]) -> Path:
     return path
 
 
+def run_cli(args: list, capsys) -> tuple[int, str, str]:
+    """Run ``retrolm ARGS`` in-process → (exit status, stdout, stderr)."""
+    from retrolm.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return int(exc.value.code or 0), out, err
+
+
 @pytest.fixture(scope="session")
 def tiny_encoder(tmp_path_factory) -> str:
     """A 2-layer, 32-wide random BERT with MiniLM's WordPiece tokenizer, saved as a local HF folder."""

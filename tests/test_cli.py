@@ -13,16 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import REPO, wiki_docs, write_jsonl
-from retrolm.cli import main
+from conftest import REPO, run_cli, wiki_docs, write_jsonl
 from retrolm.database import BuildConfig, Database
-
-
-def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
-    with pytest.raises(SystemExit) as exc:
-        main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return int(exc.value.code or 0), out, err
 
 
 def assert_one_line_error(rc: int, err: str, *fragments: str) -> None:

@@ -42,16 +42,17 @@ def test_resume_is_exact(built_db, tmp_path):
     assert straight["train/loss"] == resumed["train/loss"]
     ckpt = tmp_path / "a" / "checkpoints" / "step-000006"
     assert {p.name for p in ckpt.iterdir()} == {"model.safetensors", "config.yaml", "model.json", "optimizer.pt",
-                                                "trainer.pt"}
+                                                "trainer.pt", "tokenizer.json"}
     lines = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
     assert {"val/bpb", "val_no_retrieval/bpb"} <= set().union(*lines)
 
 
 def test_checkpoint_loads_back_and_baseline_has_no_retrieval(built_db, tmp_path):
     run(tiny_cfg(built_db, tmp_path / "base", steps=2, model=ModelSpec(preset="tiny", seq_len=256, retro_layers=[])))
-    model, cfg = load_checkpoint(tmp_path / "base")
-    assert model.config.retro_layers == () and model.encoder is None
-    assert cfg["model"]["retro_layers"] == []
+    ckpt = load_checkpoint(tmp_path / "base")
+    assert ckpt.model.config.retro_layers == () and ckpt.model.encoder is None and not ckpt.retrieval
+    assert ckpt.config["model"]["retro_layers"] == [] and ckpt.step == 2
+    assert ckpt.tokenizer.sha256 == built_db.tokenizer.sha256  # saved inside the checkpoint
     assert not (tmp_path / "base" / "neighbours").exists()  # the baseline needs no retrieval at all
 
 

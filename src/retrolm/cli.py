@@ -212,20 +212,15 @@ def generate_cmd(
 ) -> None:
     """Generate text; every generated chunk lists the database chunks it was conditioned on."""
     from retrolm.database import Database
-    from retrolm.generate import format_generation, generate
-    from retrolm.tokenizer import LMTokenizer
+    from retrolm.generate import format_generation
     from retrolm.train import load_checkpoint
 
-    model, train_cfg = load_checkpoint(checkpoint, device=device)
+    ckpt = load_checkpoint(checkpoint, device=device)
     database = Database.open(db, device=device) if db is not None else None
-    if database is not None:
-        tokenizer = database.tokenizer
-    else:
-        train_db = Path(train_cfg.get("db", ""))
-        if not (train_db / "tokenizer.json").is_file():
-            raise RetrolmError(f"{checkpoint}: its training database {train_db} is gone; pass --db for the tokenizer")
-        tokenizer = LMTokenizer.from_file(train_db / "tokenizer.json")
-    g = generate(model, tokenizer, prompt, database, max_new_tokens, temperature, top_p, k, seed)
+    g = ckpt.model.generate(
+        prompt, database=database, tokenizer=ckpt.tokenizer, max_new_tokens=max_new_tokens,
+        temperature=temperature, top_p=top_p, num_neighbours=k, seed=seed,
+    )
     if as_json:
         _print_json(g.to_dict())
     else:

@@ -26,6 +26,8 @@ class GeneratedChunk:
 
     text: str
     sources: list[Hit] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)
+    """The chunk's token ids (decoding them gives ``text``)."""
 
 
 @dataclass
@@ -88,8 +90,14 @@ def generate(
     top_p: float = 1.0,
     num_neighbours: int | None = None,
     seed: int = 0,
+    stop_at_eos: bool = True,
 ) -> Generation:
-    """Continue ``prompt``; with a ``database`` (and a RETRO model) retrieve for every completed chunk."""
+    """Continue ``prompt``; with a ``database`` (and a RETRO model) retrieve for every completed chunk.
+
+    Sampling is greedy at ``temperature`` 0, else temperature + nucleus (``top_p``) with a seeded generator.
+    The prompt is left-padded to a whole chunk; a prompt longer than the model's context keeps its most recent
+    whole chunks. Generation stops at EOS (unless ``stop_at_eos`` is False) or after ``max_new_tokens``.
+    """
     cfg, m = model.config, model.config.chunk_len
     device = next(model.parameters()).device
     retrieval = database is not None and bool(cfg.retro_layers)
@@ -137,7 +145,7 @@ def generate(
     out: list[int] = []
     while len(out) < max_new:
         tok = _sample(logits, temperature, top_p, gen)
-        if tok == tokenizer.eos_id:
+        if stop_at_eos and tok == tokenizer.eos_id:
             break
         out.append(tok)
         pos = len(ids) + len(out) - 1  # position of the token just sampled
@@ -156,7 +164,7 @@ def generate(
     chunks = []
     for j in range(first, first + -(-len(out) // m)):
         span = out[(j - first) * m : (j - first + 1) * m]
-        chunks.append(GeneratedChunk(tokenizer.decode(span), sources.get(j - 1, [])))
+        chunks.append(GeneratedChunk(tokenizer.decode(span), sources.get(j - 1, []), span))
     return Generation(prompt, tokenizer.decode(out), chunks, len(out), seconds, retrieval)
 
 

@@ -493,6 +493,22 @@ class RetroModel(nn.Module):
             elif name.endswith(".bias"):
                 nn.init.zeros_(p)
 
+    def generate(self, prompt: str, database: Any = None, tokenizer: Any = None, **kwargs: Any) -> Any:
+        """Continue ``prompt`` with a KV cache, retrieving from ``database`` once per completed chunk.
+
+        Returns a :class:`retrolm.generate.Generation`: the text plus, for every generated chunk, the database chunks
+        it was conditioned on. ``tokenizer`` defaults to the database's; keyword arguments (``max_new_tokens``,
+        ``temperature``, ``top_p``, ``num_neighbours``, ``seed``, ``stop_at_eos``) go to
+        :func:`retrolm.generate.generate`. Without a database (or for a baseline) retrieval is off.
+        """
+        from retrolm.generate import generate
+
+        if tokenizer is None:
+            if database is None:
+                raise RetrolmError("generate: pass a tokenizer, or a database whose tokenizer is used")
+            tokenizer = database.tokenizer
+        return generate(self, tokenizer, prompt, database, **kwargs)
+
     def num_params(self, non_embedding: bool = False) -> int:
         """Parameter count (tied embeddings counted once); ``non_embedding`` leaves out the token embedding."""
         n = sum(p.numel() for p in self.parameters())

@@ -34,6 +34,7 @@ from retrolm.database import Database
 from retrolm.errors import RetrolmError
 from retrolm.model import PRESETS, RetroConfig, RetroModel
 from retrolm.neighbours import NeighbourConfig, compute_neighbours, load_neighbours, save_neighbours
+from retrolm.tokenizer import LMTokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -320,6 +321,7 @@ class Trainer:
         save_model(self.model, str(tmp / "model.safetensors"))
         save_config(self.cfg, tmp / "config.yaml")
         (tmp / "model.json").write_text(json.dumps(self.model_cfg.to_dict(), indent=2))
+        self.db.tokenizer.save(tmp / "tokenizer.json")  # a checkpoint generates and evaluates without its database
         torch.save(self.opt.state_dict(), tmp / "optimizer.pt")
         torch.save({"step": self.step, "torch_rng": torch.get_rng_state(), "numpy_rng": np.random.get_state(),
                     "python_rng": random.getstate(),
@@ -356,10 +358,31 @@ class Trainer:
             torch.distributed.destroy_process_group()
 
 
-def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[RetroModel, dict[str, Any]]:
-    """Load a checkpoint folder (or a run folder: its newest checkpoint) → (model in eval mode, its config dict)."""
-    from safetensors.torch import load_model
+@dataclass
+class Checkpoint:
+    """A trained model loaded from a checkpoint folder, with what it needs to run."""
 
+    model: RetroModel
+    """The model, in eval mode."""
+    tokenizer: LMTokenizer
+    """The LM tokenizer it was trained with (saved in the checkpoint)."""
+    config: dict[str, Any]
+    """The TrainConfig that produced it, as a plain dict ({} if config.yaml is missing)."""
+    path: Path
+    """The checkpoint folder (``.../checkpoints/step-NNNNNN``)."""
+
+    @property
+    def step(self) -> int:
+        return int(self.path.name.split("-")[-1]) if self.path.name.startswith("step-") else 0
+
+    @property
+    def retrieval(self) -> bool:
+        """True for a RETRO model, False for a baseline decoder without chunked cross-attention."""
+        return bool(self.model.config.retro_layers)
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint folder, or a run folder → its newest checkpoint."""
     path = Path(path)
     if (path / "checkpoints").is_dir():
         found = sorted((path / "checkpoints").glob("step-*"))
@@ -368,6 +391,14 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
         path = found[-1]
     if not (path / "model.safetensors").is_file():
         raise RetrolmError(f"{path}: not a checkpoint folder (no model.safetensors)")
+    return path
+
+
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Checkpoint:
+    """Load a checkpoint folder (or a run folder: its newest checkpoint) with its tokenizer and config."""
+    from safetensors.torch import load_model
+
+    path = resolve_checkpoint(path)
     try:
         model_cfg = RetroConfig.from_dict(json.loads((path / "model.json").read_text()))
     except (OSError, json.JSONDecodeError) as e:
@@ -375,9 +406,19 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
     import yaml
 
     train_cfg = yaml.safe_load((path / "config.yaml").read_text()) if (path / "config.yaml").is_file() else {}
+    if (path / "tokenizer.json").is_file():
+        tokenizer = LMTokenizer.from_file(path / "tokenizer.json")
+    elif (Path(train_cfg.get("db", "")) / "tokenizer.json").is_file():  # checkpoints written before it was saved
+        tokenizer = LMTokenizer.from_file(Path(train_cfg["db"]) / "tokenizer.json")
+    else:
+        raise RetrolmError(f"{path}: no tokenizer.json in the checkpoint and its training database is gone")
+    if tokenizer.vocab_size != model_cfg.vocab_size:
+        raise RetrolmError(
+            f"{path}: tokenizer has {tokenizer.vocab_size} entries, the model {model_cfg.vocab_size} embeddings"
+        )
     model = RetroModel(model_cfg)
     try:
         load_model(model, str(path / "model.safetensors"), device=str(device))
     except Exception as e:  # safetensors raises several types for truncated / mismatched files
         raise RetrolmError(f"{path / 'model.safetensors'}: cannot load ({e})") from None
-    return model.to(device).eval(), train_cfg
+    return Checkpoint(model.to(device).eval(), tokenizer, train_cfg, path)

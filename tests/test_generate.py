@@ -1,0 +1,130 @@
+"""Generation with sources: the KV-cache sampler retrieves once per completed chunk, shows what it read, and
+produces exactly what a full forward pass over the same neighbours predicts."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import run_cli
+from retrolm.errors import RetrolmError
+from retrolm.generate import format_generation, generate
+from retrolm.model import RetroConfig, RetroModel
+from retrolm.train import ModelSpec, TrainConfig, Trainer
+
+K = 2
+
+
+def random_model(db, retro: bool = True) -> RetroModel:
+    torch.manual_seed(0)
+    cfg = RetroConfig(vocab_size=db.tokenizer.vocab_size, seq_len=256, n_layer=2, n_head=2, d_model=32,
+                      chunk_len=db.chunk_len, num_neighbours=K, retro_layers=(2,) if retro else (), enc_n_layer=1)
+    model = RetroModel(cfg).eval()
+    with torch.no_grad():  # make retrieval matter: at init CCA is too weak to change a single greedy choice
+        for block in model.blocks:
+            if block.cca is not None:
+                block.cca.attn.proj.weight.mul_(10)
+    return model
+
+
+def full_forward_argmax(model, db, ids: list[int], sources: list[list]) -> np.ndarray:
+    """Greedy predictions of one full forward pass; chunk u reads the neighbours listed in ``sources[u]``."""
+    nb = mask = None
+    if sources:
+        toks, masks = zip(*(db.store.neighbour_tokens(np.array([h.chunk_id for h in hits])) for hits in sources))
+        nb, mask = torch.from_numpy(np.stack(toks))[None], torch.from_numpy(np.stack(masks))[None]  # (1, C, K, 2m)
+    with torch.no_grad():
+        logits = model(torch.tensor([ids]), nb, mask).logits[0]
+    return logits.argmax(-1).numpy()
+
+
+def test_each_chunk_shows_its_sources_and_matches_full_forward(built_db):
+    db, m = built_db, built_db.chunk_len
+    model = random_model(db)
+    prompt = db.chunk_texts([0])[0]  # a whole chunk of the database: its own text is among its neighbours
+    g = model.generate(prompt, database=db, max_new_tokens=150, stop_at_eos=False)
+    assert g.retrieval and g.new_tokens == 150 and len(g.chunks) == 3  # 64 + 64 + 22 tokens
+    assert "".join(c.text for c in g.chunks) == g.text
+
+    # chunk j of the output was conditioned on the neighbours of the chunk before it (the prompt for j = 0)
+    prompt_ids = db.tokenizer.encode(prompt)
+    pad = (-len(prompt_ids)) % m
+    out_ids = [t for c in g.chunks for t in c.token_ids]
+    queries = [db.tokenizer.decode(prompt_ids)] + [c.text for c in g.chunks[:-1]]
+    for chunk, query in zip(g.chunks, queries, strict=True):
+        expected = db.search(query, k=K)
+        assert [h.chunk_id for h in chunk.sources] == [h.chunk_id for h in expected]
+        assert all(h.doc_id and h.text for h in chunk.sources)
+    assert g.chunks[0].sources[0].chunk_id == 0  # the prompt chunk retrieves itself first
+
+    # the cached, chunk-by-chunk sampler predicts what one full forward pass over the same neighbours predicts
+    ids = [db.tokenizer.pad_id] * pad + prompt_ids + out_ids
+    assert len(out_ids) == g.new_tokens
+    pred = full_forward_argmax(model, db, ids, [c.sources for c in g.chunks])
+    start = pad + len(prompt_ids)
+    np.testing.assert_array_equal(pred[start - 1 : -1], ids[start:])
+
+    text = format_generation(g)
+    assert text.count("←") == sum(len(c.sources) for c in g.chunks) and "retrieval on" in text
+
+
+def test_retrieval_off_is_the_plain_decoder_and_short_prompts_work(built_db):
+    db = built_db
+    model = random_model(db)
+    g = model.generate("The", tokenizer=db.tokenizer, max_new_tokens=20, stop_at_eos=False)
+    assert not g.retrieval and all(c.sources == [] for c in g.chunks)
+    ids = db.tokenizer.encode("The")
+    pad = [db.tokenizer.pad_id] * (db.chunk_len - len(ids))
+    gen = [t for c in g.chunks for t in c.token_ids]
+    pred = full_forward_argmax(model, db, pad + ids + gen, [])
+    np.testing.assert_array_equal(pred[len(pad) + len(ids) - 1 : -1], gen)
+
+    # a prompt shorter than a chunk is left-padded into a whole chunk, so the first output chunk has sources
+    g = model.generate("The", database=db, max_new_tokens=5)
+    assert g.chunks and len(g.chunks[0].sources) == K
+    # sampling is reproducible from its seed
+    a = generate(model, db.tokenizer, "The", db, max_new_tokens=30, temperature=1.0, top_p=0.9, seed=3)
+    b = generate(model, db.tokenizer, "The", db, max_new_tokens=30, temperature=1.0, top_p=0.9, seed=3)
+    assert a.text == b.text
+
+
+def test_long_prompt_keeps_its_latest_chunks(built_db):
+    db = built_db
+    model = random_model(db)
+    long_prompt = " ".join(db.chunk_texts(np.arange(10)))  # > seq_len tokens
+    g = model.generate(long_prompt, database=db, max_new_tokens=8, stop_at_eos=False)
+    assert g.new_tokens == 8
+
+
+def test_baseline_refuses_a_database(built_db):
+    with pytest.raises(RetrolmError, match="no RETRO layers"):
+        random_model(built_db, retro=False).generate("x", database=built_db)
+    with pytest.raises(RetrolmError, match="tokenizer"):
+        random_model(built_db).generate("x")
+
+
+def test_generate_cli_json_from_a_trained_checkpoint(built_db, tmp_path, capsys):
+    cfg = TrainConfig(db=str(built_db.path), out_dir=str(tmp_path / "run"), model=ModelSpec(preset="tiny", seq_len=256),
+                      steps=2, batch_size=2, eval_every=2, save_every=2, eval_batches=1, warmup_steps=1,
+                      tensorboard=False, val_fraction=0.2)
+    t = Trainer(cfg)
+    t.setup(show_progress=False)
+    t.train()
+    t.cleanup()
+    args = ["generate", "--checkpoint", str(tmp_path / "run"), "--db", str(built_db.path), "--prompt",
+            "The history of", "--max-new-tokens", "70", "--temperature", "0.8", "--json"]
+    rc, out, _ = run_cli(args, capsys)
+    assert rc == 0
+    out = json.loads(out)
+    assert out["retrieval"] and out["new_tokens"] <= 70 and out["tokens_per_s"] > 0
+    for chunk in out["chunks"]:
+        assert {"text", "sources"} <= set(chunk)
+        for src in chunk["sources"]:
+            assert {"chunk_id", "doc_id", "score", "text", "continuation"} <= set(src)
+    # without --db the checkpoint's own tokenizer is used and nothing is retrieved
+    args = ["generate", "--checkpoint", tmp_path / "run", "--prompt", "The history", "--max-new-tokens", 5]
+    rc, out, _ = run_cli(args, capsys)
+    assert rc == 0 and "retrieval off" in out
