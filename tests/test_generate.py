@@ -34,7 +34,8 @@ def full_forward_argmax(model, db, ids: list[int], sources: list[list]) -> np.nd
     """Greedy predictions of one full forward pass; chunk u reads the neighbours listed in ``sources[u]``."""
     nb = mask = None
     if sources:
-        toks, masks = zip(*(db.store.neighbour_tokens(np.array([h.chunk_id for h in hits])) for hits in sources))
+        pairs = [db.store.neighbour_tokens(np.array([h.chunk_id for h in hits])) for hits in sources]
+        toks, masks = [t for t, _ in pairs], [mk for _, mk in pairs]
         nb, mask = torch.from_numpy(np.stack(toks))[None], torch.from_numpy(np.stack(masks))[None]  # (1, C, K, 2m)
     with torch.no_grad():
         logits = model(torch.tensor([ids]), nb, mask).logits[0]

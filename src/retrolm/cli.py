@@ -1,4 +1,7 @@
-"""The ``retrolm`` command line: one verb per pipeline stage (``retrolm db build|add|delete|search|info|compact``).
+"""The ``retrolm`` command line: one verb per pipeline stage.
+
+``retrolm corpus split`` → ``retrolm db build|add|delete|search|info|compact`` → ``retrolm train`` →
+``retrolm eval`` / ``retrolm scale db-size|neighbours`` → ``retrolm generate``.
 
 Errors that are the user's to fix (a missing folder, a corrupt index, a mismatched encoder) are printed as
 one line, ``error: <file>: <problem>``, with exit status 2 and no traceback.
@@ -26,12 +29,25 @@ app = typer.Typer(
 )
 db_app = typer.Typer(help="Build, update and search retrieval databases.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
+corpus_app = typer.Typer(help="Prepare corpora.", no_args_is_help=True)
+app.add_typer(corpus_app, name="corpus")
+scale_app = typer.Typer(help="Scaling curves: bits-per-byte vs database size or neighbours.", no_args_is_help=True)
+app.add_typer(scale_app, name="scale")
 
 DbDir = Annotated[Path, typer.Argument(help="Database folder.")]
 Corpus = Annotated[
     list[Path], typer.Argument(help="Corpus files or folders (.txt/.md/.html folders, .jsonl, .parquet).")
 ]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
+AsJson = Annotated[bool, typer.Option("--json", help="Print the result as JSON.")]
+# Options shared by `eval` and `scale ...` (everything else of EvalConfig: --config or dotted key=value overrides)
+Ckpt = Annotated[str | None, typer.Option("--checkpoint", help="RETRO or baseline checkpoint / run folder.")]
+EvalDb = Annotated[str | None, typer.Option("--db", help="Retrieval database (evaluation documents are excluded).")]
+EvalData = Annotated[list[str] | None, typer.Option("--data", help="Held-out corpus path (repeatable).")]
+Baselines = Annotated[list[str] | None, typer.Option("--baseline", help="Baseline checkpoint (repeatable).")]
+EvalOut = Annotated[str | None, typer.Option("--out", help="Report folder (default runs/eval).")]
+EvalYaml = Annotated[Path | None, typer.Option("--config", help="YAML EvalConfig; options override it.")]
+EXTRA = {"allow_extra_args": True, "ignore_unknown_options": True}
 
 
 def _print_json(obj: object) -> None:
@@ -225,6 +241,133 @@ def generate_cmd(
         _print_json(g.to_dict())
     else:
         typer.echo(format_generation(g))
+
+
+@corpus_app.command("split")
+def corpus_split(
+    corpus: Corpus,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for train.jsonl and heldout.jsonl.")],
+    heldout: Annotated[float, typer.Option(help="Fraction of documents held out.")] = 0.05,
+    seed: Annotated[int, typer.Option(help="Seed of the hash that assigns documents.")] = 0,
+) -> None:
+    """Split a corpus by document into train.jsonl (for the database) and heldout.jsonl (for evaluation)."""
+    from retrolm.corpus import split_corpus
+
+    counts = split_corpus(corpus, out, heldout, seed)
+    typer.echo(f"{out}: {counts['train']} train documents, {counts['heldout']} held-out documents")
+
+
+def _eval_config(ctx: typer.Context, config: Path | None, **options: object):
+    from retrolm.config import load_config
+    from retrolm.evaluate import EvalConfig
+
+    return load_config(EvalConfig, config, ctx.args, **{k: v for k, v in options.items() if v not in (None, [])})
+
+
+def _summary_table(title: str, rows: list[list[str]], header: list[str]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    for h in header:
+        table.add_column(h, justify="right")
+    for r in rows:
+        table.add_row(*r)
+    Console(width=140).print(table)
+
+
+@app.command("eval", context_settings=EXTRA)
+def eval_cmd(
+    ctx: typer.Context,
+    checkpoint: Ckpt = None,
+    db: EvalDb = None,
+    data: EvalData = None,
+    baseline: Baselines = None,
+    out: EvalOut = None,
+    neighbours: Annotated[int | None, typer.Option("--neighbours", "-k", help="k at evaluation.")] = None,
+    no_retrieval: Annotated[bool, typer.Option("--no-retrieval", help="Only retrieval off.")] = False,
+    config: EvalYaml = None,
+    as_json: AsJson = False,
+    quiet: Quiet = False,
+) -> None:
+    """Bits-per-byte with and without retrieval (and of baselines) on held-out documents, with leakage analysis.
+
+    Extra ``key=value`` arguments override EvalConfig fields, e.g. ``near_dup_threshold=0 max_docs=100``."""
+    from retrolm.evaluate import run_eval
+
+    cfg = _eval_config(ctx, config, checkpoint=checkpoint, db=db, data=data, baselines=baseline, out_dir=out,
+                       neighbours=neighbours, retrieval=False if no_retrieval else None)
+    result = run_eval(cfg, show_progress=not quiet)
+    if as_json:
+        _print_json(result)
+        return
+    rows = [[name, f"{s['bpb']:.4f}", f"{s['perplexity']:.2f}", f"{s['tokens']:,}"]
+            for name, s in result["summary"].items()]
+    if "novel" in result:
+        rows += [[f"{name} (novel chunks)", f"{s['bpb']:.4f}", f"{s['perplexity']:.2f}", f"{s['tokens']:,}"]
+                 for name, s in result["novel"]["summary"].items()]
+    _summary_table(f"held-out bits per byte (report: {cfg.out_dir}/report.md)", rows,
+                   ["model / mode", "bits/byte", "perplexity", "tokens"])
+
+
+def _print_scaling(result: dict, key: str, out_dir: str, as_json: bool) -> None:
+    if as_json:
+        _print_json(result)
+        return
+    rows = [[str(r.get(key, "")) + (" + noise" if r.get("noise") else ""), f"{r['db_chunks']:,}" if "db_chunks" in r
+             else "", f"{r['bpb']:.4f}"] for r in result["rows"]]
+    rows += [[name, "", f"{s['bpb']:.4f}"] for name, s in result["references"].items()]
+    _summary_table(f"bits per byte vs {key} (report: {out_dir})", rows, [key, "database chunks", "bits/byte"])
+
+
+@scale_app.command("db-size", context_settings=EXTRA)
+def scale_db_cmd(
+    ctx: typer.Context,
+    checkpoint: Ckpt = None,
+    db: EvalDb = None,
+    data: EvalData = None,
+    baseline: Baselines = None,
+    out: EvalOut = None,
+    fractions: Annotated[str, typer.Option(help="Comma-separated database fractions.")] = "0.125,0.25,0.5,1",
+    noise: Annotated[list[str] | None, typer.Option(help="Unrelated corpus added to a copy of the database.")] = None,
+    config: EvalYaml = None,
+    as_json: AsJson = False,
+    quiet: Quiet = False,
+) -> None:
+    """The same RETRO model with databases built from growing fractions of the documents (and plus noise)."""
+    from retrolm.evaluate import scale_db_size
+
+    cfg = _eval_config(ctx, config, checkpoint=checkpoint, db=db, data=data, baselines=baseline, out_dir=out)
+    result = scale_db_size(cfg, _floats(fractions, "--fractions"), noise, show_progress=not quiet)
+    _print_scaling(result, "fraction", cfg.out_dir, as_json)
+
+
+@scale_app.command("neighbours", context_settings=EXTRA)
+def scale_k_cmd(
+    ctx: typer.Context,
+    checkpoint: Ckpt = None,
+    db: EvalDb = None,
+    data: EvalData = None,
+    baseline: Baselines = None,
+    out: EvalOut = None,
+    ks: Annotated[str, typer.Option(help="Comma-separated neighbour counts.")] = "1,2,4,8,16",
+    config: EvalYaml = None,
+    as_json: AsJson = False,
+    quiet: Quiet = False,
+) -> None:
+    """The same RETRO model reading k = 1, 2, 4, ... neighbours per chunk at evaluation."""
+    from retrolm.evaluate import scale_neighbours
+
+    cfg = _eval_config(ctx, config, checkpoint=checkpoint, db=db, data=data, baselines=baseline, out_dir=out)
+    result = scale_neighbours(cfg, [int(k) for k in _floats(ks, "--ks")], show_progress=not quiet)
+    _print_scaling(result, "k", cfg.out_dir, as_json)
+
+
+def _floats(text: str, flag: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise RetrolmError(f"{flag} {text!r}: expected comma-separated numbers") from None
 
 
 def _setup_logging() -> None:

@@ -191,3 +191,36 @@ def iter_documents(paths: Iterable[str | Path], *, unique_ids: bool = True) -> I
 def corpus_fingerprint(paths: Iterable[str | Path]) -> list[list]:
     """Cheap identity of a corpus (resolved path, size, mtime of every file) to decide whether to resume."""
     return [[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f, _ in list_files(paths)]
+
+
+def split_corpus(
+    paths: Iterable[str | Path], out_dir: str | Path, heldout: float = 0.05, seed: int = 0
+) -> dict[str, int]:
+    """Split documents into ``out_dir/train.jsonl`` and ``out_dir/heldout.jsonl`` by document.
+
+    A document is held out when a hash of ``(seed, id)`` falls below ``heldout``: the split depends only on the ids,
+    not on their order, so adding documents later never moves an existing one across. Returns the counts.
+    """
+    import hashlib
+
+    from retrolm.fsutil import atomic_path
+
+    if not 0.0 < heldout < 1.0:
+        raise RetrolmError(f"held-out fraction must be in (0, 1), got {heldout}")
+    out = Path(out_dir)
+    counts = {"train": 0, "heldout": 0}
+    with (
+        atomic_path(out / "train.jsonl") as t,
+        atomic_path(out / "heldout.jsonl") as h,
+        open(t, "w", encoding="utf-8") as ft,
+        open(h, "w", encoding="utf-8") as fh,
+    ):
+        for doc in iter_documents(paths):
+            digest = hashlib.sha256(f"{seed}:{doc.id}".encode()).digest()
+            part = "heldout" if int.from_bytes(digest[:8], "big") / 2**64 < heldout else "train"
+            line = json.dumps({"id": doc.id, "text": doc.text}, ensure_ascii=False) + "\n"
+            (fh if part == "heldout" else ft).write(line)
+            counts[part] += 1
+    if not counts["heldout"] or not counts["train"]:
+        raise RetrolmError(f"{out}: split left one side empty ({counts}); use more documents or another fraction")
+    return counts

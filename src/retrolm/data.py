@@ -8,6 +8,7 @@ masked out of the loss, and that last token is trained to predict EOS (so genera
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,12 +23,15 @@ from retrolm.tokenizer import LMTokenizer
 IGNORE = -100
 
 
-def tokenize_corpus(paths: Sequence[str | Path], tokenizer: LMTokenizer, chunk_len: int, folder: Path) -> ChunkStore:
+def tokenize_corpus(
+    paths: Sequence[str | Path], tokenizer: LMTokenizer, chunk_len: int, folder: Path, max_docs: int | None = None
+) -> ChunkStore:
     """Tokenize and chunk documents (e.g. a held-out set) exactly as a database does, into ``folder``."""
     from retrolm.database import _tokenize_into_segment
 
     seg = Path(folder) / "seg-000000"
-    _tokenize_into_segment(iter_documents(paths), tokenizer, seg, chunk_len, 0, 0, show_progress=False)
+    docs = itertools.islice(iter_documents(paths), max_docs)
+    _tokenize_into_segment(docs, tokenizer, seg, chunk_len, 0, 0, show_progress=False)
     return ChunkStore.open([seg], chunk_len, tokenizer.pad_id)
 
 
@@ -48,6 +52,17 @@ class Batch:
         return Batch(mv(self.idx), mv(self.targets), mv(self.neighbours), mv(self.neighbour_mask), self.n_bytes)
 
 
+def chunk_bytes(store: ChunkStore) -> np.ndarray:
+    """UTF-8 bytes of text each chunk stands for (n_chunks,): its share of its document's bytes by tokens.
+
+    Summed over a document's chunks this is exactly the document's byte count, so bits-per-byte over whole
+    documents is exact and over any subset of chunks (e.g. the leakage analysis) a fair estimate.
+    """
+    doc = store.all_chunk_docs() - store.first_doc
+    lens = store.lengths(np.arange(store.n_chunks) + store.first_chunk).astype(np.float64)
+    return store.doc_n_bytes[doc] * lens / np.maximum(1, store.doc_n_tokens[doc])
+
+
 class RetroSequences:
     """Sequence ``s`` = chunks ``[s*C, (s+1)*C)`` of ``source`` with their neighbours from ``db_store``.
 
@@ -58,6 +73,7 @@ class RetroSequences:
         neighbours: ``(source.n_chunks, K)`` neighbour chunk ids into ``db_store`` (-1 = missing), or None.
         db_store: the database's chunks, where neighbour tokens come from.
         num_neighbours: use only the first K' <= K neighbours.
+        include_tail: also serve the last, partial sequence (padded; evaluation must score every chunk).
     """
 
     def __init__(
@@ -68,6 +84,7 @@ class RetroSequences:
         neighbours: np.ndarray | None = None,
         db_store: ChunkStore | None = None,
         num_neighbours: int | None = None,
+        include_tail: bool = False,
     ):
         if neighbours is not None and (db_store is None or len(neighbours) != source.n_chunks):
             raise ValueError("neighbours need db_store and one row per source chunk")
@@ -75,42 +92,46 @@ class RetroSequences:
         self.m = source.chunk_len
         self.neighbours, self.db_store = neighbours, db_store
         self.k = num_neighbours or (neighbours.shape[1] if neighbours is not None else 0)
+        if neighbours is not None and self.k > neighbours.shape[1]:
+            raise ValueError(f"num_neighbours={self.k} but only {neighbours.shape[1]} neighbours per chunk are stored")
+        self.include_tail = include_tail
         self._doc = source.all_chunk_docs()
         self._last = np.zeros(source.n_chunks, dtype=bool)  # chunk is the last of its document
         ends = source.doc_first_chunk + source.doc_n_chunks - 1 - source.first_chunk
         self._last[ends] = True
+        self._bytes = chunk_bytes(source)
 
     def __len__(self) -> int:
-        return self.source.n_chunks // self.C
+        n = self.source.n_chunks
+        return -(-n // self.C) if self.include_tail else n // self.C
 
     def sequence(self, s: int, with_neighbours: bool = True) -> dict[str, np.ndarray]:
-        m, C = self.m, self.C
-        ids = np.arange(s * C, (s + 1) * C)
-        toks = self.source.tokens(ids + self.source.first_chunk).astype(np.int64)  # (C, m)
-        lens = self.source.lengths(ids + self.source.first_chunk).astype(np.int64)
+        m, C, n = self.m, self.C, self.source.n_chunks
+        ids = np.arange(s * C, min((s + 1) * C, n))  # fewer than C only for the tail
+        toks = np.full((C, m), self.source.pad_id, dtype=np.int64)
+        lens = np.zeros(C, dtype=np.int64)
+        toks[: len(ids)] = self.source.tokens(ids + self.source.first_chunk)
+        lens[: len(ids)] = self.source.lengths(ids + self.source.first_chunk)
         real = np.arange(m)[None, :] < lens[:, None]  # (C, m)
         flat = toks.reshape(-1)
         nxt = np.empty_like(flat)
         nxt[:-1] = flat[1:]
         last = ids[-1] + 1  # the token after the sequence, if it continues the same document
         nxt[-1] = (self.source.tokens([last + self.source.first_chunk])[0, 0]
-                   if last < self.source.n_chunks and not self._last[ids[-1]] else IGNORE)
+                   if last < n and not self._last[ids[-1]] else IGNORE)
         targets = np.where(real.reshape(-1), nxt, IGNORE).reshape(C, m)
         # The last real token of a document predicts EOS; the padding after it predicts nothing.
-        doc_end = self._last[ids]
-        rows = np.flatnonzero(doc_end)
+        rows = np.flatnonzero(self._last[ids])
         targets[rows, lens[rows] - 1] = self.eos_id if self.eos_id is not None else IGNORE
-        doc_idx = self._doc[ids] - self.source.first_doc
         out = {
             "idx": flat,
             "targets": targets.reshape(-1),
             # Bytes of the text predicted in this sequence: each chunk's share of its document's bytes.
-            "n_bytes": np.float64(
-                (self.source.doc_n_bytes[doc_idx] * lens / np.maximum(1, self.source.doc_n_tokens[doc_idx])).sum()
-            ),
+            "n_bytes": np.float64(self._bytes[ids].sum()),
         }
         if with_neighbours and self.neighbours is not None and self.k > 0:
-            nb = np.asarray(self.neighbours[ids, : self.k])  # (C, K)
+            nb = np.full((C, self.k), -1, dtype=np.int64)
+            nb[: len(ids)] = self.neighbours[ids, : self.k]
             ntoks, nmask = self.db_store.neighbour_tokens(nb.reshape(-1))
             out["neighbours"] = ntoks.reshape(C, self.k, 2 * m)
             out["neighbour_mask"] = nmask.reshape(C, self.k, 2 * m)

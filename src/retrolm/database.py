@@ -434,9 +434,9 @@ class Database:
     def chunk_texts(self, ids: Sequence[int] | np.ndarray) -> list[str]:
         return _chunk_texts(self.store, self.tokenizer, np.asarray(ids, dtype=np.int64))
 
-    def embed(self, texts: Sequence[str], batch_size: int = 128) -> np.ndarray:
+    def embed(self, texts: Sequence[str], batch_size: int = 128, show_progress: bool = False) -> np.ndarray:
         """Query vectors, formatted exactly like the database's keys."""
-        return self.encoder.encode(list(texts), batch_size=batch_size)
+        return self.encoder.encode(list(texts), batch_size=batch_size, show_progress=show_progress)
 
     def search_vectors(
         self,
@@ -444,15 +444,21 @@ class Database:
         k: int = 5,
         exclude_docs: Sequence[Sequence[int]] | None = None,
         settings: SearchSettings | None = None,
+        exclude_chunks: np.ndarray | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Top-k (scores, chunk ids) per query vector; -1 where fewer than k live chunks exist.
 
-        Deleted documents are filtered inside FAISS. ``exclude_docs[i]`` lists global document indices that
-        query i must not retrieve (e.g. its own document when precomputing RETRO neighbours); those are
-        handled by over-fetching and filtering.
+        Deleted documents, and ``exclude_chunks`` (a bool mask over chunk ids that applies to every query, e.g.
+        evaluation documents or a database-size subset), are filtered inside FAISS. ``exclude_docs[i]`` lists
+        global document indices that query i must not retrieve (e.g. its own document when precomputing RETRO
+        neighbours); those are handled by over-fetching and filtering.
         """
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
         mask = self.deleted_chunks if self.deleted_docs.any() else None
+        if exclude_chunks is not None:
+            if exclude_chunks.shape != (self.store.n_chunks,):
+                raise RetrolmError(f"{self.path}: exclude_chunks must have one entry per chunk ({self.store.n_chunks})")
+            mask = exclude_chunks if mask is None else (mask | exclude_chunks)
         nq = len(vectors)
         if not exclude_docs or not any(len(e) for e in exclude_docs):
             return self.index.search(vectors, k, exclude=mask, settings=settings)

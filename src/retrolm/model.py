@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -238,9 +238,16 @@ class Attention(nn.Module):
         if ctx is None:
             q, k, v = rearrange(self.qkv(x), "n t (three h e) -> three n h t e", three=3, h=self.n_head).unbind(0)
             return q, k, v
-        q = rearrange(self.q(x), "n t (h e) -> n h t e", h=self.n_head)
+        return self.queries(x), *self.keys_values(ctx)
+
+    def queries(self, x: Tensor) -> Tensor:
+        """Cross-attention queries: x (N, T, d) → (N, H, T, e)."""
+        return rearrange(self.q(x), "n t (h e) -> n h t e", h=self.n_head)
+
+    def keys_values(self, ctx: Tensor) -> tuple[Tensor, Tensor]:
+        """Cross-attention keys and values: ctx (N, S, d_ctx) → two (N, H, S, e)."""
         k, v = rearrange(self.kv(ctx), "n s (two h e) -> two n h s e", two=2, h=self.n_head).unbind(0)
-        return q, k, v
+        return k, v
 
     def attend(
         self, q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False
@@ -363,7 +370,19 @@ class ChunkedCrossAttention(nn.Module):
         n_pos = max(2 * cfg.chunk_len, cfg.neighbour_len)
         self.register_buffer("rope", rope_table(n_pos, cfg.d_model // cfg.n_head, cfg.rope_theta), persistent=False)
 
-    def forward(self, x: Tensor, enc: Tensor, enc_mask: Tensor, start: int = 0) -> Tensor:
+    def project_kv(self, enc: Tensor) -> tuple[Tensor, Tensor]:
+        """enc (B, N, K, R, d_enc) → keys (with RoPE) and values (B·N, H, K·R, e) of each attending chunk's neighbours.
+
+        Depends only on the encoded neighbours, so incremental decoding computes it once per chunk (``RetroCache``).
+        """
+        K, R = enc.shape[2:4]
+        k, v = self.attn.keys_values(rearrange(enc, "b n k r d -> (b n) (k r) d"))
+        # neighbour token r sits at position r (chunk half at 0..m−1, continuation at m..2m−1)
+        return apply_rope(k, self.rope[:, :R].repeat(1, K, 1)), v
+
+    def forward(
+        self, x: Tensor, enc: Tensor, enc_mask: Tensor, start: int = 0, kv: tuple[Tensor, Tensor] | None = None
+    ) -> Tensor:
         """Cross-attend positions [start, start+T) to the neighbours of the chunks they may see.
 
         Args:
@@ -371,12 +390,13 @@ class ChunkedCrossAttention(nn.Module):
             enc: (B, N, K, R, d_enc) encoded neighbours of attending chunks j0 … j0+N−1, where j0 = j(max(start, m−1))
                 and j0+N−1 = j(start+T−1); a chunk without neighbours has an all-False mask.
             enc_mask: (B, N, K, R) True = real neighbour token.
+            kv: ``project_kv(enc)`` if already computed (incremental decoding reuses it for a whole chunk).
 
         Returns:
             (B, T, d), exactly 0 at positions with no real neighbour token to read.
         """
         B, T, _ = x.shape
-        m, N, K, R = self.m, *enc.shape[1:4]
+        m, N = self.m, enc.shape[1]
         skip = min(T, max(0, m - 1 - start))  # leading positions p < m−1 read nothing
         lead = (start + skip + 1) % m  # offset of the first reading position inside its attending chunk
         tail = N * m - lead - (T - skip)
@@ -384,16 +404,18 @@ class ChunkedCrossAttention(nn.Module):
             raise ValueError(f"CCA got {N} neighbour chunks for positions [{start}, {start + T}) with chunk_len {m}")
         if N == 0:
             return torch.zeros_like(x)
-        xq = rearrange(F.pad(x[:, skip:], (0, 0, lead, tail)), "b (n m) d -> (b n) m d", m=m)
-        q, k, v = self.attn.heads(xq, rearrange(enc, "b n k r d -> (b n) (k r) d"))  # (B·N, H, m or K·R, e)
-        # Relative alignment: query i of an attending chunk is m−1+i tokens after the start of the retrieving chunk;
-        # neighbour token r sits at r (chunk half at 0..m−1, continuation at m..2m−1).
-        q = apply_rope(q, self.rope[:, m - 1 : 2 * m - 1])
-        k = apply_rope(k, self.rope[:, :R].repeat(1, K, 1))
+        k, v = self.project_kv(enc) if kv is None else kv  # (B·N, H, K·R, e)
+        # Relative alignment: query i of an attending chunk is m−1+i tokens after the start of the retrieving chunk.
+        if N == 1:  # one attending chunk (e.g. decoding): its positions are the queries, no padding to a whole chunk
+            q = apply_rope(self.attn.queries(x[:, skip:]), self.rope[:, m - 1 + lead : m - 1 + lead + T - skip])
+        else:  # fold the attending chunks into the batch
+            xq = rearrange(F.pad(x[:, skip:], (0, 0, lead, tail)), "b (n m) d -> (b n) m d", m=m)
+            q = apply_rope(self.attn.queries(xq), self.rope[:, m - 1 : 2 * m - 1])  # (B·N, H, m, e)
         mask, empty = padding_mask(rearrange(enc_mask, "b n k r -> (b n) (k r)"))
-        y = self.attn.attend(q, k, v, attn_mask=mask)  # (B·N, m, d)
+        y = self.attn.attend(q, k, v, attn_mask=mask)  # (B·N, m or T−skip, d)
         y = torch.where(rearrange(empty, "n -> n 1 1"), 0.0, y)  # no neighbours → exactly 0, finite gradients
-        y = rearrange(y, "(b n) m d -> b (n m) d", b=B)[:, lead : lead + T - skip]
+        if N > 1:
+            y = rearrange(y, "(b n) m d -> b (n m) d", b=B)[:, lead : lead + T - skip]
         return F.pad(y, (0, 0, skip, 0))  # un-shift: (B, T, d)
 
 
@@ -422,10 +444,11 @@ class DecoderBlock(nn.Module):
         start: int = 0,
         kv_cache: tuple[Tensor, Tensor] | None = None,
         retrieved: tuple[Tensor, Tensor] | None = None,
+        cca_kv: tuple[Tensor, Tensor] | None = None,
     ) -> Tensor:
         x = x + self.drop(self.attn(self.norm1(x), rope, start, kv_cache))
         if self.cca is not None and retrieved is not None:  # retrieval off → skipped: exactly the plain decoder
-            x = x + self.drop(self.cca(self.norm_cca(x), *retrieved, start=start))
+            x = x + self.drop(self.cca(self.norm_cca(x), *retrieved, start=start, kv=cca_kv))
         return x + self.drop(self.mlp(self.norm2(x)))
 
 
@@ -446,6 +469,8 @@ class RetroCache:
     """(B, K, R, d_enc) encoded neighbours of the most recent complete chunk, None if it had none."""
     enc_mask: Tensor | None = None
     """(B, K, R) mask of ``enc``."""
+    cca_kv: dict[int, tuple[Tensor, Tensor]] = field(default_factory=dict)
+    """Per RETRO layer, the CCA keys and values of ``enc``: projected once, read by every token of the next chunk."""
 
     @property
     def max_len(self) -> int:
@@ -574,12 +599,18 @@ class RetroModel(nn.Module):
 
         x = self.drop(self.wte(idx))  # (B, T, d)
         rope = self.rope[:, start : start + T]
-        retrieved = None
+        retrieved, cached_enc = None, False
         for i, block in enumerate(self.blocks):
             if i == self.first_retro:
-                retrieved = self._encode_neighbours(x, neighbours, neighbour_mask, start, cache)
+                retrieved, cached_enc = self._encode_neighbours(x, neighbours, neighbour_mask, start, cache)
             kv = None if cache is None else (cache.k[i], cache.v[i])
-            x = block(x, rope, start, kv, retrieved)
+            cca_kv = None
+            if cached_enc and block.cca is not None:  # only the cached chunk is read: reuse its projected K/V
+                assert cache is not None and retrieved is not None
+                if i not in cache.cca_kv:
+                    cache.cca_kv[i] = block.cca.project_kv(retrieved[0])
+                cca_kv = cache.cca_kv[i]
+            x = block(x, rope, start, kv, retrieved, cca_kv)
         if cache is not None:
             cache.pos += T
         logits = self.lm_head(self.norm(x))  # (B, T, V)
@@ -617,10 +648,12 @@ class RetroModel(nn.Module):
 
     def _encode_neighbours(
         self, h: Tensor, neighbours: Tensor | None, mask: Tensor | None, start: int, cache: RetroCache | None
-    ) -> tuple[Tensor, Tensor] | None:
+    ) -> tuple[tuple[Tensor, Tensor] | None, bool]:
         """At the first RETRO layer: encode the neighbours of chunks completing in this call (conditioned on their
         activations ``h``) and gather the encoded neighbours of every attending chunk the CCA layers will read.
-        Returns (enc (B, N, K, R, d_enc), mask (B, N, K, R)), or None when nothing is retrieved (CCA is skipped)."""
+
+        Returns ((enc (B, N, K, R, d_enc), mask (B, N, K, R)) or None when nothing is retrieved (CCA is skipped),
+        and whether that is exactly the cache's encoded chunk, whose CCA keys/values the cache may hold)."""
         m = self.config.chunk_len
         B, T, _ = h.shape
         cs, ce = start // m, (start + T) // m  # chunks cs..ce-1 complete within this call
@@ -640,8 +673,11 @@ class RetroModel(nn.Module):
             prev = (cache.enc[:, None], cache.enc_mask[:, None])
         if cache is not None and ce > cs:
             cache.enc, cache.enc_mask = (new[0][:, -1], new[1][:, -1]) if n_new == ce - cs else (None, None)
+            cache.cca_kv = {}
         if new is None and prev is None:
-            return None
+            return None, False
+        if prev is not None and new is None and ce == cs:  # only the cached chunk is read
+            return prev, True
 
         ref_enc, ref_mask = new if new is not None else prev
 
@@ -652,4 +688,4 @@ class RetroModel(nn.Module):
         parts += [new] if new is not None else []
         if ce - cs - n_new > 0:
             parts.append(blank(ce - cs - n_new))
-        return torch.cat([p[0] for p in parts], dim=1), torch.cat([p[1] for p in parts], dim=1)
+        return (torch.cat([p[0] for p in parts], dim=1), torch.cat([p[1] for p in parts], dim=1)), False

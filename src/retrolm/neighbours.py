@@ -65,12 +65,14 @@ def compute_neighbours(
     source: ChunkStore | None = None,
     config: NeighbourConfig | None = None,
     show_progress: bool = True,
+    exclude_chunks: np.ndarray | None = None,
 ) -> np.ndarray:
     """Neighbour chunk ids ``(source.n_chunks, k)`` (-1 where fewer than k exist) for every source chunk.
 
     ``source=None`` means the database's own chunks (training on the retrieval corpus, as RETRO does);
-    then the exclusion rule applies. A separate source (held-out documents) shares no documents with the
-    database, so nothing is excluded.
+    then the exclusion rule applies. A separate source (held-out documents) is a different set of documents;
+    database chunks that must not be retrieved for it (copies of the held-out documents, near-duplicates, or
+    everything outside a database-size subset) are given as the bool mask ``exclude_chunks``.
     """
     config = config or NeighbourConfig()
     same_db = source is None
@@ -89,7 +91,7 @@ def compute_neighbours(
             docs_of_seq = {s: np.unique(chunk_doc[s * config.seq_chunks : (s + 1) * config.seq_chunks])
                            for s in np.unique(seq)}
             exclude = [docs_of_seq[s] for s in seq]
-        _, nb = db.search_vectors(vecs, config.k, exclude_docs=exclude)
+        _, nb = db.search_vectors(vecs, config.k, exclude_docs=exclude, exclude_chunks=exclude_chunks)
         out[ids] = nb
     return out
 

@@ -53,6 +53,10 @@ class ModelSpec:
     retro_layers: list[int] | None = None
     """Decoder layers with chunked cross-attention; [] = the baseline decoder without retrieval."""
     enc_n_layer: int | None = None
+    """Layers of the neighbour encoder (paper: 2)."""
+    enc_d_model: int | None = None
+    """Encoder width (default: d_model); a narrower encoder makes RETRO cheaper."""
+    enc_n_head: int | None = None
     dropout: float | None = None
 
     def build(self, vocab_size: int, chunk_len: int, num_neighbours: int) -> RetroConfig:

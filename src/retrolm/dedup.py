@@ -1,0 +1,99 @@
+"""Near-duplicate detection between document sets by token n-gram Jaccard similarity.
+
+RETRO removes from its retrieval database the training documents that are near-duplicates of evaluation
+documents: 13-gram Jaccard similarity >= 0.8 (Borgeaud et al. 2021, §2.6). Candidates come from MinHash LSH
+(``datasketch``) and are confirmed with the exact Jaccard similarity of the two n-gram sets, so the result has
+no false positives and LSH only risks (rare) misses near the threshold.
+
+Documents are token-id sequences (the LM tokenizer's), so the test is tokenizer-level, as in the paper.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
+from datasketch import MinHash, MinHashLSH
+from numpy.lib.stride_tricks import sliding_window_view
+from tqdm.auto import tqdm
+
+logger = logging.getLogger(__name__)
+
+NUM_PERM = 128
+_MULT = np.uint64(0x9E3779B97F4A7C15)  # odd 64-bit multiplier (golden ratio) for the polynomial n-gram hash
+
+
+def ngram_set(tokens: np.ndarray, n: int = 13) -> np.ndarray:
+    """Sorted unique 32-bit hashes of the token n-grams of one document (a shorter document is one n-gram)."""
+    t = np.asarray(tokens, dtype=np.uint64)
+    if len(t) == 0:
+        return np.zeros(0, dtype=np.uint64)
+    windows = sliding_window_view(t, n) if len(t) >= n else t[None, :]
+    powers = _MULT ** np.arange(windows.shape[1], dtype=np.uint64)  # wraps mod 2^64 by design
+    with np.errstate(over="ignore"):
+        h = (windows * powers).sum(axis=1, dtype=np.uint64)
+        h ^= h >> np.uint64(29)
+        h *= _MULT
+    return np.unique(h >> np.uint64(32))  # datasketch takes 32-bit hash values
+
+
+def jaccard(a: np.ndarray, b: np.ndarray) -> float:
+    """Exact Jaccard similarity of two sorted unique hash arrays."""
+    if len(a) == 0 and len(b) == 0:
+        return 0.0
+    inter = len(np.intersect1d(a, b, assume_unique=True))
+    return inter / (len(a) + len(b) - inter)
+
+
+def _minhash(hashes: np.ndarray) -> MinHash:
+    m = MinHash(num_perm=NUM_PERM, seed=1, hashfunc=int)
+    if len(hashes):
+        m.update_batch(hashes.tolist())
+    return m
+
+
+@dataclass
+class NearDuplicate:
+    """A reference document whose n-gram set overlaps a query document's by at least the threshold."""
+
+    query: int
+    """Index of the query document (e.g. an evaluation document)."""
+    reference: int
+    """Index of the reference document (e.g. a database document)."""
+    jaccard: float
+
+
+def find_near_duplicates(
+    queries: Iterable[np.ndarray],
+    references: Iterable[np.ndarray],
+    threshold: float = 0.8,
+    n: int = 13,
+    show_progress: bool = False,
+) -> list[NearDuplicate]:
+    """All (query, reference) document pairs with n-gram Jaccard similarity >= ``threshold``.
+
+    ``queries`` and ``references`` yield token-id arrays; results use their positions in those sequences.
+    The references are indexed once (MinHash LSH), then every query is looked up and confirmed exactly.
+    """
+    if not 0.0 < threshold <= 1.0:
+        raise ValueError(f"threshold must be in (0, 1], got {threshold}")
+    lsh = MinHashLSH(threshold=threshold, num_perm=NUM_PERM)
+    ref_sets: dict[int, np.ndarray] = {}
+    for i, toks in enumerate(tqdm(references, desc="index n-grams", unit="doc", disable=not show_progress)):
+        hashes = ngram_set(toks, n)
+        if len(hashes):
+            ref_sets[i] = hashes
+            lsh.insert(i, _minhash(hashes), check_duplication=False)
+    found = []
+    for q, toks in enumerate(queries):
+        hashes = ngram_set(toks, n)
+        if not len(hashes):
+            continue
+        for r in lsh.query(_minhash(hashes)):
+            j = jaccard(hashes, ref_sets[r])
+            if j >= threshold:
+                found.append(NearDuplicate(q, int(r), j))
+    logger.info("near-duplicates (%d-gram Jaccard >= %.2f): %d pairs", n, threshold, len(found))
+    return found
