@@ -25,6 +25,7 @@ import logging
 import math
 import shutil
 import tempfile
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -358,6 +359,16 @@ def run_eval(cfg: EvalConfig, show_progress: bool = True) -> dict[str, Any]:
         ev.close()
 
 
+def gain_text(gain: dict[str, float]) -> list[str]:
+    """'vs retrieval off, all chunks: 12.3%', … for the report."""
+    out = []
+    for key, value in gain.items():
+        novel = key.startswith("novel")
+        ref = key.split("vs ", 1)[1] if "vs " in key else "retrieval off"
+        out.append(f"vs {ref}, {'novel' if novel else 'all'} chunks: {value:+.1%}")
+    return out
+
+
 def _eval_report(cfg: EvalConfig, r: dict[str, Any]) -> str:
     lines = ["# Evaluation", "", f"- checkpoint: `{cfg.checkpoint}`", f"- database: `{r['db']['path']}` (version "
              f"{r['db']['version']}, {r['db']['live_chunks']:,} live chunks)", f"- held-out data: "
@@ -371,8 +382,8 @@ def _eval_report(cfg: EvalConfig, r: dict[str, Any]) -> str:
             for name, s in r["summary"].items()]
     lines += [markdown_table(["model / mode", "bits/byte", "nats/token", "perplexity", "tokens", "bytes"], rows), ""]
     if "gain" in r:
-        lines += ["Relative bits-per-byte reduction of RETRO with retrieval: "
-                  + "; ".join(f"{k} {v:+.1%}" for k, v in r["gain"].items()), ""]
+        lines += ["Bits-per-byte reduction by RETRO with retrieval, relative to the reference (positive = RETRO is "
+                  "better): " + "; ".join(gain_text(r["gain"])), ""]
     if "leakage" in r:
         leak = r["leakage"]
         lines += ["## Leakage (bits-per-byte over chunks with r(C) ≤ α)", "",
@@ -397,21 +408,13 @@ def scale_neighbours(cfg: EvalConfig, ks: list[int], show_progress: bool = True)
     """``retrolm scale neighbours``: RETRO bits-per-byte with k neighbours at evaluation, for each k in ``ks``."""
     if not ks or min(ks) < 1:
         raise RetrolmError(f"neighbour counts must be positive, got {ks}")
-    out = _out_dir(cfg)
-    ev = Evaluator(cfg, show_progress)
-    try:
-        if not ev.main.retrieval:
-            raise RetrolmError(f"{ev.main.path}: a baseline checkpoint has no neighbours to scale")
+    with _scaling_run(cfg, show_progress) as (out, ev):
         nb = ev.neighbours(max(ks))
         rows = [{"k": k, **ev.summary(ev.score(ev.main, nb, k, desc=f"k={k}"))} for k in sorted(ks)]
-        refs = {name: ev.summary(s) for name, s in ev.reference_scores().items()}
-        result = {"axis": "neighbours", "models": ev.models(), "rows": rows, "references": refs,
-                  "exclusion": ev.exclusion}
+        result = _scaling_result(ev, "neighbours", rows)
         _write_scaling(out, "scale-neighbours", result, [r["k"] for r in rows], "neighbours k at evaluation",
                        log2x=True)
         return result
-    finally:
-        ev.close()
 
 
 def scale_db_size(
@@ -426,14 +429,9 @@ def scale_db_size(
     """
     if not fractions or min(fractions) <= 0 or max(fractions) > 1:
         raise RetrolmError(f"database fractions must be in (0, 1], got {fractions}")
-    out = _out_dir(cfg)
-    ev = Evaluator(cfg, show_progress)
-    try:
-        if not ev.main.retrieval:
-            raise RetrolmError(f"{ev.main.path}: a baseline checkpoint does not retrieve")
+    with _scaling_run(cfg, show_progress) as (out, ev):
         store = ev.db.store
-        live = np.flatnonzero(~ev.db.deleted_docs)
-        order = np.random.default_rng(cfg.seed).permutation(live)
+        order = np.random.default_rng(cfg.seed).permutation(np.flatnonzero(~ev.db.deleted_docs))
         chunk_doc = store.all_chunk_docs()
         rows = []
         for f in sorted(fractions):
@@ -443,23 +441,40 @@ def scale_db_size(
             nb = ev.neighbours(ev.k, exclude_chunks=mask)
             s = ev.summary(ev.score(ev.main, nb, ev.k, desc=f"db {f:.0%}"))
             rows.append({"fraction": f, "db_chunks": int((~mask).sum()), **s})
+        points = {}
         if noise:
             noisy = _noisy_copy(ev.db, out / "db-with-noise", noise, show_progress)
             mask = np.zeros(noisy.store.n_chunks, dtype=bool)
             mask[: store.n_chunks] = ev.excluded_chunks
             nb = ev.neighbours(ev.k, db=noisy, exclude_chunks=mask)
             s = ev.summary(ev.score(ev.main, nb, ev.k, db=noisy, desc="db + noise"))
-            rows.append({"fraction": 1.0, "noise": True, "noise_chunks": noisy.store.n_chunks - store.n_chunks,
-                         "db_chunks": int((~mask & ~noisy.deleted_chunks).sum()), **s})
-        refs = {name: ev.summary(s) for name, s in ev.reference_scores().items()}
-        result = {"axis": "db_size", "models": ev.models(), "rows": rows, "references": refs, "exclusion": ev.exclusion}
-        clean = [r for r in rows if not r.get("noise")]
-        _write_scaling(out, "scale-db-size", result, [r["db_chunks"] for r in clean], "database chunks (retrievable)",
-                       logx=True, points={f"+ {r['noise_chunks']:,} noise chunks": (r["db_chunks"], r["bpb"])
-                                          for r in rows if r.get("noise")})
+            n_noise = noisy.store.n_chunks - store.n_chunks
+            row = {"fraction": 1.0, "noise": True, "noise_chunks": n_noise,
+                   "db_chunks": int((~mask & ~noisy.deleted_chunks).sum()), **s}
+            rows.append(row)
+            points[f"+ {n_noise:,} noise chunks"] = (row["db_chunks"], row["bpb"])
+        result = _scaling_result(ev, "db_size", rows)
+        x = [r["db_chunks"] for r in rows if not r.get("noise")]
+        _write_scaling(out, "scale-db-size", result, x, "database chunks (retrievable)", logx=True, points=points)
         return result
+
+
+@contextlib.contextmanager
+def _scaling_run(cfg: EvalConfig, show_progress: bool) -> Iterator[tuple[Path, Evaluator]]:
+    """The report folder and a prepared evaluator of a RETRO checkpoint, closed afterwards."""
+    out = _out_dir(cfg)
+    ev = Evaluator(cfg, show_progress)
+    try:
+        if not ev.main.retrieval:
+            raise RetrolmError(f"{ev.main.path}: a baseline checkpoint does not retrieve; scaling needs RETRO")
+        yield out, ev
     finally:
         ev.close()
+
+
+def _scaling_result(ev: Evaluator, axis: str, rows: list[dict]) -> dict[str, Any]:
+    refs = {name: ev.summary(s) for name, s in ev.reference_scores().items()}
+    return {"axis": axis, "models": ev.models(), "rows": rows, "references": refs, "exclusion": ev.exclusion}
 
 
 def _noisy_copy(db: Database, path: Path, noise: list[str], show_progress: bool) -> Database:
