@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -85,3 +89,20 @@ def test_shipped_configs_parse(path):
         assert model.retro_layers == ()
     else:
         assert model.retro_layers
+
+
+@pytest.mark.slow
+def test_torchrun_ddp_on_two_cpu_processes(built_db, tmp_path):
+    """The multi-GPU path (torchrun + DDP) run on CPU with the gloo backend: both ranks train, rank 0 writes."""
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "retrolm.cli", "train",
+           "-q", f"db={built_db.path}", f"out_dir={out}", "model.seq_len=256", "steps=3", "batch_size=2",
+           "eval_every=3", "save_every=3", "eval_batches=1", "log_every=1", "warmup_steps=1", "tensorboard=false"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (out / "checkpoints" / "step-000003" / "model.safetensors").is_file()
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines if "train/loss" in x] == [1, 2, 3]  # written once, by rank 0
+    assert proc.stdout.count("train/loss") == 1  # one summary line
+    assert "train/tokens_per_s" in lines[0] and math.isfinite(lines[-1]["val/loss"])

@@ -210,7 +210,8 @@ def train(
     trainer.setup(resume=not no_resume, show_progress=not quiet)
     metrics = trainer.train()
     trainer.cleanup()
-    typer.echo(json.dumps({k: round(v, 4) for k, v in metrics.items()}))
+    if trainer.main:  # under torchrun, one summary line
+        typer.echo(json.dumps({k: round(v, 4) for k, v in metrics.items()}))
 
 
 @app.command("generate")

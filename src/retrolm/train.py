@@ -205,16 +205,19 @@ class Trainer:
     def _neighbours(self, seq_chunks: int, show_progress: bool) -> np.ndarray:
         folder = self.out / "neighbours"
         ncfg = NeighbourConfig(k=self.cfg.num_neighbours, exclude=self.cfg.neighbour_exclude, seq_chunks=seq_chunks)
-        if (folder / "neighbours.json").is_file():
-            saved = json.loads((folder / "neighbours.json").read_text())["config"]
-            if saved == asdict(ncfg):
-                return load_neighbours(folder, self.db)
-        if self.main:
+        if self.main and not self._neighbours_reusable(folder, ncfg):
             nb = compute_neighbours(self.db, config=ncfg, show_progress=show_progress)
             save_neighbours(folder, nb, self.db, ncfg)
-        if self.world > 1:
+        if self.world > 1:  # every rank waits here, whatever it would have decided on its own
             torch.distributed.barrier()
         return load_neighbours(folder, self.db)
+
+    def _neighbours_reusable(self, folder: Path, ncfg: NeighbourConfig) -> bool:
+        """A saved neighbour set made with the same settings for this database version (resume, reruns)."""
+        if not (folder / "neighbours.json").is_file():
+            return False
+        saved = json.loads((folder / "neighbours.json").read_text())
+        return saved["config"] == asdict(ncfg) and saved["db_version"] == self.db.meta["version"]
 
     # ------------------------------------------------------------------ data
     def _batch_ids(self, step: int, micro: int) -> np.ndarray:
@@ -257,6 +260,10 @@ class Trainer:
                 loss.backward()
                 loss_sum += float(loss.detach())
                 tokens += batch.idx.numel() * self.world
+            if self.world > 1:  # log the loss of the global batch, not of this rank's slice
+                t = torch.tensor([loss_sum], device=self.device)
+                torch.distributed.all_reduce(t)
+                loss_sum = float(t) / self.world
             gnorm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip))
             self.opt.step()
             self.opt.zero_grad(set_to_none=True)
