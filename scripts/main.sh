@@ -25,9 +25,9 @@ echo "== 3. training (RETRO, then the baseline)"
 $R train --config configs/tiny.yaml db="$RUN/db" out_dir="$RUN/retro-tiny"
 $R train --config configs/tiny-baseline.yaml db="$RUN/db" out_dir="$RUN/baseline-tiny"
 
-echo "== 4. generation with sources"
+echo "== 4. generation with sources (sampled; 160 tokens even past end-of-text, so that several chunks show)"
 $R generate --checkpoint "$RUN/retro-tiny" --db "$RUN/db" --prompt "The history of the Roman Empire" \
-  --max-new-tokens 128
+  --max-new-tokens 160 --temperature 0.8 --top-p 0.95 --ignore-eos
 
 echo "== 5. held-out evaluation: with vs without retrieval"
 $R eval --checkpoint "$RUN/retro-tiny" --baseline "$RUN/baseline-tiny" --db "$RUN/db" \

@@ -225,6 +225,7 @@ def generate_cmd(
     k: Annotated[int | None, typer.Option("-k", help="Neighbours per chunk (default: as trained).")] = None,
     seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    ignore_eos: Annotated[bool, typer.Option("--ignore-eos", help="Go on past end-of-text.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print as JSON.")] = False,
 ) -> None:
     """Generate text; every generated chunk lists the database chunks it was conditioned on."""
@@ -236,7 +237,7 @@ def generate_cmd(
     database = Database.open(db, device=device) if db is not None else None
     g = ckpt.model.generate(
         prompt, database=database, tokenizer=ckpt.tokenizer, max_new_tokens=max_new_tokens,
-        temperature=temperature, top_p=top_p, num_neighbours=k, seed=seed,
+        temperature=temperature, top_p=top_p, num_neighbours=k, seed=seed, stop_at_eos=not ignore_eos,
     )
     if as_json:
         _print_json(g.to_dict())
