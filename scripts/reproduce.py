@@ -142,6 +142,15 @@ def main() -> None:
     write_results(args, w, runs, log, time.time() - started)
 
 
+def equivalent_params(params: list[int], bpb: list[float], target: float) -> float | None:
+    """Baseline size with ``target`` bits-per-byte, from a least-squares line of bpb against log(params) through the
+    baselines (None if bigger baselines are not better)."""
+    import numpy as np
+
+    slope, icept = np.polyfit(np.log10(params), bpb, 1)
+    return None if slope >= 0 else float(10 ** ((target - icept) / slope))
+
+
 def write_results(args, w: Path, runs: dict[str, Path], log: list[str], seconds: float) -> None:
     """docs/results.md: the tables, the plots and the exact commands."""
     from retrolm.evaluate import gain_text
@@ -195,6 +204,8 @@ def write_results(args, w: Path, runs: dict[str, Path], log: list[str], seconds:
         "",
         f"Novel chunks ({ev['novel']['definition']}): {ev['novel']['fraction']:.1%} of held-out chunks.",
         "",
+        *worth_lines(ev),
+        "",
         "## Leakage: bits-per-byte over chunks with r(C) ≤ α",
         "",
         "![leakage](results/leakage.png)",
@@ -234,6 +245,28 @@ def write_results(args, w: Path, runs: dict[str, Path], log: list[str], seconds:
     ]
     (args.results.parent / "results.md").write_text("\n".join(text), encoding="utf-8")
     print(f"wrote {args.results.parent / 'results.md'}")
+
+
+def worth_lines(ev: dict) -> list[str]:
+    """How many parameters retrieval is worth: the baseline size that would match RETRO-small with retrieval."""
+    base = sorted((m["params"], m["non_embedding_params"], ev["summary"][f"baseline:{n}"]["bpb"])
+                  for n, m in ev["models"].items() if not m["retro"])
+    if len(base) < 2 or "retro" not in ev["summary"]:
+        return []
+    retro = next(m for m in ev["models"].values() if m["retro"])
+    target = ev["summary"]["retro"]["bpb"]
+    lines = []
+    for i, what in ((0, "parameters"), (1, "non-embedding parameters")):
+        eq = equivalent_params([b[i] for b in base], [b[2] for b in base], target)
+        if eq is None:
+            lines.append(f"- {what}: the baselines do not improve with size here; no equivalent size.")
+            continue
+        inside = base[0][i] <= eq <= base[-1][i]
+        own = retro["params"] if i == 0 else retro["non_embedding_params"]
+        lines.append(f"- {what}: RETRO-small ({own / 1e6:.2f}M) with retrieval matches a baseline of "
+                     f"≈{eq / 1e6:.2f}M, **{eq / own:.1f}×** its size ({'interpolated' if inside else 'extrapolated'}"
+                     " from a log-linear fit of bits-per-byte over the three baselines).")
+    return ["What retrieval is worth in parameters:", "", *lines]
 
 
 if __name__ == "__main__":

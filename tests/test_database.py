@@ -173,3 +173,22 @@ def test_incompatible_inputs_are_refused(built_db, tmp_path, tiny_db_config):
     built_db.check_compatible(tokenizer=str(built_db.path / "tokenizer.json"))  # same file content is fine
     with pytest.raises(RetrolmError, match="already exists"):
         Database.build([tmp_path], built_db.path, tiny_db_config, show_progress=False)
+
+
+def test_bm25_retriever_over_the_same_chunks(tmp_path, tiny_db_config):
+    db = Database.build([write_jsonl(tmp_path / "c.jsonl", wiki_docs(30))], tmp_path / "db", tiny_db_config,
+                        show_progress=False)
+    text = db.chunk_texts([7])[0]
+    hits = db.search(text, k=3, retriever="bm25")
+    assert hits[0].chunk_id == 7 and hits[0].score > hits[1].score  # a chunk's own words find it first
+    (folder,) = list(db.path.glob("bm25-*"))
+    # deleting its document hides it at once, without rebuilding the index
+    db.delete(doc_ids=[hits[0].doc_id])
+    assert all(h.doc_id != hits[0].doc_id for h in db.search(text, k=5, retriever="bm25"))
+    assert list(db.path.glob("bm25-*")) == [folder]
+    # adding documents changes the chunk set: the stale index is replaced by one that covers the new chunks
+    db.add([write_jsonl(tmp_path / "more.jsonl", wiki_docs(3, start=200))], show_progress=False)
+    new_text = db.chunk_texts([db.store.n_chunks - 1])[0]
+    assert db.search(new_text, k=1, retriever="bm25")[0].chunk_id == db.store.n_chunks - 1
+    assert [p.name for p in db.path.glob("bm25-*")] != [folder.name] and len(list(db.path.glob("bm25-*"))) == 1
+    assert db.search("zzzqqq unmatched", k=2, retriever="bm25") == []  # no shared term: no hits

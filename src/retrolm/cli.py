@@ -155,11 +155,12 @@ def db_search(
     k: Annotated[int, typer.Option("-k", help="Number of results.")] = 5,
     as_json: Annotated[bool, typer.Option("--json", help="Print results as JSON.")] = False,
     device: Annotated[str | None, typer.Option(help="Encoder device.")] = None,
+    bm25: Annotated[bool, typer.Option("--bm25", help="Rank lexically with BM25 instead of the dense keys.")] = False,
 ) -> None:
     """Search a database with a text query; shows each chunk, its continuation and its document."""
     from retrolm.database import Database
 
-    hits = Database.open(db_dir, device=device).search(query, k=k)
+    hits = Database.open(db_dir, device=device).search(query, k=k, retriever="bm25" if bm25 else "dense")
     if as_json:
         _print_json([h.to_dict() for h in hits])
         return

@@ -504,12 +504,27 @@ class Database:
         k: int = 5,
         exclude_doc_ids: Sequence[str] = (),
         settings: SearchSettings | None = None,
+        retriever: str = "dense",
     ) -> list[Hit] | list[list[Hit]]:
-        """Search by text. A single query returns ``list[Hit]``; a list of queries, one list per query."""
+        """Search by text. A single query returns ``list[Hit]``; a list of queries, one list per query.
+
+        ``retriever="dense"`` (default) embeds the query with the frozen encoder and searches the FAISS index;
+        ``"bm25"`` ranks the same chunks lexically (needs ``retrolm[bm25]``; no ``exclude_doc_ids``).
+        """
         if k < 1:
             raise RetrolmError(f"k must be >= 1, got {k}")
         single = isinstance(query, str)
         queries = [query] if single else list(query)
+        if retriever == "bm25":
+            if exclude_doc_ids:
+                raise RetrolmError("exclude_doc_ids is not supported with the BM25 retriever")
+            from retrolm.bm25 import BM25Index
+
+            scores, ids = BM25Index.for_database(self).search(queries, k)
+            results = [self.hits(s, i) for s, i in zip(scores, ids, strict=True)]
+            return results[0] if single else results
+        if retriever != "dense":
+            raise RetrolmError(f"retriever must be dense or bm25, got {retriever!r}")
         excl = [i for i in (self.store.doc_index(d) for d in exclude_doc_ids) if i is not None]
         scores, ids = self.search_vectors(
             self.embed(queries), k, exclude_docs=[excl] * len(queries) if excl else None, settings=settings
@@ -686,9 +701,14 @@ class Database:
 
     def _clean_orphans(self) -> None:
         """Remove files a crashed writer left behind that meta.json does not reference."""
-        keep = {self.meta["index"]["file"], self.meta.get("tombstones")}
+        from retrolm.bm25 import index_key
+
+        keep = {self.meta["index"]["file"], self.meta.get("tombstones"), f"bm25-{index_key(self)}"}
         for p in self.path.iterdir():
-            if (p.name.startswith(("index-v", "tombstones-v")) and p.name not in keep) or p.name.endswith(".tmp"):
+            stale = p.name.startswith(("index-v", "tombstones-v", "bm25-")) and p.name not in keep
+            if p.is_dir() and stale:
+                shutil.rmtree(p, ignore_errors=True)
+            elif stale or p.name.endswith(".tmp"):
                 p.unlink(missing_ok=True)
         segs = self.path / "segments"
         for p in segs.iterdir() if segs.is_dir() else ():
