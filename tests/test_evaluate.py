@@ -189,6 +189,10 @@ def test_eval_cli_and_errors(copy_world, capsys, tmp_path):
     rc, _, err = run_cli(["eval", "--checkpoint", tmp_path / "nope", "--db", copy_world["db"].path, "--data",
                           copy_world["held"]], capsys)
     assert rc == 2 and "not a checkpoint" in err and "Traceback" not in err
+    # a baseline as the main checkpoint: scored without retrieval, no leakage section
+    r = run_eval(EvalConfig(checkpoint=str(root / "base"), db=str(copy_world["db"].path),
+                            data=[str(copy_world["held"])], out_dir=str(tmp_path / "b")), show_progress=False)
+    assert list(r["summary"]) == ["baseline:base"] and "leakage" not in r and r["k"] == 0
     with pytest.raises(RetrolmError, match="baseline checkpoint does not retrieve"):
         scale_neighbours(EvalConfig(checkpoint=str(root / "base"), db=str(copy_world["db"].path),
                                     data=[str(copy_world["held"])], out_dir=str(tmp_path / "x")), [1])
