@@ -51,6 +51,13 @@ logger = logging.getLogger(__name__)
 RETRO, RETRO_OFF = "retro", "retro_no_retrieval"
 
 
+def display_name(key: str) -> str:
+    """A result key ("retro", "retro_no_retrieval", "baseline:<run>") as a plot label."""
+    return {RETRO: "RETRO, retrieval on", RETRO_OFF: "RETRO, retrieval off"}.get(
+        key, key.replace("baseline:", "baseline ")
+    )
+
+
 @dataclass
 class EvalConfig:
     """What ``retrolm eval`` / ``retrolm scale`` evaluate, and how; saved as config.yaml next to the results."""
@@ -347,7 +354,8 @@ def run_eval(cfg: EvalConfig, show_progress: bool = True) -> dict[str, Any]:
                                                              result["summary"][name]["bpb"])
                         result["gain"][f"novel vs {name}"] = _gain(novel_summary[RETRO]["bpb"],
                                                                    novel_summary[name]["bpb"])
-            plot_lines(out / "leakage.png", curve.alphas, curve.bpb, xlabel="max overlap α (r(C) ≤ α)",
+            plot_lines(out / "leakage.png", curve.alphas, {display_name(k): v for k, v in curve.bpb.items()},
+                       xlabel="max overlap α (r(C) ≤ α)",
                        title="Bits-per-byte on chunks with r(C) ≤ α",
                        secondary=("share of chunks", curve.fraction))
         write_json(out / "eval.json", result)
@@ -495,7 +503,7 @@ def _write_scaling(out: Path, name: str, result: dict, x: list, xlabel: str, *, 
                    log2x: bool = False, points: dict[str, tuple[float, float]] | None = None) -> None:
     clean = [r for r in result["rows"] if not r.get("noise")]
     series = {"RETRO (retrieval on)": [r["bpb"] for r in clean]}
-    hlines = {name_: s["bpb"] for name_, s in result["references"].items()}
+    hlines = {display_name(name_): s["bpb"] for name_, s in result["references"].items()}
     plot_lines(out / f"{name}.png", x, series, xlabel=xlabel, hlines=hlines, logx=logx, log2x=log2x,
                title=f"Bits-per-byte vs {xlabel}", points=points)
     write_json(out / f"{name}.json", result)
