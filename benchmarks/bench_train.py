@@ -149,6 +149,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--shape", choices=sorted(SHAPES), default=None, help="default: paper on CUDA, cpu otherwise")
     ap.add_argument("--batch", type=int, default=None)
     ap.add_argument("--seq-len", type=int, default=None)
+    ap.add_argument("--enc-d-model", type=int, default=None, help="neighbour encoder width (default: d_model)")
     ap.add_argument("--device", default=None)
     ap.add_argument("--compile", choices=("no", "yes", "both"), default="no")
     ap.add_argument("--steps", type=int, default=None, help="timed steps (default 20 on GPU, 3 on CPU)")
@@ -166,6 +167,8 @@ def main(argv: list[str] | None = None) -> None:
     shape = dict(SHAPES[args.shape or ("paper" if device.type == "cuda" else "cpu")])
     if args.seq_len:
         shape["seq_len"] = args.seq_len
+    if args.enc_d_model:  # a narrower encoder: heads of 64 like the decoder's
+        shape.update(enc_d_model=args.enc_d_model, enc_n_head=max(1, args.enc_d_model // 64))
     batch = args.batch or shape.pop("batch")
     shape.pop("batch", None)
     gpu = device.type == "cuda"
@@ -187,6 +190,7 @@ def main(argv: list[str] | None = None) -> None:
     where = f"{platform.node()}: " + (torch.cuda.get_device_name(device) if gpu else cpu)
     title = (f"bench_train {dt.date.today()} on {where}, torch {torch.__version__}; d={shape['d_model']}, "
              f"L={shape['n_layer']}, T={shape['seq_len']}, B={batch}, CCA at {list(shape['retro_layers'])}, "
+             f"encoder width {shape.get('enc_d_model', shape['d_model'])}, "
              f"k={shape['num_neighbours']}, peak {peak:.1f} TFLOP/s ({peak_src})")
     table = Table(title=title)
     for col in ("model", "compiled", "params (M)", "tokens/s", "step (s)", "TFLOP/step", "TFLOP/s", "MFU",
