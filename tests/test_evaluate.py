@@ -178,7 +178,7 @@ def test_scaling_commands(copy_world):
         assert json.loads((copy_world["root"] / "scale" / f"{name}.json").read_text())["rows"]
 
 
-def test_eval_cli_and_errors(copy_world, capsys, tmp_path):
+def test_eval_cli_and_errors(copy_world, built_db, capsys, tmp_path):
     root = copy_world["root"]
     common = ["--checkpoint", root / "retro", "--db", copy_world["db"].path, "--data", copy_world["held"]]
     rc, out, err = run_cli(["eval", *common, "--out", tmp_path / "e", "--json", "-q", "near_dup_threshold=0"], capsys)
@@ -189,6 +189,11 @@ def test_eval_cli_and_errors(copy_world, capsys, tmp_path):
     rc, _, err = run_cli(["eval", "--checkpoint", tmp_path / "nope", "--db", copy_world["db"].path, "--data",
                           copy_world["held"]], capsys)
     assert rc == 2 and "not a checkpoint" in err and "Traceback" not in err
+    rc, _, err = run_cli(["eval", "--checkpoint", root / "retro", "--db", built_db.path, "--data",
+                          copy_world["held"]], capsys)  # a database with another tokenizer
+    assert rc == 2 and "another tokenizer" in err and len(err.strip().splitlines()) == 1
+    rc, _, err = run_cli(["scale", "neighbours", *common, "--ks", "1,x"], capsys)
+    assert rc == 2 and "--ks" in err
     # a baseline as the main checkpoint: scored without retrieval, no leakage section
     r = run_eval(EvalConfig(checkpoint=str(root / "base"), db=str(copy_world["db"].path),
                             data=[str(copy_world["held"])], out_dir=str(tmp_path / "b")), show_progress=False)
