@@ -159,6 +159,24 @@ def test_add_then_delete_then_compact(tmp_path, tiny_db_config):
     assert db.search(db.chunk_texts([c])[0], k=1)[0].chunk_id == c
 
 
+
+def test_add_after_compact_keeps_the_compacted_segment(tmp_path, tiny_db_config):
+    """build → delete → compact → add: the new segment once took the compacted one's name and overwrote it."""
+    db = Database.build([write_jsonl(tmp_path / "c.jsonl", wiki_docs(12))], tmp_path / "db", tiny_db_config,
+                        show_progress=False)
+    db.delete(doc_ids=[db.store.doc_ids[0]])
+    db.compact(show_progress=False)
+    n_docs, n_chunks = db.store.n_docs, db.store.n_chunks
+    db.add([write_jsonl(tmp_path / "later.jsonl", wiki_docs(2, start=300))], show_progress=False)
+    db = Database.open(tmp_path / "db")
+    assert len(set(db.meta["segments"])) == 2
+    assert (db.store.n_docs, db.store.n_chunks > n_chunks) == (n_docs + 2, True)
+    c = n_chunks // 2
+    assert db.search(db.chunk_texts([c])[0], k=1)[0].chunk_id == c
+    db.compact(show_progress=False)
+    assert Database.open(tmp_path / "db").store.n_docs == n_docs + 2
+
+
 def test_incompatible_inputs_are_refused(built_db, tmp_path, tiny_db_config):
     with pytest.raises(RetrolmError, match="chunk_len 64, got 32"):
         built_db.check_compatible(chunk_len=32)

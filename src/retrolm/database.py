@@ -558,7 +558,7 @@ class Database:
                         )
                     yield doc
 
-            seg_name = f"seg-{len(self.meta['segments']):06d}"
+            seg_name = self._next_segment_name()
             seg = staging / seg_name
             info = _tokenize_into_segment(
                 checked(iter_documents(corpus)),
@@ -646,7 +646,7 @@ class Database:
             self._clean_orphans()
             keep_docs = np.flatnonzero(~self.deleted_docs)
             version = self.meta["version"] + 1
-            seg_name = f"seg-{len(self.meta['segments']):06d}"
+            seg_name = self._next_segment_name()
             tmp = self.path / ".staging-compact"
             shutil.rmtree(tmp, ignore_errors=True)
             writer = SegmentWriter(
@@ -698,6 +698,11 @@ class Database:
         self.__init__(self.path, meta, device=self.device)  # type: ignore[misc]
         self._encoder = encoder
         self._clean_orphans()
+
+    def _next_segment_name(self) -> str:
+        """A segment name never used by a live segment: one past the highest (compaction renumbers nothing)."""
+        used = [int(name.split("-", 1)[1]) for name in self.meta["segments"]]
+        return f"seg-{max(used, default=-1) + 1:06d}"
 
     def _clean_orphans(self) -> None:
         """Remove files a crashed writer left behind that meta.json does not reference."""
