@@ -102,6 +102,10 @@ class EvalConfig:
             raise RetrolmError("leakage_neighbours, novel_tokens, ngram and batch_size must be positive")
         if not 0.0 <= self.near_dup_threshold <= 1.0:
             raise RetrolmError(f"near_dup_threshold must be in [0, 1], got {self.near_dup_threshold}")
+        for name in ("seq_len", "max_docs"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise RetrolmError(f"{name} must be positive, got {value}")
 
 
 def _label(ckpt: Checkpoint) -> str:

@@ -98,6 +98,11 @@ def generate(
     The prompt is left-padded to a whole chunk; a prompt longer than the model's context keeps its most recent
     whole chunks. Generation stops at EOS (unless ``stop_at_eos`` is False) or after ``max_new_tokens``.
     """
+    if max_new_tokens < 1 or temperature < 0 or not 0 < top_p <= 1:
+        raise RetrolmError(
+            f"generate: need max_new_tokens >= 1, temperature >= 0 and 0 < top_p <= 1 "
+            f"(got {max_new_tokens}, {temperature}, {top_p})"
+        )
     cfg, m = model.config, model.config.chunk_len
     device = next(model.parameters()).device
     retrieval = database is not None and bool(cfg.retro_layers)

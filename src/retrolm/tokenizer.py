@@ -32,6 +32,9 @@ class LMTokenizer:
     """A thin, typed wrapper around :class:`tokenizers.Tokenizer` with the ids retrolm needs."""
 
     def __init__(self, tokenizer: Tokenizer, name: str):
+        # Documents are chunked by us: a tokenizer.json that truncates or pads would silently drop or add tokens.
+        tokenizer.no_truncation()
+        tokenizer.no_padding()
         self.tok = tokenizer
         self.name = name
         self.vocab_size: int = tokenizer.get_vocab_size(with_added_tokens=True)
