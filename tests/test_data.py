@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from conftest import wiki_docs, write_jsonl
-from retrolm.data import IGNORE, RetroSequences, tokenize_corpus
+from retrolm.data import IGNORE, RetroSequences, chunk_bytes, tokenize_corpus
 from retrolm.errors import RetrolmError
 from retrolm.neighbours import NeighbourConfig, compute_neighbours, load_neighbours, save_neighbours
 
@@ -80,3 +80,16 @@ def test_held_out_corpus_is_chunked_like_the_database(built_db, tmp_path):
     assert source.n_docs == 5
     nb = compute_neighbours(built_db, source, NeighbourConfig(k=3), show_progress=False)
     assert nb.shape == (source.n_chunks, 3) and (nb >= 0).all() and (nb < built_db.store.n_chunks).all()
+
+
+def test_chunk_bytes_leave_out_each_documents_unpredicted_first_token(built_db):
+    store, tok = built_db.store, built_db.tokenizer
+    with_first, without_first = chunk_bytes(store), chunk_bytes(store, tok)
+    doc = store.all_chunk_docs()
+    for d in (0, 5, 17):
+        text = tok.decode(store.doc_tokens(d).tolist())
+        first = tok.decode(store.doc_tokens(d)[:1].tolist())
+        assert with_first[doc == d].sum() == pytest.approx(store.doc_n_bytes[d])
+        assert without_first[doc == d].sum() == pytest.approx(store.doc_n_bytes[d] - len(first.encode()))
+        assert len(text.encode()) == store.doc_n_bytes[d]  # byte-level BPE: decoding gives the document back
+

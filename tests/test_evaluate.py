@@ -158,6 +158,12 @@ def test_retrieval_lowers_bits_per_byte_and_leakage_shows_why(copy_world):
         assert (out / name).is_file(), name
     per_chunk = np.load(out / "per_chunk.npz")
     assert (per_chunk["overlap"] == 1.0).all()
+    # every loss is booked to the chunk whose token it predicts: a document's first token is never predicted,
+    # and its last chunk also holds the EOS prediction
+    doc = per_chunk["doc"]
+    first = np.r_[True, doc[1:] != doc[:-1]]
+    last = np.r_[doc[1:] != doc[:-1], True]
+    np.testing.assert_array_equal(per_chunk["tokens"], per_chunk["lengths"] - first + last)
     assert per_chunk[f"nats:{RETRO}"].sum() < per_chunk[f"nats:{RETRO_OFF}"].sum()
     assert "## Leakage" in (out / "report.md").read_text()
 

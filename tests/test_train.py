@@ -12,8 +12,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO
+from conftest import REPO, wiki_docs, write_jsonl
 from retrolm.config import load_config
+from retrolm.database import Database
 from retrolm.errors import RetrolmError
 from retrolm.train import ModelSpec, TrainConfig, Trainer, load_checkpoint
 
@@ -106,3 +107,19 @@ def test_torchrun_ddp_on_two_cpu_processes(built_db, tmp_path):
     assert [x["step"] for x in lines if "train/loss" in x] == [1, 2, 3]  # written once, by rank 0
     assert proc.stdout.count("train/loss") == 1  # one summary line
     assert "train/tokens_per_s" in lines[0] and math.isfinite(lines[-1]["val/loss"])
+
+
+def test_neighbours_follow_a_rebuilt_database_and_tombstones_are_refused(tmp_path, tiny_db_config):
+    db = Database.build([write_jsonl(tmp_path / "a.jsonl", wiki_docs(20))], tmp_path / "db", tiny_db_config,
+                        show_progress=False)
+    run(tiny_cfg(db, tmp_path / "run", steps=1))
+    # the same folder rebuilt from another corpus starts again at version 1: old neighbours must not be reused
+    db = Database.build([write_jsonl(tmp_path / "b.jsonl", wiki_docs(24, start=50))], tmp_path / "db",
+                        tiny_db_config, overwrite=True, show_progress=False)
+    run(tiny_cfg(db, tmp_path / "run", steps=2))
+    saved = json.loads((tmp_path / "run" / "neighbours" / "neighbours.json").read_text())
+    assert saved["db_identity"]["build_id"] == db.meta["build_id"] and saved["n_chunks"] == db.store.n_chunks
+    db.delete(doc_ids=[db.store.doc_ids[0]])
+    t = Trainer(tiny_cfg(db, tmp_path / "run2"))
+    with pytest.raises(RetrolmError, match="compact"):
+        t.setup(show_progress=False)

@@ -52,15 +52,26 @@ class Batch:
         return Batch(mv(self.idx), mv(self.targets), mv(self.neighbours), mv(self.neighbour_mask), self.n_bytes)
 
 
-def chunk_bytes(store: ChunkStore) -> np.ndarray:
-    """UTF-8 bytes of text each chunk stands for (n_chunks,): its share of its document's bytes by tokens.
+def chunk_bytes(store: ChunkStore, tokenizer: LMTokenizer | None = None) -> np.ndarray:
+    """UTF-8 bytes of the text predicted in each chunk (n_chunks,): its share of its document's bytes by tokens.
 
-    Summed over a document's chunks this is exactly the document's byte count, so bits-per-byte over whole
-    documents is exact and over any subset of chunks (e.g. the leakage analysis) a fair estimate.
+    A document's first token is never predicted (nothing precedes it: sequences carry no BOS), so with a
+    ``tokenizer`` its bytes are left out and the rest of the document's bytes are shared among the tokens that are
+    predicted. Summed over a document's chunks this is exactly the bytes of its predicted text, so bits-per-byte
+    over whole documents is exact, and over any subset of chunks (e.g. the leakage analysis) a fair estimate.
     """
+    chunk = np.arange(store.n_chunks) + store.first_chunk
     doc = store.all_chunk_docs() - store.first_doc
-    lens = store.lengths(np.arange(store.n_chunks) + store.first_chunk).astype(np.float64)
-    return store.doc_n_bytes[doc] * lens / np.maximum(1, store.doc_n_tokens[doc])
+    lens = store.lengths(chunk).astype(np.float64)
+    doc_bytes, doc_tokens = store.doc_n_bytes.astype(np.float64), store.doc_n_tokens.astype(np.float64)
+    if tokenizer is not None and store.n_docs:
+        first_ids = store.tokens(store.doc_first_chunk)[:, 0]
+        # a first token that splits a character decodes to U+FFFD: at most a couple of bytes off for that document
+        first = np.array([len(t.encode()) for t in tokenizer.decode_batch([[int(i)] for i in first_ids])])
+        doc_bytes = np.maximum(0.0, doc_bytes - first)
+        doc_tokens = doc_tokens - 1
+        lens = lens - (chunk == store.doc_first_chunk[doc])
+    return doc_bytes[doc] * lens / np.maximum(1, doc_tokens[doc])
 
 
 class RetroSequences:
@@ -74,6 +85,7 @@ class RetroSequences:
         db_store: the database's chunks, where neighbour tokens come from.
         num_neighbours: use only the first K' <= K neighbours.
         include_tail: also serve the last, partial sequence (padded; evaluation must score every chunk).
+        tokenizer: the LM tokenizer, to leave each document's (unpredicted) first token out of the byte counts.
     """
 
     def __init__(
@@ -85,6 +97,7 @@ class RetroSequences:
         db_store: ChunkStore | None = None,
         num_neighbours: int | None = None,
         include_tail: bool = False,
+        tokenizer: LMTokenizer | None = None,
     ):
         if neighbours is not None and (db_store is None or len(neighbours) != source.n_chunks):
             raise ValueError("neighbours need db_store and one row per source chunk")
@@ -99,7 +112,7 @@ class RetroSequences:
         self._last = np.zeros(source.n_chunks, dtype=bool)  # chunk is the last of its document
         ends = source.doc_first_chunk + source.doc_n_chunks - 1 - source.first_chunk
         self._last[ends] = True
-        self._bytes = chunk_bytes(source)
+        self._bytes = chunk_bytes(source, tokenizer)
 
     def __len__(self) -> int:
         n = self.source.n_chunks

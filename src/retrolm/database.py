@@ -26,6 +26,7 @@ import os
 import re
 import shutil
 import time
+import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -387,6 +388,7 @@ class Database:
             "version": 1,
             "created": now,
             "updated": now,
+            "build_id": uuid.uuid4().hex,  # tells two builds of the same folder apart (e.g. for precomputed neighbours)
             "chunk_len": config.chunk_len,
             "tokenizer": {
                 "name": tokenizer.name,

@@ -108,10 +108,13 @@ class EvalConfig:
                 raise RetrolmError(f"{name} must be positive, got {value}")
 
 
-def _label(ckpt: Checkpoint) -> str:
-    """Short name of a checkpoint: its run folder's name."""
-    path = ckpt.path
-    return path.parent.parent.name if path.parent.name == "checkpoints" else path.name
+def _labels(ckpts: list[Checkpoint]) -> list[str]:
+    """Short, unique names of checkpoints: their run folders' names (``name#2`` … where two are the same)."""
+    names = [c.path.parent.parent.name if c.path.parent.name == "checkpoints" else c.path.name for c in ckpts]
+    out: list[str] = []
+    for name in names:
+        out.append(name if name not in out else f"{name}#{sum(o.split('#')[0] == name for o in out) + 1}")
+    return out
 
 
 @dataclass
@@ -140,6 +143,8 @@ class Evaluator:
         for b in self.baselines:
             if b.retrieval:
                 raise RetrolmError(f"{b.path}: --baseline must be a checkpoint without RETRO layers")
+        self.labels = dict(zip(map(id, (self.main, *self.baselines)), _labels([self.main, *self.baselines]),
+                               strict=True))
         self.retrieval = cfg.retrieval and self.main.retrieval
         self.k = cfg.neighbours or self.main.model.config.num_neighbours
         m = self.db.chunk_len
@@ -153,7 +158,7 @@ class Evaluator:
                                       max_docs=cfg.max_docs)
         if self.source.n_chunks == 0:
             raise RetrolmError(f"{', '.join(cfg.data)}: held-out data produced no tokens")
-        self.n_bytes = chunk_bytes(self.source)
+        self.n_bytes = chunk_bytes(self.source, self.db.tokenizer)
         self.lengths = self.source.lengths(np.arange(self.source.n_chunks)).astype(np.int64)
         self.exclusion = self._exclusions()
         self._queries: np.ndarray | None = None
@@ -171,23 +176,8 @@ class Evaluator:
 
     def _exclusions(self) -> dict[str, Any]:
         """Database chunks never retrieved for evaluation: copies of the held-out documents and near-duplicates."""
-        store = self.db.store
-        held_ids = set(self.source.doc_ids)
-        by_id = np.array([d in held_ids for d in store.doc_ids], dtype=bool)
-        near = np.zeros(store.n_docs, dtype=bool)
-        pairs = []
-        if self.cfg.near_dup_threshold > 0:
-            live = np.flatnonzero(~self.db.deleted_docs & ~by_id)
-            found = find_near_duplicates(
-                (self.source.doc_tokens(d) for d in range(self.source.n_docs)),
-                (store.doc_tokens(int(d)) for d in live),
-                threshold=self.cfg.near_dup_threshold, n=self.cfg.ngram, show_progress=self.show,
-            )
-            for f in found:
-                near[live[f.reference]] = True
-                pairs.append([self.source.doc_ids[f.query], store.doc_ids[live[f.reference]], round(f.jaccard, 4)])
-        docs = by_id | near
-        self.excluded_chunks = docs[store.all_chunk_docs()]
+        by_id, near, pairs = self.excluded_docs(self.db, np.arange(self.db.store.n_docs))
+        self.excluded_chunks = (by_id | near)[self.db.store.all_chunk_docs()]
         return {
             "eval_docs": self.source.n_docs,
             "eval_chunks": self.source.n_chunks,
@@ -196,6 +186,27 @@ class Evaluator:
             "excluded_chunks": int(self.excluded_chunks.sum()),
             "near_duplicate_pairs": pairs[:100],
         }
+
+    def excluded_docs(self, db: Database, docs: np.ndarray) -> tuple[np.ndarray, np.ndarray, list]:
+        """Which of the database documents ``docs`` (global indices) share an id with a held-out document, and which
+        are near-duplicates of one: two bool masks over ``db``'s documents (False outside ``docs``), and the pairs."""
+        store = db.store
+        held_ids = set(self.source.doc_ids)
+        by_id = np.zeros(store.n_docs, dtype=bool)
+        by_id[docs] = [store.doc_ids[d] in held_ids for d in docs]
+        near = np.zeros(store.n_docs, dtype=bool)
+        pairs = []
+        if self.cfg.near_dup_threshold > 0:
+            cand = docs[~db.deleted_docs[docs] & ~by_id[docs]]
+            found = find_near_duplicates(
+                (self.source.doc_tokens(d) for d in range(self.source.n_docs)),
+                (store.doc_tokens(int(d)) for d in cand),
+                threshold=self.cfg.near_dup_threshold, n=self.cfg.ngram, show_progress=self.show,
+            )
+            for f in found:
+                near[cand[f.reference]] = True
+                pairs.append([self.source.doc_ids[f.query], store.doc_ids[cand[f.reference]], round(f.jaccard, 4)])
+        return by_id, near, pairs
 
     @property
     def queries(self) -> np.ndarray:
@@ -214,6 +225,17 @@ class Evaluator:
         _, ids = db.search_vectors(self.queries, k, exclude_chunks=mask)
         return ids
 
+    def longest_common_runs(self, neighbours: np.ndarray, block: int = 4096) -> np.ndarray:
+        """Longest token run each held-out chunk shares with any of its ``neighbours`` (chunk + continuation)."""
+        n, K = neighbours.shape
+        out = np.zeros(n, dtype=np.int64)
+        for s in range(0, n, block):  # bounded memory: one block of neighbour tokens at a time
+            ids = np.arange(s, min(s + block, n))
+            ntoks, nmask = self.db.store.neighbour_tokens(neighbours[ids].reshape(-1))
+            out[ids] = longest_common_run(self.source.tokens(ids), self.lengths[ids],
+                                          ntoks.reshape(len(ids), K, -1), nmask.reshape(len(ids), K, -1))
+        return out
+
     # ---- scoring
     @torch.no_grad()
     def score(self, ckpt: Checkpoint, neighbours: np.ndarray | None = None, k: int | None = None,
@@ -222,8 +244,10 @@ class Evaluator:
         db = db or self.db
         model: RetroModel = ckpt.model
         seqs = RetroSequences(self.source, self.seq_chunks, self.db.tokenizer.eos_id, neighbours,
-                              db.store if neighbours is not None else None, k, include_tail=True)
+                              db.store if neighbours is not None else None, k, include_tail=True,
+                              tokenizer=self.db.tokenizer)
         n, C, m = self.source.n_chunks, self.seq_chunks, self.db.chunk_len
+        eos = -1 if self.db.tokenizer.eos_id is None else self.db.tokenizer.eos_id
         nats, count = np.zeros(n), np.zeros(n, dtype=np.int64)
         amp = (torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda"
                else contextlib.nullcontext())
@@ -234,11 +258,15 @@ class Evaluator:
                 logits = model(batch.idx, batch.neighbours, batch.neighbour_mask).logits
             ce = F.cross_entropy(logits.float().flatten(0, 1), batch.targets.flatten(), ignore_index=IGNORE,
                                  reduction="none")
-            B = batch.idx.shape[0]
-            chunk_ids = np.arange(start * C, (start + B) * C)
-            keep = chunk_ids < n
-            nats[chunk_ids[keep]] = ce.view(B * C, m).sum(-1).double().cpu().numpy()[keep]
-            count[chunk_ids[keep]] = (batch.targets != IGNORE).view(B * C, m).sum(-1).cpu().numpy()[keep]
+            B, T = batch.idx.shape
+            # A loss belongs to the chunk of the token it predicts, position p + 1 (the next sequence's first chunk
+            # for p = T − 1); the EOS after a document's last token belongs to that token's chunk.
+            targets = batch.targets.cpu().numpy()
+            pos = np.arange(T)[None, :]
+            owner = np.where(targets == eos, pos // m, (pos + 1) // m) + (start + np.arange(B))[:, None] * C
+            valid = (targets != IGNORE) & (owner < n)
+            np.add.at(nats, owner[valid], ce.view(B, T).double().cpu().numpy()[valid])
+            np.add.at(count, owner[valid], 1)
         return Scores(nats, count)
 
     def summary(self, scores: Scores, select: np.ndarray | None = None) -> dict[str, float]:
@@ -259,7 +287,7 @@ class Evaluator:
         """Name → description of every evaluated checkpoint."""
         out = {}
         for ckpt in (self.main, *self.baselines):
-            out[_label(ckpt)] = {
+            out[self.labels[id(ckpt)]] = {
                 "path": str(ckpt.path),
                 "retro": ckpt.retrieval,
                 "params": ckpt.model.num_params(),
@@ -272,14 +300,14 @@ class Evaluator:
     def reference_scores(self) -> dict[str, Scores]:
         """Retrieval-off scores: the main checkpoint without retrieval and every baseline (cached)."""
         out = {}
-        key = RETRO_OFF if self.main.retrieval else f"baseline:{_label(self.main)}"
+        key = RETRO_OFF if self.main.retrieval else f"baseline:{self.labels[id(self.main)]}"
         if ("off", "main") not in self._scores:
             self._scores[("off", "main")] = self.score(self.main, desc="retrieval off")
         out[key] = self._scores[("off", "main")]
         for b in self.baselines:
             if ("off", str(b.path)) not in self._scores:
-                self._scores[("off", str(b.path))] = self.score(b, desc=f"baseline {_label(b)}")
-            out[f"baseline:{_label(b)}"] = self._scores[("off", str(b.path))]
+                self._scores[("off", str(b.path))] = self.score(b, desc=f"baseline {self.labels[id(b)]}")
+            out[f"baseline:{self.labels[id(b)]}"] = self._scores[("off", str(b.path))]
         return out
 
     def close(self) -> None:
@@ -329,11 +357,7 @@ def run_eval(cfg: EvalConfig, show_progress: bool = True) -> dict[str, Any]:
                          doc=ev.source.all_chunk_docs())
         if nb is not None:
             # Leakage: overlap of every chunk with its `leakage_neighbours` nearest (exclusions applied).
-            ntoks, nmask = ev.db.store.neighbour_tokens(nb[:, : cfg.leakage_neighbours].reshape(-1))
-            R = ntoks.shape[1]
-            lcs = longest_common_run(ev.source.tokens(np.arange(ev.source.n_chunks)), ev.lengths,
-                                     ntoks.reshape(-1, cfg.leakage_neighbours, R),
-                                     nmask.reshape(-1, cfg.leakage_neighbours, R))
+            lcs = ev.longest_common_runs(nb[:, : cfg.leakage_neighbours])
             overlap = overlap_ratio(lcs, ev.lengths)
             curve = leakage_curve(overlap, ev.n_bytes, {k: s.nats for k, s in scores.items()})
             novel = lcs < cfg.novel_tokens
@@ -443,6 +467,8 @@ def scale_db_size(
         raise RetrolmError(f"database fractions must be in (0, 1], got {fractions}")
     with _scaling_run(cfg, show_progress) as (out, ev):
         store = ev.db.store
+        # the noisy copy first: a bad noise corpus (e.g. an id already in the database) fails before any scoring
+        noisy = _noisy_copy(ev.db, out / "db-with-noise", noise, show_progress) if noise else None
         order = np.random.default_rng(cfg.seed).permutation(np.flatnonzero(~ev.db.deleted_docs))
         chunk_doc = store.all_chunk_docs()
         rows = []
@@ -454,10 +480,11 @@ def scale_db_size(
             s = ev.summary(ev.score(ev.main, nb, ev.k, desc=f"db {f:.0%}"))
             rows.append({"fraction": f, "db_chunks": int((~mask).sum()), **s})
         points = {}
-        if noise:
-            noisy = _noisy_copy(ev.db, out / "db-with-noise", noise, show_progress)
-            mask = np.zeros(noisy.store.n_chunks, dtype=bool)
-            mask[: store.n_chunks] = ev.excluded_chunks
+        if noisy is not None:
+            # the added documents get the same scrutiny: nothing of the held-out set may come back through them
+            by_id, near, _ = ev.excluded_docs(noisy, np.arange(store.n_docs, noisy.store.n_docs))
+            mask = (by_id | near)[noisy.store.all_chunk_docs()]
+            mask[: store.n_chunks] |= ev.excluded_chunks
             nb = ev.neighbours(ev.k, db=noisy, exclude_chunks=mask)
             s = ev.summary(ev.score(ev.main, nb, ev.k, db=noisy, desc="db + noise"))
             n_noise = noisy.store.n_chunks - store.n_chunks

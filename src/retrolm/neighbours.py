@@ -96,6 +96,12 @@ def compute_neighbours(
     return out
 
 
+def db_identity(db: Database) -> dict:
+    """What a neighbour set depends on: a rebuilt database restarts at version 1, so the version alone is not enough."""
+    return {"path": str(db.path.resolve()), "build_id": db.meta.get("build_id"), "version": db.meta["version"],
+            "n_chunks": db.store.n_chunks, "encoder": db.meta["encoder"]["name"], "index": db.meta["index"]["file"]}
+
+
 def save_neighbours(folder: str | Path, neighbours: np.ndarray, db: Database, config: NeighbourConfig,
                     source: str = "database") -> None:
     folder = Path(folder)
@@ -104,6 +110,7 @@ def save_neighbours(folder: str | Path, neighbours: np.ndarray, db: Database, co
     write_json(folder / "neighbours.json", {
         "db": str(db.path.resolve()),
         "db_version": db.meta["version"],
+        "db_identity": db_identity(db),
         "source": source,
         "n_chunks": len(neighbours),
         "config": asdict(config),
@@ -114,9 +121,9 @@ def load_neighbours(folder: str | Path, db: Database) -> np.ndarray:
     """Memory-map a neighbour set, refusing one computed against another version of the database."""
     folder = Path(folder)
     meta = read_json(folder / "neighbours.json", "neighbour description")
-    if meta["db_version"] != db.meta["version"]:
+    if meta["db_version"] != db.meta["version"] or meta.get("db_identity", db_identity(db)) != db_identity(db):
         raise RetrolmError(
-            f"{folder}: neighbours were computed against version {meta['db_version']} of {meta['db']}, "
-            f"the database is now version {db.meta['version']}; recompute them"
+            f"{folder}: neighbours were computed against another build or version of {meta['db']} "
+            f"(version {meta['db_version']}, now {db.meta['version']}); recompute them"
         )
     return load_npy(folder / "neighbours.npy", mmap=True)

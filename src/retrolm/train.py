@@ -13,6 +13,7 @@ takes its own slice of every batch and gradients are averaged by DDP.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import json
 import logging
 import math
@@ -33,7 +34,13 @@ from retrolm.data import RetroSequences
 from retrolm.database import Database
 from retrolm.errors import RetrolmError
 from retrolm.model import PRESETS, RetroConfig, RetroModel
-from retrolm.neighbours import NeighbourConfig, compute_neighbours, load_neighbours, save_neighbours
+from retrolm.neighbours import (
+    NeighbourConfig,
+    compute_neighbours,
+    db_identity,
+    load_neighbours,
+    save_neighbours,
+)
 from retrolm.tokenizer import LMTokenizer
 
 logger = logging.getLogger(__name__)
@@ -108,6 +115,8 @@ class TrainConfig:
     compile: bool = False
     """torch.compile the model."""
     tensorboard: bool = True
+    dist_timeout_minutes: int = 120
+    """torchrun: how long ranks wait for each other (rank 0 alone precomputes the neighbours at setup)."""
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1 or self.grad_accum < 1:
@@ -139,7 +148,10 @@ class Trainer:
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
         if self.world > 1:
-            torch.distributed.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+            # rank 0 precomputes the neighbours while the others wait at a barrier: allow for a large database
+            timeout = datetime.timedelta(minutes=cfg.dist_timeout_minutes)
+            torch.distributed.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo",
+                                                 timeout=timeout)
         default = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(cfg.device or default)
         if self.device.type == "cuda":
@@ -149,6 +161,9 @@ class Trainer:
         self.show = show_progress and self.main
 
         self.db = Database.open(cfg.db)
+        if self.db.deleted_docs.any():
+            # training sequences are runs of stored chunks: deleted text would still be trained on
+            raise RetrolmError(f"{cfg.db}: has deleted documents; run `retrolm db compact {cfg.db}` before training")
         self.model_cfg = cfg.model.build(self.db.tokenizer.vocab_size, self.db.chunk_len, cfg.num_neighbours)
         if self.model_cfg.seq_len % self.db.chunk_len:
             raise RetrolmError(
@@ -161,7 +176,7 @@ class Trainer:
         if self.retrieval:
             neighbours = self._neighbours(seq_chunks, show_progress)
         self.seqs = RetroSequences(self.db.store, seq_chunks, self.db.tokenizer.eos_id, neighbours, self.db.store,
-                                   cfg.num_neighbours)
+                                   cfg.num_neighbours, tokenizer=self.db.tokenizer)
         if len(self.seqs) < 2:
             raise RetrolmError(f"{cfg.db}: too little data for sequences of {self.model_cfg.seq_len} tokens")
         order = np.random.default_rng(cfg.seed).permutation(len(self.seqs))
@@ -217,7 +232,7 @@ class Trainer:
         if not (folder / "neighbours.json").is_file():
             return False
         saved = json.loads((folder / "neighbours.json").read_text())
-        return saved["config"] == asdict(ncfg) and saved["db_version"] == self.db.meta["version"]
+        return saved["config"] == asdict(ncfg) and saved.get("db_identity") == db_identity(self.db)
 
     # ------------------------------------------------------------------ data
     def _batch_ids(self, step: int, micro: int) -> np.ndarray:
