@@ -74,6 +74,8 @@ class BM25Index:
         bm25s = _bm25s()
         n = self.db.store.n_chunks
         k_eff = min(k, n)
+        if k_eff == 0 or not queries:
+            return np.full((len(queries), k), -np.inf, np.float32), np.full((len(queries), k), -1, np.int64)
         mask = (~self.db.deleted_chunks).astype(np.float32)
         # as strings, so that retrieve() maps them through the index's own vocabulary
         tokens = bm25s.tokenize(queries, return_ids=False, show_progress=False)
