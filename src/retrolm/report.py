@@ -63,12 +63,16 @@ def plot_lines(
         ax.plot(x, ys, marker="o", label=name)
     for i, (name, y) in enumerate((hlines or {}).items()):
         ax.axhline(y, linestyle="--", color=f"C{len(series) + i}", label=name)
-    for name, (px, py) in (points or {}).items():
-        ax.plot([px], [py], marker="*", markersize=12, linestyle="none", label=name)
-    if logx:
-        ax.set_xscale("log")
-    if log2x:
-        ax.set_xscale("log", base=2)
+    for i, (name, (px, py)) in enumerate((points or {}).items()):
+        color = f"C{len(series) + len(hlines or {}) + i}"
+        ax.plot([px], [py], marker="*", markersize=12, linestyle="none", color=color, label=name)
+    if logx or log2x:
+        from matplotlib.ticker import FuncFormatter, NullFormatter
+
+        ax.set_xscale("log", base=2 if log2x else 10)
+        ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels of a short log axis overlap
+        if log2x:
+            ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     if title:
