@@ -2,7 +2,7 @@
 """Database build throughput, split into tokenize / embed / index / write, against the bare encoder.
 
     .venv/bin/python benchmarks/bench_build.py --docs 1200                 # bundled sample, CPU
-    .venv/bin/python benchmarks/bench_build.py --corpus data/full/wiki.jsonl --device cuda --batch-size 4096
+    python benchmarks/bench_build.py --corpus data/full/linux-docs.jsonl --device cuda --batch-size 4096
 
 "Bare encoder" = only the encoder forward passes over the same chunk texts, pre-tokenized, in the same
 batches: the ceiling for the build. Target: build chunks/s >= 0.9 x bare encoder chunks/s.
@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from retrolm.database import BuildConfig, Database
+from retrolm.database import DEFAULT_CPU_BATCH, DEFAULT_GPU_BATCH, BuildConfig, Database
 from retrolm.embed import Encoder
 
 REPO = Path(__file__).resolve().parents[1]
@@ -47,7 +47,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--corpus", type=Path, default=REPO / "data" / "wiki-sample.jsonl")
     ap.add_argument("--docs", type=int, default=None, help="use only the first N documents")
-    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--batch-size", type=int, default=None, help="default: the build's (128 CPU, 1024 GPU)")
+    ap.add_argument("--encoder", default=None, help="encoder name or folder (default: the build's)")
     ap.add_argument("--device", default=None)
     ap.add_argument("--index", default="auto")
     ap.add_argument("--json", type=Path, help="also write the results here")
@@ -62,18 +63,22 @@ def main() -> None:
                 if i >= args.docs:
                     break
                 g.write(line)
-    cfg = BuildConfig(tokenizer="train:32000", batch_size=args.batch_size, device=args.device, index=args.index)
+    extra = {"encoder": args.encoder} if args.encoder else {}
+    cfg = BuildConfig(tokenizer="train:32000", batch_size=args.batch_size, device=args.device, index=args.index,
+                      **extra)
     t = time.perf_counter()
     db = Database.build([corpus], work / "db", cfg, show_progress=False)
     total = time.perf_counter() - t
     stats = db.meta["build_stats"]
     n = db.store.n_chunks
     texts = db.chunk_texts(np.arange(n))
-    bare = bare_encoder_rate(db.encoder, texts, args.batch_size)
+    batch_size = args.batch_size or (DEFAULT_GPU_BATCH if db.encoder.device.type == "cuda" else DEFAULT_CPU_BATCH)
+    bare = bare_encoder_rate(db.encoder, texts, batch_size)
     other = total - sum(stats.values())  # tokenizer training, model loading, meta/rename
     rows = {
         "chunks": n,
         "device": str(db.encoder.device),
+        "batch_size": batch_size,
         "tokenize_s": stats["tokenize_s"],
         "embed_s": stats["embed_s"],
         "index_s": stats["index_s"],

@@ -152,6 +152,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--enc-d-model", type=int, default=None, help="neighbour encoder width (default: d_model)")
     ap.add_argument("--device", default=None)
     ap.add_argument("--compile", choices=("no", "yes", "both"), default="no")
+    ap.add_argument("--models", default="retro,baseline",
+                    help="which to time: retro, baseline, both comma-separated, or 'none' (generation only)")
     ap.add_argument("--steps", type=int, default=None, help="timed steps (default 20 on GPU, 3 on CPU)")
     ap.add_argument("--warmup", type=int, default=None)
     ap.add_argument("--peak-tflops", type=float, default=None)
@@ -177,7 +179,10 @@ def main(argv: list[str] | None = None) -> None:
 
     results = []
     compiles = {"no": [False], "yes": [True], "both": [False, True]}[args.compile]
+    wanted = {m.strip().lower() for m in args.models.split(",")}
     for name, layers in (("RETRO", shape["retro_layers"]), ("baseline", ())):
+        if name.lower() not in wanted:
+            continue
         for comp in compiles:
             cfg = RetroConfig(**{**shape, "retro_layers": layers})
             r = time_training(cfg, batch, device, comp, steps, warmup)
@@ -212,9 +217,10 @@ def main(argv: list[str] | None = None) -> None:
         args.json.write_text(json.dumps({"title": title, "train": results, "generate": gen}, indent=2))
     if args.out:
         cmd = "python benchmarks/bench_train.py " + " ".join(argv or __import__("sys").argv[1:])
-        lines = [f"\n### {title}\n", f"`{cmd}`\n", "| model | compiled | params (M) | tokens/s | step (s) | TFLOP/step "
-                 "| TFLOP/s | MFU | peak mem (GiB) |", "|" + "---|" * 9]
-        lines += ["| " + " | ".join(r) + " |" for r in rows]
+        lines = [f"\n### {title}\n", f"`{cmd}`\n"]
+        if rows:
+            lines += ["| model | compiled | params (M) | tokens/s | step (s) | TFLOP/step | TFLOP/s | MFU "
+                      "| peak mem (GiB) |", "|" + "---|" * 9, *("| " + " | ".join(r) + " |" for r in rows)]
         lines += [f"\nGeneration ({g['new_tokens']} tokens, batch 1, greedy): retrieval "
                   f"{'on' if g['retrieval'] else 'off'} {g['tokens_per_s']:.1f} tokens/s" for g in gen]
         with open(args.out, "a") as f:

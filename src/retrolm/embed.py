@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -92,14 +93,34 @@ class Encoder:
         )
 
     @torch.inference_mode()
-    def embed_features(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Tokenized batch → (B, dim) float32 unit vectors on the CPU."""
+    def embed_features(self, features: dict[str, torch.Tensor], to_cpu: bool = True) -> torch.Tensor:
+        """Tokenized batch → (B, dim) float32 unit vectors (on the CPU unless ``to_cpu=False``)."""
         nb = self.device.type == "cuda"
         features = {k: v.to(self.device, non_blocking=nb) for k, v in features.items()}
         hidden = self.model(**features).last_hidden_state  # (B, L, D)
         mask = features["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # (B, L, 1)
         pooled = (hidden * mask).sum(1).float() / mask.sum(1).float().clamp_min(1.0)
-        return torch.nn.functional.normalize(pooled, dim=-1).cpu()
+        vecs = torch.nn.functional.normalize(pooled, dim=-1)
+        return vecs.cpu() if to_cpu else vecs
+
+    def prepare(self, texts: Sequence[str], batch_size: int) -> Prepared:
+        """Tokenize ``texts`` into batches, longest first so each batch pads to a similar length; on a GPU the
+        batches are pinned so their transfer overlaps compute. Thread-safe: run it ahead on a worker thread."""
+        order = np.argsort([-len(t) for t in texts], kind="stable")
+        batches = []
+        for start in range(0, len(texts), batch_size):
+            b = self.tokenize([texts[i] for i in order[start : start + batch_size]])
+            batches.append({k: v.pin_memory() for k, v in b.items()} if self.device.type == "cuda" else b)
+        return Prepared(len(texts), order, batches)
+
+    def encode_prepared(self, prepared: Prepared) -> np.ndarray:
+        """Embed what ``prepare`` made → (n, dim) float32 in the original order; one device→host copy at the end."""
+        out = np.empty((prepared.n, self.dim), dtype=np.float32)
+        if prepared.n == 0:
+            return out
+        vecs = torch.cat([self.embed_features(b, to_cpu=False) for b in prepared.batches]).cpu().numpy()
+        out[prepared.order] = vecs
+        return out
 
     def _batches(self, texts: Sequence[str], order: np.ndarray, batch_size: int) -> Iterator[Future]:
         # Tokenize the next batches on a worker thread (the Rust tokenizer releases the GIL) while the
@@ -137,3 +158,13 @@ class Encoder:
             bar.update(len(vecs))
         bar.close()
         return out
+
+
+@dataclass
+class Prepared:
+    """Texts tokenized into encoder batches (``Encoder.prepare``), waiting for the model."""
+
+    n: int
+    order: np.ndarray
+    """Batch row i holds text ``order[i]``."""
+    batches: list[dict[str, torch.Tensor]]
