@@ -28,10 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def bare_encoder_rate(encoder: Encoder, texts: list[str], batch_size: int) -> float:
-    order = np.argsort([-len(t) for t in texts], kind="stable")
-    batches = [
-        encoder.tokenize([texts[i] for i in order[s : s + batch_size]]) for s in range(0, len(texts), batch_size)
-    ]
+    batches = encoder.prepare(texts, batch_size).batches
     encoder.embed_features(batches[0])  # warm-up
     if encoder.device.type == "cuda":
         torch.cuda.synchronize()
@@ -40,7 +37,9 @@ def bare_encoder_rate(encoder: Encoder, texts: list[str], batch_size: int) -> fl
         encoder.embed_features(b)
     if encoder.device.type == "cuda":
         torch.cuda.synchronize()
-    return len(texts) / (time.perf_counter() - t)
+    seconds = time.perf_counter() - t
+    tokens = sum(b["attention_mask"].numel() for b in batches)
+    return len(texts) / seconds, tokens / len(texts)
 
 
 def main() -> None:
@@ -73,7 +72,10 @@ def main() -> None:
     n = db.store.n_chunks
     texts = db.chunk_texts(np.arange(n))
     batch_size = args.batch_size or (DEFAULT_GPU_BATCH if db.encoder.device.type == "cuda" else DEFAULT_CPU_BATCH)
-    bare = bare_encoder_rate(db.encoder, texts, batch_size)
+    t = time.perf_counter()
+    db.encoder.prepare(texts, batch_size)
+    prep_rate = len(texts) / (time.perf_counter() - t)
+    bare, padded_len = bare_encoder_rate(db.encoder, texts, batch_size)
     other = total - sum(stats.values())  # tokenizer training, model loading, meta/rename
     rows = {
         "chunks": n,
@@ -87,6 +89,9 @@ def main() -> None:
         "build chunks/s (embed+index+tokenize)": round(n / sum(stats.values()), 1),
         "build chunks/s (end to end)": round(n / total, 1),
         "bare encoder chunks/s": round(bare, 1),
+        "encoder tokens per chunk (padded)": round(padded_len, 1),
+        "encoder attention": getattr(db.encoder.model.config, "_attn_implementation", "?"),
+        "tokenize for the encoder, one thread, chunks/s": round(prep_rate, 1),
         "ratio build/bare (stages)": round(n / sum(stats.values()) / bare, 3),
     }
     width = max(map(len, rows))

@@ -59,6 +59,7 @@ FORMAT_VERSION = 1
 _DOC_BATCH = 512  # documents tokenized per call into the Rust tokenizer
 DEFAULT_CPU_BATCH = 128  # chunks per encoder forward pass; larger batches do not help on a CPU
 DEFAULT_GPU_BATCH = 1024
+PREP_WORKERS_GPU = 4  # shards decoded + tokenized ahead of a GPU encoder
 
 
 @dataclass
@@ -195,14 +196,16 @@ def _embed_shards(
         ids = np.arange(start, min(start + config.shard_size, first + n))
         return encoder.prepare(_chunk_texts(store, tokenizer, ids), batch_size)
 
-    # The next shard is decoded and tokenized on a worker thread while the encoder runs this one: on a GPU the
-    # encoder is fast enough that doing it in line would leave it idle a large part of the time.
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        ahead = pool.submit(prepare, todo[0][0]) if todo else None
+    # The next shards are decoded and tokenized on worker threads (the Rust tokenizers release the GIL) while the
+    # encoder runs this one: on a GPU the encoder is fast enough that doing it in line would leave it idle most of
+    # the time. On a CPU the encoder is the bottleneck and one worker is plenty.
+    workers = PREP_WORKERS_GPU if encoder.device.type == "cuda" else 1
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        ahead = [pool.submit(prepare, start) for start, _ in todo[:workers]]
         for i, (_, path) in enumerate(todo):
-            prepared = ahead.result()
-            if i + 1 < len(todo):
-                ahead = pool.submit(prepare, todo[i + 1][0])
+            prepared = ahead.pop(0).result()
+            if i + workers < len(todo):
+                ahead.append(pool.submit(prepare, todo[i + workers][0]))
             save_npy(path, encoder.encode_prepared(prepared))
             bar.update(prepared.n)
     bar.close()

@@ -11,6 +11,7 @@ Hugging Face model name or local folder goes through the same ``transformers`` l
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -82,15 +83,47 @@ class Encoder:
         self.model.to(self.device).eval().requires_grad_(False)
         self.max_length = min(max_length, getattr(self.tokenizer, "model_max_length", max_length) or max_length)
         self.dim: int = int(self.model.config.hidden_size)
+        self._fast = self._fast_tokenizer()
+
+    def _fast_tokenizer(self):
+        """The Rust tokenizer under a "fast" HF tokenizer, set to pad and truncate like ``tokenize``'s HF call.
+        Calling it directly skips the Python-side BatchEncoding work, 2-3x faster: on a GPU the build is otherwise
+        bound by tokenization. Only for plain BERT-style single-text inputs (checked against the HF call)."""
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        if backend is None or self.tokenizer.pad_token_id is None or self.tokenizer.padding_side != "right":
+            return None
+        fast = copy.deepcopy(backend)
+        fast.enable_truncation(self.max_length)
+        fast.enable_padding(pad_id=self.tokenizer.pad_token_id, pad_token=self.tokenizer.pad_token)
+        probe = ["Chunked cross-attention.", "A longer probe text, with punctuation; and numbers 1234!"]
+        if not all(torch.equal(a, b) for a, b in zip(self._tokenize_fast(probe, fast).values(),
+                                                      self._tokenize_hf(probe).values(), strict=True)):
+            return None
+        return fast
+
+    def _tokenize_hf(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
+        return self.tokenizer(
+            list(texts), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+        )
+
+    def _tokenize_fast(self, texts: Sequence[str], fast) -> dict[str, torch.Tensor]:
+        encs = fast.encode_batch_fast(list(texts)) if hasattr(fast, "encode_batch_fast") else fast.encode_batch(
+            list(texts))
+        out = {"input_ids": torch.tensor([e.ids for e in encs], dtype=torch.long)}
+        if "token_type_ids" in self.tokenizer.model_input_names:
+            out["token_type_ids"] = torch.tensor([e.type_ids for e in encs], dtype=torch.long)
+        out["attention_mask"] = torch.tensor([e.attention_mask for e in encs], dtype=torch.long)
+        return out
 
     def describe(self) -> dict:
         """What a database records to refuse mixing encoders."""
         return {"name": self.name, "dim": self.dim, "max_length": self.max_length, "pooling": "mean", "normalize": True}
 
     def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
-        return self.tokenizer(
-            list(texts), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
-        )
+        """Texts → padded, truncated encoder inputs (``input_ids``, ``attention_mask``…) as CPU tensors."""
+        if not texts:
+            return self._tokenize_hf(texts)
+        return self._tokenize_fast(texts, self._fast) if self._fast is not None else self._tokenize_hf(texts)
 
     @torch.inference_mode()
     def embed_features(self, features: dict[str, torch.Tensor], to_cpu: bool = True) -> torch.Tensor:
