@@ -21,14 +21,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from retrolm.database import DEFAULT_CPU_BATCH, DEFAULT_GPU_BATCH, BuildConfig, Database
+from retrolm.database import BuildConfig, Database
 from retrolm.embed import Encoder
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def bare_encoder_rate(encoder: Encoder, texts: list[str], batch_size: int) -> float:
+def bare_encoder_rate(encoder: Encoder, texts: list[str], batch_size: int) -> tuple[float, float, float]:
+    """(bare encoder chunks/s, padded encoder tokens per chunk, single-thread tokenization chunks/s)."""
+    t = time.perf_counter()
     batches = encoder.prepare(texts, batch_size).batches
+    prep_rate = len(texts) / (time.perf_counter() - t)
     encoder.embed_features(batches[0])  # warm-up
     if encoder.device.type == "cuda":
         torch.cuda.synchronize()
@@ -39,7 +42,7 @@ def bare_encoder_rate(encoder: Encoder, texts: list[str], batch_size: int) -> fl
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t
     tokens = sum(b["attention_mask"].numel() for b in batches)
-    return len(texts) / seconds, tokens / len(texts)
+    return len(texts) / seconds, tokens / len(texts), prep_rate
 
 
 def main() -> None:
@@ -71,11 +74,8 @@ def main() -> None:
     stats = db.meta["build_stats"]
     n = db.store.n_chunks
     texts = db.chunk_texts(np.arange(n))
-    batch_size = args.batch_size or (DEFAULT_GPU_BATCH if db.encoder.device.type == "cuda" else DEFAULT_CPU_BATCH)
-    t = time.perf_counter()
-    db.encoder.prepare(texts, batch_size)
-    prep_rate = len(texts) / (time.perf_counter() - t)
-    bare, padded_len = bare_encoder_rate(db.encoder, texts, batch_size)
+    batch_size = cfg.encoder_batch_size(db.encoder.device.type)
+    bare, padded_len, prep_rate = bare_encoder_rate(db.encoder, texts, batch_size)
     other = total - sum(stats.values())  # tokenizer training, model loading, meta/rename
     rows = {
         "chunks": n,

@@ -304,11 +304,12 @@ def eval_cmd(
     if as_json:
         _print_json(result)
         return
-    rows = [[name, f"{s['bpb']:.4f}", f"{s['perplexity']:.2f}", f"{s['tokens']:,}"]
-            for name, s in result["summary"].items()]
+    def row(name: str, s: dict) -> list[str]:
+        return [name, f"{s['bpb']:.4f}", f"{s['perplexity']:.2f}", f"{s['tokens']:,}"]
+
+    rows = [row(name, s) for name, s in result["summary"].items()]
     if "novel" in result:
-        rows += [[f"{name} (novel chunks)", f"{s['bpb']:.4f}", f"{s['perplexity']:.2f}", f"{s['tokens']:,}"]
-                 for name, s in result["novel"]["summary"].items()]
+        rows += [row(f"{name} (novel chunks)", s) for name, s in result["novel"]["summary"].items()]
     _summary_table(f"held-out bits per byte (report: {cfg.out_dir}/report.md)", rows,
                    ["model / mode", "bits/byte", "perplexity", "tokens"])
 

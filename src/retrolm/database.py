@@ -95,6 +95,10 @@ class BuildConfig:
         if (self.batch_size is not None and self.batch_size < 1) or self.shard_size < 1:
             raise RetrolmError("batch_size and shard_size must be positive")
 
+    def encoder_batch_size(self, device_type: str) -> int:
+        """``batch_size``, or the default for the encoder's device type ("cuda", "cpu", ...)."""
+        return self.batch_size or (DEFAULT_GPU_BATCH if device_type == "cuda" else DEFAULT_CPU_BATCH)
+
 
 @dataclass
 class Hit:
@@ -190,7 +194,7 @@ def _embed_shards(
         unit="chunk",
         disable=not show_progress,
     )
-    batch_size = config.batch_size or (DEFAULT_GPU_BATCH if encoder.device.type == "cuda" else DEFAULT_CPU_BATCH)
+    batch_size = config.encoder_batch_size(encoder.device.type)
 
     def prepare(start: int) -> Prepared:
         ids = np.arange(start, min(start + config.shard_size, first + n))
