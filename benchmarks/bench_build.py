@@ -21,13 +21,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from retrolm.database import BuildConfig, Database
-from retrolm.embed import Encoder
+from retrolm.db import BuildConfig, Database
+from retrolm.text.encoder import SentenceEncoder
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def bare_encoder_rate(encoder: Encoder, texts: list[str], batch_size: int) -> tuple[float, float, float]:
+def bare_encoder_rate(encoder: SentenceEncoder, texts: list[str], batch_size: int) -> tuple[float, float, float]:
     """(bare encoder chunks/s, padded encoder tokens per chunk, single-thread tokenization chunks/s)."""
     t = time.perf_counter()
     batches = encoder.prepare(texts, batch_size).batches

@@ -49,7 +49,7 @@ from rich.console import Console
 from rich.table import Table
 from tqdm.auto import tqdm
 
-from retrolm.index import SearchSettings, VectorIndex, default_factory, set_num_threads
+from retrolm.db.index import SearchSettings, VectorIndex, default_factory, set_num_threads
 
 BLOCK = 100_000
 K = 10

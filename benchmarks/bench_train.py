@@ -33,7 +33,7 @@ from rich.console import Console
 from rich.table import Table
 from torch.utils.flop_counter import FlopCounterMode
 
-from retrolm.model import RetroConfig, RetroModel
+from retrolm.models.retro import RetroConfig, RetroModel
 
 SHAPES = {
     # the benchmark shape (and the paper's 12-layer layout)
@@ -127,7 +127,9 @@ def time_training(cfg: RetroConfig, batch: int, device: torch.device, compile_mo
 
 
 def time_generation(shape: dict, db_path: Path, device: torch.device, n_tokens: int) -> list[dict]:
-    from retrolm.database import Database
+    from retrolm.db import Database
+    from retrolm.infer import generate
+    from retrolm.retrieval import DenseRetriever
 
     db = Database.open(db_path, device=str(device))
     kw = {k: v for k, v in shape.items() if k != "batch"}
@@ -137,9 +139,9 @@ def time_generation(shape: dict, db_path: Path, device: torch.device, n_tokens: 
     prompt = db.chunk_texts([0])[0]
     rows = []
     for retrieval in (True, False):
-        run = dict(database=db if retrieval else None, tokenizer=db.tokenizer, stop_at_eos=False)
-        model.generate(prompt, max_new_tokens=2 * db.chunk_len, **run)  # warm-up (encoder load, caches)
-        g = model.generate(prompt, max_new_tokens=n_tokens, **run)
+        retriever = DenseRetriever(db) if retrieval else None
+        generate(model, db.tokenizer, prompt, retriever, max_new_tokens=2 * db.chunk_len, stop_at_eos=False)  # warm-up
+        g = generate(model, db.tokenizer, prompt, retriever, max_new_tokens=n_tokens, stop_at_eos=False)
         rows.append({"retrieval": retrieval, "new_tokens": g.new_tokens, "tokens_per_s": g.tokens_per_s})
     return rows
 

@@ -199,8 +199,8 @@ def equivalent_params(params: list[int], bpb: list[float], target: float) -> flo
 
 def write_results(args, w: Path, runs: dict[str, Path], log: list[str]) -> None:
     """docs/results.md: the tables, the plots and the exact commands."""
-    from retrolm.evaluate import gain_text
-    from retrolm.report import markdown_table
+    from retrolm.eval.report import markdown_table
+    from retrolm.eval.run import gain_text
 
     res = args.results.with_suffix("")  # docs/results.md → plots in docs/results/
     res.mkdir(parents=True, exist_ok=True)

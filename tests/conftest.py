@@ -45,10 +45,10 @@ def tiny_encoder(tmp_path_factory) -> str:
     import torch
     from transformers import AutoTokenizer, BertConfig, BertModel
 
-    from retrolm.embed import DEFAULT_ENCODER, resolve_encoder_path
+    from retrolm.core.hub import resolve_model
 
     folder = tmp_path_factory.mktemp("tiny-encoder")
-    tok = AutoTokenizer.from_pretrained(resolve_encoder_path(DEFAULT_ENCODER))
+    tok = AutoTokenizer.from_pretrained(resolve_model("minilm").path)
     torch.manual_seed(0)
     cfg = BertConfig(
         vocab_size=tok.vocab_size,
@@ -71,7 +71,7 @@ def wiki_corpus(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_db_config(tiny_encoder):
-    from retrolm.database import BuildConfig
+    from retrolm.db import BuildConfig
 
     return BuildConfig(encoder=tiny_encoder, tokenizer="train:1000", batch_size=16, shard_size=64)
 
@@ -79,6 +79,19 @@ def tiny_db_config(tiny_encoder):
 @pytest.fixture(scope="session")
 def built_db(tmp_path_factory, wiki_corpus, tiny_db_config):
     """A read-only database over the 40-document corpus (tests that mutate build their own)."""
-    from retrolm.database import Database
+    from retrolm.db import Database
 
     return Database.build([wiki_corpus], tmp_path_factory.mktemp("db") / "db", tiny_db_config, show_progress=False)
+
+
+def search(db, queries, k: int = 5, retriever: str = "dense", exclude_doc_ids=()):
+    """Hits of a text query (a list of them for a list of queries) through the one retrieval interface."""
+    from retrolm.retrieval import Exclusion, get_retriever
+
+    single = isinstance(queries, str)
+    queries = [queries] if single else list(queries)
+    excl = [i for i in (db.store.doc_index(d) for d in exclude_doc_ids) if i is not None]
+    exclusion = Exclusion(docs=[excl] * len(queries)) if excl else None
+    result = get_retriever(db, retriever).search(queries, k, exclusion)
+    hits = [result.hits(i) for i in range(len(queries))]
+    return hits[0] if single else hits

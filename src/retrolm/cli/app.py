@@ -1,0 +1,106 @@
+"""The ``retrolm`` command line: one typer app, one verb per pipeline stage (commands live in sibling modules).
+
+Every command is configured the same way: a typed dataclass (its defaults), then ``--config FILE.yaml``, then dotted
+``key=value`` arguments, then the few options users type most. Errors that are the user's to fix (a missing folder,
+a corrupt index, a full disk, a mismatched encoder) are printed as one line, ``error: <file>: <problem>``, with exit
+status 2 and no traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import click
+import typer
+
+from retrolm.core.config import load_config
+from retrolm.core.errors import RetrolmError
+
+app = typer.Typer(
+    help="retrolm: semi-parametric language models (retrieval databases, RETRO, retrieval-augmented readers).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+db_app = typer.Typer(help="Build, update and search retrieval databases.", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+corpus_app = typer.Typer(help="Prepare corpora.", no_args_is_help=True)
+app.add_typer(corpus_app, name="corpus")
+scale_app = typer.Typer(help="Scaling curves: bits-per-byte vs database size or neighbours.", no_args_is_help=True)
+app.add_typer(scale_app, name="scale")
+
+EXTRA = {"allow_extra_args": True, "ignore_unknown_options": True}
+"""Context settings of commands that take dotted ``key=value`` overrides of their config."""
+ConfigFile = Annotated[Path | None, typer.Option("--config", help="YAML config; key=value arguments and options "
+                                                 "override it.")]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
+AsJson = Annotated[bool, typer.Option("--json", help="Print the result as JSON.")]
+
+T = TypeVar("T")
+
+
+def command_config(cls: type[T], ctx: typer.Context, config: Path | None, **options: Any) -> T:
+    """The command's typed config: defaults ← ``--config`` YAML ← ``key=value`` arguments ← options given."""
+    return load_config(cls, config, ctx.args, **{k: v for k, v in options.items() if v not in (None, [])})
+
+
+def print_json(obj: object) -> None:
+    sys.stdout.write(json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+
+
+def print_table(title: str, header: list[str], rows: list[list[str]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    for h in header:
+        table.add_column(h, justify="right")
+    for r in rows:
+        table.add_row(*r)
+    Console(width=140).print(table)
+
+
+def _setup_logging() -> None:
+    level = os.environ.get("RETROLM_LOG", "INFO").upper()
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    for noisy in ("transformers", "huggingface_hub", "urllib3", "httpx", "faiss", "trafilatura", "htmldate", "bm25s"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:  # pragma: no cover - transformers is a hard dependency
+        pass
+
+
+def os_error_line(e: OSError) -> str:
+    """An OSError as one line naming the file: ``path: No space left on device``."""
+    where = e.filename if e.filename is not None else "retrolm"
+    return f"{where}: {e.strerror or e}"
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: run the CLI, turning user-facing errors into one line and exit status 2."""
+    _setup_logging()
+    try:
+        rc = app(args=argv, prog_name="retrolm", standalone_mode=False)
+    except RetrolmError as e:
+        sys.stderr.write(f"error: {e}\n")
+        sys.exit(2)
+    except OSError as e:  # a full disk, a read-only folder, a file that vanished: nothing written is lost
+        sys.stderr.write(f"error: {os_error_line(e)}\n")
+        sys.exit(2)
+    except click.exceptions.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        sys.stderr.write("interrupted\n")
+        sys.exit(130)
+    sys.exit(rc if isinstance(rc, int) else 0)

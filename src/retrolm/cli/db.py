@@ -1,0 +1,160 @@
+"""``retrolm db build | add | delete | search | info | compact | bm25``."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from retrolm.cli.app import EXTRA, AsJson, ConfigFile, Quiet, command_config, db_app, print_json
+from retrolm.core.errors import RetrolmError
+from retrolm.db import BuildConfig, Database, DatabaseView
+from retrolm.retrieval import get_retriever
+
+DbDir = Annotated[Path, typer.Argument(help="Database folder.")]
+Corpus = Annotated[
+    list[Path], typer.Argument(help="Corpus files or folders (.txt/.md/.html folders, .jsonl, .parquet).")
+]
+
+
+@db_app.command("build", context_settings=EXTRA)
+def db_build(
+    ctx: typer.Context,
+    corpus: Corpus,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Database folder to create.")],
+    encoder: Annotated[str | None, typer.Option(help="Frozen encoder: HF name, short name or local folder.")] = None,
+    tokenizer: Annotated[str | None, typer.Option(help="train:N, a tokenizer.json / folder, or a model name "
+                                                  "(e.g. smollm2-135m).")] = None,
+    chunk_len: Annotated[int | None, typer.Option(help="Tokens per chunk (default 64).")] = None,
+    index: Annotated[str | None, typer.Option(help="auto | flat | ivfpq | hnsw | none (BM25 only).")] = None,
+    index_factory: Annotated[str | None, typer.Option(help="Explicit FAISS index_factory string.")] = None,
+    bm25: Annotated[bool | None, typer.Option("--bm25", help="Also store a BM25 index.")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Chunks per encoder batch.")] = None,
+    shard_size: Annotated[int | None, typer.Option(help="Chunks per resumable embedding shard.")] = None,
+    device: Annotated[str | None, typer.Option(help="Encoder device (cpu, cuda, ...).")] = None,
+    config: ConfigFile = None,
+    resume: Annotated[bool, typer.Option(help="Resume a partial build of the same inputs.")] = True,
+    overwrite: Annotated[
+        bool, typer.Option(help="Replace an existing database (kept until the new one is done).")
+    ] = False,
+    quiet: Quiet = False,
+) -> None:
+    """Build a retrieval database: tokenize, chunk, embed with a frozen encoder, index with FAISS (and/or BM25).
+
+    Extra ``key=value`` arguments override BuildConfig fields, e.g. ``encoder_max_length=128``."""
+    cfg = command_config(BuildConfig, ctx, config, encoder=encoder, tokenizer=tokenizer, chunk_len=chunk_len,
+                         index=index, index_factory=index_factory, bm25=bm25, batch_size=batch_size,
+                         shard_size=shard_size, device=device)
+    if not resume:
+        shutil.rmtree(out.with_name(out.name + ".partial"), ignore_errors=True)
+    db = Database.build(corpus, out, cfg, overwrite=overwrite, show_progress=not quiet)
+    info = db.info()
+    keys = " + ".join(k for k, on in ((f"index {info['index_factory']}", info["index_factory"]),
+                                      ("BM25", info["bm25"])) if on)
+    typer.echo(f"built {out}: {info['num_docs']} documents, {info['num_chunks']} chunks, {keys}, "
+               f"{info['bytes_on_disk'] / 1e6:.1f} MB")
+
+
+@db_app.command("add")
+def db_add(
+    db_dir: DbDir,
+    corpus: Corpus,
+    replace: Annotated[bool, typer.Option(help="Replace documents whose id already exists.")] = False,
+    encoder: Annotated[str | None, typer.Option(help="Must match the database's encoder (checked).")] = None,
+    tokenizer: Annotated[str | None, typer.Option(help="Must match the database's tokenizer (checked).")] = None,
+    chunk_len: Annotated[int | None, typer.Option(help="Must match the database's chunk length (checked).")] = None,
+    device: Annotated[str | None, typer.Option(help="Encoder device.")] = None,
+    quiet: Quiet = False,
+) -> None:
+    """Append documents to a database; they are searchable immediately, nothing is rebuilt."""
+    db = Database.open(db_dir, device=device)
+    db.check_compatible(encoder=encoder, tokenizer=tokenizer, chunk_len=chunk_len)
+    r = db.add(corpus, replace=replace, show_progress=not quiet)
+    typer.echo(f"added {r['docs_added']} documents ({r['chunks_added']} chunks), replaced {r['docs_replaced']}")
+
+
+@db_app.command("delete")
+def db_delete(
+    db_dir: DbDir,
+    doc_id: Annotated[list[str] | None, typer.Option("--doc-id", help="Document id to delete (repeatable).")] = None,
+    match: Annotated[str | None, typer.Option(help="Delete every document whose text matches this regex.")] = None,
+    blocklist: Annotated[
+        Path | None, typer.Option(help="File of terms, one per line: delete documents containing any.")
+    ] = None,
+    quiet: Quiet = False,
+) -> None:
+    """Delete documents by id or by content filter; they are never returned by search again."""
+    deleted = Database.open(db_dir).delete(doc_ids=doc_id or (), match=match, blocklist=blocklist,
+                                           show_progress=not quiet)
+    typer.echo(f"deleted {len(deleted)} documents" + (f": {', '.join(deleted[:20])}" if deleted else ""))
+
+
+@db_app.command("compact")
+def db_compact(db_dir: DbDir, quiet: Quiet = False) -> None:
+    """Rewrite the database without deleted documents (chunk ids change)."""
+    r = Database.open(db_dir).compact(show_progress=not quiet)
+    typer.echo(f"compacted {db_dir}: {r['docs']} documents, {r['chunks']} chunks")
+
+
+@db_app.command("bm25")
+def db_bm25(db_dir: DbDir, quiet: Quiet = False) -> None:
+    """Build and store a BM25 index over the database's chunks (kept up to date by later adds)."""
+    db = Database.open(db_dir)
+    db.store_bm25(show_progress=not quiet)
+    typer.echo(f"{db_dir}: BM25 index over {db.store.n_chunks} chunks stored in {db.meta['bm25']}/")
+
+
+@db_app.command("search")
+def db_search(
+    db_dir: DbDir,
+    query: Annotated[str, typer.Argument(help="Query text.")],
+    k: Annotated[int, typer.Option("-k", help="Number of results.")] = 5,
+    retriever: Annotated[str, typer.Option(help="auto | dense | bm25 | hybrid (auto: dense if the database has "
+                                           "dense keys).")] = "auto",
+    bm25: Annotated[bool, typer.Option("--bm25", help="Same as --retriever bm25.")] = False,
+    as_json: AsJson = False,
+    device: Annotated[str | None, typer.Option(help="Encoder device.")] = None,
+) -> None:
+    """Search a database with a text query; shows each chunk, its continuation and its document. Read-only."""
+    if not query.strip():
+        raise RetrolmError("search: the query is empty")
+    db = DatabaseView.open(db_dir, device=device)
+    hits = get_retriever(db, "bm25" if bm25 else retriever).search(query, k).hits(0)
+    if as_json:
+        print_json([h.to_dict() for h in hits])
+        return
+    if not hits:
+        typer.echo("no results")
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(show_lines=True)
+    for col in ("#", "score", "doc (chunk)", "text ⟶ continuation"):
+        table.add_column(col)
+    for rank, h in enumerate(hits, 1):
+        table.add_row(str(rank), f"{h.score:.3f}", f"{h.doc_id}\n(chunk {h.chunk_id}, #{h.position})",
+                      f"{h.text.strip()}\n[dim]⟶ {h.continuation.strip()[:300]}[/dim]")
+    Console().print(table)
+
+
+@db_app.command("info")
+def db_info(
+    db_dir: DbDir,
+    as_json: AsJson = False,
+    verify: Annotated[bool, typer.Option("--verify", help="Read every file and check its checksum.")] = False,
+) -> None:
+    """Describe a database: counts, tokenizer, encoder, indexes, size on disk."""
+    db = DatabaseView.open(db_dir)
+    info = db.info()
+    if verify:
+        n = db.verify()
+        info["verified_files"] = n if n else "no checksums recorded (format 1)"
+    if as_json:
+        print_json(info)
+        return
+    width = max(map(len, info))
+    for key, value in info.items():
+        typer.echo(f"{key:<{width}}  {value}")

@@ -1,0 +1,167 @@
+"""Crash-safe file writes: everything goes to a temporary name in the same folder, then is renamed.
+
+``os.replace`` is atomic on POSIX within one file system, so a reader (or a resumed build) sees either
+the old file or the complete new one, never a torn write.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from retrolm.core.errors import RetrolmError
+
+logger = logging.getLogger(__name__)
+
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+FILE_MODE = 0o666 & ~_UMASK
+"""Mode of files retrolm writes: what ``open()`` would give (mkstemp's 0600 would hide them from the group)."""
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; on success rename it over ``path``, on error delete it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.fchmod(fd, FILE_MODE)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        with open(tmp_path, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp_path, path)
+        _fsync_dir(path.parent)
+    except BaseException:
+        tmp_path.unlink(missing_ok=True)
+        raise
+
+
+def write_bytes(path: str | Path, data: bytes) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def read_json(path: str | Path, what: str = "JSON file") -> Any:
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise RetrolmError(f"{path}: {what} not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise RetrolmError(f"{path}: corrupt {what} ({e})") from None
+
+
+def save_npy(path: str | Path, array: np.ndarray) -> None:
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.save(f, array)
+
+
+def load_npy(path: str | Path, mmap: bool = False) -> np.ndarray:
+    path = Path(path)
+    try:
+        return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+    except FileNotFoundError:
+        raise RetrolmError(f"{path}: file not found") from None
+    except (ValueError, OSError, EOFError) as e:
+        raise RetrolmError(f"{path}: corrupt array file ({e})") from None
+
+
+def commit_dir(tmp_dir: Path, final_dir: Path) -> None:
+    """Rename a fully written temporary folder into place (the folder is the unit of atomicity)."""
+    if final_dir.exists():
+        shutil.rmtree(final_dir)
+    os.replace(tmp_dir, final_dir)
+    _fsync_dir(final_dir.parent)
+
+
+def dir_size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+LOCK_TIMEOUT_S = float(os.environ.get("RETROLM_LOCK_TIMEOUT", "600"))
+"""How long a writer waits for another writer of the same database before giving up."""
+
+
+@contextlib.contextmanager
+def exclusive_lock(folder: Path, timeout: float | None = None, what: str = "database") -> Iterator[None]:
+    """Hold an exclusive advisory lock on ``folder`` so two writers never interleave.
+
+    A second writer waits (saying so once) up to ``timeout`` seconds (``RETROLM_LOCK_TIMEOUT``, 600 by default),
+    then fails with a one-line error. Callers must re-read any state they read before taking the lock.
+    """
+    timeout = LOCK_TIMEOUT_S if timeout is None else timeout
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".lock", "a+") as f:
+        deadline = time.monotonic() + timeout
+        said = False
+        while True:
+            try:
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise RetrolmError(
+                        f"{folder}: another retrolm process is still writing to this {what} after {timeout:.0f}s; "
+                        "try again when it has finished"
+                    ) from None
+                if not said:
+                    logger.warning("%s: waiting for another retrolm process writing to this %s", folder, what)
+                    said = True
+                time.sleep(0.1)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+QUICK_DIGEST_FULL_BYTES = 64 << 20  # up to this size even a quick digest reads the whole file (~50 ms)
+
+
+def file_digest(path: str | Path, quick: bool = False) -> str:
+    """SHA-256 of a file, hex; ``quick`` hashes a file over 64 MB only in 64 evenly spaced 64 KiB blocks (+ its size).
+
+    The quick digest is what a database checks on every open (cheap at any size, catches truncation and most
+    overwrites); ``retrolm db info --verify`` checks the full one.
+    """
+    path = Path(path)
+    h = hashlib.sha256()
+    size = path.stat().st_size
+    block, blocks = 1 << 16, 64
+    with open(path, "rb") as f:
+        if not quick or size <= QUICK_DIGEST_FULL_BYTES:
+            for piece in iter(lambda: f.read(1 << 20), b""):
+                h.update(piece)
+        else:
+            h.update(str(size).encode())
+            for i in range(blocks):
+                f.seek((size - block) * i // (blocks - 1))
+                h.update(f.read(block))
+    return h.hexdigest()

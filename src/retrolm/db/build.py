@@ -1,0 +1,359 @@
+"""Building a database folder from a corpus, in resumable stages: tokenizer → segment → embeddings → index → meta.
+
+A build is staged in ``OUT.partial/``; every finished stage stays on disk (the tokenizer, the segment folder, one
+``.npy`` per ``shard_size`` chunks of embeddings, the index), so re-running the same build after a crash continues
+where it stopped and gives the same database as an uninterrupted run. ``meta.json`` is written last; the staging
+folder is then renamed into place. The same stages serve ``add`` (a new segment), ``compact`` (an index over kept
+vectors) and held-out evaluation data (:func:`tokenize_corpus`).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import shutil
+import time
+import uuid
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from retrolm.core.config import save_config
+from retrolm.core.errors import RetrolmError
+from retrolm.core.io import exclusive_lock, load_npy, read_json, save_npy, write_json
+from retrolm.db.chunks import ChunkStore, SegmentWriter, token_dtype
+from retrolm.db.index import INDEX_KINDS, VectorIndex
+from retrolm.db.lexical import LexicalIndex
+from retrolm.db.meta import (
+    FORMAT,
+    FORMAT_VERSION,
+    STAGING_SUFFIX,
+    file_records,
+    now,
+    recover_interrupted_swap,
+    referenced_files,
+    swap_into_place,
+    update_counts,
+)
+from retrolm.text.corpus import Document, corpus_fingerprint, iter_documents
+from retrolm.text.encoder import DEFAULT_ENCODER, Prepared, SentenceEncoder
+from retrolm.text.tokenizer import LMTokenizer, parse_train_spec, resolve_tokenizer
+
+logger = logging.getLogger(__name__)
+
+DOC_BATCH_CHARS = 4 << 20  # characters tokenized per call into the Rust tokenizer
+DEFAULT_CPU_BATCH = 128  # chunks per encoder forward pass; larger batches do not help on a CPU
+DEFAULT_GPU_BATCH = 1024
+PREP_WORKERS_GPU = 4  # shards decoded + tokenized ahead of a GPU encoder
+
+
+@dataclass
+class BuildConfig:
+    """How a retrieval database is built (saved as ``build.yaml`` inside it)."""
+
+    chunk_len: int = 64
+    """Tokens per chunk (RETRO: 64). Fixed for the life of the database."""
+    encoder: str = DEFAULT_ENCODER
+    """Frozen sentence encoder: Hugging Face name, short name or local folder."""
+    tokenizer: str = "train:32000"
+    """LM tokenizer: ``train:N`` (byte-level BPE trained on the corpus), a tokenizer.json, or a model (e.g. the LM
+    that will read the database: ``smollm2-135m``)."""
+    index: str = "auto"
+    """Dense index kind: auto (exact when small, approximate when large), flat, ivfpq, hnsw, or none (no dense keys:
+    no encoder runs; the database is searched with BM25 only)."""
+    index_factory: str | None = None
+    """Explicit FAISS index_factory string, overriding the kind's default."""
+    bm25: bool = False
+    """Also store a BM25 index over the chunks (needs ``retrolm[bm25]``)."""
+    batch_size: int | None = None
+    """Chunks per encoder forward pass (default 128 on a CPU, 1024 on a GPU)."""
+    shard_size: int = 8192
+    """Chunks per embedding shard: the unit of resumption after a crash."""
+    encoder_max_length: int = 256
+    """Encoder tokens kept per chunk text."""
+    device: str | None = None
+    """Encoder device (default: CUDA if available)."""
+    seed: int = 0
+    """Seed for index training samples."""
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.chunk_len <= 4096:
+            raise RetrolmError(f"chunk_len must be in [1, 4096], got {self.chunk_len}")
+        if self.index not in (*INDEX_KINDS, "none"):
+            raise RetrolmError(f"index must be one of {', '.join(INDEX_KINDS)} or none, got {self.index!r}")
+        if self.index == "none" and not self.bm25:
+            raise RetrolmError("index=none leaves the database unsearchable: add bm25=true (--bm25)")
+        if (self.batch_size is not None and self.batch_size < 1) or self.shard_size < 1:
+            raise RetrolmError("batch_size and shard_size must be positive")
+
+    @property
+    def dense(self) -> bool:
+        return self.index != "none"
+
+    def encoder_batch_size(self, device_type: str) -> int:
+        """``batch_size``, or the default for the encoder's device type ("cuda", "cpu", ...)."""
+        return self.batch_size or (DEFAULT_GPU_BATCH if device_type == "cuda" else DEFAULT_CPU_BATCH)
+
+
+# --------------------------------------------------------------------------------------------- segments
+def _doc_batches(docs: Iterable[Document]) -> Iterator[list[Document]]:
+    batch: list[Document] = []
+    chars = 0
+    for doc in docs:
+        batch.append(doc)
+        chars += len(doc.text)
+        if chars >= DOC_BATCH_CHARS:
+            yield batch
+            batch, chars = [], 0
+    if batch:
+        yield batch
+
+
+def tokenize_into_segment(
+    docs: Iterable[Document],
+    tokenizer: LMTokenizer,
+    folder: Path,
+    chunk_len: int,
+    first_chunk: int,
+    first_doc: int,
+    show_progress: bool = False,
+) -> dict:
+    """Tokenize documents and write them as one segment into ``folder`` (atomically: tmp folder + rename)."""
+    if (folder / "segment.json").is_file():
+        logger.info("resuming: segment %s already written", folder.name)
+        return read_json(folder / "segment.json")
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    writer = SegmentWriter(tmp, chunk_len, token_dtype(tokenizer.vocab_size), tokenizer.pad_id, first_chunk, first_doc)
+    with tqdm(desc="tokenize", unit="doc", disable=not show_progress, leave=False) as bar:
+        for batch in _doc_batches(docs):
+            for doc, ids in zip(batch, tokenizer.encode_batch([d.text for d in batch]), strict=True):
+                if not ids:
+                    logger.warning("skipping %s: no tokens", doc.source)
+                    continue
+                writer.add(doc.id, doc.source, len(doc.text.encode("utf-8")), ids)
+            bar.update(len(batch))
+    info = writer.close()
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)
+    return info
+
+
+def tokenize_corpus(
+    paths: Sequence[str | Path], tokenizer: LMTokenizer, chunk_len: int, folder: Path, max_docs: int | None = None
+) -> ChunkStore:
+    """Tokenize and chunk documents (e.g. a held-out set) exactly as a database does, into ``folder``."""
+    seg = Path(folder) / "seg-000000"
+    docs = itertools.islice(iter_documents(paths), max_docs)
+    tokenize_into_segment(docs, tokenizer, seg, chunk_len, 0, 0)
+    return ChunkStore.open([seg], chunk_len, tokenizer.pad_id)
+
+
+# ------------------------------------------------------------------------------------------- embeddings
+def embed_shards(
+    store: ChunkStore,
+    tokenizer: LMTokenizer,
+    encoder: SentenceEncoder,
+    folder: Path,
+    config: BuildConfig,
+    show_progress: bool = False,
+) -> list[Path]:
+    """Embed every chunk of ``store`` into ``folder/NNNNN.npy`` shards, skipping shards already on disk."""
+    folder.mkdir(parents=True, exist_ok=True)
+    first, n = store.first_chunk, store.n_chunks
+    starts = range(first, first + n, config.shard_size)
+    shards = [folder / f"{i:05d}.npy" for i in range(len(starts))]
+    todo = [(s, p) for s, p in zip(starts, shards, strict=True) if not p.is_file()]
+    if len(todo) < len(shards):
+        logger.info("resuming: %d of %d embedding shards already done", len(shards) - len(todo), len(shards))
+    done = n - sum(min(config.shard_size, first + n - s) for s, _ in todo)
+    batch_size = config.encoder_batch_size(encoder.device.type)
+
+    def prepare(start: int) -> Prepared:
+        ids = np.arange(start, min(start + config.shard_size, first + n))
+        return encoder.prepare(store.texts(ids, tokenizer), batch_size)
+
+    # The next shards are decoded and tokenized on worker threads (the Rust tokenizers release the GIL) while the
+    # encoder runs this one: on a GPU the encoder is fast enough that doing it in line would leave it idle most of
+    # the time. On a CPU the encoder is the bottleneck and one worker is plenty.
+    workers = PREP_WORKERS_GPU if encoder.device.type == "cuda" else 1
+    with (tqdm(total=n, initial=done, desc="embed", unit="chunk", disable=not show_progress) as bar,
+          ThreadPoolExecutor(max_workers=workers) as pool):
+        ahead = [pool.submit(prepare, start) for start, _ in todo[:workers]]
+        for i, (_, path) in enumerate(todo):
+            prepared = ahead.pop(0).result()
+            if i + workers < len(todo):
+                ahead.append(pool.submit(prepare, todo[i + workers][0]))
+            save_npy(path, encoder.encode_prepared(prepared))
+            bar.update(prepared.n)
+    return shards
+
+
+def shard_blocks(shards: Sequence[Path]) -> Iterator[np.ndarray]:
+    for p in shards:
+        yield np.ascontiguousarray(load_npy(p), dtype=np.float32)
+
+
+def shard_sample(shards: Sequence[Path], n_total: int, n_sample: int, seed: int) -> np.ndarray:
+    """A deterministic random sample of the embeddings, for training an approximate index."""
+    rng = np.random.default_rng(seed)
+    pick = np.sort(rng.choice(n_total, size=min(n_sample, n_total), replace=False))
+    out, offset = [], 0
+    for p in shards:
+        arr = load_npy(p, mmap=True)
+        sel = pick[(pick >= offset) & (pick < offset + len(arr))] - offset
+        out.append(np.asarray(arr[sel], dtype=np.float32))
+        offset += len(arr)
+    return np.ascontiguousarray(np.concatenate(out))
+
+
+def make_index(
+    dim: int,
+    n: int,
+    blocks: Callable[[], Iterable[np.ndarray]],
+    sample: Callable[[int], np.ndarray],
+    kind: str = "auto",
+    factory: str | None = None,
+    seed: int = 0,
+) -> VectorIndex:
+    """The one way an index is made (build and compact): create for ``n`` vectors, train on ``sample(n_wanted)`` if
+    the kind needs it, then add the vectors ``blocks()`` yields, in chunk-id order."""
+    index = VectorIndex.create(dim, kind=kind, n_vectors=n, factory=factory, seed=seed)
+    if index.needs_training and n:
+        t = time.perf_counter()
+        index.train(sample(index.min_train_vectors))
+        logger.info("trained %s index in %.1fs", index.factory, time.perf_counter() - t)
+    for vecs in blocks():
+        index.add(vecs)
+    return index
+
+
+# ---------------------------------------------------------------------------------------------- the build
+def build_database(
+    corpus: Sequence[str | Path], out: Path, config: BuildConfig, overwrite: bool = False, show_progress: bool = True
+) -> None:
+    """Build a database folder ``out`` from corpus paths (resumable; see the module docstring).
+
+    An existing database at ``out`` is left intact until the new one is complete (and only replaced with
+    ``overwrite``).
+    """
+    recover_interrupted_swap(out)
+    if (out / "meta.json").is_file():
+        old = read_json(out / "meta.json", "database description (meta.json)")
+        if old.get("chunk_len") not in (None, config.chunk_len) and not overwrite:
+            raise RetrolmError(
+                f"{out}: existing database has chunk_len {old.get('chunk_len')}, asked for {config.chunk_len}; "
+                "build into a new folder or pass --overwrite"
+            )
+        if not overwrite:
+            raise RetrolmError(f"{out}: database already exists (use `db add` to append, or --overwrite)")
+    elif out.exists() and any(out.iterdir()):
+        raise RetrolmError(f"{out}: folder exists and is not a retrolm database")
+    for c in map(Path, corpus):
+        if c.is_dir() and out.resolve().is_relative_to(c.resolve()):
+            raise RetrolmError(f"{out}: output folder is inside the corpus folder {c}; choose another --out")
+    staging = out.with_name(out.name + STAGING_SUFFIX)
+    plan = {"format_version": FORMAT_VERSION, "config": asdict(config), "corpus": corpus_fingerprint(corpus)}
+    with exclusive_lock(staging, what="build"):
+        plan_path = staging / "plan.json"
+        if plan_path.is_file() and read_json(plan_path) != plan:
+            logger.warning("%s: discarding a partial build made with other inputs or settings", staging)
+            for child in staging.iterdir():
+                if child.name != ".lock":
+                    shutil.rmtree(child) if child.is_dir() else child.unlink()
+        if not (staging / "meta.json").is_file():
+            write_json(plan_path, plan)
+            try:
+                _build_stages(corpus, staging, config, show_progress)
+            except (RetrolmError, OSError):
+                # Bad input (or a full disk) before any work worth keeping: leave no half-made folder behind.
+                if not any((staging / "embeddings").glob("*.npy")):
+                    shutil.rmtree(staging, ignore_errors=True)
+                raise
+        shutil.rmtree(staging / "embeddings", ignore_errors=True)
+        for name in ("tokenizer.name.json", "plan.json"):
+            (staging / name).unlink(missing_ok=True)
+    (staging / ".lock").unlink(missing_ok=True)
+    swap_into_place(staging, out)
+
+
+def _stage_tokenizer(corpus: Sequence[str | Path], staging: Path, spec: str) -> LMTokenizer:
+    tok_path, name_path = staging / "tokenizer.json", staging / "tokenizer.name.json"
+    if tok_path.is_file() and name_path.is_file():
+        return LMTokenizer.from_file(tok_path, name=read_json(name_path)["name"])
+    # training reads the corpus once more: its warnings were (or will be) given by the tokenizing pass
+    texts = (d.text for d in iter_documents(corpus, warn=False)) if parse_train_spec(spec) else None
+    tokenizer = resolve_tokenizer(spec, texts)
+    write_json(name_path, {"name": tokenizer.name})
+    tokenizer.save(tok_path)
+    return tokenizer
+
+
+def _build_stages(corpus: Sequence[str | Path], staging: Path, config: BuildConfig, show_progress: bool) -> None:
+    # Load the encoder first: a bad encoder name should fail before any work is done.
+    encoder = SentenceEncoder(config.encoder, device=config.device, max_length=config.encoder_max_length) \
+        if config.dense else None
+    tokenizer = _stage_tokenizer(corpus, staging, config.tokenizer)
+    timings: dict[str, float] = {}
+    t = time.perf_counter()
+    seg = staging / "segments" / "seg-000000"
+    info = tokenize_into_segment(iter_documents(corpus), tokenizer, seg, config.chunk_len, 0, 0, show_progress)
+    if info["n_chunks"] == 0:
+        raise RetrolmError(f"{', '.join(map(str, corpus))}: corpus produced no tokens")
+    store = ChunkStore.open([seg], config.chunk_len, tokenizer.pad_id)
+    timings["tokenize_s"] = time.perf_counter() - t
+    index_meta = None
+    if encoder is not None:
+        t = time.perf_counter()
+        shards = embed_shards(store, tokenizer, encoder, staging / "embeddings", config, show_progress)
+        timings["embed_s"] = time.perf_counter() - t
+        t = time.perf_counter()
+        index_file = "index-v1.faiss"
+        if not (staging / index_file).is_file():
+            index = make_index(encoder.dim, store.n_chunks, lambda: shard_blocks(shards),
+                               lambda n: shard_sample(shards, store.n_chunks, n, config.seed),
+                               config.index, config.index_factory, config.seed)
+            index.save(staging / index_file)
+        index = VectorIndex.load(staging / index_file, mmap=True)
+        index_meta = {"kind": index.kind, "factory": index.factory, "file": index_file}
+        timings["index_s"] = time.perf_counter() - t
+    bm25_dir = None
+    if config.bm25:
+        t = time.perf_counter()
+        bm25_dir = "bm25-v1"
+        if not (staging / bm25_dir / "n_chunks.txt").is_file():
+            LexicalIndex.build(lambda ids: store.texts(ids, tokenizer), store.n_chunks, show_progress).save(
+                staging / bm25_dir)
+        timings["bm25_s"] = time.perf_counter() - t
+    save_config(config, staging / "build.yaml")
+    meta = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "version": 1,
+        "created": now(),
+        "updated": now(),
+        "build_id": uuid.uuid4().hex,  # tells two builds of the same folder apart (e.g. for precomputed neighbours)
+        "chunk_len": config.chunk_len,
+        "tokenizer": {
+            "name": tokenizer.name,
+            "vocab_size": tokenizer.vocab_size,
+            "sha256": tokenizer.sha256,
+            "pad_id": tokenizer.pad_id,
+            "eos_id": tokenizer.eos_id,
+        },
+        "token_dtype": token_dtype(tokenizer.vocab_size).name,
+        "encoder": encoder.describe() if encoder is not None else None,
+        "index": index_meta,
+        "bm25": bm25_dir,
+        "segments": [seg.name],
+        "tombstones": None,
+        # Wall time of the stages run by the last (possibly resumed) invocation.
+        "build_stats": {k: round(v, 3) for k, v in timings.items()},
+    }
+    update_counts(meta, store.n_docs, store.n_chunks, store.doc_n_chunks, np.zeros(store.n_docs, dtype=bool))
+    meta["files"] = file_records(staging, referenced_files(meta))
+    write_json(staging / "meta.json", meta)

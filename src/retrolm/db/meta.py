@@ -1,0 +1,131 @@
+"""``meta.json``, the commit point of a database folder: what it holds, and checksums of every file it references.
+
+A change to a database becomes visible only when ``meta.json`` is rewritten (atomically), so a reader sees either
+the old state or the new one. Since format 2 the description also records, for every file it references, its size
+and SHA-256 (``sha256`` of the whole file, ``quick`` of 64 sampled blocks for files over 64 MB): opening a database
+checks sizes and quick digests; ``retrolm db info --verify`` reads everything.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+
+from retrolm.core.errors import RetrolmError
+from retrolm.core.io import file_digest, read_json
+
+logger = logging.getLogger(__name__)
+
+FORMAT = "retrolm-db"
+FORMAT_VERSION = 2
+"""2: file checksums, encoder fingerprint, optional BM25 index, optional dense keys. 1 is read as well (no checks)."""
+READABLE_VERSIONS = (1, 2)
+STAGING_SUFFIX = ".partial"
+
+
+def now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def read_meta(path: Path) -> dict:
+    """The description of the database at ``path``, checked to be a finished retrolm database this version reads."""
+    if path.name.endswith(STAGING_SUFFIX) or (path / "plan.json").is_file():
+        final = path.with_name(path.name.removesuffix(STAGING_SUFFIX))
+        raise RetrolmError(f"{path}: unfinished build staging folder, not a database (re-run the build of {final})")
+    if not path.is_dir():
+        raise RetrolmError(f"{path}: database folder does not exist")
+    meta = read_json(path / "meta.json", "database description (meta.json)")
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise RetrolmError(f"{path / 'meta.json'}: not a retrolm database")
+    if meta.get("format_version") not in READABLE_VERSIONS:
+        raise RetrolmError(
+            f"{path / 'meta.json'}: format version {meta.get('format_version')} "
+            f"(this retrolm reads {', '.join(map(str, READABLE_VERSIONS))}; upgrade retrolm)"
+        )
+    return meta
+
+
+def referenced_files(meta: dict) -> list[str]:
+    """Paths (relative to the database folder) of every file the description references."""
+    files = []
+    for seg in meta["segments"]:
+        files += [f"segments/{seg}/{name}" for name in (*SEGMENT_FILE_NAMES, "segment.json")]
+    if meta.get("index"):
+        files.append(meta["index"]["file"])
+    if meta.get("tombstones"):
+        files.append(meta["tombstones"])
+    return files
+
+
+SEGMENT_FILE_NAMES = ("tokens.bin", "lengths.bin", "doc.bin", "pos.bin", "docs.parquet")
+
+
+def file_records(root: Path, files: Iterable[str], known: dict | None = None) -> dict[str, dict]:
+    """Size and digests of ``files`` under ``root`` (records in ``known`` are reused: files are never rewritten)."""
+    out = {}
+    for rel in files:
+        if known and rel in known:
+            out[rel] = known[rel]
+            continue
+        p = root / rel
+        full = file_digest(p)
+        out[rel] = {"size": p.stat().st_size, "sha256": full, "quick": file_digest(p, quick=True)}
+    return out
+
+
+def verify_files(root: Path, meta: dict, full: bool = False) -> int:
+    """Check every referenced file against its record; returns the number checked. Raises on the first mismatch."""
+    records = meta.get("files")
+    if not records:
+        return 0
+    for rel, rec in records.items():
+        p = root / rel
+        if not p.is_file():
+            raise RetrolmError(f"{p}: missing (referenced by {root / 'meta.json'})")
+        size = p.stat().st_size
+        if size != rec["size"]:
+            raise RetrolmError(f"{p}: corrupt ({size} bytes, {rec['size']} expected); restore it or rebuild")
+        digest = file_digest(p) if full else file_digest(p, quick=True)
+        if digest != rec["sha256" if full else "quick"]:
+            raise RetrolmError(f"{p}: corrupt (checksum mismatch); restore it or rebuild the database")
+    return len(records)
+
+
+def update_counts(meta: dict, n_docs: int, n_chunks: int, doc_n_chunks: np.ndarray, deleted_docs: np.ndarray) -> None:
+    """Stored and live document / chunk counts."""
+    meta["num_docs_stored"] = n_docs
+    meta["num_chunks_stored"] = n_chunks
+    meta["num_docs"] = int((~deleted_docs).sum())
+    meta["num_chunks"] = int(doc_n_chunks[~deleted_docs].sum()) if n_docs else 0
+
+
+def swap_into_place(staging: Path, out: Path) -> None:
+    """Replace ``out`` by the finished ``staging`` folder; the old one survives until the new is in place."""
+    old = out.with_name(out.name + ".old")
+    if out.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(out, old)
+    os.replace(staging, out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def recover_interrupted_swap(out: Path) -> None:
+    """If a crash hit between the two renames of :func:`swap_into_place`, finish it (the new database is complete)
+    or undo it (the old one comes back)."""
+    old = out.with_name(out.name + ".old")
+    if out.exists() or not old.exists():
+        return
+    staging = out.with_name(out.name + STAGING_SUFFIX)
+    if (staging / "meta.json").is_file() and not (staging / "plan.json").exists():
+        logger.warning("%s: finishing a replacement interrupted by a crash", out)
+        os.replace(staging, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        logger.warning("%s: a replacement was interrupted by a crash; the previous database is back", out)
+        os.replace(old, out)

@@ -1,0 +1,292 @@
+"""The read side of a database folder: its chunks, frozen-encoder keys, indexes and deleted documents.
+
+:class:`DatabaseView` opens a folder described by ``meta.json`` and answers questions about it: chunk texts and
+continuations, vector search with deleted or excluded chunks filtered inside FAISS, counts and sizes. Writers
+(:class:`retrolm.db.Database`) extend it. Retrieval by text (dense, BM25, hybrid) is :mod:`retrolm.retrieval`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from retrolm.core.errors import RetrolmError
+from retrolm.core.hub import resolve_model
+from retrolm.core.io import dir_size, load_npy
+from retrolm.db.chunks import ChunkStore
+from retrolm.db.index import SearchSettings, VectorIndex
+from retrolm.db.lexical import LexicalIndex
+from retrolm.db.meta import read_meta, recover_interrupted_swap, verify_files
+from retrolm.text.encoder import SentenceEncoder
+from retrolm.text.tokenizer import LMTokenizer
+
+logger = logging.getLogger(__name__)
+
+MAX_SCORE = 1.5
+"""Keys and queries are unit vectors: an inner product beyond this (or NaN) means the index file is damaged."""
+
+
+@dataclass
+class Hit:
+    """One search result: a chunk, its continuation, and where it came from."""
+
+    chunk_id: int
+    doc_id: str
+    score: float
+    text: str
+    continuation: str
+    position: int
+    """Chunk index within its document."""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class DatabaseView:
+    """A database folder opened for reading. Open with :meth:`open`."""
+
+    def __init__(self, path: Path, meta: dict, device: str | None = None, verify: bool = True):
+        self.path = path
+        self.device = device
+        self._encoder: SentenceEncoder | None = None
+        self._lexical: LexicalIndex | None = None
+        self._load(meta, verify)
+
+    def _load(self, meta: dict, verify: bool = True) -> None:
+        path = self.path
+        if verify:
+            verify_files(path, meta)
+        self.meta = meta
+        self.chunk_len: int = meta["chunk_len"]
+        self.tokenizer = LMTokenizer.from_file(path / "tokenizer.json", name=meta["tokenizer"]["name"])
+        if self.tokenizer.sha256 != meta["tokenizer"]["sha256"]:
+            raise RetrolmError(f"{path / 'tokenizer.json'}: differs from the tokenizer the database was built with")
+        self.store = ChunkStore.open([path / "segments" / s for s in meta["segments"]], self.chunk_len,
+                                     self.tokenizer.pad_id)
+        index = meta.get("index")
+        self.index = VectorIndex.load(path / index["file"], mmap=True) if index else None
+        if self.index is not None and self.index.ntotal != self.store.n_chunks:
+            raise RetrolmError(
+                f"{path}: index has {self.index.ntotal} vectors but the segments hold {self.store.n_chunks} chunks"
+            )
+        tomb = meta.get("tombstones")
+        self.deleted_docs = load_npy(path / tomb).astype(bool) if tomb else np.zeros(self.store.n_docs, dtype=bool)
+        if len(self.deleted_docs) != self.store.n_docs:
+            raise RetrolmError(f"{path / tomb}: has {len(self.deleted_docs)} entries for {self.store.n_docs} documents")
+        self._deleted_chunks: np.ndarray | None = None
+        if self._lexical is not None and self._lexical.folder != self._bm25_folder():
+            self._lexical = None
+
+    @classmethod
+    def open(cls, path: str | Path, device: str | None = None):
+        """Open an existing database folder. Sizes and checksums of its files are checked (see :mod:`.meta`)."""
+        path = Path(path)
+        recover_interrupted_swap(path)
+        return cls(path, read_meta(path), device=device)
+
+    def reload(self) -> bool:
+        """Re-read ``meta.json`` (another process may have changed the database); True if it had changed."""
+        meta = read_meta(self.path)
+        if meta.get("build_id") == self.meta.get("build_id") and meta["version"] == self.meta["version"]:
+            return False
+        self._load(meta)
+        return True
+
+    # ---- components
+    @property
+    def has_dense(self) -> bool:
+        """Whether the database holds frozen-encoder keys (a BM25-only database does not)."""
+        return self.index is not None
+
+    @property
+    def encoder(self) -> SentenceEncoder:
+        """The database's frozen encoder, loaded on first use and checked against the one that made the keys."""
+        if self._encoder is None:
+            enc = self.meta.get("encoder")
+            if not enc:
+                raise RetrolmError(f"{self.path}: built without dense keys (BM25 only); search it with BM25")
+            name = enc["name"]
+            if Path(name).is_absolute() and not Path(name).exists():
+                raise RetrolmError(f"{name}: encoder folder recorded in {self.path / 'meta.json'} not found")
+            if Path(name).exists() and not Path(name).is_absolute():
+                logger.warning("%s: encoder recorded as a relative path (%s), resolved from the current directory",
+                               self.path, name)
+            encoder = SentenceEncoder(name, device=self.device, max_length=enc["max_length"])
+            if encoder.dim != enc["dim"]:
+                raise RetrolmError(
+                    f"{self.path}: encoder {name!r} now has dim {encoder.dim}, database was built with {enc['dim']}"
+                )
+            if enc.get("fingerprint") and encoder.fingerprint and encoder.fingerprint != enc["fingerprint"]:
+                raise RetrolmError(
+                    f"{encoder.path}: encoder weights differ from the ones that made {self.path}'s keys "
+                    "(the folder was replaced?); search results would be meaningless"
+                )
+            self._encoder = encoder
+        return self._encoder
+
+    def same_encoder(self, name: str) -> bool:
+        """Whether ``name`` (any reference form) is this database's encoder: same resolved name or same weights."""
+        enc = self.meta.get("encoder")
+        if not enc:
+            return False
+        ref = resolve_model(name, what="encoder")
+        if ref.name == enc["name"]:
+            return True
+        if ref.local and enc.get("fingerprint"):
+            from retrolm.core.hub import weights_fingerprint
+
+            return weights_fingerprint(ref.path) == enc["fingerprint"]
+        return False
+
+    def _bm25_folder(self) -> Path | None:
+        return self.path / self.meta["bm25"] if self.meta.get("bm25") else None
+
+    @property
+    def lexical(self) -> LexicalIndex:
+        """The BM25 index: the stored one, or (if the database has none) one built in memory for this session."""
+        if self._lexical is None:
+            folder = self._bm25_folder()
+            if folder is not None:
+                self._lexical = LexicalIndex.load(folder)
+            else:
+                logger.info("%s: no BM25 index stored; building one in memory (`retrolm db bm25` stores it)",
+                            self.path)
+                self._lexical = LexicalIndex.build(self.chunk_texts, self.store.n_chunks)
+        return self._lexical
+
+    @property
+    def deleted_chunks(self) -> np.ndarray:
+        """Bool mask over chunk ids: True for chunks of deleted documents."""
+        if self._deleted_chunks is None:
+            self._deleted_chunks = self.deleted_docs[self.store.all_chunk_docs()]
+        return self._deleted_chunks
+
+    def live_doc_ids(self) -> list[str]:
+        return [d for d, dead in zip(self.store.doc_ids, self.deleted_docs, strict=True) if not dead]
+
+    # ---- chunks
+    def chunk_texts(self, ids: Sequence[int] | np.ndarray) -> list[str]:
+        """The chunks as text."""
+        return self.store.texts(np.asarray(ids, dtype=np.int64), self.tokenizer)
+
+    def embed(self, texts: Sequence[str], batch_size: int = 128, show_progress: bool = False) -> np.ndarray:
+        """Query vectors, formatted exactly like the database's keys."""
+        return self.encoder.encode(list(texts), batch_size=batch_size, show_progress=show_progress)
+
+    def exclusion_mask(self, exclude_chunks: np.ndarray | None = None) -> np.ndarray | None:
+        """Deleted chunks, OR-ed with a caller's bool mask over chunk ids; None when nothing is excluded."""
+        mask = self.deleted_chunks if self.deleted_docs.any() else None
+        if exclude_chunks is not None:
+            if exclude_chunks.shape != (self.store.n_chunks,):
+                raise RetrolmError(f"{self.path}: exclude_chunks must have one entry per chunk ({self.store.n_chunks})")
+            mask = exclude_chunks if mask is None else (mask | exclude_chunks)
+        return mask
+
+    def search_vectors(
+        self,
+        vectors: np.ndarray,
+        k: int = 5,
+        exclude_chunks: np.ndarray | None = None,
+        settings: SearchSettings | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k (scores, chunk ids) per query vector; -1 where fewer than k live chunks exist. Deleted documents and
+        ``exclude_chunks`` (a bool mask over chunk ids, e.g. evaluation documents) are filtered inside FAISS."""
+        if self.index is None:
+            raise RetrolmError(f"{self.path}: built without dense keys (BM25 only); search it with BM25")
+        scores, ids = self.index.search(np.ascontiguousarray(vectors, dtype=np.float32), k,
+                                        exclude=self.exclusion_mask(exclude_chunks), settings=settings)
+        found = ids >= 0
+        if (ids >= self.store.n_chunks).any() or not np.all(np.abs(scores[found]) <= MAX_SCORE):
+            raise RetrolmError(
+                f"{self.path / self.meta['index']['file']}: returned impossible results; the index is corrupt "
+                f"(check with `retrolm db info --verify {self.path}`, then rebuild)"
+            )
+        return scores, ids
+
+    def hits(self, scores: np.ndarray, ids: np.ndarray) -> list[Hit]:
+        """Turn one row of (scores, ids) into :class:`Hit` objects (missing results dropped)."""
+        ok = ids >= 0
+        ids, scores = ids[ok], scores[ok]
+        if len(ids) == 0:
+            return []
+        cont = self.store.continuation_ids(ids)
+        texts = self.chunk_texts(ids)
+        cont_texts = iter(self.chunk_texts(cont[cont >= 0]) if (cont >= 0).any() else [])
+        docs, pos = self.store.chunk_doc(ids), self.store.chunk_pos(ids)
+        return [
+            Hit(int(c), self.store.doc_ids[d], float(s), t, next(cont_texts) if nx >= 0 else "", int(p))
+            for c, s, t, nx, d, p in zip(ids, scores, texts, cont, docs, pos, strict=True)
+        ]
+
+    # ---- description
+    def info(self) -> dict:
+        """Counts, components and size on disk (what ``retrolm db info`` prints)."""
+        m = self.meta
+        size = dir_size(self.path)
+        enc, index = m.get("encoder") or {}, m.get("index") or {}
+        return {
+            "path": str(self.path),
+            "format_version": m["format_version"],
+            "version": m["version"],
+            "num_docs": m["num_docs"],
+            "num_chunks": m["num_chunks"],
+            "num_deleted_docs": m["num_docs_stored"] - m["num_docs"],
+            "num_chunks_stored": m["num_chunks_stored"],
+            "chunk_len": self.chunk_len,
+            "tokenizer": m["tokenizer"]["name"],
+            "vocab_size": m["tokenizer"]["vocab_size"],
+            "encoder": enc.get("name"),
+            "encoder_dim": enc.get("dim"),
+            "index_type": index.get("kind"),
+            "index_factory": index.get("factory"),
+            "bm25": bool(m.get("bm25")),
+            "segments": len(m["segments"]),
+            "bytes_on_disk": size,
+            "bytes_per_chunk": round(size / max(1, m["num_chunks_stored"]), 1),
+            "created": m["created"],
+            "updated": m["updated"],
+        }
+
+    def verify(self) -> int:
+        """Read every file and compare it with its checksum; returns the number of files checked (0 for a format-1
+        database, which records none)."""
+        return verify_files(self.path, self.meta, full=True)
+
+    def check_trained_with(self, record: dict | None, model_path: Path) -> None:
+        """Refuse this database for a RETRO model trained with neighbours from another frozen encoder (``record`` is
+        its checkpoint's ``database.json``): the neighbours would come from an embedding space it never read."""
+        if not record or not record.get("encoder") or not self.meta.get("encoder"):
+            return
+        theirs, ours = record["encoder"], self.meta["encoder"]
+        if theirs.get("fingerprint") and ours.get("fingerprint"):
+            same = theirs["fingerprint"] == ours["fingerprint"]
+        else:
+            same = theirs["name"] == ours["name"]
+        if not same:
+            raise RetrolmError(
+                f"{self.path}: built with encoder {ours['name']!r}, but {model_path} was trained with neighbours from "
+                f"encoder {theirs['name']!r}; use a database built with the same encoder"
+            )
+
+    def check_compatible(
+        self, encoder: str | None = None, tokenizer: str | None = None, chunk_len: int | None = None
+    ) -> None:
+        """Refuse to mix in another encoder, tokenizer or chunk length, with a clear error."""
+        m = self.meta
+        if chunk_len is not None and chunk_len != self.chunk_len:
+            raise RetrolmError(f"{self.path}: database has chunk_len {self.chunk_len}, got {chunk_len}")
+        if encoder is not None and not self.same_encoder(encoder):
+            have = (m.get("encoder") or {}).get("name")
+            raise RetrolmError(f"{self.path}: database was built with encoder {have!r}, got {encoder!r}")
+        if tokenizer is not None and tokenizer != m["tokenizer"]["name"]:
+            from retrolm.text.tokenizer import load_tokenizer, parse_train_spec
+
+            other = load_tokenizer(tokenizer) if parse_train_spec(tokenizer) is None else None
+            if other is None or other.sha256 != m["tokenizer"]["sha256"]:
+                raise RetrolmError(
+                    f"{self.path}: database was built with tokenizer {m['tokenizer']['name']!r}, got {tokenizer!r}"
+                )

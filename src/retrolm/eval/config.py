@@ -1,0 +1,81 @@
+"""Typed configs of ``retrolm eval`` and ``retrolm scale`` (YAML + ``key=value``; saved next to the results)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from retrolm.core.errors import RetrolmError
+
+
+@dataclass
+class EvalConfig:
+    """What ``retrolm eval`` / ``retrolm scale`` evaluate, and how; saved as config.yaml next to the results."""
+
+    checkpoint: str = ""
+    """RETRO (or baseline) checkpoint folder, or a run folder (its newest checkpoint)."""
+    db: str = ""
+    """Retrieval database used at evaluation (its tokenizer and chunk length must match the checkpoint's)."""
+    data: list[str] = field(default_factory=list)
+    """Held-out corpus paths (files or folders, any format the database ingests)."""
+    baselines: list[str] = field(default_factory=list)
+    """Baseline checkpoints (no RETRO layers) scored on the same chunks."""
+    out_dir: str = "runs/eval"
+    """Where the report, plots, JSON and this config are written."""
+    neighbours: int | None = None
+    """k neighbours per chunk at evaluation; None → as trained."""
+    retrieval: bool = True
+    """False → score the checkpoint with retrieval switched off only."""
+    retriever: str = "dense"
+    """dense | bm25 | hybrid: how held-out chunks retrieve their neighbours."""
+    leakage_neighbours: int = 10
+    """Neighbours whose overlap with a chunk defines r(C) (the paper uses the 10 nearest)."""
+    near_dup_threshold: float = 0.8
+    """Exclude database documents whose n-gram Jaccard similarity to an evaluation document reaches this; 0 = off."""
+    ngram: int = 13
+    """n of the n-grams of the near-duplicate test."""
+    novel_tokens: int = 8
+    """A chunk sharing fewer contiguous tokens than this with its neighbours is *novel* (8 of 64 = 12.5%)."""
+    max_docs: int | None = None
+    """Evaluate only the first N held-out documents."""
+    seq_len: int | None = None
+    """Evaluation sequence length (a multiple of chunk_len); None → the shortest training length of the models."""
+    batch_size: int = 4
+    """Sequences per forward pass."""
+    device: str | None = None
+    """cpu | cuda (default: cuda if available)."""
+    seed: int = 0
+    """Seed of the random document order behind database-size subsets."""
+
+    def __post_init__(self) -> None:
+        if self.neighbours is not None and self.neighbours < 1:
+            raise RetrolmError(f"neighbours must be >= 1, got {self.neighbours}")
+        if self.leakage_neighbours < 1 or self.novel_tokens < 1 or self.ngram < 1 or self.batch_size < 1:
+            raise RetrolmError("leakage_neighbours, novel_tokens, ngram and batch_size must be positive")
+        if not 0.0 <= self.near_dup_threshold <= 1.0:
+            raise RetrolmError(f"near_dup_threshold must be in [0, 1], got {self.near_dup_threshold}")
+        for name in ("seq_len", "max_docs"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise RetrolmError(f"{name} must be positive, got {value}")
+        if self.retriever not in ("dense", "bm25", "hybrid"):
+            raise RetrolmError(f"retriever must be dense, bm25 or hybrid, got {self.retriever!r}")
+
+
+@dataclass
+class ScaleConfig(EvalConfig):
+    """``retrolm scale db-size | neighbours``: an evaluation repeated along one axis."""
+
+    fractions: list[float] = field(default_factory=lambda: [0.125, 0.25, 0.5, 1.0])
+    """db-size: fractions of the database's documents kept (nested random subsets)."""
+    noise: list[str] = field(default_factory=list)
+    """db-size: unrelated corpus paths added to a copy of the full database (a store that only grows with noise
+    should change little)."""
+    ks: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16])
+    """neighbours: neighbour counts at evaluation."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.fractions or min(self.fractions) <= 0 or max(self.fractions) > 1:
+            raise RetrolmError(f"database fractions must be in (0, 1], got {self.fractions}")
+        if not self.ks or min(self.ks) < 1:
+            raise RetrolmError(f"neighbour counts must be positive, got {self.ks}")

@@ -1,0 +1,123 @@
+"""``retrolm scale``: bits-per-byte of one RETRO model along a scaling axis — database size (nested random subsets,
+selected by masks inside the index, plus an optional noisy copy) and neighbours read at evaluation."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from retrolm.core.errors import RetrolmError
+from retrolm.core.io import write_bytes, write_json
+from retrolm.db import Database
+from retrolm.eval.config import ScaleConfig
+from retrolm.eval.evaluator import Evaluator, display_name
+from retrolm.eval.report import markdown_table, plot_lines
+from retrolm.eval.run import out_dir
+
+
+def scale_neighbours(cfg: ScaleConfig, show_progress: bool = True) -> dict[str, Any]:
+    """``retrolm scale neighbours``: RETRO bits-per-byte with k neighbours at evaluation, for each k in ``cfg.ks``."""
+    ks = cfg.ks
+    with _scaling_run(cfg, show_progress) as (out, ev):
+        nb = ev.neighbours(max(ks))
+        rows = [{"k": k, **ev.summary(ev.score(ev.main, nb, k, desc=f"k={k}"))} for k in sorted(ks)]
+        result = _scaling_result(ev, "neighbours", rows)
+        _write_scaling(out, "scale-neighbours", result, [r["k"] for r in rows], "neighbours k at evaluation",
+                       log2x=True)
+        return result
+
+
+def scale_db_size(cfg: ScaleConfig, show_progress: bool = True) -> dict[str, Any]:
+    """``retrolm scale db-size``: RETRO bits-per-byte with databases of growing size.
+
+    A fraction f of ``cfg.fractions`` keeps the first f of the live documents in a seeded random order (nested
+    subsets); the others are masked inside FAISS, so the keys are exactly those of the full database and nothing is
+    re-embedded.
+    With ``cfg.noise`` (corpus paths), those documents are added to a copy of the database (in ``out_dir``) and the
+    full database plus noise is evaluated too (a store that only grows with noise should change little).
+    """
+    fractions, noise = cfg.fractions, cfg.noise
+    with _scaling_run(cfg, show_progress) as (out, ev):
+        store = ev.db.store
+        # the noisy copy first: a bad noise corpus (e.g. an id already in the database) fails before any scoring
+        noisy = _noisy_copy(ev.db, out / "db-with-noise", noise, show_progress) if noise else None
+        order = np.random.default_rng(cfg.seed).permutation(np.flatnonzero(~ev.db.deleted_docs))
+        chunk_doc = store.all_chunk_docs()
+        rows = []
+        for f in sorted(fractions):
+            keep_docs = np.zeros(store.n_docs, dtype=bool)
+            keep_docs[order[: max(1, round(f * len(order)))]] = True
+            mask = ~keep_docs[chunk_doc] | ev.excluded_chunks
+            nb = ev.neighbours(ev.k, exclude_chunks=mask)
+            s = ev.summary(ev.score(ev.main, nb, ev.k, desc=f"db {f:.0%}"))
+            rows.append({"fraction": f, "db_chunks": int((~mask).sum()), **s})
+        points = {}
+        if noisy is not None:
+            # the added documents get the same scrutiny: nothing of the held-out set may come back through them
+            by_id, near, _ = ev.excluded_docs(noisy, np.arange(store.n_docs, noisy.store.n_docs))
+            mask = (by_id | near)[noisy.store.all_chunk_docs()]
+            mask[: store.n_chunks] |= ev.excluded_chunks
+            nb = ev.neighbours(ev.k, db=noisy, exclude_chunks=mask)
+            s = ev.summary(ev.score(ev.main, nb, ev.k, db=noisy, desc="db + noise"))
+            n_noise = noisy.store.n_chunks - store.n_chunks
+            row = {"fraction": 1.0, "noise": True, "noise_chunks": n_noise,
+                   "db_chunks": int((~mask & ~noisy.deleted_chunks).sum()), **s}
+            rows.append(row)
+            points[f"+ {n_noise:,} noise chunks"] = (row["db_chunks"], row["bpb"])
+        result = _scaling_result(ev, "db_size", rows)
+        x = [r["db_chunks"] for r in rows if not r.get("noise")]
+        _write_scaling(out, "scale-db-size", result, x, "database chunks (retrievable)", logx=True, points=points)
+        return result
+
+
+@contextlib.contextmanager
+def _scaling_run(cfg: ScaleConfig, show_progress: bool) -> Iterator[tuple[Path, Evaluator]]:
+    """The report folder and a prepared evaluator of a RETRO checkpoint, closed afterwards."""
+    out = out_dir(cfg)
+    ev = Evaluator(cfg, show_progress)
+    try:
+        if not ev.main.retrieval:
+            raise RetrolmError(f"{ev.main.path}: a baseline checkpoint does not retrieve; scaling needs RETRO")
+        yield out, ev
+    finally:
+        ev.close()
+
+
+def _scaling_result(ev: Evaluator, axis: str, rows: list[dict]) -> dict[str, Any]:
+    refs = {name: ev.summary(s) for name, s in ev.reference_scores().items()}
+    return {"axis": axis, "models": ev.models(), "rows": rows, "references": refs, "exclusion": ev.exclusion}
+
+
+def _noisy_copy(db: Database, path: Path, noise: list[str], show_progress: bool) -> Database:
+    """A copy of ``db`` with the ``noise`` documents added (reused if it already holds exactly them)."""
+    marker = path / "noise.json"
+    want = {"source_version": db.meta["version"], "source": str(db.path.resolve()), "noise": [str(n) for n in noise]}
+    if marker.is_file() and json.loads(marker.read_text()) == want:
+        return Database.open(path)
+    shutil.rmtree(path, ignore_errors=True)
+    shutil.copytree(db.path, path)
+    noisy = Database.open(path)
+    noisy.add(noise, show_progress=show_progress)
+    write_json(marker, want)
+    return Database.open(path)
+
+
+def _write_scaling(out: Path, name: str, result: dict, x: list, xlabel: str, *, logx: bool = False,
+                   log2x: bool = False, points: dict[str, tuple[float, float]] | None = None) -> None:
+    clean = [r for r in result["rows"] if not r.get("noise")]
+    series = {"RETRO (retrieval on)": [r["bpb"] for r in clean]}
+    hlines = {display_name(name_): s["bpb"] for name_, s in result["references"].items()}
+    plot_lines(out / f"{name}.png", x, series, xlabel=xlabel, hlines=hlines, logx=logx, log2x=log2x,
+               title=f"Bits-per-byte vs {xlabel}", points=points)
+    write_json(out / f"{name}.json", result)
+    keys = [k for k in ("k", "fraction", "db_chunks", "noise_chunks") if any(k in r for r in result["rows"])]
+    rows = [[*(r.get(k, "") for k in keys), r["bpb"], r["perplexity"]] for r in result["rows"]]
+    rows += [[name_, *[""] * (len(keys) - 1), s["bpb"], s["perplexity"]] for name_, s in result["references"].items()]
+    text = [f"# {name}", "", f"![{name}]({name}.png)", "", markdown_table([*keys, "bits/byte", "perplexity"], rows), ""]
+    write_bytes(out / f"{name}.md", "\n".join(text).encode())

@@ -1,0 +1,36 @@
+"""Choosing the next token: greedy, or temperature + nucleus (top-p) sampling with a seeded generator."""
+
+from __future__ import annotations
+
+import torch
+
+from retrolm.core.errors import RetrolmError
+
+
+def check_sampling(max_new_tokens: int, temperature: float, top_p: float) -> None:
+    """One clear error for a nonsensical setting."""
+    if max_new_tokens < 1 or temperature < 0 or not 0 < top_p <= 1:
+        raise RetrolmError(
+            f"generate: need max_new_tokens >= 1, temperature >= 0 and 0 < top_p <= 1 "
+            f"(got {max_new_tokens}, {temperature}, {top_p})"
+        )
+
+
+def nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """``probs`` (V,) restricted to the smallest set of most likely tokens whose mass reaches ``top_p``,
+    renormalised."""
+    sorted_p, order = probs.sort(descending=True)
+    keep = sorted_p.cumsum(-1) - sorted_p < top_p  # a token is kept if the mass before it is still short of top_p
+    out = torch.zeros_like(probs)
+    out[order[keep]] = sorted_p[keep]
+    return out / out.sum()
+
+
+def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> int:
+    """The next token from ``logits`` (V,): argmax at temperature 0, else a draw from the tempered nucleus."""
+    if temperature <= 0:
+        return int(logits.argmax())
+    probs = torch.softmax(logits.float().cpu() / temperature, dim=-1)
+    if top_p < 1.0:
+        probs = nucleus(probs, top_p)
+    return int(torch.multinomial(probs, 1, generator=generator))

@@ -1,0 +1,16 @@
+"""Lexical retrieval with BM25 over the database's chunks (the stored index, or one built for the session)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from retrolm.retrieval.base import Retriever
+
+
+class BM25Retriever(Retriever):
+    """BM25 (``bm25s``) over the chunk texts. Works on any database, including one built without dense keys."""
+
+    name = "bm25"
+
+    def _search(self, queries: np.ndarray, k: int, exclude_chunks: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        return self.db.lexical.search(list(queries), k, exclude=exclude_chunks)

@@ -1,0 +1,131 @@
+"""Precomputed RETRO neighbours: for every chunk of a token source, the ids of its k nearest database chunks.
+
+RETRO retrieves with each training chunk as the query and never lets a chunk retrieve its own document
+(the paper's rule). ``exclude="sequence"`` is stricter: no neighbour may come from any document that appears
+in the same training sequence. Neighbour ids are stored as a ``(n_chunks, k)`` int64 ``.npy`` (memory-mapped
+when read) next to a ``neighbours.json`` that records the database and the database *version* they were
+computed against: chunk ids change when a database is compacted, so a stale set is refused.
+
+Any :class:`~retrolm.retrieval.Retriever` serves; the dense one reuses the database's stored keys as queries when
+the index holds them exactly (flat / HNSW), which skips the encoder.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from retrolm.core.errors import RetrolmError
+from retrolm.core.io import load_npy, read_json, save_npy, write_json
+from retrolm.db import ChunkStore, DatabaseView
+from retrolm.retrieval.base import Exclusion, Retriever
+from retrolm.retrieval.dense import DenseRetriever
+
+logger = logging.getLogger(__name__)
+
+EXCLUDE_RULES = ("none", "document", "sequence")
+
+
+@dataclass
+class NeighbourConfig:
+    """How neighbours are precomputed."""
+
+    k: int = 2
+    """Neighbours per chunk (RETRO trains with 2)."""
+    exclude: str = "document"
+    """none | document (the chunk's own document) | sequence (every document of its training sequence)."""
+    seq_chunks: int = 32
+    """Chunks per training sequence (T / chunk_len), used by ``exclude="sequence"``."""
+    batch_size: int = 1024
+    """Queries per search call."""
+    retriever: str = "dense"
+    """dense | bm25 | hybrid: how neighbours are found (RETRO: dense, with the frozen encoder's keys)."""
+
+    def __post_init__(self) -> None:
+        if self.exclude not in EXCLUDE_RULES:
+            rules = ", ".join(EXCLUDE_RULES)
+            raise RetrolmError(f"neighbour exclude rule must be one of {rules}, got {self.exclude!r}")
+        if self.k < 1 or self.seq_chunks < 1:
+            raise RetrolmError("neighbour k and seq_chunks must be positive")
+
+
+def _queries(retriever: Retriever, source: ChunkStore, ids: np.ndarray, same_db: bool) -> np.ndarray:
+    """Prepared queries of source chunks, formatted exactly like the database's keys (stored keys when exact)."""
+    db = retriever.db
+    if same_db and isinstance(retriever, DenseRetriever) and db.index.kind in ("flat", "hnsw"):
+        return db.index.reconstruct(ids)
+    return retriever.prepare(source.texts(ids, db.tokenizer))
+
+
+def compute_neighbours(
+    retriever: Retriever,
+    source: ChunkStore | None = None,
+    config: NeighbourConfig | None = None,
+    show_progress: bool = True,
+    exclude_chunks: np.ndarray | None = None,
+) -> np.ndarray:
+    """Neighbour chunk ids ``(source.n_chunks, k)`` (-1 where fewer than k exist) for every source chunk.
+
+    ``source=None`` means the database's own chunks (training on the retrieval corpus, as RETRO does); then the
+    exclusion rule applies. A separate source (held-out documents) is a different set of documents; database chunks
+    that must not be retrieved for it (copies of the held-out documents, near-duplicates, or everything outside a
+    database-size subset) are given as the bool mask ``exclude_chunks``.
+    """
+    config = config or NeighbourConfig()
+    db = retriever.db
+    same_db = source is None
+    source = db.store if source is None else source
+    n = source.n_chunks
+    out = np.full((n, config.k), -1, dtype=np.int64)
+    chunk_doc = source.all_chunk_docs()
+    for start in tqdm(range(0, n, config.batch_size), desc="neighbours", unit="batch", disable=not show_progress):
+        ids = np.arange(start, min(start + config.batch_size, n))
+        docs = None
+        if same_db and config.exclude == "document":
+            docs = [[d] for d in chunk_doc[ids]]
+        elif same_db and config.exclude == "sequence":
+            seq = ids // config.seq_chunks
+            docs_of_seq = {s: np.unique(chunk_doc[s * config.seq_chunks : (s + 1) * config.seq_chunks])
+                           for s in np.unique(seq)}
+            docs = [docs_of_seq[s] for s in seq]
+        queries = _queries(retriever, source, ids + source.first_chunk, same_db)
+        out[ids] = retriever.search(queries, config.k, Exclusion(chunks=exclude_chunks, docs=docs)).ids
+    return out
+
+
+def db_identity(db: DatabaseView) -> dict:
+    """What a neighbour set depends on: a rebuilt database restarts at version 1, so the version alone is not enough."""
+    return {"path": str(db.path.resolve()), "build_id": db.meta.get("build_id"), "version": db.meta["version"],
+            "n_chunks": db.store.n_chunks, "encoder": (db.meta.get("encoder") or {}).get("name"),
+            "index": (db.meta.get("index") or {}).get("file")}
+
+
+def save_neighbours(folder: str | Path, neighbours: np.ndarray, db: DatabaseView, config: NeighbourConfig,
+                    source: str = "database") -> None:
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_npy(folder / "neighbours.npy", neighbours)
+    write_json(folder / "neighbours.json", {
+        "db": str(db.path.resolve()),
+        "db_version": db.meta["version"],
+        "db_identity": db_identity(db),
+        "source": source,
+        "n_chunks": len(neighbours),
+        "config": asdict(config),
+    })
+
+
+def load_neighbours(folder: str | Path, db: DatabaseView) -> np.ndarray:
+    """Memory-map a neighbour set, refusing one computed against another version of the database."""
+    folder = Path(folder)
+    meta = read_json(folder / "neighbours.json", "neighbour description")
+    if meta["db_version"] != db.meta["version"] or meta.get("db_identity", db_identity(db)) != db_identity(db):
+        raise RetrolmError(
+            f"{folder}: neighbours were computed against another build or version of {meta['db']} "
+            f"(version {meta['db_version']}, now {db.meta['version']}); recompute them"
+        )
+    return load_npy(folder / "neighbours.npy", mmap=True)

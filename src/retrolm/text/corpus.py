@@ -1,0 +1,243 @@
+"""Corpus ingestion: folders of text/Markdown/HTML, JSONL, Parquet → a stream of :class:`Document`.
+
+Formats (chosen by file name):
+
+* ``.txt .md .rst`` and other text files — one document per file, id = path relative to the given root;
+* ``.jsonl`` / ``.jsonl.gz`` — one document per line: ``{"id": ..., "text": ...}`` or ``{"id", "contents"}``
+  (pyserini's convention);
+* ``.parquet`` — one document per row with an ``id`` column and a ``text`` or ``contents`` column;
+* ``.html .htm`` — main text extracted with trafilatura (boilerplate, menus and scripts removed).
+
+Bad files never crash ingestion: binary files and empty files are skipped and invalid UTF-8 is repaired,
+each with a warning that names the file. Problems with the request itself (a path that does not exist,
+no documents at all, the same id twice) raise :class:`RetrolmError`.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import logging
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from retrolm.core.errors import RetrolmError
+from retrolm.core.io import atomic_path
+
+logger = logging.getLogger(__name__)
+
+TEXT_SUFFIXES = {".txt", ".md", ".rst", ".text", ".markdown"}
+HTML_SUFFIXES = {".html", ".htm", ".xhtml"}
+TEXT_KEYS = ("text", "contents")
+# Files we know are not documents; everything else in a folder is sniffed and read as text.
+SKIP_SUFFIXES = {".pyc", ".so", ".o", ".a", ".zip", ".tar", ".whl", ".png", ".jpg", ".jpeg", ".gif", ".pdf", ".ico"}
+
+
+Warn = Callable[..., None]
+"""How readers report skipped or repaired input: ``logger.warning``-style (format string, args)."""
+
+
+def _silent(*_: object) -> None:
+    pass
+
+
+@dataclass(frozen=True)
+class Document:
+    """One document of a corpus: a unique id, its text, and where it came from (``file`` or ``file:line``)."""
+
+    id: str
+    text: str
+    source: str
+
+
+def _decode(data: bytes, source: str, warn: Warn) -> str | None:
+    """Bytes → text, or None for a binary file. Invalid UTF-8 is replaced (with a warning), not fatal."""
+    if b"\x00" in data[:8192]:
+        warn("skipping %s: binary file", source)
+        return None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        warn("repairing %s: not valid UTF-8 (%s); invalid bytes replaced", source, e.reason)
+        return data.decode("utf-8", errors="replace")
+
+
+def _html_to_text(html: str) -> str:
+    import trafilatura
+
+    return trafilatura.extract(html, include_comments=False, include_tables=True, favor_recall=True) or ""
+
+
+def _read_file_document(path: Path, doc_id: str, warn: Warn) -> Iterator[Document]:
+    source = str(path)
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        warn("skipping %s: cannot read (%s)", source, e.strerror or e)
+        return
+    text = _decode(data, source, warn)
+    if text is None:
+        return
+    if path.suffix.lower() in HTML_SUFFIXES:
+        text = _html_to_text(text)
+    if not text.strip():
+        warn("skipping %s: empty document", source)
+        return
+    yield Document(id=doc_id, text=text, source=source)
+
+
+def _record_text(record: dict, source: str, warn: Warn) -> str | None:
+    for key in TEXT_KEYS:
+        value = record.get(key)
+        if isinstance(value, str):
+            return value
+    warn("skipping %s: record has no string 'text' or 'contents' field", source)
+    return None
+
+
+def _read_jsonl(path: Path, warn: Warn) -> Iterator[Document]:
+    opener = gzip.open if path.name.endswith(".gz") else open
+    try:
+        with opener(path, "rb") as f:
+            for lineno, raw in enumerate(f, start=1):
+                source = f"{path}:{lineno}"
+                line = _decode(raw, source, warn)
+                if line is None or not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as e:
+                    warn("skipping %s: invalid JSON (%s)", source, e.msg)
+                    continue
+                if not isinstance(record, dict) or "id" not in record:
+                    warn("skipping %s: expected an object with an 'id' field", source)
+                    continue
+                text = _record_text(record, source, warn)
+                if text is None:
+                    continue
+                if not text.strip():
+                    warn("skipping %s: empty document", source)
+                    continue
+                yield Document(id=str(record["id"]), text=text, source=source)
+    except (OSError, EOFError) as e:
+        warn("skipping the rest of %s: cannot read (%s)", path, e)
+
+
+def _read_parquet(path: Path, warn: Warn) -> Iterator[Document]:
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(path)
+    except Exception as e:  # pyarrow raises several unrelated types for a bad file
+        warn("skipping %s: not a readable Parquet file (%s)", path, e)
+        return
+    names = pf.schema_arrow.names
+    text_col = next((k for k in TEXT_KEYS if k in names), None)
+    if "id" not in names or text_col is None:
+        warn("skipping %s: Parquet needs an 'id' column and a 'text' or 'contents' column", path)
+        return
+    row = 0
+    for batch in pf.iter_batches(columns=["id", text_col], batch_size=4096):
+        for doc_id, text in zip(batch.column(0).to_pylist(), batch.column(1).to_pylist(), strict=True):
+            row += 1
+            source = f"{path}:row{row}"
+            if not isinstance(text, str) or not text.strip():
+                warn("skipping %s: empty document", source)
+                continue
+            yield Document(id=str(doc_id), text=text, source=source)
+
+
+def _read_path(path: Path, root: Path, warn: Warn) -> Iterator[Document]:
+    name = path.name.lower()
+    if name.endswith((".jsonl", ".jsonl.gz", ".ndjson")):
+        yield from _read_jsonl(path, warn)
+    elif name.endswith(".parquet"):
+        yield from _read_parquet(path, warn)
+    elif path.suffix.lower() in SKIP_SUFFIXES:
+        warn("skipping %s: not a text format", path)
+    else:
+        doc_id = path.name if path == root else path.relative_to(root).as_posix()
+        yield from _read_file_document(path, doc_id, warn)
+
+
+def list_files(paths: Iterable[str | Path]) -> list[tuple[Path, Path]]:
+    """Expand corpus paths into ``(file, root)`` pairs in a stable order.
+
+    A missing path is an error, and so is a file reached twice (``a.jsonl a.jsonl``, or a folder and a file inside it):
+    its documents would be stored twice under the same ids.
+    """
+    out: list[tuple[Path, Path]] = []
+    seen: dict[Path, Path] = {}
+    for p in paths:
+        root = Path(p)
+        if not root.exists():
+            raise RetrolmError(f"{root}: corpus path does not exist")
+        files = [root] if root.is_file() else sorted(
+            f for f in root.rglob("*") if f.is_file() and not f.name.startswith(".")
+        )
+        for f in files:
+            key = f.resolve()
+            if key in seen:
+                raise RetrolmError(f"{f}: corpus file given twice (also reached as {seen[key]})")
+            seen[key] = f
+            out.append((f, root))
+    return out
+
+
+def iter_documents(paths: Iterable[str | Path], *, unique_ids: bool = True, warn: bool = True) -> Iterator[Document]:
+    """Stream the documents of every corpus path, in a deterministic order.
+
+    Raises :class:`RetrolmError` if a path is missing or given twice, if no document at all was found, or (with
+    ``unique_ids``) if two documents share an id, within a file or across files. ``warn=False`` silences the
+    warnings about skipped or repaired input (for a second pass over the same corpus).
+    """
+    paths = list(paths)
+    seen: dict[str, str] = {}
+    count = 0
+    say: Warn = logger.warning if warn else _silent
+    for file, root in list_files(paths):
+        for doc in _read_path(file, root, say):
+            if unique_ids:
+                if doc.id in seen:
+                    raise RetrolmError(f"{doc.source}: duplicate document id {doc.id!r} (first seen in {seen[doc.id]})")
+                seen[doc.id] = doc.source
+            count += 1
+            yield doc
+    if count == 0:
+        raise RetrolmError(f"{', '.join(map(str, paths))}: no documents found (empty corpus)")
+
+
+def corpus_fingerprint(paths: Iterable[str | Path]) -> list[list]:
+    """Cheap identity of a corpus (resolved path, size, mtime of every file) to decide whether to resume."""
+    return [[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f, _ in list_files(paths)]
+
+
+def split_corpus(
+    paths: Iterable[str | Path], out_dir: str | Path, heldout: float = 0.05, seed: int = 0
+) -> dict[str, int]:
+    """Split documents into ``out_dir/train.jsonl`` and ``out_dir/heldout.jsonl`` by document.
+
+    A document is held out when a hash of ``(seed, id)`` falls below ``heldout``: the split depends only on the ids,
+    not on their order, so adding documents later never moves an existing one across. Returns the counts.
+    """
+    if not 0.0 < heldout < 1.0:
+        raise RetrolmError(f"held-out fraction must be in (0, 1), got {heldout}")
+    out = Path(out_dir)
+    counts = {"train": 0, "heldout": 0}
+    with (
+        atomic_path(out / "train.jsonl") as t,
+        atomic_path(out / "heldout.jsonl") as h,
+        open(t, "w", encoding="utf-8") as ft,
+        open(h, "w", encoding="utf-8") as fh,
+    ):
+        for doc in iter_documents(paths):
+            digest = hashlib.sha256(f"{seed}:{doc.id}".encode()).digest()
+            part = "heldout" if int.from_bytes(digest[:8], "big") / 2**64 < heldout else "train"
+            line = json.dumps({"id": doc.id, "text": doc.text}, ensure_ascii=False) + "\n"
+            (fh if part == "heldout" else ft).write(line)
+            counts[part] += 1
+    if not counts["heldout"] or not counts["train"]:
+        raise RetrolmError(f"{out}: split left one side empty ({counts}); use more documents or another fraction")
+    return counts

@@ -1,0 +1,197 @@
+"""The language model's tokenizer: a Hugging Face ``tokenizers`` BPE, loaded or trained on the corpus.
+
+A database owns its tokenizer (saved as ``tokenizer.json`` inside it), because chunk tokens, neighbour
+tokens and the language model trained on them must all agree on the vocabulary.
+
+``spec`` strings accepted by :func:`resolve_tokenizer`:
+
+* ``train:N`` — train a byte-level BPE with vocabulary N on the corpus being built (the offline default);
+* a path to a ``tokenizer.json`` file, or to a folder containing one (e.g. another database);
+* a retrolm checkpoint folder (it carries the tokenizer its model was trained with);
+* a Hugging Face model name, short name or folder (see :mod:`retrolm.core.hub`; e.g. ``smollm2-135m``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from retrolm.core.errors import RetrolmError
+from retrolm.core.hub import find_checkpoint, resolve_model
+from retrolm.core.io import write_bytes
+
+logger = logging.getLogger(__name__)
+
+EOS_TOKEN = "<|endoftext|>"
+PAD_TOKEN = "<|pad|>"
+PIECE_CHARS = 1 << 16
+"""Texts longer than this are tokenized in pieces cut before a space (a pre-token boundary), so a 20 MB one-line
+document costs tens of MB of tokenizer memory instead of gigabytes, and gets the same ids."""
+
+
+def _pieces(text: str, size: int = PIECE_CHARS) -> list[str]:
+    """Cut ``text`` into pieces of about ``size`` characters, each cut placed before a space that follows a non-space
+    character (where byte-level BPE pre-tokenization starts a new word anyway); no such place → a hard cut."""
+    out, start = [], 0
+    while len(text) - start > size:
+        end = start + size
+        cut = end
+        while cut > start + size // 2 and not (text[cut] == " " and not text[cut - 1].isspace()):
+            cut -= 1
+        if cut == start + size // 2:
+            cut = end
+        out.append(text[start:cut])
+        start = cut
+    out.append(text[start:])
+    return out
+
+
+class LMTokenizer:
+    """A thin, typed wrapper around :class:`tokenizers.Tokenizer` with the ids retrolm needs."""
+
+    def __init__(self, tokenizer: Tokenizer, name: str, eos_token: str | None = None, pad_token: str | None = None):
+        # Documents are chunked by us: a tokenizer.json that truncates or pads would silently drop or add tokens.
+        tokenizer.no_truncation()
+        tokenizer.no_padding()
+        self.tok = tokenizer
+        self.name = name
+        self.vocab_size: int = tokenizer.get_vocab_size(with_added_tokens=True)
+        # Documents end with "<|endoftext|>" where the vocabulary has it (GPT-2, SmolLM2: the separator of pre-training
+        # documents), else with the tokenizer's own EOS (an instruct model's is the end of a chat turn).
+        eos = tokenizer.token_to_id(EOS_TOKEN)
+        self.eos_id: int | None = eos if eos is not None else (tokenizer.token_to_id(eos_token) if eos_token else None)
+        pad = tokenizer.token_to_id(pad_token or PAD_TOKEN)
+        # A tokenizer without a pad token pads with EOS; padded positions are always masked anyway.
+        self.pad_id: int = pad if pad is not None else (self.eos_id if self.eos_id is not None else 0)
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(self.tok.to_str().encode()).hexdigest()
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        """Token ids for each text, without special tokens (parallel in Rust; long texts in pieces)."""
+        if all(len(t) <= PIECE_CHARS for t in texts):
+            return [e.ids for e in self.tok.encode_batch(list(texts), add_special_tokens=False)]
+        return [self.encode(t) for t in texts]
+
+    def encode(self, text: str) -> list[int]:
+        if len(text) <= PIECE_CHARS:
+            return self.tok.encode(text, add_special_tokens=False).ids
+        ids: list[int] = []
+        for piece in _pieces(text):
+            ids += self.tok.encode(piece, add_special_tokens=False).ids
+        return ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tok.decode(list(ids), skip_special_tokens=True)
+
+    def decode_batch(self, batch: Sequence[Sequence[int]]) -> list[str]:
+        return self.tok.decode_batch([list(ids) for ids in batch], skip_special_tokens=True)
+
+    def save(self, path: str | Path) -> None:
+        write_bytes(path, self.tok.to_str(pretty=False).encode())
+
+    @classmethod
+    def from_file(cls, path: str | Path, name: str | None = None) -> LMTokenizer:
+        path = Path(path)
+        try:
+            tok = Tokenizer.from_file(str(path))
+        except Exception as e:  # tokenizers raises a bare Exception for a malformed file
+            raise RetrolmError(f"{path}: not a valid tokenizer.json ({e})") from None
+        return cls(tok, name or str(path))
+
+
+def train_bpe(texts: Iterable[str], vocab_size: int) -> LMTokenizer:
+    """Train a GPT-2-style byte-level BPE (lossless on any UTF-8 text) with ``vocab_size`` entries."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOS_TOKEN, PAD_TOKEN],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    return LMTokenizer(tok, f"bpe-trained-{vocab_size}")
+
+
+def parse_train_spec(spec: str) -> int | None:
+    """``"train:8192"`` → 8192; anything else → None."""
+    if not spec.startswith("train:"):
+        return None
+    try:
+        n = int(spec.split(":", 1)[1])
+    except ValueError:
+        n = 0
+    if n < 300:
+        raise RetrolmError(f"--tokenizer {spec!r}: expected train:N with a vocabulary size N >= 300")
+    return n
+
+
+def _special_tokens(folder: Path) -> dict[str, str]:
+    """EOS and pad tokens named by a Hugging Face ``tokenizer_config.json`` (the LM's own end-of-text)."""
+    cfg_path = folder / "tokenizer_config.json"
+    if not cfg_path.is_file():
+        return {}
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+    def token(key: str) -> str | None:
+        value = cfg.get(key)
+        return value.get("content") if isinstance(value, dict) else value
+
+    return {k: v for k, v in (("eos_token", token("eos_token")), ("pad_token", token("pad_token"))) if v}
+
+
+def load_tokenizer(spec: str) -> LMTokenizer:
+    """Load an existing tokenizer: a tokenizer.json, a folder holding one (database, checkpoint, HF model), or a
+    Hugging Face name / short name."""
+    path = Path(spec).expanduser()
+    if path.is_file():
+        return LMTokenizer.from_file(path, name=spec)
+    if path.is_dir():
+        path = find_checkpoint(path) or path  # a run folder → its newest checkpoint
+    else:
+        ref = resolve_model(spec, what="tokenizer")
+        path, spec = Path(ref.path), ref.name
+        if not ref.local:
+            return _hub_tokenizer(spec)
+    if (path / "tokenizer.json").is_file():
+        tok = LMTokenizer.from_file(path / "tokenizer.json", name=spec)
+        special = _special_tokens(path)
+        return LMTokenizer(tok.tok, spec, **special) if special else tok
+    return _hub_tokenizer(str(path))
+
+
+def _hub_tokenizer(spec: str) -> LMTokenizer:
+    try:
+        from transformers import AutoTokenizer
+
+        hf = AutoTokenizer.from_pretrained(spec)
+    except Exception as e:  # OSError offline, ValueError for unknown types
+        raise RetrolmError(
+            f"--tokenizer {spec!r}: cannot load ({type(e).__name__}: {str(e).splitlines()[0]})"
+        ) from None
+    backend = getattr(hf, "backend_tokenizer", None)
+    if backend is None:
+        raise RetrolmError(f"--tokenizer {spec!r}: only fast (Rust) tokenizers are supported")
+    return LMTokenizer(backend, name=spec, eos_token=hf.eos_token, pad_token=hf.pad_token)
+
+
+def resolve_tokenizer(spec: str, texts: Iterable[str] | None = None) -> LMTokenizer:
+    """Train (``train:N``, needs ``texts``) or load a tokenizer."""
+    vocab = parse_train_spec(spec)
+    if vocab is None:
+        return load_tokenizer(spec)
+    if texts is None:
+        raise RetrolmError(f"--tokenizer {spec!r}: training needs the corpus texts")
+    logger.info("training a byte-level BPE tokenizer with %d entries on the corpus", vocab)
+    return train_bpe(texts, vocab)

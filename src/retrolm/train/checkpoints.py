@@ -1,0 +1,61 @@
+"""Checkpoint folders of a run: written atomically with checksums, rotated, resumed with a fallback.
+
+``out_dir/checkpoints/step-000100/`` holds what the recipe writes (weights, ``model.json``, ``config.yaml``, the
+tokenizer, ``optimizer.pt``, ``trainer.pt``) plus ``checksums.json``. A folder is written under a temporary name and
+renamed when complete, so a crash never leaves a half-written checkpoint under a real name. Resuming takes the
+newest checkpoint whose files match their checksums and load; a damaged one is skipped with a warning (and kept,
+for inspection). Rotation keeps the newest ``keep`` checkpoints.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+from retrolm.core.errors import RetrolmError
+from retrolm.models.weights import verify_checksums, write_checksums
+
+logger = logging.getLogger(__name__)
+
+
+class CheckpointManager:
+    """The ``checkpoints/`` folder of a run."""
+
+    def __init__(self, folder: Path, keep: int = 3) -> None:
+        self.folder, self.keep = folder, keep
+
+    def all(self) -> list[Path]:
+        """Checkpoint folders, oldest first."""
+        return sorted(p for p in self.folder.glob("step-*") if p.is_dir())
+
+    def save(self, step: int, write: Callable[[Path], None]) -> Path:
+        """Create ``step-NNNNNN/`` with ``write(tmp_folder)``, record checksums, rename into place, rotate."""
+        final = self.folder / f"step-{step:06d}"
+        tmp = self.folder / f".step-{step:06d}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        write(tmp)
+        write_checksums(tmp)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        for old in self.all()[: -self.keep]:
+            shutil.rmtree(old, ignore_errors=True)
+        return final
+
+    def resume(self, load: Callable[[Path], None]) -> Path | None:
+        """``load`` the newest checkpoint that is intact; returns it (None if the run has none)."""
+        found = self.all()
+        for ckpt in reversed(found):
+            try:
+                verify_checksums(ckpt)
+                load(ckpt)
+                return ckpt
+            except (RetrolmError, RuntimeError, EOFError, OSError, KeyError, ValueError) as e:
+                msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+                logger.warning("%s: damaged checkpoint skipped (%s)", ckpt, msg)
+        if found:
+            raise RetrolmError(f"{self.folder}: no intact checkpoint to resume from (pass --no-resume to restart)")
+        return None

@@ -1,0 +1,117 @@
+"""Typed configs of the training recipes: the shared loop (:class:`LoopConfig`) and RETRO from scratch."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+from retrolm.core.errors import RetrolmError
+from retrolm.models import PRESETS, RetroConfig
+
+
+@dataclass
+class ModelSpec:
+    """Model shape: a preset from retrolm.model.PRESETS plus overrides (vocab and chunk length come from the db)."""
+
+    preset: str = "tiny"
+    """tiny | 25m | 100m | 150m."""
+    n_layer: int | None = None
+    n_head: int | None = None
+    d_model: int | None = None
+    seq_len: int | None = None
+    """Training sequence length T (a multiple of the database's chunk_len)."""
+    retro_layers: list[int] | None = None
+    """Decoder layers with chunked cross-attention; [] = the baseline decoder without retrieval."""
+    enc_n_layer: int | None = None
+    """Layers of the neighbour encoder (paper: 2)."""
+    enc_d_model: int | None = None
+    """Encoder width (default: d_model); a narrower encoder makes RETRO cheaper."""
+    enc_n_head: int | None = None
+    dropout: float | None = None
+
+    def build(self, vocab_size: int, chunk_len: int, num_neighbours: int) -> RetroConfig:
+        if self.preset not in PRESETS:
+            raise RetrolmError(f"model.preset must be one of {sorted(PRESETS)}, got {self.preset!r}")
+        over = {k: v for k, v in asdict(self).items() if k != "preset" and v is not None}
+        if "retro_layers" in over:
+            over["retro_layers"] = tuple(over["retro_layers"])
+        return RetroConfig.preset(self.preset, vocab_size=vocab_size, chunk_len=chunk_len,
+                                  num_neighbours=num_neighbours, **over)
+
+
+@dataclass
+class LoopConfig:
+    """The training loop shared by every recipe (RETRO from scratch, RETRO-fitting): data, optimiser, schedule,
+    evaluation and checkpoints. Saved as config.yaml in the run folder and in every checkpoint."""
+
+    db: str = "runs/quickstart/db"
+    """Retrieval database: its chunks are the training data and its index serves the neighbours."""
+    out_dir: str = "runs/train"
+    """Run folder: checkpoints/, tensorboard/, neighbours/, config.yaml, metrics.jsonl."""
+    num_neighbours: int = 2
+    """k neighbours per chunk in training."""
+    neighbour_exclude: str = "document"
+    """document (paper) | sequence (stricter) | none."""
+    retriever: str = "dense"
+    """dense | bm25 | hybrid: how training neighbours are found."""
+    val_fraction: float = 0.05
+    """Share of sequences held out (by a seeded shuffle) for validation."""
+    steps: int = 200
+    """Optimiser steps."""
+    batch_size: int = 8
+    """Sequences per optimizer step and rank, before accumulation."""
+    grad_accum: int = 1
+    """Micro-batches per optimiser step."""
+    lr: float = 1e-3
+    """Peak learning rate (after linear warmup; cosine decay to min_lr at the last step)."""
+    min_lr: float = 1e-4
+    warmup_steps: int = 20
+    weight_decay: float = 0.1
+    """AdamW weight decay of matrices (vectors are not decayed)."""
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    """Gradient norm clipping."""
+    eval_every: int = 50
+    """Steps between validation evaluations (bits per byte with and without retrieval)."""
+    eval_batches: int = 8
+    save_every: int = 100
+    keep_checkpoints: int = 3
+    """Newest checkpoints kept (a checkpoint is never deleted for a newer one that is not good)."""
+    log_every: int = 10
+    seed: int = 0
+    device: str | None = None
+    """cpu | cuda | cuda:1 … (default: cuda if available)."""
+    bf16: bool = True
+    """bf16 autocast on GPU (ignored on CPU)."""
+    compile: bool = False
+    """torch.compile the model."""
+    tensorboard: bool = True
+    dist_timeout_minutes: int = 120
+    """torchrun: how long ranks wait for each other (rank 0 alone precomputes the neighbours at setup)."""
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.batch_size < 1 or self.grad_accum < 1:
+            raise RetrolmError("steps, batch_size and grad_accum must be positive")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise RetrolmError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+        if self.num_neighbours < 1 or self.keep_checkpoints < 1:
+            raise RetrolmError("num_neighbours and keep_checkpoints must be positive")
+        if self.retriever not in ("dense", "bm25", "hybrid"):
+            raise RetrolmError(f"retriever must be dense, bm25 or hybrid, got {self.retriever!r}")
+
+
+@dataclass
+class TrainConfig(LoopConfig):
+    """``retrolm train``: RETRO (or the same-size baseline decoder) from scratch on a database."""
+
+    model: ModelSpec = field(default_factory=ModelSpec)
+    """Model shape (vocabulary and chunk length come from the database)."""
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup, then cosine decay to min_lr at the last step."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))

@@ -1,0 +1,148 @@
+"""Training and evaluation data for RETRO: chunk-aligned sequences of T tokens with their neighbours.
+
+A sequence is ``seq_chunks`` consecutive chunks of a :class:`ChunkStore` (the database itself, or held-out
+documents tokenized the same way), so sequence chunk u *is* stored chunk u and its neighbours are the
+precomputed ones. Documents start on chunk boundaries; the padding after a document's last token is
+masked out of the loss, and that last token is trained to predict EOS (so generation knows where to stop).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from retrolm.db import ChunkStore
+from retrolm.text.tokenizer import LMTokenizer
+
+IGNORE = -100
+
+
+@dataclass
+class Batch:
+    """A training batch. ``neighbours`` is None when retrieval is off."""
+
+    idx: torch.Tensor  # (B, T) input tokens
+    targets: torch.Tensor  # (B, T) next tokens, IGNORE where there is nothing to predict
+    neighbours: torch.Tensor | None  # (B, C, K, R) neighbour tokens (chunk + continuation)
+    neighbour_mask: torch.Tensor | None  # (B, C, K, R) True for real tokens
+    n_bytes: torch.Tensor  # (B,) UTF-8 bytes of the target text, for bits-per-byte
+
+    def to(self, device: torch.device | str) -> Batch:
+        def mv(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(device, non_blocking=True)
+
+        return Batch(mv(self.idx), mv(self.targets), mv(self.neighbours), mv(self.neighbour_mask), self.n_bytes)
+
+
+def chunk_bytes(store: ChunkStore, tokenizer: LMTokenizer | None = None) -> np.ndarray:
+    """UTF-8 bytes of the text predicted in each chunk (n_chunks,): its share of its document's bytes by tokens.
+
+    A document's first token is never predicted (nothing precedes it: sequences carry no BOS), so with a
+    ``tokenizer`` its bytes are left out and the rest of the document's bytes are shared among the tokens that are
+    predicted. Summed over a document's chunks this is exactly the bytes of its predicted text, so bits-per-byte
+    over whole documents is exact, and over any subset of chunks (e.g. the leakage analysis) a fair estimate.
+    """
+    chunk = np.arange(store.n_chunks) + store.first_chunk
+    doc = store.all_chunk_docs() - store.first_doc
+    lens = store.lengths(chunk).astype(np.float64)
+    doc_bytes, doc_tokens = store.doc_n_bytes.astype(np.float64), store.doc_n_tokens.astype(np.float64)
+    if tokenizer is not None and store.n_docs:
+        first_ids = store.tokens(store.doc_first_chunk)[:, 0]
+        # a first token that splits a character decodes to U+FFFD: at most a couple of bytes off for that document
+        first = np.array([len(t.encode()) for t in tokenizer.decode_batch([[int(i)] for i in first_ids])])
+        doc_bytes = np.maximum(0.0, doc_bytes - first)
+        doc_tokens = doc_tokens - 1
+        lens = lens - (chunk == store.doc_first_chunk[doc])
+    return doc_bytes[doc] * lens / np.maximum(1, doc_tokens[doc])
+
+
+class RetroSequences:
+    """Sequence ``s`` = chunks ``[s*C, (s+1)*C)`` of ``source`` with their neighbours from ``db_store``.
+
+    Args:
+        source: the chunks to train/evaluate on.
+        seq_chunks: C, chunks per sequence (T = C * chunk_len).
+        eos_id: target after a document's last token (None → not trained).
+        neighbours: ``(source.n_chunks, K)`` neighbour chunk ids into ``db_store`` (-1 = missing), or None.
+        db_store: the database's chunks, where neighbour tokens come from.
+        num_neighbours: use only the first K' <= K neighbours.
+        include_tail: also serve the last, partial sequence (padded; evaluation must score every chunk).
+        tokenizer: the LM tokenizer, to leave each document's (unpredicted) first token out of the byte counts.
+    """
+
+    def __init__(
+        self,
+        source: ChunkStore,
+        seq_chunks: int,
+        eos_id: int | None,
+        neighbours: np.ndarray | None = None,
+        db_store: ChunkStore | None = None,
+        num_neighbours: int | None = None,
+        include_tail: bool = False,
+        tokenizer: LMTokenizer | None = None,
+    ):
+        if neighbours is not None and (db_store is None or len(neighbours) != source.n_chunks):
+            raise ValueError("neighbours need db_store and one row per source chunk")
+        self.source, self.C, self.eos_id = source, seq_chunks, eos_id
+        self.m = source.chunk_len
+        self.neighbours, self.db_store = neighbours, db_store
+        stored = neighbours.shape[1] if neighbours is not None else 0
+        self.k = stored if num_neighbours is None else num_neighbours
+        if neighbours is not None and self.k > neighbours.shape[1]:
+            raise ValueError(f"num_neighbours={self.k} but only {neighbours.shape[1]} neighbours per chunk are stored")
+        self.include_tail = include_tail
+        self._doc = source.all_chunk_docs()
+        self._last = np.zeros(source.n_chunks, dtype=bool)  # chunk is the last of its document
+        ends = source.doc_first_chunk + source.doc_n_chunks - 1 - source.first_chunk
+        self._last[ends] = True
+        self.chunk_bytes = chunk_bytes(source, tokenizer)
+
+    def __len__(self) -> int:
+        n = self.source.n_chunks
+        return -(-n // self.C) if self.include_tail else n // self.C
+
+    def sequence(self, s: int, with_neighbours: bool = True) -> dict[str, np.ndarray]:
+        m, C, n = self.m, self.C, self.source.n_chunks
+        ids = np.arange(s * C, min((s + 1) * C, n))  # fewer than C only for the tail
+        toks = np.full((C, m), self.source.pad_id, dtype=np.int64)
+        lens = np.zeros(C, dtype=np.int64)
+        toks[: len(ids)] = self.source.tokens(ids + self.source.first_chunk)
+        lens[: len(ids)] = self.source.lengths(ids + self.source.first_chunk)
+        real = np.arange(m)[None, :] < lens[:, None]  # (C, m)
+        flat = toks.reshape(-1)
+        nxt = np.empty_like(flat)
+        nxt[:-1] = flat[1:]
+        last = ids[-1] + 1  # the token after the sequence, if it continues the same document
+        nxt[-1] = (self.source.tokens([last + self.source.first_chunk])[0, 0]
+                   if last < n and not self._last[ids[-1]] else IGNORE)
+        targets = np.where(real.reshape(-1), nxt, IGNORE).reshape(C, m)
+        # The last real token of a document predicts EOS; the padding after it predicts nothing.
+        rows = np.flatnonzero(self._last[ids])
+        targets[rows, lens[rows] - 1] = self.eos_id if self.eos_id is not None else IGNORE
+        out = {
+            "idx": flat,
+            "targets": targets.reshape(-1),
+            # Bytes of the text predicted in this sequence: each chunk's share of its document's bytes.
+            "n_bytes": np.float64(self.chunk_bytes[ids].sum()),
+        }
+        if with_neighbours and self.neighbours is not None and self.k > 0:
+            nb = np.full((C, self.k), -1, dtype=np.int64)
+            nb[: len(ids)] = self.neighbours[ids, : self.k]
+            ntoks, nmask = self.db_store.neighbour_tokens(nb.reshape(-1))
+            out["neighbours"] = ntoks.reshape(C, self.k, 2 * m)
+            out["neighbour_mask"] = nmask.reshape(C, self.k, 2 * m)
+        return out
+
+    def batch(self, seqs: Sequence[int], with_neighbours: bool = True) -> Batch:
+        items = [self.sequence(int(s), with_neighbours) for s in seqs]
+        has_nb = "neighbours" in items[0]
+        return Batch(
+            idx=torch.from_numpy(np.stack([i["idx"] for i in items])),
+            targets=torch.from_numpy(np.stack([i["targets"] for i in items])),
+            neighbours=torch.from_numpy(np.stack([i["neighbours"] for i in items])) if has_nb else None,
+            neighbour_mask=torch.from_numpy(np.stack([i["neighbour_mask"] for i in items])) if has_nb else None,
+            n_bytes=torch.tensor([i["n_bytes"] for i in items], dtype=torch.float64),
+        )

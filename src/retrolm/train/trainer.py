@@ -1,0 +1,315 @@
+"""The training loop, with exact resume: RETRO (or the same-size baseline) from scratch, and the base for RETRO-fitting.
+
+One recipe, torchtune-style: :class:`Trainer` has ``setup / train / evaluate / save_checkpoint / cleanup``; a recipe
+subclass says which model it trains (:meth:`Trainer.build_model`) and how that model is saved and loaded. The data
+are chunk-aligned sequences of the database's own chunks with precomputed neighbours (own document excluded); the
+baseline differs only by ``model.retro_layers: []`` (same code path, data and loop).
+
+Checkpoints are folders ``out_dir/checkpoints/step-000100/`` (see :mod:`retrolm.train.checkpoints`). Resume is exact:
+the batches are a pure function of (seed, step), and the RNG states (dropout) are restored. A non-finite loss stops
+the run before anything is saved. Multi-GPU: launch with ``torchrun --nproc_per_node N``; each rank takes its own
+slice of every batch and gradients are averaged by DDP.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import json
+import logging
+import math
+import os
+import random
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from retrolm.core.config import save_config
+from retrolm.core.device import autocast
+from retrolm.core.errors import RetrolmError
+from retrolm.core.io import write_json
+from retrolm.db import DatabaseView
+from retrolm.models import RetroModel
+from retrolm.models.weights import load_weights
+from retrolm.retrieval import get_retriever
+from retrolm.retrieval.neighbours import (
+    NeighbourConfig,
+    compute_neighbours,
+    db_identity,
+    load_neighbours,
+    save_neighbours,
+)
+from retrolm.train.checkpoints import CheckpointManager
+from retrolm.train.config import LoopConfig, TrainConfig, lr_at
+from retrolm.train.data import RetroSequences
+from retrolm.train.scoring import score_sequences
+
+logger = logging.getLogger(__name__)
+
+
+def database_record(db: DatabaseView) -> dict:
+    """What a checkpoint records about the database it was trained on (checked by eval and generate)."""
+    return {"path": str(db.path.resolve()), "chunk_len": db.chunk_len, "tokenizer_sha256": db.tokenizer.sha256,
+            "encoder": db.meta.get("encoder")}
+
+
+class Trainer:
+    """setup → train (→ evaluate, save_checkpoint) → cleanup. Trains RETRO (or its baseline) from scratch."""
+
+    def __init__(self, cfg: LoopConfig):
+        self.cfg = cfg
+        self.out = Path(cfg.out_dir)
+        self.step = 0
+        self.writer = None
+        self.checkpoints = CheckpointManager(self.out / "checkpoints", cfg.keep_checkpoints)
+
+    # ------------------------------------------------------------------ what a recipe trains
+    def build_model(self) -> torch.nn.Module:
+        """The model to train, on the CPU (RETRO from ``cfg.model``; the vocabulary and chunk length of the db)."""
+        assert isinstance(self.cfg, TrainConfig)
+        model_cfg = self.cfg.model.build(self.db.tokenizer.vocab_size, self.db.chunk_len, self.cfg.num_neighbours)
+        return RetroModel(model_cfg)
+
+    @property
+    def retrieval(self) -> bool:
+        """Whether the model reads neighbours (False for the baseline decoder)."""
+        return bool(self.model.config.retro_layers)
+
+    @property
+    def seq_len(self) -> int:
+        return self.model.config.seq_len
+
+    def trainable_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
+        return [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+
+    def save_model(self, folder: Path) -> None:
+        self.model.save_pretrained(folder)
+
+    def load_model(self, folder: Path) -> None:
+        load_weights(self.model, folder, self.device)
+
+    # ------------------------------------------------------------------ setup
+    def setup(self, resume: bool = True, show_progress: bool = True) -> None:
+        cfg = self.cfg
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        if self.world > 1:
+            # rank 0 precomputes the neighbours while the others wait at a barrier: allow for a large database
+            timeout = datetime.timedelta(minutes=cfg.dist_timeout_minutes)
+            torch.distributed.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo",
+                                                 timeout=timeout)
+        default = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(cfg.device or default)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+            torch.backends.cuda.matmul.allow_tf32 = True
+        self.main = self.rank == 0
+        self.show = show_progress and self.main
+
+        self.db = DatabaseView.open(cfg.db)
+        if self.db.deleted_docs.any():
+            # training sequences are runs of stored chunks: deleted text would still be trained on
+            raise RetrolmError(f"{cfg.db}: has deleted documents; run `retrolm db compact {cfg.db}` before training")
+        torch.manual_seed(cfg.seed)
+        self.model = self.build_model().to(self.device)
+        if self.seq_len % self.db.chunk_len:
+            raise RetrolmError(f"sequence length {self.seq_len} is not a multiple of chunk_len {self.db.chunk_len}")
+        seq_chunks = self.seq_len // self.db.chunk_len
+        neighbours = self._neighbours(seq_chunks, show_progress) if self.retrieval else None
+        self.seqs = RetroSequences(self.db.store, seq_chunks, self.db.tokenizer.eos_id, neighbours, self.db.store,
+                                   cfg.num_neighbours, tokenizer=self.db.tokenizer)
+        if len(self.seqs) < 2:
+            raise RetrolmError(f"{cfg.db}: too little data for sequences of {self.seq_len} tokens")
+        order = np.random.default_rng(cfg.seed).permutation(len(self.seqs))
+        n_val = max(1, round(cfg.val_fraction * len(order))) if cfg.val_fraction > 0 else 0
+        self.val_ids, self.train_ids = order[:n_val], order[n_val:]
+
+        params = self.trainable_parameters()
+        if not params:
+            raise RetrolmError("the model has no trainable parameters")
+        decay = [p for _, p in params if p.dim() >= 2]
+        no_decay = [p for _, p in params if p.dim() < 2]
+        fused = self.device.type == "cuda"
+        self.opt = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused,
+        )
+        if resume:
+            last = self.checkpoints.resume(self._load_checkpoint)
+            if last is not None:
+                logger.info("resumed from %s", last)
+        self.forward_model = self.model
+        if cfg.compile:
+            self.forward_model = torch.compile(self.model)
+        if self.world > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.forward_model = DistributedDataParallel(self.forward_model,
+                                                         device_ids=[self.device.index] if fused else None)
+        if self.main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.out / "config.yaml")
+            if cfg.tensorboard:
+                try:
+                    from torch.utils.tensorboard import SummaryWriter
+
+                    self.writer = SummaryWriter(str(self.out / "tensorboard"))
+                except ImportError:
+                    logger.warning("tensorboard is not installed; metrics go to metrics.jsonl only")
+        n_train = sum(p.numel() for _, p in params)
+        n_all = sum(p.numel() for p in self.model.parameters())
+        logger.info("model: %.2fM parameters (%.2fM trained), retrieval %s, %d train / %d val sequences of %d tokens",
+                    n_all / 1e6, n_train / 1e6, "on" if self.retrieval else "off", len(self.train_ids),
+                    len(self.val_ids), self.seq_len)
+
+    def _neighbours(self, seq_chunks: int, show_progress: bool) -> np.ndarray:
+        folder = self.out / "neighbours"
+        ncfg = NeighbourConfig(k=self.cfg.num_neighbours, exclude=self.cfg.neighbour_exclude, seq_chunks=seq_chunks,
+                               retriever=self.cfg.retriever)
+        if self.main and not self._neighbours_reusable(folder, ncfg):
+            retriever = get_retriever(self.db, ncfg.retriever)
+            nb = compute_neighbours(retriever, config=ncfg, show_progress=show_progress)
+            save_neighbours(folder, nb, self.db, ncfg)
+        if self.world > 1:  # every rank waits here, whatever it would have decided on its own
+            torch.distributed.barrier()
+        return load_neighbours(folder, self.db)
+
+    def _neighbours_reusable(self, folder: Path, ncfg: NeighbourConfig) -> bool:
+        """A saved neighbour set made with the same settings for this database version (resume, reruns)."""
+        if not (folder / "neighbours.json").is_file():
+            return False
+        saved = json.loads((folder / "neighbours.json").read_text())
+        return saved["config"] == asdict(ncfg) and saved.get("db_identity") == db_identity(self.db)
+
+    # ------------------------------------------------------------------ data
+    def _batch_ids(self, step: int, micro: int) -> np.ndarray:
+        """Sequence ids of micro-batch ``micro`` of ``step`` for this rank: a pure function of (seed, step)."""
+        cfg = self.cfg
+        per_step = cfg.batch_size * cfg.grad_accum * self.world
+        pos = step * per_step
+        epoch, offset = divmod(pos, len(self.train_ids))
+        perm = np.random.default_rng([cfg.seed, epoch]).permutation(self.train_ids)
+        ids = np.concatenate([perm, np.random.default_rng([cfg.seed, epoch + 1]).permutation(self.train_ids)])
+        step_ids = ids[offset : offset + per_step]
+        start = (micro * self.world + self.rank) * cfg.batch_size
+        return step_ids[start : start + cfg.batch_size]
+
+    # ------------------------------------------------------------------ loop
+    def train(self) -> dict[str, float]:
+        cfg = self.cfg
+        last: dict[str, float] = {}
+        bar = tqdm(total=cfg.steps, initial=self.step, desc="train", unit="step", disable=not self.show)
+        t0, tokens = time.perf_counter(), 0
+        while self.step < cfg.steps:
+            lr = lr_at(self.step, cfg)
+            for g in self.opt.param_groups:
+                g["lr"] = lr
+            self.model.train()
+            loss_sum = 0.0
+            for micro in range(cfg.grad_accum):
+                batch = self.seqs.batch(self._batch_ids(self.step, micro), with_neighbours=self.retrieval)
+                batch = batch.to(self.device)
+                sync = micro == cfg.grad_accum - 1 or self.world == 1
+                ctx = contextlib.nullcontext() if sync else self.forward_model.no_sync()
+                with ctx, autocast(self.device, cfg.bf16):
+                    out = self.forward_model(batch.idx, batch.neighbours, batch.neighbour_mask, batch.targets)
+                    loss = out.loss / cfg.grad_accum
+                loss.backward()
+                loss_sum += float(loss.detach())
+                tokens += batch.idx.numel() * self.world
+            if self.world > 1:  # log the loss of the global batch, not of this rank's slice
+                t = torch.tensor([loss_sum], device=self.device)
+                torch.distributed.all_reduce(t)
+                loss_sum = float(t) / self.world
+            if not math.isfinite(loss_sum):
+                good = self.checkpoints.all()
+                raise RetrolmError(
+                    f"{self.out}: non-finite training loss at step {self.step + 1}; nothing was saved "
+                    f"(last good checkpoint: {good[-1] if good else 'none'}); lower lr or check the data"
+                )
+            gnorm = float(torch.nn.utils.clip_grad_norm_([p for _, p in self.trainable_parameters()], cfg.grad_clip))
+            self.opt.step()
+            self.opt.zero_grad(set_to_none=True)
+            self.step += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_sum:.3f}")
+            if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                dt = time.perf_counter() - t0
+                last = {"train/loss": loss_sum, "train/lr": lr, "train/grad_norm": gnorm,
+                        "train/tokens_per_s": tokens / max(dt, 1e-9)}
+                self._log(last)
+                t0, tokens = time.perf_counter(), 0
+            if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
+                last.update(self._log(self.evaluate()))
+            if self.step % cfg.save_every == 0 or self.step == cfg.steps:
+                self.save_checkpoint()
+        bar.close()
+        return last
+
+    def evaluate(self, retrieval: bool | None = None) -> dict[str, float]:
+        """Validation loss and bits-per-byte, with retrieval (RETRO) and with it switched off."""
+        ids = self.val_ids[: self.cfg.eval_batches * self.cfg.batch_size]
+        # bytes of the validation sequences' chunks; the loss of a sequence's last position is booked to the next
+        # sequence's first chunk, so the nats are summed over every chunk, not only the sequences' own
+        chunks = (ids[:, None] * self.seqs.C + np.arange(self.seqs.C)[None, :]).ravel()
+        chunks = chunks[chunks < self.seqs.source.n_chunks]
+        n_bytes = float(self.seqs.chunk_bytes[chunks].sum())
+        results = {}
+        modes = [True, False] if self.retrieval else [False]
+        for mode in modes if retrieval is None else [retrieval]:
+            scores = score_sequences(self.model, self.seqs, ids, self.cfg.batch_size, with_neighbours=mode,
+                                     device=self.device)
+            nats, count = float(scores.nats.sum()), int(scores.tokens.sum())
+            tag = "val" if mode or not self.retrieval else "val_no_retrieval"
+            results[f"{tag}/loss"] = nats / max(count, 1)
+            results[f"{tag}/bpb"] = nats / math.log(2) / max(n_bytes, 1.0)
+        return results
+
+    def _log(self, metrics: dict[str, float]) -> dict[str, float]:
+        if not self.main:
+            return metrics
+        if self.writer is not None:
+            for k, v in metrics.items():
+                self.writer.add_scalar(k, v, self.step)
+        with open(self.out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps({"step": self.step, **metrics}) + "\n")
+        logger.info("step %d: %s", self.step, ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+        return metrics
+
+    # ------------------------------------------------------------------ checkpoints
+    def save_checkpoint(self) -> Path | None:
+        if not self.main:
+            return None
+        return self.checkpoints.save(self.step, self._write_checkpoint)
+
+    def _write_checkpoint(self, folder: Path) -> None:
+        self.save_model(folder)
+        save_config(self.cfg, folder / "config.yaml")
+        self.db.tokenizer.save(folder / "tokenizer.json")  # a checkpoint generates and evaluates without its database
+        write_json(folder / "database.json", database_record(self.db))
+        torch.save(self.opt.state_dict(), folder / "optimizer.pt")
+        torch.save({"step": self.step, "torch_rng": torch.get_rng_state(), "numpy_rng": np.random.get_state(),
+                    "python_rng": random.getstate(),
+                    "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+                   folder / "trainer.pt")
+
+    def _load_checkpoint(self, folder: Path) -> None:
+        self.load_model(folder)
+        self.opt.load_state_dict(torch.load(folder / "optimizer.pt", map_location=self.device, weights_only=False))
+        state = torch.load(folder / "trainer.pt", weights_only=False)
+        self.step = int(state["step"])
+        torch.set_rng_state(state["torch_rng"])
+        np.random.set_state(state["numpy_rng"])
+        random.setstate(state["python_rng"])
+        if state.get("cuda_rng") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+
+    def cleanup(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        if self.world > 1:
+            torch.distributed.destroy_process_group()

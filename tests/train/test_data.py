@@ -1,0 +1,97 @@
+"""Precomputed neighbours (own document excluded, version-checked) and chunk-aligned training sequences."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from conftest import wiki_docs, write_jsonl
+from retrolm.core.errors import RetrolmError
+from retrolm.db import tokenize_corpus
+from retrolm.retrieval import DenseRetriever
+from retrolm.retrieval.neighbours import NeighbourConfig, compute_neighbours, load_neighbours, save_neighbours
+from retrolm.train.data import IGNORE, RetroSequences, chunk_bytes
+
+
+def test_neighbours_never_come_from_own_document(built_db):
+    nb = compute_neighbours(DenseRetriever(built_db), config=NeighbourConfig(k=4), show_progress=False)
+    store = built_db.store
+    assert nb.shape == (store.n_chunks, 4) and (nb >= 0).all()
+    own = store.chunk_doc(np.arange(store.n_chunks))
+    assert (store.chunk_doc(nb) != own[:, None]).all()
+    # Without exclusion a chunk's nearest neighbour is itself.
+    nb0 = compute_neighbours(DenseRetriever(built_db), config=NeighbourConfig(k=1, exclude="none"), show_progress=False)
+    np.testing.assert_array_equal(nb0[:, 0], np.arange(store.n_chunks))
+
+
+def test_sequence_exclusion_is_stricter(built_db):
+    cfg = NeighbourConfig(k=2, exclude="sequence", seq_chunks=4)
+    nb = compute_neighbours(DenseRetriever(built_db), config=cfg, show_progress=False)
+    docs = built_db.store.chunk_doc(np.arange(built_db.store.n_chunks))
+    for c in range(0, built_db.store.n_chunks):
+        seq_docs = set(docs[(c // 4) * 4 : (c // 4 + 1) * 4].tolist())
+        assert not set(built_db.store.chunk_doc(nb[c]).tolist()) & seq_docs
+
+
+def test_neighbour_sets_record_the_database_version(built_db, tmp_path):
+    nb = compute_neighbours(DenseRetriever(built_db), config=NeighbourConfig(k=2), show_progress=False)
+    save_neighbours(tmp_path / "nb", nb, built_db, NeighbourConfig(k=2))
+    np.testing.assert_array_equal(load_neighbours(tmp_path / "nb", built_db), nb)
+    built_db.meta["version"] += 1
+    try:
+        with pytest.raises(RetrolmError, match="recompute"):
+            load_neighbours(tmp_path / "nb", built_db)
+    finally:
+        built_db.meta["version"] -= 1
+
+
+def test_sequences_targets_and_neighbours(built_db):
+    store, m = built_db.store, built_db.chunk_len
+    nb = compute_neighbours(DenseRetriever(built_db), config=NeighbourConfig(k=2), show_progress=False)
+    eos = built_db.tokenizer.eos_id
+    seqs = RetroSequences(store, seq_chunks=4, eos_id=eos, neighbours=nb, db_store=store)
+    assert len(seqs) == store.n_chunks // 4
+    b = seqs.batch([0, 1])
+    assert b.idx.shape == (2, 4 * m) and b.neighbours.shape == (2, 4, 2, 2 * m)
+    item = seqs.sequence(1)
+    ids = np.arange(4, 8)
+    np.testing.assert_array_equal(item["idx"].reshape(4, m), store.tokens(ids))
+    lens, targets = store.lengths(ids), item["targets"].reshape(4, m)
+    last = store.doc_first_chunk + store.doc_n_chunks - 1
+    for row, c in enumerate(ids):
+        n = int(lens[row])
+        assert (targets[row, n:] == IGNORE).all()  # padding predicts nothing
+        np.testing.assert_array_equal(targets[row, : n - 1], store.tokens([c])[0, 1:n])
+        if c in last:
+            assert targets[row, n - 1] == eos  # a document's last token predicts EOS
+        elif row < 3:
+            assert targets[row, n - 1] == store.tokens([c + 1])[0, 0]
+    # Neighbour tokens are the neighbour chunk followed by its continuation.
+    toks, _mask = store.neighbour_tokens(nb[ids].reshape(-1))
+    np.testing.assert_array_equal(item["neighbours"].reshape(-1, 2 * m), toks)
+    # Bytes: over every sequence, each document's bytes are counted once in total.
+    total = sum(seqs.sequence(s, with_neighbours=False)["n_bytes"] for s in range(len(seqs)))
+    covered = store.chunk_doc(np.arange(len(seqs) * 4))
+    full_docs = [d for d in np.unique(covered) if (covered == d).sum() == store.doc_n_chunks[d]]
+    assert total >= store.doc_n_bytes[full_docs].sum() - 1e-6
+
+
+def test_held_out_corpus_is_chunked_like_the_database(built_db, tmp_path):
+    held = write_jsonl(tmp_path / "held.jsonl", wiki_docs(5, start=100))
+    source = tokenize_corpus([held], built_db.tokenizer, built_db.chunk_len, tmp_path / "held")
+    assert source.n_docs == 5
+    nb = compute_neighbours(DenseRetriever(built_db), source, NeighbourConfig(k=3), show_progress=False)
+    assert nb.shape == (source.n_chunks, 3) and (nb >= 0).all() and (nb < built_db.store.n_chunks).all()
+
+
+def test_chunk_bytes_leave_out_each_documents_unpredicted_first_token(built_db):
+    store, tok = built_db.store, built_db.tokenizer
+    with_first, without_first = chunk_bytes(store), chunk_bytes(store, tok)
+    doc = store.all_chunk_docs()
+    for d in (0, 5, 17):
+        text = tok.decode(store.doc_tokens(d).tolist())
+        first = tok.decode(store.doc_tokens(d)[:1].tolist())
+        assert with_first[doc == d].sum() == pytest.approx(store.doc_n_bytes[d])
+        assert without_first[doc == d].sum() == pytest.approx(store.doc_n_bytes[d] - len(first.encode()))
+        assert len(text.encode()) == store.doc_n_bytes[d]  # byte-level BPE: decoding gives the document back
+
