@@ -69,11 +69,22 @@ def test_sequences_targets_and_neighbours(built_db):
     # Neighbour tokens are the neighbour chunk followed by its continuation.
     toks, _mask = store.neighbour_tokens(nb[ids].reshape(-1))
     np.testing.assert_array_equal(item["neighbours"].reshape(-1, 2 * m), toks)
-    # Bytes: over every sequence, each document's bytes are counted once in total.
-    total = sum(seqs.sequence(s, with_neighbours=False)["n_bytes"] for s in range(len(seqs)))
-    covered = store.chunk_doc(np.arange(len(seqs) * 4))
-    full_docs = [d for d in np.unique(covered) if (covered == d).sum() == store.doc_n_chunks[d]]
-    assert total >= store.doc_n_bytes[full_docs].sum() - 1e-6
+    # Bytes: a sequence holds each of its chunks' share of the chunk's document bytes (by tokens), so over every
+    # sequence a whole document's UTF-8 bytes are counted exactly once, and a document cut off at the end pro rata.
+    n_bytes = [seqs.sequence(s, with_neighbours=False)["n_bytes"] for s in range(len(seqs))]
+    covered_ids = np.arange(len(seqs) * 4)
+    covered, covered_lens = store.chunk_doc(covered_ids), store.lengths(covered_ids).astype(int)
+    expected = 0.0
+    for d in np.unique(covered):
+        tokens = store.doc_tokens(d)
+        n_covered = covered_lens[covered == d].sum()
+        utf8 = len(built_db.tokenizer.decode(tokens.tolist()).encode())  # byte-level BPE: the document's text
+        expected += utf8 if n_covered == len(tokens) else store.doc_n_bytes[d] * n_covered / len(tokens)
+    assert sum(n_bytes) == pytest.approx(expected, rel=1e-12)
+    # sequence 1 (chunks 4-7): the shares of exactly those chunks
+    doc1, lens1 = store.chunk_doc(ids), store.lengths(ids).astype(int)
+    share = sum(store.doc_n_bytes[d] * n / store.doc_n_tokens[d] for d, n in zip(doc1, lens1, strict=True))
+    assert n_bytes[1] == pytest.approx(share, rel=1e-12)
 
 
 def test_held_out_corpus_is_chunked_like_the_database(built_db, tmp_path):

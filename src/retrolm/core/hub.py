@@ -198,3 +198,15 @@ def find_checkpoint(path: str | Path) -> Path | None:
             raise RetrolmError(f"{path}: run folder has no checkpoints")
         path = found[-1]
     return path if (path / "model.json").is_file() else None
+
+
+def load_error(ref: ModelRef, what: str, error: Exception) -> RetrolmError:
+    """One line for a model that would not load: a local folder's problem, or a hub name that is not here."""
+    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    if ref.local:
+        return RetrolmError(f"{ref.path}: cannot load as {what} ({first})")
+    if os.environ.get("HF_HUB_OFFLINE", "").strip() in ("1", "true", "True", "yes"):
+        return RetrolmError(f"{ref.name}: no local folder of that name, not a packaged model, not in the Hugging Face "
+                            f"cache, and the hub is offline (HF_HUB_OFFLINE); pass a local folder as {what}")
+    return RetrolmError(f"{ref.name}: cannot load as {what} from the Hugging Face hub ({first}); "
+                        "pass a local folder if offline")

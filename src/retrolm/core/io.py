@@ -50,14 +50,40 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     os.close(fd)
     tmp_path = Path(tmp)
     try:
-        yield tmp_path
-        with open(tmp_path, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp_path, path)
+        with naming_errors(path):
+            yield tmp_path
+            os.chmod(tmp_path, FILE_MODE)  # some writers (safetensors) replace the file with a 0600 one
+            with open(tmp_path, "rb+") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp_path, path)
         _fsync_dir(path.parent)
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise
+
+
+@contextlib.contextmanager
+def naming_errors(path: str | Path) -> Iterator[None]:
+    """Give an ``OSError`` raised inside without a file name (a full disk during ``write``) the name ``path``, so that
+    the CLI's one-line message says which file could not be written: ``path: No space left on device``."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename is not None:
+            raise
+        reason = os.strerror(e.errno) if e.errno else (e.strerror or str(e) or type(e).__name__)
+        raise OSError(e.errno, reason, str(path)) from e
+
+
+class _Unbuffered:
+    """A file wrapper that numpy does not recognise as a real file: ``np.save`` then writes through ``write`` (in
+    16 MB blocks), so a full disk raises ``OSError(ENOSPC)`` instead of numpy's errno-less short-write message."""
+
+    def __init__(self, f) -> None:
+        self._f = f
+
+    def write(self, data) -> int:
+        return self._f.write(data)
 
 
 def write_bytes(path: str | Path, data: bytes) -> None:
@@ -81,7 +107,7 @@ def read_json(path: str | Path, what: str = "JSON file") -> Any:
 
 def save_npy(path: str | Path, array: np.ndarray) -> None:
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        np.save(f, array)
+        np.save(_Unbuffered(f), array)
 
 
 def load_npy(path: str | Path, mmap: bool = False) -> np.ndarray:

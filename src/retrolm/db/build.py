@@ -132,7 +132,7 @@ def tokenize_into_segment(
     with tqdm(desc="tokenize", unit="doc", disable=not show_progress, leave=False) as bar:
         for batch in _doc_batches(docs):
             for doc, ids in zip(batch, tokenizer.encode_batch([d.text for d in batch]), strict=True):
-                if not ids:
+                if len(ids) == 0:
                     logger.warning("skipping %s: no tokens", doc.source)
                     continue
                 writer.add(doc.id, doc.source, len(doc.text.encode("utf-8")), ids)
@@ -278,7 +278,11 @@ def build_database(
         for name in ("tokenizer.name.json", "plan.json"):
             (staging / name).unlink(missing_ok=True)
     (staging / ".lock").unlink(missing_ok=True)
-    swap_into_place(staging, out)
+    if (out / "meta.json").is_file():
+        with exclusive_lock(out):  # a writer busy with the database being replaced finishes first
+            swap_into_place(staging, out)
+    else:
+        swap_into_place(staging, out)
 
 
 def _stage_tokenizer(corpus: Sequence[str | Path], staging: Path, spec: str) -> LMTokenizer:
@@ -313,12 +317,18 @@ def _build_stages(corpus: Sequence[str | Path], staging: Path, config: BuildConf
         timings["embed_s"] = time.perf_counter() - t
         t = time.perf_counter()
         index_file = "index-v1.faiss"
-        if not (staging / index_file).is_file():
-            index = make_index(encoder.dim, store.n_chunks, lambda: shard_blocks(shards),
-                               lambda n: shard_sample(shards, store.n_chunks, n, config.seed),
-                               config.index, config.index_factory, config.seed)
-            index.save(staging / index_file)
-        index = VectorIndex.load(staging / index_file, mmap=True)
+        index = None
+        if (staging / index_file).is_file():
+            try:
+                index = VectorIndex.load(staging / index_file, mmap=True)
+            except RetrolmError as e:  # e.g. left truncated by a full disk: it is made again from the shards
+                logger.warning("%s; making it again", e)
+        if index is None:
+            made = make_index(encoder.dim, store.n_chunks, lambda: shard_blocks(shards),
+                              lambda n: shard_sample(shards, store.n_chunks, n, config.seed),
+                              config.index, config.index_factory, config.seed)
+            made.save(staging / index_file)
+            index = VectorIndex.load(staging / index_file, mmap=True)
         index_meta = {"kind": index.kind, "factory": index.factory, "file": index_file}
         timings["index_s"] = time.perf_counter() - t
     bm25_dir = None

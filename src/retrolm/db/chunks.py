@@ -25,7 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from retrolm.core.errors import RetrolmError
-from retrolm.core.io import read_json, write_json
+from retrolm.core.io import naming_errors, read_json, write_json
 from retrolm.text.tokenizer import LMTokenizer
 
 SEGMENT_FILES = ("tokens.bin", "lengths.bin", "doc.bin", "pos.bin")
@@ -66,10 +66,11 @@ class SegmentWriter:
         toks, lengths = chunk_ids(ids, self.chunk_len, self.pad_id, self.dtype)
         n = len(lengths)
         doc_index = self.first_doc + len(self.docs["id"])
-        self.files["tokens.bin"].write(toks.tobytes())
-        self.files["lengths.bin"].write(lengths.tobytes())
-        self.files["doc.bin"].write(np.full(n, doc_index, dtype=np.int32).tobytes())
-        self.files["pos.bin"].write(np.arange(n, dtype=np.int32).tobytes())
+        arrays = {"tokens.bin": toks, "lengths.bin": lengths, "doc.bin": np.full(n, doc_index, dtype=np.int32),
+                  "pos.bin": np.arange(n, dtype=np.int32)}
+        for name, data in arrays.items():
+            with naming_errors(self.folder / name):  # a full disk: name the file in the one-line error
+                self.files[name].write(data.tobytes())
         for key, value in (
             ("id", doc_id),
             ("source", source),
@@ -82,10 +83,13 @@ class SegmentWriter:
         self.n_chunks += n
 
     def close(self) -> dict:
-        for f in self.files.values():
-            f.flush()
-            os.fsync(f.fileno())
-            f.close()
+        for name, f in self.files.items():
+            with naming_errors(self.folder / name):
+                try:
+                    f.flush()
+                    os.fsync(f.fileno())
+                finally:
+                    f.close()
         table = pa.table(
             {
                 "id": pa.array(self.docs["id"], pa.string()),
@@ -96,7 +100,8 @@ class SegmentWriter:
                 "n_bytes": pa.array(self.docs["n_bytes"], pa.int64()),
             }
         )
-        pq.write_table(table, self.folder / "docs.parquet")
+        with naming_errors(self.folder / "docs.parquet"):
+            pq.write_table(table, self.folder / "docs.parquet")
         info = {
             "n_chunks": self.n_chunks,
             "n_docs": len(self.docs["id"]),

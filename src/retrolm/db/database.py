@@ -209,33 +209,41 @@ class Database(DatabaseView):
             seg_name = self._next_segment_name()
             tmp = self.path / ".staging-compact"
             shutil.rmtree(tmp, ignore_errors=True)
-            writer = SegmentWriter(tmp / seg_name, self.chunk_len, token_dtype(self.tokenizer.vocab_size),
-                                   self.tokenizer.pad_id, 0, 0)
-            kept_chunks = []
-            for i in tqdm(keep_docs, desc="compact", unit="doc", disable=not show_progress, leave=False):
-                first, n = int(self.store.doc_first_chunk[i]), int(self.store.doc_n_chunks[i])
-                writer.add(self.store.doc_ids[i], self.store.doc_source(int(i)), int(self.store.doc_n_bytes[i]),
-                           self.store.doc_tokens(int(i)))
-                kept_chunks.append(np.arange(first, first + n))
-            info = writer.close()
-            kept = np.concatenate(kept_chunks) if kept_chunks else np.zeros(0, np.int64)
-            meta = dict(self.meta, version=version, segments=[seg_name])
-            if self.index is not None:
-                old = self.index
-                index = make_index(
-                    old.dim, len(kept),
-                    lambda: (old.reconstruct(kept[s : s + 65536]) for s in range(0, len(kept), 65536)),
-                    lambda n: old.reconstruct(np.sort(np.random.default_rng(0).choice(kept, min(n, len(kept)),
-                                                                                        replace=False))),
-                    kind=old.kind, factory=old.factory)
-                meta["index"] = dict(meta["index"], file=f"index-v{version}.faiss")
-                index.save(tmp / meta["index"]["file"])
-                os.replace(tmp / meta["index"]["file"], self.path / meta["index"]["file"])
-            commit_dir(tmp / seg_name, self.path / "segments" / seg_name)
-            self._commit(meta, np.zeros(info["n_docs"], dtype=bool))
-            shutil.rmtree(tmp, ignore_errors=True)
+            try:
+                info = self._compact_into(tmp, keep_docs, version, seg_name, show_progress)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)  # a failed compaction (a full disk) leaves nothing behind
             self._clean_orphans()
         return {"docs": info["n_docs"], "chunks": info["n_chunks"]}
+
+    def _compact_into(self, tmp: Path, keep_docs: np.ndarray, version: int, seg_name: str, show_progress: bool
+                      ) -> dict:
+        """Write the compacted segment and index into ``tmp``, move them in, commit."""
+        writer = SegmentWriter(tmp / seg_name, self.chunk_len, token_dtype(self.tokenizer.vocab_size),
+                               self.tokenizer.pad_id, 0, 0)
+        kept_chunks = []
+        for i in tqdm(keep_docs, desc="compact", unit="doc", disable=not show_progress, leave=False):
+            first, n = int(self.store.doc_first_chunk[i]), int(self.store.doc_n_chunks[i])
+            writer.add(self.store.doc_ids[i], self.store.doc_source(int(i)), int(self.store.doc_n_bytes[i]),
+                       self.store.doc_tokens(int(i)))
+            kept_chunks.append(np.arange(first, first + n))
+        info = writer.close()
+        kept = np.concatenate(kept_chunks) if kept_chunks else np.zeros(0, np.int64)
+        meta = dict(self.meta, version=version, segments=[seg_name])
+        if self.index is not None:
+            old = self.index
+            index = make_index(
+                old.dim, len(kept),
+                lambda: (old.reconstruct(kept[s : s + 65536]) for s in range(0, len(kept), 65536)),
+                lambda n: old.reconstruct(np.sort(np.random.default_rng(0).choice(kept, min(n, len(kept)),
+                                                                                    replace=False))),
+                kind=old.kind, factory=old.factory)
+            meta["index"] = dict(meta["index"], file=f"index-v{version}.faiss")
+            index.save(tmp / meta["index"]["file"])
+            os.replace(tmp / meta["index"]["file"], self.path / meta["index"]["file"])
+        commit_dir(tmp / seg_name, self.path / "segments" / seg_name)
+        self._commit(meta, np.zeros(info["n_docs"], dtype=bool))
+        return info
 
     def store_bm25(self, show_progress: bool = True) -> None:
         """Build and store a BM25 index over the chunks (kept up to date by later adds and compactions)."""

@@ -553,8 +553,10 @@ class VectorIndex:
         path = Path(path)
         index = self._writable_view()
         try:
-            with atomic_path(path) as tmp:
-                faiss.write_index(index, str(tmp))
+            # Written through Python's file object, not FAISS's own: FAISS only prints an error when the final flush
+            # fails (a full disk), and a truncated index would be renamed into place.
+            with atomic_path(path) as tmp, open(tmp, "wb") as f:
+                faiss.write_index(index, faiss.PyCallbackIOWriter(f.write))
         except RuntimeError as e:
             raise RetrolmError(f"{path}: cannot write FAISS index ({_faiss_reason(e)})") from None
         if not self._mmapped:  # an mmapped index stays tied to its original file (same content)

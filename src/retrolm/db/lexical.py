@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from retrolm.core.errors import RetrolmError
+from retrolm.core.io import naming_errors
 
 logger = logging.getLogger(__name__)
 
@@ -57,11 +58,16 @@ class LexicalIndex:
         """Write the index folder atomically (a temporary folder renamed into place)."""
         tmp = folder.with_name(folder.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        if self.n_chunks:
-            self.retriever.save(str(tmp), show_progress=False)
-        else:
-            tmp.mkdir(parents=True)
-        (tmp / "n_chunks.txt").write_text(str(self.n_chunks))
+        try:
+            with naming_errors(folder):
+                if self.n_chunks:
+                    self.retriever.save(str(tmp), show_progress=False)
+                else:
+                    tmp.mkdir(parents=True)
+                (tmp / "n_chunks.txt").write_text(str(self.n_chunks))
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         if folder.exists():
             shutil.rmtree(folder)
         tmp.rename(folder)

@@ -60,6 +60,8 @@ class DatabaseView:
         path = self.path
         if verify:
             verify_files(path, meta)
+        if self._encoder is not None and meta.get("encoder") != self.meta.get("encoder"):
+            self._encoder = None  # the database was rebuilt with another encoder since this object loaded one
         self.meta = meta
         self.chunk_len: int = meta["chunk_len"]
         self.tokenizer = LMTokenizer.from_file(path / "tokenizer.json", name=meta["tokenizer"]["name"])
@@ -197,6 +199,9 @@ class DatabaseView:
         ``exclude_chunks`` (a bool mask over chunk ids, e.g. evaluation documents) are filtered inside FAISS."""
         if self.index is None:
             raise RetrolmError(f"{self.path}: built without dense keys (BM25 only); search it with BM25")
+        if self.store.n_chunks == 0:  # everything deleted and compacted away: nothing to find (hybrid asks for k=0)
+            n = len(vectors)
+            return np.full((n, max(k, 0)), -np.inf, dtype=np.float32), np.full((n, max(k, 0)), -1, dtype=np.int64)
         scores, ids = self.index.search(np.ascontiguousarray(vectors, dtype=np.float32), k,
                                         exclude=self.exclusion_mask(exclude_chunks), settings=settings)
         found = ids >= 0

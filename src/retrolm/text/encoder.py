@@ -24,8 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from retrolm.core.device import default_device
-from retrolm.core.errors import RetrolmError
-from retrolm.core.hub import resolve_model, weights_fingerprint
+from retrolm.core.hub import load_error, resolve_model, weights_fingerprint
 
 logger = logging.getLogger(__name__)
 
@@ -62,9 +61,7 @@ class SentenceEncoder:
             self.tokenizer = AutoTokenizer.from_pretrained(path)
             self.model = AutoModel.from_pretrained(path, dtype=self.dtype)
         except Exception as e:  # OSError offline / missing files, ValueError for non-encoder configs
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            hint = "" if ref.local else "; pass a local folder if offline"
-            raise RetrolmError(f"encoder {name!r}: cannot load ({first}){hint}") from None
+            raise load_error(ref, "the encoder", e) from None
         self.model.to(self.device).eval().requires_grad_(False)
         self.max_length = min(max_length, getattr(self.tokenizer, "model_max_length", max_length) or max_length)
         self.dim: int = int(self.model.config.hidden_size)

@@ -19,6 +19,7 @@ import logging
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from retrolm.core.errors import RetrolmError
@@ -30,8 +31,8 @@ logger = logging.getLogger(__name__)
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
 PIECE_CHARS = 1 << 16
-"""Texts longer than this are tokenized in pieces cut before a space (a pre-token boundary), so a 20 MB one-line
-document costs tens of MB of tokenizer memory instead of gigabytes, and gets the same ids."""
+"""Texts longer than this are tokenized (and trained on) in pieces cut before a space (a pre-token boundary), so a
+20 MB one-line document costs tens of MB of tokenizer memory instead of gigabytes, and gets the same ids."""
 
 
 def _pieces(text: str, size: int = PIECE_CHARS) -> list[str]:
@@ -73,19 +74,22 @@ class LMTokenizer:
     def sha256(self) -> str:
         return hashlib.sha256(self.tok.to_str().encode()).hexdigest()
 
-    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        """Token ids for each text, without special tokens (parallel in Rust; long texts in pieces)."""
+    def encode_batch(self, texts: Sequence[str]) -> list[Sequence[int]]:
+        """Token ids for each text, without special tokens (parallel in Rust). A text over ``PIECE_CHARS`` is encoded
+        in pieces and its ids come back as a uint32 array (a list of 10M Python ints would take ~400 MB)."""
         if all(len(t) <= PIECE_CHARS for t in texts):
             return [e.ids for e in self.tok.encode_batch(list(texts), add_special_tokens=False)]
-        return [self.encode(t) for t in texts]
+        return [self._encode_long(t) if len(t) > PIECE_CHARS else self.encode(t) for t in texts]
+
+    def _encode_long(self, text: str) -> np.ndarray:
+        parts = [np.asarray(self.tok.encode(piece, add_special_tokens=False).ids, dtype=np.uint32)
+                 for piece in _pieces(text)]
+        return np.concatenate(parts)
 
     def encode(self, text: str) -> list[int]:
         if len(text) <= PIECE_CHARS:
             return self.tok.encode(text, add_special_tokens=False).ids
-        ids: list[int] = []
-        for piece in _pieces(text):
-            ids += self.tok.encode(piece, add_special_tokens=False).ids
-        return ids
+        return self._encode_long(text).tolist()
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.tok.decode(list(ids), skip_special_tokens=True)
@@ -117,7 +121,8 @@ def train_bpe(texts: Iterable[str], vocab_size: int) -> LMTokenizer:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(texts, trainer=trainer)
+    # long texts in pieces, as encode() does: the same words are counted, without gigabytes for a one-line document
+    tok.train_from_iterator((piece for text in texts for piece in _pieces(text)), trainer=trainer)
     return LMTokenizer(tok, f"bpe-trained-{vocab_size}")
 
 

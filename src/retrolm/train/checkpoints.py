@@ -9,6 +9,7 @@ for inspection). Rotation keeps the newest ``keep`` checkpoints.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -32,16 +33,31 @@ class CheckpointManager:
         return sorted(p for p in self.folder.glob("step-*") if p.is_dir())
 
     def save(self, step: int, write: Callable[[Path], None]) -> Path:
-        """Create ``step-NNNNNN/`` with ``write(tmp_folder)``, record checksums, rename into place, rotate."""
+        """Create ``step-NNNNNN/`` with ``write(tmp_folder)``, record checksums, rename into place, rotate.
+
+        If writing fails (a full disk), the partial folder is removed and the earlier checkpoints are untouched.
+        Rotation deletes only checkpoints older than the new one: a newer folder is one that resuming skipped as
+        damaged (kept for inspection) and must not push the good ones out.
+        """
         final = self.folder / f"step-{step:06d}"
         tmp = self.folder / f".step-{step:06d}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        write(tmp)
-        write_checksums(tmp)
+        try:
+            tmp.mkdir(parents=True)
+            write(tmp)
+            write_checksums(tmp)
+        except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
+            shutil.rmtree(tmp, ignore_errors=True)
+            where = e.filename if isinstance(e, OSError) and e.filename else final
+            raise RetrolmError(f"{where}: cannot write checkpoint ({_reason(e, self.folder)}); earlier checkpoints "
+                               "are intact") from None
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
-        for old in self.all()[: -self.keep]:
+        older = [p for p in self.all() if p.name < final.name]
+        for old in older[: max(0, len(older) - (self.keep - 1))]:
             shutil.rmtree(old, ignore_errors=True)
         return final
 
@@ -59,3 +75,14 @@ class CheckpointManager:
         if found:
             raise RetrolmError(f"{self.folder}: no intact checkpoint to resume from (pass --no-resume to restart)")
         return None
+
+
+def _reason(e: Exception, folder: Path) -> str:
+    """Why a write failed, in a few words (torch.save's message on a full disk is only "unexpected pos ...")."""
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    lines = str(e).strip().splitlines()
+    text = lines[0] if lines else type(e).__name__
+    with contextlib.suppress(OSError):
+        text += f"; {shutil.disk_usage(folder).free / 1e6:.0f} MB free on the device"
+    return text

@@ -142,6 +142,12 @@ class Trainer:
             last = self.checkpoints.resume(self._load_checkpoint)
             if last is not None:
                 logger.info("resumed from %s", last)
+        elif self.main and self.checkpoints.all():
+            # a fresh start must not leave older checkpoints that a later resume would pick up: keep them aside
+            aside = self.checkpoints.folder.with_name(f"checkpoints.before-{time.strftime('%Y%m%d-%H%M%S')}")
+            self.checkpoints.folder.rename(aside)
+            logger.warning("%s: starting afresh (--no-resume); the earlier checkpoints are kept in %s",
+                           self.out, aside)
         self.forward_model = self.model
         if cfg.compile:
             self.forward_model = torch.compile(self.model)
@@ -225,13 +231,14 @@ class Trainer:
                 t = torch.tensor([loss_sum], device=self.device)
                 torch.distributed.all_reduce(t)
                 loss_sum = float(t) / self.world
-            if not math.isfinite(loss_sum):
+            gnorm = float(torch.nn.utils.clip_grad_norm_([p for _, p in self.trainable_parameters()], cfg.grad_clip))
+            if not (math.isfinite(loss_sum) and math.isfinite(gnorm)):  # before the step: weights stay finite
                 good = self.checkpoints.all()
+                what = "loss" if not math.isfinite(loss_sum) else "gradient norm"
                 raise RetrolmError(
-                    f"{self.out}: non-finite training loss at step {self.step + 1}; nothing was saved "
+                    f"{self.out}: non-finite training {what} at step {self.step + 1}; nothing was saved "
                     f"(last good checkpoint: {good[-1] if good else 'none'}); lower lr or check the data"
                 )
-            gnorm = float(torch.nn.utils.clip_grad_norm_([p for _, p in self.trainable_parameters()], cfg.grad_clip))
             self.opt.step()
             self.opt.zero_grad(set_to_none=True)
             self.step += 1
@@ -287,6 +294,9 @@ class Trainer:
         return self.checkpoints.save(self.step, self._write_checkpoint)
 
     def _write_checkpoint(self, folder: Path) -> None:
+        if not all(bool(torch.isfinite(p).all()) for p in self.model.parameters()):
+            raise RetrolmError(f"{self.out}: non-finite weights at step {self.step}; not saved (earlier checkpoints "
+                               "are intact); lower lr or check the data")
         self.save_model(folder)
         save_config(self.cfg, folder / "config.yaml")
         self.db.tokenizer.save(folder / "tokenizer.json")  # a checkpoint generates and evaluates without its database

@@ -1,0 +1,318 @@
+"""Everything a user can pass wrong: one line ``error: <file or option>: <problem>``, exit status 2, no traceback, and
+nothing already written lost (issue 9, "a clean bad-input record", items 4 to 8, through the command line)."""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import run_cli, wiki_docs, write_jsonl
+from retrolm.db import DatabaseView
+
+
+def assert_one_line_error(rc: int, err: str, *fragments: str) -> str:
+    lines = [line for line in err.strip().splitlines() if line.startswith("error: ")]
+    assert rc == 2, err
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    for f in fragments:
+        assert f in lines[0], (f, lines[0])
+    return lines[0]
+
+
+def snapshot(folder: Path) -> dict[str, tuple[int, int]]:
+    return {p.relative_to(folder).as_posix(): (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*")}
+
+
+@pytest.fixture
+def db_copy(built_db, tmp_path) -> Path:
+    return Path(shutil.copytree(built_db.path, tmp_path / "db"))
+
+
+@pytest.fixture(scope="module")
+def retro_checkpoint(built_db, tmp_path_factory) -> Path:
+    """An untrained tiny RETRO checkpoint that records ``built_db`` as its training database."""
+    from retrolm.core.io import write_json
+    from retrolm.models import RetroModel
+    from retrolm.models.retro import RetroConfig
+    from retrolm.train.trainer import database_record
+
+    folder = tmp_path_factory.mktemp("ckpt")
+    cfg = RetroConfig.preset("tiny", vocab_size=built_db.tokenizer.vocab_size, chunk_len=built_db.chunk_len,
+                             seq_len=2 * built_db.chunk_len, num_neighbours=2)
+    RetroModel(cfg).save_pretrained(folder)
+    built_db.tokenizer.save(folder / "tokenizer.json")
+    write_json(folder / "database.json", database_record(built_db))
+    return folder
+
+
+# ------------------------------------------------------------------------------------------------ 4. corpus paths
+def test_the_same_corpus_file_twice_is_refused(tmp_path, tiny_encoder, db_copy, capsys):
+    docs = wiki_docs(3)
+    a = write_jsonl(tmp_path / "c" / "a.jsonl", docs)
+    out = tmp_path / "new"
+    common = ["--out", out, "--encoder", tiny_encoder, "--tokenizer", "train:300", "-q"]
+    for corpus in ([a, a], [a, tmp_path / "c" / ".." / "c" / "a.jsonl"], [tmp_path / "c", a]):
+        rc, _, err = run_cli(["db", "build", *corpus, *common], capsys)
+        assert_one_line_error(rc, err, "a.jsonl", "corpus file given twice")
+    # the same ids in two different files: refused like duplicates within one file
+    b = write_jsonl(tmp_path / "b.jsonl", [{"id": docs[1]["id"], "text": "Another text under a taken id."}])
+    rc, _, err = run_cli(["db", "build", a, b, *common], capsys)
+    assert_one_line_error(rc, err, f"{b}:1", "duplicate document id", repr(docs[1]["id"]))
+    assert not out.exists() and not (tmp_path / "new.partial").exists()
+
+    more = write_jsonl(tmp_path / "more.jsonl", wiki_docs(2, start=300))
+    before = snapshot(db_copy)
+    rc, _, err = run_cli(["db", "add", db_copy, more, more, "-q"], capsys)
+    assert_one_line_error(rc, err, "more.jsonl", "corpus file given twice")
+    rc, _, err = run_cli(["db", "add", db_copy, more, write_jsonl(tmp_path / "m2.jsonl", wiki_docs(1, start=300)),
+                          "-q"], capsys)
+    assert_one_line_error(rc, err, "m2.jsonl:1", "duplicate document id")
+    after = snapshot(db_copy)
+    after.pop(".lock", None)
+    before.pop(".lock", None)
+    assert after == before  # and no .staging-add/ left behind
+
+
+# ------------------------------------------------------------------------------------------------ 5. integrity
+def test_damaged_files_are_one_line_errors(db_copy, capsys):
+    rc, out, err = run_cli(["db", "info", db_copy, "--verify", "--json"], capsys)
+    assert rc == 0, err
+    assert json.loads(out)["verified_files"] == len(json.loads((db_copy / "meta.json").read_text())["files"])
+    meta = json.loads((db_copy / "meta.json").read_text())
+    for rel in (meta["index"]["file"], "segments/seg-000000/tokens.bin"):
+        target = db_copy / rel
+        good = target.read_bytes()
+        with open(target, "r+b") as f:  # 2,000 random bytes inside, same size
+            f.seek(len(good) // 3)
+            f.write(np.random.default_rng(0).bytes(2000))
+        for cmd in (["db", "search", db_copy, "some query"], ["db", "info", db_copy, "--verify"]):
+            rc, out, err = run_cli(cmd, capsys)
+            assert_one_line_error(rc, err, f"{target}: corrupt")
+            assert out == ""
+        target.write_bytes(good)
+
+
+# ------------------------------------------------------------------------------------------------ 6. tracebacks
+class FullFile:
+    """A file on a full disk: every write fails as ``write(2)`` reports it (ENOSPC, no file name)."""
+
+    def __init__(self, path, mode="wb", *args, **kwargs):
+        self.f = open(path, mode, *args, **kwargs)  # noqa: SIM115 - closed through __getattr__ / __exit__
+
+    def write(self, data):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+
+def test_disk_full_during_build_names_the_file_and_keeps_the_old_database(db_copy, tmp_path, monkeypatch, capsys):
+    import retrolm.db.chunks as chunks
+
+    n_docs = DatabaseView.open(db_copy).store.n_docs
+    corpus = write_jsonl(tmp_path / "c.jsonl", wiki_docs(5, start=100))
+    monkeypatch.setattr(chunks, "open", FullFile, raising=False)
+    rc, _, err = run_cli(["db", "build", corpus, "--out", db_copy, "--overwrite", "--encoder",
+                          DatabaseView.open(db_copy).meta["encoder"]["name"], "--tokenizer", "train:300", "-q"], capsys)
+    line = assert_one_line_error(rc, err, "tokens.bin: No space left on device")
+    assert line.startswith(f"error: {tmp_path}/db.partial/")
+    monkeypatch.undo()
+    assert DatabaseView.open(db_copy).store.n_docs == n_docs  # the database being replaced is intact
+    assert not (tmp_path / "db.partial").exists()  # nothing half-made left to fill the disk
+
+
+def test_disk_full_during_add_names_the_file_and_loses_nothing(db_copy, tmp_path, monkeypatch, capsys):
+    from retrolm.core import io as core_io
+
+    before = DatabaseView.open(db_copy)
+    more = write_jsonl(tmp_path / "more.jsonl", wiki_docs(3, start=100))
+
+    def no_space(self, data):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(core_io._Unbuffered, "write", no_space)  # the embedding shard's write
+    rc, _, err = run_cli(["db", "add", db_copy, more, "-q"], capsys)
+    assert_one_line_error(rc, err, f"{db_copy}/.staging-add/embeddings/00000.npy: No space left on device")
+    monkeypatch.undo()
+    after = DatabaseView.open(db_copy)
+    assert after.meta == before.meta and after.verify() > 0 and not (db_copy / ".staging-add").exists()
+    rc, out, err = run_cli(["db", "add", db_copy, more, "-q"], capsys)
+    assert rc == 0 and "added 3 documents" in out, err
+
+
+def test_bm25_search_of_a_database_with_nothing_left(tmp_path, tiny_encoder, capsys):
+    corpus = write_jsonl(tmp_path / "c.jsonl", wiki_docs(2))
+    db = tmp_path / "db"
+    assert run_cli(["db", "build", corpus, "--out", db, "--encoder", tiny_encoder, "--tokenizer", "train:300",
+                    "-q"], capsys)[0] == 0
+    assert run_cli(["db", "delete", db, "--match", ".", "-q"], capsys)[0] == 0
+    for step in ("deleted", "compacted"):
+        for flags in (["--bm25"], ["--retriever", "hybrid"], ["--retriever", "dense"]):
+            rc, out, err = run_cli(["db", "search", db, "number", *flags], capsys)
+            assert (rc, out.strip()) == (0, "no results"), (step, flags, err)
+        assert run_cli(["db", "compact", db, "-q"], capsys)[0] == 0
+
+
+# ------------------------------------------------------------------------------------------------ 7. nonsense
+@pytest.mark.parametrize("query", ["", "   ", "\n\t"])
+def test_blank_search_query_is_refused(built_db, query, capsys):
+    rc, out, err = run_cli(["db", "search", built_db.path, query], capsys)
+    assert_one_line_error(rc, err, "query is empty")
+    assert out == ""
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["-k", "0", "--prompt", "Hello"], "neighbours must be >= 1, got 0"),
+    (["--prompt", ""], "prompt is empty"),
+    (["--prompt", "  \n"], "prompt is empty"),
+])
+def test_generate_refuses_nonsense_options(retro_checkpoint, built_db, args, message, capsys):
+    rc, out, err = run_cli(["generate", "--checkpoint", retro_checkpoint, "--db", built_db.path, *args], capsys)
+    assert_one_line_error(rc, err, message)
+    assert out == ""
+
+
+@pytest.fixture
+def other_encoder_db(built_db, tmp_path) -> Path:
+    """A copy of ``built_db`` that says another encoder made its keys (what check_trained_with compares)."""
+    path = Path(shutil.copytree(built_db.path, tmp_path / "other-db"))
+    meta = json.loads((path / "meta.json").read_text())
+    meta["encoder"].update(name="/models/another-encoder", fingerprint="0" * 64)
+    (path / "meta.json").write_text(json.dumps(meta))
+    return path
+
+
+def test_generate_and_eval_refuse_a_database_of_another_encoder(retro_checkpoint, other_encoder_db, tmp_path,
+                                                                 capsys):
+    rc, out, err = run_cli(["generate", "--checkpoint", retro_checkpoint, "--db", other_encoder_db,
+                            "--prompt", "Hello"], capsys)
+    assert_one_line_error(rc, err, str(other_encoder_db), "trained with neighbours from encoder")
+    assert out == ""
+    held_out = write_jsonl(tmp_path / "held.jsonl", wiki_docs(2, start=300))
+    rc, _, err = run_cli(["eval", "--checkpoint", retro_checkpoint, "--db", other_encoder_db, "--data", held_out,
+                          "--out", tmp_path / "eval", "-q"], capsys)
+    assert_one_line_error(rc, err, str(other_encoder_db), "encoder")
+
+
+# ------------------------------------------------------------------------------------------------ 8. smaller
+def test_bm25_search_is_read_only_and_quiet(db_copy, capsys, caplog):
+    before = snapshot(db_copy)
+    with caplog.at_level(logging.DEBUG):
+        rc, out, err = run_cli(["db", "search", db_copy, "the number zero", "--bm25", "-k", "2", "--json"], capsys)
+    assert rc == 0 and len(json.loads(out)) == 2, err
+    assert snapshot(db_copy) == before  # no cache, no lock file, nothing written
+    assert "DEBUG" not in err and not [r for r in caplog.records if r.name.startswith("bm25s")]
+
+
+def test_ingestion_warnings_print_once_with_a_trained_tokenizer(tmp_path, tiny_encoder, capsys, caplog):
+    corpus = tmp_path / "c.jsonl"
+    write_jsonl(corpus, wiki_docs(3))
+    with open(corpus, "a") as f:
+        f.write("{not json\n" + json.dumps({"id": "no-text"}) + "\n")
+    with caplog.at_level(logging.WARNING, logger="retrolm.text.corpus"):
+        rc, _, err = run_cli(["db", "build", corpus, "--out", tmp_path / "db", "--encoder", tiny_encoder,
+                              "--tokenizer", "train:300", "-q"], capsys)
+    assert rc == 0, err
+    messages = [r.getMessage() for r in caplog.records if r.name == "retrolm.text.corpus"]
+    assert sorted(messages) == sorted([f"skipping {corpus}:4: invalid JSON (Expecting property name enclosed in "
+                                       "double quotes)",
+                                       f"skipping {corpus}:5: record has no string 'text' or 'contents' field"])
+
+
+def test_corrupt_index_error_comes_first(db_copy, capsys, caplog):
+    """A format-1 database (no checksums) with a truncated index: the error is the first thing said (the fallback
+    from a memory-mapped read used to print an INFO line first)."""
+    meta = json.loads((db_copy / "meta.json").read_text())
+    del meta["files"]
+    meta["format_version"] = 1
+    (db_copy / "meta.json").write_text(json.dumps(meta))
+    index = db_copy / meta["index"]["file"]
+    index.write_bytes(index.read_bytes()[:3000])
+    with caplog.at_level(logging.INFO):
+        rc, _, err = run_cli(["db", "search", db_copy, "the number zero"], capsys)
+    assert_one_line_error(rc, err, str(index), "corrupt")
+    assert err.splitlines()[0].startswith("error: ")
+    assert not [r for r in caplog.records if r.levelno >= logging.INFO and r.name.startswith("retrolm")]
+
+
+def test_failed_add_leaves_no_staging_folder(db_copy, tmp_path, capsys):
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"id": "x", "text": "one"}, {"id": "x", "text": "two"}])
+    rc, _, err = run_cli(["db", "add", db_copy, bad, "-q"], capsys)
+    assert_one_line_error(rc, err, "bad.jsonl:2", "duplicate document id")
+    taken = write_jsonl(tmp_path / "taken.jsonl", wiki_docs(1))
+    rc, _, err = run_cli(["db", "add", db_copy, taken, "-q"], capsys)
+    assert_one_line_error(rc, err, "already in", "--replace")
+    assert not (db_copy / ".staging-add").exists()
+
+
+def test_a_long_single_line_document_is_tokenized_in_pieces(built_db, monkeypatch):
+    """A one-line document of megabytes reaches the Rust tokenizer (and the BPE trainer) in pieces of at most
+    PIECE_CHARS characters (a 20 MB one took 3.4 GB to encode whole and 1.7 GB to train on), with the same ids."""
+    from retrolm.text import tokenizer as tok_module
+
+    text = " ".join(d["text"] for d in wiki_docs(400)).replace("\n", " ")
+    assert len(text) > 3 * tok_module.PIECE_CHARS
+    lm = built_db.tokenizer
+    whole = lm.tok.encode(text, add_special_tokens=False).ids
+    seen: list[int] = []
+
+    class Spy:
+        def __getattr__(self, name):
+            return getattr(lm.tok, name)
+
+        def encode(self, t, **kw):
+            seen.append(len(t))
+            return lm.tok.encode(t, **kw)
+
+        def encode_batch(self, ts, **kw):
+            seen.extend(map(len, ts))
+            return lm.tok.encode_batch(ts, **kw)
+
+    spied = tok_module.LMTokenizer(lm.tok, lm.name)
+    spied.tok = Spy()
+    short = "A short one."
+    got = spied.encode_batch([short, text])
+    assert list(got[1]) == whole and list(got[0]) == lm.encode(short) and spied.encode(text) == whole
+    assert max(seen) <= tok_module.PIECE_CHARS and len(seen) > 6
+
+    trained_on: list[int] = []
+    real_pieces = tok_module._pieces
+
+    def spy_pieces(t: str, *args) -> list[str]:
+        out = real_pieces(t, *args)
+        trained_on.extend(map(len, out))
+        return out
+
+    monkeypatch.setattr(tok_module, "_pieces", spy_pieces)
+    pieces = tok_module.train_bpe([text], 400)
+    assert trained_on and max(trained_on) <= tok_module.PIECE_CHARS
+    assert pieces.sha256 == train_bpe_whole(text, 400).sha256  # the same vocabulary and merges as on the whole text
+
+
+def train_bpe_whole(text: str, vocab_size: int):
+    """``train_bpe`` as it was: the trainer gets the text whole."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from retrolm.text.tokenizer import EOS_TOKEN, PAD_TOKEN, LMTokenizer
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS_TOKEN, PAD_TOKEN],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator([text], trainer=trainer)
+    return LMTokenizer(tok, f"bpe-trained-{vocab_size}")

@@ -1,0 +1,416 @@
+"""A database survives what users and machines do to it: two writers, a replaced encoder folder, a build killed between
+the index and meta.json, damaged files, a full disk (issue 9, "a clean bad-input record", items 1, 2, 3, 5, 6, 8)."""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import search, wiki_docs, write_jsonl
+from retrolm.core import io as core_io
+from retrolm.core.errors import RetrolmError
+from retrolm.core.hub import weights_fingerprint
+from retrolm.db import BuildConfig, Database, DatabaseView
+
+
+@pytest.fixture(scope="module")
+def small_db(tmp_path_factory, tiny_db_config) -> Path:
+    """12 documents; tests copy it before changing anything."""
+    root = tmp_path_factory.mktemp("robust")
+    Database.build([write_jsonl(root / "c.jsonl", wiki_docs(12))], root / "db", tiny_db_config, show_progress=False)
+    return root / "db"
+
+
+@pytest.fixture(scope="module")
+def other_encoder(tmp_path_factory, tiny_encoder) -> str:
+    """Another random BERT of the same width and vocabulary as ``tiny_encoder`` (different weights)."""
+    import torch
+    from transformers import BertConfig, BertModel
+
+    folder = tmp_path_factory.mktemp("other-encoder")
+    torch.manual_seed(1)
+    BertModel(BertConfig.from_pretrained(tiny_encoder)).save_pretrained(folder)
+    for f in Path(tiny_encoder).iterdir():
+        if "token" in f.name or f.name == "vocab.txt":
+            shutil.copy(f, folder / f.name)
+    return str(folder)
+
+
+def copy_db(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def damage(path: Path, n: int = 2000, seed: int = 0) -> None:
+    """Overwrite ``n`` bytes in the middle of a file with random bytes (same size: only checksums can tell)."""
+    size = path.stat().st_size
+    assert size > n, path
+    with open(path, "r+b") as f:
+        f.seek((size - n) // 2)
+        f.write(np.random.default_rng(seed).bytes(n))
+
+
+# ------------------------------------------------------------------------------------------------ 1. two writers
+def test_delete_waiting_on_its_blocklist_sees_a_concurrent_add(small_db, tmp_path):
+    """The issue's scenario: ``db delete --blocklist FIFO`` opens the database, then blocks reading the FIFO; another
+    writer adds documents; the delete then goes on. It must act on the database as it is now (its orphan cleanup once
+    deleted the other writer's segment and index, and every later open failed)."""
+    path = copy_db(small_db, tmp_path / "db")
+    more = write_jsonl(tmp_path / "more.jsonl", wiki_docs(4, start=26))
+    term = "pollock"  # only in one of the added documents
+    victims = [d["id"] for d in wiki_docs(4, start=26) if term in d["text"].lower()]
+    assert len(victims) == 1 and all(term not in d["text"].lower() for d in wiki_docs(12))
+    fifo = tmp_path / "blocklist"
+    os.mkfifo(fifo)
+    stale = Database.open(path)  # what `retrolm db delete` does before reading the blocklist
+    result: dict = {}
+
+    def delete() -> None:
+        try:
+            result["deleted"] = stale.delete(blocklist=fifo, show_progress=False)
+        except BaseException as e:  # reported by the main thread
+            result["error"] = e
+
+    worker = threading.Thread(target=delete, daemon=True)
+    worker.start()
+    time.sleep(0.2)
+    Database.open(path).add([more], show_progress=False)  # the second writer
+    deadline = time.monotonic() + 30
+    while True:  # open the FIFO for writing once the delete is reading it
+        try:
+            fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+            break
+        except OSError as e:
+            assert e.errno == errno.ENXIO and time.monotonic() < deadline and worker.is_alive(), result
+            time.sleep(0.05)
+    os.write(fd, f"{term}\n".encode())
+    os.close(fd)
+    worker.join(60)
+    assert "error" not in result, result
+    assert result["deleted"] == victims  # the delete saw the added documents
+    db = Database.open(path)
+    assert db.store.n_docs == 16 and db.info()["num_docs"] == 15 and len(db.meta["segments"]) == 2
+    assert db.verify() > 0
+    assert search(db, db.chunk_texts([db.store.n_chunks - 1])[0], k=1)  # the added chunks are searchable
+
+
+def test_stale_python_object_after_a_cli_add(small_db, tmp_path, capsys):
+    """A long-lived ``Database.open()`` object, a ``retrolm db add`` meanwhile, then ``delete`` and ``add`` on the old
+    object: nothing the CLI added is lost and every open succeeds."""
+    from conftest import run_cli
+
+    path = copy_db(small_db, tmp_path / "db")
+    stale = Database.open(path)
+    added = wiki_docs(3, start=40)
+    rc, _, err = run_cli(["db", "add", path, write_jsonl(tmp_path / "b.jsonl", added), "-q"], capsys)
+    assert rc == 0, err
+    assert stale.delete(doc_ids=[added[0]["id"]], show_progress=False) == [added[0]["id"]]  # found: state re-read
+    stale.add([write_jsonl(tmp_path / "c.jsonl", wiki_docs(2, start=50))], show_progress=False)
+    db = Database.open(path)
+    assert db.store.n_docs == 17 and db.info()["num_docs"] == 16 and len(db.meta["segments"]) == 3
+    assert set(db.live_doc_ids()) >= {d["id"] for d in added[1:]}
+    assert db.index.ntotal == db.store.n_chunks and db.verify() > 0
+
+
+def test_a_second_writer_waits_for_the_lock_then_proceeds(small_db, tmp_path, monkeypatch, caplog):
+    path = copy_db(small_db, tmp_path / "db")
+    victim = Database.open(path).store.doc_ids[0]
+    monkeypatch.setattr(core_io, "LOCK_TIMEOUT_S", 0.3)
+    with core_io.exclusive_lock(path), pytest.raises(RetrolmError, match="another retrolm process is still writing"):
+        Database.open(path).delete(doc_ids=[victim], show_progress=False)  # another process is writing
+    monkeypatch.setattr(core_io, "LOCK_TIMEOUT_S", 60)
+    caplog.clear()
+    result: dict = {}
+    with caplog.at_level(logging.WARNING, logger="retrolm.core.io"), core_io.exclusive_lock(path):
+        worker = threading.Thread(
+            target=lambda: result.update(deleted=Database.open(path).delete(doc_ids=[victim], show_progress=False)))
+        worker.start()
+        time.sleep(0.5)
+        assert worker.is_alive()  # waiting, not failed
+    worker.join(60)
+    assert result["deleted"] == [victim]
+    assert sum("waiting for another retrolm process" in r.message for r in caplog.records) == 1
+
+
+def test_overwrite_waits_for_a_writer_of_the_database_it_replaces(small_db, tmp_path, tiny_db_config, monkeypatch):
+    path = copy_db(small_db, tmp_path / "db")
+    corpus = write_jsonl(tmp_path / "new.jsonl", wiki_docs(3, start=60))
+    monkeypatch.setattr(core_io, "LOCK_TIMEOUT_S", 0.3)
+    with core_io.exclusive_lock(path), pytest.raises(RetrolmError, match="another retrolm process is still writing"):
+        Database.build([corpus], path, tiny_db_config, overwrite=True, show_progress=False)
+    assert Database.open(path).store.n_docs == 12  # not swapped away under the other writer
+    assert Database.build([corpus], path, tiny_db_config, overwrite=True, show_progress=False).store.n_docs == 3
+
+
+# ------------------------------------------------------------------------------------------------ 2. encoder identity
+def test_encoder_is_recorded_by_resolved_path_and_weights(tmp_path, tiny_encoder, monkeypatch):
+    """A relative --encoder path is recorded absolute (the database opens from any directory); ``/p/``, ``/p`` and a
+    copy with the same weights are the same encoder; another model of the same width is not."""
+    enc = Path(tiny_encoder)
+    monkeypatch.chdir(enc.parent)
+    corpus = write_jsonl(tmp_path / "c.jsonl", wiki_docs(4))
+    db = Database.build([corpus], tmp_path / "db", BuildConfig(encoder=enc.name, tokenizer="train:300"),
+                        show_progress=False)
+    assert db.meta["encoder"]["name"] == str(enc.resolve())
+    assert db.meta["encoder"]["fingerprint"] == weights_fingerprint(enc)
+    monkeypatch.chdir(tmp_path)
+    db = Database.open(tmp_path / "db")
+    assert search(db, db.chunk_texts([2])[0], k=1)[0].chunk_id == 2  # the encoder is found from another directory
+    copy = shutil.copytree(enc, tmp_path / "copy")
+    for same in (str(enc) + "/", str(enc), str(copy), "./copy"):
+        db.check_compatible(encoder=same)
+
+
+def test_replaced_encoder_folder_is_refused(tmp_path, tiny_encoder, other_encoder, capsys):
+    from conftest import run_cli
+
+    enc = shutil.copytree(tiny_encoder, tmp_path / "enc")
+    corpus = write_jsonl(tmp_path / "c.jsonl", wiki_docs(4))
+    Database.build([corpus], tmp_path / "db", BuildConfig(encoder=str(enc), tokenizer="train:300"),
+                   show_progress=False)
+    with pytest.raises(RetrolmError, match="built with encoder"):
+        Database.open(tmp_path / "db").check_compatible(encoder=other_encoder)
+    rc, _, err = run_cli(["db", "add", tmp_path / "db", write_jsonl(tmp_path / "m.jsonl", wiki_docs(1, start=9)),
+                          "--encoder", other_encoder, "-q"], capsys)
+    assert rc == 2 and err.count("error: ") == 1 and "built with encoder" in err
+
+    shutil.rmtree(enc)
+    shutil.copytree(other_encoder, enc)  # same width, same path, other weights
+    db = Database.open(tmp_path / "db")
+    with pytest.raises(RetrolmError, match="encoder weights differ"):
+        search(db, "anything at all", k=1)
+    with pytest.raises(RetrolmError, match="encoder weights differ"):
+        db.add([write_jsonl(tmp_path / "more.jsonl", wiki_docs(2, start=20))], show_progress=False)
+    assert Database.open(tmp_path / "db").store.n_docs == 4 and not (tmp_path / "db" / ".staging-add").exists()
+
+    shutil.rmtree(enc)  # a missing local encoder: a line naming the folder, no hub lookup
+    with pytest.raises(RetrolmError) as exc:
+        search(Database.open(tmp_path / "db"), "anything", k=1)
+    assert str(enc) in str(exc.value) and "not found" in str(exc.value) and "huggingface" not in str(exc.value)
+    for missing in (f"{enc}/", "./no-such-encoder"):
+        rc, _, err = run_cli(["db", "build", corpus, "--out", tmp_path / "other", "--encoder", missing], capsys)
+        assert rc == 2 and err.strip() == f"error: {missing}: encoder folder not found", err
+
+
+def test_reloaded_view_drops_an_encoder_of_a_rebuilt_database(tmp_path, tiny_encoder, other_encoder):
+    """A long-lived object that loaded the encoder, then the folder is rebuilt with another one: its next add must not
+    embed with the old encoder (two embedding spaces in one index)."""
+    corpus = write_jsonl(tmp_path / "c.jsonl", wiki_docs(4))
+    stale = Database.build([corpus], tmp_path / "db", BuildConfig(encoder=tiny_encoder, tokenizer="train:300"),
+                           show_progress=False)
+    search(stale, "load the encoder", k=1)
+    Database.build([corpus], tmp_path / "db", BuildConfig(encoder=other_encoder, tokenizer="train:300"),
+                   overwrite=True, show_progress=False)
+    stale.add([write_jsonl(tmp_path / "more.jsonl", wiki_docs(1, start=30))], show_progress=False)
+    assert stale.encoder.path == str(Path(other_encoder).resolve())
+    db = Database.open(tmp_path / "db")
+    last = db.store.n_chunks - 1
+    assert search(db, db.chunk_texts([last])[0], k=1)[0].chunk_id == last
+
+
+# ------------------------------------------------------------------------------------------------ 3. build resume
+class Killed(BaseException):
+    """Stands for SIGKILL: not an Exception, so no handler tidies up."""
+
+
+def test_build_killed_between_index_and_meta_resumes_identically(tmp_path, tiny_db_config, monkeypatch):
+    import retrolm.db.build as build
+
+    corpus = write_jsonl(tmp_path / "c.jsonl", wiki_docs(10))
+    out, staging = tmp_path / "db", tmp_path / "db.partial"
+    real = build.save_config
+
+    def killed(*a, **k):  # build.yaml is written after the index and before meta.json
+        raise Killed
+
+    monkeypatch.setattr(build, "save_config", killed)
+    with pytest.raises(Killed):
+        Database.build([corpus], out, tiny_db_config, show_progress=False)
+    assert (staging / "index-v1.faiss").is_file() and not (staging / "meta.json").exists()
+    assert (staging / "tokenizer.name.json").is_file()  # needed by the resume (deleting it early broke every rerun)
+    with pytest.raises(RetrolmError, match="unfinished build staging folder"):
+        DatabaseView.open(staging)
+
+    monkeypatch.setattr(build, "save_config", real)
+    monkeypatch.setattr(build, "swap_into_place", lambda *a: (_ for _ in ()).throw(Killed()))
+    with pytest.raises(Killed):  # killed once more, after meta.json: a finished staging folder
+        Database.build([corpus], out, tiny_db_config, show_progress=False)
+    assert (staging / "meta.json").is_file()
+    with pytest.raises(RetrolmError, match="unfinished build staging folder") as exc:
+        DatabaseView.open(staging)
+    assert "\n" not in str(exc.value)
+
+    monkeypatch.undo()
+    resumed = Database.build([corpus], out, tiny_db_config, show_progress=False)
+    ref = Database.build([corpus], tmp_path / "ref", tiny_db_config, show_progress=False)
+    assert not staging.exists()
+    n = ref.store.n_chunks
+    assert resumed.store.n_chunks == n and resumed.store.doc_ids == ref.store.doc_ids
+    np.testing.assert_array_equal(resumed.store.tokens(np.arange(n)), ref.store.tokens(np.arange(n)))
+    np.testing.assert_array_equal(resumed.index.reconstruct(np.arange(n)), ref.index.reconstruct(np.arange(n)))
+    assert resumed.meta["tokenizer"] == ref.meta["tokenizer"] and resumed.meta["files"] == ref.meta["files"]
+
+
+def test_resume_makes_a_damaged_staged_index_again(tmp_path, tiny_db_config, monkeypatch):
+    """A staged index left truncated (a full disk that FAISS only printed about) is made again, not loaded forever."""
+    import retrolm.db.build as build
+
+    corpus = write_jsonl(tmp_path / "c.jsonl", wiki_docs(6))
+    monkeypatch.setattr(build, "save_config", lambda *a, **k: (_ for _ in ()).throw(Killed()))
+    with pytest.raises(Killed):
+        Database.build([corpus], tmp_path / "db", tiny_db_config, show_progress=False)
+    monkeypatch.undo()
+    staged = tmp_path / "db.partial" / "index-v1.faiss"
+    staged.write_bytes(staged.read_bytes()[:200])
+    db = Database.build([corpus], tmp_path / "db", tiny_db_config, show_progress=False)
+    assert db.index.ntotal == db.store.n_chunks and db.verify() > 0
+
+
+# ------------------------------------------------------------------------------------------------ 5. integrity
+@pytest.mark.parametrize("name", ["index", "segments/seg-000000/tokens.bin"])
+def test_random_bytes_inside_a_file_are_caught_on_open(small_db, tmp_path, name):
+    path = copy_db(small_db, tmp_path / "db")
+    meta = json.loads((path / "meta.json").read_text())
+    target = path / (meta["index"]["file"] if name == "index" else name)
+    damage(target)
+    with pytest.raises(RetrolmError) as exc:
+        DatabaseView.open(path)
+    assert str(exc.value).startswith(f"{target}: corrupt") and "\n" not in str(exc.value)
+
+
+def test_format_1_database_still_opens_and_dense_search_refuses_impossible_scores(small_db, tmp_path):
+    """A format-1 database (no checksums) opens; a damaged index then shows itself by impossible scores (4.7e37)."""
+    path = copy_db(small_db, tmp_path / "db")
+    meta = json.loads((path / "meta.json").read_text())
+    del meta["files"]
+    meta["format_version"] = 1
+    meta["encoder"].pop("fingerprint")
+    (path / "meta.json").write_text(json.dumps(meta))
+    db = DatabaseView.open(path)
+    assert db.verify() == 0
+    text = db.chunk_texts([3])[0]
+    assert search(db, text, k=1)[0].chunk_id == 3
+    damage(path / meta["index"]["file"], n=2000)
+    with pytest.raises(RetrolmError, match="impossible results"):
+        search(DatabaseView.open(path), text, k=3)
+
+
+# ------------------------------------------------------------------------------------------------ 6. a full disk
+def no_space(*args, **kwargs):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # as a write() reports it: no file name
+
+
+class FullFile:
+    """A file opened for writing on a full disk: every write fails as ``write(2)`` reports it (no file name)."""
+
+    def __init__(self, path, mode="wb", *args, **kwargs):
+        self.f = open(path, mode, *args, **kwargs)  # noqa: SIM115 - closed through __getattr__ / __exit__
+
+    def write(self, data):
+        no_space()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+
+@pytest.mark.parametrize("where", ["segment", "shard", "index", "meta"])
+def test_full_disk_during_add_loses_nothing(small_db, tmp_path, monkeypatch, where):
+    """ENOSPC at each write of an add: the error names the file, the database keeps what it had and still opens, and
+    the same add succeeds once there is room (resuming from the embeddings when they were done)."""
+    import retrolm.db.chunks as chunks
+    import retrolm.db.index as index_module
+
+    path = copy_db(small_db, tmp_path / "db")
+    before = Database.open(path)
+    n_docs, files = before.store.n_docs, before.meta["files"]
+    more = write_jsonl(tmp_path / "more.jsonl", wiki_docs(3, start=40))
+    if where == "segment":
+        monkeypatch.setattr(chunks, "open", FullFile, raising=False)
+        expected = "/tokens.bin"
+    elif where == "shard":
+        monkeypatch.setattr(core_io._Unbuffered, "write", no_space)
+        expected = "/embeddings/00000.npy"
+    elif where == "index":
+        monkeypatch.setattr(index_module, "open", FullFile, raising=False)
+        expected = f"/.staging-add/index-v{before.meta['version'] + 1}.faiss"
+    else:  # the commit point, after the new segment and index were moved in
+        real = Path.write_bytes
+        monkeypatch.setattr(Path, "write_bytes",
+                            lambda self, data: no_space() if self.name.startswith(".meta.json.") else real(self, data))
+        expected = f"{path}/meta.json"
+    with pytest.raises(OSError) as exc:
+        Database.open(path).add([more], show_progress=False)
+    assert str(exc.value.filename).endswith(expected) and exc.value.strerror == "No space left on device"
+    monkeypatch.undo()
+    db = Database.open(path)  # still opens, with everything it had
+    assert db.store.n_docs == n_docs and db.meta["files"] == files and db.verify() > 0
+    assert not [p for p in path.rglob("*") if p.name.endswith(".tmp")]
+    assert (path / ".staging-add").exists() == (where in ("index", "meta"))  # kept only when embeddings were done
+    assert Database.open(path).add([more], show_progress=False)["docs_added"] == 3
+    db = Database.open(path)
+    assert db.store.n_docs == n_docs + 3 and not (path / ".staging-add").exists()
+    assert sorted(p.name for p in (path / "segments").iterdir()) == db.meta["segments"]
+
+
+def test_full_disk_during_compact_leaves_nothing_behind(small_db, tmp_path, monkeypatch):
+    import retrolm.db.chunks as chunks
+
+    path = copy_db(small_db, tmp_path / "db")
+    db = Database.open(path)
+    db.delete(doc_ids=db.store.doc_ids[:2], show_progress=False)
+    meta = Database.open(path).meta
+    monkeypatch.setattr(chunks, "open", FullFile, raising=False)
+    with pytest.raises(OSError, match="No space left on device"):
+        Database.open(path).compact(show_progress=False)
+    monkeypatch.undo()
+    assert not (path / ".staging-compact").exists()  # the partial copy would hold the space the user needs
+    assert Database.open(path).meta == meta
+    assert Database.open(path).compact(show_progress=False)["docs"] == 10
+
+
+def test_search_on_a_database_with_nothing_left(tmp_path, tiny_db_config):
+    """Every document deleted, then compacted away: every retriever answers "nothing", none raises."""
+    db = Database.build([write_jsonl(tmp_path / "c.jsonl", wiki_docs(3))], tmp_path / "db", tiny_db_config,
+                        show_progress=False)
+    db.delete(match=".", show_progress=False)
+    for retriever in ("dense", "bm25", "hybrid"):
+        assert search(db, "a query", k=3, retriever=retriever) == []
+    db.compact(show_progress=False)
+    db = Database.open(tmp_path / "db")
+    assert db.store.n_chunks == 0
+    for retriever in ("dense", "bm25", "hybrid"):
+        assert search(db, "a query", k=3, retriever=retriever) == [], retriever
+
+
+# ------------------------------------------------------------------------------------------------ 8. smaller
+def test_every_database_file_gets_the_umask_mode(tmp_path, tiny_db_config, monkeypatch):
+    """Files are created with the mode ``open()`` would give (0644 under umask 022), not mkstemp's 0600."""
+    monkeypatch.setattr(core_io, "FILE_MODE", 0o644)
+    old = os.umask(0o022)
+    try:
+        db = Database.build([write_jsonl(tmp_path / "c.jsonl", wiki_docs(6))], tmp_path / "db", tiny_db_config,
+                            show_progress=False)
+        db.add([write_jsonl(tmp_path / "more.jsonl", wiki_docs(2, start=30))], show_progress=False)
+        db.delete(doc_ids=[db.store.doc_ids[0]], show_progress=False)
+        db.store_bm25(show_progress=False)
+    finally:
+        os.umask(old)
+    files = [p for p in db.path.rglob("*") if p.is_file()]
+    assert len(files) > 15
+    assert {p.relative_to(db.path).as_posix(): oct(p.stat().st_mode & 0o777) for p in files
+            if p.stat().st_mode & 0o777 != 0o644} == {}

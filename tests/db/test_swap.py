@@ -1,0 +1,81 @@
+"""Replacing a database folder (``build --overwrite``): a crash between the two renames is finished or undone on the
+next open or build, never left as a missing database."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+
+import pytest
+
+from retrolm.db import Database
+from retrolm.db.meta import recover_interrupted_swap, swap_into_place
+
+
+def folder(path, marker: str, meta: bool = True, plan: bool = False):
+    path.mkdir(parents=True)
+    (path / "marker").write_text(marker)
+    if meta:
+        (path / "meta.json").write_text("{}")
+    if plan:
+        (path / "plan.json").write_text("{}")
+    return path
+
+
+def names(root) -> set[str]:
+    return {p.name for p in root.iterdir()}
+
+
+def test_swap_replaces_the_folder_and_removes_the_old_one(tmp_path):
+    out = folder(tmp_path / "db", "old")
+    swap_into_place(folder(tmp_path / "db.partial", "new"), out)
+    assert (out / "marker").read_text() == "new" and names(tmp_path) == {"db"}
+    swap_into_place(folder(tmp_path / "db.partial", "newer"), out)
+    assert (out / "marker").read_text() == "newer" and names(tmp_path) == {"db"}
+    shutil.rmtree(out)  # a first build: nothing to replace
+    swap_into_place(folder(tmp_path / "db.partial", "first"), out)
+    assert (out / "marker").read_text() == "first" and names(tmp_path) == {"db"}
+
+
+def test_crash_after_the_old_folder_was_moved_aside_finishes_a_complete_replacement(tmp_path, caplog):
+    folder(tmp_path / "db.old", "old")
+    folder(tmp_path / "db.partial", "new")  # finished: meta.json written, no build plan left
+    with caplog.at_level(logging.WARNING):
+        recover_interrupted_swap(tmp_path / "db")
+    assert names(tmp_path) == {"db"} and (tmp_path / "db" / "marker").read_text() == "new"
+    assert "finishing a replacement interrupted by a crash" in caplog.text
+
+
+@pytest.mark.parametrize("staging", ["missing", "no meta", "unfinished plan"])
+def test_crash_with_an_unfinished_replacement_brings_the_old_database_back(tmp_path, caplog, staging):
+    folder(tmp_path / "db.old", "old")
+    if staging != "missing":
+        folder(tmp_path / "db.partial", "new", meta=staging != "no meta", plan=staging == "unfinished plan")
+    with caplog.at_level(logging.WARNING):
+        recover_interrupted_swap(tmp_path / "db")
+    assert (tmp_path / "db" / "marker").read_text() == "old" and not (tmp_path / "db.old").exists()
+    if staging != "missing":  # an unfinished build is kept: re-running it resumes
+        assert (tmp_path / "db.partial" / "marker").read_text() == "new"
+    assert "the previous database is back" in caplog.text
+
+
+def test_nothing_to_recover_changes_nothing(tmp_path, caplog):
+    recover_interrupted_swap(tmp_path / "db")  # no database at all
+    assert names(tmp_path) == set()
+    folder(tmp_path / "db", "current")
+    folder(tmp_path / "db.old", "old")  # a leftover next to a database in place is not touched
+    folder(tmp_path / "db.partial", "new")
+    with caplog.at_level(logging.WARNING):
+        recover_interrupted_swap(tmp_path / "db")
+    assert names(tmp_path) == {"db", "db.old", "db.partial"}
+    assert (tmp_path / "db" / "marker").read_text() == "current" and not caplog.text
+
+
+def test_open_recovers_a_real_database(built_db, tmp_path):
+    shutil.copytree(built_db.path, tmp_path / "db.old")  # crashed after `db` was moved aside, nothing new yet
+    db = Database.open(tmp_path / "db")
+    assert db.store.n_chunks == built_db.store.n_chunks and names(tmp_path) == {"db"}
+    shutil.move(tmp_path / "db", tmp_path / "db.partial")  # crashed after moving aside, with the new one complete
+    folder(tmp_path / "db.old", "old")
+    db = Database.open(tmp_path / "db")
+    assert db.store.doc_ids == built_db.store.doc_ids and names(tmp_path) == {"db"}
