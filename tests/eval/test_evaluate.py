@@ -35,6 +35,7 @@ def test_longest_common_run_on_hand_made_chunks():
     c = list(range(10, 26))  # 16 tokens
     assert lcs(c, c) == 16  # identical → r = 1
     assert overlap_ratio(np.array([16]), np.array([16]))[0] == 1.0
+    np.testing.assert_array_equal(overlap_ratio(np.array([1, 3, 0]), np.array([1, 4, 0])), [1.0, 0.75, 0.0])
     assert lcs(c, list(range(100, 132))) == 0  # disjoint → 0
     assert lcs(c, [1, 2, 13, 14, 15, 3, 20, 21, 22, 23, 24, 9]) == 5  # the longest of two shared runs
     assert lcs(c, [12, 99, 14]) == 1  # shared tokens that are not contiguous count one at a time
@@ -52,6 +53,7 @@ def test_longest_common_run_on_hand_made_chunks():
     got = longest_common_run(chunks, np.full(37, 8), nbs, np.ones_like(nbs, dtype=bool), block=10)
     want = [max(_brute_lcs(list(chunks[i]), list(n)) for n in nbs[i]) for i in range(37)]
     np.testing.assert_array_equal(got, want)
+    assert got.dtype == np.int64  # token counts
 
 
 def _brute_lcs(a: list[int], b: list[int]) -> int:
@@ -64,9 +66,12 @@ def test_leakage_curve_filters_chunks_by_overlap():
     n_bytes = np.array([10.0, 10.0, 10.0, 10.0])
     nats = {"a": np.array([1.0, 2.0, 3.0, 4.0]) * math.log(2)}
     curve = leakage_curve(overlap, n_bytes, nats, alphas=(0.0, 0.125, 0.5, 1.0))
+    assert curve.alphas == [0.0, 0.125, 0.5, 1.0]
     assert curve.fraction == [0.25, 0.5, 0.75, 1.0]
     assert curve.bpb["a"] == pytest.approx([0.1, 0.15, 0.2, 0.25])
     assert math.isnan(bits_per_byte(nats["a"], n_bytes, overlap > 2))
+    empty = leakage_curve(np.zeros(0), np.zeros(0), {"a": np.zeros(0)}, alphas=(0.0, 1.0))  # no chunks at all
+    assert empty.fraction == [0.0, 0.0] and all(math.isnan(b) for b in empty.bpb["a"])
 
 
 def test_near_duplicates_by_13gram_jaccard():
@@ -101,8 +106,8 @@ def random_doc(rng: np.random.Generator, n_words: int) -> str:
 @pytest.fixture(scope="module")
 def copy_world(tmp_path_factory, tiny_encoder):
     """Database documents come in identical pairs (X, X-copy), so RETRO learns to copy what it retrieves; after
-    training, a copy of every held-out document is added to the database under another id (a knowledge update,
-    SPEC R7). Text is random words: only the retrieved copy's continuation predicts a held-out document."""
+    training, a copy of every held-out document is added to the database under another id (a knowledge update, no
+    retraining). Text is random words: only the retrieved copy's continuation predicts a held-out document."""
     root = tmp_path_factory.mktemp("copy-world")
     rng = np.random.default_rng(0)
     train, held, copies = [], [], []
@@ -202,7 +207,7 @@ def test_eval_cli_and_errors(copy_world, built_db, capsys, tmp_path):
     assert rc == 0 and RETRO_OFF in out and "novel" not in out
     rc, _, err = run_cli(["eval", "--checkpoint", tmp_path / "nope", "--db", copy_world["db"].path, "--data",
                           copy_world["held"]], capsys)
-    assert rc == 2 and "not a retrolm checkpoint" in err and "Traceback" not in err
+    assert rc == 2 and "no such checkpoint" in err and "Traceback" not in err
     rc, _, err = run_cli(["eval", "--checkpoint", root / "retro", "--db", built_db.path, "--data",
                           copy_world["held"]], capsys)  # a database with another tokenizer
     assert rc == 2 and "another tokenizer" in err and len(err.strip().splitlines()) == 1

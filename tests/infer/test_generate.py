@@ -143,6 +143,23 @@ def test_top_p_samples_only_from_the_nucleus():
     assert sample(logits, 0.0, 0.1, gen) == 0  # greedy
 
 
+def test_temperature_divides_the_logits_and_settings_are_checked():
+    """A draw at temperature t is a draw from softmax(logits / t): the same seeded generator gives the same tokens."""
+    from retrolm.infer.sampling import check_sampling, sample
+
+    logits = torch.tensor([2.0, 1.0, 0.5, -1.0, 0.0])
+    for t in (0.5, 2.0):
+        g1, g2 = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
+        drawn = [sample(logits, t, 1.0, g1) for _ in range(200)]
+        want = [int(torch.multinomial(torch.softmax(logits / t, -1), 1, generator=g2)) for _ in range(200)]
+        assert drawn == want, t
+    check_sampling(1, 0.0, 1.0)  # the smallest valid settings
+    check_sampling(1, 0.0, 1e-6)
+    for bad in ((0, 1.0, 0.9), (1, -0.1, 0.9), (1, 1.0, 0.0), (1, 1.0, 1.01), (0, -1.0, 0.9)):
+        with pytest.raises(RetrolmError, match=r"need max_new_tokens >= 1, temperature >= 0 and 0 < top_p <= 1"):
+            check_sampling(*bad)
+
+
 def test_generate_cli_json_from_a_trained_checkpoint(built_db, tmp_path, capsys):
     cfg = TrainConfig(db=str(built_db.path), out_dir=str(tmp_path / "run"), model=ModelSpec(preset="tiny", seq_len=256),
                       steps=2, batch_size=2, eval_every=2, save_every=2, eval_batches=1, warmup_steps=1,

@@ -91,11 +91,12 @@ def test_chunk_neighbours_are_first_read_at_the_chunks_last_token(model, data):
     assert torch.equal(model(idx, nb2).logits, ref)
 
 
+@pytest.mark.parametrize("R", [2 * M, M])  # neighbours of chunk + continuation (default), or of the chunk alone
 @torch.no_grad()
-def test_cca_matches_a_per_position_reference():
+def test_cca_matches_a_per_position_reference(R):
     """The batched shift/pad/fold of ChunkedCrossAttention against a naive loop, also from a mid-sequence start."""
     torch.manual_seed(0)
-    cfg = tiny_config()
+    cfg = tiny_config(neighbour_len=R)
     cca = ChunkedCrossAttention(cfg).eval()
     B, N, H, e = 2, T // M, cfg.n_head, cfg.d_model // cfg.n_head
     x = torch.randn(B, T, cfg.d_model)
@@ -122,6 +123,30 @@ def test_cca_matches_a_per_position_reference():
     for s in (3, M - 1, M, 2 * M + 5):  # a suffix, given the chunks it reads, matches the full pass
         j0 = max(s + 1, M) // M - 1
         torch.testing.assert_close(cca(x[:, s:], enc[:, j0:], mask[:, j0:], start=s), out[:, s:])
+
+
+@torch.no_grad()
+def test_cca_refuses_misaligned_neighbour_chunks_and_reads_nothing_before_the_first_chunk_ends():
+    torch.manual_seed(0)
+    cfg = tiny_config()
+    cca = ChunkedCrossAttention(cfg).eval()
+    x = torch.randn(2, 47, cfg.d_model)
+    enc = torch.randn(2, 6, K, R, cfg.enc_d_model)
+    mask = torch.ones(2, 6, K, R, dtype=torch.bool)
+    assert cca(x, enc[:, :5], mask[:, :5]).shape == x.shape  # positions 7..46 read chunks 0..4
+    for n in (6, 4, 0):  # one chunk too many (the pad would be a whole chunk), one too few, none
+        msg = rf"^CCA got {n} neighbour chunks for positions \[0, 47\) with chunk_len 8$"
+        with pytest.raises(ValueError, match=msg):
+            cca(x, enc[:, :n], mask[:, :n])
+    out = cca(x[:, : M - 1], enc[:, :0], mask[:, :0])  # positions before the first chunk's last token read nothing
+    assert torch.equal(out, torch.zeros(2, M - 1, cfg.d_model))
+    with pytest.raises(ValueError, match=r"CCA got 1 neighbour chunks for positions \[0, 7\)"):
+        cca(x[:, : M - 1], enc[:, :1], mask[:, :1])
+    # the RoPE table is derived, not learned: checkpoints do not hold it; biases follow the config
+    assert "rope" not in cca.state_dict() and not any(k.endswith("rope") for k in RetroModel(cfg).state_dict())
+    assert cca.attn.q.bias is None and cca.attn.kv.bias is None
+    biased = ChunkedCrossAttention(tiny_config(bias=True)).attn
+    assert biased.q.bias is not None and biased.kv.bias is not None and biased.proj.bias is not None
 
 
 # --- retrieval off, masks, gradients ------------------------------------------------------------------------------

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from conftest import run_cli, wiki_docs, write_jsonl
 from retrolm.core.errors import RetrolmError
-from retrolm.text.corpus import iter_documents
+from retrolm.text.corpus import iter_documents, split_corpus
 
 HTML = """<html><head><title>T</title><script>var tracking = 1;</script></head><body>
 <nav><a href="/">Home</a> | <a href="/about">About</a></nav>
@@ -67,3 +70,62 @@ def test_request_errors(tmp_path):
     (tmp_path / "dup.jsonl").write_text('{"id": "a", "text": "x"}\n{"id": "a", "text": "y"}\n')
     with pytest.raises(RetrolmError, match=r"dup.jsonl:2: duplicate document id 'a'"):
         list(iter_documents([tmp_path / "dup.jsonl"]))
+
+
+# --- the train / held-out split -----------------------------------------------------------------------------------
+
+
+def read_split(out) -> dict[str, list[dict]]:
+    return {part: [json.loads(line) for line in (out / f"{part}.jsonl").read_text(encoding="utf-8").splitlines()]
+            for part in ("train", "heldout")}
+
+
+def ids_of(split: dict[str, list[dict]]) -> dict[str, set[str]]:
+    return {part: {d["id"] for d in docs} for part, docs in split.items()}
+
+
+def test_split_is_by_document_id_hash_and_writes_both_files(tmp_path):
+    docs = wiki_docs(400)
+    counts = split_corpus([write_jsonl(tmp_path / "a.jsonl", docs)], tmp_path / "out", heldout=0.25)
+    split = read_split(tmp_path / "out")
+    assert counts == {"train": len(split["train"]), "heldout": len(split["heldout"])}
+    assert counts["train"] + counts["heldout"] == 400
+    assert 70 <= counts["heldout"] <= 130  # ~25% (binomial sd ≈ 9)
+    # every document lands on exactly one side, with its text unchanged
+    by_id = {d["id"]: d["text"] for d in docs}
+    both = split["train"] + split["heldout"]
+    assert sorted(d["id"] for d in both) == sorted(by_id) and all(by_id[d["id"]] == d["text"] for d in both)
+    # held out ⟺ sha256("seed:id") read as a fraction falls below the held-out share (a fixed, documented rule)
+    for d in docs:
+        x = int.from_bytes(hashlib.sha256(f"0:{d['id']}".encode()).digest()[:8], "big") / 2**64
+        assert (d["id"] in ids_of(split)["heldout"]) == (x < 0.25)
+
+    # deterministic, independent of the order of the documents, and stable when documents are added
+    split_corpus([write_jsonl(tmp_path / "b.jsonl", docs[::-1])], tmp_path / "rev", heldout=0.25)
+    assert ids_of(read_split(tmp_path / "rev")) == ids_of(split)
+    more = docs + wiki_docs(200, start=400)
+    split_corpus([write_jsonl(tmp_path / "c.jsonl", more)], tmp_path / "more", heldout=0.25)
+    grown = ids_of(read_split(tmp_path / "more"))
+    assert ids_of(split)["heldout"] <= grown["heldout"] and ids_of(split)["train"] <= grown["train"]
+    assert len(grown["heldout"]) > len(ids_of(split)["heldout"])
+    # another seed is another split
+    split_corpus([tmp_path / "a.jsonl"], tmp_path / "seed1", heldout=0.25, seed=1)
+    assert ids_of(read_split(tmp_path / "seed1")) != ids_of(split)
+
+
+@pytest.mark.parametrize("fraction", [0.0, 1.0, -0.1, 1.5])
+def test_split_refuses_a_fraction_outside_0_1(tmp_path, fraction):
+    with pytest.raises(RetrolmError, match=rf"held-out fraction must be in \(0, 1\), got {fraction}"):
+        split_corpus([write_jsonl(tmp_path / "a.jsonl", wiki_docs(5))], tmp_path / "out", heldout=fraction)
+    assert not (tmp_path / "out").exists()
+
+
+def test_split_that_leaves_a_side_empty_is_an_error(tmp_path, capsys):
+    corpus = write_jsonl(tmp_path / "a.jsonl", wiki_docs(3))
+    with pytest.raises(RetrolmError, match=r"out: split left one side empty \({'train': 3, 'heldout': 0}\)"):
+        split_corpus([corpus], tmp_path / "out", heldout=0.001)
+    rc, out, err = run_cli(["corpus", "split", corpus, "--out", tmp_path / "cli", "--heldout", "0.5"], capsys)
+    assert rc == 0, err
+    counts = {part: len(docs) for part, docs in read_split(tmp_path / "cli").items()}
+    want = f"{tmp_path / 'cli'}: {counts['train']} train documents, {counts['heldout']} held-out documents"
+    assert out.strip() == want

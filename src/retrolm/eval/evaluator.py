@@ -28,6 +28,7 @@ from retrolm.core.errors import RetrolmError
 from retrolm.core.io import read_json
 from retrolm.db import DatabaseView, tokenize_corpus
 from retrolm.eval.config import EvalConfig
+from retrolm.eval.incontext import InContextScorer, InContextSettings, document_texts
 from retrolm.eval.leakage import longest_common_run
 from retrolm.models.loading import load_model
 from retrolm.retrieval import Exclusion, Retriever, get_retriever
@@ -38,6 +39,7 @@ from retrolm.train import RetroSequences, Scores, bits_per_byte, chunk_bytes, sc
 logger = logging.getLogger(__name__)
 
 RETRO, RETRO_OFF = "retro", "retro_no_retrieval"
+IN_CONTEXT, NO_RETRIEVAL = "in_context", "no_retrieval"
 
 
 @dataclass
@@ -47,14 +49,21 @@ class EvalModel:
     model: torch.nn.Module
     tokenizer: LMTokenizer
     path: Path
-    """The checkpoint folder it was loaded from."""
+    """The checkpoint folder it was loaded from (or the pretrained LM's folder / name)."""
+    kind: str = "retro"
+    """retro (RETRO or its baseline), retrofit, or causal_lm (a pretrained LM, read with in-context retrieval)."""
     label: str = ""
     """A short, unique name for tables and plots."""
 
     @property
+    def in_context(self) -> bool:
+        """A plain pretrained LM: it reads retrieved text in its context."""
+        return self.kind == "causal_lm"
+
+    @property
     def retrieval(self) -> bool:
-        """True for a model that reads neighbours (RETRO), False for a baseline decoder."""
-        return bool(self.model.config.retro_layers)
+        """True for a model that reads retrieved text (RETRO, RETRO-fitted, in-context), False for a baseline."""
+        return self.in_context or bool(self.model.config.retro_layers)
 
     @property
     def trained_on(self) -> dict | None:
@@ -64,7 +73,9 @@ class EvalModel:
 
     def describe(self) -> dict[str, Any]:
         n = sum(p.numel() for p in self.model.parameters())
-        return {"path": str(self.path), "retro": self.retrieval, "params": n,
+        if self.in_context:
+            return {"path": str(self.path), "kind": self.kind, "retro": False, "params": n}
+        return {"path": str(self.path), "kind": self.kind, "retro": self.retrieval, "params": n,
                 "non_embedding_params": n - self.model.wte.weight.numel(),
                 "retro_layers": list(self.model.config.retro_layers),
                 "train_num_neighbours": self.model.config.num_neighbours}
@@ -80,10 +91,9 @@ def _labels(paths: list[Path]) -> list[str]:
 
 
 def display_name(key: str) -> str:
-    """A result key ("retro", "retro_no_retrieval", "baseline:<run>") as a plot label."""
-    return {RETRO: "RETRO, retrieval on", RETRO_OFF: "RETRO, retrieval off"}.get(
-        key, key.replace("baseline:", "baseline ")
-    )
+    """A result key ("retro", "retro_no_retrieval", "in_context", "no_retrieval", "baseline:<run>") as a label."""
+    return {RETRO: "RETRO, retrieval on", RETRO_OFF: "RETRO, retrieval off", IN_CONTEXT: "in-context retrieval",
+            NO_RETRIEVAL: "LM alone (no retrieval)"}.get(key, key.replace("baseline:", "baseline "))
 
 
 class Evaluator:
@@ -97,20 +107,21 @@ class Evaluator:
         self.db = DatabaseView.open(cfg.db)
         refs = [cfg.checkpoint, *cfg.baselines]
         loaded = [load_model(r, device=self.device) for r in refs]
-        labels = _labels([folder for _, folder in loaded])
-        models = [EvalModel(m, load_tokenizer(str(folder)), folder, label)
-                  for (m, folder), label in zip(loaded, labels, strict=True)]
+        labels = _labels([lm.folder or Path(lm.name) for lm in loaded])
+        models = [EvalModel(lm.model, load_tokenizer(str(lm.folder or lm.name)), lm.folder or Path(lm.name), lm.kind,
+                            label) for lm, label in zip(loaded, labels, strict=True)]
         self.main, self.baselines = models[0], models[1:]
         for em in models:
             self._check_compatible(em)
         for b in self.baselines:
-            if b.retrieval:
-                raise RetrolmError(f"{b.path}: --baseline must be a checkpoint without RETRO layers")
+            if b.retrieval and not b.in_context:
+                raise RetrolmError(f"{b.path}: --baseline must be a model without RETRO layers")
         self.retrieval = cfg.retrieval and self.main.retrieval
-        self.k = cfg.neighbours or self.main.model.config.num_neighbours
+        self.k = cfg.neighbours or (1 if self.main.in_context else self.main.model.config.num_neighbours)
         m = self.db.chunk_len
-        seq_len = cfg.seq_len or min(e.model.config.seq_len for e in models)
-        if seq_len % m or any(seq_len > e.model.config.seq_len for e in models):
+        chunked = [e for e in models if not e.in_context]  # models that read RETRO-style, chunk-aligned sequences
+        seq_len = cfg.seq_len or min((e.model.config.seq_len for e in chunked), default=m)
+        if seq_len % m or any(seq_len > e.model.config.seq_len for e in chunked):
             raise RetrolmError(f"seq_len {seq_len}: must be a multiple of chunk_len {m} and fit every model")
         self.seq_chunks = seq_len // m
 
@@ -125,10 +136,15 @@ class Evaluator:
         self.retriever: Retriever | None = get_retriever(self.db, cfg.retriever) if self.retrieval else None
         self._queries: dict[str, np.ndarray] = {}
         self._scores: dict[tuple, Scores] = {}
+        self._readers: dict[int, InContextScorer] = {}
+        self.costs: dict[str, dict] = {}
+        """What in-context scoring cost, per result key (forward tokens per scored token, tokens/s)."""
 
     # ---- setup
     def _check_compatible(self, em: EvalModel) -> None:
         db = self.db
+        if em.in_context:  # it reads text: any tokenizer, any chunk length
+            return
         if em.tokenizer.sha256 != db.tokenizer.sha256:
             raise RetrolmError(f"{em.path}: trained with another tokenizer than the database {db.path} uses")
         if em.model.config.chunk_len != db.chunk_len:
@@ -215,6 +231,33 @@ class Evaluator:
         return score_sequences(em.model, seqs, batch_size=self.cfg.batch_size, with_neighbours=neighbours is not None,
                                device=self.device, desc=desc, show_progress=self.show)
 
+    def reader(self, em: EvalModel) -> InContextScorer:
+        """The in-context scorer of a pretrained LM (its tokens aligned with the held-out chunks once)."""
+        if id(em) not in self._readers:
+            settings = InContextSettings(stride=self.cfg.stride, query_tokens=self.cfg.query_tokens,
+                                         passages=self.k, continuation=self.cfg.continuation,
+                                         context_tokens=self.cfg.context_tokens, batch_size=self.cfg.batch_size)
+            texts = document_texts(self.cfg.data, self.cfg.max_docs)
+            self._readers[id(em)] = InContextScorer(em.model, em.tokenizer, self.source, self.db.tokenizer, texts,
+                                                    settings)
+        return self._readers[id(em)]
+
+    def score_in_context(self, em: EvalModel, retrieval: bool, db: DatabaseView | None = None,
+                         exclude_chunks: np.ndarray | None = None, desc: str = "score", key: str | None = None
+                         ) -> Scores:
+        """Per-chunk nats of a pretrained LM over all held-out chunks, reading passages retrieved from ``db`` (the
+        evaluation database by default; evaluation documents excluded) when ``retrieval``."""
+        db = db or self.db
+        retriever = None
+        if retrieval:
+            retriever = self.retriever if db is self.db else get_retriever(db, self.cfg.retriever)
+        mask = self.excluded_chunks if exclude_chunks is None and db is self.db else exclude_chunks
+        reader = self.reader(em)
+        scores = reader.score(retriever, mask, show_progress=self.show, desc=desc)
+        if key is not None and reader.last_run is not None:
+            self.costs[key] = reader.last_run.to_dict()
+        return scores
+
     def summary(self, scores: Scores, select: np.ndarray | None = None) -> dict[str, float]:
         """bits-per-byte, nats per token, perplexity and counts over all (or the selected) chunks."""
         sel = np.ones(len(scores.nats), dtype=bool) if select is None else select
@@ -233,17 +276,26 @@ class Evaluator:
         """Name → description of every evaluated checkpoint."""
         return {em.label: em.describe() for em in (self.main, *self.baselines)}
 
+    @property
+    def main_keys(self) -> tuple[str, str]:
+        """Result keys of the main model with and without retrieval."""
+        if self.main.in_context:
+            return IN_CONTEXT, NO_RETRIEVAL
+        return (RETRO, RETRO_OFF) if self.main.retrieval else ("", f"baseline:{self.main.label}")
+
+    def score_off(self, em: EvalModel, key: str) -> Scores:
+        """Retrieval-off per-chunk nats of any model (cached)."""
+        if ("off", key) not in self._scores:
+            desc = "retrieval off" if em is self.main else f"baseline {em.label}"
+            self._scores[("off", key)] = (self.score_in_context(em, False, desc=desc, key=key) if em.in_context
+                                          else self.score(em, desc=desc))
+        return self._scores[("off", key)]
+
     def reference_scores(self) -> dict[str, Scores]:
-        """Retrieval-off scores: the main checkpoint without retrieval and every baseline (cached)."""
-        out = {}
-        key = RETRO_OFF if self.main.retrieval else f"baseline:{self.main.label}"
-        if ("off", "main") not in self._scores:
-            self._scores[("off", "main")] = self.score(self.main, desc="retrieval off")
-        out[key] = self._scores[("off", "main")]
+        """Retrieval-off scores: the main model without retrieval and every baseline (cached)."""
+        out = {self.main_keys[1]: self.score_off(self.main, self.main_keys[1])}
         for b in self.baselines:
-            if ("off", str(b.path)) not in self._scores:
-                self._scores[("off", str(b.path))] = self.score(b, desc=f"baseline {b.label}")
-            out[f"baseline:{b.label}"] = self._scores[("off", str(b.path))]
+            out[f"baseline:{b.label}"] = self.score_off(b, f"baseline:{b.label}")
         return out
 
     def close(self) -> None:

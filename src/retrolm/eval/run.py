@@ -13,7 +13,8 @@ import numpy as np
 from retrolm.core.config import save_config
 from retrolm.core.io import atomic_path, write_bytes, write_json
 from retrolm.eval.config import EvalConfig
-from retrolm.eval.evaluator import RETRO, RETRO_OFF, Evaluator, Scores, display_name
+from retrolm.eval.evaluator import Evaluator, Scores, display_name
+from retrolm.eval.groups import document_field, gain_interval
 from retrolm.eval.leakage import leakage_curve, overlap_ratio
 from retrolm.eval.report import markdown_table, plot_lines
 
@@ -43,8 +44,11 @@ def run_eval(cfg: EvalConfig, show_progress: bool = True) -> dict[str, Any]:
         scores: dict[str, Scores] = {}
         leak_k = max(ev.k, cfg.leakage_neighbours)
         nb = ev.neighbours(leak_k) if ev.retrieval else None  # retrieval off: the database is not searched
-        if ev.retrieval:
-            scores[RETRO] = ev.score(ev.main, nb, ev.k, desc=f"retrieval on (k={ev.k})")
+        on, off = ev.main_keys
+        if ev.retrieval and ev.main.in_context:
+            scores[on] = ev.score_in_context(ev.main, True, desc=f"in-context retrieval (k={ev.k})", key=on)
+        elif ev.retrieval:
+            scores[on] = ev.score(ev.main, nb, ev.k, desc=f"retrieval on (k={ev.k})")
         scores.update(ev.reference_scores())
 
         result: dict[str, Any] = {
@@ -56,6 +60,11 @@ def run_eval(cfg: EvalConfig, show_progress: bool = True) -> dict[str, Any]:
             "exclusion": ev.exclusion,
             "summary": {name: ev.summary(s) for name, s in scores.items()},
         }
+        if ev.main.in_context:
+            result["reader"] = {"kind": "in_context", "retriever": ev.retriever.name if ev.retriever else None,
+                                "stride": cfg.stride, "query_tokens": cfg.query_tokens, "passages": ev.k,
+                                "continuation": cfg.continuation, "context_tokens": cfg.context_tokens,
+                                "cost": ev.costs}
         per_chunk = {f"nats:{k}": s.nats for k, s in scores.items()}
         per_chunk.update(tokens=next(iter(scores.values())).tokens, bytes=ev.n_bytes, lengths=ev.lengths,
                          doc=ev.source.all_chunk_docs())
@@ -74,17 +83,23 @@ def run_eval(cfg: EvalConfig, show_progress: bool = True) -> dict[str, Any]:
                 "summary": novel_summary,
             }
             per_chunk.update(lcs=lcs, overlap=overlap, neighbours=nb)
-            if RETRO in scores:
-                ref = RETRO_OFF
+            if on in scores:
                 result["gain"] = {
-                    "all": _gain(result["summary"][RETRO]["bpb"], result["summary"][ref]["bpb"]),
-                    "novel": _gain(novel_summary[RETRO]["bpb"], novel_summary[ref]["bpb"]),
+                    "all": _gain(result["summary"][on]["bpb"], result["summary"][off]["bpb"]),
+                    "novel": _gain(novel_summary[on]["bpb"], novel_summary[off]["bpb"]),
                 }
+                doc = ev.source.all_chunk_docs()
+                result["gain_ci95"] = {
+                    "all": gain_interval(scores[on].nats, scores[off].nats, doc),
+                    "novel": gain_interval(scores[on].nats, scores[off].nats, doc, novel),
+                }
+                if cfg.group_by:
+                    result["groups"] = _groups(ev, cfg, scores, on, off, novel)
                 for name in scores:
                     if name.startswith("baseline:"):
-                        result["gain"][f"vs {name}"] = _gain(result["summary"][RETRO]["bpb"],
+                        result["gain"][f"vs {name}"] = _gain(result["summary"][on]["bpb"],
                                                              result["summary"][name]["bpb"])
-                        result["gain"][f"novel vs {name}"] = _gain(novel_summary[RETRO]["bpb"],
+                        result["gain"][f"novel vs {name}"] = _gain(novel_summary[on]["bpb"],
                                                                    novel_summary[name]["bpb"])
             plot_lines(out / "leakage.png", curve.alphas, {display_name(k): v for k, v in curve.bpb.items()},
                        xlabel="max overlap α (r(C) ≤ α)",
@@ -97,6 +112,25 @@ def run_eval(cfg: EvalConfig, show_progress: bool = True) -> dict[str, Any]:
         return result
     finally:
         ev.close()
+
+
+def _groups(ev: Evaluator, cfg: EvalConfig, scores: dict[str, Scores], on: str, off: str, novel: np.ndarray
+            ) -> dict[str, dict]:
+    """Summaries, gains (with bootstrap intervals over documents) and novel shares per group of documents."""
+    field = document_field(cfg.data, cfg.group_by)
+    doc = ev.source.all_chunk_docs()
+    doc_group = np.array([field.get(d, "?") for d in ev.source.doc_ids])
+    out = {}
+    for g in sorted(set(doc_group)):
+        sel = doc_group[doc] == g
+        summ = {name: ev.summary(s, sel) for name, s in scores.items()}
+        out[g] = {"docs": int((doc_group == g).sum()), "chunks": int(sel.sum()),
+                  "novel_fraction": float(novel[sel].mean()), "summary": summ,
+                  "gain": _gain(summ[on]["bpb"], summ[off]["bpb"]),
+                  "gain_ci95": gain_interval(scores[on].nats, scores[off].nats, doc, sel),
+                  "gain_novel": _gain(ev.summary(scores[on], sel & novel)["bpb"],
+                                      ev.summary(scores[off], sel & novel)["bpb"])}
+    return out
 
 
 def gain_text(gain: dict[str, float]) -> list[str]:
@@ -121,9 +155,29 @@ def _eval_report(cfg: EvalConfig, r: dict[str, Any]) -> str:
     rows = [[name, s["bpb"], s["loss"], s["perplexity"], s["tokens"], int(s["bytes"])]
             for name, s in r["summary"].items()]
     lines += [markdown_table(["model / mode", "bits/byte", "nats/token", "perplexity", "tokens", "bytes"], rows), ""]
+    if "reader" in r:
+        rd = r["reader"]
+        lines += [f"Reader: the pretrained LM with in-context retrieval ({rd['retriever']}): every {rd['stride']} "
+                  f"tokens the last {rd['query_tokens']} are the query; {rd['passages']} passage(s) "
+                  f"({'chunk + continuation' if rd['continuation'] else 'chunk'}) before the last "
+                  f"{rd['context_tokens']} tokens of the document. Without retrieval it reads the same window.", ""]
+        rows = [[key, c["forward_tokens_per_scored_token"], c["scored_tokens_per_s"], c["seconds"]]
+                for key, c in rd["cost"].items()]
+        lines += [markdown_table(["mode", "forward tokens per scored token", "scored tokens/s", "seconds"], rows), ""]
     if "gain" in r:
-        lines += ["Bits-per-byte reduction by RETRO with retrieval, relative to the reference (positive = RETRO is "
-                  "better): " + "; ".join(gain_text(r["gain"])), ""]
+        lines += ["Bits-per-byte reduction with retrieval, relative to the reference (positive = retrieval helps): "
+                  + "; ".join(gain_text(r["gain"])), ""]
+        if "gain_ci95" in r:
+            ci = r["gain_ci95"]
+            lines += ["95% bootstrap intervals over documents: all chunks [{:+.1%}, {:+.1%}], novel chunks "
+                      "[{:+.1%}, {:+.1%}].".format(*ci["all"], *ci["novel"]), ""]
+    if "groups" in r:
+        lines += [f"## Per {cfg.group_by} (95% bootstrap intervals over documents)", ""]
+        names = list(r["summary"])
+        rows = [[g, d["docs"], d["chunks"], f"{d['novel_fraction']:.0%}", *(d["summary"][n]["bpb"] for n in names),
+                 f"{d['gain']:+.1%} [{d['gain_ci95'][0]:+.1%}, {d['gain_ci95'][1]:+.1%}]",
+                 "–" if math.isnan(d["gain_novel"]) else f"{d['gain_novel']:+.1%}"] for g, d in r["groups"].items()]
+        lines += [markdown_table([cfg.group_by, "docs", "chunks", "novel", *names, "gain", "gain on novel"], rows), ""]
     if "leakage" in r:
         leak = r["leakage"]
         lines += ["## Leakage (bits-per-byte over chunks with r(C) ≤ α)", "",
@@ -137,7 +191,8 @@ def _eval_report(cfg: EvalConfig, r: dict[str, Any]) -> str:
         rows = [[name, s["bpb"], s["chunks"]] for name, s in r["novel"]["summary"].items()]
         lines += [markdown_table(["model / mode", "bits/byte", "chunks"], rows), ""]
     lines += ["## Models", ""]
-    rows = [[name, "RETRO" if d["retro"] else "baseline", d["params"], d["non_embedding_params"],
-             str(d["retro_layers"])] for name, d in r["models"].items()]
+    kinds = {"causal_lm": "pretrained LM", "retrofit": "RETRO-fitted"}
+    rows = [[name, kinds.get(d["kind"], "RETRO" if d["retro"] else "baseline"), d["params"],
+             d.get("non_embedding_params", ""), str(d.get("retro_layers", "–"))] for name, d in r["models"].items()]
     lines += [markdown_table(["run", "kind", "params", "non-embedding", "CCA layers"], rows), ""]
     return "\n".join(lines)

@@ -29,20 +29,29 @@ class GenerateConfig:
     """``retrolm generate``: what to continue, with which model and database, and how to sample."""
 
     checkpoint: str = ""
-    """A retrolm checkpoint or run folder."""
+    """A retrolm checkpoint or run folder, or a pretrained causal LM (HF folder, short name such as smollm2-135m, or
+    hub name), which then reads retrieved text in its context."""
     prompt: str = ""
     """Text to continue."""
     db: str | None = None
     """Retrieval database; None → retrieval off."""
-    retriever: str = "dense"
-    """dense | bm25 | hybrid."""
+    retriever: str = "auto"
+    """auto | dense | bm25 | hybrid (auto: dense if the database has dense keys, else BM25)."""
     max_new_tokens: int = 128
     temperature: float = 0.0
     """0 = greedy."""
     top_p: float = 1.0
     """Nucleus sampling mass."""
     neighbours: int | None = None
-    """Neighbours per retrieval (None → as trained)."""
+    """Neighbours per retrieval (RETRO: None → as trained; in-context: passages, None → 1)."""
+    stride: int = 32
+    """In-context retrieval: tokens generated per retrieval."""
+    query_tokens: int = 32
+    """In-context retrieval: the query is this many of the most recent tokens."""
+    context_tokens: int = 1024
+    """In-context retrieval: most recent tokens kept after the passages."""
+    continuation: bool = True
+    """In-context retrieval: a passage is the retrieved chunk plus its continuation."""
     seed: int = 0
     stop_at_eos: bool = True
     device: str = "cpu"
@@ -55,6 +64,8 @@ class GenerateConfig:
             raise RetrolmError("generate: --checkpoint is required")
         if not self.prompt.strip():
             raise RetrolmError("generate: the prompt is empty (--prompt)")
+        if min(self.stride, self.query_tokens, self.context_tokens) < 1:
+            raise RetrolmError("generate: stride, query_tokens and context_tokens must be positive")
 
 
 @dataclass

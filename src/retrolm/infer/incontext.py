@@ -1,0 +1,81 @@
+"""Generation by a pretrained causal LM reading retrieved text in its context (In-Context RALM), with sources.
+
+Every ``stride`` generated tokens the last ``query_tokens`` tokens (prompt included) are the query; the retrieved
+passages are placed before the most recent ``context_tokens`` tokens, the KV cache is rebuilt over that context, and
+the next ``stride`` tokens are decoded from the cache. Each generated span reports the passages it read.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from retrolm.core.errors import RetrolmError
+from retrolm.eval.incontext import InContextSettings, passages_text
+from retrolm.infer.generate import GeneratedChunk, Generation
+from retrolm.infer.sampling import check_sampling, sample
+from retrolm.models.hf import CausalLM
+from retrolm.retrieval import Retriever
+from retrolm.text.tokenizer import LMTokenizer
+
+
+@torch.no_grad()
+def generate_in_context(
+    lm: CausalLM,
+    tokenizer: LMTokenizer,
+    prompt: str,
+    retriever: Retriever | None = None,
+    settings: InContextSettings | None = None,
+    max_new_tokens: int = 128,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    stop_at_eos: bool = True,
+) -> Generation:
+    """Continue ``prompt`` with ``lm``; with a ``retriever``, re-retrieve every ``settings.stride`` tokens."""
+    check_sampling(max_new_tokens, temperature, top_p)
+    settings = settings or InContextSettings()
+    if not prompt.strip():
+        raise RetrolmError("generate: the prompt is empty")
+    ids = tokenizer.encode(prompt)
+    gen = torch.Generator().manual_seed(seed)
+    out: list[int] = []
+    chunks: list[GeneratedChunk] = []
+    t0 = time.perf_counter()
+    dropped = max(0, len(ids) - settings.context_tokens)
+    while len(out) < max_new_tokens:
+        history = ids + out
+        hits = []
+        if retriever is not None:
+            query = tokenizer.decode(history[-settings.query_tokens :])
+            hits = retriever.search([query], settings.passages).hits(0)
+        passage = tokenizer.encode(passages_text(hits, settings.continuation)) if hits else []
+        context = passage + history[-settings.context_tokens :]
+        if len(context) + settings.stride > lm.context_len:
+            context = context[len(context) + settings.stride - lm.context_len :]
+        span, done = _decode(lm, context, min(settings.stride, max_new_tokens - len(out)), temperature, top_p, gen,
+                             tokenizer.eos_id if stop_at_eos else None)
+        out += span
+        if span:
+            chunks.append(GeneratedChunk(tokenizer.decode(span), hits, span))
+        if done:
+            break
+    return Generation(prompt, tokenizer.decode(out), chunks, len(out), time.perf_counter() - t0, retriever is not None,
+                      dropped)
+
+
+def _decode(lm: CausalLM, context: list[int], n: int, temperature: float, top_p: float, gen: torch.Generator,
+            eos_id: int | None) -> tuple[list[int], bool]:
+    """Up to ``n`` tokens after ``context``, one forward per token over a KV cache; True if EOS ended it."""
+    logits, cache = lm.step(context)
+    span: list[int] = []
+    for _ in range(n):
+        tok = sample(logits, temperature, top_p, gen)
+        if eos_id is not None and tok == eos_id:
+            return span, True
+        span.append(tok)
+        if len(span) == n:
+            break
+        logits, cache = lm.step([tok], cache)
+    return span, False

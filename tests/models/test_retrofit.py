@@ -1,0 +1,293 @@
+"""RETRO-fitting a pretrained HF causal LM: the base's logits at init, a frozen base after training, checkpoints that
+hold only the new weights, refusals (another base, another tokenizer), and the CLI path retrofit → eval → generate.
+
+The base is a tiny random Llama (2 layers, 64 wide) the tests create, with the test database's tokenizer."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import REPO, run_cli, wiki_docs, write_jsonl
+from retrolm.core.config import load_config
+from retrolm.core.errors import RetrolmError
+from retrolm.models.loading import load_model
+from retrolm.models.retrofit import RetrofitModel, RetrofitModelConfig
+from retrolm.train.retrofit import RetrofitConfig
+
+M, T = 64, 256
+NEW = dict(retro_layers=(1, 2), enc_n_layer=1, enc_d_model=32, enc_n_head=2)
+"""New modules of the tiny retrofits: CCA after both layers, a 1-layer, 32-wide encoder."""
+
+
+def save_llama(folder: Path, vocab: int, seed: int = 0) -> Path:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      tie_word_embeddings=True, bos_token_id=0, eos_token_id=0, pad_token_id=None)
+    model = LlamaForCausalLM(cfg)
+    with torch.no_grad():  # embeddings (tied to the output) of a trained LM's scale: confident, learnable logits
+        model.model.embed_tokens.weight.mul_(5)
+    model.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run several times faster on one thread, and much faster on a busy machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def tiny_base(built_db, tmp_path_factory) -> Path:
+    """A random 2-layer Llama saved as an HF folder, with the database's tokenizer.json (so it matches the db)."""
+    folder = save_llama(tmp_path_factory.mktemp("tiny-llama"), built_db.tokenizer.vocab_size)
+    shutil.copy(built_db.path / "tokenizer.json", folder / "tokenizer.json")
+    return folder
+
+
+def hf_model(folder: Path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+
+
+def retrofit(base: Path, **kw) -> RetrofitModel:
+    torch.manual_seed(1)
+    return RetrofitModel.from_base(str(base), chunk_len=M, seq_len=T, **{**NEW, **kw})
+
+
+def inputs(vocab: int, seed: int = 0, T: int = T) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random ids (2, T) and neighbours (2, T/M, 2, 2M); chunk 1 of row 0 retrieved nothing (all padding)."""
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, vocab, (2, T), generator=g)
+    nb = torch.randint(0, vocab, (2, T // M, 2, 2 * M), generator=g)
+    nb[0, 1] = -1
+    nb[1, :, 1, M + 10 :] = -1  # a short second neighbour
+    return idx, nb
+
+
+def perturb(model: RetrofitModel, seed: int = 2) -> None:
+    """Stand-in for training: noise on every trainable weight (CCA output projections included)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn(p.shape, generator=g))
+
+
+@pytest.mark.parametrize("arch", ["llama", "llama+lora", "gpt2"])
+def test_init_logits_equal_the_untouched_base_and_cca_is_wired(arch, tiny_base, built_db, tmp_path):
+    vocab = built_db.tokenizer.vocab_size
+    base = tiny_base
+    if arch == "gpt2":
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        torch.manual_seed(0)
+        base = tmp_path / "gpt2"
+        GPT2LMHeadModel(GPT2Config(vocab_size=vocab, n_embd=64, n_layer=2, n_head=4, n_positions=512,
+                                   bos_token_id=0, eos_token_id=0)).save_pretrained(base)
+    model = retrofit(base, lora=arch.endswith("lora"))
+    reference = hf_model(base)
+    idx, nb = inputs(vocab)
+    with torch.no_grad():
+        want = reference(input_ids=idx).logits
+        torch.testing.assert_close(model(idx, nb).logits, want, rtol=0, atol=0)  # neighbours given: still the base
+        torch.testing.assert_close(model(idx).logits, want, rtol=0, atol=0)
+        # the hooks are live: a non-zero CCA changes the logits exactly where causality lets neighbours be read
+        for block in model.cca.values():
+            block.cca.attn.proj.weight.normal_(0, 0.1)
+        diff = (model(idx, nb).logits - want).abs().amax(-1)  # (B, T)
+    assert float(diff[:, : M - 1].max()) == 0.0  # the first m−1 positions read no neighbours
+    assert float(diff[1, M - 1 :].min()) > 0  # every later position of row 1 reads some
+
+
+def test_cached_generation_logits_equal_a_full_forward(tiny_base, built_db):
+    model = retrofit(tiny_base)
+    perturb(model)
+    idx, nb = inputs(built_db.tokenizer.vocab_size, seed=3, T=160)
+    idx, nb = idx[:1], nb[:1]
+    with torch.no_grad():
+        full = model(idx, nb).logits
+        cache = model.init_cache(1, 160)
+        parts = [model(idx[:, :100], nb, cache=cache).logits]  # a prompt, then one token at a time (chunk 1 ends)
+        parts += [model(idx[:, p : p + 1], nb, cache=cache).logits for p in range(100, 160)]
+    assert cache.pos == 160
+    assert torch.equal(torch.cat(parts, 1), full)
+
+
+def test_training_moves_the_retrieval_loss_and_never_the_frozen_base(tiny_base, built_db):
+    """A few AdamW steps on a copy task (each chunk's neighbour holds it and the next chunk): the retrieval-on loss
+    drops, the encoder learns too (not only the zero-initialised output projections), the base stays bit for bit."""
+    vocab = built_db.tokenizer.vocab_size
+    model = retrofit(tiny_base)
+    reference = hf_model(tiny_base)
+    g = torch.Generator().manual_seed(5)
+    idx = torch.randint(0, vocab, (2, T), generator=g)
+    chunks = idx.view(2, T // M, M)
+    nb = torch.cat([chunks, torch.roll(chunks, -1, dims=1)], dim=-1)[:, :, None]  # (B, C, 1, 2M): chunk + next
+    nb[:, -1, :, M:] = -1  # the last chunk has no continuation
+    targets = torch.cat([idx[:, 1:], torch.full((2, 1), -100)], dim=1)
+    encoder_before = {n: p.detach().clone() for n, p in model.encoder.named_parameters()}
+    params = [p for p in model.parameters() if p.requires_grad]
+    assert all(not p.requires_grad for p in model.base.parameters())
+    opt = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.0)
+    model.train()
+    losses = []
+    for _ in range(30):
+        loss = model(idx, nb, targets=targets).loss
+        losses.append(float(loss.detach()))
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+    with torch.no_grad():
+        on = float(model(idx, nb, targets=targets).loss)
+        off = model(idx, targets=targets)
+        want = reference(input_ids=idx).logits
+    assert losses[1] != losses[0] and on < float(off.loss) - 1.0, losses  # it learnt to read its neighbours
+    assert torch.equal(off.logits, want)  # retrieval off: exactly the base, after training
+    assert all(torch.equal(p, reference.state_dict()[n.removeprefix("base.")])
+               for n, p in model.base.named_parameters(prefix="base"))
+    moved = [n for n, p in model.encoder.named_parameters() if not torch.equal(p, encoder_before[n])]
+    assert len(moved) == len(encoder_before)  # every encoder weight got a gradient
+
+
+@pytest.mark.parametrize("mode", ["frozen", "lora", "unfreeze"])
+def test_save_load_round_trip_holds_only_what_is_trained(mode, tiny_base, built_db, tmp_path):
+    model = retrofit(tiny_base, lora=mode == "lora", unfreeze=mode == "unfreeze")
+    perturb(model)
+    model.save_pretrained(tmp_path / "ckpt")
+    saved = set(load_file(tmp_path / "ckpt" / "model.safetensors"))
+    new = {n for n, _ in model.named_parameters() if not n.startswith("base.")}
+    base_saved = saved - new
+    assert new <= saved
+    if mode == "frozen":
+        assert base_saved == set()
+        base_bytes = (tiny_base / "model.safetensors").stat().st_size
+        assert (tmp_path / "ckpt" / "model.safetensors").stat().st_size < base_bytes
+    elif mode == "lora":
+        assert base_saved and all("lora_" in n for n in base_saved)
+        assert {n for n, p in model.named_parameters() if p.requires_grad} == saved
+    else:  # the whole base, its tied embedding once
+        assert base_saved == {n for n, _ in model.base.named_parameters(prefix="base")}
+    info = json.loads((tmp_path / "ckpt" / "model.json").read_text())
+    assert info["architecture"] == "retrofit" and info["base"] == str(tiny_base.resolve())
+    assert len(info["base_fingerprint"]) == 64
+
+    loaded = load_model(tmp_path / "ckpt")
+    assert loaded.kind == "retrofit"
+    idx, nb = inputs(built_db.tokenizer.vocab_size, seed=4)
+    with torch.no_grad():
+        assert torch.equal(loaded.model(idx, nb).logits, model.eval()(idx, nb).logits)
+        assert torch.equal(loaded.model(idx).logits, model(idx).logits)
+
+
+def test_another_base_behind_the_same_name_is_refused(tiny_base, built_db, tmp_path):
+    base = tmp_path / "base"
+    shutil.copytree(tiny_base, base)
+    model = retrofit(base)
+    model.save_pretrained(tmp_path / "ckpt")
+    save_llama(base, built_db.tokenizer.vocab_size, seed=7)  # the folder now holds other weights
+    with pytest.raises(RetrolmError, match="trained on base") as e:
+        RetrofitModel.from_pretrained(tmp_path / "ckpt")
+    assert "\n" not in str(e.value)
+
+
+def test_lora_trains_only_adapters_and_new_modules(tiny_base, built_db):
+    model = retrofit(tiny_base, lora=True)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    lora = {n for n in trainable if n.startswith("base.")}
+    assert lora and all("lora_" in n for n in lora)
+    assert {n.split(".")[-4] for n in lora} == {"q_proj", "k_proj", "v_proj", "o_proj"}  # attention projections
+    assert trainable - lora == {n for n, _ in model.named_parameters() if not n.startswith("base.")}
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0)
+    idx, nb = inputs(built_db.tokenizer.vocab_size, seed=6)
+    for _ in range(2):
+        model(idx, nb, targets=idx).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed == trainable  # every adapter and new weight moved (lora_B from zero included), nothing else
+
+
+def test_shipped_retrofit_config_parses():
+    cfg = load_config(RetrofitConfig, REPO / "configs" / "retrofit-smollm2.yaml")
+    assert cfg.base == "smollm2-135m" and not cfg.unfreeze and not cfg.lora
+    # SmolLM2-135M's shape (without loading it): 30 layers, 576 wide, 9 heads
+    shape = RetrofitModelConfig(base=cfg.base, base_fingerprint=None, vocab_size=49152, n_layer=30, d_model=576,
+                                n_head=9, seq_len=cfg.seq_len, chunk_len=64, retro_layers=tuple(cfg.cca_layers),
+                                enc_n_layer=cfg.enc_n_layer, enc_d_model=cfg.enc_d_model, enc_n_head=cfg.enc_n_head)
+    assert shape.retro_config().retro_layers == (18, 24, 30) and cfg.seq_len % 64 == 0
+
+
+def test_retrofit_cli_then_eval_and_generate(tiny_base, built_db, tmp_path, capsys):
+    run = tmp_path / "run"
+    args = ["retrofit", "--base", tiny_base, "--db", built_db.path, "--out", run, "-q", f"seq_len={T}",
+            "batch_size=2", "eval_every=3", "save_every=3", "eval_batches=1", "log_every=1", "warmup_steps=1",
+            "tensorboard=false", "val_fraction=0.2", "lr=0.01", "cca_layers=[1,2]", "enc_n_layer=1",
+            "enc_d_model=32", "enc_n_head=2"]
+    rc, out, err = run_cli([*args, "steps=3"], capsys)
+    assert rc == 0, err
+    ckpt = run / "checkpoints" / "step-000003"
+    assert {"model.safetensors", "model.json", "tokenizer.json", "database.json", "checksums.json",
+            "optimizer.pt"} <= {p.name for p in ckpt.iterdir()}
+    assert not any(n.startswith("base.") for n in load_file(ckpt / "model.safetensors"))
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert "val/bpb" in rows[-1] and "val_no_retrieval/bpb" in rows[-1]
+
+    # after training: retrieval off is the untouched base, bit for bit; retrieval on is not
+    model = load_model(run).model
+    idx, nb = inputs(built_db.tokenizer.vocab_size, seed=8)
+    with torch.no_grad():
+        want = hf_model(tiny_base)(input_ids=idx).logits
+        assert torch.equal(model(idx).logits, want)
+        assert not torch.allclose(model(idx, nb).logits, want)
+
+    rc, _, err = run_cli([*args, "steps=4"], capsys)  # resumes from step 3: only step 4 is trained
+    assert rc == 0, err
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "train/loss" in r] == [1, 2, 3, 4]
+
+    held = write_jsonl(tmp_path / "held.jsonl", wiki_docs(3, start=40))
+    rc, out, err = run_cli(["eval", "--checkpoint", run, "--db", built_db.path, "--data", held, "--out",
+                            tmp_path / "eval", "--json", "-q", "near_dup_threshold=0"], capsys)
+    assert rc == 0, err
+    result = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    assert {"retro", "retro_no_retrieval"} <= set(result["summary"]) and "all" in result["gain"]
+    assert [m["kind"] for m in result["models"].values()] == ["retrofit"]
+    assert result["summary"]["retro"]["bpb"] != result["summary"]["retro_no_retrieval"]["bpb"]
+
+    rc, out, err = run_cli(["generate", "--checkpoint", run, "--db", built_db.path, "--prompt",
+                            "The history of the city", "--max-new-tokens", "70", "--ignore-eos", "--json"], capsys)
+    assert rc == 0, err
+    g = json.loads(out)
+    assert g["retrieval"] and g["new_tokens"] == 70 and len(g["chunks"]) == 2
+    assert len(g["chunks"][0]["sources"]) == 2  # the prompt chunk's neighbours condition the first generated chunk
+
+
+def test_a_database_with_another_tokenizer_is_refused(tiny_base, built_db, tmp_path, capsys):
+    from tokenizers import Tokenizer
+
+    other = tmp_path / "other-base"
+    shutil.copytree(tiny_base, other)
+    tok = Tokenizer.from_file(str(other / "tokenizer.json"))
+    tok.add_tokens(["<extra>"])
+    tok.save(str(other / "tokenizer.json"))
+    rc, _, err = run_cli(["retrofit", "--base", other, "--db", built_db.path, "--out", tmp_path / "run", "-q",
+                          "steps=1", "tensorboard=false"], capsys)
+    assert rc == 2
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("error:") and "tokenizer" in line and str(other) in line and str(built_db.path) in line
+    assert not (tmp_path / "run" / "checkpoints").exists()

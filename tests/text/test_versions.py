@@ -1,0 +1,81 @@
+"""Two versions of a corpus: documents of the new one labelled identical / changed / new by content, and a seeded,
+labelled held-out sample."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import wiki_docs, write_jsonl
+from retrolm.core.errors import RetrolmError
+from retrolm.text.corpus import Document
+from retrolm.text.versions import NgramIndex, label_versions, split_versions, truncate, word_ngrams
+
+
+def doc(i: str, text: str) -> Document:
+    return Document(i, text, i)
+
+
+def test_labels_are_by_content_not_by_path():
+    base = wiki_docs(4, start=500)
+    old = [doc(f"old/{d['id']}", d["text"]) for d in base]
+    words = base[1]["text"].split()
+    edited = " ".join(words[: int(len(words) * 0.6)] + ["entirely", "rewritten", "ending", "here"] * 3)
+    new = [
+        doc("new/moved.rst", base[0]["text"]),  # same text under another path: identical
+        doc("new/edited.rst", edited),  # most of one old file: changed
+        doc("new/fresh.rst", wiki_docs(1, start=900)[0]["text"]),  # unrelated: new
+        doc("new/mixed.rst", base[2]["text"][:150] + " " + " ".join(d["text"] for d in wiki_docs(6, start=901))),
+    ]
+    labels = {lab.id: lab for lab in label_versions(old, new)}
+    assert labels["new/moved.rst"].bucket == "identical" and labels["new/moved.rst"].best_match == old[0].id
+    assert labels["new/edited.rst"].bucket == "changed" and labels["new/edited.rst"].best_match == old[1].id
+    assert 0.3 < labels["new/edited.rst"].overlap < 1
+    assert labels["new/fresh.rst"].bucket == "new" and labels["new/fresh.rst"].overlap <= 0.3
+    assert labels["new/mixed.rst"].bucket == "new"  # a little shared text does not make it a version of the old one
+    with pytest.raises(RetrolmError, match="new_max_overlap"):
+        label_versions(old, new, new_max_overlap=1.0)
+
+
+def test_ngram_index_finds_the_best_old_document():
+    texts = ["alpha beta gamma delta epsilon zeta eta theta iota kappa", "one two three four five six seven eight"]
+    index = NgramIndex(texts, n=8)
+    assert index.best_match("alpha beta gamma delta epsilon zeta eta theta") == (0, 1.0)
+    best, share = index.best_match("one two three four five six seven eight nine ten")
+    assert best == 1 and share == pytest.approx(1 / 3)  # 1 of its 3 distinct 8-grams is in document 1
+    assert index.best_match("nothing in common at all here, friends") == (-1, 0.0)
+    assert len(word_ngrams("a b c", 8)) == 1  # a text shorter than n is one n-gram
+
+
+def test_split_versions_writes_a_seeded_labelled_sample(tmp_path):
+    base = wiki_docs(30, start=600)
+    old = write_jsonl(tmp_path / "old.jsonl", [{"id": f"1/{d['id']}", "text": d["text"]} for d in base])
+    new_docs = [{"id": f"2/{d['id']}", "text": d["text"]} for d in base[:20]]  # identical
+    new_docs += [{"id": f"2/x/{d['id']}", "text": d["text"] + "\n" + "Added paragraph. " * 5} for d in base[20:25]]
+    new_docs += [{"id": f"2/translations/{d['id']}", "text": d["text"]} for d in wiki_docs(3, start=950)]
+    new_docs += [{"id": f"2/n/{d['id']}", "text": d["text"]} for d in wiki_docs(6, start=960)]
+    new = write_jsonl(tmp_path / "new.jsonl", new_docs)
+    counts = split_versions([old], [new], tmp_path / "a", per_bucket=4, seed=1, max_chars=300, min_chars=0)
+    assert counts["all"] == {"identical": 20, "changed": 5, "new": 9} and counts["heldout"] == {
+        "identical": 4, "changed": 4, "new": 4}
+    held = [json.loads(x) for x in (tmp_path / "a" / "heldout.jsonl").read_text().splitlines()]
+    assert [h["bucket"] for h in held] == ["identical"] * 4 + ["changed"] * 4 + ["new"] * 4
+    assert not any("translations/" in h["id"] for h in held)  # kept out of the held-out sample
+    assert all(len(h["text"]) <= 300 for h in held)
+    rest = [json.loads(x)["id"] for x in (tmp_path / "a" / "rest.jsonl").read_text().splitlines()]
+    assert len(rest) == len(new_docs) - 12 and not {h["id"] for h in held} & set(rest)
+    per_bucket = (tmp_path / "a" / "heldout-changed.jsonl").read_text().splitlines()
+    assert [json.loads(x)["id"] for x in per_bucket] == [h["id"] for h in held if h["bucket"] == "changed"]
+    # the same seed gives the same sample; another seed another one
+    split_versions([old], [new], tmp_path / "b", per_bucket=4, seed=1, max_chars=300, min_chars=0)
+    assert (tmp_path / "b" / "heldout.jsonl").read_text() == (tmp_path / "a" / "heldout.jsonl").read_text()
+    split_versions([old], [new], tmp_path / "c", per_bucket=4, seed=2, max_chars=300, min_chars=0)
+    assert (tmp_path / "c" / "heldout.jsonl").read_text() != (tmp_path / "a" / "heldout.jsonl").read_text()
+
+
+def test_truncate_cuts_at_a_line_break():
+    text = "first line\nsecond line\nthird line that is long"
+    assert truncate(text, 30) == "first line\nsecond line"
+    assert truncate(text, None) == text and truncate(text, 1000) == text
+    assert truncate("no breaks at all here", 8) == "no break"
