@@ -1,0 +1,382 @@
+"""Test-time retrieval over the pretraining data: retrieve → rerank → read, with self-consistency and cross-document
+consistency, and the FLOPs of every stage (SPEC T1–T3).
+
+Every stage is pluggable through :class:`RagConfig`:
+
+1. **Retrieve** the top ``top_n`` chunks (``unit=chunk``: the chunk and, by default, its continuation) or whole
+   documents (``unit=document``: a window of ``document_tokens`` around each of the best documents' best chunk) from a
+   retrolm database, with a dense, BM25 or hybrid (reciprocal-rank fusion) retriever.
+2. **Rerank** them with a causal LM's yes/no logits (the reader by default) or a cross-encoder, keep the best.
+3. **Read** the best ``passages`` with a causal LM (:class:`~retrolm.infer.reader.Reader`).
+4. **Self-consistency** (``samples > 1``): sample that many answers and take the normalised majority.
+   **Cross-document consistency** (``cross_doc``): answer from each of ``cross_doc_passages`` passages separately and
+   vote, weighting passages by how consistent their answers are (:mod:`retrolm.infer.consistency`).
+
+In Python::
+
+    pipe = RagPipeline.load(RagConfig(db="runs/db", reader="smollm2-135m", cross_doc=True))
+    answer = pipe.answer("What is 3C 273?")
+    print(answer.answer, [answer.passages[i].doc_id for i in answer.support])
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from retrolm.core.errors import RetrolmError
+from retrolm.db import DatabaseView
+from retrolm.eval.qa import QAItem
+from retrolm.infer.consistency import cross_document_vote, majority_vote
+from retrolm.infer.flops import ModelCost, StageFlops, bm25_search_flops, dense_search_flops
+from retrolm.infer.reader import DEFAULT_SYSTEM, DEFAULT_TEMPLATE, Reader, Reading
+from retrolm.infer.rerank import Reranker, load_reranker
+from retrolm.retrieval import get_retriever
+
+logger = logging.getLogger(__name__)
+
+MODES = ("closed_book", "retrieval", "rerank", "self_consistency", "cross_doc")
+"""The configurations of the evaluation, each adding one stage to the one before."""
+
+
+@dataclass
+class RagConfig:
+    """The retrieve → rerank → read pipeline."""
+
+    db: str | None = None
+    """Retrieval database folder (None: closed book only)."""
+    reader: str = "smollm2-135m"
+    """The reading causal LM: HF folder, short name or hub name."""
+    retriever: str = "auto"
+    """auto | dense | bm25 | hybrid (auto = dense when the database has dense keys, else BM25)."""
+    unit: str = "chunk"
+    """What a passage is: chunk (a chunk, plus its continuation) or document (a window of the document)."""
+    top_n: int = 10
+    """Candidates retrieved per question (and reranked)."""
+    passages: int = 3
+    """Passages placed in the reader's prompt."""
+    continuation: bool = True
+    """unit=chunk: a passage is the chunk followed by the next chunk of its document."""
+    document_tokens: int = 256
+    """unit=document: database tokens per passage, centred on the document's best chunk."""
+    rerank: bool = True
+    """Rerank the candidates before reading."""
+    reranker: str | None = None
+    """None = the reader's LM judging yes/no; a causal LM reference; or cross-encoder:REF (any HF sequence
+    classifier; a folder holding one is recognised without the prefix)."""
+    samples: int = 1
+    """Self-consistency: answers sampled per question (> 1 enables it)."""
+    sample_temperature: float = 0.7
+    """Temperature of the samples (self-consistency, and cross-document samples)."""
+    top_p: float = 0.95
+    """Nucleus mass of the samples."""
+    cross_doc: bool = False
+    """Cross-document consistency: answer from each passage separately and vote."""
+    cross_doc_passages: int = 4
+    """Passages answered separately (the best after reranking)."""
+    cross_doc_samples: int = 1
+    """Answers per passage (greedy when 1)."""
+    temperature: float = 0.0
+    """Temperature of the plain reading (0 = greedy)."""
+    max_new_tokens: int = 16
+    """Answer length limit in tokens."""
+    max_passage_tokens: int = 192
+    """Each passage is cut to this many of the reader's tokens."""
+    system_prompt: str = DEFAULT_SYSTEM
+    """System message of a chat reader."""
+    template: str = DEFAULT_TEMPLATE
+    """Prompt of a reader without a chat template ({passages} then {question})."""
+    examples: list[list[str]] = field(default_factory=list)
+    """Demonstrations shown to the reader before each question: [question, answer] pairs."""
+    choice_normalize: str = "mean"
+    """Multiple choice: option log-likelihood per token (mean) or in total (sum)."""
+    batch_size: int = 8
+    """Prompts per forward pass (reader and reranker)."""
+    seed: int = 0
+    """Sampling seed."""
+    device: str = "cpu"
+    """cpu or cuda."""
+
+    def __post_init__(self) -> None:
+        if self.unit not in ("chunk", "document"):
+            raise RetrolmError(f"unit must be chunk or document, got {self.unit!r}")
+        for name in ("top_n", "passages", "samples", "cross_doc_passages", "cross_doc_samples", "max_new_tokens",
+                     "max_passage_tokens", "batch_size", "document_tokens"):
+            if getattr(self, name) < 1:
+                raise RetrolmError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.passages > self.top_n or (self.cross_doc and self.cross_doc_passages > self.top_n):
+            raise RetrolmError(f"passages ({self.passages}) and cross_doc_passages ({self.cross_doc_passages}) "
+                               f"cannot exceed top_n ({self.top_n})")
+        if (self.samples > 1 or self.cross_doc_samples > 1) and self.sample_temperature <= 0:
+            raise RetrolmError("samples > 1 needs sample_temperature > 0 (greedy samples are all the same)")
+
+
+@dataclass
+class Passage:
+    """A retrieved passage."""
+
+    text: str
+    doc_id: str
+    chunk_id: int
+    """The chunk it was retrieved by (unit=document: the document's best chunk)."""
+    position: int
+    """That chunk's index in its document."""
+    score: float
+    """Retrieval score (comparable within one retriever)."""
+    rank: int
+    """Retrieval rank, 0 = best."""
+    rerank_score: float | None = None
+
+    def to_dict(self) -> dict:
+        return {"doc_id": self.doc_id, "chunk_id": self.chunk_id, "position": self.position,
+                "score": round(self.score, 4), "rank": self.rank,
+                "rerank_score": None if self.rerank_score is None else round(self.rerank_score, 4), "text": self.text}
+
+
+class PassageRetriever:
+    """Top-n passages of a database for questions, and what searching cost.
+
+    Args:
+        db: the database.
+        kind: auto | dense | bm25 | hybrid.
+        unit: chunk | document.
+        continuation: chunk passages include the next chunk of their document.
+        document_tokens: document passages' length in database tokens.
+    """
+
+    def __init__(self, db: DatabaseView, kind: str = "auto", unit: str = "chunk", continuation: bool = True,
+                 document_tokens: int = 256) -> None:
+        self.db, self.unit, self.continuation, self.document_tokens = db, unit, continuation, document_tokens
+        self.retriever = get_retriever(db, kind)
+        self.kind = self.retriever.name
+
+    def retrieve(self, questions: Sequence[str], n: int) -> tuple[list[list[Passage]], list[StageFlops]]:
+        """Per question, up to ``n`` passages (best first) and the encoder + search FLOPs."""
+        fetch = n if self.unit == "chunk" else min(4 * n, self.db.store.n_chunks)
+        result = self.retriever.search(list(questions), max(1, fetch))
+        out = []
+        for i in range(len(questions)):
+            hits = result.hits(i)
+            if self.unit == "chunk":
+                out.append([Passage(h.text + (h.continuation if self.continuation else ""), h.doc_id, h.chunk_id,
+                                    h.position, h.score, r) for r, h in enumerate(hits)])
+            else:
+                out.append(self._documents(hits, n))
+        return out, [self.flops(q) for q in questions]
+
+    def _documents(self, hits: list, n: int) -> list[Passage]:
+        store, m = self.db.store, self.db.chunk_len
+        best: dict[str, object] = {}
+        for h in hits:  # best first: the first hit of a document is its best chunk
+            best.setdefault(h.doc_id, h)
+        out = []
+        for rank, h in enumerate(list(best.values())[:n]):
+            d = int(store.chunk_doc(np.asarray([h.chunk_id]))[0])
+            toks = store.doc_tokens(d)
+            start = max(0, min(h.position * m - (self.document_tokens - m) // 2, len(toks) - self.document_tokens))
+            text = self.db.tokenizer.decode(toks[start : start + self.document_tokens].tolist())
+            out.append(Passage(text, h.doc_id, h.chunk_id, h.position, h.score, rank))
+        return out
+
+    @functools.cached_property
+    def _encoder_cost(self) -> ModelCost | None:
+        if self.kind not in ("dense", "hybrid"):
+            return None
+        enc = self.db.encoder
+        return ModelCost.of(enc.model, enc.name, bidirectional=True)
+
+    def flops(self, question: str) -> StageFlops:
+        """Encoder and search FLOPs of one query (see :mod:`retrolm.infer.flops`)."""
+        n_chunks = self.db.store.n_chunks
+        encoder = search = 0
+        if self.kind in ("dense", "hybrid"):
+            enc = self.db.encoder
+            tokens = int(enc.tokenize([question])["attention_mask"].sum())
+            encoder = self._encoder_cost.prompt(tokens)
+            search += dense_search_flops(enc.dim, n_chunks)
+        if self.kind in ("bm25", "hybrid"):
+            search += bm25_search_flops(self._postings(question), n_chunks)
+        return StageFlops(encoder=encoder, search=search)
+
+    def _postings(self, question: str) -> int:
+        """Postings of the query's terms in the BM25 index (every chunk per term if the index cannot say)."""
+        try:
+            import bm25s
+
+            terms = set(bm25s.tokenize([question], return_ids=False, show_progress=False)[0])
+            index = self.db.lexical.retriever
+            indptr, vocab = index.scores["indptr"], index.vocab_dict
+            return int(sum(int(indptr[vocab[t] + 1] - indptr[vocab[t]]) for t in terms if t in vocab))
+        except Exception:  # another bm25s layout: the upper bound
+            return len(question.split()) * self.db.store.n_chunks
+
+
+@dataclass
+class RagAnswer:
+    """The pipeline's answer to one question."""
+
+    question: str
+    answer: str
+    mode: str
+    """Which stage produced it (see :data:`MODES`)."""
+    passages: list[Passage]
+    """The passages read (cross_doc: each answered separately)."""
+    support: list[int]
+    """Indices into ``passages`` of those supporting the answer."""
+    flops: StageFlops
+    vote: dict | None = None
+    """The vote's tally (self-consistency, cross-document consistency)."""
+    samples: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"question": self.question, "answer": self.answer, "mode": self.mode,
+                "support": self.support, "supporting_passages": [self.passages[i].to_dict() for i in self.support],
+                "passages": [p.to_dict() for p in self.passages], "vote": self.vote, "samples": self.samples,
+                "flops": self.flops.to_dict()}
+
+
+def _reading_flops(r: Reading) -> StageFlops:
+    return StageFlops(reader_prompt=r.prompt_flops, reader_generation=r.generation_flops)
+
+
+class RagPipeline:
+    """Retrieve → rerank → read, stage by stage over batches of questions.
+
+    Args:
+        cfg: the configuration.
+        reader: the reading LM.
+        retriever: passages from the database (None: closed book).
+        reranker: None when ``cfg.rerank`` is off.
+    """
+
+    def __init__(self, cfg: RagConfig, reader: Reader, retriever: PassageRetriever | None,
+                 reranker: Reranker | None = None) -> None:
+        self.cfg, self.reader, self.retriever, self.reranker = cfg, reader, retriever, reranker
+
+    @classmethod
+    def load(cls, cfg: RagConfig, db: DatabaseView | None = None) -> RagPipeline:
+        """Open the database (unless given), load the reader and the reranker."""
+        reader = Reader.load(cfg.reader, cfg.device, system=cfg.system_prompt, template=cfg.template,
+                             max_passage_tokens=cfg.max_passage_tokens, examples=cfg.examples)
+        if db is None and cfg.db is not None:
+            db = DatabaseView.open(cfg.db, device=cfg.device)
+        retriever = PassageRetriever(db, cfg.retriever, cfg.unit, cfg.continuation, cfg.document_tokens) if db else None
+        reranker = load_reranker(cfg.reranker, reader, cfg.device, cfg.batch_size) if cfg.rerank and db else None
+        return cls(cfg, reader, retriever, reranker)
+
+    def with_database(self, db: DatabaseView) -> RagPipeline:
+        """The same models over another database (e.g. the store plus unrelated text)."""
+        c = self.cfg
+        return RagPipeline(c, self.reader, PassageRetriever(db, c.retriever, c.unit, c.continuation,
+                                                            c.document_tokens), self.reranker)
+
+    # --------------------------------------------------------------------------------------------------- stages
+    def retrieve(self, questions: Sequence[str]) -> tuple[list[list[Passage]], list[StageFlops]]:
+        if self.retriever is None:
+            raise RetrolmError("no database: retrieval needs --db")
+        return self.retriever.retrieve(questions, self.cfg.top_n)
+
+    def rerank(self, questions: Sequence[str], candidates: Sequence[list[Passage]]
+               ) -> tuple[list[list[Passage]], list[StageFlops]]:
+        """Candidates reordered by the reranker's score (each passage keeps its retrieval rank)."""
+        if self.reranker is None:
+            raise RetrolmError("reranking is off (rerank=false)")
+        out, flops = [], []
+        for q, cands in zip(questions, candidates, strict=True):
+            scores, f = self.reranker.score(q, [p.text for p in cands]) if cands else ([], 0)
+            for p, s in zip(cands, scores, strict=True):
+                p.rerank_score = s
+            out.append(sorted(cands, key=lambda p: (-(p.rerank_score or 0.0), p.rank)))
+            flops.append(StageFlops(reranker=f))
+        return out, flops
+
+    def read(self, items: Sequence[QAItem], passages: Sequence[Sequence[Passage]] | None, samples: int = 1,
+             temperature: float | None = None) -> list[Reading]:
+        """Answer every item from its passages (None: closed book); multiple-choice items by option likelihood."""
+        c = self.cfg
+        temp = c.temperature if temperature is None else temperature
+        prompts = [self.reader.prompt_ids(it.question, [p.text for p in passages[i]] if passages else None)
+                   for i, it in enumerate(items)]
+        out: list[Reading | None] = [None] * len(items)
+        short = [i for i, it in enumerate(items) if not it.multiple_choice]
+        mc = [i for i, it in enumerate(items) if it.multiple_choice]
+        if short:
+            got = self.reader.generate([prompts[i] for i in short], samples, temp, c.top_p if temp > 0 else 1.0,
+                                       c.max_new_tokens, c.seed, c.batch_size)
+            for i, r in zip(short, got, strict=True):
+                out[i] = r
+        if mc:
+            got = self.reader.choose([prompts[i] for i in mc], [items[i].choices for i in mc], c.choice_normalize)
+            for i, r in zip(mc, got, strict=True):
+                out[i] = r
+        return out  # type: ignore[return-value]
+
+    def read_each(self, items: Sequence[QAItem], passages: Sequence[Sequence[Passage]]) -> list[list[Reading]]:
+        """Cross-document reading: every item answered from each of its first ``cross_doc_passages`` passages alone."""
+        c = self.cfg
+        flat_items, flat_passages, owner = [], [], []
+        for i, (it, ps) in enumerate(zip(items, passages, strict=True)):
+            for p in ps[: c.cross_doc_passages]:
+                flat_items.append(it)
+                flat_passages.append([p])
+                owner.append(i)
+        temp = c.sample_temperature if c.cross_doc_samples > 1 else c.temperature
+        readings = self.read(flat_items, flat_passages, c.cross_doc_samples, temp) if flat_items else []
+        out: list[list[Reading]] = [[] for _ in items]
+        for i, r in zip(owner, readings, strict=True):
+            out[i].append(r)
+        return out
+
+    # -------------------------------------------------------------------------------------------------- answer
+    def mode(self) -> str:
+        """The last stage the configuration enables."""
+        if self.retriever is None:
+            return "closed_book"
+        if self.cfg.cross_doc:
+            return "cross_doc"
+        if self.cfg.samples > 1:
+            return "self_consistency"
+        return "rerank" if self.reranker is not None else "retrieval"
+
+    def answer(self, question: str) -> RagAnswer:
+        """Answer one question with every stage the configuration enables."""
+        return self.answer_items([QAItem("q", question, [])])[0]
+
+    def answer_items(self, items: Sequence[QAItem]) -> list[RagAnswer]:
+        """Answer questions with every stage the configuration enables."""
+        mode = self.mode()
+        questions = [it.question for it in items]
+        if mode == "closed_book":
+            return [RagAnswer(it.question, r.answers[0], mode, [], [], _reading_flops(r), samples=r.answers)
+                    for it, r in zip(items, self.read(items, None), strict=True)]
+        passages, flops = self.retrieve(questions)
+        if self.reranker is not None:
+            passages, rr = self.rerank(questions, passages)
+            flops = [a + b for a, b in zip(flops, rr, strict=True)]
+        out = []
+        if mode == "cross_doc":
+            for it, ps, f, rs in zip(items, passages, flops, self.read_each(items, passages), strict=True):
+                vote = cross_document_vote([r.answers for r in rs])
+                total = f
+                for r in rs:
+                    total = total + _reading_flops(r)
+                out.append(RagAnswer(it.question, vote.answer, mode, ps[: len(rs)], vote.support, total,
+                                     vote.to_dict(), [a for r in rs for a in r.answers]))
+            return out
+        k = self.cfg.passages
+        sc = mode == "self_consistency"
+        readings = self.read(items, [ps[:k] for ps in passages], self.cfg.samples if sc else 1,
+                             self.cfg.sample_temperature if sc else None)
+        for it, ps, f, r in zip(items, passages, flops, readings, strict=True):
+            vote = majority_vote(r.answers) if sc else None
+            answer = vote.answer if vote is not None else r.answers[0]
+            out.append(RagAnswer(it.question, answer, mode, ps[:k], list(range(len(ps[:k]))), f + _reading_flops(r),
+                                 vote.to_dict() if vote is not None else None, r.answers))
+        return out
+
+
+__all__ = ["MODES", "Passage", "PassageRetriever", "RagAnswer", "RagConfig", "RagPipeline"]

@@ -1,0 +1,299 @@
+"""``retrolm rag-eval``: test-time retrieval evaluated on a QA file (SPEC T4–T7).
+
+Every configuration adds one stage to the one before and all of them read the same questions:
+
+=================  ==================================================================================================
+closed_book        the reader alone
+retrieval          + the top ``passages`` retrieved passages in the prompt
+rerank             + the ``top_n`` candidates reranked, the best ``passages`` read              (``rerank=true``)
+self_consistency   + ``samples`` sampled answers, normalised majority vote                      (``samples>1``)
+cross_doc          + each of ``cross_doc_passages`` passages answered alone, consistency vote   (``cross_doc=true``)
+=================  ==================================================================================================
+
+``self_consistency`` and ``cross_doc`` build on the reranked passages when reranking is on, else on the retrieved
+ones. Multiple-choice items are scored by option log-likelihood, which is deterministic: their self-consistency
+answer is their reranked answer. The folder gets ``rag.json`` (``summary[config]`` with ``em``, ``f1``, ``n``,
+``flops_per_question``, the same scores on clean and contaminated items, FLOPs by stage), ``predictions.jsonl``,
+``report.md`` and ``config.yaml``; with ``noise=[...]`` the retrieval configurations are evaluated again on a copy of
+the store with the unrelated corpus added (``robustness``); with ``baselines=FILE`` the compute multiplier of each
+configuration (``multiplier``, ``multiplier.png``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from retrolm.core.config import save_config
+from retrolm.core.errors import RetrolmError
+from retrolm.core.io import atomic_path, write_bytes, write_json
+from retrolm.db import Database, DatabaseView
+from retrolm.eval.multiplier import Point, load_points, multiplier_report, plot_multiplier
+from retrolm.eval.qa import QAItem, contamination, load_qa, mean_scores, score_prediction
+from retrolm.eval.report import markdown_table
+from retrolm.infer.consistency import cross_document_vote, majority_vote
+from retrolm.infer.flops import StageFlops, mean_flops, pretraining_flops
+from retrolm.infer.rag import MODES, Passage, RagConfig, RagPipeline
+from retrolm.infer.reader import Reading
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class RagEvalConfig(RagConfig):
+    """``retrolm rag-eval``: the pipeline's settings plus what to evaluate and report."""
+
+    data: str | None = None
+    """QA JSONL file (``{"id", "question", "answers"}`` or ``{"id", "question", "choices", "answer"}`` per line)."""
+    out_dir: str = "runs/rag-eval"
+    """Report folder."""
+    max_questions: int | None = None
+    """Evaluate only the first N questions."""
+    contamination_n: int = 13
+    """Word n-gram length of the contamination check (the paper: 16 for MMLU, 26 for Math-500)."""
+    noise: list[str] = field(default_factory=list)
+    """Robustness: unrelated corpus paths added to a copy of the store; the retrieval configurations run again."""
+    block: int = 16
+    """Questions per block (every stage runs on a block before the next block starts)."""
+    baselines: str | None = None
+    """YAML/JSON of no-retrieval models ({name, metric (EM or accuracy in %), flops or params + tokens}): the compute
+    multiplier of every configuration."""
+    multiplier_metric: str = "em"
+    """Which score the multiplier fits: em or f1."""
+    queries: int | None = None
+    """Questions whose test-time FLOPs are charged in the multiplier (default: the questions evaluated)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.max_questions is not None and self.max_questions < 1:
+            raise RetrolmError(f"max_questions must be >= 1, got {self.max_questions}")
+        if self.multiplier_metric not in ("em", "f1"):
+            raise RetrolmError(f"multiplier_metric must be em or f1, got {self.multiplier_metric!r}")
+        if self.block < 1 or self.contamination_n < 1:
+            raise RetrolmError("block and contamination_n must be >= 1")
+
+
+@dataclass
+class Prediction:
+    """One configuration's answer to one item."""
+
+    answer: str
+    flops: StageFlops
+    passages: list[Passage] = field(default_factory=list)
+    support: list[int] = field(default_factory=list)
+    samples: list[str] = field(default_factory=list)
+
+    def to_dict(self, item: QAItem) -> dict:
+        return {"answer": self.answer, **score_prediction(self.answer, item), "flops": self.flops.total,
+                "passages": [p.doc_id for p in self.passages], "support": self.support,
+                **({"samples": self.samples} if len(self.samples) > 1 else {})}
+
+
+def _rf(r: Reading) -> StageFlops:
+    return StageFlops(reader_prompt=r.prompt_flops, reader_generation=r.generation_flops)
+
+
+def evaluate_block(pipe: RagPipeline, items: list[QAItem], closed_book: bool = True,
+                   timer: dict[str, float] | None = None) -> dict[str, list[Prediction]]:
+    """Every enabled configuration on a block of items (stages shared between configurations run once)."""
+    c, timer = pipe.cfg, timer if timer is not None else {}
+    qs = [it.question for it in items]
+    out: dict[str, list[Prediction]] = {}
+
+    def timed(name: str, fn, *args):
+        t = time.perf_counter()
+        result = fn(*args)
+        timer[name] = timer.get(name, 0.0) + time.perf_counter() - t
+        return result
+
+    if closed_book:
+        out["closed_book"] = [Prediction(r.answers[0], _rf(r)) for r in timed("closed_book", pipe.read, items, None)]
+    passages, base_flops = timed("retrieve", pipe.retrieve, qs)
+    k = c.passages
+    reads = timed("retrieval", pipe.read, items, [ps[:k] for ps in passages])
+    out["retrieval"] = [Prediction(r.answers[0], f + _rf(r), ps[:k], list(range(len(ps[:k]))))
+                        for r, f, ps in zip(reads, base_flops, passages, strict=True)]
+    if pipe.reranker is not None:
+        passages, rr = timed("rerank_scoring", pipe.rerank, qs, passages)
+        base_flops = [a + b for a, b in zip(base_flops, rr, strict=True)]
+        reads = timed("rerank", pipe.read, items, [ps[:k] for ps in passages])
+        out["rerank"] = [Prediction(r.answers[0], f + _rf(r), ps[:k], list(range(len(ps[:k]))))
+                         for r, f, ps in zip(reads, base_flops, passages, strict=True)]
+    if c.samples > 1:
+        # option likelihoods are deterministic: a multiple-choice item keeps the answer it had before sampling
+        short = [i for i, it in enumerate(items) if not it.multiple_choice]
+        reads = timed("self_consistency", pipe.read, [items[i] for i in short], [passages[i][:k] for i in short],
+                      c.samples, c.sample_temperature) if short else []
+        sampled = dict(zip(short, reads, strict=True))
+        base = out["rerank" if "rerank" in out else "retrieval"]
+        out["self_consistency"] = []
+        for i, (f, ps) in enumerate(zip(base_flops, passages, strict=True)):
+            if i not in sampled:
+                out["self_consistency"].append(base[i])
+                continue
+            r = sampled[i]
+            vote = majority_vote(r.answers)
+            out["self_consistency"].append(Prediction(vote.answer, f + _rf(r), ps[:k], list(range(len(ps[:k]))),
+                                                      r.answers))
+    if c.cross_doc:
+        each = timed("cross_doc", pipe.read_each, items, passages)
+        out["cross_doc"] = []
+        for rs, f, ps in zip(each, base_flops, passages, strict=True):
+            vote = cross_document_vote([r.answers for r in rs])
+            total = f
+            for r in rs:
+                total = total + _rf(r)
+            out["cross_doc"].append(Prediction(vote.answer, total, ps[: len(rs)], vote.support,
+                                               [a for r in rs for a in r.answers]))
+    return out
+
+
+def evaluate(pipe: RagPipeline, items: list[QAItem], block: int = 16, closed_book: bool = True,
+             show_progress: bool = False, desc: str = "rag-eval") -> tuple[dict[str, list[Prediction]], dict]:
+    """All configurations on all items, block by block; returns predictions per configuration and seconds per
+    stage."""
+    preds: dict[str, list[Prediction]] = {}
+    timer: dict[str, float] = {}
+    for start in tqdm(range(0, len(items), block), desc=desc, unit=f"x{block} questions", disable=not show_progress):
+        for mode, ps in evaluate_block(pipe, items[start : start + block], closed_book, timer).items():
+            preds.setdefault(mode, []).extend(ps)
+    return preds, {k: round(v, 1) for k, v in timer.items()}
+
+
+def summarize(items: list[QAItem], preds: dict[str, list[Prediction]], contaminated: list[bool]) -> dict:
+    """Per configuration: scores on all / clean / contaminated items, FLOPs per question (total and by stage)."""
+    clean = [not f for f in contaminated]
+    out = {}
+    for mode in [m for m in MODES if m in preds]:
+        scores = [score_prediction(p.answer, it) for p, it in zip(preds[mode], items, strict=True)]
+        flops = mean_flops([p.flops for p in preds[mode]])
+        out[mode] = {**mean_scores(scores), "flops_per_question": flops["total"], "flops_by_stage": flops,
+                     "clean": mean_scores(scores, clean), "contaminated": mean_scores(scores, contaminated)}
+    return out
+
+
+def noisy_copy(db: DatabaseView, path: Path, noise: list[str], show_progress: bool = False) -> Database:
+    """A copy of ``db`` with the ``noise`` documents added (reused when it already holds exactly them)."""
+    marker = path / "noise.json"
+    want = {"source_version": db.meta["version"], "source": str(db.path.resolve()), "noise": [str(n) for n in noise]}
+    if marker.is_file() and json.loads(marker.read_text()) == want:
+        return Database.open(path)
+    shutil.rmtree(path, ignore_errors=True)
+    shutil.copytree(db.path, path)
+    noisy = Database.open(path)
+    noisy.add(noise, show_progress=show_progress)
+    write_json(marker, want)
+    return Database.open(path)
+
+
+def _multiplier(cfg: RagEvalConfig, items: list[QAItem], summary: dict, reader: dict, out: Path) -> dict:
+    if cfg.baselines is None:
+        return {"status": "not computed: give baselines=FILE (no-retrieval models of several sizes with known "
+                          "pretraining FLOPs)"}
+    pre = reader.get("pretraining")
+    if pre is None:
+        return {"status": f"not computed: the pretraining tokens of {reader['name']} are not known"}
+    mc = [it for it in items if it.multiple_choice]
+    chance = 100 * sum(1 / len(it.choices) for it in mc) / len(items) if mc else 0.0
+    systems = [Point(mode, pre["flops"], s[cfg.multiplier_metric], s["flops_per_question"])
+               for mode, s in summary.items()]
+    report = multiplier_report(load_points(cfg.baselines), systems, "accuracy", chance, 100.0,
+                               cfg.queries or len(items))
+    plot_multiplier(out / "multiplier.png", report, systems, f"{cfg.multiplier_metric} (%)")
+    return report
+
+
+def run_rag_eval(cfg: RagEvalConfig, show_progress: bool = True) -> dict[str, Any]:
+    """Evaluate every configuration, check contamination (and robustness, the multiplier when asked), write the
+    report folder; returns the content of ``rag.json``."""
+    if cfg.data is None or cfg.db is None:
+        raise RetrolmError("rag-eval needs --data QA.jsonl and --db DB")
+    t0 = time.perf_counter()
+    items = load_qa(cfg.data, cfg.max_questions)
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "config.yaml")
+    db = DatabaseView.open(cfg.db, device=cfg.device)
+    t = time.perf_counter()
+    contam = contamination(items, db, cfg.contamination_n)
+    contam_s = time.perf_counter() - t
+    pipe = RagPipeline.load(cfg, db)
+    preds, seconds = evaluate(pipe, items, cfg.block, show_progress=show_progress)
+    seconds["contamination"] = round(contam_s, 1)
+    summary = summarize(items, preds, contam.flags)
+    lm = pipe.reader.lm
+    params = lm.num_params()
+    reader = {"name": lm.name, "params": params, "matmul_params": pipe.reader.cost.matmul_params,
+              "chat_template": pipe.reader.chat is not None, "pretraining": pretraining_flops(lm.name, params)}
+    result: dict[str, Any] = {
+        "data": str(cfg.data), "n": len(items), "multiple_choice": sum(it.multiple_choice for it in items),
+        "db": {"path": str(db.path), "chunks": db.store.n_chunks, "documents": db.store.n_docs,
+               "retriever": pipe.retriever.kind if pipe.retriever else None},
+        "reader": reader, "reranker": pipe.reranker.describe() if pipe.reranker else None,
+        "config": asdict(cfg), "contamination": contam.to_dict(), "summary": summary,
+        "summary_clean": {m: s["clean"] for m, s in summary.items()},
+    }
+    if cfg.noise:
+        noisy = noisy_copy(db, out / "db-with-noise", cfg.noise, show_progress)
+        npreds, nsec = evaluate(pipe.with_database(noisy), items, cfg.block, closed_book=False,
+                                show_progress=show_progress, desc="rag-eval + noise")
+        seconds["robustness"] = round(sum(nsec.values()), 1)
+        result["robustness"] = {"noise": cfg.noise, "noise_chunks": noisy.store.n_chunks - db.store.n_chunks,
+                                "summary": summarize(items, npreds, contam.flags)}
+    result["multiplier"] = _multiplier(cfg, items, summary, reader, out)
+    seconds["total"] = round(time.perf_counter() - t0, 1)
+    result["seconds"] = seconds
+    write_json(out / "rag.json", result)
+    with atomic_path(out / "predictions.jsonl") as tmp, open(tmp, "w", encoding="utf-8") as f:
+        for i, it in enumerate(items):
+            row = {"id": it.id, "question": it.question, "gold": it.answers, "contaminated": contam.flags[i],
+                   **{m: ps[i].to_dict(it) for m, ps in preds.items()}}
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    write_bytes(out / "report.md", report_markdown(result).encode())
+    return result
+
+
+def report_markdown(result: dict) -> str:
+    """The evaluation as Markdown: scores, clean-only scores and FLOPs per configuration."""
+    c = result["contamination"]
+
+    def pct(x: float | None) -> str:
+        return "–" if x is None else f"{x:.1f}"
+
+    rows = [[m, pct(s["em"]), pct(s["f1"]), s["n"], f"{s['flops_per_question']:.3g}", pct(s["clean"]["em"]),
+             pct(s["clean"]["f1"]), s["clean"]["n"]] for m, s in _ordered(result["summary"])]
+    lines = [f"# Test-time retrieval: {result['data']}", "",
+             f"Reader {result['reader']['name']}; {result['n']} questions; retriever {result['db']['retriever']} over "
+             f"{result['db']['chunks']:,} chunks; contaminated ({c['n']}-gram overlap with the store): "
+             f"{c['contaminated']} of {c['items']} ({100 * c['fraction']:.1f}%).", "",
+             markdown_table(["config", "EM", "F1", "n", "FLOPs/question", "EM (clean)", "F1 (clean)", "n (clean)"],
+                            rows), ""]
+    if "robustness" in result:
+        r = result["robustness"]
+        lines += [f"## Robustness: + {r['noise_chunks']:,} chunks of unrelated text", "",
+                  markdown_table(["config", "EM", "F1", "n"],
+                                 [[m, pct(s["em"]), pct(s["f1"]), s["n"]] for m, s in _ordered(r["summary"])]), ""]
+    mult = result.get("multiplier") or {}
+    if "systems" in mult:
+        lines += ["## Compute multiplier", "", "![multiplier](multiplier.png)", "",
+                  markdown_table(["config", "equivalent FLOPs", "multiplier", "with test-time FLOPs"],
+                                 [[m, "–" if v["equivalent_flops"] is None else f"{v['equivalent_flops']:.3g}",
+                                   v["multiplier"], v["multiplier_with_test_time"]]
+                                  for m, v in _ordered(mult["systems"])]), ""]
+    return "\n".join(lines)
+
+
+def _ordered(by_mode: dict) -> list[tuple[str, Any]]:
+    """Configurations in pipeline order (rag.json stores them sorted by name)."""
+    return [(m, by_mode[m]) for m in MODES if m in by_mode]
+
+
+__all__ = ["Prediction", "RagEvalConfig", "evaluate", "evaluate_block", "noisy_copy", "report_markdown",
+           "run_rag_eval", "summarize"]

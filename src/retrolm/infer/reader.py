@@ -1,0 +1,301 @@
+"""The reader of test-time retrieval: a causal LM answering a question from passages placed in its prompt.
+
+Prompts use the model's chat template when it has one (system message, then the passages and the question in the
+user turn), else a plain template (``{passages}Question: {question}\\nAnswer:``). Short answers are generated in
+batches (left padding, one KV cache per batch), greedy or sampled with a seeded generator; ``samples > 1`` shares the
+prompt's cache between samples. Generation stops at the end of the turn, or at the first line break after the answer
+has begun. Multiple-choice items are answered by the log-likelihood of each option after the prompt.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from retrolm.core.errors import RetrolmError
+from retrolm.core.hub import resolve_model
+from retrolm.eval.qa import choice_prediction
+from retrolm.infer.flops import ModelCost
+from retrolm.infer.sampling import check_sampling, sample
+from retrolm.models.hf import CausalLM
+from retrolm.text.tokenizer import LMTokenizer, load_tokenizer
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_SYSTEM = ("Answer the question with a short answer of a few words, without explanation. When passages are "
+                  "given, use them.")
+DEFAULT_TEMPLATE = "{passages}Question: {question}\nAnswer:"
+_PREFIX = re.compile(r"^\s*(short answer|final answer|answer)\s*[:\-]\s*", re.IGNORECASE)
+
+
+def chat_tokenizer(path: str) -> object | None:
+    """The ``transformers`` tokenizer of a model folder if it has a chat template, else None."""
+    try:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(path)
+    except Exception:  # a bare tokenizer.json (e.g. a test model) has no template: the plain prompt is used
+        return None
+    return tok if getattr(tok, "chat_template", None) else None
+
+
+def extract_answer(text: str) -> str:
+    """The answer in a generation: its first non-empty line without an ``Answer:`` prefix or surrounding quotes."""
+    line = next((ln for ln in text.splitlines() if ln.strip()), "")
+    return _PREFIX.sub("", line).strip().strip("\"'`*").strip()
+
+
+def forward_last(hf: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, cache: object | None = None,
+                 positions: torch.Tensor | None = None) -> tuple[torch.Tensor, object | None]:
+    """(B, V) logits of the last position and the KV cache, for left-padded ``ids``; with ``cache``, ``ids`` follow it
+    and ``mask`` covers cache + ids. Works with transformers 4 (``past_key_values``) and 5 (``cache``)."""
+    params = _forward_params(hf)
+    if positions is None:
+        positions = (mask.long().cumsum(-1) - 1).clamp_min(0)[:, -ids.shape[1]:]
+    kw: dict = {"input_ids": ids, "attention_mask": mask, "position_ids": positions, "use_cache": True}
+    if "logits_to_keep" in params:
+        kw["logits_to_keep"] = 1
+    if cache is not None:
+        kw["cache" if "cache" in params else "past_key_values"] = cache
+    out = hf(**kw)
+    new = out.get("cache", None) if hasattr(out, "get") else None
+    return out.logits[:, -1], new if new is not None else getattr(out, "past_key_values", None)
+
+
+@functools.lru_cache(maxsize=16)
+def _forward_signature(cls: type) -> frozenset[str]:
+    return frozenset(inspect.signature(cls.forward).parameters)
+
+
+def _forward_params(hf: torch.nn.Module) -> frozenset[str]:
+    return _forward_signature(type(hf))
+
+
+def left_pad(rows: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, T) ids and attention mask of rows aligned to the right."""
+    T = max(len(r) for r in rows)
+    ids = torch.full((len(rows), T), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), T), dtype=torch.long)
+    for i, r in enumerate(rows):
+        if r:
+            ids[i, T - len(r):] = torch.tensor(list(r), dtype=torch.long)
+            mask[i, T - len(r):] = 1
+    return ids, mask
+
+
+@dataclass
+class Reading:
+    """What the reader produced for one prompt."""
+
+    answers: list[str]
+    """One answer per sample (multiple choice: the chosen option's text)."""
+    prompt_tokens: int
+    prompt_flops: int
+    generation_flops: int
+    texts: list[str] | None = None
+    """The raw generations."""
+
+
+class Reader:
+    """A causal LM that reads passages and answers.
+
+    Args:
+        lm: the model.
+        tokenizer: its tokenizer (retrolm's wrapper).
+        chat: a ``transformers`` tokenizer with a chat template, or None for the plain template.
+        system: the system message (chat models).
+        template: the plain prompt, with ``{passages}`` and ``{question}``.
+        max_passage_tokens: each passage is cut to this many of the reader's tokens.
+        examples: demonstrations, (question, answer) pairs shown before the question (chat: as earlier turns; plain:
+            as ``Question: … Answer: …`` lines), without passages.
+    """
+
+    def __init__(self, lm: CausalLM, tokenizer: LMTokenizer, chat: object | None = None, system: str = DEFAULT_SYSTEM,
+                 template: str = DEFAULT_TEMPLATE, max_passage_tokens: int = 192,
+                 examples: Sequence[Sequence[str]] = ()) -> None:
+        if "{question}" not in template:
+            raise RetrolmError(f"reader template {template!r} has no {{question}}")
+        if any(len(e) != 2 for e in examples):
+            raise RetrolmError("reader examples must be [question, answer] pairs")
+        self.lm, self.tok, self.chat, self.system, self.template = lm, tokenizer, chat, system, template
+        self.max_passage_tokens, self.examples = max_passage_tokens, [tuple(e) for e in examples]
+        self.cost = ModelCost.of(lm.hf, lm.name)
+        stops = {tokenizer.eos_id}
+        if chat is not None:
+            stops.add(getattr(chat, "eos_token_id", None))
+        for special in ("<|im_end|>", "<|eot_id|>", "<|end|>", "</s>"):
+            stops.add(tokenizer.tok.token_to_id(special))
+        self.stop_ids = {s for s in stops if s is not None}
+        self.pad_id = tokenizer.pad_id
+
+    @classmethod
+    def load(cls, ref: str, device: str = "cpu", **kwargs) -> Reader:
+        """Load a reader by reference (folder, ``smollm2-135m``, hub name)."""
+        lm = CausalLM.from_pretrained(ref, device=device)
+        resolved = resolve_model(ref, what="reader")
+        return cls(lm, load_tokenizer(resolved.path if resolved.local else resolved.name),
+                   chat_tokenizer(resolved.path), **kwargs)
+
+    @functools.cached_property
+    def _line_break_ids(self) -> tuple[frozenset[int], frozenset[int]]:
+        """(tokens whose text holds a line break, tokens that are only whitespace)."""
+        breaks, blank = set(), set()
+        for i in range(self.tok.vocab_size):
+            text = self.tok.tok.decode([i], skip_special_tokens=False)
+            if "\n" in text:
+                breaks.add(i)
+            if not text.strip():
+                blank.add(i)
+        return frozenset(breaks), frozenset(blank)
+
+    # ------------------------------------------------------------------------------------------------ prompts
+    def _passage(self, text: str) -> str:
+        ids = self.tok.encode(text.strip())
+        return self.tok.decode(ids[: self.max_passage_tokens]) if len(ids) > self.max_passage_tokens else text.strip()
+
+    def prompt_text(self, question: str, passages: Sequence[str] | None = None) -> str:
+        """The prompt as text (chat template rendered, generation prompt included)."""
+        passages = [self._passage(p) for p in passages or []]
+        if self.chat is None:
+            block = "".join(p + "\n\n" for p in passages)
+            shots = "".join(f"Question: {q}\nAnswer: {a}\n\n" for q, a in self.examples)
+            return shots + self.template.format(passages=block, question=question.strip())
+        user = f"Question: {question.strip()}"
+        if passages:
+            listed = "\n\n".join(f"[{i + 1}] {p}" for i, p in enumerate(passages))
+            user = f"Passages:\n{listed}\n\n{user}"
+        messages = [{"role": "system", "content": self.system}] if self.system else []
+        for q, a in self.examples:
+            messages += [{"role": "user", "content": f"Question: {q}"}, {"role": "assistant", "content": a}]
+        messages.append({"role": "user", "content": user})
+        return self.chat.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    def prompt_ids(self, question: str, passages: Sequence[str] | None = None) -> list[int]:
+        """The prompt's token ids (special tokens of a chat template included), cut on the left to fit the model."""
+        ids = self.tok.encode(self.prompt_text(question, passages))
+        room = self.lm.context_len - 64
+        return ids[-room:] if len(ids) > room else ids
+
+    # ------------------------------------------------------------------------------------------------ answers
+    @torch.no_grad()
+    def generate(self, prompts: Sequence[list[int]], samples: int = 1, temperature: float = 0.0, top_p: float = 1.0,
+                 max_new_tokens: int = 16, seed: int = 0, batch_size: int = 8) -> list[Reading]:
+        """Short answers: ``samples`` generations per prompt (greedy at temperature 0)."""
+        check_sampling(max_new_tokens, temperature, top_p)
+        if samples < 1:
+            raise RetrolmError(f"samples must be >= 1, got {samples}")
+        gen = torch.Generator().manual_seed(seed)
+        out: list[Reading | None] = [None] * len(prompts)
+        order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            tokens = self._generate_batch([prompts[i] for i in idx], samples, temperature, top_p, max_new_tokens,
+                                          gen)
+            for j, i in enumerate(idx):
+                rows = tokens[j * samples : (j + 1) * samples]
+                texts = [self.tok.decode(r) for r, _ in rows]
+                p = len(prompts[i])
+                out[i] = Reading([extract_answer(t) for t in texts], p, self.cost.prompt(p),
+                                 sum(self.cost.generation(p, n) for _, n in rows), texts)
+        return out  # type: ignore[return-value]
+
+    def _generate_batch(self, prompts: list[list[int]], samples: int, temperature: float, top_p: float,
+                        max_new_tokens: int, gen: torch.Generator) -> list[tuple[list[int], int]]:
+        """Per row (prompt-major, then sample): the answer tokens and how many tokens were sampled (stop included)."""
+        dev = self.lm.device
+        ids, mask = left_pad(prompts, self.pad_id)
+        logits, cache = forward_last(self.lm.hf, ids.to(dev), mask.to(dev))
+        if samples > 1:
+            if hasattr(cache, "batch_repeat_interleave"):
+                cache.batch_repeat_interleave(samples)
+                logits = logits.repeat_interleave(samples, 0)
+            else:  # a legacy cache: prefill the repeated prompts (the FLOPs charged assume a shared prompt)
+                logits, cache = forward_last(self.lm.hf, ids.repeat_interleave(samples, 0).to(dev),
+                                             mask.repeat_interleave(samples, 0).to(dev))
+            mask = mask.repeat_interleave(samples, 0)
+        rows = mask.shape[0]
+        mask = mask.to(dev)
+        next_pos = mask.sum(-1, keepdim=True)
+        breaks, blank = self._line_break_ids
+        toks: list[list[int]] = [[] for _ in range(rows)]
+        sampled = [0] * rows
+        done = [False] * rows
+        for step in range(max_new_tokens):
+            for r in range(rows):
+                if done[r]:
+                    continue
+                t = sample(logits[r], temperature, top_p, gen)
+                sampled[r] += 1
+                begun = any(x not in blank for x in toks[r])
+                if t in self.stop_ids or (t in breaks and begun):
+                    done[r] = True
+                else:
+                    toks[r].append(t)
+            if all(done) or step == max_new_tokens - 1:
+                break
+            feed = torch.tensor([[toks[r][-1] if toks[r] and not done[r] else self.pad_id] for r in range(rows)],
+                                device=dev)
+            mask = torch.cat([mask, torch.ones((rows, 1), dtype=mask.dtype, device=dev)], dim=1)
+            logits, cache = forward_last(self.lm.hf, feed, mask, cache, positions=next_pos)
+            next_pos = next_pos + 1
+        return list(zip(toks, sampled, strict=True))
+
+    @torch.no_grad()
+    def choose(self, prompts: Sequence[list[int]], choices: Sequence[Sequence[str]], normalize: str = "mean"
+               ) -> list[Reading]:
+        """Multiple choice: the option with the highest (per-token) log-likelihood after each prompt (see
+        :meth:`option_nlls`). FLOPs: the prompt's forward (``prompt_flops``) and the options' forwards after it
+        (``generation_flops``)."""
+        out = []
+        for prompt, opts in zip(prompts, choices, strict=True):
+            nlls = self.option_nlls(prompt, opts)
+            p = len(prompt)
+            out.append(Reading([opts[choice_prediction(nlls, normalize)]], p, self.cost.prompt(p),
+                               sum(self.cost.prompt(len(x), past=p) for x in nlls)))
+        return out
+
+    @torch.no_grad()
+    def option_nlls(self, prompt: list[int], options: Sequence[str]) -> list[list[float]]:
+        """Per option, the NLL (nats) of each of its tokens after ``prompt``. The prompt is read once; its KV cache is
+        copied to one row per option and the options are read in one batch (right-padded)."""
+        lead = "" if self.chat is not None else " "
+        dev = self.lm.device
+        cids = [self.tok.encode(lead + c.strip()) or [self.pad_id] for c in options]
+        k, width = len(cids), max(len(c) for c in cids)
+        ids, mask = left_pad([prompt], self.pad_id)
+        last, cache = forward_last(self.lm.hf, ids.to(dev), mask.to(dev))
+        if hasattr(cache, "batch_repeat_interleave"):
+            cache.batch_repeat_interleave(k)
+        else:  # a legacy cache: read the prompt once per option
+            _, cache = forward_last(self.lm.hf, ids.repeat(k, 1).to(dev), mask.repeat(k, 1).to(dev))
+        opt = torch.full((k, width), self.pad_id, dtype=torch.long)
+        opt_mask = torch.zeros((k, width), dtype=torch.long)
+        for r, c in enumerate(cids):
+            opt[r, : len(c)] = torch.tensor(c)
+            opt_mask[r, : len(c)] = 1
+        full_mask = torch.cat([mask.repeat(k, 1), opt_mask], dim=1).to(dev)
+        positions = (len(prompt) + torch.arange(width)).repeat(k, 1).to(dev)
+        logits = forward_all(self.lm.hf, opt.to(dev), full_mask, cache, positions)  # (k, width, V)
+        # option token j is predicted by the prompt's last position (j = 0) or by option token j - 1
+        pred = torch.cat([last[:1].expand(k, -1)[:, None], logits[:, :-1]], dim=1).float()
+        logp = torch.log_softmax(pred, dim=-1).gather(-1, opt.to(dev)[..., None])[..., 0].cpu()
+        return [(-logp[r, : len(c)]).tolist() for r, c in enumerate(cids)]
+
+
+def forward_all(hf: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, cache: object,
+                positions: torch.Tensor) -> torch.Tensor:
+    """(B, T, V) logits of ``ids`` read after ``cache`` (``mask`` covers cache + ids)."""
+    params = _forward_params(hf)
+    kw: dict = {"input_ids": ids, "attention_mask": mask, "position_ids": positions, "use_cache": True,
+                "cache" if "cache" in params else "past_key_values": cache}
+    return hf(**kw).logits
+
+
+__all__ = ["DEFAULT_SYSTEM", "DEFAULT_TEMPLATE", "Reader", "Reading", "chat_tokenizer", "extract_answer",
+           "forward_all", "forward_last", "left_pad"]

@@ -1,0 +1,291 @@
+"""Reproducible QA benchmarks built from the real corpora (no QA set with answers ships offline).
+
+Each builder reads a fetched corpus (``retrolm corpus fetch ...``), draws its questions from the documents of a fixed
+test split (a seeded hash of the document id, like ``retrolm corpus split``) in a seeded order, and stores every record
+with its provenance: builder and version, corpus file and SHA-256, document, seed and split. The same corpus file, seed
+and arguments give the same file, byte for byte.
+
+* ``wiki-entity`` — questions about the entities of Wikipedia lead summaries, answered by their Wikidata short
+  description (``"What is 3C 273?"`` → ``"quasar in the constellation Virgo"``); with ``choices=4``,
+  multiple choice against the descriptions of other entities of the same topic.
+* ``kernel-cloze`` — a sentence of the Linux kernel documentation with one specific word (an identifier, acronym or
+  name) blanked out. With ``old`` (the previous kernel's documentation, e.g. the store's), each record says whether the
+  exact sentence was already there (``in_old``), and ``balance`` draws half of each: questions the store contains
+  verbatim and questions it cannot contain. With ``choices=4``, multiple choice against words blanked out of other
+  sentences of the same kind (identifier or name), from the same document where it has enough.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import random
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+from retrolm.core.errors import RetrolmError
+from retrolm.core.io import atomic_path
+
+BUILDER_VERSION = 1
+SKIP_DESCRIPTIONS = re.compile(r"(?i)wikimedia|disambiguation|topics referred to|list article|^$")
+_COMMON_WORDS = """about above after again against also although among another because been before being below between
+both cannot could does doing down during each either every few from further have having here hers herself himself
+into itself just more most must myself neither once only other ought ours ourselves over same should some such than
+that their theirs them themselves then there these they this those through under until upon very were what when where
+which while whom whose will with within without would your yours yourself yourselves however therefore thus used using
+use uses make makes made many much need needs needed"""
+COMMON = frozenset(_COMMON_WORDS.split())
+_SENTENCE_SPLIT = re.compile(r"(?<=[.!?])\s+(?=[A-Z(])")
+_WORD_OK = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_\-]*[A-Za-z0-9_]$")
+BLANK = "____"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def in_test_split(doc_id: str, seed: int, fraction: float) -> bool:
+    """Whether a document belongs to the test split (a seeded hash of its id; stable across corpus versions)."""
+    h = int.from_bytes(hashlib.sha256(f"{seed}:{doc_id}".encode()).digest()[:8], "big")
+    return h % 1_000_000 < fraction * 1_000_000
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    if not path.is_file():
+        raise RetrolmError(f"{path}: corpus not found (fetch it with `retrolm corpus fetch`)")
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    out.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise RetrolmError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
+    return out
+
+
+def _provenance(builder: str, corpus: Path, seed: int, fraction: float, **extra) -> dict:
+    return {"builder": builder, "builder_version": BUILDER_VERSION, "corpus": corpus.name,
+            "corpus_sha256": _sha256(corpus), "seed": seed, "split": "test", "test_fraction": fraction, **extra}
+
+
+# --------------------------------------------------------------------------------------------------- wiki-entity
+def build_wiki_entity(corpus: str | Path, n: int = 200, seed: int = 0, choices: int = 0, test_fraction: float = 0.1
+                      ) -> list[dict]:
+    """Questions about Wikipedia entities answered by their short descriptions (see the module docstring)."""
+    corpus = Path(corpus)
+    docs = [d for d in _read_jsonl(corpus) if isinstance(d.get("description"), str)]
+    usable = [d for d in docs if not SKIP_DESCRIPTIONS.search(d["description"].strip())
+              and 1 <= len(d["description"].split()) <= 10
+              and d["description"].strip().lower() != str(d["id"]).strip().lower()]
+    if not usable:
+        raise RetrolmError(f"{corpus}: no documents with a usable 'description' (is it `retrolm corpus fetch wiki`?)")
+    test = sorted((d for d in usable if in_test_split(str(d["id"]), seed, test_fraction)), key=lambda d: str(d["id"]))
+    rng = random.Random(seed)
+    rng.shuffle(test)
+    by_topic: dict[str, list[str]] = {}
+    for d in usable:
+        by_topic.setdefault(str(d.get("topic")), []).append(d["description"].strip())
+    base = _provenance("wiki-entity", corpus, seed, test_fraction, field="description")
+    out = []
+    for d in test[:n]:
+        title, desc = str(d["id"]), d["description"].strip()
+        rec = {"id": f"wiki-entity-{len(out):05d}", "question": f"What is {title}?",
+               "provenance": {**base, "doc_id": title, "topic": d.get("topic")}}
+        if choices >= 2:
+            opts = _distractors(desc, by_topic.get(str(d.get("topic")), []), [x["description"].strip() for x in usable],
+                                choices - 1, rng)
+            opts.append(desc)
+            rng.shuffle(opts)
+            rec.update(choices=opts, answer=opts.index(desc))
+        else:
+            rec["answers"] = [desc]
+        out.append(rec)
+    return out
+
+
+def _distractors(answer: str, same_topic: list[str], everything: list[str], k: int, rng: random.Random) -> list[str]:
+    def fresh(pool: list[str], have: list[str]) -> list[str]:
+        seen = {answer.lower(), *(h.lower() for h in have)}
+        return sorted({p for p in pool if p.lower() not in seen})
+
+    picked = rng.sample(fresh(same_topic, []), min(k, len(fresh(same_topic, []))))
+    if len(picked) < k:
+        picked += rng.sample(fresh(everything, picked), k - len(picked))
+    return picked
+
+
+# -------------------------------------------------------------------------------------------------- kernel-cloze
+def _paragraphs(text: str) -> list[str]:
+    """Prose paragraphs of an reStructuredText document (no markup, code, tables or lists), lines joined."""
+    out = []
+    for block in re.split(r"\n\s*\n", text):
+        lines = block.strip("\n").split("\n")
+        if not lines or any(not ln or ln[0].isspace() or ln.lstrip()[:1] in "=-*|+#.:`~^" for ln in lines):
+            continue
+        if not lines[0][0].isalpha():
+            continue
+        out.append(" ".join(ln.strip() for ln in lines))
+    return out
+
+
+def cloze_sentences(text: str) -> list[str]:
+    """Sentences fit for a cloze question: prose, 10–35 words, ending with a full stop, without inline markup."""
+    out = []
+    for para in _paragraphs(text):
+        for s in _SENTENCE_SPLIT.split(para):
+            s = s.strip()
+            if s.endswith(".") and 10 <= len(s.split()) <= 35 and not re.search(r"[`|*<>\[\]{}\\]|::|https?:", s):
+                out.append(s)
+    return out
+
+
+def _blank_score(word: str, first: bool) -> int:
+    """How specific a word is: 3 identifier or number-bearing or acronym, 2 a capitalised name, else 0."""
+    if first or len(word) < 4 or not _WORD_OK.match(word) or word.lower() in COMMON:
+        return 0
+    if "_" in word or any(ch.isdigit() for ch in word) or (word.isupper() and len(word) >= 3) or \
+            any(ch.isupper() for ch in word[1:]):
+        return 3
+    return 2 if word[0].isupper() else 0
+
+
+def choose_blank(sentence: str, rng: random.Random) -> tuple[str, str] | None:
+    """(the sentence with one specific word blanked, that word), or None if it has none."""
+    toks = sentence.split()
+    stripped = [t.strip(".,;:()\"'") for t in toks]
+    counts: dict[str, int] = {}
+    for w in stripped:
+        counts[w.lower()] = counts.get(w.lower(), 0) + 1
+    scored = [(_blank_score(w, i == 0), i) for i, w in enumerate(stripped) if counts[w.lower()] == 1]
+    best = max((s for s, _ in scored), default=0)
+    if best < 2:
+        return None
+    i = rng.choice([i for s, i in scored if s == best])
+    toks[i] = toks[i].replace(stripped[i], BLANK, 1)
+    return " ".join(toks), stripped[i]
+
+
+def _norm_space(s: str) -> str:
+    return " ".join(s.split())
+
+
+def build_kernel_cloze(corpus: str | Path, n: int = 200, seed: int = 0, old: str | Path | None = None,
+                       balance: bool = True, test_fraction: float = 0.2, choices: int = 0) -> list[dict]:
+    """Cloze questions over sentences of the kernel documentation (see the module docstring)."""
+    corpus = Path(corpus)
+    docs = [d for d in _read_jsonl(corpus) if isinstance(d.get("text"), str)]
+    old_texts: dict[str, str] = {}
+    if old is not None:
+        for d in _read_jsonl(Path(old)):
+            old_texts[str(d.get("path") or str(d["id"]).split("/", 1)[-1])] = _norm_space(d.get("text", ""))
+    rng = random.Random(seed)
+    docs = [d for d in docs if "/translations/" not in f"/{d.get('path') or d['id']}"]  # English only
+    test = sorted((d for d in docs if in_test_split(str(d.get("path") or d["id"]), seed, test_fraction)),
+                  key=lambda d: str(d["id"]))
+    rng.shuffle(test)
+    per_doc: list[list[dict]] = []
+    for d in test:
+        path = str(d.get("path") or str(d["id"]).split("/", 1)[-1])
+        cands = []
+        for s in cloze_sentences(d["text"]):
+            blank = choose_blank(s, rng)
+            if blank is None:
+                continue
+            masked, word = blank
+            cand = {"doc_id": str(d["id"]), "path": path, "sentence": s, "masked": masked, "word": word}
+            if old is not None:
+                cand["in_old"] = _norm_space(s) in old_texts.get(path, "")
+            cands.append(cand)
+        rng.shuffle(cands)
+        if cands:
+            per_doc.append(cands)
+    picked = _round_robin(per_doc, n, balance and old is not None)
+    base = _provenance("kernel-cloze", corpus, seed, test_fraction,
+                       old_corpus=Path(old).name if old is not None else None)
+    # distractors: words blanked out of other sentences, of the same kind (identifier or name), from the same
+    # document first, then the same folder, then anywhere: options the sentence alone cannot tell apart
+    by_doc: dict[str, set[str]] = {}
+    for cs in per_doc:
+        for c in cs:
+            by_doc.setdefault(c["path"], set()).add(c["word"])
+    every = sorted(set().union(*by_doc.values())) if by_doc else []
+
+    def distractors(c: dict, k: int) -> list[str]:
+        kind = _blank_score(c["word"], False)
+        folder = c["path"].rsplit("/", 1)[0]
+        picked_: list[str] = []
+        for pool in (sorted(by_doc.get(c["path"], ())),
+                     sorted({w for p, ws in by_doc.items() if p.rsplit("/", 1)[0] == folder for w in ws}), every):
+            seen = {c["word"].lower(), *(w.lower() for w in picked_)}
+            fresh = [w for w in pool if w.lower() not in seen and _blank_score(w, False) == kind]
+            picked_ += rng.sample(fresh, min(k - len(picked_), len(fresh)))
+            if len(picked_) == k:
+                break
+        return picked_
+
+    out = []
+    for i, c in enumerate(picked):
+        rec = {"id": f"kernel-cloze-{i:05d}",
+               "question": f"Fill in the blank with one word. From the Linux kernel documentation: {c['masked']}",
+               "provenance": {**base, **{k: c[k] for k in ("doc_id", "path", "sentence")},
+                              **({"in_old": c["in_old"]} if "in_old" in c else {})}}
+        if choices >= 2:
+            opts = [*distractors(c, choices - 1), c["word"]]
+            rng.shuffle(opts)
+            rec.update(choices=opts, answer=opts.index(c["word"]))
+        else:
+            rec["answers"] = [c["word"]]
+        out.append(rec)
+    return out
+
+
+def _round_robin(per_doc: list[list[dict]], n: int, balance: bool) -> list[dict]:
+    """Up to n candidates, one per document per round; with ``balance``, alternately in_old and not."""
+    if not balance:
+        pools = [list(c) for c in per_doc]
+        out: list[dict] = []
+        while len(out) < n and any(pools):
+            for p in pools:
+                if p and len(out) < n:
+                    out.append(p.pop(0))
+        return out
+    halves = []
+    for flag in (True, False):
+        halves.append(_round_robin([[c for c in cs if c["in_old"] == flag] for cs in per_doc], n, False))
+    out = []
+    for a, b in zip(halves[0], halves[1], strict=False):
+        out += [a, b]
+    rest = halves[0][len(halves[1]):] + halves[1][len(halves[0]):]
+    return (out + rest)[:n]
+
+
+BUILDERS: dict[str, Callable[..., list[dict]]] = {"wiki-entity": build_wiki_entity, "kernel-cloze": build_kernel_cloze}
+
+
+def build_benchmark(kind: str, corpus: str | Path, out: str | Path, **kwargs) -> int:
+    """Build benchmark ``kind`` from ``corpus`` into the JSONL file ``out`` (atomically); returns the record count."""
+    if kind not in BUILDERS:
+        raise RetrolmError(f"benchmark {kind!r}: unknown; choose from {', '.join(sorted(BUILDERS))}")
+    builder = BUILDERS[kind]
+    takes = inspect.signature(builder).parameters
+    bad = [k for k, v in kwargs.items() if v is not None and k not in takes]
+    if bad:
+        raise RetrolmError(f"benchmark {kind!r} does not take --{bad[0].replace('_', '-')}")
+    records = builder(corpus, **{k: v for k, v in kwargs.items() if v is not None})
+    if not records:
+        raise RetrolmError(f"{corpus}: no {kind} questions could be built")
+    with atomic_path(out) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n")
+    return len(records)
+
+
+__all__ = ["BLANK", "BUILDERS", "build_benchmark", "build_kernel_cloze", "build_wiki_entity", "choose_blank",
+           "cloze_sentences", "in_test_split"]

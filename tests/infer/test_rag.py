@@ -1,0 +1,278 @@
+"""Test-time retrieval (retrieve → rerank → read, self-consistency, cross-document consistency) with a tiny copying
+Llama over a hand-made store whose facts exist nowhere else: retrieval must raise accuracy, the consistency votes and
+FLOPs must match hand-computed values, and the CLI must keep its contract."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import run_cli, wiki_docs, write_jsonl
+from retrolm.core.errors import RetrolmError
+from retrolm.db import BuildConfig, Database
+from retrolm.eval.qa import QAItem, load_qa
+from retrolm.infer.consistency import answer_similarity, cross_document_vote, majority_vote
+from retrolm.infer.flops import ModelCost, StageFlops, pretraining_flops
+from retrolm.infer.rag import RagConfig, RagPipeline
+from retrolm.infer.rag_eval import RagEvalConfig, run_rag_eval
+from retrolm.infer.reader import extract_answer
+from retrolm.infer.rerank import CrossEncoderReranker, LMReranker, load_reranker
+
+_spec = importlib.util.spec_from_file_location("incontext_helpers",
+                                               Path(__file__).parents[1] / "eval" / "test_incontext.py")
+_mod = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_mod)
+induction_llama = _mod.induction_llama  # a 2-layer Llama that copies what followed the current token in its context
+
+NAMES = ["zorblat", "quenmir", "vastrel", "plimbo", "drunek", "yarrow", "teslin", "mogwen", "fradel", "kuvoth"]
+WORDS = ["amber", "basalt", "cobalt", "dune", "ember", "fjord", "garnet", "harbor", "indigo", "jasper"]
+PLAIN = dict(template="{passages}{question}", max_new_tokens=6, batch_size=4)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A BM25 store of Wikipedia summaries plus one made-up fact per document, the copying Llama, and questions whose
+    answers only the store holds (short answer and multiple choice)."""
+    root = tmp_path_factory.mktemp("rag")
+    facts = [{"id": f"fact-{n}", "text": f"The code of {n} is {w}"} for n, w in zip(NAMES, WORDS, strict=True)]
+    db = Database.build([write_jsonl(root / "corpus.jsonl", wiki_docs(20) + facts)], root / "db",
+                        BuildConfig(tokenizer="train:1000", index="none", bm25=True), show_progress=False)
+    lm_dir = root / "copy-llama"
+    induction_llama(db.tokenizer.vocab_size).save_pretrained(lm_dir)
+    db.tokenizer.save(lm_dir / "tokenizer.json")
+    qa = [{"id": f"q{i}", "question": f"The code of {n} is", "answers": [w]}
+          for i, (n, w) in enumerate(zip(NAMES, WORDS, strict=True))]
+    mc = [{"id": f"m{i}", "question": f"The code of {n} is", "choices": [WORDS[(i + 1) % 10], w, WORDS[(i + 2) % 10]],
+           "answer": 1} for i, (n, w) in enumerate(zip(NAMES[:4], WORDS[:4], strict=True))]
+    return {"root": root, "db": db, "lm": str(lm_dir), "qa": write_jsonl(root / "qa.jsonl", qa),
+            "mixed": write_jsonl(root / "mixed.jsonl", qa[:4] + mc)}
+
+
+def eval_cfg(world, out: str, **kw) -> RagEvalConfig:
+    base = dict(db=str(world["db"].path), reader=world["lm"], data=str(world["qa"]), out_dir=str(world["root"] / out),
+                retriever="bm25", top_n=3, passages=1, rerank=False, **PLAIN)
+    base.update(kw)
+    return RagEvalConfig(**base)
+
+
+def test_retrieval_raises_accuracy_on_answers_only_in_the_store(world):
+    r = run_rag_eval(eval_cfg(world, "plain"), show_progress=False)
+    s = r["summary"]
+    assert set(s) == {"closed_book", "retrieval"}
+    assert s["closed_book"]["em"] == 0.0  # the answers are nowhere in its weights or its prompt
+    assert s["retrieval"]["em"] >= 90.0 and s["retrieval"]["f1"] >= s["retrieval"]["em"]
+    assert s["retrieval"]["flops_per_question"] > s["closed_book"]["flops_per_question"] > 0
+    by_stage = s["retrieval"]["flops_by_stage"]
+    assert by_stage["search"] > 0 and by_stage["encoder"] == 0  # BM25: postings, no encoder
+    assert by_stage["reader_prompt"] > s["closed_book"]["flops_by_stage"]["reader_prompt"]
+    preds = [json.loads(x) for x in (world["root"] / "plain" / "predictions.jsonl").read_text().splitlines()]
+    assert preds[0]["retrieval"]["passages"] == ["fact-zorblat"] and preds[0]["retrieval"]["answer"] == "amber"
+    # question + answer ("the code of zorblat is amber", shorter than 13 words: checked whole) are in the store
+    assert r["contamination"]["fraction"] == 1.0 and all(p["contaminated"] for p in preds)
+    assert s["retrieval"]["clean"] == {"n": 0, "em": None, "f1": None} and s["retrieval"]["contaminated"]["n"] == 10
+    assert "NaN" not in (world["root"] / "plain" / "rag.json").read_text()
+
+
+def test_every_stage_and_multiple_choice(world):
+    r = run_rag_eval(eval_cfg(world, "all", data=str(world["mixed"]), rerank=True, samples=3, cross_doc=True,
+                              cross_doc_passages=2, passages=1, max_questions=6), show_progress=False)
+    s = r["summary"]
+    assert list(s) == ["closed_book", "retrieval", "rerank", "self_consistency", "cross_doc"]
+    assert r["n"] == 6 and r["multiple_choice"] == 2 and all(v["n"] == 6 for v in s.values())
+    assert s["retrieval"]["em"] == 100.0  # the copy model reads the right fact, short answer and option alike
+    assert s["rerank"]["flops_by_stage"]["reranker"] > 0 == s["retrieval"]["flops_by_stage"]["reranker"]
+    assert s["self_consistency"]["flops_by_stage"]["reader_generation"] > s["rerank"]["flops_by_stage"][
+        "reader_generation"]
+    assert s["cross_doc"]["flops_per_question"] > s["rerank"]["flops_by_stage"]["reranker"]
+    preds = [json.loads(x) for x in (world["root"] / "all" / "predictions.jsonl").read_text().splitlines()]
+    assert len(preds[0]["self_consistency"]["samples"]) == 3
+    assert len(preds[0]["cross_doc"]["passages"]) == 2 and preds[4]["closed_book"]["answer"] in WORDS
+
+
+def test_pipeline_answers_with_its_supporting_passages(world):
+    pipe = RagPipeline.load(RagConfig(db=str(world["db"].path), reader=world["lm"], retriever="bm25", top_n=3,
+                                      passages=1, rerank=False, cross_doc=True, cross_doc_passages=3, **PLAIN))
+    a = pipe.answer("The code of quenmir is")
+    assert a.mode == "cross_doc" and a.answer == "basalt"
+    assert [a.passages[i].doc_id for i in a.support] == ["fact-quenmir"]
+    assert a.flops.total == sum(v for k, v in a.flops.to_dict().items() if k != "total") > 0
+    closed = RagPipeline(RagConfig(**PLAIN), pipe.reader, None).answer("The code of quenmir is")
+    prompt = pipe.reader.prompt_ids("The code of quenmir is")
+    assert closed.mode == "closed_book" and closed.flops.reader_prompt == pipe.reader.cost.prompt(len(prompt))
+
+
+def test_rerankers(world, tiny_encoder, tmp_path):
+    pipe = RagPipeline.load(RagConfig(reader=world["lm"], **PLAIN))
+    lm = load_reranker(None, pipe.reader)
+    assert isinstance(lm, LMReranker) and lm.yes != lm.no
+    scores, flops = lm.score("The code of zorblat is", ["The code of zorblat is amber", "Paris is in France"])
+    assert len(scores) == 2 and all(s <= 0 for s in scores)  # log p(yes) against no
+    rows = [lm.tok.encode(lm.prompt_text("The code of zorblat is", p)) for p in ["The code of zorblat is amber",
+                                                                                  "Paris is in France"]]
+    assert flops == sum(lm.cost.prompt(len(r)) for r in rows)
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    tok = AutoTokenizer.from_pretrained(tiny_encoder)
+    torch.manual_seed(0)
+    BertForSequenceClassification(BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2,
+                                             num_attention_heads=2, intermediate_size=64, num_labels=1)
+                                  ).save_pretrained(tmp_path / "ce")
+    tok.save_pretrained(tmp_path / "ce")
+    ce = load_reranker(str(tmp_path / "ce"), pipe.reader)
+    assert isinstance(ce, CrossEncoderReranker) and ce.cost.bidirectional
+    scores, flops = ce.score("what is amber", ["amber is a resin", "basalt is a rock", "x"])
+    n_tokens = [len(tok("what is amber", p)["input_ids"]) for p in ["amber is a resin", "basalt is a rock", "x"]]
+    assert len(scores) == 3 and flops == sum(ce.cost.prompt(n) for n in n_tokens)
+    assert isinstance(load_reranker(f"cross-encoder:{tmp_path / 'ce'}", pipe.reader), CrossEncoderReranker)
+
+
+def test_consistency_votes_on_fixed_answers():
+    v = majority_vote(["Paris", "paris.", "London", "The Paris", ""])
+    assert (v.answer, v.normalized, v.score, v.support) == ("Paris", "paris", 3.0, [0, 1, 3])
+    assert v.share == pytest.approx(3 / 4)  # the empty answer abstains
+    assert majority_vote(["y", "x", "x", "y"]).answer == "y"  # a tie goes to the answer given first...
+    # ...unless another tied answer is closer to the rest (summed token F1: "red car" 1 + 0.5 + 0.5, the others 1.5)
+    assert majority_vote(["blue car", "a red truck", "Red car"]).answer == "Red car"
+    assert majority_vote(["x", "y", "y"], weights=[5, 1, 1]).answer == "x"
+    assert majority_vote(["", "  "]).answer == "" and majority_vote([]).support == []
+    # one self-consistent passage against two that agree with each other: agreement wins
+    cd = cross_document_vote([["P", "P", "P"], ["Q", "R", "S"], ["Q", "T", "U"]])
+    assert cd.passage_answers == ["P", "Q", "Q"] and cd.self_consistency == pytest.approx([1, 1 / 3, 1 / 3])
+    assert cd.agreement == [0.0, 1.0, 1.0] and cd.weights == pytest.approx([1.0, 2 / 3, 2 / 3])
+    assert (cd.answer, cd.support) == ("Q", [1, 2]) and cd.tally == pytest.approx({"p": 1.0, "q": 4 / 3})
+    # without a partner, the self-consistent passage wins; with none consistent, the best-ranked one
+    assert cross_document_vote([["P", "P", "P"], ["Q", "R", "S"]]).answer == "P"
+    assert majority_vote(["A", "an"]).answer == ""  # articles alone normalise to nothing: abstentions
+    assert cross_document_vote([["x"], ["y"], ["z"]]).support == [0]
+    # partial agreement counts: "in 1970" and "1970" support each other against an unrelated answer
+    cd = cross_document_vote([["Rome"], ["in 1970"], ["1970"]])
+    assert cd.answer == "in 1970" and cd.agreement[0] == 0 and answer_similarity("in 1970", "1970") == pytest.approx(
+        2 / 3)
+    assert cross_document_vote([[""], ["the"]]).answer == ""
+
+
+def test_flops_on_a_hand_computed_case():
+    c = ModelCost("toy", matmul_params=100, n_layer=2, d_attn=8)
+    assert c.per_token(5) == 200 + 4 * 2 * 5 * 8
+    # 3 prompt tokens attend to 1, 2, 3 positions: 3·200 + 64·(1+2+3)
+    assert c.prompt(3) == 600 + 64 * 6 == 984
+    # 2 new tokens after a 3-token prompt: one more forward, of token 4 attending to 4 positions
+    assert c.generation(3, 2) == 200 + 64 * 4 and c.generation(3, 1) == 0 and c.prompt(0) == 0
+    assert c.prompt(2, past=3) == 400 + 64 * (4 + 5)
+    enc = ModelCost("enc", 100, 2, 8, bidirectional=True)
+    assert enc.prompt(3) == 3 * (200 + 64 * 3)
+    s = StageFlops(encoder=1, search=2, reranker=3, reader_prompt=4, reader_generation=5)
+    assert s.total == 15 and (s + s).to_dict()["total"] == 30
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    m = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True))
+    cost = ModelCost.of(m)
+    # per layer q, o: 16×16; k, v: 16×8; gate, up, down: 16×32; plus the (tied) head 50×16
+    assert cost.matmul_params == 2 * (2 * 256 + 2 * 128 + 3 * 512) + 50 * 16 and cost.d_attn == 16
+    pre = pretraining_flops("HuggingFaceTB/SmolLM2-135M-Instruct", 134_515_008)
+    assert pre["flops"] == pytest.approx(6 * 134_515_008 * 2e12) and "2T" in pre["source"]
+    assert pretraining_flops("unknown/model", 10) is None
+
+
+def test_answer_extraction():
+    assert extract_answer("\n  Answer: Paris.\nMore text") == "Paris."
+    assert extract_answer('"basalt"') == "basalt" and extract_answer("") == ""
+
+
+def test_cli_contract(world, capsys):
+    out = world["root"] / "cli"
+    noise = write_jsonl(world["root"] / "noise.jsonl", wiki_docs(5, start=500))
+    rc, _, err = run_cli(["rag-eval", "--db", world["db"].path, "--data", world["qa"], "--reader", world["lm"],
+                          "--out", out, "-q", "retriever=bm25", "template='{passages}{question}'", "max_new_tokens=6",
+                          "passages=1", "top_n=2", "max_questions=4", "samples=2", "cross_doc=true",
+                          "cross_doc_passages=2", f"noise=[{noise}]"], capsys)
+    assert rc == 0, err
+    r = json.loads((out / "rag.json").read_text())
+    for mode in ("closed_book", "retrieval", "rerank", "self_consistency", "cross_doc"):
+        assert {"em", "f1", "n", "flops_per_question"} <= set(r["summary"][mode])
+        assert r["summary"][mode]["n"] == 4 and {"em", "f1", "n"} <= set(r["summary"][mode]["clean"])
+    assert 0 <= r["contamination"]["fraction"] <= 1 and r["summary_clean"]["retrieval"]["n"] >= 0
+    assert r["robustness"]["noise_chunks"] > 0 and "retrieval" in r["robustness"]["summary"]
+    assert "closed_book" not in r["robustness"]["summary"]
+    assert (out / "report.md").is_file() and (out / "predictions.jsonl").is_file()
+    rc, stdout, err = run_cli(["rag", "--db", world["db"].path, "--reader", world["lm"], "The code of teslin is",
+                               "--json", "retriever=bm25", "rerank=false", "passages=1", "top_n=2",
+                               "template='{passages}{question}'", "max_new_tokens=6"], capsys)
+    assert rc == 0, err
+    a = json.loads(stdout)
+    assert a["answer"] == "garnet" and a["supporting_passages"][0]["doc_id"] == "fact-teslin"
+    assert a["flops"]["total"] > 0
+    rc, stdout, _ = run_cli(["rag", "--db", world["db"].path, "--reader", world["lm"], "The code of teslin is",
+                             "retriever=bm25", "rerank=false", "passages=1", "template='{passages}{question}'",
+                             "max_new_tokens=6"], capsys)
+    assert rc == 0 and "answer: garnet" in stdout and "fact-teslin" in stdout
+    rc, _, err = run_cli(["rag-eval", "--db", world["db"].path, "--data", world["qa"], "--reader", world["lm"],
+                          "--out", out, "passages=5", "top_n=2"], capsys)
+    assert rc == 2 and err.startswith("error: ") and "top_n" in err and len(err.strip().splitlines()) == 1
+
+
+def test_config_errors(world):
+    with pytest.raises(RetrolmError, match="sample_temperature"):
+        RagConfig(samples=3, sample_temperature=0)
+    with pytest.raises(RetrolmError, match="unit"):
+        RagConfig(unit="page")
+    with pytest.raises(RetrolmError, match="needs --data"):
+        run_rag_eval(RagEvalConfig(db=str(world["db"].path)))
+    assert load_qa(world["mixed"])[4].multiple_choice and isinstance(load_qa(world["qa"])[0], QAItem)
+
+
+def test_document_unit_reads_whole_documents(world):
+    pipe = RagPipeline.load(RagConfig(db=str(world["db"].path), reader=world["lm"], retriever="bm25", unit="document",
+                                      top_n=2, passages=1, rerank=False, document_tokens=64, **PLAIN))
+    passages, flops = pipe.retrieve(["The code of plimbo is"])
+    assert passages[0][0].doc_id == "fact-plimbo" and passages[0][0].text.strip() == "The code of plimbo is dune"
+    assert len({p.doc_id for p in passages[0]}) == len(passages[0]) and flops[0].search > 0
+
+
+def test_batched_reading_matches_reading_alone(world):
+    """Left padding, the shared KV cache of samples and the options read after one prompt change nothing."""
+    reader = RagPipeline.load(RagConfig(reader=world["lm"], **PLAIN)).reader
+    prompts = [reader.prompt_ids(q, [p]) for q, p in [("The code of drunek is", "The code of drunek is ember"),
+                                                      ("Paris is", "The city of Paris is big and old and famous")]]
+    assert len(prompts[0]) != len(prompts[1])
+    together = reader.generate(prompts, max_new_tokens=5, batch_size=2)
+    alone = [reader.generate([p], max_new_tokens=5)[0] for p in prompts]
+    assert [r.texts for r in together] == [r.texts for r in alone] and together[0].answers == ["ember"]
+    assert [r.generation_flops for r in together] == [r.generation_flops for r in alone]
+    sampled = reader.generate(prompts, samples=3, temperature=1.0, top_p=0.9, max_new_tokens=5, seed=1)
+    assert [len(r.answers) for r in sampled] == [3, 3]
+    assert sampled[0].prompt_flops == reader.cost.prompt(len(prompts[0]))  # the prompt is read once for 3 samples
+    again = reader.generate(prompts, samples=3, temperature=1.0, top_p=0.9, max_new_tokens=5, seed=1)
+    assert [r.texts for r in again] == [r.texts for r in sampled]  # seeded
+    options = ["ember", "basalt cobalt", "x"]
+    nlls = reader.option_nlls(prompts[0], options)
+    ids = [reader.tok.encode(" " + o) for o in options]
+    ref = reader.lm.token_nll([prompts[0] + i for i in ids], [len(i) for i in ids])
+    for got, want in zip(nlls, ref, strict=True):
+        assert got == pytest.approx(want.tolist(), abs=1e-4)
+    (r,) = reader.choose([prompts[0]], [options])
+    assert r.answers == ["ember"] and r.prompt_flops == reader.cost.prompt(len(prompts[0]))
+    assert r.generation_flops == sum(reader.cost.prompt(len(i), past=len(prompts[0])) for i in ids)
+
+
+def test_retrieval_flops_of_dense_and_hybrid(built_db):
+    """Dense: the query's encoder forward (bidirectional) and 2·d per key; hybrid adds BM25's postings + one pass over
+    the chunks."""
+    from retrolm.infer.rag import PassageRetriever
+
+    q = "a city on a river"
+    dense = PassageRetriever(built_db, "dense")
+    passages, (f,) = dense.retrieve([q], 3)
+    enc = built_db.encoder
+    tokens = int(enc.tokenize([q])["attention_mask"].sum())
+    assert f.encoder == ModelCost.of(enc.model, bidirectional=True).prompt(tokens) > 0
+    assert f.search == 2 * enc.dim * built_db.store.n_chunks and len(passages[0]) == 3
+    hybrid = PassageRetriever(built_db, "hybrid").flops(q)
+    bm25 = PassageRetriever(built_db, "bm25").flops(q)
+    assert bm25.encoder == 0 and built_db.store.n_chunks < bm25.search
+    assert hybrid.encoder == f.encoder and hybrid.search == f.search + bm25.search
