@@ -93,6 +93,23 @@ def test_near_duplicates_by_13gram_jaccard():
     assert all(0.8 <= f.jaccard < 0.9 for f in found)
 
 
+def test_near_duplicates_by_containment_find_excerpts_that_jaccard_misses():
+    rng = np.random.default_rng(1)
+    docs = [rng.integers(0, 5000, 2000) for _ in range(30)]
+    edited_excerpt = docs[5][:300].copy()
+    edited_excerpt[100] = 4999  # 13 of 288 n-grams changed: containment ≈ 0.955
+    queries = [docs[9][:300], edited_excerpt, rng.integers(0, 5000, 300), docs[2][:100]]
+    assert find_near_duplicates(queries, docs, threshold=0.8) == []  # Jaccard of an excerpt with its whole: ~0.14
+    found = find_near_duplicates(queries, docs, threshold=0.8, measure="containment")
+    assert [(f.query, f.reference) for f in found] == [(0, 9), (1, 5), (3, 2)]
+    assert found[0].jaccard == 1.0
+    assert found[1].jaccard == pytest.approx(275 / 288)
+    # a query spread over two documents, half in each, is contained in neither
+    halves = np.concatenate([docs[0][:150], docs[1][:150]])
+    assert find_near_duplicates([halves], docs, threshold=0.6, measure="containment") == []
+    assert len(find_near_duplicates([halves], docs, threshold=0.45, measure="containment")) == 2
+
+
 # --- end to end on a corpus where only retrieval can help ---------------------------------------------------------
 
 WORDS = [f"{a}{b}{c}" for a in ("ka", "lo", "mi", "nu", "pe", "ro", "su", "ti") for b in ("b", "d", "g", "z")

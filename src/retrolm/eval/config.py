@@ -40,7 +40,10 @@ class EvalConfig:
     leakage_neighbours: int = 10
     """Neighbours whose overlap with a chunk defines r(C) (the paper uses the 10 nearest)."""
     near_dup_threshold: float = 0.8
-    """Exclude database documents whose n-gram Jaccard similarity to an evaluation document reaches this; 0 = off."""
+    """Exclude database documents whose n-gram similarity to an evaluation document reaches this; 0 = off."""
+    near_dup_measure: str = "jaccard"
+    """jaccard (the RETRO paper's, for whole documents) | containment (share of the evaluation document's n-grams
+    inside one database document: use it when the held-out documents are excerpts of files the database may hold)."""
     ngram: int = 13
     """n of the n-grams of the near-duplicate test."""
     novel_tokens: int = 8
@@ -65,6 +68,8 @@ class EvalConfig:
             raise RetrolmError("leakage_neighbours, novel_tokens, ngram and batch_size must be positive")
         if not 0.0 <= self.near_dup_threshold <= 1.0:
             raise RetrolmError(f"near_dup_threshold must be in [0, 1], got {self.near_dup_threshold}")
+        if self.near_dup_measure not in ("jaccard", "containment"):
+            raise RetrolmError(f"near_dup_measure must be jaccard or containment, got {self.near_dup_measure!r}")
         for name in ("seq_len", "max_docs"):
             value = getattr(self, name)
             if value is not None and value < 1:

@@ -182,6 +182,7 @@ class Evaluator:
                 (self.source.doc_tokens(d) for d in range(self.source.n_docs)),
                 (store.doc_tokens(int(d)) for d in cand),
                 threshold=self.cfg.near_dup_threshold, n=self.cfg.ngram, show_progress=self.show,
+                measure=self.cfg.near_dup_measure,
             )
             for f in found:
                 near[cand[f.reference]] = True

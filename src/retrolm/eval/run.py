@@ -150,7 +150,8 @@ def _eval_report(cfg: EvalConfig, r: dict[str, Any]) -> str:
              f"{r['exclusion']['eval_chunks']} chunks", f"- neighbours at evaluation: k = {r['k']}; sequence length "
              f"{r['seq_len']}", f"- excluded from retrieval: {r['exclusion']['excluded_docs_same_id']} documents with "
              f"an evaluation document's id, {r['exclusion']['excluded_docs_near_duplicate']} near-duplicates "
-             f"({cfg.ngram}-gram Jaccard ≥ {cfg.near_dup_threshold}); {r['exclusion']['excluded_chunks']} chunks",
+             f"({cfg.ngram}-gram {cfg.near_dup_measure} ≥ {cfg.near_dup_threshold}); "
+             f"{r['exclusion']['excluded_chunks']} chunks",
              "", "## Bits per byte", ""]
     rows = [[name, s["bpb"], s["loss"], s["perplexity"], s["tokens"], int(s["bytes"])]
             for name, s in r["summary"].items()]
