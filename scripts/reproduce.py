@@ -121,7 +121,7 @@ def main() -> None:
     if not args.noise_corpus.is_file():
         run([sys.executable, "scripts/fetch_corpus.py", "python-docs", "--out", str(args.noise_corpus)], log, work=w)
     noise = w / "noise.jsonl"
-    if not noise.is_file():  # unrelated text for the "store grows with noise" point (SPEC T6)
+    if not noise.is_file():  # unrelated text for the "store grows with noise" point
         lines = args.noise_corpus.read_text(encoding="utf-8").splitlines()[: p["noise_docs"]]
         noise.write_text("\n".join(lines) + "\n", encoding="utf-8")
 

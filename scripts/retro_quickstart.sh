@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The main job, end to end on the bundled defaults (local files, FAISS, the offline MiniLM encoder and the bundled
+# RETRO from scratch, end to end on the bundled defaults (local files, FAISS, the offline MiniLM encoder and the bundled
 # 1,200 Wikipedia summaries in data/wiki-sample.jsonl), about 7 minutes on 2 CPU cores:
 #   1. split the corpus by document: 95% for the database (and training), 5% held out for evaluation
 #   2. build the retrieval database and search it
@@ -10,7 +10,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
-RUN=${RUN:-runs/quickstart}
+RUN=${RUN:-runs/retro-quickstart}
 R=.venv/bin/retrolm
 
 echo "== 1. corpus split"
