@@ -35,6 +35,18 @@ RUNS = [
 ]
 
 
+def prepare_kernel(work: Path, args: argparse.Namespace, log: list[str]) -> tuple[Path, Path]:
+    """Fetch both kernel versions and split off the labelled held-out 6.12 sample: (corpus folder, sample folder)."""
+    work.mkdir(parents=True, exist_ok=True)
+    data = REPO / "data" / "full"
+    run([*RETROLM, "corpus", "fetch", "linux-docs-6.1", "linux-docs-6.12", "--out", data], log)
+    kernel = work / "kernel"
+    run([*RETROLM, "corpus", "versions", "--old", data / "linux-docs-6.1.jsonl",
+         "--new", data / "linux-docs-6.12.jsonl", "--out", kernel, "--per-bucket", args.per_bucket,
+         "--max-chars", args.max_chars, "--seed", "0"], log, done=kernel / "heldout.jsonl")
+    return data, kernel
+
+
 def run(cmd: list, log: list[str], done: Path | None = None) -> float:
     shown = " ".join(shlex.quote(str(c).replace(f"{REPO}/", "")) for c in ["retrolm", *cmd[len(RETROLM):]])
     log.append(shown)
@@ -57,14 +69,7 @@ def main() -> None:
     ap.add_argument("--only", nargs="*", help="run names to run (default: all)")
     args = ap.parse_args()
     work, log, seconds = args.work, [], {}
-    work.mkdir(parents=True, exist_ok=True)
-    data = REPO / "data" / "full"
-    run([*RETROLM, "corpus", "fetch", "linux-docs-6.1", "linux-docs-6.12", "--out", data], log)
-    kernel = work / "kernel"
-    run([*RETROLM, "corpus", "versions", "--old", data / "linux-docs-6.1.jsonl",
-         "--new", data / "linux-docs-6.12.jsonl", "--out", kernel, "--per-bucket", args.per_bucket,
-         "--max-chars", args.max_chars, "--seed", "0"], log,
-        done=kernel / "heldout.jsonl")
+    data, kernel = prepare_kernel(work, args, log)
     held = work / "heldout.jsonl"
     if not held.exists():  # the kernel sample plus Wikipedia summaries: text with nothing related in the store
         wiki = [json.loads(x) for x in (REPO / "data" / "wiki-sample.jsonl").read_text().splitlines()]
@@ -88,6 +93,18 @@ def main() -> None:
     write_page(out_root, log, seconds, args)
 
 
+def table(header: list[str], body: list[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(map(str, b)) + " |" for b in body])
+
+
+def commands_section(log: list[str], seconds: dict) -> list[str]:
+    """The end of a results page: every command run, and the wall time of the steps this invocation ran."""
+    return ["## Commands", "", "```bash", *log, "```", "",
+            "Wall time of each step (seconds, this invocation): "
+            + ", ".join(f"{k}: {v:.0f}" for k, v in seconds.items() if v), ""]
+
+
 def write_page(out_root: Path, log: list[str], seconds: dict, args: argparse.Namespace) -> None:
     rows, detail = [], []
     for name, retriever, stride, query, near in RUNS:
@@ -108,10 +125,6 @@ def write_page(out_root: Path, log: list[str], seconds: dict, args: argparse.Nam
             detail.append([name, g, d["docs"], d["chunks"], f"{d['novel_fraction']:.0%}",
                            f"{d['summary']['no_retrieval']['bpb']:.3f}", f"{d['summary']['in_context']['bpb']:.3f}",
                            f"{-d['gain']:+.1%} [{-ghi:+.1%}, {-glo:+.1%}]"])
-
-    def table(header: list[str], body: list[list]) -> str:
-        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-        return "\n".join(lines + ["| " + " | ".join(map(str, b)) + " |" for b in body])
 
     page = [
         "# In-context retrieval: SmolLM2-135M reading the kernel 6.1 docs while predicting 6.12",
@@ -143,15 +156,7 @@ def write_page(out_root: Path, log: list[str], seconds: dict, args: argparse.Nam
         "",
         table(["run", "bucket", "docs", "chunks", "novel", "LM alone", "with retrieval", "change [95% CI]"], detail),
         "",
-        "## Commands",
-        "",
-        "```bash",
-        *log,
-        "```",
-        "",
-        "Wall time of each step (seconds, this invocation): "
-        + ", ".join(f"{k}: {v:.0f}" for k, v in seconds.items() if v),
-        "",
+        *commands_section(log, seconds),
     ]
     (REPO / "docs" / "in-context-retrieval.md").write_text("\n".join(page))
     print("wrote docs/in-context-retrieval.md")

@@ -8,6 +8,7 @@ import shutil
 
 import pytest
 
+from retrolm.core.errors import RetrolmError
 from retrolm.db import Database
 from retrolm.db.meta import recover_interrupted_swap, swap_into_place
 
@@ -79,3 +80,14 @@ def test_open_recovers_a_real_database(built_db, tmp_path):
     folder(tmp_path / "db.old", "old")
     db = Database.open(tmp_path / "db")
     assert db.store.doc_ids == built_db.store.doc_ids and names(tmp_path) == {"db"}
+
+
+def test_build_after_a_crashed_replacement_sees_the_old_database(built_db, tmp_path, tiny_db_config, wiki_corpus):
+    # crashed after `db` was moved aside, before the new build finished: a plain build (no --overwrite) must find
+    # the old database back in place and refuse, not silently build a second one next to the leftover
+    from retrolm.db.build import build_database
+
+    shutil.copytree(built_db.path, tmp_path / "db.old")
+    with pytest.raises(RetrolmError, match="already exists"):
+        build_database([wiki_corpus], tmp_path / "db", tiny_db_config, show_progress=False)
+    assert names(tmp_path) == {"db"} and Database.open(tmp_path / "db").store.n_chunks == built_db.store.n_chunks
