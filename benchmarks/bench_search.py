@@ -26,6 +26,16 @@ query) and batch 64 (p50/p99 of the batch and p50 per query = batch / 64), train
 saved index file size per chunk. Searches run on the index re-loaded from disk with mmap, as a server would.
 
     python benchmarks/bench_search.py --n 1000000 --kinds flat,ivfpq --out benchmarks/RESULTS_search.md
+
+Refine stage (issue 12: 10-recall@10): ``--refine RFlat,Refine(SQfp16)`` adds each default IVF-PQ factory followed by
+that refine stage, searched at every ``--nprobe`` × ``--k-factor``; "refine B" is the refine stage's own bytes per
+chunk (included in B/chunk). Exact neighbour search on a torch device (RETRO's training-neighbour precompute):
+``--torch-exact`` keeps the keys on ``--torch-device`` (fp16 on CUDA) while they are generated, then measures recall
+of its top-10 against the FAISS ground truth, and the throughput of ``--torch-nq`` database vectors as queries against
+all keys (with ``--exclude-frac`` of the keys masked), extrapolated to 1M queries. One command for a GPU session:
+
+    python benchmarks/bench_search.py --n 10000000 --kinds ivfpq --refine "RFlat,Refine(SQfp16)" \\
+        --nprobe 16,32,64 --k-factor 1,4,8,16 --torch-exact --torch-device cuda --out benchmarks/RESULTS.md
 """
 
 from __future__ import annotations
@@ -50,6 +60,7 @@ from rich.table import Table
 from tqdm.auto import tqdm
 
 from retrolm.db.index import SearchSettings, VectorIndex, default_factory, set_num_threads
+from retrolm.retrieval.exact import resolve_device, resolve_dtype, topk_inner_product
 
 BLOCK = 100_000
 K = 10
@@ -143,6 +154,7 @@ class Config:
     train_s: float = 0.0
     add_s: float = 0.0
     bytes_per_vector: float = 0.0
+    refine_bytes: float = 0.0
     rows: list[dict] = field(default_factory=list)
 
 
@@ -171,12 +183,48 @@ def pct(xs: list, p: float) -> float:
     return float(np.percentile(np.asarray(xs), p)) * 1e3  # ms
 
 
-def sweep_values(cfg: Config, nprobes: list[int], efs: list[int]) -> list[SearchSettings]:
+def sweep_values(cfg: Config, nprobes: list[int], efs: list[int], k_factors: list[float] | None = None,
+                 refine: bool = False) -> list[SearchSettings]:
+    kfs = (k_factors or [None]) if refine else [None]
     if cfg.kind == "ivfpq":
-        return [SearchSettings(nprobe=v) for v in nprobes]
+        return [SearchSettings(nprobe=v, k_factor=kf) for v in nprobes for kf in kfs]
     if cfg.kind == "hnsw":
-        return [SearchSettings(ef_search=v) for v in efs]
-    return [SearchSettings()]
+        return [SearchSettings(ef_search=v, k_factor=kf) for v in efs for kf in kfs]
+    return [SearchSettings(k_factor=kf) for kf in kfs]
+
+
+def setting_name(st: SearchSettings) -> str:
+    name = f"nprobe={st.nprobe}" if st.nprobe else (f"ef={st.ef_search}" if st.ef_search else "exact")
+    return name + (f",kf={st.k_factor:g}" if st.k_factor else "")
+
+
+def bench_torch_exact(keys, queries: np.ndarray, truth: np.ndarray, exclude: np.ndarray, nq: int, key_chunk: int,
+                      query_chunk: int, seed: int) -> dict:
+    """Recall of exact device top-10 against the FAISS ground truth, and neighbour-precompute throughput."""
+    import torch
+
+    def sync() -> None:
+        if keys.device.type == "cuda":
+            torch.cuda.synchronize(keys.device)
+
+    q = torch.from_numpy(queries).to(keys.device)
+    _, ids = topk_inner_product(q, keys, K, None, key_chunk)
+    r10, r1 = recalls(ids.cpu().numpy(), truth)
+    rng = np.random.default_rng([seed, 5])
+    rows = torch.from_numpy(np.sort(rng.choice(len(keys), min(nq, len(keys)), replace=False))).to(keys.device)
+    mask = torch.from_numpy(exclude).to(keys.device)
+    topk_inner_product(keys[rows[:query_chunk]], keys, K, mask, key_chunk)  # warm-up (kernels, allocator)
+    sync()
+    t = time.perf_counter()
+    for i in range(0, len(rows), query_chunk):
+        _, out = topk_inner_product(keys[rows[i : i + query_chunk]], keys, K, mask, key_chunk)
+        out.cpu()
+    sync()
+    secs = time.perf_counter() - t
+    peak = torch.cuda.max_memory_allocated(keys.device) / 2**30 if keys.device.type == "cuda" else float("nan")
+    return dict(device=str(keys.device), dtype=str(keys.dtype).removeprefix("torch."), r10=r10, r1=r1, nq=len(rows),
+                secs=secs, q_per_s=len(rows) / secs, min_per_1m=1e6 / (len(rows) / secs) / 60, peak_gib=peak,
+                key_chunk=key_chunk, query_chunk=query_chunk)
 
 
 def load_avg() -> str:
@@ -198,6 +246,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data", choices=("clustered", "random"), default="clustered")
     p.add_argument("--nprobe", default="8,16,32,64,128", help="nprobe values swept for IVF indexes")
     p.add_argument("--ef", default="32,64,128,256", help="efSearch values swept for HNSW indexes")
+    p.add_argument("--refine", default="", help="comma-separated refine stages (RFlat, Refine(SQfp16), Refine(SQ8)) "
+                   "appended to the default ivfpq factory, each as an extra index")
+    p.add_argument("--k-factor", default="1,4,8,16", help="k_factor values swept for indexes with a refine stage")
+    p.add_argument("--torch-exact", action="store_true", help="also benchmark exact search on a torch device")
+    p.add_argument("--torch-device", default="auto", help="device of --torch-exact (auto: CUDA if available)")
+    p.add_argument("--torch-dtype", default="auto",
+                   help="auto (fp16 on CUDA, fp32 on CPU) | float32 | float16 | bfloat16")
+    p.add_argument("--torch-nq", type=int, default=65536, help="database vectors used as queries for throughput")
+    p.add_argument("--torch-key-chunk", type=int, default=1 << 19, help="keys per matrix multiply")
+    p.add_argument("--torch-query-chunk", type=int, default=4096, help="queries per matrix multiply")
     p.add_argument("--exclude-frac", type=float, default=0.1, help="fraction excluded in the exclude-mask timing")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="FAISS OpenMP threads (default: all CPUs)")
@@ -222,6 +280,15 @@ def main(argv: list[str] | None = None) -> None:
     configs = [Config(kind=k, factory=default_factory(k, args.dim, args.n)) for k in args.kinds.split(",") if k]
     for f in filter(None, (s.strip() for s in args.factories.split(";"))):
         configs.append(Config(kind="auto", factory=f))  # kind inferred from the factory
+    for r in filter(None, (s.strip() for s in args.refine.split(","))):
+        configs.append(Config(kind="ivfpq", factory=f"{default_factory('ivfpq', args.dim, args.n)},{r}"))
+    k_factors = [float(v) for v in args.k_factor.split(",") if v]
+    torch_keys = None
+    if args.torch_exact:
+        import torch
+
+        device = resolve_device(args.torch_device)
+        torch_keys = torch.empty((args.n, args.dim), dtype=resolve_dtype(args.torch_dtype, device), device=device)
     for cfg in configs:
         cfg.index = VectorIndex.create(args.dim, cfg.kind, args.n, factory=cfg.factory, seed=args.seed)
         cfg.kind = cfg.index.kind
@@ -253,6 +320,8 @@ def main(argv: list[str] | None = None) -> None:
         d, i = faiss.knn(queries, x, K, metric=faiss.METRIC_INNER_PRODUCT)
         heap.add_result(d, i + b * BLOCK)
         gt_s += time.perf_counter() - t
+        if torch_keys is not None:
+            torch_keys[b * BLOCK : b * BLOCK + len(x)] = torch.from_numpy(x).to(torch_keys.device, torch_keys.dtype)
         for cfg in configs:
             t = time.perf_counter()
             cfg.index.add(x)
@@ -270,23 +339,30 @@ def main(argv: list[str] | None = None) -> None:
     workdir.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng([args.seed, 4])
     exclude = rng.random(args.n) < args.exclude_frac
+    torch_row = None
+    if torch_keys is not None:
+        torch_row = bench_torch_exact(torch_keys, queries, truth, exclude, args.torch_nq, args.torch_key_chunk,
+                                      args.torch_query_chunk, args.seed)
+        console.log(f"torch exact: {torch_row}")
+        del torch_keys
     nprobes = [int(v) for v in args.nprobe.split(",")]
     efs = [int(v) for v in args.ef.split(",")]
     for ci, cfg in enumerate(configs):
         path = workdir / f"index{ci}.faiss"
         cfg.index.save(path)
         cfg.bytes_per_vector = path.stat().st_size / args.n
+        cfg.refine_bytes = cfg.index.refine_nbytes / args.n
         cfg.index = None  # free RAM; serve from the mmapped file like the database does
         index = VectorIndex.load(path, mmap=True)
         index.search(queries[:64], K)  # warm-up: page in the coarse structures
         nq1 = min(args.nq_batch1, args.nq) if cfg.kind != "flat" else min(args.nq_batch1, 100)
-        for st in tqdm(sweep_values(cfg, nprobes, efs), desc=cfg.factory, leave=False):
+        for st in tqdm(sweep_values(cfg, nprobes, efs, k_factors, index.has_refine), desc=cfg.factory, leave=False):
             ids, t64 = time_search(index, queries, 64, st)
             _, t1 = time_search(index, queries[:nq1], 1, st)
             r10, r1 = recalls(ids, truth)
             ex_ids, tex = time_search(index, queries, 64, st, exclude=exclude)
             assert not exclude[ex_ids[ex_ids >= 0]].any() and (ex_ids >= 0).all()
-            setting = f"nprobe={st.nprobe}" if st.nprobe else (f"ef={st.ef_search}" if st.ef_search else "exact")
+            setting = setting_name(st)
             cfg.rows.append(dict(
                 setting=setting, r10=r10, r1=r1,
                 b1_p50=pct(t1, 50), b1_p99=pct(t1, 99),
@@ -299,7 +375,7 @@ def main(argv: list[str] | None = None) -> None:
         shutil.rmtree(workdir, ignore_errors=True)
 
     wall = time.perf_counter() - t_start
-    report(args, configs, console, started, load_before, load_avg(), wall, gen_s, gt_s)
+    report(args, configs, console, started, load_before, load_avg(), wall, gen_s, gt_s, torch_row)
 
 
 def machine() -> str:
@@ -315,8 +391,8 @@ def machine() -> str:
             f"({faiss.omp_get_max_threads()} OpenMP threads), numpy {np.__version__}")  # fmt: skip
 
 
-def report(args, configs, console, started, load_before, load_after, wall, gen_s, gt_s) -> None:
-    cols = ["index (factory)", "B/chunk", "train s", "add s", "setting", "10-R@10", "1-R@10",
+def report(args, configs, console, started, load_before, load_after, wall, gen_s, gt_s, torch_row=None) -> None:
+    cols = ["index (factory)", "B/chunk", "refine B", "train s", "add s", "setting", "10-R@10", "1-R@10",
             "b1 p50 ms", "b1 p99 ms", "b64 p50 ms", "b64 p99 ms", "b64 ms/q", "b64 excl ms"]  # fmt: skip
     table = Table(title=f"search, n={args.n:,}, {args.data} {args.dim}-d, {args.nq} queries, k={K}")
     for c in cols:
@@ -328,6 +404,7 @@ def report(args, configs, console, started, load_before, load_after, wall, gen_s
             cells = [
                 f"{cfg.kind}: {cfg.factory}" if first else "",
                 f"{cfg.bytes_per_vector:.1f}" if first else "",
+                f"{cfg.refine_bytes:.1f}" if first else "",
                 f"{cfg.train_s:.0f}" if first else "",
                 f"{cfg.add_s:.0f}" if first else "",
                 r["setting"], f"{r['r10']:.3f}", f"{r['r1']:.3f}",
@@ -337,6 +414,17 @@ def report(args, configs, console, started, load_before, load_after, wall, gen_s
             table.add_row(*cells)
             md_rows.append("| " + " | ".join(cells) + " |")
     console.print(table)
+    torch_lines = []
+    if torch_row is not None:
+        t = torch_row
+        torch_lines = [
+            f"- exact top-{K} on {t['device']} ({t['dtype']}, key chunk {t['key_chunk']:,}, query chunk "
+            f"{t['query_chunk']:,}): 10-R@10 {t['r10']:.3f}, 1-R@10 {t['r1']:.3f}; {t['nq']:,} database vectors as "
+            f"queries against all {args.n:,} keys ({args.exclude_frac:.0%} masked) in {t['secs']:.1f} s = "
+            f"{t['q_per_s']:,.0f} queries/s → {t['min_per_1m']:.1f} min per 1M queries; peak device memory "
+            f"{t['peak_gib']:.2f} GiB",
+        ]
+        console.log(torch_lines[0])
     command = "python " + " ".join([os.path.relpath(sys.argv[0]), *sys.argv[1:]])
     if args.out:
         lines = [
@@ -350,7 +438,9 @@ def report(args, configs, console, started, load_before, load_after, wall, gen_s
             + ("  ⚠ other processes shared the CPUs: latencies are pessimistic" if max(
                 float(load_before.split()[0]), float(load_after.split()[0])) > 0.5 else ""),
             f"- {args.nq} queries (batch 1 timed on the first {args.nq_batch1}, 100 for flat); "
-            f"'b64 excl' = batch 64 with {args.exclude_frac:.0%} of ids excluded through the IDSelector",
+            f"'b64 excl' = batch 64 with {args.exclude_frac:.0%} of ids excluded through the IDSelector; 'refine B' = "
+            "bytes per chunk of the refine stage's vectors (part of B/chunk), 'kf' = its k_factor",
+            *torch_lines,
             "",
             "| " + " | ".join(cols) + " |",
             "|" + "|".join("---" if c in ("index (factory)", "setting") else "---:" for c in cols) + "|",
@@ -363,7 +453,8 @@ def report(args, configs, console, started, load_before, load_after, wall, gen_s
     if args.json:
         args.json.write_text(json.dumps(dict(args={k: str(v) for k, v in vars(args).items()}, configs=[
             dict(kind=c.kind, factory=c.factory, train_s=c.train_s, add_s=c.add_s,
-                 bytes_per_vector=c.bytes_per_vector, rows=c.rows) for c in configs]), indent=1))  # fmt: skip
+                 bytes_per_vector=c.bytes_per_vector, refine_bytes=c.refine_bytes, rows=c.rows) for c in configs],
+            torch_exact=torch_row), indent=1))  # fmt: skip
 
 
 if __name__ == "__main__":

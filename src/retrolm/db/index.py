@@ -13,6 +13,12 @@ chunk ids ``0..ntotal-1`` in insertion order. Three kinds of index, all built wi
 The defaults (``AUTO_FLAT_MAX_VECTORS``, the factory sizing, ``DEFAULT_NPROBE``, ``DEFAULT_EF_SEARCH``) come
 from ``benchmarks/bench_search.py``; see ``benchmarks/RESULTS.md`` for the numbers behind them.
 
+Any of them may end in a refine stage (``"...,RFlat"`` or ``"...,Refine(SQfp16)"``; ``IndexRefine``): the base
+index returns ``k_factor * k`` candidates, which are re-ranked by exact inner product against a second copy of the
+vectors (``dim * 4`` bytes per chunk for ``RFlat``, ``dim * 2`` for ``SQfp16``, ``dim`` for ``SQ8``) — the way to a
+high 10-recall@10 for IVF-PQ (its top-10 order is only as good as the PQ estimates). ``k_factor`` is a search
+setting (``DEFAULT_K_FACTOR`` is stored in a new refine index).
+
 Deleted chunks are excluded at search time by a boolean mask that becomes an ``IDSelectorBitmap`` inside
 FAISS's ``SearchParameters``, so a search still returns ``k`` live results however many ids are excluded.
 """
@@ -48,6 +54,9 @@ DEFAULT_NPROBE = 32
 
 DEFAULT_EF_SEARCH = 128
 """HNSW search-time beam width by default (the ``hnsw`` kind)."""
+
+DEFAULT_K_FACTOR = 4.0
+"""Candidates per result re-ranked by a refine stage (``k_factor * k`` from the base index) by default."""
 
 HNSW_M = 32  # graph degree for both the hnsw kind and the IVF coarse quantizer
 TRAIN_POINTS_PER_CENTROID = 32  # k-means sample per IVF list: enough for stable centroids, cheap on 2 cores
@@ -110,9 +119,11 @@ class SearchSettings:
     """IVF lists visited per query (``ivfpq``): more → higher recall, proportionally slower."""
     ef_search: int | None = None
     """HNSW beam width (``hnsw``): more → higher recall, slower."""
+    k_factor: float | None = None
+    """Refine stage only: the base index returns ``k_factor * k`` candidates, re-ranked exactly (>= 1)."""
 
     def __post_init__(self) -> None:
-        for name in ("nprobe", "ef_search"):
+        for name in ("nprobe", "ef_search", "k_factor"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise RetrolmError(f"search setting {name}={value}: must be >= 1")
@@ -202,17 +213,27 @@ def _faiss_reason(error: Exception) -> str:
     return text.split(": Error: ", 1)[-1].strip()
 
 
+def _refine_of(index: faiss.Index) -> faiss.IndexRefine | None:
+    """The refine stage of an index (through pre-transforms), or None."""
+    index = faiss.downcast_index(index)
+    while isinstance(index, faiss.IndexPreTransform):
+        index = faiss.downcast_index(index.index)
+    return index if isinstance(index, faiss.IndexRefine) else None
+
+
 def _search_params(
-    index: faiss.Index, sel: faiss.IDSelector | None, nprobe: int, ef: int, keep: list
+    index: faiss.Index, sel: faiss.IDSelector | None, nprobe: int, ef: int, keep: list, k_factor: float | None = None
 ) -> faiss.SearchParameters:
     """Nested ``SearchParameters`` mirroring the index's nesting; ``keep`` holds every SWIG object alive."""
     index = faiss.downcast_index(index)
     if isinstance(index, faiss.IndexPreTransform):
-        inner = _search_params(index.index, sel, nprobe, ef, keep)
+        inner = _search_params(index.index, sel, nprobe, ef, keep, k_factor)
         params = faiss.SearchParametersPreTransform(index_params=inner)
     elif isinstance(index, faiss.IndexRefine):
+        # the selector goes to the base index: the refine stage only re-ranks the candidates it returns
         inner = _search_params(index.base_index, sel, nprobe, ef, keep)
-        params = faiss.IndexRefineSearchParameters(k_factor=index.k_factor, base_index_params=inner)
+        params = faiss.IndexRefineSearchParameters(k_factor=float(k_factor or index.k_factor),
+                                                   base_index_params=inner)
     elif isinstance(index, faiss.IndexIVF):
         quantizer = faiss.downcast_index(index.quantizer)
         if isinstance(quantizer, faiss.IndexHNSW):
@@ -344,6 +365,9 @@ class VectorIndex:
             ps.set_index_parameter(index, "nprobe", DEFAULT_NPROBE)
         elif kind == "hnsw":
             ps.set_index_parameter(index, "efSearch", DEFAULT_EF_SEARCH)
+        refine = _refine_of(index)
+        if refine is not None:
+            refine.k_factor = DEFAULT_K_FACTOR
         return cls(index, kind, factory, seed=seed)
 
     # -- properties ----------------------------------------------------------------------------------------------
@@ -385,11 +409,33 @@ class VectorIndex:
     @property
     def default_settings(self) -> SearchSettings:
         """The search settings stored in the index (set at ``create``, kept in the saved file)."""
+        refine = _refine_of(self.index)
+        k_factor = None if refine is None else float(refine.k_factor)
         if self.kind == "ivfpq":
-            return SearchSettings(nprobe=int(faiss.extract_index_ivf(self.index).nprobe))
+            return SearchSettings(nprobe=int(faiss.extract_index_ivf(self.index).nprobe), k_factor=k_factor)
         if self.kind == "hnsw":
-            return SearchSettings(ef_search=int(faiss.downcast_index(_unwrap(self.index)).hnsw.efSearch))
-        return SearchSettings()
+            return SearchSettings(ef_search=int(faiss.downcast_index(_unwrap(self.index)).hnsw.efSearch),
+                                  k_factor=k_factor)
+        return SearchSettings(k_factor=k_factor)
+
+    @property
+    def has_refine(self) -> bool:
+        """Whether the index ends in a refine stage (``RFlat`` / ``Refine(...)``)."""
+        return _refine_of(self.index) is not None
+
+    @property
+    def stores_exact_keys(self) -> bool:
+        """Whether ``reconstruct`` returns the exact vectors: flat, hnsw, or a refine stage over raw vectors (RFlat)."""
+        refine = _refine_of(self.index)
+        if refine is not None:
+            return isinstance(faiss.downcast_index(refine.refine_index), faiss.IndexFlat)
+        return self.kind in ("flat", "hnsw")
+
+    @property
+    def refine_nbytes(self) -> int:
+        """Serialized size of the refine stage's own vectors (0 without one): its cost, ``/ ntotal`` per chunk."""
+        refine = _refine_of(self.index)
+        return 0 if refine is None else int(faiss.serialize_index(refine.refine_index).size)
 
     @property
     def nbytes_on_disk(self) -> int:
@@ -476,6 +522,7 @@ class VectorIndex:
         settings = settings or SearchSettings()
         nprobe = settings.nprobe or defaults.nprobe or 1
         ef = max(settings.ef_search or defaults.ef_search or DEFAULT_EF_SEARCH, k)
+        k_factor = settings.k_factor or defaults.k_factor
 
         keep: list = []
         sel = None
@@ -486,13 +533,13 @@ class VectorIndex:
             sel = faiss.IDSelectorBitmap(len(allowed), faiss.swig_ptr(allowed))
             keep += [allowed, sel]
 
-        scores, ids = self._search_once(queries, k, sel, nprobe, ef, keep)
+        scores, ids = self._search_once(queries, k, sel, nprobe, ef, keep, k_factor)
         want = min(k, n_live)
         short = np.flatnonzero((ids >= 0).sum(1) < want)
         nlist = self.nlist or 0
         while len(short) and self.kind != "flat" and (nprobe < nlist or ef < self.ntotal):
             nprobe, ef = min(nprobe * 4, max(nlist, 1)), min(ef * 4, max(self.ntotal, k))
-            scores[short], ids[short] = self._search_once(queries[short], k, sel, nprobe, ef, keep)
+            scores[short], ids[short] = self._search_once(queries[short], k, sel, nprobe, ef, keep, k_factor)
             short = short[(ids[short] >= 0).sum(1) < want]
         scores[ids < 0] = -np.inf
         return scores, ids
@@ -518,18 +565,20 @@ class VectorIndex:
         return allowed, n_live
 
     def _search_once(
-        self, queries: np.ndarray, k: int, sel: faiss.IDSelector | None, nprobe: int, ef: int, keep: list
+        self, queries: np.ndarray, k: int, sel: faiss.IDSelector | None, nprobe: int, ef: int, keep: list,
+        k_factor: float | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
-        params = _search_params(self.index, sel, nprobe, ef, keep)
+        params = _search_params(self.index, sel, nprobe, ef, keep, k_factor)
         scores, ids = self.index.search(queries, k, params=params)
         return scores, ids
 
     def reconstruct(self, ids: np.ndarray) -> np.ndarray:
-        """The stored vectors for ``ids`` (n, dim): exact for flat/hnsw, the PQ approximation for ivfpq."""
+        """The stored vectors for ``ids`` (n, dim): exact for flat/hnsw, the PQ approximation for ivfpq, a refine
+        stage's copy when there is one (exact for ``RFlat``; see ``stores_exact_keys``)."""
         ids = np.asarray(ids, dtype=np.int64).ravel()
         if len(ids) and (ids.min() < 0 or ids.max() >= self.ntotal):
             raise RetrolmError(f"{self._name()}: ids out of range [0, {self.ntotal})")
-        if self.kind == "ivfpq":
+        if self.kind == "ivfpq" and _refine_of(self.index) is None:  # a refine stage reconstructs from its own copy
             ivf = faiss.extract_index_ivf(self.index)
             if ivf.direct_map.type == faiss.DirectMap.NoMap:
                 # an id → (list, offset) table: 8 B per vector in RAM, never saved (save() drops it)
@@ -596,6 +645,7 @@ class VectorIndex:
 __all__ = [
     "AUTO_FLAT_MAX_VECTORS",
     "DEFAULT_EF_SEARCH",
+    "DEFAULT_K_FACTOR",
     "DEFAULT_NPROBE",
     "INDEX_KINDS",
     "SearchSettings",

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from retrolm.core.errors import RetrolmError
 from retrolm.models.layers import MLP, Attention, CausalSelfAttention, RMSNorm, apply_rope, padding_mask, rope_table
@@ -39,6 +40,9 @@ from retrolm.models.weights import load_weights, read_model_config, save_weights
 
 __all__ = ["PRESETS", "ChunkedCrossAttention", "ModelOutput", "NeighbourEncoder", "RetroCache", "RetroConfig",
            "RetroModel"]
+
+
+CHECKPOINT_MODES = ("none", "encoder", "all")
 
 
 def _default_retro_layers(n_layer: int) -> tuple[int, ...]:
@@ -92,6 +96,10 @@ class RetroConfig:
     """Biases in linear layers."""
     norm_eps: float = 1e-5
     """RMSNorm epsilon."""
+    checkpoint_activations: str = "none"
+    """Activation checkpointing in training (a memory/compute trade, results unchanged): none | encoder (the
+    neighbour encoder, embedding lookup included, keeps only its input and output and is recomputed in the backward
+    pass: its activations are K·R/m times the decoder's per layer) | all (the encoder and every decoder block)."""
 
     def __post_init__(self) -> None:
         def check(ok: bool, msg: str) -> None:
@@ -118,6 +126,10 @@ class RetroConfig:
             )
         check(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}")
         check(self.rope_theta > 0 and self.norm_eps > 0, "rope_theta and norm_eps must be positive")
+        check(
+            self.checkpoint_activations in CHECKPOINT_MODES,
+            f"checkpoint_activations must be one of {', '.join(CHECKPOINT_MODES)}, got {self.checkpoint_activations!r}",
+        )
 
         if self.retro_layers is None:
             self.retro_layers = _default_retro_layers(self.n_layer)
@@ -496,7 +508,10 @@ class RetroModel(nn.Module):
                 if i not in cache.cca_kv:
                     cache.cca_kv[i] = block.cca.project_kv(retrieved[0])
                 cca_kv = cache.cca_kv[i]
-            x = block(x, rope, start, kv, retrieved, cca_kv)
+            if self._checkpointing("all") and cache is None:
+                x = checkpoint(block, x, rope, start, kv, retrieved, cca_kv, use_reentrant=False)
+            else:
+                x = block(x, rope, start, kv, retrieved, cca_kv)
         if cache is not None:
             cache.pos += T
         logits = self.lm_head(self.norm(x))  # (B, T, V)
@@ -504,6 +519,16 @@ class RetroModel(nn.Module):
         if targets is not None:
             loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
         return ModelOutput(logits=logits, loss=loss)
+
+    def _checkpointing(self, part: str) -> bool:
+        """Whether ``part`` (encoder | all) is checkpointed now: in training, with gradients, when the config asks."""
+        mode = self.config.checkpoint_activations
+        wanted = mode == "all" or (mode == "encoder" and part == "encoder")
+        return wanted and self.training and torch.is_grad_enabled()
+
+    def _embed_and_encode(self, nb: Tensor, nm: Tensor, chunk_h: Tensor) -> Tensor:
+        assert self.encoder is not None
+        return self.encoder(self.wte(nb), nm, chunk_h)
 
     def _check_neighbours(
         self, batch: int, neighbours: Tensor | None, mask: Tensor | None
@@ -552,7 +577,11 @@ class RetroModel(nn.Module):
         if n_new > 0:
             nb, nm = neighbours[:, cs : cs + n_new], mask[:, cs : cs + n_new]
             chunk_h = rearrange(h[:, : n_new * m], "b (c m) d -> b c m d", m=m)
-            new = (self.encoder(self.wte(nb), nm, chunk_h), nm)  # (B, n_new, K, R, d_enc)
+            if self._checkpointing("encoder"):
+                enc = checkpoint(self._embed_and_encode, nb, nm, chunk_h, use_reentrant=False)
+            else:
+                enc = self._embed_and_encode(nb, nm, chunk_h)
+            new = (enc, nm)  # (B, n_new, K, R, d_enc)
         j0 = max(start + 1, m) // m - 1  # chunk read by the first reading position: cs − 1 (from the cache) or cs
         prev = None
         if j0 == cs - 1 and cache is not None and cache.enc is not None:

@@ -7,6 +7,7 @@ from retrolm.db import DatabaseView
 from retrolm.retrieval.base import Exclusion, Retriever, SearchResult
 from retrolm.retrieval.bm25 import BM25Retriever
 from retrolm.retrieval.dense import DenseRetriever
+from retrolm.retrieval.exact import ExactRetriever
 from retrolm.retrieval.hybrid import HybridRetriever, reciprocal_rank_fusion
 
 RETRIEVERS = {"dense": DenseRetriever, "bm25": BM25Retriever, "hybrid": HybridRetriever}
@@ -22,5 +23,5 @@ def get_retriever(db: DatabaseView, kind: str = "auto", **kwargs) -> Retriever:
     return RETRIEVERS[kind](db, **kwargs)
 
 
-__all__ = ["RETRIEVERS", "BM25Retriever", "DenseRetriever", "Exclusion", "HybridRetriever", "Retriever",
-           "SearchResult", "get_retriever", "reciprocal_rank_fusion"]
+__all__ = ["RETRIEVERS", "BM25Retriever", "DenseRetriever", "ExactRetriever", "Exclusion", "HybridRetriever",
+           "Retriever", "SearchResult", "get_retriever", "reciprocal_rank_fusion"]

@@ -7,7 +7,9 @@ when read) next to a ``neighbours.json`` that records the database and the datab
 computed against: chunk ids change when a database is compacted, so a stale set is refused.
 
 Any :class:`~retrolm.retrieval.Retriever` serves; the dense one reuses the database's stored keys as queries when
-the index holds them exactly (flat / HNSW), which skips the encoder.
+the index holds them exactly (flat / HNSW), which skips the encoder. ``NeighbourConfig(search="torch")`` replaces
+the host FAISS search of a dense retriever by exact matrix-multiply top-k on a torch device (a GPU), with the same
+exclusions (:class:`~retrolm.retrieval.exact.ExactRetriever`).
 """
 
 from __future__ import annotations
@@ -24,10 +26,12 @@ from retrolm.core.io import load_npy, read_json, save_npy, write_json
 from retrolm.db import ChunkStore, DatabaseView
 from retrolm.retrieval.base import Exclusion, Retriever
 from retrolm.retrieval.dense import DenseRetriever
+from retrolm.retrieval.exact import ExactRetriever
 
 logger = logging.getLogger(__name__)
 
 EXCLUDE_RULES = ("none", "document", "sequence")
+SEARCH_BACKENDS = ("faiss", "torch")
 
 
 @dataclass
@@ -44,6 +48,13 @@ class NeighbourConfig:
     """Queries per search call."""
     retriever: str = "dense"
     """dense | bm25 | hybrid: how neighbours are found (RETRO: dense, with the frozen encoder's keys)."""
+    search: str = "faiss"
+    """faiss (the database's index, on the host) | torch (dense only: exact inner product by matrix multiply on
+    ``device`` against the stored keys of a flat / hnsw index; see :mod:`retrolm.retrieval.exact`)."""
+    device: str = "auto"
+    """Device of the torch search: auto (CUDA if available) | cpu | cuda | cuda:N."""
+    key_chunk: int = 1 << 18
+    """Keys scored per matrix multiply by the torch search."""
 
     def __post_init__(self) -> None:
         if self.exclude not in EXCLUDE_RULES:
@@ -51,12 +62,16 @@ class NeighbourConfig:
             raise RetrolmError(f"neighbour exclude rule must be one of {rules}, got {self.exclude!r}")
         if self.k < 1 or self.seq_chunks < 1:
             raise RetrolmError("neighbour k and seq_chunks must be positive")
+        if self.search not in SEARCH_BACKENDS:
+            raise RetrolmError(f"neighbour search must be one of {', '.join(SEARCH_BACKENDS)}, got {self.search!r}")
+        if self.key_chunk < 1:
+            raise RetrolmError("neighbour key_chunk must be positive")
 
 
 def _queries(retriever: Retriever, source: ChunkStore, ids: np.ndarray, same_db: bool) -> np.ndarray:
     """Prepared queries of source chunks, formatted exactly like the database's keys (stored keys when exact)."""
     db = retriever.db
-    if same_db and isinstance(retriever, DenseRetriever) and db.index.kind in ("flat", "hnsw"):
+    if same_db and isinstance(retriever, DenseRetriever) and db.index.stores_exact_keys:
         return db.index.reconstruct(ids)
     return retriever.prepare(source.texts(ids, db.tokenizer))
 
@@ -77,6 +92,12 @@ def compute_neighbours(
     """
     config = config or NeighbourConfig()
     db = retriever.db
+    if config.search == "torch" and not isinstance(retriever, ExactRetriever):
+        if not isinstance(retriever, DenseRetriever):
+            raise RetrolmError(f"neighbour search 'torch' is exact dense search; the {retriever.name} retriever "
+                               "has no dense keys (use search='faiss')")
+        retriever = ExactRetriever(db, device=config.device, key_chunk=config.key_chunk,
+                                   query_chunk=config.batch_size, batch_size=retriever.batch_size)
     same_db = source is None
     source = db.store if source is None else source
     n = source.n_chunks
