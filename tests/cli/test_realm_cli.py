@@ -1,0 +1,75 @@
+"""``retrolm realm pretrain|finetune|eval`` on a tiny database (the conftest's 2-layer random BERT as encoder)."""
+
+from __future__ import annotations
+
+import json
+
+from conftest import run_cli, write_jsonl
+from retrolm.db import BuildConfig, Database
+
+FACTS = [("Alice", "Paris"), ("Bob", "London"), ("Carol", "Berlin"), ("David", "Madrid"), ("Emma", "Rome")]
+
+
+def test_realm_pretrain_finetune_eval(tmp_path, tiny_encoder, capsys):
+    corpus = write_jsonl(tmp_path / "c.jsonl", [{"id": f"d{i}", "text": f"{p} lives in {c}."}
+                                                for i, (p, c) in enumerate(FACTS)] +
+                         [{"id": "x", "text": "The sky is blue and water is wet."}])
+    db = Database.build([corpus], tmp_path / "db", BuildConfig(encoder=tiny_encoder, tokenizer="train:300",
+                                                                batch_size=16, shard_size=64), show_progress=False)
+    assert db.store.n_chunks == 6
+    qa = write_jsonl(tmp_path / "qa.jsonl", [{"id": str(i), "question": f"Where does {p} live?", "answers": [c]}
+                                             for i, (p, c) in enumerate(FACTS)])
+    common = ["max_doc_len=32", "max_query_len=16", "embed_dim=8"]
+    run = tmp_path / "run"
+    rc, out, err = run_cli(["realm", "pretrain", "--db", db.path, "--out", run, f"encoder={tiny_encoder}", "steps=2",
+                            "batch_size=2", "k=3", "refresh_every=1", *common, "--json"], capsys)
+    assert rc == 0, err
+    assert json.loads(out)["steps"] == 2
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000002"]
+    rc, out, err = run_cli(["realm", "pretrain", "--db", db.path, "--out", run, f"encoder={tiny_encoder}", "steps=3",
+                            "batch_size=2", "k=3", *common, "--json"], capsys)
+    assert rc == 0, err
+    assert json.loads(out)["steps"] == 3  # resumed at step 2, one more step
+    assert json.loads((run / "pretrain.json").read_text())["steps"][-1]["step"] == 3
+
+    ft = tmp_path / "ft"
+    rc, out, err = run_cli(["realm", "finetune", "--checkpoint", run, "--db", db.path, "--data", qa, "--out", ft,
+                            "steps=2", "qa_k=3", *common, "--json"], capsys)
+    assert rc == 0, err
+    assert (ft / "final" / "model.json").is_file()
+
+    ev = tmp_path / "ev"
+    rc, out, err = run_cli(["realm", "eval", "--checkpoint", ft, "--db", db.path, "--data", qa, "--out", ev,
+                            "qa_k=6", *common, "--json"], capsys)
+    assert rc == 0, err
+    result = json.loads((ev / "realm.json").read_text())
+    assert {"em", "f1", "n", "recall_at_k"} <= set(result)
+    assert result["n"] == 5 and result["recall_at_k"] == 100.0  # every chunk retrieved: every answer is in the top 6
+    assert json.loads(out)["em"] == result["em"]
+
+
+def test_realm_eval_bad_checkpoint_is_one_line_error(tmp_path, capsys):
+    qa = write_jsonl(tmp_path / "qa.jsonl", [{"id": "1", "question": "q?", "answers": ["a"]}])
+    (tmp_path / "empty").mkdir()
+    rc, _, err = run_cli(["realm", "eval", "--checkpoint", tmp_path / "empty", "--db", tmp_path / "nodb", "--data", qa,
+                          "--out", tmp_path / "ev"], capsys)
+    assert rc == 2
+    assert "Traceback" not in err
+    assert "not a REALM model" in err
+
+
+def test_database_documents_skip_deleted_chunks(tmp_path, tiny_encoder):
+    import torch
+
+    from retrolm.train.realm_index import DatabaseDocuments, DocumentIndex
+
+    corpus = write_jsonl(tmp_path / "c.jsonl", [{"id": f"d{i}", "text": f"{p} lives in {c}."}
+                                                for i, (p, c) in enumerate(FACTS)])
+    db = Database.build([corpus], tmp_path / "db", BuildConfig(encoder=tiny_encoder, tokenizer="train:300",
+                                                                batch_size=16, shard_size=64), show_progress=False)
+    docs = DatabaseDocuments(db)
+    assert len(docs) == 5 and docs.texts([1]) == ["Bob lives in London."] and docs.live() is None
+    db.delete(["d1"], show_progress=False)
+    assert docs.live().tolist() == [True, False, True, True, True]
+    index = DocumentIndex(torch.eye(5), 0, torch.from_numpy(docs.live()))
+    assert 1 not in index.search(torch.eye(5)[1:2], 4)[1][0].tolist()
