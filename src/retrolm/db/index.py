@@ -25,12 +25,8 @@ FAISS's ``SearchParameters``, so a search still returns ``k`` live results howev
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import math
-import os
 import weakref
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,15 +35,21 @@ import numpy as np
 
 from retrolm.core.errors import RetrolmError
 from retrolm.core.io import atomic_path
+from retrolm.db.faiss_setup import (
+    AUTO_FLAT_MAX_VECTORS,
+    INDEX_KINDS,
+    MAX_TRAIN_POINTS_PER_CENTROID,
+    PQ_TRAIN_POINTS,
+    TRAIN_POINTS_PER_CENTROID,
+    default_factory,
+    default_nlist,
+    ensure_threads,
+    resolve_kind,
+    set_num_threads,
+    train_index,
+)
 
 logger = logging.getLogger(__name__)
-
-INDEX_KINDS = ("auto", "flat", "ivfpq", "hnsw")
-
-AUTO_FLAT_MAX_VECTORS = 250_000
-"""``auto`` picks exact search up to this many chunks, ``ivfpq`` above. At 250k 384-d chunks a flat index is
-384 MB and answers a single query in ~10 ms on one core; IVF-PQ needs ~10k+ vectors to train at all and
-pays for its training only on larger databases (see benchmarks/RESULTS.md)."""
 
 DEFAULT_NPROBE = 32
 """Inverted lists visited per query by default (see benchmarks/RESULTS.md: recall plateaus beyond it)."""
@@ -58,57 +60,6 @@ DEFAULT_EF_SEARCH = 128
 DEFAULT_K_FACTOR = 4.0
 """Candidates per result re-ranked by a refine stage (``k_factor * k`` from the base index) by default."""
 
-HNSW_M = 32  # graph degree for both the hnsw kind and the IVF coarse quantizer
-TRAIN_POINTS_PER_CENTROID = 32  # k-means sample per IVF list: enough for stable centroids, cheap on 2 cores
-MAX_TRAIN_POINTS_PER_CENTROID = 64  # larger training sets are subsampled (k-means cost is linear in them)
-PQ_TRAIN_POINTS = 256 * 40  # 8-bit PQ / OPQ: ~40 points per sub-quantizer centroid
-TWO_LEVEL_KMEANS_MIN_NLIST = 8192  # from here on, k-means in two levels (sqrt(nlist) x sqrt(nlist)): ~50x cheaper
-
-_FAISS_THREADS_SET = False
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Choosing an index
-
-
-def resolve_kind(kind: str, n_vectors: int) -> str:
-    """Turn ``"auto"`` into a concrete kind: ``"flat"`` up to ``AUTO_FLAT_MAX_VECTORS`` chunks, ``"ivfpq"`` above."""
-    if kind not in INDEX_KINDS:
-        raise RetrolmError(f"index kind {kind!r}: unknown (choose from {', '.join(INDEX_KINDS)})")
-    if kind != "auto":
-        return kind
-    return "flat" if n_vectors <= AUTO_FLAT_MAX_VECTORS else "ivfpq"
-
-
-def default_nlist(n_vectors: int) -> int:
-    """Inverted lists for ``n_vectors``: the power of two nearest ``4 * sqrt(n)``, with >= 32 training points each.
-
-    1M → 4096, 3M → 8192, 10M → 16384, 100M → 65536.
-    """
-    target = 4 * math.sqrt(max(n_vectors, 1))
-    nlist = 2 ** round(math.log2(target))
-    cap = max(n_vectors // TRAIN_POINTS_PER_CENTROID, 1)
-    while nlist > cap and nlist > 8:
-        nlist //= 2
-    return int(min(max(nlist, 8), 65536))
-
-
-def default_pq_bytes(dim: int) -> int:
-    """PQ code size: the largest divisor of ``dim`` that is <= ``dim / 8`` (one byte per 8 dimensions; 48 for 384)."""
-    return max(m for m in range(1, dim // 8 + 1) if dim % m == 0) if dim >= 8 else 1
-
-
-def default_factory(kind: str, dim: int, n_vectors: int) -> str:
-    """The ``faiss.index_factory`` string used for ``kind`` (``"auto"`` is resolved first) at this database size."""
-    kind = resolve_kind(kind, n_vectors)
-    if kind == "flat":
-        return "Flat"
-    if kind == "hnsw":
-        return f"HNSW{HNSW_M},Flat"
-    m = default_pq_bytes(dim)
-    # OPQ rotates the space so that each PQ sub-vector carries a similar share of the variance: +0.1-0.15
-    # recall@10 on clustered embeddings for no extra bytes (benchmarks/RESULTS.md).
-    return f"OPQ{m},IVF{default_nlist(n_vectors)}_HNSW{HNSW_M},PQ{m}"
 
 
 @dataclass
@@ -127,39 +78,6 @@ class SearchSettings:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise RetrolmError(f"search setting {name}={value}: must be >= 1")
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Threads
-
-
-def set_num_threads(n: int | None = None) -> None:
-    """Set FAISS's OpenMP thread count (default: ``OMP_NUM_THREADS``, else the CPUs this process may run on).
-
-    Torch sizes its own pool the same way, so the two do not oversubscribe each other when they run in turn;
-    a caller running an encoder and searches concurrently should give each half.
-    """
-    global _FAISS_THREADS_SET
-    if n is None:
-        env = os.environ.get("OMP_NUM_THREADS", "")
-        n = int(env) if env.isdigit() and int(env) > 0 else len(os.sched_getaffinity(0))
-    faiss.omp_set_num_threads(max(int(n), 1))
-    _FAISS_THREADS_SET = True
-
-
-def _ensure_threads() -> None:
-    if not _FAISS_THREADS_SET:
-        set_num_threads()
-
-
-@contextlib.contextmanager
-def _omp_threads(n: int) -> Iterator[None]:
-    before = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(n)
-    try:
-        yield
-    finally:
-        faiss.omp_set_num_threads(before)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -258,61 +176,6 @@ def _search_params(
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Training, stage by stage
-
-
-def _train(index: faiss.Index, x: np.ndarray, seed: int) -> None:
-    """Train stage by stage so that every random choice is seeded and the coarse k-means is exact (BLAS)."""
-    index = faiss.downcast_index(index)
-    if isinstance(index, faiss.IndexPreTransform):
-        for i in range(index.chain.size()):
-            vt = faiss.downcast_VectorTransform(index.chain.at(i))
-            vt.train(x)
-            x = vt.apply(x)
-        _train(index.index, x, seed)
-        index.is_trained = True
-    elif isinstance(index, faiss.IndexRefine):
-        _train(index.base_index, x, seed)
-        index.refine_index.train(x)
-        index.is_trained = True
-    elif isinstance(index, faiss.IndexIVF):
-        _train_coarse(index, x, seed)
-        if hasattr(index, "pq"):
-            index.pq.cp.seed = seed
-        if isinstance(index, faiss.IndexIVFPQ):
-            # polysemous training reorders PQ centroids for Hamming pre-filtering, which search never uses
-            # (polysemous_ht = 0); it was ~95% of training time and changes no distance
-            index.do_polysemous_training = False
-        index.train(x)  # the quantizer is trained, so this trains only the residual encoder
-    else:
-        index.train(x)
-
-
-def _train_coarse(ivf: faiss.IndexIVF, x: np.ndarray, seed: int) -> None:
-    nlist = int(ivf.nlist)
-    # spherical k-means: unit-norm centroids, so the coarse max-inner-product matches cosine similarity
-    # (min_points_per_centroid only silences FAISS's stderr warning; train() logs its own)
-    kw = dict(seed=seed, spherical=True, min_points_per_centroid=8)
-    if nlist >= TWO_LEVEL_KMEANS_MIN_NLIST:
-        from faiss.contrib.clustering import two_level_clustering
-
-        centroids, _ = two_level_clustering(x, int(math.sqrt(nlist)), nlist, clustering_niter=10, **kw)
-    else:
-        km = faiss.Kmeans(x.shape[1], nlist, niter=10, max_points_per_centroid=MAX_TRAIN_POINTS_PER_CENTROID, **kw)
-        km.train(x)
-        centroids = km.centroids
-    centroids = np.ascontiguousarray(centroids, dtype=np.float32)
-    quantizer = faiss.downcast_index(ivf.quantizer)
-    quantizer.reset()
-    if isinstance(quantizer, faiss.IndexHNSW):
-        with _omp_threads(1):  # a parallel HNSW build depends on thread timing; one thread is deterministic
-            quantizer.add(centroids)
-    else:
-        quantizer.add(centroids)
-    quantizer.is_trained = True
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # The index
 
 
@@ -345,7 +208,7 @@ class VectorIndex:
         ``factory`` overrides the default FAISS factory string; with ``kind="auto"`` the kind is then inferred
         from it (any IVF variant is ``ivfpq``), otherwise it must build an index of that kind.
         """
-        _ensure_threads()
+        ensure_threads()
         if factory is None:
             kind = resolve_kind(kind, n_vectors)
             factory = default_factory(kind, dim, n_vectors)
@@ -474,8 +337,8 @@ class VectorIndex:
         if n > self.max_train_vectors:
             rng = np.random.default_rng(self.seed)
             vectors = vectors[np.sort(rng.choice(n, self.max_train_vectors, replace=False))]
-        _ensure_threads()
-        _train(self.index, vectors, self.seed)
+        ensure_threads()
+        train_index(self.index, vectors, self.seed)
         self._dirty = True
 
     def add(self, vectors: np.ndarray) -> None:
@@ -486,7 +349,7 @@ class VectorIndex:
         if len(vectors) == 0:
             return
         self._make_writable()
-        _ensure_threads()
+        ensure_threads()
         self._drop_direct_map()  # stale after an add; rebuilt by the next reconstruct()
         self.index.add(vectors)
         self._dirty = True
@@ -517,7 +380,7 @@ class VectorIndex:
         queries = self._check_vectors(queries, "queries")
         if k < 1:
             raise RetrolmError(f"{self._name()}: k={k}, must be >= 1")
-        _ensure_threads()
+        ensure_threads()
         defaults = self.default_settings
         settings = settings or SearchSettings()
         nprobe = settings.nprobe or defaults.nprobe or 1
@@ -620,7 +483,7 @@ class VectorIndex:
         indexes, so a 10M-chunk index opens instantly and pages in on demand; other structures are read into
         RAM. ``add`` on a mapped index transparently re-reads it into RAM first.
         """
-        _ensure_threads()
+        ensure_threads()
         path = Path(path)
         if not path.is_file():
             raise RetrolmError(f"{path}: corrupt or unreadable FAISS index (no such file)")
