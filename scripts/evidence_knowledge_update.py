@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import shutil
-import subprocess
 import time
 from pathlib import Path
 
@@ -91,7 +91,7 @@ def write_page(out_root: Path, log: list[str], seconds: dict, args: argparse.Nam
         "# Knowledge update by editing the database, not the model",
         "",
         f"Produced by `scripts/evidence_knowledge_update.py --per-bucket {args.per_bucket} --max-chars "
-        f"{args.max_chars}` on {platform.node()} ({platform.machine()}, {subprocess.getoutput('nproc')} CPUs, shared "
+        f"{args.max_chars}` on {platform.node()} ({platform.machine()}, {os.cpu_count()} CPUs, shared "
         f"with other jobs), {time.strftime('%Y-%m-%d')}. CPU only (no GPU was lent for this work).",
         "",
         "The reader is SmolLM2-135M-Instruct (never trained here) with in-context BM25 retrieval: every 64 tokens the "
