@@ -13,7 +13,9 @@ import torch
 from conftest import run_cli, wiki_docs, write_jsonl
 from retrolm.db import BuildConfig, Database, tokenize_corpus
 from retrolm.eval import EvalConfig, run_eval
+from retrolm.eval.config import ScaleConfig
 from retrolm.eval.incontext import InContextScorer, InContextSettings, document_texts, encode_with_offsets
+from retrolm.eval.scaling import scale_db_size, scale_neighbours
 from retrolm.infer.incontext import generate_in_context
 from retrolm.models.hf import CausalLM
 from retrolm.models.loading import load_model
@@ -206,3 +208,19 @@ def test_generation_reads_passages_and_shows_them(copy_world):
     plain = generate_in_context(lm, tok, prompt, None, InContextSettings(stride=16), max_new_tokens=16,
                                 stop_at_eos=False)
     assert not plain.retrieval and plain.chunks[0].sources == [] and plain.chunks[0].token_ids[0] != ids[40]
+
+
+def test_scaling_curves_of_a_pretrained_lm(copy_world):
+    noise = write_jsonl(copy_world["root"] / "noise.jsonl", wiki_docs(15, start=600))
+    cfg = ScaleConfig(**{**vars(eval_cfg(copy_world, "scale")), "ks": [1, 2], "fractions": [0.1, 1.0],
+                         "noise": [str(noise)]})
+    by_size = scale_db_size(cfg, show_progress=False)
+    small, full, noisy = by_size["rows"]
+    off = by_size["references"]["no_retrieval"]["bpb"]
+    assert by_size["main"] == "in_context" and small["db_chunks"] < full["db_chunks"] < noisy["db_chunks"]
+    assert full["bpb"] < 0.5 * off < small["bpb"]  # 10% of the documents keeps few of the copies
+    assert noisy["noise"] and abs(noisy["bpb"] - full["bpb"]) < 0.05 * full["bpb"]  # unrelated text changes little
+    by_k = scale_neighbours(cfg, show_progress=False)
+    assert [r["k"] for r in by_k["rows"]] == [1, 2] and all(r["bpb"] < 0.5 * off for r in by_k["rows"])
+    assert by_k["rows"][0]["bpb"] != by_k["rows"][1]["bpb"]  # the second passage really is read
+    assert (copy_world["root"] / "scale" / "scale-db-size.png").is_file()

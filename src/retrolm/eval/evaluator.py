@@ -13,6 +13,7 @@ training.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import tempfile
@@ -244,16 +245,18 @@ class Evaluator:
         return self._readers[id(em)]
 
     def score_in_context(self, em: EvalModel, retrieval: bool, db: DatabaseView | None = None,
-                         exclude_chunks: np.ndarray | None = None, desc: str = "score", key: str | None = None
-                         ) -> Scores:
-        """Per-chunk nats of a pretrained LM over all held-out chunks, reading passages retrieved from ``db`` (the
-        evaluation database by default; evaluation documents excluded) when ``retrieval``."""
+                         exclude_chunks: np.ndarray | None = None, desc: str = "score", key: str | None = None,
+                         passages: int | None = None) -> Scores:
+        """Per-chunk nats of a pretrained LM over all held-out chunks, reading ``passages`` (default: k) passages
+        retrieved from ``db`` (the evaluation database by default; evaluation documents excluded) when
+        ``retrieval``."""
         db = db or self.db
         retriever = None
         if retrieval:
             retriever = self.retriever if db is self.db else get_retriever(db, self.cfg.retriever)
         mask = self.excluded_chunks if exclude_chunks is None and db is self.db else exclude_chunks
         reader = self.reader(em)
+        reader.settings = dataclasses.replace(reader.settings, passages=passages or self.k)
         scores = reader.score(retriever, mask, show_progress=self.show, desc=desc)
         if key is not None and reader.last_run is not None:
             self.costs[key] = reader.last_run.to_dict()

@@ -1,5 +1,6 @@
-"""``retrolm scale``: bits-per-byte of one RETRO model along a scaling axis — database size (nested random subsets,
-selected by masks inside the index, plus an optional noisy copy) and neighbours read at evaluation."""
+"""``retrolm scale``: bits-per-byte of one retrieving model along a scaling axis — database size (nested random
+subsets, selected by masks inside the index, plus an optional noisy copy) and neighbours read at evaluation. The model
+is a RETRO checkpoint (neighbours in chunked cross-attention) or a pretrained LM (passages in its context)."""
 
 from __future__ import annotations
 
@@ -25,8 +26,12 @@ def scale_neighbours(cfg: ScaleConfig, show_progress: bool = True) -> dict[str, 
     """``retrolm scale neighbours``: RETRO bits-per-byte with k neighbours at evaluation, for each k in ``cfg.ks``."""
     ks = cfg.ks
     with _scaling_run(cfg, show_progress) as (out, ev):
-        nb = ev.neighbours(max(ks))
-        rows = [{"k": k, **ev.summary(ev.score(ev.main, nb, k, desc=f"k={k}"))} for k in sorted(ks)]
+        if ev.main.in_context:
+            rows = [{"k": k, **ev.summary(ev.score_in_context(ev.main, True, passages=k, desc=f"k={k}"))}
+                    for k in sorted(ks)]
+        else:
+            nb = ev.neighbours(max(ks))
+            rows = [{"k": k, **ev.summary(ev.score(ev.main, nb, k, desc=f"k={k}"))} for k in sorted(ks)]
         result = _scaling_result(ev, "neighbours", rows)
         _write_scaling(out, "scale-neighbours", result, [r["k"] for r in rows], "neighbours k at evaluation",
                        log2x=True)
@@ -54,8 +59,7 @@ def scale_db_size(cfg: ScaleConfig, show_progress: bool = True) -> dict[str, Any
             keep_docs = np.zeros(store.n_docs, dtype=bool)
             keep_docs[order[: max(1, round(f * len(order)))]] = True
             mask = ~keep_docs[chunk_doc] | ev.excluded_chunks
-            nb = ev.neighbours(ev.k, exclude_chunks=mask)
-            s = ev.summary(ev.score(ev.main, nb, ev.k, desc=f"db {f:.0%}"))
+            s = ev.summary(_score_with(ev, mask, desc=f"db {f:.0%}"))
             rows.append({"fraction": f, "db_chunks": int((~mask).sum()), **s})
         points = {}
         if noisy is not None:
@@ -63,8 +67,7 @@ def scale_db_size(cfg: ScaleConfig, show_progress: bool = True) -> dict[str, Any
             by_id, near, _ = ev.excluded_docs(noisy, np.arange(store.n_docs, noisy.store.n_docs))
             mask = (by_id | near)[noisy.store.all_chunk_docs()]
             mask[: store.n_chunks] |= ev.excluded_chunks
-            nb = ev.neighbours(ev.k, db=noisy, exclude_chunks=mask)
-            s = ev.summary(ev.score(ev.main, nb, ev.k, db=noisy, desc="db + noise"))
+            s = ev.summary(_score_with(ev, mask, db=noisy, desc="db + noise"))
             n_noise = noisy.store.n_chunks - store.n_chunks
             row = {"fraction": 1.0, "noise": True, "noise_chunks": n_noise,
                    "db_chunks": int((~mask & ~noisy.deleted_chunks).sum()), **s}
@@ -76,6 +79,15 @@ def scale_db_size(cfg: ScaleConfig, show_progress: bool = True) -> dict[str, Any
         return result
 
 
+def _score_with(ev: Evaluator, mask: np.ndarray, db: Database | None = None, desc: str = "score"):
+    """The main model's per-chunk scores reading ``db`` (default: the evaluation database) with ``mask``ed chunks
+    never retrieved: RETRO through precomputed neighbours, a pretrained LM through passages in its context."""
+    if ev.main.in_context:
+        return ev.score_in_context(ev.main, True, db=db, exclude_chunks=mask, desc=desc)
+    nb = ev.neighbours(ev.k, db=db, exclude_chunks=mask)
+    return ev.score(ev.main, nb, ev.k, db=db, desc=desc)
+
+
 @contextlib.contextmanager
 def _scaling_run(cfg: ScaleConfig, show_progress: bool) -> Iterator[tuple[Path, Evaluator]]:
     """The report folder and a prepared evaluator of a RETRO checkpoint, closed afterwards."""
@@ -83,7 +95,8 @@ def _scaling_run(cfg: ScaleConfig, show_progress: bool) -> Iterator[tuple[Path, 
     ev = Evaluator(cfg, show_progress)
     try:
         if not ev.main.retrieval:
-            raise RetrolmError(f"{ev.main.path}: a baseline checkpoint does not retrieve; scaling needs RETRO")
+            raise RetrolmError(f"{ev.main.path}: a baseline checkpoint does not retrieve; scaling needs a retrieving "
+                               "model (RETRO or a pretrained LM)")
         yield out, ev
     finally:
         ev.close()
@@ -91,7 +104,8 @@ def _scaling_run(cfg: ScaleConfig, show_progress: bool) -> Iterator[tuple[Path, 
 
 def _scaling_result(ev: Evaluator, axis: str, rows: list[dict]) -> dict[str, Any]:
     refs = {name: ev.summary(s) for name, s in ev.reference_scores().items()}
-    return {"axis": axis, "models": ev.models(), "rows": rows, "references": refs, "exclusion": ev.exclusion}
+    return {"axis": axis, "main": ev.main_keys[0], "models": ev.models(), "rows": rows, "references": refs,
+            "exclusion": ev.exclusion}
 
 
 def _noisy_copy(db: Database, path: Path, noise: list[str], show_progress: bool) -> Database:
@@ -111,7 +125,7 @@ def _noisy_copy(db: Database, path: Path, noise: list[str], show_progress: bool)
 def _write_scaling(out: Path, name: str, result: dict, x: list, xlabel: str, *, logx: bool = False,
                    log2x: bool = False, points: dict[str, tuple[float, float]] | None = None) -> None:
     clean = [r for r in result["rows"] if not r.get("noise")]
-    series = {"RETRO (retrieval on)": [r["bpb"] for r in clean]}
+    series = {display_name(result["main"]): [r["bpb"] for r in clean]}
     hlines = {display_name(name_): s["bpb"] for name_, s in result["references"].items()}
     plot_lines(out / f"{name}.png", x, series, xlabel=xlabel, hlines=hlines, logx=logx, log2x=log2x,
                title=f"Bits-per-byte vs {xlabel}", points=points)
