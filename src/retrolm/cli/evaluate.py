@@ -11,7 +11,8 @@ from retrolm.core.errors import RetrolmError
 from retrolm.eval import EvalConfig, ScaleConfig, run_eval, scale_db_size, scale_neighbours
 
 # Options shared by `eval` and `scale ...`; every other field of EvalConfig: --config or key=value.
-Ckpt = Annotated[str | None, typer.Option("--checkpoint", help="RETRO or baseline checkpoint / run folder.")]
+Ckpt = Annotated[str | None, typer.Option(
+    "--checkpoint", help="RETRO / baseline checkpoint or run folder, HF folder, hub name or smollm2-135m.")]
 EvalDb = Annotated[str | None, typer.Option("--db", help="Retrieval database (evaluation documents are excluded).")]
 EvalData = Annotated[list[str] | None, typer.Option("--data", help="Held-out corpus path (repeatable).")]
 Baselines = Annotated[list[str] | None, typer.Option("--baseline", help="Baseline checkpoint (repeatable).")]
@@ -86,7 +87,8 @@ def scale_db_cmd(
     as_json: AsJson = False,
     quiet: Quiet = False,
 ) -> None:
-    """The same RETRO model with databases built from growing fractions of the documents (and plus noise)."""
+    """The same model (RETRO, or a pretrained LM reading in context) with growing fractions of the database's
+    documents retrievable (and plus noise)."""
     cfg = command_config(ScaleConfig, ctx, config, checkpoint=checkpoint, db=db, data=data, baselines=baseline,
                          out_dir=out, fractions=_numbers(fractions, "--fractions"), noise=noise)
     _print_scaling(scale_db_size(cfg, show_progress=not quiet), "fraction", cfg.out_dir, as_json)
@@ -105,7 +107,8 @@ def scale_k_cmd(
     as_json: AsJson = False,
     quiet: Quiet = False,
 ) -> None:
-    """The same RETRO model reading k = 1, 2, 4, ... neighbours per chunk at evaluation."""
+    """The same model reading k = 1, 2, 4, ... neighbours per chunk (RETRO) or passages per retrieval (a pretrained
+    LM) at evaluation."""
     cfg = command_config(ScaleConfig, ctx, config, checkpoint=checkpoint, db=db, data=data, baselines=baseline,
                          out_dir=out, ks=_numbers(ks, "--ks", int))
     _print_scaling(scale_neighbours(cfg, show_progress=not quiet), "k", cfg.out_dir, as_json)
