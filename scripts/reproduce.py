@@ -53,7 +53,7 @@ PROFILES = {
     # training tokens per model (480 steps x 16 x 2048), eager bf16 (compiling four models costs more than it saves
     # at this length).
     "gpu": {
-        "corpora": ["wiki", "linux-docs"],
+        "corpora": ["wiki", "linux-docs-6.1"],
         "vocab": 32000,
         "sizes": {"small": (384, 6, 6), "medium": (576, 8, 8), "large": (768, 12, 12)},
         "retro_layers": [3, 6],
@@ -96,7 +96,7 @@ def main() -> None:
                     help="results page (default docs/results.md; docs/results-<profile>.md for other profiles); "
                          "its plots go to a folder of the same name")
     ap.add_argument("--data", type=Path, default=REPO / "data" / "full",
-                    help="where the corpora are (fetched there by scripts/fetch_corpus.py if missing)")
+                    help="where the corpora are (fetched there by `retrolm corpus fetch` if missing)")
     ap.add_argument("--encoder", default=None, help="encoder name or folder for the database (default: the build's)")
     ap.add_argument("--noise-corpus", type=Path, default=None, help="default: DATA/python-docs.jsonl")
     args = ap.parse_args()
@@ -115,11 +115,12 @@ def main() -> None:
     parts = []
     for name in p["corpora"]:
         path = args.data / f"{name}.jsonl"
-        if not path.is_file():
-            run([sys.executable, "scripts/fetch_corpus.py", name, "--out", str(path)], log, work=w)
+        run([*RETROLM, "corpus", "fetch", name, "--out", str(args.data)], log, work=w, done=path)
         parts.append(path)
     if not args.noise_corpus.is_file():
-        run([sys.executable, "scripts/fetch_corpus.py", "python-docs", "--out", str(args.noise_corpus)], log, work=w)
+        if args.noise_corpus.name != "python-docs.jsonl":
+            sys.exit(f"{args.noise_corpus}: noise corpus not found")
+        run([*RETROLM, "corpus", "fetch", "python-docs", "--out", str(args.noise_corpus.parent)], log, work=w)
     noise = w / "noise.jsonl"
     if not noise.is_file():  # unrelated text for the "store grows with noise" point
         lines = args.noise_corpus.read_text(encoding="utf-8").splitlines()[: p["noise_docs"]]
