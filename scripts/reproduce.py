@@ -179,7 +179,8 @@ def main() -> None:
             for line in f:
                 doc = json.loads(line)
                 g.write(json.dumps({"id": f"{doc['id']} (copy)", "text": doc["text"]}, ensure_ascii=False) + "\n")
-    log.append(f"cp -r {db.relative_to(REPO)} {leak_db.relative_to(REPO)}  # + held-out documents under new ids:")
+    shown = [str(x).replace(f"{REPO}/", "") for x in (db, leak_db)]  # a work folder may lie outside the repository
+    log.append(f"cp -r {shown[0]} {shown[1]}  # + held-out documents under new ids:")
     run([*RETROLM, "db", "add", str(leak_db), str(copies), "-q"], log, work=w, done=added)
     added.touch()
     run([*RETROLM, "eval", "--checkpoint", str(runs["retro-small"]), "--db", str(leak_db), "--data", str(held),
