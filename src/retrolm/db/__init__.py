@@ -2,9 +2,9 @@
 
 from retrolm.db.build import BuildConfig, tokenize_corpus
 from retrolm.db.chunks import ChunkStore
-from retrolm.db.database import Database
+from retrolm.db.database import Database, noisy_copy
 from retrolm.db.index import SearchSettings, VectorIndex
 from retrolm.db.view import DatabaseView, Hit
 
 __all__ = ["BuildConfig", "ChunkStore", "Database", "DatabaseView", "Hit", "SearchSettings", "VectorIndex",
-           "tokenize_corpus"]
+           "noisy_copy", "tokenize_corpus"]

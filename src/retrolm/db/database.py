@@ -24,6 +24,7 @@ of the database that another writer has since changed. Every file is written to 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import re
@@ -290,3 +291,18 @@ class Database(DatabaseView):
         for p in segs.iterdir() if segs.is_dir() else ():
             if p.name not in self.meta["segments"]:
                 shutil.rmtree(p, ignore_errors=True)
+
+
+def noisy_copy(db: DatabaseView, path: Path, noise: Sequence[str | Path], show_progress: bool = False) -> Database:
+    """A copy of ``db`` at ``path`` with the ``noise`` documents added (unrelated text for robustness runs), reused
+    when it already holds exactly them."""
+    marker = path / "noise.json"
+    want = {"source_version": db.meta["version"], "source": str(db.path.resolve()), "noise": [str(n) for n in noise]}
+    if marker.is_file() and json.loads(marker.read_text()) == want:
+        return Database.open(path)
+    shutil.rmtree(path, ignore_errors=True)
+    shutil.copytree(db.path, path)
+    noisy = Database.open(path)
+    noisy.add(noise, show_progress=show_progress)
+    write_json(marker, want)
+    return Database.open(path)

@@ -5,8 +5,6 @@ is a RETRO checkpoint (neighbours in chunked cross-attention) or a pretrained LM
 from __future__ import annotations
 
 import contextlib
-import json
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,7 +13,7 @@ import numpy as np
 
 from retrolm.core.errors import RetrolmError
 from retrolm.core.io import write_bytes, write_json
-from retrolm.db import Database
+from retrolm.db import Database, noisy_copy
 from retrolm.eval.config import ScaleConfig
 from retrolm.eval.evaluator import Evaluator, display_name
 from retrolm.eval.report import markdown_table, plot_lines
@@ -51,7 +49,7 @@ def scale_db_size(cfg: ScaleConfig, show_progress: bool = True) -> dict[str, Any
     with _scaling_run(cfg, show_progress) as (out, ev):
         store = ev.db.store
         # the noisy copy first: a bad noise corpus (e.g. an id already in the database) fails before any scoring
-        noisy = _noisy_copy(ev.db, out / "db-with-noise", noise, show_progress) if noise else None
+        noisy = noisy_copy(ev.db, out / "db-with-noise", noise, show_progress) if noise else None
         order = np.random.default_rng(cfg.seed).permutation(np.flatnonzero(~ev.db.deleted_docs))
         chunk_doc = store.all_chunk_docs()
         rows = []
@@ -106,20 +104,6 @@ def _scaling_result(ev: Evaluator, axis: str, rows: list[dict]) -> dict[str, Any
     refs = {name: ev.summary(s) for name, s in ev.reference_scores().items()}
     return {"axis": axis, "main": ev.main_keys[0], "models": ev.models(), "rows": rows, "references": refs,
             "exclusion": ev.exclusion}
-
-
-def _noisy_copy(db: Database, path: Path, noise: list[str], show_progress: bool) -> Database:
-    """A copy of ``db`` with the ``noise`` documents added (reused if it already holds exactly them)."""
-    marker = path / "noise.json"
-    want = {"source_version": db.meta["version"], "source": str(db.path.resolve()), "noise": [str(n) for n in noise]}
-    if marker.is_file() and json.loads(marker.read_text()) == want:
-        return Database.open(path)
-    shutil.rmtree(path, ignore_errors=True)
-    shutil.copytree(db.path, path)
-    noisy = Database.open(path)
-    noisy.add(noise, show_progress=show_progress)
-    write_json(marker, want)
-    return Database.open(path)
 
 
 def _write_scaling(out: Path, name: str, result: dict, x: list, xlabel: str, *, logx: bool = False,

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -34,7 +33,7 @@ from tqdm.auto import tqdm
 from retrolm.core.config import save_config
 from retrolm.core.errors import RetrolmError
 from retrolm.core.io import atomic_path, write_bytes, write_json
-from retrolm.db import Database, DatabaseView
+from retrolm.db import DatabaseView, noisy_copy
 from retrolm.eval.multiplier import Point, load_points, multiplier_report, plot_multiplier
 from retrolm.eval.qa import QAItem, contamination, load_qa, mean_scores, score_prediction
 from retrolm.eval.report import markdown_table
@@ -179,20 +178,6 @@ def summarize(items: list[QAItem], preds: dict[str, list[Prediction]], contamina
     return out
 
 
-def noisy_copy(db: DatabaseView, path: Path, noise: list[str], show_progress: bool = False) -> Database:
-    """A copy of ``db`` with the ``noise`` documents added (reused when it already holds exactly them)."""
-    marker = path / "noise.json"
-    want = {"source_version": db.meta["version"], "source": str(db.path.resolve()), "noise": [str(n) for n in noise]}
-    if marker.is_file() and json.loads(marker.read_text()) == want:
-        return Database.open(path)
-    shutil.rmtree(path, ignore_errors=True)
-    shutil.copytree(db.path, path)
-    noisy = Database.open(path)
-    noisy.add(noise, show_progress=show_progress)
-    write_json(marker, want)
-    return Database.open(path)
-
-
 def _multiplier(cfg: RagEvalConfig, items: list[QAItem], summary: dict, reader: dict, out: Path) -> dict:
     if cfg.baselines is None:
         return {"status": "not computed: give baselines=FILE (no-retrieval models of several sizes with known "
@@ -295,5 +280,5 @@ def _ordered(by_mode: dict) -> list[tuple[str, Any]]:
     return [(m, by_mode[m]) for m in MODES if m in by_mode]
 
 
-__all__ = ["Prediction", "RagEvalConfig", "evaluate", "evaluate_block", "noisy_copy", "report_markdown",
+__all__ = ["Prediction", "RagEvalConfig", "evaluate", "evaluate_block", "report_markdown",
            "run_rag_eval", "summarize"]
