@@ -39,7 +39,7 @@ from retrolm.models.layers import MLP, Attention, CausalSelfAttention, RMSNorm, 
 from retrolm.models.weights import load_weights, read_model_config, save_weights
 
 __all__ = ["PRESETS", "ChunkedCrossAttention", "ModelOutput", "NeighbourEncoder", "RetroCache", "RetroConfig",
-           "RetroModel"]
+           "RetroModel", "check_neighbours"]
 
 
 CHECKPOINT_MODES = ("none", "encoder", "all")
@@ -50,6 +50,31 @@ def _default_retro_layers(n_layer: int) -> tuple[int, ...]:
     if n_layer >= 6:
         return tuple(range(6, n_layer + 1, 3))
     return tuple(range(n_layer, n_layer // 2, -3))[::-1]
+
+
+def check_neighbours(batch: int, neighbours: Tensor | None, mask: Tensor | None, neighbour_len: int
+                     ) -> tuple[Tensor | None, Tensor | None]:
+    """Validate neighbour ids ``(B, C, K, R)`` (-1 = padding) and their optional bool mask; returns the ids with
+    padding clamped to 0 and the mask of real tokens (both None without neighbours)."""
+    if neighbours is None:
+        if mask is not None:
+            raise RetrolmError("neighbour_mask was given without neighbours")
+        return None, None
+    if neighbours.dim() != 4 or neighbours.shape[0] != batch or neighbours.is_floating_point():
+        raise RetrolmError(
+            f"neighbours must be integer ids of shape (B={batch}, C, K, R), got {tuple(neighbours.shape)}"
+        )
+    if neighbours.shape[3] > neighbour_len:
+        raise RetrolmError(f"neighbours have {neighbours.shape[3]} tokens, more than neighbour_len={neighbour_len}")
+    real = neighbours >= 0
+    if mask is not None:
+        if mask.shape != neighbours.shape or mask.dtype != torch.bool:
+            raise RetrolmError(
+                f"neighbour_mask must be bool of shape {tuple(neighbours.shape)}, "
+                f"got {mask.dtype} of shape {tuple(mask.shape)}"
+            )
+        real = real & mask
+    return neighbours.clamp_min(0), real
 
 
 @dataclass
@@ -533,29 +558,9 @@ class RetroModel(nn.Module):
     def _check_neighbours(
         self, batch: int, neighbours: Tensor | None, mask: Tensor | None
     ) -> tuple[Tensor | None, Tensor | None]:
-        if neighbours is None:
-            if mask is not None:
-                raise RetrolmError("neighbour_mask was given without neighbours")
-            return None, None
-        if self.encoder is None:
+        if neighbours is not None and self.encoder is None:
             raise RetrolmError("neighbours were given to a model without RETRO layers (config.retro_layers is empty)")
-        if neighbours.dim() != 4 or neighbours.shape[0] != batch or neighbours.is_floating_point():
-            raise RetrolmError(
-                f"neighbours must be integer ids of shape (B={batch}, C, K, R), got {tuple(neighbours.shape)}"
-            )
-        if neighbours.shape[3] > self.config.neighbour_len:
-            raise RetrolmError(
-                f"neighbours have {neighbours.shape[3]} tokens, more than neighbour_len={self.config.neighbour_len}"
-            )
-        real = neighbours >= 0
-        if mask is not None:
-            if mask.shape != neighbours.shape or mask.dtype != torch.bool:
-                raise RetrolmError(
-                    f"neighbour_mask must be bool of shape {tuple(neighbours.shape)}, "
-                    f"got {mask.dtype} of shape {tuple(mask.shape)}"
-                )
-            real = real & mask
-        return neighbours.clamp_min(0), real
+        return check_neighbours(batch, neighbours, mask, self.config.neighbour_len)
 
     def _encode_neighbours(
         self, h: Tensor, neighbours: Tensor | None, mask: Tensor | None, start: int, cache: RetroCache | None

@@ -51,7 +51,7 @@ from retrolm.core.errors import RetrolmError
 from retrolm.core.hub import resolve_model, weights_fingerprint
 from retrolm.models.hf import load_hf_causal_lm
 from retrolm.models.layers import RMSNorm
-from retrolm.models.retro import ChunkedCrossAttention, ModelOutput, NeighbourEncoder, RetroConfig
+from retrolm.models.retro import ChunkedCrossAttention, ModelOutput, NeighbourEncoder, RetroConfig, check_neighbours
 from retrolm.models.weights import load_weights, read_model_config, save_weights
 
 __all__ = ["RetrofitCache", "RetrofitModel", "RetrofitModelConfig", "default_cca_layers", "find_decoder_layers"]
@@ -434,7 +434,7 @@ class RetrofitModel(nn.Module):
         limit = self.config.seq_len if cache is None else cache.max_len
         if T == 0 or start + T > limit:
             raise RetrolmError(f"sequence positions [{start}, {start + T}) exceed the model/cache length {limit}")
-        neighbours, neighbour_mask = self._check_neighbours(B, neighbours, neighbour_mask)
+        neighbours, neighbour_mask = check_neighbours(B, neighbours, neighbour_mask, self.config.neighbour_len)
         full = idx
         if cache is not None:
             cache.tokens[:, start : start + T] = idx
@@ -454,28 +454,6 @@ class RetrofitModel(nn.Module):
         if targets is not None:
             loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
         return ModelOutput(logits=logits, loss=loss)
-
-    def _check_neighbours(self, batch: int, neighbours: Tensor | None, mask: Tensor | None
-                          ) -> tuple[Tensor | None, Tensor | None]:
-        if neighbours is None:
-            if mask is not None:
-                raise RetrolmError("neighbour_mask was given without neighbours")
-            return None, None
-        if neighbours.dim() != 4 or neighbours.shape[0] != batch or neighbours.is_floating_point():
-            raise RetrolmError(
-                f"neighbours must be integer ids of shape (B={batch}, C, K, R), got {tuple(neighbours.shape)}"
-            )
-        if neighbours.shape[3] > self.config.neighbour_len:
-            raise RetrolmError(
-                f"neighbours have {neighbours.shape[3]} tokens, more than neighbour_len={self.config.neighbour_len}"
-            )
-        real = neighbours >= 0
-        if mask is not None:
-            if mask.shape != neighbours.shape or mask.dtype != torch.bool:
-                raise RetrolmError(f"neighbour_mask must be bool of shape {tuple(neighbours.shape)}, "
-                                   f"got {mask.dtype} of shape {tuple(mask.shape)}")
-            real = real & mask
-        return neighbours.clamp_min(0), real
 
     # ------------------------------------------------------------------ hooks
     @staticmethod
