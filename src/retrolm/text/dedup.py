@@ -59,13 +59,6 @@ def _minhash(hashes: np.ndarray) -> MinHash:
     return m
 
 
-def containment(query: np.ndarray, reference: np.ndarray) -> float:
-    """Share of the query's n-grams that the reference contains (sorted unique hash arrays)."""
-    if len(query) == 0:
-        return 0.0
-    return len(np.intersect1d(query, reference, assume_unique=True)) / len(query)
-
-
 MEASURES = ("jaccard", "containment")
 
 
