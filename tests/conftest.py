@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 from pathlib import Path
@@ -95,3 +96,46 @@ def search(db, queries, k: int = 5, retriever: str = "dense", exclude_doc_ids=()
     result = get_retriever(db, retriever).search(queries, k, exclusion)
     hits = [result.hits(i) for i in range(len(queries))]
     return hits[0] if single else hits
+
+
+def tiny_retro_config(vocab_size: int = 97, chunk_len: int = 8, **overrides):
+    """3 layers with CCA in 2 and 3 (the encoder is conditioned on layer-2 inputs), a narrower 2-layer encoder."""
+    from retrolm.models.retro import RetroConfig
+
+    kw = dict(vocab_size=vocab_size, seq_len=64, n_layer=3, n_head=2, d_model=32, chunk_len=chunk_len,
+              retro_layers=(2, 3), enc_n_layer=2, enc_d_model=16, enc_n_head=2)
+    return RetroConfig(**{**kw, **overrides})
+
+
+def assert_one_line_error(rc: int, err: str, *fragments: str) -> str:
+    """A CLI failure as users must see it: exit code 2, one ``error:`` line holding every fragment, no traceback."""
+    lines = [line for line in err.strip().splitlines() if line.startswith("error: ")]
+    assert rc == 2, err
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    for f in fragments:
+        assert f in lines[0], (f, lines[0])
+    return lines[0]
+
+
+def no_space(*args, **kwargs):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # as a write() reports it: no file name
+
+
+class FullFile:
+    """A file opened for writing on a full disk: every write fails as ``write(2)`` reports it (no file name)."""
+
+    def __init__(self, path, mode="wb", *args, **kwargs):
+        self.f = open(path, mode, *args, **kwargs)  # noqa: SIM115 - closed through __getattr__ / __exit__
+
+    def write(self, data):
+        no_space()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)

@@ -3,28 +3,16 @@ nothing already written lost (issue 9, "a clean bad-input record", items 4 to 8,
 
 from __future__ import annotations
 
-import errno
 import json
 import logging
-import os
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import run_cli, wiki_docs, write_jsonl
+from conftest import FullFile, assert_one_line_error, no_space, run_cli, wiki_docs, write_jsonl
 from retrolm.db import DatabaseView
-
-
-def assert_one_line_error(rc: int, err: str, *fragments: str) -> str:
-    lines = [line for line in err.strip().splitlines() if line.startswith("error: ")]
-    assert rc == 2, err
-    assert len(lines) == 1, err
-    assert "Traceback" not in err
-    for f in fragments:
-        assert f in lines[0], (f, lines[0])
-    return lines[0]
 
 
 def snapshot(folder: Path) -> dict[str, tuple[int, int]]:
@@ -101,25 +89,6 @@ def test_damaged_files_are_one_line_errors(db_copy, capsys):
 
 
 # ------------------------------------------------------------------------------------------------ 6. tracebacks
-class FullFile:
-    """A file on a full disk: every write fails as ``write(2)`` reports it (ENOSPC, no file name)."""
-
-    def __init__(self, path, mode="wb", *args, **kwargs):
-        self.f = open(path, mode, *args, **kwargs)  # noqa: SIM115 - closed through __getattr__ / __exit__
-
-    def write(self, data):
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.f.close()
-
-    def __getattr__(self, name):
-        return getattr(self.f, name)
-
-
 def test_disk_full_during_build_names_the_file_and_keeps_the_old_database(db_copy, tmp_path, monkeypatch, capsys):
     import retrolm.db.chunks as chunks
 
@@ -140,9 +109,6 @@ def test_disk_full_during_add_names_the_file_and_loses_nothing(db_copy, tmp_path
 
     before = DatabaseView.open(db_copy)
     more = write_jsonl(tmp_path / "more.jsonl", wiki_docs(3, start=100))
-
-    def no_space(self, data):
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(core_io._Unbuffered, "write", no_space)  # the embedding shard's write
     rc, _, err = run_cli(["db", "add", db_copy, more, "-q"], capsys)

@@ -13,17 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import REPO, run_cli, search, wiki_docs, write_jsonl
+from conftest import REPO, assert_one_line_error, run_cli, search, wiki_docs, write_jsonl
 from retrolm.db import BuildConfig, Database
-
-
-def assert_one_line_error(rc: int, err: str, *fragments: str) -> None:
-    lines = [line for line in err.strip().splitlines() if line.startswith("error: ")]
-    assert rc == 2, err
-    assert len(lines) == 1, err
-    assert "Traceback" not in err
-    for f in fragments:
-        assert f in lines[0], (f, lines[0])
 
 
 def test_search_and_info_json(built_db, capsys):

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import search, wiki_docs, write_jsonl
+from conftest import FullFile, no_space, search, wiki_docs, write_jsonl
 from retrolm.core import io as core_io
 from retrolm.core.errors import RetrolmError
 from retrolm.core.hub import weights_fingerprint
@@ -305,29 +305,6 @@ def test_format_1_database_still_opens_and_dense_search_refuses_impossible_score
 
 
 # ------------------------------------------------------------------------------------------------ 6. a full disk
-def no_space(*args, **kwargs):
-    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # as a write() reports it: no file name
-
-
-class FullFile:
-    """A file opened for writing on a full disk: every write fails as ``write(2)`` reports it (no file name)."""
-
-    def __init__(self, path, mode="wb", *args, **kwargs):
-        self.f = open(path, mode, *args, **kwargs)  # noqa: SIM115 - closed through __getattr__ / __exit__
-
-    def write(self, data):
-        no_space()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.f.close()
-
-    def __getattr__(self, name):
-        return getattr(self.f, name)
-
-
 @pytest.mark.parametrize("where", ["segment", "shard", "index", "meta"])
 def test_full_disk_during_add_loses_nothing(small_db, tmp_path, monkeypatch, where):
     """ENOSPC at each write of an add: the error names the file, the database keeps what it had and still opens, and

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import tiny_retro_config
 from retrolm.core.errors import RetrolmError
 from retrolm.models.layers import apply_rope
 from retrolm.models.retro import ChunkedCrossAttention, RetroConfig, RetroModel
@@ -27,10 +28,7 @@ def _one_thread():
 
 
 def tiny_config(**overrides) -> RetroConfig:
-    """3 layers with CCA in 2 and 3 (the encoder is conditioned on layer-2 inputs), a narrower 2-layer encoder."""
-    kw = dict(vocab_size=V, seq_len=64, n_layer=3, n_head=2, d_model=32, chunk_len=M, retro_layers=(2, 3))
-    kw.update(enc_n_layer=2, enc_d_model=16, enc_n_head=2)
-    return RetroConfig(**{**kw, **overrides})
+    return tiny_retro_config(**{"vocab_size": V, "chunk_len": M, **overrides})
 
 
 @pytest.fixture(scope="module")
