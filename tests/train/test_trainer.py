@@ -231,3 +231,56 @@ def test_validation_bits_per_byte_is_nats_over_ln2_over_utf8_bytes(built_db, tin
         ev.close()
     assert summary["bytes"] == n_bytes
     assert logged["val_no_retrieval/bpb"] == pytest.approx(summary["bpb"], rel=1e-5)
+
+
+def test_retrofitting_a_baseline_starts_at_it_and_trains_only_the_new_tensors(built_db, tmp_path):
+    """init_from + model.retro_layers: the RETRO-fitted model predicts exactly as the baseline before training (CCA
+    output projections at zero), and with freeze_init every loaded tensor is bit for bit unchanged after training
+    while the encoder and CCA moved."""
+    base_dir = tmp_path / "base"
+    run(tiny_cfg(built_db, base_dir, steps=2, model=ModelSpec(preset="tiny", seq_len=256, retro_layers=[])))
+    baseline = load_model(base_dir).model
+    fit = tiny_cfg(built_db, tmp_path / "fit", steps=3, lr=1e-2, init_from=str(base_dir), freeze_init=True,
+                   model=ModelSpec(preset="tiny", seq_len=256, retro_layers=[2, 4]))
+    t = Trainer(fit)
+    t.setup(show_progress=False)
+    V, m = t.model.config.vocab_size, t.model.config.chunk_len
+    ids = torch.randint(0, V, (2, 4 * m))
+    nb = torch.randint(0, V, (2, 4, 2, 2 * m))  # (batch, chunks, k, chunk + continuation)
+    t.model.eval()
+    with torch.no_grad():
+        assert torch.equal(t.model(ids, neighbours=nb).logits, baseline(ids).logits)
+    t.model.train()
+    trained = {n for n, p in t.model.named_parameters() if p.requires_grad}
+    assert trained and all(n.startswith("encoder.") or "cca" in n.split(".")[2] for n in trained), sorted(trained)[:5]
+    t.train()
+    t.cleanup()
+    after = load_model(tmp_path / "fit").model
+    before = baseline.state_dict()
+    for name, tensor in after.state_dict().items():
+        if name in before:
+            assert torch.equal(tensor, before[name]), name
+    assert after.blocks[1].cca.attn.proj.weight.abs().sum() > 0  # the new tensors trained
+
+    unfrozen = tiny_cfg(built_db, tmp_path / "unfrozen", steps=1, init_from=str(base_dir),
+                        model=ModelSpec(preset="tiny", seq_len=256, retro_layers=[2]))
+    t = Trainer(unfrozen)
+    t.setup(show_progress=False)
+    assert all(p.requires_grad for p in t.model.parameters())
+    t.cleanup()
+
+
+def test_init_from_errors_are_one_line(built_db, tmp_path):
+    with pytest.raises(RetrolmError, match="freeze_init needs init_from"):
+        tiny_cfg(built_db, tmp_path / "x", freeze_init=True)
+    with pytest.raises(RetrolmError, match=r"no model\.json"):
+        Trainer(tiny_cfg(built_db, tmp_path / "x", init_from=str(tmp_path))).setup(show_progress=False)
+    run(tiny_cfg(built_db, tmp_path / "base", steps=1, model=ModelSpec(preset="tiny", seq_len=256, retro_layers=[])))
+    same = tiny_cfg(built_db, tmp_path / "same", init_from=str(tmp_path / "base"),
+                    model=ModelSpec(preset="tiny", seq_len=256, retro_layers=[]))
+    with pytest.raises(RetrolmError, match=r"add model\.retro_layers"):
+        Trainer(same).setup(show_progress=False)
+    wider = tiny_cfg(built_db, tmp_path / "wider", init_from=str(tmp_path / "base"),
+                     model=ModelSpec(preset="tiny", seq_len=256, d_model=128))
+    with pytest.raises(RetrolmError, match="cannot load"):
+        Trainer(wider).setup(show_progress=False)

@@ -107,6 +107,17 @@ class TrainConfig(LoopConfig):
 
     model: ModelSpec = field(default_factory=ModelSpec)
     """Model shape (vocabulary and chunk length come from the database)."""
+    init_from: str | None = None
+    """RETRO-fitting a retrolm model: a checkpoint or run folder (e.g. a baseline decoder) whose tensors initialise
+    every tensor of the same name; ``model`` must give the same shape, and ``model.retro_layers`` adds chunked
+    cross-attention, whose output projections start at zero (the model starts exactly as the loaded one)."""
+    freeze_init: bool = False
+    """Freeze the loaded tensors: only the new ones (neighbour encoder, CCA) train, as in the paper's RETRO-fitting."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.freeze_init and not self.init_from:
+            raise RetrolmError("freeze_init needs init_from (the checkpoint whose weights are frozen)")
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:

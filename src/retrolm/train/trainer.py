@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 from retrolm.core.config import save_config
 from retrolm.core.device import autocast
 from retrolm.core.errors import RetrolmError
+from retrolm.core.hub import find_checkpoint
 from retrolm.core.io import write_json
 from retrolm.db import DatabaseView
 from retrolm.models import RetroModel
@@ -57,6 +58,39 @@ def database_record(db: DatabaseView) -> dict:
             "encoder": db.meta.get("encoder")}
 
 
+def init_from_checkpoint(model: RetroModel, ref: str, db: DatabaseView, freeze: bool) -> list[str]:
+    """RETRO-fitting a retrolm model: load every tensor of checkpoint ``ref`` into ``model`` (same names and shapes),
+    start each chunked cross-attention at zero output, and optionally freeze the loaded tensors. Returns the names of
+    the tensors that stay new (encoder, CCA)."""
+    folder = find_checkpoint(ref)
+    if folder is None:
+        raise RetrolmError(f"{ref}: init_from must be a retrolm checkpoint or run folder (no model.json)")
+    record = folder / "database.json"
+    if record.is_file():
+        sha = json.loads(record.read_text()).get("tokenizer_sha256")
+        if sha and sha != db.tokenizer.sha256:
+            raise RetrolmError(f"{folder}: trained with another tokenizer than the database {db.path}")
+    missing = set(load_weights(model, folder, strict=False))
+    tensors = model.state_dict(keep_vars=True)
+    loaded = {id(t) for name, t in tensors.items() if name not in missing}
+    new = [name for name in missing if id(tensors[name]) not in loaded]  # a tied alias of a loaded tensor is not new
+    if not new:
+        raise RetrolmError(f"{folder}: init_from holds every tensor of the model; add model.retro_layers to "
+                           "RETRO-fit it, or resume its run instead")
+    for block in model.blocks:
+        if block.cca is not None:  # CCA adds exact zeros at first: the loaded model's predictions are kept
+            torch.nn.init.zeros_(block.cca.attn.proj.weight)
+            if block.cca.attn.proj.bias is not None:
+                torch.nn.init.zeros_(block.cca.attn.proj.bias)
+    if freeze:
+        fresh = set(new)
+        for name, p in model.named_parameters():
+            p.requires_grad_(name in fresh)
+    logger.info("initialised from %s; new tensors: %d%s", folder, len(new),
+                ", the loaded ones frozen" if freeze else "")
+    return new
+
+
 class Trainer:
     """setup → train (→ evaluate, save_checkpoint) → cleanup. Trains RETRO (or its baseline) from scratch."""
 
@@ -72,7 +106,10 @@ class Trainer:
         """The model to train, on the CPU (RETRO from ``cfg.model``; the vocabulary and chunk length of the db)."""
         assert isinstance(self.cfg, TrainConfig)
         model_cfg = self.cfg.model.build(self.db.tokenizer.vocab_size, self.db.chunk_len, self.cfg.num_neighbours)
-        return RetroModel(model_cfg)
+        model = RetroModel(model_cfg)
+        if self.cfg.init_from:
+            init_from_checkpoint(model, self.cfg.init_from, self.db, self.cfg.freeze_init)
+        return model
 
     @property
     def retrieval(self) -> bool:
