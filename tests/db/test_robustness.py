@@ -260,6 +260,57 @@ def test_build_killed_between_index_and_meta_resumes_identically(tmp_path, tiny_
     assert resumed.meta["tokenizer"] == ref.meta["tokenizer"] and resumed.meta["files"] == ref.meta["files"]
 
 
+def test_build_killed_while_embedding_resumes_without_tokenizing_or_embedding_twice(tmp_path, tiny_db_config,
+                                                                                     monkeypatch):
+    """The pre-tokenization stage has its own files and resume point: killed after the first embedding shard, a
+    re-run tokenizes no shard twice and embeds only the missing shards, and gives the uninterrupted build's vectors.
+    Its statistics count every chunk text the encoder's max_length cut."""
+    import dataclasses
+
+    import retrolm.db.build as build
+    from retrolm.text.encoder import SentenceEncoder
+
+    corpus = write_jsonl(tmp_path / "c.jsonl", wiki_docs(12))
+    cfg = dataclasses.replace(tiny_db_config, encoder_max_length=24, shard_size=16)
+    staging = tmp_path / "db.partial"
+    calls = {"tokenize": [], "embed": 0}
+    real_tokenize, real_encode = build.pretokenize_shard, SentenceEncoder.encode_prepared
+
+    def tokenize(*a, **k):
+        calls["tokenize"].append(a[-1])
+        return real_tokenize(*a, **k)
+
+    def encode(self, prepared):
+        calls["embed"] += 1
+        if calls["embed"] == 2:
+            raise Killed
+        return real_encode(self, prepared)
+
+    monkeypatch.setattr(build, "pretokenize_shard", tokenize)
+    monkeypatch.setattr(SentenceEncoder, "encode_prepared", encode)
+    with pytest.raises(Killed):
+        Database.build([corpus], tmp_path / "db", cfg, show_progress=False)
+    done_ids = sorted(p.name for p in (staging / "encoder-ids").glob("*.lengths.npy"))
+    assert [p.name for p in (staging / "embeddings").glob("*.npy")] == ["00000.npy"] and len(done_ids) >= 2
+    first = list(calls["tokenize"])
+    calls["embed"] = -10**6  # no more kills
+    db = Database.build([corpus], tmp_path / "db", cfg, show_progress=False)
+    n_shards = -(-db.store.n_chunks // cfg.shard_size)
+    assert sorted(calls["tokenize"]) == sorted(first) == [f"{i:05d}" for i in range(n_shards)]  # each one once
+    assert calls["embed"] == -10**6 + n_shards - 1  # shard 0 was not embedded again
+    assert not (tmp_path / "db" / "encoder-ids").exists() and not staging.exists()
+
+    monkeypatch.undo()
+    ref = Database.build([corpus], tmp_path / "ref", cfg, show_progress=False)
+    n = ref.store.n_chunks
+    np.testing.assert_array_equal(db.index.reconstruct(np.arange(n)), ref.index.reconstruct(np.arange(n)))
+    stats = db.meta["build_stats"]["encoder_tokens"]
+    hf = SentenceEncoder(cfg.encoder, device="cpu").tokenizer  # counted independently, without truncation
+    full = [len(x) for x in hf(db.store.texts(np.arange(n), db.tokenizer))["input_ids"]]
+    assert stats["chunks"] == n and stats["max"] == stats["max_length"] == 24
+    assert stats["truncated"] == sum(f > 24 for f in full) and 0 < stats["truncated"] < n
+
+
 def test_resume_makes_a_damaged_staged_index_again(tmp_path, tiny_db_config, monkeypatch):
     """A staged index left truncated (a full disk that FAISS only printed about) is made again, not loaded forever."""
     import retrolm.db.build as build
@@ -321,7 +372,7 @@ def test_full_disk_during_add_loses_nothing(small_db, tmp_path, monkeypatch, whe
         expected = "/tokens.bin"
     elif where == "shard":
         monkeypatch.setattr(core_io._Unbuffered, "write", no_space)
-        expected = "/embeddings/00000.npy"
+        expected = "/encoder-ids/00000.ids.npy"  # the first shard written: the pre-tokenization stage's
     elif where == "index":
         monkeypatch.setattr(index_module, "open", FullFile, raising=False)
         expected = f"/.staging-add/index-v{before.meta['version'] + 1}.faiss"

@@ -38,3 +38,23 @@ def test_prepared_and_streamed_encodings_agree(encoder):
     np.testing.assert_allclose(streamed, prepared, atol=1e-5)
     np.testing.assert_allclose(np.linalg.norm(prepared, axis=1), 1.0, atol=1e-5)
     assert encoder.encode_prepared(encoder.prepare([], batch_size=4)).shape == (0, encoder.dim)
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_stored_token_ids_rebuild_the_batch_tokenize_makes(encoder, fast, monkeypatch):
+    """Pre-tokenization (the database build stores ``token_ids`` once): any selection of stored ids padded by
+    ``features_from_ids`` is exactly ``tokenize`` of the same texts, on the Rust path and on the HF fallback, and
+    the one text longer than max_length is the one flagged as cut."""
+    if not fast:
+        monkeypatch.setattr(encoder, "_fast_unpadded", None)
+    pieces, cut = encoder.token_ids(TEXTS)
+    assert cut.tolist() == [len(t.split()) > 100 for t in TEXTS]
+    assert max(len(p) for p in pieces) == 128 and len(pieces[1]) == 2  # "" is [CLS] [SEP]
+    for pick in ([0, 1, 2, 3, 4, 5], [4, 0], [5]):
+        got, ref = encoder.features_from_ids([pieces[i] for i in pick]), encoder.tokenize([TEXTS[i] for i in pick])
+        assert list(got) == list(ref)
+        for key in ref:
+            assert torch.equal(got[key], ref[key]), (pick, key)
+    flat, lengths = np.concatenate(pieces), np.array([len(p) for p in pieces])
+    from_ids = encoder.encode_prepared(encoder.prepare_ids(flat, lengths, batch_size=4))
+    np.testing.assert_allclose(from_ids, encoder.encode(TEXTS, batch_size=4), atol=1e-5)

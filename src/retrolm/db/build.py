@@ -40,7 +40,7 @@ from retrolm.db.meta import (
     update_counts,
 )
 from retrolm.text.corpus import Document, corpus_fingerprint, iter_documents
-from retrolm.text.encoder import DEFAULT_ENCODER, Prepared, SentenceEncoder
+from retrolm.text.encoder import DEFAULT_ENCODER, SentenceEncoder
 from retrolm.text.tokenizer import LMTokenizer, parse_train_spec, resolve_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -154,6 +154,35 @@ def tokenize_corpus(
 
 
 # ------------------------------------------------------------------------------------------- embeddings
+IDS_FOLDER = "encoder-ids"
+
+
+def pretokenize_shard(store: ChunkStore, tokenizer: LMTokenizer, encoder: SentenceEncoder, start: int, stop: int,
+                      folder: Path, name: str) -> None:
+    """The pre-tokenization stage for chunks [start, stop): decode the LM tokens to text and run the encoder's Rust
+    tokenizer over the batch once, storing ``name.ids.npy`` (the ids end to end) and ``name.lengths.npy`` ((n, 2):
+    ids per chunk, 1 if the text was cut at the encoder's max_length). The lengths file is written last: it marks
+    the shard done."""
+    pieces, cut = encoder.token_ids(store.texts(np.arange(start, stop), tokenizer))
+    flat = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int64)
+    save_npy(folder / f"{name}.ids.npy", flat.astype(np.uint16 if flat.size == 0 or flat.max() < 2**16 else np.int32))
+    save_npy(folder / f"{name}.lengths.npy", np.stack([[len(x) for x in pieces], cut.astype(np.int64)], 1)
+             .astype(np.int32).reshape(-1, 2))
+
+
+def encoder_token_stats(folder: Path, max_length: int) -> dict:
+    """Encoder tokens per chunk over every pre-tokenized shard of ``folder`` (mean, p50, p95, max) and how many chunk
+    texts were cut at ``max_length``: how long a chunk's text is for the encoder, and what truncation cost."""
+    parts = [load_npy(p) for p in sorted(folder.glob("*.lengths.npy"))]
+    if not parts:
+        return {}
+    rows = np.concatenate(parts)
+    n = rows[:, 0]
+    return {"chunks": len(n), "mean": round(float(n.mean()), 2), "p50": int(np.percentile(n, 50)),
+            "p95": int(np.percentile(n, 95)), "max": int(n.max()), "max_length": max_length,
+            "truncated": int(rows[:, 1].sum())}
+
+
 def embed_shards(
     store: ChunkStore,
     tokenizer: LMTokenizer,
@@ -162,32 +191,41 @@ def embed_shards(
     config: BuildConfig,
     show_progress: bool = False,
 ) -> list[Path]:
-    """Embed every chunk of ``store`` into ``folder/NNNNN.npy`` shards, skipping shards already on disk."""
+    """Embed every chunk of ``store`` into ``folder/NNNNN.npy`` shards, skipping shards already on disk.
+
+    Two stages with their own files and resume points: pre-tokenization (``encoder-ids/`` next to ``folder``, see
+    :func:`pretokenize_shard`) runs ahead on worker threads, and the encoder loop only gathers padded id batches
+    from it, so decoding and WordPiece tokenization never hold the device up.
+    """
     folder.mkdir(parents=True, exist_ok=True)
+    ids_dir = folder.parent / IDS_FOLDER
+    ids_dir.mkdir(parents=True, exist_ok=True)
     first, n = store.first_chunk, store.n_chunks
     starts = range(first, first + n, config.shard_size)
     shards = [folder / f"{i:05d}.npy" for i in range(len(starts))]
-    todo = [(s, p) for s, p in zip(starts, shards, strict=True) if not p.is_file()]
+    todo = [(i, s, p) for i, (s, p) in enumerate(zip(starts, shards, strict=True)) if not p.is_file()]
     if len(todo) < len(shards):
         logger.info("resuming: %d of %d embedding shards already done", len(shards) - len(todo), len(shards))
-    done = n - sum(min(config.shard_size, first + n - s) for s, _ in todo)
+    done = n - sum(min(config.shard_size, first + n - s) for _, s, _ in todo)
     batch_size = config.encoder_batch_size(encoder.device.type)
 
-    def prepare(start: int) -> Prepared:
-        ids = np.arange(start, min(start + config.shard_size, first + n))
-        return encoder.prepare(store.texts(ids, tokenizer), batch_size)
-
-    # The next shards are decoded and tokenized on worker threads (the Rust tokenizers release the GIL) while the
-    # encoder runs this one: on a GPU the encoder is fast enough that doing it in line would leave it idle most of
-    # the time. On a CPU the encoder is the bottleneck and one worker is plenty.
+    # On a GPU the encoder is fast enough that tokenizing in line would leave it idle most of the time: several
+    # workers run ahead (the Rust tokenizers release the GIL). On a CPU the encoder is the bottleneck; one is plenty.
     workers = PREP_WORKERS_GPU if encoder.device.type == "cuda" else 1
     with (tqdm(total=n, initial=done, desc="embed", unit="chunk", disable=not show_progress) as bar,
           ThreadPoolExecutor(max_workers=workers) as pool):
-        ahead = [pool.submit(prepare, start) for start, _ in todo[:workers]]
-        for i, (_, path) in enumerate(todo):
-            prepared = ahead.pop(0).result()
-            if i + workers < len(todo):
-                ahead.append(pool.submit(prepare, todo[i + workers][0]))
+        ahead = {}
+        for i, start, _ in todo:
+            name = f"{i:05d}"
+            if not (ids_dir / f"{name}.lengths.npy").is_file():
+                stop = min(start + config.shard_size, first + n)
+                ahead[i] = pool.submit(pretokenize_shard, store, tokenizer, encoder, start, stop, ids_dir, name)
+        for i, _, path in todo:
+            if i in ahead:
+                ahead.pop(i).result()
+            rows = load_npy(ids_dir / f"{i:05d}.lengths.npy")
+            prepared = encoder.prepare_ids(load_npy(ids_dir / f"{i:05d}.ids.npy").astype(np.int64), rows[:, 0],
+                                           batch_size)
             save_npy(path, encoder.encode_prepared(prepared))
             bar.update(prepared.n)
     return shards
@@ -275,6 +313,7 @@ def build_database(
                     shutil.rmtree(staging, ignore_errors=True)
                 raise
         shutil.rmtree(staging / "embeddings", ignore_errors=True)
+        shutil.rmtree(staging / IDS_FOLDER, ignore_errors=True)
         for name in ("tokenizer.name.json", "plan.json"):
             (staging / name).unlink(missing_ok=True)
     (staging / ".lock").unlink(missing_ok=True)
@@ -315,6 +354,9 @@ def _build_stages(corpus: Sequence[str | Path], staging: Path, config: BuildConf
         t = time.perf_counter()
         shards = embed_shards(store, tokenizer, encoder, staging / "embeddings", config, show_progress)
         timings["embed_s"] = time.perf_counter() - t
+        encoder_tokens = encoder_token_stats(staging / IDS_FOLDER, encoder.max_length)
+        logger.info("encoder tokens per chunk: mean %s, p95 %s, max %s; %s of %s chunk texts cut at %s",
+                    *(encoder_tokens.get(k) for k in ("mean", "p95", "max", "truncated", "chunks", "max_length")))
         t = time.perf_counter()
         index_file = "index-v1.faiss"
         index = None
@@ -364,6 +406,8 @@ def _build_stages(corpus: Sequence[str | Path], staging: Path, config: BuildConf
         # Wall time of the stages run by the last (possibly resumed) invocation.
         "build_stats": {k: round(v, 3) for k, v in timings.items()},
     }
+    if encoder is not None:
+        meta["build_stats"]["encoder_tokens"] = encoder_tokens
     update_counts(meta, store.n_docs, store.n_chunks, store.doc_n_chunks, np.zeros(store.n_docs, dtype=bool))
     meta["files"] = file_records(staging, referenced_files(meta))
     write_json(staging / "meta.json", meta)

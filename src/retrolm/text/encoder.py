@@ -66,6 +66,10 @@ class SentenceEncoder:
         self.max_length = min(max_length, getattr(self.tokenizer, "model_max_length", max_length) or max_length)
         self.dim: int = int(self.model.config.hidden_size)
         self._fast = self._fast_tokenizer()
+        self._fast_unpadded = None
+        if self._fast is not None:  # for token_ids: truncation as in tokenize, padding left to features_from_ids
+            self._fast_unpadded = copy.deepcopy(self._fast)
+            self._fast_unpadded.no_padding()
 
     def _fast_tokenizer(self):
         """The Rust tokenizer under a "fast" HF tokenizer, set to pad and truncate like ``tokenize``'s HF call.
@@ -113,6 +117,49 @@ class SentenceEncoder:
         if not texts:
             return self._tokenize_hf(texts)
         return self._tokenize_fast(texts, self._fast) if self._fast is not None else self._tokenize_hf(texts)
+
+    def token_ids(self, texts: Sequence[str]) -> tuple[list[np.ndarray], np.ndarray]:
+        """Texts → each one's encoder token ids (special tokens included, cut to ``max_length``, unpadded) and
+        whether it was cut. The database build stores these once (its pre-tokenization stage); ``features_from_ids``
+        turns any selection of them into the batch ``tokenize`` would have made."""
+        if not texts:
+            return [], np.zeros(0, dtype=bool)
+        if self._fast_unpadded is not None:
+            fast = self._fast_unpadded
+            encs = fast.encode_batch_fast(list(texts)) if hasattr(fast, "encode_batch_fast") else fast.encode_batch(
+                list(texts))
+            cut = np.array([len(e.overflowing) > 0 for e in encs], dtype=bool)
+            return [np.asarray(e.ids, dtype=np.int64) for e in encs], cut
+        full = self.tokenizer(list(texts), truncation=False)["input_ids"]
+        cut = np.array([len(x) > self.max_length for x in full], dtype=bool)
+        kept = self.tokenizer(list(texts), truncation=True, max_length=self.max_length)["input_ids"]
+        return [np.asarray(x, dtype=np.int64) for x in kept], cut
+
+    def features_from_ids(self, pieces: Sequence[np.ndarray]) -> dict[str, torch.Tensor]:
+        """Token ids from ``token_ids`` → the padded batch ``tokenize`` makes of the same texts (right padding, mask;
+        token types all 0: single texts)."""
+        width = max((len(x) for x in pieces), default=0)
+        ids = np.full((len(pieces), width), self.tokenizer.pad_token_id or 0, dtype=np.int64)
+        mask = np.zeros((len(pieces), width), dtype=np.int64)
+        for i, x in enumerate(pieces):
+            ids[i, : len(x)] = x
+            mask[i, : len(x)] = 1
+        out = {"input_ids": torch.from_numpy(ids)}
+        if "token_type_ids" in self.tokenizer.model_input_names:
+            out["token_type_ids"] = torch.zeros_like(out["input_ids"])
+        out["attention_mask"] = torch.from_numpy(mask)
+        return out
+
+    def prepare_ids(self, flat: np.ndarray, lengths: np.ndarray, batch_size: int) -> Prepared:
+        """``prepare`` for pre-tokenized chunks (``flat`` = their ids end to end, ``lengths`` = ids per chunk):
+        batches of similar length, longest first, with no text decoded or tokenized."""
+        offsets = np.concatenate([[0], np.cumsum(lengths)])
+        order = np.argsort(-np.asarray(lengths), kind="stable")
+        batches = []
+        for start in range(0, len(order), batch_size):
+            b = self.features_from_ids([flat[offsets[i] : offsets[i + 1]] for i in order[start : start + batch_size]])
+            batches.append({k: v.pin_memory() for k, v in b.items()} if self.device.type == "cuda" else b)
+        return Prepared(len(lengths), order, batches)
 
     @torch.inference_mode()
     def embed_features(self, features: dict[str, torch.Tensor], to_cpu: bool = True) -> torch.Tensor:
