@@ -53,6 +53,8 @@ def main() -> None:
     ap.add_argument("--encoder", default=None, help="encoder name or folder (default: the build's)")
     ap.add_argument("--device", default=None)
     ap.add_argument("--index", default="auto")
+    ap.add_argument("--tokenize-workers", type=int, default=None,
+                    help="pre-tokenization processes (default: the build's: 1 thread on CPU, up to 8 on GPU)")
     ap.add_argument("--json", type=Path, help="also write the results here")
     args = ap.parse_args()
 
@@ -67,11 +69,12 @@ def main() -> None:
                 g.write(line)
     extra = {"encoder": args.encoder} if args.encoder else {}
     cfg = BuildConfig(tokenizer="train:32000", batch_size=args.batch_size, device=args.device, index=args.index,
-                      **extra)
+                      tokenize_workers=args.tokenize_workers, **extra)
     t = time.perf_counter()
     db = Database.build([corpus], work / "db", cfg, show_progress=False)
     total = time.perf_counter() - t
-    stats = db.meta["build_stats"]
+    stats = {k: v for k, v in db.meta["build_stats"].items() if k.endswith("_s")}
+    wordpieces = db.meta["build_stats"].get("encoder_tokens", {})
     n = db.store.n_chunks
     texts = db.chunk_texts(np.arange(n))
     batch_size = cfg.encoder_batch_size(db.encoder.device.type)
@@ -90,6 +93,11 @@ def main() -> None:
         "build chunks/s (end to end)": round(n / total, 1),
         "bare encoder chunks/s": round(bare, 1),
         "encoder tokens per chunk (padded)": round(padded_len, 1),
+        "encoder tokens per chunk (mean / p50 / p95 / max)": "/".join(str(wordpieces.get(k)) for k in
+                                                                       ("mean", "p50", "p95", "max")),
+        "chunk texts cut at the encoder's max_length": f"{wordpieces.get('truncated')} "
+                                                       f"(max_length {wordpieces.get('max_length')})",
+        "pre-tokenization processes": cfg.pretokenize_processes(db.encoder.device.type),
         "encoder attention": getattr(db.encoder.model.config, "_attn_implementation", "?"),
         "tokenize for the encoder, one thread, chunks/s": round(prep_rate, 1),
         "ratio build/bare (stages)": round(n / sum(stats.values()) / bare, 3),

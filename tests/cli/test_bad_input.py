@@ -112,7 +112,7 @@ def test_disk_full_during_add_names_the_file_and_loses_nothing(db_copy, tmp_path
 
     monkeypatch.setattr(core_io._Unbuffered, "write", no_space)  # the embedding shard's write
     rc, _, err = run_cli(["db", "add", db_copy, more, "-q"], capsys)
-    assert_one_line_error(rc, err, f"{db_copy}/.staging-add/embeddings/00000.npy: No space left on device")
+    assert_one_line_error(rc, err, f"{db_copy}/.staging-add/encoder-ids/00000.ids.npy: No space left on device")
     monkeypatch.undo()
     after = DatabaseView.open(db_copy)
     assert after.meta == before.meta and after.verify() > 0 and not (db_copy / ".staging-add").exists()

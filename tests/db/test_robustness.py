@@ -311,6 +311,38 @@ def test_build_killed_while_embedding_resumes_without_tokenizing_or_embedding_tw
     assert stats["truncated"] == sum(f > 24 for f in full) and 0 < stats["truncated"] < n
 
 
+def test_pretokenizing_in_worker_processes_gives_the_same_database(tmp_path, tiny_db_config, monkeypatch):
+    """tokenize_workers=2 (spawned processes, as on a GPU machine) writes the same encoder ids as the in-process
+    thread, and the same vectors; the staging stage is gone once the build is done."""
+    import dataclasses
+
+    import retrolm.db.build as build
+
+    corpus = write_jsonl(tmp_path / "c.jsonl", wiki_docs(12))
+    kept = {}
+    real_rmtree = build.shutil.rmtree
+
+    def keep_ids(path, *a, **k):  # keep a copy of the stage's files before the build removes them
+        if Path(path).name == "encoder-ids":
+            shutil.copytree(path, tmp_path / f"ids-{len(kept)}")
+            kept[len(kept)] = tmp_path / f"ids-{len(kept)}"
+        return real_rmtree(path, *a, **k)
+
+    monkeypatch.setattr(build.shutil, "rmtree", keep_ids)
+    runs = {}
+    for workers in (0, 2):
+        cfg = dataclasses.replace(tiny_db_config, shard_size=16, tokenize_workers=workers)
+        assert cfg.pretokenize_processes("cpu") == workers
+        runs[workers] = Database.build([corpus], tmp_path / f"db{workers}", cfg, show_progress=False)
+    a, b = (sorted(kept[i].iterdir()) for i in (0, 1))
+    assert [p.name for p in a] == [p.name for p in b] and len(a) >= 4
+    for x, y in zip(a, b, strict=True):
+        np.testing.assert_array_equal(np.load(x), np.load(y))
+    n = runs[0].store.n_chunks
+    np.testing.assert_array_equal(runs[0].index.reconstruct(np.arange(n)), runs[2].index.reconstruct(np.arange(n)))
+    assert runs[2].meta["build_stats"]["encoder_tokens"] == runs[0].meta["build_stats"]["encoder_tokens"]
+
+
 def test_resume_makes_a_damaged_staged_index_again(tmp_path, tiny_db_config, monkeypatch):
     """A staged index left truncated (a full disk that FAISS only printed about) is made again, not loaded forever."""
     import retrolm.db.build as build

@@ -23,8 +23,8 @@ def encoder(tiny_encoder) -> SentenceEncoder:
 
 
 def test_fast_tokenizer_matches_hf_call(encoder):
-    assert encoder._fast is not None  # a WordPiece "fast" tokenizer takes the Rust path
-    fast, ref = encoder.tokenize(TEXTS), encoder._tokenize_hf(TEXTS)
+    assert encoder.wordpiece._fast is not None  # a WordPiece "fast" tokenizer takes the Rust path
+    fast, ref = encoder.tokenize(TEXTS), encoder.wordpiece._tokenize_hf(TEXTS)
     assert list(fast) == list(ref)
     for key in ref:
         assert torch.equal(fast[key], ref[key]), key
@@ -46,12 +46,13 @@ def test_stored_token_ids_rebuild_the_batch_tokenize_makes(encoder, fast, monkey
     ``features_from_ids`` is exactly ``tokenize`` of the same texts, on the Rust path and on the HF fallback, and
     the one text longer than max_length is the one flagged as cut."""
     if not fast:
-        monkeypatch.setattr(encoder, "_fast_unpadded", None)
+        monkeypatch.setattr(encoder.wordpiece, "_fast_unpadded", None)
     pieces, cut = encoder.token_ids(TEXTS)
     assert cut.tolist() == [len(t.split()) > 100 for t in TEXTS]
     assert max(len(p) for p in pieces) == 128 and len(pieces[1]) == 2  # "" is [CLS] [SEP]
     for pick in ([0, 1, 2, 3, 4, 5], [4, 0], [5]):
-        got, ref = encoder.features_from_ids([pieces[i] for i in pick]), encoder.tokenize([TEXTS[i] for i in pick])
+        got = encoder.wordpiece.features_from_ids([pieces[i] for i in pick])
+        ref = encoder.tokenize([TEXTS[i] for i in pick])
         assert list(got) == list(ref)
         for key in ref:
             assert torch.equal(got[key], ref[key]), (pick, key)

@@ -9,13 +9,16 @@ vectors) and held-out evaluation data (:func:`tokenize_corpus`).
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
+import multiprocessing
+import os
 import shutil
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -40,7 +43,7 @@ from retrolm.db.meta import (
     update_counts,
 )
 from retrolm.text.corpus import Document, corpus_fingerprint, iter_documents
-from retrolm.text.encoder import DEFAULT_ENCODER, SentenceEncoder
+from retrolm.text.encoder import DEFAULT_ENCODER, EncoderTokenizer, SentenceEncoder
 from retrolm.text.tokenizer import LMTokenizer, parse_train_spec, resolve_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -48,7 +51,6 @@ logger = logging.getLogger(__name__)
 DOC_BATCH_CHARS = 4 << 20  # characters tokenized per call into the Rust tokenizer
 DEFAULT_CPU_BATCH = 128  # chunks per encoder forward pass; larger batches do not help on a CPU
 DEFAULT_GPU_BATCH = 1024
-PREP_WORKERS_GPU = 4  # shards decoded + tokenized ahead of a GPU encoder
 
 
 @dataclass
@@ -73,6 +75,10 @@ class BuildConfig:
     """Chunks per encoder forward pass (default 128 on a CPU, 1024 on a GPU)."""
     shard_size: int = 8192
     """Chunks per embedding shard: the unit of resumption after a crash."""
+    tokenize_workers: int | None = None
+    """Processes that pre-tokenize shards for the encoder ahead of it (decode LM tokens, run the encoder's tokenizer);
+    None → one thread on a CPU (the encoder is the bottleneck there), min(8, cores − 1) processes on a GPU; 0 or 1 →
+    one thread."""
     encoder_max_length: int = 256
     """Encoder tokens kept per chunk text."""
     device: str | None = None
@@ -89,10 +95,19 @@ class BuildConfig:
             raise RetrolmError("index=none leaves the database unsearchable: add bm25=true (--bm25)")
         if (self.batch_size is not None and self.batch_size < 1) or self.shard_size < 1:
             raise RetrolmError("batch_size and shard_size must be positive")
+        if self.tokenize_workers is not None and self.tokenize_workers < 0:
+            raise RetrolmError(f"tokenize_workers must be >= 0, got {self.tokenize_workers}")
 
     @property
     def dense(self) -> bool:
         return self.index != "none"
+
+    def pretokenize_processes(self, device_type: str) -> int:
+        """Worker processes of the pre-tokenization stage (0 = one thread in this process)."""
+        n = self.tokenize_workers
+        if n is None:
+            n = min(8, (os.cpu_count() or 2) - 1) if device_type == "cuda" else 0
+        return n if n > 1 else 0
 
     def encoder_batch_size(self, device_type: str) -> int:
         """``batch_size``, or the default for the encoder's device type ("cuda", "cpu", ...)."""
@@ -157,17 +172,45 @@ def tokenize_corpus(
 IDS_FOLDER = "encoder-ids"
 
 
-def pretokenize_shard(store: ChunkStore, tokenizer: LMTokenizer, encoder: SentenceEncoder, start: int, stop: int,
+def pretokenize_shard(store: ChunkStore, tokenizer: LMTokenizer, wordpiece: EncoderTokenizer, start: int, stop: int,
                       folder: Path, name: str) -> None:
     """The pre-tokenization stage for chunks [start, stop): decode the LM tokens to text and run the encoder's Rust
     tokenizer over the batch once, storing ``name.ids.npy`` (the ids end to end) and ``name.lengths.npy`` ((n, 2):
     ids per chunk, 1 if the text was cut at the encoder's max_length). The lengths file is written last: it marks
     the shard done."""
-    pieces, cut = encoder.token_ids(store.texts(np.arange(start, stop), tokenizer))
+    pieces, cut = wordpiece.token_ids(store.texts(np.arange(start, stop), tokenizer))
     flat = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int64)
     save_npy(folder / f"{name}.ids.npy", flat.astype(np.uint16 if flat.size == 0 or flat.max() < 2**16 else np.int32))
     save_npy(folder / f"{name}.lengths.npy", np.stack([[len(x) for x in pieces], cut.astype(np.int64)], 1)
              .astype(np.int32).reshape(-1, 2))
+
+
+_WORKER: dict = {}  # what a pre-tokenization worker process loaded once (its initializer)
+
+
+def _worker_init(segments: list[Path], chunk_len: int, pad_id: int, tokenizer: LMTokenizer, source: str,
+                 max_length: int) -> None:
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per process: the processes are the parallelism
+    _WORKER.update(store=ChunkStore.open(segments, chunk_len, pad_id), tokenizer=tokenizer,
+                   wordpiece=EncoderTokenizer(source, max_length))
+
+
+def _worker_pretokenize(start: int, stop: int, folder: Path, name: str) -> None:
+    pretokenize_shard(_WORKER["store"], _WORKER["tokenizer"], _WORKER["wordpiece"], start, stop, folder, name)
+
+
+def _pretokenize_pool(store: ChunkStore, tokenizer: LMTokenizer, encoder: SentenceEncoder, processes: int
+                      ) -> tuple[Executor, Callable[..., None]]:
+    """Where the pre-tokenization stage runs: ``processes`` spawned workers (each loads the store, the LM tokenizer
+    and only the encoder's tokenizer, once) or, with 0, one thread of this process."""
+    if not processes:
+        return ThreadPoolExecutor(max_workers=1), functools.partial(pretokenize_shard, store, tokenizer,
+                                                                   encoder.wordpiece)
+    init = ([seg.folder for seg in store.segments], store.chunk_len, store.pad_id, tokenizer, encoder.source,
+            encoder.max_length)
+    pool = ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_init,
+                               initargs=init)
+    return pool, _worker_pretokenize
 
 
 def encoder_token_stats(folder: Path, max_length: int) -> dict:
@@ -209,17 +252,16 @@ def embed_shards(
     done = n - sum(min(config.shard_size, first + n - s) for _, s, _ in todo)
     batch_size = config.encoder_batch_size(encoder.device.type)
 
-    # On a GPU the encoder is fast enough that tokenizing in line would leave it idle most of the time: several
-    # workers run ahead (the Rust tokenizers release the GIL). On a CPU the encoder is the bottleneck; one is plenty.
-    workers = PREP_WORKERS_GPU if encoder.device.type == "cuda" else 1
-    with (tqdm(total=n, initial=done, desc="embed", unit="chunk", disable=not show_progress) as bar,
-          ThreadPoolExecutor(max_workers=workers) as pool):
+    # On a GPU the encoder is fast enough that tokenizing in line would leave it idle most of the time: worker
+    # processes run ahead (threads do not scale: turning encodings into arrays holds the GIL, which also stalls the
+    # thread launching the encoder's kernels). On a CPU the encoder is the bottleneck; one thread is plenty.
+    pool, work = _pretokenize_pool(store, tokenizer, encoder, config.pretokenize_processes(encoder.device.type))
+    with tqdm(total=n, initial=done, desc="embed", unit="chunk", disable=not show_progress) as bar, pool:
         ahead = {}
         for i, start, _ in todo:
             name = f"{i:05d}"
             if not (ids_dir / f"{name}.lengths.npy").is_file():
-                stop = min(start + config.shard_size, first + n)
-                ahead[i] = pool.submit(pretokenize_shard, store, tokenizer, encoder, start, stop, ids_dir, name)
+                ahead[i] = pool.submit(work, start, min(start + config.shard_size, first + n), ids_dir, name)
         for i, _, path in todo:
             if i in ahead:
                 ahead.pop(i).result()

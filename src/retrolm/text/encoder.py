@@ -31,6 +31,88 @@ logger = logging.getLogger(__name__)
 DEFAULT_ENCODER = "sentence-transformers/all-MiniLM-L6-v2"
 
 
+class EncoderTokenizer:
+    """The encoder's own tokenizer (WordPiece for BERT-family models), without the model: what the database build's
+    pre-tokenization workers load. Pads on the right and cuts texts at ``max_length`` tokens."""
+
+    def __init__(self, path: str, max_length: int = 256):
+        from transformers import AutoTokenizer
+
+        self.hf = AutoTokenizer.from_pretrained(path)
+        self.max_length = min(max_length, getattr(self.hf, "model_max_length", max_length) or max_length)
+        self._fast = self._fast_tokenizer()
+        self._fast_unpadded = None
+        if self._fast is not None:  # for token_ids: truncation as in tokenize, padding left to features_from_ids
+            self._fast_unpadded = copy.deepcopy(self._fast)
+            self._fast_unpadded.no_padding()
+
+    def _fast_tokenizer(self):
+        """The Rust tokenizer under a "fast" HF tokenizer, set to pad and truncate like ``tokenize``'s HF call.
+        Calling it directly skips the Python-side BatchEncoding work, 2-3x faster: on a GPU the build is otherwise
+        bound by tokenization. Only for plain BERT-style single-text inputs (checked against the HF call)."""
+        backend = getattr(self.hf, "backend_tokenizer", None)
+        if backend is None or self.hf.pad_token_id is None or self.hf.padding_side != "right":
+            return None
+        fast = copy.deepcopy(backend)
+        fast.enable_truncation(self.max_length)
+        fast.enable_padding(pad_id=self.hf.pad_token_id, pad_token=self.hf.pad_token)
+        probe = ["Chunked cross-attention.", "A longer probe text, with punctuation; and numbers 1234!"]
+        if not all(torch.equal(a, b) for a, b in zip(self._tokenize_fast(probe, fast).values(),
+                                                      self._tokenize_hf(probe).values(), strict=True)):
+            return None
+        return fast
+
+    def _tokenize_hf(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
+        return self.hf(list(texts), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
+
+    def _tokenize_fast(self, texts: Sequence[str], fast) -> dict[str, torch.Tensor]:
+        encs = fast.encode_batch_fast(list(texts)) if hasattr(fast, "encode_batch_fast") else fast.encode_batch(
+            list(texts))
+        out = {"input_ids": torch.tensor([e.ids for e in encs], dtype=torch.long)}
+        if "token_type_ids" in self.hf.model_input_names:
+            out["token_type_ids"] = torch.tensor([e.type_ids for e in encs], dtype=torch.long)
+        out["attention_mask"] = torch.tensor([e.attention_mask for e in encs], dtype=torch.long)
+        return out
+
+    def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Texts → padded, truncated encoder inputs (``input_ids``, ``attention_mask``…) as CPU tensors."""
+        if not texts:
+            return self._tokenize_hf(texts)
+        return self._tokenize_fast(texts, self._fast) if self._fast is not None else self._tokenize_hf(texts)
+
+    def token_ids(self, texts: Sequence[str]) -> tuple[list[np.ndarray], np.ndarray]:
+        """Texts → each one's token ids (special tokens included, cut to ``max_length``, unpadded) and whether it
+        was cut. The database build stores these once (its pre-tokenization stage); ``features_from_ids`` turns any
+        selection of them into the batch ``tokenize`` would have made."""
+        if not texts:
+            return [], np.zeros(0, dtype=bool)
+        if self._fast_unpadded is not None:
+            fast = self._fast_unpadded
+            encs = fast.encode_batch_fast(list(texts)) if hasattr(fast, "encode_batch_fast") else fast.encode_batch(
+                list(texts))
+            cut = np.array([len(e.overflowing) > 0 for e in encs], dtype=bool)
+            return [np.asarray(e.ids, dtype=np.int64) for e in encs], cut
+        full = self.hf(list(texts), truncation=False)["input_ids"]
+        cut = np.array([len(x) > self.max_length for x in full], dtype=bool)
+        kept = self.hf(list(texts), truncation=True, max_length=self.max_length)["input_ids"]
+        return [np.asarray(x, dtype=np.int64) for x in kept], cut
+
+    def features_from_ids(self, pieces: Sequence[np.ndarray]) -> dict[str, torch.Tensor]:
+        """Token ids from ``token_ids`` → the padded batch ``tokenize`` makes of the same texts (right padding, mask;
+        token types all 0: single texts)."""
+        width = max((len(x) for x in pieces), default=0)
+        ids = np.full((len(pieces), width), self.hf.pad_token_id or 0, dtype=np.int64)
+        mask = np.zeros((len(pieces), width), dtype=np.int64)
+        for i, x in enumerate(pieces):
+            ids[i, : len(x)] = x
+            mask[i, : len(x)] = 1
+        out = {"input_ids": torch.from_numpy(ids)}
+        if "token_type_ids" in self.hf.model_input_names:
+            out["token_type_ids"] = torch.zeros_like(out["input_ids"])
+        out["attention_mask"] = torch.from_numpy(mask)
+        return out
+
+
 class SentenceEncoder:
     """A frozen sentence encoder: ``encode(texts) -> (n, dim)`` float32 unit vectors.
 
@@ -48,58 +130,33 @@ class SentenceEncoder:
         max_length: int = 256,
         dtype: torch.dtype | None = None,
     ):
-        from transformers import AutoModel, AutoTokenizer
+        from transformers import AutoModel
 
         ref = resolve_model(name, what="encoder")
         self.name = ref.name
         self.path = ref.path if ref.local else None
         """Resolved local folder (None when loaded from the hub by name)."""
+        self.source = str(ref.path)
+        """What the tokenizer and model load from (a folder, or a hub name): pre-tokenization workers load it too."""
         self.device = default_device(device)
         self.dtype = dtype or (torch.float16 if self.device.type == "cuda" else torch.float32)
-        path = ref.path
         try:
-            self.tokenizer = AutoTokenizer.from_pretrained(path)
-            self.model = AutoModel.from_pretrained(path, dtype=self.dtype)
+            self.wordpiece = EncoderTokenizer(self.source, max_length)
+            self.model = AutoModel.from_pretrained(self.source, dtype=self.dtype)
         except Exception as e:  # OSError offline / missing files, ValueError for non-encoder configs
             raise load_error(ref, "the encoder", e) from None
+        self.tokenizer = self.wordpiece.hf
         self.model.to(self.device).eval().requires_grad_(False)
-        self.max_length = min(max_length, getattr(self.tokenizer, "model_max_length", max_length) or max_length)
+        self.max_length = self.wordpiece.max_length
         self.dim: int = int(self.model.config.hidden_size)
-        self._fast = self._fast_tokenizer()
-        self._fast_unpadded = None
-        if self._fast is not None:  # for token_ids: truncation as in tokenize, padding left to features_from_ids
-            self._fast_unpadded = copy.deepcopy(self._fast)
-            self._fast_unpadded.no_padding()
 
-    def _fast_tokenizer(self):
-        """The Rust tokenizer under a "fast" HF tokenizer, set to pad and truncate like ``tokenize``'s HF call.
-        Calling it directly skips the Python-side BatchEncoding work, 2-3x faster: on a GPU the build is otherwise
-        bound by tokenization. Only for plain BERT-style single-text inputs (checked against the HF call)."""
-        backend = getattr(self.tokenizer, "backend_tokenizer", None)
-        if backend is None or self.tokenizer.pad_token_id is None or self.tokenizer.padding_side != "right":
-            return None
-        fast = copy.deepcopy(backend)
-        fast.enable_truncation(self.max_length)
-        fast.enable_padding(pad_id=self.tokenizer.pad_token_id, pad_token=self.tokenizer.pad_token)
-        probe = ["Chunked cross-attention.", "A longer probe text, with punctuation; and numbers 1234!"]
-        if not all(torch.equal(a, b) for a, b in zip(self._tokenize_fast(probe, fast).values(),
-                                                      self._tokenize_hf(probe).values(), strict=True)):
-            return None
-        return fast
+    def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Texts → padded, truncated encoder inputs (see :meth:`EncoderTokenizer.tokenize`)."""
+        return self.wordpiece.tokenize(texts)
 
-    def _tokenize_hf(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
-        return self.tokenizer(
-            list(texts), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
-        )
-
-    def _tokenize_fast(self, texts: Sequence[str], fast) -> dict[str, torch.Tensor]:
-        encs = fast.encode_batch_fast(list(texts)) if hasattr(fast, "encode_batch_fast") else fast.encode_batch(
-            list(texts))
-        out = {"input_ids": torch.tensor([e.ids for e in encs], dtype=torch.long)}
-        if "token_type_ids" in self.tokenizer.model_input_names:
-            out["token_type_ids"] = torch.tensor([e.type_ids for e in encs], dtype=torch.long)
-        out["attention_mask"] = torch.tensor([e.attention_mask for e in encs], dtype=torch.long)
-        return out
+    def token_ids(self, texts: Sequence[str]) -> tuple[list[np.ndarray], np.ndarray]:
+        """Texts → unpadded token ids and whether each was cut (see :meth:`EncoderTokenizer.token_ids`)."""
+        return self.wordpiece.token_ids(texts)
 
     @functools.cached_property
     def fingerprint(self) -> str | None:
@@ -112,44 +169,6 @@ class SentenceEncoder:
         return {"name": self.name, "dim": self.dim, "max_length": self.max_length, "pooling": "mean", "normalize": True,
                 "fingerprint": self.fingerprint}
 
-    def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
-        """Texts → padded, truncated encoder inputs (``input_ids``, ``attention_mask``…) as CPU tensors."""
-        if not texts:
-            return self._tokenize_hf(texts)
-        return self._tokenize_fast(texts, self._fast) if self._fast is not None else self._tokenize_hf(texts)
-
-    def token_ids(self, texts: Sequence[str]) -> tuple[list[np.ndarray], np.ndarray]:
-        """Texts → each one's encoder token ids (special tokens included, cut to ``max_length``, unpadded) and
-        whether it was cut. The database build stores these once (its pre-tokenization stage); ``features_from_ids``
-        turns any selection of them into the batch ``tokenize`` would have made."""
-        if not texts:
-            return [], np.zeros(0, dtype=bool)
-        if self._fast_unpadded is not None:
-            fast = self._fast_unpadded
-            encs = fast.encode_batch_fast(list(texts)) if hasattr(fast, "encode_batch_fast") else fast.encode_batch(
-                list(texts))
-            cut = np.array([len(e.overflowing) > 0 for e in encs], dtype=bool)
-            return [np.asarray(e.ids, dtype=np.int64) for e in encs], cut
-        full = self.tokenizer(list(texts), truncation=False)["input_ids"]
-        cut = np.array([len(x) > self.max_length for x in full], dtype=bool)
-        kept = self.tokenizer(list(texts), truncation=True, max_length=self.max_length)["input_ids"]
-        return [np.asarray(x, dtype=np.int64) for x in kept], cut
-
-    def features_from_ids(self, pieces: Sequence[np.ndarray]) -> dict[str, torch.Tensor]:
-        """Token ids from ``token_ids`` → the padded batch ``tokenize`` makes of the same texts (right padding, mask;
-        token types all 0: single texts)."""
-        width = max((len(x) for x in pieces), default=0)
-        ids = np.full((len(pieces), width), self.tokenizer.pad_token_id or 0, dtype=np.int64)
-        mask = np.zeros((len(pieces), width), dtype=np.int64)
-        for i, x in enumerate(pieces):
-            ids[i, : len(x)] = x
-            mask[i, : len(x)] = 1
-        out = {"input_ids": torch.from_numpy(ids)}
-        if "token_type_ids" in self.tokenizer.model_input_names:
-            out["token_type_ids"] = torch.zeros_like(out["input_ids"])
-        out["attention_mask"] = torch.from_numpy(mask)
-        return out
-
     def prepare_ids(self, flat: np.ndarray, lengths: np.ndarray, batch_size: int) -> Prepared:
         """``prepare`` for pre-tokenized chunks (``flat`` = their ids end to end, ``lengths`` = ids per chunk):
         batches of similar length, longest first, with no text decoded or tokenized."""
@@ -157,7 +176,8 @@ class SentenceEncoder:
         order = np.argsort(-np.asarray(lengths), kind="stable")
         batches = []
         for start in range(0, len(order), batch_size):
-            b = self.features_from_ids([flat[offsets[i] : offsets[i + 1]] for i in order[start : start + batch_size]])
+            rows = order[start : start + batch_size]
+            b = self.wordpiece.features_from_ids([flat[offsets[i] : offsets[i + 1]] for i in rows])
             batches.append({k: v.pin_memory() for k, v in b.items()} if self.device.type == "cuda" else b)
         return Prepared(len(lengths), order, batches)
 
