@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from conftest import run_cli, write_jsonl
 from retrolm.db import BuildConfig, Database
@@ -73,3 +74,47 @@ def test_database_documents_skip_deleted_chunks(tmp_path, tiny_encoder):
     assert docs.live().tolist() == [True, False, True, True, True]
     index = DocumentIndex(torch.eye(5), 0, torch.from_numpy(docs.live()))
     assert 1 not in index.search(torch.eye(5)[1:2], 4)[1][0].tolist()
+
+
+def test_untrained_realm_from_an_encoder_retrieves_as_the_frozen_encoder(tmp_path, tiny_encoder, capsys):
+    """``--checkpoint ENCODER pooling=mean embed_dim=null``: the no-pre-training baseline. Its retrieval embeddings
+    are the database's own frozen-encoder keys (mean pooled, unit length aside), so its top document per question is
+    the database's dense search result; fine-tuning with train_query_encoder=false leaves the query encoder as it was.
+    """
+    import numpy as np
+    import torch
+
+    from retrolm.cli.realm import load_realm
+    from retrolm.train.realm import RealmConfig
+
+    corpus = write_jsonl(tmp_path / "c.jsonl", [{"id": f"d{i}", "text": f"{p} lives in {c}."}
+                                                for i, (p, c) in enumerate(FACTS)])
+    db = Database.build([corpus], tmp_path / "db", BuildConfig(encoder=tiny_encoder, tokenizer="train:300",
+                                                                batch_size=16, shard_size=64), show_progress=False)
+    cfg = RealmConfig(embed_dim=None, pooling="mean", max_doc_len=32, max_query_len=16)
+    model = load_realm(Path(tiny_encoder), cfg)
+    texts = db.chunk_texts(np.arange(db.store.n_chunks))
+    with torch.no_grad():
+        mine = torch.nn.functional.normalize(model.embed_documents(**_ids(model, texts)), dim=-1).numpy()
+    np.testing.assert_allclose(mine, db.index.reconstruct(np.arange(len(texts))), atol=1e-5)
+
+    qa = write_jsonl(tmp_path / "qa.jsonl", [{"id": str(i), "question": f"Where does {p} live?", "answers": [c]}
+                                             for i, (p, c) in enumerate(FACTS)])
+    common = ["max_doc_len=32", "max_query_len=16", "embed_dim=null", "pooling=mean"]
+    rc, _, err = run_cli(["realm", "finetune", "--checkpoint", tiny_encoder, "--db", db.path, "--data", qa, "--out",
+                          tmp_path / "ft", "steps=2", "qa_k=3", "lr=1e-2", "train_query_encoder=false", *common,
+                          "--json"], capsys)
+    assert rc == 0, err
+    tuned = load_realm(tmp_path / "ft", cfg)
+    for name, value in model.query_encoder.state_dict().items():
+        assert torch.equal(value, tuned.query_encoder.state_dict()[name]), name
+    assert not all(torch.equal(v, tuned.reader.state_dict()[k]) for k, v in model.reader.state_dict().items())
+    rc, out, err = run_cli(["realm", "eval", "--checkpoint", tiny_encoder, "--db", db.path, "--data", qa, "--out",
+                            tmp_path / "ev", "qa_k=2", *common, "--json"], capsys)
+    assert rc == 0, err
+    assert json.loads(out)["n"] == 5
+
+
+def _ids(model, texts):
+    batch = model.tokenize(texts, 32)
+    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}

@@ -24,7 +24,8 @@ app.add_typer(realm_app, name="realm")
 Db = Annotated[Path, typer.Option("--db", help="Database folder whose chunks are the documents.")]
 Out = Annotated[Path, typer.Option("--out", help="Output folder.")]
 Checkpoint = Annotated[Path, typer.Option("--checkpoint", help="A REALM model folder, or a run folder (its final/ "
-                                          "model, else its newest checkpoint).")]
+                                          "model, else its newest checkpoint); or an encoder (minilm, a hub name or "
+                                          "folder): an untrained REALM starting from it.")]
 Data = Annotated[Path, typer.Option("--data", help="QA JSONL: {\"id\", \"question\", \"answers\"} per line.")]
 
 
@@ -36,11 +37,22 @@ def model_folder(path: Path) -> Path:
     return folder
 
 
-def load_realm(path: Path, device: str | None = None) -> RealmModel:
-    """A REALM model from a model folder or a run folder."""
+def load_realm(path: Path, cfg: RealmConfig) -> RealmModel:
+    """A REALM model from a model folder or a run folder; or, given an encoder (a short or hub name, or a Hugging Face
+    folder), an untrained REALM whose three encoders start from it (``embed_dim`` and ``pooling`` from ``cfg``): the
+    "no REALM pre-training" baselines."""
     from retrolm.core.device import default_device
 
-    return RealmModel.from_pretrained(model_folder(path), default_device(device))
+    device = default_device(cfg.device)
+    if is_encoder(path):
+        return RealmModel.from_encoder(str(path), cfg.embed_dim, cfg.pooling).to(device).eval()
+    return RealmModel.from_pretrained(model_folder(path), device)
+
+
+def is_encoder(path: Path) -> bool:
+    """``--checkpoint`` names an encoder, not a REALM model or run folder."""
+    run = any((path / name).exists() for name in ("final/model.json", "checkpoints", "model.json"))
+    return not run and (not path.exists() or (path / "config.json").is_file())
 
 
 @realm_app.command("pretrain", context_settings=EXTRA)
@@ -77,7 +89,7 @@ def finetune_cmd(ctx: typer.Context, checkpoint: Checkpoint, db: Db, data: Data,
     Extra ``key=value`` arguments override RealmConfig fields, e.g. ``steps=500 lr=1e-4``."""
     cfg = command_config(RealmConfig, ctx, config)
     items = [it for it in load_qa(data) if not it.multiple_choice]
-    model = load_realm(checkpoint, cfg.device)
+    model = load_realm(checkpoint, cfg)
     docs = DatabaseDocuments(DatabaseView.open(db, device=cfg.device))
     log = finetune(model, docs, [it.question for it in items], [it.answers for it in items], out, cfg)
     trained = [s for s in log["steps"] if s["loss"] is not None]
@@ -96,10 +108,10 @@ def eval_cmd(ctx: typer.Context, checkpoint: Checkpoint, db: Db, data: Data, out
 
     The config defaults to the checkpoint's ``config.yaml`` (its lengths and ``qa_k``); ``--config`` and extra
     ``key=value`` arguments override it."""
-    if config is None and (model_folder(checkpoint) / "config.yaml").is_file():
+    if config is None and not is_encoder(checkpoint) and (model_folder(checkpoint) / "config.yaml").is_file():
         config = model_folder(checkpoint) / "config.yaml"
     cfg = command_config(RealmConfig, ctx, config)
-    model = load_realm(checkpoint, cfg.device)
+    model = load_realm(checkpoint, cfg)
     docs = DatabaseDocuments(DatabaseView.open(db, device=cfg.device))
     result = evaluate_realm(model, docs, load_qa(data), cfg, out)
     summary = {k: result[k] for k in ("em", "f1", "n", "recall_at_k", "k")}

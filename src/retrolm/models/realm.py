@@ -64,11 +64,18 @@ class RealmShape:
     source: str
     """The HF encoder the three encoders were initialised from (name or folder)."""
     embed_dim: int | None = 128
-    """Retrieval embedding size (a new linear projection of ``[CLS]``); None: the hidden size, no projection."""
+    """Retrieval embedding size (a new linear projection of the pooled states); None: the hidden size, no
+    projection."""
+    pooling: str = "cls"
+    """How Embed_input / Embed_doc pool the encoder's states: cls (REALM's ``[CLS]``) or mean (over real tokens: the
+    pooling sentence-transformers encoders such as MiniLM were trained with, so that with ``embed_dim=None`` an
+    untrained REALM retrieves exactly as the database's frozen encoder does)."""
 
     def __post_init__(self) -> None:
         if self.embed_dim is not None and self.embed_dim < 1:
             raise RetrolmError(f"embed_dim must be positive or null, got {self.embed_dim}")
+        if self.pooling not in ("cls", "mean"):
+            raise RetrolmError(f"pooling must be cls or mean, got {self.pooling!r}")
 
 
 class MLMHead(nn.Module):
@@ -118,7 +125,7 @@ class RealmModel(nn.Module):
 
     # ---- construction, saving, loading
     @classmethod
-    def from_encoder(cls, ref: str = "minilm", embed_dim: int | None = 128) -> RealmModel:
+    def from_encoder(cls, ref: str = "minilm", embed_dim: int | None = 128, pooling: str = "cls") -> RealmModel:
         """Initialise the query encoder, document encoder and reader from one HF encoder (heads are new)."""
         from transformers import AutoModel, AutoTokenizer
 
@@ -128,7 +135,7 @@ class RealmModel(nn.Module):
             encoder = AutoModel.from_pretrained(resolved.path)
         except Exception as e:  # OSError offline / missing files, ValueError for unknown configs
             raise load_error(resolved, "a REALM encoder", e) from None
-        model = cls(encoder.config, tokenizer, RealmShape(resolved.name, embed_dim))
+        model = cls(encoder.config, tokenizer, RealmShape(resolved.name, embed_dim, pooling))
         state = {k: v for k, v in encoder.state_dict().items() if not k.startswith("pooler.")}
         for part in (model.query_encoder, model.doc_encoder, model.reader):
             part.load_state_dict(copy.deepcopy(state), strict=False)
@@ -137,7 +144,7 @@ class RealmModel(nn.Module):
     def save_pretrained(self, folder: str | Path) -> None:
         """``model.safetensors`` (all parts), ``model.json`` (shape + encoder config) and the tokenizer files."""
         config = {"architecture": "realm", "source": self.shape.source, "embed_dim": self.shape.embed_dim,
-                  "encoder": self.query_encoder.config.to_dict()}
+                  "pooling": self.shape.pooling, "encoder": self.query_encoder.config.to_dict()}
         save_weights(self, folder, config)
         self.tokenizer.save_pretrained(str(folder))
 
@@ -154,7 +161,8 @@ class RealmModel(nn.Module):
         enc = dict(config["encoder"])
         encoder_config = AutoConfig.for_model(enc.pop("model_type"), **enc)
         tokenizer = AutoTokenizer.from_pretrained(str(folder))
-        model = cls(encoder_config, tokenizer, RealmShape(config["source"], config["embed_dim"]))
+        model = cls(encoder_config, tokenizer, RealmShape(config["source"], config["embed_dim"],
+                                                          config.get("pooling", "cls")))
         load_weights(model, folder, device)
         return model.to(device).eval()
 
@@ -171,12 +179,18 @@ class RealmModel(nn.Module):
     def embed_queries(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """Embed_input(x): (B, L) → (B, D)."""
         h = self.query_encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        return self.query_proj(h[:, 0])
+        return self.query_proj(self._pool(h, attention_mask))
 
     def embed_documents(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """Embed_doc(z): (N, L) → (N, D)."""
         h = self.doc_encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        return self.doc_proj(h[:, 0])
+        return self.doc_proj(self._pool(h, attention_mask))
+
+    def _pool(self, h: Tensor, attention_mask: Tensor) -> Tensor:
+        if self.shape.pooling == "cls":
+            return h[:, 0]
+        mask = attention_mask.unsqueeze(-1).to(h.dtype)
+        return (h * mask).sum(1) / mask.sum(1).clamp_min(1.0)
 
     def retrieval_log_probs(self, query: Tensor, doc_embeddings: Tensor, with_null: bool = True) -> Tensor:
         """log p(z|x) over the candidates: query (B, D), doc_embeddings (B, K, D) → (B, K+1) with ∅ in column 0

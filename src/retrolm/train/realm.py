@@ -49,6 +49,9 @@ class RealmConfig:
     """HF encoder the query encoder, document encoder and reader start from (pre-training only)."""
     embed_dim: int | None = 128
     """Retrieval embedding size (None: the encoder's hidden size, no projection)."""
+    pooling: str = "cls"
+    """Pooling of the retrieval embeddings (pre-training only): cls (REALM) or mean (a sentence-transformers encoder's
+    own; with embed_dim=null the untrained retriever is exactly that frozen encoder)."""
     k: int = 8
     """Pre-training candidates, the null document included (REALM: 8)."""
     qa_k: int = 5
@@ -73,6 +76,8 @@ class RealmConfig:
     """Start an asynchronous index refresh every N pre-training steps (0: never; a stale index)."""
     embed_batch_size: int = 64
     """Documents per document-encoder forward pass when (re)building the index."""
+    train_query_encoder: bool = True
+    """Fine-tuning: train the query encoder (REALM) or keep it fixed (retrieval stays the initial encoder's)."""
     exclude_source: bool = True
     """Pre-training: a sentence may not retrieve the chunk it was taken from."""
     max_examples: int | None = None
@@ -89,6 +94,8 @@ class RealmConfig:
             raise RetrolmError(f"k must be at least 2 (the null document and one retrieved document), got {self.k}")
         if self.qa_k < 1:
             raise RetrolmError(f"qa_k must be positive, got {self.qa_k}")
+        if self.pooling not in ("cls", "mean"):
+            raise RetrolmError(f"pooling must be cls or mean, got {self.pooling!r}")
         if self.masking not in ("salient", "random"):
             raise RetrolmError(f"masking must be salient or random, got {self.masking!r}")
         if not 0 < self.mask_prob <= 1:
@@ -241,7 +248,7 @@ def pretrain(docs: Documents, out_dir: str | Path, cfg: RealmConfig, model: Real
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
     ckpts = CheckpointManager(out / "checkpoints", cfg.keep)
-    model = (model or RealmModel.from_encoder(cfg.encoder, cfg.embed_dim)).to(device)
+    model = (model or RealmModel.from_encoder(cfg.encoder, cfg.embed_dim, cfg.pooling)).to(device)
     examples = list(examples) if examples is not None else sentences_of(docs, cfg.max_examples)
     if not examples:
         raise RetrolmError(f"{out}: no pre-training sentences (documents too short?)")
@@ -375,6 +382,9 @@ def finetune(model: RealmModel, docs: Documents, questions: Sequence[str], answe
     model.doc_encoder.requires_grad_(False)
     if isinstance(model.doc_proj, torch.nn.Linear):
         model.doc_proj.requires_grad_(False)
+    if not cfg.train_query_encoder:  # the retriever stays as it starts: only the reader learns
+        for part in (model.query_encoder, model.query_proj):
+            part.requires_grad_(False)
     index = DocumentIndex.build(model, docs, 0, cfg.max_doc_len, cfg.embed_batch_size)
     opt = _optimizer(model, cfg)
     model.train()
