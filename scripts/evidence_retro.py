@@ -142,8 +142,10 @@ def main() -> None:
     step("db build", [*RETROLM, "db", "build", train, "--out", db, "--tokenizer", f"train:{p['vocab']}",
                       "--index", "none", "--bm25", "-q"], db / "meta.json")
 
-    common = [f"{k}={v}" for k, v in p["train"].items()] + [f"db={db}", "num_neighbours=2", "retriever=bm25",
-                                                            "tensorboard=false"]
+    # every RETRO run reads the same BM25 neighbours of the same chunks: searched once, in one shared folder
+    common = [f"{k}={v}" for k, v in p["train"].items()]
+    common += [f"db={db}", "num_neighbours=2", "retriever=bm25", "tensorboard=false",
+               f"neighbours_dir={work / 'neighbours'}"]
     steps = p["train"]["steps"]
     runs: dict[str, Path] = {}
 

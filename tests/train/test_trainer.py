@@ -284,3 +284,19 @@ def test_init_from_errors_are_one_line(built_db, tmp_path):
                      model=ModelSpec(preset="tiny", seq_len=256, d_model=128))
     with pytest.raises(RetrolmError, match="cannot load"):
         Trainer(wider).setup(show_progress=False)
+
+
+def test_runs_share_one_neighbours_folder(built_db, tmp_path, monkeypatch):
+    """neighbours_dir: the second run on the same database and settings reuses the first run's neighbours instead of
+    searching again; other settings (k) compute their own."""
+    import retrolm.train.trainer as trainer_module
+
+    calls = []
+    real = trainer_module.compute_neighbours
+    monkeypatch.setattr(trainer_module, "compute_neighbours", lambda *a, **k: calls.append(k) or real(*a, **k))
+    shared = str(tmp_path / "shared")
+    run(tiny_cfg(built_db, tmp_path / "a", steps=1, neighbours_dir=shared))
+    run(tiny_cfg(built_db, tmp_path / "b", steps=1, neighbours_dir=shared))
+    assert len(calls) == 1 and not (tmp_path / "b" / "neighbours").exists()
+    run(tiny_cfg(built_db, tmp_path / "c", steps=1, neighbours_dir=shared, num_neighbours=1))
+    assert len(calls) == 2

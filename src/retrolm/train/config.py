@@ -54,6 +54,10 @@ class LoopConfig:
     """document (paper) | sequence (stricter) | none."""
     retriever: str = "dense"
     """dense | bm25 | hybrid: how training neighbours are found."""
+    neighbours_dir: str | None = None
+    """Where the precomputed training neighbours are kept (default OUT/neighbours). Runs on the same database with the
+    same neighbour settings (k, exclusion, retriever, sequence length) may share one folder: the first computes them,
+    the others reuse them (a folder made for another database version or other settings is recomputed)."""
     val_fraction: float = 0.05
     """Share of sequences held out (by a seeded shuffle) for validation."""
     steps: int = 200

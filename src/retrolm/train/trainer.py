@@ -210,7 +210,7 @@ class Trainer:
                     len(self.val_ids), self.seq_len)
 
     def _neighbours(self, seq_chunks: int, show_progress: bool) -> np.ndarray:
-        folder = self.out / "neighbours"
+        folder = Path(self.cfg.neighbours_dir) if self.cfg.neighbours_dir else self.out / "neighbours"
         ncfg = NeighbourConfig(k=self.cfg.num_neighbours, exclude=self.cfg.neighbour_exclude, seq_chunks=seq_chunks,
                                retriever=self.cfg.retriever)
         if self.main and not self._neighbours_reusable(folder, ncfg):
