@@ -224,3 +224,34 @@ def test_scaling_curves_of_a_pretrained_lm(copy_world):
     assert [r["k"] for r in by_k["rows"]] == [1, 2] and all(r["bpb"] < 0.5 * off for r in by_k["rows"])
     assert by_k["rows"][0]["bpb"] != by_k["rows"][1]["bpb"]  # the second passage really is read
     assert (copy_world["root"] / "scale" / "scale-db-size.png").is_file()
+
+
+def test_a_retrolm_baseline_reads_passages_in_its_context(copy_world, tmp_path):
+    """in_context=true: a decoder trained from scratch (no RETRO layers) is scored like a pretrained LM. Its token
+    NLLs equal an unpadded forward of each row, and a window longer than its seq_len is a one-line error."""
+    from conftest import tiny_retro_config
+    from retrolm.core.errors import RetrolmError
+    from retrolm.models import RetroModel
+    from retrolm.models.decoder_lm import DecoderLM
+
+    db = copy_world["db"]
+    torch.manual_seed(0)
+    model = RetroModel(tiny_retro_config(vocab_size=db.tokenizer.vocab_size, chunk_len=db.chunk_len, seq_len=256,
+                                         retro_layers=())).eval()
+    lm = DecoderLM(model, "tiny")
+    rows = [list(range(5, 40)), list(range(7, 200)), [3, 4]]
+    got = lm.token_nll(rows, [10, 50, 1], batch_size=2)
+    for row, n, values in zip(rows, [10, 50, 1], got, strict=True):
+        logp = torch.log_softmax(model(torch.tensor([row])).logits[0].float(), -1)
+        want = -logp[:-1].gather(-1, torch.tensor(row[1:])[:, None])[:, 0][-n:]
+        torch.testing.assert_close(values, want, atol=1e-4, rtol=1e-4)
+
+    folder = tmp_path / "baseline"
+    model.save_pretrained(folder)
+    db.tokenizer.save(folder / "tokenizer.json")
+    r = run_eval(eval_cfg(copy_world, "baseline-incontext", checkpoint=str(folder), in_context=True,
+                          context_tokens=64), show_progress=False)
+    assert set(r["summary"]) == {"in_context", "no_retrieval"} and r["reader"]["context_tokens"] == 64
+    with pytest.raises(RetrolmError, match="exceeds the model's 256"):
+        run_eval(eval_cfg(copy_world, "too-long", checkpoint=str(folder), in_context=True, context_tokens=256),
+                 show_progress=False)

@@ -37,6 +37,9 @@ class EvalConfig:
     """In-context retrieval: document tokens kept before the predicted ones (with and without retrieval)."""
     continuation: bool = True
     """In-context retrieval: a passage is the retrieved chunk plus its continuation."""
+    in_context: bool = False
+    """Read a retrolm decoder without RETRO layers (a baseline trained from scratch) with in-context retrieval, as a
+    pretrained LM is read (its windows must fit its seq_len: passage + context_tokens + stride)."""
     leakage_neighbours: int = 10
     """Neighbours whose overlap with a chunk defines r(C) (the paper uses the 10 nearest)."""
     near_dup_threshold: float = 0.8

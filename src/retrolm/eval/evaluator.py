@@ -31,6 +31,7 @@ from retrolm.db import DatabaseView, tokenize_corpus
 from retrolm.eval.config import EvalConfig
 from retrolm.eval.incontext import InContextScorer, InContextSettings, document_texts
 from retrolm.eval.leakage import longest_common_run
+from retrolm.models.decoder_lm import DecoderLM
 from retrolm.models.loading import load_model
 from retrolm.retrieval import Exclusion, Retriever, get_retriever
 from retrolm.text.dedup import find_near_duplicates
@@ -112,6 +113,9 @@ class Evaluator:
         models = [EvalModel(lm.model, load_tokenizer(str(lm.folder or lm.name)), lm.folder or Path(lm.name), lm.kind,
                             label) for lm, label in zip(loaded, labels, strict=True)]
         self.main, self.baselines = models[0], models[1:]
+        if cfg.in_context and not self.main.in_context:  # a baseline decoder reading passages in its context
+            self.main.model = DecoderLM(self.main.model, str(self.main.path))
+            self.main.kind = "causal_lm"
         for em in models:
             self._check_compatible(em)
         for b in self.baselines:

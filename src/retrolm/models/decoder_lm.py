@@ -1,0 +1,64 @@
+"""A retrolm decoder read as a plain causal LM: how ``retrolm eval in_context=true`` puts retrieved passages in the
+context window of a baseline trained from scratch (no RETRO layers), exactly as it does for a pretrained LM."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from retrolm.core.errors import RetrolmError
+from retrolm.models.retro import RetroModel
+
+
+class DecoderLM(nn.Module):
+    """The interface of :class:`retrolm.models.hf.CausalLM` that in-context scoring uses, over a ``RetroModel``
+    without chunked cross-attention."""
+
+    def __init__(self, model: RetroModel, name: str) -> None:
+        super().__init__()
+        if model.config.retro_layers:
+            raise RetrolmError(f"{name}: in-context reading is for a decoder without RETRO layers (a baseline); "
+                               "a RETRO model reads its neighbours through chunked cross-attention")
+        self.model, self.name, self.path = model, name, None
+
+    @property
+    def context_len(self) -> int:
+        return int(self.model.config.seq_len)
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.model.config.vocab_size)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def fingerprint(self) -> None:
+        return None
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+    @torch.no_grad()
+    def token_nll(self, rows: list[list[int]], n_targets: list[int], batch_size: int = 8) -> list[Tensor]:
+        """Negative log-likelihood (nats) of the last ``n_targets[i]`` tokens of each ``rows[i]``. Rows are padded on
+        the right (causal attention: padding after a token never changes its prediction)."""
+        too_long = max((len(r) for r in rows), default=0)
+        if too_long > self.context_len:
+            raise RetrolmError(f"{self.name}: a window of {too_long} tokens exceeds the model's {self.context_len}; "
+                               "lower context_tokens or stride (a passage takes up to 2 × chunk_len tokens)")
+        out: list[Tensor] = [torch.empty(0)] * len(rows)
+        order = sorted(range(len(rows)), key=lambda i: -len(rows[i]))
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            T = max(len(rows[i]) for i in idx)
+            ids = torch.zeros((len(idx), T), dtype=torch.long)
+            for r, i in enumerate(idx):
+                ids[r, : len(rows[i])] = torch.tensor(rows[i])
+            logp = F.log_softmax(self.model(ids.to(self.device)).logits.float()[:, :-1], dim=-1)
+            nll = -logp.gather(-1, ids[:, 1:, None].to(self.device))[..., 0]  # (B, T-1): nll of token t+1
+            for r, i in enumerate(idx):
+                n, L = n_targets[i], len(rows[i])
+                out[i] = nll[r, L - 1 - n : L - 1].cpu() if n else torch.empty(0)
+        return out
