@@ -46,7 +46,7 @@ PROFILES = {
         "fraction": 0.03, "wiki_docs": 100, "vocab": 2000, "noise_docs": 20,
         "sizes": {"small": (64, 2, 2, 3e-3), "medium": (96, 2, 2, 2e-3), "large": (128, 2, 2, 1.5e-3)},
         "retro": ["small"],
-        "train": {"model.seq_len": 128, "steps": 20, "batch_size": 4, "warmup_steps": 2, "eval_every": 20,
+        "train": {"model.seq_len": 256, "steps": 20, "batch_size": 4, "warmup_steps": 2, "eval_every": 20,
                   "save_every": 20, "eval_batches": 1, "log_every": 10},
         "fit_lr": 3e-3, "fit_lr_unfrozen": 1e-3,
     },
@@ -181,6 +181,15 @@ def main() -> None:
             step(f"eval {reader} {protocol}", [*RETROLM, "eval", "--checkpoint", runs[reader], "--db", db, "--data",
                                                held, *baselines, "--out", out, "-q", *ev_args,
                                                f"near_dup_threshold={near}"], out / "eval.json")
+    # In-context retrieval with the middle baseline (no RETRO layers): passages in its 256-token window
+    for protocol, near in PROTOCOLS.items():
+        out = res / f"incontext-baseline-medium-{protocol}"
+        step(f"eval incontext baseline-medium {protocol}",
+             [*RETROLM, "eval", "--checkpoint", runs["baseline-medium"], "--db", db, "--data", held, "--out", out,
+              *baselines, "-q", *ev_args, f"near_dup_threshold={near}", "in_context=true", "stride=64",
+              "query_tokens=32",
+              f"context_tokens={int(p['train']['model.seq_len']) - 208}"], out / "eval.json")  # + passage ≤ ~140
+    readers.append("incontext-baseline-medium")
     # Curves for the middle RETRO model (previous version allowed: the setting where the store matters).
     curve = f"retro-{p['retro'][-1]}"
     sc = ["--checkpoint", runs[curve], "--db", db, "--data", held, "--baseline", runs[f"baseline-{p['retro'][-1]}"],
@@ -216,7 +225,8 @@ def write_page(res: Path, work: Path, runs: dict[str, Path], readers: list[str],
 
     first = json.loads((res / f"{readers[0]}-previous" / "eval.json").read_text())
     models = {k: v for r in readers for k, v in
-              json.loads((res / f"{r}-previous" / "eval.json").read_text())["models"].items()}
+              json.loads((res / f"{r}-previous" / "eval.json").read_text())["models"].items()
+              if "non_embedding_params" in v}
     train_rows = []
     for name, path in runs.items():
         m = last_metrics(path)
@@ -227,24 +237,28 @@ def write_page(res: Path, work: Path, runs: dict[str, Path], readers: list[str],
                            f"{m.get('val/bpb', float('nan')):.4f}", f"{m.get('train/tokens_per_s', 0):.0f}",
                            f"{seconds.get(name, 0) / 60:.1f}"])
     overall, per_bucket = [], []
+    base_names = [k.split(":", 1)[1] for k in first["summary"] if k.startswith("baseline:")]
+
+    def base_cells(summary: dict) -> list[str]:
+        # "baseline-medium#2": the in-context run scores baseline-medium both as its reader and as a baseline
+        got = {k.split(":", 1)[1].split("#")[0]: v["bpb"] for k, v in summary.items() if k.startswith("baseline:")}
+        return [f"{got[n]:.4f}" if n in got else "–" for n in base_names]
+
     for reader in readers:
         for protocol in PROTOCOLS:
             r = json.loads((res / f"{reader}-{protocol}" / "eval.json").read_text())
             s = r["summary"]
+            on, off = ("in_context", "no_retrieval") if "in_context" in s else ("retro", "retro_no_retrieval")
             lo, hi = r["gain_ci95"]["all"]
-            bases = {k.split(":", 1)[1]: v["bpb"] for k, v in s.items() if k.startswith("baseline:")}
-            overall.append([reader, protocol, f"{s['retro_no_retrieval']['bpb']:.4f}", f"{s['retro']['bpb']:.4f}",
+            overall.append([reader, protocol, f"{s[off]['bpb']:.4f}", f"{s[on]['bpb']:.4f}",
                             f"{pct(r['gain']['all'])} [{-hi:+.1%}, {-lo:+.1%}]", pct(r["gain"]["novel"]),
-                            f"{r['novel']['fraction']:.0%}", *(f"{v:.4f}" for v in bases.values())])
+                            f"{r['novel']['fraction']:.0%}", *base_cells(s)])
             for g, d in r.get("groups", {}).items():
                 glo, ghi = d["gain_ci95"]
-                gb = {k.split(":", 1)[1]: v["bpb"] for k, v in d["summary"].items() if k.startswith("baseline:")}
                 per_bucket.append([reader, protocol, g, d["chunks"], f"{d['novel_fraction']:.0%}",
-                                   f"{d['summary']['retro_no_retrieval']['bpb']:.4f}",
-                                   f"{d['summary']['retro']['bpb']:.4f}",
+                                   f"{d['summary'][off]['bpb']:.4f}", f"{d['summary'][on]['bpb']:.4f}",
                                    f"{pct(d['gain'])} [{-ghi:+.1%}, {-glo:+.1%}]",
-                                   *(f"{v:.4f}" for v in gb.values())])
-    base_names = [k.split(":", 1)[1] for k in first["summary"] if k.startswith("baseline:")]
+                                   *base_cells(d["summary"])])
     by_k = json.loads((res / "scale-k" / "scale-neighbours.json").read_text())
     by_db = json.loads((res / "scale-db" / "scale-db-size.json").read_text())
     import torch
