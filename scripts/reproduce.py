@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """The RETRO reproduction in one script: real corpus → database → baselines at three sizes and RETRO at the
-smallest → bits-per-byte with/without retrieval, leakage, scaling with database size and neighbours → docs/results.md.
+smallest → bits-per-byte with/without retrieval, leakage, scaling with database size and neighbours →
+docs/results-v1-wiki.md (the first, Wikipedia-only reproduction; evidence v2 is scripts/evidence_*.py → docs/results.md).
 
     .venv/bin/python scripts/reproduce.py                  # CPU scale (2 cores: a few hours), the default
     .venv/bin/python scripts/reproduce.py --profile gpu    # larger models and more tokens, for a CUDA machine
@@ -93,7 +94,7 @@ def main() -> None:
     ap.add_argument("--profile", choices=sorted(PROFILES), default="cpu")
     ap.add_argument("--work", type=Path, default=REPO / "runs" / "repro")
     ap.add_argument("--results", type=Path, default=None,
-                    help="results page (default docs/results.md; docs/results-<profile>.md for other profiles); "
+                    help="results page (default docs/results-v1-wiki.md; docs/results-<profile>.md for other profiles); "
                          "its plots go to a folder of the same name")
     ap.add_argument("--data", type=Path, default=REPO / "data" / "full",
                     help="where the corpora are (fetched there by `retrolm corpus fetch` if missing)")
@@ -102,7 +103,7 @@ def main() -> None:
     args = ap.parse_args()
     p = PROFILES[args.profile]
     if args.results is None:
-        page = "results.md" if args.profile == "cpu" else f"results-{args.profile}.md"
+        page = "results-v1-wiki.md" if args.profile == "cpu" else f"results-{args.profile}.md"
         args.results = REPO / "docs" / page
     args.noise_corpus = args.noise_corpus or args.data / "python-docs.jsonl"
     w = args.work / args.profile
@@ -200,11 +201,11 @@ def equivalent_params(params: list[int], bpb: list[float], target: float) -> flo
 
 
 def write_results(args, w: Path, runs: dict[str, Path], log: list[str]) -> None:
-    """docs/results.md: the tables, the plots and the exact commands."""
+    """The results page: the tables, the plots and the exact commands."""
     from retrolm.eval.report import markdown_table
     from retrolm.eval.run import gain_text
 
-    res = args.results.with_suffix("")  # docs/results.md → plots in docs/results/
+    res = args.results.with_suffix("")  # docs/results-v1-wiki.md → plots in docs/results-v1-wiki/
     res.mkdir(parents=True, exist_ok=True)
     ev = json.loads((w / "eval" / "eval.json").read_text())
     by_k = json.loads((w / "scale-k" / "scale-neighbours.json").read_text())
