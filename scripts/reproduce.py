@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """The RETRO reproduction in one script: real corpus → database → baselines at three sizes and RETRO at the
 smallest → bits-per-byte with/without retrieval, leakage, scaling with database size and neighbours →
-docs/results-v1-wiki.md (the first, Wikipedia-only reproduction; evidence v2 is scripts/evidence_*.py → docs/results.md).
+docs/results-v1-wiki.md (the first, Wikipedia-only reproduction; evidence v2: scripts/evidence_*.py, docs/results.md).
 
     .venv/bin/python scripts/reproduce.py                  # CPU scale (2 cores: a few hours), the default
     .venv/bin/python scripts/reproduce.py --profile gpu    # larger models and more tokens, for a CUDA machine
@@ -94,8 +94,8 @@ def main() -> None:
     ap.add_argument("--profile", choices=sorted(PROFILES), default="cpu")
     ap.add_argument("--work", type=Path, default=REPO / "runs" / "repro")
     ap.add_argument("--results", type=Path, default=None,
-                    help="results page (default docs/results-v1-wiki.md; docs/results-<profile>.md for other profiles); "
-                         "its plots go to a folder of the same name")
+                    help="results page (default docs/results-v1-wiki.md; docs/results-<profile>.md for other "
+                         "profiles); its plots go to a folder of the same name")
     ap.add_argument("--data", type=Path, default=REPO / "data" / "full",
                     help="where the corpora are (fetched there by `retrolm corpus fetch` if missing)")
     ap.add_argument("--encoder", default=None, help="encoder name or folder for the database (default: the build's)")
