@@ -60,6 +60,22 @@ def run(cmd: list, log: list[str], done: Path | None = None) -> float:
     return time.time() - t
 
 
+class Steps:
+    """Runs the steps of an evidence script: every command is logged, finished ones are skipped, and the wall time of
+    each one this (or an earlier, interrupted) invocation ran is kept in ``work/timings.json``."""
+
+    def __init__(self, work: Path) -> None:
+        self.log: list[str] = []
+        self.timing = work / "timings.json"
+        self.seconds: dict[str, float] = json.loads(self.timing.read_text()) if self.timing.is_file() else {}
+
+    def __call__(self, name: str, cmd: list, done: Path) -> None:
+        took = run(cmd, self.log, done=done)
+        if took:
+            self.seconds[name] = round(took, 1)
+            self.timing.write_text(json.dumps(self.seconds, indent=2))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", type=Path, default=REPO / "runs" / "evidence-incontext")

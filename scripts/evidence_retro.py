@@ -26,7 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-from evidence_incontext import RETROLM, commands_section, run
+from evidence_incontext import RETROLM, Steps, commands_section, run
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -125,17 +125,8 @@ def main() -> None:
     res = args.results or REPO / "docs" / "results" / f"retro-{args.profile}"
     work.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    log: list[str] = []
-    seconds: dict[str, float] = {}
-    timing = work / "timings.json"
-    if timing.is_file():
-        seconds.update(json.loads(timing.read_text()))
-
-    def step(name: str, cmd: list, done: Path) -> None:
-        took = run(cmd, log, done=done)
-        if took:
-            seconds[name] = round(took, 1)
-            timing.write_text(json.dumps(seconds, indent=2))
+    step = Steps(work)
+    log, seconds = step.log, step.seconds
 
     train, held = prepare(work, p, log)
     db = work / "db"
