@@ -65,7 +65,12 @@ def _wiki(work: Path) -> tuple[Iterator[dict], str]:
 
 def _debian(work: Path, package: str) -> tuple[Path, str]:
     """Download and unpack a Debian package; returns its root folder and ``name=version``."""
-    _run(["apt-get", "download", package], cwd=work)
+    try:
+        _run(["apt-get", "download", package], cwd=work)
+    except RetrolmError as e:
+        # a fresh machine's package lists may predate the package (linux-doc-6.12 came to bookworm as an update)
+        raise RetrolmError(f"{e}; if the package exists for this release, run `apt-get update` once "
+                           "and fetch again") from None
     debs = sorted(work.glob(f"{package}_*.deb"))
     if not debs:
         raise RetrolmError(f"apt-get download {package}: no package file (run `apt-get update` once?)")
