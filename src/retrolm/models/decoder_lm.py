@@ -4,10 +4,10 @@ context window of a baseline trained from scratch (no RETRO layers), exactly as 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from retrolm.core.errors import RetrolmError
+from retrolm.models.hf import padded_token_nll
 from retrolm.models.retro import RetroModel
 
 
@@ -48,17 +48,5 @@ class DecoderLM(nn.Module):
         if too_long > self.context_len:
             raise RetrolmError(f"{self.name}: a window of {too_long} tokens exceeds the model's {self.context_len}; "
                                "lower context_tokens or stride (a passage takes up to 2 × chunk_len tokens)")
-        out: list[Tensor] = [torch.empty(0)] * len(rows)
-        order = sorted(range(len(rows)), key=lambda i: -len(rows[i]))
-        for start in range(0, len(order), batch_size):
-            idx = order[start : start + batch_size]
-            T = max(len(rows[i]) for i in idx)
-            ids = torch.zeros((len(idx), T), dtype=torch.long)
-            for r, i in enumerate(idx):
-                ids[r, : len(rows[i])] = torch.tensor(rows[i])
-            logp = F.log_softmax(self.model(ids.to(self.device)).logits.float()[:, :-1], dim=-1)
-            nll = -logp.gather(-1, ids[:, 1:, None].to(self.device))[..., 0]  # (B, T-1): nll of token t+1
-            for r, i in enumerate(idx):
-                n, L = n_targets[i], len(rows[i])
-                out[i] = nll[r, L - 1 - n : L - 1].cpu() if n else torch.empty(0)
-        return out
+        return padded_token_nll(lambda ids, mask: self.model(ids).logits, rows, n_targets, self.device,
+                                batch_size)

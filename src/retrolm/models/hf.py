@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -19,6 +20,32 @@ from torch import Tensor, nn
 from retrolm.core.hub import ModelRef, load_error, resolve_model, weights_fingerprint
 
 logger = logging.getLogger(__name__)
+
+
+def padded_token_nll(forward: Callable[[Tensor, Tensor], Tensor], rows: list[list[int]], n_targets: list[int],
+                     device: torch.device, batch_size: int = 8, left_pad: bool = False) -> list[Tensor]:
+    """Negative log-likelihood (nats) of the last ``n_targets[i]`` tokens of each ``rows[i]``: rows sorted by length
+    into padded batches, ``forward(ids, attention_mask) -> logits`` run once per batch. Right padding suits a causal
+    model without a mask (padding after a token never changes its prediction); left padding needs the mask."""
+    out: list[Tensor] = [torch.empty(0)] * len(rows)
+    order = sorted(range(len(rows)), key=lambda i: -len(rows[i]))
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        T = max(len(rows[i]) for i in idx)
+        ids = torch.zeros((len(idx), T), dtype=torch.long)
+        mask = torch.zeros((len(idx), T), dtype=torch.long)
+        ends = []  # where each row's last token sits
+        for r, i in enumerate(idx):
+            first = T - len(rows[i]) if left_pad else 0
+            ids[r, first : first + len(rows[i])] = torch.tensor(rows[i])
+            mask[r, first : first + len(rows[i])] = 1
+            ends.append(first + len(rows[i]) - 1)
+        logp = F.log_softmax(forward(ids.to(device), mask.to(device)).float()[:, :-1], dim=-1)
+        nll = -logp.gather(-1, ids[:, 1:, None].to(device))[..., 0]  # (B, T-1): nll of token t+1
+        for r, i in enumerate(idx):
+            n = n_targets[i]
+            out[i] = nll[r, ends[r] - n : ends[r]].cpu() if n else torch.empty(0)
+    return out
 
 
 def load_hf_causal_lm(ref: ModelRef, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
@@ -87,25 +114,9 @@ class CausalLM(nn.Module):
     @torch.no_grad()
     def token_nll(self, rows: list[list[int]], n_targets: list[int], batch_size: int = 8) -> list[Tensor]:
         """Negative log-likelihood (nats) of the last ``n_targets[i]`` tokens of each ``rows[i]`` given what
-        precedes them; rows are left-padded into batches of similar length."""
-        out: list[Tensor] = [torch.empty(0)] * len(rows)
-        order = sorted(range(len(rows)), key=lambda i: -len(rows[i]))
-        pad = 0
-        for start in range(0, len(order), batch_size):
-            idx = order[start : start + batch_size]
-            T = max(len(rows[i]) for i in idx)
-            ids = torch.full((len(idx), T), pad, dtype=torch.long)
-            mask = torch.zeros((len(idx), T), dtype=torch.long)
-            for r, i in enumerate(idx):
-                ids[r, T - len(rows[i]):] = torch.tensor(rows[i])
-                mask[r, T - len(rows[i]):] = 1
-            logits = self(ids.to(self.device), mask.to(self.device)).float()
-            logp = F.log_softmax(logits[:, :-1], dim=-1)
-            nll = -logp.gather(-1, ids[:, 1:, None].to(self.device))[..., 0]  # (B, T-1): nll of token t+1
-            for r, i in enumerate(idx):
-                n = n_targets[i]
-                out[i] = nll[r, T - 1 - n :].cpu() if n else torch.empty(0)
-        return out
+        precedes them; rows are left-padded (with an attention mask) into batches of similar length."""
+        return padded_token_nll(lambda ids, mask: self(ids, mask), rows, n_targets, self.device, batch_size,
+                                left_pad=True)
 
     @torch.no_grad()
     def step(self, ids: list[int], cache: object | None = None) -> tuple[Tensor, object]:
