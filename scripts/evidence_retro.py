@@ -24,6 +24,7 @@ import random
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from evidence_incontext import RETROLM, Steps, commands_section, run
@@ -98,7 +99,10 @@ def prepare(work: Path, p: dict, log: list[str]) -> tuple[Path, Path]:
     rows = [r for r in rows if keep(path_of(r["id"]), p["fraction"]) or path_of(r["id"]) in must]
     wiki = [json.loads(x) for x in (data / "wiki.jsonl").read_text().splitlines()]
     random.Random(0).shuffle(wiki)
-    held_wiki = [w for w in wiki[: 20 * HELD_WIKI] if len(w["text"]) >= 1500][:HELD_WIKI]
+    # summaries are short (median ~460 characters; only 10 of 10,033 reach 1,500): ≥ 600 leaves 2–4 chunks each
+    held_wiki = [w for w in wiki[: 20 * HELD_WIKI] if len(w["text"]) >= 600][:HELD_WIKI]
+    if len(held_wiki) < HELD_WIKI:
+        raise SystemExit(f"only {len(held_wiki)} Wikipedia summaries long enough to hold out")
     taken = {w["id"] for w in held_wiki}
     rows += [{"id": f"wiki/{w['id']}", "text": w["text"]} for w in wiki[20 * HELD_WIKI:][: p["wiki_docs"]]
              if w["id"] not in taken]
@@ -112,6 +116,40 @@ def prepare(work: Path, p: dict, log: list[str]) -> tuple[Path, Path]:
     lines = (data / "python-docs.jsonl").read_text(encoding="utf-8").splitlines()[: p["noise_docs"]]
     noise.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return train, held
+
+
+def shape_args(p: dict, size: str, retro: bool = False) -> list[str]:
+    """``model.*`` overrides of one size; with ``retro``, CCA in the middle and last layers."""
+    d, n_layer, n_head, _ = p["sizes"][size]
+    out = [f"model.d_model={d}", f"model.n_layer={n_layer}", f"model.n_head={n_head}"]
+    return [*out, f"model.retro_layers={[max(1, n_layer // 2), n_layer]}"] if retro else out
+
+
+def retrofit_args(base: Path, n_steps: int) -> list[str]:
+    """RETRO-fitting ``base``: a short warm-up and one checkpoint at the end."""
+    return [f"init_from={base}", f"warmup_steps={max(1, min(40, n_steps // 5))}", "eval_every=1000000",
+            f"save_every={n_steps}"]
+
+
+def training_setup(work: Path, p: dict, step: Steps) -> tuple[Path, Path, Callable[..., Path]]:
+    """Data, database and a ``train_run(name, model_args, extra, n_steps)`` that trains one run in ``work/name``
+    (skipped when its last checkpoint exists) with the profile's shared settings, and returns its folder. Every run
+    reads the same BM25 neighbours of the same chunks: searched once, in one shared folder."""
+    train, held = prepare(work, p, step.log)
+    db = work / "db"
+    step("db build", [*RETROLM, "db", "build", train, "--out", db, "--tokenizer", f"train:{p['vocab']}",
+                      "--index", "none", "--bm25", "-q"], db / "meta.json")
+    common = [f"{k}={v}" for k, v in p["train"].items()]
+    common += [f"db={db}", "num_neighbours=2", "retriever=bm25", "tensorboard=false",
+               f"neighbours_dir={work / 'neighbours'}"]
+
+    def train_run(name: str, model: list[str], extra: list[str], n_steps: int = p["train"]["steps"]) -> Path:
+        out = work / name
+        step(name, [*RETROLM, "train", "-q", *common, *model, *extra, f"steps={n_steps}", f"out_dir={out}"],
+             out / "checkpoints" / f"step-{n_steps:06d}" / "model.safetensors")
+        return out
+
+    return held, db, train_run
 
 
 def main() -> None:
@@ -128,39 +166,21 @@ def main() -> None:
     step = Steps(work)
     log, seconds = step.log, step.seconds
 
-    train, held = prepare(work, p, log)
-    db = work / "db"
-    step("db build", [*RETROLM, "db", "build", train, "--out", db, "--tokenizer", f"train:{p['vocab']}",
-                      "--index", "none", "--bm25", "-q"], db / "meta.json")
-
-    # every RETRO run reads the same BM25 neighbours of the same chunks: searched once, in one shared folder
-    common = [f"{k}={v}" for k, v in p["train"].items()]
-    common += [f"db={db}", "num_neighbours=2", "retriever=bm25", "tensorboard=false",
-               f"neighbours_dir={work / 'neighbours'}"]
-    steps = p["train"]["steps"]
+    held, db, train_run = training_setup(work, p, step)
     runs: dict[str, Path] = {}
-
-    def train_run(name: str, model: list[str], extra: list[str], n_steps: int = steps) -> None:
-        out = work / name
-        step(name, [*RETROLM, "train", "-q", *common, *model, *extra, f"steps={n_steps}", f"out_dir={out}"],
-             out / "checkpoints" / f"step-{n_steps:06d}" / "model.safetensors")
-        runs[name] = out
-
-    shapes = {}
-    for size, (d, n_layer, n_head, lr) in p["sizes"].items():
-        n_retro = [max(1, n_layer // 2), n_layer]  # CCA in the middle and last layers
-        shapes[size] = [f"model.d_model={d}", f"model.n_layer={n_layer}", f"model.n_head={n_head}"]
-        train_run(f"baseline-{size}", [*shapes[size], "model.retro_layers=[]"], [f"lr={lr}"])
+    for size, (_, _, _, lr) in p["sizes"].items():
+        runs[f"baseline-{size}"] = train_run(f"baseline-{size}", [*shape_args(p, size), "model.retro_layers=[]"],
+                                             [f"lr={lr}"])
         if size in p["retro"]:
-            train_run(f"retro-{size}", [*shapes[size], f"model.retro_layers={n_retro}"], [f"lr={lr}"])
+            runs[f"retro-{size}"] = train_run(f"retro-{size}", [*shape_args(p, size, retro=True)], [f"lr={lr}"])
     # RETRO-fitting the middle baseline with 5% of its steps (same batch, so 5% of its tokens)
-    fit_steps = max(1, steps // 20)
-    d, n_layer, _, _ = p["sizes"]["medium"]
-    fit = [*shapes["medium"], f"model.retro_layers={[max(1, n_layer // 2), n_layer]}"]
-    fit_common = [f"init_from={runs['baseline-medium']}", f"warmup_steps={max(1, fit_steps // 5)}",
-                  "eval_every=1000000", f"save_every={fit_steps}"]
-    train_run("retrofit-frozen", fit, [*fit_common, "freeze_init=true", f"lr={p['fit_lr']}"], fit_steps)
-    train_run("retrofit-unfrozen", fit, [*fit_common, f"lr={p['fit_lr_unfrozen']}"], fit_steps)
+    fit_steps = max(1, p["train"]["steps"] // 20)
+    fit = shape_args(p, "medium", retro=True)
+    fit_common = retrofit_args(runs["baseline-medium"], fit_steps)
+    runs["retrofit-frozen"] = train_run("retrofit-frozen", fit, [*fit_common, "freeze_init=true",
+                                                                 f"lr={p['fit_lr']}"], fit_steps)
+    runs["retrofit-unfrozen"] = train_run("retrofit-unfrozen", fit, [*fit_common, f"lr={p['fit_lr_unfrozen']}"],
+                                          fit_steps)
 
     # Evaluation: every reader of neighbours under both protocols, per bucket, against all three baselines.
     baselines = [a for size in p["sizes"] for a in ("--baseline", runs[f"baseline-{size}"])]
