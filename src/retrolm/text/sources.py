@@ -23,6 +23,7 @@ import glob
 import gzip
 import json
 import logging
+import os
 import shutil
 import subprocess
 import sys
@@ -63,14 +64,33 @@ def _wiki(work: Path) -> tuple[Iterator[dict], str]:
     return docs(), package
 
 
+_APT_UPDATED = False  # apt-get update runs at most once per process
+
+
+def _can_update_apt() -> bool:
+    return hasattr(os, "geteuid") and os.geteuid() == 0 and shutil.which("apt-get") is not None
+
+
 def _debian(work: Path, package: str) -> tuple[Path, str]:
-    """Download and unpack a Debian package; returns its root folder and ``name=version``."""
+    """Download and unpack a Debian package; returns its root folder and ``name=version``.
+
+    A fresh machine's package lists may predate the package (linux-doc-6.12 came to bookworm as an update): as root,
+    the lists are refreshed once (``apt-get update``) and the download retried; otherwise the error says to do that.
+    """
+    global _APT_UPDATED
     try:
         _run(["apt-get", "download", package], cwd=work)
     except RetrolmError as e:
-        # a fresh machine's package lists may predate the package (linux-doc-6.12 came to bookworm as an update)
-        raise RetrolmError(f"{e}; if the package exists for this release, run `apt-get update` once "
-                           "and fetch again") from None
+        if _APT_UPDATED or not _can_update_apt():
+            raise RetrolmError(f"{e}; if the package exists for this release, run `apt-get update` once "
+                               "and fetch again") from None
+        logger.info("%s is not in apt's package lists: running apt-get update once", package)
+        _APT_UPDATED = True
+        _run(["apt-get", "update", "-qq"])
+        try:
+            _run(["apt-get", "download", package], cwd=work)
+        except RetrolmError as again:
+            raise RetrolmError(f"{again}, even after apt-get update: this release may not have it") from None
     debs = sorted(work.glob(f"{package}_*.deb"))
     if not debs:
         raise RetrolmError(f"apt-get download {package}: no package file (run `apt-get update` once?)")
