@@ -300,3 +300,24 @@ def test_runs_share_one_neighbours_folder(built_db, tmp_path, monkeypatch):
     assert len(calls) == 1 and not (tmp_path / "b" / "neighbours").exists()
     run(tiny_cfg(built_db, tmp_path / "c", steps=1, neighbours_dir=shared, num_neighbours=1))
     assert len(calls) == 2
+
+
+def test_neighbour_search_torch_matches_faiss_and_its_cost_is_logged(built_db, tmp_path):
+    """neighbour_search=torch (exact matrix-multiply search, here on the CPU) finds the same training neighbours as the
+    index's FAISS search; auto picks FAISS without CUDA; the search time lands in metrics.jsonl."""
+    from retrolm.retrieval.neighbours import load_neighbours
+
+    got = {}
+    for search in ("auto", "torch"):
+        run(tiny_cfg(built_db, tmp_path / search, steps=1, neighbour_search=search))
+        saved = json.loads((tmp_path / search / "neighbours" / "neighbours.json").read_text())
+        assert saved["config"]["search"] == ("faiss" if search == "auto" else "torch")
+        got[search] = load_neighbours(tmp_path / search / "neighbours", built_db)
+        setup = [r for r in metric_rows(tmp_path / search) if "setup/neighbour_seconds" in r]
+        assert len(setup) == 1 and setup[0]["setup/neighbour_chunks"] == built_db.store.n_chunks
+        assert setup[0]["setup/neighbour_seconds"] > 0
+    a, b = got["auto"], got["torch"]
+    assert a.shape == b.shape and (a >= 0).mean() > 0.9
+    assert (a == b).mean() > 0.99  # near-tied keys may swap places
+    with pytest.raises(RetrolmError, match="neighbour_search"):
+        tiny_cfg(built_db, tmp_path / "x", neighbour_search="gpu")

@@ -54,6 +54,10 @@ class LoopConfig:
     """document (paper) | sequence (stricter) | none."""
     retriever: str = "dense"
     """dense | bm25 | hybrid: how training neighbours are found."""
+    neighbour_search: str = "auto"
+    """auto | faiss | torch: how the training neighbours are searched. torch = exact inner product by matrix multiply
+    on the GPU against the stored keys (dense retriever, flat or hnsw index); auto picks it when CUDA is available and
+    the index stores exact keys, else the index's own FAISS search on the host."""
     neighbours_dir: str | None = None
     """Where the precomputed training neighbours are kept (default OUT/neighbours). Runs on the same database with the
     same neighbour settings (k, exclusion, retriever, sequence length) may share one folder: the first computes them,
@@ -103,6 +107,8 @@ class LoopConfig:
             raise RetrolmError("num_neighbours and keep_checkpoints must be positive")
         if self.retriever not in ("dense", "bm25", "hybrid"):
             raise RetrolmError(f"retriever must be dense, bm25 or hybrid, got {self.retriever!r}")
+        if self.neighbour_search not in ("auto", "faiss", "torch"):
+            raise RetrolmError(f"neighbour_search must be auto, faiss or torch, got {self.neighbour_search!r}")
 
 
 @dataclass

@@ -212,14 +212,31 @@ class Trainer:
     def _neighbours(self, seq_chunks: int, show_progress: bool) -> np.ndarray:
         folder = Path(self.cfg.neighbours_dir) if self.cfg.neighbours_dir else self.out / "neighbours"
         ncfg = NeighbourConfig(k=self.cfg.num_neighbours, exclude=self.cfg.neighbour_exclude, seq_chunks=seq_chunks,
-                               retriever=self.cfg.retriever)
+                               retriever=self.cfg.retriever, search=self._neighbour_search())
         if self.main and not self._neighbours_reusable(folder, ncfg):
             retriever = get_retriever(self.db, ncfg.retriever)
+            started = time.perf_counter()
             nb = compute_neighbours(retriever, config=ncfg, show_progress=show_progress)
+            seconds = time.perf_counter() - started
+            logger.info("training neighbours of %d chunks in %.1f s (%s search)", len(nb), seconds, ncfg.search)
             save_neighbours(folder, nb, self.db, ncfg)
+            # the cost of the neighbours next to the training curve: what share of a run they take
+            self.out.mkdir(parents=True, exist_ok=True)
+            with open(self.out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps({"step": 0, "setup/neighbour_seconds": round(seconds, 3),
+                                    "setup/neighbour_chunks": len(nb)}) + "\n")
         if self.world > 1:  # every rank waits here, whatever it would have decided on its own
             torch.distributed.barrier()
         return load_neighbours(folder, self.db)
+
+    def _neighbour_search(self) -> str:
+        """The neighbour search backend: ``auto`` is exact search on the GPU when the dense keys are stored exactly."""
+        search = self.cfg.neighbour_search
+        if search != "auto":
+            return search
+        index = self.db.index
+        gpu_ok = self.cfg.retriever == "dense" and torch.cuda.is_available() and self.device.type == "cuda"
+        return "torch" if gpu_ok and index is not None and index.stores_exact_keys else "faiss"
 
     def _neighbours_reusable(self, folder: Path, ncfg: NeighbourConfig) -> bool:
         """A saved neighbour set made with the same settings for this database version (resume, reruns)."""
