@@ -154,6 +154,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--enc-d-model", type=int, default=None, help="neighbour encoder width (default: d_model)")
     ap.add_argument("--device", default=None)
     ap.add_argument("--compile", choices=("no", "yes", "both"), default="no")
+    ap.add_argument("--checkpoint-activations", default="none",
+                    help="comma-separated modes to time: none, encoder (recompute the neighbour encoder in the "
+                         "backward pass), all (also the decoder blocks); the baseline has no encoder to recompute")
     ap.add_argument("--models", default="retro,baseline",
                     help="which to time: retro, baseline, both comma-separated, or 'none' (generation only)")
     ap.add_argument("--steps", type=int, default=None, help="timed steps (default 20 on GPU, 3 on CPU)")
@@ -182,15 +185,17 @@ def main(argv: list[str] | None = None) -> None:
     results = []
     compiles = {"no": [False], "yes": [True], "both": [False, True]}[args.compile]
     wanted = {m.strip().lower() for m in args.models.split(",")}
+    modes = [m.strip() for m in args.checkpoint_activations.split(",") if m.strip()]
     for name, layers in (("RETRO", shape["retro_layers"]), ("baseline", ())):
         if name.lower() not in wanted:
             continue
-        for comp in compiles:
-            cfg = RetroConfig(**{**shape, "retro_layers": layers})
-            r = time_training(cfg, batch, device, comp, steps, warmup)
-            r.update(model=name, compiled=comp, mfu=r["tflops"] / peak)
-            results.append(r)
-            print(json.dumps(r))
+        for mode in modes if layers else [m for m in modes if m != "encoder"]:
+            for comp in compiles:
+                cfg = RetroConfig(**{**shape, "retro_layers": layers, "checkpoint_activations": mode})
+                r = time_training(cfg, batch, device, comp, steps, warmup)
+                r.update(model=name, compiled=comp, checkpoint=mode, mfu=r["tflops"] / peak)
+                results.append(r)
+                print(json.dumps(r))
     gen = time_generation({**shape, "batch": batch}, args.db, device, args.gen_tokens) if args.db else []
 
     cpu = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
@@ -200,13 +205,14 @@ def main(argv: list[str] | None = None) -> None:
              f"encoder width {shape.get('enc_d_model', shape['d_model'])}, "
              f"k={shape['num_neighbours']}, peak {peak:.1f} TFLOP/s ({peak_src})")
     table = Table(title=title)
-    for col in ("model", "compiled", "params (M)", "tokens/s", "step (s)", "TFLOP/step", "TFLOP/s", "MFU",
+    for col in ("model", "compiled", "recompute", "params (M)", "tokens/s", "step (s)", "TFLOP/step", "TFLOP/s", "MFU",
                 "peak mem (GiB)"):
         table.add_column(col, justify="right")
     rows = []
     for r in results:
-        row = [r["model"], "yes" if r["compiled"] else "no", f"{r['params_M']:.1f}", f"{r['tokens_per_s']:,.0f}",
-               f"{r['step_s']:.3f}", f"{r['flops_per_step'] / 1e12:.2f}", f"{r['tflops']:.2f}", f"{r['mfu']:.1%}",
+        row = [r["model"], "yes" if r["compiled"] else "no", r["checkpoint"], f"{r['params_M']:.1f}",
+               f"{r['tokens_per_s']:,.0f}", f"{r['step_s']:.3f}", f"{r['flops_per_step'] / 1e12:.2f}",
+               f"{r['tflops']:.2f}", f"{r['mfu']:.1%}",
                f"{r['peak_mem_GiB']:.2f}"]
         rows.append(row)
         table.add_row(*row)
@@ -221,8 +227,8 @@ def main(argv: list[str] | None = None) -> None:
         cmd = "python benchmarks/bench_train.py " + " ".join(argv or __import__("sys").argv[1:])
         lines = [f"\n### {title}\n", f"`{cmd}`\n"]
         if rows:
-            lines += ["| model | compiled | params (M) | tokens/s | step (s) | TFLOP/step | TFLOP/s | MFU "
-                      "| peak mem (GiB) |", "|" + "---|" * 9, *("| " + " | ".join(r) + " |" for r in rows)]
+            lines += ["| model | compiled | recompute | params (M) | tokens/s | step (s) | TFLOP/step | TFLOP/s | MFU "
+                      "| peak mem (GiB) |", "|" + "---|" * 10, *("| " + " | ".join(r) + " |" for r in rows)]
         lines += [f"\nGeneration ({g['new_tokens']} tokens, batch 1, greedy): retrieval "
                   f"{'on' if g['retrieval'] else 'off'} {g['tokens_per_s']:.1f} tokens/s" for g in gen]
         with open(args.out, "a") as f:
