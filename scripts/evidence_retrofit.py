@@ -1,0 +1,150 @@
+#!/usr/bin/env python3
+"""Why RETRO-fitting recovered nothing with 5% of the tokens (issue 11): the same RETRO-fitting of baseline-medium
+(frozen, CCA in its middle and last layers) with more update steps for the same tokens, a larger learning rate, and
+20% / 100% of the baseline's tokens, plus checkpoints of the longest run evaluated along the way: is it the budget,
+the schedule, or the method?
+
+    .venv/bin/python scripts/evidence_retrofit.py                # CPU scale (shares runs/evidence-retro/cpu)
+    .venv/bin/python scripts/evidence_retrofit.py --profile gpu
+
+Shares the work folder of scripts/evidence_retro.py (data, database, neighbours, baseline-medium and its 5% run are
+trained once for both). Every step is a `retrolm` command; finished steps are skipped on a re-run. Writes
+docs/results/retrofit-<profile>/<run>/{eval.json,report.md,...} and docs/results/retrofit-<profile>/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+from evidence_incontext import RETROLM, Steps, commands_section
+from evidence_retro import PROFILES, PROTOCOLS, REPO, last_metrics, pct, retrofit_args, shape_args, training_setup
+
+# (run, share of baseline-medium's tokens, batch size, learning rate); frozen. "retrofit-frozen" is evidence_retro's
+# 5% run (same command, trained once). The batch-4 run spends the same tokens in 4× the steps.
+VARIANTS = [
+    ("retrofit-frozen", 0.05, 1, 1.0),
+    ("fit-5pct-b4", 0.05, 0.25, 1.0),
+    ("fit-5pct-lr10", 0.05, 1, 10 / 3),
+    ("fit-20pct", 0.20, 1, 1.0),
+    ("fit-100pct", 1.00, 1, 1.0),
+]
+ALONG = (0.1, 0.2, 0.5)  # checkpoints of the longest run evaluated on the way (share of its steps)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--profile", choices=sorted(PROFILES), default="cpu")
+    ap.add_argument("--work", type=Path, default=None, help="default runs/evidence-retro/<profile>")
+    ap.add_argument("--results", type=Path, default=None, help="default docs/results/retrofit-<profile>")
+    args = ap.parse_args()
+    p = PROFILES[args.profile]
+    work = args.work or REPO / "runs" / "evidence-retro" / args.profile
+    res = args.results or REPO / "docs" / "results" / f"retrofit-{args.profile}"
+    work.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    step = Steps(work)
+
+    held, db, train_run = training_setup(work, p, step)
+    lr_medium = p["sizes"]["medium"][3]
+    base = train_run("baseline-medium", [*shape_args(p, "medium"), "model.retro_layers=[]"], [f"lr={lr_medium}"])
+    fit = shape_args(p, "medium", retro=True)
+    batch, steps = int(p["train"]["batch_size"]), int(p["train"]["steps"])
+    runs: dict[str, dict] = {}
+    for name, share, batch_mult, lr_mult in VARIANTS:
+        b = max(1, round(batch * batch_mult))
+        n = max(1, round(share * steps * batch / b))
+        extra = [*retrofit_args(base, n), "freeze_init=true", f"lr={p['fit_lr'] * lr_mult:.3g}", f"batch_size={b}"]
+        if share == 1.0:  # keep checkpoints along the way: the gain as a function of tokens within one run
+            extra[extra.index(f"save_every={n}")] = f"save_every={max(1, round(n * ALONG[0]))}"
+            extra.append("keep_checkpoints=100")
+        runs[name] = {"dir": train_run(name, fit, extra, n), "share": share, "batch": b, "steps": n,
+                      "lr": p["fit_lr"] * lr_mult}
+
+    ev = ["--db", db, "--data", held, "--baseline", base, "-q", "retriever=bm25", "near_dup_measure=containment",
+          "group_by=bucket"]
+    evals: list[tuple[str, str, Path]] = []  # (label, protocol, eval folder)
+
+    def evaluate(label: str, checkpoint: Path, protocol: str) -> None:
+        out = res / f"{label}-{protocol}"
+        step(f"eval {label} {protocol}", [*RETROLM, "eval", "--checkpoint", checkpoint, *ev, "--out", out,
+                                          f"near_dup_threshold={PROTOCOLS[protocol]}"], out / "eval.json")
+        evals.append((label, protocol, out))
+
+    for name, r in runs.items():
+        evaluate(name, r["dir"], "previous")
+    # the reference: RETRO from scratch (evidence_retro's run, trained once for both) on the same data and held-out set
+    small = p["retro"][0]
+    scratch = train_run(f"retro-{small}", shape_args(p, small, retro=True), [f"lr={p['sizes'][small][3]}"])
+    evaluate(f"retro-{small}", scratch, "previous")
+    longest = max(runs, key=lambda k: runs[k]["steps"])
+    for frac in ALONG:
+        s = max(1, round(runs[longest]["steps"] * frac))
+        evaluate(f"{longest}-step{s}", runs[longest]["dir"] / "checkpoints" / f"step-{s:06d}", "previous")
+    evaluate(longest, runs[longest]["dir"], "strict")
+    write_page(res, work, runs, evals, step, args, p)
+
+
+def write_page(res: Path, work: Path, runs: dict[str, dict], evals: list[tuple[str, str, Path]], step: Steps,
+               args: argparse.Namespace, p: dict) -> None:
+    from retrolm.eval.report import markdown_table
+
+    scratch = json.loads((res / f"retro-{p['retro'][0]}-previous" / "eval.json").read_text())
+    train_rows = []
+    for name, r in runs.items():
+        m = last_metrics(r["dir"])
+        train_rows.append([name, f"{r['share']:.0%}", r["steps"], r["batch"], f"{r['lr']:.3g}",
+                           f"{m.get('train/loss', float('nan')):.3f}", f"{m.get('train/tokens_per_s', 0):.0f}",
+                           f"{step.seconds.get(name, 0) / 60:.1f}"])
+    buckets = ["identical", "changed", "new", "wikipedia"]
+    rows = []
+    for label, protocol, out in evals:
+        r = json.loads((out / "eval.json").read_text())
+        s, (lo, hi) = r["summary"], r["gain_ci95"]["all"]
+        recovered = f"{r['gain']['all'] / scratch['gain']['all']:.0%}" if scratch["gain"]["all"] > 0 else "–"
+        groups = r.get("groups", {})
+        rows.append([label, protocol, f"{s['retro_no_retrieval']['bpb']:.4f}", f"{s['retro']['bpb']:.4f}",
+                     f"{pct(r['gain']['all'])} [{-hi:+.1%}, {-lo:+.1%}]", recovered,
+                     *[pct(groups[b]["gain"]) if b in groups else "–" for b in buckets], pct(r["gain"]["novel"])])
+    import torch
+
+    machine = (f"{torch.cuda.get_device_name()}, " if torch.cuda.is_available() else "") + \
+        f"{platform.machine()}, {os.cpu_count()} CPUs"
+    page = [
+        f"# RETRO-fitting: how many tokens does it take? ({args.profile} profile)",
+        "",
+        f"Produced by `scripts/evidence_retrofit.py --profile {args.profile}` on {platform.node()} ({machine}), "
+        f"{time.strftime('%Y-%m-%d')}; data, database, neighbours and baseline-medium are those of "
+        f"[retro-{args.profile}](../retro-{args.profile}/README.md). Every run RETRO-fits baseline-medium with its "
+        "weights frozen (only the neighbour encoder and the chunked cross-attention in its middle and last layers "
+        "train; their output projections start at zero, so every run starts exactly at the baseline) and reads k = 2 "
+        "BM25 neighbours. Share = tokens as a share of the baseline's training tokens. Change = relative change of "
+        "held-out bits per byte against the same model with retrieval off (= baseline-medium), negative = better; "
+        f"recovered = that change as a share of RETRO from scratch's (retro-{p['retro'][0]}, the RETRO of the "
+        "evidence run, on the same data and 100% of the tokens; its baseline for that share is its own retrieval-off "
+        "score).",
+        "",
+        "## Training",
+        "",
+        markdown_table(["run", "share of tokens", "steps", "batch", "peak lr", "final train loss", "tokens/s",
+                        "minutes"], train_rows),
+        "",
+        "## Held-out change with retrieval (12 documents per bucket; 95% interval over documents)",
+        "",
+        markdown_table(["run", "protocol", "retrieval off", "retrieval on", "change [95% CI]", "recovered",
+                        *buckets, "novel chunks"], rows),
+        "",
+        *commands_section(step.log, step.seconds),
+    ]
+    res.mkdir(parents=True, exist_ok=True)
+    (res / "README.md").write_text("\n".join(page), encoding="utf-8")
+    print(f"wrote {res / 'README.md'}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
