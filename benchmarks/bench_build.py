@@ -54,7 +54,7 @@ def main() -> None:
     ap.add_argument("--device", default=None)
     ap.add_argument("--index", default="auto")
     ap.add_argument("--tokenize-workers", type=int, default=None,
-                    help="pre-tokenization processes (default: the build's: 1 thread on CPU, up to 8 on GPU)")
+                    help="pre-tokenization processes (default: the build's: one thread)")
     ap.add_argument("--json", type=Path, help="also write the results here")
     args = ap.parse_args()
 
