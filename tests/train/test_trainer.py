@@ -140,6 +140,17 @@ def test_shipped_train_configs_build_models(path):
         assert model.retro_layers
 
 
+def test_activation_checkpointing_is_a_model_override(tmp_path):
+    """model.checkpoint_activations=encoder reaches the model config (the memory target's switch); a bad mode is one
+    clear error."""
+    cfg = load_config(TrainConfig, None, ["model.checkpoint_activations=encoder"])
+    assert cfg.model.build(vocab_size=512, chunk_len=64, num_neighbours=2).checkpoint_activations == "encoder"
+    assert TrainConfig().model.build(vocab_size=512, chunk_len=64, num_neighbours=2).checkpoint_activations == "none"
+    bad = load_config(TrainConfig, None, ["model.checkpoint_activations=decoder"])
+    with pytest.raises(RetrolmError, match="checkpoint_activations"):
+        bad.model.build(vocab_size=512, chunk_len=64, num_neighbours=2)
+
+
 @pytest.mark.slow
 def test_torchrun_ddp_on_two_cpu_processes(built_db, tmp_path):
     """The multi-GPU path (torchrun + DDP) run on CPU with the gloo backend: both ranks train, rank 0 writes."""
@@ -154,7 +165,9 @@ def test_torchrun_ddp_on_two_cpu_processes(built_db, tmp_path):
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in lines if "train/loss" in x] == [1, 2, 3]  # written once, by rank 0
     assert proc.stdout.count("train/loss") == 1  # one summary line
-    assert "train/tokens_per_s" in lines[0] and math.isfinite(lines[-1]["val/loss"])
+    train_rows = [x for x in lines if "train/loss" in x]
+    assert "train/tokens_per_s" in train_rows[0] and math.isfinite(lines[-1]["val/loss"])
+    assert sum("setup/neighbour_seconds" in x for x in lines) == 1  # the neighbour search, by rank 0 alone
 
 
 def test_neighbours_follow_a_rebuilt_database_and_tombstones_are_refused(tmp_path, tiny_db_config):
