@@ -78,15 +78,15 @@ def keep(path: str, fraction: float) -> bool:
 def prepare(work: Path, p: dict, log: list[str]) -> tuple[Path, Path]:
     """train.jsonl (kernel 6.1 + the rest of 6.12 for a fraction of the paths, + Wikipedia) and heldout.jsonl (the
     labelled 6.12 sample + Wikipedia summaries that are not in train.jsonl)."""
+    train, held = work / "train.jsonl", work / "heldout.jsonl"
+    if held.exists():  # prepared already (or carried to a machine that cannot fetch)
+        return train, held
     data = REPO / "data" / "full"
     run([*RETROLM, "corpus", "fetch", "linux-docs-6.1", "linux-docs-6.12", "wiki", "python-docs", "--out", data], log)
     kernel = work / "kernel"
     run([*RETROLM, "corpus", "versions", "--old", data / "linux-docs-6.1.jsonl", "--new",
          data / "linux-docs-6.12.jsonl", "--out", kernel, "--per-bucket", 12, "--max-chars", 4000, "--seed", 0], log,
         done=kernel / "heldout.jsonl")
-    train, held = work / "train.jsonl", work / "heldout.jsonl"
-    if held.exists():
-        return train, held
     labels = json.loads((kernel / "labels.json").read_text())["labels"]
     held_kernel = [json.loads(x) for x in (kernel / "heldout.jsonl").read_text().splitlines()]
     # the held-out documents' closest 6.1 files stay in the subset: without them "identical" would have nothing to find
@@ -131,16 +131,19 @@ def retrofit_args(base: Path, n_steps: int) -> list[str]:
             f"save_every={n_steps}"]
 
 
-def training_setup(work: Path, p: dict, step: Steps) -> tuple[Path, Path, Callable[..., Path]]:
+def training_setup(work: Path, p: dict, step: Steps, encoder: str | None = None
+                   ) -> tuple[Path, Path, Callable[..., Path]]:
     """Data, database and a ``train_run(name, model_args, extra, n_steps)`` that trains one run in ``work/name``
     (skipped when its last checkpoint exists) with the profile's shared settings, and returns its folder. Every run
-    reads the same BM25 neighbours of the same chunks: searched once, in one shared folder."""
+    reads the same neighbours of the same chunks: searched once, in one shared folder. Without ``encoder`` they are
+    BM25's; with it the database holds that encoder's keys instead (flat index) and training reads dense neighbours."""
     train, held = prepare(work, p, step.log)
     db = work / "db"
-    step("db build", [*RETROLM, "db", "build", train, "--out", db, "--tokenizer", f"train:{p['vocab']}",
-                      "--index", "none", "--bm25", "-q"], db / "meta.json")
+    keys = ["--encoder", encoder, "--index", "flat"] if encoder else ["--index", "none", "--bm25"]
+    step("db build", [*RETROLM, "db", "build", train, "--out", db, "--tokenizer", f"train:{p['vocab']}", *keys, "-q"],
+         db / "meta.json")
     common = [f"{k}={v}" for k, v in p["train"].items()]
-    common += [f"db={db}", "num_neighbours=2", "retriever=bm25", "tensorboard=false",
+    common += [f"db={db}", "num_neighbours=2", f"retriever={'dense' if encoder else 'bm25'}", "tensorboard=false",
                f"neighbours_dir={work / 'neighbours'}"]
 
     def train_run(name: str, model: list[str], extra: list[str], n_steps: int = p["train"]["steps"]) -> Path:
