@@ -1,9 +1,10 @@
 #!/usr/bin/env python3
 """The frozen encoder's own speed, apart from any build: forward passes on fixed-shape batches of random WordPiece ids
-(every row the full length, so no padding), for a grid of lengths and batch sizes, plus what a fresh process pays to
-import the build (the start-up cost of each pre-tokenization worker process).
+(every row the full length, so no padding, unless ``--pad`` asks for some), for a grid of lengths and batch sizes,
+plus what a fresh process pays to import the build (the start-up cost of each pre-tokenization worker process).
 
     python benchmarks/bench_encoder.py --encoder ENCODER_DIR --lengths 64,128 --batches 256,1024,4096 --json out.json
+    python benchmarks/bench_encoder.py --encoder ENCODER_DIR --lengths 80 --batches 1024 --pad 0,0.2   # mask cost
 
 Speed does not depend on the ids' values. Each point: 3 warm-up batches, then as many batches as fit in ``--seconds``
 (at least 5), synchronised, on the same ``SentenceEncoder`` the build uses (dtype fp16 on a GPU, mean pooling).
@@ -29,10 +30,17 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def time_point(enc: SentenceEncoder, length: int, batch: int, seconds: float) -> dict:
+def time_point(enc: SentenceEncoder, length: int, batch: int, seconds: float, pad: float = 0.0) -> dict:
+    """``pad`` > 0: rows of random real lengths (uniform in [length·(1 − 2·pad), length]) padded to ``length``, so a
+    share ``pad`` of the positions is padding and the attention needs a mask, as in the build's sorted batches."""
     vocab = int(enc.model.config.vocab_size)
     ids = torch.randint(1000, vocab, (batch, length))
-    feats = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "token_type_ids": torch.zeros_like(ids)}
+    mask = torch.ones_like(ids)
+    if pad > 0:
+        real = torch.randint(max(1, round(length * (1 - 2 * pad))), length + 1, (batch,))
+        mask = (torch.arange(length)[None, :] < real[:, None]).long()
+        ids = ids * mask
+    feats = {"input_ids": ids, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids)}
     gpu_feats = {k: v.to(enc.device) for k, v in feats.items()}
     for _ in range(3):
         enc.embed_features(gpu_feats, to_cpu=False)
@@ -51,7 +59,7 @@ def time_point(enc: SentenceEncoder, length: int, batch: int, seconds: float) ->
         enc.embed_features(feats, to_cpu=True)
         m += 1
     dt2 = time.perf_counter() - t2
-    return {"length": length, "batch": batch, "chunks_per_s": round(n * batch / dt, 1),
+    return {"length": length, "batch": batch, "pad": pad, "chunks_per_s": round(n * batch / dt, 1),
             "chunks_per_s_with_copies": round(m * batch / dt2, 1),
             "encoder_tokens_per_s": round(n * batch * length / dt, 1)}
 
@@ -69,6 +77,7 @@ def main() -> None:
     ap.add_argument("--lengths", default="64,128")
     ap.add_argument("--batches", default="256,1024")
     ap.add_argument("--seconds", type=float, default=1.5, help="timed seconds per point")
+    ap.add_argument("--pad", default="0", help="comma-separated shares of padded positions (0 = no mask needed)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     enc = SentenceEncoder(**({"name": args.encoder} if args.encoder else {}), device=args.device)
@@ -78,9 +87,10 @@ def main() -> None:
     rows = []
     for length in map(int, args.lengths.split(",")):
         for batch in map(int, args.batches.split(",")):
-            r = time_point(enc, length, batch, args.seconds)
-            rows.append(r)
-            print(json.dumps(r))
+            for pad in map(float, args.pad.split(",")):
+                r = time_point(enc, length, batch, args.seconds, pad)
+                rows.append(r)
+                print(json.dumps(r))
     starts = {m: import_seconds(m) for m in ("torch", "retrolm.db.build")}
     print("fresh-process import seconds:", json.dumps(starts))
     if args.json:
