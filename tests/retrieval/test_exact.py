@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
@@ -51,6 +53,16 @@ def assert_same_ranking(got, want, queries: np.ndarray, keys: np.ndarray, tol: f
         assert len(set(g[g >= 0].tolist())) == int((g >= 0).sum())  # no key twice
 
 
+def assert_same_neighbours(got: np.ndarray, want: np.ndarray, keys: np.ndarray) -> None:
+    """``assert_same_ranking`` for neighbour id arrays of the database's own chunks (each chunk's query is its key)."""
+
+    def scored(ids: np.ndarray) -> SimpleNamespace:
+        scores = np.einsum("nd,nkd->nk", keys, keys[np.maximum(ids, 0)])
+        return SimpleNamespace(ids=ids, scores=np.where(ids >= 0, scores, -np.inf))
+
+    assert_same_ranking(scored(got), scored(want), keys, keys)
+
+
 @pytest.fixture(scope="module")
 def exact(built_db):
     return ExactRetriever(built_db, device="cpu", key_chunk=16, query_chunk=5)
@@ -86,12 +98,16 @@ def test_torch_neighbours_equal_faiss_neighbours(built_db, rule):
     cfg = NeighbourConfig(**base, search="torch", device="cpu", key_chunk=16)
     assert cfg.key_chunk < built_db.store.n_chunks
     got = compute_neighbours(DenseRetriever(built_db), config=cfg, show_progress=False)
-    np.testing.assert_array_equal(got, want)
-    mask = built_db.store.all_chunk_docs() % 4 == 2  # a chunk mask on top of the rule
+    keys = built_db.index.reconstruct(np.arange(built_db.store.n_chunks))
+    assert_same_neighbours(got, want, keys)
+    docs = built_db.store.all_chunk_docs()
+    if rule != "none":  # the rule itself, checked directly: no chunk retrieves its own document
+        assert not (docs[np.maximum(got, 0)] == docs[:, None])[got >= 0].any()
+    mask = docs % 4 == 2  # a chunk mask on top of the rule
     want = compute_neighbours(DenseRetriever(built_db), config=NeighbourConfig(**base), show_progress=False,
                               exclude_chunks=mask)
     got = compute_neighbours(DenseRetriever(built_db), config=cfg, show_progress=False, exclude_chunks=mask)
-    np.testing.assert_array_equal(got, want)
+    assert_same_neighbours(got, want, keys)
     assert not mask[got[got >= 0]].any()
 
 
@@ -105,7 +121,7 @@ def test_deleted_chunks_are_never_returned(built_db, exact, monkeypatch):
     queries = built_db.index.reconstruct(np.arange(n))
     res = exact.search(queries, 5, Exclusion(docs=[[0]] * n))
     want = DenseRetriever(built_db).search(queries, 5, Exclusion(docs=[[0]] * n))
-    np.testing.assert_array_equal(res.ids, want.ids)
+    assert_same_ranking(res, want, queries, queries)
     assert (res.ids % 2 == 1).all()
 
 
