@@ -59,13 +59,14 @@ def main() -> None:
     evals: list[tuple[str, str, Path]] = []
 
     def train(name: str, model: list[str], extra: list[str], n_steps: int | None = None) -> None:
-        if time_for("train"):
+        last = work / name / "checkpoints" / f"step-{n_steps or int(p['train']['steps']):06d}" / "model.safetensors"
+        if last.is_file() or time_for("train"):  # a finished run is always used (train_run skips it)
             runs[name] = train_run(name, model, extra, *([n_steps] if n_steps else []))
 
     def evaluate(reader: str, protocol: str) -> None:
-        if reader not in runs or not time_for("eval"):
-            return
         out = res / f"{reader}-{protocol}"
+        if reader not in runs or not ((out / "eval.json").is_file() or time_for("eval")):
+            return
         bases = [a for b in ("baseline-small", "baseline-medium", "baseline-large") if b in runs
                  for a in ("--baseline", runs[b])]
         step(f"eval {reader} {protocol}", [*RETROLM, "eval", "--checkpoint", runs[reader], "--db", db, "--data", held,
