@@ -30,7 +30,18 @@ import time
 from pathlib import Path
 
 from evidence_incontext import RETROLM, Steps, commands_section
-from evidence_retro import PROFILES, PROTOCOLS, REPO, last_metrics, pct, retrofit_args, shape_args, training_setup
+from evidence_retro import (
+    BUCKETS,
+    PROFILES,
+    PROTOCOLS,
+    REPO,
+    change_cells,
+    last_metrics,
+    machine,
+    retrofit_args,
+    shape_args,
+    training_setup,
+)
 
 # rough wall seconds of each step on an H100/H200, to skip what cannot finish before the deadline
 COST = {"train": 90, "eval": 45}
@@ -109,29 +120,21 @@ def write_page(res: Path, db: Path, runs: dict[str, Path], evals: list[tuple[str
         train_rows.append([name, m.get("step"), f"{m.get('train/loss', float('nan')):.3f}",
                            f"{m.get('val/bpb', float('nan')):.4f}", f"{m.get('train/tokens_per_s', 0):,.0f}",
                            f"{step.seconds.get(name, 0) / 60:.1f}", "–" if nb is None else f"{nb:.1f}"])
-    buckets = ["identical", "changed", "new", "wikipedia"]
     rows = []
     for reader, protocol, out in evals:
         r = json.loads((out / "eval.json").read_text())
-        s, (lo, hi) = r["summary"], r["gain_ci95"]["all"]
-        groups = r.get("groups", {})
-        base = "; ".join(f"{k.split(':', 1)[1]} {v['bpb']:.4f}" for k, v in s.items() if k.startswith("baseline:"))
-        rows.append([reader, protocol, f"{s['retro_no_retrieval']['bpb']:.4f}", f"{s['retro']['bpb']:.4f}",
-                     f"{pct(r['gain']['all'])} [{-hi:+.1%}, {-lo:+.1%}]",
-                     *[pct(groups[b]["gain"]) if b in groups else "–" for b in buckets], pct(r["gain"]["novel"]),
-                     base or "–"])
+        base = "; ".join(f"{k.split(':', 1)[1]} {v['bpb']:.4f}" for k, v in r["summary"].items()
+                         if k.startswith("baseline:"))
+        head, tail = change_cells(r)
+        rows.append([reader, protocol, *head, *tail, base or "–"])
     meta = json.loads((db / "meta.json").read_text())
     st = meta.get("build_stats", {})
     build = (f"; the build embedded them in {st['embed_s']:.1f} s ({meta['num_chunks'] / st['embed_s']:,.0f} chunks/s, "
              f"{st['encoder_tokens']['mean']:.0f} WordPieces per chunk on average)" if st.get("embed_s") else "")
-    import torch
-
-    machine = (f"{torch.cuda.get_device_name()}, " if torch.cuda.is_available() else "") + \
-        f"{platform.machine()}, {os.cpu_count()} CPUs"
     page = [
         f"# Evidence v2 in one GPU slice ({args.profile} profile data)",
         "",
-        f"Produced by `scripts/evidence_gpu.py` on {platform.node()} ({machine}), {time.strftime('%Y-%m-%d')}, "
+        f"Produced by `scripts/evidence_gpu.py` on {platform.node()} ({machine()}), {time.strftime('%Y-%m-%d')}, "
         f"{sum(step.seconds.values()) / 60:.1f} min of steps. Runs that are missing did not fit the slice. Data "
         "(gpu profile): every kernel document of 6.1 and 6.12 (6.12's held-out documents removed) and 10,000 "
         f"Wikipedia summaries; database {meta['num_chunks']:,} chunks of 64 tokens ({args.vocab_note}) with "
@@ -148,7 +151,7 @@ def write_page(res: Path, db: Path, runs: dict[str, Path], evals: list[tuple[str
         "",
         "## Held-out change with retrieval",
         "",
-        markdown_table(["reader", "protocol", "retrieval off", "retrieval on", "change [95% CI]", *buckets,
+        markdown_table(["reader", "protocol", "retrieval off", "retrieval on", "change [95% CI]", *BUCKETS,
                         "novel chunks", "baselines (bits/byte)"], rows),
         "",
         *commands_section(step.log, step.seconds),

@@ -232,6 +232,27 @@ def pct(x: float) -> str:
     return "–" if x != x else f"{-x:+.1%}"
 
 
+BUCKETS = ("identical", "changed", "new", "wikipedia")
+
+
+def change_cells(r: dict) -> tuple[list[str], list[str]]:
+    """A RETRO evaluation (``eval.json``) as table cells: [retrieval off, retrieval on, change with its 95% interval]
+    and [change per bucket of ``BUCKETS``..., change on novel chunks]."""
+    s, (lo, hi) = r["summary"], r["gain_ci95"]["all"]
+    groups = r.get("groups", {})
+    head = [f"{s['retro_no_retrieval']['bpb']:.4f}", f"{s['retro']['bpb']:.4f}",
+            f"{pct(r['gain']['all'])} [{-hi:+.1%}, {-lo:+.1%}]"]
+    return head, [*(pct(groups[b]["gain"]) if b in groups else "–" for b in BUCKETS), pct(r["gain"]["novel"])]
+
+
+def machine() -> str:
+    """The GPU (if any), architecture and CPU count, for a results page's first line."""
+    import torch
+
+    gpu = f"{torch.cuda.get_device_name()}, " if torch.cuda.is_available() else ""
+    return f"{gpu}{platform.machine()}, {os.cpu_count()} CPUs"
+
+
 def write_page(res: Path, work: Path, runs: dict[str, Path], readers: list[str], log: list[str],
                seconds: dict[str, float], args: argparse.Namespace, p: dict) -> None:
     """README.md of the results folder: what was trained, bits per byte per bucket and protocol, curves, costs."""
@@ -275,15 +296,11 @@ def write_page(res: Path, work: Path, runs: dict[str, Path], readers: list[str],
                                    *base_cells(d["summary"])])
     by_k = json.loads((res / "scale-k" / "scale-neighbours.json").read_text())
     by_db = json.loads((res / "scale-db" / "scale-db-size.json").read_text())
-    import torch
-
-    machine = (f"{torch.cuda.get_device_name()}, " if torch.cuda.is_available() else "") + \
-        f"{platform.machine()}, {os.cpu_count()} CPUs"
     total = sum(seconds.values())
     page = [
         f"# RETRO, RETRO-fitting and baselines on two versions of the kernel docs ({args.profile} profile)",
         "",
-        f"Produced by `scripts/evidence_retro.py --profile {args.profile}` on {platform.node()} ({machine}), "
+        f"Produced by `scripts/evidence_retro.py --profile {args.profile}` on {platform.node()} ({machine()}), "
         f"{time.strftime('%Y-%m-%d')}, {total / 60:.0f} min of wall time in all (each step below).",
         "",
         f"Training data: {p['fraction']:.0%} of the kernel documentation's paths (both versions of each kept path: "

@@ -23,7 +23,18 @@ import time
 from pathlib import Path
 
 from evidence_incontext import RETROLM, Steps, commands_section
-from evidence_retro import PROFILES, PROTOCOLS, REPO, last_metrics, pct, retrofit_args, shape_args, training_setup
+from evidence_retro import (
+    BUCKETS,
+    PROFILES,
+    PROTOCOLS,
+    REPO,
+    change_cells,
+    last_metrics,
+    machine,
+    retrofit_args,
+    shape_args,
+    training_setup,
+)
 
 # (run, share of baseline-medium's tokens, batch size, learning rate); frozen. "retrofit-frozen" is evidence_retro's
 # 5% run (same command, trained once). The batch-4 run spends the same tokens in 4× the steps.
@@ -101,24 +112,16 @@ def write_page(res: Path, work: Path, runs: dict[str, dict], evals: list[tuple[s
         train_rows.append([name, f"{r['share']:.0%}", r["steps"], r["batch"], f"{r['lr']:.3g}",
                            f"{m.get('train/loss', float('nan')):.3f}", f"{m.get('train/tokens_per_s', 0):.0f}",
                            f"{step.seconds.get(name, 0) / 60:.1f}"])
-    buckets = ["identical", "changed", "new", "wikipedia"]
     rows = []
     for label, protocol, out in evals:
         r = json.loads((out / "eval.json").read_text())
-        s, (lo, hi) = r["summary"], r["gain_ci95"]["all"]
         recovered = f"{r['gain']['all'] / scratch['gain']['all']:.0%}" if scratch["gain"]["all"] > 0 else "–"
-        groups = r.get("groups", {})
-        rows.append([label, protocol, f"{s['retro_no_retrieval']['bpb']:.4f}", f"{s['retro']['bpb']:.4f}",
-                     f"{pct(r['gain']['all'])} [{-hi:+.1%}, {-lo:+.1%}]", recovered,
-                     *[pct(groups[b]["gain"]) if b in groups else "–" for b in buckets], pct(r["gain"]["novel"])])
-    import torch
-
-    machine = (f"{torch.cuda.get_device_name()}, " if torch.cuda.is_available() else "") + \
-        f"{platform.machine()}, {os.cpu_count()} CPUs"
+        head, tail = change_cells(r)
+        rows.append([label, protocol, *head, recovered, *tail])
     page = [
         f"# RETRO-fitting: how many tokens does it take? ({args.profile} profile)",
         "",
-        f"Produced by `scripts/evidence_retrofit.py --profile {args.profile}` on {platform.node()} ({machine}), "
+        f"Produced by `scripts/evidence_retrofit.py --profile {args.profile}` on {platform.node()} ({machine()}), "
         f"{time.strftime('%Y-%m-%d')}; data, database, neighbours and baseline-medium are those of "
         f"[retro-{args.profile}](../retro-{args.profile}/README.md). Every run RETRO-fits baseline-medium with its "
         "weights frozen (only the neighbour encoder and the chunked cross-attention in its middle and last layers "
@@ -137,7 +140,7 @@ def write_page(res: Path, work: Path, runs: dict[str, dict], evals: list[tuple[s
         "## Held-out change with retrieval (12 documents per bucket; 95% interval over documents)",
         "",
         markdown_table(["run", "protocol", "retrieval off", "retrieval on", "change [95% CI]", "recovered",
-                        *buckets, "novel chunks"], rows),
+                        *BUCKETS, "novel chunks"], rows),
         "",
         *commands_section(step.log, step.seconds),
     ]
