@@ -24,6 +24,15 @@ WEIGHTS = "model.safetensors"
 PACKED = "model.int8.safetensors"
 
 
+def copy_except(src: Path, dst: Path, weights: str) -> None:
+    """Every file of the model folder but its weights (configs, tokenizer, pooling), into ``dst``."""
+    dst.mkdir(parents=True, exist_ok=True)
+    for f in src.rglob("*"):
+        if f.is_file() and f.name != weights:
+            (dst / f.relative_to(src)).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(f, dst / f.relative_to(src))
+
+
 def pack(src: Path, dst: Path) -> None:
     tensors = load_file(str(src / WEIGHTS))
     out: dict[str, torch.Tensor] = {}
@@ -35,11 +44,7 @@ def pack(src: Path, dst: Path) -> None:
             out[f"{name}.scale"] = scale.to(torch.float16)
         else:  # biases, LayerNorm and position ids: small, kept as they are (floats in fp16)
             out[name] = t.to(torch.float16) if t.is_floating_point() else t
-    dst.mkdir(parents=True, exist_ok=True)
-    for f in src.rglob("*"):  # configs, tokenizer, pooling: everything but the weights
-        if f.is_file() and f.name != WEIGHTS:
-            (dst / f.relative_to(src)).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(f, dst / f.relative_to(src))
+    copy_except(src, dst, WEIGHTS)
     save_file(out, str(dst / PACKED))
 
 
@@ -52,11 +57,7 @@ def unpack(src: Path, dst: Path) -> None:
             out[base] = (t.float() * packed[f"{base}.scale"].float()).to(torch.float16)
         elif not name.endswith(".scale"):
             out[name] = t
-    dst.mkdir(parents=True, exist_ok=True)
-    for f in src.rglob("*"):
-        if f.is_file() and f.name != PACKED:
-            (dst / f.relative_to(src)).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(f, dst / f.relative_to(src))
+    copy_except(src, dst, PACKED)
     save_file(out, str(dst / WEIGHTS), metadata={"format": "pt"})
 
 
