@@ -221,10 +221,8 @@ class Trainer:
             logger.info("training neighbours of %d chunks in %.1f s (%s search)", len(nb), seconds, ncfg.search)
             save_neighbours(folder, nb, self.db, ncfg)
             # the cost of the neighbours next to the training curve: what share of a run they take
-            self.out.mkdir(parents=True, exist_ok=True)
-            with open(self.out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps({"step": 0, "setup/neighbour_seconds": round(seconds, 3),
-                                    "setup/neighbour_chunks": len(nb)}) + "\n")
+            self._append_metrics({"step": 0, "setup/neighbour_seconds": round(seconds, 3),
+                                  "setup/neighbour_chunks": len(nb)})
         if self.world > 1:  # every rank waits here, whatever it would have decided on its own
             torch.distributed.barrier()
         return load_neighbours(folder, self.db)
@@ -330,14 +328,19 @@ class Trainer:
             results[f"{tag}/bpb"] = nats / math.log(2) / max(n_bytes, 1.0)
         return results
 
+    def _append_metrics(self, row: dict) -> None:
+        """One line of ``metrics.jsonl`` (the run folder may not exist yet when the neighbours are searched)."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        with open(self.out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+
     def _log(self, metrics: dict[str, float]) -> dict[str, float]:
         if not self.main:
             return metrics
         if self.writer is not None:
             for k, v in metrics.items():
                 self.writer.add_scalar(k, v, self.step)
-        with open(self.out / "metrics.jsonl", "a") as f:
-            f.write(json.dumps({"step": self.step, **metrics}) + "\n")
+        self._append_metrics({"step": self.step, **metrics})
         logger.info("step %d: %s", self.step, ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
         return metrics
 
