@@ -36,6 +36,7 @@ from evidence_retro import (
     PROTOCOLS,
     REPO,
     change_cells,
+    last_checkpoint,
     last_metrics,
     machine,
     retrofit_args,
@@ -70,8 +71,8 @@ def main() -> None:
     evals: list[tuple[str, str, Path]] = []
 
     def train(name: str, model: list[str], extra: list[str], n_steps: int | None = None) -> None:
-        last = work / name / "checkpoints" / f"step-{n_steps or int(p['train']['steps']):06d}" / "model.safetensors"
-        if last.is_file() or time_for("train"):  # a finished run is always used (train_run skips it)
+        done = last_checkpoint(work / name, n_steps or int(p["train"]["steps"])).is_file()
+        if done or time_for("train"):  # a finished run is always used (train_run skips it)
             runs[name] = train_run(name, model, extra, *([n_steps] if n_steps else []))
 
     def evaluate(reader: str, protocol: str) -> None:

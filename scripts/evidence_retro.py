@@ -131,6 +131,11 @@ def retrofit_args(base: Path, n_steps: int) -> list[str]:
             f"save_every={n_steps}"]
 
 
+def last_checkpoint(run: Path, n_steps: int) -> Path:
+    """The weights a finished run of ``n_steps`` leaves: a run's step is skipped when they exist."""
+    return run / "checkpoints" / f"step-{n_steps:06d}" / "model.safetensors"
+
+
 def training_setup(work: Path, p: dict, step: Steps, encoder: str | None = None
                    ) -> tuple[Path, Path, Callable[..., Path]]:
     """Data, database and a ``train_run(name, model_args, extra, n_steps)`` that trains one run in ``work/name``
@@ -149,7 +154,7 @@ def training_setup(work: Path, p: dict, step: Steps, encoder: str | None = None
     def train_run(name: str, model: list[str], extra: list[str], n_steps: int = p["train"]["steps"]) -> Path:
         out = work / name
         step(name, [*RETROLM, "train", "-q", *common, *model, *extra, f"steps={n_steps}", f"out_dir={out}"],
-             out / "checkpoints" / f"step-{n_steps:06d}" / "model.safetensors")
+             last_checkpoint(out, n_steps))
         return out
 
     return held, db, train_run
