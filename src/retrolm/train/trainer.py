@@ -233,7 +233,7 @@ class Trainer:
         if search != "auto":
             return search
         index = self.db.index
-        gpu_ok = self.cfg.retriever == "dense" and torch.cuda.is_available() and self.device.type == "cuda"
+        gpu_ok = self.cfg.retriever == "dense" and self.device.type == "cuda"
         return "torch" if gpu_ok and index is not None and index.stores_exact_keys else "faiss"
 
     def _neighbours_reusable(self, folder: Path, ncfg: NeighbourConfig) -> bool:
