@@ -13,7 +13,7 @@ from conftest import run_cli, write_jsonl
 from retrolm.core.errors import RetrolmError
 from retrolm.db import BuildConfig, Database
 from retrolm.eval import EvalConfig, ScaleConfig, run_eval, scale_db_size, scale_neighbours
-from retrolm.eval.evaluator import RETRO, RETRO_OFF
+from retrolm.eval.evaluator import RETRO, RETRO_OFF, neighbours_of_other_documents
 from retrolm.eval.leakage import bits_per_byte, leakage_curve, longest_common_run, overlap_ratio
 from retrolm.text.dedup import find_near_duplicates, jaccard, ngram_set
 from retrolm.train import ModelSpec, TrainConfig, Trainer
@@ -197,6 +197,34 @@ def test_near_duplicate_exclusion_removes_the_copies(copy_world):
     on, off = r["summary"][RETRO]["bpb"], r["summary"][RETRO_OFF]["bpb"]
     assert on > 0.8 * off  # with the copies gone there is nothing useful left to retrieve
     assert r["novel"]["fraction"] > 0.9
+
+
+def test_neighbours_of_other_documents_never_come_from_the_chunks_own_document():
+    doc = np.array([2, 2, 0, 0, 0, 1, 2, 1])  # not sorted: blocks of a document need not be contiguous
+    nb = np.arange(len(doc))[:, None] * 10 + np.arange(3)  # row i = [10i, 10i + 1, 10i + 2]
+    seen = set()
+    for seed in range(200):
+        got = neighbours_of_other_documents(nb, doc, seed)
+        src = got[:, 0] // 10
+        np.testing.assert_array_equal(got, nb[src])  # whole rows move, in order
+        assert (doc[src] != doc).all()
+        seen.update(zip(range(len(doc)), src.tolist(), strict=True))
+    # uniform over the other documents' chunks: every allowed (chunk, source) pair occurs
+    assert seen == {(i, j) for i in range(len(doc)) for j in range(len(doc)) if doc[i] != doc[j]}
+    with pytest.raises(RetrolmError, match="at least two documents"):
+        neighbours_of_other_documents(nb[:2], doc[:2])
+
+
+def test_shuffled_neighbours_control_removes_the_gain_of_copying(copy_world):
+    cfg = eval_cfg(copy_world, "eval-shuffled", baselines=[], near_dup_threshold=0, shuffle_neighbours=True)
+    r = run_eval(cfg, show_progress=False)
+    assert r["neighbours_read"].startswith("shuffled")
+    # the copy-reading model gains > 40% from its own copies (test above); another document's neighbours predict
+    # nothing: the gain is gone (trusting them even costs a little)
+    assert r["gain"]["all"] < 0.02, r["gain"]
+    assert r["novel"]["fraction"] == 0.0  # the leakage analysis still sees each chunk's own neighbours
+    assert "control: each chunk reads another document's neighbours" in (copy_world["root"] / "eval-shuffled"
+                                                                        / "report.md").read_text()
 
 
 def test_scaling_commands(copy_world):

@@ -53,6 +53,11 @@ class EvalConfig:
     """A chunk sharing fewer contiguous tokens than this with its neighbours is *novel* (8 of 64 = 12.5%)."""
     max_docs: int | None = None
     """Evaluate only the first N held-out documents."""
+    shuffle_neighbours: bool = False
+    """Control for trained readers (RETRO, RETRO-fitting): every held-out chunk reads the neighbours retrieved for a
+    random chunk of *another* held-out document — text of the same kind, unrelated to the chunk. What gain remains is
+    the new layers' own (e.g. a RETRO-fitted model's cross-attention adapting to the domain), not retrieval's. The
+    leakage analysis still uses each chunk's own neighbours."""
     group_by: str | None = None
     """A field of the held-out JSONL records (e.g. ``bucket``): results and gains are also reported per group."""
     seq_len: int | None = None

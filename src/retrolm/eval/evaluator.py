@@ -44,6 +44,22 @@ RETRO, RETRO_OFF = "retro", "retro_no_retrieval"
 IN_CONTEXT, NO_RETRIEVAL = "in_context", "no_retrieval"
 
 
+def neighbours_of_other_documents(neighbours: np.ndarray, doc: np.ndarray, seed: int = 0) -> np.ndarray:
+    """Rows of ``neighbours`` (one per chunk) reassigned so that every chunk gets the row of a chunk drawn uniformly
+    from the *other* documents (``doc`` = document of each chunk): the shuffled-neighbours control of ``retrolm
+    eval``. Chunks of the same document are excluded because a neighbour of the previous chunk (chunk +
+    continuation) may hold this one's text."""
+    n = len(doc)
+    order = np.argsort(doc, kind="stable")
+    start = np.searchsorted(doc[order], doc, "left")
+    size = np.searchsorted(doc[order], doc, "right") - start
+    if n == 0 or (size == n).any():
+        raise RetrolmError("shuffle_neighbours needs held-out chunks from at least two documents")
+    # a uniform draw among the n - size chunks outside the chunk's own block of the doc-sorted order
+    r = np.random.default_rng(seed).integers(0, n - size)
+    return neighbours[order[np.where(r < start, r, r + size)]]
+
+
 @dataclass
 class EvalModel:
     """A model under evaluation, with what it needs to run."""

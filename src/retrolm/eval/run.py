@@ -11,9 +11,10 @@ from typing import Any
 import numpy as np
 
 from retrolm.core.config import save_config
+from retrolm.core.errors import RetrolmError
 from retrolm.core.io import atomic_path, write_bytes, write_json
 from retrolm.eval.config import EvalConfig
-from retrolm.eval.evaluator import Evaluator, Scores, display_name
+from retrolm.eval.evaluator import Evaluator, Scores, display_name, neighbours_of_other_documents
 from retrolm.eval.groups import document_field, gain_interval
 from retrolm.eval.leakage import leakage_curve, overlap_ratio
 from retrolm.eval.report import markdown_table, plot_lines
@@ -41,6 +42,9 @@ def run_eval(cfg: EvalConfig, show_progress: bool = True) -> dict[str, Any]:
     out = out_dir(cfg)
     ev = Evaluator(cfg, show_progress)
     try:
+        if cfg.shuffle_neighbours and (ev.main.in_context or not ev.retrieval):
+            raise RetrolmError(f"{cfg.checkpoint}: shuffle_neighbours is a control for models with RETRO layers "
+                               "(RETRO, RETRO-fitting)")
         scores: dict[str, Scores] = {}
         leak_k = max(ev.k, cfg.leakage_neighbours)
         nb = ev.neighbours(leak_k) if ev.retrieval else None  # retrieval off: the database is not searched
@@ -48,7 +52,9 @@ def run_eval(cfg: EvalConfig, show_progress: bool = True) -> dict[str, Any]:
         if ev.retrieval and ev.main.in_context:
             scores[on] = ev.score_in_context(ev.main, True, desc=f"in-context retrieval (k={ev.k})", key=on)
         elif ev.retrieval:
-            scores[on] = ev.score(ev.main, nb, ev.k, desc=f"retrieval on (k={ev.k})")
+            read = neighbours_of_other_documents(nb, ev.source.all_chunk_docs(), cfg.seed) \
+                if cfg.shuffle_neighbours else nb
+            scores[on] = ev.score(ev.main, read, ev.k, desc=f"retrieval on (k={ev.k})")
         scores.update(ev.reference_scores())
 
         result: dict[str, Any] = {
@@ -58,6 +64,7 @@ def run_eval(cfg: EvalConfig, show_progress: bool = True) -> dict[str, Any]:
             "k": ev.k if ev.retrieval else 0,
             "seq_len": ev.seq_chunks * ev.db.chunk_len,
             "exclusion": ev.exclusion,
+            "neighbours_read": "shuffled: another document's" if cfg.shuffle_neighbours else "own",
             "summary": {name: ev.summary(s) for name, s in scores.items()},
         }
         if ev.main.in_context:
@@ -144,11 +151,13 @@ def gain_text(gain: dict[str, float]) -> list[str]:
 
 
 def _eval_report(cfg: EvalConfig, r: dict[str, Any]) -> str:
+    control = "; **control: each chunk reads another document's neighbours**" if cfg.shuffle_neighbours else ""
     lines = ["# Evaluation", "", f"- checkpoint: `{cfg.checkpoint}`", f"- database: `{r['db']['path']}` (version "
              f"{r['db']['version']}, {r['db']['live_chunks']:,} live chunks)", f"- held-out data: "
              f"{', '.join(f'`{d}`' for d in cfg.data)} — {r['exclusion']['eval_docs']} documents, "
              f"{r['exclusion']['eval_chunks']} chunks", f"- neighbours at evaluation: k = {r['k']}; sequence length "
-             f"{r['seq_len']}", f"- excluded from retrieval: {r['exclusion']['excluded_docs_same_id']} documents with "
+             f"{r['seq_len']}{control}",
+             f"- excluded from retrieval: {r['exclusion']['excluded_docs_same_id']} documents with "
              f"an evaluation document's id, {r['exclusion']['excluded_docs_near_duplicate']} near-duplicates "
              f"({cfg.ngram}-gram {cfg.near_dup_measure} ≥ {cfg.near_dup_threshold}); "
              f"{r['exclusion']['excluded_chunks']} chunks",
