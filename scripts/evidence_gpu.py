@@ -10,7 +10,7 @@ dense keys built on the GPU and training neighbours searched on the GPU, in this
 2. RETRO-fitting of baseline-medium, frozen, with 100% of its tokens (the CPU study found that a few dozen steps
    recover nothing: the CCA needs hundreds of updates) and its evaluation;
 3. baseline-small and baseline-large (do the baselines improve with size at equal tokens?);
-4. both readers under the strict protocol.
+4. both readers under the strict protocol, and reading another document's neighbours (the shuffled control).
 
     python scripts/evidence_gpu.py --encoder ENCODER_DIR [--deadline UNIX_SECONDS]
 
@@ -76,14 +76,18 @@ def main() -> None:
             runs[name] = train_run(name, model, extra, *([n_steps] if n_steps else []))
 
     def evaluate(reader: str, protocol: str) -> None:
+        """protocol: previous | strict, or shuffled (the control: previous, each chunk reading another document's
+        neighbours)."""
         out = res / f"{reader}-{protocol}"
+        how = ["near_dup_threshold=0", "shuffle_neighbours=true"] if protocol == "shuffled" else \
+            [f"near_dup_threshold={PROTOCOLS[protocol]}"]
         if reader not in runs or not ((out / "eval.json").is_file() or time_for("eval")):
             return
         bases = [a for b in ("baseline-small", "baseline-medium", "baseline-large") if b in runs
                  for a in ("--baseline", runs[b])]
         step(f"eval {reader} {protocol}", [*RETROLM, "eval", "--checkpoint", runs[reader], "--db", db, "--data", held,
                                            *bases, "--out", out, "-q", "retriever=dense", "group_by=bucket",
-                                           "near_dup_measure=containment", f"near_dup_threshold={PROTOCOLS[protocol]}"],
+                                           "near_dup_measure=containment", *how],
              out / "eval.json")
         evals.append((reader, protocol, out))
 
@@ -100,6 +104,7 @@ def main() -> None:
         train(f"baseline-{size}", [*shape_args(p, size), "model.retro_layers=[]"], [f"lr={size_lr[size]}"])
     for reader in ("retro-small", "retrofit-100pct"):
         evaluate(reader, "strict")
+        evaluate(reader, "shuffled")
     for name, path in runs.items():  # training curves and settings next to the results
         (res / "train" / name).mkdir(parents=True, exist_ok=True)
         for f in ("metrics.jsonl", "config.yaml"):
