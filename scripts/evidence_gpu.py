@@ -24,18 +24,18 @@ import argparse
 import json
 import os
 import platform
-import shutil
 import sys
 import time
 from pathlib import Path
 
-from evidence_incontext import RETROLM, Steps, commands_section
+from evidence_incontext import RETROLM, Steps, commands_section, save_page
 from evidence_retro import (
     BUCKETS,
     PROFILES,
     PROTOCOLS,
     REPO,
     change_cells,
+    copy_training_files,
     last_checkpoint,
     last_metrics,
     machine,
@@ -105,11 +105,7 @@ def main() -> None:
     for reader in ("retro-small", "retrofit-100pct"):
         evaluate(reader, "strict")
         evaluate(reader, "shuffled")
-    for name, path in runs.items():  # training curves and settings next to the results
-        (res / "train" / name).mkdir(parents=True, exist_ok=True)
-        for f in ("metrics.jsonl", "config.yaml"):
-            if (path / f).is_file():
-                shutil.copyfile(path / f, res / "train" / name / f)
+    copy_training_files(res, runs)
     args.vocab_note = f"{p['vocab']:,}-token BPE trained on it"
     args.encoder_note = Path(args.encoder).name
     write_page(res, db, runs, evals, step, args)
@@ -162,9 +158,7 @@ def write_page(res: Path, db: Path, runs: dict[str, Path], evals: list[tuple[str
         "",
         *commands_section(step.log, step.seconds),
     ]
-    res.mkdir(parents=True, exist_ok=True)
-    (res / "README.md").write_text("\n".join(page), encoding="utf-8")
-    print(f"wrote {res / 'README.md'}")
+    save_page(res, page)
 
 
 if __name__ == "__main__":

@@ -60,6 +60,13 @@ def run(cmd: list, log: list[str], done: Path | None = None) -> float:
     return time.time() - t
 
 
+def save_page(res: Path, page: list[str]) -> None:
+    """Write a results folder's README.md (the folder created if need be)."""
+    res.mkdir(parents=True, exist_ok=True)
+    (res / "README.md").write_text("\n".join(page), encoding="utf-8")
+    print(f"wrote {res / 'README.md'}")
+
+
 class Steps:
     """Runs the steps of an evidence script: every command is logged, finished ones are skipped, and the wall time of
     each one this (or an earlier, interrupted) invocation ran is kept in ``work/timings.json``."""

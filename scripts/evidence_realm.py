@@ -33,7 +33,7 @@ import sys
 import time
 from pathlib import Path
 
-from evidence_incontext import RETROLM, Steps, commands_section, run
+from evidence_incontext import RETROLM, Steps, commands_section, run, save_page
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -250,8 +250,7 @@ def write_page(res: Path, work: Path, db: Path, test: Path, evals: dict, no_retr
         "",
         *commands_section(log, seconds),
     ]
-    (res / "README.md").write_text("\n".join(page), encoding="utf-8")
-    print(f"wrote {res / 'README.md'}")
+    save_page(res, page)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from evidence_incontext import RETROLM, Steps, commands_section, run
+from evidence_incontext import RETROLM, Steps, commands_section, run, save_page
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -217,12 +217,17 @@ def main() -> None:
          res / "scale-k" / "scale-neighbours.json")
     step("scale db-size", [*RETROLM, "scale", "db-size", *sc, "--fractions", "0.1,0.25,0.5,1", "--noise",
                            work / "noise.jsonl", "--out", res / "scale-db"], res / "scale-db" / "scale-db-size.json")
-    for name, path in runs.items():  # training curves and settings next to the results
+    copy_training_files(res, runs)
+    write_page(res, work, runs, readers, log, seconds, args, p)
+
+
+def copy_training_files(res: Path, runs: dict[str, Path]) -> None:
+    """Each run's training curve and settings next to the results: ``res/train/<run>/{metrics.jsonl,config.yaml}``."""
+    for name, path in runs.items():
         (res / "train" / name).mkdir(parents=True, exist_ok=True)
         for f in ("metrics.jsonl", "config.yaml"):
             if (path / f).is_file():
                 shutil.copyfile(path / f, res / "train" / name / f)
-    write_page(res, work, runs, readers, log, seconds, args, p)
 
 
 def last_metrics(path: Path) -> dict:
@@ -240,13 +245,18 @@ def pct(x: float) -> str:
 BUCKETS = ("identical", "changed", "new", "wikipedia")
 
 
+def reader_keys(summary: dict) -> tuple[str, str]:
+    """The (retrieval on, retrieval off) keys of an ``eval.json`` summary: an in-context reader's, or RETRO's."""
+    return ("in_context", "no_retrieval") if "in_context" in summary else ("retro", "retro_no_retrieval")
+
+
 def change_cells(r: dict) -> tuple[list[str], list[str]]:
-    """A RETRO evaluation (``eval.json``) as table cells: [retrieval off, retrieval on, change with its 95% interval]
-    and [change per bucket of ``BUCKETS``..., change on novel chunks]."""
+    """An evaluation (``eval.json``, RETRO or in-context) as table cells: [retrieval off, retrieval on, change with its
+    95% interval] and [change per bucket of ``BUCKETS``..., change on novel chunks]."""
     s, (lo, hi) = r["summary"], r["gain_ci95"]["all"]
+    on, off = reader_keys(s)
     groups = r.get("groups", {})
-    head = [f"{s['retro_no_retrieval']['bpb']:.4f}", f"{s['retro']['bpb']:.4f}",
-            f"{pct(r['gain']['all'])} [{-hi:+.1%}, {-lo:+.1%}]"]
+    head = [f"{s[off]['bpb']:.4f}", f"{s[on]['bpb']:.4f}", f"{pct(r['gain']['all'])} [{-hi:+.1%}, {-lo:+.1%}]"]
     return head, [*(pct(groups[b]["gain"]) if b in groups else "–" for b in BUCKETS), pct(r["gain"]["novel"])]
 
 
@@ -288,7 +298,7 @@ def write_page(res: Path, work: Path, runs: dict[str, Path], readers: list[str],
         for protocol in PROTOCOLS:
             r = json.loads((res / f"{reader}-{protocol}" / "eval.json").read_text())
             s = r["summary"]
-            on, off = ("in_context", "no_retrieval") if "in_context" in s else ("retro", "retro_no_retrieval")
+            on, off = reader_keys(s)
             lo, hi = r["gain_ci95"]["all"]
             overall.append([reader, protocol, f"{s[off]['bpb']:.4f}", f"{s[on]['bpb']:.4f}",
                             f"{pct(r['gain']['all'])} [{-hi:+.1%}, {-lo:+.1%}]", pct(r["gain"]["novel"]),
@@ -351,8 +361,7 @@ def write_page(res: Path, work: Path, runs: dict[str, Path], readers: list[str],
         "",
         *commands_section(log, seconds),
     ]
-    (res / "README.md").write_text("\n".join(page), encoding="utf-8")
-    print(f"wrote {res / 'README.md'}")
+    save_page(res, page)
 
 
 if __name__ == "__main__":

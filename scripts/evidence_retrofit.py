@@ -22,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-from evidence_incontext import RETROLM, Steps, commands_section
+from evidence_incontext import RETROLM, Steps, commands_section, save_page
 from evidence_retro import (
     BUCKETS,
     PROFILES,
@@ -144,9 +144,7 @@ def write_page(res: Path, work: Path, runs: dict[str, dict], evals: list[tuple[s
         "",
         *commands_section(step.log, step.seconds),
     ]
-    res.mkdir(parents=True, exist_ok=True)
-    (res / "README.md").write_text("\n".join(page), encoding="utf-8")
-    print(f"wrote {res / 'README.md'}")
+    save_page(res, page)
 
 
 if __name__ == "__main__":

@@ -18,13 +18,22 @@ import argparse
 import json
 import os
 import platform
-import shutil
 import sys
 import time
 from pathlib import Path
 
-from evidence_incontext import LM, RETROLM, Steps, commands_section
-from evidence_retro import BUCKETS, PROTOCOLS, REPO, change_cells, last_checkpoint, last_metrics, machine, pct, prepare
+from evidence_incontext import LM, RETROLM, Steps, commands_section, save_page
+from evidence_retro import (
+    BUCKETS,
+    PROTOCOLS,
+    REPO,
+    change_cells,
+    copy_training_files,
+    last_checkpoint,
+    last_metrics,
+    machine,
+    prepare,
+)
 from evidence_retro import PROFILES as DATA
 
 # Training of the new modules (the base stays frozen). Sized in optimizer steps: the tiny-model study
@@ -82,9 +91,7 @@ def main() -> None:
     ctx = ("stride=64", "query_tokens=32", f"context_tokens={p['seq_len'] - 64}")
     for protocol in PROTOCOLS:
         evaluate("in-context", LM, protocol, ctx)
-    (res / "train").mkdir(parents=True, exist_ok=True)  # the training curve and settings next to the results
-    for f in ("metrics.jsonl", "config.yaml"):
-        shutil.copyfile(fit / f, res / "train" / f)
+    copy_training_files(res, {"retrofit-smollm2": fit})
     write_page(res, fit, evals, step, args, p)
 
 
@@ -94,16 +101,7 @@ def write_page(res: Path, fit: Path, evals: list[tuple[str, str, Path]], step: S
 
     rows = []
     for label, protocol, out in evals:
-        r = json.loads((out / "eval.json").read_text())
-        s = r["summary"]
-        if "in_context" in s:  # an in-context evaluation: its own LM-alone reference
-            lo, hi = r["gain_ci95"]["all"]
-            head = [f"{s['no_retrieval']['bpb']:.4f}", f"{s['in_context']['bpb']:.4f}",
-                    f"{pct(r['gain']['all'])} [{-hi:+.1%}, {-lo:+.1%}]"]
-            groups = r.get("groups", {})
-            tail = [*(pct(groups[b]["gain"]) if b in groups else "–" for b in BUCKETS), pct(r["gain"]["novel"])]
-        else:
-            head, tail = change_cells(r)
+        head, tail = change_cells(json.loads((out / "eval.json").read_text()))  # in-context: its own LM-alone ref
         rows.append([label, protocol, *head, *tail])
     m = last_metrics(fit)
     page = [
@@ -139,9 +137,7 @@ def write_page(res: Path, fit: Path, evals: list[tuple[str, str, Path]], step: S
         "",
         *commands_section(step.log, step.seconds),
     ]
-    res.mkdir(parents=True, exist_ok=True)
-    (res / "README.md").write_text("\n".join(page), encoding="utf-8")
-    print(f"wrote {res / 'README.md'}")
+    save_page(res, page)
 
 
 if __name__ == "__main__":
