@@ -225,6 +225,11 @@ def test_shuffled_neighbours_control_removes_the_gain_of_copying(copy_world):
     assert r["novel"]["fraction"] == 0.0  # the leakage analysis still sees each chunk's own neighbours
     assert "control: each chunk reads another document's neighbours" in (copy_world["root"] / "eval-shuffled"
                                                                         / "report.md").read_text()
+    # a control of what a model's retrieval layers do: refused where nothing reads RETRO-style neighbours
+    for no_reader in ({"retrieval": False}, {"checkpoint": str(copy_world["root"] / "base"), "in_context": True}):
+        with pytest.raises(RetrolmError, match="shuffle_neighbours is a control for models with RETRO layers"):
+            run_eval(eval_cfg(copy_world, "eval-shuffled-refused", baselines=[], shuffle_neighbours=True,
+                              **no_reader), show_progress=False)
 
 
 def test_scaling_commands(copy_world):

@@ -46,14 +46,14 @@ def run_eval(cfg: EvalConfig, show_progress: bool = True) -> dict[str, Any]:
             raise RetrolmError(f"{cfg.checkpoint}: shuffle_neighbours is a control for models with RETRO layers "
                                "(RETRO, RETRO-fitting)")
         scores: dict[str, Scores] = {}
+        doc = ev.source.all_chunk_docs()  # the held-out document of every chunk
         leak_k = max(ev.k, cfg.leakage_neighbours)
         nb = ev.neighbours(leak_k) if ev.retrieval else None  # retrieval off: the database is not searched
         on, off = ev.main_keys
         if ev.retrieval and ev.main.in_context:
             scores[on] = ev.score_in_context(ev.main, True, desc=f"in-context retrieval (k={ev.k})", key=on)
         elif ev.retrieval:
-            read = neighbours_of_other_documents(nb, ev.source.all_chunk_docs(), cfg.seed) \
-                if cfg.shuffle_neighbours else nb
+            read = neighbours_of_other_documents(nb, doc, cfg.seed) if cfg.shuffle_neighbours else nb
             scores[on] = ev.score(ev.main, read, ev.k, desc=f"retrieval on (k={ev.k})")
         scores.update(ev.reference_scores())
 
@@ -74,7 +74,7 @@ def run_eval(cfg: EvalConfig, show_progress: bool = True) -> dict[str, Any]:
                                 "cost": ev.costs}
         per_chunk = {f"nats:{k}": s.nats for k, s in scores.items()}
         per_chunk.update(tokens=next(iter(scores.values())).tokens, bytes=ev.n_bytes, lengths=ev.lengths,
-                         doc=ev.source.all_chunk_docs())
+                         doc=doc)
         if nb is not None:
             # Leakage: overlap of every chunk with its `leakage_neighbours` nearest (exclusions applied).
             lcs = ev.longest_common_runs(nb[:, : cfg.leakage_neighbours])
@@ -95,7 +95,6 @@ def run_eval(cfg: EvalConfig, show_progress: bool = True) -> dict[str, Any]:
                     "all": _gain(result["summary"][on]["bpb"], result["summary"][off]["bpb"]),
                     "novel": _gain(novel_summary[on]["bpb"], novel_summary[off]["bpb"]),
                 }
-                doc = ev.source.all_chunk_docs()
                 result["gain_ci95"] = {
                     "all": gain_interval(scores[on].nats, scores[off].nats, doc),
                     "novel": gain_interval(scores[on].nats, scores[off].nats, doc, novel),
