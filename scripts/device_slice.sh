@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One device call (~10 minutes of a lent GPU) for issues 11 and 12, in order of importance, each part cut to fit:
-#   1. database build throughput on the GPU against the bare encoder (Wikipedia summaries), pre-tokenized;
+#   1. database build throughput on the GPU against the bare encoder (Wikipedia summaries), pre-tokenized, in
+#      exact-length batches, and the encoder alone with and without an attention mask;
 #   2. RETRO at the paper's width: memory and throughput with and without recomputing the neighbour encoder;
 #   3. scripts/evidence_gpu.py: evidence v2 on every kernel document with dense keys and GPU neighbour search;
 #   4. build throughput on the kernel docs and the Python docs, if time is left.
@@ -54,6 +55,11 @@ mkdir -p runs/device
 # EVIDENCE_ONLY=1: the whole call for the evidence (on 2026-12-04 the benchmarks took 231 s of 560, and the database
 # build plus baseline-medium the next 217 s, so RETRO-small did not fit)
 [ "${EVIDENCE_ONLY:-0}" = 1 ] || bench_build $W/bench-wiki.jsonl wiki 100
+# the mask hypothesis apart from the build: the same batch with no padding, and with 20% padding and its mask
+if [ "${EVIDENCE_ONLY:-0}" != 1 ] && [ ! -f runs/device/bench_encoder_pad.json ]; then
+  timeout 60 python3 benchmarks/bench_encoder.py --encoder $ENC --lengths 80 --batches 1024 --pad 0,0.2 \
+    --json runs/device/bench_encoder_pad.json 2>&1 | grep -v "Loading weights" | tail -6 | tee "$OUT/bench_encoder_pad.log"
+fi
 if [ "${EVIDENCE_ONLY:-0}" != 1 ] && [ ! -f runs/device/bench_train_ckpt.json ]; then
   timeout 170 python3 benchmarks/bench_train.py --shape paper --compile yes --models retro \
     --checkpoint-activations none,encoder --steps 10 --warmup 3 --json runs/device/bench_train_ckpt.json 2>&1 \

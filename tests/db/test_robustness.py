@@ -474,3 +474,30 @@ def test_every_database_file_gets_the_umask_mode(tmp_path, tiny_db_config, monke
     assert len(files) > 15
     assert {p.relative_to(db.path).as_posix(): oct(p.stat().st_mode & 0o777) for p in files
             if p.stat().st_mode & 0o777 != 0o644} == {}
+
+
+def test_exact_length_batches_change_the_batches_not_the_vectors(tmp_path, tiny_db_config, monkeypatch):
+    """The build's default exact-length batches run mask-free forward passes (exact_length_batches=false runs none)
+    and store the vectors padded batches give."""
+    import dataclasses
+
+    from retrolm.text.encoder import SentenceEncoder
+
+    corpus = write_jsonl(tmp_path / "c.jsonl", wiki_docs(12))
+    real = SentenceEncoder.embed_features
+    seen: list[bool] = []
+
+    def spy(self, features, *a, **k):
+        seen.append("attention_mask" in features)
+        return real(self, features, *a, **k)
+
+    monkeypatch.setattr(SentenceEncoder, "embed_features", spy)
+    vecs, masked = {}, {}
+    for exact in (True, False):
+        seen.clear()
+        # encoder texts cut at 24 WordPieces: many chunks of one length, so full batches of one length exist
+        cfg = dataclasses.replace(tiny_db_config, batch_size=4, encoder_max_length=24, exact_length_batches=exact)
+        db = Database.build([corpus], tmp_path / f"db-{exact}", cfg, show_progress=False)
+        vecs[exact], masked[exact] = db.index.reconstruct(np.arange(db.store.n_chunks)), list(seen)
+    assert not all(masked[True]) and all(masked[False]) and len(masked[True]) <= len(masked[False]) + 1
+    np.testing.assert_allclose(vecs[True], vecs[False], atol=1e-5)

@@ -59,3 +59,25 @@ def test_stored_token_ids_rebuild_the_batch_tokenize_makes(encoder, fast, monkey
     flat, lengths = np.concatenate(pieces), np.array([len(p) for p in pieces])
     from_ids = encoder.encode_prepared(encoder.prepare_ids(flat, lengths, batch_size=4))
     np.testing.assert_allclose(from_ids, encoder.encode(TEXTS, batch_size=4), atol=1e-5)
+
+
+def test_exact_length_batches_need_no_mask_and_embed_the_same(encoder):
+    """The build's default batching: full batches of one WordPiece count go without padding or attention mask,
+    the remainders of every count are padded together, each chunk is embedded once and to the same vector as in
+    padded batches (and as from its text)."""
+    texts = ["alpha beta gamma"] * 9 + ["alpha"] * 5 + ["x y"] * 2 + TEXTS
+    pieces, _ = encoder.token_ids(texts)
+    flat, lengths = np.concatenate(pieces), np.array([len(p) for p in pieces])
+    exact = encoder.prepare_ids(flat, lengths, batch_size=4)
+    padded = encoder.prepare_ids(flat, lengths, batch_size=4, exact=False)
+    assert sorted(exact.order.tolist()) == list(range(len(texts)))
+    assert sum(len(b["input_ids"]) for b in exact.batches) == len(texts)
+    unmasked = [b for b in exact.batches if "attention_mask" not in b]
+    # 9 rows of one count → 2 full batches, 5 of another → 1; the 1 + 1 + 2 + 6 left over share 3 padded batches
+    assert [b["input_ids"].shape for b in unmasked] == [(4, lengths[0])] * 2 + [(4, lengths[9])]
+    assert len(exact.batches) == 6 and len(padded.batches) == 6
+    assert all("attention_mask" in b for b in padded.batches)
+    vecs = encoder.encode_prepared(exact)
+    np.testing.assert_allclose(vecs, encoder.encode_prepared(padded), atol=1e-5)
+    np.testing.assert_allclose(vecs, encoder.encode(texts, batch_size=4), atol=1e-5)
+    assert encoder.encode_prepared(encoder.prepare_ids(flat[:0], lengths[:0], batch_size=4)).shape == (0, encoder.dim)

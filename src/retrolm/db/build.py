@@ -82,6 +82,10 @@ class BuildConfig:
     build 3× slower (start-up, and 8 tokenizers with their own thread pools on 16 cores)."""
     encoder_max_length: int = 256
     """Encoder tokens kept per chunk text."""
+    exact_length_batches: bool = True
+    """Cut encoder batches at exact WordPiece counts (``SentenceEncoder.prepare_ids``), so that nearly every batch
+    needs no padding and no attention mask; false pads batches of similar length, as before 2026-12-04. The
+    embeddings are the same either way (to float rounding)."""
     device: str | None = None
     """Encoder device (default: CUDA if available)."""
     seed: int = 0
@@ -266,7 +270,7 @@ def embed_shards(
                 ahead.pop(i).result()
             rows = load_npy(ids_dir / f"{i:05d}.lengths.npy")
             prepared = encoder.prepare_ids(load_npy(ids_dir / f"{i:05d}.ids.npy").astype(np.int64), rows[:, 0],
-                                           batch_size)
+                                           batch_size, exact=config.exact_length_batches)
             save_npy(path, encoder.encode_prepared(prepared))
             bar.update(prepared.n)
     return shards

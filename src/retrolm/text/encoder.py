@@ -169,26 +169,50 @@ class SentenceEncoder:
         return {"name": self.name, "dim": self.dim, "max_length": self.max_length, "pooling": "mean", "normalize": True,
                 "fingerprint": self.fingerprint}
 
-    def prepare_ids(self, flat: np.ndarray, lengths: np.ndarray, batch_size: int) -> Prepared:
+    def prepare_ids(self, flat: np.ndarray, lengths: np.ndarray, batch_size: int, exact: bool = True) -> Prepared:
         """``prepare`` for pre-tokenized chunks (``flat`` = their ids end to end, ``lengths`` = ids per chunk):
-        batches of similar length, longest first, with no text decoded or tokenized."""
+        batches of similar length, longest first, with no text decoded or tokenized.
+
+        With ``exact``, every full batch of chunks with the same number of ids is cut on its own and carries no
+        attention mask (nothing to mask: the model takes its mask-free attention path and pools a plain mean); the
+        remainders of all lengths, fewer than ``batch_size`` per length, are padded together as before. At most one
+        more batch than without ``exact``."""
+        lengths = np.asarray(lengths)
         offsets = np.concatenate([[0], np.cumsum(lengths)])
-        order = np.argsort(-np.asarray(lengths), kind="stable")
+        order = np.argsort(-lengths, kind="stable")
+        groups: list[np.ndarray] = []  # row indices of each batch, in the order the batches run
+        if exact:
+            rest: list[np.ndarray] = []
+            bounds = np.flatnonzero(np.diff(lengths[order])) + 1
+            for same in np.split(order, bounds):
+                full = len(same) - len(same) % batch_size
+                groups += [same[s : s + batch_size] for s in range(0, full, batch_size)]
+                rest.append(same[full:])
+            order = np.concatenate([*groups, *rest]) if len(order) else order
+            tail = order[sum(len(g) for g in groups) :]
+            groups += [tail[s : s + batch_size] for s in range(0, len(tail), batch_size)]
+        else:
+            groups = [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
         batches = []
-        for start in range(0, len(order), batch_size):
-            rows = order[start : start + batch_size]
+        for rows in groups:
             b = self.wordpiece.features_from_ids([flat[offsets[i] : offsets[i + 1]] for i in rows])
+            if exact and lengths[rows[0]] == lengths[rows[-1]]:
+                del b["attention_mask"]
             batches.append({k: v.pin_memory() for k, v in b.items()} if self.device.type == "cuda" else b)
         return Prepared(len(lengths), order, batches)
 
     @torch.inference_mode()
     def embed_features(self, features: dict[str, torch.Tensor], to_cpu: bool = True) -> torch.Tensor:
-        """Tokenized batch → (B, dim) float32 unit vectors (on the CPU unless ``to_cpu=False``)."""
+        """Tokenized batch → (B, dim) float32 unit vectors (on the CPU unless ``to_cpu=False``); a batch without
+        ``attention_mask`` has no padding."""
         nb = self.device.type == "cuda"
         features = {k: v.to(self.device, non_blocking=nb) for k, v in features.items()}
         hidden = self.model(**features).last_hidden_state  # (B, L, D)
-        mask = features["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # (B, L, 1)
-        pooled = (hidden * mask).sum(1).float() / mask.sum(1).float().clamp_min(1.0)
+        if "attention_mask" not in features:  # rows of one length (prepare_ids): every position is a token
+            pooled = hidden.float().mean(1)
+        else:
+            mask = features["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # (B, L, 1)
+            pooled = (hidden * mask).sum(1).float() / mask.sum(1).float().clamp_min(1.0)
         vecs = torch.nn.functional.normalize(pooled, dim=-1)
         return vecs.cpu() if to_cpu else vecs
 
