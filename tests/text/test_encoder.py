@@ -62,22 +62,32 @@ def test_stored_token_ids_rebuild_the_batch_tokenize_makes(encoder, fast, monkey
 
 
 def test_exact_length_batches_need_no_mask_and_embed_the_same(encoder):
-    """The build's default batching: full batches of one WordPiece count go without padding or attention mask,
-    the remainders of every count are padded together, each chunk is embedded once and to the same vector as in
-    padded batches (and as from its text)."""
-    texts = ["alpha beta gamma"] * 9 + ["alpha"] * 5 + ["x y"] * 2 + TEXTS
+    """The build's default batching: the chunks of one WordPiece count form batches of their own (full, or down to
+    min_exact rows) with no padding and no attention mask; smaller leftovers of every count are padded together;
+    each chunk is embedded once and to the same vector as in padded batches (and as from its text)."""
+    texts = ["alpha beta gamma"] * 9 + ["alpha"] * 5 + ["x y"] * 2 + TEXTS  # 5, 3, 4 WordPieces; "A" is 3 too
     pieces, _ = encoder.token_ids(texts)
     flat, lengths = np.concatenate(pieces), np.array([len(p) for p in pieces])
-    exact = encoder.prepare_ids(flat, lengths, batch_size=4)
+    assert lengths[[0, 9, 14, 21]].tolist() == [5, 3, 4, 3]
     padded = encoder.prepare_ids(flat, lengths, batch_size=4, exact=False)
-    assert sorted(exact.order.tolist()) == list(range(len(texts)))
-    assert sum(len(b["input_ids"]) for b in exact.batches) == len(texts)
-    unmasked = [b for b in exact.batches if "attention_mask" not in b]
-    # 9 rows of one count → 2 full batches, 5 of another → 1; the 1 + 1 + 2 + 6 left over share 3 padded batches
-    assert [b["input_ids"].shape for b in unmasked] == [(4, lengths[0])] * 2 + [(4, lengths[9])]
-    assert len(exact.batches) == 6 and len(padded.batches) == 6
-    assert all("attention_mask" in b for b in padded.batches)
-    vecs = encoder.encode_prepared(exact)
-    np.testing.assert_allclose(vecs, encoder.encode_prepared(padded), atol=1e-5)
-    np.testing.assert_allclose(vecs, encoder.encode(texts, batch_size=4), atol=1e-5)
+    assert len(padded.batches) == 6 and all("attention_mask" in b for b in padded.batches)
+    ref = encoder.encode_prepared(padded)
+    np.testing.assert_allclose(ref, encoder.encode(texts, batch_size=4), atol=1e-5)
+
+    def unmasked(prepared):
+        return [tuple(b["input_ids"].shape) for b in prepared.batches if "attention_mask" not in b]
+
+    # 9 of 5 WordPieces → 4 + 4 (+ 1 left over), 6 of 3 → 4 (+ 2); at min_exact 2 the 2 + 2 left of 3 and 4 run too
+    for least, shapes, n_batches in ((3, [(4, 5), (4, 5), (4, 3)], 6),
+                                     (2, [(4, 5), (4, 5), (2, 4), (4, 3), (2, 3)], 7),
+                                     (1, None, 11)):  # every batch of one count, none padded
+        exact = encoder.prepare_ids(flat, lengths, batch_size=4, min_exact=least)
+        assert sorted(exact.order.tolist()) == list(range(len(texts)))
+        assert sum(len(b["input_ids"]) for b in exact.batches) == len(texts) and len(exact.batches) == n_batches
+        assert unmasked(exact) == (shapes or [tuple(b["input_ids"].shape) for b in exact.batches])
+        np.testing.assert_allclose(encoder.encode_prepared(exact), ref, atol=1e-5)
+    # leftovers that happen to share one count need no mask either; the default min_exact is batch_size // 4
+    two = encoder.prepare_ids(np.concatenate(pieces[9:11]), lengths[9:11], batch_size=4, min_exact=3)
+    assert unmasked(two) == [(2, 3)]
+    assert unmasked(encoder.prepare_ids(flat, lengths, batch_size=8)) == [(8, 5), (2, 4), (6, 3)]
     assert encoder.encode_prepared(encoder.prepare_ids(flat[:0], lengths[:0], batch_size=4)).shape == (0, encoder.dim)

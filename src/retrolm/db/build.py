@@ -83,9 +83,10 @@ class BuildConfig:
     encoder_max_length: int = 256
     """Encoder tokens kept per chunk text."""
     exact_length_batches: bool = True
-    """Cut encoder batches at exact WordPiece counts (``SentenceEncoder.prepare_ids``), so that nearly every batch
-    needs no padding and no attention mask; false pads batches of similar length, as before 2026-12-04. The
-    embeddings are the same either way (to float rounding)."""
+    """Cut each shard's encoder batches at exact WordPiece counts (``SentenceEncoder.prepare_ids``: batches of one
+    count, from ``batch_size`` down to a quarter of it), so that most chunks run without padding or attention mask;
+    false pads batches of similar length, as before 2026-12-04. The embeddings are the same either way (to float
+    rounding)."""
     device: str | None = None
     """Encoder device (default: CUDA if available)."""
     seed: int = 0
