@@ -29,43 +29,40 @@ from retrolm.text.encoder import SentenceEncoder
 REPO = Path(__file__).resolve().parents[1]
 
 
+def forward_seconds(encoder: SentenceEncoder, batches: list[dict]) -> float:
+    """Wall time of the encoder's forward passes over ``batches`` (after one warm-up pass), device work included."""
+    encoder.embed_features(batches[0])  # warm-up
+    if encoder.device.type == "cuda":
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    for b in batches:
+        encoder.embed_features(b)
+    if encoder.device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t
+
+
 def bare_encoder_rate(encoder: SentenceEncoder, texts: list[str], batch_size: int) -> tuple[float, float, float]:
     """(bare encoder chunks/s, padded encoder tokens per chunk, single-thread tokenization chunks/s)."""
     t = time.perf_counter()
     batches = encoder.prepare(texts, batch_size).batches
     prep_rate = len(texts) / (time.perf_counter() - t)
-    encoder.embed_features(batches[0])  # warm-up
-    if encoder.device.type == "cuda":
-        torch.cuda.synchronize()
-    t = time.perf_counter()
-    for b in batches:
-        encoder.embed_features(b)
-    if encoder.device.type == "cuda":
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - t
     tokens = sum(b["attention_mask"].numel() for b in batches)
-    return len(texts) / seconds, tokens / len(texts), prep_rate
+    return len(texts) / forward_seconds(encoder, batches), tokens / len(texts), prep_rate
 
 
-def exact_batches_rate(encoder: SentenceEncoder, texts: list[str], batch_size: int, shard_size: int
+def exact_batches_rate(encoder: SentenceEncoder, texts: list[str], batch_size: int, window: int
                        ) -> tuple[float, float]:
-    """(bare encoder chunks/s, share of chunks in unpadded batches) on the batches the build runs by default: each
-    shard's WordPieces cut into batches of one count (``prepare_ids``), padded only for the leftovers."""
+    """(bare encoder chunks/s, share of chunks in unpadded batches) on the batches the build runs by default: the
+    WordPieces of each ``window`` chunks (the shards sorted together) cut into batches of one count (``prepare_ids``),
+    padded only for the leftovers."""
     pieces, _ = encoder.token_ids(texts)
     batches = []
-    for s in range(0, len(pieces), shard_size):
-        part = pieces[s : s + shard_size]
+    for s in range(0, len(pieces), window):
+        part = pieces[s : s + window]
         batches += encoder.prepare_ids(np.concatenate(part), np.array([len(p) for p in part]), batch_size).batches
     unpadded = sum(len(b["input_ids"]) for b in batches if "attention_mask" not in b) / max(1, len(texts))
-    encoder.embed_features(batches[0])  # warm-up
-    if encoder.device.type == "cuda":
-        torch.cuda.synchronize()
-    t = time.perf_counter()
-    for b in batches:
-        encoder.embed_features(b)
-    if encoder.device.type == "cuda":
-        torch.cuda.synchronize()
-    return len(texts) / (time.perf_counter() - t), unpadded
+    return len(texts) / forward_seconds(encoder, batches), unpadded
 
 
 def main() -> None:
@@ -104,7 +101,8 @@ def main() -> None:
     texts = db.chunk_texts(np.arange(n))
     batch_size = cfg.encoder_batch_size(db.encoder.device.type)
     bare, padded_len, prep_rate = bare_encoder_rate(db.encoder, texts, batch_size)
-    exact, unpadded = exact_batches_rate(db.encoder, texts, batch_size, cfg.shard_size)
+    window = cfg.shard_size * cfg.shards_sorted_together(db.encoder.device.type)
+    exact, unpadded = exact_batches_rate(db.encoder, texts, batch_size, window)
     other = total - sum(stats.values())  # tokenizer training, model loading, meta/rename
     rows = {
         "chunks": n,

@@ -477,27 +477,34 @@ def test_every_database_file_gets_the_umask_mode(tmp_path, tiny_db_config, monke
 
 
 def test_exact_length_batches_change_the_batches_not_the_vectors(tmp_path, tiny_db_config, monkeypatch):
-    """The build's default exact-length batches run mask-free forward passes (exact_length_batches=false runs none)
-    and store the vectors padded batches give."""
+    """The build's default exact-length batches run mask-free forward passes (exact_length_batches=false runs none),
+    sorting several shards together (sort_shards) changes the batches again, and every build stores the same
+    vectors in the same shards."""
     import dataclasses
 
     from retrolm.text.encoder import SentenceEncoder
 
     corpus = write_jsonl(tmp_path / "c.jsonl", wiki_docs(12))
     real = SentenceEncoder.embed_features
-    seen: list[bool] = []
+    seen: list[tuple[bool, int]] = []
 
     def spy(self, features, *a, **k):
-        seen.append("attention_mask" in features)
+        seen.append(("attention_mask" in features, len(features["input_ids"])))
         return real(self, features, *a, **k)
 
     monkeypatch.setattr(SentenceEncoder, "embed_features", spy)
-    vecs, masked = {}, {}
-    for exact in (True, False):
+    vecs, batches = {}, {}
+    for exact, window in ((True, 1), (False, 1), (True, 3)):
         seen.clear()
         # encoder texts cut at 24 WordPieces: many chunks of one length, so full batches of one length exist
-        cfg = dataclasses.replace(tiny_db_config, batch_size=4, encoder_max_length=24, exact_length_batches=exact)
-        db = Database.build([corpus], tmp_path / f"db-{exact}", cfg, show_progress=False)
-        vecs[exact], masked[exact] = db.index.reconstruct(np.arange(db.store.n_chunks)), list(seen)
-    assert not all(masked[True]) and all(masked[False])
-    np.testing.assert_allclose(vecs[True], vecs[False], atol=1e-5)
+        cfg = dataclasses.replace(tiny_db_config, batch_size=4, shard_size=8, encoder_max_length=24,
+                                  exact_length_batches=exact, exact_batch_min=2, sort_shards=window)
+        db = Database.build([corpus], tmp_path / f"db-{exact}-{window}", cfg, show_progress=False)
+        vecs[exact, window], batches[exact, window] = db.index.reconstruct(np.arange(db.store.n_chunks)), list(seen)
+        assert db.store.n_chunks > 32  # at least 5 shards
+    masked = {key: [m for m, _ in b] for key, b in batches.items()}
+    assert not all(masked[True, 1]) and all(masked[False, 1])
+    padded_rows = {key: sum(n for m, n in b if m) for key, b in batches.items()}
+    assert padded_rows[True, 1] < padded_rows[False, 1] and batches[True, 3] != batches[True, 1]
+    for key in ((False, 1), (True, 3)):
+        np.testing.assert_allclose(vecs[key], vecs[True, 1], atol=1e-5)

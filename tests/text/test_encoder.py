@@ -86,8 +86,25 @@ def test_exact_length_batches_need_no_mask_and_embed_the_same(encoder):
         assert sum(len(b["input_ids"]) for b in exact.batches) == len(texts) and len(exact.batches) == n_batches
         assert unmasked(exact) == (shapes or [tuple(b["input_ids"].shape) for b in exact.batches])
         np.testing.assert_allclose(encoder.encode_prepared(exact), ref, atol=1e-5)
-    # leftovers that happen to share one count need no mask either; the default min_exact is batch_size // 4
+    # leftovers that happen to share one count need no mask either; the default min_exact is batch_size // 8
     two = encoder.prepare_ids(np.concatenate(pieces[9:11]), lengths[9:11], batch_size=4, min_exact=3)
     assert unmasked(two) == [(2, 3)]
-    assert unmasked(encoder.prepare_ids(flat, lengths, batch_size=8)) == [(8, 5), (2, 4), (6, 3)]
+    assert unmasked(encoder.prepare_ids(flat, lengths, batch_size=16)) == [(9, 5), (2, 4), (6, 3)]
     assert encoder.encode_prepared(encoder.prepare_ids(flat[:0], lengths[:0], batch_size=4)).shape == (0, encoder.dim)
+
+
+def test_length_batches_partition_the_chunks_by_length():
+    """On one shard (8,192 chunks, GPU batch 1,024, lengths spread like Wikipedia's): every chunk in exactly one
+    batch, in ``order``; batches of one length down to an eighth of the batch, the rest padded at full size."""
+    from retrolm.text.encoder import length_batches
+
+    lengths = np.random.default_rng(0).normal(67, 15, 8192).clip(3, 256).astype(int)
+    order, groups = length_batches(lengths, 1024)
+    assert np.array_equal(np.concatenate(groups), order) and sorted(order.tolist()) == list(range(8192))
+    one = [g for g in groups if lengths[g].min() == lengths[g].max()]
+    mixed = [g for g in groups if lengths[g].min() != lengths[g].max()]
+    assert all(128 <= len(g) <= 1024 for g in one) and all(len(g) == 1024 for g in mixed[:-1])
+    assert 0.6 < sum(map(len, one)) / 8192 < 0.8  # 71% of this shard runs unpadded, in 35 batches instead of 8
+    assert len(groups) == 35
+    _, plain = length_batches(lengths, 1024, min_exact=1025)  # the old batching: sorted, cut every 1,024
+    assert [len(g) for g in plain] == [1024] * 8 and not any(lengths[g].min() == lengths[g].max() for g in plain)

@@ -83,10 +83,17 @@ class BuildConfig:
     encoder_max_length: int = 256
     """Encoder tokens kept per chunk text."""
     exact_length_batches: bool = True
-    """Cut each shard's encoder batches at exact WordPiece counts (``SentenceEncoder.prepare_ids``: batches of one
-    count, from ``batch_size`` down to a quarter of it), so that most chunks run without padding or attention mask;
-    false pads batches of similar length, as before 2026-12-04. The embeddings are the same either way (to float
+    """Cut encoder batches at exact WordPiece counts (:func:`retrolm.text.encoder.length_batches`: batches of one
+    count, from ``batch_size`` rows down to ``exact_batch_min``), so that most chunks run without padding or attention
+    mask; false pads batches of similar length, as before 2026-12-04. The embeddings are the same either way (to float
     rounding)."""
+    exact_batch_min: int | None = None
+    """Fewest rows of one WordPiece count that run as a batch of their own (default ``batch_size // 8``); fewer are
+    padded together with other counts' leftovers."""
+    sort_shards: int | None = None
+    """Embedding shards whose chunks are sorted by WordPiece count together before they are cut into batches: more
+    chunks of each count, so less padding. Default 8 on a GPU (a fraction of a second of work each), 1 elsewhere (a
+    crash loses what was embedded since the last shard written)."""
     device: str | None = None
     """Encoder device (default: CUDA if available)."""
     seed: int = 0
@@ -101,6 +108,9 @@ class BuildConfig:
             raise RetrolmError("index=none leaves the database unsearchable: add bm25=true (--bm25)")
         if (self.batch_size is not None and self.batch_size < 1) or self.shard_size < 1:
             raise RetrolmError("batch_size and shard_size must be positive")
+        if (self.exact_batch_min is not None and self.exact_batch_min < 1) or (
+                self.sort_shards is not None and self.sort_shards < 1):
+            raise RetrolmError("exact_batch_min and sort_shards must be positive")
         if self.tokenize_workers is not None and self.tokenize_workers < 0:
             raise RetrolmError(f"tokenize_workers must be >= 0, got {self.tokenize_workers}")
 
@@ -113,6 +123,10 @@ class BuildConfig:
         ``device_type``: the same on every device since the H200 measurement above."""
         n = self.tokenize_workers or 0
         return n if n > 1 else 0
+
+    def shards_sorted_together(self, device_type: str) -> int:
+        """``sort_shards``, or the default for the encoder's device type."""
+        return self.sort_shards or (8 if device_type == "cuda" else 1)
 
     def encoder_batch_size(self, device_type: str) -> int:
         """``batch_size``, or the default for the encoder's device type ("cuda", "cpu", ...)."""
@@ -242,8 +256,9 @@ def embed_shards(
     """Embed every chunk of ``store`` into ``folder/NNNNN.npy`` shards, skipping shards already on disk.
 
     Two stages with their own files and resume points: pre-tokenization (``encoder-ids/`` next to ``folder``, see
-    :func:`pretokenize_shard`) runs ahead on worker threads, and the encoder loop only gathers padded id batches
-    from it, so decoding and WordPiece tokenization never hold the device up.
+    :func:`pretokenize_shard`) runs ahead on worker threads, and the encoder loop only gathers id batches from it
+    (``sort_shards`` shards at a time, cut by WordPiece count), so decoding and WordPiece tokenization never hold the
+    device up.
     """
     folder.mkdir(parents=True, exist_ok=True)
     ids_dir = folder.parent / IDS_FOLDER
@@ -266,13 +281,20 @@ def embed_shards(
             name = f"{i:05d}"
             if not (ids_dir / f"{name}.lengths.npy").is_file():
                 ahead[i] = pool.submit(work, start, min(start + config.shard_size, first + n), ids_dir, name)
-        for i, _, path in todo:
-            if i in ahead:
-                ahead.pop(i).result()
-            rows = load_npy(ids_dir / f"{i:05d}.lengths.npy")
-            prepared = encoder.prepare_ids(load_npy(ids_dir / f"{i:05d}.ids.npy").astype(np.int64), rows[:, 0],
-                                           batch_size, exact=config.exact_length_batches)
-            save_npy(path, encoder.encode_prepared(prepared))
+        window = config.shards_sorted_together(encoder.device.type)
+        for w in range(0, len(todo), window):
+            part, ids, lengths = todo[w : w + window], [], []
+            for i, _, _ in part:
+                if i in ahead:
+                    ahead.pop(i).result()
+                lengths.append(load_npy(ids_dir / f"{i:05d}.lengths.npy")[:, 0])
+                ids.append(load_npy(ids_dir / f"{i:05d}.ids.npy").astype(np.int64))
+            prepared = encoder.prepare_ids(np.concatenate(ids), np.concatenate(lengths), batch_size,
+                                           exact=config.exact_length_batches, min_exact=config.exact_batch_min)
+            vecs, at = encoder.encode_prepared(prepared), 0
+            for (_, _, path), rows in zip(part, lengths, strict=True):
+                save_npy(path, vecs[at : at + len(rows)])
+                at += len(rows)
             bar.update(prepared.n)
     return shards
 
