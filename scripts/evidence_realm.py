@@ -112,7 +112,7 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     step = Steps(work)
-    log, seconds = step.log, step.seconds
+    log = step.log
 
     train, test, store = prepare(work, p, log)
     db = work / "db"
@@ -151,7 +151,7 @@ def main() -> None:
         (res / f"pretrain-{name}").mkdir(parents=True, exist_ok=True)
         shutil.copyfile(work / f"pretrain-{name}" / "pretrain.json", res / f"pretrain-{name}" / "pretrain.json")
     no_retrieval = reader_without_retrieval(work / "finetune-realm", test, p)
-    write_page(res, work, db, test, evals, no_retrieval, log, seconds, args, p)
+    write_page(res, work, db, test, evals, no_retrieval, log, step.seconds, args, p)
 
 
 def slug(label: str) -> str:

@@ -172,7 +172,7 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     step = Steps(work)
-    log, seconds = step.log, step.seconds
+    log = step.log
 
     held, db, train_run = training_setup(work, p, step)
     runs: dict[str, Path] = {}
@@ -218,7 +218,7 @@ def main() -> None:
     step("scale db-size", [*RETROLM, "scale", "db-size", *sc, "--fractions", "0.1,0.25,0.5,1", "--noise",
                            work / "noise.jsonl", "--out", res / "scale-db"], res / "scale-db" / "scale-db-size.json")
     copy_training_files(res, runs)
-    write_page(res, work, runs, readers, log, seconds, args, p)
+    write_page(res, work, runs, readers, log, step.seconds, args, p)
 
 
 def copy_training_files(res: Path, runs: dict[str, Path]) -> None:

@@ -38,8 +38,12 @@ from evidence_retro import PROFILES as DATA
 
 # Training of the new modules (the base stays frozen). Sized in optimizer steps: the tiny-model study
 # (docs/results/retrofit-cpu) found that RETRO-fitting needs a few hundred of them before the gain appears.
+# cpu-long: the cpu profile's data, database and training neighbours, twice the steps in a run of its own (the cpu
+# run's 2,000 sequences mostly adapted the new layers to the domain); the in-context reader is the cpu page's.
 PROFILES = {
     "cpu": {"data": "cpu", "seq_len": 256, "batch_size": 4, "steps": 500, "lr": 1e-3, "save_every": 100},
+    "cpu-long": {"data": "cpu", "seq_len": 256, "batch_size": 4, "steps": 1000, "lr": 1e-3, "save_every": 250,
+                 "run": "retrofit-smollm2-1000", "incontext": False},
     "smoke": {"data": "smoke", "seq_len": 128, "batch_size": 2, "steps": 4, "lr": 1e-3, "save_every": 2},
     "gpu": {"data": "gpu", "seq_len": 1024, "batch_size": 16, "steps": 600, "lr": 1e-3, "save_every": 150},
 }
@@ -62,9 +66,10 @@ def main() -> None:
     db = work / "db-smollm2"
     step("db build smollm2", [*RETROLM, "db", "build", work / "train.jsonl", "--out", db, "--tokenizer", LM,
                               "--index", "none", "--bm25", "-q"], db / "meta.json")
-    fit = work / "retrofit-smollm2"
+    run = p.get("run", "retrofit-smollm2")
+    fit = work / run
     n = p["steps"]
-    step("retrofit-smollm2", [*RETROLM, "retrofit", "-q", "--config", REPO / "configs" / "retrofit-smollm2.yaml",
+    step(run, [*RETROLM, "retrofit", "-q", "--config", REPO / "configs" / "retrofit-smollm2.yaml",
                               "--base", LM, "--db", db, "--out", fit, f"steps={n}", f"seq_len={p['seq_len']}",
                               f"batch_size={p['batch_size']}", f"lr={p['lr']}", f"save_every={p['save_every']}",
                               "keep_checkpoints=100", f"eval_every={p['save_every']}", "tensorboard=false",
@@ -75,7 +80,7 @@ def main() -> None:
 
     def evaluate(label: str, checkpoint: Path | str, protocol: str, extra: tuple[str, ...] = ()) -> None:
         out = res / f"{label}-{protocol}"
-        step(f"eval {label} {protocol}", [*RETROLM, "eval", "--checkpoint", checkpoint, *ev, "--out", out, *extra,
+        step(f"eval {run} {label} {protocol}", [*RETROLM, "eval", "--checkpoint", checkpoint, *ev, "--out", out, *extra,
                                           f"near_dup_threshold={PROTOCOLS[protocol]}"], out / "eval.json")
         evals.append((label, protocol, out))
 
@@ -89,9 +94,9 @@ def main() -> None:
     # The same LM reading one passage (chunk + continuation) every 64 tokens, with at most as much of the document
     # before the predicted tokens as the RETRO-fitted model's sequences hold.
     ctx = ("stride=64", "query_tokens=32", f"context_tokens={p['seq_len'] - 64}")
-    for protocol in PROTOCOLS:
+    for protocol in PROTOCOLS if p.get("incontext", True) else ():
         evaluate("in-context", LM, protocol, ctx)
-    copy_training_files(res, {"retrofit-smollm2": fit})
+    copy_training_files(res, {run: fit})
     write_page(res, fit, evals, step, args, p)
 
 
@@ -115,10 +120,14 @@ def write_page(res: Path, fit: Path, evals: list[tuple[str, str, Path]], step: S
         "chunked cross-attention after layers 18, 24 and 30 train on k = 2 BM25 neighbours of each training chunk "
         f"(own document excluded): {p['steps']} steps × {p['batch_size']} × {p['seq_len']} tokens "
         f"= {p['steps'] * p['batch_size'] * p['seq_len'] / 1e6:.2f}M tokens, peak lr {p['lr']}. Its output "
-        "projections start at zero, so with retrieval off the model *is* SmolLM2. In-context: the same SmolLM2, "
-        "untrained, reads one passage (chunk + continuation) retrieved every 64 tokens with the last 32 tokens as "
-        f"the query, and at most {p['seq_len'] - 64} document tokens before the 64 it predicts; its reference is "
-        "SmolLM2 on the same windows without the passage. Change = relative change of held-out bits per byte with "
+        "projections start at zero, so with retrieval off the model *is* SmolLM2. "
+        + ("In-context: the same SmolLM2, untrained, reads one passage (chunk + continuation) retrieved every 64 "
+           f"tokens with the last 32 tokens as the query, and at most {p['seq_len'] - 64} document tokens before the "
+           "64 it predicts; its reference is SmolLM2 on the same windows without the passage. "
+           if p.get("incontext", True) else
+           f"The same LM reading the passages in its context, on the same documents: [retrofit-lm-{p['data']}]"
+           f"(../retrofit-lm-{p['data']}/README.md). ")
+        + "Change = relative change of held-out bits per byte with "
         "retrieval, negative = better, 95% bootstrap interval over documents; protocols as in retro-"
         f"{p['data']} (previous = only the document itself excluded; strict = also every document holding ≥ 80% of "
         "its 13-grams). retrofit-shuffled is the control: every held-out chunk reads the neighbours of a chunk of "
@@ -126,7 +135,7 @@ def write_page(res: Path, fit: Path, evals: list[tuple[str, str, Path]], step: S
         "relevant text — the frozen base never saw this corpus, and they can learn its domain.",
         "",
         f"Training: final train loss {m.get('train/loss', float('nan')):.3f}, "
-        f"{m.get('train/tokens_per_s', 0):.0f} tokens/s, {step.seconds.get('retrofit-smollm2', 0) / 60:.0f} min"
+        f"{m.get('train/tokens_per_s', 0):.0f} tokens/s, {step.seconds.get(fit.name, 0) / 60:.0f} min"
         + (f" (BM25 training neighbours: {m['setup/neighbour_seconds'] / 60:.0f} min)."
            if "setup/neighbour_seconds" in m else "."),
         "",
