@@ -132,7 +132,7 @@ def table(header: list[str], body: list[list]) -> str:
 def commands_section(log: list[str], seconds: dict) -> list[str]:
     """The end of a results page: every command run, and the wall time of the steps this invocation ran."""
     return ["## Commands", "", "```bash", *log, "```", "",
-            "Wall time of each step (seconds; a step skipped on a re-run keeps the time it took): "
+            "Wall time of each step (seconds): "
             + ", ".join(f"{k}: {v:.0f}" for k, v in seconds.items() if v), ""]
 
 

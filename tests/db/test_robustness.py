@@ -343,6 +343,37 @@ def test_pretokenizing_in_worker_processes_gives_the_same_database(tmp_path, tin
     assert runs[2].meta["build_stats"]["encoder_tokens"] == runs[0].meta["build_stats"]["encoder_tokens"]
 
 
+def test_resume_sorts_the_missing_shards_together_and_writes_each_its_own_vectors(tmp_path, tiny_db_config,
+                                                                                   monkeypatch):
+    """Resumed with shards 1 and 2 embedded but 0 missing (non-contiguous), sort_shards=3 embeds shards 0, 3 and 4
+    in one window and splits the vectors back into their own shard files: the uninterrupted build's vectors."""
+    import dataclasses
+
+    from retrolm.text.encoder import SentenceEncoder
+
+    corpus = write_jsonl(tmp_path / "c.jsonl", wiki_docs(12))
+    cfg = dataclasses.replace(tiny_db_config, encoder_max_length=24, shard_size=8)
+    real_encode, calls = SentenceEncoder.encode_prepared, []
+
+    def encode(self, prepared):
+        calls.append(prepared.n)
+        if len(calls) == 4:
+            raise Killed
+        return real_encode(self, prepared)
+
+    monkeypatch.setattr(SentenceEncoder, "encode_prepared", encode)
+    with pytest.raises(Killed):
+        Database.build([corpus], tmp_path / "db", cfg, show_progress=False)
+    (tmp_path / "db.partial" / "embeddings" / "00000.npy").unlink()
+    calls.clear()
+    db = Database.build([corpus], tmp_path / "db", dataclasses.replace(cfg, sort_shards=3), show_progress=False)
+    assert db.store.n_chunks > 32 and calls[0] == 3 * 8  # shards 0, 3 and 4 in the first window
+    monkeypatch.undo()
+    ref = Database.build([corpus], tmp_path / "ref", cfg, show_progress=False)
+    n = ref.store.n_chunks
+    np.testing.assert_allclose(db.index.reconstruct(np.arange(n)), ref.index.reconstruct(np.arange(n)), atol=1e-5)
+
+
 def test_resume_makes_a_damaged_staged_index_again(tmp_path, tiny_db_config, monkeypatch):
     """A staged index left truncated (a full disk that FAISS only printed about) is made again, not loaded forever."""
     import retrolm.db.build as build
