@@ -43,7 +43,7 @@ from evidence_retro import PROFILES as DATA
 PROFILES = {
     "cpu": {"data": "cpu", "seq_len": 256, "batch_size": 4, "steps": 500, "lr": 1e-3, "save_every": 100},
     "cpu-long": {"data": "cpu", "seq_len": 256, "batch_size": 4, "steps": 1000, "lr": 1e-3, "save_every": 250,
-                 "run": "retrofit-smollm2-1000", "incontext": False},
+                 "run": "retrofit-smollm2-1000", "incontext": False, "ks": "1,2,4"},
     "smoke": {"data": "smoke", "seq_len": 128, "batch_size": 2, "steps": 4, "lr": 1e-3, "save_every": 2},
     "gpu": {"data": "gpu", "seq_len": 1024, "batch_size": 16, "steps": 600, "lr": 1e-3, "save_every": 150},
 }
@@ -91,6 +91,11 @@ def main() -> None:
     # Control: each chunk reads the neighbours of a chunk of another held-out document. The new layers can also learn
     # the domain (the base never saw this corpus in training here); what they give without relevant text shows here.
     evaluate("retrofit-shuffled", fit, "previous", ("shuffle_neighbours=true",))
+    if p.get("ks"):  # neighbours read at evaluation (trained with k = 2), previous version allowed
+        out = res / "scale-k"
+        step(f"scale {run} neighbours", [*RETROLM, "scale", "neighbours", "--checkpoint", fit, "--db", db, "--data",
+                                         held, "-q", "retriever=bm25", "near_dup_threshold=0", "--ks", p["ks"],
+                                         "--out", out], out / "scale-neighbours.json")
     # The same LM reading one passage (chunk + continuation) every 64 tokens, with at most as much of the document
     # before the predicted tokens as the RETRO-fitted model's sequences hold.
     ctx = ("stride=64", "query_tokens=32", f"context_tokens={p['seq_len'] - 64}")
@@ -144,9 +149,24 @@ def write_page(res: Path, fit: Path, evals: list[tuple[str, str, Path]], step: S
         markdown_table(["model", "protocol", "retrieval off", "retrieval on", "change [95% CI]", *BUCKETS,
                         "novel chunks"], rows),
         "",
+        *k_curve(res / "scale-k" / "scale-neighbours.json"),
         *commands_section(step.log, step.seconds),
     ]
     save_page(res, page)
+
+
+def k_curve(path: Path) -> list[str]:
+    """The page's section on neighbours read at evaluation, if that curve was run."""
+    if not path.is_file():
+        return []
+    from retrolm.eval.report import markdown_table
+
+    r = json.loads(path.read_text())
+    off = r["references"]["retro_no_retrieval"]["bpb"]
+    rows = [[x["k"], f"{x['bpb']:.4f}", f"{x['bpb'] / off - 1:+.1%}"] for x in r["rows"]]
+    return ["## Neighbours read at evaluation (trained with k = 2; previous version allowed)", "",
+            markdown_table(["k", "bits/byte", "change"], [*rows, ["retrieval off", f"{off:.4f}", "–"]]), "",
+            "![neighbours](scale-k/scale-neighbours.png)", ""]
 
 
 if __name__ == "__main__":
