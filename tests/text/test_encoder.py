@@ -106,5 +106,5 @@ def test_length_batches_partition_the_chunks_by_length():
     assert all(128 <= len(g) <= 1024 for g in one) and all(len(g) == 1024 for g in mixed[:-1])
     assert 0.6 < sum(map(len, one)) / 8192 < 0.8  # 71% of this shard runs unpadded, in 35 batches instead of 8
     assert len(groups) == 35
-    _, plain = length_batches(lengths, 1024, min_exact=1025)  # the old batching: sorted, cut every 1,024
+    _, plain = length_batches(lengths, 1024, exact=False)  # the old batching: sorted, cut every 1,024
     assert [len(g) for g in plain] == [1024] * 8 and not any(lengths[g].min() == lengths[g].max() for g in plain)

@@ -177,7 +177,7 @@ class SentenceEncoder:
         attention, a plain mean to pool."""
         lengths = np.asarray(lengths)
         offsets = np.concatenate([[0], np.cumsum(lengths)])
-        order, groups = length_batches(lengths, batch_size, min_exact if exact else batch_size + 1)
+        order, groups = length_batches(lengths, batch_size, min_exact, exact=exact)
         batches = []
         for rows in groups:
             b = self.wordpiece.features_from_ids([flat[offsets[i] : offsets[i + 1]] for i in rows])
@@ -258,7 +258,7 @@ class SentenceEncoder:
         return out
 
 
-def length_batches(lengths: np.ndarray, batch_size: int, min_exact: int | None = None
+def length_batches(lengths: np.ndarray, batch_size: int, min_exact: int | None = None, exact: bool = True
                    ) -> tuple[np.ndarray, list[np.ndarray]]:
     """Encoder batches for chunks of ``lengths`` tokens: ``(order, rows of each batch)``, batch after batch in
     ``order``, longest first.
@@ -268,10 +268,10 @@ def length_batches(lengths: np.ndarray, batch_size: int, min_exact: int | None =
     padded together with the other lengths' leftovers in batches of ``batch_size``. 65,536 chunks of the kernel docs
     (the GPU build sorts 8 shards together) hold few lengths with 1,024 chunks, hence the smaller batches (an H200
     ran MiniLM at 148k chunks/s in unpadded batches of 1,024 and 114k in batches of 256); at most one more batch per
-    distinct length than cutting the sorted chunks every ``batch_size`` rows, which ``min_exact > batch_size`` does."""
+    distinct length than cutting the sorted chunks every ``batch_size`` rows, which ``exact=False`` does."""
     lengths = np.asarray(lengths)
     order = np.argsort(-lengths, kind="stable")
-    if min_exact is not None and min_exact > batch_size:
+    if not exact:
         return order, [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
     least = max(1, batch_size // 8 if min_exact is None else min_exact)
     groups: list[np.ndarray] = []
