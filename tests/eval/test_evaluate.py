@@ -13,8 +13,8 @@ from conftest import run_cli, write_jsonl
 from retrolm.core.errors import RetrolmError
 from retrolm.db import BuildConfig, Database
 from retrolm.eval import EvalConfig, ScaleConfig, run_eval, scale_db_size, scale_neighbours
-from retrolm.eval.evaluator import RETRO, RETRO_OFF, neighbours_of_other_documents
-from retrolm.eval.leakage import bits_per_byte, leakage_curve, longest_common_run, overlap_ratio
+from retrolm.eval.evaluator import RETRO, RETRO_OFF, Evaluator, neighbours_of_other_documents
+from retrolm.eval.leakage import bits_per_byte, leakage_curve, longest_common_run, overlap_by_rank, overlap_ratio
 from retrolm.text.dedup import find_near_duplicates, jaccard, ngram_set
 from retrolm.train import ModelSpec, TrainConfig, Trainer
 
@@ -72,6 +72,19 @@ def test_leakage_curve_filters_chunks_by_overlap():
     assert math.isnan(bits_per_byte(nats["a"], n_bytes, overlap > 2))
     empty = leakage_curve(np.zeros(0), np.zeros(0), {"a": np.zeros(0)}, alphas=(0.0, 1.0))  # no chunks at all
     assert empty.fraction == [0.0, 0.0] and all(math.isnan(b) for b in empty.bpb["a"])
+
+
+def test_overlap_by_rank_on_a_hand_made_matrix():
+    nan = float("nan")
+    o = np.array([[1.0, 0.6, 0.0], [0.2, 0.7, 0.9], [0.1, 0.1, 0.1], [nan, 0.0, 0.0]])  # last row: no next chunk
+    ranks = overlap_by_rank(o)
+    assert [r["rank"] for r in ranks] == [1, 2, 3]
+    assert [r["mean_overlap"] for r in ranks] == pytest.approx([1.3 / 3, 1.4 / 3, 1.0 / 3])
+    assert [r["holds"] for r in ranks] == pytest.approx([1 / 3, 2 / 3, 1 / 3])
+    # row 0's best is rank 1 (1.0 > 0.6), row 1's rank 3, row 2 holds nowhere
+    assert [r["best"] for r in ranks] == pytest.approx([1 / 3, 0.0, 1 / 3])
+    assert [r["holds_within"] for r in ranks] == pytest.approx([1 / 3, 2 / 3, 2 / 3])
+    assert overlap_by_rank(np.full((2, 3), nan)) == []
 
 
 def test_near_duplicates_by_13gram_jaccard():
@@ -133,7 +146,7 @@ def copy_world(tmp_path_factory, tiny_encoder):
         train += [{"id": f"doc{i}", "text": text}, {"id": f"doc{i}-copy", "text": text}]
     for i in range(8):
         text = random_doc(rng, 60)
-        held.append({"id": f"held{i}", "text": text})
+        held.append({"id": f"held{i}", "text": text, "bucket": "even" if i % 2 == 0 else "odd"})
         copies.append({"id": f"held{i}-copy", "text": text})
     noise = [{"id": f"noise{i}", "text": random_doc(rng, 60)} for i in range(16)]
     db = Database.build([write_jsonl(root / "train.jsonl", train)], root / "db",
@@ -232,11 +245,49 @@ def test_shuffled_neighbours_control_removes_the_gain_of_copying(copy_world):
                               **no_reader), show_progress=False)
 
 
+def test_next_chunk_overlap_reads_what_follows_the_query_chunk(copy_world):
+    ev = Evaluator(eval_cfg(copy_world, "unused", baselines=[], near_dup_threshold=0), show_progress=False)
+    try:
+        store, n = ev.db.store, ev.source.n_chunks
+        toks = store.tokens(np.arange(store.n_chunks))
+        copy_of = np.array([np.flatnonzero((toks == ev.source.tokens(np.array([i]))[0]).all(axis=1))[-1]
+                            for i in range(n)])  # the database copy of every held-out chunk
+        nxt = ev.source.continuation_ids(np.arange(n))
+        prev = np.r_[-1, np.arange(n - 1)]
+        prev[np.r_[True, ev.source.chunk_doc(np.arange(1, n)) != ev.source.chunk_doc(np.arange(n - 1))]] = -1
+        # rank 1: the copy of the chunk that follows (holds it); rank 2: the copy of the one before (holds the query
+        # chunk itself, not what follows it)
+        nb = np.stack([np.where(nxt >= 0, copy_of[np.maximum(nxt, 0)], -1),
+                       np.where(prev >= 0, copy_of[np.maximum(prev, 0)], -1)], axis=1)
+        o = ev.next_chunk_overlap(nb)
+    finally:
+        ev.close()
+    last = nxt < 0
+    assert last.sum() == 8 and np.isnan(o[last]).all()  # a document's last chunk has nothing to predict
+    assert (o[~last, 0] == 1.0).all()
+    has_prev = ~last & (prev >= 0)
+    assert o[has_prev, 1].mean() < 0.3
+
+
 def test_scaling_commands(copy_world):
     cfg = eval_cfg(copy_world, "scale", near_dup_threshold=0)
     cfg = ScaleConfig(**{**vars(cfg), "ks": [1, 2, 4], "fractions": [0.25, 1.0], "noise": [str(copy_world["noise"])]})
-    by_k = scale_neighbours(cfg, show_progress=False)
+    by_k = scale_neighbours(ScaleConfig(**{**vars(cfg), "group_by": "bucket"}), show_progress=False)
     assert [row["k"] for row in by_k["rows"]] == [1, 2, 4]
+    # the top neighbour is the held-out document's copy: its continuation holds the next chunk; the others are
+    # unrelated random words
+    first, second, _ = by_k["ranks"][:3]
+    assert first["holds"] > 0.8 and first["best"] == first["holds"] and second["holds"] < 0.2
+    assert [r["rank"] for r in by_k["ranks"]] == [1, 2, 3, 4]
+    # per-group bits/byte at k = 2 are those `retrolm eval` reports for the same groups
+    ev = run_eval(eval_cfg(copy_world, "scale-eval", baselines=[], near_dup_threshold=0, group_by="bucket"),
+                  show_progress=False)
+    at2 = by_k["rows"][1]["groups"]
+    assert set(at2) == {"even", "odd"} and at2["even"] != at2["odd"]
+    for g in at2:
+        assert at2[g] == pytest.approx(ev["groups"][g]["summary"][RETRO]["bpb"])
+        assert by_k["reference_groups"][RETRO_OFF][g] == pytest.approx(ev["groups"][g]["summary"][RETRO_OFF]["bpb"])
+    assert "What each neighbour rank holds" in (copy_world["root"] / "scale" / "scale-neighbours.md").read_text()
     by_size = scale_db_size(cfg, show_progress=False)
     small, full, noisy = by_size["rows"]
     assert small["db_chunks"] < full["db_chunks"] < noisy["db_chunks"] and noisy["noise"]

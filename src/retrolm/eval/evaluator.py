@@ -30,7 +30,7 @@ from retrolm.core.io import read_json
 from retrolm.db import DatabaseView, tokenize_corpus
 from retrolm.eval.config import EvalConfig
 from retrolm.eval.incontext import InContextScorer, InContextSettings, document_texts
-from retrolm.eval.leakage import longest_common_run
+from retrolm.eval.leakage import longest_common_run, overlap_ratio
 from retrolm.models.decoder_lm import DecoderLM
 from retrolm.models.loading import load_model
 from retrolm.retrieval import Exclusion, Retriever, get_retriever
@@ -231,15 +231,31 @@ class Evaluator:
         mask = self.excluded_chunks if exclude_chunks is None else exclude_chunks
         return retriever.search(self.queries(retriever), k, Exclusion(chunks=mask)).ids
 
-    def longest_common_runs(self, neighbours: np.ndarray, block: int = 4096) -> np.ndarray:
-        """Longest token run each held-out chunk shares with any of its ``neighbours`` (chunk + continuation)."""
+    def longest_common_runs(self, neighbours: np.ndarray, block: int = 4096, chunks: np.ndarray | None = None
+                            ) -> np.ndarray:
+        """Longest token run each held-out chunk shares with any of its ``neighbours`` (chunk + continuation); with
+        ``chunks``, row i of ``neighbours`` is compared with held-out chunk ``chunks[i]`` instead of chunk i."""
         n, K = neighbours.shape
+        rows = np.arange(n) if chunks is None else np.asarray(chunks, dtype=np.int64)
         out = np.zeros(n, dtype=np.int64)
         for s in range(0, n, block):  # bounded memory: one block of neighbour tokens at a time
             ids = np.arange(s, min(s + block, n))
             ntoks, nmask = self.db.store.neighbour_tokens(neighbours[ids].reshape(-1))
-            out[ids] = longest_common_run(self.source.tokens(ids), self.lengths[ids],
+            out[ids] = longest_common_run(self.source.tokens(rows[ids]), self.lengths[rows[ids]],
                                           ntoks.reshape(len(ids), K, -1), nmask.reshape(len(ids), K, -1))
+        return out
+
+    def next_chunk_overlap(self, neighbours: np.ndarray) -> np.ndarray:
+        """(n_chunks, K): the share of the *next* held-out chunk that each neighbour of a chunk holds verbatim (its
+        longest common run over the next chunk's length). A chunk's neighbours are read while its successor is
+        predicted, so this is the text a reader could copy from each rank. NaN for a document's last chunk."""
+        n, K = neighbours.shape
+        nxt = self.source.continuation_ids(np.arange(n))
+        has = np.flatnonzero(nxt >= 0)
+        out = np.full((n, K), np.nan)
+        for j in range(K):
+            runs = self.longest_common_runs(neighbours[has, j : j + 1], chunks=nxt[has])
+            out[has, j] = overlap_ratio(runs, self.lengths[nxt[has]])
         return out
 
     # ---- scoring

@@ -35,6 +35,15 @@ def document_field(paths: Sequence[str], field: str) -> dict[str, str]:
     return out
 
 
+def chunk_groups(paths: Sequence[str], field: str, doc_ids: Sequence[str], chunk_doc: np.ndarray
+                 ) -> dict[str, np.ndarray]:
+    """Group value → bool mask over the held-out chunks, from ``field`` of each chunk's document (``doc_ids`` in the
+    order of the held-out store, ``chunk_doc`` its document index per chunk); sorted by group."""
+    values = document_field(paths, field)
+    doc_group = np.array([values.get(d, "?") for d in doc_ids])
+    return {g: doc_group[chunk_doc] == g for g in sorted(set(doc_group.tolist()))}
+
+
 def gain_interval(on: np.ndarray, off: np.ndarray, chunk_doc: np.ndarray, select: np.ndarray | None = None,
                   n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
     """Percentile bootstrap over documents of the relative gain (off − on) / off of bits per byte on the selected

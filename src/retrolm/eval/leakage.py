@@ -82,3 +82,21 @@ def leakage_curve(
         for name, v in nats.items():
             bpb[name].append(bits_per_byte(v, n_bytes, sel))
     return LeakageCurve(list(alphas), fraction, bpb)
+
+
+def overlap_by_rank(overlap: np.ndarray, hold: float = 0.5) -> list[dict[str, float]]:
+    """What each neighbour rank holds of the text to predict, from an (n_chunks, K) overlap matrix (NaN rows are
+    skipped): per rank j, the mean overlap, the share of chunks whose rank-j neighbour holds at least ``hold`` of
+    it, the share for which rank j is the first neighbour holding the most (and at least ``hold``), and the share
+    with such a neighbour anywhere among ranks 1..j. When the last column stops growing after rank 1 or 2, more
+    neighbours add text to attend to but nothing to copy."""
+    o = np.asarray(overlap, dtype=np.float64)
+    o = o[~np.isnan(o).any(axis=1)]
+    if not len(o):
+        return []
+    best = o.argmax(axis=1)  # first maximum: ties go to the better-ranked neighbour
+    has = o.max(axis=1) >= hold
+    within = np.maximum.accumulate(o, axis=1) >= hold
+    return [{"rank": j + 1, "mean_overlap": float(o[:, j].mean()), "holds": float((o[:, j] >= hold).mean()),
+             "best": float(((best == j) & has).mean()), "holds_within": float(within[:, j].mean())}
+            for j in range(o.shape[1])]

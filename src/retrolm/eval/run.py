@@ -15,7 +15,7 @@ from retrolm.core.errors import RetrolmError
 from retrolm.core.io import atomic_path, write_bytes, write_json
 from retrolm.eval.config import EvalConfig
 from retrolm.eval.evaluator import Evaluator, Scores, display_name, neighbours_of_other_documents
-from retrolm.eval.groups import document_field, gain_interval
+from retrolm.eval.groups import chunk_groups, gain_interval
 from retrolm.eval.leakage import leakage_curve, overlap_ratio
 from retrolm.eval.report import markdown_table, plot_lines
 
@@ -123,14 +123,11 @@ def run_eval(cfg: EvalConfig, show_progress: bool = True) -> dict[str, Any]:
 def _groups(ev: Evaluator, cfg: EvalConfig, scores: dict[str, Scores], on: str, off: str, novel: np.ndarray
             ) -> dict[str, dict]:
     """Summaries, gains (with bootstrap intervals over documents) and novel shares per group of documents."""
-    field = document_field(cfg.data, cfg.group_by)
     doc = ev.source.all_chunk_docs()
-    doc_group = np.array([field.get(d, "?") for d in ev.source.doc_ids])
     out = {}
-    for g in sorted(set(doc_group)):
-        sel = doc_group[doc] == g
+    for g, sel in chunk_groups(cfg.data, cfg.group_by, ev.source.doc_ids, doc).items():
         summ = {name: ev.summary(s, sel) for name, s in scores.items()}
-        out[g] = {"docs": int((doc_group == g).sum()), "chunks": int(sel.sum()),
+        out[g] = {"docs": len(np.unique(doc[sel])), "chunks": int(sel.sum()),
                   "novel_fraction": float(novel[sel].mean()), "summary": summ,
                   "gain": _gain(summ[on]["bpb"], summ[off]["bpb"]),
                   "gain_ci95": gain_interval(scores[on].nats, scores[off].nats, doc, sel),

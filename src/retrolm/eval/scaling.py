@@ -16,24 +16,46 @@ from retrolm.core.io import write_bytes, write_json
 from retrolm.db import Database, noisy_copy
 from retrolm.eval.config import ScaleConfig
 from retrolm.eval.evaluator import Evaluator, display_name
+from retrolm.eval.groups import chunk_groups
+from retrolm.eval.leakage import overlap_by_rank
 from retrolm.eval.report import markdown_table, plot_lines
 from retrolm.eval.run import out_dir
 
 
 def scale_neighbours(cfg: ScaleConfig, show_progress: bool = True) -> dict[str, Any]:
-    """``retrolm scale neighbours``: RETRO bits-per-byte with k neighbours at evaluation, for each k in ``cfg.ks``."""
-    ks = cfg.ks
+    """``retrolm scale neighbours``: RETRO bits-per-byte with k neighbours at evaluation, for each k in ``cfg.ks``.
+
+    For a RETRO reader the result also says what each neighbour rank holds of the text it helps predict (``ranks``,
+    see :func:`~retrolm.eval.leakage.overlap_by_rank`): whether the k-th neighbour brings anything to copy. With
+    ``group_by`` every row carries the bits-per-byte of each group as well.
+    """
+    ks = sorted(cfg.ks)
     with _scaling_run(cfg, show_progress) as (out, ev):
+        groups = _groups(ev, cfg)
+        rows, ranks = [], None
         if ev.main.in_context:
-            rows = [{"k": k, **ev.summary(ev.score_in_context(ev.main, True, passages=k, desc=f"k={k}"))}
-                    for k in sorted(ks)]
+            scored = ((k, ev.score_in_context(ev.main, True, passages=k, desc=f"k={k}")) for k in ks)
         else:
             nb = ev.neighbours(max(ks))
-            rows = [{"k": k, **ev.summary(ev.score(ev.main, nb, k, desc=f"k={k}"))} for k in sorted(ks)]
-        result = _scaling_result(ev, "neighbours", rows)
+            ranks = overlap_by_rank(ev.next_chunk_overlap(nb))
+            scored = ((k, ev.score(ev.main, nb, k, desc=f"k={k}")) for k in ks)
+        for k, scores in scored:
+            rows.append({"k": k, **ev.summary(scores)})
+            if groups:
+                rows[-1]["groups"] = {g: ev.summary(scores, sel)["bpb"] for g, sel in groups.items()}
+        result = _scaling_result(ev, "neighbours", rows, groups)
+        if ranks is not None:
+            result["ranks"] = ranks
         _write_scaling(out, "scale-neighbours", result, [r["k"] for r in rows], "neighbours k at evaluation",
                        log2x=True)
         return result
+
+
+def _groups(ev: Evaluator, cfg: ScaleConfig) -> dict[str, np.ndarray]:
+    """Chunk masks of the held-out groups (``group_by``), empty without it."""
+    if not cfg.group_by:
+        return {}
+    return chunk_groups(cfg.data, cfg.group_by, ev.source.doc_ids, ev.source.all_chunk_docs())
 
 
 def scale_db_size(cfg: ScaleConfig, show_progress: bool = True) -> dict[str, Any]:
@@ -100,10 +122,15 @@ def _scaling_run(cfg: ScaleConfig, show_progress: bool) -> Iterator[tuple[Path, 
         ev.close()
 
 
-def _scaling_result(ev: Evaluator, axis: str, rows: list[dict]) -> dict[str, Any]:
-    refs = {name: ev.summary(s) for name, s in ev.reference_scores().items()}
-    return {"axis": axis, "main": ev.main_keys[0], "models": ev.models(), "rows": rows, "references": refs,
-            "exclusion": ev.exclusion}
+def _scaling_result(ev: Evaluator, axis: str, rows: list[dict], groups: dict[str, np.ndarray] | None = None
+                    ) -> dict[str, Any]:
+    refs = ev.reference_scores()
+    out = {"axis": axis, "main": ev.main_keys[0], "models": ev.models(), "rows": rows,
+           "references": {name: ev.summary(s) for name, s in refs.items()}, "exclusion": ev.exclusion}
+    if groups:  # the references per group too, so that every row's group can be read as a change
+        out["reference_groups"] = {name: {g: ev.summary(s, sel)["bpb"] for g, sel in groups.items()}
+                                   for name, s in refs.items()}
+    return out
 
 
 def _write_scaling(out: Path, name: str, result: dict, x: list, xlabel: str, *, logx: bool = False,
@@ -115,7 +142,18 @@ def _write_scaling(out: Path, name: str, result: dict, x: list, xlabel: str, *, 
                title=f"Bits-per-byte vs {xlabel}", points=points)
     write_json(out / f"{name}.json", result)
     keys = [k for k in ("k", "fraction", "db_chunks", "noise_chunks") if any(k in r for r in result["rows"])]
-    rows = [[*(r.get(k, "") for k in keys), r["bpb"], r["perplexity"]] for r in result["rows"]]
-    rows += [[name_, *[""] * (len(keys) - 1), s["bpb"], s["perplexity"]] for name_, s in result["references"].items()]
-    text = [f"# {name}", "", f"![{name}]({name}.png)", "", markdown_table([*keys, "bits/byte", "perplexity"], rows), ""]
+    groups = sorted({g for r in result["rows"] for g in r.get("groups", {})})  # bits/byte per group, if any
+    rows = [[*(r.get(k, "") for k in keys), r["bpb"], r["perplexity"], *(r.get("groups", {}).get(g, "")
+                                                                          for g in groups)] for r in result["rows"]]
+    rows += [[name_, *[""] * (len(keys) - 1), s["bpb"], s["perplexity"], *[""] * len(groups)]
+             for name_, s in result["references"].items()]
+    text = [f"# {name}", "", f"![{name}]({name}.png)", "",
+            markdown_table([*keys, "bits/byte", "perplexity", *groups], rows), ""]
+    if result.get("ranks"):
+        text += ["## What each neighbour rank holds of the next chunk", "",
+                 "Share of the chunk that follows a query chunk found verbatim in its rank-j neighbour (chunk + "
+                 "continuation), as the longest common run; 'holds' = at least half of it.", "",
+                 markdown_table(["rank", "mean overlap", "holds ≥ 50%", "first best", "some rank ≤ j holds"],
+                                [[r["rank"], r["mean_overlap"], r["holds"], r["best"], r["holds_within"]]
+                                 for r in result["ranks"]]), ""]
     write_bytes(out / f"{name}.md", "\n".join(text).encode())
