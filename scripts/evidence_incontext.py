@@ -19,7 +19,10 @@ import shlex
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+
+from retrolm.core.io import write_json
 
 REPO = Path(__file__).resolve().parents[1]
 RETROLM = [sys.executable, "-m", "retrolm.cli"]
@@ -67,6 +70,28 @@ def save_page(res: Path, page: list[str]) -> None:
     print(f"wrote {res / 'README.md'}")
 
 
+def evidence_start(doc: str, profiles: dict, work_root: str, results_prefix: str,
+                   add_args: Callable[[argparse.ArgumentParser], None] | None = None
+                   ) -> tuple[argparse.Namespace, dict, Path, Path, Steps]:
+    """The command line every profiled evidence script shares (``--profile``, ``--work``, ``--results``, plus its
+    own ``add_args``): returns the parsed arguments, the profile's settings, the work folder
+    (runs/<work_root>/<profile>, or the profile's ``data`` profile whose work it shares), the results folder
+    (docs/results/<results_prefix>-<profile>) and the step runner of that work folder."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--profile", choices=sorted(profiles), default="cpu")
+    ap.add_argument("--work", type=Path, default=None, help=f"default runs/{work_root}/<profile>")
+    ap.add_argument("--results", type=Path, default=None, help=f"default docs/results/{results_prefix}-<profile>")
+    if add_args is not None:
+        add_args(ap)
+    args = ap.parse_args()
+    p = profiles[args.profile]
+    work = args.work or REPO / "runs" / work_root / p.get("data", args.profile)
+    res = args.results or REPO / "docs" / "results" / f"{results_prefix}-{args.profile}"
+    work.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # every model and corpus comes from local packages
+    return args, p, work, res, Steps(work)
+
+
 class Steps:
     """Runs the steps of an evidence script: every command is logged, finished ones are skipped, and the wall time of
     each one this (or an earlier, interrupted) invocation ran is kept in ``work/timings.json``."""
@@ -81,8 +106,11 @@ class Steps:
         self.names.append(name)
         took = run(cmd, self.log, done=done)
         if took:
+            # re-read first: evidence scripts sharing a work folder may run side by side
+            if self.timing.is_file():
+                self.all_seconds = {**self.all_seconds, **json.loads(self.timing.read_text())}
             self.all_seconds[name] = round(took, 1)
-            self.timing.write_text(json.dumps(self.all_seconds, indent=2))
+            write_json(self.timing, self.all_seconds)
 
     @property
     def seconds(self) -> dict[str, float]:

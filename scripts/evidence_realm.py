@@ -33,7 +33,7 @@ import sys
 import time
 from pathlib import Path
 
-from evidence_incontext import RETROLM, Steps, commands_section, run, save_page
+from evidence_incontext import RETROLM, commands_section, evidence_start, run, save_page
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -101,17 +101,7 @@ def prepare(work: Path, p: dict, log: list[str]) -> tuple[Path, Path, Path]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--profile", choices=sorted(PROFILES), default="cpu")
-    ap.add_argument("--work", type=Path, default=None, help="default runs/evidence-realm/<profile>")
-    ap.add_argument("--results", type=Path, default=None, help="default docs/results/realm-<profile>")
-    args = ap.parse_args()
-    p = PROFILES[args.profile]
-    work = args.work or REPO / "runs" / "evidence-realm" / args.profile
-    res = args.results or REPO / "docs" / "results" / f"realm-{args.profile}"
-    work.mkdir(parents=True, exist_ok=True)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    step = Steps(work)
+    args, p, work, res, step = evidence_start(__doc__, PROFILES, "evidence-realm", "realm")
     log = step.log
 
     train, test, store = prepare(work, p, log)

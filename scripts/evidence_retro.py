@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from evidence_incontext import RETROLM, Steps, commands_section, run, save_page
+from evidence_incontext import RETROLM, Steps, commands_section, evidence_start, run, save_page
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -161,17 +161,7 @@ def training_setup(work: Path, p: dict, step: Steps, encoder: str | None = None
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--profile", choices=sorted(PROFILES), default="cpu")
-    ap.add_argument("--work", type=Path, default=None, help="default runs/evidence-retro/<profile>")
-    ap.add_argument("--results", type=Path, default=None, help="default docs/results/retro-<profile>")
-    args = ap.parse_args()
-    p = PROFILES[args.profile]
-    work = args.work or REPO / "runs" / "evidence-retro" / args.profile
-    res = args.results or REPO / "docs" / "results" / f"retro-{args.profile}"
-    work.mkdir(parents=True, exist_ok=True)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    step = Steps(work)
+    args, p, work, res, step = evidence_start(__doc__, PROFILES, "evidence-retro", "retro")
     log = step.log
 
     held, db, train_run = training_setup(work, p, step)

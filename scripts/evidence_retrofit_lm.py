@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import sys
 import time
 from pathlib import Path
 
-from evidence_incontext import LM, RETROLM, Steps, commands_section, save_page
+from evidence_incontext import LM, RETROLM, Steps, commands_section, evidence_start, save_page
 from evidence_retro import (
     BUCKETS,
     PROTOCOLS,
@@ -50,17 +49,7 @@ PROFILES = {
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--profile", choices=sorted(PROFILES), default="cpu")
-    ap.add_argument("--work", type=Path, default=None, help="default runs/evidence-retro/<profile>")
-    ap.add_argument("--results", type=Path, default=None, help="default docs/results/retrofit-lm-<profile>")
-    args = ap.parse_args()
-    p = PROFILES[args.profile]
-    work = args.work or REPO / "runs" / "evidence-retro" / p["data"]
-    res = args.results or REPO / "docs" / "results" / f"retrofit-lm-{args.profile}"
-    work.mkdir(parents=True, exist_ok=True)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    step = Steps(work)
+    args, p, work, res, step = evidence_start(__doc__, PROFILES, "evidence-retro", "retrofit-lm")
 
     _, held = prepare(work, DATA[p["data"]], step.log)
     db = work / "db-smollm2"
