@@ -288,8 +288,11 @@ def test_scaling_commands(copy_world):
         assert at2[g] == pytest.approx(ev["groups"][g]["summary"][RETRO]["bpb"])
         assert by_k["reference_groups"][RETRO_OFF][g] == pytest.approx(ev["groups"][g]["summary"][RETRO_OFF]["bpb"])
     assert "What each neighbour rank holds" in (copy_world["root"] / "scale" / "scale-neighbours.md").read_text()
-    by_size = scale_db_size(cfg, show_progress=False)
+    by_size = scale_db_size(ScaleConfig(**{**vars(cfg), "group_by": "bucket"}), show_progress=False)
     small, full, noisy = by_size["rows"]
+    for row in (small, full, noisy):  # the groups split the same chunks: the pooled value lies between them
+        assert set(row["groups"]) == {"even", "odd"}
+        assert min(row["groups"].values()) <= row["bpb"] <= max(row["groups"].values())
     assert small["db_chunks"] < full["db_chunks"] < noisy["db_chunks"] and noisy["noise"]
     assert full["bpb"] < small["bpb"]  # more of the copies are retrievable
     assert abs(noisy["bpb"] - full["bpb"]) < 0.1 * full["bpb"]  # unrelated data changes little

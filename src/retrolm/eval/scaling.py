@@ -20,6 +20,7 @@ from retrolm.eval.groups import chunk_groups
 from retrolm.eval.leakage import overlap_by_rank
 from retrolm.eval.report import markdown_table, plot_lines
 from retrolm.eval.run import out_dir
+from retrolm.train import Scores
 
 
 def scale_neighbours(cfg: ScaleConfig, show_progress: bool = True) -> dict[str, Any]:
@@ -32,17 +33,14 @@ def scale_neighbours(cfg: ScaleConfig, show_progress: bool = True) -> dict[str, 
     ks = sorted(cfg.ks)
     with _scaling_run(cfg, show_progress) as (out, ev):
         groups = _groups(ev, cfg)
-        rows, ranks = [], None
+        ranks = None
         if ev.main.in_context:
             scored = ((k, ev.score_in_context(ev.main, True, passages=k, desc=f"k={k}")) for k in ks)
         else:
             nb = ev.neighbours(max(ks))
             ranks = overlap_by_rank(ev.next_chunk_overlap(nb))
             scored = ((k, ev.score(ev.main, nb, k, desc=f"k={k}")) for k in ks)
-        for k, scores in scored:
-            rows.append({"k": k, **ev.summary(scores)})
-            if groups:
-                rows[-1]["groups"] = {g: ev.summary(scores, sel)["bpb"] for g, sel in groups.items()}
+        rows = [_row(ev, scores, groups, k=k) for k, scores in scored]
         result = _scaling_result(ev, "neighbours", rows, groups)
         if ranks is not None:
             result["ranks"] = ranks
@@ -58,6 +56,14 @@ def _groups(ev: Evaluator, cfg: ScaleConfig) -> dict[str, np.ndarray]:
     return chunk_groups(cfg.data, cfg.group_by, ev.source.doc_ids, ev.source.all_chunk_docs())
 
 
+def _row(ev: Evaluator, scores: Scores, groups: dict[str, np.ndarray], **fields) -> dict[str, Any]:
+    """One point of a curve: its ``fields``, the summary over all chunks and, with groups, each group's bits/byte."""
+    row = {**fields, **ev.summary(scores)}
+    if groups:
+        row["groups"] = {g: ev.summary(scores, sel)["bpb"] for g, sel in groups.items()}
+    return row
+
+
 def scale_db_size(cfg: ScaleConfig, show_progress: bool = True) -> dict[str, Any]:
     """``retrolm scale db-size``: RETRO bits-per-byte with databases of growing size.
 
@@ -69,6 +75,7 @@ def scale_db_size(cfg: ScaleConfig, show_progress: bool = True) -> dict[str, Any
     """
     fractions, noise = cfg.fractions, cfg.noise
     with _scaling_run(cfg, show_progress) as (out, ev):
+        groups = _groups(ev, cfg)
         store = ev.db.store
         # the noisy copy first: a bad noise corpus (e.g. an id already in the database) fails before any scoring
         noisy = noisy_copy(ev.db, out / "db-with-noise", noise, show_progress) if noise else None
@@ -79,21 +86,20 @@ def scale_db_size(cfg: ScaleConfig, show_progress: bool = True) -> dict[str, Any
             keep_docs = np.zeros(store.n_docs, dtype=bool)
             keep_docs[order[: max(1, round(f * len(order)))]] = True
             mask = ~keep_docs[chunk_doc] | ev.excluded_chunks
-            s = ev.summary(_score_with(ev, mask, desc=f"db {f:.0%}"))
-            rows.append({"fraction": f, "db_chunks": int((~mask).sum()), **s})
+            rows.append(_row(ev, _score_with(ev, mask, desc=f"db {f:.0%}"), groups, fraction=f,
+                             db_chunks=int((~mask).sum())))
         points = {}
         if noisy is not None:
             # the added documents get the same scrutiny: nothing of the held-out set may come back through them
             by_id, near, _ = ev.excluded_docs(noisy, np.arange(store.n_docs, noisy.store.n_docs))
             mask = (by_id | near)[noisy.store.all_chunk_docs()]
             mask[: store.n_chunks] |= ev.excluded_chunks
-            s = ev.summary(_score_with(ev, mask, db=noisy, desc="db + noise"))
             n_noise = noisy.store.n_chunks - store.n_chunks
-            row = {"fraction": 1.0, "noise": True, "noise_chunks": n_noise,
-                   "db_chunks": int((~mask & ~noisy.deleted_chunks).sum()), **s}
+            row = _row(ev, _score_with(ev, mask, db=noisy, desc="db + noise"), groups, fraction=1.0, noise=True,
+                       noise_chunks=n_noise, db_chunks=int((~mask & ~noisy.deleted_chunks).sum()))
             rows.append(row)
             points[f"+ {n_noise:,} noise chunks"] = (row["db_chunks"], row["bpb"])
-        result = _scaling_result(ev, "db_size", rows)
+        result = _scaling_result(ev, "db_size", rows, groups)
         x = [r["db_chunks"] for r in rows if not r.get("noise")]
         _write_scaling(out, "scale-db-size", result, x, "database chunks (retrievable)", logx=True, points=points)
         return result
