@@ -70,6 +70,11 @@ def save_page(res: Path, page: list[str]) -> None:
     print(f"wrote {res / 'README.md'}")
 
 
+def rel(path: Path) -> str:
+    """A path as a results page shows it: relative to the repository when inside it."""
+    return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
+
+
 def evidence_start(doc: str, profiles: dict, work_root: str, results_prefix: str,
                    add_args: Callable[[argparse.ArgumentParser], None] | None = None
                    ) -> tuple[argparse.Namespace, dict, Path, Path, Steps]:

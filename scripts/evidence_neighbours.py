@@ -23,12 +23,11 @@ import sys
 import time
 from pathlib import Path
 
-from evidence_incontext import RETROLM, Steps, commands_section, evidence_start, save_page
+from evidence_incontext import RETROLM, Steps, commands_section, evidence_start, rel, save_page
 from evidence_retro import (
     BUCKETS,
     PROFILES,
     PROTOCOLS,
-    REPO,
     copy_training_files,
     last_metrics,
     machine,
@@ -123,7 +122,7 @@ def write_page(res: Path, work: Path, runs: dict[str, tuple[Path, int]], step: S
         f"{time.strftime('%Y-%m-%d')}. Data, database (BM25), held-out set and RETRO-{size} (d = {d}, {n_layer} "
         f"layers, CCA in the middle and last layers, {p['train']['steps']} steps × {p['train']['batch_size']} × "
         f"{p['train']['model.seq_len']} tokens) are those in the work folder of `scripts/evidence_retro.py --profile "
-        f"{args.profile}` (`{work.relative_to(REPO) if work.is_relative_to(REPO) else work}`); the second run differs "
+        f"{args.profile}` (`{rel(work)}`); the second run differs "
         "only in reading k = 4 neighbours of each training chunk instead of 2 (own document excluded). Wall times are "
         "those of whatever shared the machine's cores at the time. Change = relative change of held-out bits per byte "
         "against the same model with retrieval off; "

@@ -2,10 +2,11 @@
 """Why RETRO-fitting recovered nothing with 5% of the tokens (issue 11): the same RETRO-fitting of baseline-medium
 (frozen, CCA in its middle and last layers) with more update steps for the same tokens, a larger learning rate, and
 20% / 100% of the baseline's tokens, plus checkpoints of the longest run evaluated along the way: is it the budget,
-the schedule, or the method?
+the schedule, or the method? And the same 100% run with the baseline's weights unfrozen.
 
     .venv/bin/python scripts/evidence_retrofit.py                # CPU scale (shares runs/evidence-retro/cpu)
     .venv/bin/python scripts/evidence_retrofit.py --profile gpu
+    .venv/bin/python scripts/evidence_retrofit.py --runs fit-100pct fit-100pct-unfrozen   # a subset of the runs
 
 Shares the work folder of scripts/evidence_retro.py (data, database, neighbours, baseline-medium and its 5% run are
 trained once for both). Every step is a `retrolm` command; finished steps are skipped on a re-run. Writes
@@ -16,50 +17,46 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import sys
 import time
 from pathlib import Path
 
-from evidence_incontext import RETROLM, Steps, commands_section, save_page
+from evidence_incontext import RETROLM, Steps, commands_section, evidence_start, rel, save_page
 from evidence_retro import (
     BUCKETS,
     PROFILES,
     PROTOCOLS,
-    REPO,
     change_cells,
     last_metrics,
     machine,
+    pct,
     retrofit_args,
     shape_args,
     training_setup,
 )
 
-# (run, share of baseline-medium's tokens, batch size, learning rate); frozen. "retrofit-frozen" is evidence_retro's
-# 5% run (same command, trained once). The batch-4 run spends the same tokens in 4× the steps.
+# (run, share of baseline-medium's tokens, batch size, learning rate, frozen) relative to the profile's batch and
+# RETRO-fitting lr (fit_lr frozen, fit_lr_unfrozen unfrozen). "retrofit-frozen" is evidence_retro's 5% run (same
+# command, trained once). The batch-4 run spends the same tokens in 4× the steps. The unfrozen run trains the
+# baseline's weights too, at the lower lr evidence_retro uses for its unfrozen 5% run.
 VARIANTS = [
-    ("retrofit-frozen", 0.05, 1, 1.0),
-    ("fit-5pct-b4", 0.05, 0.25, 1.0),
-    ("fit-5pct-lr10", 0.05, 1, 10 / 3),
-    ("fit-20pct", 0.20, 1, 1.0),
-    ("fit-100pct", 1.00, 1, 1.0),
+    ("retrofit-frozen", 0.05, 1, 1.0, True),
+    ("fit-5pct-b4", 0.05, 0.25, 1.0, True),
+    ("fit-5pct-lr10", 0.05, 1, 10 / 3, True),
+    ("fit-20pct", 0.20, 1, 1.0, True),
+    ("fit-100pct", 1.00, 1, 1.0, True),
+    ("fit-100pct-unfrozen", 1.00, 1, 1.0, False),
 ]
 ALONG = (0.1, 0.2, 0.5)  # checkpoints of the longest run evaluated on the way (share of its steps)
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--profile", choices=sorted(PROFILES), default="cpu")
-    ap.add_argument("--work", type=Path, default=None, help="default runs/evidence-retro/<profile>")
-    ap.add_argument("--results", type=Path, default=None, help="default docs/results/retrofit-<profile>")
-    args = ap.parse_args()
-    p = PROFILES[args.profile]
-    work = args.work or REPO / "runs" / "evidence-retro" / args.profile
-    res = args.results or REPO / "docs" / "results" / f"retrofit-{args.profile}"
-    work.mkdir(parents=True, exist_ok=True)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    step = Steps(work)
+    def only(ap: argparse.ArgumentParser) -> None:
+        ap.add_argument("--runs", nargs="+", choices=[v[0] for v in VARIANTS], default=None,
+                        help="train and evaluate only these variants (default: all)")
+
+    args, p, work, res, step = evidence_start(__doc__, PROFILES, "evidence-retro", "retrofit", only)
 
     held, db, train_run = training_setup(work, p, step)
     lr_medium = p["sizes"]["medium"][3]
@@ -67,15 +64,18 @@ def main() -> None:
     fit = shape_args(p, "medium", retro=True)
     batch, steps = int(p["train"]["batch_size"]), int(p["train"]["steps"])
     runs: dict[str, dict] = {}
-    for name, share, batch_mult, lr_mult in VARIANTS:
+    for name, share, batch_mult, lr_mult, frozen in VARIANTS:
+        if args.runs and name not in args.runs:
+            continue
         b = max(1, round(batch * batch_mult))
         n = max(1, round(share * steps * batch / b))
-        extra = [*retrofit_args(base, n), "freeze_init=true", f"lr={p['fit_lr'] * lr_mult:.3g}", f"batch_size={b}"]
+        lr = (p["fit_lr"] if frozen else p["fit_lr_unfrozen"]) * lr_mult
+        extra = [*retrofit_args(base, n), f"freeze_init={str(frozen).lower()}", f"lr={lr:.3g}", f"batch_size={b}"]
         if share == 1.0:  # keep checkpoints along the way: the gain as a function of tokens within one run
             extra[extra.index(f"save_every={n}")] = f"save_every={max(1, round(n * ALONG[0]))}"
             extra.append("keep_checkpoints=100")
-        runs[name] = {"dir": train_run(name, fit, extra, n), "share": share, "batch": b, "steps": n,
-                      "lr": p["fit_lr"] * lr_mult}
+        runs[name] = {"dir": train_run(name, fit, extra, n), "share": share, "batch": b, "steps": n, "lr": lr,
+                      "frozen": frozen}
 
     ev = ["--db", db, "--data", held, "--baseline", base, "-q", "retriever=bm25", "near_dup_measure=containment",
           "group_by=bucket"]
@@ -93,11 +93,13 @@ def main() -> None:
     small = p["retro"][0]
     scratch = train_run(f"retro-{small}", shape_args(p, small, retro=True), [f"lr={p['sizes'][small][3]}"])
     evaluate(f"retro-{small}", scratch, "previous")
-    longest = max(runs, key=lambda k: runs[k]["steps"])
+    longest = max(runs, key=lambda k: (runs[k]["steps"], runs[k]["frozen"]))  # the frozen one of equal length
     for frac in ALONG:
         s = max(1, round(runs[longest]["steps"] * frac))
         evaluate(f"{longest}-step{s}", runs[longest]["dir"] / "checkpoints" / f"step-{s:06d}", "previous")
-    evaluate(longest, runs[longest]["dir"], "strict")
+    for name, r in runs.items():
+        if r["share"] == 1.0:
+            evaluate(name, r["dir"], "strict")
     write_page(res, work, runs, evals, step, args, p)
 
 
@@ -109,7 +111,8 @@ def write_page(res: Path, work: Path, runs: dict[str, dict], evals: list[tuple[s
     train_rows = []
     for name, r in runs.items():
         m = last_metrics(r["dir"])
-        train_rows.append([name, f"{r['share']:.0%}", r["steps"], r["batch"], f"{r['lr']:.3g}",
+        train_rows.append([name, "frozen" if r["frozen"] else "unfrozen", f"{r['share']:.0%}", r["steps"], r["batch"],
+                           f"{r['lr']:.3g}",
                            f"{m.get('train/loss', float('nan')):.3f}", f"{m.get('train/tokens_per_s', 0):.0f}",
                            f"{step.seconds.get(name, 0) / 60:.1f}"])
     rows = []
@@ -117,30 +120,36 @@ def write_page(res: Path, work: Path, runs: dict[str, dict], evals: list[tuple[s
         r = json.loads((out / "eval.json").read_text())
         recovered = f"{r['gain']['all'] / scratch['gain']['all']:.0%}" if scratch["gain"]["all"] > 0 else "–"
         head, tail = change_cells(r)
-        rows.append([label, protocol, *head, recovered, *tail])
+        vs = next((v for k, v in r["gain"].items() if k.startswith("vs baseline:")), float("nan"))
+        rows.append([label, protocol, *head, recovered, pct(vs), *tail])
+    only = f" --runs {' '.join(args.runs)} --results {rel(res)}" if args.runs else ""
     page = [
         f"# RETRO-fitting: how many tokens does it take? ({args.profile} profile)",
         "",
-        f"Produced by `scripts/evidence_retrofit.py --profile {args.profile}` on {platform.node()} ({machine()}), "
-        f"{time.strftime('%Y-%m-%d')}; data, database, neighbours and baseline-medium are those of "
-        f"[retro-{args.profile}](../retro-{args.profile}/README.md). Every run RETRO-fits baseline-medium with its "
+        f"Produced by `scripts/evidence_retrofit.py --profile {args.profile}{only}` on {platform.node()} "
+        f"({machine()}), "
+        f"{time.strftime('%Y-%m-%d')}; data, database, neighbours and baseline-medium are those in the work folder of "
+        f"`scripts/evidence_retro.py --profile {args.profile}` "
+        f"(`{rel(work)}`). Every run RETRO-fits baseline-medium with its "
         "weights frozen (only the neighbour encoder and the chunked cross-attention in its middle and last layers "
-        "train; their output projections start at zero, so every run starts exactly at the baseline) and reads k = 2 "
-        "BM25 neighbours. Share = tokens as a share of the baseline's training tokens. Change = relative change of "
-        "held-out bits per byte against the same model with retrieval off (= baseline-medium), negative = better; "
+        "train; their output projections start at zero, so every run starts exactly at the baseline), or unfrozen "
+        "(every weight trains, at a lower lr), and reads k = 2 BM25 neighbours. Share = tokens as a share of the "
+        "baseline's training tokens. Change = relative change of held-out bits per byte against the same model with "
+        "retrieval off (= baseline-medium when frozen), negative = better; vs baseline = against baseline-medium "
+        "itself (what an unfrozen run's change hides: its decoder moved too); "
         f"recovered = that change as a share of RETRO from scratch's (retro-{p['retro'][0]}, the RETRO of the "
         "evidence run, on the same data and 100% of the tokens; its baseline for that share is its own retrieval-off "
         "score).",
         "",
         "## Training",
         "",
-        markdown_table(["run", "share of tokens", "steps", "batch", "peak lr", "final train loss", "tokens/s",
+        markdown_table(["run", "base", "share of tokens", "steps", "batch", "peak lr", "final train loss", "tokens/s",
                         "minutes"], train_rows),
         "",
         "## Held-out change with retrieval (12 documents per bucket; 95% interval over documents)",
         "",
         markdown_table(["run", "protocol", "retrieval off", "retrieval on", "change [95% CI]", "recovered",
-                        *BUCKETS, "novel chunks"], rows),
+                        "vs baseline", *BUCKETS, "novel chunks"], rows),
         "",
         *commands_section(step.log, step.seconds),
     ]
