@@ -111,7 +111,8 @@ class Steps:
         self.names.append(name)
         took = run(cmd, self.log, done=done)
         if took:
-            # re-read first: evidence scripts sharing a work folder may run side by side
+            # re-read first: evidence scripts sharing a work folder may run side by side (steps that end at the
+            # same instant can still race; there is no lock)
             if self.timing.is_file():
                 self.all_seconds = {**self.all_seconds, **json.loads(self.timing.read_text())}
             self.all_seconds[name] = round(took, 1)

@@ -57,6 +57,8 @@ def main() -> None:
                         help="train and evaluate only these variants (default: all)")
 
     args, p, work, res, step = evidence_start(__doc__, PROFILES, "evidence-retro", "retrofit", only)
+    if args.runs and args.results is None:  # a page of some runs must not replace the page of all of them
+        sys.exit(f"evidence_retrofit.py: --runs needs --results (else it would overwrite {rel(res)}/README.md)")
 
     held, db, train_run = training_setup(work, p, step)
     lr_medium = p["sizes"]["medium"][3]
@@ -94,7 +96,7 @@ def main() -> None:
     scratch = train_run(f"retro-{small}", shape_args(p, small, retro=True), [f"lr={p['sizes'][small][3]}"])
     evaluate(f"retro-{small}", scratch, "previous")
     longest = max(runs, key=lambda k: (runs[k]["steps"], runs[k]["frozen"]))  # the frozen one of equal length
-    for frac in ALONG:
+    for frac in ALONG if runs[longest]["share"] == 1.0 else ():  # only 100% runs keep checkpoints along the way
         s = max(1, round(runs[longest]["steps"] * frac))
         evaluate(f"{longest}-step{s}", runs[longest]["dir"] / "checkpoints" / f"step-{s:06d}", "previous")
     for name, r in runs.items():

@@ -85,8 +85,8 @@ def leakage_curve(
 
 
 def overlap_by_rank(overlap: np.ndarray, hold: float = 0.5) -> list[dict[str, float]]:
-    """What each neighbour rank holds of the text to predict, from an (n_chunks, K) overlap matrix (NaN rows are
-    skipped): per rank j, the mean overlap, the share of chunks whose rank-j neighbour holds at least ``hold`` of
+    """What each neighbour rank holds of the text to predict, from an (n_chunks, K) overlap matrix (rows with a NaN
+    are skipped): per rank j, the mean overlap, the share of chunks whose rank-j neighbour holds at least ``hold`` of
     it, the share for which rank j is the first neighbour holding the most (and at least ``hold``), and the share
     with such a neighbour anywhere among ranks 1..j. When the last column stops growing after rank 1 or 2, more
     neighbours add text to attend to but nothing to copy."""

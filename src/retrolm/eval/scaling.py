@@ -151,8 +151,9 @@ def _write_scaling(out: Path, name: str, result: dict, x: list, xlabel: str, *, 
     groups = sorted({g for r in result["rows"] for g in r.get("groups", {})})  # bits/byte per group, if any
     rows = [[*(r.get(k, "") for k in keys), r["bpb"], r["perplexity"], *(r.get("groups", {}).get(g, "")
                                                                           for g in groups)] for r in result["rows"]]
-    rows += [[name_, *[""] * (len(keys) - 1), s["bpb"], s["perplexity"], *[""] * len(groups)]
-             for name_, s in result["references"].items()]
+    ref_groups = result.get("reference_groups", {})
+    rows += [[name_, *[""] * (len(keys) - 1), s["bpb"], s["perplexity"],
+              *(ref_groups.get(name_, {}).get(g, "") for g in groups)] for name_, s in result["references"].items()]
     text = [f"# {name}", "", f"![{name}]({name}.png)", "",
             markdown_table([*keys, "bits/byte", "perplexity", *groups], rows), ""]
     if result.get("ranks"):
