@@ -79,18 +79,28 @@ def main() -> None:
         runs[name] = {"dir": train_run(name, fit, extra, n), "share": share, "batch": b, "steps": n, "lr": lr,
                       "frozen": frozen}
 
+    # An unfrozen run also trains the baseline's own weights for its steps: its fair reference is the baseline trained
+    # on just as long (same init, lr and schedule) without retrieval layers.
+    unfrozen = [r for r in runs.values() if not r["frozen"]]
+    continued = None
+    if unfrozen:
+        n = max(r["steps"] for r in unfrozen)
+        continued = train_run(f"{base.name}-continued", [*shape_args(p, "medium"), "model.retro_layers=[]"],
+                              [*retrofit_args(base, n), f"lr={p['fit_lr_unfrozen']:.3g}"], n)
+
     ev = ["--db", db, "--data", held, "--baseline", base, "-q", "retriever=bm25", "near_dup_measure=containment",
           "group_by=bucket"]
     evals: list[tuple[str, str, Path]] = []  # (label, protocol, eval folder)
 
-    def evaluate(label: str, checkpoint: Path, protocol: str) -> None:
+    def evaluate(label: str, checkpoint: Path, protocol: str, frozen: bool = True) -> None:
         out = res / f"{label}-{protocol}"
-        step(f"eval {label} {protocol}", [*RETROLM, "eval", "--checkpoint", checkpoint, *ev, "--out", out,
+        refs = [] if frozen or continued is None else ["--baseline", continued]
+        step(f"eval {label} {protocol}", [*RETROLM, "eval", "--checkpoint", checkpoint, *ev, *refs, "--out", out,
                                           f"near_dup_threshold={PROTOCOLS[protocol]}"], out / "eval.json")
         evals.append((label, protocol, out))
 
     for name, r in runs.items():
-        evaluate(name, r["dir"], "previous")
+        evaluate(name, r["dir"], "previous", r["frozen"])
     # the reference: RETRO from scratch (evidence_retro's run, trained once for both) on the same data and held-out set
     small = p["retro"][0]
     scratch = train_run(f"retro-{small}", shape_args(p, small, retro=True), [f"lr={p['sizes'][small][3]}"])
@@ -101,7 +111,7 @@ def main() -> None:
         evaluate(f"{longest}-step{s}", runs[longest]["dir"] / "checkpoints" / f"step-{s:06d}", "previous")
     for name, r in runs.items():
         if r["share"] == 1.0:
-            evaluate(name, r["dir"], "strict")
+            evaluate(name, r["dir"], "strict", r["frozen"])
     write_page(res, work, runs, evals, step, args, p)
 
 
@@ -122,8 +132,10 @@ def write_page(res: Path, work: Path, runs: dict[str, dict], evals: list[tuple[s
         r = json.loads((out / "eval.json").read_text())
         recovered = f"{r['gain']['all'] / scratch['gain']['all']:.0%}" if scratch["gain"]["all"] > 0 else "–"
         head, tail = change_cells(r)
-        vs = next((v for k, v in r["gain"].items() if k.startswith("vs baseline:")), float("nan"))
-        rows.append([label, protocol, *head, recovered, pct(vs), *tail])
+        vs = {k: v for k, v in r["gain"].items() if k.startswith("vs baseline:")}
+        cont = next((v for k, v in vs.items() if k.endswith("-continued")), float("nan"))
+        first = next((v for k, v in vs.items() if not k.endswith("-continued")), float("nan"))
+        rows.append([label, protocol, *head, recovered, pct(first), pct(cont), *tail])
     only = f" --runs {' '.join(args.runs)} --results {rel(res)}" if args.runs else ""
     page = [
         f"# RETRO-fitting: how many tokens does it take? ({args.profile} profile)",
@@ -138,7 +150,9 @@ def write_page(res: Path, work: Path, runs: dict[str, dict], evals: list[tuple[s
         "(every weight trains, at a lower lr), and reads k = 2 BM25 neighbours. Share = tokens as a share of the "
         "baseline's training tokens. Change = relative change of held-out bits per byte against the same model with "
         "retrieval off (= baseline-medium when frozen), negative = better; vs baseline = against baseline-medium "
-        "itself (what an unfrozen run's change hides: its decoder moved too); "
+        "itself (what an unfrozen run's change hides: its decoder moved too); vs continued baseline = against "
+        "baseline-medium trained on for as many steps as the unfrozen run, from the same weights, with the same lr and "
+        "schedule, and no retrieval layers (its fair reference); "
         f"recovered = that change as a share of RETRO from scratch's (retro-{p['retro'][0]}, the RETRO of the "
         "evidence run, on the same data and 100% of the tokens; its baseline for that share is its own retrieval-off "
         "score).",
@@ -151,7 +165,7 @@ def write_page(res: Path, work: Path, runs: dict[str, dict], evals: list[tuple[s
         "## Held-out change with retrieval (12 documents per bucket; 95% interval over documents)",
         "",
         markdown_table(["run", "protocol", "retrieval off", "retrieval on", "change [95% CI]", "recovered",
-                        "vs baseline", *BUCKETS, "novel chunks"], rows),
+                        "vs baseline", "vs continued baseline", *BUCKETS, "novel chunks"], rows),
         "",
         *commands_section(step.log, step.seconds),
     ]

@@ -289,10 +289,20 @@ def test_init_from_errors_are_one_line(built_db, tmp_path):
     with pytest.raises(RetrolmError, match=r"no model\.json"):
         Trainer(tiny_cfg(built_db, tmp_path / "x", init_from=str(tmp_path))).setup(show_progress=False)
     run(tiny_cfg(built_db, tmp_path / "base", steps=1, model=ModelSpec(preset="tiny", seq_len=256, retro_layers=[])))
-    same = tiny_cfg(built_db, tmp_path / "same", init_from=str(tmp_path / "base"),
+    same = tiny_cfg(built_db, tmp_path / "same", init_from=str(tmp_path / "base"), freeze_init=True,
                     model=ModelSpec(preset="tiny", seq_len=256, retro_layers=[]))
-    with pytest.raises(RetrolmError, match=r"add model\.retro_layers"):
+    with pytest.raises(RetrolmError, match=r"nothing to train; add model\.retro_layers"):
         Trainer(same).setup(show_progress=False)
+    # unfrozen, the same shape is continued training: it starts as the checkpoint and every tensor trains
+    t = Trainer(TrainConfig(**{**vars(same), "freeze_init": False, "out_dir": str(tmp_path / "continued")}))
+    t.setup(show_progress=False)
+    base = load_model(tmp_path / "base").model
+    ids = torch.randint(0, base.config.vocab_size, (2, 128))
+    t.model.eval()
+    with torch.no_grad():
+        assert torch.equal(t.model(ids).logits, base(ids).logits)
+    assert all(p.requires_grad for p in t.model.parameters())
+    t.cleanup()
     wider = tiny_cfg(built_db, tmp_path / "wider", init_from=str(tmp_path / "base"),
                      model=ModelSpec(preset="tiny", seq_len=256, d_model=128))
     with pytest.raises(RetrolmError, match="cannot load"):

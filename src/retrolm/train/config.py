@@ -123,7 +123,8 @@ class TrainConfig(LoopConfig):
     init_from: str | None = None
     """RETRO-fitting a retrolm model: a checkpoint or run folder (e.g. a baseline decoder) whose tensors initialise
     every tensor of the same name; ``model`` must give the same shape, and ``model.retro_layers`` adds chunked
-    cross-attention, whose output projections start at zero (the model starts exactly as the loaded one)."""
+    cross-attention, whose output projections start at zero (the model starts exactly as the loaded one). With the
+    checkpoint's own shape and no ``freeze_init`` it is continued training under this run's optimizer and schedule."""
     freeze_init: bool = False
     """Freeze the loaded tensors: only the new ones (neighbour encoder, CCA) train, as in the paper's RETRO-fitting."""
 

@@ -61,7 +61,7 @@ def database_record(db: DatabaseView) -> dict:
 def init_from_checkpoint(model: RetroModel, ref: str, db: DatabaseView, freeze: bool) -> list[str]:
     """RETRO-fitting a retrolm model: load every tensor of checkpoint ``ref`` into ``model`` (same names and shapes),
     start each chunked cross-attention at zero output, and optionally freeze the loaded tensors. Returns the names of
-    the tensors that stay new (encoder, CCA)."""
+    the tensors that stay new (encoder, CCA; none when ``model`` has the checkpoint's shape: continued training)."""
     folder = find_checkpoint(ref)
     if folder is None:
         raise RetrolmError(f"{ref}: init_from must be a retrolm checkpoint or run folder (no model.json)")
@@ -74,9 +74,11 @@ def init_from_checkpoint(model: RetroModel, ref: str, db: DatabaseView, freeze: 
     tensors = model.state_dict(keep_vars=True)
     loaded = {id(t) for name, t in tensors.items() if name not in missing}
     new = [name for name in missing if id(tensors[name]) not in loaded]  # a tied alias of a loaded tensor is not new
-    if not new:
-        raise RetrolmError(f"{folder}: init_from holds every tensor of the model; add model.retro_layers to "
-                           "RETRO-fit it, or resume its run instead")
+    if not new and freeze:
+        raise RetrolmError(f"{folder}: init_from holds every tensor of the model, so freeze_init would leave nothing "
+                           "to train; add model.retro_layers to RETRO-fit it")
+    # Without new tensors and unfrozen this is continued training under a fresh optimizer and schedule (e.g. the
+    # fair reference of an unfrozen RETRO-fitting run: the baseline trained on just as long without retrieval).
     for block in model.blocks:
         if block.cca is not None:  # CCA adds exact zeros at first: the loaded model's predictions are kept
             torch.nn.init.zeros_(block.cca.attn.proj.weight)
