@@ -282,6 +282,17 @@ def test_retrofitting_a_baseline_starts_at_it_and_trains_only_the_new_tensors(bu
     assert all(p.requires_grad for p in t.model.parameters())
     t.cleanup()
 
+    # continued training of the RETRO-fitted model itself: its trained cross-attention is loaded, not reset to zero
+    again = tiny_cfg(built_db, tmp_path / "again", steps=1, init_from=str(tmp_path / "fit"),
+                     model=ModelSpec(preset="tiny", seq_len=256, retro_layers=[2, 4]))
+    t = Trainer(again)
+    t.setup(show_progress=False)
+    t.model.eval()
+    after.eval()
+    with torch.no_grad():
+        assert torch.equal(t.model(ids, neighbours=nb).logits, after(ids, neighbours=nb).logits)
+    t.cleanup()
+
 
 def test_init_from_errors_are_one_line(built_db, tmp_path):
     with pytest.raises(RetrolmError, match="freeze_init needs init_from"):

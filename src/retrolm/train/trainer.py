@@ -80,7 +80,8 @@ def init_from_checkpoint(model: RetroModel, ref: str, db: DatabaseView, freeze: 
     # Without new tensors and unfrozen this is continued training under a fresh optimizer and schedule (e.g. the
     # fair reference of an unfrozen RETRO-fitting run: the baseline trained on just as long without retrieval).
     for block in model.blocks:
-        if block.cca is not None:  # CCA adds exact zeros at first: the loaded model's predictions are kept
+        # a new CCA adds exact zeros at first (the loaded model's predictions are kept); a loaded one keeps its weights
+        if block.cca is not None and id(block.cca.attn.proj.weight) not in loaded:
             torch.nn.init.zeros_(block.cca.attn.proj.weight)
             if block.cca.attn.proj.bias is not None:
                 torch.nn.init.zeros_(block.cca.attn.proj.bias)
