@@ -56,11 +56,16 @@ def _groups(ev: Evaluator, cfg: ScaleConfig) -> dict[str, np.ndarray]:
     return chunk_groups(cfg.data, cfg.group_by, ev.source.doc_ids, ev.source.all_chunk_docs())
 
 
+def _group_bpb(ev: Evaluator, scores: Scores, groups: dict[str, np.ndarray]) -> dict[str, float]:
+    """Bits per byte of ``scores`` over each group's chunks."""
+    return {g: ev.summary(scores, sel)["bpb"] for g, sel in groups.items()}
+
+
 def _row(ev: Evaluator, scores: Scores, groups: dict[str, np.ndarray], **fields) -> dict[str, Any]:
     """One point of a curve: its ``fields``, the summary over all chunks and, with groups, each group's bits/byte."""
     row = {**fields, **ev.summary(scores)}
     if groups:
-        row["groups"] = {g: ev.summary(scores, sel)["bpb"] for g, sel in groups.items()}
+        row["groups"] = _group_bpb(ev, scores, groups)
     return row
 
 
@@ -134,8 +139,7 @@ def _scaling_result(ev: Evaluator, axis: str, rows: list[dict], groups: dict[str
     out = {"axis": axis, "main": ev.main_keys[0], "models": ev.models(), "rows": rows,
            "references": {name: ev.summary(s) for name, s in refs.items()}, "exclusion": ev.exclusion}
     if groups:  # the references per group too, so that every row's group can be read as a change
-        out["reference_groups"] = {name: {g: ev.summary(s, sel)["bpb"] for g, sel in groups.items()}
-                                   for name, s in refs.items()}
+        out["reference_groups"] = {name: _group_bpb(ev, s, groups) for name, s in refs.items()}
     return out
 
 
