@@ -96,6 +96,27 @@ def test_resume_is_exact(built_db, tmp_path):
     assert {"val/bpb", "val_no_retrieval/bpb"} <= set().union(*rows_a)
 
 
+def test_data_offset_reads_on_where_the_continued_run_stopped(built_db, tmp_path):
+    """A run continued with init_from and data_offset = the first run's sequences reads the batches that the first run
+    would have read next (batches are a function of seed and step, so without the offset it replays them), across the
+    epoch boundary too."""
+    plain = Trainer(tiny_cfg(built_db, tmp_path / "plain"))
+    plain.setup(resume=False, show_progress=False)
+    per_epoch = len(plain.train_ids)
+    first = 3  # steps × batch_size of the run being continued
+    on = Trainer(tiny_cfg(built_db, tmp_path / "on", data_offset=first * 2))
+    on.setup(resume=False, show_progress=False)
+    assert np.array_equal(on.val_ids, plain.val_ids)  # the validation split does not move
+    far = per_epoch // 2 + 1  # enough steps to cross into the next epoch's order
+    for step in range(far):
+        assert np.array_equal(on._batch_ids(step, 0), plain._batch_ids(step + first, 0)), step
+    assert not np.array_equal(on._batch_ids(0, 0), plain._batch_ids(0, 0))
+    for t in (plain, on):
+        t.cleanup()
+    with pytest.raises(RetrolmError, match="data_offset"):
+        tiny_cfg(built_db, tmp_path / "x", data_offset=-1)
+
+
 def test_checkpoint_loads_back_and_baseline_has_no_retrieval(built_db, tmp_path):
     run(tiny_cfg(built_db, tmp_path / "base", steps=2, model=ModelSpec(preset="tiny", seq_len=256, retro_layers=[])))
     loaded = load_model(tmp_path / "base")

@@ -67,6 +67,10 @@ class LoopConfig:
     the others reuse them (a folder made for another database version or other settings is recomputed)."""
     val_fraction: float = 0.05
     """Share of sequences held out (by a seeded shuffle) for validation."""
+    data_offset: int = 0
+    """Training sequences of the seeded order to skip before the first batch. Batches are a function of (seed, step),
+    so a run continued with init_from would replay the batches of the run it continues; give it that run's
+    steps × batch_size × grad_accum × ranks to read on to the sequences it has not seen."""
     steps: int = 200
     """Optimiser steps."""
     batch_size: int = 8
@@ -106,6 +110,8 @@ class LoopConfig:
             raise RetrolmError("steps, batch_size and grad_accum must be positive")
         if not 0.0 <= self.val_fraction < 1.0:
             raise RetrolmError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+        if self.data_offset < 0:
+            raise RetrolmError(f"data_offset must be >= 0, got {self.data_offset}")
         if self.num_neighbours < 1 or self.keep_checkpoints < 1:
             raise RetrolmError("num_neighbours and keep_checkpoints must be positive")
         if self.retriever not in ("dense", "bm25", "hybrid"):

@@ -248,10 +248,10 @@ class Trainer:
 
     # ------------------------------------------------------------------ data
     def _batch_ids(self, step: int, micro: int) -> np.ndarray:
-        """Sequence ids of micro-batch ``micro`` of ``step`` for this rank: a pure function of (seed, step)."""
+        """Sequence ids of micro-batch ``micro`` of ``step`` for this rank: a pure function of (seed, step, offset)."""
         cfg = self.cfg
         per_step = cfg.batch_size * cfg.grad_accum * self.world
-        pos = step * per_step
+        pos = step * per_step + cfg.data_offset
         epoch, offset = divmod(pos, len(self.train_ids))
         perm = np.random.default_rng([cfg.seed, epoch]).permutation(self.train_ids)
         ids = np.concatenate([perm, np.random.default_rng([cfg.seed, epoch + 1]).permutation(self.train_ids)])

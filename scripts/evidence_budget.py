@@ -1,0 +1,184 @@
+#!/usr/bin/env python3
+"""Is it the budget? (issue 11, "find out why"): the three baselines and RETRO-small of scripts/evidence_retro.py
+trained on for more rounds of the same number of steps, each continuing the last (init_from, half the first run's
+peak lr, a fresh warm-up and cosine decay, and data_offset so that every round reads sequences the model has not seen
+yet), then evaluated per bucket under both protocols and against the control. Do the baselines order by size, does
+RETRO-small's reading gain grow with training, and does it overtake the baseline twice its size?
+
+    .venv/bin/python scripts/evidence_budget.py                        # CPU scale: one more round, seed 0
+    .venv/bin/python scripts/evidence_budget.py --rounds 2 --seeds 0 1  # two more rounds; also the second seed
+                                                                        # (its baseline-medium and RETRO-small)
+
+Shares the work folder of scripts/evidence_retro.py (data, database, neighbours and the first round are trained once
+for every script). Every step is a `retrolm` command; finished steps are skipped on a re-run. Writes
+docs/results/budget-<profile>/<run>-<protocol>/{eval.json,report.md,...} and docs/results/budget-<profile>/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+from evidence_incontext import RETROLM, Steps, commands_section, evidence_start, rel, save_page
+from evidence_retro import (
+    BUCKETS,
+    PROFILES,
+    PROTOCOLS,
+    change_cells,
+    copy_training_files,
+    last_metrics,
+    machine,
+    pct,
+    shape_args,
+    training_setup,
+)
+
+SEED_RUNS = {0: ("small", "medium", "large"), 1: ("medium",)}  # baselines trained per seed (seed 1: evidence_retro's)
+
+
+def run_name(kind: str, size: str, seed: int, total_steps: int, first_steps: int) -> str:
+    """``baseline-medium``, ``retro-small-seed1`` (first rounds), ``baseline-large-1000`` (continued to 1,000 steps)."""
+    more = f"-{total_steps}" if total_steps != first_steps else ""
+    return f"{kind}-{size}{more}" + (f"-seed{seed}" if seed else "")
+
+
+def main() -> None:
+    def more(ap: argparse.ArgumentParser) -> None:
+        ap.add_argument("--rounds", type=int, default=1, help="rounds of training after the first (default 1)")
+        ap.add_argument("--seeds", type=int, nargs="+", default=[0], choices=sorted(SEED_RUNS))
+
+    args, p, work, res, step = evidence_start(__doc__, PROFILES, "evidence-retro", "budget", more)
+    if args.rounds < 1:
+        sys.exit("evidence_budget.py: --rounds must be >= 1")
+    held, db, train_run = training_setup(work, p, step)
+    steps, batch = int(p["train"]["steps"]), int(p["train"]["batch_size"])
+    small = p["retro"][0]
+
+    # runs[seed][(kind, size)] = [run folder after round 0, 1, …]
+    runs: dict[int, dict[tuple[str, str], list[Path]]] = {}
+    for seed in args.seeds:
+        seed_arg = [f"seed={seed}"] if seed else []
+        models = [("baseline", s) for s in SEED_RUNS[seed]] + [("retro", small)]
+        runs[seed] = {}
+        for kind, size in models:
+            shape = shape_args(p, size, retro=True) if kind == "retro" else [*shape_args(p, size),
+                                                                              "model.retro_layers=[]"]
+            lr = p["sizes"][size][3]
+            chain = [train_run(run_name(kind, size, seed, steps, steps), shape, [f"lr={lr}", *seed_arg])]
+            for r in range(1, args.rounds + 1):
+                # half the first peak lr: the weights are no longer at their initialisation
+                extra = [f"init_from={chain[-1]}", f"lr={lr / 2:.3g}", f"data_offset={r * steps * batch}", *seed_arg]
+                chain.append(train_run(run_name(kind, size, seed, (r + 1) * steps, steps), shape, extra))
+            runs[seed][(kind, size)] = chain
+
+    ev = ["--db", db, "--data", held, "-q", "retriever=bm25", "near_dup_measure=containment", "group_by=bucket"]
+    for by in runs.values():
+        for r in range(args.rounds + 1):
+            retro = by[("retro", small)][r]
+            baselines = [a for (kind, _), chain in by.items() if kind == "baseline" for a in ("--baseline", chain[r])]
+            for protocol, near in PROTOCOLS.items():
+                out = res / f"{retro.name}-{protocol}"
+                step(f"eval {retro.name} {protocol}", [*RETROLM, "eval", "--checkpoint", retro, *ev, *baselines,
+                                                       f"near_dup_threshold={near}", "--out", out], out / "eval.json")
+            out = res / f"{retro.name}-shuffled"  # the control: another document's neighbours
+            step(f"eval {retro.name} shuffled", [*RETROLM, "eval", "--checkpoint", retro, *ev, "near_dup_threshold=0",
+                                                 "shuffle_neighbours=true", "--out", out], out / "eval.json")
+    last = runs[args.seeds[0]][("retro", small)][-1]
+    out = res / f"{last.name}-k"
+    step(f"scale {last.name} neighbours previous",
+         [*RETROLM, "scale", "neighbours", "--checkpoint", last, *ev, "near_dup_threshold=0", "--ks", "1,2,4",
+          "--out", out], out / "scale-neighbours.json")
+    copy_training_files(res, {c.name: c for by in runs.values() for chain in by.values() for c in chain})
+    write_page(res, work, runs, step, args, p)
+
+
+def write_page(res: Path, work: Path, runs: dict[int, dict[tuple[str, str], list[Path]]], step: Steps,
+               args: argparse.Namespace, p: dict) -> None:
+    from retrolm.eval.report import markdown_table
+
+    steps, batch, seq = (int(p["train"][k]) for k in ("steps", "batch_size", "model.seq_len"))
+    small = p["retro"][0]
+    base_rows, retro_rows, train_rows = [], [], []
+    for seed, by in runs.items():
+        sizes = [size for kind, size in by if kind == "baseline"]
+        for r in range(args.rounds + 1):
+            retro = by[("retro", small)][r]
+            tokens = f"{(r + 1) * steps * batch * seq / 1e6:.2f}M"
+            ev = {proto: json.loads((res / f"{retro.name}-{proto}" / "eval.json").read_text())
+                  for proto in (*PROTOCOLS, "shuffled")}
+            prev = ev["previous"]
+            s = prev["summary"]
+            bpb = {size: s[f"baseline:{by[('baseline', size)][r].name}"]["bpb"] for size in sizes}
+            groups = prev.get("groups", {})
+            for size in sizes:
+                key = f"baseline:{by[('baseline', size)][r].name}"
+                base_rows.append([seed, r + 1, tokens, f"baseline-{size}", f"{bpb[size]:.4f}",
+                                  *(f"{groups[b]['summary'][key]['bpb']:.4f}" if b in groups else "–"
+                                    for b in BUCKETS)])
+            head, tail = change_cells(prev)
+            on = s["retro"]["bpb"]
+            vs = [pct(1 - on / bpb[size]) if size in bpb else "–" for size in ("small", "medium", "large")]
+            sh = ev["shuffled"]["summary"]
+            retro_rows.append([seed, r + 1, tokens, *head, *tail, pct(ev["strict"]["gain"]["all"]),
+                               f"{sh['retro']['bpb'] / sh['retro_no_retrieval']['bpb'] - 1:+.1%}", *vs])
+        for chain in by.values():
+            for r, run in enumerate(chain):
+                m = last_metrics(run)
+                train_rows.append([run.name, seed, r + 1, f"{m.get('train/loss', float('nan')):.3f}",
+                                   f"{m.get('val/bpb', float('nan')):.4f}",
+                                   f"{m.get('val_no_retrieval/bpb', float('nan')):.4f}"
+                                   if "val_no_retrieval/bpb" in m else "–",
+                                   f"{step.all_seconds.get(run.name, 0) / 60:.1f}"])
+    k_rows = []
+    last = runs[args.seeds[0]][("retro", small)][-1]
+    kfile = res / f"{last.name}-k" / "scale-neighbours.json"
+    if kfile.is_file():
+        kr = json.loads(kfile.read_text())
+        off = kr["references"]["retro_no_retrieval"]["bpb"]
+        k_rows = [[x["k"], f"{x['bpb']:.4f}", f"{x['bpb'] / off - 1:+.1%}"] for x in kr["rows"]]
+    flags = (f" --rounds {args.rounds}" if args.rounds != 1 else "") + (
+        f" --seeds {' '.join(map(str, args.seeds))}" if args.seeds != [0] else "")
+    page = [
+        f"# Is it the budget? The same models trained on for more rounds ({args.profile} profile)",
+        "",
+        f"Produced by `scripts/evidence_budget.py --profile {args.profile}{flags}` on {platform.node()} "
+        f"({machine()}), {time.strftime('%Y-%m-%d')}. Data, database (BM25), held-out set and the first round of "
+        f"every model ({steps} steps × {batch} × {seq} tokens, warm-up and cosine decay) are those in the work folder "
+        f"of `scripts/evidence_retro.py --profile {args.profile}` (`{rel(work)}`). Each further round continues the "
+        f"last one's weights for another {steps} steps (`init_from`) at half the first round's peak lr, with a fresh "
+        "warm-up and cosine decay, and `data_offset` set to the sequences already read, so that it reads on into "
+        "sequences the model has not seen (a round is one more copy of the first round's tokens, not a second pass "
+        "over them). Rounds are a warm restart, not one longer schedule. Change = relative change of held-out bits "
+        "per byte against the same model with retrieval off, negative = better; vs baseline = RETRO-small with "
+        "retrieval against that baseline at the same round. Protocols: previous = only the held-out document "
+        "itself is excluded; strict = also every document holding ≥ 80% of its 13-grams. Control = RETRO-small "
+        "reading another document's neighbours. Wall times are those of whatever shared the machine's cores.",
+        "",
+        "## Baselines, held-out bits per byte (previous version allowed: the baselines read nothing)",
+        "",
+        markdown_table(["seed", "rounds", "tokens", "model", "bits/byte", *BUCKETS], base_rows),
+        "",
+        f"## RETRO-{small} (k = 2 BM25 neighbours), held out",
+        "",
+        markdown_table(["seed", "rounds", "tokens", "retrieval off", "retrieval on", "change [95% CI]", *BUCKETS,
+                        "novel chunks", "strict", "control", "vs baseline-small", "vs baseline-medium",
+                        "vs baseline-large"], retro_rows),
+        "",
+        *([f"Neighbours at evaluation ({last.name}, previous version allowed):", "",
+           markdown_table(["k", "bits/byte", "change"], k_rows), ""] if k_rows else []),
+        "## Training",
+        "",
+        markdown_table(["run", "seed", "rounds", "final train loss", "trainer's val bits/byte",
+                        "val bits/byte, retrieval off", "minutes"], train_rows),
+        "",
+        *commands_section(step.log, step.seconds),
+    ]
+    save_page(res, page)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
