@@ -12,6 +12,7 @@ Writes docs/results/incontext/<run>/{eval.json,report.md,leakage.png,config.yaml
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import os
 import platform
@@ -111,12 +112,13 @@ class Steps:
         self.names.append(name)
         took = run(cmd, self.log, done=done)
         if took:
-            # re-read first: evidence scripts sharing a work folder may run side by side (steps that end at the
-            # same instant can still race; there is no lock)
-            if self.timing.is_file():
-                self.all_seconds = {**self.all_seconds, **json.loads(self.timing.read_text())}
-            self.all_seconds[name] = round(took, 1)
-            write_json(self.timing, self.all_seconds)
+            # evidence scripts sharing a work folder may run side by side: read, merge and write under a lock
+            with open(self.timing.with_suffix(".lock"), "w") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                if self.timing.is_file():
+                    self.all_seconds = {**self.all_seconds, **json.loads(self.timing.read_text())}
+                self.all_seconds[name] = round(took, 1)
+                write_json(self.timing, self.all_seconds)
 
     @property
     def seconds(self) -> dict[str, float]:
