@@ -6,8 +6,8 @@ yet), then evaluated per bucket under both protocols and against the control. Do
 RETRO-small's reading gain grow with training, and does it overtake the baseline twice its size?
 
     .venv/bin/python scripts/evidence_budget.py                        # CPU scale: one more round, seed 0
-    .venv/bin/python scripts/evidence_budget.py --rounds 2 --seeds 0 1  # two more rounds; also the second seed
-                                                                        # (its baseline-medium and RETRO-small)
+    .venv/bin/python scripts/evidence_budget.py --seeds 0 1 --rounds 2 1  # seed 0: two more rounds; seed 1 (its
+                                                                          # baseline-medium and RETRO-small): one
 
 Shares the work folder of scripts/evidence_retro.py (data, database, neighbours and the first round are trained once
 for every script). Every step is a `retrolm` command; finished steps are skipped on a re-run. Writes
@@ -48,12 +48,15 @@ def run_name(kind: str, size: str, seed: int, total_steps: int, first_steps: int
 
 def main() -> None:
     def more(ap: argparse.ArgumentParser) -> None:
-        ap.add_argument("--rounds", type=int, default=1, help="rounds of training after the first (default 1)")
+        ap.add_argument("--rounds", type=int, nargs="+", default=[1],
+                        help="rounds of training after the first: one number for every seed, or one per seed")
         ap.add_argument("--seeds", type=int, nargs="+", default=[0], choices=sorted(SEED_RUNS))
 
     args, p, work, res, step = evidence_start(__doc__, PROFILES, "evidence-retro", "budget", more)
-    if args.rounds < 1:
-        sys.exit("evidence_budget.py: --rounds must be >= 1")
+    if len(args.rounds) not in (1, len(args.seeds)) or min(args.rounds) < 1:
+        sys.exit("evidence_budget.py: --rounds takes one number >= 1, or one per seed")
+    args.more = dict(zip(args.seeds, args.rounds * len(args.seeds) if len(args.rounds) == 1 else args.rounds,
+                         strict=True))
     held, db, train_run = training_setup(work, p, step)
     steps, batch = int(p["train"]["steps"]), int(p["train"]["batch_size"])
     small = p["retro"][0]
@@ -69,7 +72,7 @@ def main() -> None:
                                                                               "model.retro_layers=[]"]
             lr = p["sizes"][size][3]
             chain = [train_run(run_name(kind, size, seed, steps, steps), shape, [f"lr={lr}", *seed_arg])]
-            for r in range(1, args.rounds + 1):
+            for r in range(1, args.more[seed] + 1):
                 # half the first peak lr: the weights are no longer at their initialisation
                 extra = [f"init_from={chain[-1]}", f"lr={lr / 2:.3g}", f"data_offset={r * steps * batch}", *seed_arg]
                 chain.append(train_run(run_name(kind, size, seed, (r + 1) * steps, steps), shape, extra))
@@ -77,8 +80,7 @@ def main() -> None:
 
     ev = ["--db", db, "--data", held, "-q", "retriever=bm25", "near_dup_measure=containment", "group_by=bucket"]
     for by in runs.values():
-        for r in range(args.rounds + 1):
-            retro = by[("retro", small)][r]
+        for r, retro in enumerate(by[("retro", small)]):
             baselines = [a for (kind, _), chain in by.items() if kind == "baseline" for a in ("--baseline", chain[r])]
             for protocol, near in PROTOCOLS.items():
                 out = res / f"{retro.name}-{protocol}"
@@ -105,8 +107,7 @@ def write_page(res: Path, work: Path, runs: dict[int, dict[tuple[str, str], list
     base_rows, retro_rows, train_rows = [], [], []
     for seed, by in runs.items():
         sizes = [size for kind, size in by if kind == "baseline"]
-        for r in range(args.rounds + 1):
-            retro = by[("retro", small)][r]
+        for r, retro in enumerate(by[("retro", small)]):
             tokens = f"{(r + 1) * steps * batch * seq / 1e6:.2f}M"
             ev = {proto: json.loads((res / f"{retro.name}-{proto}" / "eval.json").read_text())
                   for proto in (*PROTOCOLS, "shuffled")}
@@ -140,8 +141,8 @@ def write_page(res: Path, work: Path, runs: dict[int, dict[tuple[str, str], list
         kr = json.loads(kfile.read_text())
         off = kr["references"]["retro_no_retrieval"]["bpb"]
         k_rows = [[x["k"], f"{x['bpb']:.4f}", f"{x['bpb'] / off - 1:+.1%}"] for x in kr["rows"]]
-    flags = (f" --rounds {args.rounds}" if args.rounds != 1 else "") + (
-        f" --seeds {' '.join(map(str, args.seeds))}" if args.seeds != [0] else "")
+    flags = (f" --seeds {' '.join(map(str, args.seeds))}" if args.seeds != [0] else "") + (
+        f" --rounds {' '.join(map(str, args.rounds))}" if args.rounds != [1] else "")
     page = [
         f"# Is it the budget? The same models trained on for more rounds ({args.profile} profile)",
         "",
