@@ -89,13 +89,34 @@ def main() -> None:
             out = res / f"{retro.name}-shuffled"  # the control: another document's neighbours
             step(f"eval {retro.name} shuffled", [*RETROLM, "eval", "--checkpoint", retro, *ev, "near_dup_threshold=0",
                                                  "shuffle_neighbours=true", "--out", out], out / "eval.json")
-    last = runs[args.seeds[0]][("retro", small)][-1]
+    last = runs[min(runs)][("retro", small)][-1]
     out = res / f"{last.name}-k"
     step(f"scale {last.name} neighbours previous",
          [*RETROLM, "scale", "neighbours", "--checkpoint", last, *ev, "near_dup_threshold=0", "--ks", "1,2,4",
           "--out", out], out / "scale-neighbours.json")
     copy_training_files(res, {c.name: c for by in runs.values() for chain in by.values() for c in chain})
     write_page(res, work, runs, step, args, p)
+
+
+def plot_training(path: Path, runs: dict[int, dict[tuple[str, str], list[Path]]], steps: int) -> None:
+    """The trainer's validation bits per byte of every chain of runs against the steps it has trained in all (round
+    r's step s = r × steps + s; a run's metrics.jsonl counts its own steps from 0); RETRO also with retrieval off."""
+    from retrolm.eval.report import plot_lines
+
+    series: dict[str, dict[int, float]] = {}
+    for seed, by in sorted(runs.items()):
+        for (kind, size), chain in by.items():
+            label = f"{kind}-{size}" + (f", seed {seed}" if seed else "")
+            rows = [(r * steps + row["step"], row) for r, run in enumerate(chain)
+                    for row in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())]
+            series[label] = {x: row["val/bpb"] for x, row in rows if "val/bpb" in row}
+            if kind == "retro":
+                series[f"{label}, retrieval off"] = {x: row["val_no_retrieval/bpb"] for x, row in rows
+                                                     if "val_no_retrieval/bpb" in row}
+    xs = sorted(set().union(*series.values()))
+    plot_lines(path, xs, {k: [v.get(x, float("nan")) for x in xs] for k, v in series.items()},
+               xlabel="optimizer steps, all rounds", ylabel="trainer's validation bits per byte",
+               title="Baselines and RETRO-small trained on for more rounds")
 
 
 def write_page(res: Path, work: Path, runs: dict[int, dict[tuple[str, str], list[Path]]], step: Steps,
@@ -105,7 +126,7 @@ def write_page(res: Path, work: Path, runs: dict[int, dict[tuple[str, str], list
     steps, batch, seq = (int(p["train"][k]) for k in ("steps", "batch_size", "model.seq_len"))
     small = p["retro"][0]
     base_rows, retro_rows, train_rows = [], [], []
-    for seed, by in runs.items():
+    for seed, by in sorted(runs.items()):
         sizes = [size for kind, size in by if kind == "baseline"]
         for r, retro in enumerate(by[("retro", small)]):
             tokens = f"{(r + 1) * steps * batch * seq / 1e6:.2f}M"
@@ -134,8 +155,9 @@ def write_page(res: Path, work: Path, runs: dict[int, dict[tuple[str, str], list
                                    f"{m.get('val_no_retrieval/bpb', float('nan')):.4f}"
                                    if "val_no_retrieval/bpb" in m else "–",
                                    f"{step.all_seconds.get(run.name, 0) / 60:.1f}"])
+    plot_training(res / "training.png", runs, steps)
     k_rows = []
-    last = runs[args.seeds[0]][("retro", small)][-1]
+    last = runs[min(runs)][("retro", small)][-1]
     kfile = res / f"{last.name}-k" / "scale-neighbours.json"
     if kfile.is_file():
         kr = json.loads(kfile.read_text())
@@ -168,6 +190,11 @@ def write_page(res: Path, work: Path, runs: dict[int, dict[tuple[str, str], list
         markdown_table(["seed", "rounds", "tokens", "retrieval off", "retrieval on", "change [95% CI]", *BUCKETS,
                         "novel chunks", "strict", "control", "vs baseline-small", "vs baseline-medium",
                         "vs baseline-large"], retro_rows),
+        "",
+        "The trainer's validation split (sequences of the training text held out of training, neighbours found "
+        "with their own document excluded, as in training) every 250 steps over all rounds:",
+        "",
+        "![validation bits per byte over training](training.png)",
         "",
         *([f"Neighbours at evaluation ({last.name}, previous version allowed):", "",
            markdown_table(["k", "bits/byte", "change"], k_rows), ""] if k_rows else []),
