@@ -55,8 +55,8 @@ def main() -> None:
     args, p, work, res, step = evidence_start(__doc__, PROFILES, "evidence-retro", "budget", more)
     if len(args.rounds) not in (1, len(args.seeds)) or min(args.rounds) < 1:
         sys.exit("evidence_budget.py: --rounds takes one number >= 1, or one per seed")
-    args.more = dict(zip(args.seeds, args.rounds * len(args.seeds) if len(args.rounds) == 1 else args.rounds,
-                         strict=True))
+    more_rounds = dict(zip(args.seeds, args.rounds * len(args.seeds) if len(args.rounds) == 1 else args.rounds,
+                           strict=True))
     held, db, train_run = training_setup(work, p, step)
     steps, batch = int(p["train"]["steps"]), int(p["train"]["batch_size"])
     small = p["retro"][0]
@@ -68,11 +68,10 @@ def main() -> None:
         models = [("baseline", s) for s in SEED_RUNS[seed]] + [("retro", small)]
         runs[seed] = {}
         for kind, size in models:
-            shape = shape_args(p, size, retro=True) if kind == "retro" else [*shape_args(p, size),
-                                                                              "model.retro_layers=[]"]
+            shape = shape_args(p, size, retro=kind == "retro")
             lr = p["sizes"][size][3]
             chain = [train_run(run_name(kind, size, seed, steps, steps), shape, [f"lr={lr}", *seed_arg])]
-            for r in range(1, args.more[seed] + 1):
+            for r in range(1, more_rounds[seed] + 1):
                 # half the first peak lr: the weights are no longer at their initialisation
                 extra = [f"init_from={chain[-1]}", f"lr={lr / 2:.3g}", f"data_offset={r * steps * batch}", *seed_arg]
                 chain.append(train_run(run_name(kind, size, seed, (r + 1) * steps, steps), shape, extra))
@@ -134,10 +133,10 @@ def write_page(res: Path, work: Path, runs: dict[int, dict[tuple[str, str], list
                   for proto in (*PROTOCOLS, "shuffled")}
             prev = ev["previous"]
             s = prev["summary"]
-            bpb = {size: s[f"baseline:{by[('baseline', size)][r].name}"]["bpb"] for size in sizes}
+            keys = {size: f"baseline:{by[('baseline', size)][r].name}" for size in sizes}
+            bpb = {size: s[key]["bpb"] for size, key in keys.items()}
             groups = prev.get("groups", {})
-            for size in sizes:
-                key = f"baseline:{by[('baseline', size)][r].name}"
+            for size, key in keys.items():
                 base_rows.append([seed, r + 1, tokens, f"baseline-{size}", f"{bpb[size]:.4f}",
                                   *(f"{groups[b]['summary'][key]['bpb']:.4f}" if b in groups else "–"
                                     for b in BUCKETS)])

@@ -92,7 +92,7 @@ def main() -> None:
         evals.append((reader, protocol, out))
 
     size_lr = {size: lr for size, (_, _, _, lr) in p["sizes"].items()}
-    train("baseline-medium", [*shape_args(p, "medium"), "model.retro_layers=[]"], [f"lr={size_lr['medium']}"])
+    train("baseline-medium", shape_args(p, "medium"), [f"lr={size_lr['medium']}"])
     train("retro-small", shape_args(p, "small", retro=True), [f"lr={size_lr['small']}"])
     evaluate("retro-small", "previous")
     if "baseline-medium" in runs:
@@ -101,7 +101,7 @@ def main() -> None:
               [*retrofit_args(runs["baseline-medium"], n), "freeze_init=true", f"lr={p['fit_lr']}"], n)
     evaluate("retrofit-100pct", "previous")
     for size in ("small", "large"):
-        train(f"baseline-{size}", [*shape_args(p, size), "model.retro_layers=[]"], [f"lr={size_lr[size]}"])
+        train(f"baseline-{size}", shape_args(p, size), [f"lr={size_lr[size]}"])
     for reader in ("retro-small", "retrofit-100pct"):
         evaluate(reader, "strict")
         evaluate(reader, "shuffled")

@@ -49,7 +49,7 @@ def main() -> None:
     held, db, train_run = training_setup(work, p, step)
     size = p["retro"][0]
     lr = p["sizes"][size][3]
-    base = train_run(f"baseline-{size}", [*shape_args(p, size), "model.retro_layers=[]"], [f"lr={lr}"])
+    base = train_run(f"baseline-{size}", shape_args(p, size), [f"lr={lr}"])
     runs: dict[str, tuple[Path, int]] = {}
     for k in TRAIN_KS:
         name = run_name(size, k)

@@ -119,10 +119,11 @@ def prepare(work: Path, p: dict, log: list[str]) -> tuple[Path, Path]:
 
 
 def shape_args(p: dict, size: str, retro: bool = False) -> list[str]:
-    """``model.*`` overrides of one size; with ``retro``, CCA in the middle and last layers."""
+    """``model.*`` overrides of one size: the baseline decoder (no CCA), or with ``retro`` CCA in the middle and last
+    layers."""
     d, n_layer, n_head, _ = p["sizes"][size]
-    out = [f"model.d_model={d}", f"model.n_layer={n_layer}", f"model.n_head={n_head}"]
-    return [*out, f"model.retro_layers={[max(1, n_layer // 2), n_layer]}"] if retro else out
+    cca = [max(1, n_layer // 2), n_layer] if retro else []
+    return [f"model.d_model={d}", f"model.n_layer={n_layer}", f"model.n_head={n_head}", f"model.retro_layers={cca}"]
 
 
 def retrofit_args(base: Path, n_steps: int) -> list[str]:
@@ -167,7 +168,7 @@ def main() -> None:
     held, db, train_run = training_setup(work, p, step)
     runs: dict[str, Path] = {}
     for size, (_, _, _, lr) in p["sizes"].items():
-        runs[f"baseline-{size}"] = train_run(f"baseline-{size}", [*shape_args(p, size), "model.retro_layers=[]"],
+        runs[f"baseline-{size}"] = train_run(f"baseline-{size}", shape_args(p, size),
                                              [f"lr={lr}"])
         if size in p["retro"]:
             runs[f"retro-{size}"] = train_run(f"retro-{size}", [*shape_args(p, size, retro=True)], [f"lr={lr}"])

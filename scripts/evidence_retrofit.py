@@ -62,7 +62,7 @@ def main() -> None:
 
     held, db, train_run = training_setup(work, p, step)
     lr_medium = p["sizes"]["medium"][3]
-    base = train_run("baseline-medium", [*shape_args(p, "medium"), "model.retro_layers=[]"], [f"lr={lr_medium}"])
+    base = train_run("baseline-medium", shape_args(p, "medium"), [f"lr={lr_medium}"])
     fit = shape_args(p, "medium", retro=True)
     batch, steps = int(p["train"]["batch_size"]), int(p["train"]["steps"])
     runs: dict[str, dict] = {}
@@ -85,7 +85,7 @@ def main() -> None:
     continued = None
     if unfrozen:
         n = max(r["steps"] for r in unfrozen)
-        continued = train_run(f"{base.name}-continued", [*shape_args(p, "medium"), "model.retro_layers=[]"],
+        continued = train_run(f"{base.name}-continued", shape_args(p, "medium"),
                               [*retrofit_args(base, n), f"lr={p['fit_lr_unfrozen']:.3g}"], n)
 
     ev = ["--db", db, "--data", held, "--baseline", base, "-q", "retriever=bm25", "near_dup_measure=containment",
