@@ -21,6 +21,7 @@ import json
 import platform
 import sys
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from evidence_incontext import RETROLM, Steps, commands_section, evidence_start, rel, save_page
@@ -46,55 +47,93 @@ def run_name(kind: str, size: str, seed: int, total_steps: int, first_steps: int
     return f"{kind}-{size}{more}" + (f"-seed{seed}" if seed else "")
 
 
+def continued(train_run: Callable[..., Path], p: dict, kind: str, size: str, seed: int, rounds: int,
+              last_extra: Sequence[str] = (), suffix: str = "") -> list[Path]:
+    """The run folders of ``kind``-``size`` (``seed``) after its first round and each of ``rounds`` more (trained
+    where missing): each round continues the last one's weights at half the first peak lr and reads on
+    (``data_offset``). ``last_extra`` settings go to the last round only, whose name then ends in ``-suffix``."""
+    steps, batch = int(p["train"]["steps"]), int(p["train"]["batch_size"])
+    shape = shape_args(p, size, retro=kind == "retro")
+    lr = p["sizes"][size][3]
+    seed_arg = [f"seed={seed}"] if seed else []
+    chain = [train_run(run_name(kind, size, seed, steps, steps), shape, [f"lr={lr}", *seed_arg])]
+    for r in range(1, rounds + 1):
+        # half the first peak lr: the weights are no longer at their initialisation
+        extra = [f"init_from={chain[-1]}", f"lr={lr / 2:.3g}", f"data_offset={r * steps * batch}", *seed_arg]
+        name = run_name(kind, size, seed, (r + 1) * steps, steps)
+        if r == rounds and last_extra:
+            extra += last_extra
+            name += f"-{suffix}"
+        chain.append(train_run(name, shape, extra))
+    return chain
+
+
 def main() -> None:
     def more(ap: argparse.ArgumentParser) -> None:
         ap.add_argument("--rounds", type=int, nargs="+", default=[1],
                         help="rounds of training after the first: one number for every seed, or one per seed")
         ap.add_argument("--seeds", type=int, nargs="+", default=[0], choices=sorted(SEED_RUNS))
+        ap.add_argument("--swap", type=float, default=None, metavar="SHARE",
+                        help="also train the first seed's last RETRO-small round again with neighbour_swap=SHARE "
+                             "(that share of training chunks read another sequence's neighbours)")
 
     args, p, work, res, step = evidence_start(__doc__, PROFILES, "evidence-retro", "budget", more)
     if len(args.rounds) not in (1, len(args.seeds)) or min(args.rounds) < 1:
         sys.exit("evidence_budget.py: --rounds takes one number >= 1, or one per seed")
+    if args.swap is not None and not 0 < args.swap <= 1:
+        sys.exit(f"evidence_budget.py: --swap takes a share in (0, 1], got {args.swap}")
     more_rounds = dict(zip(args.seeds, args.rounds * len(args.seeds) if len(args.rounds) == 1 else args.rounds,
                            strict=True))
     held, db, train_run = training_setup(work, p, step)
-    steps, batch = int(p["train"]["steps"]), int(p["train"]["batch_size"])
     small = p["retro"][0]
 
     # runs[seed][(kind, size)] = [run folder after round 0, 1, …]
     runs: dict[int, dict[tuple[str, str], list[Path]]] = {}
     for seed in args.seeds:
-        seed_arg = [f"seed={seed}"] if seed else []
         models = [("baseline", s) for s in SEED_RUNS[seed]] + [("retro", small)]
-        runs[seed] = {}
-        for kind, size in models:
-            shape = shape_args(p, size, retro=kind == "retro")
-            lr = p["sizes"][size][3]
-            chain = [train_run(run_name(kind, size, seed, steps, steps), shape, [f"lr={lr}", *seed_arg])]
-            for r in range(1, more_rounds[seed] + 1):
-                # half the first peak lr: the weights are no longer at their initialisation
-                extra = [f"init_from={chain[-1]}", f"lr={lr / 2:.3g}", f"data_offset={r * steps * batch}", *seed_arg]
-                chain.append(train_run(run_name(kind, size, seed, (r + 1) * steps, steps), shape, extra))
-            runs[seed][(kind, size)] = chain
+        runs[seed] = {(kind, size): continued(train_run, p, kind, size, seed, more_rounds[seed])
+                      for kind, size in models}
+    # the distractor study: RETRO-small's last round of the first seed again, with neighbour_swap
+    first = runs[min(runs)][("retro", small)]
+    swapped = None
+    if args.swap is not None:
+        swapped = continued(train_run, p, "retro", small, min(runs), len(first) - 1,
+                            [f"neighbour_swap={args.swap}"], f"swap{round(args.swap * 100)}")[-1]
 
     ev = ["--db", db, "--data", held, "-q", "retriever=bm25", "near_dup_measure=containment", "group_by=bucket"]
+
+    def evaluate(retro: Path, baselines: list[Path]) -> None:
+        """Both protocols against the baselines of its round, and the control: another document's neighbours."""
+        refs = [a for b in baselines for a in ("--baseline", b)]
+        for protocol, near in PROTOCOLS.items():
+            out = res / f"{retro.name}-{protocol}"
+            step(f"eval {retro.name} {protocol}", [*RETROLM, "eval", "--checkpoint", retro, *ev, *refs,
+                                                   f"near_dup_threshold={near}", "--out", out], out / "eval.json")
+        out = res / f"{retro.name}-shuffled"
+        step(f"eval {retro.name} shuffled", [*RETROLM, "eval", "--checkpoint", retro, *ev, "near_dup_threshold=0",
+                                             "shuffle_neighbours=true", "--out", out], out / "eval.json")
+
     for by in runs.values():
         for r, retro in enumerate(by[("retro", small)]):
-            baselines = [a for (kind, _), chain in by.items() if kind == "baseline" for a in ("--baseline", chain[r])]
-            for protocol, near in PROTOCOLS.items():
-                out = res / f"{retro.name}-{protocol}"
-                step(f"eval {retro.name} {protocol}", [*RETROLM, "eval", "--checkpoint", retro, *ev, *baselines,
-                                                       f"near_dup_threshold={near}", "--out", out], out / "eval.json")
-            out = res / f"{retro.name}-shuffled"  # the control: another document's neighbours
-            step(f"eval {retro.name} shuffled", [*RETROLM, "eval", "--checkpoint", retro, *ev, "near_dup_threshold=0",
-                                                 "shuffle_neighbours=true", "--out", out], out / "eval.json")
+            evaluate(retro, [chain[r] for (kind, _), chain in by.items() if kind == "baseline"])
+    if swapped is not None:
+        evaluate(swapped, [chain[-1] for (kind, _), chain in runs[min(runs)].items() if kind == "baseline"])
     last = runs[min(runs)][("retro", small)][-1]
     out = res / f"{last.name}-k"
     step(f"scale {last.name} neighbours previous",
          [*RETROLM, "scale", "neighbours", "--checkpoint", last, *ev, "near_dup_threshold=0", "--ks", "1,2,4",
           "--out", out], out / "scale-neighbours.json")
-    copy_training_files(res, {c.name: c for by in runs.values() for chain in by.values() for c in chain})
-    write_page(res, work, runs, step, args, p)
+    trained = {c.name: c for by in runs.values() for chain in by.values() for c in chain}
+    copy_training_files(res, trained | ({swapped.name: swapped} if swapped else {}))
+    write_page(res, work, runs, swapped, step, args, p)
+
+
+def train_row(run: Path, seed: int, rounds: int, step: Steps) -> list:
+    """A run's row of the training table: final loss, the trainer's validation (RETRO: also retrieval off), minutes."""
+    m = last_metrics(run)
+    return [run.name, seed, rounds, f"{m.get('train/loss', float('nan')):.3f}", f"{m.get('val/bpb', float('nan')):.4f}",
+            f"{m['val_no_retrieval/bpb']:.4f}" if "val_no_retrieval/bpb" in m else "–",
+            f"{step.all_seconds.get(run.name, 0) / 60:.1f}"]
 
 
 def plot_training(path: Path, runs: dict[int, dict[tuple[str, str], list[Path]]], steps: int) -> None:
@@ -118,42 +157,52 @@ def plot_training(path: Path, runs: dict[int, dict[tuple[str, str], list[Path]]]
                title="Baselines and RETRO-small trained on for more rounds")
 
 
-def write_page(res: Path, work: Path, runs: dict[int, dict[tuple[str, str], list[Path]]], step: Steps,
-               args: argparse.Namespace, p: dict) -> None:
+def retro_cells(res: Path, retro: Path, baselines: dict[str, Path]) -> tuple[list[str], dict[str, float]]:
+    """A RETRO run's held-out cells (retrieval off, on, change, buckets, novel chunks, strict, control, against each
+    baseline of ``baselines`` = {size: run}) and those baselines' bits per byte, from its three evaluations."""
+    ev = {proto: json.loads((res / f"{retro.name}-{proto}" / "eval.json").read_text())
+          for proto in (*PROTOCOLS, "shuffled")}
+    s = ev["previous"]["summary"]
+    bpb = {size: s[f"baseline:{run.name}"]["bpb"] for size, run in baselines.items()}
+    head, tail = change_cells(ev["previous"])
+    on = s["retro"]["bpb"]
+    vs = [pct(1 - on / bpb[size]) if size in bpb else "–" for size in ("small", "medium", "large")]
+    sh = ev["shuffled"]["summary"]
+    return [*head, *tail, pct(ev["strict"]["gain"]["all"]),
+            f"{sh['retro']['bpb'] / sh['retro_no_retrieval']['bpb'] - 1:+.1%}", *vs], bpb
+
+
+def write_page(res: Path, work: Path, runs: dict[int, dict[tuple[str, str], list[Path]]], swapped: Path | None,
+               step: Steps, args: argparse.Namespace, p: dict) -> None:
     from retrolm.eval.report import markdown_table
 
     steps, batch, seq = (int(p["train"][k]) for k in ("steps", "batch_size", "model.seq_len"))
     small = p["retro"][0]
     base_rows, retro_rows, train_rows = [], [], []
     for seed, by in sorted(runs.items()):
-        sizes = [size for kind, size in by if kind == "baseline"]
         for r, retro in enumerate(by[("retro", small)]):
             tokens = f"{(r + 1) * steps * batch * seq / 1e6:.2f}M"
-            ev = {proto: json.loads((res / f"{retro.name}-{proto}" / "eval.json").read_text())
-                  for proto in (*PROTOCOLS, "shuffled")}
-            prev = ev["previous"]
-            s = prev["summary"]
-            keys = {size: f"baseline:{by[('baseline', size)][r].name}" for size in sizes}
-            bpb = {size: s[key]["bpb"] for size, key in keys.items()}
-            groups = prev.get("groups", {})
-            for size, key in keys.items():
+            baselines = {size: chain[r] for (kind, size), chain in by.items() if kind == "baseline"}
+            cells, bpb = retro_cells(res, retro, baselines)
+            groups = json.loads((res / f"{retro.name}-previous" / "eval.json").read_text()).get("groups", {})
+            for size, run in baselines.items():
+                key = f"baseline:{run.name}"
                 base_rows.append([seed, r + 1, tokens, f"baseline-{size}", f"{bpb[size]:.4f}",
                                   *(f"{groups[b]['summary'][key]['bpb']:.4f}" if b in groups else "–"
                                     for b in BUCKETS)])
-            head, tail = change_cells(prev)
-            on = s["retro"]["bpb"]
-            vs = [pct(1 - on / bpb[size]) if size in bpb else "–" for size in ("small", "medium", "large")]
-            sh = ev["shuffled"]["summary"]
-            retro_rows.append([seed, r + 1, tokens, *head, *tail, pct(ev["strict"]["gain"]["all"]),
-                               f"{sh['retro']['bpb'] / sh['retro_no_retrieval']['bpb'] - 1:+.1%}", *vs])
+            retro_rows.append([seed, r + 1, tokens, *cells])
         for chain in by.values():
             for r, run in enumerate(chain):
-                m = last_metrics(run)
-                train_rows.append([run.name, seed, r + 1, f"{m.get('train/loss', float('nan')):.3f}",
-                                   f"{m.get('val/bpb', float('nan')):.4f}",
-                                   f"{m.get('val_no_retrieval/bpb', float('nan')):.4f}"
-                                   if "val_no_retrieval/bpb" in m else "–",
-                                   f"{step.all_seconds.get(run.name, 0) / 60:.1f}"])
+                train_rows.append(train_row(run, seed, r + 1, step))
+    swap_rows = []
+    if swapped is not None:
+        seed = min(runs)
+        by = runs[seed]
+        plain = by[("retro", small)][-1]
+        baselines = {size: chain[-1] for (kind, size), chain in by.items() if kind == "baseline"}
+        for label, run in (("0 (the paper's recipe)", plain), (f"{args.swap:g}", swapped)):
+            swap_rows.append([run.name, label, *retro_cells(res, run, baselines)[0]])
+        train_rows.append(train_row(swapped, seed, len(by[("retro", small)]), step))
     plot_training(res / "training.png", runs, steps)
     k_rows = []
     last = runs[min(runs)][("retro", small)][-1]
@@ -163,7 +212,8 @@ def write_page(res: Path, work: Path, runs: dict[int, dict[tuple[str, str], list
         off = kr["references"]["retro_no_retrieval"]["bpb"]
         k_rows = [[x["k"], f"{x['bpb']:.4f}", f"{x['bpb'] / off - 1:+.1%}"] for x in kr["rows"]]
     flags = (f" --seeds {' '.join(map(str, args.seeds))}" if args.seeds != [0] else "") + (
-        f" --rounds {' '.join(map(str, args.rounds))}" if args.rounds != [1] else "")
+        f" --rounds {' '.join(map(str, args.rounds))}" if args.rounds != [1] else "") + (
+        f" --swap {args.swap:g}" if swapped is not None else "")
     page = [
         f"# Is it the budget? The same models trained on for more rounds ({args.profile} profile)",
         "",
@@ -195,6 +245,15 @@ def write_page(res: Path, work: Path, runs: dict[int, dict[tuple[str, str], list
         "",
         "![validation bits per byte over training](training.png)",
         "",
+        *([f"## Distractors in training: RETRO-{small}'s last round again with `neighbour_swap={args.swap:g}`", "",
+           f"The same round as {swap_rows[0][0] if swap_rows else ''} (same weights to start from, data, lr and "
+           "schedule), except that each training chunk, with that probability per step, reads the neighbours of "
+           "the same chunk of another sequence in its batch instead of its own: a neighbour that holds nothing it "
+           "needs, as on novel text. Does the model learn to pass over such neighbours (novel chunks, new files, "
+           "strict, control), and what does it cost where the neighbours help?", "",
+           markdown_table(["run", "swapped share", "retrieval off", "retrieval on", "change [95% CI]", *BUCKETS,
+                           "novel chunks", "strict", "control", "vs baseline-small", "vs baseline-medium",
+                           "vs baseline-large"], swap_rows), ""] if swap_rows else []),
         *([f"Neighbours at evaluation ({last.name}, previous version allowed):", "",
            markdown_table(["k", "bits/byte", "change"], k_rows), ""] if k_rows else []),
         "## Training",

@@ -22,6 +22,7 @@ import sys
 import time
 from pathlib import Path
 
+from evidence_budget import continued
 from evidence_incontext import RETROLM, Steps, commands_section, evidence_start, rel, save_page
 from evidence_retro import (
     BUCKETS,
@@ -55,24 +56,39 @@ def main() -> None:
     def only(ap: argparse.ArgumentParser) -> None:
         ap.add_argument("--runs", nargs="+", choices=[v[0] for v in VARIANTS], default=None,
                         help="train and evaluate only these variants (default: all)")
+        ap.add_argument("--base-rounds", type=int, default=0, metavar="N",
+                        help="RETRO-fit baseline-medium trained on for N more rounds (scripts/evidence_budget.py's "
+                             "runs, trained here where missing), against RETRO from scratch after as many; shares "
+                             "are of that baseline's tokens and the fitting reads on past them (default 0)")
 
     args, p, work, res, step = evidence_start(__doc__, PROFILES, "evidence-retro", "retrofit", only)
-    if args.runs and args.results is None:  # a page of some runs must not replace the page of all of them
-        sys.exit(f"evidence_retrofit.py: --runs needs --results (else it would overwrite {rel(res)}/README.md)")
+    if (args.runs or args.base_rounds) and args.results is None:  # a page of some runs must not replace another's
+        sys.exit(f"evidence_retrofit.py: --runs and --base-rounds need --results (else they would overwrite "
+                 f"{rel(res)}/README.md)")
+    if args.base_rounds < 0:
+        sys.exit("evidence_retrofit.py: --base-rounds must be >= 0")
 
     held, db, train_run = training_setup(work, p, step)
-    lr_medium = p["sizes"]["medium"][3]
-    base = train_run("baseline-medium", shape_args(p, "medium"), [f"lr={lr_medium}"])
+    small = p["retro"][0]
+    base = continued(train_run, p, "baseline", "medium", 0, args.base_rounds)[-1]
+    # the reference: RETRO from scratch (evidence_retro's run, or evidence_budget's continued to as many tokens)
+    scratch = continued(train_run, p, "retro", small, 0, args.base_rounds)[-1]
     fit = shape_args(p, "medium", retro=True)
     batch, steps = int(p["train"]["batch_size"]), int(p["train"]["steps"])
+    base_seqs = (args.base_rounds + 1) * steps * batch  # sequences the baseline has read
+    # a continued baseline is fitted on sequences it has not read (the first round's fits replay its batches)
+    suffix, offset = (f"-{(args.base_rounds + 1) * steps}", [f"data_offset={base_seqs}"]) if args.base_rounds else (
+        "", [])
     runs: dict[str, dict] = {}
-    for name, share, batch_mult, lr_mult, frozen in VARIANTS:
-        if args.runs and name not in args.runs:
+    for variant, share, batch_mult, lr_mult, frozen in VARIANTS:
+        if args.runs and variant not in args.runs:
             continue
+        name = variant + suffix
         b = max(1, round(batch * batch_mult))
-        n = max(1, round(share * steps * batch / b))
+        n = max(1, round(share * base_seqs / b))
         lr = (p["fit_lr"] if frozen else p["fit_lr_unfrozen"]) * lr_mult
-        extra = [*retrofit_args(base, n), f"freeze_init={str(frozen).lower()}", f"lr={lr:.3g}", f"batch_size={b}"]
+        extra = [*retrofit_args(base, n), f"freeze_init={str(frozen).lower()}", f"lr={lr:.3g}", f"batch_size={b}",
+                 *offset]
         if share == 1.0:  # keep checkpoints along the way: the gain as a function of tokens within one run
             extra[extra.index(f"save_every={n}")] = f"save_every={max(1, round(n * ALONG[0]))}"
             extra.append("keep_checkpoints=100")
@@ -82,11 +98,11 @@ def main() -> None:
     # An unfrozen run also trains the baseline's own weights for its steps: its fair reference is the baseline trained
     # on just as long (same init, lr and schedule) without retrieval layers.
     unfrozen = [r for r in runs.values() if not r["frozen"]]
-    continued = None
+    continued_base = None
     if unfrozen:
         n = max(r["steps"] for r in unfrozen)
-        continued = train_run(f"{base.name}-continued", shape_args(p, "medium"),
-                              [*retrofit_args(base, n), f"lr={p['fit_lr_unfrozen']:.3g}"], n)
+        continued_base = train_run(f"{base.name}-continued", shape_args(p, "medium"),
+                                   [*retrofit_args(base, n), f"lr={p['fit_lr_unfrozen']:.3g}", *offset], n)
 
     ev = ["--db", db, "--data", held, "--baseline", base, "-q", "retriever=bm25", "near_dup_measure=containment",
           "group_by=bucket"]
@@ -94,17 +110,14 @@ def main() -> None:
 
     def evaluate(label: str, checkpoint: Path, protocol: str, frozen: bool = True) -> None:
         out = res / f"{label}-{protocol}"
-        refs = [] if frozen or continued is None else ["--baseline", continued]
+        refs = [] if frozen or continued_base is None else ["--baseline", continued_base]
         step(f"eval {label} {protocol}", [*RETROLM, "eval", "--checkpoint", checkpoint, *ev, *refs, "--out", out,
                                           f"near_dup_threshold={PROTOCOLS[protocol]}"], out / "eval.json")
         evals.append((label, protocol, out))
 
     for name, r in runs.items():
         evaluate(name, r["dir"], "previous", r["frozen"])
-    # the reference: RETRO from scratch (evidence_retro's run, trained once for both) on the same data and held-out set
-    small = p["retro"][0]
-    scratch = train_run(f"retro-{small}", shape_args(p, small, retro=True), [f"lr={p['sizes'][small][3]}"])
-    evaluate(f"retro-{small}", scratch, "previous")
+    evaluate(scratch.name, scratch, "previous")
     longest = max(runs, key=lambda k: (runs[k]["steps"], runs[k]["frozen"]))  # the frozen one of equal length
     for frac in ALONG if runs[longest]["share"] == 1.0 else ():  # only 100% runs keep checkpoints along the way
         s = max(1, round(runs[longest]["steps"] * frac))
@@ -112,14 +125,15 @@ def main() -> None:
     for name, r in runs.items():
         if r["share"] == 1.0:
             evaluate(name, r["dir"], "strict", r["frozen"])
-    write_page(res, work, runs, evals, step, args, p)
+    write_page(res, work, runs, evals, (base, scratch), step, args, p)
 
 
-def write_page(res: Path, work: Path, runs: dict[str, dict], evals: list[tuple[str, str, Path]], step: Steps,
-               args: argparse.Namespace, p: dict) -> None:
+def write_page(res: Path, work: Path, runs: dict[str, dict], evals: list[tuple[str, str, Path]],
+               base_scratch: tuple[Path, Path], step: Steps, args: argparse.Namespace, p: dict) -> None:
     from retrolm.eval.report import markdown_table
 
-    scratch = json.loads((res / f"retro-{p['retro'][0]}-previous" / "eval.json").read_text())
+    base, scratch_run = base_scratch
+    scratch = json.loads((res / f"{scratch_run.name}-previous" / "eval.json").read_text())
     train_rows = []
     for name, r in runs.items():
         m = last_metrics(r["dir"])
@@ -136,7 +150,15 @@ def write_page(res: Path, work: Path, runs: dict[str, dict], evals: list[tuple[s
         cont = next((v for k, v in vs.items() if k.endswith("-continued")), float("nan"))
         first = next((v for k, v in vs.items() if not k.endswith("-continued")), float("nan"))
         rows.append([label, protocol, *head, recovered, pct(first), pct(cont), *tail])
-    only = f" --runs {' '.join(args.runs)} --results {rel(res)}" if args.runs else ""
+    only = (f" --runs {' '.join(args.runs)}" if args.runs else "") + (
+        f" --base-rounds {args.base_rounds}" if args.base_rounds else "") + (
+        f" --results {rel(res)}" if args.runs or args.base_rounds else "")
+    steps, batch, seq = (int(p["train"][k]) for k in ("steps", "batch_size", "model.seq_len"))
+    tokens = (args.base_rounds + 1) * steps * batch * seq
+    longer = (f" The baseline is {base.name}: baseline-medium trained on for {args.base_rounds} more rounds of "
+              f"{steps} steps by `scripts/evidence_budget.py` ({tokens / 1e6:.2f}M tokens in all); the RETRO-fitting "
+              "runs read on past the sequences it has read (`data_offset`), and RETRO from scratch is "
+              f"{scratch_run.name}, trained on as many tokens the same way." if args.base_rounds else "")
     page = [
         f"# RETRO-fitting: how many tokens does it take? ({args.profile} profile)",
         "",
@@ -144,7 +166,7 @@ def write_page(res: Path, work: Path, runs: dict[str, dict], evals: list[tuple[s
         f"({machine()}), "
         f"{time.strftime('%Y-%m-%d')}; data, database, neighbours and baseline-medium are those in the work folder of "
         f"`scripts/evidence_retro.py --profile {args.profile}` "
-        f"(`{rel(work)}`). Every run RETRO-fits baseline-medium with its "
+        f"(`{rel(work)}`).{longer} Every run RETRO-fits {base.name} with its "
         "weights frozen (only the neighbour encoder and the chunked cross-attention in its middle and last layers "
         "train; their output projections start at zero, so every run starts exactly at the baseline), or unfrozen "
         "(every weight trains, at a lower lr), and reads k = 2 BM25 neighbours. Share = tokens as a share of the "
@@ -153,7 +175,7 @@ def write_page(res: Path, work: Path, runs: dict[str, dict], evals: list[tuple[s
         "itself (what an unfrozen run's change hides: its decoder moved too); vs continued baseline = against "
         "baseline-medium trained on for as many steps as the unfrozen run, from the same weights, with the same lr and "
         "schedule, and no retrieval layers (its fair reference); "
-        f"recovered = that change as a share of RETRO from scratch's (retro-{p['retro'][0]}, the RETRO of the "
+        f"recovered = that change as a share of RETRO from scratch's ({scratch_run.name}, the RETRO of the "
         "evidence run, on the same data and 100% of the tokens; its baseline for that share is its own retrieval-off "
         "score).",
         "",

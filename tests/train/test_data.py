@@ -10,7 +10,7 @@ from retrolm.core.errors import RetrolmError
 from retrolm.db import tokenize_corpus
 from retrolm.retrieval import DenseRetriever
 from retrolm.retrieval.neighbours import NeighbourConfig, compute_neighbours, load_neighbours, save_neighbours
-from retrolm.train.data import IGNORE, RetroSequences, chunk_bytes
+from retrolm.train.data import IGNORE, RetroSequences, chunk_bytes, swap_neighbours
 
 
 def test_neighbours_never_come_from_own_document(built_db):
@@ -85,6 +85,31 @@ def test_sequences_targets_and_neighbours(built_db):
     doc1, lens1 = store.chunk_doc(ids), store.lengths(ids).astype(int)
     share = sum(store.doc_n_bytes[d] * n / store.doc_n_tokens[d] for d, n in zip(doc1, lens1, strict=True))
     assert n_bytes[1] == pytest.approx(share, rel=1e-12)
+
+
+def test_swapped_chunks_read_the_next_sequences_neighbours(built_db):
+    """neighbour_swap's distractors: a picked chunk reads the neighbours (and mask) of the same chunk of the next
+    sequence in the batch, the last sequence those of the first; its own tokens and targets stay; share 0 and 1 are
+    exact, and about that share of chunks is picked in between."""
+    nb = compute_neighbours(DenseRetriever(built_db), config=NeighbourConfig(k=2), show_progress=False)
+    seqs = RetroSequences(built_db.store, seq_chunks=4, eos_id=built_db.tokenizer.eos_id, neighbours=nb,
+                          db_store=built_db.store)
+    b = seqs.batch([0, 1, 2])
+    assert swap_neighbours(b, 0.0, np.random.default_rng(0)) is b
+    every = swap_neighbours(b, 1.0, np.random.default_rng(0))
+    for row, nxt in ((0, 1), (1, 2), (2, 0)):
+        assert (every.neighbours[row] == b.neighbours[nxt]).all()
+        assert (every.neighbour_mask[row] == b.neighbour_mask[nxt]).all()
+    assert (every.idx == b.idx).all() and (every.targets == b.targets).all()
+    assert not (every.neighbours == b.neighbours).all()
+    big = seqs.batch(list(range(len(seqs))))
+    half = swap_neighbours(big, 0.5, np.random.default_rng(0))
+    own = (half.neighbours == big.neighbours).flatten(2).all(-1)
+    other = (half.neighbours == big.neighbours.roll(-1, 0)).flatten(2).all(-1)
+    assert (own | other).all()
+    assert 0.35 < float((~own).float().mean()) < 0.65
+    with pytest.raises(ValueError, match="two sequences"):
+        swap_neighbours(seqs.batch([0]), 0.5, np.random.default_rng(0))
 
 
 def test_held_out_corpus_is_chunked_like_the_database(built_db, tmp_path):

@@ -117,6 +117,25 @@ def test_data_offset_reads_on_where_the_continued_run_stopped(built_db, tmp_path
         tiny_cfg(built_db, tmp_path / "x", data_offset=-1)
 
 
+def test_neighbour_swap_changes_what_training_reads_and_resumes_exactly(built_db, tmp_path):
+    """With neighbour_swap the chunks of a training batch read other sequences' neighbours (the first step's loss
+    differs from the plain run's, same weights and batch), drawn from (seed, step): a resumed run swaps the same
+    chunks as an uninterrupted one. Bad settings are refused."""
+    def losses(name: str) -> list[float]:
+        return [r["train/loss"] for r in metric_rows(tmp_path / name) if "train/loss" in r]
+
+    run(tiny_cfg(built_db, tmp_path / "plain", steps=2))
+    run(tiny_cfg(built_db, tmp_path / "swap", steps=4, neighbour_swap=1.0))
+    assert losses("swap")[0] != losses("plain")[0]
+    run(tiny_cfg(built_db, tmp_path / "resumed", steps=2, neighbour_swap=1.0, save_every=2))
+    run(tiny_cfg(built_db, tmp_path / "resumed", steps=4, neighbour_swap=1.0, save_every=2))
+    assert losses("resumed") == losses("swap") and len(losses("swap")) == 4
+    for bad, match in (({"neighbour_swap": 1.5}, "neighbour_swap"), ({"neighbour_swap": 0.5, "batch_size": 1},
+                                                                       "batch_size")):
+        with pytest.raises(RetrolmError, match=match):
+            tiny_cfg(built_db, tmp_path / "x", **bad)
+
+
 def test_checkpoint_loads_back_and_baseline_has_no_retrieval(built_db, tmp_path):
     run(tiny_cfg(built_db, tmp_path / "base", steps=2, model=ModelSpec(preset="tiny", seq_len=256, retro_layers=[])))
     loaded = load_model(tmp_path / "base")

@@ -61,6 +61,10 @@ class LoopConfig:
     """auto | faiss | torch: how the training neighbours are searched. torch = exact inner product by matrix multiply
     on the GPU against the stored keys (dense retriever, flat or hnsw index); auto picks it when CUDA is available and
     the index stores exact keys, else the index's own FAISS search on the host."""
+    neighbour_swap: float = 0.0
+    """Share of training chunks (drawn per step) that read the neighbours of the same chunk of the next sequence in
+    the batch instead of their own: distractors that teach the model to pass over neighbours holding nothing it needs,
+    as most of a web-scale store's neighbours do for novel text. 0 = the paper's recipe; validation is never swapped."""
     neighbours_dir: str | None = None
     """Where the precomputed training neighbours are kept (default OUT/neighbours). Runs on the same database with the
     same neighbour settings (k, exclusion, retriever, sequence length) may share one folder: the first computes them,
@@ -112,6 +116,10 @@ class LoopConfig:
             raise RetrolmError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
         if self.data_offset < 0:
             raise RetrolmError(f"data_offset must be >= 0, got {self.data_offset}")
+        if not 0.0 <= self.neighbour_swap <= 1.0:
+            raise RetrolmError(f"neighbour_swap must be in [0, 1], got {self.neighbour_swap}")
+        if self.neighbour_swap and self.batch_size < 2:
+            raise RetrolmError("neighbour_swap needs batch_size >= 2 (a chunk reads another sequence's neighbours)")
         if self.num_neighbours < 1 or self.keep_checkpoints < 1:
             raise RetrolmError("num_neighbours and keep_checkpoints must be positive")
         if self.retriever not in ("dense", "bm25", "hybrid"):

@@ -8,6 +8,7 @@ masked out of the loss, and that last token is trained to predict EOS (so genera
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -35,6 +36,25 @@ class Batch:
             return None if t is None else t.to(device, non_blocking=True)
 
         return Batch(mv(self.idx), mv(self.targets), mv(self.neighbours), mv(self.neighbour_mask), self.n_bytes)
+
+
+def swap_neighbours(batch: Batch, share: float, rng: np.random.Generator) -> Batch:
+    """``batch`` with each chunk, with probability ``share``, reading the neighbours of the same chunk of the next
+    sequence in the batch (the last sequence: of the first) instead of its own.
+
+    Sequences of a batch are drawn at random from the whole corpus, so the swapped neighbours almost always belong to
+    another document: a distractor. A chunk keeps its own tokens and targets; only what it reads changes.
+    """
+    if batch.neighbours is None or share <= 0.0:
+        return batch
+    if batch.neighbours.shape[0] < 2:
+        raise ValueError("swap_neighbours needs at least two sequences in the batch")
+    pick = torch.from_numpy(rng.random(batch.neighbours.shape[:2]) < share)[:, :, None, None]
+    return dataclasses.replace(
+        batch,
+        neighbours=torch.where(pick, batch.neighbours.roll(-1, 0), batch.neighbours),
+        neighbour_mask=torch.where(pick, batch.neighbour_mask.roll(-1, 0), batch.neighbour_mask),
+    )
 
 
 def chunk_bytes(store: ChunkStore, tokenizer: LMTokenizer | None = None) -> np.ndarray:

@@ -46,7 +46,7 @@ from retrolm.retrieval.neighbours import (
 )
 from retrolm.train.checkpoints import CheckpointManager
 from retrolm.train.config import LoopConfig, TrainConfig, lr_at
-from retrolm.train.data import RetroSequences
+from retrolm.train.data import RetroSequences, swap_neighbours
 from retrolm.train.scoring import score_sequences
 
 logger = logging.getLogger(__name__)
@@ -273,6 +273,9 @@ class Trainer:
             loss_sum = 0.0
             for micro in range(cfg.grad_accum):
                 batch = self.seqs.batch(self._batch_ids(self.step, micro), with_neighbours=self.retrieval)
+                if cfg.neighbour_swap:  # drawn from (seed, step, micro, rank): a resumed run swaps the same chunks
+                    rng = np.random.default_rng([cfg.seed, self.step, micro, self.rank])
+                    batch = swap_neighbours(batch, cfg.neighbour_swap, rng)
                 batch = batch.to(self.device)
                 sync = micro == cfg.grad_accum - 1 or self.world == 1
                 ctx = contextlib.nullcontext() if sync else self.forward_model.no_sync()
