@@ -54,7 +54,8 @@ def prepare_kernel(work: Path, args: argparse.Namespace, log: list[str]) -> tupl
 
 def run(cmd: list, log: list[str], done: Path | None = None) -> float:
     shown = " ".join(shlex.quote(str(c).replace(f"{REPO}/", "")) for c in ["retrolm", *cmd[len(RETROLM):]])
-    log.append(shown)
+    if shown not in log:  # a run that several chains start from (trained once) is listed once
+        log.append(shown)
     if done is not None and done.exists():
         print(f"[skip] {shown}", flush=True)
         return 0.0
