@@ -133,7 +133,7 @@ def train_row(run: Path, seed: int, rounds: int, step: Steps) -> list:
     m = last_metrics(run)
     return [run.name, seed, rounds, f"{m.get('train/loss', float('nan')):.3f}", f"{m.get('val/bpb', float('nan')):.4f}",
             f"{m['val_no_retrieval/bpb']:.4f}" if "val_no_retrieval/bpb" in m else "–",
-            f"{step.all_seconds.get(run.name, 0) / 60:.1f}"]
+            f"{step.seconds_of(run.name) / 60:.1f}"]
 
 
 def plot_training(path: Path, runs: dict[int, dict[tuple[str, str], list[Path]]], steps: int) -> None:

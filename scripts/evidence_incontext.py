@@ -101,16 +101,23 @@ def evidence_start(doc: str, profiles: dict, work_root: str, results_prefix: str
 
 class Steps:
     """Runs the steps of an evidence script: every command is logged, finished ones are skipped, and the wall time of
-    each one this (or an earlier, interrupted) invocation ran is kept in ``work/timings.json``."""
+    each one this (or an earlier, interrupted) invocation ran is kept in ``work/timings.json``.
+
+    Scripts sharing a work folder may give different steps one name (each script's "eval retro-small previous"
+    writes its own results folder), so a time is kept under the name *and* the file the step makes."""
 
     def __init__(self, work: Path) -> None:
         self.log: list[str] = []
         self.timing = work / "timings.json"
         self.all_seconds: dict[str, float] = json.loads(self.timing.read_text()) if self.timing.is_file() else {}
-        self.names: list[str] = []
+        self.keys: dict[str, str] = {}  # this invocation's step names -> their keys in timings.json
+
+    @staticmethod
+    def key(name: str, done: Path) -> str:
+        return f"{name} -> {rel(done)}"
 
     def __call__(self, name: str, cmd: list, done: Path) -> None:
-        self.names.append(name)
+        key = self.keys[name] = self.key(name, done)
         took = run(cmd, self.log, done=done)
         if took:
             # evidence scripts sharing a work folder may run side by side: read, merge and write under a lock
@@ -118,13 +125,22 @@ class Steps:
                 fcntl.flock(lock, fcntl.LOCK_EX)
                 if self.timing.is_file():
                     self.all_seconds = {**self.all_seconds, **json.loads(self.timing.read_text())}
-                self.all_seconds[name] = round(took, 1)
+                self.all_seconds[key] = round(took, 1)
                 write_json(self.timing, self.all_seconds)
+
+    def seconds_of(self, name: str) -> float:
+        """Wall seconds of the step ``name``: this invocation's own, else one of that name another script ran in
+        the work folder (a training run several scripts share), else 0. Timings files from before keys named the
+        step's file are read by bare name."""
+        if name in self.keys:
+            return self.all_seconds.get(self.keys[name], self.all_seconds.get(name, 0.0))
+        prefix = f"{name} -> "
+        return next((v for k, v in self.all_seconds.items() if k.startswith(prefix)), self.all_seconds.get(name, 0.0))
 
     @property
     def seconds(self) -> dict[str, float]:
         """Wall time of this script's steps (the work folder's timings.json also holds other scripts' steps)."""
-        return {k: self.all_seconds[k] for k in self.names if k in self.all_seconds}
+        return {name: self.seconds_of(name) for name in self.keys}
 
 
 def main() -> None:

@@ -112,7 +112,7 @@ def write_page(res: Path, work: Path, runs: dict[str, tuple[Path, int]], step: S
               if "setup/neighbour_seconds" in m else "")
         train.append(f"- {name} (k = {k_train}): trainer's validation {m.get('val/bpb', float('nan')):.4f} bits/byte "
                      f"with retrieval, {m.get('train/tokens_per_s', 0):.0f} tokens/s, "
-                     f"{step.all_seconds.get(name, 0) / 60:.0f} min in all{nb}.")
+                     f"{step.seconds_of(name) / 60:.0f} min in all{nb}.")
     size = p["retro"][0]
     d, n_layer, *_ = p["sizes"][size]
     page = [
