@@ -8,6 +8,8 @@ RETRO-small's reading gain grow with training, and does it overtake the baseline
     .venv/bin/python scripts/evidence_budget.py                        # CPU scale: one more round, seed 0
     .venv/bin/python scripts/evidence_budget.py --seeds 0 1 --rounds 2 1  # seed 0: two more rounds; seed 1 (its
                                                                           # baseline-medium and RETRO-small): one
+    .venv/bin/python scripts/evidence_budget.py --rounds 3 --swap 0.25 0.5 --baselines  # RETRO-small alone, its
+                                                   # last round again with a quarter / half of the neighbours swapped
 
 Shares the work folder of scripts/evidence_retro.py (data, database, neighbours and the first round are trained once
 for every script). Every step is a `retrolm` command; finished steps are skipped on a re-run. Writes
@@ -73,15 +75,20 @@ def main() -> None:
         ap.add_argument("--rounds", type=int, nargs="+", default=[1],
                         help="rounds of training after the first: one number for every seed, or one per seed")
         ap.add_argument("--seeds", type=int, nargs="+", default=[0], choices=sorted(SEED_RUNS))
-        ap.add_argument("--swap", type=float, default=None, metavar="SHARE",
-                        help="also train the first seed's last RETRO-small round again with neighbour_swap=SHARE "
-                             "(that share of training chunks read another sequence's neighbours)")
+        ap.add_argument("--swap", type=float, nargs="+", default=[], metavar="SHARE",
+                        help="also train the first seed's last RETRO-small round again with neighbour_swap=SHARE, "
+                             "once per share (that share of training chunks read another sequence's neighbours)")
+        ap.add_argument("--baselines", nargs="*", default=None, metavar="SIZE",
+                        help="baseline sizes to train for every seed (default: small medium large for seed 0, "
+                             "medium for seed 1; none: RETRO-small alone, no vs-baseline columns)")
 
     args, p, work, res, step = evidence_start(__doc__, PROFILES, "evidence-retro", "budget", more)
     if len(args.rounds) not in (1, len(args.seeds)) or min(args.rounds) < 1:
         sys.exit("evidence_budget.py: --rounds takes one number >= 1, or one per seed")
-    if args.swap is not None and not 0 < args.swap <= 1:
-        sys.exit(f"evidence_budget.py: --swap takes a share in (0, 1], got {args.swap}")
+    if any(not 0 < share <= 1 for share in args.swap):
+        sys.exit(f"evidence_budget.py: --swap takes shares in (0, 1], got {' '.join(map(str, args.swap))}")
+    if args.baselines and not set(args.baselines) <= set(PROFILES[args.profile]["sizes"]):
+        sys.exit(f"evidence_budget.py: --baselines takes sizes of {', '.join(PROFILES[args.profile]['sizes'])}")
     more_rounds = dict(zip(args.seeds, args.rounds * len(args.seeds) if len(args.rounds) == 1 else args.rounds,
                            strict=True))
     held, db, train_run = training_setup(work, p, step)
@@ -90,15 +97,14 @@ def main() -> None:
     # runs[seed][(kind, size)] = [run folder after round 0, 1, …]
     runs: dict[int, dict[tuple[str, str], list[Path]]] = {}
     for seed in args.seeds:
-        models = [("baseline", s) for s in SEED_RUNS[seed]] + [("retro", small)]
+        sizes = SEED_RUNS[seed] if args.baselines is None else args.baselines
+        models = [("baseline", s) for s in sizes] + [("retro", small)]
         runs[seed] = {(kind, size): continued(train_run, p, kind, size, seed, more_rounds[seed])
                       for kind, size in models}
     # the distractor study: RETRO-small's last round of the first seed again, with neighbour_swap
     first = runs[min(runs)][("retro", small)]
-    swapped = None
-    if args.swap is not None:
-        swapped = continued(train_run, p, "retro", small, min(runs), len(first) - 1,
-                            [f"neighbour_swap={args.swap}"], f"swap{round(args.swap * 100)}")[-1]
+    swapped = {share: continued(train_run, p, "retro", small, min(runs), len(first) - 1,
+                                [f"neighbour_swap={share}"], f"swap{round(share * 100)}")[-1] for share in args.swap}
 
     ev = ["--db", db, "--data", held, "-q", "retriever=bm25", "near_dup_measure=containment", "group_by=bucket"]
 
@@ -116,15 +122,15 @@ def main() -> None:
     for by in runs.values():
         for r, retro in enumerate(by[("retro", small)]):
             evaluate(retro, [chain[r] for (kind, _), chain in by.items() if kind == "baseline"])
-    if swapped is not None:
-        evaluate(swapped, [chain[-1] for (kind, _), chain in runs[min(runs)].items() if kind == "baseline"])
+    for run in swapped.values():
+        evaluate(run, [chain[-1] for (kind, _), chain in runs[min(runs)].items() if kind == "baseline"])
     last = runs[min(runs)][("retro", small)][-1]
     out = res / f"{last.name}-k"
     step(f"scale {last.name} neighbours previous",
          [*RETROLM, "scale", "neighbours", "--checkpoint", last, *ev, "near_dup_threshold=0", "--ks", "1,2,4",
           "--out", out], out / "scale-neighbours.json")
     trained = {c.name: c for by in runs.values() for chain in by.values() for c in chain}
-    copy_training_files(res, trained | ({swapped.name: swapped} if swapped else {}))
+    copy_training_files(res, trained | {run.name: run for run in swapped.values()})
     write_page(res, work, runs, swapped, step, args, p)
 
 
@@ -172,8 +178,8 @@ def retro_cells(res: Path, retro: Path, baselines: dict[str, Path]) -> tuple[lis
             f"{sh['retro']['bpb'] / sh['retro_no_retrieval']['bpb'] - 1:+.1%}", *vs], bpb
 
 
-def write_page(res: Path, work: Path, runs: dict[int, dict[tuple[str, str], list[Path]]], swapped: Path | None,
-               step: Steps, args: argparse.Namespace, p: dict) -> None:
+def write_page(res: Path, work: Path, runs: dict[int, dict[tuple[str, str], list[Path]]],
+               swapped: dict[float, Path], step: Steps, args: argparse.Namespace, p: dict) -> None:
     from retrolm.eval.report import markdown_table
 
     steps, batch, seq = (int(p["train"][k]) for k in ("steps", "batch_size", "model.seq_len"))
@@ -195,14 +201,14 @@ def write_page(res: Path, work: Path, runs: dict[int, dict[tuple[str, str], list
             for r, run in enumerate(chain):
                 train_rows.append(train_row(run, seed, r + 1, step))
     swap_rows = []
-    if swapped is not None:
+    if swapped:
         seed = min(runs)
         by = runs[seed]
         plain = by[("retro", small)][-1]
         baselines = {size: chain[-1] for (kind, size), chain in by.items() if kind == "baseline"}
-        for label, run in (("0 (the paper's recipe)", plain), (f"{args.swap:g}", swapped)):
+        for label, run in (("0 (the paper's recipe)", plain), *((f"{share:g}", run) for share, run in swapped.items())):
             swap_rows.append([run.name, label, *retro_cells(res, run, baselines)[0]])
-        train_rows.append(train_row(swapped, seed, len(by[("retro", small)]), step))
+        train_rows += [train_row(run, seed, len(by[("retro", small)]), step) for run in swapped.values()]
     plot_training(res / "training.png", runs, steps)
     k_rows = []
     last = runs[min(runs)][("retro", small)][-1]
@@ -213,7 +219,8 @@ def write_page(res: Path, work: Path, runs: dict[int, dict[tuple[str, str], list
         k_rows = [[x["k"], f"{x['bpb']:.4f}", f"{x['bpb'] / off - 1:+.1%}"] for x in kr["rows"]]
     flags = (f" --seeds {' '.join(map(str, args.seeds))}" if args.seeds != [0] else "") + (
         f" --rounds {' '.join(map(str, args.rounds))}" if args.rounds != [1] else "") + (
-        f" --swap {args.swap:g}" if swapped is not None else "")
+        f" --swap {' '.join(f'{x:g}' for x in args.swap)}" if swapped else "") + (
+        f" --baselines {' '.join(args.baselines)}".rstrip() if args.baselines is not None else "")
     page = [
         f"# Is it the budget? The same models trained on for more rounds ({args.profile} profile)",
         "",
@@ -230,10 +237,9 @@ def write_page(res: Path, work: Path, runs: dict[int, dict[tuple[str, str], list
         "itself is excluded; strict = also every document holding ≥ 80% of its 13-grams. Control = RETRO-small "
         "reading another document's neighbours. Wall times are those of whatever shared the machine's cores.",
         "",
-        "## Baselines, held-out bits per byte (previous version allowed: the baselines read nothing)",
-        "",
-        markdown_table(["seed", "rounds", "tokens", "model", "bits/byte", *BUCKETS], base_rows),
-        "",
+        *(["## Baselines, held-out bits per byte (previous version allowed: the baselines read nothing)", "",
+           markdown_table(["seed", "rounds", "tokens", "model", "bits/byte", *BUCKETS], base_rows), ""]
+          if base_rows else []),
         f"## RETRO-{small} (k = 2 BM25 neighbours), held out",
         "",
         markdown_table(["seed", "rounds", "tokens", "retrieval off", "retrieval on", "change [95% CI]", *BUCKETS,
@@ -245,10 +251,11 @@ def write_page(res: Path, work: Path, runs: dict[int, dict[tuple[str, str], list
         "",
         "![validation bits per byte over training](training.png)",
         "",
-        *([f"## Distractors in training: RETRO-{small}'s last round again with `neighbour_swap={args.swap:g}`", "",
+        *([f"## Distractors in training: RETRO-{small}'s last round again with `neighbour_swap` > 0", "",
            f"The same round as {swap_rows[0][0] if swap_rows else ''} (same weights to start from, data, lr and "
-           "schedule), except that each training chunk, with that probability per step, reads the neighbours of "
-           "the same chunk of another sequence in its batch instead of its own: a neighbour that holds nothing it "
+           "schedule), except that each training chunk, with probability `neighbour_swap` per step, reads the "
+           "neighbours of the same chunk of another sequence in its batch instead of its own: a neighbour that holds "
+           "nothing it "
            "needs, as on novel text. Does the model learn to pass over such neighbours (novel chunks, new files, "
            "strict, control), and what does it cost where the neighbours help?", "",
            markdown_table(["run", "swapped share", "retrieval off", "retrieval on", "change [95% CI]", *BUCKETS,
