@@ -50,10 +50,11 @@ def run_name(kind: str, size: str, seed: int, total_steps: int, first_steps: int
 
 
 def continued(train_run: Callable[..., Path], p: dict, kind: str, size: str, seed: int, rounds: int,
-              last_extra: Sequence[str] = (), suffix: str = "") -> list[Path]:
+              last_extra: Sequence[str] = (), suffix: str = "", n_last: int = 1) -> list[Path]:
     """The run folders of ``kind``-``size`` (``seed``) after its first round and each of ``rounds`` more (trained
     where missing): each round continues the last one's weights at half the first peak lr and reads on
-    (``data_offset``). ``last_extra`` settings go to the last round only, whose name then ends in ``-suffix``."""
+    (``data_offset``). ``last_extra`` settings go to the last ``n_last`` rounds only, whose names then end in
+    ``-suffix``."""
     steps, batch = int(p["train"]["steps"]), int(p["train"]["batch_size"])
     shape = shape_args(p, size, retro=kind == "retro")
     lr = p["sizes"][size][3]
@@ -63,7 +64,7 @@ def continued(train_run: Callable[..., Path], p: dict, kind: str, size: str, see
         # half the first peak lr: the weights are no longer at their initialisation
         extra = [f"init_from={chain[-1]}", f"lr={lr / 2:.3g}", f"data_offset={r * steps * batch}", *seed_arg]
         name = run_name(kind, size, seed, (r + 1) * steps, steps)
-        if r == rounds and last_extra:
+        if r > rounds - n_last and last_extra:
             extra += last_extra
             name += f"-{suffix}"
         chain.append(train_run(name, shape, extra))
@@ -78,6 +79,8 @@ def main() -> None:
         ap.add_argument("--swap", type=float, nargs="+", default=[], metavar="SHARE",
                         help="also train the first seed's last RETRO-small round again with neighbour_swap=SHARE, "
                              "once per share (that share of training chunks read another sequence's neighbours)")
+        ap.add_argument("--swap-rounds", type=int, default=1, metavar="N",
+                        help="swap in the last N rounds of the chain (from round rounds+2-N on), not only the last")
         ap.add_argument("--baselines", nargs="*", default=None, metavar="SIZE",
                         help="baseline sizes to train for every seed (default: small medium large for seed 0, "
                              "medium for seed 1; none: RETRO-small alone, no vs-baseline columns)")
@@ -103,8 +106,12 @@ def main() -> None:
                       for kind, size in models}
     # the distractor study: RETRO-small's last round of the first seed again, with neighbour_swap
     first = runs[min(runs)][("retro", small)]
-    swapped = {share: continued(train_run, p, "retro", small, min(runs), len(first) - 1,
-                                [f"neighbour_swap={share}"], f"swap{round(share * 100)}")[-1] for share in args.swap}
+    n_swap = args.swap_rounds
+    if not 1 <= n_swap < len(first):
+        sys.exit(f"evidence_budget.py: --swap-rounds takes 1 to {len(first) - 1} (the rounds after the first)")
+    swapped = {share: continued(train_run, p, "retro", small, min(runs), len(first) - 1, [f"neighbour_swap={share}"],
+                                f"swap{round(share * 100)}" + (f"x{n_swap}" if n_swap > 1 else ""), n_swap)[-1]
+               for share in args.swap}
 
     ev = ["--db", db, "--data", held, "-q", "retriever=bm25", "near_dup_measure=containment", "group_by=bucket"]
 
@@ -209,6 +216,7 @@ def write_page(res: Path, work: Path, runs: dict[int, dict[tuple[str, str], list
         for label, run in (("0 (the paper's recipe)", plain), *((f"{share:g}", run) for share, run in swapped.items())):
             swap_rows.append([run.name, label, *retro_cells(res, run, baselines)[0]])
         train_rows += [train_row(run, seed, len(by[("retro", small)]), step) for run in swapped.values()]
+    last_rounds = "round" if args.swap_rounds == 1 else f"{args.swap_rounds} rounds"
     plot_training(res / "training.png", runs, steps)
     k_rows = []
     last = runs[min(runs)][("retro", small)][-1]
@@ -220,7 +228,8 @@ def write_page(res: Path, work: Path, runs: dict[int, dict[tuple[str, str], list
     flags = (f" --seeds {' '.join(map(str, args.seeds))}" if args.seeds != [0] else "") + (
         f" --rounds {' '.join(map(str, args.rounds))}" if args.rounds != [1] else "") + (
         f" --swap {' '.join(f'{x:g}' for x in args.swap)}" if swapped else "") + (
-        f" --baselines {' '.join(args.baselines)}".rstrip() if args.baselines is not None else "")
+        f" --baselines {' '.join(args.baselines)}".rstrip() if args.baselines is not None else "") + (
+        f" --swap-rounds {args.swap_rounds}" if args.swap_rounds > 1 else "")
     page = [
         f"# Is it the budget? The same models trained on for more rounds ({args.profile} profile)",
         "",
@@ -251,9 +260,9 @@ def write_page(res: Path, work: Path, runs: dict[int, dict[tuple[str, str], list
         "",
         "![validation bits per byte over training](training.png)",
         "",
-        *([f"## Distractors in training: RETRO-{small}'s last round again with `neighbour_swap` > 0", "",
-           f"The same round as {swap_rows[0][0] if swap_rows else ''} (same weights to start from, data, lr and "
-           "schedule), except that each training chunk, with probability `neighbour_swap` per step, reads the "
+        *([f"## Distractors in training: RETRO-{small}'s last {last_rounds} again with `neighbour_swap` > 0", "",
+           f"The same {last_rounds} as {swap_rows[0][0] if swap_rows else ''} (same weights to start from, data, lr "
+           "and schedule), except that each training chunk, with probability `neighbour_swap` per step, reads the "
            "neighbours of the same chunk of another sequence in its batch instead of its own: a neighbour that holds "
            "nothing it "
            "needs, as on novel text. Does the model learn to pass over such neighbours (novel chunks, new files, "
