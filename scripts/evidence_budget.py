@@ -94,6 +94,10 @@ def main() -> None:
         sys.exit(f"evidence_budget.py: --baselines takes sizes of {', '.join(PROFILES[args.profile]['sizes'])}")
     more_rounds = dict(zip(args.seeds, args.rounds * len(args.seeds) if len(args.rounds) == 1 else args.rounds,
                            strict=True))
+    n_swap = args.swap_rounds
+    if not 1 <= n_swap <= more_rounds[min(args.seeds)]:  # checked before anything trains
+        sys.exit(f"evidence_budget.py: --swap-rounds takes 1 to {more_rounds[min(args.seeds)]} (the first seed's "
+                 "rounds after the first)")
     held, db, train_run = training_setup(work, p, step)
     small = p["retro"][0]
 
@@ -106,9 +110,6 @@ def main() -> None:
                       for kind, size in models}
     # the distractor study: RETRO-small's last round of the first seed again, with neighbour_swap
     first = runs[min(runs)][("retro", small)]
-    n_swap = args.swap_rounds
-    if not 1 <= n_swap < len(first):
-        sys.exit(f"evidence_budget.py: --swap-rounds takes 1 to {len(first) - 1} (the rounds after the first)")
     swapped = {share: continued(train_run, p, "retro", small, min(runs), len(first) - 1, [f"neighbour_swap={share}"],
                                 f"swap{round(share * 100)}" + (f"x{n_swap}" if n_swap > 1 else ""), n_swap)[-1]
                for share in args.swap}
@@ -264,9 +265,8 @@ def write_page(res: Path, work: Path, runs: dict[int, dict[tuple[str, str], list
            f"The same {last_rounds} as {swap_rows[0][0] if swap_rows else ''} (same weights to start from, data, lr "
            "and schedule), except that each training chunk, with probability `neighbour_swap` per step, reads the "
            "neighbours of the same chunk of another sequence in its batch instead of its own: a neighbour that holds "
-           "nothing it "
-           "needs, as on novel text. Does the model learn to pass over such neighbours (novel chunks, new files, "
-           "strict, control), and what does it cost where the neighbours help?", "",
+           "nothing it needs, as on novel text. Does the model learn to pass over such neighbours (novel chunks, "
+           "new files, strict, control), and what does it cost where the neighbours help?", "",
            markdown_table(["run", "swapped share", "retrieval off", "retrieval on", "change [95% CI]", *BUCKETS,
                            "novel chunks", "strict", "control", "vs baseline-small", "vs baseline-medium",
                            "vs baseline-large"], swap_rows), ""] if swap_rows else []),
