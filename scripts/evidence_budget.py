@@ -59,10 +59,11 @@ def continued(train_run: Callable[..., Path], p: dict, kind: str, size: str, see
     shape = shape_args(p, size, retro=kind == "retro")
     lr = p["sizes"][size][3]
     seed_arg = [f"seed={seed}"] if seed else []
-    chain = [train_run(run_name(kind, size, seed, steps, steps), shape, [f"lr={lr}", *seed_arg])]
-    for r in range(1, rounds + 1):
-        # half the first peak lr: the weights are no longer at their initialisation
-        extra = [f"init_from={chain[-1]}", f"lr={lr / 2:.3g}", f"data_offset={r * steps * batch}", *seed_arg]
+    chain: list[Path] = []
+    for r in range(rounds + 1):
+        # later rounds: half the first peak lr, as the weights are no longer at their initialisation
+        extra = [f"init_from={chain[-1]}", f"lr={lr / 2:.3g}", f"data_offset={r * steps * batch}", *seed_arg] \
+            if r else [f"lr={lr}", *seed_arg]
         name = run_name(kind, size, seed, (r + 1) * steps, steps)
         if r > rounds - n_last and last_extra:
             extra += last_extra
@@ -80,7 +81,8 @@ def main() -> None:
                         help="also train the first seed's last RETRO-small round again with neighbour_swap=SHARE, "
                              "once per share (that share of training chunks read another sequence's neighbours)")
         ap.add_argument("--swap-rounds", type=int, default=1, metavar="N",
-                        help="swap in the last N rounds of the chain (from round rounds+2-N on), not only the last")
+                        help="swap in the last N rounds of the chain, not only the last (rounds + 1: all of "
+                             "them, from the initialisation on)")
         ap.add_argument("--baselines", nargs="*", default=None, metavar="SIZE",
                         help="baseline sizes to train for every seed (default: small medium large for seed 0, "
                              "medium for seed 1; none: RETRO-small alone, no vs-baseline columns)")
@@ -95,9 +97,9 @@ def main() -> None:
     more_rounds = dict(zip(args.seeds, args.rounds * len(args.seeds) if len(args.rounds) == 1 else args.rounds,
                            strict=True))
     n_swap = args.swap_rounds
-    if not 1 <= n_swap <= more_rounds[min(args.seeds)]:  # checked before anything trains
-        sys.exit(f"evidence_budget.py: --swap-rounds takes 1 to {more_rounds[min(args.seeds)]} (the first seed's "
-                 "rounds after the first)")
+    if not 1 <= n_swap <= more_rounds[min(args.seeds)] + 1:  # checked before anything trains
+        sys.exit(f"evidence_budget.py: --swap-rounds takes 1 to {more_rounds[min(args.seeds)] + 1} (the first "
+                 "seed's rounds, the first included)")
     held, db, train_run = training_setup(work, p, step)
     small = p["retro"][0]
 
@@ -217,7 +219,9 @@ def write_page(res: Path, work: Path, runs: dict[int, dict[tuple[str, str], list
         for label, run in (("0 (the paper's recipe)", plain), *((f"{share:g}", run) for share, run in swapped.items())):
             swap_rows.append([run.name, label, *retro_cells(res, run, baselines)[0]])
         train_rows += [train_row(run, seed, len(by[("retro", small)]), step) for run in swapped.values()]
+    whole = bool(runs) and args.swap_rounds == len(runs[min(runs)][("retro", small)])  # swapped from the start
     last_rounds = "round" if args.swap_rounds == 1 else f"{args.swap_rounds} rounds"
+    start = "same initialisation" if whole else "same weights to start from"
     plot_training(res / "training.png", runs, steps)
     k_rows = []
     last = runs[min(runs)][("retro", small)][-1]
@@ -261,9 +265,10 @@ def write_page(res: Path, work: Path, runs: dict[int, dict[tuple[str, str], list
         "",
         "![validation bits per byte over training](training.png)",
         "",
-        *([f"## Distractors in training: RETRO-{small}'s last {last_rounds} again with `neighbour_swap` > 0", "",
-           f"The same {last_rounds} as {swap_rows[0][0] if swap_rows else ''} (same weights to start from, data, lr "
-           "and schedule), except that each training chunk, with probability `neighbour_swap` per step, reads the "
+        *([f"## Distractors in training: RETRO-{small}'s {'' if whole else 'last '}{last_rounds} again with "
+           "`neighbour_swap` > 0", "",
+           f"The same {last_rounds} as {swap_rows[0][0] if swap_rows else ''} ({start}, data, lr and schedule), "
+           "except that each training chunk, with probability `neighbour_swap` per step, reads the "
            "neighbours of the same chunk of another sequence in its batch instead of its own: a neighbour that holds "
            "nothing it needs, as on novel text. Does the model learn to pass over such neighbours (novel chunks, "
            "new files, strict, control), and what does it cost where the neighbours help?", "",
