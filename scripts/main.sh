@@ -44,4 +44,8 @@ $R generate --checkpoint $LM --db "$RUN/db" --prompt "$PROMPT" --max-new-tokens 
 echo "== 5. bits per byte on held-out kernel 6.12 documents: SmolLM2-135M alone vs with retrieval from kernel 6.1"
 .venv/bin/python scripts/compare_evals.py "previous version allowed=$RUN/eval-previous-version" \
   "strict=$RUN/eval-strict" --markdown "$RUN/summary.md"
+# the held-out sample follows the package versions apt serves (Debian updates both with each stable kernel release)
+VERSIONS=$(.venv/bin/python -c "import json,sys; print(', '.join(json.load(open(f))['package'] for f in sys.argv[1:]))" \
+  data/full/linux-docs-6.1.source.json data/full/linux-docs-6.12.source.json)
+printf '\ncorpus: %s\n' "$VERSIONS" | tee -a "$RUN/summary.md"
 echo "reports: $RUN/eval-previous-version/report.md, $RUN/eval-strict/report.md; table: $RUN/summary.md"
