@@ -10,8 +10,12 @@
 #
 #   run(command="bash scripts/device_slice.sh", carry=[".whl", ".enc", ".corp"], timeout_s=600)
 #   run(command="EVIDENCE_ONLY=1 bash scripts/device_slice.sh", ...)    # the next slice: evidence alone
+# When the three and the tree exceed the 64 MiB a call carries (scripts/device_prepare.sh says), two calls, the second
+# within the machine's 30 s idle window (.site/ and the unpacked corpora stay on the warm machine):
+#   run(command="SETUP_ONLY=1 bash scripts/device_slice.sh", carry=[".whl", ".corp"], timeout_s=120)
+#   run(command="bash scripts/device_slice.sh", carry=[".enc"], timeout_s=600)
 #
-# Prepared here beforehand (all ignored by git; together < 64 MiB with the tree):
+# Prepared here beforehand by scripts/device_prepare.sh (all ignored by git):
 #   .whl/  faiss-cpu, omegaconf, datasketch, bm25s wheels for Python 3.12 (pip download, see the device README)
 #   .enc/minilm-int8/  python scripts/device_encoder.py pack <all-MiniLM-L6-v2 folder> .enc/minilm-int8
 #   .corp/evidence-gpu.tar.xz  train.jsonl, heldout.jsonl, noise.jsonl of runs/evidence-retro/gpu (prepare() of
@@ -29,7 +33,9 @@ W=runs/evidence-retro/gpu-slice
 if [ ! -d .site/faiss ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target .site .whl/*.whl || exit 3
 fi
-[ -f $ENC/model.safetensors ] || python3 scripts/device_encoder.py unpack .enc/minilm-int8 $ENC || exit 3
+if [ ! -f $ENC/model.safetensors ] && [ -d .enc/minilm-int8 ]; then
+  python3 scripts/device_encoder.py unpack .enc/minilm-int8 $ENC || exit 3
+fi
 if [ ! -f $W/heldout.jsonl ]; then
   mkdir -p $W && tar xJf .corp/evidence-gpu.tar.xz -C $W || exit 3
   # the build benchmark's corpora, cut from the same files: Wikipedia, kernel 6.1, Python docs (= noise.jsonl)
@@ -42,6 +48,10 @@ for name, prefix in (("bench-wiki", "wiki/"), ("bench-linux61", "6.1/")):
         f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows if r["id"].startswith(prefix))
 EOF
 fi
+if [ "${SETUP_ONLY:-0}" = 1 ]; then  # the first of two calls: what it set up stays on the warm machine
+  ls .site "$W"; echo "set up in $(( $(date +%s) - T0 )) s"; exit 0
+fi
+[ -f $ENC/model.safetensors ] || { echo "no encoder at $ENC: carry .enc"; exit 3; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())" | tee -a "$OUT/gpu.txt"
 echo "setup done at $(( $(date +%s) - T0 )) s"
