@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import sys
 from pathlib import Path
 
@@ -40,7 +41,7 @@ def test_only_the_last_round_swaps_and_each_round_continues_the_one_before():
     assert names[0] == "retro-small" and names[2].endswith("-swap50") and not names[1].endswith("-swap50")
     assert [("neighbour_swap=0.5" in e) for _, e in calls] == [False, False, True]
     assert not any(x.startswith("init_from") for x in calls[0][1])
-    for (prev, _), (_, extra) in zip(calls, calls[1:]):
+    for (prev, _), (_, extra) in itertools.pairwise(calls):
         assert f"init_from={Path('runs') / prev}" in extra
     offsets = [x for _, e in calls for x in e if x.startswith("data_offset")]
     assert len(offsets) == 2 and offsets[0] != offsets[1]  # each round reads on
