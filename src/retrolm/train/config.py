@@ -64,7 +64,9 @@ class LoopConfig:
     neighbour_swap: float = 0.0
     """Share of training chunks (drawn per step) that read the neighbours of the same chunk of the next sequence in
     the batch instead of their own: distractors that teach the model to pass over neighbours holding nothing it needs,
-    as most of a web-scale store's neighbours do for novel text. 0 = the paper's recipe; validation is never swapped."""
+    as most of a web-scale store's neighbours do for novel text. 0 = the paper's recipe; validation is never swapped.
+    Best set when continuing a run that already reads its neighbours: from the first step it delays learning to read
+    (docs/results.md, *Distractors in training*)."""
     neighbours_dir: str | None = None
     """Where the precomputed training neighbours are kept (default OUT/neighbours). Runs on the same database with the
     same neighbour settings (k, exclusion, retriever, sequence length) may share one folder: the first computes them,
