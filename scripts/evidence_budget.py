@@ -112,9 +112,12 @@ def main() -> None:
                       for kind, size in models}
     # the distractor study: RETRO-small's last round of the first seed again, with neighbour_swap
     first = runs[min(runs)][("retro", small)]
-    swapped = {share: continued(train_run, p, "retro", small, min(runs), len(first) - 1, [f"neighbour_swap={share}"],
-                                f"swap{round(share * 100)}" + (f"x{n_swap}" if n_swap > 1 else ""), n_swap)[-1]
-               for share in args.swap}
+    # share -> the chain's swapped rounds (the rounds before them are those of the plain chain)
+    suffix = "swap{:.0f}" + (f"x{n_swap}" if n_swap > 1 else "")
+    swap_chains = {share: continued(train_run, p, "retro", small, min(runs), len(first) - 1,
+                                    [f"neighbour_swap={share}"], suffix.format(share * 100), n_swap)[-n_swap:]
+                   for share in args.swap}
+    swapped = {share: chain[-1] for share, chain in swap_chains.items()}
 
     ev = ["--db", db, "--data", held, "-q", "retriever=bm25", "near_dup_measure=containment", "group_by=bucket"]
 
@@ -140,8 +143,8 @@ def main() -> None:
          [*RETROLM, "scale", "neighbours", "--checkpoint", last, *ev, "near_dup_threshold=0", "--ks", "1,2,4",
           "--out", out], out / "scale-neighbours.json")
     trained = {c.name: c for by in runs.values() for chain in by.values() for c in chain}
-    copy_training_files(res, trained | {run.name: run for run in swapped.values()})
-    write_page(res, work, runs, swapped, step, args, p)
+    copy_training_files(res, trained | {run.name: run for chain in swap_chains.values() for run in chain})
+    write_page(res, work, runs, swap_chains, step, args, p)
 
 
 def train_row(run: Path, seed: int, rounds: int, step: Steps) -> list:
@@ -152,21 +155,30 @@ def train_row(run: Path, seed: int, rounds: int, step: Steps) -> list:
             f"{step.seconds_of(run.name) / 60:.1f}"]
 
 
-def plot_training(path: Path, runs: dict[int, dict[tuple[str, str], list[Path]]], steps: int) -> None:
+def plot_training(path: Path, runs: dict[int, dict[tuple[str, str], list[Path]]], steps: int,
+                  swap_chains: dict[float, list[Path]]) -> None:
     """The trainer's validation bits per byte of every chain of runs against the steps it has trained in all (round
-    r's step s = r × steps + s; a run's metrics.jsonl counts its own steps from 0); RETRO also with retrieval off."""
+    r's step s = r × steps + s; a run's metrics.jsonl counts its own steps from 0); RETRO also with retrieval off.
+    ``swap_chains`` (share -> swapped rounds, the first seed's RETRO) are drawn from the round they start in."""
     from retrolm.eval.report import plot_lines
 
+    chains = {(seed, kind, size, ""): (0, chain)
+              for seed, by in sorted(runs.items()) for (kind, size), chain in by.items()}
+    if runs:
+        seed = min(runs)
+        retro = next(key for key in runs[seed] if key[0] == "retro")
+        n_rounds = len(runs[seed][retro])
+        chains |= {(seed, *retro, f", swap {share:g}"): (n_rounds - len(chain), chain)
+                   for share, chain in swap_chains.items()}
     series: dict[str, dict[int, float]] = {}
-    for seed, by in sorted(runs.items()):
-        for (kind, size), chain in by.items():
-            label = f"{kind}-{size}" + (f", seed {seed}" if seed else "")
-            rows = [(r * steps + row["step"], row) for r, run in enumerate(chain)
-                    for row in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())]
-            series[label] = {x: row["val/bpb"] for x, row in rows if "val/bpb" in row}
-            if kind == "retro":
-                series[f"{label}, retrieval off"] = {x: row["val_no_retrieval/bpb"] for x, row in rows
-                                                     if "val_no_retrieval/bpb" in row}
+    for (seed, kind, size, note), (first_round, chain) in chains.items():
+        label = f"{kind}-{size}" + (f", seed {seed}" if seed else "") + note
+        rows = [((first_round + r) * steps + row["step"], row) for r, run in enumerate(chain)
+                for row in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())]
+        series[label] = {x: row["val/bpb"] for x, row in rows if "val/bpb" in row}
+        if kind == "retro":
+            series[f"{label}, retrieval off"] = {x: row["val_no_retrieval/bpb"] for x, row in rows
+                                                 if "val_no_retrieval/bpb" in row}
     xs = sorted(set().union(*series.values()))
     plot_lines(path, xs, {k: [v.get(x, float("nan")) for x in xs] for k, v in series.items()},
                xlabel="optimizer steps, all rounds", ylabel="trainer's validation bits per byte",
@@ -189,11 +201,12 @@ def retro_cells(res: Path, retro: Path, baselines: dict[str, Path]) -> tuple[lis
 
 
 def write_page(res: Path, work: Path, runs: dict[int, dict[tuple[str, str], list[Path]]],
-               swapped: dict[float, Path], step: Steps, args: argparse.Namespace, p: dict) -> None:
+               swap_chains: dict[float, list[Path]], step: Steps, args: argparse.Namespace, p: dict) -> None:
     from retrolm.eval.report import markdown_table
 
     steps, batch, seq = (int(p["train"][k]) for k in ("steps", "batch_size", "model.seq_len"))
     small = p["retro"][0]
+    swapped = {share: chain[-1] for share, chain in swap_chains.items()}
     base_rows, retro_rows, train_rows = [], [], []
     for seed, by in sorted(runs.items()):
         for r, retro in enumerate(by[("retro", small)]):
@@ -218,11 +231,13 @@ def write_page(res: Path, work: Path, runs: dict[int, dict[tuple[str, str], list
         baselines = {size: chain[-1] for (kind, size), chain in by.items() if kind == "baseline"}
         for label, run in (("0 (the paper's recipe)", plain), *((f"{share:g}", run) for share, run in swapped.items())):
             swap_rows.append([run.name, label, *retro_cells(res, run, baselines)[0]])
-        train_rows += [train_row(run, seed, len(by[("retro", small)]), step) for run in swapped.values()]
+        n_rounds = len(by[("retro", small)])
+        train_rows += [train_row(run, seed, n_rounds - len(chain) + r + 1, step)
+                       for chain in swap_chains.values() for r, run in enumerate(chain)]
     whole = bool(runs) and args.swap_rounds == len(runs[min(runs)][("retro", small)])  # swapped from the start
     last_rounds = "round" if args.swap_rounds == 1 else f"{args.swap_rounds} rounds"
     start = "same initialisation" if whole else "same weights to start from"
-    plot_training(res / "training.png", runs, steps)
+    plot_training(res / "training.png", runs, steps, swap_chains)
     k_rows = []
     last = runs[min(runs)][("retro", small)][-1]
     kfile = res / f"{last.name}-k" / "scale-neighbours.json"
