@@ -35,7 +35,6 @@ if [ ! -f .corp/evidence-gpu.tar.xz ]; then
   W=runs/evidence-retro/gpu
   mkdir -p .corp "$W"
   (cd scripts && ../$PY -c "
-import sys
 from pathlib import Path
 from evidence_retro import PROFILES, prepare
 log = []

@@ -164,12 +164,11 @@ def plot_training(path: Path, runs: dict[int, dict[tuple[str, str], list[Path]]]
 
     chains = {(seed, kind, size, ""): (0, chain)
               for seed, by in sorted(runs.items()) for (kind, size), chain in by.items()}
-    if runs:
-        seed = min(runs)
-        retro = next(key for key in runs[seed] if key[0] == "retro")
-        n_rounds = len(runs[seed][retro])
-        chains |= {(seed, *retro, f", swap {share:g}"): (n_rounds - len(chain), chain)
-                   for share, chain in swap_chains.items()}
+    seed = min(runs)
+    retro = next(key for key in runs[seed] if key[0] == "retro")
+    n_rounds = len(runs[seed][retro])
+    chains |= {(seed, *retro, f", swap {share:g}"): (n_rounds - len(chain), chain)
+               for share, chain in swap_chains.items()}
     series: dict[str, dict[int, float]] = {}
     for (seed, kind, size, note), (first_round, chain) in chains.items():
         label = f"{kind}-{size}" + (f", seed {seed}" if seed else "") + note
@@ -234,7 +233,7 @@ def write_page(res: Path, work: Path, runs: dict[int, dict[tuple[str, str], list
         n_rounds = len(by[("retro", small)])
         train_rows += [train_row(run, seed, n_rounds - len(chain) + r + 1, step)
                        for chain in swap_chains.values() for r, run in enumerate(chain)]
-    whole = bool(runs) and args.swap_rounds == len(runs[min(runs)][("retro", small)])  # swapped from the start
+    whole = args.swap_rounds == len(runs[min(runs)][("retro", small)])  # swapped from the start
     last_rounds = "round" if args.swap_rounds == 1 else f"{args.swap_rounds} rounds"
     start = "same initialisation" if whole else "same weights to start from"
     plot_training(res / "training.png", runs, steps, swap_chains)
