@@ -10,6 +10,8 @@ RETRO-small's reading gain grow with training, and does it overtake the baseline
                                                                           # baseline-medium and RETRO-small): one
     .venv/bin/python scripts/evidence_budget.py --rounds 3 --swap 0.25 0.5 --baselines  # RETRO-small alone, its
                                                    # last round again with a quarter / half of the neighbours swapped
+    .venv/bin/python scripts/evidence_budget.py --rounds 3 --near-dup --baselines  # its last round again with no
+                                                   # other version of a chunk's document among its neighbours
 
 Shares the work folder of scripts/evidence_retro.py (data, database, neighbours and the first round are trained once
 for every script). Every step is a `retrolm` command; finished steps are skipped on a re-run. Writes
@@ -80,9 +82,13 @@ def main() -> None:
         ap.add_argument("--swap", type=float, nargs="+", default=[], metavar="SHARE",
                         help="also train the first seed's last RETRO-small round again with neighbour_swap=SHARE, "
                              "once per share (that share of training chunks read another sequence's neighbours)")
+        ap.add_argument("--near-dup", action="store_true",
+                        help="also train the first seed's last RETRO-small round again with "
+                             "neighbour_exclude=near_duplicate (no neighbour from another version of the chunk's "
+                             "document: the strict protocol in training)")
         ap.add_argument("--swap-rounds", type=int, default=1, metavar="N",
-                        help="swap in the last N rounds of the chain, not only the last (rounds + 1: all of "
-                             "them, from the initialisation on)")
+                        help="the variants (--swap, --near-dup) in the last N rounds of the chain, not only the last "
+                             "(rounds + 1: all of them, from the initialisation on)")
         ap.add_argument("--baselines", nargs="*", default=None, metavar="SIZE",
                         help="baseline sizes to train for every seed (default: small medium large for seed 0, "
                              "medium for seed 1; none: RETRO-small alone, no vs-baseline columns)")
@@ -110,14 +116,19 @@ def main() -> None:
         models = [("baseline", s) for s in sizes] + [("retro", small)]
         runs[seed] = {(kind, size): continued(train_run, p, kind, size, seed, more_rounds[seed])
                       for kind, size in models}
-    # the distractor study: RETRO-small's last round of the first seed again, with neighbour_swap
+    # the variants of RETRO-small's last round(s) of the first seed: distractors, neighbours without other versions
     first = runs[min(runs)][("retro", small)]
-    # share -> the chain's swapped rounds (the rounds before them are those of the plain chain)
-    suffix = "swap{:.0f}" + (f"x{n_swap}" if n_swap > 1 else "")
-    swap_chains = {share: continued(train_run, p, "retro", small, min(runs), len(first) - 1,
-                                    [f"neighbour_swap={share}"], suffix.format(share * 100), n_swap)[-n_swap:]
-                   for share in args.swap}
-    swapped = {share: chain[-1] for share, chain in swap_chains.items()}
+    times = f"x{n_swap}" if n_swap > 1 else ""
+    variants = {f"neighbour_swap {share:g}": ([f"neighbour_swap={share}"], f"swap{share * 100:.0f}{times}")
+                for share in args.swap}
+    if args.near_dup:  # their own neighbour folder: the shared one holds the paper's rule's
+        variants["near-duplicates excluded"] = (["neighbour_exclude=near_duplicate",
+                                                 f"neighbours_dir={work / 'neighbours-near-dup'}"], f"neardup{times}")
+    # label -> the chain's varied rounds (the rounds before them are those of the plain chain)
+    swap_chains = {label: continued(train_run, p, "retro", small, min(runs), len(first) - 1, extra, suffix,
+                                    n_swap)[-n_swap:]
+                   for label, (extra, suffix) in variants.items()}
+    swapped = {label: chain[-1] for label, chain in swap_chains.items()}
 
     ev = ["--db", db, "--data", held, "-q", "retriever=bm25", "near_dup_measure=containment", "group_by=bucket"]
 
@@ -156,10 +167,10 @@ def train_row(run: Path, seed: int, rounds: int, step: Steps) -> list:
 
 
 def plot_training(path: Path, runs: dict[int, dict[tuple[str, str], list[Path]]], steps: int,
-                  swap_chains: dict[float, list[Path]]) -> None:
+                  swap_chains: dict[str, list[Path]]) -> None:
     """The trainer's validation bits per byte of every chain of runs against the steps it has trained in all (round
     r's step s = r × steps + s; a run's metrics.jsonl counts its own steps from 0); RETRO also with retrieval off.
-    ``swap_chains`` (share -> swapped rounds, the first seed's RETRO) are drawn from the round they start in."""
+    ``swap_chains`` (variant -> its rounds, the first seed's RETRO) are drawn from the round they start in."""
     from retrolm.eval.report import plot_lines
 
     chains = {(seed, kind, size, ""): (0, chain)
@@ -167,8 +178,7 @@ def plot_training(path: Path, runs: dict[int, dict[tuple[str, str], list[Path]]]
     seed = min(runs)
     retro = next(key for key in runs[seed] if key[0] == "retro")
     n_rounds = len(runs[seed][retro])
-    chains |= {(seed, *retro, f", swap {share:g}"): (n_rounds - len(chain), chain)
-               for share, chain in swap_chains.items()}
+    chains |= {(seed, *retro, f", {label}"): (n_rounds - len(chain), chain) for label, chain in swap_chains.items()}
     series: dict[str, dict[int, float]] = {}
     for (seed, kind, size, note), (first_round, chain) in chains.items():
         label = f"{kind}-{size}" + (f", seed {seed}" if seed else "") + note
@@ -200,12 +210,12 @@ def retro_cells(res: Path, retro: Path, baselines: dict[str, Path]) -> tuple[lis
 
 
 def write_page(res: Path, work: Path, runs: dict[int, dict[tuple[str, str], list[Path]]],
-               swap_chains: dict[float, list[Path]], step: Steps, args: argparse.Namespace, p: dict) -> None:
+               swap_chains: dict[str, list[Path]], step: Steps, args: argparse.Namespace, p: dict) -> None:
     from retrolm.eval.report import markdown_table
 
     steps, batch, seq = (int(p["train"][k]) for k in ("steps", "batch_size", "model.seq_len"))
     small = p["retro"][0]
-    swapped = {share: chain[-1] for share, chain in swap_chains.items()}
+    swapped = {label: chain[-1] for label, chain in swap_chains.items()}
     base_rows, retro_rows, train_rows = [], [], []
     for seed, by in sorted(runs.items()):
         for r, retro in enumerate(by[("retro", small)]):
@@ -228,7 +238,7 @@ def write_page(res: Path, work: Path, runs: dict[int, dict[tuple[str, str], list
         by = runs[seed]
         plain = by[("retro", small)][-1]
         baselines = {size: chain[-1] for (kind, size), chain in by.items() if kind == "baseline"}
-        for label, run in (("0 (the paper's recipe)", plain), *((f"{share:g}", run) for share, run in swapped.items())):
+        for label, run in (("the paper's recipe", plain), *swapped.items()):
             swap_rows.append([run.name, label, *retro_cells(res, run, baselines)[0]])
         n_rounds = len(by[("retro", small)])
         train_rows += [train_row(run, seed, n_rounds - len(chain) + r + 1, step)
@@ -246,7 +256,8 @@ def write_page(res: Path, work: Path, runs: dict[int, dict[tuple[str, str], list
         k_rows = [[x["k"], f"{x['bpb']:.4f}", f"{x['bpb'] / off - 1:+.1%}"] for x in kr["rows"]]
     flags = (f" --seeds {' '.join(map(str, args.seeds))}" if args.seeds != [0] else "") + (
         f" --rounds {' '.join(map(str, args.rounds))}" if args.rounds != [1] else "") + (
-        f" --swap {' '.join(f'{x:g}' for x in args.swap)}" if swapped else "") + (
+        f" --swap {' '.join(f'{x:g}' for x in args.swap)}" if args.swap else "") + (
+        " --near-dup" if args.near_dup else "") + (
         f" --baselines {' '.join(args.baselines)}".rstrip() if args.baselines is not None else "") + (
         f" --swap-rounds {args.swap_rounds}" if args.swap_rounds > 1 else "")
     page = [
@@ -279,14 +290,18 @@ def write_page(res: Path, work: Path, runs: dict[int, dict[tuple[str, str], list
         "",
         "![validation bits per byte over training](training.png)",
         "",
-        *([f"## Distractors in training: RETRO-{small}'s {'' if whole else 'last '}{last_rounds} again with "
-           "`neighbour_swap` > 0", "",
+        *([f"## Variants of training: RETRO-{small}'s {'' if whole else 'last '}{last_rounds} again, with other "
+           "neighbours", "",
            f"The same {last_rounds} as {swap_rows[0][0] if swap_rows else ''} ({start}, data, lr and schedule), "
-           "except that each training chunk, with probability `neighbour_swap` per step, reads the "
-           "neighbours of the same chunk of another sequence in its batch instead of its own: a neighbour that holds "
-           "nothing it needs, as on novel text. Does the model learn to pass over such neighbours (novel chunks, "
-           "new files, strict, control), and what does it cost where the neighbours help?", "",
-           markdown_table(["run", "swapped share", "retrieval off", "retrieval on", "change [95% CI]", *BUCKETS,
+           "except for what the training chunks read. `neighbour_swap` *s*: each chunk, with probability *s* per "
+           "step, reads the neighbours of the same chunk of another sequence in its batch instead of its own, a "
+           "neighbour that holds nothing it needs, as on novel text. Near-duplicates excluded "
+           "(`neighbour_exclude=near_duplicate`): no chunk's neighbours come from its own document or from one that "
+           "holds ≥ 80% of its document's 13-grams (or ≥ 80% of whose 13-grams its document holds), i.e. from "
+           "another version of the same file: neighbours that are related text, never a copy, as under the strict "
+           "protocol. Does the model learn to pass over (or to use) neighbours that do not continue its chunk "
+           "(novel chunks, new files, strict, control), and what does it cost where the neighbours help?", "",
+           markdown_table(["run", "variant", "retrieval off", "retrieval on", "change [95% CI]", *BUCKETS,
                            "novel chunks", "strict", "control", "vs baseline-small", "vs baseline-medium",
                            "vs baseline-large"], swap_rows), ""] if swap_rows else []),
         *([f"Neighbours at evaluation ({last.name}, previous version allowed):", "",

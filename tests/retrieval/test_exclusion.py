@@ -19,6 +19,7 @@ from retrolm.retrieval.neighbours import (
     compute_neighbours,
     db_identity,
     load_neighbours,
+    near_duplicate_groups,
     save_neighbours,
 )
 
@@ -166,6 +167,46 @@ def test_neighbour_rules_keep_the_best_allowed_chunks(built_db, ranking, rule):
         np.testing.assert_array_equal(nb[:, 0], np.arange(store.n_chunks))  # a chunk finds itself first
 
 
+@pytest.fixture(scope="module")
+def versions_db(tmp_path_factory, tiny_db_config):
+    """Twelve summaries plus planted versions: an exact copy of 3, a truncated copy of 7 (its first half: contained in
+    7), and 5 followed by 6 (5 and 6 are both contained in it), and a flat index."""
+    from retrolm.db import Database
+
+    docs = wiki_docs(12)
+    half = docs[7]["text"][: len(docs[7]["text"]) // 2]
+    docs += [{"id": "copy-of-3", "text": docs[3]["text"]}, {"id": "half-of-7", "text": half},
+             {"id": "5-then-6", "text": docs[5]["text"] + "\n\n" + docs[6]["text"]}]
+    folder = tmp_path_factory.mktemp("versions")
+    return Database.build([write_jsonl(folder / "docs.jsonl", docs)], folder / "db", tiny_db_config,
+                          show_progress=False)
+
+
+def test_near_duplicate_rule_keeps_other_versions_out(versions_db):
+    """exclude="near_duplicate": a chunk retrieves neither its own document nor any document that holds >= 80% of
+    its 13-grams or >= 80% of whose 13-grams it holds; every other chunk is ranked as without the rule."""
+    db = versions_db
+    ids = db.store.doc_ids
+    groups = near_duplicate_groups(db, 0.8)
+    named = {ids[d]: sorted(ids[x] for x in g) for d, g in enumerate(groups) if len(g)}
+    w = [d["id"] for d in wiki_docs(12)]
+    assert named == {w[3]: ["copy-of-3"], "copy-of-3": [w[3]], w[7]: ["half-of-7"], "half-of-7": [w[7]],
+                     w[5]: ["5-then-6"], w[6]: ["5-then-6"], "5-then-6": sorted([w[5], w[6]])}
+    n = db.store.n_chunks
+    ranking = DenseRetriever(db).search(db.index.reconstruct(np.arange(n)), n).ids
+    docs = db.store.all_chunk_docs()
+    nb = compute_neighbours(DenseRetriever(db), config=NeighbourConfig(k=3, exclude="near_duplicate", batch_size=5),
+                            show_progress=False)
+    plain = compute_neighbours(DenseRetriever(db), config=NeighbourConfig(k=3), show_progress=False)
+    for c in range(n):
+        banned = {docs[c], *groups[docs[c]].tolist()}
+        assert nb[c].tolist() == [x for x in ranking[c] if docs[x] not in banned][:3], c
+    planted = np.flatnonzero(np.isin(docs, [ids.index(x) for x in ("copy-of-3", "half-of-7", "5-then-6")]))
+    # under the paper's rule most chunks of a planted version retrieve another version first; under this one none
+    assert np.mean([docs[plain[c, 0]] in groups[docs[c]] for c in planted]) > 0.5
+    assert not any(docs[x] in groups[docs[c]] for c in range(n) for x in nb[c])
+
+
 def test_held_out_source_gets_no_document_rule_only_the_chunk_mask(built_db, tmp_path):
     """Held-out documents are other documents: their index numbers say nothing about the database's; only the given
     chunk mask (their copies, near-duplicates) is kept out."""
@@ -197,8 +238,9 @@ def test_source_chunk_ids_need_not_start_at_zero(built_db, ranking):
 
 
 def test_neighbour_config_and_identity(built_db):
-    rules = "^neighbour exclude rule must be one of none, document, sequence, got 'doc'$"
+    rules = "^neighbour exclude rule must be one of none, document, near_duplicate, sequence, got 'doc'$"
     for bad, match in ((dict(exclude="doc"), rules),
+                       (dict(near_dup_threshold=0.0), r"^neighbour near_dup_threshold must be in \(0, 1\], got 0.0$"),
                        (dict(k=0), "^neighbour k and seq_chunks must be positive$"),
                        (dict(seq_chunks=0), "^neighbour k and seq_chunks must be positive$")):
         with pytest.raises(RetrolmError, match=match):

@@ -370,10 +370,22 @@ def test_runs_share_one_neighbours_folder(built_db, tmp_path, monkeypatch):
     monkeypatch.setattr(trainer_module, "compute_neighbours", lambda *a, **k: calls.append(k) or real(*a, **k))
     shared = str(tmp_path / "shared")
     run(tiny_cfg(built_db, tmp_path / "a", steps=1, neighbours_dir=shared))
+    # a set saved before a setting existed (here near_dup_threshold) was made with its default: still reused
+    meta = tmp_path / "shared" / "neighbours.json"
+    saved = json.loads(meta.read_text())
+    del saved["config"]["near_dup_threshold"]
+    meta.write_text(json.dumps(saved))
     run(tiny_cfg(built_db, tmp_path / "b", steps=1, neighbours_dir=shared))
     assert len(calls) == 1 and not (tmp_path / "b" / "neighbours").exists()
     run(tiny_cfg(built_db, tmp_path / "c", steps=1, neighbours_dir=shared, num_neighbours=1))
     assert len(calls) == 2
+    run(tiny_cfg(built_db, tmp_path / "d", steps=1, neighbours_dir=shared, neighbour_exclude="near_duplicate"))
+    assert len(calls) == 3 and json.loads(meta.read_text())["config"]["exclude"] == "near_duplicate"
+    for bad, match in (({"neighbour_exclude": "copies"}, "^neighbour_exclude must be one of none, document, "
+                        "near_duplicate, sequence, got 'copies'$"),
+                       ({"neighbour_near_dup": 0.0}, r"^neighbour_near_dup must be in \(0, 1\], got 0.0$")):
+        with pytest.raises(RetrolmError, match=match):
+            tiny_cfg(built_db, tmp_path / "x", **bad)
 
 
 def test_neighbour_search_torch_matches_faiss_and_its_cost_is_logged(built_db, tmp_path):

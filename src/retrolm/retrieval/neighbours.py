@@ -1,10 +1,13 @@
 """Precomputed RETRO neighbours: for every chunk of a token source, the ids of its k nearest database chunks.
 
 RETRO retrieves with each training chunk as the query and never lets a chunk retrieve its own document
-(the paper's rule). ``exclude="sequence"`` is stricter: no neighbour may come from any document that appears
-in the same training sequence. Neighbour ids are stored as a ``(n_chunks, k)`` int64 ``.npy`` (memory-mapped
-when read) next to a ``neighbours.json`` that records the database and the database *version* they were
-computed against: chunk ids change when a database is compacted, so a stale set is refused.
+(the paper's rule). ``exclude="near_duplicate"`` also keeps out every document that is a near-duplicate of the
+chunk's own (another version of the same file: the strict evaluation protocol, applied to training), so that a
+model trains on neighbours that are related text, never a copy. ``exclude="sequence"`` is stricter in another way:
+no neighbour may come from any document that appears in the same training sequence. Neighbour ids are stored as a
+``(n_chunks, k)`` int64 ``.npy`` (memory-mapped when read) next to a ``neighbours.json`` that records the database
+and the database *version* they were computed against: chunk ids change when a database is compacted, so a stale
+set is refused.
 
 Any :class:`~retrolm.retrieval.Retriever` serves; the dense one reuses the database's stored keys as queries when
 the index holds them exactly (flat / HNSW), which skips the encoder. ``NeighbourConfig(search="torch")`` replaces
@@ -14,6 +17,7 @@ exclusions (:class:`~retrolm.retrieval.exact.ExactRetriever`).
 
 from __future__ import annotations
 
+import itertools
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -27,10 +31,11 @@ from retrolm.db import ChunkStore, DatabaseView
 from retrolm.retrieval.base import Exclusion, Retriever
 from retrolm.retrieval.dense import DenseRetriever
 from retrolm.retrieval.exact import ExactRetriever
+from retrolm.text.dedup import find_near_duplicates
 
 logger = logging.getLogger(__name__)
 
-EXCLUDE_RULES = ("none", "document", "sequence")
+EXCLUDE_RULES = ("none", "document", "near_duplicate", "sequence")
 SEARCH_BACKENDS = ("faiss", "torch")
 
 
@@ -41,7 +46,12 @@ class NeighbourConfig:
     k: int = 2
     """Neighbours per chunk (RETRO trains with 2)."""
     exclude: str = "document"
-    """none | document (the chunk's own document) | sequence (every document of its training sequence)."""
+    """none | document (the chunk's own document) | near_duplicate (its own and every near-duplicate of it) |
+    sequence (every document of its training sequence)."""
+    near_dup_threshold: float = 0.8
+    """``exclude="near_duplicate"``: a document is a near-duplicate of another when at least this share of its
+    13-grams occurs in the other, either way round (containment, so a file that grew or shrank between versions
+    still counts)."""
     seq_chunks: int = 32
     """Chunks per training sequence (T / chunk_len), used by ``exclude="sequence"``."""
     batch_size: int = 1024
@@ -60,6 +70,8 @@ class NeighbourConfig:
         if self.exclude not in EXCLUDE_RULES:
             rules = ", ".join(EXCLUDE_RULES)
             raise RetrolmError(f"neighbour exclude rule must be one of {rules}, got {self.exclude!r}")
+        if not 0.0 < self.near_dup_threshold <= 1.0:
+            raise RetrolmError(f"neighbour near_dup_threshold must be in (0, 1], got {self.near_dup_threshold}")
         if self.k < 1 or self.seq_chunks < 1:
             raise RetrolmError("neighbour k and seq_chunks must be positive")
         if self.search not in SEARCH_BACKENDS:
@@ -74,6 +86,24 @@ def _queries(retriever: Retriever, source: ChunkStore, ids: np.ndarray, same_db:
     if same_db and isinstance(retriever, DenseRetriever) and db.index.stores_exact_keys:
         return db.index.reconstruct(ids)
     return retriever.prepare(source.texts(ids, db.tokenizer))
+
+
+def near_duplicate_groups(db: DatabaseView, threshold: float = 0.8, n: int = 13,
+                          show_progress: bool = False) -> list[np.ndarray]:
+    """Per database document, the sorted indices of the other live documents that are its near-duplicates: at
+    least ``threshold`` of one's ``n``-grams occur in the other, either way round (exact containment)."""
+    store = db.store
+    live = np.flatnonzero(~db.deleted_docs)
+    found = find_near_duplicates((store.doc_tokens(int(d)) for d in live), (store.doc_tokens(int(d)) for d in live),
+                                 threshold=threshold, n=n, show_progress=show_progress, measure="containment")
+    pairs = np.asarray([(live[f.query], live[f.reference]) for f in found if f.query != f.reference],
+                       dtype=np.int64).reshape(-1, 2)
+    pairs = np.unique(np.concatenate([pairs, pairs[:, ::-1]]), axis=0)  # symmetric: either way round counts
+    starts = np.searchsorted(pairs[:, 0], np.arange(store.n_docs + 1))
+    groups = [pairs[a:b, 1] for a, b in itertools.pairwise(starts)]
+    logger.info("near-duplicates among %d documents (%d-gram containment >= %.2f): %d pairs, %d documents have one",
+                len(live), n, threshold, len(pairs) // 2, sum(len(g) > 0 for g in groups))
+    return groups
 
 
 def compute_neighbours(
@@ -103,11 +133,15 @@ def compute_neighbours(
     n = source.n_chunks
     out = np.full((n, config.k), -1, dtype=np.int64)
     chunk_doc = source.all_chunk_docs()
+    groups = near_duplicate_groups(db, config.near_dup_threshold, show_progress=show_progress) \
+        if same_db and config.exclude == "near_duplicate" else []
     for start in tqdm(range(0, n, config.batch_size), desc="neighbours", unit="batch", disable=not show_progress):
         ids = np.arange(start, min(start + config.batch_size, n))
         docs = None
         if same_db and config.exclude == "document":
             docs = [[d] for d in chunk_doc[ids]]
+        elif same_db and config.exclude == "near_duplicate":
+            docs = [np.append(groups[d], d) for d in chunk_doc[ids]]
         elif same_db and config.exclude == "sequence":
             seq = ids // config.seq_chunks
             docs_of_seq = {s: np.unique(chunk_doc[s * config.seq_chunks : (s + 1) * config.seq_chunks])

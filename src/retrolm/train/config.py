@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field
 
 from retrolm.core.errors import RetrolmError
 from retrolm.models import PRESETS, RetroConfig
+from retrolm.retrieval.neighbours import EXCLUDE_RULES
 
 
 @dataclass
@@ -54,7 +55,11 @@ class LoopConfig:
     num_neighbours: int = 2
     """k neighbours per chunk in training."""
     neighbour_exclude: str = "document"
-    """document (paper) | sequence (stricter) | none."""
+    """document (paper) | near_duplicate (also every document holding >= neighbour_near_dup of the chunk's document's
+    13-grams, or >= that share of whose 13-grams it holds: other versions of the same text, so that training reads
+    related text, never a copy) | sequence (every document of the training sequence) | none."""
+    neighbour_near_dup: float = 0.8
+    """The containment threshold of ``neighbour_exclude=near_duplicate`` (the strict evaluation protocol's 0.8)."""
     retriever: str = "dense"
     """dense | bm25 | hybrid: how training neighbours are found."""
     neighbour_search: str = "auto"
@@ -118,6 +123,11 @@ class LoopConfig:
             raise RetrolmError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
         if self.data_offset < 0:
             raise RetrolmError(f"data_offset must be >= 0, got {self.data_offset}")
+        if self.neighbour_exclude not in EXCLUDE_RULES:
+            raise RetrolmError(f"neighbour_exclude must be one of {', '.join(EXCLUDE_RULES)}, "
+                               f"got {self.neighbour_exclude!r}")
+        if not 0.0 < self.neighbour_near_dup <= 1.0:
+            raise RetrolmError(f"neighbour_near_dup must be in (0, 1], got {self.neighbour_near_dup}")
         if not 0.0 <= self.neighbour_swap <= 1.0:
             raise RetrolmError(f"neighbour_swap must be in [0, 1], got {self.neighbour_swap}")
         if self.neighbour_swap and self.batch_size < 2:

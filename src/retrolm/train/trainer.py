@@ -215,7 +215,8 @@ class Trainer:
     def _neighbours(self, seq_chunks: int, show_progress: bool) -> np.ndarray:
         folder = Path(self.cfg.neighbours_dir) if self.cfg.neighbours_dir else self.out / "neighbours"
         ncfg = NeighbourConfig(k=self.cfg.num_neighbours, exclude=self.cfg.neighbour_exclude, seq_chunks=seq_chunks,
-                               retriever=self.cfg.retriever, search=self._neighbour_search())
+                               retriever=self.cfg.retriever, search=self._neighbour_search(),
+                               near_dup_threshold=self.cfg.neighbour_near_dup)
         if self.main and not self._neighbours_reusable(folder, ncfg):
             retriever = get_retriever(self.db, ncfg.retriever)
             started = time.perf_counter()
@@ -244,7 +245,9 @@ class Trainer:
         if not (folder / "neighbours.json").is_file():
             return False
         saved = json.loads((folder / "neighbours.json").read_text())
-        return saved["config"] == asdict(ncfg) and saved.get("db_identity") == db_identity(self.db)
+        # a set saved before a setting existed was made with its default
+        same = {**asdict(NeighbourConfig()), **saved["config"]} == asdict(ncfg)
+        return same and saved.get("db_identity") == db_identity(self.db)
 
     # ------------------------------------------------------------------ data
     def _batch_ids(self, step: int, micro: int) -> np.ndarray:
