@@ -91,7 +91,8 @@ def _queries(retriever: Retriever, source: ChunkStore, ids: np.ndarray, same_db:
 def near_duplicate_groups(db: DatabaseView, threshold: float = 0.8, n: int = 13,
                           show_progress: bool = False) -> list[np.ndarray]:
     """Per database document, the sorted indices of the other live documents that are its near-duplicates: at
-    least ``threshold`` of one's ``n``-grams occur in the other, either way round (exact containment)."""
+    least ``threshold`` of one's ``n``-grams occur in the other, either way round (exact containment). Holds every
+    n-gram hash of the store in memory (~16 bytes per token): seconds for millions of tokens, too much for billions."""
     store = db.store
     live = np.flatnonzero(~db.deleted_docs)
     found = find_near_duplicates((store.doc_tokens(int(d)) for d in live), (store.doc_tokens(int(d)) for d in live),
