@@ -48,7 +48,11 @@ VARIANTS = [
     ("fit-20pct", 0.20, 1, 1.0, True),
     ("fit-100pct", 1.00, 1, 1.0, True),
     ("fit-100pct-unfrozen", 1.00, 1, 1.0, False),
+    ("fit-100pct-swap50", 1.00, 1, 1.0, True),
 ]
+# further settings of a variant: half the chunks read another sequence's neighbours (distractors, as in
+# scripts/evidence_budget.py --swap), against the cost a fitted frozen decoder pays on novel text
+SETTINGS = {"fit-100pct-swap50": ["neighbour_swap=0.5"]}
 ALONG = (0.1, 0.2, 0.5)  # checkpoints of the longest run evaluated on the way (share of its steps)
 
 
@@ -88,12 +92,12 @@ def main() -> None:
         n = max(1, round(share * base_seqs / b))
         lr = (p["fit_lr"] if frozen else p["fit_lr_unfrozen"]) * lr_mult
         extra = [*retrofit_args(base, n), f"freeze_init={str(frozen).lower()}", f"lr={lr:.3g}", f"batch_size={b}",
-                 *offset]
+                 *offset, *SETTINGS.get(variant, [])]
         if share == 1.0:  # keep checkpoints along the way: the gain as a function of tokens within one run
             extra[extra.index(f"save_every={n}")] = f"save_every={max(1, round(n * ALONG[0]))}"
             extra.append("keep_checkpoints=100")
         runs[name] = {"dir": train_run(name, fit, extra, n), "share": share, "batch": b, "steps": n, "lr": lr,
-                      "frozen": frozen}
+                      "frozen": frozen, "settings": SETTINGS.get(variant, [])}
 
     # An unfrozen run also trains the baseline's own weights for its steps: its fair reference is the baseline trained
     # on just as long (same init, lr and schedule) without retrieval layers.
@@ -137,8 +141,8 @@ def write_page(res: Path, work: Path, runs: dict[str, dict], evals: list[tuple[s
     train_rows = []
     for name, r in runs.items():
         m = last_metrics(r["dir"])
-        train_rows.append([name, "frozen" if r["frozen"] else "unfrozen", f"{r['share']:.0%}", r["steps"], r["batch"],
-                           f"{r['lr']:.3g}",
+        kind = ", ".join(["frozen" if r["frozen"] else "unfrozen", *r["settings"]])
+        train_rows.append([name, kind, f"{r['share']:.0%}", r["steps"], r["batch"], f"{r['lr']:.3g}",
                            f"{m.get('train/loss', float('nan')):.3f}", f"{m.get('train/tokens_per_s', 0):.0f}",
                            f"{step.seconds.get(name, 0) / 60:.1f}"])
     rows = []

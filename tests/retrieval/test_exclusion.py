@@ -205,6 +205,13 @@ def test_near_duplicate_rule_keeps_other_versions_out(versions_db):
     # under the paper's rule most chunks of a planted version retrieve another version first; under this one none
     assert np.mean([docs[plain[c, 0]] in groups[docs[c]] for c in planted]) > 0.5
     assert not any(docs[x] in groups[docs[c]] for c in range(n) for x in nb[c])
+    # the exact search on a torch device (the GPU path) applies the same rule
+    cfg = NeighbourConfig(k=3, exclude="near_duplicate", search="torch", device="cpu", key_chunk=16)
+    on_device = compute_neighbours(DenseRetriever(db), config=cfg, show_progress=False)
+    assert not any(docs[x] in groups[docs[c]] or docs[x] == docs[c] for c in range(n) for x in on_device[c])
+    assert (nb >= 0).all() and (on_device >= 0).all()
+    keys = db.index.reconstruct(np.arange(n))  # the same scores, best first (tied chunks may swap places)
+    np.testing.assert_allclose(*(np.einsum("nd,nkd->nk", keys, keys[ids]) for ids in (on_device, nb)), atol=1e-4)
 
 
 def test_held_out_source_gets_no_document_rule_only_the_chunk_mask(built_db, tmp_path):
