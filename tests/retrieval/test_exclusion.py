@@ -211,7 +211,7 @@ def test_near_duplicate_rule_keeps_other_versions_out(versions_db):
     assert not any(docs[x] in groups[docs[c]] or docs[x] == docs[c] for c in range(n) for x in on_device[c])
     assert (nb >= 0).all() and (on_device >= 0).all()
     keys = db.index.reconstruct(np.arange(n))  # the same scores, best first (tied chunks may swap places)
-    np.testing.assert_allclose(*(np.einsum("nd,nkd->nk", keys, keys[ids]) for ids in (on_device, nb)), atol=1e-4)
+    np.testing.assert_allclose(*(np.einsum("nd,nkd->nk", keys, keys[found]) for found in (on_device, nb)), atol=1e-4)
 
 
 def test_held_out_source_gets_no_document_rule_only_the_chunk_mask(built_db, tmp_path):
