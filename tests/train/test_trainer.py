@@ -379,8 +379,10 @@ def test_runs_share_one_neighbours_folder(built_db, tmp_path, monkeypatch):
     assert len(calls) == 1 and not (tmp_path / "b" / "neighbours").exists()
     run(tiny_cfg(built_db, tmp_path / "c", steps=1, neighbours_dir=shared, num_neighbours=1))
     assert len(calls) == 2
-    run(tiny_cfg(built_db, tmp_path / "d", steps=1, neighbours_dir=shared, neighbour_exclude="near_duplicate"))
-    assert len(calls) == 3 and json.loads(meta.read_text())["config"]["exclude"] == "near_duplicate"
+    run(tiny_cfg(built_db, tmp_path / "d", steps=1, neighbours_dir=shared, neighbour_exclude="near_duplicate",
+                 neighbour_near_dup=0.9))
+    saved = json.loads(meta.read_text())["config"]
+    assert len(calls) == 3 and (saved["exclude"], saved["near_dup_threshold"]) == ("near_duplicate", 0.9)
     for bad, match in (({"neighbour_exclude": "copies"}, "^neighbour_exclude must be one of none, document, "
                         "near_duplicate, sequence, got 'copies'$"),
                        ({"neighbour_near_dup": 0.0}, r"^neighbour_near_dup must be in \(0, 1\], got 0.0$")):
