@@ -2,7 +2,8 @@
 """Why RETRO-fitting recovered nothing with 5% of the tokens (issue 11): the same RETRO-fitting of baseline-medium
 (frozen, CCA in its middle and last layers) with more update steps for the same tokens, a larger learning rate, and
 20% / 100% of the baseline's tokens, plus checkpoints of the longest run evaluated along the way: is it the budget,
-the schedule, or the method? And the same 100% run with the baseline's weights unfrozen.
+the schedule, or the method? And the same 100% run with the baseline's weights unfrozen, with distractors
+(neighbour_swap) from its first step, and continued for a second phase with distractors or with its own neighbours.
 
     .venv/bin/python scripts/evidence_retrofit.py                # CPU scale (shares runs/evidence-retro/cpu)
     .venv/bin/python scripts/evidence_retrofit.py --profile gpu
@@ -53,13 +54,19 @@ VARIANTS = [
 # further settings of a variant: half the chunks read another sequence's neighbours (distractors, as in
 # scripts/evidence_budget.py --swap), against the cost a fitted frozen decoder pays on novel text
 SETTINGS = {"fit-100pct-swap50": ["neighbour_swap=0.5"]}
+# (run, the variant it continues, further share of the baseline's tokens, settings): a second phase of a finished
+# frozen fitting (what it froze stays frozen) at half its peak lr, reading on past its sequences. Distractors after
+# the model reads, as for RETRO from scratch (scripts/evidence_budget.py --swap), against the same phase with its own
+# neighbours.
+CONTINUED = [("fit-100pct-then-swap50", "fit-100pct", 0.5, ["neighbour_swap=0.5"]),
+             ("fit-100pct-then-own", "fit-100pct", 0.5, [])]
 ALONG = (0.1, 0.2, 0.5)  # checkpoints of the longest run evaluated on the way (share of its steps)
 
 
 def main() -> None:
     def only(ap: argparse.ArgumentParser) -> None:
-        ap.add_argument("--runs", nargs="+", choices=[v[0] for v in VARIANTS], default=None,
-                        help="train and evaluate only these variants (default: all)")
+        ap.add_argument("--runs", nargs="+", choices=[v[0] for v in (*VARIANTS, *CONTINUED)], default=None,
+                        help="train and evaluate only these variants, and the ones they continue (default: all)")
         ap.add_argument("--base-rounds", type=int, default=0, metavar="N",
                         help="RETRO-fit baseline-medium trained on for N more rounds (scripts/evidence_budget.py's "
                              "runs, trained here where missing), against RETRO from scratch after as many; shares "
@@ -84,8 +91,9 @@ def main() -> None:
     suffix, offset = (f"-{(args.base_rounds + 1) * steps}", [f"data_offset={base_seqs}"]) if args.base_rounds else (
         "", [])
     runs: dict[str, dict] = {}
+    wanted = set(args.runs or ()) | {parent for v, parent, _, _ in CONTINUED if args.runs and v in args.runs}
     for variant, share, batch_mult, lr_mult, frozen in VARIANTS:
-        if args.runs and variant not in args.runs:
+        if wanted and variant not in wanted:
             continue
         name = variant + suffix
         b = max(1, round(batch * batch_mult))
@@ -98,6 +106,18 @@ def main() -> None:
             extra.append("keep_checkpoints=100")
         runs[name] = {"dir": train_run(name, fit, extra, n), "share": share, "batch": b, "steps": n, "lr": lr,
                       "frozen": frozen, "settings": SETTINGS.get(variant, [])}
+    for variant, parent, share, settings in CONTINUED:
+        if wanted and variant not in wanted:
+            continue
+        first = runs[parent + suffix]
+        n = max(1, round(share * base_seqs / first["batch"]))
+        lr = first["lr"] / 2  # the weights are no longer at their initialisation, as in evidence_budget's rounds
+        read = (base_seqs if args.base_rounds else 0) + first["steps"] * first["batch"]
+        extra = [*retrofit_args(first["dir"], n), "freeze_init=true", f"lr={lr:.3g}", f"batch_size={first['batch']}",
+                 f"data_offset={read}", *settings]
+        runs[variant + suffix] = {"dir": train_run(variant + suffix, fit, extra, n), "share": first["share"] + share,
+                                  "batch": first["batch"], "steps": n, "lr": lr, "frozen": True,
+                                  "settings": [f"continues {parent + suffix}", *settings]}
 
     # An unfrozen run also trains the baseline's own weights for its steps: its fair reference is the baseline trained
     # on just as long (same init, lr and schedule) without retrieval layers.
@@ -127,7 +147,7 @@ def main() -> None:
         s = max(1, round(runs[longest]["steps"] * frac))
         evaluate(f"{longest}-step{s}", runs[longest]["dir"] / "checkpoints" / f"step-{s:06d}", "previous")
     for name, r in runs.items():
-        if r["share"] == 1.0:
+        if r["share"] >= 1.0:
             evaluate(name, r["dir"], "strict", r["frozen"])
     write_page(res, work, runs, evals, (base, scratch), step, args, p)
 
@@ -173,7 +193,9 @@ def write_page(res: Path, work: Path, runs: dict[str, dict], evals: list[tuple[s
         f"(`{rel(work)}`).{longer} Every run RETRO-fits {base.name} with its "
         "weights frozen (only the neighbour encoder and the chunked cross-attention in its middle and last layers "
         "train; their output projections start at zero, so every run starts exactly at the baseline), or unfrozen "
-        "(every weight trains, at a lower lr), and reads k = 2 BM25 neighbours. Share = tokens as a share of the "
+        "(every weight trains, at a lower lr), and reads k = 2 BM25 neighbours. A run that continues another "
+        "(its base column says so) is a second phase of that frozen fitting: what it froze stays frozen, at half its "
+        "peak lr, reading on past its sequences. Share = tokens as a share of the "
         "baseline's training tokens. Change = relative change of held-out bits per byte against the same model with "
         "retrieval off (= baseline-medium when frozen), negative = better; vs baseline = against baseline-medium "
         "itself (what an unfrozen run's change hides: its decoder moved too); vs continued baseline = against "

@@ -7,6 +7,7 @@ import json
 import math
 import os
 import random
+import shutil
 import subprocess
 import sys
 
@@ -332,6 +333,22 @@ def test_retrofitting_a_baseline_starts_at_it_and_trains_only_the_new_tensors(bu
     with torch.no_grad():
         assert torch.equal(t.model(ids, neighbours=nb).logits, after(ids, neighbours=nb).logits)
     t.cleanup()
+
+    # the frozen fitting continued with freeze_init (e.g. under other settings): what it froze stays frozen, through
+    # a chain of continuations, and the rest trains on from the fitted weights
+    run(TrainConfig(**{**vars(again), "freeze_init": True, "steps": 2, "out_dir": str(tmp_path / "fit2")}))
+    fit3 = TrainConfig(**{**vars(again), "freeze_init": True, "init_from": str(tmp_path / "fit2"),
+                          "out_dir": str(tmp_path / "fit3")})
+    t = Trainer(fit3)
+    t.setup(show_progress=False)
+    assert {n for n, p in t.model.named_parameters() if p.requires_grad} == trained
+    t.cleanup()
+    fit2 = load_model(tmp_path / "fit2").model.state_dict()
+    for name, tensor in after.state_dict().items():
+        assert torch.equal(tensor, fit2[name]) == (name in before), name  # base kept, the fitted tensors moved on
+    shutil.rmtree(base_dir)  # what the first fitting froze can no longer be told
+    with pytest.raises(RetrolmError, match=r"continues a frozen RETRO-fitting of .*no longer a checkpoint"):
+        Trainer(fit3).setup(show_progress=False)
 
 
 def test_init_from_errors_are_one_line(built_db, tmp_path):

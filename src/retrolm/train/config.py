@@ -152,7 +152,9 @@ class TrainConfig(LoopConfig):
     cross-attention, whose output projections start at zero (the model starts exactly as the loaded one). With the
     checkpoint's own shape and no ``freeze_init`` it is continued training under this run's optimizer and schedule."""
     freeze_init: bool = False
-    """Freeze the loaded tensors: only the new ones (neighbour encoder, CCA) train, as in the paper's RETRO-fitting."""
+    """Freeze the loaded tensors: only the new ones (neighbour encoder, CCA) train, as in the paper's RETRO-fitting.
+    With ``init_from`` a frozen RETRO-fitting of the same shape, that fitting is continued (e.g. under other settings)
+    and what it froze stays frozen."""
 
     def __post_init__(self) -> None:
         super().__post_init__()

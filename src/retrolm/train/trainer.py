@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 from tqdm.auto import tqdm
 
 from retrolm.core.config import save_config
@@ -74,9 +75,16 @@ def init_from_checkpoint(model: RetroModel, ref: str, db: DatabaseView, freeze: 
     tensors = model.state_dict(keep_vars=True)
     loaded = {id(t) for name, t in tensors.items() if name not in missing}
     new = [name for name in missing if id(tensors[name]) not in loaded]  # a tied alias of a loaded tensor is not new
+    trainable = new
     if not new and freeze:
-        raise RetrolmError(f"{folder}: init_from holds every tensor of the model, so freeze_init would leave nothing "
-                           "to train; add model.retro_layers to RETRO-fit it")
+        # continuing a frozen RETRO-fitting (e.g. under other settings): keep frozen what that fitting froze
+        base = frozen_by(folder)
+        if base is None:
+            raise RetrolmError(f"{folder}: init_from holds every tensor of the model and was not a frozen "
+                               "RETRO-fitting, so freeze_init would leave nothing to train; add model.retro_layers "
+                               "to RETRO-fit it")
+        held = {id(t) for name, t in tensors.items() if name in base}
+        trainable = [name for name, t in tensors.items() if id(t) not in held]
     # Without new tensors and unfrozen this is continued training under a fresh optimizer and schedule (e.g. the
     # fair reference of an unfrozen RETRO-fitting run: the baseline trained on just as long without retrieval).
     for block in model.blocks:
@@ -86,12 +94,40 @@ def init_from_checkpoint(model: RetroModel, ref: str, db: DatabaseView, freeze: 
             if block.cca.attn.proj.bias is not None:
                 torch.nn.init.zeros_(block.cca.attn.proj.bias)
     if freeze:
-        fresh = set(new)
+        fresh = set(trainable)
         for name, p in model.named_parameters():
             p.requires_grad_(name in fresh)
     logger.info("initialised from %s; new tensors: %d%s", folder, len(new),
-                ", the loaded ones frozen" if freeze else "")
+                f", all but {len(trainable)} frozen" if freeze else "")
     return new
+
+
+def frozen_by(folder: Path) -> set[str] | None:
+    """The tensor names the run that wrote checkpoint ``folder`` kept frozen: those of the checkpoint its
+    ``freeze_init`` fitting started from (followed back through continued frozen fittings), or None when that run
+    froze nothing."""
+    from safetensors import safe_open
+
+    cfg_path = folder / "config.yaml"
+    try:
+        cfg = yaml.safe_load(cfg_path.read_text()) if cfg_path.is_file() else {}
+    except yaml.YAMLError:
+        raise RetrolmError(f"{cfg_path}: not valid YAML") from None
+    if not isinstance(cfg, dict) or not cfg.get("freeze_init") or not cfg.get("init_from"):
+        return None
+    parent = find_checkpoint(cfg["init_from"])
+    if parent is None:
+        raise RetrolmError(f"{folder}: continues a frozen RETRO-fitting of {cfg['init_from']}, which is no longer a "
+                           "checkpoint, so which tensors stay frozen is unknown")
+    def names(checkpoint: Path) -> set[str]:
+        try:
+            with safe_open(str(checkpoint / "model.safetensors"), "pt") as f:
+                return set(f.keys())
+        except Exception as e:  # missing or truncated file: several exception types
+            raise RetrolmError(f"{checkpoint / 'model.safetensors'}: cannot read ({type(e).__name__})") from None
+
+    base = names(parent)
+    return frozen_by(parent) if base == names(folder) else base
 
 
 class Trainer:
