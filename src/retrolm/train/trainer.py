@@ -119,6 +119,7 @@ def frozen_by(folder: Path) -> set[str] | None:
     if parent is None:
         raise RetrolmError(f"{folder}: continues a frozen RETRO-fitting of {cfg['init_from']}, which is no longer a "
                            "checkpoint, so which tensors stay frozen is unknown")
+
     def names(checkpoint: Path) -> set[str]:
         try:
             with safe_open(str(checkpoint / "model.safetensors"), "pt") as f:
