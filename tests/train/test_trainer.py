@@ -394,6 +394,9 @@ def test_runs_share_one_neighbours_folder(built_db, tmp_path, monkeypatch):
     meta.write_text(json.dumps(saved))
     run(tiny_cfg(built_db, tmp_path / "b", steps=1, neighbours_dir=shared))
     assert len(calls) == 1 and not (tmp_path / "b" / "neighbours").exists()
+    # the near-duplicate threshold is read by the near-duplicate rule only: under another rule the set is reused
+    run(tiny_cfg(built_db, tmp_path / "e", steps=1, neighbours_dir=shared, neighbour_near_dup=0.5))
+    assert len(calls) == 1
     run(tiny_cfg(built_db, tmp_path / "c", steps=1, neighbours_dir=shared, num_neighbours=1))
     assert len(calls) == 2
     run(tiny_cfg(built_db, tmp_path / "d", steps=1, neighbours_dir=shared, neighbour_exclude="near_duplicate",

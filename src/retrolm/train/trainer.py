@@ -282,8 +282,14 @@ class Trainer:
         if not (folder / "neighbours.json").is_file():
             return False
         saved = json.loads((folder / "neighbours.json").read_text())
-        # a set saved before a setting existed was made with its default
-        same = {**asdict(NeighbourConfig()), **saved["config"]} == asdict(ncfg)
+
+        def settings(config: dict) -> dict:
+            config = {**asdict(NeighbourConfig()), **config}  # a set saved before a setting existed used its default
+            if config["exclude"] != "near_duplicate":
+                del config["near_dup_threshold"]  # only that rule reads it
+            return config
+
+        same = settings(saved["config"]) == settings(asdict(ncfg))
         return same and saved.get("db_identity") == db_identity(self.db)
 
     # ------------------------------------------------------------------ data
