@@ -346,8 +346,22 @@ def test_retrofitting_a_baseline_starts_at_it_and_trains_only_the_new_tensors(bu
     fit2 = load_model(tmp_path / "fit2").model.state_dict()
     for name, tensor in after.state_dict().items():
         assert torch.equal(tensor, fit2[name]) == (name in before), name  # base kept, the fitted tensors moved on
-    shutil.rmtree(base_dir)  # what the first fitting froze can no longer be told
+    # each checkpoint records what it kept frozen, so the chain holds without the checkpoint it started from
+    records = sorted((tmp_path / "fit2").glob("checkpoints/*/frozen.json"))
+    assert records and set(json.loads(records[-1].read_text())) == set(before)
+    assert not list((tmp_path / "again").glob("checkpoints/*/frozen.json"))  # nothing frozen, no record
+    shutil.rmtree(base_dir)
+    t = Trainer(fit3)
+    t.setup(show_progress=False)
+    assert {n for n, p in t.model.named_parameters() if p.requires_grad} == trained
+    t.cleanup()
+    # a checkpoint written before the record existed is answered from its config, back to the first checkpoint
+    for record in [*(tmp_path / "fit").glob("checkpoints/*/frozen.json"), *records]:
+        record.unlink()
     with pytest.raises(RetrolmError, match=r"continues a frozen RETRO-fitting of .*no longer a checkpoint"):
+        Trainer(fit3).setup(show_progress=False)
+    records[-1].write_text('{"not": "a list"}')
+    with pytest.raises(RetrolmError, match=r"frozen\.json: expected a list of tensor names"):
         Trainer(fit3).setup(show_progress=False)
 
 

@@ -1,10 +1,11 @@
 """Checkpoint folders of a run: written atomically with checksums, rotated, resumed with a fallback.
 
 ``out_dir/checkpoints/step-000100/`` holds what the recipe writes (weights, ``model.json``, ``config.yaml``, the
-tokenizer, ``optimizer.pt``, ``trainer.pt``) plus ``checksums.json``. A folder is written under a temporary name and
-renamed when complete, so a crash never leaves a half-written checkpoint under a real name. Resuming takes the
-newest checkpoint whose files match their checksums and load; a damaged one is skipped with a warning (and kept,
-for inspection). Rotation keeps the newest ``keep`` checkpoints.
+tokenizer, ``optimizer.pt``, ``trainer.pt``, and ``frozen.json`` when some weights were frozen) plus
+``checksums.json``. A folder is written under a temporary name and renamed when complete, so a crash never leaves
+a half-written checkpoint under a real name. Resuming takes the newest checkpoint whose files match their checksums
+and load; a damaged one is skipped with a warning (and kept, for inspection). Rotation keeps the newest ``keep``
+checkpoints.
 """
 
 from __future__ import annotations

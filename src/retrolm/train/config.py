@@ -154,7 +154,7 @@ class TrainConfig(LoopConfig):
     freeze_init: bool = False
     """Freeze the loaded tensors: only the new ones (neighbour encoder, CCA) train, as in the paper's RETRO-fitting.
     With ``init_from`` a frozen RETRO-fitting of the same shape, that fitting is continued (e.g. under other settings)
-    and what it froze stays frozen."""
+    and what it froze stays frozen (each checkpoint of a frozen run records it in ``frozen.json``)."""
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -102,12 +102,35 @@ def init_from_checkpoint(model: RetroModel, ref: str, db: DatabaseView, freeze: 
     return new
 
 
+FROZEN_FILE = "frozen.json"
+"""A checkpoint's record of the state-dict names its run kept frozen (written only when some were)."""
+
+
+def frozen_names(model: torch.nn.Module) -> list[str]:
+    """State-dict names of ``model`` that training does not change: frozen parameters and buffers. Empty when every
+    parameter trains (buffers alone do not make a run frozen)."""
+    tensors = model.state_dict(keep_vars=True)
+    if all(p.requires_grad for p in model.parameters()):
+        return []
+    return sorted(name for name, t in tensors.items() if not t.requires_grad)
+
+
 def frozen_by(folder: Path) -> set[str] | None:
-    """The tensor names the run that wrote checkpoint ``folder`` kept frozen: those of the checkpoint its
-    ``freeze_init`` fitting started from (followed back through continued frozen fittings), or None when that run
-    froze nothing."""
+    """The tensor names the run that wrote checkpoint ``folder`` kept frozen, or None when that run froze nothing.
+    Read from the checkpoint's frozen.json; a checkpoint written before that file existed is answered from its
+    config: the names of the checkpoint its ``freeze_init`` fitting started from (followed back through continued
+    frozen fittings, which needs those checkpoints to still exist)."""
     from safetensors import safe_open
 
+    record = folder / FROZEN_FILE
+    if record.is_file():
+        try:
+            names = json.loads(record.read_text())
+        except json.JSONDecodeError:
+            raise RetrolmError(f"{record}: not valid JSON") from None
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise RetrolmError(f"{record}: expected a list of tensor names")
+        return set(names) or None
     cfg_path = folder / "config.yaml"
     try:
         cfg = yaml.safe_load(cfg_path.read_text()) if cfg_path.is_file() else {}
@@ -410,6 +433,8 @@ class Trainer:
         save_config(self.cfg, folder / "config.yaml")
         self.db.tokenizer.save(folder / "tokenizer.json")  # a checkpoint generates and evaluates without its database
         write_json(folder / "database.json", database_record(self.db))
+        if frozen := frozen_names(self.model):  # a continuation keeps these frozen without its ancestors' checkpoints
+            write_json(folder / FROZEN_FILE, frozen)
         torch.save(self.opt.state_dict(), folder / "optimizer.pt")
         torch.save({"step": self.step, "torch_rng": torch.get_rng_state(), "numpy_rng": np.random.get_state(),
                     "python_rng": random.getstate(),
