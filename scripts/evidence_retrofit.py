@@ -71,13 +71,19 @@ def main() -> None:
                         help="RETRO-fit baseline-medium trained on for N more rounds (scripts/evidence_budget.py's "
                              "runs, trained here where missing), against RETRO from scratch after as many; shares "
                              "are of that baseline's tokens and the fitting reads on past them (default 0)")
+        ap.add_argument("--fit-seed", type=int, default=0, metavar="S",
+                        help="seed of the RETRO-fitting runs (initialisation of the new layers, dropout, batch order, "
+                             "distractor draws); the baseline and RETRO from scratch stay seed 0's. Runs of seed S > 0 "
+                             "are named <run>-seedS (default 0)")
 
     args, p, work, res, step = evidence_start(__doc__, PROFILES, "evidence-retro", "retrofit", only)
-    if (args.runs or args.base_rounds) and args.results is None:  # a page of some runs must not replace another's
-        sys.exit(f"evidence_retrofit.py: --runs and --base-rounds need --results (else they would overwrite "
-                 f"{rel(res)}/README.md)")
+    if (args.runs or args.base_rounds or args.fit_seed) and args.results is None:  # a page must not replace another's
+        sys.exit(f"evidence_retrofit.py: --runs, --base-rounds and --fit-seed need --results (else they would "
+                 f"overwrite {rel(res)}/README.md)")
     if args.base_rounds < 0:
         sys.exit("evidence_retrofit.py: --base-rounds must be >= 0")
+    if args.fit_seed < 0:
+        sys.exit("evidence_retrofit.py: --fit-seed must be >= 0")
 
     held, db, train_run = training_setup(work, p, step)
     small = p["retro"][0]
@@ -90,6 +96,9 @@ def main() -> None:
     # a continued baseline is fitted on sequences it has not read (the first round's fits replay its batches)
     suffix, offset = (f"-{(args.base_rounds + 1) * steps}", [f"data_offset={base_seqs}"]) if args.base_rounds else (
         "", [])
+    # the fitting's own seed: the same baseline, another draw of everything the fitting adds
+    seed = [f"seed={args.fit_seed}"] if args.fit_seed else []
+    suffix += f"-seed{args.fit_seed}" if args.fit_seed else ""
     runs: dict[str, dict] = {}
     wanted = set(args.runs or ()) | {parent for v, parent, _, _ in CONTINUED if args.runs and v in args.runs}
     for variant, share, batch_mult, lr_mult, frozen in VARIANTS:
@@ -100,7 +109,7 @@ def main() -> None:
         n = max(1, round(share * base_seqs / b))
         lr = (p["fit_lr"] if frozen else p["fit_lr_unfrozen"]) * lr_mult
         extra = [*retrofit_args(base, n), f"freeze_init={str(frozen).lower()}", f"lr={lr:.3g}", f"batch_size={b}",
-                 *offset, *SETTINGS.get(variant, [])]
+                 *offset, *seed, *SETTINGS.get(variant, [])]
         if share == 1.0:  # keep checkpoints along the way: the gain as a function of tokens within one run
             extra[extra.index(f"save_every={n}")] = f"save_every={max(1, round(n * ALONG[0]))}"
             extra.append("keep_checkpoints=100")
@@ -114,7 +123,7 @@ def main() -> None:
         lr = first["lr"] / 2  # the weights are no longer at their initialisation, as in evidence_budget's rounds
         read = (base_seqs if args.base_rounds else 0) + first["steps"] * first["batch"]
         extra = [*retrofit_args(first["dir"], n), "freeze_init=true", f"lr={lr:.3g}", f"batch_size={first['batch']}",
-                 f"data_offset={read}", *settings]
+                 f"data_offset={read}", *seed, *settings]
         runs[variant + suffix] = {"dir": train_run(variant + suffix, fit, extra, n), "share": first["share"] + share,
                                   "batch": first["batch"], "steps": n, "lr": lr, "frozen": True,
                                   "settings": [f"continues {parent + suffix}", *settings]}
@@ -176,7 +185,8 @@ def write_page(res: Path, work: Path, runs: dict[str, dict], evals: list[tuple[s
         rows.append([label, protocol, *head, recovered, pct(first), pct(cont), *tail])
     only = (f" --runs {' '.join(args.runs)}" if args.runs else "") + (
         f" --base-rounds {args.base_rounds}" if args.base_rounds else "") + (
-        f" --results {rel(res)}" if args.runs or args.base_rounds else "")
+        f" --fit-seed {args.fit_seed}" if args.fit_seed else "") + (
+        f" --results {rel(res)}" if args.runs or args.base_rounds or args.fit_seed else "")
     steps, batch, seq = (int(p["train"][k]) for k in ("steps", "batch_size", "model.seq_len"))
     tokens = (args.base_rounds + 1) * steps * batch * seq
     longer = (f" The baseline is {base.name}: baseline-medium trained on for {args.base_rounds} more rounds of "
