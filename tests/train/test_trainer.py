@@ -391,9 +391,10 @@ def test_init_from_errors_are_one_line(built_db, tmp_path):
         Trainer(wider).setup(show_progress=False)
 
 
-def test_runs_share_one_neighbours_folder(built_db, tmp_path, monkeypatch):
+def test_runs_share_one_neighbours_folder(built_db, tmp_path, monkeypatch, caplog):
     """neighbours_dir: the second run on the same database and settings reuses the first run's neighbours instead of
-    searching again; other settings (k) compute their own."""
+    searching again; other settings (k, exclusion rule) compute their own set next to it without replacing it, and a
+    run that finds another searching the folder waits for it and reuses its set."""
     import retrolm.train.trainer as trainer_module
 
     calls = []
@@ -412,11 +413,40 @@ def test_runs_share_one_neighbours_folder(built_db, tmp_path, monkeypatch):
     run(tiny_cfg(built_db, tmp_path / "e", steps=1, neighbours_dir=shared, neighbour_near_dup=0.5))
     assert len(calls) == 1
     run(tiny_cfg(built_db, tmp_path / "c", steps=1, neighbours_dir=shared, num_neighbours=1))
-    assert len(calls) == 2
+    assert len(calls) == 2 and json.loads(meta.read_text())["config"]["k"] == 2  # the first set stays
+    (k1,) = (tmp_path / "shared" / "by-settings").glob("*/neighbours.json")
+    assert json.loads(k1.read_text())["config"]["k"] == 1
     run(tiny_cfg(built_db, tmp_path / "d", steps=1, neighbours_dir=shared, neighbour_exclude="near_duplicate",
                  neighbour_near_dup=0.9))
-    saved = json.loads(meta.read_text())["config"]
-    assert len(calls) == 3 and (saved["exclude"], saved["near_dup_threshold"]) == ("near_duplicate", 0.9)
+    assert len(calls) == 3
+    sets = [json.loads(m.read_text())["config"] for m in (tmp_path / "shared").glob("**/neighbours.json")]
+    assert sorted((c["k"], c["exclude"]) for c in sets) == [(1, "document"), (2, "document"), (2, "near_duplicate")]
+    # back to the first settings and to k = 1: both sets are still there, nothing is searched again
+    run(tiny_cfg(built_db, tmp_path / "f", steps=1, neighbours_dir=shared))
+    run(tiny_cfg(built_db, tmp_path / "g", steps=1, neighbours_dir=shared, num_neighbours=1))
+    assert len(calls) == 3
+
+    # another process searching the folder (its lock held here for a moment): the run waits, then reuses the set
+    import threading
+
+    from retrolm.core.io import exclusive_lock
+
+    held, release = threading.Event(), threading.Event()
+
+    def searching() -> None:
+        with exclusive_lock(tmp_path / "shared", what="neighbour folder"):
+            held.set()
+            release.wait(10)
+
+    other = threading.Thread(target=searching)
+    other.start()
+    held.wait(10)
+    threading.Timer(0.5, release.set).start()
+    with caplog.at_level("WARNING", logger="retrolm.core.io"):
+        run(tiny_cfg(built_db, tmp_path / "h", steps=1, neighbours_dir=shared))
+    other.join()
+    assert "waiting for another retrolm process writing to this neighbour folder" in caplog.text
+    assert len(calls) == 3
     for bad, match in (({"neighbour_exclude": "copies"}, "^neighbour_exclude must be one of none, document, "
                         "near_duplicate, sequence, got 'copies'$"),
                        ({"neighbour_near_dup": 0.0}, r"^neighbour_near_dup must be in \(0, 1\], got 0.0$")):

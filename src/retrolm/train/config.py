@@ -73,9 +73,10 @@ class LoopConfig:
     Best set when continuing a run that already reads its neighbours: from the first step it delays learning to read
     (docs/results.md, *Distractors in training*)."""
     neighbours_dir: str | None = None
-    """Where the precomputed training neighbours are kept (default OUT/neighbours). Runs on the same database with the
-    same neighbour settings (k, exclusion, retriever, sequence length) may share one folder: the first computes them,
-    the others reuse them (a folder made for another database version or other settings is recomputed)."""
+    """Where the precomputed training neighbours are kept (default OUT/neighbours). Runs on the same database may share
+    one folder: the first run with given neighbour settings (k, exclusion, retriever, sequence length) computes them,
+    the others reuse them, waiting if it is still searching; other settings keep their own set in
+    ``by-settings/<digest>/`` (a set made for another database version is recomputed in place)."""
     val_fraction: float = 0.05
     """Share of sequences held out (by a seeded shuffle) for validation."""
     data_offset: int = 0

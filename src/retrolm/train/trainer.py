@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import hashlib
 import json
 import logging
 import math
@@ -33,7 +34,7 @@ from retrolm.core.config import save_config
 from retrolm.core.device import autocast
 from retrolm.core.errors import RetrolmError
 from retrolm.core.hub import find_checkpoint
-from retrolm.core.io import write_json
+from retrolm.core.io import exclusive_lock, write_json
 from retrolm.db import DatabaseView
 from retrolm.models import RetroModel
 from retrolm.models.weights import load_weights
@@ -152,6 +153,31 @@ def frozen_by(folder: Path) -> set[str] | None:
 
     base = names(parent)
     return frozen_by(parent) if base == names(folder) else base
+
+
+def neighbour_settings(config: dict) -> dict:
+    """The settings that make a neighbour set what it is (a set saved before a setting existed used its default)."""
+    config = {**asdict(NeighbourConfig()), **config}
+    if config["exclude"] != "near_duplicate":
+        del config["near_dup_threshold"]  # only that rule reads it
+    return config
+
+
+def _saved_neighbour_set(folder: Path) -> dict | None:
+    record = folder / "neighbours.json"
+    return json.loads(record.read_text()) if record.is_file() else None
+
+
+def neighbour_folder(root: Path, ncfg: NeighbourConfig) -> Path:
+    """Where the training neighbours of ``ncfg`` live in a neighbours folder: the folder itself when it is empty or
+    holds a set of these settings (for this or another database version), else ``by-settings/<digest>/``, so runs
+    with other settings sharing the folder keep their own sets instead of replacing each other's."""
+    saved = _saved_neighbour_set(root)
+    wanted = neighbour_settings(asdict(ncfg))
+    if saved is None or neighbour_settings(saved["config"]) == wanted:
+        return root
+    digest = hashlib.sha256(json.dumps(wanted, sort_keys=True).encode()).hexdigest()[:16]
+    return root / "by-settings" / digest
 
 
 class Trainer:
@@ -273,23 +299,29 @@ class Trainer:
                     len(self.val_ids), self.seq_len)
 
     def _neighbours(self, seq_chunks: int, show_progress: bool) -> np.ndarray:
-        folder = Path(self.cfg.neighbours_dir) if self.cfg.neighbours_dir else self.out / "neighbours"
+        root = Path(self.cfg.neighbours_dir) if self.cfg.neighbours_dir else self.out / "neighbours"
         ncfg = NeighbourConfig(k=self.cfg.num_neighbours, exclude=self.cfg.neighbour_exclude, seq_chunks=seq_chunks,
                                retriever=self.cfg.retriever, search=self._neighbour_search(),
                                near_dup_threshold=self.cfg.neighbour_near_dup)
-        if self.main and not self._neighbours_reusable(folder, ncfg):
-            retriever = get_retriever(self.db, ncfg.retriever)
-            started = time.perf_counter()
-            nb = compute_neighbours(retriever, config=ncfg, show_progress=show_progress)
-            seconds = time.perf_counter() - started
-            logger.info("training neighbours of %d chunks in %.1f s (%s search)", len(nb), seconds, ncfg.search)
-            save_neighbours(folder, nb, self.db, ncfg)
-            # the cost of the neighbours next to the training curve: what share of a run they take
-            self._append_metrics({"step": 0, "setup/neighbour_seconds": round(seconds, 3),
-                                  "setup/neighbour_chunks": len(nb)})
+        if self.main:
+            # Runs started together on one folder: the first searches, the others wait and reuse its set. The lock
+            # dies with its holder, so waiting without a limit cannot outlive a crashed search.
+            with exclusive_lock(root, timeout=math.inf, what="neighbour folder"):
+                folder = neighbour_folder(root, ncfg)
+                if not self._neighbours_reusable(folder, ncfg):
+                    retriever = get_retriever(self.db, ncfg.retriever)
+                    started = time.perf_counter()
+                    nb = compute_neighbours(retriever, config=ncfg, show_progress=show_progress)
+                    seconds = time.perf_counter() - started
+                    logger.info("training neighbours of %d chunks in %.1f s (%s search)", len(nb), seconds,
+                                ncfg.search)
+                    save_neighbours(folder, nb, self.db, ncfg)
+                    # the cost of the neighbours next to the training curve: what share of a run they take
+                    self._append_metrics({"step": 0, "setup/neighbour_seconds": round(seconds, 3),
+                                          "setup/neighbour_chunks": len(nb)})
         if self.world > 1:  # every rank waits here, whatever it would have decided on its own
             torch.distributed.barrier()
-        return load_neighbours(folder, self.db)
+        return load_neighbours(neighbour_folder(root, ncfg), self.db)
 
     def _neighbour_search(self) -> str:
         """The neighbour search backend: ``auto`` is exact search on the GPU when the dense keys are stored exactly."""
@@ -302,17 +334,8 @@ class Trainer:
 
     def _neighbours_reusable(self, folder: Path, ncfg: NeighbourConfig) -> bool:
         """A saved neighbour set made with the same settings for this database version (resume, reruns)."""
-        if not (folder / "neighbours.json").is_file():
-            return False
-        saved = json.loads((folder / "neighbours.json").read_text())
-
-        def settings(config: dict) -> dict:
-            config = {**asdict(NeighbourConfig()), **config}  # a set saved before a setting existed used its default
-            if config["exclude"] != "near_duplicate":
-                del config["near_dup_threshold"]  # only that rule reads it
-            return config
-
-        same = settings(saved["config"]) == settings(asdict(ncfg))
+        saved = _saved_neighbour_set(folder)
+        same = saved is not None and neighbour_settings(saved["config"]) == neighbour_settings(asdict(ncfg))
         return same and saved.get("db_identity") == db_identity(self.db)
 
     # ------------------------------------------------------------------ data
