@@ -193,6 +193,9 @@ def write_page(res: Path, work: Path, runs: dict[str, dict], evals: list[tuple[s
               f"{steps} steps by `scripts/evidence_budget.py` ({tokens / 1e6:.2f}M tokens in all); the RETRO-fitting "
               "runs read on past the sequences it has read (`data_offset`), and RETRO from scratch is "
               f"{scratch_run.name}, trained on as many tokens the same way." if args.base_rounds else "")
+    if args.fit_seed:
+        longer += (f" The fitting runs use seed {args.fit_seed} (initialisation of the new layers, dropout, batch "
+                   "order, distractor draws); the baseline and RETRO from scratch are seed 0's.")
     page = [
         f"# RETRO-fitting: how many tokens does it take? ({args.profile} profile)",
         "",
