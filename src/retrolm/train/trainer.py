@@ -34,7 +34,7 @@ from retrolm.core.config import save_config
 from retrolm.core.device import autocast
 from retrolm.core.errors import RetrolmError
 from retrolm.core.hub import find_checkpoint
-from retrolm.core.io import exclusive_lock, write_json
+from retrolm.core.io import exclusive_lock, read_json, write_json
 from retrolm.db import DatabaseView
 from retrolm.models import RetroModel
 from retrolm.models.weights import load_weights
@@ -110,10 +110,9 @@ FROZEN_FILE = "frozen.json"
 def frozen_names(model: torch.nn.Module) -> list[str]:
     """State-dict names of ``model`` that training does not change: frozen parameters and buffers. Empty when every
     parameter trains (buffers alone do not make a run frozen)."""
-    tensors = model.state_dict(keep_vars=True)
     if all(p.requires_grad for p in model.parameters()):
         return []
-    return sorted(name for name, t in tensors.items() if not t.requires_grad)
+    return sorted(name for name, t in model.state_dict(keep_vars=True).items() if not t.requires_grad)
 
 
 def frozen_by(folder: Path) -> set[str] | None:
@@ -125,10 +124,7 @@ def frozen_by(folder: Path) -> set[str] | None:
 
     record = folder / FROZEN_FILE
     if record.is_file():
-        try:
-            names = json.loads(record.read_text())
-        except json.JSONDecodeError:
-            raise RetrolmError(f"{record}: not valid JSON") from None
+        names = read_json(record, "record of frozen tensors")
         if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
             raise RetrolmError(f"{record}: expected a list of tensor names")
         return set(names) or None
@@ -165,7 +161,7 @@ def neighbour_settings(config: dict) -> dict:
 
 def _saved_neighbour_set(folder: Path) -> dict | None:
     record = folder / "neighbours.json"
-    return json.loads(record.read_text()) if record.is_file() else None
+    return read_json(record, "neighbour description") if record.is_file() else None
 
 
 def neighbour_folder(root: Path, ncfg: NeighbourConfig) -> Path:
@@ -303,6 +299,7 @@ class Trainer:
         ncfg = NeighbourConfig(k=self.cfg.num_neighbours, exclude=self.cfg.neighbour_exclude, seq_chunks=seq_chunks,
                                retriever=self.cfg.retriever, search=self._neighbour_search(),
                                near_dup_threshold=self.cfg.neighbour_near_dup)
+        folder = None
         if self.main:
             # Runs started together on one folder: the first searches, the others wait and reuse its set. The lock
             # dies with its holder, so waiting without a limit cannot outlive a crashed search.
@@ -321,7 +318,7 @@ class Trainer:
                                           "setup/neighbour_chunks": len(nb)})
         if self.world > 1:  # every rank waits here, whatever it would have decided on its own
             torch.distributed.barrier()
-        return load_neighbours(neighbour_folder(root, ncfg), self.db)
+        return load_neighbours(folder or neighbour_folder(root, ncfg), self.db)  # other ranks: where main put it
 
     def _neighbour_search(self) -> str:
         """The neighbour search backend: ``auto`` is exact search on the GPU when the dense keys are stored exactly."""
