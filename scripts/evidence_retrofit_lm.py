@@ -43,7 +43,17 @@ PROFILES = {
     "cpu": {"data": "cpu", "seq_len": 256, "batch_size": 4, "steps": 500, "lr": 1e-3, "save_every": 100},
     "cpu-long": {"data": "cpu", "seq_len": 256, "batch_size": 4, "steps": 1000, "lr": 1e-3, "save_every": 250,
                  "run": "retrofit-smollm2-1000", "incontext": False, "ks": "1,2,4"},
+    # cpu-base: `encoder=base` (the base encodes the neighbours, every layer's attention reads them through a trained
+    # copy of its own projections): it reads before any training, so step 0 is evaluated too, and the copies are
+    # fine-tuned at a fine-tuning lr for a fifth of cpu-long's tokens. Its evaluations cost ~5× cpu's (the base
+    # encodes every neighbour), so only the model as built and the end of the run are evaluated.
+    "cpu-base": {"data": "cpu", "seq_len": 256, "batch_size": 4, "steps": 200, "lr": 5e-5, "save_every": 50,
+                 "run": "retrofit-smollm2-base", "config": "retrofit-smollm2-base.yaml", "step0": True,
+                 "incontext": False, "along": False},
     "smoke": {"data": "smoke", "seq_len": 128, "batch_size": 2, "steps": 4, "lr": 1e-3, "save_every": 2},
+    "smoke-base": {"data": "smoke", "seq_len": 128, "batch_size": 2, "steps": 2, "lr": 5e-5, "save_every": 1,
+                   "run": "retrofit-smollm2-base", "config": "retrofit-smollm2-base.yaml", "step0": True,
+                   "incontext": False},
     "gpu": {"data": "gpu", "seq_len": 1024, "batch_size": 16, "steps": 600, "lr": 1e-3, "save_every": 150},
 }
 
@@ -58,11 +68,14 @@ def main() -> None:
     run = p.get("run", "retrofit-smollm2")
     fit = work / run
     n = p["steps"]
-    step(run, [*RETROLM, "retrofit", "-q", "--config", REPO / "configs" / "retrofit-smollm2.yaml",
-                              "--base", LM, "--db", db, "--out", fit, f"steps={n}", f"seq_len={p['seq_len']}",
-                              f"batch_size={p['batch_size']}", f"lr={p['lr']}", f"save_every={p['save_every']}",
-                              "keep_checkpoints=100", f"eval_every={p['save_every']}", "tensorboard=false",
-                              f"neighbours_dir={work / 'neighbours-smollm2'}"], last_checkpoint(fit, n))
+    fit_args = ["retrofit", "-q", "--config", REPO / "configs" / p.get("config", "retrofit-smollm2.yaml"), "--base",
+                LM, "--db", db, f"seq_len={p['seq_len']}", f"batch_size={p['batch_size']}", f"lr={p['lr']}",
+                f"save_every={p['save_every']}", "keep_checkpoints=100", f"eval_every={p['save_every']}",
+                "tensorboard=false", f"neighbours_dir={work / 'neighbours-smollm2'}"]
+    if p.get("step0"):  # the model as built: encoder=base reads before any training
+        step(f"{run} step 0", [*RETROLM, *fit_args, "--out", work / f"{run}-step0", "steps=0"],
+             last_checkpoint(work / f"{run}-step0", 0))
+    step(run, [*RETROLM, *fit_args, "--out", fit, f"steps={n}"], last_checkpoint(fit, n))
 
     ev = ["--db", db, "--data", held, "-q", "retriever=bm25", "near_dup_measure=containment", "group_by=bucket"]
     evals: list[tuple[str, str, Path]] = []  # (label, protocol, eval folder)
@@ -73,7 +86,12 @@ def main() -> None:
                                           f"near_dup_threshold={PROTOCOLS[protocol]}"], out / "eval.json")
         evals.append((label, protocol, out))
 
-    for s in range(p["save_every"], n, p["save_every"]):  # the gain along the run
+    if p.get("step0"):
+        built = last_checkpoint(work / f"{run}-step0", 0).parent
+        for protocol in PROTOCOLS:
+            evaluate("retrofit-step0", built, protocol)
+        evaluate("retrofit-step0-shuffled", built, "previous", ("shuffle_neighbours=true",))
+    for s in range(p["save_every"], n, p["save_every"]) if p.get("along", True) else ():  # the gain along the run
         evaluate(f"retrofit-step{s}", fit / "checkpoints" / f"step-{s:06d}", "previous")
     for protocol in PROTOCOLS:
         evaluate("retrofit", fit, protocol)
@@ -109,12 +127,7 @@ def write_page(res: Path, fit: Path, evals: list[tuple[str, str, Path]], step: S
         f"Produced by `scripts/evidence_retrofit_lm.py --profile {args.profile}` on {platform.node()} ({machine()}), "
         f"{time.strftime('%Y-%m-%d')}. Data: that of [retro-{p['data']}](../retro-{p['data']}/README.md) (kernel "
         "6.1 and the rest of 6.12 for a share of the paths, plus Wikipedia summaries), the database rebuilt with "
-        "SmolLM2's tokenizer (64-token chunks, BM25). RETRO-fitting (`retrolm retrofit`, "
-        "configs/retrofit-smollm2.yaml): SmolLM2-135M-Instruct frozen; a 2-layer neighbour encoder (256 wide) and "
-        "chunked cross-attention after layers 18, 24 and 30 train on k = 2 BM25 neighbours of each training chunk "
-        f"(own document excluded): {p['steps']} steps × {p['batch_size']} × {p['seq_len']} tokens "
-        f"= {p['steps'] * p['batch_size'] * p['seq_len'] / 1e6:.2f}M tokens, peak lr {p['lr']}. Its output "
-        "projections start at zero, so with retrieval off the model *is* SmolLM2. "
+        "SmolLM2's tokenizer (64-token chunks, BM25). " + fitting_text(p) + " "
         + ("In-context: the same SmolLM2, untrained, reads one passage (chunk + continuation) retrieved every 64 "
            f"tokens with the last 32 tokens as the query, and at most {p['seq_len'] - 64} document tokens before the "
            "64 it predicts; its reference is SmolLM2 on the same windows without the passage. "
@@ -142,6 +155,24 @@ def write_page(res: Path, fit: Path, evals: list[tuple[str, str, Path]], step: S
         *commands_section(step.log, step.seconds),
     ]
     save_page(res, page)
+
+
+def fitting_text(p: dict) -> str:
+    """What the page says the RETRO-fitting was."""
+    tokens = f"{p['steps']} steps × {p['batch_size']} × {p['seq_len']} tokens = " \
+             f"{p['steps'] * p['batch_size'] * p['seq_len'] / 1e6:.2f}M tokens, peak lr {p['lr']}"
+    if p.get("config") == "retrofit-smollm2-base.yaml":
+        return ("RETRO-fitting with the base reading its neighbours (`retrolm retrofit`, "
+                "configs/retrofit-smollm2-base.yaml, `encoder=base`): SmolLM2-135M-Instruct frozen encodes each "
+                "neighbour, and every one of its 30 layers' self-attention also reads the neighbours' states at that "
+                "layer through a trained copy of its own query/key/value/output projections, one softmax over "
+                "context and neighbour (the neighbour placed right before the chunk it continues); k = 2 BM25 "
+                "neighbours of each training chunk (own document excluded). retrofit-step0 is the model as built "
+                f"(`steps=0`, no training); then {tokens}. With retrieval off the model *is* SmolLM2.")
+    return ("RETRO-fitting (`retrolm retrofit`, configs/retrofit-smollm2.yaml): SmolLM2-135M-Instruct frozen; a "
+            "2-layer neighbour encoder (256 wide) and chunked cross-attention after layers 18, 24 and 30 train on "
+            f"k = 2 BM25 neighbours of each training chunk (own document excluded): {tokens}. Its output "
+            "projections start at zero, so with retrieval off the model *is* SmolLM2.")
 
 
 def k_curve(path: Path) -> list[str]:

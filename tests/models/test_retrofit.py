@@ -1,5 +1,6 @@
 """RETRO-fitting a pretrained HF causal LM: the base's logits at init, a frozen base after training, checkpoints that
-hold only the new weights, refusals (another base, another tokenizer), and the CLI path retrofit → eval → generate.
+hold only the new weights, refusals (another base, another tokenizer), the CLI path retrofit → eval → generate, and
+the base reading its neighbours itself (``encoder=base``).
 
 The base is a tiny random Llama (2 layers, 64 wide) the tests create, with the test database's tokenizer."""
 
@@ -291,3 +292,164 @@ def test_a_database_with_another_tokenizer_is_refused(tiny_base, built_db, tmp_p
     line = err.strip().splitlines()[-1]
     assert line.startswith("error:") and "tokenizer" in line and str(other) in line and str(built_db.path) in line
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# encoder=base: the base encodes the neighbours and each layer's self-attention reads them through a copy of its own
+# projections, with one softmax over context and neighbour. The reference is written out by hand from the HF layer's
+# projections: a softmax over [the neighbours of chunk (p+1)//m − 1, placed cca_query_offset positions before that
+# chunk; the context up to p].
+
+OFFSET = 2 * M
+
+
+def base_read(base, **kw) -> RetrofitModel:
+    torch.manual_seed(1)
+    return RetrofitModel.from_base(str(base), chunk_len=M, seq_len=T, encoder="base", **kw)
+
+
+def rotate(x: torch.Tensor, pos: torch.Tensor, theta: float) -> torch.Tensor:
+    """RoPE (the rotate-half layout) of x (..., n, e) at any, even negative, positions pos (n,)."""
+    e = x.shape[-1]
+    angles = pos[:, None].double() * (1.0 / theta ** (torch.arange(0, e, 2).double() / e))[None]
+    cos, sin = angles.cos().float(), angles.sin().float()
+    x1, x2 = x.chunk(2, -1)
+    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), -1)
+
+
+def joint_attention(layer, x: torch.Tensor, nb_states: torch.Tensor, nb_mask: torch.Tensor, theta: float):
+    """Layer ``layer``'s attention output over [neighbours; context], position by position, from its own weights.
+
+    x (T, d) its normalised input; nb_states (C, K, R, d) the neighbours' normalised states; nb_mask (C, K, R)."""
+    attn = layer.self_attn
+    H, e = 4, 16
+    q = attn.q_proj(x).view(-1, H, e).transpose(0, 1)  # (H, T, e)
+
+    def kv(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        k = attn.k_proj(h).view(len(h), -1, e).transpose(0, 1).repeat_interleave(2, 0)  # 2 key/value heads
+        v = attn.v_proj(h).view(len(h), -1, e).transpose(0, 1).repeat_interleave(2, 0)
+        return k, v
+
+    kc, vc = kv(x)
+    out = torch.zeros(T, H * e)
+    C, K, R = nb_mask.shape
+    for p in range(T):
+        j = (p + 1) // M - 1
+        pos = torch.arange(p + 1)
+        keys, values = rotate(kc[:, : p + 1], pos, theta), vc[:, : p + 1]
+        if 0 <= j < C and nb_mask[j].any():
+            real = nb_mask[j].reshape(-1)
+            kn, vn = kv(nb_states[j].reshape(K * R, -1)[real])
+            r = torch.arange(R).repeat(K)[real]
+            keys = torch.cat([rotate(kn, j * M - OFFSET + r, theta), keys], 1)  # the neighbour sits before chunk j
+            values = torch.cat([vn, values], 1)
+        qp = rotate(q[:, p : p + 1], torch.tensor([p]), theta)
+        w = torch.softmax(qp @ keys.transpose(-1, -2) / e**0.5, -1)
+        out[p] = (w @ values).reshape(-1)
+    return attn.o_proj(out)
+
+
+def test_each_layer_reads_context_and_neighbours_in_one_softmax(tiny_base, built_db):
+    """At init the hooked attention output is exactly the layer's attention over [neighbour; context] — grouped
+    key/value heads, RoPE offsets, which chunk a position reads, padding and the joint softmax all enter."""
+    model = base_read(tiny_base)
+    assert model.config.retro_layers == (1, 2) and model.config.cca_query_offset == OFFSET
+    idx, nb = inputs(built_db.tokenizer.vocab_size)
+    layers = model._layers
+    seen: dict[int, torch.Tensor] = {}
+    handles = [layer.self_attn.register_forward_hook(  # registered after the model's: sees the sum
+        lambda mod, args, kwargs, out, i=i: seen.__setitem__(i, out[0]), with_kwargs=True)
+        for i, layer in enumerate(layers)]
+    handles += [layer.register_forward_pre_hook(
+        lambda mod, args, kwargs, i=i: seen.__setitem__(10 + i, (args[0] if args else kwargs["hidden_states"])),
+        with_kwargs=True) for i, layer in enumerate(layers)]
+    with torch.no_grad():
+        model(idx, nb)
+        for h in handles:
+            h.remove()
+        row = 1
+        mask = nb[row] >= 0
+        states = model.base.base_model(input_ids=nb[row].clamp_min(0).reshape(-1, 2 * M),
+                                       attention_mask=mask.reshape(-1, 2 * M).long(),
+                                       output_hidden_states=True).hidden_states
+        theta = model.config.rope_theta
+        for i, layer in enumerate(layers):
+            x = layer.input_layernorm(seen[10 + i][row])
+            nb_states = layer.input_layernorm(states[i]).reshape(*nb.shape[1:], -1)
+            want = joint_attention(layer, x, nb_states, mask, theta)
+            torch.testing.assert_close(seen[i][row], want, rtol=1e-4, atol=1e-5)
+
+
+def test_retrieval_off_and_unread_positions_are_the_base_exactly(tiny_base, built_db):
+    model = base_read(tiny_base)
+    perturb(model)  # trained readers too: off is still the base
+    idx, nb = inputs(built_db.tokenizer.vocab_size, seed=3)
+    with torch.no_grad():
+        want = hf_model(tiny_base)(input_ids=idx).logits
+        torch.testing.assert_close(model(idx).logits, want, rtol=0, atol=0)
+        on = model(idx, nb).logits
+        empty = model(idx, torch.full_like(nb, -1)).logits
+    diff = (on - want).abs().amax(-1)
+    assert float(diff[:, : M - 1].max()) == 0.0  # the first m−1 positions read no neighbours
+    assert float(diff[1, M - 1 :].min()) > 0  # every later position of row 1 reads some
+    torch.testing.assert_close(empty, want, rtol=0, atol=1e-6)  # nothing to read: the base
+
+
+def test_training_moves_only_the_readers_and_the_round_trip_is_exact(tiny_base, built_db, tmp_path):
+    vocab = built_db.tokenizer.vocab_size
+    model = base_read(tiny_base)
+    base_before = {n: p.detach().clone() for n, p in model.base.named_parameters()}
+    idx, nb = inputs(vocab, seed=6)
+    targets = torch.roll(idx, -1, 1)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0)
+    model.train()
+    losses = []
+    for _ in range(3):
+        loss = model(idx, nb, targets=targets).loss
+        losses.append(float(loss.detach()))
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    assert losses[-1] < losses[0]
+    assert all(torch.equal(p, base_before[n]) for n, p in model.base.named_parameters())
+    model.save_pretrained(tmp_path / "ckpt")
+    loaded = load_model(tmp_path / "ckpt").model
+    assert loaded.config.encoder == "base" and loaded.encoder is None
+    with torch.no_grad():
+        assert torch.equal(loaded(idx, nb).logits, model.eval()(idx, nb).logits)
+
+
+def test_bases_it_cannot_copy_from_are_one_line_errors(tiny_base, tmp_path, built_db):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    gpt2 = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(vocab_size=built_db.tokenizer.vocab_size, n_embd=64, n_layer=2, n_head=4,
+                               n_positions=512)).save_pretrained(gpt2)
+    with pytest.raises(RetrolmError, match="encoder=base needs plain RoPE and RMSNorm") as e:
+        base_read(gpt2)
+    assert "\n" not in str(e.value)
+    with pytest.raises(RetrolmError, match="enc_d_model must be 64"):
+        base_read(tiny_base, enc_d_model=32)
+    with pytest.raises(RetrolmError, match="encoder must be one of retro, base"):
+        RetrofitModel.from_base(str(tiny_base), chunk_len=M, seq_len=T, encoder="bert")
+
+
+def test_retrofit_cli_steps_0_writes_the_base_reader_as_built(tiny_base, built_db, tmp_path, capsys):
+    """``encoder=base`` reads before any training: steps=0 writes checkpoint step-000000 without searching training
+    neighbours, and it evaluates (retrieval on differs from off)."""
+    run = tmp_path / "run"
+    rc, _, err = run_cli(["retrofit", "--base", tiny_base, "--db", built_db.path, "--out", run, "-q", f"seq_len={T}",
+                          "encoder=base", "steps=0", "tensorboard=false"], capsys)
+    assert rc == 0, err
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["step-000000"]
+    assert not (run / "neighbours").exists()
+    model = load_model(run).model
+    fresh = base_read(tiny_base)
+    assert model.config.encoder == "base" and model.config.retro_layers == (1, 2)
+    assert all(torch.equal(p, fresh.state_dict()[n]) for n, p in model.state_dict().items())
+    held = write_jsonl(tmp_path / "held.jsonl", wiki_docs(2, start=40))
+    rc, _, err = run_cli(["eval", "--checkpoint", run, "--db", built_db.path, "--data", held, "--out",
+                          tmp_path / "eval", "-q", "near_dup_threshold=0"], capsys)
+    assert rc == 0, err
+    summary = json.loads((tmp_path / "eval" / "eval.json").read_text())["summary"]
+    assert summary["retro"]["bpb"] != summary["retro_no_retrieval"]["bpb"]

@@ -27,6 +27,14 @@ with forward hooks on the HF decoder layers::
   whole base when unfrozen) and ``model.json`` names the base and the SHA-256 fingerprint of its weight files;
   :meth:`RetrofitModel.from_pretrained` reloads the base by name and refuses one whose fingerprint differs.
 
+``encoder="base"`` reads the neighbours with the base itself, for a base that already copies from its context (a
+pretrained LM does; a small model trained on a few million tokens does not): the base runs over each neighbour alone,
+and a forward hook on every chosen layer's self-attention adds what that attention would have read from the neighbour
+— through a trained copy of the layer's own query/key/value/output projections, with one softmax over the context
+and the neighbour (the two log-sum-exps give the neighbour's share), the neighbour sitting right before the chunk it
+continues. Built, the model reads a neighbour as the base reads text in its context, with RETRO's chunked causality
+and without the passage in the context window; fitting starts from there instead of from a zero cross-attention.
+
 The model has :class:`~retrolm.models.retro.RetroModel`'s interface (``forward(idx, neighbours, neighbour_mask,
 targets, cache)``, ``config.retro_layers / chunk_len / seq_len / num_neighbours / neighbour_len``, ``init_cache``,
 ``wte``), so the trainer, the bits-per-byte scorer, ``retrolm eval`` and ``retrolm generate`` use it unchanged.
@@ -50,7 +58,7 @@ from torch import Tensor, nn
 from retrolm.core.errors import RetrolmError
 from retrolm.core.hub import resolve_model, weights_fingerprint
 from retrolm.models.hf import load_hf_causal_lm
-from retrolm.models.layers import RMSNorm
+from retrolm.models.layers import Attention, RMSNorm, apply_rope, rope_table
 from retrolm.models.retro import ChunkedCrossAttention, ModelOutput, NeighbourEncoder, RetroConfig, check_neighbours
 from retrolm.models.weights import load_weights, read_model_config, save_weights
 
@@ -60,6 +68,9 @@ logger = logging.getLogger(__name__)
 
 BASE = "base."
 """Prefix of the base model's parameter names inside :class:`RetrofitModel`."""
+
+ENCODERS = ("retro", "base")
+"""``RetrofitModelConfig.encoder`` choices."""
 
 
 def default_cca_layers(n_layer: int) -> tuple[int, ...]:
@@ -96,11 +107,25 @@ class RetrofitModelConfig:
     neighbour_len: int | None = None
     """R: tokens per neighbour (chunk + continuation); None → 2·chunk_len."""
     retro_layers: tuple[int, ...] | None = None
-    """1-indexed base layers followed by chunked cross-attention; None → ``default_cca_layers(n_layer)``."""
+    """1-indexed base layers followed by chunked cross-attention (``encoder=base``: whose self-attention also reads the
+    neighbours); None → ``default_cca_layers(n_layer)`` (``encoder=base``: every layer)."""
+    encoder: str = "retro"
+    """How neighbours are read. ``retro``: RETRO's neighbour encoder (new, trained) and a zero-output CCA after each
+    cca layer, the paper's RETRO-fitting. ``base``: the base itself encodes each neighbour, and each cca layer's
+    self-attention also reads the neighbours' states at that layer, through a trained copy of its own projections
+    and one softmax over context and neighbour: at step 0 the model reads a neighbour as the base would read it in
+    its context, so fitting starts from the base's own copying instead of from zero (Llama-style bases)."""
+    cca_query_offset: int | None = None
+    """``encoder=base``: how many positions before the chunk it continues a neighbour sits (its RoPE positions are
+    0 … R−1, the chunk's first token is at this offset); None → neighbour_len, right before it as in a context."""
+    rope_theta: float = 10000.0
+    """RoPE base of the CCA layers (``encoder=base``: the base's, so the copied attention sees its own angles)."""
+    norm_eps: float = 1e-5
+    """RMSNorm epsilon of the new modules (``encoder=base``: the base's)."""
     enc_n_layer: int = 2
-    """Layers of the neighbour encoder."""
+    """Layers of the neighbour encoder (``encoder=retro``)."""
     enc_d_model: int | None = None
-    """Encoder width; None → min(256, d_model)."""
+    """Encoder width; None → min(256, d_model); ``encoder=base``: d_model (the CCA reads the base's hidden states)."""
     enc_n_head: int | None = None
     """Encoder heads; None → enc_d_model // 64 (at least 1)."""
     dropout: float = 0.0
@@ -124,8 +149,14 @@ class RetrofitModelConfig:
                 raise RetrolmError(f"retrofit config: {msg}")
 
         self.neighbour_len = 2 * self.chunk_len if self.neighbour_len is None else self.neighbour_len
-        if self.retro_layers is None:
-            self.retro_layers = default_cca_layers(self.n_layer)
+        check(self.encoder in ENCODERS, f"encoder must be one of {', '.join(ENCODERS)}, got {self.encoder!r}")
+        base_read = self.encoder == "base"
+        if self.retro_layers is None:  # encoder=base: every layer reads, as every layer would read a context
+            self.retro_layers = tuple(range(1, self.n_layer + 1)) if base_read else default_cca_layers(self.n_layer)
+        if self.cca_query_offset is None and base_read:
+            self.cca_query_offset = self.neighbour_len
+        check(self.cca_query_offset is None or (base_read and self.cca_query_offset >= 0),
+              f"cca_query_offset must be a non-negative integer with encoder=base, got {self.cca_query_offset!r}")
         self.retro_layers = tuple(int(i) for i in self.retro_layers)
         check(
             len(self.retro_layers) > 0 and list(self.retro_layers) == sorted(set(self.retro_layers))
@@ -133,6 +164,10 @@ class RetrofitModelConfig:
             f"cca layers {list(self.retro_layers)} must be increasing, 1-indexed layers within 1..{self.n_layer} "
             "(the base's layers)",
         )
+        if base_read:
+            check(self.enc_d_model in (None, self.d_model), "encoder=base reads the base's hidden states: "
+                  f"enc_d_model must be {self.d_model} (or unset)")
+            self.enc_d_model, self.enc_n_head, self.enc_n_layer = self.d_model, self.n_head, 0
         self.enc_d_model = min(256, self.d_model) if self.enc_d_model is None else self.enc_d_model
         self.enc_n_head = max(1, self.enc_d_model // 64) if self.enc_n_head is None else self.enc_n_head
         check(not (self.unfreeze and self.lora), "unfreeze and lora are exclusive (LoRA adapts a frozen base)")
@@ -150,6 +185,7 @@ class RetrofitModelConfig:
             d_model=self.d_model, dropout=self.dropout, chunk_len=self.chunk_len, num_neighbours=self.num_neighbours,
             neighbour_len=self.neighbour_len, retro_layers=self.retro_layers, enc_n_layer=self.enc_n_layer,
             enc_d_model=self.enc_d_model, enc_n_head=self.enc_n_head, tie_embeddings=False,
+            rope_theta=self.rope_theta, norm_eps=self.norm_eps,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -197,6 +233,20 @@ def _base_dims(hf: nn.Module) -> dict[str, int]:
         raise RetrolmError(f"{type(hf).__name__}: cannot read the base's vocab/hidden size/heads ({e})") from None
 
 
+def _base_attention_settings(hf: nn.Module) -> dict[str, float]:
+    """The base's RoPE base and RMSNorm epsilon (``rope_parameters`` in recent transformers, ``rope_theta`` before)."""
+    cfg = hf.config
+    cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    rope = getattr(cfg, "rope_parameters", None) or {}
+    theta = rope.get("rope_theta", getattr(cfg, "rope_theta", None))
+    kind = rope.get("rope_type", "default")
+    eps = getattr(cfg, "rms_norm_eps", None)
+    if theta is None or eps is None or kind != "default":
+        raise RetrolmError(f"{type(hf).__name__}: encoder=base needs plain RoPE and RMSNorm (found rope_theta={theta}, "
+                           f"rope_type={kind}, rms_norm_eps={eps})")
+    return {"rope_theta": float(theta), "norm_eps": float(eps)}
+
+
 def _context_len(hf: nn.Module) -> int | None:
     cfg = hf.config
     n = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
@@ -238,6 +288,55 @@ class _CrossBlock(nn.Module):
         return h + self.drop(y).to(h.dtype)
 
 
+class _JointReader(nn.Module):
+    """``encoder=base``: base layer l's self-attention extended to the neighbours, one softmax over both.
+
+    Reads the layer's own attention input ``x`` (B, T, d) and the neighbours' (B, C, K, R, d), the base's states at
+    the same layer, and returns what to add to the layer's attention output: per head, w·(neighbour read − context
+    read), where w is the share of a softmax over the context *and* the neighbour tokens that falls on the neighbour
+    (from the two log-sum-exps). With the layer's own weights (the init) attention output + this is exactly the
+    layer's attention over [neighbour; context]: the neighbour sits ``cca_query_offset`` positions before the chunk
+    it continues, causality as in RETRO (position p reads the neighbours of chunk (p+1)//m − 1). Scores are dense
+    (T × C·K·R per head), simple and fine for the few-thousand-token sequences RETRO-fitting trains on.
+    """
+
+    def __init__(self, rcfg: RetroConfig, offset: int) -> None:
+        super().__init__()
+        self.m, self.offset = rcfg.chunk_len, offset
+        self.attn = Attention(rcfg.d_model, rcfg.n_head, bias=False, dropout=rcfg.dropout, d_ctx=rcfg.d_model)
+        self.drop = nn.Dropout(rcfg.dropout)
+        self.theta, self.head = rcfg.rope_theta, rcfg.d_model // rcfg.n_head
+
+    def forward(self, x: Tensor, nb: Tensor, nb_mask: Tensor) -> Tensor:
+        T = x.shape[1]
+        C, K, R = nb.shape[1:4]
+        m, dev = self.m, x.device
+        rope = rope_table(max(T, R, 2 * m + self.offset), self.head, self.theta).to(dev)
+        pos = torch.arange(T, device=dev)
+        q = self.attn.queries(x)  # (B, H, T, e)
+        kc, vc = self.attn.keys_values(x)
+        scale = self.head ** -0.5
+        s_ctx = apply_rope(q, rope[:, :T]) @ apply_rope(kc, rope[:, :T]).transpose(-1, -2) * scale
+        s_ctx = s_ctx.float().masked_fill(pos[None, :] > pos[:, None], float("-inf"))  # causal
+        lse_ctx = torch.logsumexp(s_ctx, -1)  # (B, H, T)
+        read_ctx = torch.softmax(s_ctx, -1).type_as(vc) @ vc
+
+        kn, vn = self.attn.keys_values(rearrange(nb.to(x.dtype), "b c k r d -> b (c k r) d"))  # (B, H, C·K·R, e)
+        kn = apply_rope(kn, rope[:, :R].repeat(1, C * K, 1))
+        chunk = (pos + 1) // m - 1  # the chunk whose neighbours position p reads (−1: none)
+        q_pos = pos - chunk.clamp_min(0) * m + self.offset
+        s_nb = apply_rope(q, rope[:, q_pos]) @ kn.transpose(-1, -2) * scale  # (B, H, T, C·K·R)
+        key_chunk = torch.arange(C, device=dev).repeat_interleave(K * R)
+        allowed = (chunk[:, None] == key_chunk[None, :])[None] & rearrange(nb_mask, "b c k r -> b 1 (c k r)")
+        s_nb = s_nb.float().masked_fill(~allowed[:, None], float("-inf"))
+        lse_nb = torch.logsumexp(s_nb, -1)  # −inf where nothing is read
+        reads = torch.isfinite(lse_nb)
+        read_nb = torch.softmax(s_nb.masked_fill(~reads[..., None], 0.0), -1).type_as(vn) @ vn
+        w = torch.where(reads, torch.sigmoid(lse_nb - lse_ctx), 0.0).type_as(x)  # the neighbour's share
+        y = w[..., None] * (read_nb - read_ctx)
+        return self.drop(self.attn.proj(rearrange(y, "b h t e -> b t (h e)")))
+
+
 @dataclass
 class _Run:
     """What the hooks of one forward pass read: the neighbours, then (after the first CCA layer's pre-hook) E."""
@@ -245,6 +344,8 @@ class _Run:
     neighbours: Tensor
     mask: Tensor
     encoded: tuple[Tensor, Tensor] | None = None
+    by_layer: dict[str, Tensor] | None = None
+    """``encoder=base``: per CCA layer, the neighbours' hidden states it reads (B, N, K, R, d)."""
 
 
 class RetrofitModel(nn.Module):
@@ -275,20 +376,29 @@ class RetrofitModel(nn.Module):
             raise RetrolmError(f"{config.base}: token embeddings are not of the hidden size {config.d_model}")
 
         rcfg = config.retro_config()
-        self.encoder = NeighbourEncoder(rcfg)
-        self.cca = nn.ModuleDict({str(i): _CrossBlock(rcfg) for i in config.retro_layers})
+        self.base_read = config.encoder == "base"
+        self.encoder = None if self.base_read else NeighbourEncoder(rcfg)
+        self.cca = nn.ModuleDict({
+            str(i): _JointReader(rcfg, config.cca_query_offset) if self.base_read else _CrossBlock(rcfg)
+            for i in config.retro_layers})
         self._init_new_weights(rcfg)
+        if self.base_read:
+            self._init_from_base_attention(layers)
 
         self.base.requires_grad_(config.unfreeze)
         if config.lora:
             self._add_lora(layers)
         self._layers = list(layers)  # not registered again: they are the base's own modules
         self._run: _Run | None = None
-        self._hooks = [self._layers[config.retro_layers[0] - 1].register_forward_pre_hook(self._encode_hook,
-                                                                                           with_kwargs=True)]
+        self._hooks = [] if self.base_read else [
+            self._layers[config.retro_layers[0] - 1].register_forward_pre_hook(self._encode_hook, with_kwargs=True)]
         for i in config.retro_layers:
             # bound methods (not closures), so that a deep copy's hooks call the copy
-            self._hooks.append(self._layers[i - 1].register_forward_hook(functools.partial(self._cca_hook, str(i))))
+            if self.base_read:  # the reader joins layer i's self-attention: it adds to that attention's output
+                self._hooks.append(self._layers[i - 1].self_attn.register_forward_hook(
+                    functools.partial(self._joint_hook, str(i)), with_kwargs=True))
+            else:
+                self._hooks.append(self._layers[i - 1].register_forward_hook(functools.partial(self._cca_hook, str(i))))
         self.train(False)
 
     # ------------------------------------------------------------------ construction
@@ -301,6 +411,9 @@ class RetrofitModel(nn.Module):
         fingerprint = weights_fingerprint(resolved.path) if resolved.local else None
         hf = load_hf_causal_lm(resolved, "cpu", dtype)
         dims = _base_dims(hf)
+        if options.get("encoder") == "base":  # the copied attention keeps the base's RoPE angles and norm epsilon
+            for key, value in _base_attention_settings(hf).items():
+                options.setdefault(key, value)
         config = RetrofitModelConfig(base=resolved.name, base_fingerprint=fingerprint,
                                      n_layer=len(find_decoder_layers(hf)[1]), **dims, **options)
         return cls(hf, config).to(device)
@@ -309,6 +422,8 @@ class RetrofitModel(nn.Module):
         """RETRO's init for the encoder and CCA (N(0, 0.02), residual projections scaled down), then every CCA output
         projection at zero: the model starts exactly at the base."""
         for module, n_layer in ((self.encoder, max(1, rcfg.enc_n_layer)), (self.cca, len(self.config.retro_layers))):
+            if module is None:
+                continue
             for name, p in module.named_parameters():
                 if p.dim() >= 2:
                     std = 0.02 / math.sqrt(2 * n_layer) if name.endswith("proj.weight") else 0.02
@@ -316,9 +431,41 @@ class RetrofitModel(nn.Module):
                 elif name.endswith(".bias"):
                     nn.init.zeros_(p)
         for block in self.cca.values():
+            if not isinstance(block, _CrossBlock):
+                continue  # encoder=base: copied from the base next
             nn.init.zeros_(block.cca.attn.proj.weight)
             if block.cca.attn.proj.bias is not None:
                 nn.init.zeros_(block.cca.attn.proj.bias)
+
+    @torch.no_grad()
+    def _init_from_base_attention(self, layers: nn.ModuleList) -> None:
+        """``encoder=base``: each reader starts as its layer's self-attention: the query, key, value and output
+        projections (grouped key/value heads repeated per query head, as the base's attention shares them)."""
+        cfg = self.config
+        for key, block in self.cca.items():
+            layer = layers[int(key) - 1]
+            attn = getattr(layer, "self_attn", None)
+            norm = getattr(layer, "input_layernorm", None)
+            projs = [getattr(attn, n, None) for n in ("q_proj", "k_proj", "v_proj", "o_proj")]
+            if norm is None or any(not isinstance(p, nn.Linear) for p in projs) or not hasattr(norm, "weight"):
+                raise RetrolmError(f"{cfg.base}: encoder=base needs Llama-style decoder layers (input_layernorm, "
+                                   f"self_attn.q_proj/k_proj/v_proj/o_proj); layer {key} is "
+                                   f"{type(layer).__name__}")
+            q, k, v, o = projs
+            if any(p.bias is not None for p in projs):
+                raise RetrolmError(f"{cfg.base}: encoder=base does not copy attention biases")
+            head = cfg.d_model // cfg.n_head
+            n_kv = k.weight.shape[0] // head
+            if q.weight.shape != (cfg.d_model, cfg.d_model) or k.weight.shape[0] % head or cfg.n_head % n_kv:
+                raise RetrolmError(f"{cfg.base}: layer {key}'s attention is not {cfg.n_head} heads of {head}")
+
+            def per_head(w: Tensor, e: int = head, groups: int = cfg.n_head // n_kv) -> Tensor:
+                # (n_kv·e, d) → (n_head·e, d): query head h reads key/value head h // groups, as the base's does
+                return rearrange(w, "(g e) d -> g e d", e=e).repeat_interleave(groups, 0).flatten(0, 1)
+
+            block.attn.q.weight.copy_(q.weight)
+            block.attn.kv.weight.copy_(torch.cat([per_head(k.weight), per_head(v.weight)]))
+            block.attn.proj.weight.copy_(o.weight)
 
     def _add_lora(self, layers: nn.ModuleList) -> None:
         try:
@@ -442,7 +589,10 @@ class RetrofitModel(nn.Module):
             if neighbours is not None:  # chunks that are not complete yet read nothing (their tokens are not known)
                 done = (start + T) // self.config.chunk_len
                 neighbours, neighbour_mask = neighbours[:, :done], neighbour_mask[:, :done]
-        self._run = _Run(neighbours, neighbour_mask) if neighbours is not None else None
+        run = _Run(neighbours, neighbour_mask) if neighbours is not None else None
+        if run is not None and self.base_read:
+            self._read_with_base(run, full.shape[1])  # before self._run is set: the hooks leave this pass alone
+        self._run = run
         try:
             logits = self.base(input_ids=full, use_cache=False).logits
         finally:
@@ -482,16 +632,59 @@ class RetrofitModel(nn.Module):
         run.encoded = (enc, nm)
         return None
 
+    def _read_with_base(self, run: _Run, T: int) -> None:
+        """``encoder=base``: run the base over every neighbour of the complete chunks, each alone at positions
+        0 … R−1, and keep for each CCA layer l the neighbours' hidden states at layer l's output."""
+        m = self.config.chunk_len
+        n_chunks = T // m
+        n_new = min(n_chunks, run.neighbours.shape[1])
+        if n_new == 0:
+            return
+        nb, nm = run.neighbours[:, :n_new], run.mask[:, :n_new]
+        B, C, K, R = nb.shape
+        mask = rearrange(nm, "b c k r -> (b c k) r")
+        mask = mask | ~mask.any(-1, keepdim=True)  # an all-padding neighbour reads junk (never NaN); CCA masks it
+        # a frozen base passes no gradient to its own states: the pass needs no graph
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.base_frozen):
+            states = self.base.base_model(input_ids=rearrange(nb, "b c k r -> (b c k) r"), attention_mask=mask.long(),
+                                          output_hidden_states=True, use_cache=False).hidden_states
+        if n_chunks > n_new:  # chunks retrieved nothing for
+            nm = torch.cat([nm, nm.new_zeros(B, n_chunks - n_new, K, R)], dim=1)
+        run.by_layer = {}
+        for key in self.cca:
+            layer = self._layers[int(key) - 1]  # its attention reads its input, normalised
+            h = rearrange(layer.input_layernorm(states[int(key) - 1]), "(b c k) r d -> b c k r d", b=B, c=C)
+            if n_chunks > n_new:
+                h = torch.cat([h, h.new_zeros(B, n_chunks - n_new, *h.shape[2:])], dim=1)
+            run.by_layer[key] = h
+        run.encoded = (run.by_layer[next(iter(self.cca))], nm)
+
+    def _joint_hook(self, key: str, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        """``encoder=base``: forward hook of layer ``key``'s self-attention; its output gains the neighbours' share."""
+        run = self._run
+        if run is None or run.encoded is None or run.by_layer is None:
+            return None
+        x = self._hidden(args, kwargs)
+        y = self.cca[key](x, run.by_layer[key], run.encoded[1])
+        if isinstance(output, Tensor):
+            return output + y.to(output.dtype)
+        if isinstance(output, (tuple, list)):  # (attn_output, attn_weights, …)
+            return type(output)((output[0] + y.to(output[0].dtype), *output[1:]))
+        raise RetrolmError(f"{type(module).__name__}: unexpected attention output {type(output).__name__}")
+
     def _cca_hook(self, key: str, module: nn.Module, args: tuple, output: Any) -> Any:
         """Forward hook of CCA layer ``key``: its output hidden state h becomes h + CCA(norm(h), E)."""
         run = self._run
         if run is None or run.encoded is None:
             return None  # retrieval off (or nothing to read yet): the base's output, untouched
         block = self.cca[key]
+        enc, mask = run.encoded
+        if run.by_layer is not None:
+            enc = run.by_layer[key]
         if isinstance(output, Tensor):
-            return block(output, *run.encoded)
+            return block(output, enc, mask)
         if isinstance(output, (tuple, list)):  # older transformers: (hidden_states, *extras)
-            return type(output)((block(output[0], *run.encoded), *output[1:]))
+            return type(output)((block(output[0], enc, mask), *output[1:]))
         raise RetrolmError(f"{type(module).__name__}: unexpected decoder layer output {type(output).__name__}")
 
 

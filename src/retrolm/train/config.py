@@ -84,7 +84,8 @@ class LoopConfig:
     so a run continued with init_from would replay the batches of the run it continues; give it that run's
     steps × batch_size × grad_accum × ranks to read on to the sequences it has not seen."""
     steps: int = 200
-    """Optimiser steps."""
+    """Optimiser steps; 0 writes the model as built (checkpoint step-000000) and trains nothing — e.g. a RETRO-fitting
+    with ``encoder=base``, which reads its neighbours before any training."""
     batch_size: int = 8
     """Sequences per optimizer step and rank, before accumulation."""
     grad_accum: int = 1
@@ -118,8 +119,8 @@ class LoopConfig:
     """torchrun: how long ranks wait for each other (rank 0 alone precomputes the neighbours at setup)."""
 
     def __post_init__(self) -> None:
-        if self.steps < 1 or self.batch_size < 1 or self.grad_accum < 1:
-            raise RetrolmError("steps, batch_size and grad_accum must be positive")
+        if self.steps < 0 or self.batch_size < 1 or self.grad_accum < 1:
+            raise RetrolmError("batch_size and grad_accum must be positive, steps >= 0")
         if not 0.0 <= self.val_fraction < 1.0:
             raise RetrolmError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
         if self.data_offset < 0:

@@ -38,7 +38,14 @@ class RetrofitConfig(LoopConfig):
     seq_len: int = 256
     """Training sequence length T (a multiple of the database's chunk_len, at most the base's context)."""
     cca_layers: list[int] | None = None
-    """1-indexed base layers followed by chunked cross-attention; None → 60%, 80% and 100% of the depth."""
+    """1-indexed base layers followed by chunked cross-attention; None → 60%, 80% and 100% of the depth
+    (``encoder=base``: every layer)."""
+    encoder: str = "retro"
+    """``retro``: RETRO's neighbour encoder and zero-initialised CCA (the paper's RETRO-fitting); ``base``: the base
+    encodes the neighbours and each cca layer's attention reads them through a trained copy of its own projections,
+    so the model reads them as the base reads its context from step 0 (``RetrofitModelConfig.encoder``)."""
+    cca_query_offset: int | None = None
+    """``encoder=base``: positions between a neighbour's start and the chunk it continues; None → neighbour length."""
     enc_n_layer: int = 2
     """Layers of the neighbour encoder."""
     enc_d_model: int | None = None
@@ -82,6 +89,7 @@ class RetrofitTrainer(Trainer):
         model = RetrofitModel.from_base(
             cfg.base, seq_len=cfg.seq_len, chunk_len=self.db.chunk_len, num_neighbours=cfg.num_neighbours,
             retro_layers=tuple(cfg.cca_layers) if cfg.cca_layers is not None else None,
+            encoder=cfg.encoder, cca_query_offset=cfg.cca_query_offset,
             enc_n_layer=cfg.enc_n_layer, enc_d_model=cfg.enc_d_model, enc_n_head=cfg.enc_n_head, dropout=cfg.dropout,
             unfreeze=cfg.unfreeze, lora=cfg.lora, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
             lora_dropout=cfg.lora_dropout,

@@ -241,7 +241,8 @@ class Trainer:
         if self.seq_len % self.db.chunk_len:
             raise RetrolmError(f"sequence length {self.seq_len} is not a multiple of chunk_len {self.db.chunk_len}")
         seq_chunks = self.seq_len // self.db.chunk_len
-        neighbours = self._neighbours(seq_chunks, show_progress) if self.retrieval else None
+        # steps=0 writes the model as built: nothing reads training neighbours
+        neighbours = self._neighbours(seq_chunks, show_progress) if self.retrieval and cfg.steps else None
         self.seqs = RetroSequences(self.db.store, seq_chunks, self.db.tokenizer.eos_id, neighbours, self.db.store,
                                    cfg.num_neighbours, tokenizer=self.db.tokenizer)
         if len(self.seqs) < 2:
@@ -402,6 +403,8 @@ class Trainer:
             if self.step % cfg.save_every == 0 or self.step == cfg.steps:
                 self.save_checkpoint()
         bar.close()
+        if cfg.steps == 0 and not self.checkpoints.all():  # the model as built, for eval and generate
+            self.save_checkpoint()
         return last
 
     def evaluate(self, retrieval: bool | None = None) -> dict[str, float]:
