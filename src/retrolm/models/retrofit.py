@@ -54,6 +54,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from retrolm.core.errors import RetrolmError
 from retrolm.core.hub import resolve_model, weights_fingerprint
@@ -295,9 +296,10 @@ class _JointReader(nn.Module):
     the same layer, and returns what to add to the layer's attention output: per head, w·(neighbour read − context
     read), where w is the share of a softmax over the context *and* the neighbour tokens that falls on the neighbour
     (from the two log-sum-exps). With the layer's own weights (the init) attention output + this is exactly the
-    layer's attention over [neighbour; context]: the neighbour sits ``cca_query_offset`` positions before the chunk
-    it continues, causality as in RETRO (position p reads the neighbours of chunk (p+1)//m − 1). Scores are dense
-    (T × C·K·R per head), simple and fine for the few-thousand-token sequences RETRO-fitting trains on.
+    layer's attention over [neighbour; context]: the neighbour sits ``offset`` positions before the chunk it
+    continues, causality as in RETRO (position p reads the neighbours of chunk (p+1)//m − 1). As in
+    :class:`~retrolm.models.retro.ChunkedCrossAttention` the attending chunks are folded into the batch, so the
+    neighbour scores take (T × K·R) per head, not (T × C·K·R); the context scores are a dense (T × T).
     """
 
     def __init__(self, rcfg: RetroConfig, offset: int) -> None:
@@ -308,32 +310,42 @@ class _JointReader(nn.Module):
         self.theta, self.head = rcfg.rope_theta, rcfg.d_model // rcfg.n_head
 
     def forward(self, x: Tensor, nb: Tensor, nb_mask: Tensor) -> Tensor:
+        """x (B, T, d); nb (B, C, K, R, d) with C = T // m (chunk u's neighbours, read from position (u+1)·m − 1);
+        nb_mask (B, C, K, R) True = real token → (B, T, d), exactly 0 where nothing is read."""
         T = x.shape[1]
         C, K, R = nb.shape[1:4]
-        m, dev = self.m, x.device
-        rope = rope_table(max(T, R, 2 * m + self.offset), self.head, self.theta).to(dev)
-        pos = torch.arange(T, device=dev)
+        m = self.m
+        rope = rope_table(max(T, R, self.offset + 2 * m), self.head, self.theta).to(x.device)
+        scale = self.head ** -0.5
         q = self.attn.queries(x)  # (B, H, T, e)
         kc, vc = self.attn.keys_values(x)
-        scale = self.head ** -0.5
         s_ctx = apply_rope(q, rope[:, :T]) @ apply_rope(kc, rope[:, :T]).transpose(-1, -2) * scale
-        s_ctx = s_ctx.float().masked_fill(pos[None, :] > pos[:, None], float("-inf"))  # causal
+        s_ctx = s_ctx.float().masked_fill(torch.ones(T, T, dtype=torch.bool, device=x.device).triu(1), float("-inf"))
         lse_ctx = torch.logsumexp(s_ctx, -1)  # (B, H, T)
         read_ctx = torch.softmax(s_ctx, -1).type_as(vc) @ vc
 
-        kn, vn = self.attn.keys_values(rearrange(nb.to(x.dtype), "b c k r d -> b (c k r) d"))  # (B, H, C·K·R, e)
-        kn = apply_rope(kn, rope[:, :R].repeat(1, C * K, 1))
-        chunk = (pos + 1) // m - 1  # the chunk whose neighbours position p reads (−1: none)
-        q_pos = pos - chunk.clamp_min(0) * m + self.offset
-        s_nb = apply_rope(q, rope[:, q_pos]) @ kn.transpose(-1, -2) * scale  # (B, H, T, C·K·R)
-        key_chunk = torch.arange(C, device=dev).repeat_interleave(K * R)
-        allowed = (chunk[:, None] == key_chunk[None, :])[None] & rearrange(nb_mask, "b c k r -> b 1 (c k r)")
-        s_nb = s_nb.float().masked_fill(~allowed[:, None], float("-inf"))
-        lse_nb = torch.logsumexp(s_nb, -1)  # −inf where nothing is read
-        reads = torch.isfinite(lse_nb)
+        # attending chunk j holds positions j·m + m−1 … j·m + 2m−2: drop the first m−1, pad to C whole chunks
+        n_read = T - (m - 1)
+        if n_read <= 0 or C == 0:
+            return torch.zeros_like(x)
+        qf = rearrange(F.pad(q[:, :, m - 1 :], (0, 0, 0, C * m - n_read)), "b h (c i) e -> b h c i e", i=m)
+        qf = apply_rope(qf, rope[:, self.offset + m - 1 : self.offset + 2 * m - 1])  # m−1+i after the chunk's start
+        kn, vn = self.attn.keys_values(rearrange(nb.to(x.dtype), "b c k r d -> b (c k r) d"))
+        kn = apply_rope(rearrange(kn, "b h (c kr) e -> b h c kr e", c=C), rope[:, :R].repeat(1, K, 1))
+        vn = rearrange(vn, "b h (c kr) e -> b h c kr e", c=C)
+        s_nb = (qf @ kn.transpose(-1, -2) * scale).float()  # (B, H, C, m, K·R)
+        s_nb = s_nb.masked_fill(~rearrange(nb_mask, "b c k r -> b 1 c 1 (k r)"), float("-inf"))
+        lse_nb = torch.logsumexp(s_nb, -1)  # −inf where the chunk has no real neighbour token
+        reads = torch.isfinite(lse_nb)  # (B, H, C, m)
         read_nb = torch.softmax(s_nb.masked_fill(~reads[..., None], 0.0), -1).type_as(vn) @ vn
-        w = torch.where(reads, torch.sigmoid(lse_nb - lse_ctx), 0.0).type_as(x)  # the neighbour's share
-        y = w[..., None] * (read_nb - read_ctx)
+
+        def unfold(t: Tensor, fill: float = 0.0) -> Tensor:  # (B, H, C, m, …) → (B, H, T, …); first m−1: fill
+            t = rearrange(t, "b h c i ... -> b h (c i) ...")[:, :, :n_read]
+            return F.pad(t, (0, 0) * (t.dim() - 3) + (m - 1, 0), value=fill)
+
+        lse_nb = unfold(lse_nb, float("-inf"))  # (B, H, T)
+        w = torch.where(torch.isfinite(lse_nb), torch.sigmoid(lse_nb - lse_ctx), 0.0)  # the neighbour's share
+        y = w[..., None].type_as(x) * (unfold(read_nb) - read_ctx)
         return self.drop(self.attn.proj(rearrange(y, "b h t e -> b t (h e)")))
 
 
@@ -665,7 +677,11 @@ class RetrofitModel(nn.Module):
         if run is None or run.encoded is None or run.by_layer is None:
             return None
         x = self._hidden(args, kwargs)
-        y = self.cca[key](x, run.by_layer[key], run.encoded[1])
+        reader = self.cca[key]
+        if self.training and torch.is_grad_enabled():  # recomputed in the backward pass: one layer's scores at a time
+            y = checkpoint(reader, x, run.by_layer[key], run.encoded[1], use_reentrant=False)
+        else:
+            y = reader(x, run.by_layer[key], run.encoded[1])
         if isinstance(output, Tensor):
             return output + y.to(output.dtype)
         if isinstance(output, (tuple, list)):  # (attn_output, attn_weights, …)
