@@ -113,8 +113,9 @@ def test_init_logits_equal_the_untouched_base_and_cca_is_wired(arch, tiny_base, 
     assert float(diff[1, M - 1 :].min()) > 0  # every later position of row 1 reads some
 
 
-def test_cached_generation_logits_equal_a_full_forward(tiny_base, built_db):
-    model = retrofit(tiny_base)
+@pytest.mark.parametrize("encoder", ["retro", "base"])
+def test_cached_generation_logits_equal_a_full_forward(encoder, tiny_base, built_db):
+    model = retrofit(tiny_base) if encoder == "retro" else base_read(tiny_base)
     perturb(model)
     idx, nb = inputs(built_db.tokenizer.vocab_size, seed=3, T=160)
     idx, nb = idx[:1], nb[:1]
