@@ -232,6 +232,11 @@ def test_shipped_retrofit_config_parses():
                                 n_head=9, seq_len=cfg.seq_len, chunk_len=64, retro_layers=tuple(cfg.cca_layers),
                                 enc_n_layer=cfg.enc_n_layer, enc_d_model=cfg.enc_d_model, enc_n_head=cfg.enc_n_head)
     assert shape.retro_config().retro_layers == (18, 24, 30) and cfg.seq_len % 64 == 0
+    base = load_config(RetrofitConfig, REPO / "configs" / "retrofit-smollm2-base.yaml")
+    assert base.encoder == "base" and base.cca_layers is None and base.lr < cfg.lr  # copies start pretrained
+    shape = RetrofitModelConfig(base=base.base, base_fingerprint=None, vocab_size=49152, n_layer=30, d_model=576,
+                                n_head=9, seq_len=base.seq_len, chunk_len=64, encoder=base.encoder)
+    assert shape.retro_layers == tuple(range(1, 31)) and shape.cca_query_offset == 128
 
 
 def test_retrofit_cli_then_eval_and_generate(tiny_base, built_db, tmp_path, capsys):
