@@ -307,15 +307,16 @@ class _JointReader(nn.Module):
         self.m, self.offset = rcfg.chunk_len, offset
         self.attn = Attention(rcfg.d_model, rcfg.n_head, bias=False, dropout=rcfg.dropout, d_ctx=rcfg.d_model)
         self.drop = nn.Dropout(rcfg.dropout)
-        self.theta, self.head = rcfg.rope_theta, rcfg.d_model // rcfg.n_head
+        self.head = rcfg.d_model // rcfg.n_head
+        n_pos = max(rcfg.seq_len, rcfg.neighbour_len, offset + 2 * rcfg.chunk_len)
+        self.register_buffer("rope", rope_table(n_pos, self.head, rcfg.rope_theta), persistent=False)
 
     def forward(self, x: Tensor, nb: Tensor, nb_mask: Tensor) -> Tensor:
         """x (B, T, d); nb (B, C, K, R, d) with C = T // m (chunk u's neighbours, read from position (u+1)·m − 1);
         nb_mask (B, C, K, R) True = real token → (B, T, d), exactly 0 where nothing is read."""
         T = x.shape[1]
         C, K, R = nb.shape[1:4]
-        m = self.m
-        rope = rope_table(max(T, R, self.offset + 2 * m), self.head, self.theta).to(x.device)
+        m, rope = self.m, self.rope
         scale = self.head ** -0.5
         q = self.attn.queries(x)  # (B, H, T, e)
         kc, vc = self.attn.keys_values(x)
@@ -356,8 +357,8 @@ class _Run:
     neighbours: Tensor
     mask: Tensor
     encoded: tuple[Tensor, Tensor] | None = None
-    by_layer: dict[str, Tensor] | None = None
-    """``encoder=base``: per CCA layer, the neighbours' hidden states it reads (B, N, K, R, d)."""
+    by_layer: dict[str, tuple[Tensor, Tensor]] | None = None
+    """``encoder=base``: per CCA layer, the neighbours' hidden states it reads (B, N, K, R, d) and their mask."""
 
 
 class RetrofitModel(nn.Module):
@@ -393,9 +394,10 @@ class RetrofitModel(nn.Module):
         self.cca = nn.ModuleDict({
             str(i): _JointReader(rcfg, config.cca_query_offset) if self.base_read else _CrossBlock(rcfg)
             for i in config.retro_layers})
-        self._init_new_weights(rcfg)
         if self.base_read:
             self._init_from_base_attention(layers)
+        else:
+            self._init_new_weights(rcfg)
 
         self.base.requires_grad_(config.unfreeze)
         if config.lora:
@@ -434,8 +436,6 @@ class RetrofitModel(nn.Module):
         """RETRO's init for the encoder and CCA (N(0, 0.02), residual projections scaled down), then every CCA output
         projection at zero: the model starts exactly at the base."""
         for module, n_layer in ((self.encoder, max(1, rcfg.enc_n_layer)), (self.cca, len(self.config.retro_layers))):
-            if module is None:
-                continue
             for name, p in module.named_parameters():
                 if p.dim() >= 2:
                     std = 0.02 / math.sqrt(2 * n_layer) if name.endswith("proj.weight") else 0.02
@@ -443,8 +443,6 @@ class RetrofitModel(nn.Module):
                 elif name.endswith(".bias"):
                     nn.init.zeros_(p)
         for block in self.cca.values():
-            if not isinstance(block, _CrossBlock):
-                continue  # encoder=base: copied from the base next
             nn.init.zeros_(block.cca.attn.proj.weight)
             if block.cca.attn.proj.bias is not None:
                 nn.init.zeros_(block.cca.attn.proj.bias)
@@ -668,25 +666,20 @@ class RetrofitModel(nn.Module):
             h = rearrange(layer.input_layernorm(states[int(key) - 1]), "(b c k) r d -> b c k r d", b=B, c=C)
             if n_chunks > n_new:
                 h = torch.cat([h, h.new_zeros(B, n_chunks - n_new, *h.shape[2:])], dim=1)
-            run.by_layer[key] = h
-        run.encoded = (run.by_layer[next(iter(self.cca))], nm)
+            run.by_layer[key] = (h, nm)
 
     def _joint_hook(self, key: str, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         """``encoder=base``: forward hook of layer ``key``'s self-attention; its output gains the neighbours' share."""
         run = self._run
-        if run is None or run.encoded is None or run.by_layer is None:
-            return None
+        if run is None or run.by_layer is None:
+            return None  # retrieval off (or nothing to read yet): the base's output, untouched
         x = self._hidden(args, kwargs)
         reader = self.cca[key]
         if self.training and torch.is_grad_enabled():  # recomputed in the backward pass: one layer's scores at a time
-            y = checkpoint(reader, x, run.by_layer[key], run.encoded[1], use_reentrant=False)
+            y = checkpoint(reader, x, *run.by_layer[key], use_reentrant=False)
         else:
-            y = reader(x, run.by_layer[key], run.encoded[1])
-        if isinstance(output, Tensor):
-            return output + y.to(output.dtype)
-        if isinstance(output, (tuple, list)):  # (attn_output, attn_weights, …)
-            return type(output)((output[0] + y.to(output[0].dtype), *output[1:]))
-        raise RetrolmError(f"{type(module).__name__}: unexpected attention output {type(output).__name__}")
+            y = reader(x, *run.by_layer[key])
+        return _map_hidden(output, lambda h: h + y.to(h.dtype), module, "attention")
 
     def _cca_hook(self, key: str, module: nn.Module, args: tuple, output: Any) -> Any:
         """Forward hook of CCA layer ``key``: its output hidden state h becomes h + CCA(norm(h), E)."""
@@ -694,14 +687,17 @@ class RetrofitModel(nn.Module):
         if run is None or run.encoded is None:
             return None  # retrieval off (or nothing to read yet): the base's output, untouched
         block = self.cca[key]
-        enc, mask = run.encoded
-        if run.by_layer is not None:
-            enc = run.by_layer[key]
-        if isinstance(output, Tensor):
-            return block(output, enc, mask)
-        if isinstance(output, (tuple, list)):  # older transformers: (hidden_states, *extras)
-            return type(output)((block(output[0], enc, mask), *output[1:]))
-        raise RetrolmError(f"{type(module).__name__}: unexpected decoder layer output {type(output).__name__}")
+        return _map_hidden(output, lambda h: block(h, *run.encoded), module, "decoder layer")
+
+
+def _map_hidden(output: Any, f: Any, module: nn.Module, what: str) -> Any:
+    """A hooked module's output with its hidden state h replaced by f(h): the tensor itself, or the first element of a
+    tuple (attention layers return (output, weights); decoder layers did in older transformers)."""
+    if isinstance(output, Tensor):
+        return f(output)
+    if isinstance(output, (tuple, list)):
+        return type(output)((f(output[0]), *output[1:]))
+    raise RetrolmError(f"{type(module).__name__}: unexpected {what} output {type(output).__name__}")
 
 
 def check_fingerprint(folder: Path, config: RetrofitModelConfig, found: str | None) -> None:
