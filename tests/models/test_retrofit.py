@@ -78,6 +78,21 @@ def inputs(vocab: int, seed: int = 0, T: int = T) -> tuple[torch.Tensor, torch.T
     return idx, nb
 
 
+def train_steps(model: RetrofitModel, idx: torch.Tensor, nb: torch.Tensor, targets: torch.Tensor, steps: int
+                ) -> list[float]:
+    """``steps`` AdamW steps (lr 1e-2) on one batch, in train mode; the loss before each step."""
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0)
+    model.train()
+    losses = []
+    for _ in range(steps):
+        loss = model(idx, nb, targets=targets).loss
+        losses.append(float(loss.detach()))
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    return losses
+
+
 def perturb(model: RetrofitModel, seed: int = 2) -> None:
     """Stand-in for training: noise on every trainable weight (CCA output projections included)."""
     g = torch.Generator().manual_seed(seed)
@@ -141,17 +156,8 @@ def test_training_moves_the_retrieval_loss_and_never_the_frozen_base(tiny_base, 
     nb[:, -1, :, M:] = -1  # the last chunk has no continuation
     targets = torch.cat([idx[:, 1:], torch.full((2, 1), -100)], dim=1)
     encoder_before = {n: p.detach().clone() for n, p in model.encoder.named_parameters()}
-    params = [p for p in model.parameters() if p.requires_grad]
     assert all(not p.requires_grad for p in model.base.parameters())
-    opt = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.0)
-    model.train()
-    losses = []
-    for _ in range(30):
-        loss = model(idx, nb, targets=targets).loss
-        losses.append(float(loss.detach()))
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
+    losses = train_steps(model, idx, nb, targets, 30)
     model.eval()
     with torch.no_grad():
         on = float(model(idx, nb, targets=targets).loss)
@@ -214,12 +220,8 @@ def test_lora_trains_only_adapters_and_new_modules(tiny_base, built_db):
     assert {n.split(".")[-4] for n in lora} == {"q_proj", "k_proj", "v_proj", "o_proj"}  # attention projections
     assert trainable - lora == {n for n, _ in model.named_parameters() if not n.startswith("base.")}
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0)
     idx, nb = inputs(built_db.tokenizer.vocab_size, seed=6)
-    for _ in range(2):
-        model(idx, nb, targets=idx).loss.backward()
-        opt.step()
-        opt.zero_grad()
+    train_steps(model, idx, nb, idx, 2)
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     assert changed == trainable  # every adapter and new weight moved (lora_B from zero included), nothing else
 
@@ -406,16 +408,7 @@ def test_training_moves_only_the_readers_and_the_round_trip_is_exact(tiny_base, 
     model = base_read(tiny_base)
     base_before = {n: p.detach().clone() for n, p in model.base.named_parameters()}
     idx, nb = inputs(vocab, seed=6)
-    targets = torch.roll(idx, -1, 1)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0)
-    model.train()
-    losses = []
-    for _ in range(3):
-        loss = model(idx, nb, targets=targets).loss
-        losses.append(float(loss.detach()))
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
+    losses = train_steps(model, idx, nb, torch.roll(idx, -1, 1), 3)
     assert losses[-1] < losses[0]
     assert all(torch.equal(p, base_before[n]) for n, p in model.base.named_parameters())
     model.save_pretrained(tmp_path / "ckpt")
