@@ -8,6 +8,7 @@ import math
 
 import numpy as np
 import pytest
+import yaml
 
 from conftest import run_cli, write_jsonl
 from retrolm.core.errors import RetrolmError
@@ -327,3 +328,23 @@ def test_eval_cli_and_errors(copy_world, built_db, capsys, tmp_path):
     with pytest.raises(RetrolmError, match="baseline checkpoint does not retrieve"):
         scale_neighbours(ScaleConfig(checkpoint=str(root / "base"), db=str(copy_world["db"].path),
                                      data=[str(copy_world["held"])], out_dir=str(tmp_path / "x"), ks=[1]))
+
+
+def test_context_chunks_reach_the_scored_sequences(copy_world, capsys, tmp_path):
+    run_eval(eval_cfg(copy_world, "eval-c0", near_dup_threshold=0, baselines=[]), show_progress=False)
+    run_eval(eval_cfg(copy_world, "eval-c1", near_dup_threshold=0, baselines=[], context_chunks=1),
+             show_progress=False)
+    a, b = (np.load(copy_world["root"] / out / "per_chunk.npz") for out in ("eval-c0", "eval-c1"))
+    np.testing.assert_array_equal(a["tokens"], b["tokens"])  # the same targets, each scored once
+    # 64-token sequences of 16-token chunks: the first sequence (chunks 0-3) is the same either way; after it each
+    # sequence starts one chunk earlier, so a document's first chunk (every 4th: these documents are 4 chunks long)
+    # now has the previous document before it and reads that document's neighbours (this copy world's model was
+    # trained on documents aligned with its sequences: it reads them worse, a real corpus is not aligned)
+    for key in (f"nats:{RETRO}", f"nats:{RETRO_OFF}"):
+        np.testing.assert_allclose(a[key][:4], b[key][:4], rtol=1e-6)
+        assert not np.allclose(a[key][4::4], b[key][4::4], rtol=1e-3)
+    assert yaml.safe_load((copy_world["root"] / "eval-c1" / "config.yaml").read_text())["context_chunks"] == 1
+    rc, _, err = run_cli(["eval", "--checkpoint", copy_world["root"] / "retro", "--db", copy_world["db"].path,
+                          "--data", copy_world["held"], "--out", tmp_path / "e", "context_chunks=4"], capsys)
+    assert rc == 2 and "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith("error: context_chunks 4: must be below the 4 chunks")

@@ -72,27 +72,36 @@ def test_bits_per_byte_is_nats_over_ln2_over_bytes():
     assert bits_per_byte(np.array([math.log(2)]), np.array([0.5])) == pytest.approx(2.0)  # under one byte is fine
 
 
+def book(nats, count, ce, targets, first_seq, eos, scored=None):
+    """book_losses for consecutive non-overlapping sequences of 2 chunks of 2 tokens, one row at a time."""
+    for r in range(len(ce)):
+        book_losses(nats, count, ce[r : r + 1], targets[r : r + 1], 2 * (first_seq + r), 2, eos, scored)
+
+
 def test_each_loss_is_booked_to_the_chunk_of_the_token_it_predicts():
     # chunks of 2, sequences of 2 chunks, 6 chunks in all; rows are sequences 1 and 2 (chunks 2-3 and 4-5)
     targets = np.array([[5, EOS, 6, IGNORE], [7, 8, 9, 10]])
     ce = np.array([[0.1, 0.2, 0.4, 0.8], [1.0, 2.0, 4.0, 8.0]])
     nats, count = np.full(6, 100.0), np.zeros(6, dtype=np.int64)
-    book_losses(nats, count, ce, targets, 1, 2, 2, EOS)
+    book(nats, count, ce, targets, 1, EOS)
     # position p predicts token p+1: owner chunk (p+1)//2; the EOS after a document's last token (p=1) stays in
     # that token's chunk (0); the last position predicts the next sequence's first token (chunk 6: none, dropped)
     np.testing.assert_allclose(nats - 100, [0, 0, 0.1 + 0.2, 0.4, 1.0, 2.0 + 4.0])
     np.testing.assert_array_equal(count, [0, 0, 2, 1, 1, 2])
     nats, count = np.zeros(6), np.zeros(6, dtype=np.int64)
-    book_losses(nats, count, ce, targets, 1, 2, 2, None)  # no EOS: position 1 simply predicts into chunk 1
+    book(nats, count, ce, targets, 1, None)  # no EOS: position 1 simply predicts into chunk 1
     np.testing.assert_allclose(nats, [0, 0, 0.1, 0.2 + 0.4, 1.0, 2.0 + 4.0])
     np.testing.assert_array_equal(count, [0, 0, 1, 2, 1, 2])
     nats, count = np.zeros(6), np.zeros(6, dtype=np.int64)
-    book_losses(nats, count, ce[:1], np.array([[5, 1, 6, IGNORE]]), 1, 2, 2, None)  # token 1 is no EOS either
+    book(nats, count, ce[:1], np.array([[5, 1, 6, IGNORE]]), 1, None)  # token 1 is no EOS either
     np.testing.assert_allclose(nats, [0, 0, 0.1, 0.2 + 0.4, 0, 0])
     nats, count = np.zeros(6), np.zeros(6, dtype=np.int64)
-    book_losses(nats, count, ce[1:], targets[1:], 0, 2, 2, EOS)  # the same row as sequence 0: chunk 2 gets position 3
+    book(nats, count, ce[1:], targets[1:], 0, EOS)  # the same row as sequence 0: chunk 2 gets position 3
     np.testing.assert_allclose(nats, [1.0, 6.0, 8.0, 0, 0, 0])
     np.testing.assert_array_equal(count, [1, 2, 1, 0, 0, 0])
+    nats, count = np.zeros(6), np.zeros(6, dtype=np.int64)
+    book(nats, count, ce[1:], targets[1:], 0, EOS, scored=(1, 2))  # only the owners in [1, 2): chunk 1
+    np.testing.assert_allclose(nats, [0, 6.0, 0, 0, 0, 0])
 
 
 class LookupModel(torch.nn.Module):
@@ -120,7 +129,7 @@ def test_score_sequences_sums_cross_entropy_over_every_scored_target(tmp_path):
         item = seqs.sequence(s)
         idx, tgt = torch.from_numpy(item["idx"]), torch.from_numpy(item["targets"])
         ce = F.cross_entropy(model.table[idx].double(), tgt, ignore_index=IGNORE, reduction="none").detach().numpy()
-        book_losses(want_nats, want_tokens, ce[None], item["targets"][None], s, 2, M, EOS)
+        book_losses(want_nats, want_tokens, ce[None], item["targets"][None], 2 * s, M, EOS)
     np.testing.assert_allclose(scores.nats, want_nats, rtol=1e-6)
     np.testing.assert_array_equal(scores.tokens, want_tokens)
     # a document's first token is never predicted, its EOS is; sequence 2's last position predicts chunk 6's first
@@ -131,3 +140,45 @@ def test_score_sequences_sums_cross_entropy_over_every_scored_target(tmp_path):
     assert [c[2] for c in model.calls] == [2, 2] and not model.training
     assert again.tokens.sum() == sum(int((seqs.sequence(s)["targets"] != IGNORE).sum()) for s in range(4))
     np.testing.assert_allclose(again.nats[[0, 1, 4, 5]], scores.nats[[0, 1, 4, 5]], rtol=1e-6)
+
+
+class FirstChunkBlind(LookupModel):
+    """LookupModel, but uniform where a RETRO model reads nothing: positions before the first chunk's last one."""
+
+    def forward(self, idx, neighbours=None, mask=None):
+        logits = self.table[idx].clone()
+        logits[:, : M - 1] = 0.0
+        return SimpleNamespace(logits=logits)
+
+
+def test_context_chunks_score_every_chunk_once_and_never_from_a_sequences_first_chunk(tmp_path):
+    store = ChunkStore.open(make_store(tmp_path, [SEG0, SEG1]), M, PAD)  # 7 chunks
+    lookup = LookupModel(64)
+    for C in (2, 3, 4):
+        plain = RetroSequences(store, C, EOS, include_tail=True, tokenizer=ByteTokenizer())
+        want = score_sequences(lookup, plain)
+        for o in range(1, C):
+            seqs = RetroSequences(store, C, EOS, include_tail=True, tokenizer=ByteTokenizer(), context_chunks=o)
+            assert seqs.start(len(seqs) - 1) + C >= 7 > seqs.start(len(seqs) - 2) + C  # covers all, no extra one
+            got = score_sequences(lookup, seqs)  # a model without context: the same nats, chunk by chunk
+            np.testing.assert_array_equal(got.tokens, want.tokens)
+            np.testing.assert_allclose(got.nats, want.nats, rtol=1e-6)
+            n_bytes = sum(seqs.sequence(s)["n_bytes"] for s in range(len(seqs)))
+            assert n_bytes == pytest.approx(seqs.chunk_bytes.sum())  # each chunk's bytes counted once
+    assert len(RetroSequences(store, 4, EOS, context_chunks=1)) == 2  # full sequences only: chunks 0-3 and 3-6
+    assert len(RetroSequences(store, 4, EOS, context_chunks=3)) == 4
+    with pytest.raises(ValueError, match=r"context_chunks=2 must be in 0\.\.seq_chunks-1=1"):
+        RetroSequences(store, 2, EOS, context_chunks=2)
+    # a model blind in each sequence's first chunk: with context chunks only the stream's first chunk pays for it
+    blind = FirstChunkBlind(64)
+    blind.table = lookup.table
+    plain = score_sequences(blind, RetroSequences(store, 2, EOS, include_tail=True))
+    ctx = score_sequences(blind, RetroSequences(store, 2, EOS, include_tail=True, context_chunks=1))
+    seeing = score_sequences(lookup, RetroSequences(store, 2, EOS, include_tail=True))
+    np.testing.assert_allclose(ctx.nats[1:], seeing.nats[1:], rtol=1e-6)
+    uniform = math.log(64)
+    assert ctx.nats[0] == pytest.approx(3 * uniform)  # the stream's first chunk: three tokens predicted blind
+    # without context chunks, sequences start at chunks 0, 2, 4, 6: chunk 2 predicts three tokens blind, the lone-token
+    # chunk 4 its EOS; chunks 1, 3, 5 are read as before
+    assert plain.nats[2] == pytest.approx(3 * uniform) and plain.nats[4] == pytest.approx(uniform)
+    np.testing.assert_allclose(plain.nats[[1, 3, 5]], seeing.nats[[1, 3, 5]], rtol=1e-6)

@@ -62,6 +62,12 @@ class EvalConfig:
     """A field of the held-out JSONL records (e.g. ``bucket``): results and gains are also reported per group."""
     seq_len: int | None = None
     """Evaluation sequence length (a multiple of chunk_len); None → the shortest training length of the models."""
+    context_chunks: int = 0
+    """RETRO-style readers: each evaluation sequence after the first repeats the last ``context_chunks`` chunks of
+    the one before as context only, and scores the rest. A sequence's first chunk reads no neighbours (nothing was
+    retrieved before it), so with 0 one chunk in seq_len/chunk_len is scored without retrieval; with
+    seq_len/chunk_len − 1 every chunk reads and has seq_len − chunk_len tokens before it (as the in-context reader's
+    ``context_tokens``), at seq_len/chunk_len forward passes per chunk."""
     batch_size: int = 4
     """Sequences per forward pass."""
     device: str | None = None
@@ -72,6 +78,8 @@ class EvalConfig:
     def __post_init__(self) -> None:
         if self.neighbours is not None and self.neighbours < 1:
             raise RetrolmError(f"neighbours must be >= 1, got {self.neighbours}")
+        if self.context_chunks < 0:
+            raise RetrolmError(f"context_chunks must be >= 0, got {self.context_chunks}")
         if self.leakage_neighbours < 1 or self.novel_tokens < 1 or self.ngram < 1 or self.batch_size < 1:
             raise RetrolmError("leakage_neighbours, novel_tokens, ngram and batch_size must be positive")
         if not 0.0 <= self.near_dup_threshold <= 1.0:

@@ -145,6 +145,9 @@ class Evaluator:
         if seq_len % m or any(seq_len > e.model.config.seq_len for e in chunked):
             raise RetrolmError(f"seq_len {seq_len}: must be a multiple of chunk_len {m} and fit every model")
         self.seq_chunks = seq_len // m
+        if chunked and cfg.context_chunks >= self.seq_chunks:
+            raise RetrolmError(f"context_chunks {cfg.context_chunks}: must be below the {self.seq_chunks} chunks of an "
+                               f"evaluation sequence (seq_len {seq_len})")
 
         self._tmp = tempfile.TemporaryDirectory(prefix="retrolm-eval-")
         self.source = tokenize_corpus(cfg.data, self.db.tokenizer, m, Path(self._tmp.name) / "heldout",
@@ -265,7 +268,7 @@ class Evaluator:
         db = db or self.db
         seqs = RetroSequences(self.source, self.seq_chunks, self.db.tokenizer.eos_id, neighbours,
                               db.store if neighbours is not None else None, k, include_tail=True,
-                              tokenizer=self.db.tokenizer)
+                              tokenizer=self.db.tokenizer, context_chunks=self.cfg.context_chunks)
         return score_sequences(em.model, seqs, batch_size=self.cfg.batch_size, with_neighbours=neighbours is not None,
                                device=self.device, desc=desc, show_progress=self.show)
 

@@ -80,7 +80,8 @@ def chunk_bytes(store: ChunkStore, tokenizer: LMTokenizer | None = None) -> np.n
 
 
 class RetroSequences:
-    """Sequence ``s`` = chunks ``[s*C, (s+1)*C)`` of ``source`` with their neighbours from ``db_store``.
+    """Sequence ``s`` = chunks ``[s*S, s*S + C)`` of ``source`` with their neighbours from ``db_store``, where the
+    stride S = C − ``context_chunks`` (S = C: sequences do not overlap).
 
     Args:
         source: the chunks to train/evaluate on.
@@ -91,6 +92,11 @@ class RetroSequences:
         num_neighbours: use only the first K' <= K neighbours.
         include_tail: also serve the last, partial sequence (padded; evaluation must score every chunk).
         tokenizer: the LM tokenizer, to leave each document's (unpredicted) first token out of the byte counts.
+        context_chunks: o, 0 <= o < C: each sequence after the first starts o chunks before the previous one ends
+            and those o chunks are context only (:meth:`scored` leaves them to the previous sequence). In RETRO a
+            sequence's first chunk reads no neighbours (nothing was retrieved before it), so with o = 0 one chunk in
+            C is scored without retrieval; with o >= 1 every chunk after the first o of the stream reads, at a cost
+            of C / (C − o) forward passes per chunk.
     """
 
     def __init__(
@@ -103,10 +109,15 @@ class RetroSequences:
         num_neighbours: int | None = None,
         include_tail: bool = False,
         tokenizer: LMTokenizer | None = None,
+        context_chunks: int = 0,
     ):
+        if not 0 <= context_chunks < seq_chunks:
+            raise ValueError(f"context_chunks={context_chunks} must be in 0..seq_chunks-1={seq_chunks - 1}")
         if neighbours is not None and (db_store is None or len(neighbours) != source.n_chunks):
             raise ValueError("neighbours need db_store and one row per source chunk")
         self.source, self.C, self.eos_id = source, seq_chunks, eos_id
+        self.context = context_chunks
+        self.stride = seq_chunks - context_chunks
         self.m = source.chunk_len
         self.neighbours, self.db_store = neighbours, db_store
         stored = neighbours.shape[1] if neighbours is not None else 0
@@ -121,12 +132,27 @@ class RetroSequences:
         self.chunk_bytes = chunk_bytes(source, tokenizer)
 
     def __len__(self) -> int:
-        n = self.source.n_chunks
-        return -(-n // self.C) if self.include_tail else n // self.C
+        n, C, S = self.source.n_chunks, self.C, self.stride
+        if n < C:
+            return int(self.include_tail and n > 0)
+        return 1 + (-(-(n - C) // S) if self.include_tail else (n - C) // S)
+
+    def start(self, s: int) -> int:
+        """The first chunk of sequence ``s``."""
+        return s * self.stride
+
+    def scored(self, s: int) -> tuple[int, int]:
+        """The chunks ``[lo, hi)`` whose losses sequence ``s`` books: all its chunks when sequences do not overlap
+        (and, as then, the first chunk of the next sequence, whose first token its last position predicts); with
+        context chunks, all but the leading ones (except in sequence 0), so that every chunk is scored once."""
+        lo = self.start(s)
+        if self.context == 0:
+            return lo, lo + self.C + 1
+        return (lo if s == 0 else lo + self.context), lo + self.C
 
     def sequence(self, s: int, with_neighbours: bool = True) -> dict[str, np.ndarray]:
         m, C, n = self.m, self.C, self.source.n_chunks
-        ids = np.arange(s * C, min((s + 1) * C, n))  # fewer than C only for the tail
+        ids = np.arange(self.start(s), min(self.start(s) + C, n))  # fewer than C only for the tail
         toks = np.full((C, m), self.source.pad_id, dtype=np.int64)
         lens = np.zeros(C, dtype=np.int64)
         toks[: len(ids)] = self.source.tokens(ids + self.source.first_chunk)
@@ -146,7 +172,7 @@ class RetroSequences:
             "idx": flat,
             "targets": targets.reshape(-1),
             # Bytes of the text predicted in this sequence: each chunk's share of its document's bytes.
-            "n_bytes": np.float64(self.chunk_bytes[ids].sum()),
+            "n_bytes": np.float64(self.chunk_bytes[ids[ids >= self.scored(s)[0]]].sum()),
         }
         if with_neighbours and self.neighbours is not None and self.k > 0:
             nb = np.full((C, self.k), -1, dtype=np.int64)

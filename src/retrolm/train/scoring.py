@@ -40,16 +40,17 @@ def bits_per_byte(nats: np.ndarray, n_bytes: np.ndarray, select: np.ndarray | No
     return float(np.sum(nats)) / math.log(2) / total if total > 0 else float("nan")
 
 
-def book_losses(nats: np.ndarray, count: np.ndarray, ce: np.ndarray, targets: np.ndarray, first_seq: int,
-                seq_chunks: int, chunk_len: int, eos_id: int | None) -> None:
-    """Add per-position losses ``ce`` (B, T) of sequences ``first_seq …`` to the chunks that own them (in place)."""
-    B, T = targets.shape
-    n = len(nats)
+def book_losses(nats: np.ndarray, count: np.ndarray, ce: np.ndarray, targets: np.ndarray, first_chunk: int,
+                chunk_len: int, eos_id: int | None, scored: tuple[int, int] | None = None) -> None:
+    """Add the per-position losses ``ce`` (1, T) of the sequence starting at chunk ``first_chunk`` to the chunks that
+    own them (in place), keeping only owners in ``scored`` = [lo, hi) if given (see
+    :meth:`retrolm.train.data.RetroSequences.scored`)."""
+    _, T = targets.shape
     eos = -1 if eos_id is None else eos_id
     pos = np.arange(T)[None, :]
-    owner = np.where(targets == eos, pos // chunk_len, (pos + 1) // chunk_len)
-    owner = owner + (first_seq + np.arange(B))[:, None] * seq_chunks
-    valid = (targets != IGNORE) & (owner < n)
+    owner = first_chunk + np.where(targets == eos, pos // chunk_len, (pos + 1) // chunk_len)
+    lo, hi = scored if scored is not None else (0, len(nats))
+    valid = (targets != IGNORE) & (owner >= lo) & (owner < min(hi, len(nats)))
     np.add.at(nats, owner[valid], ce[valid])
     np.add.at(count, owner[valid], 1)
 
@@ -83,6 +84,7 @@ def score_sequences(
                              reduction="none").view(batch.idx.shape).double().cpu().numpy()
         targets = batch.targets.cpu().numpy()
         for row, s in enumerate(ids):  # sequences need not be consecutive (validation draws them at random)
-            book_losses(nats, count, ce[row : row + 1], targets[row : row + 1], int(s), seqs.C, seqs.m, seqs.eos_id)
+            book_losses(nats, count, ce[row : row + 1], targets[row : row + 1], seqs.start(int(s)), seqs.m, seqs.eos_id,
+                        seqs.scored(int(s)))
     model.train(was_training)
     return Scores(nats, count)
