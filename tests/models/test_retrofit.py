@@ -6,6 +6,7 @@ The base is a tiny random Llama (2 layers, 64 wide) the tests create, with the t
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -141,6 +142,30 @@ def test_cached_generation_logits_equal_a_full_forward(encoder, tiny_base, built
         parts += [model(idx[:, p : p + 1], nb, cache=cache).logits for p in range(100, 160)]
     assert cache.pos == 160
     assert torch.equal(torch.cat(parts, 1), full)
+
+
+def test_generation_encodes_each_neighbour_once_with_encoder_base(tiny_base, built_db):
+    model = base_read(tiny_base)
+    perturb(model)
+    idx, nb = inputs(built_db.tokenizer.vocab_size, seed=3, T=T)
+    idx, nb = idx[:1], nb[:1]  # 4 chunks of 2 neighbours
+    encoded = []
+    model.base.base_model.register_forward_pre_hook(
+        lambda _m, args, kw: encoded.append(kw["input_ids"].shape[0]) if kw.get("attention_mask") is not None else None,
+        with_kwargs=True)  # the neighbour pass is the one with an attention mask
+    with torch.no_grad():
+        full = model(idx, nb).logits
+        encoded.clear()
+        cache = model.init_cache(1, T)
+        parts = [model(idx[:, :100], nb, cache=cache).logits]  # chunk 0 complete: its 2 neighbours
+        parts += [model(idx[:, p : p + 1], nb, cache=cache).logits for p in range(100, T)]
+        assert torch.equal(torch.cat(parts, 1), full)
+        assert encoded == [2, 2, 2, 2]  # chunks 0-3, each when it completes; never again
+        other = nb.clone()
+        other[:, 1] = (other[:, 1] + 1) % built_db.tokenizer.vocab_size  # chunk 1 retrieved something else
+        encoded.clear()
+        model(idx[:, -1:], other, cache=dataclasses.replace(cache, pos=T - 1))  # the last token again
+        assert encoded == [6]  # chunks 1-3 again: what follows a changed chunk is not reused
 
 
 def test_training_moves_the_retrieval_loss_and_never_the_frozen_base(tiny_base, built_db):

@@ -262,13 +262,20 @@ class RetrofitCache:
     far, then padding that causality keeps out of their logits — and returns the logits of the new positions. Each call
     therefore does exactly the computation of a full forward over ``max_len`` tokens, and the logits equal that pass's
     bit for bit; the price is one ``max_len``-token forward per generated token, fine for the ≤ seq_len-token
-    continuations ``retrolm generate`` produces, but not a fast decoder.
+    continuations ``retrolm generate`` produces, but not a fast decoder. With ``encoder=base`` the neighbours' states
+    (the base run over each neighbour alone: most of a step's work) are kept for the chunks already read and
+    reused as long as those chunks' neighbours stay the same.
     """
 
     tokens: Tensor
     """(B, max_len) token ids; the first ``pos`` columns are valid."""
     pos: int = 0
     """Number of tokens consumed so far (the position of the next token)."""
+    neighbour_ids: Tensor | None = None
+    """``encoder=base``: (B, N, K, R) the neighbours whose states are kept, and their mask (next field)."""
+    neighbour_mask: Tensor | None = None
+    states: dict[str, Tensor] | None = None
+    """``encoder=base``: per reading layer, the kept neighbours' normalised states (B, N, K, R, d)."""
 
     @property
     def max_len(self) -> int:
@@ -601,7 +608,7 @@ class RetrofitModel(nn.Module):
                 neighbours, neighbour_mask = neighbours[:, :done], neighbour_mask[:, :done]
         run = _Run(neighbours, neighbour_mask) if neighbours is not None else None
         if run is not None and self.base_read:
-            self._read_with_base(run, full.shape[1])  # before self._run is set: the hooks leave this pass alone
+            self._read_with_base(run, full.shape[1], cache)  # before self._run is set: the hooks leave this pass alone
         self._run = run
         try:
             logits = self.base(input_ids=full, use_cache=False).logits
@@ -642,9 +649,11 @@ class RetrofitModel(nn.Module):
         run.encoded = (enc, nm)
         return None
 
-    def _read_with_base(self, run: _Run, T: int) -> None:
+    def _read_with_base(self, run: _Run, T: int, cache: RetrofitCache | None = None) -> None:
         """``encoder=base``: run the base over every neighbour of the complete chunks, each alone at positions
-        0 … R−1, and keep for each CCA layer l the neighbours' hidden states at layer l's output."""
+        0 … R−1, and keep for each CCA layer l the neighbours' hidden states at layer l's output (normalised as
+        layer l+1's attention reads its input). With a generation ``cache``, the leading chunks whose neighbours
+        were encoded by an earlier call are not encoded again (a neighbour's states depend on it alone)."""
         m = self.config.chunk_len
         n_chunks = T // m
         n_new = min(n_chunks, run.neighbours.shape[1])
@@ -652,21 +661,39 @@ class RetrofitModel(nn.Module):
             return
         nb, nm = run.neighbours[:, :n_new], run.mask[:, :n_new]
         B, C, K, R = nb.shape
+        done = 0  # leading chunks whose states the cache holds
+        if cache is not None and cache.states is not None and cache.neighbour_ids.shape[0] == B:
+            c = min(cache.neighbour_ids.shape[1], C)
+            same = ((cache.neighbour_ids[:, :c] == nb[:, :c]) & (cache.neighbour_mask[:, :c] == nm[:, :c]))
+            same = same.flatten(2).all(-1).all(0)  # (c,) chunk by chunk
+            done = int(same.long().cumprod(0).sum())
+        by_layer = {key: h[:, :done] for key, h in cache.states.items()} if done else {}
+        if done < C:
+            new = self._base_states(nb[:, done:], nm[:, done:])
+            by_layer = {key: torch.cat([by_layer[key], h], 1) if done else h for key, h in new.items()}
+        if cache is not None and not torch.is_grad_enabled():
+            cache.neighbour_ids, cache.neighbour_mask, cache.states = nb, nm, by_layer
+        if n_chunks > n_new:  # chunks retrieved nothing for
+            nm = torch.cat([nm, nm.new_zeros(B, n_chunks - n_new, K, R)], dim=1)
+            by_layer = {key: torch.cat([h, h.new_zeros(B, n_chunks - n_new, *h.shape[2:])], dim=1)
+                        for key, h in by_layer.items()}
+        run.by_layer = {key: (h, nm) for key, h in by_layer.items()}
+
+    def _base_states(self, nb: Tensor, nm: Tensor) -> dict[str, Tensor]:
+        """The base over each neighbour ``nb`` (B, C, K, R) alone → per CCA layer its normalised input states
+        (B, C, K, R, d)."""
+        B, C = nb.shape[:2]
         mask = rearrange(nm, "b c k r -> (b c k) r")
         mask = mask | ~mask.any(-1, keepdim=True)  # an all-padding neighbour reads junk (never NaN); CCA masks it
         # a frozen base passes no gradient to its own states: the pass needs no graph
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.base_frozen):
             states = self.base.base_model(input_ids=rearrange(nb, "b c k r -> (b c k) r"), attention_mask=mask.long(),
                                           output_hidden_states=True, use_cache=False).hidden_states
-        if n_chunks > n_new:  # chunks retrieved nothing for
-            nm = torch.cat([nm, nm.new_zeros(B, n_chunks - n_new, K, R)], dim=1)
-        run.by_layer = {}
+        out = {}
         for key in self.cca:
             layer = self._layers[int(key) - 1]  # its attention reads its input, normalised
-            h = rearrange(layer.input_layernorm(states[int(key) - 1]), "(b c k) r d -> b c k r d", b=B, c=C)
-            if n_chunks > n_new:
-                h = torch.cat([h, h.new_zeros(B, n_chunks - n_new, *h.shape[2:])], dim=1)
-            run.by_layer[key] = (h, nm)
+            out[key] = rearrange(layer.input_layernorm(states[int(key) - 1]), "(b c k) r d -> b c k r d", b=B, c=C)
+        return out
 
     def _joint_hook(self, key: str, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         """``encoder=base``: forward hook of layer ``key``'s self-attention; its output gains the neighbours' share."""
