@@ -47,9 +47,25 @@ PROFILES = {
     # copy of its own projections): it reads before any training, so step 0 is evaluated too, and the copies are
     # fine-tuned at a fine-tuning lr for 40 steps (a step costs ~8× cpu's: the gradient runs through all 30 layers; an
     # evaluation ~5×: the base encodes every neighbour), so only the model as built and the end are evaluated.
+    # The first chunk of each evaluation sequence reads nothing (RETRO's causality), where the in-context reader has a
+    # passage in every window: retrofit-ctx3 scores every chunk after 192 tokens of context (`context_chunks=3`, 4×
+    # the forward passes), as the in-context reader does; retrofit-k1 reads one neighbour as it reads one passage.
     "cpu-base": {"data": "cpu", "seq_len": 256, "batch_size": 4, "steps": 40, "lr": 5e-5, "save_every": 40,
                  "run": "retrofit-smollm2-base", "config": "retrofit-smollm2-base.yaml", "step0": True,
-                 "incontext": False, "along": False},
+                 "incontext": False, "along": False,
+                 "extra": [("retrofit-k1", "previous", ("-k", "1")),
+                           ("retrofit-ctx3", "previous", ("context_chunks=3",))],
+                 "note": "The training and the two step-0 evaluations ran by hand, before the script, with the "
+                         "commands listed (the step-0 evaluations on a checkpoint written by "
+                         "`RetrofitModel.save_pretrained` before `steps=0` existed: bit-identical weights and "
+                         "model.json, compared); the script reused their outputs. Training took ~25 min on cores "
+                         "shared with evaluations (23 s a step alone), after a 16.5-min BM25 search for the training "
+                         "neighbours; each step-0 evaluation 19–26 min beside other jobs. retrofit-k1 (5.5 min) and "
+                         "retrofit-ctx3 (29 min alone, 2026-12-06) also ran by hand first, with the commands listed."},
+    # cpu-base-long: the same with three times the steps, in a run of its own (how far more steps go)
+    "cpu-base-long": {"data": "cpu", "seq_len": 256, "batch_size": 4, "steps": 120, "lr": 5e-5, "save_every": 40,
+                      "run": "retrofit-smollm2-base-120", "config": "retrofit-smollm2-base.yaml", "incontext": False,
+                      "along": False},
     "smoke": {"data": "smoke", "seq_len": 128, "batch_size": 2, "steps": 4, "lr": 1e-3, "save_every": 2},
     "smoke-base": {"data": "smoke", "seq_len": 128, "batch_size": 2, "steps": 2, "lr": 5e-5, "save_every": 1,
                    "run": "retrofit-smollm2-base", "config": "retrofit-smollm2-base.yaml", "step0": True,
@@ -96,6 +112,8 @@ def main() -> None:
     # Control: each chunk reads the neighbours of a chunk of another held-out document. The new layers can also learn
     # the domain (the base never saw this corpus in training here); what they give without relevant text shows here.
     evaluate("retrofit-shuffled", fit, "previous", ("shuffle_neighbours=true",))
+    for label, protocol, extra in p.get("extra", ()):
+        evaluate(label, fit, protocol, extra)
     if p.get("ks"):  # neighbours read at evaluation (trained with k = 2), previous version allowed
         out = res / "scale-k"
         step(f"scale {run} neighbours", [*RETROLM, "scale", "neighbours", "--checkpoint", fit, "--db", db, "--data",
@@ -108,6 +126,14 @@ def main() -> None:
         evaluate("in-context", LM, protocol, ctx)
     copy_training_files(res, {run: fit})
     write_page(res, fit, evals, step, args, p)
+
+
+EXTRA_TEXT = {
+    "retrofit-k1": "reads one neighbour per chunk instead of two (`-k 1`)",
+    "retrofit-ctx3": "is scored on evaluation sequences that overlap by three chunks (`context_chunks=3`): every chunk "
+                     "reads its neighbours and has 192 tokens of context before it, as in the in-context reader's "
+                     "windows, and its retrieval-off reference is SmolLM2 on those windows",
+}
 
 
 def write_page(res: Path, fit: Path, evals: list[tuple[str, str, Path]], step: Steps, args: argparse.Namespace,
@@ -137,12 +163,14 @@ def write_page(res: Path, fit: Path, evals: list[tuple[str, str, Path]], step: S
         f"{p['data']} (previous = only the document itself excluded; strict = also every document holding ≥ 80% of "
         "its 13-grams). retrofit-shuffled is the control: every held-out chunk reads the neighbours of a chunk of "
         "another held-out document (`shuffle_neighbours=true`), so its change is what the new layers give without "
-        "relevant text — the frozen base never saw this corpus, and they can learn its domain.",
+        "relevant text — the frozen base never saw this corpus, and they can learn its domain."
+        + "".join(f" {label} {EXTRA_TEXT[label]}." for label, _, _ in p.get("extra", ()) if label in EXTRA_TEXT),
         "",
         f"Training: final train loss {m.get('train/loss', float('nan')):.3f}, "
-        f"{m.get('train/tokens_per_s', 0):.0f} tokens/s, {step.seconds.get(fit.name, 0) / 60:.0f} min"
+        f"{m.get('train/tokens_per_s', 0):.0f} tokens/s"
+        + (f", {step.seconds[fit.name] / 60:.0f} min" if step.seconds.get(fit.name, 0) >= 60 else "")
         + (f" (BM25 training neighbours: {m['setup/neighbour_seconds'] / 60:.0f} min)."
-           if "setup/neighbour_seconds" in m else "."),
+           if "setup/neighbour_seconds" in m else ".") + (f" {p['note']}" if p.get("note") else ""),
         "",
         "## Held-out change with retrieval (12 documents per bucket)",
         "",
@@ -150,6 +178,7 @@ def write_page(res: Path, fit: Path, evals: list[tuple[str, str, Path]], step: S
                         "novel chunks"], rows),
         "",
         *k_curve(res / "scale-k" / "scale-neighbours.json"),
+        *by_position(evals, p["seq_len"] // 64, REPO / "docs" / "results" / f"retrofit-lm-{p['data']}"),
         *commands_section(step.log, step.seconds),
     ]
     save_page(res, page)
@@ -171,6 +200,49 @@ def fitting_text(p: dict) -> str:
             "2-layer neighbour encoder (256 wide) and chunked cross-attention after layers 18, 24 and 30 train on "
             f"k = 2 BM25 neighbours of each training chunk (own document excluded): {tokens}. Its output "
             "projections start at zero, so with retrieval off the model *is* SmolLM2.")
+
+
+def by_position(evals: list[tuple[str, str, Path]], seq_chunks: int, incontext: Path) -> list[str]:
+    """The page's section on where in a sequence the gain is: a RETRO-style reader's first chunk of each evaluation
+    sequence reads nothing, the others read the neighbours of the chunk before; the in-context reader of the same
+    documents (``incontext``/in-context-<protocol>) on the same chunks, for comparison."""
+    import numpy as np
+
+    from retrolm.eval.groups import gain_interval
+    from retrolm.eval.report import markdown_table
+
+    def cells(on: np.ndarray, off: np.ndarray, doc: np.ndarray, sel: np.ndarray) -> str:
+        lo, hi = gain_interval(on, off, doc, sel)
+        return f"{on[sel].sum() / off[sel].sum() - 1:+.1%} [{-hi:+.1%}, {-lo:+.1%}]"
+
+    rows = []
+    readers = [(f"{label} ({protocol})", out) for label, protocol, out in evals
+               if yaml_value(out, "context_chunks", 0) == 0 and yaml_value(out, "shuffle_neighbours", False) is False]
+    readers += [(f"in-context ({protocol}, [page](../retrofit-lm-{incontext.name.split('-', 2)[-1]}/README.md))",
+                 incontext / f"in-context-{protocol}") for protocol in PROTOCOLS]
+    for name, out in readers:
+        if not (out / "per_chunk.npz").is_file():
+            continue
+        d = np.load(out / "per_chunk.npz")
+        key = "retro" if "nats:retro" in d else "in_context"
+        on, off = d[f"nats:{key}"], d["nats:retro_no_retrieval" if key == "retro" else "nats:no_retrieval"]
+        first = np.arange(len(on)) % seq_chunks == 0
+        rows.append([name, cells(on, off, d["doc"], first), cells(on, off, d["doc"], ~first)])
+    if not rows:
+        return []
+    return ["## Where in a sequence the gain is", "",
+            f"A RETRO-style reader scores {seq_chunks}-chunk sequences; the first chunk of each reads nothing (no "
+            "neighbour was retrieved before it), the others read the neighbours of the chunk before. The in-context "
+            "reader retrieves for every 64 tokens, so its gain is spread evenly; shown on the same chunks. Change of "
+            "bits per byte, 95% bootstrap over documents, each against its own retrieval-off reference.", "",
+            markdown_table(["reader", "first chunk of each sequence", "the other chunks"], rows), ""]
+
+
+def yaml_value(out: Path, key: str, default: object) -> object:
+    """A setting of the evaluation in ``out`` (its config.yaml), ``default`` if it is not there."""
+    import yaml
+
+    return (yaml.safe_load((out / "config.yaml").read_text()) or {}).get(key, default)
 
 
 def k_curve(path: Path) -> list[str]:
