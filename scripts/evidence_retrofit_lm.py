@@ -65,7 +65,7 @@ PROFILES = {
     # cpu-base-long: the same with three times the steps, in a run of its own (how far more steps go)
     "cpu-base-long": {"data": "cpu", "seq_len": 256, "batch_size": 4, "steps": 120, "lr": 5e-5, "save_every": 40,
                       "run": "retrofit-smollm2-base-120", "config": "retrofit-smollm2-base.yaml", "incontext": False,
-                      "along": False},
+                      "along": False, "extra": [("retrofit-ctx3", "previous", ("context_chunks=3",))]},
     "smoke": {"data": "smoke", "seq_len": 128, "batch_size": 2, "steps": 4, "lr": 1e-3, "save_every": 2},
     "smoke-base": {"data": "smoke", "seq_len": 128, "batch_size": 2, "steps": 2, "lr": 5e-5, "save_every": 1,
                    "run": "retrofit-smollm2-base", "config": "retrofit-smollm2-base.yaml", "step0": True,
