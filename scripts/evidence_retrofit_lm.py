@@ -31,7 +31,9 @@ from evidence_retro import (
     last_checkpoint,
     last_metrics,
     machine,
+    pct,
     prepare,
+    reader_keys,
 )
 from evidence_retro import PROFILES as DATA
 
@@ -207,25 +209,29 @@ def by_position(evals: list[tuple[str, str, Path]], seq_chunks: int, incontext: 
     sequence reads nothing, the others read the neighbours of the chunk before; the in-context reader of the same
     documents (``incontext``/in-context-<protocol>) on the same chunks, for comparison."""
     import numpy as np
+    import yaml
 
     from retrolm.eval.groups import gain_interval
     from retrolm.eval.report import markdown_table
 
     def cells(on: np.ndarray, off: np.ndarray, doc: np.ndarray, sel: np.ndarray) -> str:
         lo, hi = gain_interval(on, off, doc, sel)
-        return f"{on[sel].sum() / off[sel].sum() - 1:+.1%} [{-hi:+.1%}, {-lo:+.1%}]"
+        return f"{pct(1 - on[sel].sum() / off[sel].sum())} [{pct(hi)}, {pct(lo)}]"
+
+    def reads_own_neighbours(out: Path) -> bool:  # neither the overlapping sequences nor the control
+        cfg = yaml.safe_load((out / "config.yaml").read_text()) or {}
+        return cfg.get("context_chunks", 0) == 0 and not cfg.get("shuffle_neighbours", False)
 
     rows = []
-    readers = [(f"{label} ({protocol})", out) for label, protocol, out in evals
-               if yaml_value(out, "context_chunks", 0) == 0 and yaml_value(out, "shuffle_neighbours", False) is False]
-    readers += [(f"in-context ({protocol}, [page](../retrofit-lm-{incontext.name.split('-', 2)[-1]}/README.md))",
+    readers = [(f"{label} ({protocol})", out) for label, protocol, out in evals if reads_own_neighbours(out)]
+    readers += [(f"in-context ({protocol}, [page](../{incontext.name}/README.md))",
                  incontext / f"in-context-{protocol}") for protocol in PROTOCOLS]
     for name, out in readers:
         if not (out / "per_chunk.npz").is_file():
             continue
         d = np.load(out / "per_chunk.npz")
-        key = "retro" if "nats:retro" in d else "in_context"
-        on, off = d[f"nats:{key}"], d["nats:retro_no_retrieval" if key == "retro" else "nats:no_retrieval"]
+        on, off = reader_keys({k.removeprefix("nats:") for k in d.files})
+        on, off = d[f"nats:{on}"], d[f"nats:{off}"]
         first = np.arange(len(on)) % seq_chunks == 0
         rows.append([name, cells(on, off, d["doc"], first), cells(on, off, d["doc"], ~first)])
     if not rows:
@@ -236,13 +242,6 @@ def by_position(evals: list[tuple[str, str, Path]], seq_chunks: int, incontext: 
             "reader retrieves for every 64 tokens, so its gain is spread evenly; shown on the same chunks. Change of "
             "bits per byte, 95% bootstrap over documents, each against its own retrieval-off reference.", "",
             markdown_table(["reader", "first chunk of each sequence", "the other chunks"], rows), ""]
-
-
-def yaml_value(out: Path, key: str, default: object) -> object:
-    """A setting of the evaluation in ``out`` (its config.yaml), ``default`` if it is not there."""
-    import yaml
-
-    return (yaml.safe_load((out / "config.yaml").read_text()) or {}).get(key, default)
 
 
 def k_curve(path: Path) -> list[str]:
