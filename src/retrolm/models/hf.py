@@ -131,8 +131,12 @@ class CausalLM(nn.Module):
 
     @functools.cached_property
     def _cache_arg(self) -> str:
-        params = inspect.signature(self.hf.forward).parameters
-        return "cache" if "cache" in params else "past_key_values"
+        return kv_cache_arg(self.hf)
 
     def save_pretrained(self, folder: str | Path) -> None:
         self.hf.save_pretrained(folder)
+
+
+def kv_cache_arg(hf: nn.Module) -> str:
+    """The name of an HF causal LM's KV-cache argument: ``cache`` in transformers 5, ``past_key_values`` in 4.x."""
+    return "cache" if "cache" in inspect.signature(hf.forward).parameters else "past_key_values"

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,7 +40,7 @@ from retrolm.models.layers import MLP, Attention, CausalSelfAttention, RMSNorm, 
 from retrolm.models.weights import load_weights, read_model_config, save_weights
 
 __all__ = ["PRESETS", "ChunkedCrossAttention", "ModelOutput", "NeighbourEncoder", "RetroCache", "RetroConfig",
-           "RetroModel", "check_neighbours"]
+           "RetroModel", "check_neighbours", "encode_attending"]
 
 
 CHECKPOINT_MODES = ("none", "encoder", "all")
@@ -565,47 +566,70 @@ class RetroModel(nn.Module):
     def _encode_neighbours(
         self, h: Tensor, neighbours: Tensor | None, mask: Tensor | None, start: int, cache: RetroCache | None
     ) -> tuple[tuple[Tensor, Tensor] | None, bool]:
-        """At the first RETRO layer: encode the neighbours of chunks completing in this call (conditioned on their
-        activations ``h``) and gather the encoded neighbours of every attending chunk the CCA layers will read.
+        """At the first RETRO layer: the encoded neighbours the CCA layers read (:func:`encode_attending`)."""
 
-        Returns ((enc (B, N, K, R, d_enc), mask (B, N, K, R)) or None when nothing is retrieved (CCA is skipped),
-        and whether that is exactly the cache's encoded chunk, whose CCA keys/values the cache may hold)."""
-        m = self.config.chunk_len
-        B, T, _ = h.shape
-        cs, ce = start // m, (start + T) // m  # chunks cs..ce-1 complete within this call
-        if cache is not None:  # prepend chunk cs's rows from earlier calls; keep the unfinished rest for later calls
-            h = torch.cat([cache.chunk_hidden[:, : start - cs * m].type_as(h), h], dim=1)  # positions [cs·m, start+T)
-            rest = h[:, (ce - cs) * m :]
-            cache.chunk_hidden[:, : rest.shape[1]] = rest
-        n_new = 0 if neighbours is None else max(0, min(ce, neighbours.shape[1]) - cs)
-        new = None
-        if n_new > 0:
-            nb, nm = neighbours[:, cs : cs + n_new], mask[:, cs : cs + n_new]
-            chunk_h = rearrange(h[:, : n_new * m], "b (c m) d -> b c m d", m=m)
+        def encode(nb: Tensor, nm: Tensor, chunk_h: Tensor | None) -> Tensor:
             if self._checkpointing("encoder"):
-                enc = checkpoint(self._embed_and_encode, nb, nm, chunk_h, use_reentrant=False)
-            else:
-                enc = self._embed_and_encode(nb, nm, chunk_h)
-            new = (enc, nm)  # (B, n_new, K, R, d_enc)
-        j0 = max(start + 1, m) // m - 1  # chunk read by the first reading position: cs − 1 (from the cache) or cs
-        prev = None
-        if j0 == cs - 1 and cache is not None and cache.enc is not None:
-            prev = (cache.enc[:, None], cache.enc_mask[:, None])
-        if cache is not None and ce > cs:
-            cache.enc, cache.enc_mask = (new[0][:, -1], new[1][:, -1]) if n_new == ce - cs else (None, None)
-            cache.cca_kv = {}
-        if new is None and prev is None:
-            return None, False
-        if prev is not None and new is None and ce == cs:  # only the cached chunk is read
-            return prev, True
+                return checkpoint(self._embed_and_encode, nb, nm, chunk_h, use_reentrant=False)
+            return self._embed_and_encode(nb, nm, chunk_h)
 
-        ref_enc, ref_mask = new if new is not None else prev
+        return encode_attending(neighbours, mask, start, h.shape[1], self.config.chunk_len, cache, encode, h)
 
-        def blank(n: int) -> tuple[Tensor, Tensor]:  # chunks without neighbours: fully masked → CCA output 0
-            return ref_enc.new_zeros(B, n, *ref_enc.shape[2:]), ref_mask.new_zeros(B, n, *ref_mask.shape[2:])
 
-        parts = [prev if prev is not None else blank(1)] if j0 == cs - 1 else []
-        parts += [new] if new is not None else []
-        if ce - cs - n_new > 0:
-            parts.append(blank(ce - cs - n_new))
-        return (torch.cat([p[0] for p in parts], dim=1), torch.cat([p[1] for p in parts], dim=1)), False
+def encode_attending(
+    neighbours: Tensor | None,
+    mask: Tensor | None,
+    start: int,
+    T: int,
+    m: int,
+    cache: Any,
+    encode: Callable[[Tensor, Tensor, Tensor | None], Tensor],
+    h: Tensor | None = None,
+) -> tuple[tuple[Tensor, Tensor] | None, bool]:
+    """Encode the neighbours of the chunks that complete at positions [start, start+T) and gather the encoded
+    neighbours of every attending chunk those positions read (RETRO's chunked causality, incremental decoding).
+
+    ``encode(nb (B, n, K, R), mask, chunk_h (B, n, m, d) or None) → (B, n, K, R, …)``; ``h`` (B, T, d) are the
+    positions' activations that condition the encoder (None: the encoding depends on the neighbours alone).
+    ``cache`` (None for a full forward at start 0) is any decoding state with ``chunk_hidden`` (B, m, d; used only
+    with ``h``), ``enc``, ``enc_mask`` (the most recent complete chunk's encoding) and ``cca_kv`` (keys/values
+    projected from it, reset here when a chunk completes). Returns ((enc (B, N, K, R, …), mask (B, N, K, R)) for the
+    attending chunks j(max(start, m−1)) … j(start+T−1), or None when none reads anything, and whether that is
+    exactly the cache's chunk).
+    """
+    cs, ce = start // m, (start + T) // m  # chunks cs..ce-1 complete within this call
+    if cache is not None and h is not None:  # prepend chunk cs's rows from earlier calls; keep the rest for later
+        h = torch.cat([cache.chunk_hidden[:, : start - cs * m].type_as(h), h], dim=1)  # positions [cs·m, start+T)
+        rest = h[:, (ce - cs) * m :]
+        cache.chunk_hidden[:, : rest.shape[1]] = rest
+    n_new = 0 if neighbours is None else max(0, min(ce, neighbours.shape[1]) - cs)
+    new = None
+    if n_new > 0:
+        assert neighbours is not None and mask is not None
+        nb, nm = neighbours[:, cs : cs + n_new], mask[:, cs : cs + n_new]
+        chunk_h = None if h is None else rearrange(h[:, : n_new * m], "b (c m) d -> b c m d", m=m)
+        new = (encode(nb, nm, chunk_h), nm)  # (B, n_new, K, R, …)
+    j0 = max(start + 1, m) // m - 1  # chunk read by the first reading position: cs − 1 (from the cache) or cs
+    prev = None
+    if j0 == cs - 1 and cache is not None and cache.enc is not None:
+        prev = (cache.enc[:, None], cache.enc_mask[:, None])
+    if cache is not None and ce > cs:
+        cache.enc, cache.enc_mask = (new[0][:, -1], new[1][:, -1]) if new is not None and n_new == ce - cs else (
+            None, None)
+        cache.cca_kv = {}
+    if new is None and prev is None:
+        return None, False
+    if prev is not None and new is None and ce == cs:  # only the cached chunk is read
+        return prev, True
+
+    ref_enc, ref_mask = new if new is not None else prev
+    B = ref_enc.shape[0]
+
+    def blank(n: int) -> tuple[Tensor, Tensor]:  # chunks without neighbours: fully masked → CCA output 0
+        return ref_enc.new_zeros(B, n, *ref_enc.shape[2:]), ref_mask.new_zeros(B, n, *ref_mask.shape[2:])
+
+    parts = [prev if prev is not None else blank(1)] if j0 == cs - 1 else []
+    parts += [new] if new is not None else []
+    if ce - cs - n_new > 0:
+        parts.append(blank(ce - cs - n_new))
+    return (torch.cat([p[0] for p in parts], dim=1), torch.cat([p[1] for p in parts], dim=1)), False

@@ -58,9 +58,16 @@ from torch.utils.checkpoint import checkpoint
 
 from retrolm.core.errors import RetrolmError
 from retrolm.core.hub import resolve_model, weights_fingerprint
-from retrolm.models.hf import load_hf_causal_lm
+from retrolm.models.hf import kv_cache_arg, load_hf_causal_lm
 from retrolm.models.layers import Attention, RMSNorm, apply_rope, rope_table
-from retrolm.models.retro import ChunkedCrossAttention, ModelOutput, NeighbourEncoder, RetroConfig, check_neighbours
+from retrolm.models.retro import (
+    ChunkedCrossAttention,
+    ModelOutput,
+    NeighbourEncoder,
+    RetroConfig,
+    check_neighbours,
+    encode_attending,
+)
 from retrolm.models.weights import load_weights, read_model_config, save_weights
 
 __all__ = ["RetrofitCache", "RetrofitModel", "RetrofitModelConfig", "default_cca_layers", "find_decoder_layers"]
@@ -256,30 +263,36 @@ def _context_len(hf: nn.Module) -> int | None:
 
 @dataclass
 class RetrofitCache:
-    """Generation state of a :class:`RetrofitModel`: the tokens fed so far, in a buffer of ``max_len`` tokens.
+    """Incremental-decoding state of a :class:`RetrofitModel` (:meth:`RetrofitModel.init_cache`).
 
-    Deliberately simple (no KV cache): every call runs the full forward pass over the whole buffer — the tokens fed so
-    far, then padding that causality keeps out of their logits — and returns the logits of the new positions. Each call
-    therefore does exactly the computation of a full forward over ``max_len`` tokens, and the logits equal that pass's
-    bit for bit; the price is one ``max_len``-token forward per generated token, fine for the ≤ seq_len-token
-    continuations ``retrolm generate`` produces, but not a fast decoder. With ``encoder=base`` the neighbours' states
-    (the base run over each neighbour alone: most of a step's work) are kept for the chunks already read and
-    reused as long as those chunks' neighbours stay the same.
+    The base keeps its own keys and values in ``past`` (a ``transformers`` ``DynamicCache``), so each call runs the
+    base over the new tokens only; the rest is RETRO's chunked causality carried from call to call, as in
+    :class:`~retrolm.models.retro.RetroCache`: the most recent complete chunk's encoded neighbours (``encoder=retro``:
+    the neighbour encoder's output; ``encoder=base``: the base's states of each neighbour at every reading layer),
+    their projected keys and values, the unfinished chunk's activations that will condition the encoder, and
+    (``encoder=base``) each reader's own context keys and values. Feeding a sequence in any pieces gives the logits
+    of one full forward (up to float rounding).
     """
 
-    tokens: Tensor
-    """(B, max_len) token ids; the first ``pos`` columns are valid."""
+    past: Any
+    """The base's KV cache (``transformers.DynamicCache``)."""
+    max_len: int
+    """Most tokens this cache can hold (≤ seq_len)."""
     pos: int = 0
     """Number of tokens consumed so far (the position of the next token)."""
-    neighbour_ids: Tensor | None = None
-    """``encoder=base``: (B, N, K, R) the neighbours whose states are kept, and their mask (next field)."""
-    neighbour_mask: Tensor | None = None
-    states: dict[str, Tensor] | None = None
-    """``encoder=base``: per reading layer, the kept neighbours' normalised states (B, N, K, R, d)."""
-
-    @property
-    def max_len(self) -> int:
-        return self.tokens.shape[1]
+    reading: bool | None = None
+    """Whether this cache reads neighbours, fixed by the first call (neighbours given or not): the reading state of
+    every position has to be kept from the start."""
+    chunk_hidden: Tensor | None = None
+    """``encoder=retro``: (B, m, d) activations at the first CCA layer's input of the chunk being completed."""
+    enc: Tensor | None = None
+    """(B, K, R, …) encoded neighbours of the most recent complete chunk, None if it had none."""
+    enc_mask: Tensor | None = None
+    """(B, K, R) mask of ``enc``."""
+    cca_kv: dict[str, tuple[Tensor, Tensor]] = dataclasses.field(default_factory=dict)
+    """Per reading layer, the keys and values projected from ``enc``: computed once, read by the next chunk's tokens."""
+    ctx_kv: dict[str, tuple[Tensor, Tensor]] = dataclasses.field(default_factory=dict)
+    """``encoder=base``: per reading layer, its reader's context keys (with RoPE) and values (B, H, max_len, e)."""
 
 
 class _CrossBlock(nn.Module):
@@ -291,8 +304,9 @@ class _CrossBlock(nn.Module):
         self.cca = ChunkedCrossAttention(rcfg)
         self.drop = nn.Dropout(rcfg.dropout)
 
-    def forward(self, h: Tensor, enc: Tensor, enc_mask: Tensor) -> Tensor:
-        y = self.cca(self.norm(h), enc, enc_mask)
+    def forward(self, h: Tensor, enc: Tensor, enc_mask: Tensor, start: int = 0,
+                kv: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        y = self.cca(self.norm(h), enc, enc_mask, start=start, kv=kv)
         return h + self.drop(y).to(h.dtype)
 
 
@@ -318,38 +332,61 @@ class _JointReader(nn.Module):
         n_pos = max(rcfg.seq_len, rcfg.neighbour_len, offset + 2 * rcfg.chunk_len)
         self.register_buffer("rope", rope_table(n_pos, self.head, rcfg.rope_theta), persistent=False)
 
-    def forward(self, x: Tensor, nb: Tensor, nb_mask: Tensor) -> Tensor:
-        """x (B, T, d); nb (B, C, K, R, d) with C = T // m (chunk u's neighbours, read from position (u+1)·m − 1);
-        nb_mask (B, C, K, R) True = real token → (B, T, d), exactly 0 where nothing is read."""
+    def project_neighbours(self, nb: Tensor) -> tuple[Tensor, Tensor]:
+        """nb (B, N, K, R, d) → keys (with RoPE: neighbour token r at position r) and values (B, H, N, K·R, e)."""
+        N, K, R = nb.shape[1:4]
+        kn, vn = self.attn.keys_values(rearrange(nb.to(self.attn.kv.weight.dtype), "b n k r d -> b (n k r) d"))
+        kn = apply_rope(rearrange(kn, "b h (n kr) e -> b h n kr e", n=N), self.rope[:, :R].repeat(1, K, 1))
+        return kn, rearrange(vn, "b h (n kr) e -> b h n kr e", n=N)
+
+    def forward(self, x: Tensor, nb: Tensor | None, nb_mask: Tensor | None, start: int = 0,
+                ctx_kv: tuple[Tensor, Tensor] | None = None, kv: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        """What to add to the attention output of positions [start, start+T).
+
+        x (B, T, d); nb (B, N, K, R, d): the neighbours of attending chunks j(max(start, m−1)) … j(start+T−1), where
+        j(p) = (p+1)//m − 1, with nb_mask (B, N, K, R) True = real token (None: nothing to read); ``ctx_kv``: (B, H,
+        max_len, e) buffers holding the context keys/values of positions < start (incremental decoding; this call's
+        are written into them); ``kv``: ``project_neighbours(nb)`` if already computed. → (B, T, d), exactly 0 where
+        nothing is read."""
         T = x.shape[1]
-        C, K, R = nb.shape[1:4]
         m, rope = self.m, self.rope
+        kc, vc = self.attn.keys_values(x)
+        kc = apply_rope(kc, rope[:, start : start + T])
+        if ctx_kv is not None:
+            cache_k, cache_v = ctx_kv
+            cache_k[:, :, start : start + T] = kc
+            cache_v[:, :, start : start + T] = vc
+            kc, vc = cache_k[:, :, : start + T].type_as(kc), cache_v[:, :, : start + T].type_as(vc)
+        N = 0 if nb is None else nb.shape[1]
+        skip = min(T, max(0, m - 1 - start))  # leading positions p < m−1 read nothing
+        lead = (start + skip + 1) % m  # offset of the first reading position inside its attending chunk
+        tail = N * m - lead - (T - skip)
+        if N == 0 or skip == T:
+            return torch.zeros_like(x)
+        if not 0 <= tail < m:
+            raise ValueError(f"reader got {N} neighbour chunks for positions [{start}, {start + T}) with chunk_len {m}")
+        assert nb is not None and nb_mask is not None
         scale = self.head ** -0.5
         q = self.attn.queries(x)  # (B, H, T, e)
-        kc, vc = self.attn.keys_values(x)
-        s_ctx = apply_rope(q, rope[:, :T]) @ apply_rope(kc, rope[:, :T]).transpose(-1, -2) * scale
-        s_ctx = s_ctx.float().masked_fill(torch.ones(T, T, dtype=torch.bool, device=x.device).triu(1), float("-inf"))
+        s_ctx = apply_rope(q, rope[:, start : start + T]) @ kc.transpose(-1, -2) * scale  # (B, H, T, start+T)
+        future = torch.ones(T, start + T, dtype=torch.bool, device=x.device).triu(start + 1)
+        s_ctx = s_ctx.float().masked_fill(future, float("-inf"))
         lse_ctx = torch.logsumexp(s_ctx, -1)  # (B, H, T)
         read_ctx = torch.softmax(s_ctx, -1).type_as(vc) @ vc
 
-        # attending chunk j holds positions j·m + m−1 … j·m + 2m−2: drop the first m−1, pad to C whole chunks
-        n_read = T - (m - 1)
-        if n_read <= 0 or C == 0:
-            return torch.zeros_like(x)
-        qf = rearrange(F.pad(q[:, :, m - 1 :], (0, 0, 0, C * m - n_read)), "b h (c i) e -> b h c i e", i=m)
+        # attending chunk j holds positions j·m + m−1 … j·m + 2m−2: fold the reading positions into whole chunks
+        qf = rearrange(F.pad(q[:, :, skip:], (0, 0, lead, tail)), "b h (c i) e -> b h c i e", i=m)
         qf = apply_rope(qf, rope[:, self.offset + m - 1 : self.offset + 2 * m - 1])  # m−1+i after the chunk's start
-        kn, vn = self.attn.keys_values(rearrange(nb.to(x.dtype), "b c k r d -> b (c k r) d"))
-        kn = apply_rope(rearrange(kn, "b h (c kr) e -> b h c kr e", c=C), rope[:, :R].repeat(1, K, 1))
-        vn = rearrange(vn, "b h (c kr) e -> b h c kr e", c=C)
-        s_nb = (qf @ kn.transpose(-1, -2) * scale).float()  # (B, H, C, m, K·R)
+        kn, vn = self.project_neighbours(nb) if kv is None else kv
+        s_nb = (qf @ kn.transpose(-1, -2) * scale).float()  # (B, H, N, m, K·R)
         s_nb = s_nb.masked_fill(~rearrange(nb_mask, "b c k r -> b 1 c 1 (k r)"), float("-inf"))
         lse_nb = torch.logsumexp(s_nb, -1)  # −inf where the chunk has no real neighbour token
-        reads = torch.isfinite(lse_nb)  # (B, H, C, m)
+        reads = torch.isfinite(lse_nb)  # (B, H, N, m)
         read_nb = torch.softmax(s_nb.masked_fill(~reads[..., None], 0.0), -1).type_as(vn) @ vn
 
-        def unfold(t: Tensor, fill: float = 0.0) -> Tensor:  # (B, H, C, m, …) → (B, H, T, …); first m−1: fill
-            t = rearrange(t, "b h c i ... -> b h (c i) ...")[:, :, :n_read]
-            return F.pad(t, (0, 0) * (t.dim() - 3) + (m - 1, 0), value=fill)
+        def unfold(t: Tensor, fill: float = 0.0) -> Tensor:  # (B, H, N, m, …) → (B, H, T, …); first `skip`: fill
+            t = rearrange(t, "b h c i ... -> b h (c i) ...")[:, :, lead : lead + T - skip]
+            return F.pad(t, (0, 0) * (t.dim() - 3) + (skip, 0), value=fill)
 
         lse_nb = unfold(lse_nb, float("-inf"))  # (B, H, T)
         w = torch.where(torch.isfinite(lse_nb), torch.sigmoid(lse_nb - lse_ctx), 0.0)  # the neighbour's share
@@ -361,11 +398,16 @@ class _JointReader(nn.Module):
 class _Run:
     """What the hooks of one forward pass read: the neighbours, then (after the first CCA layer's pre-hook) E."""
 
-    neighbours: Tensor
-    mask: Tensor
+    neighbours: Tensor | None
+    mask: Tensor | None
+    start: int = 0
+    """Position of the first token of this pass (incremental decoding)."""
+    cache: RetrofitCache | None = None
     encoded: tuple[Tensor, Tensor] | None = None
     by_layer: dict[str, tuple[Tensor, Tensor]] | None = None
     """``encoder=base``: per CCA layer, the neighbours' hidden states it reads (B, N, K, R, d) and their mask."""
+    cached: bool = False
+    """Whether what is read is exactly the cache's chunk, whose projected keys/values the cache may hold."""
 
 
 class RetrofitModel(nn.Module):
@@ -411,6 +453,7 @@ class RetrofitModel(nn.Module):
             self._add_lora(layers)
         self._layers = list(layers)  # not registered again: they are the base's own modules
         self._run: _Run | None = None
+        self._past_arg = kv_cache_arg(hf)
         self._hooks = [] if self.base_read else [
             self._layers[config.retro_layers[0] - 1].register_forward_pre_hook(self._encode_hook, with_kwargs=True)]
         for i in config.retro_layers:
@@ -567,13 +610,29 @@ class RetrofitModel(nn.Module):
     # ------------------------------------------------------------------ forward
     def init_cache(self, batch_size: int, max_len: int | None = None, device: torch.device | str | None = None,
                    dtype: torch.dtype | None = None) -> RetrofitCache:
-        """Empty generation state for ``batch_size`` sequences of up to ``max_len`` (default seq_len) tokens
-        (``dtype`` is accepted for RetroModel's signature; the cache holds token ids)."""
+        """Empty decoding state for ``batch_size`` sequences of up to ``max_len`` (default seq_len) tokens; ``dtype``
+        (default: the parameters') of the reading state kept between calls."""
         max_len = self.config.seq_len if max_len is None else max_len
         if not 0 < max_len <= self.config.seq_len:
             raise RetrolmError(f"init_cache: max_len={max_len} must be in 1..seq_len={self.config.seq_len}")
-        device = device or self.wte.weight.device
-        return RetrofitCache(tokens=torch.zeros(batch_size, max_len, dtype=torch.long, device=device))
+        from transformers import DynamicCache
+
+        try:  # recent transformers size the cache's layers from the config (sliding-window layers included)
+            past = DynamicCache(config=self.base.config)
+        except TypeError:  # pragma: no cover - older transformers
+            past = DynamicCache()
+        w = self.wte.weight
+        device, dtype = device or w.device, dtype or w.dtype
+        cache = RetrofitCache(past=past, max_len=max_len)
+        if self.base_read:
+            cfg = self.config
+            shape = (batch_size, cfg.n_head, max_len, cfg.d_model // cfg.n_head)
+            cache.ctx_kv = {key: (torch.zeros(shape, device=device, dtype=dtype),
+                                  torch.zeros(shape, device=device, dtype=dtype)) for key in self.cca}
+        else:
+            cache.chunk_hidden = torch.zeros(batch_size, self.config.chunk_len, self.config.d_model, device=device,
+                                             dtype=dtype)
+        return cache
 
     def forward(
         self,
@@ -588,8 +647,10 @@ class RetrofitModel(nn.Module):
         The contract of :meth:`retrolm.models.retro.RetroModel.forward`: ``neighbours[:, u]`` were retrieved with chunk
         u and are read by positions ≥ (u+1)·m − 1; ids < 0 and ``neighbour_mask`` False are padding; None → retrieval
         off, exactly the base model's output; ``targets`` -100 are ignored. With a ``cache`` (:meth:`init_cache`),
-        ``idx`` continues the cached tokens and only its positions' logits are returned (the forward pass covers the
-        whole buffer: see :class:`RetrofitCache`); chunks not complete after ``idx`` read no neighbours yet.
+        ``idx`` continues the cached tokens at position ``cache.pos`` and the base runs over ``idx`` only; chunk
+        indices stay absolute (pass the same growing ``neighbours`` as for a full forward): chunk u's neighbours are
+        read from the call that feeds its last token, position (u+1)·m − 1, and chunks not complete after ``idx`` are
+        ignored. A cache first called without neighbours never reads any.
         """
         if idx.dim() != 2:
             raise RetrolmError(f"idx must be (batch, time), got shape {tuple(idx.shape)}")
@@ -599,24 +660,27 @@ class RetrofitModel(nn.Module):
         if T == 0 or start + T > limit:
             raise RetrolmError(f"sequence positions [{start}, {start + T}) exceed the model/cache length {limit}")
         neighbours, neighbour_mask = check_neighbours(B, neighbours, neighbour_mask, self.config.neighbour_len)
-        full = idx
+        run = None
         if cache is not None:
-            cache.tokens[:, start : start + T] = idx
-            full = cache.tokens  # the whole buffer: the same computation as a full forward over max_len tokens
-            if neighbours is not None:  # chunks that are not complete yet read nothing (their tokens are not known)
-                done = (start + T) // self.config.chunk_len
-                neighbours, neighbour_mask = neighbours[:, :done], neighbour_mask[:, :done]
-        run = _Run(neighbours, neighbour_mask) if neighbours is not None else None
+            if cache.reading is None:
+                cache.reading = neighbours is not None
+            elif neighbours is not None and not cache.reading:
+                raise RetrolmError("this decoding cache was started without neighbours and cannot read any: start "
+                                   "one (init_cache) whose first call passes neighbours")
+            run = _Run(neighbours, neighbour_mask, start, cache) if cache.reading else None
+        elif neighbours is not None:
+            run = _Run(neighbours, neighbour_mask)
         if run is not None and self.base_read:
-            self._read_with_base(run, full.shape[1], cache)  # before self._run is set: the hooks leave this pass alone
+            self._read_with_base(run, T)  # before self._run is set: the hooks leave the neighbours' pass alone
         self._run = run
         try:
-            logits = self.base(input_ids=full, use_cache=False).logits
+            if cache is None:
+                logits = self.base(input_ids=idx, use_cache=False).logits
+            else:
+                logits = self.base(input_ids=idx, use_cache=True, **{self._past_arg: cache.past}).logits
+                cache.pos += T
         finally:
             self._run = None
-        if cache is not None:
-            logits = logits[:, start : start + T]
-            cache.pos += T
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
@@ -628,56 +692,37 @@ class RetrofitModel(nn.Module):
         return args[0] if args else kwargs["hidden_states"]
 
     def _encode_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        """Pre-hook of the first CCA layer: encode every complete chunk's neighbours, conditioned on the chunk's
-        hidden states at this layer's input; chunks without neighbours get an all-False mask (CCA reads nothing)."""
+        """Pre-hook of the first CCA layer: encode the neighbours of the chunks that complete in this pass, conditioned
+        on the chunk's hidden states at this layer's input, and gather what each CCA reads (chunks without neighbours:
+        an all-False mask, CCA reads nothing)."""
         run = self._run
         if run is None:
             return None
         h = self._hidden(args, kwargs)
-        m = self.config.chunk_len
-        B, T, _ = h.shape
-        n_chunks = T // m  # complete chunks: the attending chunks of positions m−1 … T−1
-        n_new = min(n_chunks, run.neighbours.shape[1])
-        if n_new == 0:
-            return None
-        nb, nm = run.neighbours[:, :n_new], run.mask[:, :n_new]
-        chunk_h = rearrange(h[:, : n_new * m], "b (c m) d -> b c m d", m=m)
-        enc = self.encoder(self.wte(nb).to(chunk_h.dtype), nm, chunk_h)  # (B, n_new, K, R, d_enc)
-        if n_chunks > n_new:  # chunks retrieved nothing for
-            enc = torch.cat([enc, enc.new_zeros(B, n_chunks - n_new, *enc.shape[2:])], dim=1)
-            nm = torch.cat([nm, nm.new_zeros(B, n_chunks - n_new, *nm.shape[2:])], dim=1)
-        run.encoded = (enc, nm)
+
+        def encode(nb: Tensor, nm: Tensor, chunk_h: Tensor | None) -> Tensor:
+            assert chunk_h is not None and self.encoder is not None
+            return self.encoder(self.wte(nb).to(chunk_h.dtype), nm, chunk_h)  # (B, n, K, R, d_enc)
+
+        run.encoded, run.cached = encode_attending(run.neighbours, run.mask, run.start, h.shape[1],
+                                                   self.config.chunk_len, run.cache, encode, h)
         return None
 
-    def _read_with_base(self, run: _Run, T: int, cache: RetrofitCache | None = None) -> None:
-        """``encoder=base``: run the base over every neighbour of the complete chunks, each alone at positions
-        0 … R−1, and keep for each CCA layer l the neighbours' hidden states at layer l's output (normalised as
-        layer l+1's attention reads its input). With a generation ``cache``, the leading chunks whose neighbours
-        were encoded by an earlier call are not encoded again (a neighbour's states depend on it alone)."""
-        m = self.config.chunk_len
-        n_chunks = T // m
-        n_new = min(n_chunks, run.neighbours.shape[1])
-        if n_new == 0:
-            return
-        nb, nm = run.neighbours[:, :n_new], run.mask[:, :n_new]
-        B, C, K, R = nb.shape
-        done = 0  # leading chunks whose states the cache holds
-        if cache is not None and cache.states is not None and cache.neighbour_ids.shape[0] == B:
-            c = min(cache.neighbour_ids.shape[1], C)
-            same = ((cache.neighbour_ids[:, :c] == nb[:, :c]) & (cache.neighbour_mask[:, :c] == nm[:, :c]))
-            same = same.flatten(2).all(-1).all(0)  # (c,) chunk by chunk
-            done = int(same.long().cumprod(0).sum())
-        by_layer = {key: h[:, :done] for key, h in cache.states.items()} if done else {}
-        if done < C:
-            new = self._base_states(nb[:, done:], nm[:, done:])
-            by_layer = {key: torch.cat([by_layer[key], h], 1) if done else h for key, h in new.items()}
-        if cache is not None and not torch.is_grad_enabled():
-            cache.neighbour_ids, cache.neighbour_mask, cache.states = nb, nm, by_layer
-        if n_chunks > n_new:  # chunks retrieved nothing for
-            nm = torch.cat([nm, nm.new_zeros(B, n_chunks - n_new, K, R)], dim=1)
-            by_layer = {key: torch.cat([h, h.new_zeros(B, n_chunks - n_new, *h.shape[2:])], dim=1)
-                        for key, h in by_layer.items()}
-        run.by_layer = {key: (h, nm) for key, h in by_layer.items()}
+    def _read_with_base(self, run: _Run, T: int) -> None:
+        """``encoder=base``: run the base over every neighbour of the chunks that complete in this pass, each alone at
+        positions 0 … R−1, and give each reading layer l the neighbours' hidden states at its input (normalised as
+        its attention reads them) for every chunk its positions read; with a cache, the last complete chunk's states
+        come from the earlier call that encoded them (a neighbour's states depend on it alone)."""
+        keys = list(self.cca)
+
+        def encode(nb: Tensor, nm: Tensor, _chunk_h: Tensor | None) -> Tensor:  # (B, n, K, R, layers, d)
+            states = self._base_states(nb, nm)
+            return torch.stack([states[key] for key in keys], dim=-2)
+
+        got, run.cached = encode_attending(run.neighbours, run.mask, run.start, T, self.config.chunk_len, run.cache,
+                                           encode)
+        if got is not None:
+            run.by_layer = {key: (got[0][..., i, :], got[1]) for i, key in enumerate(keys)}
 
     def _base_states(self, nb: Tensor, nm: Tensor) -> dict[str, Tensor]:
         """The base over each neighbour ``nb`` (B, C, K, R) alone → per CCA layer its normalised input states
@@ -698,15 +743,29 @@ class RetrofitModel(nn.Module):
     def _joint_hook(self, key: str, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         """``encoder=base``: forward hook of layer ``key``'s self-attention; its output gains the neighbours' share."""
         run = self._run
-        if run is None or run.by_layer is None:
-            return None  # retrieval off (or nothing to read yet): the base's output, untouched
+        if run is None or (run.by_layer is None and run.cache is None):
+            return None  # retrieval off (or nothing to read): the base's output, untouched
         x = self._hidden(args, kwargs)
         reader = self.cca[key]
-        if self.training and torch.is_grad_enabled():  # recomputed in the backward pass: one layer's scores at a time
-            y = checkpoint(reader, x, *run.by_layer[key], use_reentrant=False)
+        nb, nm = run.by_layer[key] if run.by_layer is not None else (None, None)
+        if run.cache is not None:  # decoding: the reader keeps its context keys even when nothing is read yet
+            kv = self._cached_kv(run, key, lambda: reader.project_neighbours(nb)) if nb is not None else None
+            y = reader(x, nb, nm, start=run.start, ctx_kv=run.cache.ctx_kv[key], kv=kv)
+        elif self.training and torch.is_grad_enabled():  # recomputed in the backward pass: one layer's scores at a time
+            y = checkpoint(reader, x, nb, nm, use_reentrant=False)
         else:
-            y = reader(x, *run.by_layer[key])
+            y = reader(x, nb, nm)
         return _map_hidden(output, lambda h: h + y.to(h.dtype), module, "attention")
+
+    @staticmethod
+    def _cached_kv(run: _Run, key: str, project: Any) -> tuple[Tensor, Tensor] | None:
+        """The read chunk's projected keys/values for layer ``key``, computed once per chunk when it is the cache's
+        (None otherwise: the reader projects what it reads)."""
+        if not run.cached or run.cache is None:
+            return None
+        if key not in run.cache.cca_kv:
+            run.cache.cca_kv[key] = project()
+        return run.cache.cca_kv[key]
 
     def _cca_hook(self, key: str, module: nn.Module, args: tuple, output: Any) -> Any:
         """Forward hook of CCA layer ``key``: its output hidden state h becomes h + CCA(norm(h), E)."""
@@ -714,7 +773,9 @@ class RetrofitModel(nn.Module):
         if run is None or run.encoded is None:
             return None  # retrieval off (or nothing to read yet): the base's output, untouched
         block = self.cca[key]
-        return _map_hidden(output, lambda h: block(h, *run.encoded), module, "decoder layer")
+        enc, enc_mask = run.encoded
+        kv = self._cached_kv(run, key, lambda: block.cca.project_kv(enc))
+        return _map_hidden(output, lambda h: block(h, enc, enc_mask, run.start, kv), module, "decoder layer")
 
 
 def _map_hidden(output: Any, f: Any, module: nn.Module, what: str) -> Any:
