@@ -181,7 +181,27 @@ def test_generation_encodes_each_neighbour_once_with_encoder_base(tiny_base, bui
         parts = [model(idx[:, :100], nb, cache=cache).logits]  # chunk 0 complete: its 2 neighbours
         parts += [model(idx[:, p : p + 1], nb, cache=cache).logits for p in range(100, T)]
     torch.testing.assert_close(torch.cat(parts, 1), full, rtol=1e-4, atol=1e-4)
-    assert encoded == [2, 2, 2, 2]  # chunks 0-3, each when it completes; never again
+    # chunks 0-3, each when it completes, never again; chunk 1 retrieved nothing: two all-padding neighbours, one row
+    assert encoded == [2, 1, 2, 2]
+
+
+def test_a_neighbour_read_by_several_rows_is_encoded_once(tiny_base, built_db):
+    """Overlapping evaluation sequences (context_chunks) read the same chunk's neighbours in several rows: the base
+    runs over each distinct neighbour once, and every row's logits are those it gets alone."""
+    model = base_read(tiny_base)
+    perturb(model)
+    idx, nb = inputs(built_db.tokenizer.vocab_size, seed=4, T=T)
+    nb[1, :3] = nb[0, 1:]  # row 1 starts one chunk later than row 0: three chunks' neighbours in common
+    distinct = torch.unique(nb.clamp_min(0).flatten(0, 2), dim=0).shape[0]
+    encoded = []
+    model.base.base_model.register_forward_pre_hook(
+        lambda _m, args, kw: encoded.append(kw["input_ids"].shape[0]) if kw.get("attention_mask") is not None else None,
+        with_kwargs=True)
+    with torch.no_grad():
+        both = model(idx, nb).logits
+        assert encoded == [distinct] and distinct < 2 * 4 * 2
+        alone = torch.cat([model(idx[i : i + 1], nb[i : i + 1]).logits for i in range(2)])
+    torch.testing.assert_close(both, alone, rtol=1e-5, atol=1e-5)
 
 
 def test_a_cache_started_without_neighbours_reads_none(tiny_base, built_db):

@@ -726,18 +726,23 @@ class RetrofitModel(nn.Module):
 
     def _base_states(self, nb: Tensor, nm: Tensor) -> dict[str, Tensor]:
         """The base over each neighbour ``nb`` (B, C, K, R) alone → per CCA layer its normalised input states
-        (B, C, K, R, d)."""
+        (B, C, K, R, d). A neighbour that occurs more than once in the batch (overlapping evaluation sequences,
+        ``context_chunks``, read each chunk's neighbours in several rows) is run once."""
         B, C = nb.shape[:2]
+        ids = rearrange(nb, "b c k r -> (b c k) r")
         mask = rearrange(nm, "b c k r -> (b c k) r")
         mask = mask | ~mask.any(-1, keepdim=True)  # an all-padding neighbour reads junk (never NaN); CCA masks it
+        rows, where = torch.unique(torch.cat([ids, mask.long()], -1), dim=0, return_inverse=True)
+        ids, mask = rows.split(ids.shape[1], dim=-1)
         # a frozen base passes no gradient to its own states: the pass needs no graph
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.base_frozen):
-            states = self.base.base_model(input_ids=rearrange(nb, "b c k r -> (b c k) r"), attention_mask=mask.long(),
-                                          output_hidden_states=True, use_cache=False).hidden_states
+            states = self.base.base_model(input_ids=ids, attention_mask=mask, output_hidden_states=True,
+                                          use_cache=False).hidden_states
         out = {}
         for key in self.cca:
             layer = self._layers[int(key) - 1]  # its attention reads its input, normalised
-            out[key] = rearrange(layer.input_layernorm(states[int(key) - 1]), "(b c k) r d -> b c k r d", b=B, c=C)
+            h = layer.input_layernorm(states[int(key) - 1])[where]
+            out[key] = rearrange(h, "(b c k) r d -> b c k r d", b=B, c=C)
         return out
 
     def _joint_hook(self, key: str, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
