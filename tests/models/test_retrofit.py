@@ -40,6 +40,15 @@ def save_llama(folder: Path, vocab: int, seed: int = 0) -> Path:
     return folder
 
 
+def save_gpt2(folder: Path, vocab: int) -> Path:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(vocab_size=vocab, n_embd=64, n_layer=2, n_head=4, n_positions=512, bos_token_id=0,
+                               eos_token_id=0)).save_pretrained(folder)
+    return folder
+
+
 @pytest.fixture(autouse=True)
 def one_thread():
     """Tiny models run several times faster on one thread, and much faster on a busy machine."""
@@ -107,12 +116,7 @@ def test_init_logits_equal_the_untouched_base_and_cca_is_wired(arch, tiny_base, 
     vocab = built_db.tokenizer.vocab_size
     base = tiny_base
     if arch == "gpt2":
-        from transformers import GPT2Config, GPT2LMHeadModel
-
-        torch.manual_seed(0)
-        base = tmp_path / "gpt2"
-        GPT2LMHeadModel(GPT2Config(vocab_size=vocab, n_embd=64, n_layer=2, n_head=4, n_positions=512,
-                                   bos_token_id=0, eos_token_id=0)).save_pretrained(base)
+        base = save_gpt2(tmp_path / "gpt2", vocab)
     model = retrofit(base, lora=arch.endswith("lora"))
     reference = hf_model(base)
     idx, nb = inputs(vocab)
@@ -133,18 +137,22 @@ def base_lengths(model: RetrofitModel) -> list[int]:
     carry an attention mask)."""
     seen: list[int] = []
     model.base.base_model.register_forward_pre_hook(
-        lambda _m, _a, kw: seen.append(kw["input_ids"].shape[1]) if kw.get("attention_mask") is None else None,
-        with_kwargs=True)
+        lambda _m, args, kw: seen.append((kw.get("input_ids") if args == () else args[0]).shape[1])
+        if kw.get("attention_mask") is None else None, with_kwargs=True)
     return seen
 
 
-@pytest.mark.parametrize("encoder", ["retro", "base"])
+@pytest.mark.parametrize("encoder", ["retro", "base", "retro-gpt2"])
 @pytest.mark.parametrize("pieces", [(100,) + (1,) * 60, (37, 1, 26, 1, 63, 5, 27)])
-def test_cached_decoding_logits_equal_a_full_forward(encoder, pieces, tiny_base, built_db):
+def test_cached_decoding_logits_equal_a_full_forward(encoder, pieces, tiny_base, built_db, tmp_path):
     """Fed in pieces (one token at a time, or pieces that end on a chunk's last token, inside a chunk, or complete
     several chunks at once), the KV-cached model gives the full forward's logits, and the base runs over the new
     tokens only. Row 0's chunk 1 retrieved nothing."""
-    model = retrofit(tiny_base) if encoder == "retro" else base_read(tiny_base)
+    if encoder == "base":
+        model = base_read(tiny_base)
+    else:  # a Llama or a GPT-2 base (each has its own KV cache layout inside transformers)
+        model = retrofit(save_gpt2(tmp_path / "gpt2", built_db.tokenizer.vocab_size) if encoder == "retro-gpt2"
+                         else tiny_base)
     perturb(model)
     idx, nb = inputs(built_db.tokenizer.vocab_size, seed=3, T=160)
     seen = base_lengths(model)
