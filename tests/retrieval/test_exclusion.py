@@ -30,6 +30,8 @@ class FakeStore:
     def __init__(self, chunk_docs):
         self.doc = np.asarray(chunk_docs)
         self.n_chunks = len(self.doc)
+        self.first_doc = 0
+        self.doc_n_chunks = np.bincount(self.doc)
 
     def chunk_doc(self, ids):
         return self.doc[np.asarray(ids)]
@@ -93,6 +95,23 @@ def test_documents_excluded_per_query_match_a_brute_force_reference():
             assert res.ids[i].tolist() == want, (q, k)
             np.testing.assert_array_equal(res.scores[i], [-abs(c - int(q)) for c in want])
     assert all(f <= 50 for f in r.fetches)  # never asks for more than the database holds
+
+
+@pytest.mark.parametrize("cap", [100, 4])
+def test_one_search_passes_over_the_excluded_documents_when_the_retriever_allows(cap):
+    """A retriever whose search costs the same at any k (BM25) fetches k + the excluded documents' chunks at once:
+    one search per query batch (capped: then the loop fetches the rest), the same hits as the reference."""
+    db = FakeDB(CHUNK_DOCS)
+    r = ByDistance(db)
+    r.excluded_fetch = cap
+    queries = ["25", "0", "11", "49", "44", "1"]
+    docs = [[2], [0, 1], [1], [4, 3], [], [0]]
+    res = r.search(queries, 3, Exclusion(docs=docs))
+    assert res.ids.tolist() == [reference(db, int(q), 3, docs[i]) for i, q in enumerate(queries)]
+    if cap == 100:
+        assert r.fetches == [3 + 30]  # document 2 (30 chunks) is the largest excluded set
+    else:
+        assert r.fetches[0] == 3 + 4 and len(r.fetches) > 1
 
 
 def test_exclusion_that_leaves_fewer_than_k_fills_with_missing():

@@ -64,6 +64,10 @@ class Retriever(ABC):
     """Top-k chunks of a database for text queries. Subclasses implement :meth:`_search` (chunk mask only)."""
 
     name = "retriever"
+    excluded_fetch = 0
+    """With documents excluded per query: fetch up to k + this many hits in the first search, enough to pass over
+    every chunk of the excluded documents (for searches that cost about the same at any k: BM25); 0 → fetch 2k and
+    quadruple until k remain (searches whose cost grows with k: faiss)."""
 
     def __init__(self, db: DatabaseView) -> None:
         self.db = db
@@ -100,10 +104,18 @@ class Retriever(ABC):
 
     def _search_excluding_docs(self, queries: np.ndarray, k: int, mask: np.ndarray | None,
                                docs: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
-        nq, n = len(queries), self.db.store.n_chunks
+        store = self.db.store
+        nq, n = len(queries), store.n_chunks
         scores = np.full((nq, k), -np.inf, dtype=np.float32)
         ids = np.full((nq, k), -1, dtype=np.int64)
-        todo, fetch = np.arange(nq), 2 * k
+        fetch = 2 * k
+        if self.excluded_fetch:  # at most every chunk of a query's excluded documents ranks above its k-th hit
+            sizes, need = store.doc_n_chunks, k
+            for d in docs:
+                d = np.asarray(d, dtype=np.int64) - store.first_doc
+                need = max(need, int(sizes[d[(d >= 0) & (d < len(sizes))]].sum()))
+            fetch = k + min(need, self.excluded_fetch)
+        todo = np.arange(nq)
         while len(todo):
             s, i = self._search(queries[todo], min(fetch, n), mask)
             chunk_docs = np.where(i >= 0, self.db.store.chunk_doc(np.maximum(i, 0)), -1)

@@ -11,6 +11,7 @@ class BM25Retriever(Retriever):
     """BM25 (``bm25s``) over the chunk texts. Works on any database, including one built without dense keys."""
 
     name = "bm25"
+    excluded_fetch = 4096  # one search scores every chunk anyway; the top 4,096 cost ~15% more than the top 4
 
     def _search(self, queries: np.ndarray, k: int, exclude_chunks: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
         return self.db.lexical.search(list(queries), k, exclude=exclude_chunks)
