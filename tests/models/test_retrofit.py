@@ -212,6 +212,30 @@ def test_a_neighbour_read_by_several_rows_is_encoded_once(tiny_base, built_db):
     torch.testing.assert_close(both, alone, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("encoder", ["retro", "base"])
+def test_masked_padding_is_read_by_no_one(encoder, tiny_base, built_db):
+    """With ``attention_mask``, what the masked positions hold changes no visible position's logits (the base's
+    attention and, ``encoder=base``, the readers' attention over the context skip them); without it, it does.
+    ``encoder=retro``: RETRO's neighbour encoder still conditions on every position of the retrieving chunk, so there
+    only the base is checked."""
+    model = retrofit(tiny_base) if encoder == "retro" else base_read(tiny_base)
+    perturb(model)
+    vocab = built_db.tokenizer.vocab_size
+    idx, nb = inputs(vocab, seed=5)
+    mask = torch.ones_like(idx, dtype=torch.bool)
+    mask[:, 20:64] = False  # a document ended at token 19 of chunk 0: 44 positions of padding
+    mask[1, 150:180] = False
+    other = torch.where(mask, idx, (idx + 7) % vocab)
+    with torch.no_grad():
+        for neighbours in (nb, None) if encoder == "base" else (None,):
+            a = model(idx, neighbours, attention_mask=mask).logits
+            b = model(other, neighbours, attention_mask=mask).logits
+            torch.testing.assert_close(a[mask], b[mask], rtol=1e-5, atol=1e-5)
+        assert float((model(idx, nb).logits - model(other, nb).logits)[mask].abs().amax()) > 1e-3
+        with pytest.raises(RetrolmError, match="attention_mask must be bool"):
+            model(idx, nb, attention_mask=mask.long())
+
+
 def test_a_cache_started_without_neighbours_reads_none(tiny_base, built_db):
     model = base_read(tiny_base)
     idx, nb = inputs(built_db.tokenizer.vocab_size, seed=3, T=T)

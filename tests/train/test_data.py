@@ -66,6 +66,14 @@ def test_sequences_targets_and_neighbours(built_db):
             assert targets[row, n - 1] == eos  # a document's last token predicts EOS
         elif row < 3:
             assert targets[row, n - 1] == store.tokens([c + 1])[0, 0]
+    # The token mask shows the text and, after a document's last token, one padding position (its end-of-text).
+    for s in range(len(seqs)):
+        got, cs = seqs.sequence(s)["token_mask"].reshape(4, m), np.arange(4 * s, 4 * s + 4)
+        lens = store.lengths(cs)
+        for row, c in enumerate(cs):
+            want = np.arange(m) < lens[row] + (1 if c in last and lens[row] < m else 0)
+            np.testing.assert_array_equal(got[row], want)
+    assert any(c in last and store.lengths([c])[0] < m for c in range(len(seqs) * 4))  # the case occurs
     # Neighbour tokens are the neighbour chunk followed by its continuation.
     toks, _mask = store.neighbour_tokens(nb[ids].reshape(-1))
     np.testing.assert_array_equal(item["neighbours"].reshape(-1, 2 * m), toks)

@@ -340,14 +340,16 @@ class _JointReader(nn.Module):
         return kn, rearrange(vn, "b h (n kr) e -> b h n kr e", n=N)
 
     def forward(self, x: Tensor, nb: Tensor | None, nb_mask: Tensor | None, start: int = 0,
-                ctx_kv: tuple[Tensor, Tensor] | None = None, kv: tuple[Tensor, Tensor] | None = None) -> Tensor:
+                ctx_kv: tuple[Tensor, Tensor] | None = None, kv: tuple[Tensor, Tensor] | None = None,
+                ctx_mask: Tensor | None = None) -> Tensor:
         """What to add to the attention output of positions [start, start+T).
 
         x (B, T, d); nb (B, N, K, R, d): the neighbours of attending chunks j(max(start, m−1)) … j(start+T−1), where
         j(p) = (p+1)//m − 1, with nb_mask (B, N, K, R) True = real token (None: nothing to read); ``ctx_kv``: (B, H,
         max_len, e) buffers holding the context keys/values of positions < start (incremental decoding; this call's
-        are written into them); ``kv``: ``project_neighbours(nb)`` if already computed. → (B, T, d), exactly 0 where
-        nothing is read."""
+        are written into them); ``kv``: ``project_neighbours(nb)`` if already computed; ``ctx_mask`` (B, start+T):
+        False = a context position no one attends to (padding), as in the base's own attention. → (B, T, d), exactly
+        0 where nothing is read."""
         T = x.shape[1]
         m, rope = self.m, self.rope
         kc, vc = self.attn.keys_values(x)
@@ -370,6 +372,8 @@ class _JointReader(nn.Module):
         q = self.attn.queries(x)  # (B, H, T, e)
         s_ctx = apply_rope(q, rope[:, start : start + T]) @ kc.transpose(-1, -2) * scale  # (B, H, T, start+T)
         future = torch.ones(T, start + T, dtype=torch.bool, device=x.device).triu(start + 1)
+        if ctx_mask is not None:
+            future = future | ~ctx_mask[:, None, None, :]
         s_ctx = s_ctx.float().masked_fill(future, float("-inf"))
         lse_ctx = torch.logsumexp(s_ctx, -1)  # (B, H, T)
         read_ctx = torch.softmax(s_ctx, -1).type_as(vc) @ vc
@@ -408,6 +412,8 @@ class _Run:
     """``encoder=base``: per CCA layer, the neighbours' hidden states it reads (B, N, K, R, d) and their mask."""
     cached: bool = False
     """Whether what is read is exactly the cache's chunk, whose projected keys/values the cache may hold."""
+    token_mask: Tensor | None = None
+    """(B, T) False = padding that no position attends to (the forward's ``attention_mask``)."""
 
 
 class RetrofitModel(nn.Module):
@@ -416,6 +422,10 @@ class RetrofitModel(nn.Module):
     Build one with :meth:`from_base` (by model reference) or ``RetrofitModel(hf_model, config)``; load a checkpoint
     with :meth:`from_pretrained`. See the module docstring for the design.
     """
+
+    reads_token_mask = True
+    """``forward`` takes an ``attention_mask``: training and scoring pass the padding between documents as masked
+    (a pretrained base never saw runs of padding in its context, and they cost it most of what it reads)."""
 
     def __init__(self, hf: nn.Module, config: RetrofitModelConfig) -> None:
         super().__init__()
@@ -641,6 +651,7 @@ class RetrofitModel(nn.Module):
         neighbour_mask: Tensor | None = None,
         targets: Tensor | None = None,
         cache: RetrofitCache | None = None,
+        attention_mask: Tensor | None = None,
     ) -> ModelOutput:
         """Next-token logits for ``idx`` (B, T), reading ``neighbours`` (B, C, K, R) where causality allows.
 
@@ -650,7 +661,8 @@ class RetrofitModel(nn.Module):
         ``idx`` continues the cached tokens at position ``cache.pos`` and the base runs over ``idx`` only; chunk
         indices stay absolute (pass the same growing ``neighbours`` as for a full forward): chunk u's neighbours are
         read from the call that feeds its last token, position (u+1)·m − 1, and chunks not complete after ``idx`` are
-        ignored. A cache first called without neighbours never reads any.
+        ignored. A cache first called without neighbours never reads any. ``attention_mask`` (B, T) bool, full
+        forwards only: False = padding, which no position attends to (the base's and the readers' attention).
         """
         if idx.dim() != 2:
             raise RetrolmError(f"idx must be (batch, time), got shape {tuple(idx.shape)}")
@@ -660,6 +672,10 @@ class RetrofitModel(nn.Module):
         if T == 0 or start + T > limit:
             raise RetrolmError(f"sequence positions [{start}, {start + T}) exceed the model/cache length {limit}")
         neighbours, neighbour_mask = check_neighbours(B, neighbours, neighbour_mask, self.config.neighbour_len)
+        if attention_mask is not None and (cache is not None or attention_mask.shape != idx.shape
+                                           or attention_mask.dtype != torch.bool):
+            raise RetrolmError(f"attention_mask must be bool of shape {tuple(idx.shape)}, without a cache; got "
+                               f"{attention_mask.dtype} of shape {tuple(attention_mask.shape)}")
         run = None
         if cache is not None:
             if cache.reading is None:
@@ -669,13 +685,14 @@ class RetrofitModel(nn.Module):
                                    "one (init_cache) whose first call passes neighbours")
             run = _Run(neighbours, neighbour_mask, start, cache) if cache.reading else None
         elif neighbours is not None:
-            run = _Run(neighbours, neighbour_mask)
+            run = _Run(neighbours, neighbour_mask, token_mask=attention_mask)
         if run is not None and self.base_read:
             self._read_with_base(run, T)  # before self._run is set: the hooks leave the neighbours' pass alone
         self._run = run
         try:
             if cache is None:
-                logits = self.base(input_ids=idx, use_cache=False).logits
+                mask = None if attention_mask is None else attention_mask.long()
+                logits = self.base(input_ids=idx, attention_mask=mask, use_cache=False).logits
             else:
                 logits = self.base(input_ids=idx, use_cache=True, **{self._past_arg: cache.past}).logits
                 cache.pos += T
@@ -757,9 +774,9 @@ class RetrofitModel(nn.Module):
             kv = self._cached_kv(run, key, lambda: reader.project_neighbours(nb)) if nb is not None else None
             y = reader(x, nb, nm, start=run.start, ctx_kv=run.cache.ctx_kv[key], kv=kv)
         elif self.training and torch.is_grad_enabled():  # recomputed in the backward pass: one layer's scores at a time
-            y = checkpoint(reader, x, nb, nm, use_reentrant=False)
+            y = checkpoint(reader, x, nb, nm, ctx_mask=run.token_mask, use_reentrant=False)
         else:
-            y = reader(x, nb, nm)
+            y = reader(x, nb, nm, ctx_mask=run.token_mask)
         return _map_hidden(output, lambda h: h + y.to(h.dtype), module, "attention")
 
     @staticmethod

@@ -30,12 +30,25 @@ class Batch:
     neighbours: torch.Tensor | None  # (B, C, K, R) neighbour tokens (chunk + continuation)
     neighbour_mask: torch.Tensor | None  # (B, C, K, R) True for real tokens
     n_bytes: torch.Tensor  # (B,) UTF-8 bytes of the target text, for bits-per-byte
+    token_mask: torch.Tensor | None = None
+    """(B, T) True where ``idx`` holds text: False on the padding after a document's last token, except its first
+    position, which separates the documents as an end-of-text token would (see :func:`model_kwargs`)."""
 
     def to(self, device: torch.device | str) -> Batch:
         def mv(t: torch.Tensor | None) -> torch.Tensor | None:
             return None if t is None else t.to(device, non_blocking=True)
 
-        return Batch(mv(self.idx), mv(self.targets), mv(self.neighbours), mv(self.neighbour_mask), self.n_bytes)
+        return Batch(mv(self.idx), mv(self.targets), mv(self.neighbours), mv(self.neighbour_mask), self.n_bytes,
+                     mv(self.token_mask))
+
+
+def model_kwargs(model: torch.nn.Module, batch: Batch) -> dict[str, torch.Tensor]:
+    """Keyword arguments of ``model``'s forward beyond the RETRO interface that ``batch`` fills: the token mask, for a
+    model that reads it (``reads_token_mask``: a pretrained base, which never saw runs of padding in its context; a
+    RETRO trained here did, and keeps reading them as it was trained)."""
+    if getattr(model, "reads_token_mask", False) and batch.token_mask is not None:
+        return {"attention_mask": batch.token_mask}
+    return {}
 
 
 def swap_neighbours(batch: Batch, share: float, rng: np.random.Generator) -> Batch:
@@ -168,9 +181,13 @@ class RetroSequences:
         # The last real token of a document predicts EOS; the padding after it predicts nothing.
         rows = np.flatnonzero(self._last[ids])
         targets[rows, lens[rows] - 1] = self.eos_id if self.eos_id is not None else IGNORE
+        visible = real.copy()
+        ended = rows[lens[rows] < m]  # the first padding position after a document ends stands for end-of-text
+        visible[ended, lens[ended]] = True
         out = {
             "idx": flat,
             "targets": targets.reshape(-1),
+            "token_mask": visible.reshape(-1),
             # Bytes of the text predicted in this sequence: each chunk's share of its document's bytes.
             "n_bytes": np.float64(self.chunk_bytes[ids[ids >= self.scored(s)[0]]].sum()),
         }
@@ -191,4 +208,5 @@ class RetroSequences:
             neighbours=torch.from_numpy(np.stack([i["neighbours"] for i in items])) if has_nb else None,
             neighbour_mask=torch.from_numpy(np.stack([i["neighbour_mask"] for i in items])) if has_nb else None,
             n_bytes=torch.tensor([i["n_bytes"] for i in items], dtype=torch.float64),
+            token_mask=torch.from_numpy(np.stack([i["token_mask"] for i in items])),
         )

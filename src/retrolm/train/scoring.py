@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from retrolm.core.device import autocast
-from retrolm.train.data import IGNORE, RetroSequences
+from retrolm.train.data import IGNORE, RetroSequences, model_kwargs
 
 
 @dataclass
@@ -79,7 +79,7 @@ def score_sequences(
         ids = seq_ids[start : start + batch_size]
         batch = seqs.batch(ids, with_neighbours).to(device)
         with autocast(device):
-            logits = model(batch.idx, batch.neighbours, batch.neighbour_mask).logits
+            logits = model(batch.idx, batch.neighbours, batch.neighbour_mask, **model_kwargs(model, batch)).logits
         ce = F.cross_entropy(logits.float().flatten(0, 1), batch.targets.flatten(), ignore_index=IGNORE,
                              reduction="none").view(batch.idx.shape).double().cpu().numpy()
         targets = batch.targets.cpu().numpy()

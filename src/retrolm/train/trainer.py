@@ -48,7 +48,7 @@ from retrolm.retrieval.neighbours import (
 )
 from retrolm.train.checkpoints import CheckpointManager
 from retrolm.train.config import LoopConfig, TrainConfig, lr_at
-from retrolm.train.data import RetroSequences, swap_neighbours
+from retrolm.train.data import RetroSequences, model_kwargs, swap_neighbours
 from retrolm.train.scoring import score_sequences
 
 logger = logging.getLogger(__name__)
@@ -370,7 +370,8 @@ class Trainer:
                 sync = micro == cfg.grad_accum - 1 or self.world == 1
                 ctx = contextlib.nullcontext() if sync else self.forward_model.no_sync()
                 with ctx, autocast(self.device, cfg.bf16):
-                    out = self.forward_model(batch.idx, batch.neighbours, batch.neighbour_mask, batch.targets)
+                    out = self.forward_model(batch.idx, batch.neighbours, batch.neighbour_mask, batch.targets,
+                                             **model_kwargs(self.model, batch))
                     loss = out.loss / cfg.grad_accum
                 loss.backward()
                 loss_sum += float(loss.detach())
