@@ -1,12 +1,16 @@
 #!/usr/bin/env python3
 """Knowledge update without retraining (issue 11, item 6): SmolLM2-135M with in-context BM25 retrieval predicts
 held-out Linux 6.12 documents while the database changes — {6.1 only, 6.1 + the rest of 6.12}, then the 6.1 versions
-of the held-out documents are deleted with `retrolm db delete` — and the model itself never changes.
+of the held-out documents are deleted with `retrolm db delete` — and the model itself never changes. With
+`--retrofit-steps N`, the same for SmolLM2 RETRO-fitted with `encoder=base` for N steps on Linux 6.1 (without the
+held-out documents' old versions) and scored with every chunk reading (`context_chunks=3`).
 
     .venv/bin/python scripts/evidence_knowledge_update.py [--work runs/evidence-knowledge] [--per-bucket 6]
+        [--retrofit-steps 40]
 
 Every step is a `retrolm` command (listed on the results page); finished steps are skipped on a re-run. Writes
-docs/results/knowledge-update/<run>/{eval.json,report.md,config.yaml} and docs/knowledge-update.md.
+docs/results/knowledge-update/<run>/{eval.json,report.md,config.yaml} (``retrofit-<run>`` for the RETRO-fitted
+reader) and docs/knowledge-update.md.
 """
 
 from __future__ import annotations
@@ -19,10 +23,12 @@ import shutil
 import time
 from pathlib import Path
 
-from evidence_incontext import LM, REPO, RETROLM, commands_section, prepare_kernel, run, table
+import numpy as np
+from evidence_incontext import LM, REPO, RETROLM, Steps, commands_section, prepare_kernel, run, table
 
 READ = ["retriever=bm25", "stride=64", "query_tokens=32", "context_tokens=256", "near_dup_threshold=0",
         "group_by=bucket"]
+READ_RETROFIT = ["retriever=bm25", "context_chunks=3", "near_dup_threshold=0", "group_by=bucket"]
 STEPS = [  # (run name, database, what the database holds)
     ("db-6.1", "db-6.1", "6.1 only"),
     ("db-6.1+6.12-rest", "db-6.1+6.12-rest", "6.1 + every 6.12 document except the held-out ones"),
@@ -36,16 +42,19 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=REPO / "runs" / "evidence-knowledge")
     ap.add_argument("--per-bucket", type=int, default=6)
     ap.add_argument("--max-chars", type=int, default=1600)
+    ap.add_argument("--retrofit-steps", type=int, default=0, help="also RETRO-fit SmolLM2 (encoder=base) for this "
+                    "many steps and read with it (0: the in-context reader only)")
     args = ap.parse_args()
-    work, log, seconds = args.work, [], {}
+    work = args.work
+    step = Steps(work)
+    log = step.log
     data, kernel = prepare_kernel(work, args, log)
     build = ["--tokenizer", LM, "--index", "none", "--bm25", "-q"]
-    seconds["build 6.1"] = run([*RETROLM, "db", "build", data / "linux-docs-6.1.jsonl", "--out", work / "db-6.1",
-                                *build], log, done=work / "db-6.1" / "meta.json")
+    step("build 6.1", [*RETROLM, "db", "build", data / "linux-docs-6.1.jsonl", "--out", work / "db-6.1", *build],
+         work / "db-6.1" / "meta.json")
     rest = work / "db-6.1+6.12-rest"
-    seconds["build 6.1+6.12 rest"] = run([*RETROLM, "db", "build", data / "linux-docs-6.1.jsonl",
-                                          kernel / "rest.jsonl", "--out", rest, *build], log,
-                                         done=rest / "meta.json")
+    step("build 6.1+6.12 rest", [*RETROLM, "db", "build", data / "linux-docs-6.1.jsonl", kernel / "rest.jsonl",
+                                 "--out", rest, *build], rest / "meta.json")
     deleted = work / "db-6.1+6.12-rest-deleted"
     labels = json.loads((kernel / "labels.json").read_text())["labels"]
     held = {json.loads(x)["id"] for x in (kernel / "heldout.jsonl").read_text().splitlines()}
@@ -62,37 +71,117 @@ def main() -> None:
     out_root = REPO / "docs" / "results" / "knowledge-update"
     for name, db, _ in STEPS:
         out = out_root / name
-        seconds[name] = run([*RETROLM, "eval", "--checkpoint", LM, "--db", work / db, "--data",
-                             kernel / "heldout.jsonl", "--out", out, "-q", *READ], log, done=out / "eval.json")
-    write_page(out_root, log, seconds, args, old_versions)
+        step(name, [*RETROLM, "eval", "--checkpoint", LM, "--db", work / db, "--data", kernel / "heldout.jsonl",
+                    "--out", out, "-q", *READ], out / "eval.json")
+    if args.retrofit_steps > 0:
+        fit = retrofit(work, data, old_versions, args.retrofit_steps, step)
+        for name, db, _ in STEPS:
+            out = out_root / f"retrofit-{name}"
+            step(f"retrofit {name}", [*RETROLM, "eval", "--checkpoint", fit, "--db", work / db, "--data",
+                                      kernel / "heldout.jsonl", "--out", out, "-q", *READ_RETROFIT], out / "eval.json")
+    write_page(out_root, log, step.seconds, args, old_versions)
 
 
-def write_page(out_root: Path, log: list[str], seconds: dict, args: argparse.Namespace, deleted: list[str]) -> None:
-    results = {name: json.loads((out_root / name / "eval.json").read_text()) for name, _, _ in STEPS}
+def retrofit(work: Path, data: Path, old_versions: list[str], steps: int, step: Steps) -> Path:
+    """RETRO-fit SmolLM2 (``encoder=base``) on Linux 6.1 without the held-out documents' old versions (so that the
+    new layers cannot have learned the held-out text from them); → the checkpoint's folder."""
+    train = work / "retrofit-train.jsonl"
+    if not train.exists():
+        skip = set(old_versions)
+        docs = [x for x in (data / "linux-docs-6.1.jsonl").read_text().splitlines() if json.loads(x)["id"] not in skip]
+        tmp = train.with_suffix(".tmp")
+        tmp.write_text("\n".join(docs) + "\n")
+        tmp.rename(train)
+    step.log.append(f"(retrofit-train.jsonl: linux-docs-6.1.jsonl without the {len(old_versions)} documents "
+                    "deleted below)")
+    db = work / "db-6.1-train"
+    step("build retrofit db", [*RETROLM, "db", "build", train, "--out", db, "--tokenizer", LM, "--index", "none",
+                               "--bm25", "-q"], db / "meta.json")
+    fit = work / "retrofit-smollm2-base"
+    done = fit / "checkpoints" / f"step-{steps:06d}"
+    step("retrofit", [*RETROLM, "retrofit", "-q", "--config", REPO / "configs" / "retrofit-smollm2-base.yaml", "--base",
+                      LM, "--db", db, "--out", fit, f"steps={steps}", f"save_every={steps}", f"eval_every={steps}",
+                      "tensorboard=false", f"neighbours_dir={work / 'neighbours'}"], done / "model.safetensors")
+    return done
+
+
+def reader_table(out_root: Path, prefix: str = "") -> str | None:
+    """The table of one reader (run folders ``<prefix><step>``): per bucket, bits per byte without a database and with
+    each one (relative change, 95% interval over documents); None if its runs are missing."""
+    if not all((out_root / f"{prefix}{name}" / "eval.json").exists() for name, _, _ in STEPS):
+        return None
+    results = {name: json.loads((out_root / f"{prefix}{name}" / "eval.json").read_text()) for name, _, _ in STEPS}
     first = results[STEPS[0][0]]
-    buckets = list(first["groups"])
+    on = "in_context" if "in_context" in first["summary"] else "retro"
+    off = "no_retrieval" if on == "in_context" else "retro_no_retrieval"
     header = ["bucket", "docs", "no database"] + [f"{what} ({name})" for name, _, what in STEPS]
     rows = []
-    for g in [*buckets, "all"]:
-        if g == "all":
-            row = [g, first["exclusion"]["eval_docs"], f"{first['summary']['no_retrieval']['bpb']:.3f}"]
-        else:
-            row = [g, first["groups"][g]["docs"], f"{first['groups'][g]['summary']['no_retrieval']['bpb']:.3f}"]
+    for g in [*first["groups"], "all"]:
+        part = first if g == "all" else first["groups"][g]
+        row = [g, first["exclusion"]["eval_docs"] if g == "all" else part["docs"], f"{part['summary'][off]['bpb']:.3f}"]
         for name, _, _ in STEPS:
             r = results[name]
             if g == "all":
-                bpb, gain, (lo, hi) = r["summary"]["in_context"]["bpb"], r["gain"]["all"], r["gain_ci95"]["all"]
+                bpb, gain, (lo, hi) = r["summary"][on]["bpb"], r["gain"]["all"], r["gain_ci95"]["all"]
             else:
                 d = r["groups"][g]
-                bpb, gain, (lo, hi) = d["summary"]["in_context"]["bpb"], d["gain"], d["gain_ci95"]
+                bpb, gain, (lo, hi) = d["summary"][on]["bpb"], d["gain"], d["gain_ci95"]
             row.append(f"{bpb:.3f} ({-gain:+.1%} [{-hi:+.1%}, {-lo:+.1%}])")
         rows.append(row)
+    return table(header, rows)
+
+
+def by_doc_position(out_root: Path, runs: list[tuple[str, str]]) -> str | None:
+    """Change of bits per byte by a chunk's position in its document (per-chunk files of each run: (label, run))."""
+    rows, positions = [], ("0", "1", "2", "3+")
+    for label, name in runs:
+        f = out_root / name / "per_chunk.npz"
+        if not f.exists():
+            return None
+        z = np.load(f)
+        on, off = [k for k in z.files if k.startswith("nats:")]
+        on, off = (on, off) if "no_retrieval" in off else (off, on)
+        doc = z["doc"]
+        pos = np.zeros(len(doc), dtype=np.int64)
+        for i in range(1, len(doc)):
+            pos[i] = pos[i - 1] + 1 if doc[i] == doc[i - 1] else 0
+        cells = []
+        for sel in (pos == 0, pos == 1, pos == 2, pos >= 3):
+            cells.append(f"{z[on][sel].sum() / z[off][sel].sum() - 1:+.1%} ({int(sel.sum())})")
+        rows.append([label, *cells])
+    return table(["reader (6.1 only)", *(f"chunk {p} of its document (chunks)" for p in positions)], rows)
+
+
+def write_page(out_root: Path, log: list[str], seconds: dict, args: argparse.Namespace, deleted: list[str]) -> None:
+    retrofit_table = reader_table(out_root, "retrofit-")
+    retrofit_part = [] if retrofit_table is None else [
+        "### The same with a RETRO-fitted reader",
+        "",
+        f"SmolLM2-135M RETRO-fitted with `encoder=base` (`configs/retrofit-smollm2-base.yaml`, {args.retrofit_steps} "
+        "steps × 4 × 256 tokens on Linux 6.1 without the 12 deleted documents, BM25 neighbours, own document "
+        "excluded; the base frozen, so without a database it is exactly SmolLM2). It reads the neighbours of each "
+        "64-token chunk through its attention layers instead of in its context, and is scored with every chunk "
+        "reading (`context_chunks=3`: 192 tokens before each scored chunk, whose neighbours were retrieved with the "
+        "chunk before it). Same held-out documents and databases; the model was trained once, before the first "
+        "column, and never again.",
+        "",
+        retrofit_table,
+        "",
+        "By position in the document (6.1 only; change of bits per byte against each reader's own retrieval-off "
+        "reference, all documents pooled). A document's first chunk reads nothing in the in-context reader; in the "
+        "RETRO-fitted one it reads the neighbours of the previous document's last chunk (its sequences run across "
+        "documents, as RETRO's do).",
+        "",
+        by_doc_position(out_root, [("in-context", "db-6.1"), ("RETRO-fitted", "retrofit-db-6.1")]) or "",
+        "",
+    ]
     page = [
         "# Knowledge update by editing the database, not the model",
         "",
         f"Produced by `scripts/evidence_knowledge_update.py --per-bucket {args.per_bucket} --max-chars "
-        f"{args.max_chars}` on {platform.node()} ({platform.machine()}, {os.cpu_count()} CPUs, shared "
-        f"with other jobs), {time.strftime('%Y-%m-%d')}. CPU only (no GPU was lent for this work).",
+        f"{args.max_chars}{f' --retrofit-steps {args.retrofit_steps}' if args.retrofit_steps else ''}` on "
+        f"{platform.node()} ({platform.machine()}, {os.cpu_count()} CPUs, shared with other jobs), "
+        f"{time.strftime('%Y-%m-%d')}. CPU only (no GPU was lent for this work). Packages: {packages()}.",
         "",
         "The reader is SmolLM2-135M-Instruct (never trained here) with in-context BM25 retrieval: every 64 tokens the "
         "last 32 retrieve one passage (chunk + continuation) placed before the last 256 tokens. Held-out: a seeded "
@@ -101,8 +190,9 @@ def write_page(out_root: Path, log: list[str], seconds: dict, args: argparse.Nam
         "what the database holds is the variable here). Cells: bits per byte with retrieval (relative change against "
         "the same model without retrieval, 95% bootstrap interval over documents).",
         "",
-        table(header, rows),
+        reader_table(out_root) or "(in-context runs missing)",
         "",
+        *retrofit_part,
         *([(out_root / "findings.md").read_text()] if (out_root / "findings.md").exists() else []),
         f"Deleted in the last step ({len(deleted)} documents): " + ", ".join(f"`{d}`" for d in deleted) + ".",
         "",
@@ -110,6 +200,15 @@ def write_page(out_root: Path, log: list[str], seconds: dict, args: argparse.Nam
     ]
     (REPO / "docs" / "knowledge-update.md").write_text("\n".join(page))
     print("wrote docs/knowledge-update.md")
+
+
+def packages() -> str:
+    """The Debian packages the corpora came from (the held-out sample follows them)."""
+    found = []
+    for name in ("linux-docs-6.1", "linux-docs-6.12"):
+        src = REPO / "data" / "full" / f"{name}.source.json"
+        found.append(f"`{json.loads(src.read_text()).get('package', name)}`" if src.exists() else name)
+    return ", ".join(found)
 
 
 if __name__ == "__main__":
