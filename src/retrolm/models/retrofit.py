@@ -37,7 +37,10 @@ and without the passage in the context window; fitting starts from there instead
 
 The model has :class:`~retrolm.models.retro.RetroModel`'s interface (``forward(idx, neighbours, neighbour_mask,
 targets, cache)``, ``config.retro_layers / chunk_len / seq_len / num_neighbours / neighbour_len``, ``init_cache``,
-``wte``), so the trainer, the bits-per-byte scorer, ``retrolm eval`` and ``retrolm generate`` use it unchanged.
+``wte``), so the trainer, the bits-per-byte scorer, ``retrolm eval`` and ``retrolm generate`` use it unchanged. One
+addition: ``forward(…, attention_mask=)`` (``reads_token_mask``), through which the trainer and the scorer keep the
+padding after a document's last chunk out of the base's attention — a pretrained base never saw runs of padding in
+its context, and they cost it most of what it reads in the next chunks.
 """
 
 from __future__ import annotations
