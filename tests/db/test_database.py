@@ -219,6 +219,26 @@ def test_bm25_retriever_over_the_same_chunks(tmp_path, tiny_db_config):
     assert search(db, "   ", k=2, retriever="bm25") == []  # a blank query retrieves nothing
 
 
+def test_bm25_batch_search_on_threads_equals_the_plain_loop(tmp_path, tiny_db_config, monkeypatch):
+    """A batch of ≥ 100 queries is scored on threads (blocks of 50): the same hits, in the same order, as one thread."""
+    import retrolm.db.lexical as lexical
+
+    db = Database.build([write_jsonl(tmp_path / "c.jsonl", wiki_docs(30))], tmp_path / "db", tiny_db_config,
+                        show_progress=False)
+    queries = [db.chunk_texts([i % db.store.n_chunks])[0][:80] for i in range(130)]
+    calls = []
+    retrieve = db.lexical.retriever.retrieve
+    monkeypatch.setattr(db.lexical.retriever, "retrieve", lambda *a, **kw: calls.append(kw["n_threads"]) or
+                        retrieve(*a, **kw))
+    monkeypatch.setattr(lexical, "_cpus", lambda: 1)
+    one = db.lexical.search(queries, 4)
+    monkeypatch.setattr(lexical, "_cpus", lambda: 4)
+    many = db.lexical.search(queries, 4)
+    assert calls == [0, 2]  # 130 queries: two blocks' worth of threads at most
+    np.testing.assert_array_equal(one[1], many[1])
+    np.testing.assert_array_equal(one[0], many[0])
+
+
 def test_bm25_only_database_needs_no_encoder(tmp_path):
     """index=none + bm25: no dense keys (no encoder is even loaded), searched lexically; dense search says why not."""
     db = Database.build([write_jsonl(tmp_path / "c.jsonl", wiki_docs(20))], tmp_path / "db",
