@@ -225,15 +225,24 @@ def test_masked_padding_is_read_by_no_one(encoder, tiny_base, built_db):
     mask = torch.ones_like(idx, dtype=torch.bool)
     mask[:, 20:64] = False  # a document ended at token 19 of chunk 0: 44 positions of padding
     mask[1, 150:180] = False
+    mask[0, :5] = False  # a left-padded prompt: the first positions see nothing else (no NaN)
     other = torch.where(mask, idx, (idx + 7) % vocab)
     with torch.no_grad():
         for neighbours in (nb, None) if encoder == "base" else (None,):
             a = model(idx, neighbours, attention_mask=mask).logits
             b = model(other, neighbours, attention_mask=mask).logits
             torch.testing.assert_close(a[mask], b[mask], rtol=1e-5, atol=1e-5)
+            assert torch.isfinite(a).all()
         assert float((model(idx, nb).logits - model(other, nb).logits)[mask].abs().amax()) > 1e-3
         with pytest.raises(RetrolmError, match="attention_mask must be bool"):
             model(idx, nb, attention_mask=mask.long())
+        # decoding keeps the mask: a masked prompt, then one token at a time (row 1 meets more padding) = full forward
+        full = model(idx, nb, attention_mask=mask).logits
+        cache = model.init_cache(2, T)
+        parts = [model(idx[:, :100], nb, cache=cache, attention_mask=mask[:, :100]).logits]
+        parts += [model(idx[:, p : p + 1], nb, cache=cache, attention_mask=mask[:, p : p + 1]).logits
+                  for p in range(100, T)]
+    torch.testing.assert_close(torch.cat(parts, 1)[mask], full[mask], rtol=1e-4, atol=1e-4)
 
 
 def test_a_cache_started_without_neighbours_reads_none(tiny_base, built_db):

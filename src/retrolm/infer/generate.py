@@ -161,7 +161,10 @@ def generate(
         check_database(model, tokenizer, retriever)
     if not prompt.strip():
         raise RetrolmError("generate: the prompt is empty")
-    ids, dropped = fit_prompt(tokenizer.encode(prompt), tokenizer.pad_id, m, cfg.seq_len)
+    raw = tokenizer.encode(prompt)
+    ids, dropped = fit_prompt(raw, tokenizer.pad_id, m, cfg.seq_len)
+    # the left padding, which a model that reads a token mask (a pretrained base) keeps out of its attention
+    n_pad = len(ids) - len(raw) if not dropped else 0
     max_new = min(max_new_tokens, cfg.seq_len - len(ids))
     k = cfg.num_neighbours if num_neighbours is None else num_neighbours
     if k < 1:
@@ -177,7 +180,10 @@ def generate(
         end = (cache.pos + len(tokens)) // m + 1
         nb = None if slots is None else slots.tokens[:, :end]
         mk = None if slots is None else slots.mask[:, :end]
-        return model(torch.tensor([tokens], dtype=torch.long, device=device), nb, mk, cache=cache).logits[0, -1]
+        kw = {}
+        if cache.pos == 0 and n_pad and getattr(model, "reads_token_mask", False):
+            kw["attention_mask"] = (torch.arange(len(tokens), device=device) >= n_pad)[None]
+        return model(torch.tensor([tokens], dtype=torch.long, device=device), nb, mk, cache=cache, **kw).logits[0, -1]
 
     t0 = time.perf_counter()
     logits = step(ids)

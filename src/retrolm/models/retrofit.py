@@ -296,6 +296,9 @@ class RetrofitCache:
     """Per reading layer, the keys and values projected from ``enc``: computed once, read by the next chunk's tokens."""
     ctx_kv: dict[str, tuple[Tensor, Tensor]] = dataclasses.field(default_factory=dict)
     """``encoder=base``: per reading layer, its reader's context keys (with RoPE) and values (B, H, max_len, e)."""
+    token_mask: Tensor | None = None
+    """(B, max_len) False = padding no position attends to; made by the first call given an ``attention_mask``
+    (positions fed without one are text)."""
 
 
 class _CrossBlock(nn.Module):
@@ -375,8 +378,9 @@ class _JointReader(nn.Module):
         q = self.attn.queries(x)  # (B, H, T, e)
         s_ctx = apply_rope(q, rope[:, start : start + T]) @ kc.transpose(-1, -2) * scale  # (B, H, T, start+T)
         future = torch.ones(T, start + T, dtype=torch.bool, device=x.device).triu(start + 1)
-        if ctx_mask is not None:
-            future = future | ~ctx_mask[:, None, None, :]
+        if ctx_mask is not None:  # a position always sees itself (as in the base's masks): no row is left empty
+            itself = torch.eye(T, start + T, dtype=torch.bool, device=x.device).roll(start, 1)
+            future = future | (~ctx_mask[:, None, None, :] & ~itself)
         s_ctx = s_ctx.float().masked_fill(future, float("-inf"))
         lse_ctx = torch.logsumexp(s_ctx, -1)  # (B, H, T)
         read_ctx = torch.softmax(s_ctx, -1).type_as(vc) @ vc
@@ -416,7 +420,8 @@ class _Run:
     cached: bool = False
     """Whether what is read is exactly the cache's chunk, whose projected keys/values the cache may hold."""
     token_mask: Tensor | None = None
-    """(B, T) False = padding that no position attends to (the forward's ``attention_mask``)."""
+    """(B, start+T) False = padding that no other position attends to (``attention_mask``, with a cache's earlier
+    positions in front)."""
 
 
 class RetrofitModel(nn.Module):
@@ -664,8 +669,9 @@ class RetrofitModel(nn.Module):
         ``idx`` continues the cached tokens at position ``cache.pos`` and the base runs over ``idx`` only; chunk
         indices stay absolute (pass the same growing ``neighbours`` as for a full forward): chunk u's neighbours are
         read from the call that feeds its last token, position (u+1)·m − 1, and chunks not complete after ``idx`` are
-        ignored. A cache first called without neighbours never reads any. ``attention_mask`` (B, T) bool, full
-        forwards only: False = padding, which no position attends to (the base's and the readers' attention).
+        ignored. A cache first called without neighbours never reads any. ``attention_mask`` (B, T) bool: False =
+        padding, which no other position attends to (the base's and the readers' attention); with a cache it covers
+        ``idx`` and is kept for the calls that follow.
         """
         if idx.dim() != 2:
             raise RetrolmError(f"idx must be (batch, time), got shape {tuple(idx.shape)}")
@@ -675,10 +681,15 @@ class RetrofitModel(nn.Module):
         if T == 0 or start + T > limit:
             raise RetrolmError(f"sequence positions [{start}, {start + T}) exceed the model/cache length {limit}")
         neighbours, neighbour_mask = check_neighbours(B, neighbours, neighbour_mask, self.config.neighbour_len)
-        if attention_mask is not None and (cache is not None or attention_mask.shape != idx.shape
-                                           or attention_mask.dtype != torch.bool):
-            raise RetrolmError(f"attention_mask must be bool of shape {tuple(idx.shape)}, without a cache; got "
+        if attention_mask is not None and (attention_mask.shape != idx.shape or attention_mask.dtype != torch.bool):
+            raise RetrolmError(f"attention_mask must be bool of shape {tuple(idx.shape)}; got "
                                f"{attention_mask.dtype} of shape {tuple(attention_mask.shape)}")
+        visible = attention_mask  # (B, positions the pass attends over)
+        if cache is not None and (attention_mask is not None or cache.token_mask is not None):
+            if cache.token_mask is None:
+                cache.token_mask = torch.ones(B, cache.max_len, dtype=torch.bool, device=idx.device)
+            cache.token_mask[:, start : start + T] = True if attention_mask is None else attention_mask
+            visible = cache.token_mask[:, : start + T]
         run = None
         if cache is not None:
             if cache.reading is None:
@@ -686,18 +697,19 @@ class RetrofitModel(nn.Module):
             elif neighbours is not None and not cache.reading:
                 raise RetrolmError("this decoding cache was started without neighbours and cannot read any: start "
                                    "one (init_cache) whose first call passes neighbours")
-            run = _Run(neighbours, neighbour_mask, start, cache) if cache.reading else None
+            run = _Run(neighbours, neighbour_mask, start, cache, token_mask=visible) if cache.reading else None
         elif neighbours is not None:
             run = _Run(neighbours, neighbour_mask, token_mask=attention_mask)
         if run is not None and self.base_read:
             self._read_with_base(run, T)  # before self._run is set: the hooks leave the neighbours' pass alone
         self._run = run
         try:
+            mask = None if visible is None else visible.long()
             if cache is None:
-                mask = None if attention_mask is None else attention_mask.long()
                 logits = self.base(input_ids=idx, attention_mask=mask, use_cache=False).logits
             else:
-                logits = self.base(input_ids=idx, use_cache=True, **{self._past_arg: cache.past}).logits
+                logits = self.base(input_ids=idx, attention_mask=mask, use_cache=True,
+                                   **{self._past_arg: cache.past}).logits
                 cache.pos += T
         finally:
             self._run = None
@@ -775,7 +787,7 @@ class RetrofitModel(nn.Module):
         nb, nm = run.by_layer[key] if run.by_layer is not None else (None, None)
         if run.cache is not None:  # decoding: the reader keeps its context keys even when nothing is read yet
             kv = self._cached_kv(run, key, lambda: reader.project_neighbours(nb)) if nb is not None else None
-            y = reader(x, nb, nm, start=run.start, ctx_kv=run.cache.ctx_kv[key], kv=kv)
+            y = reader(x, nb, nm, start=run.start, ctx_kv=run.cache.ctx_kv[key], kv=kv, ctx_mask=run.token_mask)
         elif self.training and torch.is_grad_enabled():  # recomputed in the backward pass: one layer's scores at a time
             y = checkpoint(reader, x, nb, nm, ctx_mask=run.token_mask, use_reentrant=False)
         else:
