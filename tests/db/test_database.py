@@ -220,7 +220,8 @@ def test_bm25_retriever_over_the_same_chunks(tmp_path, tiny_db_config):
 
 
 def test_bm25_batch_search_on_threads_equals_the_plain_loop(tmp_path, tiny_db_config, monkeypatch):
-    """A batch of ≥ 100 queries is scored on threads (blocks of 50): the same hits, in the same order, as one thread."""
+    """A batch of ≥ 100 queries is scored on threads (one per 50 queries at most): the same hits, in the same order,
+    as one thread."""
     import retrolm.db.lexical as lexical
 
     db = Database.build([write_jsonl(tmp_path / "c.jsonl", wiki_docs(30))], tmp_path / "db", tiny_db_config,

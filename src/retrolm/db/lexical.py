@@ -98,8 +98,8 @@ class LexicalIndex:
             return out_scores, out_ids
         # as strings, so that retrieve() maps them through the index's own vocabulary
         tokens = bm25s.tokenize([queries[i] for i in todo], return_ids=False, show_progress=False)
-        # bm25s scores blocks of 50 queries per thread, numpy releasing the GIL (2 cores: 1.95× on 1,024 queries);
-        # n_threads=0 is its plain loop, without a pool
+        # bm25s scores the queries on a thread pool, numpy releasing the GIL (2 cores: 1.95× on 1,024 queries); at
+        # most one thread per 50 queries; n_threads=0 is its plain loop, without a pool
         threads = min(_cpus(), len(todo) // 50)
         ids, scores = self.retriever.retrieve(tokens, k=k_eff, show_progress=False, weight_mask=allowed,
                                               n_threads=threads if threads > 1 else 0)
