@@ -40,7 +40,7 @@ from retrolm.models.layers import MLP, Attention, CausalSelfAttention, RMSNorm, 
 from retrolm.models.weights import load_weights, read_model_config, save_weights
 
 __all__ = ["PRESETS", "ChunkedCrossAttention", "ModelOutput", "NeighbourEncoder", "RetroCache", "RetroConfig",
-           "RetroModel", "check_neighbours", "encode_attending"]
+           "RetroModel", "attending_layout", "check_neighbours", "encode_attending"]
 
 
 CHECKPOINT_MODES = ("none", "encoder", "all")
@@ -280,6 +280,19 @@ class NeighbourEncoder(nn.Module):
 # Chunked cross-attention
 
 
+def attending_layout(start: int, T: int, m: int, N: int, what: str) -> tuple[int, int, int]:
+    """How positions [start, start+T) fold into the N attending chunks they read (chunk j holds positions
+    j·m + m−1 … j·m + 2m−2): (skip, lead, tail) = the leading positions p < m−1 that read nothing, the offset of the
+    first reading position inside its attending chunk, and the padding after the last one. ValueError (naming
+    ``what``) unless the N chunks are exactly those the positions read."""
+    skip = min(T, max(0, m - 1 - start))
+    lead = (start + skip + 1) % m
+    tail = N * m - lead - (T - skip)
+    if not 0 <= tail < m or (N == 0) != (skip == T):
+        raise ValueError(f"{what} got {N} neighbour chunks for positions [{start}, {start + T}) with chunk_len {m}")
+    return skip, lead, tail
+
+
 class ChunkedCrossAttention(nn.Module):
     """CCA: each decoder position attends to all K·R tokens of the encoded neighbours of one chunk, exactly causally.
 
@@ -322,11 +335,7 @@ class ChunkedCrossAttention(nn.Module):
         """
         B, T, _ = x.shape
         m, N = self.m, enc.shape[1]
-        skip = min(T, max(0, m - 1 - start))  # leading positions p < m−1 read nothing
-        lead = (start + skip + 1) % m  # offset of the first reading position inside its attending chunk
-        tail = N * m - lead - (T - skip)
-        if not 0 <= tail < m or (N == 0) != (skip == T):
-            raise ValueError(f"CCA got {N} neighbour chunks for positions [{start}, {start + T}) with chunk_len {m}")
+        skip, lead, tail = attending_layout(start, T, m, N, "CCA")
         if N == 0:
             return torch.zeros_like(x)
         k, v = self.project_kv(enc) if kv is None else kv  # (B·N, H, K·R, e)

@@ -68,6 +68,7 @@ from retrolm.models.retro import (
     ModelOutput,
     NeighbourEncoder,
     RetroConfig,
+    attending_layout,
     check_neighbours,
     encode_attending,
 )
@@ -365,15 +366,10 @@ class _JointReader(nn.Module):
             cache_k[:, :, start : start + T] = kc
             cache_v[:, :, start : start + T] = vc
             kc, vc = cache_k[:, :, : start + T].type_as(kc), cache_v[:, :, : start + T].type_as(vc)
-        N = 0 if nb is None else nb.shape[1]
-        skip = min(T, max(0, m - 1 - start))  # leading positions p < m−1 read nothing
-        lead = (start + skip + 1) % m  # offset of the first reading position inside its attending chunk
-        tail = N * m - lead - (T - skip)
-        if N == 0 or skip == T:
+        if nb is None or nb.shape[1] == 0 or start + T < m:  # nothing to read (positions p < m−1 read nothing)
             return torch.zeros_like(x)
-        if not 0 <= tail < m:
-            raise ValueError(f"reader got {N} neighbour chunks for positions [{start}, {start + T}) with chunk_len {m}")
-        assert nb is not None and nb_mask is not None
+        assert nb_mask is not None
+        skip, lead, tail = attending_layout(start, T, m, nb.shape[1], "reader")
         scale = self.head ** -0.5
         q = self.attn.queries(x)  # (B, H, T, e)
         s_ctx = apply_rope(q, rope[:, start : start + T]) @ kc.transpose(-1, -2) * scale  # (B, H, T, start+T)
@@ -747,19 +743,16 @@ class RetrofitModel(nn.Module):
         come from the earlier call that encoded them (a neighbour's states depend on it alone)."""
         keys = list(self.cca)
 
-        def encode(nb: Tensor, nm: Tensor, _chunk_h: Tensor | None) -> Tensor:  # (B, n, K, R, layers, d)
-            states = self._base_states(nb, nm)
-            return torch.stack([states[key] for key in keys], dim=-2)
-
         got, run.cached = encode_attending(run.neighbours, run.mask, run.start, T, self.config.chunk_len, run.cache,
-                                           encode)
+                                           lambda nb, nm, _chunk_h: self._base_states(nb, nm))
         if got is not None:
             run.by_layer = {key: (got[0][..., i, :], got[1]) for i, key in enumerate(keys)}
 
-    def _base_states(self, nb: Tensor, nm: Tensor) -> dict[str, Tensor]:
-        """The base over each neighbour ``nb`` (B, C, K, R) alone → per CCA layer its normalised input states
-        (B, C, K, R, d). A neighbour that occurs more than once in the batch (overlapping evaluation sequences,
-        ``context_chunks``, read each chunk's neighbours in several rows) is run once."""
+    def _base_states(self, nb: Tensor, nm: Tensor) -> Tensor:
+        """The base over each neighbour ``nb`` (B, C, K, R) alone → the normalised input states of every reading layer
+        (B, C, K, R, layers, d), layers in ``self.cca``'s order. A neighbour that occurs more than once in the batch
+        (overlapping evaluation sequences, ``context_chunks``, read each chunk's neighbours in several rows) is run
+        once."""
         B, C = nb.shape[:2]
         ids = rearrange(nb, "b c k r -> (b c k) r")
         mask = rearrange(nm, "b c k r -> (b c k) r")
@@ -770,12 +763,9 @@ class RetrofitModel(nn.Module):
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.base_frozen):
             states = self.base.base_model(input_ids=ids, attention_mask=mask, output_hidden_states=True,
                                           use_cache=False).hidden_states
-        out = {}
-        for key in self.cca:
-            layer = self._layers[int(key) - 1]  # its attention reads its input, normalised
-            h = layer.input_layernorm(states[int(key) - 1])[where]
-            out[key] = rearrange(h, "(b c k) r d -> b c k r d", b=B, c=C)
-        return out
+        # each reading layer's attention reads its input, normalised
+        h = torch.stack([self._layers[int(key) - 1].input_layernorm(states[int(key) - 1]) for key in self.cca], -2)
+        return rearrange(h[where], "(b c k) r l d -> b c k r l d", b=B, c=C)
 
     def _joint_hook(self, key: str, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         """``encoder=base``: forward hook of layer ``key``'s self-attention; its output gains the neighbours' share."""

@@ -118,7 +118,7 @@ class Retriever(ABC):
         todo = np.arange(nq)
         while len(todo):
             s, i = self._search(queries[todo], min(fetch, n), mask)
-            chunk_docs = np.where(i >= 0, self.db.store.chunk_doc(np.maximum(i, 0)), -1)
+            chunk_docs = np.where(i >= 0, store.chunk_doc(np.maximum(i, 0)), -1)
             still = []
             for row, q in enumerate(todo):
                 keep = (i[row] >= 0) & ~np.isin(chunk_docs[row], np.asarray(docs[q]))
