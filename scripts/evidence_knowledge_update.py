@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 from evidence_incontext import LM, REPO, RETROLM, Steps, commands_section, prepare_kernel, run, table
+from evidence_retro import reader_keys
 
 READ = ["retriever=bm25", "stride=64", "query_tokens=32", "context_tokens=256", "near_dup_threshold=0",
         "group_by=bucket"]
@@ -112,8 +113,7 @@ def reader_table(out_root: Path, prefix: str = "") -> str | None:
         return None
     results = {name: json.loads((out_root / f"{prefix}{name}" / "eval.json").read_text()) for name, _, _ in STEPS}
     first = results[STEPS[0][0]]
-    on = "in_context" if "in_context" in first["summary"] else "retro"
-    off = "no_retrieval" if on == "in_context" else "retro_no_retrieval"
+    on, off = reader_keys(first["summary"])
     header = ["bucket", "docs", "no database"] + [f"{what} ({name})" for name, _, what in STEPS]
     rows = []
     for g in [*first["groups"], "all"]:
@@ -139,8 +139,7 @@ def by_doc_position(out_root: Path, runs: list[tuple[str, str]]) -> str | None:
         if not f.exists():
             return None
         z = np.load(f)
-        on, off = [k for k in z.files if k.startswith("nats:")]
-        on, off = (on, off) if "no_retrieval" in off else (off, on)
+        on, off = (f"nats:{key}" for key in reader_keys({k.removeprefix("nats:") for k in z.files}))
         doc = z["doc"]
         pos = np.zeros(len(doc), dtype=np.int64)
         for i in range(1, len(doc)):
