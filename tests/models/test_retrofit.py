@@ -215,9 +215,8 @@ def test_a_neighbour_read_by_several_rows_is_encoded_once(tiny_base, built_db):
 @pytest.mark.parametrize("encoder", ["retro", "base"])
 def test_masked_padding_is_read_by_no_one(encoder, tiny_base, built_db):
     """With ``attention_mask``, what the masked positions hold changes no visible position's logits (the base's
-    attention and, ``encoder=base``, the readers' attention over the context skip them); without it, it does.
-    ``encoder=retro``: RETRO's neighbour encoder still conditions on every position of the retrieving chunk, so there
-    only the base is checked."""
+    attention, the readers' attention over the context with ``encoder=base``, and with ``encoder=retro`` the neighbour
+    encoder's cross-attention to the retrieving chunk skip them); without it, it does."""
     model = retrofit(tiny_base) if encoder == "retro" else base_read(tiny_base)
     perturb(model)
     vocab = built_db.tokenizer.vocab_size
@@ -228,7 +227,7 @@ def test_masked_padding_is_read_by_no_one(encoder, tiny_base, built_db):
     mask[0, :5] = False  # a left-padded prompt: the first positions see nothing else (no NaN)
     other = torch.where(mask, idx, (idx + 7) % vocab)
     with torch.no_grad():
-        for neighbours in (nb, None) if encoder == "base" else (None,):
+        for neighbours in (nb, None):
             a = model(idx, neighbours, attention_mask=mask).logits
             b = model(other, neighbours, attention_mask=mask).logits
             torch.testing.assert_close(a[mask], b[mask], rtol=1e-5, atol=1e-5)

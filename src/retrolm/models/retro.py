@@ -235,15 +235,17 @@ class EncoderLayer(nn.Module):
         self.mlp = MLP(de, 4 * de, cfg.bias)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: Tensor, self_mask: Tensor, cond: Tensor, rope_r: Tensor, rope_m: Tensor, k: int) -> Tensor:
-        """x (B·C·K, R, de); self_mask (B·C·K, 1, 1, R); cond (B·C, m, d) normalised chunk activations."""
+    def forward(self, x: Tensor, self_mask: Tensor, cond: Tensor, rope_r: Tensor, rope_m: Tensor, k: int,
+                cond_mask: Tensor | None = None) -> Tensor:
+        """x (B·C·K, R, de); self_mask (B·C·K, 1, 1, R); cond (B·C, m, d) normalised chunk activations; cond_mask
+        (B·C, 1, 1, m) or None: the chunk positions the neighbour may read (None: all)."""
         q, kk, v = self.attn.heads(self.norm1(x))
         x = x + self.drop(self.attn.attend(apply_rope(q, rope_r), apply_rope(kk, rope_r), v, attn_mask=self_mask))
         if self.cross is not None:
             # The K neighbours of a chunk query the same m activations: fold K into the query length, not the batch.
             h = rearrange(self.norm_cross(x), "(n k) r d -> n (k r) d", k=k)
             q, kk, v = self.cross.heads(h, cond)  # q (B·C, H, K·R, e), kk and v (B·C, H, m, e)
-            y = self.cross.attend(apply_rope(q, rope_r.repeat(1, k, 1)), apply_rope(kk, rope_m), v)
+            y = self.cross.attend(apply_rope(q, rope_r.repeat(1, k, 1)), apply_rope(kk, rope_m), v, attn_mask=cond_mask)
             x = x + self.drop(rearrange(y, "n (k r) d -> (n k) r d", k=k))
         return x + self.drop(self.mlp(self.norm2(x)))
 
@@ -263,16 +265,18 @@ class NeighbourEncoder(nn.Module):
         n_pos = max(cfg.neighbour_len, cfg.chunk_len)
         self.register_buffer("rope", rope_table(n_pos, de // cfg.enc_n_head, cfg.rope_theta), persistent=False)
 
-    def forward(self, emb: Tensor, mask: Tensor, chunk_hidden: Tensor) -> Tensor:
+    def forward(self, emb: Tensor, mask: Tensor, chunk_hidden: Tensor, chunk_mask: Tensor | None = None) -> Tensor:
         """emb (B, C, K, R, d) neighbour token embeddings; mask (B, C, K, R) True = real token;
-        chunk_hidden (B, C, m, d) decoder activations of the retrieving chunks → (B, C, K, R, d_enc)."""
+        chunk_hidden (B, C, m, d) decoder activations of the retrieving chunks; chunk_mask (B, C, m) or None: False =
+        a padding position of the retrieving chunk, which the neighbours do not read → (B, C, K, R, d_enc)."""
         B, C, K, R, _ = emb.shape
         x = rearrange(self.proj_in(emb), "b c k r d -> (b c k) r d")
         self_mask, _ = padding_mask(rearrange(mask, "b c k r -> (b c k) r"))  # all-padding neighbours: junk, never read
         cond = self.cond_norm(rearrange(chunk_hidden, "b c m d -> (b c) m d"))
+        cond_mask = None if chunk_mask is None else padding_mask(rearrange(chunk_mask, "b c m -> (b c) m"))[0]
         rope_r, rope_m = self.rope[:, :R], self.rope[:, : chunk_hidden.shape[2]]
         for layer in self.layers:
-            x = layer(x, self_mask, cond, rope_r, rope_m, K)
+            x = layer(x, self_mask, cond, rope_r, rope_m, K, cond_mask)
         return rearrange(self.norm(x), "(b c k) r d -> b c k r d", b=B, c=C)
 
 

@@ -666,7 +666,8 @@ class RetrofitModel(nn.Module):
         indices stay absolute (pass the same growing ``neighbours`` as for a full forward): chunk u's neighbours are
         read from the call that feeds its last token, position (u+1)·m − 1, and chunks not complete after ``idx`` are
         ignored. A cache first called without neighbours never reads any. ``attention_mask`` (B, T) bool: False =
-        padding, which no other position attends to (the base's and the readers' attention); with a cache it covers
+        padding, which no other position attends to (the base's and the readers' attention, and RETRO's neighbour
+        encoder's cross-attention to the retrieving chunk); with a cache it covers
         ``idx`` and is kept for the calls that follow.
         """
         if idx.dim() != 2:
@@ -730,7 +731,13 @@ class RetrofitModel(nn.Module):
 
         def encode(nb: Tensor, nm: Tensor, chunk_h: Tensor | None) -> Tensor:
             assert chunk_h is not None and self.encoder is not None
-            return self.encoder(self.wte(nb).to(chunk_h.dtype), nm, chunk_h)  # (B, n, K, R, d_enc)
+            # chunk_h holds the chunks that complete in this pass, from chunk start // m on; the neighbours do not
+            # read their padding positions (run.token_mask covers positions [0, start+T)).
+            m, n = self.config.chunk_len, chunk_h.shape[1]
+            first = run.start // m * m
+            chunk_mask = None if run.token_mask is None else rearrange(
+                run.token_mask[:, first : first + n * m], "b (c m) -> b c m", m=m)
+            return self.encoder(self.wte(nb).to(chunk_h.dtype), nm, chunk_h, chunk_mask)  # (B, n, K, R, d_enc)
 
         run.encoded, run.cached = encode_attending(run.neighbours, run.mask, run.start, h.shape[1],
                                                    self.config.chunk_len, run.cache, encode, h)
