@@ -338,3 +338,30 @@ def test_bad_inputs_raise_clear_errors(model, data):
     model(idx, cache=cache)
     with pytest.raises(RetrolmError, match="exceed"):
         model(idx[:, :1], cache=cache)
+
+
+@torch.no_grad()
+def test_a_cache_left_half_updated_by_a_failed_call_is_refused(model, data):
+    """A call that raises after writing part of the cache (here: in the last block) would leave keys of tokens that
+    ``pos`` does not count; the cache is refused from then on instead of giving wrong logits."""
+    idx, nb = data
+    cache = model.init_cache(2, max_len=T)
+    model(idx[:, :M], nb, cache=cache)
+
+    def boom(*_):
+        raise RuntimeError("out of memory")
+
+    hook = model.blocks[-1].register_forward_pre_hook(boom)
+    try:
+        with pytest.raises(RuntimeError, match="out of memory"):
+            model(idx[:, M : M + 3], nb, cache=cache)
+    finally:
+        hook.remove()
+    assert cache.pos == M and cache.failed
+    with pytest.raises(RetrolmError, match="failed; start a new one"):
+        model(idx[:, M : M + 3], nb, cache=cache)
+    fresh = model.init_cache(2, max_len=T)  # input errors are raised before any write and leave a cache usable
+    with pytest.raises(RetrolmError, match="neighbour_len"):
+        model(idx[:, :M], torch.zeros(2, 5, K, R + 1, dtype=torch.long), cache=fresh)
+    assert not fresh.failed
+    model(idx[:, :M], nb, cache=fresh)

@@ -18,7 +18,7 @@ from conftest import REPO, run_cli, wiki_docs, write_jsonl
 from retrolm.core.config import load_config
 from retrolm.core.errors import RetrolmError
 from retrolm.models.loading import load_model
-from retrolm.models.retrofit import RetrofitModel, RetrofitModelConfig
+from retrolm.models.retrofit import RetrofitModel, RetrofitModelConfig, find_decoder_layers
 from retrolm.train.retrofit import RetrofitConfig
 
 M, T = 64, 256
@@ -253,6 +253,38 @@ def test_a_cache_started_without_neighbours_reads_none(tiny_base, built_db):
         torch.testing.assert_close(first, hf_model(tiny_base)(input_ids=idx[:, :70]).logits)
         with pytest.raises(RetrolmError, match="started without neighbours"):
             model(idx[:, 70:71], nb, cache=cache)
+
+
+@pytest.mark.parametrize("encoder", ["retro", "base"])
+def test_a_cache_left_half_updated_by_a_failed_call_is_refused(encoder, tiny_base, built_db):
+    """A call that raises inside the base (after earlier layers wrote the base's KV cache and the readers' state) is
+    not counted in ``pos``; the cache is refused from then on. A refused input (reading with a cache started without
+    neighbours) writes nothing and leaves the cache usable."""
+    model = retrofit(tiny_base) if encoder == "retro" else base_read(tiny_base)
+    idx, nb = inputs(built_db.tokenizer.vocab_size, seed=6, T=T)
+    _, layers = find_decoder_layers(model.base)
+
+    def boom(*_):
+        raise RuntimeError("out of memory")
+
+    with torch.no_grad():
+        cache = model.init_cache(2, T)
+        model(idx[:, :70], nb, cache=cache)
+        hook = layers[-1].register_forward_pre_hook(boom)
+        try:
+            with pytest.raises(RuntimeError, match="out of memory"):
+                model(idx[:, 70:75], nb, cache=cache)
+        finally:
+            hook.remove()
+        assert cache.pos == 70 and cache.failed
+        with pytest.raises(RetrolmError, match="failed; start a new one"):
+            model(idx[:, 70:75], nb, cache=cache)
+        plain = model.init_cache(2, T)
+        model(idx[:, :70], cache=plain)
+        with pytest.raises(RetrolmError, match="started without neighbours"):
+            model(idx[:, 70:71], nb, cache=plain)
+        assert not plain.failed and plain.pos == 70
+        model(idx[:, 70:71], cache=plain)
 
 
 def test_training_moves_the_retrieval_loss_and_never_the_frozen_base(tiny_base, built_db):

@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -390,6 +391,24 @@ class DecoderBlock(nn.Module):
         return x + self.drop(self.mlp(self.norm2(x)))
 
 
+@contextmanager
+def updating(cache: Any) -> Iterator[None]:
+    """Around the part of a forward pass that writes a decoding cache (any state with a ``failed`` flag; None: no
+    cache): a call that raises there leaves the cache holding part of its tokens, so the cache is marked failed and
+    refused from then on, instead of giving wrong logits later."""
+    if cache is None:
+        yield
+        return
+    if cache.failed:
+        raise RetrolmError("this decoding cache was left half-updated by a call that failed; start a new one "
+                           "(init_cache)")
+    try:
+        yield
+    except BaseException:
+        cache.failed = True
+        raise
+
+
 @dataclass
 class RetroCache:
     """Incremental-decoding state; create with ``RetroModel.init_cache`` and pass to ``forward(..., cache=cache)``."""
@@ -409,6 +428,8 @@ class RetroCache:
     """(B, K, R) mask of ``enc``."""
     cca_kv: dict[int, tuple[Tensor, Tensor]] = field(default_factory=dict)
     """Per RETRO layer, the CCA keys and values of ``enc``: projected once, read by every token of the next chunk."""
+    failed: bool = False
+    """Set when a call failed while updating this cache, which is then refused (:func:`updating`)."""
 
     @property
     def max_len(self) -> int:
@@ -534,25 +555,26 @@ class RetroModel(nn.Module):
             raise RetrolmError(f"sequence positions [{start}, {start + T}) exceed the model/cache length {limit}")
         neighbours, neighbour_mask = self._check_neighbours(B, neighbours, neighbour_mask)
 
-        x = self.drop(self.wte(idx))  # (B, T, d)
-        rope = self.rope[:, start : start + T]
-        retrieved, cached_enc = None, False
-        for i, block in enumerate(self.blocks):
-            if i == self.first_retro:
-                retrieved, cached_enc = self._encode_neighbours(x, neighbours, neighbour_mask, start, cache)
-            kv = None if cache is None else (cache.k[i], cache.v[i])
-            cca_kv = None
-            if cached_enc and block.cca is not None:  # only the cached chunk is read: reuse its projected K/V
-                assert cache is not None and retrieved is not None
-                if i not in cache.cca_kv:
-                    cache.cca_kv[i] = block.cca.project_kv(retrieved[0])
-                cca_kv = cache.cca_kv[i]
-            if self._checkpointing("all") and cache is None:
-                x = checkpoint(block, x, rope, start, kv, retrieved, cca_kv, use_reentrant=False)
-            else:
-                x = block(x, rope, start, kv, retrieved, cca_kv)
-        if cache is not None:
-            cache.pos += T
+        with updating(cache):
+            x = self.drop(self.wte(idx))  # (B, T, d)
+            rope = self.rope[:, start : start + T]
+            retrieved, cached_enc = None, False
+            for i, block in enumerate(self.blocks):
+                if i == self.first_retro:
+                    retrieved, cached_enc = self._encode_neighbours(x, neighbours, neighbour_mask, start, cache)
+                kv = None if cache is None else (cache.k[i], cache.v[i])
+                cca_kv = None
+                if cached_enc and block.cca is not None:  # only the cached chunk is read: reuse its projected K/V
+                    assert cache is not None and retrieved is not None
+                    if i not in cache.cca_kv:
+                        cache.cca_kv[i] = block.cca.project_kv(retrieved[0])
+                    cca_kv = cache.cca_kv[i]
+                if self._checkpointing("all") and cache is None:
+                    x = checkpoint(block, x, rope, start, kv, retrieved, cca_kv, use_reentrant=False)
+                else:
+                    x = block(x, rope, start, kv, retrieved, cca_kv)
+            if cache is not None:
+                cache.pos += T
         logits = self.lm_head(self.norm(x))  # (B, T, V)
         loss = None
         if targets is not None:

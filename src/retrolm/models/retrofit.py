@@ -71,6 +71,7 @@ from retrolm.models.retro import (
     attending_layout,
     check_neighbours,
     encode_attending,
+    updating,
 )
 from retrolm.models.weights import load_weights, read_model_config, save_weights
 
@@ -300,6 +301,9 @@ class RetrofitCache:
     token_mask: Tensor | None = None
     """(B, max_len) False = padding no position attends to; made by the first call given an ``attention_mask``
     (positions fed without one are text)."""
+    failed: bool = False
+    """Set when a call failed while updating this cache, which is then refused
+    (:func:`~retrolm.models.retro.updating`)."""
 
 
 class _CrossBlock(nn.Module):
@@ -681,6 +685,21 @@ class RetrofitModel(nn.Module):
         if attention_mask is not None and (attention_mask.shape != idx.shape or attention_mask.dtype != torch.bool):
             raise RetrolmError(f"attention_mask must be bool of shape {tuple(idx.shape)}; got "
                                f"{attention_mask.dtype} of shape {tuple(attention_mask.shape)}")
+        if cache is not None and cache.reading is False and neighbours is not None:
+            raise RetrolmError("this decoding cache was started without neighbours and cannot read any: start "
+                               "one (init_cache) whose first call passes neighbours")
+        with updating(cache):
+            logits = self._forward(idx, neighbours, neighbour_mask, cache, attention_mask)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+        return ModelOutput(logits=logits, loss=loss)
+
+    def _forward(self, idx: Tensor, neighbours: Tensor | None, neighbour_mask: Tensor | None,
+                 cache: RetrofitCache | None, attention_mask: Tensor | None) -> Tensor:
+        """:meth:`forward` after its checks → logits; updates ``cache``."""
+        B, T = idx.shape
+        start = 0 if cache is None else cache.pos
         visible = attention_mask  # (B, positions the pass attends over)
         if cache is not None and (attention_mask is not None or cache.token_mask is not None):
             if cache.token_mask is None:
@@ -691,9 +710,6 @@ class RetrofitModel(nn.Module):
         if cache is not None:
             if cache.reading is None:
                 cache.reading = neighbours is not None
-            elif neighbours is not None and not cache.reading:
-                raise RetrolmError("this decoding cache was started without neighbours and cannot read any: start "
-                                   "one (init_cache) whose first call passes neighbours")
             run = _Run(neighbours, neighbour_mask, start, cache, token_mask=visible) if cache.reading else None
         elif neighbours is not None:
             run = _Run(neighbours, neighbour_mask, token_mask=attention_mask)
@@ -703,17 +719,13 @@ class RetrofitModel(nn.Module):
         try:
             mask = None if visible is None else visible.long()
             if cache is None:
-                logits = self.base(input_ids=idx, attention_mask=mask, use_cache=False).logits
-            else:
-                logits = self.base(input_ids=idx, attention_mask=mask, use_cache=True,
-                                   **{self._past_arg: cache.past}).logits
-                cache.pos += T
+                return self.base(input_ids=idx, attention_mask=mask, use_cache=False).logits
+            past = {self._past_arg: cache.past}
+            logits = self.base(input_ids=idx, attention_mask=mask, use_cache=True, **past).logits
+            cache.pos += T
+            return logits
         finally:
             self._run = None
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
-        return ModelOutput(logits=logits, loss=loss)
 
     # ------------------------------------------------------------------ hooks
     @staticmethod
