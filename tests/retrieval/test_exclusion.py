@@ -27,19 +27,22 @@ from retrolm.retrieval.neighbours import (
 
 
 class FakeStore:
-    def __init__(self, chunk_docs):
-        self.doc = np.asarray(chunk_docs)
+    """Chunk c belongs to document ``first_doc + chunk_docs[c]`` (global document indices, as in a store that is the
+    new segment of an ``add``)."""
+
+    def __init__(self, chunk_docs, first_doc=0):
+        self.doc = np.asarray(chunk_docs) + first_doc
         self.n_chunks = len(self.doc)
-        self.first_doc = 0
-        self.doc_n_chunks = np.bincount(self.doc)
+        self.first_doc = first_doc
+        self.doc_n_chunks = np.bincount(self.doc - first_doc)
 
     def chunk_doc(self, ids):
         return self.doc[np.asarray(ids)]
 
 
 class FakeDB:
-    def __init__(self, chunk_docs, deleted_chunks=None):
-        self.store = FakeStore(chunk_docs)
+    def __init__(self, chunk_docs, deleted_chunks=None, first_doc=0):
+        self.store = FakeStore(chunk_docs, first_doc)
         self.deleted = deleted_chunks
 
     def exclusion_mask(self, chunks):
@@ -97,15 +100,16 @@ def test_documents_excluded_per_query_match_a_brute_force_reference():
     assert all(f <= 50 for f in r.fetches)  # never asks for more than the database holds
 
 
-@pytest.mark.parametrize("cap", [100, 4])
-def test_one_search_passes_over_the_excluded_documents_when_the_retriever_allows(cap):
+@pytest.mark.parametrize(("cap", "first_doc"), [(100, 0), (4, 0), (100, 7)])
+def test_one_search_passes_over_the_excluded_documents_when_the_retriever_allows(cap, first_doc):
     """A retriever whose search costs the same at any k (BM25) fetches k + the excluded documents' chunks at once:
-    one search per query batch (capped: then the loop fetches the rest), the same hits as the reference."""
-    db = FakeDB(CHUNK_DOCS)
+    one search per query batch (capped: then the loop fetches the rest), the same hits as the reference; in a store
+    whose documents start at ``first_doc`` the excluded (global) documents are sized the same."""
+    db = FakeDB(CHUNK_DOCS, first_doc=first_doc)
     r = ByDistance(db)
     r.excluded_fetch = cap
     queries = ["25", "0", "11", "49", "44", "1"]
-    docs = [[2], [0, 1], [1], [4, 3], [], [0]]
+    docs = [[d + first_doc for d in ds] for ds in [[2], [0, 1], [1], [4, 3], [], [0]]]
     res = r.search(queries, 3, Exclusion(docs=docs))
     assert res.ids.tolist() == [reference(db, int(q), 3, docs[i]) for i, q in enumerate(queries)]
     if cap == 100:
