@@ -671,8 +671,8 @@ class RetrofitModel(nn.Module):
         read from the call that feeds its last token, position (u+1)·m − 1, and chunks not complete after ``idx`` are
         ignored. A cache first called without neighbours never reads any. ``attention_mask`` (B, T) bool: False =
         padding, which no other position attends to (the base's and the readers' attention, and RETRO's neighbour
-        encoder's cross-attention to the retrieving chunk); with a cache it covers
-        ``idx`` and is kept for the calls that follow.
+        encoder's cross-attention to the retrieving chunk); with a cache it covers ``idx`` and is kept for the calls
+        that follow. A call that fails after it began updating ``cache`` leaves it refused (start another).
         """
         if idx.dim() != 2:
             raise RetrolmError(f"idx must be (batch, time), got shape {tuple(idx.shape)}")
