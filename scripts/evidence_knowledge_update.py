@@ -80,6 +80,11 @@ def main() -> None:
             out = out_root / f"retrofit-{name}"
             step(f"retrofit {name}", [*RETROLM, "eval", "--checkpoint", fit, "--db", work / db, "--data",
                                       kernel / "heldout.jsonl", "--out", out, "-q", *READ_RETROFIT], out / "eval.json")
+        # The model as built (encoder=base reads before any training), with 6.1 in the store: what the steps add.
+        out = out_root / "step0-retrofit-db-6.1"
+        step("retrofit step 0 db-6.1", [*RETROLM, "eval", "--checkpoint", as_built(work, step), "--db",
+                                        work / "db-6.1", "--data", kernel / "heldout.jsonl", "--out", out, "-q",
+                                        *READ_RETROFIT], out / "eval.json")
     write_page(out_root, log, step.seconds, args, old_versions)
 
 
@@ -104,6 +109,30 @@ def retrofit(work: Path, data: Path, old_versions: list[str], steps: int, step: 
                       LM, "--db", db, "--out", fit, f"steps={steps}", f"save_every={steps}", f"eval_every={steps}",
                       "tensorboard=false", f"neighbours_dir={work / 'neighbours'}"], done / "model.safetensors")
     return done
+
+
+def as_built(work: Path, step: Steps) -> Path:
+    """SmolLM2 with the ``encoder=base`` readers as built (``steps=0``: nothing trained, nothing searched) → its
+    checkpoint folder."""
+    fit = work / "retrofit-smollm2-base-step0"
+    done = fit / "checkpoints" / "step-000000"
+    step("retrofit step 0", [*RETROLM, "retrofit", "-q", "--config", REPO / "configs" / "retrofit-smollm2-base.yaml",
+                             "--base", LM, "--db", work / "db-6.1-train", "--out", fit, "steps=0",
+                             "tensorboard=false"], done / "model.safetensors")
+    return done
+
+
+def as_built_line(out_root: Path) -> str:
+    """One sentence: the model as built against the trained one, 6.1 only; empty if its run is missing."""
+    f = out_root / "step0-retrofit-db-6.1" / "eval.json"
+    if not f.exists() or not (out_root / "retrofit-db-6.1" / "eval.json").exists():
+        return ""
+    r, t = (json.loads(x.read_text()) for x in (f, out_root / "retrofit-db-6.1" / "eval.json"))
+    lo, hi = r["gain_ci95"]["all"]
+    buckets = ", ".join(f"{g} {-r['groups'][g]['gain']:+.1%}" for g in r["groups"])
+    return (f"The same model as built, before any training (`steps=0`; 6.1 only): {-r['gain']['all']:+.1%} "
+            f"[{-hi:+.1%}, {-lo:+.1%}] ({buckets}; novel chunks {-r['gain']['novel']:+.1%}), against "
+            f"{-t['gain']['all']:+.1%} after the training steps.")
 
 
 def reader_table(out_root: Path, prefix: str = "") -> str | None:
@@ -165,6 +194,8 @@ def write_page(out_root: Path, log: list[str], seconds: dict, args: argparse.Nam
         "column, and never again.",
         "",
         retrofit_table,
+        "",
+        as_built_line(out_root),
         "",
         "By position in the document (6.1 only; change of bits per byte against each reader's own retrieval-off "
         "reference, all documents pooled). A document's first chunk reads nothing in the in-context reader; in the "
