@@ -231,9 +231,9 @@ def test_bm25_batch_search_on_threads_equals_the_plain_loop(tmp_path, tiny_db_co
     retrieve = db.lexical.retriever.retrieve
     monkeypatch.setattr(db.lexical.retriever, "retrieve", lambda *a, **kw: calls.append(kw["n_threads"]) or
                         retrieve(*a, **kw))
-    monkeypatch.setattr(lexical, "_cpus", lambda: 1)
+    monkeypatch.setattr(lexical, "usable_cpus", lambda: 1)
     one = db.lexical.search(queries, 4)
-    monkeypatch.setattr(lexical, "_cpus", lambda: 4)
+    monkeypatch.setattr(lexical, "usable_cpus", lambda: 4)
     many = db.lexical.search(queries, 4)
     assert calls == [0, 2]  # 130 queries: two blocks' worth of threads at most
     np.testing.assert_array_equal(one[1], many[1])

@@ -1,8 +1,9 @@
-"""Where models run: the default device and the autocast context that goes with it."""
+"""Where models run: the default device, the autocast context that goes with it, and the CPUs a process has."""
 
 from __future__ import annotations
 
 import contextlib
+import os
 
 import torch
 
@@ -19,3 +20,11 @@ def autocast(device: torch.device, enabled: bool = True) -> contextlib.AbstractC
     if enabled and device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (the container's or ``taskset``'s share, not the host's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not on Linux
+        return os.cpu_count() or 1

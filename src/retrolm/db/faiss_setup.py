@@ -12,6 +12,7 @@ from collections.abc import Iterator
 import faiss
 import numpy as np
 
+from retrolm.core.device import usable_cpus
 from retrolm.core.errors import RetrolmError
 
 INDEX_KINDS = ("auto", "flat", "ivfpq", "hnsw")
@@ -88,7 +89,7 @@ def set_num_threads(n: int | None = None) -> None:
     global _FAISS_THREADS_SET
     if n is None:
         env = os.environ.get("OMP_NUM_THREADS", "")
-        n = int(env) if env.isdigit() and int(env) > 0 else len(os.sched_getaffinity(0))
+        n = int(env) if env.isdigit() and int(env) > 0 else usable_cpus()
     faiss.omp_set_num_threads(max(int(n), 1))
     _FAISS_THREADS_SET = True
 

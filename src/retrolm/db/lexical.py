@@ -12,13 +12,13 @@ Needs the optional dependency: ``pip install retrolm[bm25]``.
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
+from retrolm.core.device import usable_cpus
 from retrolm.core.errors import RetrolmError
 from retrolm.core.io import naming_errors
 
@@ -100,7 +100,7 @@ class LexicalIndex:
         tokens = bm25s.tokenize([queries[i] for i in todo], return_ids=False, show_progress=False)
         # bm25s scores the queries on a thread pool, numpy releasing the GIL (2 cores: 1.95× on 1,024 queries); at
         # most one thread per 50 queries; n_threads=0 is its plain loop, without a pool
-        threads = min(_cpus(), len(todo) // 50)
+        threads = min(usable_cpus(), len(todo) // 50)
         ids, scores = self.retriever.retrieve(tokens, k=k_eff, show_progress=False, weight_mask=allowed,
                                               n_threads=threads if threads > 1 else 0)
         ids, scores = np.asarray(ids, dtype=np.int64), np.asarray(scores, dtype=np.float32)
@@ -108,11 +108,3 @@ class LexicalIndex:
         ids[miss], scores[miss] = -1, -np.inf
         out_ids[todo, :k_eff], out_scores[todo, :k_eff] = ids, scores
         return out_scores, out_ids
-
-
-def _cpus() -> int:
-    """CPUs this process may run on (the container's share, not the host's count)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not on Linux
-        return os.cpu_count() or 1
