@@ -70,27 +70,27 @@ def main() -> None:
     else:
         log.append(f"retrolm db delete {deleted.relative_to(REPO)} --doc-id ... ({len(old_versions)} ids, skipped)")
     out_root = REPO / "docs" / "results" / "knowledge-update"
-    for name, db, _ in STEPS:
+
+    def evaluate(label: str, checkpoint: Path | str, db: str, name: str, read: list[str]) -> None:
         out = out_root / name
-        step(name, [*RETROLM, "eval", "--checkpoint", LM, "--db", work / db, "--data", kernel / "heldout.jsonl",
-                    "--out", out, "-q", *READ], out / "eval.json")
+        step(label, [*RETROLM, "eval", "--checkpoint", checkpoint, "--db", work / db, "--data",
+                     kernel / "heldout.jsonl", "--out", out, "-q", *read], out / "eval.json")
+
+    for name, db, _ in STEPS:
+        evaluate(name, LM, db, name, READ)
     if args.retrofit_steps > 0:
-        fit = retrofit(work, data, old_versions, args.retrofit_steps, step)
+        fit, built = retrofit(work, data, old_versions, args.retrofit_steps, step)
         for name, db, _ in STEPS:
-            out = out_root / f"retrofit-{name}"
-            step(f"retrofit {name}", [*RETROLM, "eval", "--checkpoint", fit, "--db", work / db, "--data",
-                                      kernel / "heldout.jsonl", "--out", out, "-q", *READ_RETROFIT], out / "eval.json")
+            evaluate(f"retrofit {name}", fit, db, f"retrofit-{name}", READ_RETROFIT)
         # The model as built (encoder=base reads before any training), with 6.1 in the store: what the steps add.
-        out = out_root / "step0-retrofit-db-6.1"
-        step("retrofit step 0 db-6.1", [*RETROLM, "eval", "--checkpoint", as_built(work, step), "--db",
-                                        work / "db-6.1", "--data", kernel / "heldout.jsonl", "--out", out, "-q",
-                                        *READ_RETROFIT], out / "eval.json")
+        evaluate("retrofit step 0 db-6.1", built, "db-6.1", "step0-retrofit-db-6.1", READ_RETROFIT)
     write_page(out_root, log, step.seconds, args, old_versions)
 
 
-def retrofit(work: Path, data: Path, old_versions: list[str], steps: int, step: Steps) -> Path:
+def retrofit(work: Path, data: Path, old_versions: list[str], steps: int, step: Steps) -> tuple[Path, Path]:
     """RETRO-fit SmolLM2 (``encoder=base``) on Linux 6.1 without the held-out documents' old versions (so that the
-    new layers cannot have learned the held-out text from them); → the checkpoint's folder."""
+    new layers cannot have learned the held-out text from them) → the checkpoint's folder, and that of the model as
+    built (``steps=0``: nothing trained, nothing searched)."""
     train = work / "retrofit-train.jsonl"
     if not train.exists():
         skip = set(old_versions)
@@ -103,23 +103,16 @@ def retrofit(work: Path, data: Path, old_versions: list[str], steps: int, step: 
     db = work / "db-6.1-train"
     step("build retrofit db", [*RETROLM, "db", "build", train, "--out", db, "--tokenizer", LM, "--index", "none",
                                "--bm25", "-q"], db / "meta.json")
-    fit = work / "retrofit-smollm2-base"
-    done = fit / "checkpoints" / f"step-{steps:06d}"
-    step("retrofit", [*RETROLM, "retrofit", "-q", "--config", REPO / "configs" / "retrofit-smollm2-base.yaml", "--base",
-                      LM, "--db", db, "--out", fit, f"steps={steps}", f"save_every={steps}", f"eval_every={steps}",
-                      "tensorboard=false", f"neighbours_dir={work / 'neighbours'}"], done / "model.safetensors")
-    return done
 
+    def fit(label: str, out: Path, n: int, *settings: str) -> Path:
+        done = out / "checkpoints" / f"step-{n:06d}"
+        step(label, [*RETROLM, "retrofit", "-q", "--config", REPO / "configs" / "retrofit-smollm2-base.yaml", "--base",
+                     LM, "--db", db, "--out", out, f"steps={n}", *settings], done / "model.safetensors")
+        return done
 
-def as_built(work: Path, step: Steps) -> Path:
-    """SmolLM2 with the ``encoder=base`` readers as built (``steps=0``: nothing trained, nothing searched) → its
-    checkpoint folder."""
-    fit = work / "retrofit-smollm2-base-step0"
-    done = fit / "checkpoints" / "step-000000"
-    step("retrofit step 0", [*RETROLM, "retrofit", "-q", "--config", REPO / "configs" / "retrofit-smollm2-base.yaml",
-                             "--base", LM, "--db", work / "db-6.1-train", "--out", fit, "steps=0",
-                             "tensorboard=false"], done / "model.safetensors")
-    return done
+    trained = fit("retrofit", work / "retrofit-smollm2-base", steps, f"save_every={steps}", f"eval_every={steps}",
+                  "tensorboard=false", f"neighbours_dir={work / 'neighbours'}")
+    return trained, fit("retrofit step 0", work / "retrofit-smollm2-base-step0", 0, "tensorboard=false")
 
 
 def as_built_line(out_root: Path) -> str:
