@@ -12,6 +12,8 @@ RETRO-small's reading gain grow with training, and does it overtake the baseline
                                                    # last round again with a quarter / half of the neighbours swapped
     .venv/bin/python scripts/evidence_budget.py --rounds 3 --near-dup --baselines  # its last round again with no
                                                    # other version of a chunk's document among its neighbours
+    .venv/bin/python scripts/evidence_budget.py --rounds 1 --retro medium --baselines \
+        --results docs/results/budget-cpu-retro-medium          # RETRO-medium alone, two rounds
 
 Shares the work folder of scripts/evidence_retro.py (data, database, neighbours and the first round are trained once
 for every script). Every step is a `retrolm` command; finished steps are skipped on a re-run. Writes
@@ -80,10 +82,10 @@ def main() -> None:
                         help="rounds of training after the first: one number for every seed, or one per seed")
         ap.add_argument("--seeds", type=int, nargs="+", default=[0], choices=sorted(SEED_RUNS))
         ap.add_argument("--swap", type=float, nargs="+", default=[], metavar="SHARE",
-                        help="also train the first seed's last RETRO-small round again with neighbour_swap=SHARE, "
+                        help="also train the first seed's last RETRO round again with neighbour_swap=SHARE, "
                              "once per share (that share of training chunks read another sequence's neighbours)")
         ap.add_argument("--near-dup", action="store_true",
-                        help="also train the first seed's last RETRO-small round again with "
+                        help="also train the first seed's last RETRO round again with "
                              "neighbour_exclude=near_duplicate (no neighbour from another version of the chunk's "
                              "document: the strict protocol in training)")
         ap.add_argument("--swap-rounds", type=int, default=1, metavar="N",
@@ -91,7 +93,9 @@ def main() -> None:
                              "(rounds + 1: all of them, from the initialisation on)")
         ap.add_argument("--baselines", nargs="*", default=None, metavar="SIZE",
                         help="baseline sizes to train for every seed (default: small medium large for seed 0, "
-                             "medium for seed 1; none: RETRO-small alone, no vs-baseline columns)")
+                             "medium for seed 1; none: RETRO alone, no vs-baseline columns)")
+        ap.add_argument("--retro", default=None, metavar="SIZE",
+                        help="the size of the RETRO model to train (default: the profile's first, small)")
 
     args, p, work, res, step = evidence_start(__doc__, PROFILES, "evidence-retro", "budget", more)
     if len(args.rounds) not in (1, len(args.seeds)) or min(args.rounds) < 1:
@@ -106,18 +110,20 @@ def main() -> None:
     if not 1 <= n_swap <= more_rounds[min(args.seeds)] + 1:  # checked before anything trains
         sys.exit(f"evidence_budget.py: --swap-rounds takes 1 to {more_rounds[min(args.seeds)] + 1} (the first "
                  "seed's rounds, the first included)")
+    if args.retro is not None and args.retro not in PROFILES[args.profile]["sizes"]:
+        sys.exit(f"evidence_budget.py: --retro takes one of {', '.join(PROFILES[args.profile]['sizes'])}")
     held, db, train_run = training_setup(work, p, step)
-    small = p["retro"][0]
+    rsize = retro_size(args, p)
 
     # runs[seed][(kind, size)] = [run folder after round 0, 1, …]
     runs: dict[int, dict[tuple[str, str], list[Path]]] = {}
     for seed in args.seeds:
         sizes = SEED_RUNS[seed] if args.baselines is None else args.baselines
-        models = [("baseline", s) for s in sizes] + [("retro", small)]
+        models = [("baseline", s) for s in sizes] + [("retro", rsize)]
         runs[seed] = {(kind, size): continued(train_run, p, kind, size, seed, more_rounds[seed])
                       for kind, size in models}
-    # the variants of RETRO-small's last round(s) of the first seed: distractors, neighbours without other versions
-    first = runs[min(runs)][("retro", small)]
+    # the variants of the RETRO model's last round(s) of the first seed: distractors, neighbours without other versions
+    first = runs[min(runs)][("retro", rsize)]
     times = f"x{n_swap}" if n_swap > 1 else ""
     variants = {f"neighbour_swap {share:g}": ([f"neighbour_swap={share}"], f"swap{share * 100:.0f}{times}")
                 for share in args.swap}
@@ -125,7 +131,7 @@ def main() -> None:
         variants["near-duplicates excluded"] = (["neighbour_exclude=near_duplicate",
                                                  f"neighbours_dir={work / 'neighbours-near-dup'}"], f"neardup{times}")
     # label -> the chain's varied rounds (the rounds before them are those of the plain chain)
-    swap_chains = {label: continued(train_run, p, "retro", small, min(runs), len(first) - 1, extra, suffix,
+    swap_chains = {label: continued(train_run, p, "retro", rsize, min(runs), len(first) - 1, extra, suffix,
                                     n_swap)[-n_swap:]
                    for label, (extra, suffix) in variants.items()}
     swapped = {label: chain[-1] for label, chain in swap_chains.items()}
@@ -144,11 +150,11 @@ def main() -> None:
                                              "shuffle_neighbours=true", "--out", out], out / "eval.json")
 
     for by in runs.values():
-        for r, retro in enumerate(by[("retro", small)]):
+        for r, retro in enumerate(by[("retro", rsize)]):
             evaluate(retro, [chain[r] for (kind, _), chain in by.items() if kind == "baseline"])
     for run in swapped.values():
         evaluate(run, [chain[-1] for (kind, _), chain in runs[min(runs)].items() if kind == "baseline"])
-    last = runs[min(runs)][("retro", small)][-1]
+    last = runs[min(runs)][("retro", rsize)][-1]
     out = res / f"{last.name}-k"
     step(f"scale {last.name} neighbours previous",
          [*RETROLM, "scale", "neighbours", "--checkpoint", last, *ev, "near_dup_threshold=0", "--ks", "1,2,4",
@@ -156,6 +162,11 @@ def main() -> None:
     trained = {c.name: c for by in runs.values() for chain in by.values() for c in chain}
     copy_training_files(res, trained | {run.name: run for chain in swap_chains.values() for run in chain})
     write_page(res, work, runs, swap_chains, step, args, p)
+
+
+def retro_size(args: argparse.Namespace, p: dict) -> str:
+    """The size of the RETRO chain: ``--retro``, or the profile's first RETRO size."""
+    return args.retro or p["retro"][0]
 
 
 def train_row(run: Path, seed: int, rounds: int, step: Steps) -> list:
@@ -191,7 +202,7 @@ def plot_training(path: Path, runs: dict[int, dict[tuple[str, str], list[Path]]]
     xs = sorted(set().union(*series.values()))
     plot_lines(path, xs, {k: [v.get(x, float("nan")) for x in xs] for k, v in series.items()},
                xlabel="optimizer steps, all rounds", ylabel="trainer's validation bits per byte",
-               title="Baselines and RETRO-small trained on for more rounds")
+               title=f"Baselines and RETRO-{retro[1]} trained on for more rounds")
 
 
 def retro_cells(res: Path, retro: Path, baselines: dict[str, Path]) -> tuple[list[str], dict[str, float]]:
@@ -214,11 +225,11 @@ def write_page(res: Path, work: Path, runs: dict[int, dict[tuple[str, str], list
     from retrolm.eval.report import markdown_table
 
     steps, batch, seq = (int(p["train"][k]) for k in ("steps", "batch_size", "model.seq_len"))
-    small = p["retro"][0]
+    rsize = retro_size(args, p)
     swapped = {label: chain[-1] for label, chain in swap_chains.items()}
     base_rows, retro_rows, train_rows = [], [], []
     for seed, by in sorted(runs.items()):
-        for r, retro in enumerate(by[("retro", small)]):
+        for r, retro in enumerate(by[("retro", rsize)]):
             tokens = f"{(r + 1) * steps * batch * seq / 1e6:.2f}M"
             baselines = {size: chain[r] for (kind, size), chain in by.items() if kind == "baseline"}
             cells, bpb = retro_cells(res, retro, baselines)
@@ -236,19 +247,19 @@ def write_page(res: Path, work: Path, runs: dict[int, dict[tuple[str, str], list
     if swapped:
         seed = min(runs)
         by = runs[seed]
-        plain = by[("retro", small)][-1]
+        plain = by[("retro", rsize)][-1]
         baselines = {size: chain[-1] for (kind, size), chain in by.items() if kind == "baseline"}
         for label, run in (("the paper's recipe", plain), *swapped.items()):
             swap_rows.append([run.name, label, *retro_cells(res, run, baselines)[0]])
-        n_rounds = len(by[("retro", small)])
+        n_rounds = len(by[("retro", rsize)])
         train_rows += [train_row(run, seed, n_rounds - len(chain) + r + 1, step)
                        for chain in swap_chains.values() for r, run in enumerate(chain)]
-    whole = args.swap_rounds == len(runs[min(runs)][("retro", small)])  # swapped from the start
+    whole = args.swap_rounds == len(runs[min(runs)][("retro", rsize)])  # swapped from the start
     last_rounds = "round" if args.swap_rounds == 1 else f"{args.swap_rounds} rounds"
     start = "same initialisation" if whole else "same weights to start from"
     plot_training(res / "training.png", runs, steps, swap_chains)
     k_rows = []
-    last = runs[min(runs)][("retro", small)][-1]
+    last = runs[min(runs)][("retro", rsize)][-1]
     kfile = res / f"{last.name}-k" / "scale-neighbours.json"
     if kfile.is_file():
         kr = json.loads(kfile.read_text())
@@ -259,7 +270,8 @@ def write_page(res: Path, work: Path, runs: dict[int, dict[tuple[str, str], list
         f" --swap {' '.join(f'{x:g}' for x in args.swap)}" if args.swap else "") + (
         " --near-dup" if args.near_dup else "") + (
         f" --baselines {' '.join(args.baselines)}".rstrip() if args.baselines is not None else "") + (
-        f" --swap-rounds {args.swap_rounds}" if args.swap_rounds > 1 else "")
+        f" --swap-rounds {args.swap_rounds}" if args.swap_rounds > 1 else "") + (
+        f" --retro {args.retro}" if args.retro else "")
     page = [
         f"# Is it the budget? The same models trained on for more rounds ({args.profile} profile)",
         "",
@@ -271,15 +283,15 @@ def write_page(res: Path, work: Path, runs: dict[int, dict[tuple[str, str], list
         "warm-up and cosine decay, and `data_offset` set to the sequences already read, so that it reads on into "
         "sequences the model has not seen (a round is one more copy of the first round's tokens, not a second pass "
         "over them). Rounds are a warm restart, not one longer schedule. Change = relative change of held-out bits "
-        "per byte against the same model with retrieval off, negative = better; vs baseline = RETRO-small with "
+        f"per byte against the same model with retrieval off, negative = better; vs baseline = RETRO-{rsize} with "
         "retrieval against that baseline at the same round. Protocols: previous = only the held-out document "
-        "itself is excluded; strict = also every document holding ≥ 80% of its 13-grams. Control = RETRO-small "
+        f"itself is excluded; strict = also every document holding ≥ 80% of its 13-grams. Control = RETRO-{rsize} "
         "reading another document's neighbours. Wall times are those of whatever shared the machine's cores.",
         "",
         *(["## Baselines, held-out bits per byte (previous version allowed: the baselines read nothing)", "",
            markdown_table(["seed", "rounds", "tokens", "model", "bits/byte", *BUCKETS], base_rows), ""]
           if base_rows else []),
-        f"## RETRO-{small} (k = 2 BM25 neighbours), held out",
+        f"## RETRO-{rsize} (k = 2 BM25 neighbours), held out",
         "",
         markdown_table(["seed", "rounds", "tokens", "retrieval off", "retrieval on", "change [95% CI]", *BUCKETS,
                         "novel chunks", "strict", "control", "vs baseline-small", "vs baseline-medium",
@@ -290,7 +302,7 @@ def write_page(res: Path, work: Path, runs: dict[int, dict[tuple[str, str], list
         "",
         "![validation bits per byte over training](training.png)",
         "",
-        *([f"## Variants of training: RETRO-{small}'s {'' if whole else 'last '}{last_rounds} again, with other "
+        *([f"## Variants of training: RETRO-{rsize}'s {'' if whole else 'last '}{last_rounds} again, with other "
            "neighbours", "",
            f"The same {last_rounds} as {swap_rows[0][0] if swap_rows else ''} ({start}, data, lr and schedule), "
            "except for what the training chunks read. `neighbour_swap` *s*: each chunk, with probability *s* per "
