@@ -352,15 +352,16 @@ class _JointReader(nn.Module):
 
     def forward(self, x: Tensor, nb: Tensor | None, nb_mask: Tensor | None, start: int = 0,
                 ctx_kv: tuple[Tensor, Tensor] | None = None, kv: tuple[Tensor, Tensor] | None = None,
-                ctx_mask: Tensor | None = None) -> Tensor:
+                ctx_mask: Tensor | None = None, blocked: Tensor | None = None) -> Tensor:
         """What to add to the attention output of positions [start, start+T).
 
         x (B, T, d); nb (B, N, K, R, d): the neighbours of attending chunks j(max(start, m−1)) … j(start+T−1), where
         j(p) = (p+1)//m − 1, with nb_mask (B, N, K, R) True = real token (None: nothing to read); ``ctx_kv``: (B, H,
         max_len, e) buffers holding the context keys/values of positions < start (incremental decoding; this call's
         are written into them); ``kv``: ``project_neighbours(nb)`` if already computed; ``ctx_mask`` (B, start+T):
-        False = a context position no one attends to (padding), as in the base's own attention. → (B, T, d), exactly
-        0 where nothing is read."""
+        False = a context position no one attends to (padding), as in the base's own attention; ``blocked``:
+        ``context_blocked(start, T, ctx_mask)`` if already built (one per pass serves every layer). → (B, T, d),
+        exactly 0 where nothing is read."""
         T = x.shape[1]
         m, rope = self.m, self.rope
         kc, vc = self.attn.keys_values(x)
@@ -377,11 +378,9 @@ class _JointReader(nn.Module):
         scale = self.head ** -0.5
         q = self.attn.queries(x)  # (B, H, T, e)
         s_ctx = apply_rope(q, rope[:, start : start + T]) @ kc.transpose(-1, -2) * scale  # (B, H, T, start+T)
-        future = torch.ones(T, start + T, dtype=torch.bool, device=x.device).triu(start + 1)
-        if ctx_mask is not None:  # a position always sees itself (as in the base's masks): no row is left empty
-            itself = torch.eye(T, start + T, dtype=torch.bool, device=x.device).roll(start, 1)
-            future = future | (~ctx_mask[:, None, None, :] & ~itself)
-        s_ctx = s_ctx.float().masked_fill(future, float("-inf"))
+        if blocked is None:
+            blocked = context_blocked(start, T, ctx_mask, x.device)
+        s_ctx = s_ctx.float().masked_fill(blocked, float("-inf"))
         lse_ctx = torch.logsumexp(s_ctx, -1)  # (B, H, T)
         read_ctx = torch.softmax(s_ctx, -1).type_as(vc) @ vc
 
@@ -405,6 +404,16 @@ class _JointReader(nn.Module):
         return self.drop(self.attn.proj(rearrange(y, "b h t e -> b t (h e)")))
 
 
+def context_blocked(start: int, T: int, ctx_mask: Tensor | None, device: torch.device) -> Tensor:
+    """The context positions [0, start+T) that positions [start, start+T) may not attend to: the future and, with
+    ``ctx_mask`` (B, start+T; False = padding), the padding. → (T, start+T), or (B, 1, T, start+T) with a mask."""
+    blocked = torch.ones(T, start + T, dtype=torch.bool, device=device).triu(start + 1)
+    if ctx_mask is not None:  # a position always sees itself (as in the base's masks): no row is left empty
+        itself = torch.eye(T, start + T, dtype=torch.bool, device=device).roll(start, 1)
+        blocked = blocked | (~ctx_mask[:, None, None, :] & ~itself)
+    return blocked
+
+
 @dataclass
 class _Run:
     """What the hooks of one forward pass read: the neighbours, then (after the first CCA layer's pre-hook) E."""
@@ -422,6 +431,13 @@ class _Run:
     token_mask: Tensor | None = None
     """(B, start+T) False = padding that no other position attends to (``attention_mask``, with a cache's earlier
     positions in front)."""
+    _blocked: Tensor | None = None
+
+    def blocked(self, T: int, device: torch.device) -> Tensor:
+        """:func:`context_blocked` of this pass, built by the first reading layer and shared by the others."""
+        if self._blocked is None:
+            self._blocked = context_blocked(self.start, T, self.token_mask, device)
+        return self._blocked
 
 
 class RetrofitModel(nn.Module):
@@ -794,13 +810,14 @@ class RetrofitModel(nn.Module):
         x = self._hidden(args, kwargs)
         reader = self.cca[key]
         nb, nm = run.by_layer[key] if run.by_layer is not None else (None, None)
+        blocked = run.blocked(x.shape[1], x.device)
         if run.cache is not None:  # decoding: the reader keeps its context keys even when nothing is read yet
             kv = self._cached_kv(run, key, lambda: reader.project_neighbours(nb)) if nb is not None else None
-            y = reader(x, nb, nm, start=run.start, ctx_kv=run.cache.ctx_kv[key], kv=kv, ctx_mask=run.token_mask)
+            y = reader(x, nb, nm, start=run.start, ctx_kv=run.cache.ctx_kv[key], kv=kv, blocked=blocked)
         elif self.training and torch.is_grad_enabled():  # recomputed in the backward pass: one layer's scores at a time
-            y = checkpoint(reader, x, nb, nm, ctx_mask=run.token_mask, use_reentrant=False)
+            y = checkpoint(reader, x, nb, nm, blocked=blocked, use_reentrant=False)
         else:
-            y = reader(x, nb, nm, ctx_mask=run.token_mask)
+            y = reader(x, nb, nm, blocked=blocked)
         return _map_hidden(output, lambda h: h + y.to(h.dtype), module, "attention")
 
     @staticmethod
