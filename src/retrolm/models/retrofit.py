@@ -352,16 +352,15 @@ class _JointReader(nn.Module):
 
     def forward(self, x: Tensor, nb: Tensor | None, nb_mask: Tensor | None, start: int = 0,
                 ctx_kv: tuple[Tensor, Tensor] | None = None, kv: tuple[Tensor, Tensor] | None = None,
-                ctx_mask: Tensor | None = None, blocked: Tensor | None = None) -> Tensor:
+                *, blocked: Tensor) -> Tensor:
         """What to add to the attention output of positions [start, start+T).
 
         x (B, T, d); nb (B, N, K, R, d): the neighbours of attending chunks j(max(start, m−1)) … j(start+T−1), where
         j(p) = (p+1)//m − 1, with nb_mask (B, N, K, R) True = real token (None: nothing to read); ``ctx_kv``: (B, H,
         max_len, e) buffers holding the context keys/values of positions < start (incremental decoding; this call's
-        are written into them); ``kv``: ``project_neighbours(nb)`` if already computed; ``ctx_mask`` (B, start+T):
-        False = a context position no one attends to (padding), as in the base's own attention; ``blocked``:
-        ``context_blocked(start, T, ctx_mask)`` if already built (one per pass serves every layer). → (B, T, d),
-        exactly 0 where nothing is read."""
+        are written into them); ``kv``: ``project_neighbours(nb)`` if already computed; ``blocked``: the context
+        positions these may not attend to, :func:`context_blocked` (the future and the padding, as in the base's own
+        attention; one per pass serves every layer). → (B, T, d), exactly 0 where nothing is read."""
         T = x.shape[1]
         m, rope = self.m, self.rope
         kc, vc = self.attn.keys_values(x)
@@ -378,8 +377,6 @@ class _JointReader(nn.Module):
         scale = self.head ** -0.5
         q = self.attn.queries(x)  # (B, H, T, e)
         s_ctx = apply_rope(q, rope[:, start : start + T]) @ kc.transpose(-1, -2) * scale  # (B, H, T, start+T)
-        if blocked is None:
-            blocked = context_blocked(start, T, ctx_mask, x.device)
         s_ctx = s_ctx.float().masked_fill(blocked, float("-inf"))
         lse_ctx = torch.logsumexp(s_ctx, -1)  # (B, H, T)
         read_ctx = torch.softmax(s_ctx, -1).type_as(vc) @ vc
@@ -431,7 +428,7 @@ class _Run:
     token_mask: Tensor | None = None
     """(B, start+T) False = padding that no other position attends to (``attention_mask``, with a cache's earlier
     positions in front)."""
-    _blocked: Tensor | None = None
+    _blocked: Tensor | None = dataclasses.field(default=None, init=False, repr=False)
 
     def blocked(self, T: int, device: torch.device) -> Tensor:
         """:func:`context_blocked` of this pass, built by the first reading layer and shared by the others."""
