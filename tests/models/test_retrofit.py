@@ -547,6 +547,29 @@ def test_retrieval_off_and_unread_positions_are_the_base_exactly(tiny_base, buil
     torch.testing.assert_close(empty, want, rtol=0, atol=1e-6)  # nothing to read: the base
 
 
+@torch.no_grad()
+def test_a_reader_given_neighbour_chunks_its_positions_do_not_read_refuses_them(tiny_base, built_db):
+    """As RETRO's CCA: the chunks handed to a reading layer must be exactly those its positions read; too many, too
+    few, or any for positions before the first chunk ends raise instead of reading nothing or the wrong chunk."""
+    from retrolm.models.retrofit import context_blocked
+
+    reader = base_read(tiny_base).cca["1"].eval()
+    torch.manual_seed(0)
+    d = reader.attn.kv.weight.shape[1]
+    x, nb = torch.randn(1, T, d), torch.randn(1, T // M + 1, 2, 2 * M, d)
+    nm = torch.ones(nb.shape[:4], dtype=torch.bool)
+    blocked = context_blocked(0, T, None, x.device)
+    assert float(reader(x, nb[:, :4], nm[:, :4], blocked=blocked)[:, M - 1 :].abs().amin(-1).min()) > 0
+    for n in (5, 3, 0):  # positions 63..255 read chunks 0..3: one too many, one too few, none
+        with pytest.raises(ValueError, match=rf"^reader got {n} neighbour chunks for positions \[0, {T}\)"):
+            reader(x, nb[:, :n], nm[:, :n], blocked=blocked)
+    head = context_blocked(0, M - 1, None, x.device)
+    out = reader(x[:, : M - 1], nb[:, :0], nm[:, :0], blocked=head)  # p < m−1: nothing to read, nothing given
+    assert torch.equal(out, torch.zeros_like(out))
+    with pytest.raises(ValueError, match=rf"^reader got 1 neighbour chunks for positions \[0, {M - 1}\)"):
+        reader(x[:, : M - 1], nb[:, :1], nm[:, :1], blocked=head)
+
+
 def test_training_moves_only_the_readers_and_the_round_trip_is_exact(tiny_base, built_db, tmp_path):
     vocab = built_db.tokenizer.vocab_size
     model = base_read(tiny_base)

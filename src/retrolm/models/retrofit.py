@@ -360,7 +360,8 @@ class _JointReader(nn.Module):
         max_len, e) buffers holding the context keys/values of positions < start (incremental decoding; this call's
         are written into them); ``kv``: ``project_neighbours(nb)`` if already computed; ``blocked``: the context
         positions these may not attend to, :func:`context_blocked` (the future and the padding, as in the base's own
-        attention; one per pass serves every layer). → (B, T, d), exactly 0 where nothing is read."""
+        attention; one per pass serves every layer). → (B, T, d), exactly 0 where nothing is read. ValueError when the
+        neighbour chunks are not exactly those the positions read."""
         T = x.shape[1]
         m, rope = self.m, self.rope
         kc, vc = self.attn.keys_values(x)
@@ -370,10 +371,13 @@ class _JointReader(nn.Module):
             cache_k[:, :, start : start + T] = kc
             cache_v[:, :, start : start + T] = vc
             kc, vc = cache_k[:, :, : start + T].type_as(kc), cache_v[:, :, : start + T].type_as(vc)
-        if nb is None or nb.shape[1] == 0 or start + T < m:  # nothing to read (positions p < m−1 read nothing)
+        if nb is None:  # retrieval off for this pass
+            return torch.zeros_like(x)
+        # as RETRO's CCA: the chunks given must be exactly those these positions read (none when p < m−1 for all)
+        skip, lead, tail = attending_layout(start, T, m, nb.shape[1], "reader")
+        if skip == T:
             return torch.zeros_like(x)
         assert nb_mask is not None
-        skip, lead, tail = attending_layout(start, T, m, nb.shape[1], "reader")
         scale = self.head ** -0.5
         q = self.attn.queries(x)  # (B, H, T, e)
         s_ctx = apply_rope(q, rope[:, start : start + T]) @ kc.transpose(-1, -2) * scale  # (B, H, T, start+T)
