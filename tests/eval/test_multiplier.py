@@ -77,6 +77,31 @@ def test_report_points_and_errors(tmp_path):
         load_points(f)
     with pytest.raises(RetrolmError, match="not found"):
         load_points(tmp_path / "missing.yaml")
+    for bad, msg in (({"name": "z", "flops": 0, "metric": 1.0}, "FLOPs must be positive"),
+                     ({"name": "z", "flops": 1e15, "metric": 1.0, "test_flops_per_question": -1}, ">= 0"),
+                     ({"name": "tiny", "flops": 1e15, "metric": 1.0}, "'tiny' is used twice")):
+        f.write_text(yaml.safe_dump([{"name": "tiny", "flops": 1e14, "metric": 1.8}, bad]))
+        with pytest.raises(RetrolmError, match=rf"b\.yaml: entry 1: .*{msg}"):
+            load_points(f)
+
+
+def test_curves_a_multiplier_cannot_be_read_off_and_bad_systems_are_refused():
+    base = [Point("s", 1e15, 2.0), Point("l", 1e17, 1.8)]
+    with pytest.raises(RetrolmError, match="do not fall with pretraining FLOPs"):  # bigger baselines worse
+        fit_loglinear([Point("s", 1e15, 1.8), Point("l", 1e17, 1.82)])
+    with pytest.raises(RetrolmError, match="does not rise with pretraining FLOPs"):
+        fit_sigmoid([Point("s", 1e15, 0.6), Point("l", 1e17, 0.4)], 0.25, 1.0)
+    with pytest.raises(RetrolmError, match=r"'s' has accuracy 30, above the ceiling 1 .*percent"):
+        fit_sigmoid([Point("s", 1e15, 30.0), Point("l", 1e17, 40.0)], 0.0, 1.0)
+    # a metric far past the fit: no equivalent compute instead of an overflow
+    fit = fit_loglinear([Point(f"b{i}", 10.0 ** (15 + i), 1.2 - 0.1 * i) for i in range(3)])
+    assert fit.invert(-40.0) is None and multiplier(fit, Point("x", 1e15, -40.0))["multiplier"] is None
+    with pytest.raises(RetrolmError, match=r"system names must differ: \['x'\]"):
+        multiplier_report(base, [Point("x", 1e15, 1.9), Point("x", 1e16, 1.85)], "bpb")
+    with pytest.raises(RetrolmError, match="system 'y': pretraining FLOPs must be positive"):
+        multiplier_report(base, [Point("y", 0.0, 1.9)], "bpb")
+    with pytest.raises(RetrolmError, match="questions charged must be >= 0"):
+        multiplier_report(base, [Point("x", 1e15, 1.9, 1e12)], "bpb", queries=-5)
 
 
 def test_multiplier_cli(tmp_path, capsys):

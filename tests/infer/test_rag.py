@@ -153,6 +153,10 @@ def test_consistency_votes_on_fixed_answers():
     assert cd.answer == "in 1970" and cd.agreement[0] == 0 and answer_similarity("in 1970", "1970") == pytest.approx(
         2 / 3)
     assert cross_document_vote([[""], ["the"]]).answer == ""
+    # abstaining samples count against a passage: one answer in four is a consistency of 1/4, and a passage that
+    # answered every time outweighs it
+    cd = cross_document_vote([["Paris", "", "", ""], ["Lyon"] * 4])
+    assert cd.self_consistency == pytest.approx([0.25, 1.0]) and cd.answer == "Lyon"
 
 
 def test_flops_on_a_hand_computed_case():
@@ -224,6 +228,16 @@ def test_config_errors(world):
     with pytest.raises(RetrolmError, match="needs --data"):
         run_rag_eval(RagEvalConfig(db=str(world["db"].path)))
     assert load_qa(world["mixed"])[4].multiple_choice and isinstance(load_qa(world["qa"])[0], QAItem)
+    with pytest.raises(RetrolmError, match="queries must be >= 0"):
+        eval_cfg(world, "bad", queries=-1)
+    # baselines the multiplier cannot use (EM in percent that falls with compute) fail before any question is read,
+    # not after the evaluation, which would be lost
+    bad = world["root"] / "falling.json"
+    bad.write_text(json.dumps([{"name": "s", "flops": 1e15, "metric": 40.0},
+                               {"name": "l", "flops": 1e17, "metric": 30.0}]))
+    with pytest.raises(RetrolmError, match="does not rise with pretraining FLOPs"):
+        run_rag_eval(eval_cfg(world, "bad", baselines=str(bad)))
+    assert not (world["root"] / "bad").exists()
 
 
 def test_document_unit_reads_whole_documents(world):

@@ -68,7 +68,8 @@ class Fit:
         """The pretraining FLOPs at which the fit reaches ``metric`` (None if it never does)."""
         p = self.params
         if self.kind == "loglinear":
-            return None if p["b"] == 0 else 10 ** ((metric - p["a"]) / p["b"])
+            x = (metric - p["a"]) / p["b"] if p["b"] else math.inf
+            return 10**x if x < 300 else None  # beyond 1e300 FLOPs: the fit never gets there
         if p["k"] == 0 or not p["floor"] < metric < p["ceiling"]:
             return None
         y = (metric - p["floor"]) / (p["ceiling"] - p["floor"])
@@ -92,6 +93,9 @@ def fit_loglinear(points: Sequence[Point]) -> Fit:
     """Least-squares ``metric = a + b · log10 F`` (bits per byte)."""
     x, y = _xy(points)
     b, a = np.polyfit(x, y, 1)
+    if b >= 0:  # the curve a multiplier is read off must improve with compute
+        raise RetrolmError(f"the baselines' bits per byte do not fall with pretraining FLOPs (fitted slope "
+                           f"{b:+.3g} per decade): no compute multiplier can be read off them")
     return Fit("loglinear", {"a": float(a), "b": float(b)}, (10 ** x.min(), 10 ** x.max()))
 
 
@@ -100,10 +104,17 @@ def fit_sigmoid(points: Sequence[Point], floor: float = 0.0, ceiling: float = 1.
     if not floor < ceiling:
         raise RetrolmError(f"accuracy bounds must have chance < ceiling, got {floor} and {ceiling}")
     x, y = _xy(points)
+    above = [p for p in points if p.metric > ceiling]
+    if above:
+        raise RetrolmError(f"baseline {above[0].name!r} has accuracy {above[0].metric:g}, above the ceiling "
+                           f"{ceiling:g} (accuracies in percent need a ceiling of 100)")
     span = ceiling - floor
     u = np.clip((y - floor) / span, EPS, 1 - EPS)
     k, c = np.polyfit(x, np.log(u / (1 - u)), 1)
-    x0 = -c / k if k != 0 else float(np.mean(x))
+    if k <= 0:
+        raise RetrolmError(f"the baselines' accuracy does not rise with pretraining FLOPs (fitted slope {k:+.3g} per "
+                           "decade): no compute multiplier can be read off them")
+    x0 = -c / k
     return Fit("sigmoid", {"floor": floor, "ceiling": ceiling, "k": float(k), "x0": float(x0)},
                (10 ** x.min(), 10 ** x.max()))
 
@@ -139,6 +150,14 @@ def multiplier(fit: Fit, system: Point, queries: float = 0.0) -> dict:
 def multiplier_report(baselines: Sequence[Point], systems: Sequence[Point], kind: str, chance: float = 0.0,
                       ceiling: float = 1.0, queries: float = 0.0) -> dict:
     """Fit the baselines, then the multiplier of every system."""
+    if queries < 0:
+        raise RetrolmError(f"the questions charged must be >= 0, got {queries:g}")
+    names = [s.name for s in systems]
+    if len(set(names)) < len(names):
+        raise RetrolmError(f"system names must differ: {sorted({n for n in names if names.count(n) > 1})} repeat")
+    bad = [s.name for s in systems if not s.flops > 0 or s.test_flops_per_question < 0]
+    if bad:
+        raise RetrolmError(f"system {bad[0]!r}: pretraining FLOPs must be positive and test-time FLOPs >= 0")
     fit = fit_metric(baselines, kind, chance, ceiling)
     return {"kind": kind, "fit": fit.to_dict(),
             "baselines": [{"name": p.name, "flops": p.flops, "metric": p.metric,
@@ -167,10 +186,17 @@ def load_points(path: str | Path, what: str = "baselines") -> list[Point]:
             raise RetrolmError(f"{where}: needs 'metric' and 'flops' (or 'params' and 'tokens')")
         try:
             flops = float(d["flops"]) if "flops" in d else 6.0 * float(d["params"]) * float(d["tokens"])
-            out.append(Point(str(d.get("name", f"model-{i}")), flops, float(d["metric"]),
-                             float(d.get("test_flops_per_question", 0.0))))
+            point = Point(str(d.get("name", f"{what}-{i}")), flops, float(d["metric"]),
+                          float(d.get("test_flops_per_question", 0.0)))
         except (KeyError, TypeError, ValueError):
             raise RetrolmError(f"{where}: needs numeric 'metric' and 'flops' (or 'params' and 'tokens')") from None
+        if not (point.flops > 0 and math.isfinite(point.flops) and math.isfinite(point.metric)):
+            raise RetrolmError(f"{where}: pretraining FLOPs must be positive and the metric finite")
+        if not point.test_flops_per_question >= 0:
+            raise RetrolmError(f"{where}: test_flops_per_question must be >= 0")
+        if any(q.name == point.name for q in out):
+            raise RetrolmError(f"{where}: the name {point.name!r} is used twice (every model needs its own)")
+        out.append(point)
     return out
 
 

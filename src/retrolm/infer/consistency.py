@@ -108,7 +108,9 @@ def cross_document_vote(per_passage: Sequence[Sequence[str]]) -> CrossDocVote:
     then to the best-ranked one."""
     own = [majority_vote(list(samples)) for samples in per_passage]
     answers = [v.answer for v in own]
-    consistency = [v.share if v.normalized else 0.0 for v in own]
+    # over all of the passage's samples: abstaining samples count against it (a passage that answered once in four
+    # is not fully consistent), unlike Vote.share, which is over the votes cast
+    consistency = [v.score / len(samples) if v.normalized else 0.0 for v, samples in zip(own, per_passage, strict=True)]
     agreement = [sum(answer_similarity(answers[p], answers[q]) for q in range(len(own)) if q != p)
                  for p in range(len(own))]
     weights = [c * (1.0 + g) for c, g in zip(consistency, agreement, strict=True)]

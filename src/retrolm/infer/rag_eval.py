@@ -34,7 +34,7 @@ from retrolm.core.config import save_config
 from retrolm.core.errors import RetrolmError
 from retrolm.core.io import atomic_path, write_bytes, write_json
 from retrolm.db import DatabaseView, noisy_copy
-from retrolm.eval.multiplier import Point, load_points, multiplier_report, plot_multiplier
+from retrolm.eval.multiplier import Point, fit_metric, load_points, multiplier_report, plot_multiplier
 from retrolm.eval.qa import QAItem, contamination, load_qa, mean_scores, score_prediction
 from retrolm.eval.report import markdown_table
 from retrolm.infer.consistency import cross_document_vote, majority_vote
@@ -77,6 +77,8 @@ class RagEvalConfig(RagConfig):
             raise RetrolmError(f"multiplier_metric must be em or f1, got {self.multiplier_metric!r}")
         if self.block < 1 or self.contamination_n < 1:
             raise RetrolmError("block and contamination_n must be >= 1")
+        if self.queries is not None and self.queries < 0:
+            raise RetrolmError(f"queries must be >= 0, got {self.queries}")
 
 
 @dataclass
@@ -178,19 +180,33 @@ def summarize(items: list[QAItem], preds: dict[str, list[Prediction]], contamina
     return out
 
 
-def _multiplier(cfg: RagEvalConfig, items: list[QAItem], summary: dict, reader: dict, out: Path) -> dict:
+def _chance(items: list[QAItem]) -> float:
+    """Expected accuracy (%) of guessing: 1/choices on multiple-choice items, 0 on the others."""
+    return 100 * sum(1 / len(it.choices) for it in items if it.multiple_choice) / len(items)
+
+
+def _baselines(cfg: RagEvalConfig, items: list[QAItem]) -> list[Point] | None:
+    """The multiplier's baselines, read and fitted before anything is evaluated, so that a bad file fails at once
+    instead of after the evaluation."""
     if cfg.baselines is None:
+        return None
+    points = load_points(cfg.baselines)
+    fit_metric(points, "accuracy", _chance(items), 100.0)
+    return points
+
+
+def _multiplier(cfg: RagEvalConfig, items: list[QAItem], baselines: list[Point] | None, summary: dict, reader: dict,
+                out: Path) -> dict:
+    if baselines is None:
         return {"status": "not computed: give baselines=FILE (no-retrieval models of several sizes with known "
                           "pretraining FLOPs)"}
     pre = reader.get("pretraining")
     if pre is None:
         return {"status": f"not computed: the pretraining tokens of {reader['name']} are not known"}
-    mc = [it for it in items if it.multiple_choice]
-    chance = 100 * sum(1 / len(it.choices) for it in mc) / len(items) if mc else 0.0
     systems = [Point(mode, pre["flops"], s[cfg.multiplier_metric], s["flops_per_question"])
                for mode, s in summary.items()]
-    report = multiplier_report(load_points(cfg.baselines), systems, "accuracy", chance, 100.0,
-                               cfg.queries or len(items))
+    report = multiplier_report(baselines, systems, "accuracy", _chance(items), 100.0,
+                               len(items) if cfg.queries is None else cfg.queries)
     plot_multiplier(out / "multiplier.png", report, systems, f"{cfg.multiplier_metric} (%)")
     return report
 
@@ -202,6 +218,7 @@ def run_rag_eval(cfg: RagEvalConfig, show_progress: bool = True) -> dict[str, An
         raise RetrolmError("rag-eval needs --data QA.jsonl and --db DB")
     t0 = time.perf_counter()
     items = load_qa(cfg.data, cfg.max_questions)
+    baselines = _baselines(cfg, items)
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
@@ -232,7 +249,7 @@ def run_rag_eval(cfg: RagEvalConfig, show_progress: bool = True) -> dict[str, An
         seconds["robustness"] = round(sum(nsec.values()), 1)
         result["robustness"] = {"noise": cfg.noise, "noise_chunks": noisy.store.n_chunks - db.store.n_chunks,
                                 "summary": summarize(items, npreds, contam.flags)}
-    result["multiplier"] = _multiplier(cfg, items, summary, reader, out)
+    result["multiplier"] = _multiplier(cfg, items, baselines, summary, reader, out)
     seconds["total"] = round(time.perf_counter() - t0, 1)
     result["seconds"] = seconds
     write_json(out / "rag.json", result)
