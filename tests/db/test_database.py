@@ -162,6 +162,27 @@ def test_add_then_delete_then_compact(tmp_path, tiny_db_config):
 
 
 
+def test_compacting_an_ivf_database_below_what_its_index_trains_on(tmp_path, tiny_db_config):
+    """Compaction trains a fresh index of the same factory; when too few chunks are kept for that (or none), the
+    compacted index is exact instead of failing or being saved untrained, and later adds still work."""
+    from dataclasses import replace
+
+    db = Database.build([write_jsonl(tmp_path / "c.jsonl", wiki_docs(160))], tmp_path / "db",
+                        replace(tiny_db_config, index="ivfpq", index_factory="IVF4,PQ4"), show_progress=False)
+    assert db.store.n_chunks >= 256 and db.index.kind == "ivfpq"
+    keep = db.store.doc_ids[:10]
+    db.delete(doc_ids=db.store.doc_ids[10:])
+    db.compact(show_progress=False)
+    assert db.index.kind == "flat" and db.meta["index"]["kind"] == "flat" and db.store.n_docs == 10
+    reopened = Database.open(db.path)
+    assert reopened.index.kind == "flat" and reopened.store.doc_ids == keep
+    assert search(reopened, reopened.chunk_texts([4])[0], k=1)[0].chunk_id == 4  # exact: its own text first
+    reopened.delete(doc_ids=keep)
+    reopened.compact(show_progress=False)  # nothing kept
+    reopened.add([write_jsonl(tmp_path / "more.jsonl", wiki_docs(3, start=400))], show_progress=False)
+    assert reopened.store.n_docs == 3 and reopened.index.ntotal == reopened.store.n_chunks
+
+
 def test_add_after_compact_keeps_the_compacted_segment(tmp_path, tiny_db_config):
     """build → delete → compact → add: the new segment once took the compacted one's name and overwrote it."""
     db = Database.build([write_jsonl(tmp_path / "c.jsonl", wiki_docs(12))], tmp_path / "db", tiny_db_config,
@@ -217,6 +238,27 @@ def test_bm25_retriever_over_the_same_chunks(tmp_path, tiny_db_config):
     assert [p.name for p in db.path.glob("bm25-*")] == [db.meta["bm25"]] != [folder.name]
     assert search(db, "zzzqqq unmatched", k=2, retriever="bm25") == []  # no shared term: no hits
     assert search(db, "   ", k=2, retriever="bm25") == []  # a blank query retrieves nothing
+
+
+def test_an_in_memory_bm25_index_follows_writes_and_storing_it_twice_keeps_it(tmp_path, tiny_db_config):
+    """The BM25 index a session built in memory (none stored) is rebuilt after an add or a compaction instead of
+    answering for the old chunk set; asking to store an index that is stored leaves it in place."""
+    db = Database.build([write_jsonl(tmp_path / "c.jsonl", wiki_docs(12))], tmp_path / "db", tiny_db_config,
+                        show_progress=False)
+    assert search(db, db.chunk_texts([3])[0], k=1, retriever="bm25")[0].chunk_id == 3  # builds it in memory
+    db.add([write_jsonl(tmp_path / "more.jsonl", wiki_docs(3, start=200))], show_progress=False)
+    last = db.store.n_chunks - 1
+    assert search(db, db.chunk_texts([last])[0], k=1, retriever="bm25")[0].chunk_id == last
+    db.delete(doc_ids=[db.store.doc_ids[0]])
+    db.compact(show_progress=False)  # chunk ids shift down by the deleted document's chunks
+    for c in (0, 5, db.store.n_chunks - 1):
+        assert search(db, db.chunk_texts([c])[0], k=1, retriever="bm25")[0].chunk_id == c
+    db.store_bm25(show_progress=False)
+    stored, version = db.meta["bm25"], db.meta["version"]
+    db.store_bm25(show_progress=False)
+    assert (db.meta["bm25"], db.meta["version"]) == (stored, version) and (db.path / stored).is_dir()
+    reopened = Database.open(db.path)
+    assert search(reopened, reopened.chunk_texts([5])[0], k=1, retriever="bm25")[0].chunk_id == 5
 
 
 def test_bm25_batch_search_on_threads_equals_the_plain_loop(tmp_path, tiny_db_config, monkeypatch):

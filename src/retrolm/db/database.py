@@ -233,13 +233,20 @@ class Database(DatabaseView):
         meta = dict(self.meta, version=version, segments=[seg_name])
         if self.index is not None:
             old = self.index
+            kind, factory = old.kind, old.factory
+            need = VectorIndex.create(old.dim, kind=old.kind, factory=old.factory).fewest_train_vectors
+            if len(kept) < need:  # too few to train the same kind of index again (none kept: it would stay untrained)
+                kind, factory = "auto", None
+                logger.warning("%s: compaction keeps %d chunks, fewer than the %d a %s index trains on; the compacted "
+                               "index is exact (flat)", self.path, len(kept), need, old.factory)
             index = make_index(
                 old.dim, len(kept),
                 lambda: (old.reconstruct(kept[s : s + 65536]) for s in range(0, len(kept), 65536)),
                 lambda n: old.reconstruct(np.sort(np.random.default_rng(0).choice(kept, min(n, len(kept)),
                                                                                     replace=False))),
-                kind=old.kind, factory=old.factory)
-            meta["index"] = dict(meta["index"], file=f"index-v{version}.faiss")
+                kind=kind, factory=factory)
+            meta["index"] = dict(meta["index"], kind=index.kind, factory=index.factory,
+                                 file=f"index-v{version}.faiss")
             index.save(tmp / meta["index"]["file"])
             os.replace(tmp / meta["index"]["file"], self.path / meta["index"]["file"])
         commit_dir(tmp / seg_name, self.path / "segments" / seg_name)
@@ -249,6 +256,8 @@ class Database(DatabaseView):
     def store_bm25(self, show_progress: bool = True) -> None:
         """Build and store a BM25 index over the chunks (kept up to date by later adds and compactions)."""
         with self._writing():
+            if self.meta.get("bm25"):
+                return  # already stored, and kept up to date by every write since
             self._commit(dict(self.meta, version=self.meta["version"] + 1, bm25=True), self.deleted_docs,
                          show_progress=show_progress)
 
@@ -261,6 +270,8 @@ class Database(DatabaseView):
             meta["bm25"] = f"bm25-v{meta['version']}"
             LexicalIndex.build(lambda ids: store.texts(ids, self.tokenizer), store.n_chunks, show_progress).save(
                 self.path / meta["bm25"])
+        elif meta.get("bm25"):
+            meta["bm25"] = self.meta["bm25"]  # the stored index still covers these chunks (a folder name, never True)
         tomb = None
         if deleted_docs.any():
             tomb = f"tombstones-v{meta['version']}.npy"

@@ -263,6 +263,13 @@ class VectorIndex:
         return max(TRAIN_POINTS_PER_CENTROID * self.nlist, PQ_TRAIN_POINTS)
 
     @property
+    def fewest_train_vectors(self) -> int:
+        """The fewest vectors ``train`` accepts (0 once trained, or for a kind that needs no training)."""
+        if not self.needs_training:
+            return 0
+        return max(self.nlist or 1, 256)
+
+    @property
     def max_train_vectors(self) -> int:
         """``train`` subsamples (deterministically) larger training sets down to this many vectors."""
         if self.kind != "ivfpq":
@@ -329,9 +336,8 @@ class VectorIndex:
             logger.info("%s: already trained; train() ignored", self._name())
             return
         n = len(vectors)
-        hard_min = self.nlist if self.kind == "ivfpq" else 1
-        if n < max(hard_min, 256):
-            raise RetrolmError(f"{self._name()}: {n} training vectors, need at least {max(hard_min, 256)}")
+        if n < self.fewest_train_vectors:
+            raise RetrolmError(f"{self._name()}: {n} training vectors, need at least {self.fewest_train_vectors}")
         if n < self.min_train_vectors:
             logger.warning("%s: training on %d vectors, %d recommended", self._name(), n, self.min_train_vectors)
         if n > self.max_train_vectors:

@@ -62,6 +62,9 @@ class DatabaseView:
             verify_files(path, meta)
         if self._encoder is not None and meta.get("encoder") != self.meta.get("encoder"):
             self._encoder = None  # the database was rebuilt with another encoder since this object loaded one
+        if self._lexical is not None and (meta.get("bm25") != self.meta.get("bm25")
+                                          or meta["segments"] != self.meta["segments"]):
+            self._lexical = None  # another stored index, or chunks added / renumbered under an in-memory one
         self.meta = meta
         self.chunk_len: int = meta["chunk_len"]
         self.tokenizer = LMTokenizer.from_file(path / "tokenizer.json", name=meta["tokenizer"]["name"])
@@ -80,8 +83,6 @@ class DatabaseView:
         if len(self.deleted_docs) != self.store.n_docs:
             raise RetrolmError(f"{path / tomb}: has {len(self.deleted_docs)} entries for {self.store.n_docs} documents")
         self._deleted_chunks: np.ndarray | None = None
-        if self._lexical is not None and self._lexical.folder != self._bm25_folder():
-            self._lexical = None
 
     @classmethod
     def open(cls, path: str | Path, device: str | None = None):

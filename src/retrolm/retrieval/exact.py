@@ -144,6 +144,13 @@ class ExactRetriever(DenseRetriever):
         if len(self.keys) != n:
             raise RetrolmError(f"{db.path}: the index holds {len(self.keys)} keys for {n} chunks")
         self._doc_chunks: np.ndarray | None = None
+        self._segments = list(db.meta["segments"])  # the chunk set the keys were loaded for
+
+    def _check_fresh(self) -> None:
+        # keys are a snapshot: an add or a compaction since would leave new chunks unfindable or ids renumbered
+        if self.db.meta["segments"] != self._segments:
+            raise RetrolmError(f"{self.db.path}: chunks were added or renumbered since this exact retriever loaded its "
+                               "keys; make a new one")
 
     def _device_mask(self, mask: np.ndarray | None) -> torch.Tensor | None:
         return None if mask is None else torch.from_numpy(np.asarray(mask, dtype=bool)).to(self.device)
@@ -157,6 +164,7 @@ class ExactRetriever(DenseRetriever):
         return s, i
 
     def _search(self, queries: np.ndarray, k: int, exclude_chunks: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        self._check_fresh()
         mask = self._device_mask(exclude_chunks)
         nq = len(queries)
         scores = np.full((nq, k), -np.inf, dtype=np.float32)
@@ -169,6 +177,7 @@ class ExactRetriever(DenseRetriever):
     def _search_excluding_docs(self, queries: np.ndarray, k: int, mask: np.ndarray | None,
                                docs: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
         """One pass: each query fetches ``k`` plus the chunk count of its excluded documents, then filters them."""
+        self._check_fresh()
         store = self.db.store
         n = store.n_chunks
         if self._doc_chunks is None:
