@@ -17,10 +17,11 @@ from retrolm.db import BuildConfig, Database
 from retrolm.eval.qa import QAItem, load_qa
 from retrolm.infer.consistency import answer_similarity, cross_document_vote, majority_vote
 from retrolm.infer.flops import ModelCost, StageFlops, pretraining_flops
-from retrolm.infer.rag import RagConfig, RagPipeline
+from retrolm.infer.rag import Passage, RagConfig, RagPipeline
 from retrolm.infer.rag_eval import RagEvalConfig, run_rag_eval
 from retrolm.infer.reader import extract_answer
 from retrolm.infer.rerank import CrossEncoderReranker, LMReranker, load_reranker
+from retrolm.infer.sampling import row_generator
 
 _spec = importlib.util.spec_from_file_location("incontext_helpers",
                                                Path(__file__).parents[1] / "eval" / "test_incontext.py")
@@ -128,6 +129,17 @@ def test_rerankers(world, tiny_encoder, tmp_path):
     n_tokens = [len(tok("what is amber", p)["input_ids"]) for p in ["amber is a resin", "basalt is a rock", "x"]]
     assert len(scores) == 3 and flops == sum(ce.cost.prompt(n) for n in n_tokens)
     assert isinstance(load_reranker(f"cross-encoder:{tmp_path / 'ce'}", pipe.reader), CrossEncoderReranker)
+    # reranking reorders by the reranker's score, ties kept in retrieval order, and charges its FLOPs
+
+    class Fixed:
+        def score(self, question, texts):
+            return [{"a": -2.0, "b": -0.5, "c": -0.5}[t] for t in texts], 7
+
+    pipe.reranker = Fixed()
+    cands = [Passage(t, t, chunk_id=i, position=0, score=1.0 - i / 10, rank=i) for i, t in enumerate("abc")]
+    ranked, (f,) = pipe.rerank(["q"], [cands])
+    assert [p.text for p in ranked[0]] == ["b", "c", "a"] and [p.rank for p in ranked[0]] == [1, 2, 0]
+    assert f.reranker == 7 and ranked[0][0].rerank_score == -0.5
 
 
 def test_consistency_votes_on_fixed_answers():
@@ -225,6 +237,8 @@ def test_config_errors(world):
         RagConfig(samples=3, sample_temperature=0)
     with pytest.raises(RetrolmError, match="unit"):
         RagConfig(unit="page")
+    with pytest.raises(RetrolmError, match="choice_normalize must be mean or sum, got 'max'"):
+        RagConfig(choice_normalize="max")
     with pytest.raises(RetrolmError, match="needs --data"):
         run_rag_eval(RagEvalConfig(db=str(world["db"].path)))
     assert load_qa(world["mixed"])[4].multiple_choice and isinstance(load_qa(world["qa"])[0], QAItem)
@@ -238,6 +252,18 @@ def test_config_errors(world):
     with pytest.raises(RetrolmError, match="does not rise with pretraining FLOPs"):
         run_rag_eval(eval_cfg(world, "bad", baselines=str(bad)))
     assert not (world["root"] / "bad").exists()
+
+
+def test_cross_document_consistency_reads_each_document_once(world):
+    """Chunks i and i+1 of one document (which overlap through the continuation) are one source: cross-document
+    consistency reads the best-ranked passage of each of the first cross_doc_passages documents."""
+    pipe = RagPipeline.load(RagConfig(db=str(world["db"].path), reader=world["lm"], retriever="bm25", rerank=False,
+                                      cross_doc=True, cross_doc_passages=3, top_n=6, **PLAIN))
+    docs = ["a", "a", "b", "a", "c", "d"]
+    ps = [Passage(f"text {i}", d, chunk_id=10 + i, position=i, score=1.0 - i / 10, rank=i) for i, d in enumerate(docs)]
+    assert [(p.doc_id, p.rank) for p in pipe.cross_doc_candidates(ps)] == [("a", 0), ("b", 2), ("c", 4)]
+    ans = pipe.answer("The code of plimbo is")
+    assert len({p.doc_id for p in ans.passages}) == len(ans.passages) == 3
 
 
 def test_document_unit_reads_whole_documents(world):
@@ -263,6 +289,18 @@ def test_batched_reading_matches_reading_alone(world):
     assert sampled[0].prompt_flops == reader.cost.prompt(len(prompts[0]))  # the prompt is read once for 3 samples
     again = reader.generate(prompts, samples=3, temperature=1.0, top_p=0.9, max_new_tokens=5, seed=1)
     assert [r.texts for r in again] == [r.texts for r in sampled]  # seeded
+    # ...per prompt: a question's samples do not depend on the questions generated with it or on the batch size
+    alone_sampled = [reader.generate([p], samples=3, temperature=1.0, top_p=0.9, max_new_tokens=5, seed=1)[0]
+                     for p in prompts[::-1]][::-1]
+    assert [r.texts for r in alone_sampled] == [r.texts for r in sampled]
+    assert len({row_generator(1, prompts[0], i).initial_seed() for i in range(3)} | {
+        row_generator(2, prompts[0], 0).initial_seed(), row_generator(1, prompts[1], 0).initial_seed()}) == 5
+    # the prompt is cut on the left to leave room for what is generated or scored after it
+    n = reader.lm.context_len
+    assert reader.prompt_ids("The code of drunek is", ["x " * 2 * n], reserve=10) == reader.tok.encode(
+        reader.prompt_text("The code of drunek is", ["x " * 2 * n]))[-(n - 10):]
+    with pytest.raises(RetrolmError, match=f"{n} tokens to generate or score leave no room"):
+        reader.prompt_ids("q", reserve=n)
     options = ["ember", "basalt cobalt", "x"]
     nlls = reader.option_nlls(prompts[0], options)
     ids = [reader.tok.encode(" " + o) for o in options]
@@ -289,4 +327,10 @@ def test_retrieval_flops_of_dense_and_hybrid(built_db):
     hybrid = PassageRetriever(built_db, "hybrid").flops(q)
     bm25 = PassageRetriever(built_db, "bm25").flops(q)
     assert bm25.encoder == 0 and built_db.store.n_chunks < bm25.search
+    # the postings counted are those of the index: on a hand-made one, "apple" is in 2 chunks, "date" in 1
+    from retrolm.db.lexical import LexicalIndex
+
+    texts = ["apple banana", "apple cherry", "date", "banana"]
+    tiny = LexicalIndex.build(lambda ids: [texts[i] for i in ids], len(texts))
+    assert tiny.postings("apple date zzz apple") == 3 and tiny.postings("banana") == 2 and tiny.postings("") == 0
     assert hybrid.encoder == f.encoder and hybrid.search == f.search + bm25.search

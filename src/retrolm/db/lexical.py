@@ -84,6 +84,18 @@ class LexicalIndex:
             raise RetrolmError(f"{folder}: corrupt or unreadable BM25 index ({e})") from None
         return cls(retriever, n, folder)
 
+    def postings(self, query: str) -> int:
+        """How many (term, chunk) postings the query's distinct terms have in the index: the entries a BM25 search
+        reads. ``n_chunks`` per term (the upper bound) if this bm25s version's index layout cannot say."""
+        bm25s = _bm25s()
+        terms = set(bm25s.tokenize([query], return_ids=False, show_progress=False)[0])  # as search() tokenizes
+        try:
+            indptr, vocab = self.retriever.scores["indptr"], self.retriever.vocab_dict
+        except (AttributeError, KeyError, TypeError):
+            logger.warning("bm25s index layout unknown: counting every chunk as a posting of each query term")
+            return len(terms) * self.n_chunks
+        return int(sum(int(indptr[vocab[t] + 1] - indptr[vocab[t]]) for t in terms if t in vocab))
+
     def search(self, queries: list[str], k: int, exclude: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Top-k (scores, chunk ids) per query, best first; ``exclude`` (bool per chunk) never returned; -1 / -inf
         where fewer than k chunks share a term with the query (BM25 scores those 0: they are not matches)."""

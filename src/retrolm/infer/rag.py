@@ -9,8 +9,9 @@ Every stage is pluggable through :class:`RagConfig`:
 2. **Rerank** them with a causal LM's yes/no logits (the reader by default) or a cross-encoder, keep the best.
 3. **Read** the best ``passages`` with a causal LM (:class:`~retrolm.infer.reader.Reader`).
 4. **Self-consistency** (``samples > 1``): sample that many answers and take the normalised majority.
-   **Cross-document consistency** (``cross_doc``): answer from each of ``cross_doc_passages`` passages separately and
-   vote, weighting passages by how consistent their answers are (:mod:`retrolm.infer.consistency`).
+   **Cross-document consistency** (``cross_doc``): answer from each of the ``cross_doc_passages`` best documents
+   separately (its best passage) and vote, weighting passages by how consistent their answers are
+   (:mod:`retrolm.infer.consistency`).
 
 In Python::
 
@@ -77,7 +78,8 @@ class RagConfig:
     cross_doc: bool = False
     """Cross-document consistency: answer from each passage separately and vote."""
     cross_doc_passages: int = 4
-    """Passages answered separately (the best after reranking)."""
+    """Documents answered separately, each from its best passage after reranking (a document retrieved as several
+    chunks votes once)."""
     cross_doc_samples: int = 1
     """Answers per passage (greedy when 1)."""
     temperature: float = 0.0
@@ -104,6 +106,8 @@ class RagConfig:
     def __post_init__(self) -> None:
         if self.unit not in ("chunk", "document"):
             raise RetrolmError(f"unit must be chunk or document, got {self.unit!r}")
+        if self.choice_normalize not in ("mean", "sum"):  # checked here, not at the first multiple-choice item
+            raise RetrolmError(f"choice_normalize must be mean or sum, got {self.choice_normalize!r}")
         for name in ("top_n", "passages", "samples", "cross_doc_passages", "cross_doc_samples", "max_new_tokens",
                      "max_passage_tokens", "batch_size", "document_tokens"):
             if getattr(self, name) < 1:
@@ -199,21 +203,8 @@ class PassageRetriever:
             encoder = self._encoder_cost.prompt(tokens)
             search += dense_search_flops(enc.dim, n_chunks)
         if self.kind in ("bm25", "hybrid"):
-            search += bm25_search_flops(self._postings(question), n_chunks)
+            search += bm25_search_flops(self.db.lexical.postings(question), n_chunks)
         return StageFlops(encoder=encoder, search=search)
-
-    def _postings(self, question: str) -> int:
-        """Postings of the query's terms in the BM25 index (every chunk per term if the index cannot say)."""
-        try:
-            import bm25s
-
-            terms = set(bm25s.tokenize([question], return_ids=False, show_progress=False)[0])
-            index = self.db.lexical.retriever
-            indptr, vocab = index.scores["indptr"], index.vocab_dict
-            return int(sum(int(indptr[vocab[t] + 1] - indptr[vocab[t]]) for t in terms if t in vocab))
-        except Exception:  # another bm25s layout: the upper bound
-            return len(question.split()) * self.db.store.n_chunks
-
 
 @dataclass
 class RagAnswer:
@@ -299,7 +290,10 @@ class RagPipeline:
         """Answer every item from its passages (None: closed book); multiple-choice items by option likelihood."""
         c = self.cfg
         temp = c.temperature if temperature is None else temperature
-        prompts = [self.reader.prompt_ids(it.question, [p.text for p in passages[i]] if passages else None)
+        # room after the prompt for what is read next: the answer, or the longest option of a multiple-choice item
+        prompts = [self.reader.prompt_ids(it.question, [p.text for p in passages[i]] if passages else None,
+                                          reserve=self.reader.option_room(it.choices) if it.multiple_choice
+                                          else c.max_new_tokens)
                    for i, it in enumerate(items)]
         out: list[Reading | None] = [None] * len(items)
         short = [i for i, it in enumerate(items) if not it.multiple_choice]
@@ -315,12 +309,26 @@ class RagPipeline:
                 out[i] = r
         return out  # type: ignore[return-value]
 
+    def cross_doc_candidates(self, passages: Sequence[Passage]) -> list[Passage]:
+        """The passages cross-document consistency reads alone: the best-ranked one of each of the first
+        ``cross_doc_passages`` documents (chunk i and chunk i+1 of one document, which overlap through the continuation,
+        would otherwise vote twice for one source)."""
+        seen: set[str] = set()
+        out = []
+        for p in passages:
+            if p.doc_id not in seen:
+                seen.add(p.doc_id)
+                out.append(p)
+                if len(out) == self.cfg.cross_doc_passages:
+                    break
+        return out
+
     def read_each(self, items: Sequence[QAItem], passages: Sequence[Sequence[Passage]]) -> list[list[Reading]]:
-        """Cross-document reading: every item answered from each of its first ``cross_doc_passages`` passages alone."""
+        """Cross-document reading: every item answered from each of its :meth:`cross_doc_candidates` alone."""
         c = self.cfg
         flat_items, flat_passages, owner = [], [], []
         for i, (it, ps) in enumerate(zip(items, passages, strict=True)):
-            for p in ps[: c.cross_doc_passages]:
+            for p in self.cross_doc_candidates(ps):
                 flat_items.append(it)
                 flat_passages.append([p])
                 owner.append(i)
@@ -364,7 +372,7 @@ class RagPipeline:
                 total = f
                 for r in rs:
                     total = total + _reading_flops(r)
-                out.append(RagAnswer(it.question, vote.answer, mode, ps[: len(rs)], vote.support, total,
+                out.append(RagAnswer(it.question, vote.answer, mode, self.cross_doc_candidates(ps), vote.support, total,
                                      vote.to_dict(), [a for r in rs for a in r.answers]))
             return out
         k = self.cfg.passages

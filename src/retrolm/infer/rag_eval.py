@@ -151,7 +151,7 @@ def evaluate_block(pipe: RagPipeline, items: list[QAItem], closed_book: bool = T
             total = f
             for r in rs:
                 total = total + _rf(r)
-            out["cross_doc"].append(Prediction(vote.answer, total, ps[: len(rs)], vote.support,
+            out["cross_doc"].append(Prediction(vote.answer, total, pipe.cross_doc_candidates(ps), vote.support,
                                                [a for r in rs for a in r.answers]))
     return out
 

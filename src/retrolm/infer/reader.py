@@ -22,7 +22,7 @@ from retrolm.core.errors import RetrolmError
 from retrolm.core.hub import resolve_model
 from retrolm.eval.qa import choice_prediction
 from retrolm.infer.flops import ModelCost
-from retrolm.infer.sampling import check_sampling, sample
+from retrolm.infer.sampling import check_sampling, row_generator, sample
 from retrolm.models.hf import CausalLM
 from retrolm.text.tokenizer import LMTokenizer, load_tokenizer
 
@@ -176,11 +176,23 @@ class Reader:
         messages.append({"role": "user", "content": user})
         return self.chat.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
-    def prompt_ids(self, question: str, passages: Sequence[str] | None = None) -> list[int]:
-        """The prompt's token ids (special tokens of a chat template included), cut on the left to fit the model."""
+    def prompt_ids(self, question: str, passages: Sequence[str] | None = None, reserve: int = 64) -> list[int]:
+        """The prompt's token ids (special tokens of a chat template included), cut on the left so that ``reserve``
+        more tokens (the answer to generate, the options to score) still fit the model's context."""
         ids = self.tok.encode(self.prompt_text(question, passages))
-        room = self.lm.context_len - 64
+        room = self.lm.context_len - reserve
+        if room < 1:
+            raise RetrolmError(f"{self.lm.name}: {reserve} tokens to generate or score leave no room for a prompt in "
+                               f"its context of {self.lm.context_len}")
         return ids[-room:] if len(ids) > room else ids
+
+    def _option_ids(self, options: Sequence[str]) -> list[list[int]]:
+        lead = "" if self.chat is not None else " "
+        return [self.tok.encode(lead + c.strip()) or [self.pad_id] for c in options]
+
+    def option_room(self, options: Sequence[str]) -> int:
+        """Tokens the longest of ``options`` takes after a prompt (:meth:`option_nlls` reads them there)."""
+        return max(len(c) for c in self._option_ids(options))
 
     # ------------------------------------------------------------------------------------------------ answers
     @torch.no_grad()
@@ -190,13 +202,12 @@ class Reader:
         check_sampling(max_new_tokens, temperature, top_p)
         if samples < 1:
             raise RetrolmError(f"samples must be >= 1, got {samples}")
-        gen = torch.Generator().manual_seed(seed)
         out: list[Reading | None] = [None] * len(prompts)
         order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
             tokens = self._generate_batch([prompts[i] for i in idx], samples, temperature, top_p, max_new_tokens,
-                                          gen)
+                                          seed)
             for j, i in enumerate(idx):
                 rows = tokens[j * samples : (j + 1) * samples]
                 texts = [self.tok.decode(r) for r, _ in rows]
@@ -206,8 +217,10 @@ class Reader:
         return out  # type: ignore[return-value]
 
     def _generate_batch(self, prompts: list[list[int]], samples: int, temperature: float, top_p: float,
-                        max_new_tokens: int, gen: torch.Generator) -> list[tuple[list[int], int]]:
-        """Per row (prompt-major, then sample): the answer tokens and how many tokens were sampled (stop included)."""
+                        max_new_tokens: int, seed: int) -> list[tuple[list[int], int]]:
+        """Per row (prompt-major, then sample): the answer tokens and how many tokens were sampled (stop included).
+        Each row draws from its own generator, seeded by ``seed``, its prompt and its sample index: a question's
+        samples do not depend on the questions batched with it, on the batch size or on the order."""
         dev = self.lm.device
         ids, mask = left_pad(prompts, self.pad_id)
         logits, cache = forward_last(self.lm.hf, ids.to(dev), mask.to(dev))
@@ -220,6 +233,7 @@ class Reader:
                                              mask.repeat_interleave(samples, 0).to(dev))
             mask = mask.repeat_interleave(samples, 0)
         rows = mask.shape[0]
+        gens = [row_generator(seed, prompts[r // samples], r % samples) for r in range(rows)]
         mask = mask.to(dev)
         next_pos = mask.sum(-1, keepdim=True)
         breaks, blank = self._line_break_ids
@@ -230,7 +244,7 @@ class Reader:
             for r in range(rows):
                 if done[r]:
                     continue
-                t = sample(logits[r], temperature, top_p, gen)
+                t = sample(logits[r], temperature, top_p, gens[r])
                 sampled[r] += 1
                 begun = any(x not in blank for x in toks[r])
                 if t in self.stop_ids or (t in breaks and begun):
@@ -264,9 +278,8 @@ class Reader:
     def option_nlls(self, prompt: list[int], options: Sequence[str]) -> list[list[float]]:
         """Per option, the NLL (nats) of each of its tokens after ``prompt``. The prompt is read once; its KV cache is
         copied to one row per option and the options are read in one batch (right-padded)."""
-        lead = "" if self.chat is not None else " "
         dev = self.lm.device
-        cids = [self.tok.encode(lead + c.strip()) or [self.pad_id] for c in options]
+        cids = self._option_ids(options)
         k, width = len(cids), max(len(c) for c in cids)
         ids, mask = left_pad([prompt], self.pad_id)
         last, cache = forward_last(self.lm.hf, ids.to(dev), mask.to(dev))

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Sequence
+
+import numpy as np
 import torch
 
 from retrolm.core.errors import RetrolmError
@@ -34,3 +38,11 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: to
     if top_p < 1.0:
         probs = nucleus(probs, top_p)
     return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def row_generator(seed: int, prompt: Sequence[int], index: int = 0) -> torch.Generator:
+    """A generator for one sequence, seeded by ``seed``, the prompt's tokens and the sample ``index``: what is drawn
+    for a prompt does not depend on what else is generated in the same batch or call."""
+    digest = hashlib.blake2b(np.asarray(prompt, dtype=np.int64).tobytes(), digest_size=8,
+                             key=f"{seed}:{index}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest, "little") & (2**63 - 1))
