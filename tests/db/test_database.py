@@ -259,6 +259,14 @@ def test_an_in_memory_bm25_index_follows_writes_and_storing_it_twice_keeps_it(tm
     assert (db.meta["bm25"], db.meta["version"]) == (stored, version) and (db.path / stored).is_dir()
     reopened = Database.open(db.path)
     assert search(reopened, reopened.chunk_texts([5])[0], k=1, retriever="bm25")[0].chunk_id == 5
+    # the stored index's files are checked on open like every other file: a damaged one is named, not searched
+    recorded = sorted(f for f in db.meta["files"] if f.startswith(stored + "/"))
+    assert recorded == sorted(p.relative_to(db.path).as_posix() for p in (db.path / stored).rglob("*") if p.is_file())
+    victim = max(recorded, key=lambda f: (db.path / f).stat().st_size)
+    with open(db.path / victim, "r+b") as f:
+        f.truncate((db.path / victim).stat().st_size - 1)
+    with pytest.raises(RetrolmError, match=rf"{victim}: corrupt"):
+        Database.open(db.path)
 
 
 def test_bm25_batch_search_on_threads_equals_the_plain_loop(tmp_path, tiny_db_config, monkeypatch):

@@ -91,3 +91,31 @@ def test_build_after_a_crashed_replacement_sees_the_old_database(built_db, tmp_p
     with pytest.raises(RetrolmError, match="already exists"):
         build_database([wiki_corpus], tmp_path / "db", tiny_db_config, show_progress=False)
     assert names(tmp_path) == {"db"} and Database.open(tmp_path / "db").store.n_chunks == built_db.store.n_chunks
+
+
+def test_a_finished_build_left_unswapped_is_installed_only_for_its_own_inputs(tmp_path, tiny_db_config, monkeypatch):
+    """A crash after a build finished (its plan.json removed) but before it was moved into place: the next build with
+    the same inputs installs it, one with other inputs builds anew instead of installing the stale one."""
+    import retrolm.db.build as build
+    from conftest import wiki_docs, write_jsonl
+
+    first = write_jsonl(tmp_path / "first.jsonl", wiki_docs(6))
+    second = write_jsonl(tmp_path / "second.jsonl", wiki_docs(4, start=100))
+
+    def crash(staging, out):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(build, "swap_into_place", crash)
+    with pytest.raises(KeyboardInterrupt):
+        build.build_database([first], tmp_path / "db", tiny_db_config, show_progress=False)
+    assert not (tmp_path / "db.partial" / "plan.json").exists() and (tmp_path / "db.partial" / "meta.json").is_file()
+    monkeypatch.undo()
+    build.build_database([second], tmp_path / "db", tiny_db_config, show_progress=False)
+    assert Database.open(tmp_path / "db").store.doc_ids == [d["id"] for d in wiki_docs(4, start=100)]
+    monkeypatch.setattr(build, "swap_into_place", crash)
+    with pytest.raises(KeyboardInterrupt):
+        build.build_database([first], tmp_path / "db2", tiny_db_config, show_progress=False)
+    monkeypatch.undo()
+    staged = (tmp_path / "db2.partial" / "meta.json").read_text()
+    build.build_database([first], tmp_path / "db2", tiny_db_config, show_progress=False)  # the same inputs: installed
+    assert (tmp_path / "db2" / "meta.json").read_text() == staged

@@ -31,7 +31,8 @@ FILE_MODE = 0o666 & ~_UMASK
 """Mode of files retrolm writes: what ``open()`` would give (mkstemp's 0600 would hide them from the group)."""
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Flush a folder's entries (a rename into it) to disk; a file system that cannot is left alone."""
     with contextlib.suppress(OSError):
         fd = os.open(path, os.O_RDONLY)
         try:
@@ -56,7 +57,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
             with open(tmp_path, "rb+") as f:
                 os.fsync(f.fileno())
             os.replace(tmp_path, path)
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise
@@ -120,12 +121,24 @@ def load_npy(path: str | Path, mmap: bool = False) -> np.ndarray:
         raise RetrolmError(f"{path}: corrupt array file ({e})") from None
 
 
+def fsync_tree(folder: Path) -> None:
+    """Flush every file under ``folder`` (and the folders themselves) to disk: what a third-party writer (bm25s)
+    left in the page cache survives a power loss once the folder is renamed into place."""
+    for p in sorted(folder.rglob("*"), reverse=True):  # files before the folders that hold them
+        if p.is_file():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+        elif p.is_dir():
+            fsync_dir(p)
+    fsync_dir(folder)
+
+
 def commit_dir(tmp_dir: Path, final_dir: Path) -> None:
     """Rename a fully written temporary folder into place (the folder is the unit of atomicity)."""
     if final_dir.exists():
         shutil.rmtree(final_dir)
     os.replace(tmp_dir, final_dir)
-    _fsync_dir(final_dir.parent)
+    fsync_dir(final_dir.parent)
 
 
 def dir_size(path: Path) -> int:

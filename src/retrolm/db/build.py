@@ -10,7 +10,9 @@ vectors) and held-out evaluation data (:func:`tokenize_corpus`).
 from __future__ import annotations
 
 import functools
+import hashlib
 import itertools
+import json
 import logging
 import multiprocessing
 import os
@@ -364,9 +366,15 @@ def build_database(
             raise RetrolmError(f"{out}: output folder is inside the corpus folder {c}; choose another --out")
     staging = out.with_name(out.name + STAGING_SUFFIX)
     plan = {"format_version": FORMAT_VERSION, "config": asdict(config), "corpus": corpus_fingerprint(corpus)}
+    # a finished build keeps its plan's digest in meta.json once plan.json is gone (the mark of a finished build), so
+    # that one left unswapped by a crash is not installed for other inputs
+    digest = hashlib.sha256(json.dumps(plan, sort_keys=True, default=str).encode()).hexdigest()
     with exclusive_lock(staging, what="build"):
         plan_path = staging / "plan.json"
-        if plan_path.is_file() and read_json(plan_path) != plan:
+        finished = staging / "meta.json"
+        stale = read_json(plan_path) != plan if plan_path.is_file() else \
+            finished.is_file() and read_json(finished).get("plan_sha256") != digest
+        if stale:
             logger.warning("%s: discarding a partial build made with other inputs or settings", staging)
             for child in staging.iterdir():
                 if child.name != ".lock":
@@ -380,6 +388,9 @@ def build_database(
                 if not any((staging / "embeddings").glob("*.npy")):
                     shutil.rmtree(staging, ignore_errors=True)
                 raise
+        meta = read_json(finished)
+        if meta.get("plan_sha256") != digest:
+            write_json(finished, dict(meta, plan_sha256=digest))
         shutil.rmtree(staging / "embeddings", ignore_errors=True)
         shutil.rmtree(staging / IDS_FOLDER, ignore_errors=True)
         for name in ("tokenizer.name.json", "plan.json"):
@@ -477,5 +488,5 @@ def _build_stages(corpus: Sequence[str | Path], staging: Path, config: BuildConf
     if encoder is not None:
         meta["build_stats"]["encoder_tokens"] = encoder_tokens
     update_counts(meta, store.n_docs, store.n_chunks, store.doc_n_chunks, np.zeros(store.n_docs, dtype=bool))
-    meta["files"] = file_records(staging, referenced_files(meta))
+    meta["files"] = file_records(staging, referenced_files(meta, staging))
     write_json(staging / "meta.json", meta)

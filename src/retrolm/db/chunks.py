@@ -25,7 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from retrolm.core.errors import RetrolmError
-from retrolm.core.io import naming_errors, read_json, write_json
+from retrolm.core.io import atomic_path, naming_errors, read_json, write_json
 from retrolm.text.tokenizer import LMTokenizer
 
 SEGMENT_FILES = ("tokens.bin", "lengths.bin", "doc.bin", "pos.bin")
@@ -100,8 +100,8 @@ class SegmentWriter:
                 "n_bytes": pa.array(self.docs["n_bytes"], pa.int64()),
             }
         )
-        with naming_errors(self.folder / "docs.parquet"):
-            pq.write_table(table, self.folder / "docs.parquet")
+        with atomic_path(self.folder / "docs.parquet") as tmp:  # fsynced like the arrays before segment.json
+            pq.write_table(table, tmp)
         info = {
             "n_chunks": self.n_chunks,
             "n_docs": len(self.docs["id"]),

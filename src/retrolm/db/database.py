@@ -278,7 +278,7 @@ class Database(DatabaseView):
             save_npy(self.path / tomb, deleted_docs)
         meta = dict(meta, tombstones=tomb, updated=now(), format_version=FORMAT_VERSION)
         update_counts(meta, store.n_docs, store.n_chunks, store.doc_n_chunks, deleted_docs)
-        meta["files"] = file_records(self.path, referenced_files(meta), known=self.meta.get("files"))
+        meta["files"] = file_records(self.path, referenced_files(meta, self.path), known=self.meta.get("files"))
         write_json(self.path / "meta.json", meta)
         self._load(meta, verify=False)
         self._clean_orphans()

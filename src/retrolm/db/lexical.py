@@ -20,7 +20,7 @@ import numpy as np
 
 from retrolm.core.device import usable_cpus
 from retrolm.core.errors import RetrolmError
-from retrolm.core.io import naming_errors
+from retrolm.core.io import fsync_dir, fsync_tree, naming_errors
 
 logger = logging.getLogger(__name__)
 
@@ -66,12 +66,14 @@ class LexicalIndex:
                 else:
                     tmp.mkdir(parents=True)
                 (tmp / "n_chunks.txt").write_text(str(self.n_chunks))
+                fsync_tree(tmp)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         if folder.exists():
             shutil.rmtree(folder)
         tmp.rename(folder)
+        fsync_dir(folder.parent)
         self.folder = folder
 
     @classmethod

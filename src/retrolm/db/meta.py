@@ -51,8 +51,9 @@ def read_meta(path: Path) -> dict:
     return meta
 
 
-def referenced_files(meta: dict) -> list[str]:
-    """Paths (relative to the database folder) of every file the description references."""
+def referenced_files(meta: dict, root: Path | None = None) -> list[str]:
+    """Paths (relative to the database folder ``root``) of every file the description references; the stored BM25
+    index's files (a folder bm25s writes) are listed from ``root``."""
     files = []
     for seg in meta["segments"]:
         files += [f"segments/{seg}/{name}" for name in (*SEGMENT_FILE_NAMES, "segment.json")]
@@ -60,6 +61,8 @@ def referenced_files(meta: dict) -> list[str]:
         files.append(meta["index"]["file"])
     if meta.get("tombstones"):
         files.append(meta["tombstones"])
+    if meta.get("bm25") and root is not None:
+        files += sorted(p.relative_to(root).as_posix() for p in (root / meta["bm25"]).rglob("*") if p.is_file())
     return files
 
 
