@@ -15,7 +15,14 @@ from retrolm.core.errors import RetrolmError
 from retrolm.db import BuildConfig, Database
 from retrolm.eval import EvalConfig, ScaleConfig, run_eval, scale_db_size, scale_neighbours
 from retrolm.eval.evaluator import RETRO, RETRO_OFF, Evaluator, neighbours_of_other_documents
-from retrolm.eval.leakage import bits_per_byte, leakage_curve, longest_common_run, overlap_by_rank, overlap_ratio
+from retrolm.eval.leakage import (
+    bits_per_byte,
+    leakage_curve,
+    longest_common_run,
+    novel_chunks,
+    overlap_by_rank,
+    overlap_ratio,
+)
 from retrolm.text.dedup import find_near_duplicates, jaccard, ngram_set
 from retrolm.train import ModelSpec, TrainConfig, Trainer
 
@@ -37,6 +44,10 @@ def test_longest_common_run_on_hand_made_chunks():
     assert lcs(c, c) == 16  # identical → r = 1
     assert overlap_ratio(np.array([16]), np.array([16]))[0] == 1.0
     np.testing.assert_array_equal(overlap_ratio(np.array([1, 3, 0]), np.array([1, 4, 0])), [1.0, 0.75, 0.0])
+    # novel: r(C) under 8/64 of the chunk's own length; a 5-token last chunk found whole is not novel, one sharing
+    # nothing is; full chunks sharing 7 and 8 tokens fall either side
+    lcs_, lengths = np.array([7, 8, 5, 0]), np.array([64, 64, 5, 5])
+    np.testing.assert_array_equal(novel_chunks(overlap_ratio(lcs_, lengths), 8, 64), [True, False, False, True])
     assert lcs(c, list(range(100, 132))) == 0  # disjoint → 0
     assert lcs(c, [1, 2, 13, 14, 15, 3, 20, 21, 22, 23, 24, 9]) == 5  # the longest of two shared runs
     assert lcs(c, [12, 99, 14]) == 1  # shared tokens that are not contiguous count one at a time
@@ -203,6 +214,22 @@ def test_retrieval_lowers_bits_per_byte_and_leakage_shows_why(copy_world):
     np.testing.assert_array_equal(per_chunk["tokens"], per_chunk["lengths"] - first + last)
     assert per_chunk[f"nats:{RETRO}"].sum() < per_chunk[f"nats:{RETRO_OFF}"].sum()
     assert "## Leakage" in (out / "report.md").read_text()
+
+
+def test_a_rerun_with_another_config_clears_the_older_results(tmp_path):
+    """Results stay next to the config that produced them: a rerun with other settings removes the older results
+    first (a rerun that fails midway leaves none of them), one with the same settings keeps them."""
+    from retrolm.eval.run import RESULT_FILES, out_dir
+
+    cfg = EvalConfig(checkpoint="run", db="db", data=["held.jsonl"], out_dir=str(tmp_path / "ev"))
+    out = out_dir(cfg, RESULT_FILES)
+    for name in (*RESULT_FILES, "notes.txt"):
+        (out / name).write_text("old")
+    out_dir(cfg, RESULT_FILES)
+    assert all((out / name).is_file() for name in RESULT_FILES)
+    out_dir(EvalConfig(checkpoint="run", db="db", data=["held.jsonl"], out_dir=str(out), neighbours=4), RESULT_FILES)
+    assert not any((out / name).exists() for name in RESULT_FILES) and (out / "notes.txt").is_file()
+    assert "neighbours: 4" in (out / "config.yaml").read_text()
 
 
 def test_near_duplicate_exclusion_removes_the_copies(copy_world):

@@ -25,6 +25,11 @@ def test_gain_interval_resamples_documents():
     on3 = np.array([0.0, 0.0, 1.0, 1.0, 0.0, 0.0])
     assert gain_interval(on3, off, doc, sel) == pytest.approx((0.5, 0.5))
     assert np.isnan(gain_interval(on, off, doc, np.zeros(6, dtype=bool))).all()
+    # one document gains all, the other (nine chunks) nothing: over documents the interval spans 0..1; resampling
+    # chunks would have given (0.7, 1.0)
+    doc4, off4 = np.array([0] + [1] * 9), np.ones(10)
+    on4 = np.array([1.0] + [0.0] * 9)
+    assert gain_interval(on4, off4, doc4, n_boot=2000) == pytest.approx((0.0, 1.0))
 
 
 def test_document_field(tmp_path):
@@ -36,3 +41,12 @@ def test_document_field(tmp_path):
     (tmp_path / "d.txt").write_text("plain")
     with pytest.raises(RetrolmError, match="JSONL"):
         document_field([str(tmp_path / "d.txt")], "bucket")
+    # the files ingestion reads: gzipped JSONL in a folder too, and lines it skips (bad JSON, no id) skipped here
+    import gzip
+
+    folder = tmp_path / "held"
+    folder.mkdir()
+    with gzip.open(folder / "more.jsonl.gz", "wt") as fz:
+        fz.write('{"id": "b", "text": "z", "bucket": "identical"}\n{not json\n{"text": "no id"}\n')
+    (folder / "notes.txt").write_text("ignored")
+    assert document_field([str(f), str(folder)], "bucket") == {"a": "new", "7": "changed", "b": "identical"}

@@ -128,6 +128,8 @@ def test_contamination_counts_on_hand_made_items():
     assert find_contamination(ITEMS, DOCS, n=7).flags[0] is True
     with pytest.raises(RetrolmError, match="n must be"):
         find_contamination(ITEMS, DOCS, n=0)
+    # an item with no words has no gram to find (the empty one would match every document)
+    assert find_contamination([QAItem("marks", "¿?", ["—"])], DOCS, n=5).flags == [False]
 
 
 def test_contamination_against_a_database(tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -177,17 +178,21 @@ def test_neighbour_rules_keep_the_best_allowed_chunks(built_db, ranking, rule):
     cfg = NeighbourConfig(k=3, exclude=rule, seq_chunks=4, batch_size=7)  # batches that do not divide the chunks
     nb = compute_neighbours(DenseRetriever(built_db), config=cfg, show_progress=False)
     assert nb.shape == (store.n_chunks, 3) and nb.dtype == np.int64
-    for c in range(store.n_chunks):
+    n = store.n_chunks
+    for c in range(n):
         if rule == "none":
             banned = set()
-        elif rule == "document":
-            banned = {docs[c]}
+        elif rule == "document":  # the chunk's own document and the next chunk's (its neighbours' readers)
+            banned = {docs[c], docs[min(c + 1, n - 1)]}
         else:
             banned = set(docs[(c // 4) * 4 : (c // 4 + 1) * 4].tolist())
         want = [x for x in ranking[c] if docs[x] not in banned][:3]
         assert nb[c].tolist() == want, c
     if rule == "none":
         np.testing.assert_array_equal(nb[:, 0], np.arange(store.n_chunks))  # a chunk finds itself first
+    if rule == "document":  # a document's last chunk retrieves nothing of the document that follows it
+        ends = np.flatnonzero(docs[:-1] != docs[1:])
+        assert len(ends) > 10 and (nb[ends] >= 0).all() and not (docs[nb[ends]] == docs[ends + 1][:, None]).any()
 
 
 @pytest.fixture(scope="module")
@@ -222,7 +227,8 @@ def test_near_duplicate_rule_keeps_other_versions_out(versions_db):
                             show_progress=False)
     plain = compute_neighbours(DenseRetriever(db), config=NeighbourConfig(k=3), show_progress=False)
     for c in range(n):
-        banned = {docs[c], *groups[docs[c]].tolist()}
+        nxt = docs[min(c + 1, n - 1)]
+        banned = {docs[c], *groups[docs[c]].tolist(), nxt, *groups[nxt].tolist()}
         assert nb[c].tolist() == [x for x in ranking[c] if docs[x] not in banned][:3], c
     planted = np.flatnonzero(np.isin(docs, [ids.index(x) for x in ("copy-of-3", "half-of-7", "5-then-6")]))
     # under the paper's rule most chunks of a planted version retrieve another version first; under this one none
@@ -282,7 +288,7 @@ def test_neighbour_config_and_identity(built_db):
                      "encoder": built_db.meta["encoder"]["name"], "index": built_db.meta["index"]["file"]}
 
 
-def test_saved_neighbours_describe_themselves_and_refuse_another_build(built_db, tmp_path):
+def test_saved_neighbours_describe_themselves_and_refuse_another_build(built_db, tmp_path, caplog):
     nb = np.arange(built_db.store.n_chunks * 2, dtype=np.int64).reshape(-1, 2) % built_db.store.n_chunks
     cfg = NeighbourConfig(k=2)
     save_neighbours(tmp_path / "nb", nb, built_db, cfg)
@@ -290,7 +296,7 @@ def test_saved_neighbours_describe_themselves_and_refuse_another_build(built_db,
     saved = json.loads((tmp_path / "nb" / "neighbours.json").read_text())
     assert saved == {"db": str(built_db.path.resolve()), "db_version": built_db.meta["version"],
                      "db_identity": db_identity(built_db), "source": "database", "n_chunks": len(nb),
-                     "config": dataclasses.asdict(cfg)}
+                     "config": dataclasses.asdict(cfg), "exclusion_rule": 2}
     loaded = load_neighbours(tmp_path / "nb", built_db)
     assert isinstance(loaded, np.memmap)  # memory-mapped, not read into memory
     np.testing.assert_array_equal(loaded, nb)
@@ -304,5 +310,11 @@ def test_saved_neighbours_describe_themselves_and_refuse_another_build(built_db,
     del saved["db_identity"]  # a set saved before identities were recorded is checked by version only
     (tmp_path / "nb" / "neighbours.json").write_text(json.dumps(saved))
     np.testing.assert_array_equal(load_neighbours(tmp_path / "nb", built_db), nb)
+    assert "recompute for exactness" not in caplog.text
+    del saved["exclusion_rule"]  # saved before the next chunk's document was excluded too: loaded, with a warning
+    (tmp_path / "nb" / "neighbours.json").write_text(json.dumps(saved))
+    with caplog.at_level(logging.WARNING):
+        np.testing.assert_array_equal(load_neighbours(tmp_path / "nb", built_db), nb)
+    assert "computed before the next chunk's document was excluded too" in caplog.text
     with pytest.raises(RetrolmError, match=r"missing/neighbours.json: neighbour description not found$"):
         load_neighbours(tmp_path / "missing", built_db)

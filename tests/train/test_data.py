@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from conftest import wiki_docs, write_jsonl
 from retrolm.core.errors import RetrolmError
@@ -107,7 +108,8 @@ def test_swapped_chunks_read_the_next_sequences_neighbours(built_db):
     every = swap_neighbours(b, 1.0, np.random.default_rng(0))
     for row, nxt in ((0, 1), (1, 2), (2, 0)):
         assert (every.neighbours[row] == b.neighbours[nxt]).all()
-        assert (every.neighbour_mask[row] == b.neighbour_mask[nxt]).all()
+        own = torch.isin(b.neighbour_docs[nxt], b.chunk_docs[row])  # the receiver's documents: masked (next test)
+        assert (every.neighbour_mask[row] == (b.neighbour_mask[nxt] & ~own[..., None])).all()
     assert (every.idx == b.idx).all() and (every.targets == b.targets).all()
     assert not (every.neighbours == b.neighbours).all()
     big = seqs.batch(list(range(len(seqs))))
@@ -118,6 +120,29 @@ def test_swapped_chunks_read_the_next_sequences_neighbours(built_db):
     assert 0.35 < float((~own).float().mean()) < 0.65
     with pytest.raises(ValueError, match="two sequences"):
         swap_neighbours(seqs.batch([0]), 0.5, np.random.default_rng(0))
+
+
+def test_a_swapped_neighbour_from_the_receiving_sequences_documents_is_masked(built_db):
+    """The next sequence's neighbours were searched excluding its own documents, not the receiver's: where they come
+    from a document of the receiving sequence (two versions of one file in a batch), a swapped chunk does not read
+    them; every other swapped neighbour is read as the donor's."""
+    store = built_db.store
+    docs = store.all_chunk_docs()
+    nb = np.stack([np.zeros(store.n_chunks, np.int64), np.full(store.n_chunks, store.n_chunks - 1)], 1)
+    seqs = RetroSequences(store, seq_chunks=4, eos_id=built_db.tokenizer.eos_id, neighbours=nb, db_store=store)
+    b = seqs.batch([0, 1, len(seqs) - 1])  # every chunk's neighbours: the first and the last chunk of the store
+    assert b.chunk_docs.tolist()[0] == docs[:4].tolist() and (b.neighbour_docs[..., 0] == docs[0]).all()
+    every = swap_neighbours(b, 1.0, np.random.default_rng(0))
+    for row, nxt in ((0, 1), (1, 2), (2, 0)):
+        assert (every.neighbours[row] == b.neighbours[nxt]).all()
+        for k, doc in ((0, docs[0]), (1, docs[-1])):
+            read = every.neighbour_mask[row, :, k]
+            if doc in b.chunk_docs[row].tolist():  # the receiver's own text: never read
+                assert not read.any()
+            else:
+                assert (read == b.neighbour_mask[nxt, :, k]).all() and read.any()
+    assert not every.neighbour_mask[0, :, 0].any() and not every.neighbour_mask[2, :, 1].any()
+    assert every.neighbour_mask[1].any()
 
 
 def test_held_out_corpus_is_chunked_like_the_database(built_db, tmp_path):

@@ -47,6 +47,21 @@ def metric_rows(run_dir) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+def test_resuming_with_another_number_of_sequences_per_step_is_refused(built_db, tmp_path):
+    """The data position is step × sequences per step: resumed with another batch size (or grad_accum, or number of
+    processes) a run would re-read or skip sequences, so it stops with one line instead; a step that would read more
+    sequences than the training split holds is refused before anything trains."""
+    run(tiny_cfg(built_db, tmp_path / "r", steps=3))
+    with pytest.raises(RetrolmError, match=r"step-000003: written at 2 sequences per step .*resumed at 4"):
+        Trainer(tiny_cfg(built_db, tmp_path / "r", batch_size=4)).setup(show_progress=False)
+    t = Trainer(tiny_cfg(built_db, tmp_path / "r", steps=4))  # the same settings resume
+    t.setup(show_progress=False)
+    assert t.step == 3
+    t.cleanup()
+    with pytest.raises(RetrolmError, match=r"training sequences of 256 tokens, fewer than one step reads \(4096\)"):
+        Trainer(tiny_cfg(built_db, tmp_path / "big", batch_size=4096)).setup(show_progress=False)
+
+
 def test_resume_is_exact(built_db, tmp_path):
     """Stopping at step 3 and resuming gives, bit for bit, the batches, per-step losses, validation metrics and
     weights of an uninterrupted run. Dropout is on, so the losses depend on the restored RNG state, not only on the

@@ -50,7 +50,8 @@ class EvalConfig:
     ngram: int = 13
     """n of the n-grams of the near-duplicate test."""
     novel_tokens: int = 8
-    """A chunk sharing fewer contiguous tokens than this with its neighbours is *novel* (8 of 64 = 12.5%)."""
+    """A chunk is *novel* when the longest run of tokens it shares with its neighbours is under this share of a full
+    chunk (8 of 64: r(C) < 12.5%), measured against its own length: a short last chunk copied whole is not novel."""
     max_docs: int | None = None
     """Evaluate only the first N held-out documents."""
     shuffle_neighbours: bool = False

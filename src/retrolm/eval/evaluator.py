@@ -290,6 +290,9 @@ class Evaluator:
         retrieved from ``db`` (the evaluation database by default; evaluation documents excluded) when
         ``retrieval``."""
         db = db or self.db
+        if retrieval and db is not self.db and exclude_chunks is None:  # the evaluation's exclusions are this db's
+            raise RetrolmError(f"{db.path}: in-context scoring against another database needs its exclusion mask "
+                               "(exclude_chunks)")
         retriever = None
         if retrieval:
             retriever = self.retriever if db is self.db else get_retriever(db, self.cfg.retriever)

@@ -8,27 +8,32 @@ pooled nats and bytes of the sample.
 
 from __future__ import annotations
 
+import gzip
 import json
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 
 from retrolm.core.errors import RetrolmError
+from retrolm.text.corpus import JSONL_SUFFIXES, list_files
 
 
 def document_field(paths: Sequence[str], field: str) -> dict[str, str]:
     """doc id → the value of ``field`` in the held-out JSONL records (files, or folders of them)."""
     out: dict[str, str] = {}
-    files = [f for p in map(Path, paths) for f in ([p] if p.is_file() else sorted(p.rglob("*.jsonl")))]
+    # the files ingestion reads (list_files' order and checks); records it skipped (bad JSON, no id) are skipped here
+    files = [f for f, _ in list_files(paths) if f.name.lower().endswith(JSONL_SUFFIXES)]
+    if not files:
+        raise RetrolmError(f"{', '.join(map(str, paths))}: group_by needs JSONL held-out data (a field per record)")
     for f in files:
-        if not f.name.endswith((".jsonl", ".ndjson")):
-            raise RetrolmError(f"{f}: group_by needs JSONL held-out data (a field per record)")
-        with open(f, encoding="utf-8") as fh:
+        with (gzip.open if f.name.lower().endswith(".gz") else open)(f, "rt", encoding="utf-8", errors="replace") as fh:
             for line in fh:
-                if not line.strip():
+                try:
+                    rec = json.loads(line) if line.strip() else None
+                except json.JSONDecodeError:
                     continue
-                rec = json.loads(line)
+                if not isinstance(rec, dict) or "id" not in rec:
+                    continue
                 if field not in rec:
                     raise RetrolmError(f"{f}: record {rec.get('id')!r} has no field {field!r} (group_by)")
                 out[str(rec["id"])] = str(rec[field])

@@ -60,6 +60,13 @@ def overlap_ratio(lcs: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     return np.asarray(lcs, dtype=np.float64) / np.maximum(1, np.asarray(lengths))
 
 
+def novel_chunks(overlap: np.ndarray, novel_tokens: int, chunk_len: int) -> np.ndarray:
+    """The *novel* chunks: r(C) under ``novel_tokens / chunk_len`` (8 / 64 = 12.5%). As a ratio of the chunk's own
+    length, so that a short last chunk found whole among the neighbours is not novel (a token count would call every
+    chunk shorter than ``novel_tokens`` novel)."""
+    return np.asarray(overlap) < novel_tokens / chunk_len
+
+
 @dataclass
 class LeakageCurve:
     """Bits-per-byte over the chunks with r(C) <= alpha, per model, for every alpha of the grid."""

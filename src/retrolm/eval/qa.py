@@ -213,6 +213,9 @@ def item_ngrams(items: Sequence[QAItem], n: int) -> list[set[tuple[str, ...]]]:
     out = []
     for item in items:
         w = words(item.text())
+        if not w:  # no words: nothing to find (the empty gram would match every document)
+            out.append(set())
+            continue
         out.append({tuple(w)} if len(w) < n else {tuple(w[i : i + n]) for i in range(len(w) - n + 1)})
     return out
 

@@ -16,15 +16,24 @@ from retrolm.core.io import atomic_path, write_bytes, write_json
 from retrolm.eval.config import EvalConfig
 from retrolm.eval.evaluator import Evaluator, Scores, display_name, neighbours_of_other_documents
 from retrolm.eval.groups import chunk_groups, gain_interval
-from retrolm.eval.leakage import leakage_curve, overlap_ratio
+from retrolm.eval.leakage import leakage_curve, novel_chunks, overlap_ratio
 from retrolm.eval.report import markdown_table, plot_lines
 
+RESULT_FILES = ("eval.json", "per_chunk.npz", "report.md", "leakage.png")
+"""What ``retrolm eval`` writes next to its config.yaml."""
 
-def out_dir(cfg: EvalConfig) -> Path:
-    """The report folder, created, with the config that produced it."""
+
+def out_dir(cfg: EvalConfig, results: tuple[str, ...] = ()) -> Path:
+    """The report folder, created, with the config that produced it. When that config differs from the one already
+    there, the ``results`` files the older config produced are removed, so a rerun that fails midway does not leave
+    them next to a config they do not belong to."""
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    before = (out / "config.yaml").read_text() if (out / "config.yaml").is_file() else None
     save_config(cfg, out / "config.yaml")
+    if before is not None and before != (out / "config.yaml").read_text():
+        for name in results:
+            (out / name).unlink(missing_ok=True)
     return out
 
 
@@ -39,7 +48,7 @@ def run_eval(cfg: EvalConfig, show_progress: bool = True) -> dict[str, Any]:
     Writes ``config.yaml``, ``eval.json``, ``report.md``, ``leakage.png`` and ``per_chunk.npz`` to ``out_dir``
     and returns the content of ``eval.json``.
     """
-    out = out_dir(cfg)
+    out = out_dir(cfg, RESULT_FILES)
     ev = Evaluator(cfg, show_progress)
     try:
         if cfg.shuffle_neighbours and (ev.main.in_context or not ev.retrieval):
@@ -80,12 +89,12 @@ def run_eval(cfg: EvalConfig, show_progress: bool = True) -> dict[str, Any]:
             lcs = ev.longest_common_runs(nb[:, : cfg.leakage_neighbours])
             overlap = overlap_ratio(lcs, ev.lengths)
             curve = leakage_curve(overlap, ev.n_bytes, {k: s.nats for k, s in scores.items()})
-            novel = lcs < cfg.novel_tokens
+            novel = novel_chunks(overlap, cfg.novel_tokens, ev.db.chunk_len)
             novel_summary = {name: ev.summary(s, novel) for name, s in scores.items()}
             result["leakage"] = asdict(curve)
             result["novel"] = {
-                "definition": f"fewer than {cfg.novel_tokens} contiguous tokens shared with the "
-                              f"{cfg.leakage_neighbours} nearest neighbours",
+                "definition": f"longest run of tokens shared with the {cfg.leakage_neighbours} nearest neighbours "
+                              f"under {cfg.novel_tokens}/{ev.db.chunk_len} of the chunk's length",
                 "fraction": float(novel.mean()),
                 "summary": novel_summary,
             }

@@ -36,6 +36,8 @@ from retrolm.text.dedup import find_near_duplicates
 logger = logging.getLogger(__name__)
 
 EXCLUDE_RULES = ("none", "document", "near_duplicate", "sequence")
+EXCLUSION_RULE = 2
+"""Version of how the exclusions are applied, saved with every neighbour set (2: the next chunk's document too)."""
 SEARCH_BACKENDS = ("faiss", "torch")
 
 
@@ -47,7 +49,9 @@ class NeighbourConfig:
     """Neighbours per chunk (RETRO trains with 2)."""
     exclude: str = "document"
     """none | document (the chunk's own document) | near_duplicate (its own and every near-duplicate of it) |
-    sequence (every document of its training sequence)."""
+    sequence (every document of its training sequence). With document and near_duplicate, the document of the next
+    chunk is excluded too (with its near-duplicates): chunk u's neighbours are read by the positions of chunk u+1,
+    which may start another document."""
     near_dup_threshold: float = 0.8
     """``exclude="near_duplicate"``: a document is a near-duplicate of another when at least this share of its
     13-grams occurs in the other, either way round (containment, so a file that grew or shrank between versions
@@ -139,10 +143,13 @@ def compute_neighbours(
     for start in tqdm(range(0, n, config.batch_size), desc="neighbours", unit="batch", disable=not show_progress):
         ids = np.arange(start, min(start + config.batch_size, n))
         docs = None
+        # the documents read by chunk u's neighbours' readers: u's own and, where u ends a document, u+1's
+        own, after = chunk_doc[ids], chunk_doc[np.minimum(ids + 1, n - 1)]
         if same_db and config.exclude == "document":
-            docs = [[d] for d in chunk_doc[ids]]
+            docs = [[a] if a == b else [a, b] for a, b in zip(own, after, strict=True)]
         elif same_db and config.exclude == "near_duplicate":
-            docs = [np.append(groups[d], d) for d in chunk_doc[ids]]
+            docs = [np.append(groups[a], a) if a == b else np.concatenate([groups[a], [a], groups[b], [b]])
+                    for a, b in zip(own, after, strict=True)]
         elif same_db and config.exclude == "sequence":
             seq = ids // config.seq_chunks
             docs_of_seq = {s: np.unique(chunk_doc[s * config.seq_chunks : (s + 1) * config.seq_chunks])
@@ -172,6 +179,7 @@ def save_neighbours(folder: str | Path, neighbours: np.ndarray, db: DatabaseView
         "source": source,
         "n_chunks": len(neighbours),
         "config": asdict(config),
+        "exclusion_rule": EXCLUSION_RULE,
     })
 
 
@@ -184,4 +192,7 @@ def load_neighbours(folder: str | Path, db: DatabaseView) -> np.ndarray:
             f"{folder}: neighbours were computed against another build or version of {meta['db']} "
             f"(version {meta['db_version']}, now {db.meta['version']}); recompute them"
         )
+    if meta.get("source", "database") == "database" and meta.get("exclusion_rule", 1) < EXCLUSION_RULE:
+        logger.warning("%s: computed before the next chunk's document was excluded too (a chunk that ends a document "
+                       "may have the next document's own text among its neighbours); recompute for exactness", folder)
     return load_npy(folder / "neighbours.npy", mmap=True)

@@ -30,6 +30,8 @@ logger = logging.getLogger(__name__)
 
 TEXT_SUFFIXES = {".txt", ".md", ".rst", ".text", ".markdown"}
 HTML_SUFFIXES = {".html", ".htm", ".xhtml"}
+JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".ndjson")
+"""File names read as one document per line (JSON with an ``id``)."""
 TEXT_KEYS = ("text", "contents")
 # Files we know are not documents; everything else in a folder is sniffed and read as text.
 SKIP_SUFFIXES = {".pyc", ".so", ".o", ".a", ".zip", ".tar", ".whl", ".png", ".jpg", ".jpeg", ".gif", ".pdf", ".ico"}
@@ -151,7 +153,7 @@ def _read_parquet(path: Path, warn: Warn) -> Iterator[Document]:
 
 def _read_path(path: Path, root: Path, warn: Warn) -> Iterator[Document]:
     name = path.name.lower()
-    if name.endswith((".jsonl", ".jsonl.gz", ".ndjson")):
+    if name.endswith(JSONL_SUFFIXES):
         yield from _read_jsonl(path, warn)
     elif name.endswith(".parquet"):
         yield from _read_parquet(path, warn)

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from retrolm.core.errors import RetrolmError
+from retrolm.core.io import fsync_dir, fsync_tree
 from retrolm.models.weights import verify_checksums, write_checksums
 
 logger = logging.getLogger(__name__)
@@ -47,6 +48,7 @@ class CheckpointManager:
             tmp.mkdir(parents=True)
             write(tmp)
             write_checksums(tmp)
+            fsync_tree(tmp)  # on disk before rotation deletes the older checkpoints that a power loss would need
         except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
             shutil.rmtree(tmp, ignore_errors=True)
             where = e.filename if isinstance(e, OSError) and e.filename else final
@@ -57,6 +59,7 @@ class CheckpointManager:
             raise
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
+        fsync_dir(self.folder)
         older = [p for p in self.all() if p.name < final.name]
         for old in older[: max(0, len(older) - (self.keep - 1))]:
             shutil.rmtree(old, ignore_errors=True)

@@ -33,13 +33,18 @@ class Batch:
     token_mask: torch.Tensor | None = None
     """(B, T) True where ``idx`` holds text: False on the padding after a document's last token, except its first
     position, which separates the documents as an end-of-text token would (see :func:`model_kwargs`)."""
+    chunk_docs: torch.Tensor | None = None
+    """(B, C) database document of each chunk (-1: padding), when the sequences are the database's own chunks."""
+    neighbour_docs: torch.Tensor | None = None
+    """(B, C, K) database document of each neighbour (-1: none), with ``chunk_docs``."""
 
     def to(self, device: torch.device | str) -> Batch:
         def mv(t: torch.Tensor | None) -> torch.Tensor | None:
             return None if t is None else t.to(device, non_blocking=True)
 
+        # the document ids serve the host-side swap only: they stay where they are
         return Batch(mv(self.idx), mv(self.targets), mv(self.neighbours), mv(self.neighbour_mask), self.n_bytes,
-                     mv(self.token_mask))
+                     mv(self.token_mask), self.chunk_docs, self.neighbour_docs)
 
 
 def model_kwargs(model: torch.nn.Module, batch: Batch) -> dict[str, torch.Tensor]:
@@ -56,17 +61,28 @@ def swap_neighbours(batch: Batch, share: float, rng: np.random.Generator) -> Bat
     sequence in the batch (the last sequence: of the first) instead of its own.
 
     Sequences of a batch are drawn at random from the whole corpus, so the swapped neighbours almost always belong to
-    another document: a distractor. A chunk keeps its own tokens and targets; only what it reads changes.
+    another document: a distractor. A chunk keeps its own tokens and targets; only what it reads changes. Where the
+    batch knows its documents (``chunk_docs``), a swapped neighbour from any document of the receiving sequence is
+    masked out: the other sequence's neighbours were searched without excluding it (two versions of one file in a
+    batch would otherwise hand a chunk its own text).
     """
     if batch.neighbours is None or share <= 0.0:
         return batch
     if batch.neighbours.shape[0] < 2:
         raise ValueError("swap_neighbours needs at least two sequences in the batch")
     pick = torch.from_numpy(rng.random(batch.neighbours.shape[:2]) < share)[:, :, None, None]
+    mask = batch.neighbour_mask.roll(-1, 0)
+    docs = batch.neighbour_docs
+    if docs is not None and batch.chunk_docs is not None:
+        donor = docs.roll(-1, 0)  # (B, C, K)
+        own = ((donor[..., None] == batch.chunk_docs[:, None, None, :]) & (donor[..., None] >= 0)).any(-1)
+        mask = mask & ~own[..., None]
+        docs = torch.where(pick[..., 0], donor, docs)
     return dataclasses.replace(
         batch,
         neighbours=torch.where(pick, batch.neighbours.roll(-1, 0), batch.neighbours),
-        neighbour_mask=torch.where(pick, batch.neighbour_mask.roll(-1, 0), batch.neighbour_mask),
+        neighbour_mask=torch.where(pick, mask, batch.neighbour_mask),
+        neighbour_docs=docs,
     )
 
 
@@ -197,6 +213,11 @@ class RetroSequences:
             ntoks, nmask = self.db_store.neighbour_tokens(nb.reshape(-1))
             out["neighbours"] = ntoks.reshape(C, self.k, 2 * m)
             out["neighbour_mask"] = nmask.reshape(C, self.k, 2 * m)
+            if self.db_store is self.source:  # training on the database's chunks: documents share one numbering
+                chunk_docs = np.full(C, -1, dtype=np.int64)
+                chunk_docs[: len(ids)] = self._doc[ids]
+                out["chunk_docs"] = chunk_docs
+                out["neighbour_docs"] = np.where(nb >= 0, self.db_store.chunk_doc(np.maximum(nb, 0)), -1)
         return out
 
     def batch(self, seqs: Sequence[int], with_neighbours: bool = True) -> Batch:
@@ -209,4 +230,8 @@ class RetroSequences:
             neighbour_mask=torch.from_numpy(np.stack([i["neighbour_mask"] for i in items])) if has_nb else None,
             n_bytes=torch.tensor([i["n_bytes"] for i in items], dtype=torch.float64),
             token_mask=torch.from_numpy(np.stack([i["token_mask"] for i in items])),
+            chunk_docs=torch.from_numpy(np.stack([i["chunk_docs"] for i in items])) if "chunk_docs" in items[0]
+            else None,
+            neighbour_docs=torch.from_numpy(np.stack([i["neighbour_docs"] for i in items]).astype(np.int64))
+            if "chunk_docs" in items[0] else None,
         )

@@ -250,6 +250,9 @@ class Trainer:
         order = np.random.default_rng(cfg.seed).permutation(len(self.seqs))
         n_val = max(1, round(cfg.val_fraction * len(order))) if cfg.val_fraction > 0 else 0
         self.val_ids, self.train_ids = order[:n_val], order[n_val:]
+        if cfg.steps and len(self.train_ids) < self._per_step:  # a step would read past two epochs' permutations
+            raise RetrolmError(f"{cfg.db}: {len(self.train_ids)} training sequences of {self.seq_len} tokens, fewer "
+                               f"than one step reads ({self._per_step}); lower batch_size or grad_accum")
 
         params = self.trainable_parameters()
         if not params:
@@ -262,9 +265,15 @@ class Trainer:
             lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused,
         )
         if resume:
+            self._resumed_per_step: int | None = None
             last = self.checkpoints.resume(self._load_checkpoint)
             if last is not None:
                 logger.info("resumed from %s", last)
+            if self._resumed_per_step not in (None, self._per_step):
+                # the data position is step × sequences per step: another count would re-read or skip sequences
+                raise RetrolmError(f"{last}: written at {self._resumed_per_step} sequences per step (batch_size × "
+                                   f"grad_accum × processes), resumed at {self._per_step}; resume with the same "
+                                   "settings or start afresh (--no-resume)")
         elif self.main and self.checkpoints.all():
             # a fresh start must not leave older checkpoints that a later resume would pick up: keep them aside
             aside = self.checkpoints.folder.with_name(f"checkpoints.before-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -337,10 +346,15 @@ class Trainer:
         return same and saved.get("db_identity") == db_identity(self.db)
 
     # ------------------------------------------------------------------ data
+    @property
+    def _per_step(self) -> int:
+        """Training sequences one optimizer step reads, over all processes."""
+        return self.cfg.batch_size * self.cfg.grad_accum * self.world
+
     def _batch_ids(self, step: int, micro: int) -> np.ndarray:
         """Sequence ids of micro-batch ``micro`` of ``step`` for this rank: a pure function of (seed, step, offset)."""
         cfg = self.cfg
-        per_step = cfg.batch_size * cfg.grad_accum * self.world
+        per_step = self._per_step
         pos = step * per_step + cfg.data_offset
         epoch, offset = divmod(pos, len(self.train_ids))
         perm = np.random.default_rng([cfg.seed, epoch]).permutation(self.train_ids)
@@ -460,7 +474,8 @@ class Trainer:
         if frozen := frozen_names(self.model):  # a continuation keeps these frozen without its ancestors' checkpoints
             write_json(folder / FROZEN_FILE, frozen)
         torch.save(self.opt.state_dict(), folder / "optimizer.pt")
-        torch.save({"step": self.step, "torch_rng": torch.get_rng_state(), "numpy_rng": np.random.get_state(),
+        torch.save({"step": self.step, "sequences_per_step": self._per_step, "torch_rng": torch.get_rng_state(),
+                    "numpy_rng": np.random.get_state(),
                     "python_rng": random.getstate(),
                     "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
                    folder / "trainer.pt")
@@ -470,6 +485,7 @@ class Trainer:
         self.opt.load_state_dict(torch.load(folder / "optimizer.pt", map_location=self.device, weights_only=False))
         state = torch.load(folder / "trainer.pt", weights_only=False)
         self.step = int(state["step"])
+        self._resumed_per_step = state.get("sequences_per_step")  # checked once resuming is done (see __init__)
         torch.set_rng_state(state["torch_rng"])
         np.random.set_state(state["numpy_rng"])
         random.setstate(state["python_rng"])
