@@ -152,10 +152,16 @@ def test_exact_search_configuration_errors(built_db, monkeypatch):
         load_keys(built_db, torch.device("cpu"), torch.float32)
     assert dim == r.keys.shape[1]
     # its keys are a snapshot of the chunks: after an add or a compaction it refuses to answer for the old ones
-    monkeypatch.setitem(built_db.meta, "segments", [*built_db.meta["segments"], "seg-999999"])
+    segments = built_db.meta["segments"]
+    monkeypatch.setitem(built_db.meta, "segments", [*segments, "seg-999999"])
     for exclusion in (None, Exclusion(docs=[[0]] * 2)):
         with pytest.raises(RetrolmError, match="added or renumbered since this exact retriever loaded its keys"):
             r.search(keys[:2], 3, exclusion)
+    monkeypatch.setitem(built_db.meta, "segments", segments)
+    assert r.search(keys[:2], 3).ids[:, 0].tolist() == [0, 1]
+    monkeypatch.setitem(built_db.meta, "build_id", "a rebuild")  # same segment names, other chunks
+    with pytest.raises(RetrolmError, match="added or renumbered"):
+        r.search(keys[:2], 3)
 
 
 def test_torch_search_refuses_a_retriever_without_dense_keys(built_db):

@@ -94,7 +94,8 @@ class LexicalIndex:
         try:
             indptr, vocab = self.retriever.scores["indptr"], self.retriever.vocab_dict
         except (AttributeError, KeyError, TypeError):
-            logger.warning("bm25s index layout unknown: counting every chunk as a posting of each query term")
+            # an empty index has no arrays; another bm25s layout is worth one line at most
+            logger.debug("bm25s index layout unknown: counting every chunk as a posting of each query term")
             return len(terms) * self.n_chunks
         return int(sum(int(indptr[vocab[t] + 1] - indptr[vocab[t]]) for t in terms if t in vocab))
 

@@ -63,8 +63,11 @@ class DatabaseView:
         if self._encoder is not None and meta.get("encoder") != self.meta.get("encoder"):
             self._encoder = None  # the database was rebuilt with another encoder since this object loaded one
         if self._lexical is not None and (meta.get("bm25") != self.meta.get("bm25")
-                                          or meta["segments"] != self.meta["segments"]):
-            self._lexical = None  # another stored index, or chunks added / renumbered under an in-memory one
+                                          or meta["segments"] != self.meta["segments"]
+                                          or meta.get("build_id") != self.meta.get("build_id")):
+            # another stored index, chunks added / renumbered under an in-memory one, or a rebuilt database (whose
+            # files start again at the same names)
+            self._lexical = None
         self.meta = meta
         self.chunk_len: int = meta["chunk_len"]
         self.tokenizer = LMTokenizer.from_file(path / "tokenizer.json", name=meta["tokenizer"]["name"])

@@ -4,6 +4,7 @@ plot). The report folder holds ``config.yaml``, ``eval.json``, ``report.md``, ``
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -29,11 +30,13 @@ def out_dir(cfg: EvalConfig, results: tuple[str, ...] = ()) -> Path:
     them next to a config they do not belong to."""
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    before = (out / "config.yaml").read_text() if (out / "config.yaml").is_file() else None
-    save_config(cfg, out / "config.yaml")
-    if before is not None and before != (out / "config.yaml").read_text():
-        for name in results:
+    path = out / "config.yaml"
+    before = path.read_text() if path.is_file() else None
+    save_config(cfg, out / ".config.yaml.new")
+    if before is not None and before != (out / ".config.yaml.new").read_text():
+        for name in results:  # removed before the new config is in place: no moment pairs old results with it
             (out / name).unlink(missing_ok=True)
+    os.replace(out / ".config.yaml.new", path)
     return out
 
 

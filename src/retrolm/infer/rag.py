@@ -76,7 +76,7 @@ class RagConfig:
     top_p: float = 0.95
     """Nucleus mass of the samples."""
     cross_doc: bool = False
-    """Cross-document consistency: answer from each passage separately and vote."""
+    """Cross-document consistency: answer from each of the best documents separately (its best passage) and vote."""
     cross_doc_passages: int = 4
     """Documents answered separately, each from its best passage after reranking (a document retrieved as several
     chunks votes once)."""

@@ -102,6 +102,11 @@ def topk_inner_product(
     return best_s, best_i
 
 
+def _chunk_set(db: DatabaseView) -> tuple:
+    """What identifies a database's chunk ids: its build and its segments (a rebuild reuses the segment names)."""
+    return db.meta.get("build_id"), tuple(db.meta["segments"])
+
+
 class ExactRetriever(DenseRetriever):
     """Dense retrieval by exact inner product on a torch device (the database's own encoder embeds text queries).
 
@@ -144,11 +149,11 @@ class ExactRetriever(DenseRetriever):
         if len(self.keys) != n:
             raise RetrolmError(f"{db.path}: the index holds {len(self.keys)} keys for {n} chunks")
         self._doc_chunks: np.ndarray | None = None
-        self._segments = list(db.meta["segments"])  # the chunk set the keys were loaded for
+        self._loaded_for = _chunk_set(db)  # the chunk set the keys were loaded for
 
     def _check_fresh(self) -> None:
-        # keys are a snapshot: an add or a compaction since would leave new chunks unfindable or ids renumbered
-        if self.db.meta["segments"] != self._segments:
+        # keys are a snapshot: an add, a compaction or a rebuild since would leave chunks unfindable or renumbered
+        if _chunk_set(self.db) != self._loaded_for:
             raise RetrolmError(f"{self.db.path}: chunks were added or renumbered since this exact retriever loaded its "
                                "keys; make a new one")
 

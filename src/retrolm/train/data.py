@@ -76,7 +76,7 @@ def swap_neighbours(batch: Batch, share: float, rng: np.random.Generator) -> Bat
     if docs is not None and batch.chunk_docs is not None:
         donor = docs.roll(-1, 0)  # (B, C, K)
         own = ((donor[..., None] == batch.chunk_docs[:, None, None, :]) & (donor[..., None] >= 0)).any(-1)
-        mask = mask & ~own[..., None]
+        mask = mask & ~own[..., None].to(mask.device)  # the document ids stay on the host (Batch.to)
         docs = torch.where(pick[..., 0], donor, docs)
     return dataclasses.replace(
         batch,
