@@ -62,22 +62,38 @@ def test_resuming_with_another_number_of_sequences_per_step_is_refused(built_db,
         Trainer(tiny_cfg(built_db, tmp_path / "big", batch_size=4096)).setup(show_progress=False)
 
 
-def test_resume_is_exact(built_db, tmp_path):
-    """Stopping at step 3 and resuming gives, bit for bit, the batches, per-step losses, validation metrics and
-    weights of an uninterrupted run. Dropout is on, so the losses depend on the restored RNG state, not only on the
-    weights."""
+def test_resume_is_exact(built_db, tmp_path, monkeypatch):
+    """A run interrupted right after its step-3 checkpoint and resumed gives, bit for bit, the batches, per-step
+    losses, validation metrics and weights of an uninterrupted run. Dropout is on, so the losses depend on the
+    restored RNG state, not only on the weights; the learning rate is not in warm-up at step 3, so the schedule must
+    resume too (warmup_steps=1)."""
     model = ModelSpec(preset="tiny", seq_len=256, dropout=0.2)
-    straight = run(tiny_cfg(built_db, tmp_path / "a", model=model))
-    run(tiny_cfg(built_db, tmp_path / "b", model=model, steps=3))
+    straight = run(tiny_cfg(built_db, tmp_path / "a", model=model, warmup_steps=1))
 
-    fresh = Trainer(tiny_cfg(built_db, tmp_path / "fresh", model=model))  # (set up first: setup seeds the RNG)
+    class Interrupted(Exception):
+        pass
+
+    save = Trainer.save_checkpoint
+
+    def save_then_stop(self):
+        out = save(self)
+        if self.step == 3:
+            raise Interrupted
+        return out
+
+    monkeypatch.setattr(Trainer, "save_checkpoint", save_then_stop)
+    with pytest.raises(Interrupted):
+        run(tiny_cfg(built_db, tmp_path / "b", model=model, warmup_steps=1))
+    monkeypatch.undo()
+
+    fresh = Trainer(tiny_cfg(built_db, tmp_path / "fresh", model=model, warmup_steps=1))  # (setup seeds the RNG)
     fresh.setup(resume=False, show_progress=False)
     # every RNG is back in the state it was saved in (so no later draw can differ)
     state = torch.load(tmp_path / "b" / "checkpoints" / "step-000003" / "trainer.pt", weights_only=False)
     torch.manual_seed(12345)
     np.random.seed(12345)
     random.seed(12345)
-    t = Trainer(tiny_cfg(built_db, tmp_path / "b", model=model))
+    t = Trainer(tiny_cfg(built_db, tmp_path / "b", model=model, warmup_steps=1))
     t.setup(show_progress=False)
     assert t.step == 3
     assert torch.equal(torch.get_rng_state(), state["torch_rng"])
