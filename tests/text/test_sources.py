@@ -23,32 +23,71 @@ def test_a_package_apt_cannot_find_suggests_updating_the_lists(tmp_path, monkeyp
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("update_helps", [True, False])
-def test_as_root_the_lists_are_refreshed_once_and_the_download_retried(tmp_path, monkeypatch, update_helps):
-    calls = []
+def fake_apt(calls: list, versions: dict[str, str], fail_update: bool = False):
+    """apt-get (update, download PACKAGE[=VERSION]) and dpkg over a mirror holding ``versions`` (package → the newest
+    version, which the lists know only after an update; any pinned version is there too)."""
+    updated = []
 
     def apt(cmd, cwd=None):
         calls.append(cmd[:3])
-        if cmd[:2] == ["apt-get", "download"] and not (update_helps and ["apt-get", "update", "-qq"] in calls):
-            raise RetrolmError(f"apt-get download {cmd[-1]}: failed (E: Couldn't find any package)")
+        if cmd[:2] == ["apt-get", "update"]:
+            if fail_update:
+                raise RetrolmError("apt-get update -qq: failed (Temporary failure resolving 'deb.debian.org')")
+            updated.append(True)
         if cmd[:2] == ["apt-get", "download"]:
-            (cwd / f"{cmd[-1]}_6.12.1-1_all.deb").write_bytes(b"")
+            package, _, version = cmd[-1].partition("=")
+            if not version and not updated:
+                raise RetrolmError(f"apt-get download {cmd[-1]}: failed (E: Couldn't find any package)")
+            (cwd / f"{package}_{version or versions[package]}_all.deb").write_bytes(b"")
         if cmd[0] == "dpkg":  # an unpacked package with one document
             doc = Path(cmd[-1]) / "usr/share/doc/linux-doc-6.12/Documentation/a.rst.gz"
             doc.parent.mkdir(parents=True)
             with gzip.open(doc, "wt") as f:
                 f.write("Title\n=====\n\nSome text.\n")
 
-    monkeypatch.setattr(sources, "_run", apt)
+    return apt
+
+
+@pytest.mark.parametrize("update_works", [True, False])
+def test_as_root_the_lists_are_refreshed_once_before_the_first_download(tmp_path, monkeypatch, update_works):
+    """The newest version the mirror has that day, not what stale lists last saw; offline, the lists there are."""
+    calls = []
+    monkeypatch.setattr(sources, "_run", fake_apt(calls, {"linux-doc-6.12": "6.12.2-1"}, fail_update=not update_works))
     monkeypatch.setattr(sources, "_can_update_apt", lambda: True)
     monkeypatch.setattr(sources, "_APT_UPDATED", False)
-    if update_helps:
+    if update_works:
         out = sources.fetch_corpus("linux-docs-6.12", tmp_path)
         rows = [json.loads(x) for x in Path(out).read_text().splitlines()]
         assert [r["id"] for r in rows] == ["6.12/Documentation/a.rst"]
+        assert json.loads((tmp_path / "linux-docs-6.12.source.json").read_text())["package"] == \
+            "linux-doc-6.12=6.12.2-1"
+        sources.fetch_corpus("linux-docs-6.12", tmp_path, force=True)  # once per process
     else:
-        with pytest.raises(RetrolmError, match="even after apt-get update"):
+        with pytest.raises(RetrolmError, match="run `apt-get update` once"):
             sources.fetch_corpus("linux-docs-6.12", tmp_path)
     assert calls.count(["apt-get", "update", "-qq"]) == 1
-    assert calls[:3] == [["apt-get", "download", "linux-doc-6.12"], ["apt-get", "update", "-qq"],
-                         ["apt-get", "download", "linux-doc-6.12"]]
+    assert calls[:2] == [["apt-get", "update", "-qq"], ["apt-get", "download", "linux-doc-6.12"]]
+
+
+def test_a_pinned_version_is_fetched_and_replaces_another_one(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(sources, "_run", fake_apt(calls, {"linux-doc-6.12": "6.12.2-1"}))
+    monkeypatch.setattr(sources, "_can_update_apt", lambda: True)
+    monkeypatch.setattr(sources, "_APT_UPDATED", False)
+    record = tmp_path / "linux-docs-6.12.source.json"
+    sources.fetch_corpus("linux-docs-6.12", tmp_path)
+    assert json.loads(record.read_text())["package"] == "linux-doc-6.12=6.12.2-1"
+    pins = {"linux-doc-6.12": "6.12.1-3"}
+    sources.fetch_corpus("linux-docs-6.12", tmp_path, pins=pins)  # the file holds another version: fetched again
+    assert json.loads(record.read_text())["package"] == "linux-doc-6.12=6.12.1-3"
+    assert ["apt-get", "download", "linux-doc-6.12=6.12.1-3"] in calls
+    n = len(calls)
+    sources.fetch_corpus("linux-docs-6.12", tmp_path, pins=pins)  # the pinned version is there: kept
+    assert len(calls) == n
+
+
+def test_bad_pins_are_one_line_errors(tmp_path, capsys):
+    from conftest import run_cli
+
+    rc, _, err = run_cli(["corpus", "fetch", "linux-docs-6.1", "--out", tmp_path, "--pin", "linux-doc-6.1"], capsys)
+    assert rc != 0 and "expected PACKAGE=VERSION" in err and len(err.strip().splitlines()) == 1

