@@ -37,6 +37,7 @@ from evidence_retro import (
     PROTOCOLS,
     change_cells,
     copy_training_files,
+    corpus_packages,
     last_metrics,
     machine,
     pct,
@@ -286,7 +287,8 @@ def write_page(res: Path, work: Path, runs: dict[int, dict[tuple[str, str], list
         f"per byte against the same model with retrieval off, negative = better; vs baseline = RETRO-{rsize} with "
         "retrieval against that baseline at the same round. Protocols: previous = only the held-out document "
         f"itself is excluded; strict = also every document holding ≥ 80% of its 13-grams. Control = RETRO-{rsize} "
-        "reading another document's neighbours. Wall times are those of whatever shared the machine's cores.",
+        "reading another document's neighbours. Wall times are those of whatever shared the machine's cores. "
+        f"Corpora: {corpus_packages()}.",
         "",
         *(["## Baselines, held-out bits per byte (previous version allowed: the baselines read nothing)", "",
            markdown_table(["seed", "rounds", "tokens", "model", "bits/byte", *BUCKETS], base_rows), ""]

@@ -251,6 +251,13 @@ def change_cells(r: dict) -> tuple[list[str], list[str]]:
     return head, [*(pct(groups[b]["gain"]) if b in groups else "–" for b in BUCKETS), pct(r["gain"]["novel"])]
 
 
+def corpus_packages(data: Path = REPO / "data" / "full") -> str:
+    """The package versions the fetched corpora came from (their ``*.source.json``), for a results page: Debian
+    serves newer point releases over time, and ``retrolm corpus fetch --pin`` gets these back."""
+    found = [json.loads(f.read_text()).get("package") for f in sorted(data.glob("*.source.json"))]
+    return ", ".join(f"`{p}`" for p in found if p) or "not recorded"
+
+
 def machine() -> str:
     """The GPU (if any), architecture and CPU count, for a results page's first line."""
     import torch
@@ -307,7 +314,8 @@ def write_page(res: Path, work: Path, runs: dict[str, Path], readers: list[str],
         f"# RETRO, RETRO-fitting and baselines on two versions of the kernel docs ({args.profile} profile)",
         "",
         f"Produced by `scripts/evidence_retro.py --profile {args.profile}` on {platform.node()} ({machine()}), "
-        f"{time.strftime('%Y-%m-%d')}, {total / 60:.0f} min of wall time in all (each step below).",
+        f"{time.strftime('%Y-%m-%d')}, {total / 60:.0f} min of wall time in all (each step below). Corpora: "
+        f"{corpus_packages()}.",
         "",
         f"Training data: {p['fraction']:.0%} of the kernel documentation's paths (both versions of each kept path: "
         "6.1, and 6.12 except the held-out documents) plus the held-out documents' closest 6.1 files, plus "
