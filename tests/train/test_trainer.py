@@ -456,6 +456,12 @@ def test_runs_share_one_neighbours_folder(built_db, tmp_path, monkeypatch, caplo
     run(tiny_cfg(built_db, tmp_path / "f", steps=1, neighbours_dir=shared))
     run(tiny_cfg(built_db, tmp_path / "g", steps=1, neighbours_dir=shared, num_neighbours=1))
     assert len(calls) == 3
+    # a set saved under the older exclusion rule (the next chunk's document not excluded) is searched again
+    saved = json.loads(meta.read_text())
+    del saved["exclusion_rule"]
+    meta.write_text(json.dumps(saved))
+    run(tiny_cfg(built_db, tmp_path / "r", steps=1, neighbours_dir=shared))
+    assert len(calls) == 4 and json.loads(meta.read_text())["exclusion_rule"] == 2
 
     # another process searching the folder (its lock held here for a moment): the run waits, then reuses the set
     import threading
@@ -477,7 +483,7 @@ def test_runs_share_one_neighbours_folder(built_db, tmp_path, monkeypatch, caplo
         run(tiny_cfg(built_db, tmp_path / "h", steps=1, neighbours_dir=shared))
     other.join()
     assert "waiting for another retrolm process writing to this neighbour folder" in caplog.text
-    assert len(calls) == 3
+    assert len(calls) == 4
     for bad, match in (({"neighbour_exclude": "copies"}, "^neighbour_exclude must be one of none, document, "
                         "near_duplicate, sequence, got 'copies'$"),
                        ({"neighbour_near_dup": 0.0}, r"^neighbour_near_dup must be in \(0, 1\], got 0.0$")):

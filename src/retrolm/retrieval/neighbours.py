@@ -183,6 +183,14 @@ def save_neighbours(folder: str | Path, neighbours: np.ndarray, db: DatabaseView
     })
 
 
+def rule_outdated(meta: dict) -> bool:
+    """Whether a saved set (its ``neighbours.json``) of the database's own chunks was made under a document rule
+    older than :data:`EXCLUSION_RULE` (before the next chunk's document was excluded too)."""
+    exclude = (meta.get("config") or {}).get("exclude", "document")
+    return (meta.get("source", "database") == "database" and exclude in ("document", "near_duplicate")
+            and meta.get("exclusion_rule", 1) < EXCLUSION_RULE)
+
+
 def load_neighbours(folder: str | Path, db: DatabaseView) -> np.ndarray:
     """Memory-map a neighbour set, refusing one computed against another version of the database."""
     folder = Path(folder)
@@ -192,7 +200,7 @@ def load_neighbours(folder: str | Path, db: DatabaseView) -> np.ndarray:
             f"{folder}: neighbours were computed against another build or version of {meta['db']} "
             f"(version {meta['db_version']}, now {db.meta['version']}); recompute them"
         )
-    if meta.get("source", "database") == "database" and meta.get("exclusion_rule", 1) < EXCLUSION_RULE:
+    if rule_outdated(meta):
         logger.warning("%s: computed before the next chunk's document was excluded too (a chunk that ends a document "
                        "may have the next document's own text among its neighbours); recompute for exactness", folder)
     return load_npy(folder / "neighbours.npy", mmap=True)

@@ -44,6 +44,7 @@ from retrolm.retrieval.neighbours import (
     compute_neighbours,
     db_identity,
     load_neighbours,
+    rule_outdated,
     save_neighbours,
 )
 from retrolm.train.checkpoints import CheckpointManager
@@ -340,10 +341,11 @@ class Trainer:
         return "torch" if gpu_ok and index is not None and index.stores_exact_keys else "faiss"
 
     def _neighbours_reusable(self, folder: Path, ncfg: NeighbourConfig) -> bool:
-        """A saved neighbour set made with the same settings for this database version (resume, reruns)."""
+        """A saved neighbour set made with the same settings for this database version (resume, reruns), under the
+        current exclusion rule (an older set is searched again)."""
         saved = _saved_neighbour_set(folder)
         same = saved is not None and neighbour_settings(saved["config"]) == neighbour_settings(asdict(ncfg))
-        return same and saved.get("db_identity") == db_identity(self.db)
+        return same and saved.get("db_identity") == db_identity(self.db) and not rule_outdated(saved)
 
     # ------------------------------------------------------------------ data
     @property
