@@ -8,14 +8,12 @@ pooled nats and bytes of the sample.
 
 from __future__ import annotations
 
-import gzip
-import json
 from collections.abc import Sequence
 
 import numpy as np
 
 from retrolm.core.errors import RetrolmError
-from retrolm.text.corpus import JSONL_SUFFIXES, list_files
+from retrolm.text.corpus import JSONL_SUFFIXES, jsonl_records, list_files
 
 
 def document_field(paths: Sequence[str], field: str) -> dict[str, str]:
@@ -26,17 +24,10 @@ def document_field(paths: Sequence[str], field: str) -> dict[str, str]:
     if not files:
         raise RetrolmError(f"{', '.join(map(str, paths))}: group_by needs JSONL held-out data (a field per record)")
     for f in files:
-        with (gzip.open if f.name.lower().endswith(".gz") else open)(f, "rt", encoding="utf-8", errors="replace") as fh:
-            for line in fh:
-                try:
-                    rec = json.loads(line) if line.strip() else None
-                except json.JSONDecodeError:
-                    continue
-                if not isinstance(rec, dict) or "id" not in rec:
-                    continue
-                if field not in rec:
-                    raise RetrolmError(f"{f}: record {rec.get('id')!r} has no field {field!r} (group_by)")
-                out[str(rec["id"])] = str(rec[field])
+        for _, rec in jsonl_records(f):  # ingestion warned about what it skipped
+            if field not in rec:
+                raise RetrolmError(f"{f}: record {rec['id']!r} has no field {field!r} (group_by)")
+            out[str(rec["id"])] = str(rec[field])
     return out
 
 

@@ -166,10 +166,14 @@ def mean_scores(scores: Sequence[dict[str, float]], keep: Sequence[bool] | None 
     return out
 
 
+CHOICE_NORMALIZATIONS = ("mean", "sum")
+"""How option log-likelihoods are compared: per token (mean) or in total (sum)."""
+
+
 def choice_prediction(nlls: Sequence[Sequence[float]], normalize: str = "mean") -> int:
     """The option with the highest log-likelihood: ``nlls[c]`` are the per-token NLLs of option c; ``normalize``
     "mean" (per token, the default: longer options are not penalised) or "sum"."""
-    if normalize not in ("mean", "sum"):
+    if normalize not in CHOICE_NORMALIZATIONS:
         raise RetrolmError(f"choice normalisation must be mean or sum, got {normalize!r}")
     totals = [float(np.sum(x)) / (max(1, len(x)) if normalize == "mean" else 1) for x in nlls]
     return int(np.argmin(totals))

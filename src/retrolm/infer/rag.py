@@ -31,7 +31,7 @@ import numpy as np
 
 from retrolm.core.errors import RetrolmError
 from retrolm.db import DatabaseView
-from retrolm.eval.qa import QAItem
+from retrolm.eval.qa import CHOICE_NORMALIZATIONS, QAItem
 from retrolm.infer.consistency import cross_document_vote, majority_vote
 from retrolm.infer.flops import ModelCost, StageFlops, bm25_search_flops, dense_search_flops
 from retrolm.infer.reader import DEFAULT_SYSTEM, DEFAULT_TEMPLATE, Reader, Reading
@@ -106,7 +106,7 @@ class RagConfig:
     def __post_init__(self) -> None:
         if self.unit not in ("chunk", "document"):
             raise RetrolmError(f"unit must be chunk or document, got {self.unit!r}")
-        if self.choice_normalize not in ("mean", "sum"):  # checked here, not at the first multiple-choice item
+        if self.choice_normalize not in CHOICE_NORMALIZATIONS:  # checked here, not at the first multiple-choice item
             raise RetrolmError(f"choice_normalize must be mean or sum, got {self.choice_normalize!r}")
         for name in ("top_n", "passages", "samples", "cross_doc_passages", "cross_doc_samples", "max_new_tokens",
                      "max_passage_tokens", "batch_size", "document_tokens"):
@@ -205,6 +205,7 @@ class PassageRetriever:
         if self.kind in ("bm25", "hybrid"):
             search += bm25_search_flops(self.db.lexical.postings(question), n_chunks)
         return StageFlops(encoder=encoder, search=search)
+
 
 @dataclass
 class RagAnswer:

@@ -99,7 +99,9 @@ def _record_text(record: dict, source: str, warn: Warn) -> str | None:
     return None
 
 
-def _read_jsonl(path: Path, warn: Warn) -> Iterator[Document]:
+def jsonl_records(path: Path, warn: Warn = _silent) -> Iterator[tuple[str, dict]]:
+    """``(source, record)`` of every JSON object with an ``id`` in a ``.jsonl`` / ``.jsonl.gz`` / ``.ndjson`` file, as
+    ingestion reads them: undecodable bytes repaired, bad lines and an unreadable rest skipped (with ``warn``)."""
     opener = gzip.open if path.name.endswith(".gz") else open
     try:
         with opener(path, "rb") as f:
@@ -116,15 +118,20 @@ def _read_jsonl(path: Path, warn: Warn) -> Iterator[Document]:
                 if not isinstance(record, dict) or "id" not in record:
                     warn("skipping %s: expected an object with an 'id' field", source)
                     continue
-                text = _record_text(record, source, warn)
-                if text is None:
-                    continue
-                if not text.strip():
-                    warn("skipping %s: empty document", source)
-                    continue
-                yield Document(id=str(record["id"]), text=text, source=source)
+                yield source, record
     except (OSError, EOFError) as e:
         warn("skipping the rest of %s: cannot read (%s)", path, e)
+
+
+def _read_jsonl(path: Path, warn: Warn) -> Iterator[Document]:
+    for source, record in jsonl_records(path, warn):
+        text = _record_text(record, source, warn)
+        if text is None:
+            continue
+        if not text.strip():
+            warn("skipping %s: empty document", source)
+            continue
+        yield Document(id=str(record["id"]), text=text, source=source)
 
 
 def _read_parquet(path: Path, warn: Warn) -> Iterator[Document]:
