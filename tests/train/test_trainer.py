@@ -60,6 +60,53 @@ def test_resuming_with_another_number_of_sequences_per_step_is_refused(built_db,
     t.cleanup()
     with pytest.raises(RetrolmError, match=r"training sequences of 256 tokens, fewer than one step reads \(4096\)"):
         Trainer(tiny_cfg(built_db, tmp_path / "big", batch_size=4096)).setup(show_progress=False)
+    assert not (tmp_path / "big").exists()  # refused before the neighbour search (hours on a large store)
+
+
+@pytest.mark.parametrize("change", [{"seed": 1}, {"val_fraction": 0.3}, {"data_offset": 2}])
+def test_resuming_with_another_data_order_is_refused(built_db, tmp_path, change):
+    """Seed, validation share and data offset decide which sequences each step reads and which are held out: a run
+    resumed with another one would re-read sequences or train on validation ones, so it stops with one line."""
+    run(tiny_cfg(built_db, tmp_path / "r", steps=3))
+    (key, value), = change.items()
+    with pytest.raises(RetrolmError, match=rf"step-000003: resumed with another data order \({key} .* → {value}\)"):
+        Trainer(tiny_cfg(built_db, tmp_path / "r", **change)).setup(show_progress=False)
+
+
+def test_a_step_is_the_mean_over_its_tokens_however_it_is_split(built_db, tmp_path):
+    """Sequences hold different numbers of scored tokens (nothing is predicted in the padding after a document's
+    end). Two micro-batches of one sequence must give the gradient of one batch of both: the mean over all the
+    step's tokens, not the mean of two per-sequence means."""
+    whole = Trainer(tiny_cfg(built_db, tmp_path / "whole", batch_size=2, grad_accum=1, steps=2))
+    whole.setup(show_progress=False)
+    split = Trainer(tiny_cfg(built_db, tmp_path / "split", batch_size=1, grad_accum=2, steps=2))
+    split.setup(show_progress=False)
+    counts = [int((split.seqs.batch(split._batch_ids(0, micro)).targets != -100).sum()) for micro in (0, 1)]
+    assert counts[0] != counts[1]  # the case that matters: otherwise both means agree anyway
+    grads = {}
+
+    def record(trainer, name):
+        step = trainer.opt.step
+
+        def wrapped(*args, **kwargs):
+            if name not in grads:
+                grads[name] = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+            return step(*args, **kwargs)
+
+        trainer.opt.step = wrapped
+
+    record(whole, "whole")
+    record(split, "split")
+    a, b = whole.train(), split.train()
+    whole.cleanup()
+    split.cleanup()
+    loss_a = [r["train/loss"] for r in metric_rows(tmp_path / "whole") if "train/loss" in r]
+    loss_b = [r["train/loss"] for r in metric_rows(tmp_path / "split") if "train/loss" in r]
+    assert loss_b == pytest.approx(loss_a, rel=1e-5)
+    assert a["train/loss"] == pytest.approx(b["train/loss"], rel=1e-5)
+    assert grads["whole"].keys() == grads["split"].keys()
+    for n, g in grads["whole"].items():
+        torch.testing.assert_close(grads["split"][n], g, rtol=1e-4, atol=1e-6, msg=n)
 
 
 def test_resume_is_exact(built_db, tmp_path, monkeypatch):
@@ -225,14 +272,21 @@ def test_activation_checkpointing_is_a_model_override(tmp_path):
 
 @pytest.mark.slow
 def test_torchrun_ddp_on_two_cpu_processes(built_db, tmp_path):
-    """The multi-GPU path (torchrun + DDP) run on CPU with the gloo backend: both ranks train, rank 0 writes."""
+    """The multi-GPU path (torchrun + DDP) run on CPU with the gloo backend: both ranks train, rank 0 writes, and
+    two processes of 2 sequences train as one process of 4 (the same sequences; every token weighs the same)."""
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "retrolm.cli", "train",
-           "-q", f"db={built_db.path}", f"out_dir={out}", "model.seq_len=256", "steps=3", "batch_size=2",
-           "eval_every=3", "save_every=3", "eval_batches=1", "log_every=1", "warmup_steps=1", "tensorboard=false"]
+    args = ["-m", "retrolm.cli", "train", "-q", f"db={built_db.path}", "model.seq_len=256", "steps=3",
+            "eval_every=3", "save_every=3", "eval_batches=1", "log_every=1", "warmup_steps=1", "tensorboard=false"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", *args, f"out_dir={out}",
+           "batch_size=2"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    single = subprocess.run([sys.executable, *args, f"out_dir={tmp_path / 'one'}", "batch_size=4"],
+                            capture_output=True, text=True, timeout=300, env=env)
+    assert single.returncode == 0, single.stderr[-3000:]
+    losses = [[r["train/loss"] for r in metric_rows(d) if "train/loss" in r] for d in (out, tmp_path / "one")]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
     assert (out / "checkpoints" / "step-000003" / "model.safetensors").is_file()
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in lines if "train/loss" in x] == [1, 2, 3]  # written once, by rank 0
@@ -249,11 +303,14 @@ def test_neighbours_follow_a_rebuilt_database_and_tombstones_are_refused(tmp_pat
     # the same folder rebuilt from another corpus starts again at version 1: old neighbours must not be reused
     db = Database.build([write_jsonl(tmp_path / "b.jsonl", wiki_docs(24, start=50))], tmp_path / "db",
                         tiny_db_config, overwrite=True, show_progress=False)
-    run(tiny_cfg(db, tmp_path / "run", steps=2))
+    # resuming the run would read another data order (refused); a new run sharing its neighbours folder searches again
+    with pytest.raises(RetrolmError, match=r"another data order \(sequences"):
+        run(tiny_cfg(db, tmp_path / "run", steps=2))
+    run(tiny_cfg(db, tmp_path / "run2", steps=2, neighbours_dir=str(tmp_path / "run" / "neighbours")))
     saved = json.loads((tmp_path / "run" / "neighbours" / "neighbours.json").read_text())
     assert saved["db_identity"]["build_id"] == db.meta["build_id"] and saved["n_chunks"] == db.store.n_chunks
     db.delete(doc_ids=[db.store.doc_ids[0]])
-    t = Trainer(tiny_cfg(db, tmp_path / "run2"))
+    t = Trainer(tiny_cfg(db, tmp_path / "run3"))
     with pytest.raises(RetrolmError, match="compact"):
         t.setup(show_progress=False)
 

@@ -165,7 +165,8 @@ class TrainConfig(LoopConfig):
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Linear warmup, then cosine decay to min_lr at the last step."""
+    """Linear warmup, then cosine decay toward min_lr, which step ``cfg.steps`` would use: the last update (step
+    ``steps - 1``) is one step short of it. Kept so, as every committed run was trained with it."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)

@@ -86,6 +86,15 @@ def swap_neighbours(batch: Batch, share: float, rng: np.random.Generator) -> Bat
     )
 
 
+def n_sequences(n_chunks: int, seq_chunks: int, stride: int | None = None, include_tail: bool = False) -> int:
+    """How many sequences of ``seq_chunks`` chunks, started every ``stride`` chunks (default: back to back), a store
+    of ``n_chunks`` chunks serves (with ``include_tail``, the last, partial one too)."""
+    n, C, S = n_chunks, seq_chunks, stride or seq_chunks
+    if n < C:
+        return int(include_tail and n > 0)
+    return 1 + (-(-(n - C) // S) if include_tail else (n - C) // S)
+
+
 def chunk_bytes(store: ChunkStore, tokenizer: LMTokenizer | None = None) -> np.ndarray:
     """UTF-8 bytes of the text predicted in each chunk (n_chunks,): its share of its document's bytes by tokens.
 
@@ -161,10 +170,7 @@ class RetroSequences:
         self.chunk_bytes = chunk_bytes(source, tokenizer)
 
     def __len__(self) -> int:
-        n, C, S = self.source.n_chunks, self.C, self.stride
-        if n < C:
-            return int(self.include_tail and n > 0)
-        return 1 + (-(-(n - C) // S) if self.include_tail else (n - C) // S)
+        return n_sequences(self.source.n_chunks, self.C, self.stride, self.include_tail)
 
     def start(self, s: int) -> int:
         """The first chunk of sequence ``s``."""

@@ -49,7 +49,7 @@ from retrolm.retrieval.neighbours import (
 )
 from retrolm.train.checkpoints import CheckpointManager
 from retrolm.train.config import LoopConfig, TrainConfig, lr_at
-from retrolm.train.data import RetroSequences, model_kwargs, swap_neighbours
+from retrolm.train.data import IGNORE, RetroSequences, model_kwargs, n_sequences, swap_neighbours
 from retrolm.train.scoring import score_sequences
 
 logger = logging.getLogger(__name__)
@@ -242,18 +242,20 @@ class Trainer:
         if self.seq_len % self.db.chunk_len:
             raise RetrolmError(f"sequence length {self.seq_len} is not a multiple of chunk_len {self.db.chunk_len}")
         seq_chunks = self.seq_len // self.db.chunk_len
-        # steps=0 writes the model as built: nothing reads training neighbours
-        neighbours = self._neighbours(seq_chunks, show_progress) if self.retrieval and cfg.steps else None
-        self.seqs = RetroSequences(self.db.store, seq_chunks, self.db.tokenizer.eos_id, neighbours, self.db.store,
-                                   cfg.num_neighbours, tokenizer=self.db.tokenizer)
-        if len(self.seqs) < 2:
+        # the split and the size of a step are checked before the neighbour search, which can take hours
+        n_seqs = n_sequences(self.db.store.n_chunks, seq_chunks)
+        if n_seqs < 2:
             raise RetrolmError(f"{cfg.db}: too little data for sequences of {self.seq_len} tokens")
-        order = np.random.default_rng(cfg.seed).permutation(len(self.seqs))
+        order = np.random.default_rng(cfg.seed).permutation(n_seqs)
         n_val = max(1, round(cfg.val_fraction * len(order))) if cfg.val_fraction > 0 else 0
         self.val_ids, self.train_ids = order[:n_val], order[n_val:]
         if cfg.steps and len(self.train_ids) < self._per_step:  # a step would read past two epochs' permutations
             raise RetrolmError(f"{cfg.db}: {len(self.train_ids)} training sequences of {self.seq_len} tokens, fewer "
                                f"than one step reads ({self._per_step}); lower batch_size or grad_accum")
+        # steps=0 writes the model as built: nothing reads training neighbours
+        neighbours = self._neighbours(seq_chunks, show_progress) if self.retrieval and cfg.steps else None
+        self.seqs = RetroSequences(self.db.store, seq_chunks, self.db.tokenizer.eos_id, neighbours, self.db.store,
+                                   cfg.num_neighbours, tokenizer=self.db.tokenizer)
 
         params = self.trainable_parameters()
         if not params:
@@ -267,6 +269,7 @@ class Trainer:
         )
         if resume:
             self._resumed_per_step: int | None = None
+            self._resumed_order: dict | None = None
             last = self.checkpoints.resume(self._load_checkpoint)
             if last is not None:
                 logger.info("resumed from %s", last)
@@ -275,6 +278,13 @@ class Trainer:
                 raise RetrolmError(f"{last}: written at {self._resumed_per_step} sequences per step (batch_size × "
                                    f"grad_accum × processes), resumed at {self._per_step}; resume with the same "
                                    "settings or start afresh (--no-resume)")
+            changed = [f"{k} {v} → {self._data_order[k]}" for k, v in (self._resumed_order or {}).items()
+                       if self._data_order.get(k, v) != v]
+            if changed:
+                # another seed, split or sequence length reorders the data: the resumed steps would re-read
+                # sequences, or train on validation ones, that the first steps did not
+                raise RetrolmError(f"{last}: resumed with another data order ({', '.join(changed)}); resume with "
+                                   "the same settings or start afresh (--no-resume)")
         elif self.main and self.checkpoints.all():
             # a fresh start must not leave older checkpoints that a later resume would pick up: keep them aside
             aside = self.checkpoints.folder.with_name(f"checkpoints.before-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -349,6 +359,13 @@ class Trainer:
 
     # ------------------------------------------------------------------ data
     @property
+    def _data_order(self) -> dict:
+        """The settings that decide which sequences step s reads and which are held out (saved in trainer.pt)."""
+        cfg = self.cfg
+        return {"seed": cfg.seed, "val_fraction": cfg.val_fraction, "data_offset": cfg.data_offset,
+                "seq_len": self.seq_len, "sequences": len(self.seqs)}
+
+    @property
     def _per_step(self) -> int:
         """Training sequences one optimizer step reads, over all processes."""
         return self.cfg.batch_size * self.cfg.grad_accum * self.world
@@ -365,6 +382,19 @@ class Trainer:
         start = (micro * self.world + self.rank) * cfg.batch_size
         return step_ids[start : start + cfg.batch_size]
 
+    def _token_weights(self, batches: list) -> list[float]:
+        """What each micro-batch's mean loss is multiplied by so that a step's gradient is the mean over every
+        scored token of the step, on every process: micro-batches hold different numbers of targets (the padding
+        after each document's end predicts nothing), and DDP averages the ranks' gradients. Exactly 1.0 for one
+        micro-batch on one process."""
+        counts = [int((b.targets != IGNORE).sum()) for b in batches]
+        total = float(sum(counts))
+        if self.world > 1:
+            t = torch.tensor([total], dtype=torch.float64, device=self.device)
+            torch.distributed.all_reduce(t)
+            total = float(t)
+        return [c * self.world / total if total else 0.0 for c in counts]
+
     # ------------------------------------------------------------------ loop
     def train(self) -> dict[str, float]:
         cfg = self.cfg
@@ -377,8 +407,10 @@ class Trainer:
                 g["lr"] = lr
             self.model.train()
             loss_sum = 0.0
-            for micro in range(cfg.grad_accum):
-                batch = self.seqs.batch(self._batch_ids(self.step, micro), with_neighbours=self.retrieval)
+            batches = [self.seqs.batch(self._batch_ids(self.step, micro), with_neighbours=self.retrieval)
+                       for micro in range(cfg.grad_accum)]
+            weights = self._token_weights(batches)
+            for micro, batch in enumerate(batches):
                 if cfg.neighbour_swap:  # drawn from (seed, step, micro, rank): a resumed run swaps the same chunks
                     rng = np.random.default_rng([cfg.seed, self.step, micro, self.rank])
                     batch = swap_neighbours(batch, cfg.neighbour_swap, rng)
@@ -388,7 +420,8 @@ class Trainer:
                 with ctx, autocast(self.device, cfg.bf16):
                     out = self.forward_model(batch.idx, batch.neighbours, batch.neighbour_mask, batch.targets,
                                              **model_kwargs(self.model, batch))
-                    loss = out.loss / cfg.grad_accum
+                    # a micro-batch without a scored token still runs backward (DDP expects every rank to)
+                    loss = out.loss * weights[micro] if weights[micro] else out.logits.sum() * 0.0
                 loss.backward()
                 loss_sum += float(loss.detach())
                 tokens += batch.idx.numel() * self.world
@@ -461,9 +494,23 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self) -> Path | None:
+        """Rank 0 writes the checkpoint; every rank must call this (the ranks' GPU RNG states are gathered)."""
+        self._cuda_rng_by_rank = self._gather_cuda_rng()
         if not self.main:
             return None
         return self.checkpoints.save(self.step, self._write_checkpoint)
+
+    def _gather_cuda_rng(self) -> list | None:
+        """Each rank's own GPU generator state, in rank order (rank r draws dropout on its device only, so rank 0's
+        view of the other devices' generators is not theirs)."""
+        if self.device.type != "cuda":
+            return None
+        own = torch.cuda.get_rng_state(self.device)
+        if self.world == 1:
+            return [own]
+        states: list = [None] * self.world
+        torch.distributed.all_gather_object(states, own)
+        return states
 
     def _write_checkpoint(self, folder: Path) -> None:
         if not all(bool(torch.isfinite(p).all()) for p in self.model.parameters()):
@@ -476,10 +523,11 @@ class Trainer:
         if frozen := frozen_names(self.model):  # a continuation keeps these frozen without its ancestors' checkpoints
             write_json(folder / FROZEN_FILE, frozen)
         torch.save(self.opt.state_dict(), folder / "optimizer.pt")
-        torch.save({"step": self.step, "sequences_per_step": self._per_step, "torch_rng": torch.get_rng_state(),
+        torch.save({"step": self.step, "sequences_per_step": self._per_step, "data_order": self._data_order,
+                    "torch_rng": torch.get_rng_state(),
                     "numpy_rng": np.random.get_state(),
                     "python_rng": random.getstate(),
-                    "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+                    "cuda_rng_by_rank": self._cuda_rng_by_rank},
                    folder / "trainer.pt")
 
     def _load_checkpoint(self, folder: Path) -> None:
@@ -487,11 +535,16 @@ class Trainer:
         self.opt.load_state_dict(torch.load(folder / "optimizer.pt", map_location=self.device, weights_only=False))
         state = torch.load(folder / "trainer.pt", weights_only=False)
         self.step = int(state["step"])
-        self._resumed_per_step = state.get("sequences_per_step")  # checked once resuming is done (see __init__)
+        # checked once resuming is done (see setup); checkpoints of older versions lack them
+        self._resumed_per_step = state.get("sequences_per_step")
+        self._resumed_order = state.get("data_order")
         torch.set_rng_state(state["torch_rng"])
         np.random.set_state(state["numpy_rng"])
         random.setstate(state["python_rng"])
-        if state.get("cuda_rng") is not None and torch.cuda.is_available():
+        by_rank = state.get("cuda_rng_by_rank")
+        if by_rank is not None and self.device.type == "cuda" and len(by_rank) == self.world:
+            torch.cuda.set_rng_state(by_rank[self.rank].cpu(), self.device)
+        elif state.get("cuda_rng") is not None and torch.cuda.is_available():  # written before per-rank states
             torch.cuda.set_rng_state_all(state["cuda_rng"])
 
     def cleanup(self) -> None:
