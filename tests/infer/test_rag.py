@@ -209,6 +209,7 @@ def test_cli_contract(world, capsys):
                           "cross_doc_passages=2", f"noise=[{noise}]"], capsys)
     assert rc == 0, err
     r = json.loads((out / "rag.json").read_text())
+    assert r["software"]["retrolm"] and "torch" in r["software"]
     for mode in ("closed_book", "retrieval", "rerank", "self_consistency", "cross_doc"):
         assert {"em", "f1", "n", "flops_per_question"} <= set(r["summary"][mode])
         assert r["summary"][mode]["n"] == 4 and {"em", "f1", "n"} <= set(r["summary"][mode]["clean"])
@@ -252,6 +253,18 @@ def test_config_errors(world):
     with pytest.raises(RetrolmError, match="does not rise with pretraining FLOPs"):
         run_rag_eval(eval_cfg(world, "bad", baselines=str(bad)))
     assert not (world["root"] / "bad").exists()
+    # an option (or answer) that fills the reader's context is refused by name before any question is read
+    context = RagPipeline.load(eval_cfg(world, "x"), world["db"]).reader.lm.context_len
+    huge = write_jsonl(world["root"] / "huge.jsonl", [
+        {"id": "fine", "question": "The code of zorblat is", "answers": ["amber"]},
+        {"id": "m-long", "question": "The code of zorblat is", "choices": ["amber", "zorblat " * context],
+         "answer": 0}])
+    with pytest.raises(RetrolmError, match=rf"huge.jsonl: question 'm-long': its longest option takes \d+ tokens, no "
+                                           rf"room for a prompt in the {context}-token context"):
+        run_rag_eval(eval_cfg(world, "huge", data=str(huge)))
+    with pytest.raises(RetrolmError, match=rf"question 'fine': max_new_tokens is {context} tokens"):
+        run_rag_eval(eval_cfg(world, "huge", data=str(huge), max_new_tokens=context))
+    assert not (world["root"] / "huge" / "rag.json").exists()
 
 
 def test_cross_document_consistency_reads_each_document_once(world):

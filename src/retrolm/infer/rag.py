@@ -286,6 +286,21 @@ class RagPipeline:
             flops.append(StageFlops(reranker=f))
         return out, flops
 
+    def reserve(self, item: QAItem) -> int:
+        """Tokens the context must keep free after ``item``'s prompt: its longest option (multiple choice) or the
+        answer to generate."""
+        return self.reader.option_room(item.choices) if item.multiple_choice else self.cfg.max_new_tokens
+
+    def check_fits(self, items: Sequence[QAItem], source: str) -> None:
+        """Refuse, before anything is read, items whose answer or longest option leaves no room for a prompt in the
+        reader's context (they would stop an evaluation half way)."""
+        room = self.reader.lm.context_len
+        for it in items:
+            if self.reserve(it) >= room:
+                what = "its longest option takes" if it.multiple_choice else "max_new_tokens is"
+                raise RetrolmError(f"{source}: question {it.id!r}: {what} {self.reserve(it)} tokens, no room for a "
+                                   f"prompt in the {room}-token context of {self.reader.lm.name}")
+
     def read(self, items: Sequence[QAItem], passages: Sequence[Sequence[Passage]] | None, samples: int = 1,
              temperature: float | None = None) -> list[Reading]:
         """Answer every item from its passages (None: closed book); multiple-choice items by option likelihood."""
@@ -293,8 +308,7 @@ class RagPipeline:
         temp = c.temperature if temperature is None else temperature
         # room after the prompt for what is read next: the answer, or the longest option of a multiple-choice item
         prompts = [self.reader.prompt_ids(it.question, [p.text for p in passages[i]] if passages else None,
-                                          reserve=self.reader.option_room(it.choices) if it.multiple_choice
-                                          else c.max_new_tokens)
+                                          reserve=self.reserve(it))
                    for i, it in enumerate(items)]
         out: list[Reading | None] = [None] * len(items)
         short = [i for i, it in enumerate(items) if not it.multiple_choice]

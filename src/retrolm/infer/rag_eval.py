@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 from retrolm.core.config import save_config
 from retrolm.core.errors import RetrolmError
 from retrolm.core.io import atomic_path, write_bytes, write_json
+from retrolm.core.versions import library_versions
 from retrolm.db import DatabaseView, noisy_copy
 from retrolm.eval.multiplier import Point, fit_metric, load_points, multiplier_report, plot_multiplier
 from retrolm.eval.qa import QAItem, contamination, load_qa, mean_scores, score_prediction
@@ -227,6 +228,7 @@ def run_rag_eval(cfg: RagEvalConfig, show_progress: bool = True) -> dict[str, An
     contam = contamination(items, db, cfg.contamination_n)
     contam_s = time.perf_counter() - t
     pipe = RagPipeline.load(cfg, db)
+    pipe.check_fits(items, str(cfg.data))
     preds, seconds = evaluate(pipe, items, cfg.block, show_progress=show_progress)
     seconds["contamination"] = round(contam_s, 1)
     summary = summarize(items, preds, contam.flags)
@@ -241,6 +243,7 @@ def run_rag_eval(cfg: RagEvalConfig, show_progress: bool = True) -> dict[str, An
         "reader": reader, "reranker": pipe.reranker.describe() if pipe.reranker else None,
         "config": asdict(cfg), "contamination": contam.to_dict(), "summary": summary,
         "summary_clean": {m: s["clean"] for m, s in summary.items()},
+        "software": library_versions(),
     }
     if cfg.noise:
         noisy = noisy_copy(db, out / "db-with-noise", cfg.noise, show_progress)
