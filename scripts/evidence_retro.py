@@ -259,11 +259,15 @@ def corpus_packages(data: Path = REPO / "data" / "full") -> str:
 
 
 def machine() -> str:
-    """The GPU (if any), architecture and CPU count, for a results page's first line."""
+    """The GPU (if any), architecture, CPU count and the libraries that decide neighbours and tokens, for a results
+    page's first line (a BM25 scorer's release changed a rerun's neighbours once: docs/results.md)."""
     import torch
 
+    from retrolm.core.versions import library_versions
+
     gpu = f"{torch.cuda.get_device_name()}, " if torch.cuda.is_available() else ""
-    return f"{gpu}{platform.machine()}, {os.cpu_count()} CPUs"
+    libs = ", ".join(f"{k} {v}" for k, v in library_versions().items() if k != "retrolm")
+    return f"{gpu}{platform.machine()}, {os.cpu_count()} CPUs; {libs}"
 
 
 def write_page(res: Path, work: Path, runs: dict[str, Path], readers: list[str], log: list[str],

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from importlib import metadata
 
 import numpy as np
 import pytest
@@ -267,6 +268,20 @@ def test_an_in_memory_bm25_index_follows_writes_and_storing_it_twice_keeps_it(tm
         f.truncate((db.path / victim).stat().st_size - 1)
     with pytest.raises(RetrolmError, match=rf"{victim}: corrupt"):
         Database.open(db.path)
+
+
+def test_the_libraries_of_the_last_write_are_recorded(tmp_path, tiny_db_config, monkeypatch):
+    """A search's neighbours depend on the BM25 scorer's and FAISS's releases: meta.json (and `db info`) records the
+    versions the database was built with, and those of the last write that may have rebuilt an index."""
+    import retrolm.db.database as database
+
+    db = Database.build([write_jsonl(tmp_path / "c.jsonl", wiki_docs(6))], tmp_path / "db", tiny_db_config,
+                        show_progress=False)
+    installed = {n: metadata.version(n) for n in ("retrolm", "torch", "bm25s", "faiss-cpu", "tokenizers")}
+    assert installed.items() <= db.meta["software"].items()
+    monkeypatch.setattr(database, "library_versions", lambda: {"bm25s": "9.9"})
+    db.delete(doc_ids=[db.store.doc_ids[0]])
+    assert Database.open(db.path).info()["software"] == {"bm25s": "9.9"}
 
 
 def test_bm25_batch_search_on_threads_equals_the_plain_loop(tmp_path, tiny_db_config, monkeypatch):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from importlib import metadata
 
 import numpy as np
 import pytest
@@ -195,6 +196,7 @@ def test_retrieval_lowers_bits_per_byte_and_leakage_shows_why(copy_world):
     on, off = r["summary"][RETRO]["bpb"], r["summary"][RETRO_OFF]["bpb"]
     base = r["summary"]["baseline:base"]["bpb"]
     print(f"bits/byte: retrieval on {on:.3f}, off {off:.3f}, baseline {base:.3f}")
+    assert r["software"]["bm25s"] == metadata.version("bm25s")  # the libraries the result was measured with
     assert on < 0.6 * off, (on, off)  # the copy is in the database: retrieval must help a lot
     assert r["exclusion"]["excluded_docs_same_id"] == 0 and r["exclusion"]["eval_docs"] == 8
     # every held-out chunk's text is in the database verbatim: r(C) = 1, nothing is novel

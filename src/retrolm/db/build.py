@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from retrolm.core.config import save_config
 from retrolm.core.errors import RetrolmError
 from retrolm.core.io import exclusive_lock, load_npy, read_json, save_npy, write_json
+from retrolm.core.versions import library_versions
 from retrolm.db.chunks import ChunkStore, SegmentWriter, token_dtype
 from retrolm.db.index import INDEX_KINDS, VectorIndex
 from retrolm.db.lexical import LexicalIndex
@@ -484,6 +485,7 @@ def _build_stages(corpus: Sequence[str | Path], staging: Path, config: BuildConf
         "tombstones": None,
         # Wall time of the stages run by the last (possibly resumed) invocation.
         "build_stats": {k: round(v, 3) for k, v in timings.items()},
+        "software": library_versions(),  # e.g. the BM25 scorer's release decides which neighbours a search returns
     }
     if encoder is not None:
         meta["build_stats"]["encoder_tokens"] = encoder_tokens

@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 
 from retrolm.core.errors import RetrolmError
 from retrolm.core.io import commit_dir, exclusive_lock, read_json, save_npy, write_json
+from retrolm.core.versions import library_versions
 from retrolm.db.build import BuildConfig, build_database, embed_shards, make_index, shard_blocks, tokenize_into_segment
 from retrolm.db.chunks import ChunkStore, SegmentWriter, token_dtype
 from retrolm.db.index import VectorIndex
@@ -276,7 +277,8 @@ class Database(DatabaseView):
         if deleted_docs.any():
             tomb = f"tombstones-v{meta['version']}.npy"
             save_npy(self.path / tomb, deleted_docs)
-        meta = dict(meta, tombstones=tomb, updated=now(), format_version=FORMAT_VERSION)
+        # software: the libraries of the last write, which may have rebuilt the BM25 index or added keys
+        meta = dict(meta, tombstones=tomb, updated=now(), format_version=FORMAT_VERSION, software=library_versions())
         update_counts(meta, store.n_docs, store.n_chunks, store.doc_n_chunks, deleted_docs)
         meta["files"] = file_records(self.path, referenced_files(meta, self.path), known=self.meta.get("files"))
         write_json(self.path / "meta.json", meta)

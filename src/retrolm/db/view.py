@@ -258,6 +258,7 @@ class DatabaseView:
             "bytes_per_chunk": round(size / max(1, m["num_chunks_stored"]), 1),
             "created": m["created"],
             "updated": m["updated"],
+            "software": m.get("software"),  # libraries of the last write (None: written before they were recorded)
         }
 
     def verify(self) -> int:

@@ -14,6 +14,7 @@ import numpy as np
 from retrolm.core.config import save_config
 from retrolm.core.errors import RetrolmError
 from retrolm.core.io import atomic_path, write_bytes, write_json
+from retrolm.core.versions import library_versions
 from retrolm.eval.config import EvalConfig
 from retrolm.eval.evaluator import Evaluator, Scores, display_name, neighbours_of_other_documents
 from retrolm.eval.groups import chunk_groups, gain_interval
@@ -78,6 +79,7 @@ def run_eval(cfg: EvalConfig, show_progress: bool = True) -> dict[str, Any]:
             "exclusion": ev.exclusion,
             "neighbours_read": "shuffled: another document's" if cfg.shuffle_neighbours else "own",
             "summary": {name: ev.summary(s) for name, s in scores.items()},
+            "software": library_versions(),
         }
         if ev.main.in_context:
             result["reader"] = {"kind": "in_context", "retriever": ev.retriever.name if ev.retriever else None,
