@@ -4,8 +4,9 @@ For an evaluation chunk C and its retrieved neighbours (each a database chunk pl
 r(C) = (length of the longest run of consecutive tokens that C shares with any one neighbour) / (tokens in C).
 r = 1: the chunk is in the database verbatim; r = 0: not a single token in common. The paper (Borgeaud et al.
 2021, Fig. 6) reports bits-per-byte over the chunks with r(C) <= alpha for alpha from 0 to 1 and calls a chunk
-*novel* when it shares fewer than 8 contiguous tokens with its neighbours (alpha = 12.5% for 64-token chunks):
-a gain that persists on novel chunks is generalisation, not copying.
+*novel* when it shares fewer than 8 contiguous tokens with its neighbours (alpha = 12.5% for 64-token chunks;
+here r(C) < 12.5% of the chunk's own length, so that a short last chunk is not novel by its length alone): a gain
+that persists on novel chunks is generalisation, not copying.
 """
 
 from __future__ import annotations
