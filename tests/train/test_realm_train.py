@@ -9,6 +9,7 @@ import threading
 import pytest
 import torch
 
+from retrolm.core.errors import RetrolmError
 from retrolm.models.realm import RealmModel, RealmShape
 from retrolm.train.realm import (
     RealmConfig,
@@ -99,6 +100,27 @@ def test_index_search_is_exact_top_k_with_exclusions():
     assert scores[1].tolist() == pytest.approx([1.33, 1.0])
     _, ids = index.search(q, 2, exclude=[-1, 2])
     assert ids.tolist() == [[1, 2], [0, 1]]
+    # more candidates than there are retrievable documents: fewer come back, never a deleted or excluded one
+    scores, ids = index.search(q, 4, exclude=[-1, 2])
+    assert ids.shape == (2, 2) and torch.isfinite(scores).all()
+    with pytest.raises(RetrolmError, match="no retrievable document"):
+        DocumentIndex(emb[:1], step=0).search(q, 2, exclude=[0, 0])
+
+
+def test_the_index_pools_documents_as_the_model_does(tokenizer):
+    """With mean pooling (a sentence-transformers encoder's own), the index's document embeddings are the model's
+    Embed_doc, not the [CLS] state: queries and documents must be pooled alike."""
+    from transformers import BertConfig
+
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=64, max_position_embeddings=256, hidden_dropout_prob=0.0,
+                     attention_probs_dropout_prob=0.0)
+    model = RealmModel(cfg, tokenizer, RealmShape("tiny", None, "mean")).eval()
+    index = DocumentIndex.build(model, TextDocuments(DOCS), 0, 16)
+    with torch.no_grad():
+        enc = model.tokenize(DOCS, 16)
+        torch.testing.assert_close(index.embeddings, model.embed_documents(enc["input_ids"], enc["attention_mask"]))
 
 
 def _perturb(model: RealmModel, seed: int) -> None:
@@ -169,6 +191,7 @@ def test_pretrain_lowers_the_loss_and_logs_refreshes(tokenizer, tmp_path):
         return out.loss.item()
 
     before = held_out_loss()
+    initial = DocumentIndex.build(model, docs, 0, 16)
     log = pretrain(docs, tmp_path / "run", cfg, model=model, examples=examples, resume=False)
     after = held_out_loss()
     assert after < 0.5 * before
@@ -180,7 +203,32 @@ def test_pretrain_lowers_the_loss_and_logs_refreshes(tokenizer, tmp_path):
         assert log["steps"][r["swap_step"]]["index_step"] == r["snapshot_step"]
     assert log["steps"][0]["index_step"] == 0
     assert (tmp_path / "run" / "final" / "model.json").is_file()
+    # the document encoder trained (p(z|x) reads the candidates re-embedded by it), so a refresh changes the index
+    assert not torch.allclose(DocumentIndex.build(model, docs, 0, 16).embeddings, initial.embeddings)
     assert (tmp_path / "run" / "pretrain.json").is_file()
+
+
+def test_pretrain_step_scores_candidates_with_the_current_document_encoder(tokenizer, monkeypatch):
+    """The stale index only picks the candidates (REALM): p(z|x) is computed from them re-embedded by the current
+    document encoder, so the loss's gradient reaches it; with an index of the same weights the embeddings agree."""
+    docs = TextDocuments(DOCS)
+    model = tiny_realm(tokenizer, embed_dim=8)
+    index = DocumentIndex.build(model, docs, 0, 16)
+    seen = {}
+    score = model.retrieval_log_probs
+
+    def spy(query, doc_embeddings, with_null=True):
+        seen["docs"] = doc_embeddings
+        return score(query, doc_embeddings, with_null)
+
+    monkeypatch.setattr(model, "retrieval_log_probs", spy)
+    out = pretrain_step(model, index, docs, DOCS[:3], [0, 1, 2], small_cfg(k=4, exclude_source=True),
+                        random.Random(0))
+    assert seen["docs"].requires_grad
+    torch.testing.assert_close(seen["docs"].detach(), index.embeddings[out.retrieved], rtol=1e-4, atol=1e-5)
+    out.loss.backward()
+    assert sum(p.grad.abs().sum().item() for p in model.doc_encoder.parameters() if p.grad is not None) > 0
+    assert model.doc_proj.weight.grad.abs().sum() > 0
 
 
 def test_pretrain_step_excludes_the_source_document(tokenizer):

@@ -16,10 +16,9 @@ Three BERT-family encoders, all initialised from one Hugging Face encoder (MiniL
 
 The retriever distribution over the top-k candidates (plus ∅) is ``p(z|x) = softmax_z f(x, z)`` and the marginal
 likelihood ``p(y|x) = Σ_z p(y|z,x) p(z|x)`` is computed in log space (:func:`marginal_log_likelihood`), so gradients
-reach both the reader and the query encoder. The document embeddings of the index are computed elsewhere (a
-snapshot of ``doc_encoder``, see :mod:`retrolm.train.realm`); ``doc_encoder`` receives gradients only through
-documents re-embedded in the batch, which this implementation does not do (REALM's choice: the index is stale
-between refreshes).
+reach the reader, the query encoder and, through the retrieved documents re-embedded in the batch, the document
+encoder. The index's document embeddings are a snapshot of ``doc_encoder`` (see :mod:`retrolm.train.realm`): as in
+REALM, the stale index only chooses the top k, and p(z|x) over them is computed with the current encoders.
 """
 
 from __future__ import annotations
@@ -45,6 +44,16 @@ MISSING = -1e4
 def marginal_log_likelihood(log_p_z: Tensor, log_p_y_given_z: Tensor) -> Tensor:
     """``log Σ_z p(z|x) p(y|z,x)`` per example: (B, K) + (B, K) → (B,), by logsumexp (``-inf`` entries allowed)."""
     return torch.logsumexp(log_p_z + log_p_y_given_z, dim=-1)
+
+
+def pool(h: Tensor, attention_mask: Tensor, pooling: str) -> Tensor:
+    """One vector per row of encoder states (B, L, H) → (B, H): the ``[CLS]`` state (``cls``) or the mean over the
+    attention mask's tokens (``mean``). The query encoder, the document encoder and every index snapshot of it pool
+    alike."""
+    if pooling == "cls":
+        return h[:, 0]
+    mask = attention_mask.unsqueeze(-1).to(h.dtype)
+    return (h * mask).sum(1) / mask.sum(1).clamp_min(1.0)
 
 
 def retrieval_utility(log_p_y_given_z: Tensor, null_index: int = 0) -> Tensor:
@@ -187,10 +196,7 @@ class RealmModel(nn.Module):
         return self.doc_proj(self._pool(h, attention_mask))
 
     def _pool(self, h: Tensor, attention_mask: Tensor) -> Tensor:
-        if self.shape.pooling == "cls":
-            return h[:, 0]
-        mask = attention_mask.unsqueeze(-1).to(h.dtype)
-        return (h * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+        return pool(h, attention_mask, self.shape.pooling)
 
     def retrieval_log_probs(self, query: Tensor, doc_embeddings: Tensor, with_null: bool = True) -> Tensor:
         """log p(z|x) over the candidates: query (B, D), doc_embeddings (B, K, D) → (B, K+1) with ∅ in column 0

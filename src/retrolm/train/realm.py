@@ -4,11 +4,12 @@
 :mod:`.realm_masking`), embedded by the query encoder, and the top ``k - 1`` documents are retrieved from the current
 :class:`~.realm_index.DocumentIndex` (the document x came from excluded: REALM's "trivial candidate"); with the
 null document that makes ``k`` candidates (8 by default). The loss is ``-log Σ_z p(y|z,x) p(z|x)`` with p(z|x) a
-softmax of the query embedding against the index's (stale) document embeddings and p(y|z,x) the reader's
-masked-token likelihood; gradients reach the reader and the query encoder. Every ``refresh_every`` steps an
-asynchronous refresh re-embeds the documents with a snapshot of the document encoder (the swap and its lag are
-logged). Retrieval utility (log-likelihood with the best retrieved document minus with the null document) is
-logged. Runs are resumable from ``OUT/checkpoints/step-NNNNNN/``.
+softmax of the query embedding against the candidates re-embedded by the current document encoder (the stale index
+only chooses them, as in REALM) and p(y|z,x) the reader's masked-token likelihood; gradients reach the reader, the
+query encoder and the document encoder. Every ``refresh_every`` steps an asynchronous refresh re-embeds the
+documents with a snapshot of the document encoder (the swap and its lag are logged). Retrieval utility
+(log-likelihood with the best retrieved document minus with the null document) is logged. Runs are resumable
+from ``OUT/checkpoints/step-NNNNNN/``.
 
 **Fine-tuning** (:func:`finetune`): questions retrieve their top ``qa_k`` (5) documents from an index that is built
 once and kept fixed, as is the document encoder; the loss marginalises the reader's span likelihood of the answer
@@ -150,6 +151,20 @@ def _piece_ids(model: RealmModel, texts: Sequence[str], max_len: int) -> list[li
     return [list(x) for x in enc["input_ids"]]
 
 
+def _piece_offsets(model: RealmModel, texts: Sequence[str], max_len: int) -> list[list[tuple[int, int]]]:
+    """Per text, the character span of each of its word pieces as :func:`_piece_ids` gives them."""
+    enc = model.tokenizer(list(texts), add_special_tokens=False, truncation=True, max_length=max_len,
+                          return_offsets_mapping=True)
+    return [[(int(a), int(b)) for a, b in x] for x in enc["offset_mapping"]]
+
+
+def _answer_pieces(model: RealmModel, answers: Sequence[str], max_len: int) -> list[list[int]]:
+    """The word pieces of each answer that fits a predicted span (longer ones are left out, not cut: a cut answer's
+    prefix would mark documents that lack the answer as holding it)."""
+    enc = model.tokenizer(list(answers), add_special_tokens=False)
+    return [list(x) for x in enc["input_ids"] if 0 < len(x) <= max_len]
+
+
 def _query_embeddings(model: RealmModel, xs: Sequence[Sequence[int]]) -> Tensor:
     tok = model.tokenizer
     rows = [[tok.cls_token_id, *x, tok.sep_token_id] for x in xs]
@@ -185,10 +200,14 @@ def pretrain_step(model: RealmModel, index: DocumentIndex, docs: Documents, text
     xs = [m.ids for m in masked]
     q = _query_embeddings(model, xs)  # (B, D)
     _, ids = index.search(q, cfg.k - 1, sources if cfg.exclude_source else None)  # (B, K-1)
-    doc_emb = index.embeddings[ids].to(q.device)  # (B, K-1, D): the index's, constant
-    log_p_z = model.retrieval_log_probs(q, doc_emb, with_null=True)  # (B, K)
-    pieces = _piece_ids(model, docs.texts(ids.flatten().tolist()), cfg.max_doc_len)
     K = ids.shape[1]
+    texts_z = docs.texts(ids.flatten().tolist())
+    # The stale index only chose the candidates: p(z|x) is computed with the current document encoder (REALM), which
+    # is how the document encoder learns and what a refresh then carries into the index.
+    enc = model.tokenize(texts_z, cfg.max_doc_len)
+    doc_emb = model.embed_documents(enc["input_ids"], enc["attention_mask"]).view(len(xs), K, -1)  # (B, K-1, D)
+    log_p_z = model.retrieval_log_probs(q, doc_emb, with_null=True)  # (B, K)
+    pieces = _piece_ids(model, texts_z, cfg.max_doc_len)
     cands = [[[], *pieces[b * K : (b + 1) * K]] for b in range(len(xs))]
     batch = reader_batch(model, xs, cands, cfg.max_query_len + cfg.max_doc_len + 3)
     labels = torch.full_like(batch.input_ids, -100)
@@ -345,7 +364,7 @@ def qa_step(model: RealmModel, index: DocumentIndex, docs: Documents, questions:
                          cfg.max_query_len + cfg.max_doc_len + 3)
     spans = []
     for row, z in enumerate(batch.doc_ids):
-        golds = _piece_ids(model, answers[row // K], cfg.max_answer_len)
+        golds = _answer_pieces(model, answers[row // K], cfg.max_answer_len)
         spans.append([(s + batch.doc_start[row], e + batch.doc_start[row]) for s, e in answer_spans(z, golds)])
     width = max(1, max(len(s) for s in spans))
     starts = torch.full((len(spans), width), -1, dtype=torch.long)
@@ -417,6 +436,16 @@ def finetune(model: RealmModel, docs: Documents, questions: Sequence[str], answe
     return log
 
 
+def _span_text(text: str, offsets: Sequence[tuple[int, int]], batch: ReaderBatch, row: int, s: int, e: int) -> str:
+    """The document text under reader positions ``s..e`` of ``row`` (decoding the word pieces instead would lose
+    case, accents and the spacing around punctuation: "U.S." → "u. s.", "CONFIG_SMP" → "config _ smp"). A span on
+    an empty document's [SEP] is the empty answer."""
+    a, b = s - batch.doc_start[row], e - batch.doc_start[row]
+    if not 0 <= a <= b < len(batch.doc_ids[row]):
+        return ""
+    return text[offsets[a][0] : offsets[b][1]].strip()
+
+
 @torch.no_grad()
 def predict(model: RealmModel, index: DocumentIndex, docs: Documents, questions: Sequence[str], cfg: RealmConfig
             ) -> tuple[list[str], Tensor]:
@@ -430,7 +459,9 @@ def predict(model: RealmModel, index: DocumentIndex, docs: Documents, questions:
         _, ids = index.search(q, cfg.qa_k)
         K = ids.shape[1]
         log_p_z = model.retrieval_log_probs(q, index.embeddings[ids].to(q.device), with_null=False)
-        pieces = _piece_ids(model, docs.texts(ids.flatten().tolist()), cfg.max_doc_len)
+        texts_z = docs.texts(ids.flatten().tolist())
+        pieces = _piece_ids(model, texts_z, cfg.max_doc_len)
+        offsets = _piece_offsets(model, texts_z, cfg.max_doc_len)
         batch = reader_batch(model, xs, [pieces[i * K : (i + 1) * K] for i in range(len(xs))],
                              cfg.max_query_len + cfg.max_doc_len + 3)
         start_lp, end_lp = model.span_log_probs(model.read(batch.input_ids, batch.attention_mask,
@@ -444,6 +475,6 @@ def predict(model: RealmModel, index: DocumentIndex, docs: Documents, questions:
             block = pair[i * K : (i + 1) * K].flatten()
             best = int(block.argmax())
             row, s, e = best // (L * L), (best % (L * L)) // L, best % L
-            answers.append(model.tokenizer.decode(batch.input_ids[i * K + row, s : e + 1].tolist()).strip())
+            answers.append(_span_text(texts_z[i * K + row], offsets[i * K + row], batch, i * K + row, s, e))
         retrieved.append(ids)
     return answers, torch.cat(retrieved)

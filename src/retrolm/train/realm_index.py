@@ -27,8 +27,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from retrolm.core.errors import RetrolmError
 from retrolm.db import DatabaseView
-from retrolm.models.realm import RealmModel
+from retrolm.models.realm import RealmModel, pool
 
 logger = logging.getLogger(__name__)
 
@@ -85,6 +86,7 @@ class DocEmbedder(nn.Module):
         super().__init__()
         self.encoder = copy.deepcopy(model.doc_encoder).eval().requires_grad_(False)
         self.proj = copy.deepcopy(model.doc_proj).eval().requires_grad_(False)
+        self.pooling = model.shape.pooling
         self.tokenizer = copy.deepcopy(model.tokenizer)  # HF fast tokenizers must not be shared between threads
         self.max_len = max_len
 
@@ -94,7 +96,7 @@ class DocEmbedder(nn.Module):
         enc = self.tokenizer(list(texts), truncation=True, max_length=self.max_len, padding=True, return_tensors="pt")
         h = self.encoder(input_ids=enc["input_ids"].to(device),
                          attention_mask=enc["attention_mask"].to(device)).last_hidden_state
-        return self.proj(h[:, 0]).float().cpu()  # (n, D)
+        return self.proj(pool(h, enc["attention_mask"].to(device), self.pooling)).float().cpu()  # (n, D)
 
 
 def embed_documents(embedder: DocEmbedder, docs: Documents, batch_size: int = 64) -> Tensor:
@@ -135,8 +137,14 @@ class DocumentIndex:
         if exclude is not None:
             rows = [i for i, e in enumerate(exclude) if e >= 0]
             scores[rows, [int(exclude[i]) for i in rows]] = float("-inf")
-        k = min(k, len(self))
-        return scores.topk(k, dim=1)
+        # never more than every row can fill with retrievable documents: a -inf candidate would be an excluded
+        # source or a deleted chunk coming back
+        available = len(self) if self.live is None else int(self.live.sum())
+        if exclude is not None and any(e >= 0 for e in exclude):
+            available -= 1
+        if available < 1:
+            raise RetrolmError("no retrievable document: every document is deleted or excluded")
+        return scores.topk(min(k, available), dim=1)
 
 
 @dataclass
