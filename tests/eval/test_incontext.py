@@ -210,6 +210,46 @@ def test_generation_reads_passages_and_shows_them(copy_world):
     assert not plain.retrieval and plain.chunks[0].sources == [] and plain.chunks[0].token_ids[0] != ids[40]
 
 
+def test_a_context_too_small_for_passage_and_prompt_keeps_both_and_reports_what_it_read():
+    """When passage + prompt + span exceed the LM's context, the prompt is shortened (to half the room at most) and
+    the passage cut to the rest; the context used to be cut from the front, which dropped the passage first while
+    its sources were still reported, and prompt_tokens_dropped did not count that cut."""
+    from retrolm.db import Hit
+
+    class CharTokenizer:  # one token per character
+        eos_id = None
+
+        def encode(self, text):
+            return [ord(c) % 256 for c in text]
+
+        def decode(self, ids):
+            return "".join(chr(i) for i in ids)
+
+    class TinyLM:  # a 64-token context that always says "x"; records every context it is given
+        context_len, name, seen = 64, "tiny", []
+
+        def step(self, ids, cache=None):
+            ctx = (cache or []) + list(ids)
+            if cache is None:
+                TinyLM.seen.append(ctx)
+            return torch.zeros(256).index_fill_(0, torch.tensor([ord("x")]), 1.0), ctx
+
+    class OnePassage:
+        def search(self, queries, k, *args, **kwargs):
+            hit = Hit(7, "doc-7", 1.0, "P" * 40, "", 0)
+            return type("Results", (), {"hits": lambda self, i: [hit]})()
+
+    settings = InContextSettings(stride=8, query_tokens=8, passages=1, context_tokens=60)
+    g = generate_in_context(TinyLM(), CharTokenizer(), "p" * 100, OnePassage(), settings, max_new_tokens=16)
+    room = 64 - 8
+    for ctx, chunk in zip(TinyLM.seen, g.chunks, strict=True):
+        text = "".join(chr(i) for i in ctx)
+        assert len(ctx) == room and chunk.sources[0].doc_id == "doc-7"
+        assert text.startswith("P") and text.count("P") == room - room // 2  # the passage's head, in what is left
+    first = "".join(chr(i) for i in TinyLM.seen[0])
+    assert g.prompt_tokens_dropped == 100 - first.count("p") == 100 - room // 2
+
+
 def test_scaling_curves_of_a_pretrained_lm(copy_world):
     noise = write_jsonl(copy_world["root"] / "noise.jsonl", wiki_docs(15, start=600))
     cfg = ScaleConfig(**{**vars(eval_cfg(copy_world, "scale")), "ks": [1, 2], "fractions": [0.1, 1.0],

@@ -43,7 +43,11 @@ def generate_in_context(
     out: list[int] = []
     chunks: list[GeneratedChunk] = []
     t0 = time.perf_counter()
-    dropped = max(0, len(ids) - settings.context_tokens)
+    room = lm.context_len - settings.stride  # what the context may hold before a span is decoded
+    if room < 2:
+        raise RetrolmError(f"generate: stride {settings.stride} leaves no room for a context in the "
+                           f"{lm.context_len}-token context of {lm.name}")
+    dropped = 0
     while len(out) < max_new_tokens:
         history = ids + out
         hits = []
@@ -51,9 +55,16 @@ def generate_in_context(
             query = tokenizer.decode(history[-settings.query_tokens :])
             hits = retriever.search([query], settings.passages).hits(0)
         passage = tokenizer.encode(passages_text(hits, settings.continuation)) if hits else []
-        context = passage + history[-settings.context_tokens :]
-        if len(context) + settings.stride > lm.context_len:
-            context = context[len(context) + settings.stride - lm.context_len :]
+        keep = min(len(history), settings.context_tokens)
+        if keep + len(passage) > room:
+            # the document's recent text keeps at least half the room; the passage is cut to what is left (cutting
+            # the context from the front would drop the passage first and still report its sources)
+            keep = min(keep, max(room - len(passage), room // 2))
+            passage = passage[: room - keep]
+            hits = hits if passage else []
+        context = passage + history[len(history) - keep :]
+        if not out:
+            dropped = len(ids) - keep  # prompt tokens the first span could not see
         span, done = _decode(lm, context, min(settings.stride, max_new_tokens - len(out)), temperature, top_p, gen,
                              tokenizer.eos_id if stop_at_eos else None)
         out += span
