@@ -74,6 +74,24 @@ def test_split_versions_writes_a_seeded_labelled_sample(tmp_path):
     assert (tmp_path / "c" / "heldout.jsonl").read_text() != (tmp_path / "a" / "heldout.jsonl").read_text()
 
 
+def test_a_held_out_excerpt_is_labelled_by_what_is_stored(tmp_path):
+    """A changed file whose first characters are all new text is a *new* excerpt: with max_chars it is not held out
+    as changed (another changed file is drawn instead), and every changed excerpt shares > 30% with one old file."""
+    base = [d for d in wiki_docs(30, start=600) if len(d["text"]) > 400][:5]
+    old = write_jsonl(tmp_path / "old.jsonl", [{"id": f"1/{d['id']}", "text": d["text"]} for d in base])
+    fresh = [d for d in wiki_docs(30, start=960) if len(d["text"]) > 400]
+    new_docs = [{"id": f"2/tail/{d['id']}", "text": d["text"] + "\n" + "Added paragraph. " * 5} for d in base[:3]]
+    # new text first (longer than the excerpt), then the whole old file: changed as a document, new as an excerpt
+    new_docs += [{"id": f"2/head/{d['id']}", "text": f["text"][:400] + "\n" + d["text"] * 3}
+                 for d, f in zip(base[3:], fresh, strict=False)]
+    new = write_jsonl(tmp_path / "new.jsonl", new_docs)
+    counts = split_versions([old], [new], tmp_path / "a", per_bucket=4, seed=0, max_chars=250, min_chars=0)
+    assert counts["all"]["changed"] == 5  # documents are labelled whole
+    held = [json.loads(x) for x in (tmp_path / "a" / "heldout-changed.jsonl").read_text().splitlines()]
+    assert sorted(h["id"] for h in held) == sorted(d["id"] for d in new_docs[:3])
+    assert all(h["excerpt_overlap"] > 0.3 for h in held)
+
+
 def test_truncate_cuts_at_a_line_break():
     text = "first line\nsecond line\nthird line that is long"
     assert truncate(text, 30) == "first line\nsecond line"

@@ -79,23 +79,30 @@ class Label:
     best_match: str | None
 
 
+class VersionLabeller:
+    """Labels documents against one old version (its texts hashed and its n-grams indexed once)."""
+
+    def __init__(self, old: list[Document], new_max_overlap: float = 0.3, n: int = 8) -> None:
+        if not 0 <= new_max_overlap < 1:
+            raise RetrolmError(f"new_max_overlap must be in [0, 1), got {new_max_overlap}")
+        self.old, self.new_max_overlap = old, new_max_overlap
+        self.by_text = {hashlib.sha256(d.text.encode()).hexdigest(): d.id for d in old}
+        self.index = NgramIndex((d.text for d in old), n)
+
+    def label(self, doc: Document) -> Label:
+        same = self.by_text.get(hashlib.sha256(doc.text.encode()).hexdigest())
+        if same is not None:
+            return Label(doc.id, "identical", 1.0, same)
+        best, share = self.index.best_match(doc.text)
+        return Label(doc.id, "changed" if share > self.new_max_overlap else "new", round(share, 4),
+                     self.old[best].id if best >= 0 else None)
+
+
 def label_versions(old: list[Document], new: list[Document], new_max_overlap: float = 0.3, n: int = 8
                    ) -> list[Label]:
     """Label every document of ``new`` against ``old`` (see the module docstring)."""
-    if not 0 <= new_max_overlap < 1:
-        raise RetrolmError(f"new_max_overlap must be in [0, 1), got {new_max_overlap}")
-    by_text = {hashlib.sha256(d.text.encode()).hexdigest(): d.id for d in old}
-    index = NgramIndex((d.text for d in old), n)
-    labels = []
-    for d in new:
-        same = by_text.get(hashlib.sha256(d.text.encode()).hexdigest())
-        if same is not None:
-            labels.append(Label(d.id, "identical", 1.0, same))
-            continue
-        best, share = index.best_match(d.text)
-        labels.append(Label(d.id, "changed" if share > new_max_overlap else "new", round(share, 4),
-                            old[best].id if best >= 0 else None))
-    return labels
+    labeller = VersionLabeller(old, new_max_overlap, n)
+    return [labeller.label(d) for d in new]
 
 
 def truncate(text: str, max_chars: int | None) -> str:
@@ -114,29 +121,53 @@ def split_versions(old_paths: list[str | Path], new_paths: list[str | Path], out
     * ``heldout.jsonl`` — a seeded sample of ``per_bucket`` new-version documents per bucket (``translations/`` and
       documents shorter than ``min_chars`` left out), each with ``bucket``, ``overlap`` and ``best_match``;
       ``heldout-<bucket>.jsonl`` the same per bucket; documents are cut to ``max_chars`` characters (at a line break)
-      when given;
+      when given, and a document whose excerpt falls in another bucket (a changed file may begin with new text, a
+      new one with old text) is replaced by another draw; a changed or new excerpt carries its ``excerpt_overlap``;
     * ``rest.jsonl`` — every other new-version document (to add to a database of the old version);
     * ``labels.json`` — the label of every new-version document and the counts per bucket.
 
     Returns the counts.
     """
     old, new = list(iter_documents(old_paths, warn=False)), list(iter_documents(new_paths, warn=False))
-    labels = label_versions(old, new, new_max_overlap)
+    labeller = VersionLabeller(old, new_max_overlap)
+    labels = [labeller.label(d) for d in new]
+    excerpts: dict[int, Label] = {}
+
+    def excerpt_label(i: int) -> Label:
+        """The label of what is stored of document ``i``: a changed or new document's excerpt is labelled again (its
+        first ``max_chars`` characters may be all old text, or all new); an identical document's excerpt is old text."""
+        if i not in excerpts:
+            text = truncate(new[i].text, max_chars)
+            same = text == new[i].text or labels[i].bucket == "identical"
+            excerpts[i] = labels[i] if same else labeller.label(Document(new[i].id, text, new[i].source))
+        return excerpts[i]
+
     rng = np.random.default_rng(seed)
+    spare_rng = np.random.default_rng([seed, 1])  # replacements only: the first draws stay those of older versions
     skip = re.compile(exclude) if exclude else None
     held: dict[str, list[int]] = {}
     for bucket in BUCKETS:
         pool = [i for i, lab in enumerate(labels) if lab.bucket == bucket and not (skip and skip.search(lab.id))
                 and len(new[i].text) >= min_chars]
-        picked = rng.choice(pool, size=min(per_bucket, len(pool)), replace=False) if pool else []
-        held[bucket] = sorted(int(i) for i in picked)
+        picked = [int(i) for i in rng.choice(pool, size=min(per_bucket, len(pool)), replace=False)] if pool else []
+        kept = [i for i in picked if excerpt_label(i).bucket == bucket]
+        if len(kept) < len(picked):  # an excerpt in another bucket than its document: draw another document
+            for i in spare_rng.permutation(sorted(set(pool) - set(picked))):
+                if len(kept) == len(picked):
+                    break
+                if excerpt_label(int(i)).bucket == bucket:
+                    kept.append(int(i))
+        held[bucket] = sorted(kept)
     chosen = {i for ids in held.values() for i in ids}
     out = Path(out_dir)
 
     def record(i: int) -> dict:
-        lab = labels[i]
-        return {"id": lab.id, "text": truncate(new[i].text, max_chars), "bucket": lab.bucket,
-                "overlap": lab.overlap, "best_match": lab.best_match}
+        lab, part = labels[i], excerpt_label(i)
+        row = {"id": lab.id, "text": truncate(new[i].text, max_chars), "bucket": lab.bucket,
+               "overlap": lab.overlap, "best_match": lab.best_match}
+        if part is not lab:  # the stored excerpt's own share of one old document
+            row["excerpt_overlap"] = part.overlap
+        return row
 
     def write(path: Path, rows: Iterable[dict]) -> None:
         with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
