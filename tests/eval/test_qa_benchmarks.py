@@ -81,6 +81,35 @@ def test_kernel_cloze_marks_sentences_of_the_old_version(tmp_path):
         assert len(r["choices"]) == 3 and r["choices"][r["answer"]] in r["provenance"]["sentence"]
 
 
+def test_in_old_is_by_content_so_moved_files_count(tmp_path):
+    """A sentence of a file that moved between versions is in the store even though no old file has its path."""
+    moved = [{"id": "6.12/Documentation/arch/x86/boot.rst", "path": "Documentation/arch/x86/boot.rst",
+              "text": "The boot protocol hands the kernel a zero page filled in by GRUB at startup.\n"}]
+    old = write_jsonl(tmp_path / "old.jsonl", [
+        {"id": "6.1/Documentation/x86/boot.rst", "path": "Documentation/x86/boot.rst",
+         "text": "Intro.\n\nThe boot protocol hands the kernel a zero page\nfilled in by GRUB at startup.\n"}])
+    (rec,) = build_kernel_cloze(write_jsonl(tmp_path / "new.jsonl", moved), n=5, old=old, test_fraction=1.0)
+    assert rec["provenance"]["in_old"] is True
+    other = write_jsonl(tmp_path / "other.jsonl", [{"id": "6.1/x", "path": "x", "text": "The boot protocol hands "
+                                                   "the kernel a zero page filled in by GRUB at boot time."}])
+    (rec,) = build_kernel_cloze(write_jsonl(tmp_path / "new.jsonl", moved), n=5, old=other, test_fraction=1.0)
+    assert rec["provenance"]["in_old"] is False  # most of its words, not the sentence
+
+
+def test_bad_corpus_lines_and_too_many_choices_are_one_line_errors(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    for content, message in [(b'{"id": "a", "text": "ok"}\n\xff\xfe\n', r"bad.jsonl:2: not UTF-8"),
+                             (b'[1, 2]\n', r"bad.jsonl:1: expected a JSON object with an 'id'"),
+                             (b'{"text": "no id"}\n', r"bad.jsonl:1: expected a JSON object with an 'id'")]:
+        bad.write_bytes(content)
+        with pytest.raises(RetrolmError, match=message):
+            build_kernel_cloze(bad)
+    bad.write_bytes(b'\xef\xbb\xbf' + json.dumps(KERNEL_NEW[0]).encode() + b"\n")  # a BOM is not an error
+    assert build_kernel_cloze(bad, test_fraction=1.0)
+    with pytest.raises(RetrolmError, match=r"10000 choices need 9999 other answers .* ask for fewer --choices"):
+        build_benchmark("wiki-entity", WIKI_SAMPLE, tmp_path / "q.jsonl", n=5, choices=10000)
+
+
 def test_cloze_helpers():
     assert cloze_sentences("Short one.\n\nThis sentence has far too few words.") == []
     assert choose_blank("the cat sat on the mat with another cat today.", random.Random(0)) is None  # nothing specific

@@ -57,17 +57,47 @@ def in_test_split(doc_id: str, seed: int, fraction: float) -> bool:
 
 
 def _read_jsonl(path: Path) -> list[dict]:
+    """The records of a JSONL corpus: JSON objects with an ``id``; anything else is a one-line error naming the line."""
     if not path.is_file():
         raise RetrolmError(f"{path}: corpus not found (fetch it with `retrolm corpus fetch`)")
     out = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    out.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise RetrolmError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+            except UnicodeDecodeError:
+                raise RetrolmError(f"{path}:{lineno}: not UTF-8 text") from None
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise RetrolmError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
+            if not isinstance(record, dict) or "id" not in record:
+                raise RetrolmError(f"{path}:{lineno}: expected a JSON object with an 'id'")
+            out.append(record)
     return out
+
+
+class _OldText:
+    """Whether a sentence occurs verbatim (whitespace aside) anywhere in an old corpus: files move between versions
+    (``x86/`` → ``arch/x86/``), so looking only at the same path misses sentences the store holds."""
+
+    def __init__(self, texts: dict[str, str]) -> None:
+        self.by_path = texts
+        self.all = "\x00".join(texts.values())
+        self._grams: set[int] | None = None
+
+    def holds(self, sentence: str, path: str) -> bool:
+        s = _norm_space(sentence)
+        if s in self.by_path.get(path, ""):
+            return True
+        words = s.split()
+        if self._grams is None:  # every 8-word window of the old text: a sentence missing one is not there
+            self._grams = {hash(tuple(w[i : i + 8])) for w in (t.split() for t in self.by_path.values())
+                           for i in range(max(1, len(w) - 7))}
+        windows = (hash(tuple(words[i : i + 8])) for i in range(max(1, len(words) - 7)))
+        return all(g in self._grams for g in windows) and s in self.all
 
 
 def _provenance(builder: str, corpus: Path, seed: int, fraction: float, **extra) -> dict:
@@ -117,7 +147,11 @@ def _distractors(answer: str, same_topic: list[str], everything: list[str], k: i
 
     picked = rng.sample(fresh(same_topic, []), min(k, len(fresh(same_topic, []))))
     if len(picked) < k:
-        picked += rng.sample(fresh(everything, picked), k - len(picked))
+        pool = fresh(everything, picked)
+        if len(pool) < k - len(picked):
+            raise RetrolmError(f"{k + 1} choices need {k} other answers than {answer!r}; the corpus has "
+                               f"{len(picked) + len(pool)}: ask for fewer --choices")
+        picked += rng.sample(pool, k - len(picked))
     return picked
 
 
@@ -184,7 +218,8 @@ def build_kernel_cloze(corpus: str | Path, n: int = 200, seed: int = 0, old: str
     old_texts: dict[str, str] = {}
     if old is not None:
         for d in _read_jsonl(Path(old)):
-            old_texts[str(d.get("path") or str(d["id"]).split("/", 1)[-1])] = _norm_space(d.get("text", ""))
+            old_texts[str(d.get("path") or str(d["id"]).split("/", 1)[-1])] = _norm_space(str(d.get("text", "")))
+    old_corpus = _OldText(old_texts)
     rng = random.Random(seed)
     docs = [d for d in docs if "/translations/" not in f"/{d.get('path') or d['id']}"]  # English only
     test = sorted((d for d in docs if in_test_split(str(d.get("path") or d["id"]), seed, test_fraction)),
@@ -201,7 +236,7 @@ def build_kernel_cloze(corpus: str | Path, n: int = 200, seed: int = 0, old: str
             masked, word = blank
             cand = {"doc_id": str(d["id"]), "path": path, "sentence": s, "masked": masked, "word": word}
             if old is not None:
-                cand["in_old"] = _norm_space(s) in old_texts.get(path, "")
+                cand["in_old"] = old_corpus.holds(s, path)
             cands.append(cand)
         rng.shuffle(cands)
         if cands:
