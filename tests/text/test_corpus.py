@@ -61,6 +61,35 @@ def test_bad_files_are_skipped_or_repaired_with_warnings(tmp_path, caplog):
     assert "bad.jsonl:3: expected an object with an 'id' field" in log
 
 
+def test_bom_corrupt_gzip_hidden_folders_and_links(tmp_path, caplog):
+    """A JSONL file with a byte-order mark keeps its first record; a corrupt .jsonl.gz is skipped with a warning;
+    hidden folders (.git/) are not corpus; a link to a file the folder holds is read once, not refused."""
+    import gzip
+
+    (tmp_path / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + b'{"id": "first", "text": "one"}\n{"id": "second", '
+                                         b'"text": "two"}\n')
+    good = gzip.compress(b'{"id": "z", "text": "zipped"}\n' * 200)
+    (tmp_path / "broken.jsonl.gz").write_bytes(good[:40] + bytes(60) + good[100:])
+    (tmp_path / ".git").mkdir()
+    (tmp_path / ".git" / "HEAD").write_text("ref: refs/heads/main")
+    (tmp_path / "process").mkdir()
+    (tmp_path / "process" / "changes.rst").write_text("Minimal requirements to compile the kernel.")
+    (tmp_path / "Changes").symlink_to(tmp_path / "process" / "changes.rst")
+    with caplog.at_level(logging.WARNING):
+        docs = {d.id: d.text for d in iter_documents([tmp_path])}
+    assert {"first": "one", "second": "two", "process/changes.rst": "Minimal requirements to compile the kernel."
+            }.items() <= docs.items()
+    assert not any(i.startswith(".git") for i in docs) and "Changes" not in docs
+    assert "broken.jsonl.gz" in caplog.text and "cannot read" in caplog.text
+
+
+def test_long_texts_are_cut_where_a_word_starts_even_at_the_half():
+    from retrolm.text.tokenizer import _pieces
+
+    text = "x" * 50 + " " + "y" * 60  # the only place to cut is exactly halfway into a 100-character piece
+    assert _pieces(text, 100) == ["x" * 50, " " + "y" * 60]
+
+
 def test_request_errors(tmp_path):
     with pytest.raises(RetrolmError, match="does not exist"):
         list(iter_documents([tmp_path / "missing"]))

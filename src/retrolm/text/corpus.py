@@ -15,10 +15,12 @@ no documents at all, the same id twice) raise :class:`RetrolmError`.
 
 from __future__ import annotations
 
+import codecs
 import gzip
 import hashlib
 import json
 import logging
+import zlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -107,6 +109,8 @@ def jsonl_records(path: Path, warn: Warn = _silent) -> Iterator[tuple[str, dict]
         with opener(path, "rb") as f:
             for lineno, raw in enumerate(f, start=1):
                 source = f"{path}:{lineno}"
+                if lineno == 1 and raw.startswith(codecs.BOM_UTF8):  # a byte-order mark is not part of the JSON
+                    raw = raw[len(codecs.BOM_UTF8) :]
                 line = _decode(raw, source, warn)
                 if line is None or not line.strip():
                     continue
@@ -119,7 +123,7 @@ def jsonl_records(path: Path, warn: Warn = _silent) -> Iterator[tuple[str, dict]
                     warn("skipping %s: expected an object with an 'id' field", source)
                     continue
                 yield source, record
-    except (OSError, EOFError) as e:
+    except (OSError, EOFError, zlib.error) as e:  # a corrupt .gz raises zlib.error, not OSError
         warn("skipping the rest of %s: cannot read (%s)", path, e)
 
 
@@ -175,7 +179,9 @@ def list_files(paths: Iterable[str | Path]) -> list[tuple[Path, Path]]:
     """Expand corpus paths into ``(file, root)`` pairs in a stable order.
 
     A missing path is an error, and so is a file reached twice (``a.jsonl a.jsonl``, or a folder and a file inside it):
-    its documents would be stored twice under the same ids.
+    its documents would be stored twice under the same ids. Inside a folder, hidden files and folders (``.git/``) are
+    not corpus, and a symbolic link to a file the folder already holds is skipped (Debian's documentation packages
+    keep old names as links to the renamed files).
     """
     out: list[tuple[Path, Path]] = []
     seen: dict[Path, Path] = {}
@@ -184,15 +190,29 @@ def list_files(paths: Iterable[str | Path]) -> list[tuple[Path, Path]]:
         if not root.exists():
             raise RetrolmError(f"{root}: corpus path does not exist")
         files = [root] if root.is_file() else sorted(
-            f for f in root.rglob("*") if f.is_file() and not f.name.startswith(".")
+            f for f in root.rglob("*")
+            if f.is_file() and not any(part.startswith(".") for part in f.relative_to(root).parts)
         )
+        links: list[Path] = []
         for f in files:
+            if f is not root and f.is_symlink():
+                links.append(f)  # after the folder's real files, so a link never displaces its target
+                continue
+            _add_file(f, root, seen, out)
+        for f in links:
             key = f.resolve()
-            if key in seen:
-                raise RetrolmError(f"{f}: corpus file given twice (also reached as {seen[key]})")
-            seen[key] = f
-            out.append((f, root))
+            if key in seen and seen[key].is_relative_to(root):
+                continue
+            _add_file(f, root, seen, out)
     return out
+
+
+def _add_file(f: Path, root: Path, seen: dict[Path, Path], out: list[tuple[Path, Path]]) -> None:
+    key = f.resolve()
+    if key in seen:
+        raise RetrolmError(f"{f}: corpus file given twice (also reached as {seen[key]})")
+    seen[key] = f
+    out.append((f, root))
 
 
 def iter_documents(paths: Iterable[str | Path], *, unique_ids: bool = True, warn: bool = True) -> Iterator[Document]:

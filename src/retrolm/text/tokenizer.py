@@ -42,9 +42,9 @@ def _pieces(text: str, size: int = PIECE_CHARS) -> list[str]:
     while len(text) - start > size:
         end = start + size
         cut = end
-        while cut > start + size // 2 and not (text[cut] == " " and not text[cut - 1].isspace()):
+        while cut >= start + size // 2 and not (text[cut] == " " and not text[cut - 1].isspace()):
             cut -= 1
-        if cut == start + size // 2:
+        if cut < start + size // 2:  # no such place in the second half: a hard cut
             cut = end
         out.append(text[start:cut])
         start = cut
