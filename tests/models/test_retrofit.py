@@ -619,3 +619,20 @@ def test_retrofit_cli_steps_0_writes_the_base_reader_as_built(tiny_base, built_d
     assert rc == 0, err
     summary = json.loads((tmp_path / "eval" / "eval.json").read_text())["summary"]
     assert summary["retro"]["bpb"] != summary["retro_no_retrieval"]["bpb"]
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "granite"])
+def test_encoder_base_refuses_attention_it_would_read_wrongly(arch, tmp_path):
+    """encoder=base recomputes each layer's attention as plain Llama attention: a base that normalises queries and
+    keys per head (Qwen3) or scales them otherwise (Granite) is refused, not read wrongly without a word."""
+    from transformers import GraniteConfig, GraniteForCausalLM, Qwen3Config, Qwen3ForCausalLM
+
+    common = dict(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=128)
+    hf = (Qwen3ForCausalLM(Qwen3Config(**common, head_dim=16)) if arch == "qwen3"
+          else GraniteForCausalLM(GraniteConfig(**common, attention_multiplier=0.5)))
+    hf.save_pretrained(tmp_path / arch)
+    want = "q_norm" if arch == "qwen3" else "attention scaling 0.5"
+    with pytest.raises(RetrolmError, match=rf"encoder=base reproduces plain Llama attention; layer \d+ has .*{want}"):
+        RetrofitModel.from_base(str(tmp_path / arch), chunk_len=8, seq_len=64, encoder="base")
+    RetrofitModel.from_base(str(tmp_path / arch), chunk_len=8, seq_len=64, encoder="retro")  # its own encoder reads

@@ -550,6 +550,16 @@ class RetrofitModel(nn.Module):
             if any(p.bias is not None for p in projs):
                 raise RetrolmError(f"{cfg.base}: encoder=base does not copy attention biases")
             head = cfg.d_model // cfg.n_head
+            # The reader recomputes the layer's attention as softmax(rope(q x)·rope(k x) / sqrt(head)): a base that
+            # also normalises queries and keys (Qwen3's q_norm / k_norm) or scales them otherwise (Granite) would be
+            # read wrongly without any error, so it is refused.
+            extra = sorted({n.split(".")[0] for n, _ in attn.named_parameters()} - {"q_proj", "k_proj", "v_proj",
+                                                                                   "o_proj"})
+            scaling = getattr(attn, "scaling", head**-0.5)
+            if extra or abs(float(scaling) - head**-0.5) > 1e-6 * head**-0.5:
+                what = f"its attention's {', '.join(extra)}" if extra else f"attention scaling {scaling}"
+                raise RetrolmError(f"{cfg.base}: encoder=base reproduces plain Llama attention; layer {key} has "
+                                   f"{what} (use encoder=retro)")
             n_kv = k.weight.shape[0] // head
             if q.weight.shape != (cfg.d_model, cfg.d_model) or k.weight.shape[0] % head or cfg.n_head % n_kv:
                 raise RetrolmError(f"{cfg.base}: layer {key}'s attention is not {cfg.n_head} heads of {head}")
