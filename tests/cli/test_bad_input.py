@@ -282,3 +282,81 @@ def train_bpe_whole(text: str, vocab_size: int):
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator([text], trainer=trainer)
     return LMTokenizer(tok, f"bpe-trained-{vocab_size}")
+
+
+# ------------------------------------------------------------------------------- configs, overrides, side files
+def test_config_files_and_overrides_that_are_not_settings(tmp_path, built_db, capsys):
+    """A YAML that is a list, a number or not text, and an override whose value is not YAML: one line each."""
+    common = ["train", f"db={built_db.path}", f"out_dir={tmp_path / 'run'}"]
+    for name, content, message in [("list.yaml", b"- a\n", "expected a mapping of settings"),
+                                   ("number.yaml", b"42\n", "expected a mapping of settings"),
+                                   ("binary.yaml", b"\xff\xfe\x00\x01", "not a UTF-8 text file")]:
+        (tmp_path / name).write_bytes(content)
+        rc, _, err = run_cli([*common, "--config", tmp_path / name], capsys)
+        assert_one_line_error(rc, err, name, message)
+    for bad in ("model.retro_layers=[1,", "steps={"):
+        rc, _, err = run_cli([*common, bad], capsys)
+        assert_one_line_error(rc, err, f"override {bad!r}: invalid value")
+    assert not (tmp_path / "run").exists()
+
+
+def test_db_build_takes_key_value_overrides_after_the_corpus(tmp_path, tiny_encoder, capsys):
+    """The corpus list took every argument, so `db build C -o X tokenizer=train:300` (the help's own example form)
+    failed with "corpus path does not exist"."""
+    corpus = write_jsonl(tmp_path / "c.jsonl", wiki_docs(4))
+    out = tmp_path / "db"
+    rc, _, err = run_cli(["db", "build", corpus, "-o", out, "--encoder", tiny_encoder, "-q", "tokenizer=train:300",
+                          "encoder_max_length=32"], capsys)
+    assert rc == 0, err
+    db = DatabaseView.open(out)
+    assert db.tokenizer.vocab_size <= 300 and db.meta["encoder"]["max_length"] == 32
+    rc, _, err = run_cli(["db", "build", "-o", tmp_path / "x", "tokenizer=train:300"], capsys)
+    assert_one_line_error(rc, err, "no corpus path given")
+
+
+def test_a_database_named_dot_adding_itself_and_a_damaged_meta(db_copy, monkeypatch, capsys):
+    monkeypatch.chdir(db_copy)
+    rc, out, err = run_cli(["db", "info", "."], capsys)
+    assert rc == 0 and "num_chunks" in out, err
+    rc, _, err = run_cli(["db", "add", ".", "."], capsys)
+    assert_one_line_error(rc, err, "is the database", "add another corpus")
+    meta = json.loads((db_copy / "meta.json").read_text())
+    for field, value, message in [("chunk_len", None, "no 'chunk_len'"),
+                                  ("chunk_len", "64", "'chunk_len' is not a int"),
+                                  ("files", [1], "'files' is not a dict")]:
+        broken = {k: v for k, v in meta.items() if k != field} if value is None else {**meta, field: value}
+        (db_copy / "meta.json").write_text(json.dumps(broken))
+        rc, _, err = run_cli(["db", "info", db_copy], capsys)
+        assert_one_line_error(rc, err, "meta.json: damaged database description", message)
+
+
+def test_checkpoint_side_files_of_the_wrong_shape(retro_checkpoint, built_db, tmp_path, capsys):
+    ckpt = Path(shutil.copytree(retro_checkpoint, tmp_path / "ckpt"))
+    common = ["generate", "--checkpoint", ckpt, "--db", built_db.path, "--prompt", "Some prompt"]
+    (ckpt / "database.json").write_text("[1]")
+    rc, _, err = run_cli(common, capsys)
+    assert_one_line_error(rc, err, "database.json: corrupt database record (expected a JSON object")
+    (ckpt / "model.json").write_text("[1]")
+    rc, _, err = run_cli(common, capsys)
+    assert_one_line_error(rc, err, "model.json: corrupt model description")
+
+
+def test_binary_question_files_bad_environment_and_empty_questions(tmp_path, db_copy, monkeypatch, capsys):
+    qa = tmp_path / "qa.jsonl"
+    qa.write_bytes(b"\xff\xfe\x00binary")
+    rc, _, err = run_cli(["rag-eval", "--db", db_copy, "--data", qa, "--reader", tmp_path, "--out", tmp_path / "o"],
+                         capsys)
+    assert_one_line_error(rc, err, "qa.jsonl:1: not UTF-8 text")
+    monkeypatch.setenv("RETROLM_LOG", "verbose")
+    rc, _, err = run_cli(["db", "info", db_copy], capsys)
+    assert_one_line_error(rc, err, "RETROLM_LOG='verbose': not a log level")
+    monkeypatch.delenv("RETROLM_LOG")
+    monkeypatch.setenv("RETROLM_LOCK_TIMEOUT", "abc")
+    rc, _, err = run_cli(["db", "delete", db_copy, "--doc-id", "x"], capsys)
+    assert_one_line_error(rc, err, "RETROLM_LOCK_TIMEOUT='abc': expected a number of seconds")
+    monkeypatch.delenv("RETROLM_LOCK_TIMEOUT")
+    # a relative folder that does not exist is a missing folder, never a model-hub name
+    monkeypatch.chdir(tmp_path)
+    rc, _, err = run_cli(["realm", "eval", "--checkpoint", "./nonexist", "--db", db_copy, "--data", qa, "--out",
+                          tmp_path / "r"], capsys)
+    assert_one_line_error(rc, err, "./nonexist", "not found")

@@ -151,6 +151,32 @@ def test_overwrite_waits_for_a_writer_of_the_database_it_replaces(small_db, tmp_
     assert Database.build([corpus], path, tiny_db_config, overwrite=True, show_progress=False).store.n_docs == 3
 
 
+def test_a_build_that_waited_for_another_build_of_the_folder_does_not_replace_it(small_db, tmp_path, tiny_db_config,
+                                                                                  monkeypatch):
+    """Two builds of one new folder started together: the second waits for the first's build lock, and when the
+    first has put its database in place the second stops (no --overwrite) instead of silently replacing it."""
+    out = tmp_path / "race"
+    corpus = write_jsonl(tmp_path / "second.jsonl", wiki_docs(3, start=60))
+    monkeypatch.setattr(core_io, "LOCK_TIMEOUT_S", 60)
+    result: dict = {}
+
+    def second() -> None:
+        try:
+            Database.build([corpus], out, tiny_db_config, show_progress=False)
+        except RetrolmError as e:
+            result["error"] = str(e)
+
+    with core_io.exclusive_lock(out.with_name("race.partial"), what="build"):  # the first build, still running
+        worker = threading.Thread(target=second)
+        worker.start()
+        time.sleep(0.5)
+        assert worker.is_alive()  # waiting for the first build
+        copy_db(small_db, out)  # ... which finishes and puts its database in place
+    worker.join(60)
+    assert "database already exists" in result["error"]
+    assert Database.open(out).store.n_docs == 12  # the first build's database, untouched
+
+
 # ------------------------------------------------------------------------------------------------ 2. encoder identity
 def test_encoder_is_recorded_by_resolved_path_and_weights(tmp_path, tiny_encoder, monkeypatch):
     """A relative --encoder path is recorded absolute (the database opens from any directory); ``/p/``, ``/p`` and a

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -44,9 +45,12 @@ AsJson = Annotated[bool, typer.Option("--json", help="Print the result as JSON."
 T = TypeVar("T")
 
 
-def command_config(cls: type[T], ctx: typer.Context, config: Path | None, **options: Any) -> T:
-    """The command's typed config: defaults ← ``--config`` YAML ← ``key=value`` arguments ← options given."""
-    return load_config(cls, config, ctx.args, **{k: v for k, v in options.items() if v not in (None, [])})
+def command_config(cls: type[T], ctx: typer.Context, config: Path | None, overrides: Sequence[str] = (),
+                   **options: Any) -> T:
+    """The command's typed config: defaults ← ``--config`` YAML ← ``key=value`` arguments (``ctx.args``, then
+    ``overrides``) ← options given."""
+    given = {k: v for k, v in options.items() if v not in (None, [])}
+    return load_config(cls, config, [*ctx.args, *overrides], **given)
 
 
 def print_json(obj: object) -> None:
@@ -67,6 +71,8 @@ def print_table(title: str, header: list[str], rows: list[list[str]]) -> None:
 
 def _setup_logging() -> None:
     level = os.environ.get("RETROLM_LOG", "INFO").upper()
+    if not isinstance(logging.getLevelName(level), int):
+        raise RetrolmError(f"RETROLM_LOG={os.environ['RETROLM_LOG']!r}: not a log level (DEBUG, INFO, WARNING, ERROR)")
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     for noisy in ("transformers", "huggingface_hub", "urllib3", "httpx", "faiss", "trafilatura", "htmldate", "bm25s"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
@@ -88,8 +94,8 @@ def os_error_line(e: OSError) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: run the CLI, turning user-facing errors into one line and exit status 2."""
-    _setup_logging()
     try:
+        _setup_logging()
         rc = app(args=argv, prog_name="retrolm", standalone_mode=False)
     except RetrolmError as e:
         sys.stderr.write(f"error: {e}\n")
@@ -103,4 +109,6 @@ def main(argv: list[str] | None = None) -> None:
     except (click.exceptions.Abort, KeyboardInterrupt):
         sys.stderr.write("interrupted\n")
         sys.exit(130)
+    if rc == 130:  # Ctrl-C: click reports it as exit status 130 without a word
+        sys.stderr.write("interrupted\n")
     sys.exit(rc if isinstance(rc, int) else 0)

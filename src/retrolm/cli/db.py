@@ -11,6 +11,7 @@ import typer
 from retrolm.cli.app import EXTRA, AsJson, ConfigFile, Quiet, command_config, db_app, print_json
 from retrolm.core.errors import RetrolmError
 from retrolm.db import BuildConfig, Database, DatabaseView
+from retrolm.db.meta import db_path
 from retrolm.retrieval import get_retriever
 
 DbDir = Annotated[Path, typer.Argument(help="Database folder.")]
@@ -44,11 +45,16 @@ def db_build(
     """Build a retrieval database: tokenize, chunk, embed with a frozen encoder, index with FAISS (and/or BM25).
 
     Extra ``key=value`` arguments override BuildConfig fields, e.g. ``encoder_max_length=128``."""
-    cfg = command_config(BuildConfig, ctx, config, encoder=encoder, tokenizer=tokenizer, chunk_len=chunk_len,
+    # the corpus list takes every argument after the options: a key=value that is not a file is an override
+    overrides = [str(c) for c in corpus if "=" in c.name and not c.exists()]
+    corpus = [c for c in corpus if str(c) not in overrides]
+    if not corpus:
+        raise RetrolmError("db build: no corpus path given")
+    cfg = command_config(BuildConfig, ctx, config, overrides, encoder=encoder, tokenizer=tokenizer, chunk_len=chunk_len,
                          index=index, index_factory=index_factory, bm25=bm25, batch_size=batch_size,
                          shard_size=shard_size, device=device)
     if not resume:
-        shutil.rmtree(out.with_name(out.name + ".partial"), ignore_errors=True)
+        shutil.rmtree(db_path(out).with_name(db_path(out).name + ".partial"), ignore_errors=True)
     db = Database.build(corpus, out, cfg, overwrite=overwrite, show_progress=not quiet)
     info = db.info()
     keys = " + ".join(k for k, on in ((f"index {info['index_factory']}", info["index_factory"]),

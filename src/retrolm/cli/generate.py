@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from retrolm.cli.app import EXTRA, AsJson, ConfigFile, app, command_config, print_json
-from retrolm.core.io import read_json
+from retrolm.core.io import read_json_object
 from retrolm.db import DatabaseView
 from retrolm.eval.incontext import InContextSettings
 from retrolm.infer.generate import GenerateConfig, Generation, format_generation, generate
@@ -63,5 +63,6 @@ def run_generate(cfg: GenerateConfig) -> Generation:
         return generate_in_context(loaded.model, tokenizer, cfg.prompt, ret, settings, **sampling)
     if database is not None:
         record = loaded.folder / "database.json"
-        database.check_trained_with(read_json(record) if record.is_file() else None, loaded.folder)
+        database.check_trained_with(read_json_object(record, "database record") if record.is_file() else None,
+                                    loaded.folder)
     return generate(loaded.model, tokenizer, cfg.prompt, ret, num_neighbours=cfg.neighbours, **sampling)

@@ -23,7 +23,7 @@ app.add_typer(realm_app, name="realm")
 
 Db = Annotated[Path, typer.Option("--db", help="Database folder whose chunks are the documents.")]
 Out = Annotated[Path, typer.Option("--out", help="Output folder.")]
-Checkpoint = Annotated[Path, typer.Option("--checkpoint", help="A REALM model folder, or a run folder (its final/ "
+Checkpoint = Annotated[str, typer.Option("--checkpoint", help="A REALM model folder, or a run folder (its final/ "
                                           "model, else its newest checkpoint); or an encoder (minilm, a hub name or "
                                           "folder): an untrained REALM starting from it.")]
 Data = Annotated[Path, typer.Option("--data", help="QA JSONL: {\"id\", \"question\", \"answers\"} per line.")]
@@ -37,16 +37,16 @@ def model_folder(path: Path) -> Path:
     return folder
 
 
-def load_realm(path: Path, cfg: RealmConfig) -> RealmModel:
+def load_realm(ref: str, cfg: RealmConfig) -> RealmModel:
     """A REALM model from a model folder or a run folder; or, given an encoder (a short or hub name, or a Hugging Face
     folder), an untrained REALM whose three encoders start from it (``embed_dim`` and ``pooling`` from ``cfg``): the
     "no REALM pre-training" baselines."""
     from retrolm.core.device import default_device
 
     device = default_device(cfg.device)
-    if is_encoder(path):
-        return RealmModel.from_encoder(str(path), cfg.embed_dim, cfg.pooling).to(device).eval()
-    return RealmModel.from_pretrained(model_folder(path), device)
+    if is_encoder(Path(ref)):  # the reference as typed: ./folder must not become a hub name "folder"
+        return RealmModel.from_encoder(ref, cfg.embed_dim, cfg.pooling).to(device).eval()
+    return RealmModel.from_pretrained(model_folder(Path(ref)), device)
 
 
 def is_encoder(path: Path) -> bool:
@@ -108,8 +108,9 @@ def eval_cmd(ctx: typer.Context, checkpoint: Checkpoint, db: Db, data: Data, out
 
     The config defaults to the checkpoint's ``config.yaml`` (its lengths and ``qa_k``); ``--config`` and extra
     ``key=value`` arguments override it."""
-    if config is None and not is_encoder(checkpoint) and (model_folder(checkpoint) / "config.yaml").is_file():
-        config = model_folder(checkpoint) / "config.yaml"
+    if config is None and not is_encoder(Path(checkpoint)):
+        saved = model_folder(Path(checkpoint)) / "config.yaml"
+        config = saved if saved.is_file() else None
     cfg = command_config(RealmConfig, ctx, config)
     model = load_realm(checkpoint, cfg)
     docs = DatabaseDocuments(DatabaseView.open(db, device=cfg.device))

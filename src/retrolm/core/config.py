@@ -30,15 +30,25 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequenc
             if not Path(path).is_file():
                 raise RetrolmError(f"{path}: config file not found")
             try:
-                loaded = yaml.safe_load(Path(path).read_text()) or {}
+                loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
             except yaml.YAMLError as e:
                 raise RetrolmError(f"{path}: invalid YAML ({str(e).splitlines()[0]})") from None
+            except UnicodeDecodeError:
+                raise RetrolmError(f"{path}: not a UTF-8 text file") from None
+            if not isinstance(loaded, dict):
+                raise RetrolmError(f"{path}: expected a mapping of settings (key: value), got a "
+                                   f"{type(loaded).__name__}")
             cfg = OmegaConf.merge(cfg, loaded)
         if overrides:
             bad = [o for o in overrides if "=" not in o]
             if bad:
                 raise RetrolmError(f"override {bad[0]!r}: expected key=value")
             where = "overrides"
+            for o in overrides:  # OmegaConf parses each value as YAML and lets a parser error escape
+                try:
+                    yaml.safe_load(o.split("=", 1)[1])
+                except yaml.YAMLError as e:
+                    raise RetrolmError(f"override {o!r}: invalid value ({str(e).splitlines()[0]})") from None
             cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
         if values:
             cfg = OmegaConf.merge(cfg, {k: v for k, v in values.items() if v is not None})

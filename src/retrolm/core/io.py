@@ -106,6 +106,14 @@ def read_json(path: str | Path, what: str = "JSON file") -> Any:
         raise RetrolmError(f"{path}: corrupt {what} ({e})") from None
 
 
+def read_json_object(path: str | Path, what: str = "JSON file") -> dict:
+    """A JSON file that must hold an object (a checkpoint's model.json, database.json, checksums.json)."""
+    obj = read_json(path, what)
+    if not isinstance(obj, dict):
+        raise RetrolmError(f"{path}: corrupt {what} (expected a JSON object, found a {type(obj).__name__})")
+    return obj
+
+
 def save_npy(path: str | Path, array: np.ndarray) -> None:
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         np.save(_Unbuffered(f), array)
@@ -145,8 +153,22 @@ def dir_size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-LOCK_TIMEOUT_S = float(os.environ.get("RETROLM_LOCK_TIMEOUT", "600"))
-"""How long a writer waits for another writer of the same database before giving up."""
+LOCK_TIMEOUT_S: float | None = None
+"""How long a writer waits for another writer of the same database before giving up (None: ``RETROLM_LOCK_TIMEOUT``
+seconds, 600 by default; read when a lock is taken, so a bad value is an error of that command, not of the import)."""
+
+
+def _lock_timeout() -> float:
+    if LOCK_TIMEOUT_S is not None:
+        return LOCK_TIMEOUT_S
+    raw = os.environ.get("RETROLM_LOCK_TIMEOUT", "600")
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:
+        raise RetrolmError(f"RETROLM_LOCK_TIMEOUT={raw!r}: expected a number of seconds >= 0")
+    return value
 
 
 @contextlib.contextmanager
@@ -156,7 +178,7 @@ def exclusive_lock(folder: Path, timeout: float | None = None, what: str = "data
     A second writer waits (saying so once) up to ``timeout`` seconds (``RETROLM_LOCK_TIMEOUT``, 600 by default),
     then fails with a one-line error. Callers must re-read any state they read before taking the lock.
     """
-    timeout = LOCK_TIMEOUT_S if timeout is None else timeout
+    timeout = _lock_timeout() if timeout is None else timeout
     folder.mkdir(parents=True, exist_ok=True)
     with open(folder / ".lock", "a+") as f:
         deadline = time.monotonic() + timeout

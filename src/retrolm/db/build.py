@@ -371,6 +371,11 @@ def build_database(
     # that one left unswapped by a crash is not installed for other inputs
     digest = hashlib.sha256(json.dumps(plan, sort_keys=True, default=str).encode()).hexdigest()
     with exclusive_lock(staging, what="build"):
+        # again under the lock: a build of the same folder that finished while this one waited must not be replaced
+        # without --overwrite (the check above ran before the wait)
+        if (out / "meta.json").is_file() and not overwrite:
+            raise RetrolmError(f"{out}: database already exists (built by another process meanwhile; use `db add` "
+                               "to append, or --overwrite)")
         plan_path = staging / "plan.json"
         finished = staging / "meta.json"
         stale = read_json(plan_path) != plan if plan_path.is_file() else \
@@ -396,12 +401,13 @@ def build_database(
         shutil.rmtree(staging / IDS_FOLDER, ignore_errors=True)
         for name in ("tokenizer.name.json", "plan.json"):
             (staging / name).unlink(missing_ok=True)
-    (staging / ".lock").unlink(missing_ok=True)
-    if (out / "meta.json").is_file():
-        with exclusive_lock(out):  # a writer busy with the database being replaced finishes first
+        # swapped while the build lock is held (its file travels with the folder): a build waiting for the lock then
+        # finds the database in place, instead of a staging folder that vanishes under it
+        if (out / "meta.json").is_file():
+            with exclusive_lock(out):  # a writer busy with the database being replaced finishes first
+                swap_into_place(staging, out)
+        else:
             swap_into_place(staging, out)
-    else:
-        swap_into_place(staging, out)
 
 
 def _stage_tokenizer(corpus: Sequence[str | Path], staging: Path, spec: str) -> LMTokenizer:

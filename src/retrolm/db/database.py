@@ -42,7 +42,7 @@ from retrolm.db.build import BuildConfig, build_database, embed_shards, make_ind
 from retrolm.db.chunks import ChunkStore, SegmentWriter, token_dtype
 from retrolm.db.index import VectorIndex
 from retrolm.db.lexical import LexicalIndex
-from retrolm.db.meta import FORMAT_VERSION, file_records, now, referenced_files, update_counts
+from retrolm.db.meta import FORMAT_VERSION, db_path, file_records, now, referenced_files, update_counts
 from retrolm.db.view import DatabaseView
 from retrolm.text.corpus import Document, corpus_fingerprint, iter_documents
 
@@ -85,7 +85,7 @@ class Database(DatabaseView):
         show_progress: bool = True,
     ) -> Database:
         """Build a database from corpus paths into folder ``out`` (resumable; see :mod:`retrolm.db.build`)."""
-        out = Path(out)
+        out = db_path(out)
         build_database(corpus, out, config or BuildConfig(), overwrite=overwrite, show_progress=show_progress)
         db = cls.open(out)
         logger.info("built %s: %d documents, %d chunks", out, db.store.n_docs, db.store.n_chunks)
@@ -106,6 +106,11 @@ class Database(DatabaseView):
         A document whose id is already live is an error, unless ``replace`` (then the old one is deleted).
         Resumable like :meth:`build`. Returns counts of what was added/replaced.
         """
+        here = self.path.resolve()
+        for c in map(Path, corpus):
+            if c.exists() and (here.is_relative_to(c.resolve()) or c.resolve().is_relative_to(here)):
+                # its own files (meta.json, tokenizer.json, the staging folder) would become documents
+                raise RetrolmError(f"{c}: is the database {self.path} or holds it; add another corpus")
         with self._writing():
             staging = self.path / STAGING_ADD
             plan = {"version": self.meta["version"], "build_id": self.meta.get("build_id"), "replace": replace,

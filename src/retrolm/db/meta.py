@@ -33,6 +33,13 @@ def now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
+def db_path(path: str | Path) -> Path:
+    """A database folder as given, made absolute when it has no name of its own (``.``, ``..``, ``""``): staging
+    and backup folders are named after it."""
+    path = Path(path)
+    return path.resolve() if path.name in ("", "..") else path
+
+
 def read_meta(path: Path) -> dict:
     """The description of the database at ``path``, checked to be a finished retrolm database this version reads."""
     if path.name.endswith(STAGING_SUFFIX) or (path / "plan.json").is_file():
@@ -48,7 +55,29 @@ def read_meta(path: Path) -> dict:
             f"{path / 'meta.json'}: format version {meta.get('format_version')} "
             f"(this retrolm reads {', '.join(map(str, READABLE_VERSIONS))}; upgrade retrolm)"
         )
+    _check_fields(meta, path / "meta.json")
     return meta
+
+
+# fields every reader of meta.json relies on, and their types (a hand-edited or damaged file names the field)
+_REQUIRED = {"version": int, "chunk_len": int, "segments": list, "tokenizer": dict}
+_OPTIONAL = {"index": dict, "bm25": str, "tombstones": str, "files": dict, "encoder": dict}
+
+
+def _check_fields(meta: dict, where: Path) -> None:
+    for key, kind in _REQUIRED.items():
+        if key not in meta:
+            raise RetrolmError(f"{where}: damaged database description: no {key!r}")
+        if not isinstance(meta[key], kind) or isinstance(meta[key], bool):
+            raise RetrolmError(f"{where}: damaged database description: {key!r} is not a {kind.__name__}")
+    for key, kind in _OPTIONAL.items():
+        if meta.get(key) is not None and not isinstance(meta[key], kind):
+            raise RetrolmError(f"{where}: damaged database description: {key!r} is not a {kind.__name__}")
+    if not all(isinstance(s, str) for s in meta["segments"]) or not isinstance(meta["tokenizer"].get("name"), str) \
+            or not isinstance(meta["tokenizer"].get("sha256"), str):
+        raise RetrolmError(f"{where}: damaged database description: 'segments' or 'tokenizer' malformed")
+    if meta.get("index") is not None and not isinstance(meta["index"].get("file"), str):
+        raise RetrolmError(f"{where}: damaged database description: 'index' names no file")
 
 
 def referenced_files(meta: dict, root: Path | None = None) -> list[str]:

@@ -20,7 +20,7 @@ from retrolm.core.io import dir_size, load_npy
 from retrolm.db.chunks import ChunkStore
 from retrolm.db.index import SearchSettings, VectorIndex
 from retrolm.db.lexical import LexicalIndex
-from retrolm.db.meta import read_meta, recover_interrupted_swap, verify_files
+from retrolm.db.meta import db_path, read_meta, recover_interrupted_swap, verify_files
 from retrolm.text.encoder import SentenceEncoder
 from retrolm.text.tokenizer import LMTokenizer
 
@@ -90,7 +90,7 @@ class DatabaseView:
     @classmethod
     def open(cls, path: str | Path, device: str | None = None):
         """Open an existing database folder. Sizes and checksums of its files are checked (see :mod:`.meta`)."""
-        path = Path(path)
+        path = db_path(path)
         recover_interrupted_swap(path)
         return cls(path, read_meta(path), device=device)
 

@@ -26,7 +26,7 @@ import torch
 
 from retrolm.core.device import default_device
 from retrolm.core.errors import RetrolmError
-from retrolm.core.io import read_json
+from retrolm.core.io import read_json_object
 from retrolm.db import DatabaseView, tokenize_corpus
 from retrolm.eval.config import EvalConfig
 from retrolm.eval.incontext import InContextScorer, InContextSettings, document_texts
@@ -87,7 +87,7 @@ class EvalModel:
     def trained_on(self) -> dict | None:
         """What the checkpoint records about its training database (None for checkpoints before 0.2)."""
         record = self.path / "database.json"
-        return read_json(record, "database record") if record.is_file() else None
+        return read_json_object(record, "database record") if record.is_file() else None
 
     def describe(self) -> dict[str, Any]:
         n = sum(p.numel() for p in self.model.parameters())

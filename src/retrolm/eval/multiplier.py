@@ -172,9 +172,11 @@ def load_points(path: str | Path, what: str = "baselines") -> list[Point]:
     if not path.is_file():
         raise RetrolmError(f"{path}: {what} file not found")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:
         raise RetrolmError(f"{path}: invalid YAML/JSON ({str(e).splitlines()[0]})") from None
+    except UnicodeDecodeError:
+        raise RetrolmError(f"{path}: not a UTF-8 text file") from None
     if isinstance(data, dict):
         data = data.get(what, data.get("models"))
     if not isinstance(data, list) or not data:

@@ -95,13 +95,17 @@ def load_qa(path: str | Path, max_questions: int | None = None) -> list[QAItem]:
         raise RetrolmError(f"{path}: QA file not found")
     items: list[QAItem] = []
     seen: set[str] = set()
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
             if max_questions is not None and len(items) >= max_questions:
                 break
+            where = f"{path}:{lineno}"
+            try:
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+            except UnicodeDecodeError:
+                raise RetrolmError(f"{where}: not UTF-8 text") from None
             if not line.strip():
                 continue
-            where = f"{path}:{lineno}"
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:

@@ -367,6 +367,8 @@ class RagPipeline:
 
     def answer(self, question: str) -> RagAnswer:
         """Answer one question with every stage the configuration enables."""
+        if not question.strip():
+            raise RetrolmError("rag: the question is empty")
         return self.answer_items([QAItem("q", question, [])])[0]
 
     def answer_items(self, items: Sequence[QAItem]) -> list[RagAnswer]:

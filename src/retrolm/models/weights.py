@@ -7,14 +7,13 @@ files, checked on load so that a truncated or overwritten file is a one-line err
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from retrolm.core.errors import RetrolmError
-from retrolm.core.io import atomic_path, file_digest, read_json, write_json
+from retrolm.core.io import atomic_path, file_digest, read_json_object, write_json
 
 CHECKSUMS = "checksums.json"
 
@@ -36,7 +35,7 @@ def save_weights(model: nn.Module, folder: str | Path, config: dict, tensors: di
 
 def read_model_config(folder: str | Path) -> dict:
     """The ``model.json`` of a model folder."""
-    return dict(read_json(Path(folder) / "model.json", "model description (model.json)"))
+    return read_json_object(Path(folder) / "model.json", "model description (model.json)")
 
 
 def load_weights(model: nn.Module, folder: str | Path, device: str | torch.device = "cpu", strict: bool = True
@@ -76,10 +75,7 @@ def verify_checksums(folder: Path, names: list[str] | None = None) -> None:
     record = folder / CHECKSUMS
     if not record.is_file():
         return
-    try:
-        sums = json.loads(record.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise RetrolmError(f"{record}: corrupt ({e})") from None
+    sums = read_json_object(record, "checksums")
     for name in names or list(sums):
         if name not in sums:
             continue

@@ -34,7 +34,7 @@ from retrolm.core.config import save_config
 from retrolm.core.device import autocast
 from retrolm.core.errors import RetrolmError
 from retrolm.core.hub import find_checkpoint
-from retrolm.core.io import exclusive_lock, read_json, write_json
+from retrolm.core.io import exclusive_lock, read_json, read_json_object, write_json
 from retrolm.db import DatabaseView
 from retrolm.models import RetroModel
 from retrolm.models.weights import load_weights
@@ -70,7 +70,7 @@ def init_from_checkpoint(model: RetroModel, ref: str, db: DatabaseView, freeze: 
         raise RetrolmError(f"{ref}: init_from must be a retrolm checkpoint or run folder (no model.json)")
     record = folder / "database.json"
     if record.is_file():
-        sha = json.loads(record.read_text()).get("tokenizer_sha256")
+        sha = read_json_object(record, "database record").get("tokenizer_sha256")
         if sha and sha != db.tokenizer.sha256:
             raise RetrolmError(f"{folder}: trained with another tokenizer than the database {db.path}")
     missing = set(load_weights(model, folder, strict=False))
