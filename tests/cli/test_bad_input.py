@@ -360,3 +360,16 @@ def test_binary_question_files_bad_environment_and_empty_questions(tmp_path, db_
     rc, _, err = run_cli(["realm", "eval", "--checkpoint", "./nonexist", "--db", db_copy, "--data", qa, "--out",
                           tmp_path / "r"], capsys)
     assert_one_line_error(rc, err, "./nonexist", "not found")
+
+
+def test_counts_and_sweeps_that_ask_for_nothing(tmp_path, built_db, capsys):
+    """-n -1 built 2 questions, --per-bucket -1 was accepted, --ks "," ran the default sweep."""
+    rc, _, err = run_cli(["corpus", "qa", "wiki-entity", "--corpus", tmp_path / "w.jsonl", "--out", tmp_path / "q",
+                          "-n", "-1"], capsys)
+    assert_one_line_error(rc, err, "-n -1: the number of questions must be >= 1")
+    rc, _, err = run_cli(["corpus", "versions", "--old", tmp_path, "--new", tmp_path, "--out", tmp_path / "v",
+                          "--per-bucket", "-1"], capsys)
+    assert_one_line_error(rc, err, "--per-bucket and --min-chars must be >= 0")
+    rc, _, err = run_cli(["scale", "neighbours", "--checkpoint", tmp_path, "--db", built_db.path, "--data",
+                          tmp_path / "h.jsonl", "--out", tmp_path / "s", "--ks", ","], capsys)
+    assert_one_line_error(rc, err, "','", "expected comma-separated numbers")

@@ -61,6 +61,8 @@ def corpus_versions(
     min_chars: Annotated[int, typer.Option(help="Held-out documents have at least this many characters.")] = 1000,
 ) -> None:
     """Label a new version of a corpus against the old one by content and split off a labelled held-out sample."""
+    if per_bucket < 0 or min_chars < 0 or (max_chars is not None and max_chars < 1):
+        raise RetrolmError("--per-bucket and --min-chars must be >= 0, --max-chars >= 1")
     counts = split_versions(old, new, out, per_bucket, seed, max_chars, new_max_overlap, min_chars=min_chars)
     typer.echo(f"{out}: all {counts['all']}, held out {counts['heldout']}")
 
@@ -82,6 +84,8 @@ def corpus_qa(
     """Build a reproducible QA benchmark from a real corpus (fixed seed and split; provenance in every record)."""
     from retrolm.text.qa import build_benchmark
 
+    if n < 1:
+        raise RetrolmError(f"-n {n}: the number of questions must be >= 1")
     count = build_benchmark(kind, corpus, out, n=n, seed=seed, choices=choices, old=old, balance=balance,
                             test_fraction=test_fraction)
     typer.echo(f"{out}: {count} {kind} questions")

@@ -67,9 +67,12 @@ def _numbers(text: str | None, flag: str, kind: type = float) -> list | None:
     if text is None:
         return None
     try:
-        return [kind(x) for x in text.split(",") if x.strip()]
+        values = [kind(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise RetrolmError(f"{flag} {text!r}: expected comma-separated numbers") from None
+    if not values:  # an empty list would silently fall back to the default sweep
+        raise RetrolmError(f"{flag} {text!r}: expected comma-separated numbers")
+    return values
 
 
 @scale_app.command("db-size", context_settings=EXTRA)
