@@ -114,6 +114,18 @@ def test_long_prompt_keeps_its_latest_chunks(built_db):
     assert "did not fit the context" in format_generation(g)
 
 
+def test_asking_for_more_tokens_than_the_model_has_positions_says_so(built_db, caplog):
+    db, m = built_db, built_db.chunk_len
+    model = random_model(db)
+    prompt = db.chunk_texts([0])[0]
+    n = len(db.tokenizer.encode(prompt))
+    with caplog.at_level("WARNING", logger="retrolm.infer.generate"):
+        g = generate(model, db.tokenizer, prompt, DenseRetriever(db), max_new_tokens=10 * model.config.seq_len,
+                     stop_at_eos=False)
+    room = model.config.seq_len - (n + (-n) % m)  # the prompt is left-padded to whole chunks
+    assert g.new_tokens == room and f"generating {room} tokens, not {10 * model.config.seq_len}" in caplog.text
+
+
 def test_baseline_refuses_a_database_and_bad_settings_are_errors(built_db):
     with pytest.raises(RetrolmError, match="no RETRO layers"):
         generate(random_model(built_db, retro=False), built_db.tokenizer, "x", DenseRetriever(built_db))

@@ -166,6 +166,9 @@ def generate(
     # the left padding, which a model that reads a token mask (a pretrained base) keeps out of its attention
     n_pad = len(ids) - len(raw) if not dropped else 0
     max_new = min(max_new_tokens, cfg.seq_len - len(ids))
+    if max_new < max_new_tokens:  # the model has no positions past seq_len: say so instead of stopping short
+        logger.warning("generate: the prompt (%d tokens with padding) leaves %d of the model's %d positions; "
+                       "generating %d tokens, not %d", len(ids), max_new, cfg.seq_len, max_new, max_new_tokens)
     k = cfg.num_neighbours if num_neighbours is None else num_neighbours
     if k < 1:
         raise RetrolmError(f"generate: number of neighbours must be >= 1, got {k}")
