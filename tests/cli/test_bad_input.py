@@ -300,7 +300,7 @@ def test_config_files_and_overrides_that_are_not_settings(tmp_path, built_db, ca
     assert not (tmp_path / "run").exists()
 
 
-def test_db_build_takes_key_value_overrides_after_the_corpus(tmp_path, tiny_encoder, capsys):
+def test_db_build_takes_key_value_overrides_after_the_corpus(tmp_path, tiny_encoder, monkeypatch, capsys):
     """The corpus list took every argument, so `db build C -o X tokenizer=train:300` (the help's own example form)
     failed with "corpus path does not exist"."""
     corpus = write_jsonl(tmp_path / "c.jsonl", wiki_docs(4))
@@ -312,6 +312,16 @@ def test_db_build_takes_key_value_overrides_after_the_corpus(tmp_path, tiny_enco
     assert db.tokenizer.vocab_size <= 300 and db.meta["encoder"]["max_length"] == 32
     rc, _, err = run_cli(["db", "build", "-o", tmp_path / "x", "tokenizer=train:300"], capsys)
     assert_one_line_error(rc, err, "no corpus path given")
+    # a value holding a path (its last part has no '=')
+    rc, _, err = run_cli(["db", "build", corpus, "-o", tmp_path / "db2", "--encoder", tiny_encoder, "-q",
+                          f"tokenizer={out / 'tokenizer.json'}"], capsys)
+    assert rc == 0, err
+    assert DatabaseView.open(tmp_path / "db2").tokenizer.sha256 == db.tokenizer.sha256
+    # the current directory would vanish under the shell when the finished build is renamed into place
+    (tmp_path / "here").mkdir()
+    monkeypatch.chdir(tmp_path / "here")
+    rc, _, err = run_cli(["db", "build", corpus, "-o", ".", "--encoder", tiny_encoder, "-q"], capsys)
+    assert_one_line_error(rc, err, "is the current directory")
 
 
 def test_a_database_named_dot_adding_itself_and_a_damaged_meta(db_copy, monkeypatch, capsys):

@@ -71,6 +71,33 @@ def test_a_waiting_writer_gets_the_lock_when_the_first_one_finishes(tmp_path):
         pass
 
 
+def test_a_lock_whose_folder_was_moved_away_meanwhile_is_taken_again(tmp_path):
+    """A build swaps its staging folder, lock file included, into place while it holds the lock: a writer that was
+    waiting must not end up holding the moved file (it guards nothing there, and a second handle on it in the same
+    process would wait for itself), but a fresh lock on the folder's own .lock."""
+    folder, moved = tmp_path / "db.partial", tmp_path / "db"
+    got = threading.Event()
+    release = threading.Event()
+
+    def waiter() -> None:
+        with exclusive_lock(folder, timeout=30):
+            got.set()
+            release.wait(30)
+
+    with exclusive_lock(folder, timeout=1):
+        t = threading.Thread(target=waiter)
+        t.start()
+        time.sleep(0.3)
+        assert not got.is_set()
+        folder.rename(moved)  # the swap, under the lock
+    assert got.wait(30)
+    assert (folder / ".lock").is_file()  # it took the folder's own lock again
+    with exclusive_lock(moved, timeout=0):  # ... and holds nothing on the moved one
+        pass
+    release.set()
+    t.join(30)
+
+
 def test_lock_timeout_from_the_environment(tmp_path):
     """RETROLM_LOCK_TIMEOUT sets how long another process waits (the default is 600 s)."""
     folder = tmp_path / "db"

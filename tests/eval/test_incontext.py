@@ -211,9 +211,9 @@ def test_generation_reads_passages_and_shows_them(copy_world):
 
 
 def test_a_context_too_small_for_passage_and_prompt_keeps_both_and_reports_what_it_read():
-    """When passage + prompt + span exceed the LM's context, the prompt is shortened (to half the room at most) and
-    the passage cut to the rest; the context used to be cut from the front, which dropped the passage first while
-    its sources were still reported, and prompt_tokens_dropped did not count that cut."""
+    """When passages + prompt + span exceed the LM's context, the prompt is shortened (to half the room at most), the
+    worst passages are dropped and the best is cut from its front; the context used to be cut from the front, which
+    dropped the passages first while their sources were still reported, and prompt_tokens_dropped missed that cut."""
     from retrolm.db import Hit
 
     class CharTokenizer:  # one token per character
@@ -234,20 +234,24 @@ def test_a_context_too_small_for_passage_and_prompt_keeps_both_and_reports_what_
                 TinyLM.seen.append(ctx)
             return torch.zeros(256).index_fill_(0, torch.tensor([ord("x")]), 1.0), ctx
 
-    class OnePassage:
+    class TwoPassages:  # the best hit first, as retrievers return them
         def search(self, queries, k, *args, **kwargs):
-            hit = Hit(7, "doc-7", 1.0, "P" * 40, "", 0)
-            return type("Results", (), {"hits": lambda self, i: [hit]})()
+            hits = [Hit(7, "best", 2.0, "B" * 30, "", 0), Hit(8, "worst", 1.0, "W" * 30, "", 0)][:k]
+            return type("Results", (), {"hits": lambda self, i: hits})()
 
-    settings = InContextSettings(stride=8, query_tokens=8, passages=1, context_tokens=60)
-    g = generate_in_context(TinyLM(), CharTokenizer(), "p" * 100, OnePassage(), settings, max_new_tokens=16)
     room = 64 - 8
-    for ctx, chunk in zip(TinyLM.seen, g.chunks, strict=True):
-        text = "".join(chr(i) for i in ctx)
-        assert len(ctx) == room and chunk.sources[0].doc_id == "doc-7"
-        assert text.startswith("P") and text.count("P") == room - room // 2  # the passage's head, in what is left
-    first = "".join(chr(i) for i in TinyLM.seen[0])
-    assert g.prompt_tokens_dropped == 100 - first.count("p") == 100 - room // 2
+    for passages in (1, 2):
+        TinyLM.seen = []
+        settings = InContextSettings(stride=8, query_tokens=8, passages=passages, context_tokens=60)
+        g = generate_in_context(TinyLM(), CharTokenizer(), "p" * 100, TwoPassages(), settings, max_new_tokens=16)
+        for ctx, chunk in zip(TinyLM.seen, g.chunks, strict=True):
+            text = "".join(chr(i) for i in ctx)
+            # the worst passage goes first, the best is cut from its front: its end stays next to the document
+            assert len(ctx) == room and [h.doc_id for h in chunk.sources] == ["best"]
+            head, tail = text[: room - room // 2], text[room - room // 2 :]
+            assert head == "B" * (len(head) - 2) + "\n\n" and set(tail) <= {"p", "x"}
+        first = "".join(chr(i) for i in TinyLM.seen[0])
+        assert g.prompt_tokens_dropped == 100 - first.count("p") == 100 - room // 2
 
 
 def test_scaling_curves_of_a_pretrained_lm(copy_world):

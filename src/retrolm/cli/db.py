@@ -46,7 +46,7 @@ def db_build(
 
     Extra ``key=value`` arguments override BuildConfig fields, e.g. ``encoder_max_length=128``."""
     # the corpus list takes every argument after the options: a key=value that is not a file is an override
-    overrides = [str(c) for c in corpus if "=" in c.name and not c.exists()]
+    overrides = [str(c) for c in corpus if "=" in c.parts[0] and not c.exists()]  # tokenizer=/a/b.json too
     corpus = [c for c in corpus if str(c) not in overrides]
     if not corpus:
         raise RetrolmError("db build: no corpus path given")

@@ -179,24 +179,40 @@ def exclusive_lock(folder: Path, timeout: float | None = None, what: str = "data
     then fails with a one-line error. Callers must re-read any state they read before taking the lock.
     """
     timeout = _lock_timeout() if timeout is None else timeout
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / ".lock", "a+") as f:
-        deadline = time.monotonic() + timeout
-        said = False
-        while True:
+    deadline = time.monotonic() + timeout
+    said = False
+    while True:
+        folder.mkdir(parents=True, exist_ok=True)
+        f = open(folder / ".lock", "a+")  # noqa: SIM115 - closed below, or handed to the caller's with block
+        try:
+            while True:
+                try:
+                    fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        raise RetrolmError(
+                            f"{folder}: another retrolm process is still writing to this {what} after "
+                            f"{timeout:.0f}s; try again when it has finished"
+                        ) from None
+                    if not said:
+                        logger.warning("%s: waiting for another retrolm process writing to this %s", folder, what)
+                        said = True
+                    time.sleep(0.1)
+            # The holder may have moved or replaced the folder meanwhile (a build swaps its staging folder, lock file
+            # included, into place): a lock on a file that is no longer folder/.lock guards nothing, so take it again.
             try:
-                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    raise RetrolmError(
-                        f"{folder}: another retrolm process is still writing to this {what} after {timeout:.0f}s; "
-                        "try again when it has finished"
-                    ) from None
-                if not said:
-                    logger.warning("%s: waiting for another retrolm process writing to this %s", folder, what)
-                    said = True
-                time.sleep(0.1)
+                same = os.path.samestat(os.fstat(f.fileno()), os.stat(folder / ".lock"))
+            except FileNotFoundError:
+                same = False
+        except BaseException:
+            f.close()
+            raise
+        if same:
+            break
+        fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+        f.close()
+    with f:
         try:
             yield
         finally:

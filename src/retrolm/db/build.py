@@ -350,6 +350,9 @@ def build_database(
     An existing database at ``out`` is left intact until the new one is complete (and only replaced with
     ``overwrite``).
     """
+    if Path.cwd().resolve().is_relative_to(out.resolve()):
+        # a finished build replaces the folder by renaming: the shell's current directory would vanish under it
+        raise RetrolmError(f"{out}: is the current directory (or holds it); build into a folder named from outside it")
     recover_interrupted_swap(out)
     if (out / "meta.json").is_file():
         old = read_json(out / "meta.json", "database description (meta.json)")
@@ -374,6 +377,8 @@ def build_database(
         # again under the lock: a build of the same folder that finished while this one waited must not be replaced
         # without --overwrite (the check above ran before the wait)
         if (out / "meta.json").is_file() and not overwrite:
+            if not any(c.name != ".lock" for c in staging.iterdir()):  # only made by this wait: leave no debris
+                shutil.rmtree(staging, ignore_errors=True)
             raise RetrolmError(f"{out}: database already exists (built by another process meanwhile; use `db add` "
                                "to append, or --overwrite)")
         plan_path = staging / "plan.json"

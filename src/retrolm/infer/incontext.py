@@ -57,10 +57,14 @@ def generate_in_context(
         passage = tokenizer.encode(passages_text(hits, settings.continuation)) if hits else []
         keep = min(len(history), settings.context_tokens)
         if keep + len(passage) > room:
-            # the document's recent text keeps at least half the room; the passage is cut to what is left (cutting
-            # the context from the front would drop the passage first and still report its sources)
+            # The document's recent text keeps at least half the room and the passages get the rest: the worst ones
+            # are dropped first (they come first in the text), then the best is cut from its front, keeping the
+            # continuation next to the document. Only the passages that remain are reported as sources.
             keep = min(keep, max(room - len(passage), room // 2))
-            passage = passage[: room - keep]
+            while len(hits) > 1 and len(passage) > room - keep:
+                hits = hits[:-1]
+                passage = tokenizer.encode(passages_text(hits, settings.continuation))
+            passage = passage[len(passage) - (room - keep) :] if len(passage) > room - keep else passage
             hits = hits if passage else []
         context = passage + history[len(history) - keep :]
         if not out:
