@@ -11,7 +11,7 @@ import typer
 from retrolm.cli.app import EXTRA, AsJson, ConfigFile, Quiet, command_config, db_app, print_json
 from retrolm.core.errors import RetrolmError
 from retrolm.db import BuildConfig, Database, DatabaseView
-from retrolm.db.meta import db_path
+from retrolm.db.meta import staging_path
 from retrolm.retrieval import get_retriever
 
 DbDir = Annotated[Path, typer.Argument(help="Database folder.")]
@@ -54,7 +54,7 @@ def db_build(
                          index=index, index_factory=index_factory, bm25=bm25, batch_size=batch_size,
                          shard_size=shard_size, device=device)
     if not resume:
-        shutil.rmtree(db_path(out).with_name(db_path(out).name + ".partial"), ignore_errors=True)
+        shutil.rmtree(staging_path(out), ignore_errors=True)
     db = Database.build(corpus, out, cfg, overwrite=overwrite, show_progress=not quiet)
     info = db.info()
     keys = " + ".join(k for k, on in ((f"index {info['index_factory']}", info["index_factory"]),

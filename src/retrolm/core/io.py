@@ -106,6 +106,25 @@ def read_json(path: str | Path, what: str = "JSON file") -> Any:
         raise RetrolmError(f"{path}: corrupt {what} ({e})") from None
 
 
+def jsonl_values(path: str | Path) -> Iterator[tuple[str, Any]]:
+    """``("file:line", value)`` of every non-blank line of a JSONL file a user hands in (questions, benchmark
+    corpora), read strictly: a line that is not UTF-8 or not JSON is a one-line error naming it (a leading byte-order
+    mark is read). Corpus ingestion, which skips bad lines instead, has its own reader."""
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            where = f"{path}:{lineno}"
+            try:
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+            except UnicodeDecodeError:
+                raise RetrolmError(f"{where}: not UTF-8 text") from None
+            if not line.strip():
+                continue
+            try:
+                yield where, json.loads(line)
+            except json.JSONDecodeError as e:
+                raise RetrolmError(f"{where}: invalid JSON ({e.msg})") from None
+
+
 def read_json_object(path: str | Path, what: str = "JSON file") -> dict:
     """A JSON file that must hold an object (a checkpoint's model.json, database.json, checksums.json)."""
     obj = read_json(path, what)

@@ -37,11 +37,11 @@ from retrolm.db.lexical import LexicalIndex
 from retrolm.db.meta import (
     FORMAT,
     FORMAT_VERSION,
-    STAGING_SUFFIX,
     file_records,
     now,
     recover_interrupted_swap,
     referenced_files,
+    staging_path,
     swap_into_place,
     update_counts,
 )
@@ -368,7 +368,7 @@ def build_database(
     for c in map(Path, corpus):
         if c.is_dir() and out.resolve().is_relative_to(c.resolve()):
             raise RetrolmError(f"{out}: output folder is inside the corpus folder {c}; choose another --out")
-    staging = out.with_name(out.name + STAGING_SUFFIX)
+    staging = staging_path(out)
     plan = {"format_version": FORMAT_VERSION, "config": asdict(config), "corpus": corpus_fingerprint(corpus)}
     # a finished build keeps its plan's digest in meta.json once plan.json is gone (the mark of a finished build), so
     # that one left unswapped by a crash is not installed for other inputs

@@ -40,6 +40,12 @@ def db_path(path: str | Path) -> Path:
     return path.resolve() if path.name in ("", "..") else path
 
 
+def staging_path(out: str | Path) -> Path:
+    """Where a build of database folder ``out`` is made before it is swapped into place."""
+    out = db_path(out)
+    return out.with_name(out.name + STAGING_SUFFIX)
+
+
 def read_meta(path: Path) -> dict:
     """The description of the database at ``path``, checked to be a finished retrolm database this version reads."""
     if path.name.endswith(STAGING_SUFFIX) or (path / "plan.json").is_file():
@@ -153,7 +159,7 @@ def recover_interrupted_swap(out: Path) -> None:
     old = out.with_name(out.name + ".old")
     if out.exists() or not old.exists():
         return
-    staging = out.with_name(out.name + STAGING_SUFFIX)
+    staging = staging_path(out)
     if (staging / "meta.json").is_file() and not (staging / "plan.json").exists():
         logger.warning("%s: finishing a replacement interrupted by a crash", out)
         os.replace(staging, out)

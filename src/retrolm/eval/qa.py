@@ -18,7 +18,7 @@ paper this follows used n = 16 on MMLU and n = 26 on Math-500; GPT-3's analysis 
 
 from __future__ import annotations
 
-import json
+import itertools
 import re
 import string
 from collections import Counter
@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from retrolm.core.errors import RetrolmError
+from retrolm.core.io import jsonl_values
 from retrolm.db import DatabaseView
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
@@ -95,26 +96,12 @@ def load_qa(path: str | Path, max_questions: int | None = None) -> list[QAItem]:
         raise RetrolmError(f"{path}: QA file not found")
     items: list[QAItem] = []
     seen: set[str] = set()
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            if max_questions is not None and len(items) >= max_questions:
-                break
-            where = f"{path}:{lineno}"
-            try:
-                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
-            except UnicodeDecodeError:
-                raise RetrolmError(f"{where}: not UTF-8 text") from None
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise RetrolmError(f"{where}: invalid JSON ({e.msg})") from None
-            item = _record(obj, where)
-            if item.id in seen:
-                raise RetrolmError(f"{where}: duplicate id {item.id!r}")
-            seen.add(item.id)
-            items.append(item)
+    for where, obj in itertools.islice(jsonl_values(path), max_questions):  # no line past the limit is read
+        item = _record(obj, where)
+        if item.id in seen:
+            raise RetrolmError(f"{where}: duplicate id {item.id!r}")
+        seen.add(item.id)
+        items.append(item)
     if not items:
         raise RetrolmError(f"{path}: no questions")
     return items

@@ -64,7 +64,7 @@ def generate_in_context(
             while len(hits) > 1 and len(passage) > room - keep:
                 hits = hits[:-1]
                 passage = tokenizer.encode(passages_text(hits, settings.continuation))
-            passage = passage[len(passage) - (room - keep) :] if len(passage) > room - keep else passage
+            passage = passage[max(0, len(passage) - (room - keep)) :]
             hits = hits if passage else []
         context = passage + history[len(history) - keep :]
         if not out:

@@ -296,9 +296,9 @@ class RagPipeline:
         reader's context (they would stop an evaluation half way)."""
         room = self.reader.lm.context_len
         for it in items:
-            if self.reserve(it) >= room:
+            if (need := self.reserve(it)) >= room:
                 what = "its longest option takes" if it.multiple_choice else "max_new_tokens is"
-                raise RetrolmError(f"{source}: question {it.id!r}: {what} {self.reserve(it)} tokens, no room for a "
+                raise RetrolmError(f"{source}: question {it.id!r}: {what} {need} tokens, no room for a "
                                    f"prompt in the {room}-token context of {self.reader.lm.name}")
 
     def read(self, items: Sequence[QAItem], passages: Sequence[Sequence[Passage]] | None, samples: int = 1,

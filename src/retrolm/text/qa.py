@@ -26,7 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from retrolm.core.errors import RetrolmError
-from retrolm.core.io import atomic_path
+from retrolm.core.io import atomic_path, jsonl_values
 
 BUILDER_VERSION = 1
 SKIP_DESCRIPTIONS = re.compile(r"(?i)wikimedia|disambiguation|topics referred to|list article|^$")
@@ -61,21 +61,10 @@ def _read_jsonl(path: Path) -> list[dict]:
     if not path.is_file():
         raise RetrolmError(f"{path}: corpus not found (fetch it with `retrolm corpus fetch`)")
     out = []
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            try:
-                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
-            except UnicodeDecodeError:
-                raise RetrolmError(f"{path}:{lineno}: not UTF-8 text") from None
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise RetrolmError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
-            if not isinstance(record, dict) or "id" not in record:
-                raise RetrolmError(f"{path}:{lineno}: expected a JSON object with an 'id'")
-            out.append(record)
+    for where, record in jsonl_values(path):
+        if not isinstance(record, dict) or "id" not in record:
+            raise RetrolmError(f"{where}: expected a JSON object with an 'id'")
+        out.append(record)
     return out
 
 

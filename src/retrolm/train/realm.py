@@ -151,11 +151,12 @@ def _piece_ids(model: RealmModel, texts: Sequence[str], max_len: int) -> list[li
     return [list(x) for x in enc["input_ids"]]
 
 
-def _piece_offsets(model: RealmModel, texts: Sequence[str], max_len: int) -> list[list[tuple[int, int]]]:
-    """Per text, the character span of each of its word pieces as :func:`_piece_ids` gives them."""
+def _pieces_with_offsets(model: RealmModel, texts: Sequence[str], max_len: int
+                         ) -> tuple[list[list[int]], list[list[tuple[int, int]]]]:
+    """:func:`_piece_ids` and, per text, the character span of each of its word pieces (one tokenizer pass)."""
     enc = model.tokenizer(list(texts), add_special_tokens=False, truncation=True, max_length=max_len,
                           return_offsets_mapping=True)
-    return [[(int(a), int(b)) for a, b in x] for x in enc["offset_mapping"]]
+    return [list(x) for x in enc["input_ids"]], [[(int(a), int(b)) for a, b in x] for x in enc["offset_mapping"]]
 
 
 def _answer_pieces(model: RealmModel, answers: Sequence[str], max_len: int) -> list[list[int]]:
@@ -460,8 +461,7 @@ def predict(model: RealmModel, index: DocumentIndex, docs: Documents, questions:
         K = ids.shape[1]
         log_p_z = model.retrieval_log_probs(q, index.embeddings[ids].to(q.device), with_null=False)
         texts_z = docs.texts(ids.flatten().tolist())
-        pieces = _piece_ids(model, texts_z, cfg.max_doc_len)
-        offsets = _piece_offsets(model, texts_z, cfg.max_doc_len)
+        pieces, offsets = _pieces_with_offsets(model, texts_z, cfg.max_doc_len)
         batch = reader_batch(model, xs, [pieces[i * K : (i + 1) * K] for i in range(len(xs))],
                              cfg.max_query_len + cfg.max_doc_len + 3)
         start_lp, end_lp = model.span_log_probs(model.read(batch.input_ids, batch.attention_mask,
