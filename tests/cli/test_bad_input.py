@@ -349,6 +349,11 @@ def test_checkpoint_side_files_of_the_wrong_shape(retro_checkpoint, built_db, tm
     (ckpt / "model.json").write_text("[1]")
     rc, _, err = run_cli(common, capsys)
     assert_one_line_error(rc, err, "model.json: corrupt model description")
+    ckpt = Path(shutil.copytree(retro_checkpoint, tmp_path / "no-tokenizer"))
+    (ckpt / "tokenizer.json").unlink()
+    rc, _, err = run_cli(["generate", "--checkpoint", ckpt, "--db", built_db.path, "--prompt", "Some prompt"], capsys)
+    assert_one_line_error(rc, err, f"{ckpt}: checkpoint has no tokenizer.json")
+    assert "--tokenizer" not in err  # generate has no such option: the message blamed one
 
 
 def test_binary_question_files_bad_environment_and_empty_questions(tmp_path, db_copy, monkeypatch, capsys):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import subprocess
@@ -140,3 +141,15 @@ def test_atomic_writes_leave_the_old_file_or_the_new_one(tmp_path):
         read_json(path)
     with pytest.raises(RetrolmError, match=r"missing.json: thing not found"):
         read_json(tmp_path / "missing.json", "thing")
+
+
+def test_a_failed_write_names_the_file_not_its_hidden_temporary(tmp_path):
+    """A writer that opens the temporary file itself (np.save, safetensors) reports errors with the temporary's name
+    (``.a.npy.x1y2.tmp``, deleted by then); the message must name the file the user asked for."""
+    path = tmp_path / "a.npy"
+    with pytest.raises(OSError) as raised, atomic_path(path) as tmp:
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp))
+    assert raised.value.filename == str(path) and raised.value.errno == errno.ENOSPC
+    with pytest.raises(OSError) as raised, atomic_path(path):
+        raise OSError(errno.EACCES, "Permission denied", str(tmp_path / "other"))
+    assert raised.value.filename == str(tmp_path / "other")  # another file's error keeps its own name

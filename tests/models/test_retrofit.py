@@ -636,3 +636,16 @@ def test_encoder_base_refuses_attention_it_would_read_wrongly(arch, tmp_path):
     with pytest.raises(RetrolmError, match=rf"encoder=base reproduces plain Llama attention; layer \d+ has .*{want}"):
         RetrofitModel.from_base(str(tmp_path / arch), chunk_len=8, seq_len=64, encoder="base")
     RetrofitModel.from_base(str(tmp_path / arch), chunk_len=8, seq_len=64, encoder="retro")  # its own encoder reads
+
+
+def test_encoder_base_refuses_a_sliding_window_shorter_than_its_sequences(tmp_path):
+    """Mistral attends over a window: encoder=base, which reads the whole context, is refused past it."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    hf = MistralForCausalLM(MistralConfig(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                          sliding_window=32))
+    hf.save_pretrained(tmp_path / "mistral")
+    with pytest.raises(RetrolmError, match=r"sliding window of 32 tokens .* use seq_len <= 32 \(asked 64\)"):
+        RetrofitModel.from_base(str(tmp_path / "mistral"), chunk_len=8, seq_len=64, encoder="base")
+    RetrofitModel.from_base(str(tmp_path / "mistral"), chunk_len=8, seq_len=32, encoder="base")

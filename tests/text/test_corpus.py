@@ -44,6 +44,22 @@ def test_jsonl_text_and_contents_fields_and_parquet(tmp_path):
     assert docs == [("1", "one"), ("two", "deux"), ("p1", "first row"), ("p2", "second row")]
 
 
+def test_a_parquet_file_damaged_inside_is_skipped_with_a_warning(tmp_path, caplog):
+    """The footer reads but a page does not: a warning naming the file (it was an OSError traceback)."""
+    bad = tmp_path / "b.parquet"
+    pq.write_table(pa.table({"id": ["a", "b", "c", "d"], "text": ["1", "2", "3", "4"]}), bad, row_group_size=2)
+    column = pq.ParquetFile(bad).metadata.row_group(1).column(0)
+    data = bytearray(bad.read_bytes())
+    start = column.dictionary_page_offset or column.data_page_offset
+    data[start : start + 8] = b"\xff" * 8  # the page header no longer deserializes
+    bad.write_bytes(bytes(data))
+    (tmp_path / "a.txt").write_text("fine text")
+    with caplog.at_level(logging.WARNING):
+        docs = [d.id for d in iter_documents([tmp_path])]
+    assert docs == ["a.txt"]
+    assert f"skipping the rest of {bad} from row 1: cannot read" in caplog.text
+
+
 def test_bad_files_are_skipped_or_repaired_with_warnings(tmp_path, caplog):
     (tmp_path / "good.txt").write_text("fine text")
     (tmp_path / "binary.dat").write_bytes(b"\x00\x01\x02garbage\x00")

@@ -16,6 +16,7 @@ import torch
 from conftest import run_cli
 from retrolm.core import io as core_io
 from retrolm.core.errors import RetrolmError
+from retrolm.core.hub import find_checkpoint
 from retrolm.train import ModelSpec, TrainConfig, Trainer
 from retrolm.train.checkpoints import CheckpointManager
 
@@ -65,6 +66,21 @@ def test_rotation_never_pushes_good_checkpoints_out_for_a_damaged_one(tmp_path):
     manager.save(8, write_state(8))
     assert saved_steps(manager) == [8, 10]
     assert manager.resume(lambda p: None).name == "step-000008"
+
+
+def test_steps_past_999999_are_ordered_by_number(tmp_path):
+    """``step-1000000`` sorts before ``step-999999`` as text: by name, resuming took the older checkpoint and rotation
+    deleted the newer one."""
+    manager = CheckpointManager(tmp_path / "checkpoints", keep=2)
+
+    def write(folder: Path) -> None:
+        (folder / "model.json").write_text("{}")
+
+    for step in (999_998, 999_999, 1_000_000):
+        manager.save(step, write)
+    assert saved_steps(manager) == [999_999, 1_000_000]
+    assert manager.resume(lambda p: None).name == "step-1000000"
+    assert find_checkpoint(tmp_path) == tmp_path / "checkpoints" / "step-1000000"  # what eval/generate load
 
 
 @pytest.mark.parametrize("failure", ["enospc", "torch"])

@@ -188,12 +188,23 @@ def weights_fingerprint(folder: str | Path) -> str | None:
     return h.hexdigest()
 
 
+def step_folders(folder: Path) -> list[Path]:
+    """A run's ``checkpoints/step-N`` folders, oldest first: ordered by step number, not by name (``step-1000000``
+    sorts before ``step-999999`` as text)."""
+    found = []
+    for p in folder.glob("step-*"):
+        number = p.name[len("step-"):]
+        if number.isdigit() and p.is_dir():
+            found.append((int(number), p))
+    return [p for _, p in sorted(found)]
+
+
 def find_checkpoint(path: str | Path) -> Path | None:
     """A retrolm checkpoint folder (one holding ``model.json``), or a run folder → its newest checkpoint; None if
     ``path`` is neither."""
     path = Path(path).expanduser()
     if (path / "checkpoints").is_dir():
-        found = sorted(p for p in (path / "checkpoints").glob("step-*") if p.is_dir())
+        found = step_folders(path / "checkpoints")
         if not found:
             raise RetrolmError(f"{path}: run folder has no checkpoints")
         path = found[-1]

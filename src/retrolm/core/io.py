@@ -51,7 +51,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     os.close(fd)
     tmp_path = Path(tmp)
     try:
-        with naming_errors(path):
+        with naming_errors(path, temp=tmp_path):
             yield tmp_path
             os.chmod(tmp_path, FILE_MODE)  # some writers (safetensors) replace the file with a 0600 one
             with open(tmp_path, "rb+") as f:
@@ -64,13 +64,14 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def naming_errors(path: str | Path) -> Iterator[None]:
-    """Give an ``OSError`` raised inside without a file name (a full disk during ``write``) the name ``path``, so that
-    the CLI's one-line message says which file could not be written: ``path: No space left on device``."""
+def naming_errors(path: str | Path, temp: Path | None = None) -> Iterator[None]:
+    """Give an ``OSError`` raised inside without a file name (a full disk during ``write``), or naming the hidden
+    temporary file ``temp`` it was written as, the name ``path``, so that the CLI's one-line message says which file
+    could not be written: ``path: No space left on device``."""
     try:
         yield
     except OSError as e:
-        if e.filename is not None:
+        if e.filename is not None and (temp is None or os.fspath(e.filename) != os.fspath(temp)):
             raise
         reason = os.strerror(e.errno) if e.errno else (e.strerror or str(e) or type(e).__name__)
         raise OSError(e.errno, reason, str(path)) from e
@@ -161,7 +162,10 @@ def fsync_tree(folder: Path) -> None:
 
 
 def commit_dir(tmp_dir: Path, final_dir: Path) -> None:
-    """Rename a fully written temporary folder into place (the folder is the unit of atomicity)."""
+    """Rename a fully written temporary folder into place (the folder is the unit of atomicity).
+
+    ``final_dir`` must be a name nothing committed refers to yet (a database's next segment): what is there is
+    debris of an earlier attempt that crashed before its commit, and is replaced."""
     if final_dir.exists():
         shutil.rmtree(final_dir)
     os.replace(tmp_dir, final_dir)

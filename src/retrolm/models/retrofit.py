@@ -260,6 +260,18 @@ def _base_attention_settings(hf: nn.Module) -> dict[str, float]:
     return {"rope_theta": float(theta), "norm_eps": float(eps)}
 
 
+def _sliding_window(hf: nn.Module) -> int | None:
+    """The base's attention window when some of its layers use one (Mistral; Qwen2 only with use_sliding_window)."""
+    cfg = hf.config
+    window = getattr(cfg, "sliding_window", None)
+    if not window or getattr(cfg, "use_sliding_window", True) is False:
+        return None
+    layer_types = getattr(cfg, "layer_types", None)
+    if layer_types is not None and not any("sliding" in str(t) for t in layer_types):
+        return None
+    return int(window)
+
+
 def _context_len(hf: nn.Module) -> int | None:
     cfg = hf.config
     n = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
@@ -479,6 +491,13 @@ class RetrofitModel(nn.Module):
             str(i): _JointReader(rcfg, config.cca_query_offset) if self.base_read else _CrossBlock(rcfg)
             for i in config.retro_layers})
         if self.base_read:
+            window = _sliding_window(hf)
+            if window is not None and config.seq_len > window:
+                # the readers recompute each layer's attention over the whole causal context: past the window that
+                # is not the attention the base was trained with
+                raise RetrolmError(f"{config.base}: the base attends over a sliding window of {window} tokens and "
+                                   f"encoder=base reads the whole context; use seq_len <= {window} (asked "
+                                   f"{config.seq_len}) or encoder=retro")
             self._init_from_base_attention(layers)
         else:
             self._init_new_weights(rcfg)

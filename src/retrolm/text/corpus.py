@@ -152,7 +152,15 @@ def _read_parquet(path: Path, warn: Warn) -> Iterator[Document]:
         warn("skipping %s: Parquet needs an 'id' column and a 'text' or 'contents' column", path)
         return
     row = 0
-    for batch in pf.iter_batches(columns=["id", text_col], batch_size=4096):
+    batches = pf.iter_batches(columns=["id", text_col], batch_size=4096)
+    while True:
+        try:
+            batch = next(batches, None)
+        except Exception as e:  # a damaged page or column chunk further in: the rows before it are kept
+            warn("skipping the rest of %s from row %d: cannot read (%s)", path, row + 1, str(e).splitlines()[0])
+            return
+        if batch is None:
+            return
         for doc_id, text in zip(batch.column(0).to_pylist(), batch.column(1).to_pylist(), strict=True):
             row += 1
             source = f"{path}:row{row}"

@@ -173,6 +173,10 @@ def load_tokenizer(spec: str) -> LMTokenizer:
         tok = LMTokenizer.from_file(path / "tokenizer.json", name=spec)
         special = _special_tokens(path)
         return LMTokenizer(tok.tok, spec, **special) if special else tok
+    if (path / "model.json").is_file() or (path / "meta.json").is_file():  # retrolm's own folders always hold one
+        what = "checkpoint" if (path / "model.json").is_file() else "database"
+        raise RetrolmError(f"{path}: {what} has no tokenizer.json (restore it from a copy, or from the database the "
+                           "model was trained on)")
     return _hub_tokenizer(str(path))
 
 
@@ -183,11 +187,11 @@ def _hub_tokenizer(spec: str) -> LMTokenizer:
         hf = AutoTokenizer.from_pretrained(spec)
     except Exception as e:  # OSError offline, ValueError for unknown types
         raise RetrolmError(
-            f"--tokenizer {spec!r}: cannot load ({type(e).__name__}: {str(e).splitlines()[0]})"
+            f"{spec}: cannot load as a tokenizer ({type(e).__name__}: {str(e).splitlines()[0]})"
         ) from None
     backend = getattr(hf, "backend_tokenizer", None)
     if backend is None:
-        raise RetrolmError(f"--tokenizer {spec!r}: only fast (Rust) tokenizers are supported")
+        raise RetrolmError(f"{spec}: only fast (Rust) tokenizers are supported")
     return LMTokenizer(backend, name=spec, eos_token=hf.eos_token, pad_token=hf.pad_token)
 
 

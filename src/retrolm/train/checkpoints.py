@@ -18,6 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from retrolm.core.errors import RetrolmError
+from retrolm.core.hub import step_folders
 from retrolm.core.io import fsync_dir, fsync_tree
 from retrolm.models.weights import verify_checksums, write_checksums
 
@@ -32,7 +33,7 @@ class CheckpointManager:
 
     def all(self) -> list[Path]:
         """Checkpoint folders, oldest first."""
-        return sorted(p for p in self.folder.glob("step-*") if p.is_dir())
+        return step_folders(self.folder)
 
     def save(self, step: int, write: Callable[[Path], None]) -> Path:
         """Create ``step-NNNNNN/`` with ``write(tmp_folder)``, record checksums, rename into place, rotate.
@@ -60,7 +61,8 @@ class CheckpointManager:
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         fsync_dir(self.folder)
-        older = [p for p in self.all() if p.name < final.name]
+        found = self.all()
+        older = found[: found.index(final)]
         for old in older[: max(0, len(older) - (self.keep - 1))]:
             shutil.rmtree(old, ignore_errors=True)
         return final
