@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,7 @@ import torch
 from conftest import run_cli, wiki_docs, write_jsonl
 from retrolm.core.errors import RetrolmError
 from retrolm.db import BuildConfig, Database
-from retrolm.eval.qa import QAItem, load_qa
+from retrolm.eval.qa import QAItem, load_qa, score_prediction
 from retrolm.infer.consistency import answer_similarity, cross_document_vote, majority_vote
 from retrolm.infer.flops import ModelCost, StageFlops, pretraining_flops
 from retrolm.infer.rag import Passage, RagConfig, RagPipeline
@@ -171,6 +172,19 @@ def test_consistency_votes_on_fixed_answers():
     assert cd.self_consistency == pytest.approx([0.25, 1.0]) and cd.answer == "Lyon"
 
 
+def test_multiple_choice_is_scored_and_voted_by_option_not_by_normalised_text():
+    """Options that normalise alike ("-1" / "1", "per-CPU" / "per_cpu") are different answers: picking the wrong one
+    scored as correct, and their votes were merged."""
+    item = QAItem("m", "q", ["1"], ["-1", "1", "per-CPU", "per_cpu"], 1)
+    assert score_prediction("-1", item)["em"] == 0.0 and score_prediction("1", item)["em"] == 1.0
+    assert score_prediction("per_cpu", QAItem("m", "q", ["per-CPU"], ["per-CPU", "per_cpu"], 0))["em"] == 0.0
+    v = majority_vote(["-1", "1", "1"], exact=True)
+    assert (v.answer, v.score, v.support) == ("1", 2.0, [1, 2])
+    assert majority_vote(["-1", "1", "1"]).score == 3.0  # free-form answers still normalise alike
+    cd = cross_document_vote([["-1"], ["1"], ["1"]], exact=True)
+    assert (cd.answer, cd.support, cd.agreement) == ("1", [1, 2], [0.0, 1.0, 1.0])
+
+
 def test_flops_on_a_hand_computed_case():
     c = ModelCost("toy", matmul_params=100, n_layer=2, d_attn=8)
     assert c.per_token(5) == 200 + 4 * 2 * 5 * 8
@@ -198,6 +212,10 @@ def test_flops_on_a_hand_computed_case():
 def test_answer_extraction():
     assert extract_answer("\n  Answer: Paris.\nMore text") == "Paris."
     assert extract_answer('"basalt"') == "basalt" and extract_answer("") == ""
+    # the chat prompt numbers its passages: a reader that cites one is not wrong for it (SmolLM2: "[3] Richard Overy")
+    assert extract_answer("[3] Richard Overy") == "Richard Overy" and extract_answer("Paris [1][2]") == "Paris [1][2]"
+    assert extract_answer("Answer: [1] [2] Paris [2]") == "Paris" and extract_answer("array[0]") == "array[0]"
+    assert extract_answer("**Answer:** Paris") == "Paris"
 
 
 def test_cli_contract(world, capsys):
@@ -265,6 +283,60 @@ def test_config_errors(world):
     with pytest.raises(RetrolmError, match=rf"question 'fine': max_new_tokens is {context} tokens"):
         run_rag_eval(eval_cfg(world, "huge", data=str(huge), max_new_tokens=context))
     assert not (world["root"] / "huge" / "rag.json").exists()
+
+
+def test_templates_and_devices_are_checked_with_the_config(world):
+    for template, message in [("{passages}Q: {question} {lang}", "unknown field {lang}"),
+                              ('Answer in JSON {"a": 1}. {passages}{question}', 'unknown field {"a"}'),
+                              ("Question: {question}\nAnswer:", "has no {passages}"),
+                              ("{passages}{question} }", "Single '}'")]:
+        with pytest.raises(RetrolmError, match=re.escape(message)):
+            RagConfig(template=template)
+    RagConfig(template="{{literal}} {passages}{question}")
+    with pytest.raises(RetrolmError, match="device=gpu: not a device"):
+        RagConfig(device="gpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(RetrolmError, match="device=cuda: CUDA is not available on this machine"):
+            RagConfig(device="cuda")
+
+
+def test_nothing_retrieved_cross_doc_reads_the_question_alone(world):
+    """Every configuration reads the question alone when retrieval finds nothing; cross-document consistency
+    answered nothing (a multiple-choice item always wrong)."""
+    pipe = RagPipeline.load(RagConfig(db=str(world["db"].path), reader=world["lm"], retriever="bm25", rerank=False,
+                                      cross_doc=True, cross_doc_passages=2, top_n=3, **PLAIN))
+    items = [QAItem("m", "qqzx vvwk qqzx vvwk", ["qqzx"], ["qqzx", "basalt"], 0), QAItem("s", "qqzx vvwk qqzx", [])]
+    closed = [r.answers[0] for r in pipe.read(items, None)]
+    got = pipe.answer_items(items)
+    assert [a.answer for a in got] == closed and closed[0] == "qqzx"
+    assert all(a.passages == [] and a.support == [] for a in got)
+
+
+def test_the_reranker_fits_its_prompt_to_the_context(world, tmp_path):
+    """A passage longer than the context left by the question is cut further (the yes/no position ends the prompt);
+    a question that alone fills the reranker's context is refused by name before anything is read."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    vocab = world["db"].tokenizer.vocab_size
+    small = tmp_path / "small-llama"
+    LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                 num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64)
+                     ).save_pretrained(small)
+    world["db"].tokenizer.save(small / "tokenizer.json")
+    pipe = RagPipeline.load(RagConfig(db=str(world["db"].path), reader=str(small), retriever="bm25", top_n=2,
+                                      passages=1, max_passage_tokens=192, **PLAIN))
+    reranker = pipe.reranker
+    assert isinstance(reranker, LMReranker) and reranker.lm.context_len == 64
+    passage = "The code of zorblat is amber. " * 40
+    assert len(reranker.tok.encode(reranker.prompt_text("The code of zorblat is", passage))) > 64
+    ids = reranker.prompt_ids("The code of zorblat is", passage)
+    assert 48 <= len(ids) <= 64 and reranker.tok.decode(ids).endswith("(yes or no)? Answer:")
+    scores, _ = reranker.score("The code of zorblat is", [passage, "short"])
+    assert len(scores) == 2
+    long_q = QAItem("long", "zorblat " * 80, ["amber"])
+    with pytest.raises(RetrolmError, match=r"qa.jsonl: question 'long': the reranker's prompt .* takes \d+ tokens with "
+                                           r"no passage, no room in the 64-token context"):
+        pipe.check_fits([QAItem("fine", "The code of zorblat is", ["amber"]), long_q], "qa.jsonl")
 
 
 def test_cross_document_consistency_reads_each_document_once(world):

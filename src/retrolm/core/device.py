@@ -7,12 +7,25 @@ import os
 
 import torch
 
+from retrolm.core.errors import RetrolmError
+
 
 def default_device(device: str | torch.device | None = None) -> torch.device:
-    """``device`` if given, else CUDA when available, else the CPU."""
-    if device is not None:
-        return torch.device(device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """``device`` if given (checked: a device torch knows, CUDA only where there is one), else CUDA when available,
+    else the CPU."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise RetrolmError(f"device={device}: not a device ({first})") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RetrolmError(f"device={device}: CUDA is not available on this machine (use device=cpu)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise RetrolmError(f"device={device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return dev
 
 
 def autocast(device: torch.device, enabled: bool = True) -> contextlib.AbstractContextManager:

@@ -77,6 +77,8 @@ def _record(obj: object, where: str) -> QAItem:
         if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) and c.strip()
                                                                        for c in choices):
             raise RetrolmError(f"{where}: 'choices' must be a list of at least two non-empty strings")
+        if len({c.strip() for c in choices}) < len(choices):
+            raise RetrolmError(f"{where}: 'choices' has the same option twice")
         if not isinstance(answer, int) or isinstance(answer, bool) or not 0 <= answer < len(choices):
             raise RetrolmError(f"{where}: 'answer' must be the index of the correct choice (0..{len(choices) - 1})")
         return QAItem(str(obj["id"]), question, [choices[answer]], list(choices), answer, meta)
@@ -136,11 +138,21 @@ def token_f1(prediction: str, golds: Sequence[str]) -> float:
     return max(_f1(prediction, g) for g in golds)
 
 
+def _chosen_option(prediction: str, choices: Sequence[str]) -> int | None:
+    """The option a prediction names: the one it is as written, else the only one it equals after normalisation (two
+    options may normalise alike: "-1" and "1", "per-CPU" and "per_cpu")."""
+    written = [i for i, c in enumerate(choices) if c.strip() == prediction.strip()]
+    if written:
+        return written[0]
+    alike = [i for i, c in enumerate(choices) if normalize_answer(c) == normalize_answer(prediction)]
+    return alike[0] if len(alike) == 1 else None
+
+
 def score_prediction(prediction: str, item: QAItem) -> dict[str, float]:
     """``{"em", "f1"}`` of a prediction; for multiple choice the prediction is the chosen option's text and both are
     accuracy."""
     if item.multiple_choice:
-        acc = float(normalize_answer(prediction) == normalize_answer(item.answers[0]))
+        acc = float(_chosen_option(prediction, item.choices) == item.answer)
         return {"em": acc, "f1": acc}
     return {"em": exact_match(prediction, item.answers), "f1": token_f1(prediction, item.answers)}
 

@@ -4,9 +4,10 @@ with themselves and with the other passages', return the answer of the most cons
 supported it).
 
 Answers are compared after SQuAD normalisation (:func:`retrolm.eval.qa.normalize_answer`); an answer that normalises
-to nothing is an abstention and gets no vote. Tied votes go to the answer closest to all the others (the largest summed
-token F1 with every answer: the medoid, which matters for free-form answers that rarely repeat exactly), then to the
-answer given first (for passages: the best-ranked one).
+to nothing is an abstention and gets no vote. Multiple-choice answers (``exact=True``) are options, compared as written:
+two options that normalise alike ("-1" and "1", "per-CPU" and "per_cpu") are different answers. Tied votes go to the
+answer closest to all the others (the largest summed token F1 with every answer: the medoid, which matters for
+free-form answers that rarely repeat exactly), then to the answer given first (for passages: the best-ranked one).
 """
 
 from __future__ import annotations
@@ -38,12 +39,17 @@ class Vote:
                 "tally": {k: round(v, 4) for k, v in self.tally.items()}}
 
 
-def majority_vote(answers: Sequence[str], weights: Sequence[float] | None = None) -> Vote:
-    """Self-consistency: the most frequent normalised answer (weighted if ``weights``); ties → the one with the largest
-    summed similarity to all answers (:func:`answer_similarity`, weighted), then the first given."""
+def _key(answer: str, exact: bool) -> str:
+    return answer.strip() if exact else normalize_answer(answer)
+
+
+def majority_vote(answers: Sequence[str], weights: Sequence[float] | None = None, exact: bool = False) -> Vote:
+    """Self-consistency: the most frequent normalised answer (weighted if ``weights``; ``exact``: options compared as
+    written); ties → the one with the largest summed similarity to all answers (:func:`answer_similarity`, weighted),
+    then the first given."""
     if weights is not None and len(weights) != len(answers):
         raise ValueError(f"{len(weights)} weights for {len(answers)} answers")
-    norms = [normalize_answer(a) for a in answers]
+    norms = [_key(a, exact) for a in answers]
     tally: dict[str, float] = {}
     first: dict[str, int] = {}
     for i, n in enumerate(norms):
@@ -56,7 +62,7 @@ def majority_vote(answers: Sequence[str], weights: Sequence[float] | None = None
     tied = [n for n in tally if tally[n] == top]
     if len(tied) > 1:
         w = [1.0] * len(answers) if weights is None else [float(x) for x in weights]
-        centrality = {n: sum(w[j] * answer_similarity(n, norms[j]) for j in range(len(answers))) for n in tied}
+        centrality = {n: sum(w[j] * answer_similarity(n, norms[j], exact) for j in range(len(answers))) for n in tied}
         best = max(tied, key=lambda n: (centrality[n], -first[n]))
     else:
         best = tied[0]
@@ -91,27 +97,30 @@ class CrossDocVote:
                 "tally": {k: round(v, 4) for k, v in self.tally.items()}}
 
 
-def answer_similarity(a: str, b: str) -> float:
-    """Token F1 of two answers after normalisation (1 for equal answers, 0 if either abstains)."""
+def answer_similarity(a: str, b: str, exact: bool = False) -> float:
+    """Token F1 of two answers after normalisation (1 for equal answers, 0 if either abstains); ``exact``: 1 for the
+    same option, else 0."""
+    if exact:
+        return float(bool(a.strip()) and a.strip() == b.strip())
     if not normalize_answer(a) or not normalize_answer(b):
         return 0.0
     return token_f1(a, [b])
 
 
-def cross_document_vote(per_passage: Sequence[Sequence[str]]) -> CrossDocVote:
+def cross_document_vote(per_passage: Sequence[Sequence[str]], exact: bool = False) -> CrossDocVote:
     """Vote over passages, each of which answered alone (one or more samples each, in ranked order).
 
     Passage p's answer a_p is the majority of its samples and c_p the share of its samples that gave it; its agreement
     g_p = Σ_{q≠p} sim(a_p, a_q) (token F1, so "in 1970" partly agrees with "1970"); its weight w_p = c_p · (1 + g_p).
     The answer with the largest summed weight wins (ties: the best-ranked passage's), and its supporters are the
     passages whose answer it is. With no agreement anywhere this falls back to the most self-consistent passage,
-    then to the best-ranked one."""
-    own = [majority_vote(list(samples)) for samples in per_passage]
+    then to the best-ranked one. ``exact``: the answers are options, compared as written."""
+    own = [majority_vote(list(samples), exact=exact) for samples in per_passage]
     answers = [v.answer for v in own]
     # over all of the passage's samples: abstaining samples count against it (a passage that answered once in four
     # is not fully consistent), unlike Vote.share, which is over the votes cast
     consistency = [v.score / len(samples) if v.normalized else 0.0 for v, samples in zip(own, per_passage, strict=True)]
-    agreement = [sum(answer_similarity(answers[p], answers[q]) for q in range(len(own)) if q != p)
+    agreement = [sum(answer_similarity(answers[p], answers[q], exact) for q in range(len(own)) if q != p)
                  for p in range(len(own))]
     weights = [c * (1.0 + g) for c, g in zip(consistency, agreement, strict=True)]
     tally: dict[str, float] = {}

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from retrolm.core.device import default_device
 from retrolm.core.errors import RetrolmError
 from retrolm.db import Hit
 from retrolm.infer.sampling import check_sampling, sample
@@ -66,6 +67,7 @@ class GenerateConfig:
             raise RetrolmError("generate: the prompt is empty (--prompt)")
         if min(self.stride, self.query_tokens, self.context_tokens) < 1:
             raise RetrolmError("generate: stride, query_tokens and context_tokens must be positive")
+        default_device(self.device)  # here, not as a traceback once the model is loaded
 
 
 @dataclass

@@ -29,13 +29,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from retrolm.core.device import default_device
 from retrolm.core.errors import RetrolmError
 from retrolm.db import DatabaseView
 from retrolm.eval.qa import CHOICE_NORMALIZATIONS, QAItem
 from retrolm.infer.consistency import cross_document_vote, majority_vote
 from retrolm.infer.flops import ModelCost, StageFlops, bm25_search_flops, dense_search_flops
-from retrolm.infer.reader import DEFAULT_SYSTEM, DEFAULT_TEMPLATE, Reader, Reading
-from retrolm.infer.rerank import Reranker, load_reranker
+from retrolm.infer.reader import DEFAULT_SYSTEM, DEFAULT_TEMPLATE, Reader, Reading, check_template
+from retrolm.infer.rerank import LMReranker, Reranker, load_reranker
 from retrolm.retrieval import get_retriever
 
 logger = logging.getLogger(__name__)
@@ -117,6 +118,8 @@ class RagConfig:
                                f"cannot exceed top_n ({self.top_n})")
         if (self.samples > 1 or self.cross_doc_samples > 1) and self.sample_temperature <= 0:
             raise RetrolmError("samples > 1 needs sample_temperature > 0 (greedy samples are all the same)")
+        check_template(self.template)
+        default_device(self.device)  # here, not as a traceback once the reader is loaded
 
 
 @dataclass
@@ -300,6 +303,11 @@ class RagPipeline:
                 what = "its longest option takes" if it.multiple_choice else "max_new_tokens is"
                 raise RetrolmError(f"{source}: question {it.id!r}: {what} {need} tokens, no room for a "
                                    f"prompt in the {room}-token context of {self.reader.lm.name}")
+            if isinstance(self.reranker, LMReranker):
+                try:
+                    self.reranker.check_question(it.question)
+                except RetrolmError as e:
+                    raise RetrolmError(f"{source}: question {it.id!r}: {e}") from None
 
     def read(self, items: Sequence[QAItem], passages: Sequence[Sequence[Passage]] | None, samples: int = 1,
              temperature: float | None = None) -> list[Reading]:
@@ -339,13 +347,16 @@ class RagPipeline:
         return out
 
     def read_each(self, items: Sequence[QAItem], passages: Sequence[Sequence[Passage]]) -> list[list[Reading]]:
-        """Cross-document reading: every item answered from each of its :meth:`cross_doc_candidates` alone."""
+        """Cross-document reading: every item answered from each of its :meth:`cross_doc_candidates` alone (from
+        the question alone when retrieval found nothing)."""
         c = self.cfg
         flat_items, flat_passages, owner = [], [], []
         for i, (it, ps) in enumerate(zip(items, passages, strict=True)):
-            for p in self.cross_doc_candidates(ps):
+            # nothing retrieved: the question alone, as every other configuration reads it (the vote then has one
+            # reading and no passage supports it)
+            for p in self.cross_doc_candidates(ps) or [None]:
                 flat_items.append(it)
-                flat_passages.append([p])
+                flat_passages.append([p] if p is not None else [])
                 owner.append(i)
         temp = c.sample_temperature if c.cross_doc_samples > 1 else c.temperature
         readings = self.read(flat_items, flat_passages, c.cross_doc_samples, temp) if flat_items else []
@@ -385,19 +396,20 @@ class RagPipeline:
         out = []
         if mode == "cross_doc":
             for it, ps, f, rs in zip(items, passages, flops, self.read_each(items, passages), strict=True):
-                vote = cross_document_vote([r.answers for r in rs])
+                vote = cross_document_vote([r.answers for r in rs], exact=it.multiple_choice)
                 total = f
                 for r in rs:
                     total = total + _reading_flops(r)
-                out.append(RagAnswer(it.question, vote.answer, mode, self.cross_doc_candidates(ps), vote.support, total,
-                                     vote.to_dict(), [a for r in rs for a in r.answers]))
+                candidates = self.cross_doc_candidates(ps)
+                out.append(RagAnswer(it.question, vote.answer, mode, candidates, vote.support if candidates else [],
+                                     total, vote.to_dict(), [a for r in rs for a in r.answers]))
             return out
         k = self.cfg.passages
         sc = mode == "self_consistency"
         readings = self.read(items, [ps[:k] for ps in passages], self.cfg.samples if sc else 1,
                              self.cfg.sample_temperature if sc else None)
         for it, ps, f, r in zip(items, passages, flops, readings, strict=True):
-            vote = majority_vote(r.answers) if sc else None
+            vote = majority_vote(r.answers, exact=it.multiple_choice) if sc else None
             answer = vote.answer if vote is not None else r.answers[0]
             out.append(RagAnswer(it.question, answer, mode, ps[:k], list(range(len(ps[:k]))), f + _reading_flops(r),
                                  vote.to_dict() if vote is not None else None, r.answers))

@@ -147,12 +147,13 @@ def evaluate_block(pipe: RagPipeline, items: list[QAItem], closed_book: bool = T
     if c.cross_doc:
         each = timed("cross_doc", pipe.read_each, items, passages)
         out["cross_doc"] = []
-        for rs, f, ps in zip(each, base_flops, passages, strict=True):
-            vote = cross_document_vote([r.answers for r in rs])
+        for it, rs, f, ps in zip(items, each, base_flops, passages, strict=True):
+            vote = cross_document_vote([r.answers for r in rs], exact=it.multiple_choice)
             total = f
             for r in rs:
                 total = total + _rf(r)
-            out["cross_doc"].append(Prediction(vote.answer, total, pipe.cross_doc_candidates(ps), vote.support,
+            candidates = pipe.cross_doc_candidates(ps)
+            out["cross_doc"].append(Prediction(vote.answer, total, candidates, vote.support if candidates else [],
                                                [a for r in rs for a in r.answers]))
     return out
 

@@ -13,6 +13,7 @@ import functools
 import inspect
 import logging
 import re
+import string
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -31,7 +32,9 @@ logger = logging.getLogger(__name__)
 DEFAULT_SYSTEM = ("Answer the question with a short answer of a few words, without explanation. When passages are "
                   "given, use them.")
 DEFAULT_TEMPLATE = "{passages}Question: {question}\nAnswer:"
-_PREFIX = re.compile(r"^\s*(short answer|final answer|answer)\s*[:\-]\s*", re.IGNORECASE)
+_PREFIX = re.compile(r"^\s*[*_]*\s*(short answer|final answer|answer)\s*[*_]*\s*[:\-]\s*[*_]*\s*", re.IGNORECASE)
+_CITATIONS = re.compile(r"^\s*(\[\d+\]\s*)+|(\s+\[\d+\])+\s*$")
+"""Passage numbers ([1], [2] …, as the chat prompt lists passages) that a reader copies before or after its answer."""
 
 
 def chat_tokenizer(path: str) -> object | None:
@@ -46,9 +49,27 @@ def chat_tokenizer(path: str) -> object | None:
 
 
 def extract_answer(text: str) -> str:
-    """The answer in a generation: its first non-empty line without an ``Answer:`` prefix or surrounding quotes."""
+    """The answer in a generation: its first non-empty line without an ``Answer:`` prefix (``**Answer:**`` too),
+    passage numbers (``[3]``) or surrounding quotes."""
     line = next((ln for ln in text.splitlines() if ln.strip()), "")
+    line = _CITATIONS.sub("", _PREFIX.sub("", line))
     return _PREFIX.sub("", line).strip().strip("\"'`*").strip()
+
+
+def check_template(template: str) -> None:
+    """The plain prompt must place ``{passages}`` and ``{question}`` and nothing else (a template without
+    ``{passages}`` would read every question closed book while reporting its passages as read)."""
+    try:
+        fields = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
+    except ValueError as e:  # an unmatched brace
+        raise RetrolmError(f"reader template {template!r}: {e} (write a literal brace as {{{{ or }}}})") from None
+    other = sorted(fields - {"passages", "question"})
+    if other:
+        raise RetrolmError(f"reader template {template!r}: unknown field {{{other[0]}}} (the fields are {{passages}} "
+                           "and {question}; write a literal brace as {{ or }})")
+    missing = [f"{{{f}}}" for f in ("passages", "question") if f not in fields]
+    if missing:
+        raise RetrolmError(f"reader template {template!r} has no {' or '.join(missing)}")
 
 
 def forward_last(hf: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, cache: object | None = None,
@@ -119,8 +140,7 @@ class Reader:
     def __init__(self, lm: CausalLM, tokenizer: LMTokenizer, chat: object | None = None, system: str = DEFAULT_SYSTEM,
                  template: str = DEFAULT_TEMPLATE, max_passage_tokens: int = 192,
                  examples: Sequence[Sequence[str]] = ()) -> None:
-        if "{question}" not in template:
-            raise RetrolmError(f"reader template {template!r} has no {{question}}")
+        check_template(template)
         if any(len(e) != 2 for e in examples):
             raise RetrolmError("reader examples must be [question, answer] pairs")
         self.lm, self.tok, self.chat, self.system, self.template = lm, tokenizer, chat, system, template
@@ -310,5 +330,5 @@ def forward_all(hf: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, cach
     return hf(**kw).logits
 
 
-__all__ = ["DEFAULT_SYSTEM", "DEFAULT_TEMPLATE", "Reader", "Reading", "chat_tokenizer", "extract_answer",
-           "forward_all", "forward_last", "left_pad"]
+__all__ = ["DEFAULT_SYSTEM", "DEFAULT_TEMPLATE", "Reader", "Reading", "chat_tokenizer", "check_template",
+           "extract_answer", "forward_all", "forward_last", "left_pad"]

@@ -86,9 +86,33 @@ class LMReranker(Reranker):
                                              tokenize=False, add_generation_prompt=True)
         return text + ("<think>\n\n</think>\n\n" if self.think else "")
 
+    def prompt_ids(self, question: str, passage: str) -> list[int]:
+        """The prompt's ids, fitted to the model's context by cutting the passage further (never the question or
+        the instructions: the yes/no position ends the prompt)."""
+        room = self.lm.context_len
+        ids = self.tok.encode(self.prompt_text(question, passage))
+        if len(ids) <= room:
+            return ids
+        doc = self.tok.encode(passage.strip())[: self.max_passage_tokens]
+        keep = len(doc) - (len(ids) - room)
+        while keep > 0:  # a cut text may tokenise a little longer at the cut: shorten until it fits
+            ids = self.tok.encode(self.prompt_text(question, self.tok.decode(doc[:keep])))
+            if len(ids) <= room:
+                return ids
+            keep -= max(1, len(ids) - room)
+        self.check_question(question)
+        return self.tok.encode(self.prompt_text(question, ""))
+
+    def check_question(self, question: str) -> None:
+        """Refuse a question whose relevance prompt alone (no passage) fills the model's context."""
+        n, room = len(self.tok.encode(self.prompt_text(question, ""))), self.lm.context_len
+        if n >= room:
+            raise RetrolmError(f"the reranker's prompt for question {question[:60]!r} takes {n} tokens with no "
+                               f"passage, no room in the {room}-token context of {self.name}")
+
     @torch.no_grad()
     def score(self, question: str, passages: Sequence[str]) -> tuple[list[float], int]:
-        rows = [self.tok.encode(self.prompt_text(question, p)) for p in passages]
+        rows = [self.prompt_ids(question, p) for p in passages]
         scores: list[float] = []
         for start in range(0, len(rows), self.batch_size):
             ids, mask = left_pad(rows[start : start + self.batch_size], self.tok.pad_id)

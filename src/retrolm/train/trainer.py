@@ -31,7 +31,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from retrolm.core.config import save_config
-from retrolm.core.device import autocast
+from retrolm.core.device import autocast, default_device
 from retrolm.core.errors import RetrolmError
 from retrolm.core.hub import find_checkpoint
 from retrolm.core.io import exclusive_lock, read_json, read_json_object, write_json
@@ -226,7 +226,7 @@ class Trainer:
             torch.distributed.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo",
                                                  timeout=timeout)
         default = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
-        self.device = torch.device(cfg.device or default)
+        self.device = default_device(cfg.device or default)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
             torch.backends.cuda.matmul.allow_tf32 = True
