@@ -164,3 +164,33 @@ def test_chunk_bytes_leave_out_each_documents_unpredicted_first_token(built_db):
         assert without_first[doc == d].sum() == pytest.approx(store.doc_n_bytes[d] - len(first.encode()))
         assert len(text.encode()) == store.doc_n_bytes[d]  # byte-level BPE: decoding gives the document back
 
+
+
+def test_a_swap_never_hands_a_chunk_its_own_or_its_other_versions_neighbours(built_db):
+    """A sequence drawn twice in one step would read its own neighbours from its copy; with near-duplicates excluded,
+    a neighbour from another version of the receiving sequence's documents (its family) is masked like its own."""
+    from retrolm.retrieval.neighbours import document_families
+
+    store = built_db.store
+    docs = store.all_chunk_docs()
+    nb = compute_neighbours(DenseRetriever(built_db), config=NeighbourConfig(k=2), show_progress=False)
+    seqs = RetroSequences(store, seq_chunks=4, eos_id=built_db.tokenizer.eos_id, neighbours=nb, db_store=store)
+    twice = swap_neighbours(seqs.batch([3, 3]), 1.0, np.random.default_rng(0))
+    assert not twice.neighbour_mask.any()  # its own neighbours, from its copy: nothing is read instead
+    # families: document 0 and the documents of sequence 2's neighbours are one text in three versions
+    b = seqs.batch([0, 2])
+    theirs = sorted({int(d) for d in b.neighbour_docs[1].flatten() if d >= 0} - set(b.chunk_docs[0].tolist()))
+    assert theirs  # sequence 0 would read some of them as distractors...
+    groups = [np.zeros(0, np.int64) for _ in range(store.n_docs)]
+    for d in theirs:
+        groups[d], groups[int(docs[0])] = np.array([docs[0]]), np.append(groups[int(docs[0])], d)
+    family = document_families(groups)
+    assert family[theirs].tolist() == [int(docs[0])] * len(theirs) and family[int(docs[0])] == int(docs[0])
+    fam = RetroSequences(store, seq_chunks=4, eos_id=built_db.tokenizer.eos_id, neighbours=nb, db_store=store,
+                         doc_family=family)
+    plain = swap_neighbours(b, 1.0, np.random.default_rng(0))
+    masked = swap_neighbours(fam.batch([0, 2]), 1.0, np.random.default_rng(0))
+    from_family = torch.isin(b.neighbour_docs[1], torch.tensor(theirs))  # (C, K) donor neighbours of the family
+    assert plain.neighbour_mask[0][from_family].any()  # ...read without families
+    assert not masked.neighbour_mask[0][from_family].any()  # masked as its own text with them
+    assert (masked.neighbour_mask[0][~from_family] == plain.neighbour_mask[0][~from_family]).all()

@@ -567,3 +567,48 @@ def test_neighbour_search_torch_matches_faiss_and_its_cost_is_logged(built_db, t
     assert (a == b).mean() > 0.99  # near-tied keys may swap places
     with pytest.raises(RetrolmError, match="neighbour_search"):
         tiny_cfg(built_db, tmp_path / "x", neighbour_search="gpu")
+
+
+def test_loop_settings_that_cannot_train_are_refused_with_the_config(built_db, tmp_path):
+    """Each was a ZeroDivisionError after the first step, an optimizer traceback, or silently wrong training."""
+    for override, message in [({"eval_every": 0}, "eval_every must be >= 1"), ({"log_every": 0}, "log_every"),
+                              ({"save_every": -1}, "save_every"), ({"eval_batches": 0}, "eval_batches"),
+                              ({"lr": -1.0}, "lr must be > 0"), ({"warmup_steps": -3}, "warmup_steps"),
+                              ({"beta1": 1.5}, "beta1 and beta2 must be in"), ({"grad_clip": -1.0}, "grad_clip")]:
+        with pytest.raises(RetrolmError, match=message):
+            tiny_cfg(built_db, tmp_path / "x", **override)
+
+
+def test_grad_clip_zero_clips_nothing_and_no_validation_split_reports_no_validation(built_db, tmp_path):
+    """grad_clip=0 (nanoGPT's "no clipping") zeroed every gradient: the run trained nothing. val_fraction=0 logged a
+    perfect validation loss of 0.0."""
+    t = Trainer(tiny_cfg(built_db, tmp_path / "run", steps=2, grad_clip=0.0, val_fraction=0.0, eval_every=1))
+    t.setup(show_progress=False)
+    before = [p.detach().clone() for _, p in t.trainable_parameters()]
+    metrics = t.train()
+    moved = max(float((p.detach() - b).abs().max()) for (_, p), b in zip(t.trainable_parameters(), before,
+                                                                          strict=True))
+    t.cleanup()
+    assert moved > 1e-4 and metrics["train/grad_norm"] > 1.0  # unclipped: the logged norm is the real one
+    rows = metric_rows(tmp_path / "run")
+    assert not any(k.startswith("val") for r in rows for k in r) and t.evaluate() == {}
+
+
+def test_each_rank_draws_its_own_random_numbers_after_the_model_is_built(built_db, tmp_path, monkeypatch):
+    """Under torchrun every rank seeded alike and drew the same dropout masks on its own batch; the model they build
+    stays the same, and rank 0 goes on as a single process does."""
+    draws, weights = [], []
+    for rank in (0, 1):
+        monkeypatch.setenv("RANK", str(rank))
+        t = Trainer(tiny_cfg(built_db, tmp_path / f"rank{rank}", steps=0))
+        t.setup(show_progress=False)
+        weights.append([p.detach().clone() for p in t.model.parameters()])
+        draws.append(torch.rand(4))
+        t.cleanup()
+    assert all(torch.equal(a, b) for a, b in zip(*weights, strict=True))
+    assert not torch.equal(draws[0], draws[1])
+    monkeypatch.delenv("RANK")
+    t = Trainer(tiny_cfg(built_db, tmp_path / "single", steps=0))
+    t.setup(show_progress=False)
+    assert torch.equal(torch.rand(4), draws[0])
+    t.cleanup()

@@ -111,6 +111,25 @@ def near_duplicate_groups(db: DatabaseView, threshold: float = 0.8, n: int = 13,
     return groups
 
 
+def document_families(groups: list[np.ndarray]) -> np.ndarray:
+    """Per document, the smallest document of its family: the documents linked to it through near-duplicate pairs
+    (:func:`near_duplicate_groups`), so that "the same text" is one id wherever documents are compared."""
+    parent = np.arange(len(groups))
+
+    def root(d: int) -> int:
+        while parent[d] != d:
+            parent[d] = parent[parent[d]]
+            d = parent[d]
+        return d
+
+    for d, group in enumerate(groups):
+        for other in group:
+            a, b = root(d), root(int(other))
+            if a != b:
+                parent[max(a, b)] = min(a, b)
+    return np.asarray([root(d) for d in range(len(groups))], dtype=np.int64)
+
+
 def compute_neighbours(
     retriever: Retriever,
     source: ChunkStore | None = None,

@@ -99,7 +99,7 @@ class LoopConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0
-    """Gradient norm clipping."""
+    """Gradient norm clipping (0: none)."""
     eval_every: int = 50
     """Steps between validation evaluations (bits per byte with and without retrieval)."""
     eval_batches: int = 8
@@ -136,6 +136,17 @@ class LoopConfig:
             raise RetrolmError("neighbour_swap needs batch_size >= 2 (a chunk reads another sequence's neighbours)")
         if self.num_neighbours < 1 or self.keep_checkpoints < 1:
             raise RetrolmError("num_neighbours and keep_checkpoints must be positive")
+        for name in ("eval_every", "eval_batches", "save_every", "log_every"):
+            if getattr(self, name) < 1:  # checked here, not as a ZeroDivisionError after the neighbour search
+                raise RetrolmError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not self.lr > 0 or self.min_lr < 0 or self.warmup_steps < 0 or self.weight_decay < 0:
+            raise RetrolmError(f"lr must be > 0 and min_lr, warmup_steps, weight_decay >= 0 (got lr={self.lr}, "
+                               f"min_lr={self.min_lr}, warmup_steps={self.warmup_steps}, "
+                               f"weight_decay={self.weight_decay})")
+        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
+            raise RetrolmError(f"beta1 and beta2 must be in [0, 1), got {self.beta1}, {self.beta2}")
+        if not self.grad_clip >= 0:  # a negative bound turned every step into gradient ascent
+            raise RetrolmError(f"grad_clip must be >= 0 (0: no clipping), got {self.grad_clip}")
         if self.retriever not in ("dense", "bm25", "hybrid"):
             raise RetrolmError(f"retriever must be dense, bm25 or hybrid, got {self.retriever!r}")
         if self.neighbour_search not in ("auto", "faiss", "torch"):

@@ -62,9 +62,10 @@ def swap_neighbours(batch: Batch, share: float, rng: np.random.Generator) -> Bat
 
     Sequences of a batch are drawn at random from the whole corpus, so the swapped neighbours almost always belong to
     another document: a distractor. A chunk keeps its own tokens and targets; only what it reads changes. Where the
-    batch knows its documents (``chunk_docs``), a swapped neighbour from any document of the receiving sequence is
-    masked out: the other sequence's neighbours were searched without excluding it (two versions of one file in a
-    batch would otherwise hand a chunk its own text).
+    batch knows its documents (``chunk_docs``), a swapped neighbour from any document of the receiving sequence (with
+    near-duplicates excluded: of its family) is masked out: the other sequence's neighbours were searched without
+    excluding it (two versions of one file in a batch would otherwise hand a chunk its own text), and so is every
+    neighbour a sequence would take from a copy of itself.
     """
     if batch.neighbours is None or share <= 0.0:
         return batch
@@ -72,6 +73,10 @@ def swap_neighbours(batch: Batch, share: float, rng: np.random.Generator) -> Bat
         raise ValueError("swap_neighbours needs at least two sequences in the batch")
     pick = torch.from_numpy(rng.random(batch.neighbours.shape[:2]) < share)[:, :, None, None]
     mask = batch.neighbour_mask.roll(-1, 0)
+    # a sequence drawn twice in one step (the end of one epoch's order meets the start of the next) would hand its
+    # copy its own neighbours: nothing is read instead
+    same = (batch.idx == batch.idx.roll(-1, 0)).all(1)
+    mask = mask & ~same[:, None, None, None].to(mask.device)
     docs = batch.neighbour_docs
     if docs is not None and batch.chunk_docs is not None:
         donor = docs.roll(-1, 0)  # (B, C, K)
@@ -148,6 +153,7 @@ class RetroSequences:
         include_tail: bool = False,
         tokenizer: LMTokenizer | None = None,
         context_chunks: int = 0,
+        doc_family: np.ndarray | None = None,
     ):
         if not 0 <= context_chunks < seq_chunks:
             raise ValueError(f"context_chunks={context_chunks} must be in 0..seq_chunks-1={seq_chunks - 1}")
@@ -163,6 +169,9 @@ class RetroSequences:
         if neighbours is not None and self.k > neighbours.shape[1]:
             raise ValueError(f"num_neighbours={self.k} but only {neighbours.shape[1]} neighbours per chunk are stored")
         self.include_tail = include_tail
+        # the document ids a batch carries for the neighbour swap: with near-duplicates excluded, a document's whole
+        # family (its other versions), so that a swapped neighbour from another version is masked as its own is
+        self._family = doc_family
         self._doc = source.all_chunk_docs()
         self._last = np.zeros(source.n_chunks, dtype=bool)  # chunk is the last of its document
         ends = source.doc_first_chunk + source.doc_n_chunks - 1 - source.first_chunk
@@ -220,10 +229,11 @@ class RetroSequences:
             out["neighbours"] = ntoks.reshape(C, self.k, 2 * m)
             out["neighbour_mask"] = nmask.reshape(C, self.k, 2 * m)
             if self.db_store is self.source:  # training on the database's chunks: documents share one numbering
+                fam = (lambda d: d) if self._family is None else (lambda d: self._family[d])
                 chunk_docs = np.full(C, -1, dtype=np.int64)
-                chunk_docs[: len(ids)] = self._doc[ids]
+                chunk_docs[: len(ids)] = fam(self._doc[ids])
                 out["chunk_docs"] = chunk_docs
-                out["neighbour_docs"] = np.where(nb >= 0, self.db_store.chunk_doc(np.maximum(nb, 0)), -1)
+                out["neighbour_docs"] = np.where(nb >= 0, fam(self.db_store.chunk_doc(np.maximum(nb, 0))), -1)
         return out
 
     def batch(self, seqs: Sequence[int], with_neighbours: bool = True) -> Batch:

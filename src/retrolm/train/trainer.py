@@ -43,7 +43,9 @@ from retrolm.retrieval.neighbours import (
     NeighbourConfig,
     compute_neighbours,
     db_identity,
+    document_families,
     load_neighbours,
+    near_duplicate_groups,
     rule_outdated,
     save_neighbours,
 )
@@ -239,6 +241,10 @@ class Trainer:
             raise RetrolmError(f"{cfg.db}: has deleted documents; run `retrolm db compact {cfg.db}` before training")
         torch.manual_seed(cfg.seed)
         self.model = self.build_model().to(self.device)
+        # every rank builds the same model from the same seed; from here on each draws its own dropout masks (with
+        # one seed they drew the same masks on their different batches). Rank 0 goes on as a single process does.
+        if self.rank:
+            torch.manual_seed(cfg.seed + 1000 * self.rank)
         if self.seq_len % self.db.chunk_len:
             raise RetrolmError(f"sequence length {self.seq_len} is not a multiple of chunk_len {self.db.chunk_len}")
         seq_chunks = self.seq_len // self.db.chunk_len
@@ -254,8 +260,11 @@ class Trainer:
                                f"than one step reads ({self._per_step}); lower batch_size or grad_accum")
         # steps=0 writes the model as built: nothing reads training neighbours
         neighbours = self._neighbours(seq_chunks, show_progress) if self.retrieval and cfg.steps else None
+        family = None
+        if neighbours is not None and cfg.neighbour_swap and cfg.neighbour_exclude == "near_duplicate":
+            family = document_families(near_duplicate_groups(self.db, cfg.neighbour_near_dup))
         self.seqs = RetroSequences(self.db.store, seq_chunks, self.db.tokenizer.eos_id, neighbours, self.db.store,
-                                   cfg.num_neighbours, tokenizer=self.db.tokenizer)
+                                   cfg.num_neighbours, tokenizer=self.db.tokenizer, doc_family=family)
 
         params = self.trainable_parameters()
         if not params:
@@ -429,7 +438,9 @@ class Trainer:
                 t = torch.tensor([loss_sum], device=self.device)
                 torch.distributed.all_reduce(t)
                 loss_sum = float(t) / self.world
-            gnorm = float(torch.nn.utils.clip_grad_norm_([p for _, p in self.trainable_parameters()], cfg.grad_clip))
+            # grad_clip=0 clips nothing (max_norm=inf still returns the norm that is logged)
+            gnorm = float(torch.nn.utils.clip_grad_norm_([p for _, p in self.trainable_parameters()],
+                                                         cfg.grad_clip or math.inf))
             if not (math.isfinite(loss_sum) and math.isfinite(gnorm)):  # before the step: weights stay finite
                 good = self.checkpoints.all()
                 what = "loss" if not math.isfinite(loss_sum) else "gradient norm"
@@ -448,7 +459,7 @@ class Trainer:
                         "train/tokens_per_s": tokens / max(dt, 1e-9)}
                 self._log(last)
                 t0, tokens = time.perf_counter(), 0
-            if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
+            if (self.step % cfg.eval_every == 0 or self.step == cfg.steps) and len(self.val_ids):
                 last.update(self._log(self.evaluate()))
             if self.step % cfg.save_every == 0 or self.step == cfg.steps:
                 self.save_checkpoint()
@@ -458,8 +469,11 @@ class Trainer:
         return last
 
     def evaluate(self, retrieval: bool | None = None) -> dict[str, float]:
-        """Validation loss and bits-per-byte, with retrieval (RETRO) and with it switched off."""
+        """Validation loss and bits-per-byte, with retrieval (RETRO) and with it switched off (nothing without a
+        validation split, ``val_fraction=0``)."""
         ids = self.val_ids[: self.cfg.eval_batches * self.cfg.batch_size]
+        if len(ids) == 0:
+            return {}
         # bytes of the validation sequences' chunks; the loss of a sequence's last position is booked to the next
         # sequence's first chunk, so the nats are summed over every chunk, not only the sequences' own
         chunks = (ids[:, None] * self.seqs.C + np.arange(self.seqs.C)[None, :]).ravel()
@@ -496,6 +510,7 @@ class Trainer:
     def save_checkpoint(self) -> Path | None:
         """Rank 0 writes the checkpoint; every rank must call this (the ranks' GPU RNG states are gathered)."""
         self._cuda_rng_by_rank = self._gather_cuda_rng()
+        self._cpu_rng_by_rank = self._gather(torch.get_rng_state()) if self.world > 1 else None
         if not self.main:
             return None
         return self.checkpoints.save(self.step, self._write_checkpoint)
@@ -505,7 +520,10 @@ class Trainer:
         view of the other devices' generators is not theirs)."""
         if self.device.type != "cuda":
             return None
-        own = torch.cuda.get_rng_state(self.device)
+        return self._gather(torch.cuda.get_rng_state(self.device))
+
+    def _gather(self, own: object) -> list:
+        """``own`` of every rank, in rank order (every rank must call this)."""
         if self.world == 1:
             return [own]
         states: list = [None] * self.world
@@ -527,7 +545,7 @@ class Trainer:
                     "torch_rng": torch.get_rng_state(),
                     "numpy_rng": np.random.get_state(),
                     "python_rng": random.getstate(),
-                    "cuda_rng_by_rank": self._cuda_rng_by_rank},
+                    "cuda_rng_by_rank": self._cuda_rng_by_rank, "cpu_rng_by_rank": self._cpu_rng_by_rank},
                    folder / "trainer.pt")
 
     def _load_checkpoint(self, folder: Path) -> None:
@@ -538,7 +556,9 @@ class Trainer:
         # checked once resuming is done (see setup); checkpoints of older versions lack them
         self._resumed_per_step = state.get("sequences_per_step")
         self._resumed_order = state.get("data_order")
-        torch.set_rng_state(state["torch_rng"])
+        cpu_by_rank = state.get("cpu_rng_by_rank")  # each rank draws its own dropout masks on the CPU
+        own_cpu = cpu_by_rank[self.rank] if cpu_by_rank is not None and len(cpu_by_rank) == self.world else None
+        torch.set_rng_state(own_cpu if own_cpu is not None else state["torch_rng"])
         np.random.set_state(state["numpy_rng"])
         random.setstate(state["python_rng"])
         by_rank = state.get("cuda_rng_by_rank")
