@@ -232,6 +232,14 @@ def test_a_rerun_with_another_config_clears_the_older_results(tmp_path):
     out_dir(EvalConfig(checkpoint="run", db="db", data=["held.jsonl"], out_dir=str(out), neighbours=4), RESULT_FILES)
     assert not any((out / name).exists() for name in RESULT_FILES) and (out / "notes.txt").is_file()
     assert "neighbours: 4" in (out / "config.yaml").read_text()
+    # eval and scale share the default folder: a scale run under another config removes eval's results, and the
+    # other way round (a strict scale-*.json stayed next to a config saying "previous version allowed")
+    from retrolm.eval.run import SCALE_FILES
+
+    for name in (*RESULT_FILES, *SCALE_FILES):
+        (out / name).write_text("old")
+    out_dir(ScaleConfig(checkpoint="run", db="db", data=["held.jsonl"], out_dir=str(out), near_dup_threshold=0))
+    assert not any((out / name).exists() for name in (*RESULT_FILES, *SCALE_FILES))
 
 
 def test_near_duplicate_exclusion_removes_the_copies(copy_world):
@@ -332,6 +340,17 @@ def test_scaling_commands(copy_world):
     for name in ("scale-neighbours", "scale-db-size"):
         assert (copy_world["root"] / "scale" / f"{name}.png").is_file()
         assert json.loads((copy_world["root"] / "scale" / f"{name}.json").read_text())["rows"]
+
+
+def test_a_group_by_the_data_lacks_fails_before_any_scoring(copy_world, monkeypatch):
+    """It failed after every model was scored (hours at scale), writing nothing."""
+    def no_scoring(*args, **kwargs):
+        raise AssertionError("scored before the groups were checked")
+
+    monkeypatch.setattr(Evaluator, "score", no_scoring)
+    monkeypatch.setattr(Evaluator, "reference_scores", no_scoring)
+    with pytest.raises(RetrolmError, match="has no field 'topic' \\(group_by\\)"):
+        run_eval(eval_cfg(copy_world, "no-topic", group_by="topic"), show_progress=False)
 
 
 def test_eval_cli_and_errors(copy_world, built_db, capsys, tmp_path):

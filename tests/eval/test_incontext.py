@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -133,6 +135,14 @@ def test_eval_cli_with_a_pretrained_lm(copy_world, capsys):
                           copy_world["held"], "--out", out / "off", "-q", "--no-retrieval", "max_docs=2"], capsys)
     off = json.loads((out / "off" / "eval.json").read_text())
     assert rc == 0 and list(off["summary"]) == ["no_retrieval"] and "gain" not in off
+    # an LM whose context the windows overflow: one line (was an IndexError from the position embeddings)
+    short = Path(shutil.copytree(copy_world["lm"], out / "short-lm"))
+    config = json.loads((short / "config.json").read_text())
+    (short / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 128}))
+    rc, _, err = run_cli(["eval", "--checkpoint", short, "--db", copy_world["db"].path, "--data", copy_world["held"],
+                          "--out", out / "short", "-q", "near_dup_threshold=0", "retriever=bm25", "stride=16",
+                          "context_tokens=256", "max_docs=2"], capsys)
+    assert rc != 0 and len(err.strip().splitlines()) == 1 and "exceeds the model's 128" in err, err
 
 
 def test_losses_are_booked_to_the_same_chunks_as_retro(copy_world, tmp_path):

@@ -156,8 +156,9 @@ class Evaluator:
             raise RetrolmError(f"{', '.join(cfg.data)}: held-out data produced no tokens")
         self.n_bytes = chunk_bytes(self.source, self.db.tokenizer)
         self.lengths = self.source.lengths(np.arange(self.source.n_chunks)).astype(np.int64)
-        self.exclusion = self._exclusions()
+        # the retriever first: one the database cannot serve fails before the near-duplicate scan
         self.retriever: Retriever | None = get_retriever(self.db, cfg.retriever) if self.retrieval else None
+        self.exclusion = self._exclusions()
         self._queries: dict[str, np.ndarray] = {}
         self._scores: dict[tuple, Scores] = {}
         self._readers: dict[int, InContextScorer] = {}

@@ -23,12 +23,15 @@ from retrolm.eval.report import markdown_table, plot_lines
 
 RESULT_FILES = ("eval.json", "per_chunk.npz", "report.md", "leakage.png")
 """What ``retrolm eval`` writes next to its config.yaml."""
+SCALE_FILES = tuple(f"scale-{axis}.{ext}" for axis in ("neighbours", "db-size") for ext in ("json", "md", "png"))
+"""What ``retrolm scale`` writes next to its config.yaml."""
 
 
-def out_dir(cfg: EvalConfig, results: tuple[str, ...] = ()) -> Path:
+def out_dir(cfg: EvalConfig, results: tuple[str, ...] = RESULT_FILES + SCALE_FILES) -> Path:
     """The report folder, created, with the config that produced it. When that config differs from the one already
-    there, the ``results`` files the older config produced are removed, so a rerun that fails midway does not leave
-    them next to a config they do not belong to."""
+    there, the ``results`` files the older config produced (by default every result `eval` and `scale` write: they
+    share a default folder) are removed, so no result is left next to a config it does not belong to, even when a
+    rerun fails midway."""
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "config.yaml"
@@ -52,9 +55,12 @@ def run_eval(cfg: EvalConfig, show_progress: bool = True) -> dict[str, Any]:
     Writes ``config.yaml``, ``eval.json``, ``report.md``, ``leakage.png`` and ``per_chunk.npz`` to ``out_dir``
     and returns the content of ``eval.json``.
     """
-    out = out_dir(cfg, RESULT_FILES)
+    out = out_dir(cfg)
     ev = Evaluator(cfg, show_progress)
     try:
+        # the groups are read before any scoring: a group_by the held-out data lacks fails now, not after hours
+        groups = chunk_groups(cfg.data, cfg.group_by, ev.source.doc_ids, ev.source.all_chunk_docs()) \
+            if cfg.group_by else {}
         if cfg.shuffle_neighbours and (ev.main.in_context or not ev.retrieval):
             raise RetrolmError(f"{cfg.checkpoint}: shuffle_neighbours is a control for models with RETRO layers "
                                "(RETRO, RETRO-fitting)")
@@ -113,8 +119,8 @@ def run_eval(cfg: EvalConfig, show_progress: bool = True) -> dict[str, Any]:
                     "all": gain_interval(scores[on].nats, scores[off].nats, doc),
                     "novel": gain_interval(scores[on].nats, scores[off].nats, doc, novel),
                 }
-                if cfg.group_by:
-                    result["groups"] = _groups(ev, cfg, scores, on, off, novel)
+                if groups:
+                    result["groups"] = _groups(ev, groups, scores, on, off, novel)
                 for name in scores:
                     if name.startswith("baseline:"):
                         result["gain"][f"vs {name}"] = _gain(result["summary"][on]["bpb"],
@@ -134,12 +140,12 @@ def run_eval(cfg: EvalConfig, show_progress: bool = True) -> dict[str, Any]:
         ev.close()
 
 
-def _groups(ev: Evaluator, cfg: EvalConfig, scores: dict[str, Scores], on: str, off: str, novel: np.ndarray
-            ) -> dict[str, dict]:
+def _groups(ev: Evaluator, groups: dict[str, np.ndarray], scores: dict[str, Scores], on: str, off: str,
+            novel: np.ndarray) -> dict[str, dict]:
     """Summaries, gains (with bootstrap intervals over documents) and novel shares per group of documents."""
     doc = ev.source.all_chunk_docs()
     out = {}
-    for g, sel in chunk_groups(cfg.data, cfg.group_by, ev.source.doc_ids, doc).items():
+    for g, sel in groups.items():
         summ = {name: ev.summary(s, sel) for name, s in scores.items()}
         out[g] = {"docs": len(np.unique(doc[sel])), "chunks": int(sel.sum()),
                   "novel_fraction": float(novel[sel].mean()), "summary": summ,

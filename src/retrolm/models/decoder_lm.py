@@ -44,9 +44,5 @@ class DecoderLM(nn.Module):
     def token_nll(self, rows: list[list[int]], n_targets: list[int], batch_size: int = 8) -> list[Tensor]:
         """Negative log-likelihood (nats) of the last ``n_targets[i]`` tokens of each ``rows[i]``. Rows are padded on
         the right (causal attention: padding after a token never changes its prediction)."""
-        too_long = max((len(r) for r in rows), default=0)
-        if too_long > self.context_len:
-            raise RetrolmError(f"{self.name}: a window of {too_long} tokens exceeds the model's {self.context_len}; "
-                               "lower context_tokens or stride (a passage takes up to 2 × chunk_len tokens)")
         return padded_token_nll(lambda ids, mask: self.model(ids).logits, rows, n_targets, self.device,
-                                batch_size)
+                                batch_size, context=(self.name, self.context_len))

@@ -17,16 +17,24 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from retrolm.core.errors import RetrolmError
 from retrolm.core.hub import ModelRef, load_error, resolve_model, weights_fingerprint
 
 logger = logging.getLogger(__name__)
 
 
 def padded_token_nll(forward: Callable[[Tensor, Tensor], Tensor], rows: list[list[int]], n_targets: list[int],
-                     device: torch.device, batch_size: int = 8, left_pad: bool = False) -> list[Tensor]:
+                     device: torch.device, batch_size: int = 8, left_pad: bool = False,
+                     context: tuple[str, int] | None = None) -> list[Tensor]:
     """Negative log-likelihood (nats) of the last ``n_targets[i]`` tokens of each ``rows[i]``: rows sorted by length
     into padded batches, ``forward(ids, attention_mask) -> logits`` run once per batch. Right padding suits a causal
-    model without a mask (padding after a token never changes its prediction); left padding needs the mask."""
+    model without a mask (padding after a token never changes its prediction); left padding needs the mask.
+    ``context``: (the model's name, its positions), checked before anything runs."""
+    too_long = max((len(r) for r in rows), default=0)
+    if context is not None and too_long > context[1]:
+        raise RetrolmError(f"{context[0]}: a window of {too_long} tokens exceeds the model's {context[1]}; lower "
+                           "context_tokens, stride or the number of passages (a passage takes up to 2 × chunk_len "
+                           "tokens)")
     out: list[Tensor] = [torch.empty(0)] * len(rows)
     order = sorted(range(len(rows)), key=lambda i: -len(rows[i]))
     for start in range(0, len(order), batch_size):
@@ -116,7 +124,7 @@ class CausalLM(nn.Module):
         """Negative log-likelihood (nats) of the last ``n_targets[i]`` tokens of each ``rows[i]`` given what
         precedes them; rows are left-padded (with an attention mask) into batches of similar length."""
         return padded_token_nll(lambda ids, mask: self(ids, mask), rows, n_targets, self.device, batch_size,
-                                left_pad=True)
+                                left_pad=True, context=(self.name, self.context_len))
 
     @torch.no_grad()
     def step(self, ids: list[int], cache: object | None = None) -> tuple[Tensor, object]:
