@@ -11,7 +11,7 @@ import pytest
 
 from conftest import search, wiki_docs, write_jsonl
 from retrolm.core.errors import RetrolmError
-from retrolm.db import BuildConfig, Database
+from retrolm.db import BuildConfig, Database, DatabaseView
 from retrolm.db.chunks import chunk_ids
 
 
@@ -318,3 +318,64 @@ def test_bm25_only_database_needs_no_encoder(tmp_path):
     db.add([write_jsonl(tmp_path / "more.jsonl", wiki_docs(2, start=300))], show_progress=False)
     last = db.store.n_chunks - 1
     assert search(db, db.chunk_texts([last])[0], k=1, retriever="bm25")[0].chunk_id == last
+
+
+def test_blocklist_terms_are_whole_words_even_with_symbols(tmp_path):
+    """``\\b`` needs a word character inside the term: "C++" and ".NET" never matched, so nothing was deleted."""
+    from retrolm.db.database import compile_filters
+
+    blockfile = tmp_path / "block.txt"
+    blockfile.write_text("# languages\nC++\n.NET\nrust\n")
+    (pattern,) = compile_filters(None, blockfile)
+    for text in ("I write C++ code", "the .NET runtime", "(c++)", "Rust."):
+        assert pattern.search(text), text
+    for text in ("ABC++ is not it", "C++x", "trusted", "rusty", "x.NETy"):
+        assert not pattern.search(text), text
+
+
+def test_bm25_over_chunks_without_a_term_finds_nothing_and_grows_with_text(tmp_path):
+    """Chunks of stopwords, single characters and punctuation leave BM25 no term: bm25s raised a ValueError (a
+    traceback from `db build --bm25`). The index is stored, finds nothing, and an add with real text makes it search."""
+    docs = [{"id": "a", "text": "a b c"}, {"id": "b", "text": "I"}, {"id": "c", "text": "!!! ?? ."}]
+    db = Database.build([write_jsonl(tmp_path / "c.jsonl", docs)], tmp_path / "db",
+                        BuildConfig(tokenizer="train:300", index="none", bm25=True), show_progress=False)
+    assert db.meta["bm25"] and search(db, "a b c", k=2, retriever="bm25") == []
+    assert DatabaseView.open(db.path).lexical.postings("a b c") == 0  # as stored and loaded again
+    db.add([write_jsonl(tmp_path / "more.jsonl", wiki_docs(2, start=300))], show_progress=False)
+    last = db.store.n_chunks - 1
+    assert search(db, db.chunk_texts([last])[0], k=1, retriever="bm25")[0].chunk_id == last
+
+
+def test_a_noisy_copy_follows_a_rebuilt_source(tmp_path):
+    """A rebuilt database starts again at version 1: the noisy copy of the old build was reused, so robustness runs
+    read another database's documents."""
+    from retrolm.db.database import noisy_copy
+
+    config = BuildConfig(tokenizer="train:500", index="none", bm25=True)
+    noise = write_jsonl(tmp_path / "noise.jsonl", wiki_docs(2, start=100))
+    src = Database.build([write_jsonl(tmp_path / "a.jsonl", wiki_docs(4))], tmp_path / "db", config,
+                         show_progress=False)
+    first = noisy_copy(src, tmp_path / "noisy", [noise])
+    assert set(first.live_doc_ids()) == {d["id"] for d in wiki_docs(4) + wiki_docs(2, start=100)}
+    (tmp_path / "noisy" / "sentinel").write_text("")
+    noisy_copy(src, tmp_path / "noisy", [noise])
+    assert (tmp_path / "noisy" / "sentinel").exists()  # the same source and noise: reused, not copied again
+    src = Database.build([write_jsonl(tmp_path / "b.jsonl", wiki_docs(4, start=50))], tmp_path / "db", config,
+                         overwrite=True, show_progress=False)
+    again = noisy_copy(src, tmp_path / "noisy", [noise])
+    assert set(again.live_doc_ids()) == {d["id"] for d in wiki_docs(4, start=50) + wiki_docs(2, start=100)}
+
+
+def test_a_bad_index_factory_fails_before_any_chunk_is_embedded(tmp_path, tiny_db_config, monkeypatch):
+    """It failed after the whole corpus was embedded (hours at scale)."""
+    from dataclasses import replace
+
+    import retrolm.db.build as build
+
+    def no_embedding(*args, **kwargs):
+        raise AssertionError("embedded before the factory was checked")
+
+    monkeypatch.setattr(build, "embed_shards", no_embedding)
+    with pytest.raises(RetrolmError, match="index factory 'Flat,PQ5'"):
+        Database.build([write_jsonl(tmp_path / "a.jsonl", wiki_docs(4))], tmp_path / "db",
+                       replace(tiny_db_config, index_factory="Flat,PQ5"), show_progress=False)

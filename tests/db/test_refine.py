@@ -110,3 +110,19 @@ def test_k_factor_is_saved_and_checked(clustered, indexes, tmp_path):
     flat = VectorIndex.create(D, factory="IVF32,PQ8,RFlat")
     np.testing.assert_array_equal(indexes["IVF32,PQ8,RFlat"].reconstruct(np.arange(4)), x[:4])  # the exact copy
     assert flat.default_settings.k_factor == DEFAULT_K_FACTOR
+
+
+@pytest.mark.parametrize("factory", ["IVF32,PQ8,RFlat", "IVF32,PQ8,Refine(SQfp16)", "OPQ8,IVF32_HNSW16,PQ8,Refine(SQ8)",
+                                     "HNSW16,Flat,RFlat"])
+def test_a_loaded_refine_index_names_its_factory(clustered, factory, tmp_path):
+    """FAISS saves the structure, not the string; a refine stage was named "IndexRefine", which compaction (it makes
+    the index again from that name) could not parse: compacting a refined database always failed."""
+    x, _ = clustered
+    path = tmp_path / "index.faiss"
+    build(factory, x[:2000]).save(path)
+    loaded = VectorIndex.load(path)
+    again = VectorIndex.create(D, factory=loaded.factory)  # what compaction does with it
+    assert ("RFlat" in factory) == loaded.factory.endswith(",RFlat") and again.kind == loaded.kind
+    assert type(again.index) is type(loaded.index)
+    if "Refine(" in factory:
+        assert loaded.factory.endswith(factory[factory.index(",Refine("):])

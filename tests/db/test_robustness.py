@@ -121,6 +121,30 @@ def test_stale_python_object_after_a_cli_add(small_db, tmp_path, capsys):
     assert db.index.ntotal == db.store.n_chunks and db.verify() > 0
 
 
+def test_an_open_reader_sees_other_processes_deletes_and_adds(small_db, tmp_path):
+    """A reader opened before another process writes (a serving or evaluation process): a deleted document is never
+    returned again, and after an add its BM25 search neither fails on the replaced index ("corrupt") nor misses the new
+    documents."""
+    from retrolm.retrieval import get_retriever
+
+    path = copy_db(small_db, tmp_path / "db")
+    writer = Database.open(path)
+    writer.store_bm25(show_progress=False)
+    reader = DatabaseView.open(path)
+    dense, bm25 = get_retriever(reader, "dense"), get_retriever(reader, "bm25")
+    doc = wiki_docs(12)[3]
+    query = doc["text"][:200]
+    assert dense.search([query], 1).hits(0)[0].doc_id == doc["id"] == bm25.search([query], 1).hits(0)[0].doc_id
+    writer.delete(doc_ids=[doc["id"]], show_progress=False)
+    for retriever in (dense, bm25):
+        assert doc["id"] not in {h.doc_id for h in retriever.search([query], 12).hits(0)}
+    new = wiki_docs(1, start=60)[0]
+    writer.add([write_jsonl(tmp_path / "new.jsonl", [new])], show_progress=False)
+    assert not (path / "bm25-v2").exists()  # the index the reader had loaded was replaced
+    assert bm25.search([new["text"][:200]], 1).hits(0)[0].doc_id == new["id"]
+    assert dense.search([new["text"][:200]], 1).hits(0)[0].doc_id == new["id"]
+
+
 def test_a_second_writer_waits_for_the_lock_then_proceeds(small_db, tmp_path, monkeypatch, caplog):
     path = copy_db(small_db, tmp_path / "db")
     victim = Database.open(path).store.doc_ids[0]

@@ -46,6 +46,9 @@ class FakeDB:
         self.store = FakeStore(chunk_docs, first_doc)
         self.deleted = deleted_chunks
 
+    def refresh(self) -> bool:  # nothing else writes to it
+        return False
+
     def exclusion_mask(self, chunks):
         if chunks is None:
             return self.deleted

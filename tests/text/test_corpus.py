@@ -60,6 +60,17 @@ def test_a_parquet_file_damaged_inside_is_skipped_with_a_warning(tmp_path, caplo
     assert f"skipping the rest of {bad} from row 1: cannot read" in caplog.text
 
 
+def test_unpaired_surrogate_escapes_in_jsonl_are_replaced(tmp_path, caplog):
+    """JSON can escape half an emoji ("\\ud83d"): the tokenizer and every UTF-8 file failed on such text (a
+    traceback from `db build`)."""
+    (tmp_path / "a.jsonl").write_text('{"id": "x\\udc00", "text": "cut \\ud83d emoji, whole \\ud83d\\ude00"}\n')
+    with caplog.at_level(logging.WARNING):
+        (doc,) = iter_documents([tmp_path / "a.jsonl"])
+    assert doc.text == "cut \ufffd emoji, whole \U0001F600" and doc.id == "x\ufffd"
+    assert "a.jsonl:1: unpaired UTF-16 surrogate escapes replaced" in caplog.text
+    doc.text.encode("utf-8")
+
+
 def test_bad_files_are_skipped_or_repaired_with_warnings(tmp_path, caplog):
     (tmp_path / "good.txt").write_text("fine text")
     (tmp_path / "binary.dat").write_bytes(b"\x00\x01\x02garbage\x00")

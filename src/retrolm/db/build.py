@@ -431,6 +431,8 @@ def _build_stages(corpus: Sequence[str | Path], staging: Path, config: BuildConf
     # Load the encoder first: a bad encoder name should fail before any work is done.
     encoder = SentenceEncoder(config.encoder, device=config.device, max_length=config.encoder_max_length) \
         if config.dense else None
+    if encoder is not None and config.index_factory:  # a bad factory string fails now, not after the embedding
+        VectorIndex.create(encoder.dim, kind=config.index, factory=config.index_factory)
     tokenizer = _stage_tokenizer(corpus, staging, config.tokenizer)
     timings: dict[str, float] = {}
     t = time.perf_counter()

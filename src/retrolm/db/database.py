@@ -43,7 +43,7 @@ from retrolm.db.chunks import ChunkStore, SegmentWriter, token_dtype
 from retrolm.db.index import VectorIndex
 from retrolm.db.lexical import LexicalIndex
 from retrolm.db.meta import FORMAT_VERSION, db_path, file_records, now, referenced_files, update_counts
-from retrolm.db.view import DatabaseView
+from retrolm.db.view import DatabaseView, meta_stamp
 from retrolm.text.corpus import Document, corpus_fingerprint, iter_documents
 
 logger = logging.getLogger(__name__)
@@ -68,7 +68,9 @@ def compile_filters(match: str | None, blocklist: str | Path | None) -> list[re.
         terms = [t for t in terms if t and not t.startswith("#")]
         if not terms:
             raise RetrolmError(f"{path}: blocklist has no terms")
-        patterns.append(re.compile(r"\b(?:" + "|".join(re.escape(t) for t in terms) + r")\b", re.IGNORECASE))
+        # whole words: no word character on either side (\b needs one inside, so "C++" or ".NET" never matched)
+        patterns.append(re.compile(r"(?<!\w)(?:" + "|".join(re.escape(t) for t in terms) + r")(?!\w)",
+                                   re.IGNORECASE))
     return patterns
 
 
@@ -287,6 +289,7 @@ class Database(DatabaseView):
         update_counts(meta, store.n_docs, store.n_chunks, store.doc_n_chunks, deleted_docs)
         meta["files"] = file_records(self.path, referenced_files(meta, self.path), known=self.meta.get("files"))
         write_json(self.path / "meta.json", meta)
+        self._stamp = meta_stamp(self.path)  # this view wrote it: nothing to re-read at the next search
         self._load(meta, verify=False)
         self._clean_orphans()
 
@@ -313,9 +316,11 @@ class Database(DatabaseView):
 
 def noisy_copy(db: DatabaseView, path: Path, noise: Sequence[str | Path], show_progress: bool = False) -> Database:
     """A copy of ``db`` at ``path`` with the ``noise`` documents added (unrelated text for robustness runs), reused
-    when it already holds exactly them."""
+    when it already holds exactly them: the same build and version of ``db`` (a rebuilt database starts again at
+    version 1) and the same noise files, unchanged."""
     marker = path / "noise.json"
-    want = {"source_version": db.meta["version"], "source": str(db.path.resolve()), "noise": [str(n) for n in noise]}
+    want = {"source_version": db.meta["version"], "source": str(db.path.resolve()), "noise": [str(n) for n in noise],
+            "source_build": db.meta.get("build_id"), "noise_files": corpus_fingerprint(noise)}
     if marker.is_file() and json.loads(marker.read_text()) == want:
         return Database.open(path)
     shutil.rmtree(path, ignore_errors=True)

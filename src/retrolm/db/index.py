@@ -112,6 +112,10 @@ def _factory_of(index: faiss.Index) -> str:
     from faiss.contrib.factory_tools import reverse_index_factory
 
     index = faiss.downcast_index(index)
+    if isinstance(index, faiss.IndexRefine):  # not named by reverse_index_factory: compaction rebuilt "IndexRefine"
+        refine = faiss.downcast_index(index.refine_index)
+        stage = "RFlat" if type(refine) in (faiss.IndexFlat, faiss.IndexFlatIP) else f"Refine({_factory_of(refine)})"
+        return f"{_factory_of(index.base_index)},{stage}"
     try:
         return reverse_index_factory(index)
     except (NotImplementedError, RuntimeError, AttributeError, KeyError):

@@ -36,11 +36,18 @@ def _bm25s():
     return bm25s
 
 
+NO_TERMS = "no_terms"
+"""Marks a stored index of chunks that hold no term at all (bm25s saves nothing for them)."""
+
+
 class LexicalIndex:
     """BM25 over the chunks ``0..n_chunks-1`` of one database."""
 
-    def __init__(self, retriever, n_chunks: int, folder: Path | None = None) -> None:
+    def __init__(self, retriever, n_chunks: int, folder: Path | None = None, has_terms: bool = True) -> None:
         self.retriever, self.n_chunks, self.folder = retriever, n_chunks, folder
+        self.has_terms = has_terms and n_chunks > 0
+        """False when no chunk holds a term BM25 keeps (only stopwords, single characters, punctuation): bm25s cannot
+        index that, and every search finds nothing."""
 
     @classmethod
     def build(cls, chunk_texts: Callable[[np.ndarray], list[str]], n_chunks: int, show_progress: bool = False
@@ -51,9 +58,11 @@ class LexicalIndex:
         for start in range(0, n_chunks, BUILD_BATCH):
             texts += chunk_texts(np.arange(start, min(start + BUILD_BATCH, n_chunks)))
         retriever = bm25s.BM25()
-        if n_chunks:
-            retriever.index(bm25s.tokenize(texts, show_progress=show_progress), show_progress=show_progress)
-        return cls(retriever, n_chunks)
+        tokens = bm25s.tokenize(texts, show_progress=show_progress) if n_chunks else None
+        has_terms = tokens is not None and len(tokens.vocab) > 0
+        if has_terms:
+            retriever.index(tokens, show_progress=show_progress)
+        return cls(retriever, n_chunks, has_terms=has_terms)
 
     def save(self, folder: Path) -> None:
         """Write the index folder atomically (a temporary folder renamed into place)."""
@@ -61,10 +70,11 @@ class LexicalIndex:
         shutil.rmtree(tmp, ignore_errors=True)
         try:
             with naming_errors(folder):
-                if self.n_chunks:
+                if self.has_terms:
                     self.retriever.save(str(tmp), show_progress=False)
                 else:
                     tmp.mkdir(parents=True)
+                    (tmp / NO_TERMS).write_text("")
                 (tmp / "n_chunks.txt").write_text(str(self.n_chunks))
                 fsync_tree(tmp)
         except BaseException:
@@ -81,14 +91,17 @@ class LexicalIndex:
         bm25s = _bm25s()
         try:
             n = int((folder / "n_chunks.txt").read_text())
-            retriever = bm25s.BM25.load(str(folder), mmap=True, show_progress=False) if n else bm25s.BM25()
+            has_terms = n > 0 and not (folder / NO_TERMS).exists()
+            retriever = bm25s.BM25.load(str(folder), mmap=True, show_progress=False) if has_terms else bm25s.BM25()
         except (OSError, ValueError) as e:
             raise RetrolmError(f"{folder}: corrupt or unreadable BM25 index ({e})") from None
-        return cls(retriever, n, folder)
+        return cls(retriever, n, folder, has_terms)
 
     def postings(self, query: str) -> int:
         """How many (term, chunk) postings the query's distinct terms have in the index: the entries a BM25 search
         reads. ``n_chunks`` per term (the upper bound) if this bm25s version's index layout cannot say."""
+        if not self.has_terms:
+            return 0
         bm25s = _bm25s()
         terms = set(bm25s.tokenize([query], return_ids=False, show_progress=False)[0])  # as search() tokenizes
         try:
@@ -109,7 +122,7 @@ class LexicalIndex:
         allowed = np.ones(self.n_chunks, dtype=np.float32) if exclude is None else (~exclude).astype(np.float32)
         k_eff = min(k, self.n_chunks)
         todo = [i for i, q in enumerate(queries) if q.strip()]
-        if k_eff == 0 or not todo or not allowed.any():
+        if k_eff == 0 or not todo or not allowed.any() or not self.has_terms:
             return out_scores, out_ids
         # as strings, so that retrieve() maps them through the index's own vocabulary
         tokens = bm25s.tokenize([queries[i] for i in todo], return_ids=False, show_progress=False)

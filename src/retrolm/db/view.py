@@ -30,6 +30,15 @@ MAX_SCORE = 1.5
 """Keys and queries are unit vectors: an inner product beyond this (or NaN) means the index file is damaged."""
 
 
+def meta_stamp(path: Path) -> tuple | None:
+    """What changes whenever a writer commits (meta.json is replaced by a rename: a new inode)."""
+    try:
+        st = (path / "meta.json").stat()
+    except OSError:  # a rebuild is swapping the folder: keep what is loaded until the next search
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_size
+
+
 @dataclass
 class Hit:
     """One search result: a chunk, its continuation, and where it came from."""
@@ -49,11 +58,13 @@ class Hit:
 class DatabaseView:
     """A database folder opened for reading. Open with :meth:`open`."""
 
-    def __init__(self, path: Path, meta: dict, device: str | None = None, verify: bool = True):
+    def __init__(self, path: Path, meta: dict, device: str | None = None, verify: bool = True,
+                 stamp: tuple | None = None):
         self.path = path
         self.device = device
         self._encoder: SentenceEncoder | None = None
         self._lexical: LexicalIndex | None = None
+        self._stamp = stamp
         self._load(meta, verify)
 
     def _load(self, meta: dict, verify: bool = True) -> None:
@@ -92,10 +103,21 @@ class DatabaseView:
         """Open an existing database folder. Sizes and checksums of its files are checked (see :mod:`.meta`)."""
         path = db_path(path)
         recover_interrupted_swap(path)
-        return cls(path, read_meta(path), device=device)
+        stamp = meta_stamp(path)  # before reading: a write in between is picked up by the next refresh
+        return cls(path, read_meta(path), device=device, stamp=stamp)
+
+    def refresh(self) -> bool:
+        """Take in what other processes wrote since this view last read ``meta.json`` (deletions, additions, a
+        compaction, a rebuild): one ``stat`` when nothing changed. Every search calls it, so a document deleted by
+        another process is never returned again by a view opened before. True if the view changed."""
+        stamp = meta_stamp(self.path)
+        if stamp is None or stamp == self._stamp:
+            return False
+        return self.reload()
 
     def reload(self) -> bool:
         """Re-read ``meta.json`` (another process may have changed the database); True if it had changed."""
+        self._stamp = meta_stamp(self.path)
         meta = read_meta(self.path)
         if meta.get("build_id") == self.meta.get("build_id") and meta["version"] == self.meta["version"]:
             return False
@@ -188,7 +210,9 @@ class DatabaseView:
         mask = self.deleted_chunks if self.deleted_docs.any() else None
         if exclude_chunks is not None:
             if exclude_chunks.shape != (self.store.n_chunks,):
-                raise RetrolmError(f"{self.path}: exclude_chunks must have one entry per chunk ({self.store.n_chunks})")
+                raise RetrolmError(f"{self.path}: exclude_chunks must have one entry per chunk ({self.store.n_chunks}; "
+                                   "another process may have added to or compacted the database since the mask was "
+                                   "made)")
             mask = exclude_chunks if mask is None else (mask | exclude_chunks)
         return mask
 
@@ -201,6 +225,7 @@ class DatabaseView:
     ) -> tuple[np.ndarray, np.ndarray]:
         """Top-k (scores, chunk ids) per query vector; -1 where fewer than k live chunks exist. Deleted documents and
         ``exclude_chunks`` (a bool mask over chunk ids, e.g. evaluation documents) are filtered inside FAISS."""
+        self.refresh()
         if self.index is None:
             raise RetrolmError(f"{self.path}: built without dense keys (BM25 only); search it with BM25")
         if self.store.n_chunks == 0:  # everything deleted and compacted away: nothing to find (hybrid asks for k=0)

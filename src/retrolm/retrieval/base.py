@@ -93,6 +93,7 @@ class Retriever(ABC):
             queries = [queries]
         if not (isinstance(queries, np.ndarray) and (queries.dtype == object or queries.ndim == 2)):
             queries = self.prepare(list(queries))
+        self.db.refresh()  # another process's deletions (and additions) count from this search on
         exclude = exclude or Exclusion()
         mask = self.db.exclusion_mask(exclude.chunks)
         docs = exclude.per_query_docs(len(queries))

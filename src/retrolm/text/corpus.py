@@ -127,6 +127,17 @@ def jsonl_records(path: Path, warn: Warn = _silent) -> Iterator[tuple[str, dict]
         warn("skipping the rest of %s: cannot read (%s)", path, e)
 
 
+def _unpaired_surrogates_replaced(text: str, source: str, warn: Warn) -> str:
+    """JSON may escape half of a UTF-16 pair ("\\ud800", e.g. an emoji cut in two): such a string cannot be written
+    as UTF-8 (the tokenizer and every file would fail), so each half is replaced, with a warning."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        warn("repairing %s: unpaired UTF-16 surrogate escapes replaced", source)
+        return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+    return text
+
+
 def _read_jsonl(path: Path, warn: Warn) -> Iterator[Document]:
     for source, record in jsonl_records(path, warn):
         text = _record_text(record, source, warn)
@@ -135,7 +146,8 @@ def _read_jsonl(path: Path, warn: Warn) -> Iterator[Document]:
         if not text.strip():
             warn("skipping %s: empty document", source)
             continue
-        yield Document(id=str(record["id"]), text=text, source=source)
+        yield Document(id=_unpaired_surrogates_replaced(str(record["id"]), source, warn),
+                       text=_unpaired_surrogates_replaced(text, source, warn), source=source)
 
 
 def _read_parquet(path: Path, warn: Warn) -> Iterator[Document]:
