@@ -232,3 +232,19 @@ def test_no_resume_keeps_earlier_checkpoints_aside(built_db, tmp_path):
     t = Trainer(tiny_cfg(built_db, out, steps=2))
     t.setup(show_progress=False)  # a later resume continues the fresh run, not the old step 4
     assert t.step == 2
+
+
+def test_resuming_with_settings_that_do_not_fit_says_so_instead_of_calling_every_checkpoint_damaged(
+        built_db, two_checkpoints, tmp_path, caplog):
+    """Intact checkpoints of another model shape were each skipped as "damaged", then the run was told to start
+    afresh; the files are fine, the settings differ."""
+    import shutil
+
+    out = Path(shutil.copytree(two_checkpoints, tmp_path / "run"))
+    wider = tiny_cfg(built_db, out, model=ModelSpec(preset="tiny", seq_len=256, d_model=128))
+    t = Trainer(wider)
+    with caplog.at_level(logging.WARNING), pytest.raises(RetrolmError, match=r"step-000004: does not load into this "
+                                                                            r"run \(.*\); resume with the settings"):
+        t.setup(show_progress=False)
+    assert "damaged" not in caplog.text
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000002", "step-000004"]

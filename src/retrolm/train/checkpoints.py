@@ -20,7 +20,7 @@ from pathlib import Path
 from retrolm.core.errors import RetrolmError
 from retrolm.core.hub import step_folders
 from retrolm.core.io import fsync_dir, fsync_tree
-from retrolm.models.weights import verify_checksums, write_checksums
+from retrolm.models.weights import CHECKSUMS, verify_checksums, write_checksums
 
 logger = logging.getLogger(__name__)
 
@@ -77,10 +77,24 @@ class CheckpointManager:
                 return ckpt
             except (RetrolmError, RuntimeError, EOFError, OSError, KeyError, ValueError) as e:
                 msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+                intact = (ckpt / CHECKSUMS).is_file() and not isinstance(e, (OSError, EOFError))
+                if intact and _checksums_match(ckpt):
+                    # every file is as written: it is this run's settings that do not fit (another model shape,
+                    # freeze_init, lora), and every older checkpoint would fail the same way
+                    raise RetrolmError(f"{ckpt}: does not load into this run ({msg}); resume with the settings it "
+                                       "was written with, or start afresh (--no-resume)") from None
                 logger.warning("%s: damaged checkpoint skipped (%s)", ckpt, msg)
         if found:
             raise RetrolmError(f"{self.folder}: no intact checkpoint to resume from (pass --no-resume to restart)")
         return None
+
+
+def _checksums_match(ckpt: Path) -> bool:
+    try:
+        verify_checksums(ckpt)
+    except RetrolmError:
+        return False
+    return True
 
 
 def _reason(e: Exception, folder: Path) -> str:
