@@ -388,3 +388,11 @@ def test_counts_and_sweeps_that_ask_for_nothing(tmp_path, built_db, capsys):
     rc, _, err = run_cli(["scale", "neighbours", "--checkpoint", tmp_path, "--db", built_db.path, "--data",
                           tmp_path / "h.jsonl", "--out", tmp_path / "s", "--ks", ","], capsys)
     assert_one_line_error(rc, err, "','", "expected comma-separated numbers")
+
+
+def test_usage_errors_exit_2_without_a_traceback(capsys):
+    """typer >= 0.29 bundles its own click, whose exceptions are not click's: an unknown option was a traceback."""
+    for args, message in [(["db", "search", "nodb", "q", "--k", "3"], "No such option: --k"),
+                          (["corpus", "versions", "--old", "a"], "Missing option '--new'")]:
+        rc, _, err = run_cli(args, capsys)
+        assert rc == 2 and message in err and "Traceback" not in err, err

@@ -92,6 +92,26 @@ def os_error_line(e: OSError) -> str:
     return f"{where}: {e.strerror or e}"
 
 
+def _click_errors() -> tuple[tuple[type, ...], tuple[type, ...]]:
+    """(usage errors, aborts) of click and of the copy of click that typer >= 0.29 bundles, whose exceptions are
+    not click's (they went through as tracebacks)."""
+    errors: tuple[type, ...] = (click.exceptions.ClickException,)
+    aborts: tuple[type, ...] = (click.exceptions.Abort,)
+    try:
+        from typer._click.exceptions import ClickException as TyperClickException
+
+        errors += (TyperClickException,)
+    except ImportError:  # typer that uses click itself
+        pass
+    abort = getattr(typer, "Abort", None)
+    if isinstance(abort, type) and not issubclass(abort, aborts):
+        aborts += (abort,)
+    return errors, aborts
+
+
+USAGE_ERRORS, ABORTS = _click_errors()
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: run the CLI, turning user-facing errors into one line and exit status 2."""
     try:
@@ -103,10 +123,10 @@ def main(argv: list[str] | None = None) -> None:
     except OSError as e:  # a full disk, a read-only folder, a file that vanished: nothing written is lost
         sys.stderr.write(f"error: {os_error_line(e)}\n")
         sys.exit(2)
-    except click.exceptions.ClickException as e:
+    except USAGE_ERRORS as e:
         e.show()
         sys.exit(e.exit_code)
-    except (click.exceptions.Abort, KeyboardInterrupt):
+    except (*ABORTS, KeyboardInterrupt):
         sys.stderr.write("interrupted\n")
         sys.exit(130)
     if rc == 130:  # Ctrl-C: click reports it as exit status 130 without a word
