@@ -121,28 +121,38 @@ def test_stale_python_object_after_a_cli_add(small_db, tmp_path, capsys):
     assert db.index.ntotal == db.store.n_chunks and db.verify() > 0
 
 
-def test_an_open_reader_sees_other_processes_deletes_and_adds(small_db, tmp_path):
-    """A reader opened before another process writes (a serving or evaluation process): a deleted document is never
-    returned again, and after an add its BM25 search neither fails on the replaced index ("corrupt") nor misses the new
-    documents."""
+def test_an_open_reader_follows_other_processes_deletes_and_keeps_its_chunks_through_an_add(small_db, tmp_path,
+                                                                                            caplog):
+    """A reader opened before another process writes (a serving or evaluation process): a document deleted elsewhere
+    is never returned again (it was, forever). An add renumbers nothing but changes what a run holds (masks sized to
+    the store, neighbours): the reader keeps its chunks and says so, unless opened with ``follow`` (a process that
+    only serves searches), which then finds the new document; neither fails on the replaced BM25 index."""
     from retrolm.retrieval import get_retriever
 
     path = copy_db(small_db, tmp_path / "db")
     writer = Database.open(path)
     writer.store_bm25(show_progress=False)
-    reader = DatabaseView.open(path)
-    dense, bm25 = get_retriever(reader, "dense"), get_retriever(reader, "bm25")
+    reader, follower = DatabaseView.open(path), DatabaseView.open(path, follow=True)
+    lazy = DatabaseView.open(path)  # has not loaded its BM25 index when the add replaces it
     doc = wiki_docs(12)[3]
     query = doc["text"][:200]
-    assert dense.search([query], 1).hits(0)[0].doc_id == doc["id"] == bm25.search([query], 1).hits(0)[0].doc_id
+    retrievers = [get_retriever(v, kind) for v in (reader, follower) for kind in ("dense", "bm25")]
+    assert all(r.search([query], 1).hits(0)[0].doc_id == doc["id"] for r in retrievers)
     writer.delete(doc_ids=[doc["id"]], show_progress=False)
-    for retriever in (dense, bm25):
+    for retriever in retrievers:
         assert doc["id"] not in {h.doc_id for h in retriever.search([query], 12).hits(0)}
     new = wiki_docs(1, start=60)[0]
+    n_chunks = reader.store.n_chunks
     writer.add([write_jsonl(tmp_path / "new.jsonl", [new])], show_progress=False)
-    assert not (path / "bm25-v2").exists()  # the index the reader had loaded was replaced
-    assert bm25.search([new["text"][:200]], 1).hits(0)[0].doc_id == new["id"]
-    assert dense.search([new["text"][:200]], 1).hits(0)[0].doc_id == new["id"]
+    with caplog.at_level(logging.WARNING):
+        kept = [r.search([new["text"][:200]], 3).hits(0) for r in retrievers[:2]]
+    assert reader.store.n_chunks == n_chunks and all(h.doc_id != new["id"] for hits in kept for h in hits)
+    assert caplog.text.count("changed by another process") == 1  # once, not at every search
+    assert doc["id"] not in {h.doc_id for r in retrievers[:2] for h in r.search([query], 12).hits(0)}
+    for retriever in retrievers[2:]:
+        assert retriever.search([new["text"][:200]], 1).hits(0)[0].doc_id == new["id"]
+    with pytest.raises(RetrolmError, match="changed by another process since this view opened it"):
+        get_retriever(lazy, "bm25").search([query], 1)
 
 
 def test_a_second_writer_waits_for_the_lock_then_proceeds(small_db, tmp_path, monkeypatch, caplog):

@@ -236,10 +236,30 @@ def test_a_rerun_with_another_config_clears_the_older_results(tmp_path):
     # other way round (a strict scale-*.json stayed next to a config saying "previous version allowed")
     from retrolm.eval.run import SCALE_FILES
 
-    for name in (*RESULT_FILES, *SCALE_FILES):
-        (out / name).write_text("old")
-    out_dir(ScaleConfig(checkpoint="run", db="db", data=["held.jsonl"], out_dir=str(out), near_dup_threshold=0))
-    assert not any((out / name).exists() for name in (*RESULT_FILES, *SCALE_FILES))
+    def write_all():
+        for name in (*RESULT_FILES, *SCALE_FILES):
+            (out / name).write_text("old")
+
+    def left():
+        return {name for name in (*RESULT_FILES, *SCALE_FILES) if (out / name).exists()}
+
+    common = dict(checkpoint="run", db="db", data=["held.jsonl"], out_dir=str(out))
+    by_k = tuple(n for n in SCALE_FILES if "neighbours" in n)
+    by_size = tuple(n for n in SCALE_FILES if "db-size" in n)
+    out_dir(ScaleConfig(**common, ks=[1, 2]), by_k)
+    write_all()
+    out_dir(ScaleConfig(**common, ks=[1, 2]), by_k)
+    assert left() == set(RESULT_FILES) | set(SCALE_FILES)
+    # the same evaluation settings: a command removes only its own results (made under a config it cannot see), and
+    # keeps the other command's (eval's next to a scale run, one axis's next to the other's)
+    out_dir(EvalConfig(**common), RESULT_FILES)
+    assert left() == set(SCALE_FILES)
+    write_all()
+    out_dir(ScaleConfig(**common, fractions=[0.5, 1.0]), by_size)
+    assert left() == set(RESULT_FILES) | set(by_k)
+    # other evaluation settings: every result goes (a strict scale-*.json stayed next to the other protocol's config)
+    out_dir(ScaleConfig(**common, near_dup_threshold=0), by_k)
+    assert left() == set()
 
 
 def test_near_duplicate_exclusion_removes_the_copies(copy_world):

@@ -178,6 +178,8 @@ def test_multiple_choice_is_scored_and_voted_by_option_not_by_normalised_text():
     item = QAItem("m", "q", ["1"], ["-1", "1", "per-CPU", "per_cpu"], 1)
     assert score_prediction("-1", item)["em"] == 0.0 and score_prediction("1", item)["em"] == 1.0
     assert score_prediction("per_cpu", QAItem("m", "q", ["per-CPU"], ["per-CPU", "per_cpu"], 0))["em"] == 0.0
+    repeated = QAItem("m", "q", ["4"], ["4", "5", "4 "], 0)  # real sets repeat an option now and then
+    assert score_prediction("4 ", repeated)["em"] == 1.0 and score_prediction("5", repeated)["em"] == 0.0
     v = majority_vote(["-1", "1", "1"], exact=True)
     assert (v.answer, v.score, v.support) == ("1", 2.0, [1, 2])
     assert majority_vote(["-1", "1", "1"]).score == 3.0  # free-form answers still normalise alike

@@ -59,12 +59,16 @@ class DatabaseView:
     """A database folder opened for reading. Open with :meth:`open`."""
 
     def __init__(self, path: Path, meta: dict, device: str | None = None, verify: bool = True,
-                 stamp: tuple | None = None):
+                 stamp: tuple | None = None, follow: bool = False):
         self.path = path
         self.device = device
+        self.follow = follow
         self._encoder: SentenceEncoder | None = None
         self._lexical: LexicalIndex | None = None
         self._stamp = stamp
+        # a write this view does not follow (it keeps its chunks): not read again at every search
+        self._kept_stamp: tuple | None = None
+        self._kept_version: int | None = None
         self._load(meta, verify)
 
     def _load(self, meta: dict, verify: bool = True) -> None:
@@ -99,21 +103,52 @@ class DatabaseView:
         self._deleted_chunks: np.ndarray | None = None
 
     @classmethod
-    def open(cls, path: str | Path, device: str | None = None):
-        """Open an existing database folder. Sizes and checksums of its files are checked (see :mod:`.meta`)."""
+    def open(cls, path: str | Path, device: str | None = None, follow: bool = False):
+        """Open an existing database folder. Sizes and checksums of its files are checked (see :mod:`.meta`).
+
+        Deletions made by other processes count from the next search on (see :meth:`refresh`). Additions, a
+        compaction or a rebuild renumber what a run may hold (chunk ids, exclusion masks, neighbours): the view keeps
+        the chunks it opened, with a warning, unless ``follow`` (a process that only serves searches)."""
         path = db_path(path)
         recover_interrupted_swap(path)
         stamp = meta_stamp(path)  # before reading: a write in between is picked up by the next refresh
-        return cls(path, read_meta(path), device=device, stamp=stamp)
+        return cls(path, read_meta(path), device=device, stamp=stamp, follow=follow)
 
     def refresh(self) -> bool:
-        """Take in what other processes wrote since this view last read ``meta.json`` (deletions, additions, a
-        compaction, a rebuild): one ``stat`` when nothing changed. Every search calls it, so a document deleted by
-        another process is never returned again by a view opened before. True if the view changed."""
+        """Take in what other processes wrote since this view last read ``meta.json``; one ``stat`` when nothing
+        changed. Every search calls it, so a document another process deleted is never returned again. A write that
+        changes the chunks (an add, a compaction, a rebuild) is taken in only by a view opened with ``follow``;
+        another keeps reading the chunks it opened (their files stay readable while mapped) and says so once.
+        True if the view changed."""
         stamp = meta_stamp(self.path)
-        if stamp is None or stamp == self._stamp:
+        if stamp is None or stamp in (self._stamp, self._kept_stamp):
             return False
-        return self.reload()
+        try:
+            meta = read_meta(self.path)
+        except RetrolmError:  # caught mid-swap: the next search looks again
+            return False
+        same_chunks = (meta.get("build_id") == self.meta.get("build_id") and meta["segments"] == self.meta["segments"]
+                       and meta.get("index") == self.meta.get("index"))
+        if self.follow and not same_chunks:
+            return self.reload()
+        if not same_chunks:
+            if self._kept_stamp is None or self._kept_version != meta["version"]:
+                self._kept_stamp, self._kept_version = stamp, meta["version"]
+                logger.warning("%s: changed by another process (version %s, chunks added or renumbered); this "
+                               "process keeps reading version %s until it opens the database again", self.path,
+                               meta["version"], self.meta["version"])
+            return False
+        tomb = meta.get("tombstones")
+        try:
+            deleted = load_npy(self.path / tomb).astype(bool) if tomb else np.zeros(self.store.n_docs, dtype=bool)
+        except RetrolmError:  # replaced by a later write meanwhile: the next search reads that one
+            return False
+        if len(deleted) != self.store.n_docs:
+            return False
+        if meta.get("bm25") != self.meta.get("bm25"):
+            self._lexical = None
+        self._stamp, self.meta, self.deleted_docs, self._deleted_chunks = stamp, meta, deleted, None
+        return True
 
     def reload(self) -> bool:
         """Re-read ``meta.json`` (another process may have changed the database); True if it had changed."""
@@ -178,6 +213,9 @@ class DatabaseView:
         """The BM25 index: the stored one, or (if the database has none) one built in memory for this session."""
         if self._lexical is None:
             folder = self._bm25_folder()
+            if folder is not None and not folder.exists() and meta_stamp(self.path) != self._stamp:
+                raise RetrolmError(f"{self.path}: changed by another process since this view opened it (its BM25 "
+                                   f"index {folder.name} was replaced); open the database again")
             if folder is not None:
                 self._lexical = LexicalIndex.load(folder)
             else:

@@ -77,8 +77,6 @@ def _record(obj: object, where: str) -> QAItem:
         if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) and c.strip()
                                                                        for c in choices):
             raise RetrolmError(f"{where}: 'choices' must be a list of at least two non-empty strings")
-        if len({c.strip() for c in choices}) < len(choices):
-            raise RetrolmError(f"{where}: 'choices' has the same option twice")
         if not isinstance(answer, int) or isinstance(answer, bool) or not 0 <= answer < len(choices):
             raise RetrolmError(f"{where}: 'answer' must be the index of the correct choice (0..{len(choices) - 1})")
         return QAItem(str(obj["id"]), question, [choices[answer]], list(choices), answer, meta)
@@ -151,8 +149,9 @@ def _chosen_option(prediction: str, choices: Sequence[str]) -> int | None:
 def score_prediction(prediction: str, item: QAItem) -> dict[str, float]:
     """``{"em", "f1"}`` of a prediction; for multiple choice the prediction is the chosen option's text and both are
     accuracy."""
-    if item.multiple_choice:
-        acc = float(_chosen_option(prediction, item.choices) == item.answer)
+    if item.multiple_choice:  # the option picked (a set may repeat the gold option: either copy is right)
+        chosen = _chosen_option(prediction, item.choices)
+        acc = float(chosen is not None and item.choices[chosen].strip() == item.choices[item.answer].strip())
         return {"em": acc, "f1": acc}
     return {"em": exact_match(prediction, item.answers), "f1": token_f1(prediction, item.answers)}
 

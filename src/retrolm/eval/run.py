@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import yaml
 
 from retrolm.core.config import save_config
 from retrolm.core.errors import RetrolmError
@@ -27,21 +28,35 @@ SCALE_FILES = tuple(f"scale-{axis}.{ext}" for axis in ("neighbours", "db-size") 
 """What ``retrolm scale`` writes next to its config.yaml."""
 
 
-def out_dir(cfg: EvalConfig, results: tuple[str, ...] = RESULT_FILES + SCALE_FILES) -> Path:
-    """The report folder, created, with the config that produced it. When that config differs from the one already
-    there, the ``results`` files the older config produced (by default every result `eval` and `scale` write: they
-    share a default folder) are removed, so no result is left next to a config it does not belong to, even when a
-    rerun fails midway."""
+def out_dir(cfg: EvalConfig, own: tuple[str, ...]) -> Path:
+    """The report folder, created, with the config that produced it. ``eval`` and ``scale`` share it (and its
+    config.yaml) by default, so results are kept only next to a config they belong to: when the settings of the
+    evaluation itself (every ``EvalConfig`` field) differ from the ones already there, every result of either command
+    is removed; when only this command's own settings differ (a scale axis's ks or fractions), its ``own`` files.
+    They are removed before the new config is in place, so a rerun that fails midway leaves none of them."""
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / "config.yaml"
-    before = path.read_text() if path.is_file() else None
-    save_config(cfg, out / ".config.yaml.new")
-    if before is not None and before != (out / ".config.yaml.new").read_text():
-        for name in results:  # removed before the new config is in place: no moment pairs old results with it
+    path, new = out / "config.yaml", out / ".config.yaml.new"
+    save_config(cfg, new)
+    if path.is_file():
+        before, after = _config_dict(path), _config_dict(new)
+        shared = [f.name for f in fields(EvalConfig)]
+        if any(before.get(k) != after.get(k) for k in shared):
+            gone: tuple[str, ...] = RESULT_FILES + SCALE_FILES
+        else:
+            gone = own if before != after else ()
+        for name in gone:
             (out / name).unlink(missing_ok=True)
-    os.replace(out / ".config.yaml.new", path)
+    os.replace(new, path)
     return out
+
+
+def _config_dict(path: Path) -> dict:
+    try:
+        value = yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError):
+        return {}
+    return value if isinstance(value, dict) else {}
 
 
 def _gain(a: float, b: float) -> float:
@@ -55,7 +70,7 @@ def run_eval(cfg: EvalConfig, show_progress: bool = True) -> dict[str, Any]:
     Writes ``config.yaml``, ``eval.json``, ``report.md``, ``leakage.png`` and ``per_chunk.npz`` to ``out_dir``
     and returns the content of ``eval.json``.
     """
-    out = out_dir(cfg)
+    out = out_dir(cfg, RESULT_FILES)
     ev = Evaluator(cfg, show_progress)
     try:
         # the groups are read before any scoring: a group_by the held-out data lacks fails now, not after hours

@@ -31,7 +31,7 @@ def scale_neighbours(cfg: ScaleConfig, show_progress: bool = True) -> dict[str, 
     ``group_by`` every row carries the bits-per-byte of each group as well.
     """
     ks = sorted(cfg.ks)
-    with _scaling_run(cfg, show_progress) as (out, ev):
+    with _scaling_run(cfg, "scale-neighbours", show_progress) as (out, ev):
         groups = _groups(ev, cfg)
         ranks = None
         if ev.main.in_context:
@@ -79,7 +79,7 @@ def scale_db_size(cfg: ScaleConfig, show_progress: bool = True) -> dict[str, Any
     full database plus noise is evaluated too (a store that only grows with noise should change little).
     """
     fractions, noise = cfg.fractions, cfg.noise
-    with _scaling_run(cfg, show_progress) as (out, ev):
+    with _scaling_run(cfg, "scale-db-size", show_progress) as (out, ev):
         groups = _groups(ev, cfg)
         store = ev.db.store
         # the noisy copy first: a bad noise corpus (e.g. an id already in the database) fails before any scoring
@@ -120,9 +120,10 @@ def _score_with(ev: Evaluator, mask: np.ndarray, db: Database | None = None, des
 
 
 @contextlib.contextmanager
-def _scaling_run(cfg: ScaleConfig, show_progress: bool) -> Iterator[tuple[Path, Evaluator]]:
-    """The report folder and a prepared evaluator of a RETRO checkpoint, closed afterwards."""
-    out = out_dir(cfg)
+def _scaling_run(cfg: ScaleConfig, name: str, show_progress: bool) -> Iterator[tuple[Path, Evaluator]]:
+    """The report folder (the axis's earlier ``name.*`` results removed if they were made with other settings) and a
+    prepared evaluator of a RETRO checkpoint, closed afterwards."""
+    out = out_dir(cfg, tuple(f"{name}.{ext}" for ext in ("json", "md", "png")))
     ev = Evaluator(cfg, show_progress)
     try:
         if not ev.main.retrieval:

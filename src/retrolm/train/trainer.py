@@ -559,6 +559,8 @@ class Trainer:
         cpu_by_rank = state.get("cpu_rng_by_rank")  # each rank draws its own dropout masks on the CPU
         own_cpu = cpu_by_rank[self.rank] if cpu_by_rank is not None and len(cpu_by_rank) == self.world else None
         torch.set_rng_state(own_cpu if own_cpu is not None else state["torch_rng"])
+        if own_cpu is None and self.rank:  # written by another number of processes: rank 0's state is not this one's
+            torch.manual_seed(self.cfg.seed + 1000 * self.rank + self.step)
         np.random.set_state(state["numpy_rng"])
         random.setstate(state["python_rng"])
         by_rank = state.get("cuda_rng_by_rank")
