@@ -162,6 +162,9 @@ def main() -> None:
         rows += [json.dumps({"id": f"wiki/{w['id']}", "text": w["text"][: args.max_chars], "bucket": "wikipedia"})
                  for w in wiki]
         held.write_text("\n".join(rows) + "\n")
+    log.append(f"# {held}: {kernel / 'heldout.jsonl'} + the first {args.per_bucket} summaries of "
+               f"data/wiki-sample.jsonl with >= 1,000 characters, cut to {args.max_chars} (bucket wikipedia), written "
+               "by this script")
     seconds["db build"] = run([*RETROLM, "db", "build", data / "linux-docs-6.1.jsonl", "--out", args.db,
                                "--tokenizer", LM, "--bm25", "-q"], log, done=args.db / "meta.json")
     out_root = REPO / "docs" / "results" / "incontext"
