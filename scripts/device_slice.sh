@@ -22,7 +22,7 @@
 #          scripts/evidence_retro.py --profile gpu), tar | xz -9e
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT=${OUT:-runs/device}
+OUT=${OUT:-runs/device/out}  # not runs/device: the end empties $OUT, and runs/device keeps what is done
 mkdir -p "$OUT"
 T0=$(date +%s)
 BUDGET=${BUDGET:-560}  # seconds this call may use; parts are cut to end before it
