@@ -23,15 +23,16 @@ echo "== 1. corpus: Linux kernel docs 6.1 and 6.12 (Debian packages), held-out 6
 $R corpus fetch linux-docs-6.1 linux-docs-6.12 --out data/full
 # a sample drawn with other settings (PER_BUCKET) is drawn again, and the evaluations of the old one go with it
 SAMPLE="per_bucket=$PER_BUCKET max_chars=1600 seed=0"
-if [ -f "$RUN/kernel/heldout.jsonl" ] && \
+if [ -f "$RUN/kernel/labels.json" ] && \
    [ "$(cat "$RUN/kernel/settings.txt" 2>/dev/null || echo "per_bucket=3 max_chars=1600 seed=0")" != "$SAMPLE" ]; then
   echo "   $RUN/kernel was drawn with other settings: drawing the sample again ($SAMPLE)"
   rm -rf "$RUN/kernel" "$RUN/eval-previous-version" "$RUN/eval-strict"
 fi
-if [ ! -f "$RUN/kernel/heldout.jsonl" ]; then
+if [ ! -f "$RUN/kernel/labels.json" ]; then
+  # the settings first: labels.json is written last, so a sample killed midway is drawn again
+  mkdir -p "$RUN/kernel" && echo "$SAMPLE" > "$RUN/kernel/settings.txt"
   $R corpus versions --old data/full/linux-docs-6.1.jsonl --new data/full/linux-docs-6.12.jsonl --out "$RUN/kernel" \
     --per-bucket "$PER_BUCKET" --max-chars 1600 --seed 0
-  echo "$SAMPLE" > "$RUN/kernel/settings.txt"
 fi
 
 echo "== 2. retrieval database: all of kernel 6.1, BM25 over 64-token chunks of SmolLM2's tokenizer"

@@ -250,13 +250,18 @@ def test_a_rerun_with_another_config_clears_the_older_results(tmp_path):
     write_all()
     out_dir(ScaleConfig(**common, ks=[1, 2]), by_k)
     assert left() == set(RESULT_FILES) | set(SCALE_FILES)
-    # the same evaluation settings: a command removes only its own results (made under a config it cannot see), and
-    # keeps the other command's (eval's next to a scale run, one axis's next to the other's)
-    out_dir(EvalConfig(**common), RESULT_FILES)
-    assert left() == set(SCALE_FILES)
-    write_all()
+    # the same evaluation settings: eval's results stay next to a scale run's config and the other way round, and a
+    # scale axis removes only its own results when its own settings change
+    out_dir(EvalConfig(**common, device="cpu", batch_size=8), RESULT_FILES)  # where it runs changes no result
+    assert left() == set(RESULT_FILES) | set(SCALE_FILES)
     out_dir(ScaleConfig(**common, fractions=[0.5, 1.0]), by_size)
     assert left() == set(RESULT_FILES) | set(by_k)
+    # a config.yaml of an older version, without a field added since (it had its default then)
+    write_all()
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    (out / "config.yaml").write_text(yaml.safe_dump({k: v for k, v in saved.items() if k != "context_chunks"}))
+    out_dir(ScaleConfig(**common, fractions=[0.5, 1.0]), by_size)
+    assert left() == set(RESULT_FILES) | set(SCALE_FILES)
     # other evaluation settings: every result goes (a strict scale-*.json stayed next to the other protocol's config)
     out_dir(ScaleConfig(**common, near_dup_threshold=0), by_k)
     assert left() == set()

@@ -66,15 +66,29 @@ class DatabaseView:
         self._encoder: SentenceEncoder | None = None
         self._lexical: LexicalIndex | None = None
         self._stamp = stamp
-        # a write this view does not follow (it keeps its chunks): not read again at every search
-        self._kept_stamp: tuple | None = None
-        self._kept_version: int | None = None
+        self._behind = False  # another process changed the chunks and this view kept its own (said once)
         self._load(meta, verify)
 
     def _load(self, meta: dict, verify: bool = True) -> None:
+        """Open the files ``meta`` describes; the view changes only once every one of them opened (a file a writer
+        replaced meanwhile leaves it as it was)."""
         path = self.path
         if verify:
             verify_files(path, meta)
+        chunk_len: int = meta["chunk_len"]
+        tokenizer = LMTokenizer.from_file(path / "tokenizer.json", name=meta["tokenizer"]["name"])
+        if tokenizer.sha256 != meta["tokenizer"]["sha256"]:
+            raise RetrolmError(f"{path / 'tokenizer.json'}: differs from the tokenizer the database was built with")
+        store = ChunkStore.open([path / "segments" / s for s in meta["segments"]], chunk_len, tokenizer.pad_id)
+        index_meta = meta.get("index")
+        index = VectorIndex.load(path / index_meta["file"], mmap=True) if index_meta else None
+        if index is not None and index.ntotal != store.n_chunks:
+            raise RetrolmError(f"{path}: index has {index.ntotal} vectors but the segments hold {store.n_chunks} "
+                               "chunks")
+        tomb = meta.get("tombstones")
+        deleted = load_npy(path / tomb).astype(bool) if tomb else np.zeros(store.n_docs, dtype=bool)
+        if len(deleted) != store.n_docs:
+            raise RetrolmError(f"{path / tomb}: has {len(deleted)} entries for {store.n_docs} documents")
         if self._encoder is not None and meta.get("encoder") != self.meta.get("encoder"):
             self._encoder = None  # the database was rebuilt with another encoder since this object loaded one
         if self._lexical is not None and (meta.get("bm25") != self.meta.get("bm25")
@@ -83,23 +97,8 @@ class DatabaseView:
             # another stored index, chunks added / renumbered under an in-memory one, or a rebuilt database (whose
             # files start again at the same names)
             self._lexical = None
-        self.meta = meta
-        self.chunk_len: int = meta["chunk_len"]
-        self.tokenizer = LMTokenizer.from_file(path / "tokenizer.json", name=meta["tokenizer"]["name"])
-        if self.tokenizer.sha256 != meta["tokenizer"]["sha256"]:
-            raise RetrolmError(f"{path / 'tokenizer.json'}: differs from the tokenizer the database was built with")
-        self.store = ChunkStore.open([path / "segments" / s for s in meta["segments"]], self.chunk_len,
-                                     self.tokenizer.pad_id)
-        index = meta.get("index")
-        self.index = VectorIndex.load(path / index["file"], mmap=True) if index else None
-        if self.index is not None and self.index.ntotal != self.store.n_chunks:
-            raise RetrolmError(
-                f"{path}: index has {self.index.ntotal} vectors but the segments hold {self.store.n_chunks} chunks"
-            )
-        tomb = meta.get("tombstones")
-        self.deleted_docs = load_npy(path / tomb).astype(bool) if tomb else np.zeros(self.store.n_docs, dtype=bool)
-        if len(self.deleted_docs) != self.store.n_docs:
-            raise RetrolmError(f"{path / tomb}: has {len(self.deleted_docs)} entries for {self.store.n_docs} documents")
+        self.meta, self.chunk_len, self.tokenizer, self.store, self.index = meta, chunk_len, tokenizer, store, index
+        self.deleted_docs = deleted
         self._deleted_chunks: np.ndarray | None = None
 
     @classmethod
@@ -116,12 +115,12 @@ class DatabaseView:
 
     def refresh(self) -> bool:
         """Take in what other processes wrote since this view last read ``meta.json``; one ``stat`` when nothing
-        changed. Every search calls it, so a document another process deleted is never returned again. A write that
-        changes the chunks (an add, a compaction, a rebuild) is taken in only by a view opened with ``follow``;
-        another keeps reading the chunks it opened (their files stay readable while mapped) and says so once.
-        True if the view changed."""
+        changed. Every search calls it, so a document another process deleted (or replaced) is never returned again.
+        A write that changes the chunks (an add, a compaction, a rebuild) is taken in whole only by a view opened with
+        ``follow``; another keeps reading the chunks it opened (their files stay readable while mapped), still hides
+        every document deleted since, and says once that it is behind. True if the view changed."""
         stamp = meta_stamp(self.path)
-        if stamp is None or stamp in (self._stamp, self._kept_stamp):
+        if stamp is None or stamp == self._stamp:
             return False
         try:
             meta = read_meta(self.path)
@@ -130,33 +129,57 @@ class DatabaseView:
         same_chunks = (meta.get("build_id") == self.meta.get("build_id") and meta["segments"] == self.meta["segments"]
                        and meta.get("index") == self.meta.get("index"))
         if self.follow and not same_chunks:
-            return self.reload()
-        if not same_chunks:
-            if self._kept_stamp is None or self._kept_version != meta["version"]:
-                self._kept_stamp, self._kept_version = stamp, meta["version"]
-                logger.warning("%s: changed by another process (version %s, chunks added or renumbered); this "
-                               "process keeps reading version %s until it opens the database again", self.path,
-                               meta["version"], self.meta["version"])
-            return False
-        tomb = meta.get("tombstones")
+            try:
+                return self.reload()
+            except RetrolmError:  # a file replaced by a later write meanwhile: the view is as it was; next search
+                return False
         try:
-            deleted = load_npy(self.path / tomb).astype(bool) if tomb else np.zeros(self.store.n_docs, dtype=bool)
-        except RetrolmError:  # replaced by a later write meanwhile: the next search reads that one
+            deleted = self._deleted_in(meta)
+        except RetrolmError:  # a file replaced by a later write meanwhile: the next search reads that one
             return False
-        if len(deleted) != self.store.n_docs:
-            return False
-        if meta.get("bm25") != self.meta.get("bm25"):
-            self._lexical = None
-        self._stamp, self.meta, self.deleted_docs, self._deleted_chunks = stamp, meta, deleted, None
-        return True
+        self._stamp = stamp
+        if not same_chunks and not self._behind:
+            self._behind = True
+            logger.warning("%s: changed by another process (version %s: chunks added or renumbered); this process "
+                           "keeps reading the chunks of version %s, without the documents deleted since, until it "
+                           "opens the database again", self.path, meta["version"], self.meta["version"])
+        changed = bool((deleted != self.deleted_docs).any())
+        if same_chunks:
+            if meta.get("bm25") != self.meta.get("bm25"):
+                self._lexical, changed = None, True
+            self.meta = meta
+        if changed:
+            self.deleted_docs, self._deleted_chunks = deleted, None
+        return changed
+
+    def _deleted_in(self, meta: dict) -> np.ndarray:
+        """This view's documents that are deleted in the database ``meta`` describes: its tombstones when the view's
+        segments are the first of it (the same chunks, or chunks added after them), else (a compaction, a rebuild)
+        every document whose id is no longer live there."""
+        tomb = meta.get("tombstones")
+        n = self.store.n_docs
+        if meta.get("build_id") == self.meta.get("build_id") and meta["segments"][: len(self.meta["segments"])] == \
+                self.meta["segments"]:
+            stored = load_npy(self.path / tomb).astype(bool)[:n] if tomb else np.zeros(n, dtype=bool)
+            if len(stored) != n:
+                raise RetrolmError(f"{self.path / str(tomb)}: fewer entries than this view's documents")
+            return self.deleted_docs | stored
+        store = ChunkStore.open([self.path / "segments" / s for s in meta["segments"]], meta["chunk_len"],
+                                self.tokenizer.pad_id)
+        gone = load_npy(self.path / tomb).astype(bool) if tomb else np.zeros(store.n_docs, dtype=bool)
+        live = {d for d, dead in zip(store.doc_ids, gone, strict=True) if not dead}
+        return self.deleted_docs | np.asarray([d not in live for d in self.store.doc_ids], dtype=bool)
 
     def reload(self) -> bool:
-        """Re-read ``meta.json`` (another process may have changed the database); True if it had changed."""
-        self._stamp = meta_stamp(self.path)
+        """Re-read ``meta.json`` (another process may have changed the database) and open what it describes, chunks
+        included; True if it had changed."""
+        stamp = meta_stamp(self.path)
         meta = read_meta(self.path)
         if meta.get("build_id") == self.meta.get("build_id") and meta["version"] == self.meta["version"]:
+            self._stamp = stamp
             return False
         self._load(meta)
+        self._stamp, self._behind = stamp, False
         return True
 
     # ---- components
@@ -213,9 +236,9 @@ class DatabaseView:
         """The BM25 index: the stored one, or (if the database has none) one built in memory for this session."""
         if self._lexical is None:
             folder = self._bm25_folder()
-            if folder is not None and not folder.exists() and meta_stamp(self.path) != self._stamp:
+            if folder is not None and not folder.exists():  # a writer replaced it (add, compact) after this opened
                 raise RetrolmError(f"{self.path}: changed by another process since this view opened it (its BM25 "
-                                   f"index {folder.name} was replaced); open the database again")
+                                   f"index {folder.name} is gone); open the database again")
             if folder is not None:
                 self._lexical = LexicalIndex.load(folder)
             else:
@@ -260,10 +283,14 @@ class DatabaseView:
         k: int = 5,
         exclude_chunks: np.ndarray | None = None,
         settings: SearchSettings | None = None,
+        refresh: bool = True,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Top-k (scores, chunk ids) per query vector; -1 where fewer than k live chunks exist. Deleted documents and
-        ``exclude_chunks`` (a bool mask over chunk ids, e.g. evaluation documents) are filtered inside FAISS."""
-        self.refresh()
+        ``exclude_chunks`` (a bool mask over chunk ids, e.g. evaluation documents) are filtered inside FAISS.
+        ``refresh=False``: the caller refreshed the view when it made ``exclude_chunks`` (a retriever's search), which
+        must not change under it."""
+        if refresh:
+            self.refresh()
         if self.index is None:
             raise RetrolmError(f"{self.path}: built without dense keys (BM25 only); search it with BM25")
         if self.store.n_chunks == 0:  # everything deleted and compacted away: nothing to find (hybrid asks for k=0)

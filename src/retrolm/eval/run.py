@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import asdict, fields
+from collections.abc import Iterable
+from dataclasses import MISSING, Field, asdict, fields
 from pathlib import Path
 from typing import Any
 
@@ -40,15 +41,25 @@ def out_dir(cfg: EvalConfig, own: tuple[str, ...]) -> Path:
     save_config(cfg, new)
     if path.is_file():
         before, after = _config_dict(path), _config_dict(new)
-        shared = [f.name for f in fields(EvalConfig)]
-        if any(before.get(k) != after.get(k) for k in shared):
-            gone: tuple[str, ...] = RESULT_FILES + SCALE_FILES
-        else:
-            gone = own if before != after else ()
+        # where the results go and what ran them do not change them; a field an older config.yaml lacks had its
+        # default then
+        defaults = {f.name: _default(f) for f in fields(cfg) if f.name not in ("out_dir", "device", "batch_size")}
+        shared = [f.name for f in fields(EvalConfig) if f.name in defaults]
+
+        def differ(keys: Iterable[str]) -> bool:
+            return any(before.get(k, defaults[k]) != after.get(k, defaults[k]) for k in keys)
+
+        gone = RESULT_FILES + SCALE_FILES if differ(shared) else own if differ(defaults) else ()
         for name in gone:
             (out / name).unlink(missing_ok=True)
     os.replace(new, path)
     return out
+
+
+def _default(f: Field) -> Any:
+    if f.default is not MISSING:
+        return f.default
+    return f.default_factory() if f.default_factory is not MISSING else None
 
 
 def _config_dict(path: Path) -> dict:

@@ -36,7 +36,8 @@ class DenseRetriever(Retriever):
         return vecs
 
     def _search(self, queries: np.ndarray, k: int, exclude_chunks: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
-        scores, ids = self.db.search_vectors(queries, k, exclude_chunks=exclude_chunks, settings=self.settings)
+        scores, ids = self.db.search_vectors(queries, k, exclude_chunks=exclude_chunks, settings=self.settings,
+                                             refresh=False)  # Retriever.search refreshed the view
         blank = ~queries.any(axis=1)
         ids[blank], scores[blank] = -1, -np.inf
         return scores, ids

@@ -79,10 +79,11 @@ class CheckpointManager:
                 msg = str(e).splitlines()[0] if str(e) else type(e).__name__
                 intact = (ckpt / CHECKSUMS).is_file() and not isinstance(e, (OSError, EOFError))
                 if intact and _checksums_match(ckpt):
-                    # every file is as written: it is this run's settings that do not fit (another model shape,
-                    # freeze_init, lora), and every older checkpoint would fail the same way
-                    raise RetrolmError(f"{ckpt}: does not load into this run ({msg}); resume with the settings it "
-                                       "was written with, or start afresh (--no-resume)") from None
+                    # every file is as written: this run's settings (another model shape, freeze_init, lora) or
+                    # software do not fit it, and every older checkpoint would most likely fail the same way
+                    raise RetrolmError(f"{ckpt}: intact, but does not load into this run ({msg}); resume with the "
+                                       "settings and software it was written with, or start afresh (--no-resume)"
+                                       ) from None
                 logger.warning("%s: damaged checkpoint skipped (%s)", ckpt, msg)
         if found:
             raise RetrolmError(f"{self.folder}: no intact checkpoint to resume from (pass --no-resume to restart)")
