@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import os
 import random
@@ -612,3 +613,18 @@ def test_each_rank_draws_its_own_random_numbers_after_the_model_is_built(built_d
     t.setup(show_progress=False)
     assert torch.equal(torch.rand(4), draws[0])
     t.cleanup()
+
+
+def test_a_continuation_under_another_split_is_warned_about(built_db, tmp_path, caplog):
+    """init_from trained under another seed (or val_fraction, or sequence length): its training sequences may be this
+    run's validation ones. Resuming refuses that; a continuation is told."""
+    base_dir = tmp_path / "base"
+    run(tiny_cfg(built_db, base_dir, steps=1, model=ModelSpec(preset="tiny", seq_len=256, retro_layers=[])))
+    for seed, warned in ((0, False), (1, True)):
+        caplog.clear()
+        t = Trainer(tiny_cfg(built_db, tmp_path / f"c{seed}", steps=1, seed=seed, init_from=str(base_dir),
+                             model=ModelSpec(preset="tiny", seq_len=256, retro_layers=[])))
+        with caplog.at_level(logging.WARNING, logger="retrolm.train.trainer"):
+            t.setup(show_progress=False)
+        t.cleanup()
+        assert ("trained on a split made with other settings (seed 0 → 1)" in caplog.text) == warned, caplog.text

@@ -252,6 +252,7 @@ class Trainer:
         n_seqs = n_sequences(self.db.store.n_chunks, seq_chunks)
         if n_seqs < 2:
             raise RetrolmError(f"{cfg.db}: too little data for sequences of {self.seq_len} tokens")
+        self._check_parent_split(n_seqs)
         order = np.random.default_rng(cfg.seed).permutation(n_seqs)
         n_val = max(1, round(cfg.val_fraction * len(order))) if cfg.val_fraction > 0 else 0
         self.val_ids, self.train_ids = order[:n_val], order[n_val:]
@@ -373,6 +374,24 @@ class Trainer:
         cfg = self.cfg
         return {"seed": cfg.seed, "val_fraction": cfg.val_fraction, "data_offset": cfg.data_offset,
                 "seq_len": self.seq_len, "sequences": len(self.seqs)}
+
+    def _check_parent_split(self, n_seqs: int) -> None:
+        """Warn when ``init_from`` was trained under another split: its training sequences may be this run's
+        validation ones (validation then reads too well), which resuming refuses but a continuation cannot know."""
+        ref = getattr(self.cfg, "init_from", None)
+        folder = find_checkpoint(ref) if ref else None
+        if folder is None or not (folder / "trainer.pt").is_file():
+            return
+        try:
+            parent = torch.load(folder / "trainer.pt", weights_only=False).get("data_order") or {}
+        except Exception:  # an unreadable trainer.pt says nothing about the split; loading the weights checks the rest
+            return
+        here = {"seed": self.cfg.seed, "val_fraction": self.cfg.val_fraction, "seq_len": self.seq_len,
+                "sequences": n_seqs}
+        changed = [f"{k} {parent[k]} → {v}" for k, v in here.items() if k in parent and parent[k] != v]
+        if changed:
+            logger.warning("%s: trained on a split made with other settings (%s): this run's validation sequences may "
+                           "include sequences it trained on", folder, ", ".join(changed))
 
     @property
     def _per_step(self) -> int:
