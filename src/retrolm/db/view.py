@@ -144,9 +144,7 @@ class DatabaseView:
                            "keeps reading the chunks of version %s, without the documents deleted since, until it "
                            "opens the database again", self.path, meta["version"], self.meta["version"])
         changed = bool((deleted != self.deleted_docs).any())
-        if same_chunks:
-            if meta.get("bm25") != self.meta.get("bm25"):
-                self._lexical, changed = None, True
+        if same_chunks:  # a BM25 index already loaded (or built in memory) covers the same chunks: it stays
             self.meta = meta
         if changed:
             self.deleted_docs, self._deleted_chunks = deleted, None
@@ -167,8 +165,12 @@ class DatabaseView:
         store = ChunkStore.open([self.path / "segments" / s for s in meta["segments"]], meta["chunk_len"],
                                 self.tokenizer.pad_id)
         gone = load_npy(self.path / tomb).astype(bool) if tomb else np.zeros(store.n_docs, dtype=bool)
-        live = {d for d, dead in zip(store.doc_ids, gone, strict=True) if not dead}
-        return self.deleted_docs | np.asarray([d not in live for d in self.store.doc_ids], dtype=bool)
+
+        def identity(st: ChunkStore, i: int) -> tuple:  # what a compaction keeps and a replacement changes
+            return st.doc_ids[i], int(st.doc_n_tokens[i]), int(st.doc_n_bytes[i]), st.doc_source(i)
+
+        live = {identity(store, i) for i in np.flatnonzero(~gone)}
+        return self.deleted_docs | np.asarray([identity(self.store, i) not in live for i in range(n)], dtype=bool)
 
     def reload(self) -> bool:
         """Re-read ``meta.json`` (another process may have changed the database) and open what it describes, chunks
@@ -236,10 +238,14 @@ class DatabaseView:
         """The BM25 index: the stored one, or (if the database has none) one built in memory for this session."""
         if self._lexical is None:
             folder = self._bm25_folder()
-            if folder is not None and not folder.exists():  # a writer replaced it (add, compact) after this opened
+            if self._behind:
+                # the stored index now covers the other process's chunks (a rebuild even reuses its name)
+                logger.info("%s: building a BM25 index in memory over the chunks this view kept", self.path)
+                self._lexical = LexicalIndex.build(self.chunk_texts, self.store.n_chunks)
+            elif folder is not None and not folder.exists():  # a writer replaced it between refresh and here
                 raise RetrolmError(f"{self.path}: changed by another process since this view opened it (its BM25 "
                                    f"index {folder.name} is gone); open the database again")
-            if folder is not None:
+            elif folder is not None:
                 self._lexical = LexicalIndex.load(folder)
             else:
                 logger.info("%s: no BM25 index stored; building one in memory (`retrolm db bm25` stores it)",

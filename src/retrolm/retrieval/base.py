@@ -89,11 +89,13 @@ class Retriever(ABC):
         :meth:`prepare` (e.g. query vectors computed once and searched under several exclusions)."""
         if k < 1:
             raise RetrolmError(f"k must be >= 1, got {k}")
+        # other processes' writes first: deletions count from this search on, and a followed rebuild's new encoder
+        # embeds the queries
+        self.db.refresh()
         if isinstance(queries, str):
             queries = [queries]
         if not (isinstance(queries, np.ndarray) and (queries.dtype == object or queries.ndim == 2)):
             queries = self.prepare(list(queries))
-        self.db.refresh()  # another process's deletions (and additions) count from this search on
         exclude = exclude or Exclusion()
         mask = self.db.exclusion_mask(exclude.chunks)
         docs = exclude.per_query_docs(len(queries))
