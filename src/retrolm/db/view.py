@@ -67,6 +67,7 @@ class DatabaseView:
         self._lexical: LexicalIndex | None = None
         self._stamp = stamp
         self._behind = False  # another process changed the chunks and this view kept its own (said once)
+        self._matched: tuple | None = None  # this view's documents among another set of segments (see _deleted_in)
         self._load(meta, verify)
 
     def _load(self, meta: dict, verify: bool = True) -> None:
@@ -162,15 +163,28 @@ class DatabaseView:
             if len(stored) != n:
                 raise RetrolmError(f"{self.path / str(tomb)}: fewer entries than this view's documents")
             return self.deleted_docs | stored
-        store = ChunkStore.open([self.path / "segments" / s for s in meta["segments"]], meta["chunk_len"],
-                                self.tokenizer.pad_id)
-        gone = load_npy(self.path / tomb).astype(bool) if tomb else np.zeros(store.n_docs, dtype=bool)
+        key = (meta.get("build_id"), tuple(meta["segments"]))
+        if self._matched is None or self._matched[0] != key:
+            # once per set of segments (a compaction), not at every later write: which of the other database's
+            # documents are each of this view's, by what a compaction keeps and a replacement changes
+            store = ChunkStore.open([self.path / "segments" / s for s in meta["segments"]], meta["chunk_len"],
+                                    self.tokenizer.pad_id)
 
-        def identity(st: ChunkStore, i: int) -> tuple:  # what a compaction keeps and a replacement changes
-            return st.doc_ids[i], int(st.doc_n_tokens[i]), int(st.doc_n_bytes[i]), st.doc_source(i)
+            def identity(st: ChunkStore, i: int) -> tuple:
+                return st.doc_ids[i], int(st.doc_n_tokens[i]), int(st.doc_n_bytes[i]), st.doc_source(i)
 
-        live = {identity(store, i) for i in np.flatnonzero(~gone)}
-        return self.deleted_docs | np.asarray([identity(self.store, i) not in live for i in range(n)], dtype=bool)
+            where: dict[tuple, list[int]] = {}
+            for j in range(store.n_docs):
+                where.setdefault(identity(store, j), []).append(j)
+            pairs = np.asarray([(i, j) for i in range(n) for j in where.get(identity(self.store, i), ())],
+                               dtype=np.int64).reshape(-1, 2)
+            self._matched = (key, pairs[:, 0], pairs[:, 1], store.n_docs)
+        _, owner, other, n_other = self._matched
+        gone = load_npy(self.path / tomb).astype(bool) if tomb else np.zeros(n_other, dtype=bool)
+        if len(gone) != n_other:
+            raise RetrolmError(f"{self.path / str(tomb)}: {len(gone)} entries for {n_other} documents")
+        alive = np.bincount(owner, weights=(~gone[other]).astype(np.float64), minlength=n)
+        return self.deleted_docs | (alive == 0)
 
     def reload(self) -> bool:
         """Re-read ``meta.json`` (another process may have changed the database) and open what it describes, chunks
