@@ -71,31 +71,30 @@ class CheckpointManager:
         """``load`` the newest checkpoint that is intact; returns it (None if the run has none)."""
         found = self.all()
         for ckpt in reversed(found):
+            errors = (RetrolmError, RuntimeError, EOFError, OSError, KeyError, ValueError)
             try:
                 verify_checksums(ckpt)
+            except errors as e:
+                logger.warning("%s: damaged checkpoint skipped (%s)", ckpt, _first_line(e))
+                continue
+            try:
                 load(ckpt)
                 return ckpt
-            except (RetrolmError, RuntimeError, EOFError, OSError, KeyError, ValueError) as e:
-                msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-                intact = (ckpt / CHECKSUMS).is_file() and not isinstance(e, (OSError, EOFError))
-                if intact and _checksums_match(ckpt):
+            except errors as e:
+                if (ckpt / CHECKSUMS).is_file() and not isinstance(e, (OSError, EOFError)):
                     # every file is as written: this run's settings (another model shape, freeze_init, lora) or
                     # software do not fit it, and every older checkpoint would most likely fail the same way
-                    raise RetrolmError(f"{ckpt}: intact, but does not load into this run ({msg}); resume with the "
-                                       "settings and software it was written with, or start afresh (--no-resume)"
-                                       ) from None
-                logger.warning("%s: damaged checkpoint skipped (%s)", ckpt, msg)
+                    raise RetrolmError(f"{ckpt}: intact, but does not load into this run ({_first_line(e)}); resume "
+                                       "with the settings and software it was written with, or start afresh "
+                                       "(--no-resume)") from None
+                logger.warning("%s: damaged checkpoint skipped (%s)", ckpt, _first_line(e))
         if found:
             raise RetrolmError(f"{self.folder}: no intact checkpoint to resume from (pass --no-resume to restart)")
         return None
 
 
-def _checksums_match(ckpt: Path) -> bool:
-    try:
-        verify_checksums(ckpt)
-    except RetrolmError:
-        return False
-    return True
+def _first_line(e: Exception) -> str:
+    return str(e).splitlines()[0] if str(e) else type(e).__name__
 
 
 def _reason(e: Exception, folder: Path) -> str:
