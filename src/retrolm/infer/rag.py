@@ -33,7 +33,7 @@ from retrolm.core.device import default_device
 from retrolm.core.errors import RetrolmError
 from retrolm.db import DatabaseView
 from retrolm.eval.qa import CHOICE_NORMALIZATIONS, QAItem
-from retrolm.infer.consistency import cross_document_vote, majority_vote
+from retrolm.infer.consistency import CrossDocVote, cross_document_vote, majority_vote
 from retrolm.infer.flops import ModelCost, StageFlops, bm25_search_flops, dense_search_flops
 from retrolm.infer.reader import DEFAULT_SYSTEM, DEFAULT_TEMPLATE, Reader, Reading, check_template
 from retrolm.infer.rerank import LMReranker, Reranker, load_reranker
@@ -234,7 +234,8 @@ class RagAnswer:
                 "flops": self.flops.to_dict()}
 
 
-def _reading_flops(r: Reading) -> StageFlops:
+def reading_flops(r: Reading) -> StageFlops:
+    """The reader's FLOPs of one reading, as stages."""
     return StageFlops(reader_prompt=r.prompt_flops, reader_generation=r.generation_flops)
 
 
@@ -365,6 +366,18 @@ class RagPipeline:
             out[i].append(r)
         return out
 
+    def vote_across_documents(self, item: QAItem, passages: Sequence[Passage], readings: Sequence[Reading],
+                              flops: StageFlops) -> tuple[CrossDocVote, list[Passage], list[int], StageFlops]:
+        """Cross-document consistency's answer to ``item`` from its :meth:`read_each` readings: the vote, the passages
+        read alone, the indices of those supporting the answer (none when nothing was retrieved and the question was
+        read alone), and ``flops`` with the readings' added."""
+        vote = cross_document_vote([r.answers for r in readings], exact=item.multiple_choice)
+        total = flops
+        for r in readings:
+            total = total + reading_flops(r)
+        candidates = self.cross_doc_candidates(passages)
+        return vote, candidates, vote.support if candidates else [], total
+
     # -------------------------------------------------------------------------------------------------- answer
     def mode(self) -> str:
         """The last stage the configuration enables."""
@@ -387,7 +400,7 @@ class RagPipeline:
         mode = self.mode()
         questions = [it.question for it in items]
         if mode == "closed_book":
-            return [RagAnswer(it.question, r.answers[0], mode, [], [], _reading_flops(r), samples=r.answers)
+            return [RagAnswer(it.question, r.answers[0], mode, [], [], reading_flops(r), samples=r.answers)
                     for it, r in zip(items, self.read(items, None), strict=True)]
         passages, flops = self.retrieve(questions)
         if self.reranker is not None:
@@ -396,13 +409,9 @@ class RagPipeline:
         out = []
         if mode == "cross_doc":
             for it, ps, f, rs in zip(items, passages, flops, self.read_each(items, passages), strict=True):
-                vote = cross_document_vote([r.answers for r in rs], exact=it.multiple_choice)
-                total = f
-                for r in rs:
-                    total = total + _reading_flops(r)
-                candidates = self.cross_doc_candidates(ps)
-                out.append(RagAnswer(it.question, vote.answer, mode, candidates, vote.support if candidates else [],
-                                     total, vote.to_dict(), [a for r in rs for a in r.answers]))
+                vote, candidates, support, total = self.vote_across_documents(it, ps, rs, f)
+                out.append(RagAnswer(it.question, vote.answer, mode, candidates, support, total, vote.to_dict(),
+                                     [a for r in rs for a in r.answers]))
             return out
         k = self.cfg.passages
         sc = mode == "self_consistency"
@@ -411,9 +420,9 @@ class RagPipeline:
         for it, ps, f, r in zip(items, passages, flops, readings, strict=True):
             vote = majority_vote(r.answers, exact=it.multiple_choice) if sc else None
             answer = vote.answer if vote is not None else r.answers[0]
-            out.append(RagAnswer(it.question, answer, mode, ps[:k], list(range(len(ps[:k]))), f + _reading_flops(r),
+            out.append(RagAnswer(it.question, answer, mode, ps[:k], list(range(len(ps[:k]))), f + reading_flops(r),
                                  vote.to_dict() if vote is not None else None, r.answers))
         return out
 
 
-__all__ = ["MODES", "Passage", "PassageRetriever", "RagAnswer", "RagConfig", "RagPipeline"]
+__all__ = ["MODES", "Passage", "PassageRetriever", "RagAnswer", "RagConfig", "RagPipeline", "reading_flops"]

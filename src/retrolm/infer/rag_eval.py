@@ -38,10 +38,9 @@ from retrolm.db import DatabaseView, noisy_copy
 from retrolm.eval.multiplier import Point, fit_metric, load_points, multiplier_report, plot_multiplier
 from retrolm.eval.qa import QAItem, contamination, load_qa, mean_scores, score_prediction
 from retrolm.eval.report import markdown_table
-from retrolm.infer.consistency import cross_document_vote, majority_vote
+from retrolm.infer.consistency import majority_vote
 from retrolm.infer.flops import StageFlops, mean_flops, pretraining_flops
-from retrolm.infer.rag import MODES, Passage, RagConfig, RagPipeline
-from retrolm.infer.reader import Reading
+from retrolm.infer.rag import MODES, Passage, RagConfig, RagPipeline, reading_flops
 
 logger = logging.getLogger(__name__)
 
@@ -98,10 +97,6 @@ class Prediction:
                 **({"samples": self.samples} if len(self.samples) > 1 else {})}
 
 
-def _rf(r: Reading) -> StageFlops:
-    return StageFlops(reader_prompt=r.prompt_flops, reader_generation=r.generation_flops)
-
-
 def evaluate_block(pipe: RagPipeline, items: list[QAItem], closed_book: bool = True,
                    timer: dict[str, float] | None = None) -> dict[str, list[Prediction]]:
     """Every enabled configuration on a block of items (stages shared between configurations run once)."""
@@ -116,17 +111,18 @@ def evaluate_block(pipe: RagPipeline, items: list[QAItem], closed_book: bool = T
         return result
 
     if closed_book:
-        out["closed_book"] = [Prediction(r.answers[0], _rf(r)) for r in timed("closed_book", pipe.read, items, None)]
+        out["closed_book"] = [Prediction(r.answers[0], reading_flops(r))
+                              for r in timed("closed_book", pipe.read, items, None)]
     passages, base_flops = timed("retrieve", pipe.retrieve, qs)
     k = c.passages
     reads = timed("retrieval", pipe.read, items, [ps[:k] for ps in passages])
-    out["retrieval"] = [Prediction(r.answers[0], f + _rf(r), ps[:k], list(range(len(ps[:k]))))
+    out["retrieval"] = [Prediction(r.answers[0], f + reading_flops(r), ps[:k], list(range(len(ps[:k]))))
                         for r, f, ps in zip(reads, base_flops, passages, strict=True)]
     if pipe.reranker is not None:
         passages, rr = timed("rerank_scoring", pipe.rerank, qs, passages)
         base_flops = [a + b for a, b in zip(base_flops, rr, strict=True)]
         reads = timed("rerank", pipe.read, items, [ps[:k] for ps in passages])
-        out["rerank"] = [Prediction(r.answers[0], f + _rf(r), ps[:k], list(range(len(ps[:k]))))
+        out["rerank"] = [Prediction(r.answers[0], f + reading_flops(r), ps[:k], list(range(len(ps[:k]))))
                          for r, f, ps in zip(reads, base_flops, passages, strict=True)]
     if c.samples > 1:
         # option likelihoods are deterministic: a multiple-choice item keeps the answer it had before sampling
@@ -142,18 +138,14 @@ def evaluate_block(pipe: RagPipeline, items: list[QAItem], closed_book: bool = T
                 continue
             r = sampled[i]
             vote = majority_vote(r.answers)
-            out["self_consistency"].append(Prediction(vote.answer, f + _rf(r), ps[:k], list(range(len(ps[:k]))),
-                                                      r.answers))
+            out["self_consistency"].append(Prediction(vote.answer, f + reading_flops(r), ps[:k],
+                                                      list(range(len(ps[:k]))), r.answers))
     if c.cross_doc:
         each = timed("cross_doc", pipe.read_each, items, passages)
         out["cross_doc"] = []
         for it, rs, f, ps in zip(items, each, base_flops, passages, strict=True):
-            vote = cross_document_vote([r.answers for r in rs], exact=it.multiple_choice)
-            total = f
-            for r in rs:
-                total = total + _rf(r)
-            candidates = pipe.cross_doc_candidates(ps)
-            out["cross_doc"].append(Prediction(vote.answer, total, candidates, vote.support if candidates else [],
+            vote, candidates, support, total = pipe.vote_across_documents(it, ps, rs, f)
+            out["cross_doc"].append(Prediction(vote.answer, total, candidates, support,
                                                [a for r in rs for a in r.answers]))
     return out
 
