@@ -86,10 +86,7 @@ class DatabaseView:
         if index is not None and index.ntotal != store.n_chunks:
             raise RetrolmError(f"{path}: index has {index.ntotal} vectors but the segments hold {store.n_chunks} "
                                "chunks")
-        tomb = meta.get("tombstones")
-        deleted = load_npy(path / tomb).astype(bool) if tomb else np.zeros(store.n_docs, dtype=bool)
-        if len(deleted) != store.n_docs:
-            raise RetrolmError(f"{path / tomb}: has {len(deleted)} entries for {store.n_docs} documents")
+        deleted = self._tombstones(meta, store.n_docs)
         if self._encoder is not None and meta.get("encoder") != self.meta.get("encoder"):
             self._encoder = None  # the database was rebuilt with another encoder since this object loaded one
         if self._lexical is not None and (meta.get("bm25") != self.meta.get("bm25")
@@ -154,15 +151,11 @@ class DatabaseView:
     def _deleted_in(self, meta: dict) -> np.ndarray:
         """This view's documents that are deleted in the database ``meta`` describes: its tombstones when the view's
         segments are the first of it (the same chunks, or chunks added after them), else (a compaction, a rebuild)
-        every document whose id is no longer live there."""
-        tomb = meta.get("tombstones")
+        every document that is no longer live there under the same id, size and source."""
         n = self.store.n_docs
         if meta.get("build_id") == self.meta.get("build_id") and meta["segments"][: len(self.meta["segments"])] == \
                 self.meta["segments"]:
-            stored = load_npy(self.path / tomb).astype(bool)[:n] if tomb else np.zeros(n, dtype=bool)
-            if len(stored) != n:
-                raise RetrolmError(f"{self.path / str(tomb)}: fewer entries than this view's documents")
-            return self.deleted_docs | stored
+            return self.deleted_docs | self._tombstones(meta, n, grown=True)
         key = (meta.get("build_id"), tuple(meta["segments"]))
         if self._matched is None or self._matched[0] != key:
             # once per set of segments (a compaction), not at every later write: which of the other database's
@@ -180,11 +173,18 @@ class DatabaseView:
                                dtype=np.int64).reshape(-1, 2)
             self._matched = (key, pairs[:, 0], pairs[:, 1], store.n_docs)
         _, owner, other, n_other = self._matched
-        gone = load_npy(self.path / tomb).astype(bool) if tomb else np.zeros(n_other, dtype=bool)
-        if len(gone) != n_other:
-            raise RetrolmError(f"{self.path / str(tomb)}: {len(gone)} entries for {n_other} documents")
+        gone = self._tombstones(meta, n_other)
         alive = np.bincount(owner, weights=(~gone[other]).astype(np.float64), minlength=n)
         return self.deleted_docs | (alive == 0)
+
+    def _tombstones(self, meta: dict, n_docs: int, grown: bool = False) -> np.ndarray:
+        """The deleted-documents mask ``meta`` names (none deleted without one) over ``n_docs`` documents; ``grown``:
+        over the first ``n_docs`` of a database that may hold more since."""
+        tomb = meta.get("tombstones")
+        deleted = load_npy(self.path / tomb).astype(bool) if tomb else np.zeros(n_docs, dtype=bool)
+        if len(deleted) < n_docs or (len(deleted) != n_docs and not grown):
+            raise RetrolmError(f"{self.path / tomb}: has {len(deleted)} entries for {n_docs} documents")
+        return deleted[:n_docs]
 
     def reload(self) -> bool:
         """Re-read ``meta.json`` (another process may have changed the database) and open what it describes, chunks
