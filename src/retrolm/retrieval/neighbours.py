@@ -136,13 +136,15 @@ def compute_neighbours(
     config: NeighbourConfig | None = None,
     show_progress: bool = True,
     exclude_chunks: np.ndarray | None = None,
+    groups: list[np.ndarray] | None = None,
 ) -> np.ndarray:
     """Neighbour chunk ids ``(source.n_chunks, k)`` (-1 where fewer than k exist) for every source chunk.
 
     ``source=None`` means the database's own chunks (training on the retrieval corpus, as RETRO does); then the
     exclusion rule applies. A separate source (held-out documents) is a different set of documents; database chunks
     that must not be retrieved for it (copies of the held-out documents, near-duplicates, or everything outside a
-    database-size subset) are given as the bool mask ``exclude_chunks``.
+    database-size subset) are given as the bool mask ``exclude_chunks``. ``groups``: the database's
+    :func:`near_duplicate_groups` under ``config.near_dup_threshold`` when the caller has them (else found here).
     """
     config = config or NeighbourConfig()
     db = retriever.db
@@ -157,8 +159,10 @@ def compute_neighbours(
     n = source.n_chunks
     out = np.full((n, config.k), -1, dtype=np.int64)
     chunk_doc = source.all_chunk_docs()
-    groups = near_duplicate_groups(db, config.near_dup_threshold, show_progress=show_progress) \
-        if same_db and config.exclude == "near_duplicate" else []
+    if not (same_db and config.exclude == "near_duplicate"):
+        groups = []
+    elif groups is None:
+        groups = near_duplicate_groups(db, config.near_dup_threshold, show_progress=show_progress)
     for start in tqdm(range(0, n, config.batch_size), desc="neighbours", unit="batch", disable=not show_progress):
         ids = np.arange(start, min(start + config.batch_size, n))
         docs = None

@@ -188,6 +188,7 @@ class Trainer:
         self.step = 0
         self.writer = None
         self.checkpoints = CheckpointManager(self.out / "checkpoints", cfg.keep_checkpoints)
+        self._near_dup_groups: list[np.ndarray] | None = None
 
     # ------------------------------------------------------------------ what a recipe trains
     def build_model(self) -> torch.nn.Module:
@@ -263,7 +264,7 @@ class Trainer:
         neighbours = self._neighbours(seq_chunks, show_progress) if self.retrieval and cfg.steps else None
         family = None
         if neighbours is not None and cfg.neighbour_swap and cfg.neighbour_exclude == "near_duplicate":
-            family = document_families(near_duplicate_groups(self.db, cfg.neighbour_near_dup))
+            family = document_families(self._near_duplicates())
         self.seqs = RetroSequences(self.db.store, seq_chunks, self.db.tokenizer.eos_id, neighbours, self.db.store,
                                    cfg.num_neighbours, tokenizer=self.db.tokenizer, doc_family=family)
 
@@ -339,7 +340,8 @@ class Trainer:
                 if not self._neighbours_reusable(folder, ncfg):
                     retriever = get_retriever(self.db, ncfg.retriever)
                     started = time.perf_counter()
-                    nb = compute_neighbours(retriever, config=ncfg, show_progress=show_progress)
+                    groups = self._near_duplicates() if ncfg.exclude == "near_duplicate" else None
+                    nb = compute_neighbours(retriever, config=ncfg, show_progress=show_progress, groups=groups)
                     seconds = time.perf_counter() - started
                     logger.info("training neighbours of %d chunks in %.1f s (%s search)", len(nb), seconds,
                                 ncfg.search)
@@ -350,6 +352,13 @@ class Trainer:
         if self.world > 1:  # every rank waits here, whatever it would have decided on its own
             torch.distributed.barrier()
         return load_neighbours(folder or neighbour_folder(root, ncfg), self.db)  # other ranks: where main put it
+
+    def _near_duplicates(self) -> list[np.ndarray]:
+        """The database's near-duplicate groups under ``neighbour_near_dup``, found once for the neighbour search and
+        the swap's document families."""
+        if self._near_dup_groups is None:
+            self._near_dup_groups = near_duplicate_groups(self.db, self.cfg.neighbour_near_dup, show_progress=self.show)
+        return self._near_dup_groups
 
     def _neighbour_search(self) -> str:
         """The neighbour search backend: ``auto`` is exact search on the GPU when the dense keys are stored exactly."""
