@@ -379,3 +379,21 @@ def test_a_bad_index_factory_fails_before_any_chunk_is_embedded(tmp_path, tiny_d
     with pytest.raises(RetrolmError, match="index factory 'Flat,PQ5'"):
         Database.build([write_jsonl(tmp_path / "a.jsonl", wiki_docs(4))], tmp_path / "db",
                        replace(tiny_db_config, index_factory="Flat,PQ5"), show_progress=False)
+
+
+@pytest.mark.parametrize("retriever", ["bm25", "dense"])
+def test_an_integer_exclusion_mask_excludes_like_a_bool_one(built_db, retriever):
+    """A 0/1 integer chunk mask means what the bool one means (``~`` on integers is -1/-2, so BM25 allowed every
+    chunk); a mask of anything else (chunk ids) is refused with one line."""
+    from retrolm.retrieval import Exclusion, get_retriever
+
+    r = get_retriever(built_db, retriever)
+    text = built_db.chunk_texts([7])[0]
+    as_bool = np.zeros(built_db.store.n_chunks, dtype=bool)
+    as_bool[7] = True
+    want = r.search([text], 4, Exclusion(chunks=as_bool)).ids
+    assert 7 not in want[0] and r.search([text], 4).ids[0, 0] == 7
+    got = r.search([text], 4, Exclusion(chunks=as_bool.astype(np.int64))).ids
+    np.testing.assert_array_equal(got, want)
+    with pytest.raises(RetrolmError, match="exclude_chunks must be a bool mask over chunk ids"):
+        r.search([text], 4, Exclusion(chunks=np.arange(built_db.store.n_chunks)))

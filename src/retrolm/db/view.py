@@ -39,6 +39,18 @@ def meta_stamp(path: Path) -> tuple | None:
     return st.st_ino, st.st_mtime_ns, st.st_size
 
 
+def _as_bool_mask(mask: np.ndarray, path: Path) -> np.ndarray:
+    """A caller's exclusion mask as bool: 0/1 integers are taken as False/True (``~`` on them is -1/-2, which BM25
+    read as "allowed" for every chunk, inverting the exclusion); anything else (chunk ids, scores) is refused."""
+    mask = np.asarray(mask)
+    if mask.dtype == bool:
+        return mask
+    if np.issubdtype(mask.dtype, np.integer) and np.isin(mask, (0, 1)).all():
+        return mask.astype(bool)
+    raise RetrolmError(f"{path}: exclude_chunks must be a bool mask over chunk ids (True = never return), "
+                       f"got {mask.dtype} values")
+
+
 @dataclass
 class Hit:
     """One search result: a chunk, its continuation, and where it came from."""
@@ -294,6 +306,7 @@ class DatabaseView:
                 raise RetrolmError(f"{self.path}: exclude_chunks must have one entry per chunk ({self.store.n_chunks}; "
                                    "another process may have added to or compacted the database since the mask was "
                                    "made)")
+            exclude_chunks = _as_bool_mask(exclude_chunks, self.path)
             mask = exclude_chunks if mask is None else (mask | exclude_chunks)
         return mask
 
