@@ -6,6 +6,8 @@ store), with and without retrieval, per bucket and exclusion protocol, for BM25 
     .venv/bin/python scripts/evidence_incontext.py [--work runs/evidence-incontext] [--per-bucket 6]
 
 Every step is a `retrolm` command (printed and listed in the results page); finished steps are skipped on a re-run.
+Every evidence script runs its steps through :func:`run` here: a step whose output another command made (other flags)
+runs again; runs/step-commands.json records which command made each output.
 Writes docs/results/incontext/<run>/{eval.json,report.md,leakage.png,config.yaml} and docs/in-context-retrieval.md.
 """
 
@@ -52,16 +54,67 @@ def prepare_kernel(work: Path, args: argparse.Namespace, log: list[str]) -> tupl
     return data, kernel
 
 
+STAMPS = REPO / "runs" / "step-commands.json"
+"""The command that made each step's output (by the output's absolute path), for every evidence script: a finished
+step is reused only when this run asks for the same command (another flag, e.g. ``--per-bucket``, redoes it)."""
+
+
+def shown_command(cmd: list) -> str:
+    """A step's command as logs and results pages show it: ``retrolm ...``, paths relative to the repository."""
+    words = ["retrolm", *cmd[len(RETROLM) :]] if cmd[: len(RETROLM)] == RETROLM else cmd
+    return " ".join(shlex.quote(str(c).replace(f"{REPO}/", "")) for c in words)
+
+
+def _stamps(update: tuple[Path, str] | None = None) -> dict[str, str]:
+    """The recorded commands (and record ``update``: output, command), under a lock: scripts may run side by side."""
+    STAMPS.parent.mkdir(parents=True, exist_ok=True)
+    with open(STAMPS.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        stamps = json.loads(STAMPS.read_text()) if STAMPS.is_file() else {}
+        if update is not None:
+            stamps[str(update[0].resolve())] = update[1]
+            write_json(STAMPS, stamps)
+    return stamps
+
+
+def record_command(done: Path, cmd: list) -> None:
+    """Record that ``cmd`` made ``done``."""
+    _stamps((done, shown_command(cmd)))
+
+
+def made_by_other(cmd: list, done: Path) -> str | None:
+    """The other command that made ``done``, or None (it does not exist, this command made it, or nothing recorded
+    who did: outputs from before commands were recorded are taken as this command's)."""
+    if not done.exists():
+        return None
+    recorded = _stamps().get(str(done.resolve()))
+    return recorded if recorded not in (None, shown_command(cmd)) else None
+
+
+def is_done(cmd: list, done: Path) -> bool:
+    """``done`` exists and was made by this command: :func:`run` would skip the step."""
+    return done.exists() and made_by_other(cmd, done) is None
+
+
 def run(cmd: list, log: list[str], done: Path | None = None) -> float:
-    shown = " ".join(shlex.quote(str(c).replace(f"{REPO}/", "")) for c in ["retrolm", *cmd[len(RETROLM):]])
+    """Run a step unless ``done`` exists and was made by the same command; returns its wall seconds (0: skipped).
+    An output another command made (other flags) is made again: the retrolm command redoes it, or refuses in one
+    line where it will not overwrite (a database)."""
+    shown = shown_command(cmd)
     if shown not in log:  # a run that several chains start from (trained once) is listed once
         log.append(shown)
     if done is not None and done.exists():
-        print(f"[skip] {shown}", flush=True)
-        return 0.0
+        other = made_by_other(cmd, done)
+        if other is None:
+            record_command(done, cmd)
+            print(f"[skip] {shown}", flush=True)
+            return 0.0
+        print(f"[redo] {rel(done)} was made by another command: {other}", flush=True)
     print(f"[run] {shown}", flush=True)
     t = time.time()
     subprocess.run([str(c) for c in cmd], check=True, cwd=REPO)
+    if done is not None:
+        record_command(done, cmd)
     return time.time() - t
 
 

@@ -1,4 +1,5 @@
-"""scripts/evidence_incontext.py's Steps: wall times of scripts sharing a work folder do not overwrite each other."""
+"""scripts/evidence_incontext.py's Steps: wall times of scripts sharing a work folder do not overwrite each other, and
+a finished step is reused only by the command that made it."""
 
 from __future__ import annotations
 
@@ -9,21 +10,23 @@ import sys
 from conftest import REPO
 
 
-def load_steps():
+def load_module(tmp_path):
+    """The script as a module, its record of which command made each output kept in ``tmp_path``."""
     spec = importlib.util.spec_from_file_location("evidence_incontext", REPO / "scripts" / "evidence_incontext.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    return mod.Steps
+    mod.STAMPS = tmp_path / "step-commands.json"
+    return mod
 
 
-def step_cmd(out, sleep: float) -> list:
+def step_cmd(out, sleep: float, text: str = "x") -> list:
     """A command that takes ~sleep seconds and makes the file its step is done by."""
-    code = f"import time, pathlib; time.sleep({sleep}); pathlib.Path({str(out)!r}).write_text('x')"
+    code = f"import time, pathlib; time.sleep({sleep}); pathlib.Path({str(out)!r}).write_text({text!r})"
     return [sys.executable, "-c", code]
 
 
 def test_same_step_name_in_two_scripts_keeps_both_times_and_old_files_still_read(tmp_path):
-    Steps = load_steps()
+    Steps = load_module(tmp_path).Steps
     first, second = Steps(tmp_path), Steps(tmp_path)  # two scripts on one work folder
     a, b = tmp_path / "results-a", tmp_path / "results-b"
     first("eval retro-small previous", step_cmd(a, 0.3), a)
@@ -35,7 +38,7 @@ def test_same_step_name_in_two_scripts_keeps_both_times_and_old_files_still_read
 
     # a later invocation skips the finished step and still reports the time it took
     again = Steps(tmp_path)
-    again("eval retro-small previous", step_cmd(b, 5.0), b)
+    again("eval retro-small previous", step_cmd(b, 1.2), b)  # the command that made it
     assert again.seconds == {"eval retro-small previous": second.seconds_of("eval retro-small previous")}
     # a step another script ran (a shared training run) is found by its name alone
     assert Steps(tmp_path).seconds_of("eval retro-small previous") > 0
@@ -43,3 +46,22 @@ def test_same_step_name_in_two_scripts_keeps_both_times_and_old_files_still_read
     (tmp_path / "timings.json").write_text(json.dumps({"baseline-small": 42.0}))
     assert Steps(tmp_path).seconds_of("baseline-small") == 42.0
     assert Steps(tmp_path).seconds_of("missing") == 0.0
+
+
+def test_a_finished_step_is_reused_by_its_own_command_and_redone_by_another(tmp_path):
+    """The evidence scripts reused an output made with other flags (``--per-bucket``, ``--retrofit-steps``, an eval
+    made before every baseline existed): now the command that made it is recorded and another one redoes it."""
+    mod = load_module(tmp_path)
+    out = tmp_path / "eval.json"
+    first, other = step_cmd(out, 0, "first"), step_cmd(out, 0, "other")
+    mod.Steps(tmp_path)("eval", first, out)
+    assert mod.is_done(first, out) and not mod.is_done(other, out)
+    mod.Steps(tmp_path)("eval", first, out)  # the same command: skipped
+    assert out.read_text() == "first"
+    mod.Steps(tmp_path)("eval", other, out)  # another command: made again, and recorded as its
+    assert out.read_text() == "other" and mod.is_done(other, out) and not mod.is_done(first, out)
+    # an output from before commands were recorded is taken as the asking command's (and recorded)
+    old = tmp_path / "old.json"
+    old.write_text("old")
+    mod.Steps(tmp_path)("old", step_cmd(old, 0, "new"), old)
+    assert old.read_text() == "old" and not mod.is_done(step_cmd(old, 0, "newer"), old)
