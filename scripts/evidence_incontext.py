@@ -98,11 +98,12 @@ def is_done(cmd: list, done: Path) -> bool:
 
 def run(cmd: list, log: list[str], done: Path | None = None) -> float:
     """Run a step unless ``done`` exists and was made by the same command; returns its wall seconds (0: skipped).
-    An output another command made (other flags) is made again: the retrolm command redoes it, or refuses in one
-    line where it will not overwrite (a database)."""
+    An output another command made (other flags) is made again: a database is rebuilt with ``--overwrite`` (the old
+    one stays until the new one is complete); other retrolm commands redo their output when run again."""
     shown = shown_command(cmd)
     if shown not in log:  # a run that several chains start from (trained once) is listed once
         log.append(shown)
+    todo = list(cmd)
     if done is not None and done.exists():
         other = made_by_other(cmd, done)
         if other is None:
@@ -110,12 +111,16 @@ def run(cmd: list, log: list[str], done: Path | None = None) -> float:
             print(f"[skip] {shown}", flush=True)
             return 0.0
         print(f"[redo] {rel(done)} was made by another command: {other}", flush=True)
+        if todo[len(RETROLM) : len(RETROLM) + 2] == ["db", "build"]:
+            todo.append("--overwrite")
     print(f"[run] {shown}", flush=True)
     t = time.time()
-    subprocess.run([str(c) for c in cmd], check=True, cwd=REPO)
+    subprocess.run([str(c) for c in todo], check=True, cwd=REPO)
     if done is not None:
         record_command(done, cmd)
-    return time.time() - t
+    seconds = time.time() - t
+    print(f"[done in {seconds:.0f}s]", flush=True)
+    return seconds
 
 
 def save_page(res: Path, page: list[str]) -> None:

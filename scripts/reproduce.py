@@ -19,12 +19,12 @@ import json
 import os
 import platform
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-from evidence_incontext import made_by_other, record_command, shown_command
+from evidence_incontext import run as run_step
+from evidence_incontext import shown_command
 
 REPO = Path(__file__).resolve().parents[1]
 RETROLM = [sys.executable, "-m", "retrolm.cli"]
@@ -71,28 +71,13 @@ TIMINGS = "timings.json"  # wall seconds of every step, kept in the work folder 
 
 
 def run(cmd: list[str], log: list[str], done: Path | None = None, work: Path | None = None) -> None:
-    """Run a retrolm command unless ``done`` exists and was made by the same command (evidence_incontext's rule);
-    record it (paths relative to the repository) and its time."""
-    shown = shown_command(cmd)
-    log.append(shown)
-    if done is not None and done.exists():
-        other = made_by_other(cmd, done)
-        if other is None:
-            record_command(done, cmd)
-            print(f"[skip] {shown}", flush=True)
-            return
-        print(f"[redo] {done} was made by another command: {other}", flush=True)
-    print(f"[run] {shown}", flush=True)
-    t = time.time()
-    subprocess.run(cmd, check=True, cwd=REPO)
-    if done is not None:
-        record_command(done, cmd)
-    seconds = time.time() - t
-    print(f"[done in {seconds:.0f}s]", flush=True)
-    if work is not None:
+    """Run a retrolm command unless ``done`` exists and was made by the same command (evidence_incontext's
+    :func:`run`); record its time in ``work``."""
+    seconds = run_step(cmd, log, done)
+    if seconds and work is not None:
         path = work / TIMINGS
         timings = json.loads(path.read_text()) if path.is_file() else {}
-        timings[shown] = round(seconds, 1)
+        timings[shown_command(cmd)] = round(seconds, 1)
         path.write_text(json.dumps(timings, indent=2))
 
 

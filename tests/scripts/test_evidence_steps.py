@@ -65,3 +65,21 @@ def test_a_finished_step_is_reused_by_its_own_command_and_redone_by_another(tmp_
     old.write_text("old")
     mod.Steps(tmp_path)("old", step_cmd(old, 0, "new"), old)
     assert old.read_text() == "old" and not mod.is_done(step_cmd(old, 0, "newer"), old)
+
+
+def test_a_database_made_by_another_command_is_rebuilt_with_overwrite(tmp_path):
+    """`db build` refuses an existing folder: the step it redoes adds --overwrite (recorded without it)."""
+    mod = load_module(tmp_path)
+    fake = tmp_path / "fake_retrolm.py"  # stands for `python -m retrolm.cli`: writes its arguments to meta.json
+    fake.write_text("import json, pathlib, sys\n"
+                    "pathlib.Path(sys.argv[sys.argv.index('--out') + 1]).write_text(json.dumps(sys.argv[1:]))\n")
+    mod.RETROLM = [sys.executable, str(fake)]
+    meta = tmp_path / "meta.json"
+    first = [*mod.RETROLM, "db", "build", "a.jsonl", "--out", meta]
+    assert mod.run(first, [], meta) > 0
+    assert json.loads(meta.read_text()) == ["db", "build", "a.jsonl", "--out", str(meta)]
+    assert mod.run(first, [], meta) == 0  # made by this command: skipped
+    other = [*mod.RETROLM, "db", "build", "b.jsonl", "--out", meta]
+    mod.run(other, [], meta)
+    assert json.loads(meta.read_text()) == ["db", "build", "b.jsonl", "--out", str(meta), "--overwrite"]
+    assert mod.is_done(other, meta) and mod.run(other, [], meta) == 0
