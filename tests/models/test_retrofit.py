@@ -649,3 +649,30 @@ def test_encoder_base_refuses_a_sliding_window_shorter_than_its_sequences(tmp_pa
     with pytest.raises(RetrolmError, match=r"sliding window of 32 tokens .* use seq_len <= 32 \(asked 64\)"):
         RetrofitModel.from_base(str(tmp_path / "mistral"), chunk_len=8, seq_len=64, encoder="base")
     RetrofitModel.from_base(str(tmp_path / "mistral"), chunk_len=8, seq_len=32, encoder="base")
+
+
+@pytest.mark.parametrize("encoder", ["retro", "base"])
+def test_a_bf16_base_reads_its_neighbours_in_bf16(encoder, tiny_base, built_db):
+    """``from_base(dtype=bfloat16)`` built the new modules in fp32 under a bf16 base: every forward with neighbours
+    was a dtype error."""
+    torch.manual_seed(1)
+    kw = NEW if encoder == "retro" else {}
+    model = RetrofitModel.from_base(str(tiny_base), dtype=torch.bfloat16, chunk_len=M, seq_len=T, encoder=encoder,
+                                    **kw)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    perturb(model)  # the readers read something
+    idx, nb = inputs(built_db.tokenizer.vocab_size)
+    with torch.no_grad():
+        on, off = model(idx, nb).logits, model(idx).logits
+    assert on.dtype == torch.bfloat16 and torch.isfinite(on).all() and not torch.equal(on, off)
+
+
+@pytest.mark.parametrize("encoder", ["retro", "base"])
+def test_no_neighbour_per_chunk_reads_as_no_retrieval(encoder, tiny_base, built_db):
+    """Neighbours of shape (B, C, 0, R) (nothing found for any chunk) mean no retrieval; they were a
+    ZeroDivisionError in einops (RETRO and encoder=retro) or a reshape error in the base (encoder=base)."""
+    model = retrofit(tiny_base) if encoder == "retro" else base_read(tiny_base)
+    perturb(model)
+    idx, nb = inputs(built_db.tokenizer.vocab_size)
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx, nb[:, :, :0]).logits, model(idx).logits, rtol=0, atol=0)

@@ -76,6 +76,8 @@ def check_neighbours(batch: int, neighbours: Tensor | None, mask: Tensor | None,
                 f"got {mask.dtype} of shape {tuple(mask.shape)}"
             )
         real = real & mask
+    if neighbours.numel() == 0:  # no chunk, no neighbour (K = 0) or no token: nothing to read, as without neighbours
+        return None, None
     return neighbours.clamp_min(0), real
 
 

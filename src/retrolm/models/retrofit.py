@@ -502,6 +502,10 @@ class RetrofitModel(nn.Module):
         else:
             self._init_new_weights(rcfg)
 
+        base_dtype = next(hf.parameters()).dtype
+        for name, child in self.named_children():  # new modules are built in fp32: a bf16 base reads them in bf16
+            if name != "base":
+                child.to(base_dtype)
         self.base.requires_grad_(config.unfreeze)
         if config.lora:
             self._add_lora(layers)
