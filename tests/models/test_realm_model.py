@@ -162,3 +162,20 @@ def test_from_encoder_copies_the_encoder_into_all_three_parts(tiny_encoder):
     assert model.query_encoder.embeddings.word_embeddings.weight.data_ptr() != \
         model.reader.embeddings.word_embeddings.weight.data_ptr()
     assert isinstance(model.query_proj, torch.nn.Identity)
+
+
+def test_an_encoder_without_pooler_or_segments_builds_and_reads(tiny_encoder, tmp_path):
+    """DistilBERT (a WordPiece encoder, as the module says any works) has no pooler and no token_type_ids: building
+    a REALM from it was a TypeError."""
+    from transformers import AutoTokenizer, DistilBertConfig, DistilBertModel
+
+    tok = AutoTokenizer.from_pretrained(tiny_encoder)
+    torch.manual_seed(0)
+    DistilBertModel(DistilBertConfig(vocab_size=tok.vocab_size, dim=32, n_layers=1, n_heads=2,
+                                     hidden_dim=64)).save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    model = RealmModel.from_encoder(str(tmp_path), embed_dim=16).eval()
+    enc = model.tokenize(["a question", "another one here"], 16)
+    h = model.read(enc["input_ids"], enc["attention_mask"], torch.ones_like(enc["input_ids"]))
+    assert h.shape == (2, enc["input_ids"].shape[1], 32) and torch.isfinite(h).all()
+    assert model.embed_queries(**enc).shape == (2, 16)

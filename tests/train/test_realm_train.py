@@ -298,3 +298,25 @@ def test_finetune_learns_qa_whose_answers_are_only_in_the_store(tokenizer, tmp_p
                          [it.question for it in items], cfg)
     assert sum(a.lower() in {c.lower() for c in CITIES} for a in answers) == 0
     assert (tmp_path / "eval" / "realm.json").is_file()
+
+
+def test_rows_longer_than_the_encoders_positions_and_no_questions_are_refused(tokenizer, tmp_path):
+    """max_query_len + max_doc_len + 3 past the encoder's 256 positions was an index error inside BERT at the first
+    long document; a question file with only multiple-choice items was an empty torch.cat / IndexError."""
+    model = tiny_realm(tokenizer)
+    docs = TextDocuments(DOCS)
+    too_long = small_cfg(max_query_len=16, max_doc_len=240)  # 259 > 256
+    with pytest.raises(RetrolmError, match=r"^max_query_len \+ max_doc_len \+ 3 = 259 word pieces per reader row, "
+                                           r"more than the 256 positions of tiny"):
+        finetune(model, docs, ["Where does Alice live ?"], [["Paris"]], tmp_path / "ft", too_long)
+    with pytest.raises(RetrolmError, match="259 word pieces"):
+        pretrain(docs, tmp_path / "pt", too_long, model=model)
+    index = DocumentIndex.build(model, docs, 0, 16)
+    with pytest.raises(RetrolmError, match="259 word pieces"):
+        predict(model, index, docs, ["Where does Alice live ?"], too_long)
+    with pytest.raises(RetrolmError, match="no open-ended questions"):
+        finetune(model, docs, [], [], tmp_path / "ft", small_cfg())
+    with pytest.raises(RetrolmError, match="no open-ended questions"):
+        predict(model, index, docs, [], small_cfg())
+    exactly = small_cfg(max_doc_len=237, steps=1)  # 256: allowed
+    finetune(model, docs, ["Where does Alice live ?"], [["Paris"]], tmp_path / "ok", exactly)

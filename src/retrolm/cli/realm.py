@@ -14,7 +14,7 @@ from retrolm.db import DatabaseView
 from retrolm.eval.qa import load_qa
 from retrolm.eval.realm import evaluate_realm
 from retrolm.models.realm import RealmModel
-from retrolm.train.realm import RealmConfig, finetune, pretrain
+from retrolm.train.realm import RealmConfig, check_questions, finetune, pretrain
 from retrolm.train.realm_index import DatabaseDocuments
 
 realm_app = typer.Typer(help="REALM: a trainable retriever marginalised over the top-k (pretrain, finetune, eval).",
@@ -89,6 +89,7 @@ def finetune_cmd(ctx: typer.Context, checkpoint: Checkpoint, db: Db, data: Data,
     Extra ``key=value`` arguments override RealmConfig fields, e.g. ``steps=500 lr=1e-4``."""
     cfg = command_config(RealmConfig, ctx, config)
     items = [it for it in load_qa(data) if not it.multiple_choice]
+    check_questions(items, str(data))
     model = load_realm(checkpoint, cfg)
     docs = DatabaseDocuments(DatabaseView.open(db, device=cfg.device))
     log = finetune(model, docs, [it.question for it in items], [it.answers for it in items], out, cfg)
@@ -112,9 +113,11 @@ def eval_cmd(ctx: typer.Context, checkpoint: Checkpoint, db: Db, data: Data, out
         saved = model_folder(Path(checkpoint)) / "config.yaml"
         config = saved if saved.is_file() else None
     cfg = command_config(RealmConfig, ctx, config)
+    items = load_qa(data)
+    check_questions([it for it in items if not it.multiple_choice], str(data))
     model = load_realm(checkpoint, cfg)
     docs = DatabaseDocuments(DatabaseView.open(db, device=cfg.device))
-    result = evaluate_realm(model, docs, load_qa(data), cfg, out)
+    result = evaluate_realm(model, docs, items, cfg, out)
     summary = {k: result[k] for k in ("em", "f1", "n", "recall_at_k", "k")}
     if as_json:
         print_json(summary)

@@ -24,6 +24,7 @@ REALM, the stale index only chooses the top k, and p(z|x) over them is computed 
 from __future__ import annotations
 
 import copy
+import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -87,6 +88,19 @@ class RealmShape:
             raise RetrolmError(f"pooling must be cls or mean, got {self.pooling!r}")
 
 
+def _bare_encoder(encoder_config) -> nn.Module:
+    """The HF encoder without its pooler (BERT's pooler is trained for next-sentence prediction; REALM pools
+    itself); encoders built without one (DistilBERT, ELECTRA, DeBERTa) refuse the argument."""
+    from transformers import AutoModel
+
+    try:
+        return AutoModel.from_config(encoder_config, add_pooling_layer=False)
+    except TypeError as e:
+        if "add_pooling_layer" not in str(e):
+            raise
+        return AutoModel.from_config(encoder_config)
+
+
 class MLMHead(nn.Module):
     """BERT's masked-LM transform; the decoder matrix is the reader's word embedding (tied), the bias is new."""
 
@@ -108,17 +122,17 @@ class RealmModel(nn.Module):
     """
 
     def __init__(self, encoder_config, tokenizer, shape: RealmShape) -> None:
-        from transformers import AutoModel
-
         super().__init__()
         self.shape, self.tokenizer = shape, tokenizer
         for name in ("cls_token_id", "sep_token_id", "mask_token_id", "pad_token_id"):
             if getattr(tokenizer, name, None) is None:
                 raise RetrolmError(f"{shape.source}: tokenizer has no {name.removesuffix('_id')} token; REALM needs a "
                                    "BERT-style tokenizer")
-        self.query_encoder = AutoModel.from_config(encoder_config, add_pooling_layer=False)
-        self.doc_encoder = AutoModel.from_config(encoder_config, add_pooling_layer=False)
-        self.reader = AutoModel.from_config(encoder_config, add_pooling_layer=False)
+        self.query_encoder = _bare_encoder(encoder_config)
+        self.doc_encoder = _bare_encoder(encoder_config)
+        self.reader = _bare_encoder(encoder_config)
+        # DistilBERT and others have no segment embeddings (and no such argument)
+        self._reads_segments = "token_type_ids" in inspect.signature(self.reader.forward).parameters
         h = encoder_config.hidden_size
         d = shape.embed_dim or h
         self.query_proj = nn.Linear(h, d) if shape.embed_dim else nn.Identity()
@@ -209,8 +223,13 @@ class RealmModel(nn.Module):
     # ---- reader
     def read(self, input_ids: Tensor, attention_mask: Tensor, token_type_ids: Tensor | None = None) -> Tensor:
         """Reader hidden states of ``[CLS] x [SEP] z [SEP]`` rows: (N, L) → (N, L, H)."""
-        return self.reader(input_ids=input_ids, attention_mask=attention_mask,
-                           token_type_ids=token_type_ids).last_hidden_state
+        segments = {"token_type_ids": token_type_ids} if self._reads_segments else {}
+        return self.reader(input_ids=input_ids, attention_mask=attention_mask, **segments).last_hidden_state
+
+    @property
+    def max_positions(self) -> int | None:
+        """The longest row the encoders take (their position embeddings), None if they have no limit."""
+        return getattr(self.reader.config, "max_position_embeddings", None)
 
     def mlm_log_likelihood(self, hidden: Tensor, labels: Tensor) -> Tensor:
         """Σ over masked positions of log p(original token): hidden (N, L, H), labels (N, L) with -100 elsewhere →

@@ -109,6 +109,21 @@ class RealmConfig:
             raise RetrolmError(f"refresh_every must be >= 0, got {self.refresh_every}")
 
 
+def check_lengths(model: RealmModel, cfg: RealmConfig) -> None:
+    """Reader rows ``[CLS] x [SEP] z [SEP]`` hold up to max_query_len + max_doc_len + 3 word pieces: more than the
+    encoder's positions was an index error inside it at the first long document."""
+    need, limit = cfg.max_query_len + cfg.max_doc_len + 3, model.max_positions
+    if limit is not None and need > limit:
+        raise RetrolmError(f"max_query_len + max_doc_len + 3 = {need} word pieces per reader row, more than the "
+                           f"{limit} positions of {model.shape.source}; lower max_doc_len or max_query_len")
+
+
+def check_questions(questions: Sequence[str], what: str = "questions") -> None:
+    """REALM answers open-ended questions (a span of a document); multiple-choice items are dropped before this."""
+    if not questions:
+        raise RetrolmError(f"{what}: no open-ended questions (REALM does not use multiple-choice items)")
+
+
 # --------------------------------------------------------------------------------------------------- reader rows
 @dataclass
 class ReaderBatch:
@@ -269,6 +284,7 @@ def pretrain(docs: Documents, out_dir: str | Path, cfg: RealmConfig, model: Real
     rng = random.Random(cfg.seed)
     ckpts = CheckpointManager(out / "checkpoints", cfg.keep)
     model = (model or RealmModel.from_encoder(cfg.encoder, cfg.embed_dim, cfg.pooling)).to(device)
+    check_lengths(model, cfg)
     examples = list(examples) if examples is not None else sentences_of(docs, cfg.max_examples)
     if not examples:
         raise RetrolmError(f"{out}: no pre-training sentences (documents too short?)")
@@ -395,6 +411,8 @@ def finetune(model: RealmModel, docs: Documents, questions: Sequence[str], answe
     """Fine-tune for open-domain QA with the document encoder and the index fixed; writes ``OUT/final/`` and
     ``OUT/finetune.json``."""
     out = Path(out_dir)
+    check_questions(questions)
+    check_lengths(model, cfg)
     device = default_device(cfg.device)
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
@@ -452,6 +470,8 @@ def predict(model: RealmModel, index: DocumentIndex, docs: Documents, questions:
             ) -> tuple[list[str], Tensor]:
     """Answer strings (the best span over the top ``qa_k`` documents, by log p(z|x) + log p(start) + log p(end))
     and the retrieved ids (B, qa_k)."""
+    check_questions(questions)
+    check_lengths(model, cfg)
     model.eval()
     answers, retrieved = [], []
     for b in range(0, len(questions), cfg.batch_size):
