@@ -77,35 +77,45 @@ def test_database_documents_skip_deleted_chunks(tmp_path, tiny_encoder):
 
 
 def test_untrained_realm_from_an_encoder_retrieves_as_the_frozen_encoder(tmp_path, tiny_encoder, capsys):
-    """``--checkpoint ENCODER pooling=mean embed_dim=null``: the no-pre-training baseline. Its retrieval embeddings
-    are the database's own frozen-encoder keys (mean pooled, unit length aside), so its top document per question is
-    the database's dense search result; fine-tuning with train_query_encoder=false leaves the query encoder as it was.
-    """
+    """``--checkpoint ENCODER pooling=mean embed_dim=null normalize=true``: the no-pre-training baseline. Its
+    document embeddings are the database's own frozen-encoder keys and its query embeddings the database's query
+    vectors × COSINE_SCALE, so it ranks documents as the database's dense search does (without ``normalize`` the
+    vectors are not of unit length: documents with long ones rank higher); fine-tuning with
+    train_query_encoder=false leaves the query encoder as it was, and the setting is kept in the saved model."""
     import numpy as np
     import torch
 
     from retrolm.cli.realm import load_realm
+    from retrolm.models.realm import COSINE_SCALE
+    from retrolm.retrieval import DenseRetriever
     from retrolm.train.realm import RealmConfig
 
     corpus = write_jsonl(tmp_path / "c.jsonl", [{"id": f"d{i}", "text": f"{p} lives in {c}."}
                                                 for i, (p, c) in enumerate(FACTS)])
     db = Database.build([corpus], tmp_path / "db", BuildConfig(encoder=tiny_encoder, tokenizer="train:300",
                                                                 batch_size=16, shard_size=64), show_progress=False)
-    cfg = RealmConfig(embed_dim=None, pooling="mean", max_doc_len=32, max_query_len=16)
+    cfg = RealmConfig(embed_dim=None, pooling="mean", normalize=True, max_doc_len=32, max_query_len=16)
     model = load_realm(Path(tiny_encoder), cfg)
     texts = db.chunk_texts(np.arange(db.store.n_chunks))
+    questions = [f"Where does {p} live?" for p, _ in FACTS]
     with torch.no_grad():
-        mine = torch.nn.functional.normalize(model.embed_documents(**_ids(model, texts)), dim=-1).numpy()
-    np.testing.assert_allclose(mine, db.index.reconstruct(np.arange(len(texts))), atol=1e-5)
+        docs_v = model.embed_documents(**_ids(model, texts)).numpy()
+        queries_v = model.embed_queries(**_ids(model, questions)).numpy()
+        raw = load_realm(Path(tiny_encoder), RealmConfig(embed_dim=None, pooling="mean")).embed_documents(
+            **_ids(model, texts)).numpy()
+    np.testing.assert_allclose(docs_v, db.index.reconstruct(np.arange(len(texts))), atol=1e-5)
+    np.testing.assert_allclose(queries_v / COSINE_SCALE, DenseRetriever(db).prepare(questions), atol=1e-5)
+    assert np.abs(np.linalg.norm(raw, axis=1) - 1).max() > 0.1  # without normalize: other lengths, other ranking
 
     qa = write_jsonl(tmp_path / "qa.jsonl", [{"id": str(i), "question": f"Where does {p} live?", "answers": [c]}
                                              for i, (p, c) in enumerate(FACTS)])
-    common = ["max_doc_len=32", "max_query_len=16", "embed_dim=null", "pooling=mean"]
+    common = ["max_doc_len=32", "max_query_len=16", "embed_dim=null", "pooling=mean", "normalize=true"]
     rc, _, err = run_cli(["realm", "finetune", "--checkpoint", tiny_encoder, "--db", db.path, "--data", qa, "--out",
                           tmp_path / "ft", "steps=2", "qa_k=3", "lr=1e-2", "train_query_encoder=false", *common,
                           "--json"], capsys)
     assert rc == 0, err
     tuned = load_realm(tmp_path / "ft", cfg)
+    assert tuned.shape.normalize
     for name, value in model.query_encoder.state_dict().items():
         assert torch.equal(value, tuned.query_encoder.state_dict()[name]), name
     assert not all(torch.equal(v, tuned.reader.state_dict()[k]) for k, v in model.reader.state_dict().items())

@@ -39,13 +39,13 @@ def model_folder(path: Path) -> Path:
 
 def load_realm(ref: str, cfg: RealmConfig) -> RealmModel:
     """A REALM model from a model folder or a run folder; or, given an encoder (a short or hub name, or a Hugging Face
-    folder), an untrained REALM whose three encoders start from it (``embed_dim`` and ``pooling`` from ``cfg``): the
-    "no REALM pre-training" baselines."""
+    folder), an untrained REALM whose three encoders start from it (``embed_dim``, ``pooling`` and ``normalize`` from
+    ``cfg``): the "no REALM pre-training" baselines."""
     from retrolm.core.device import default_device
 
     device = default_device(cfg.device)
     if is_encoder(Path(ref)):  # the reference as typed: ./folder must not become a hub name "folder"
-        return RealmModel.from_encoder(ref, cfg.embed_dim, cfg.pooling).to(device).eval()
+        return RealmModel.from_encoder(ref, cfg.embed_dim, cfg.pooling, cfg.normalize).to(device).eval()
     return RealmModel.from_pretrained(model_folder(Path(ref)), device)
 
 

@@ -51,8 +51,11 @@ class RealmConfig:
     embed_dim: int | None = 128
     """Retrieval embedding size (None: the encoder's hidden size, no projection)."""
     pooling: str = "cls"
-    """Pooling of the retrieval embeddings (pre-training only): cls (REALM) or mean (a sentence-transformers encoder's
-    own; with embed_dim=null the untrained retriever is exactly that frozen encoder)."""
+    """Pooling of the retrieval embeddings (pre-training only): cls (REALM) or mean (a sentence-transformers
+    encoder's own)."""
+    normalize: bool = False
+    """L2-normalise the retrieval embeddings and score by scaled cosine (pre-training only): with pooling=mean and
+    embed_dim=null the untrained retriever ranks exactly as the frozen sentence encoder (see ``RealmShape``)."""
     k: int = 8
     """Pre-training candidates, the null document included (REALM: 8)."""
     qa_k: int = 5
@@ -283,7 +286,7 @@ def pretrain(docs: Documents, out_dir: str | Path, cfg: RealmConfig, model: Real
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
     ckpts = CheckpointManager(out / "checkpoints", cfg.keep)
-    model = (model or RealmModel.from_encoder(cfg.encoder, cfg.embed_dim, cfg.pooling)).to(device)
+    model = (model or RealmModel.from_encoder(cfg.encoder, cfg.embed_dim, cfg.pooling, cfg.normalize)).to(device)
     check_lengths(model, cfg)
     examples = list(examples) if examples is not None else sentences_of(docs, cfg.max_examples)
     if not examples:

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from retrolm.core.errors import RetrolmError
 from retrolm.db import DatabaseView
-from retrolm.models.realm import RealmModel, pool
+from retrolm.models.realm import RealmModel, retrieval_vectors
 
 logger = logging.getLogger(__name__)
 
@@ -86,7 +86,7 @@ class DocEmbedder(nn.Module):
         super().__init__()
         self.encoder = copy.deepcopy(model.doc_encoder).eval().requires_grad_(False)
         self.proj = copy.deepcopy(model.doc_proj).eval().requires_grad_(False)
-        self.pooling = model.shape.pooling
+        self.shape = model.shape
         self.tokenizer = copy.deepcopy(model.tokenizer)  # HF fast tokenizers must not be shared between threads
         self.max_len = max_len
 
@@ -96,7 +96,7 @@ class DocEmbedder(nn.Module):
         enc = self.tokenizer(list(texts), truncation=True, max_length=self.max_len, padding=True, return_tensors="pt")
         h = self.encoder(input_ids=enc["input_ids"].to(device),
                          attention_mask=enc["attention_mask"].to(device)).last_hidden_state
-        return self.proj(pool(h, enc["attention_mask"].to(device), self.pooling)).float().cpu()  # (n, D)
+        return retrieval_vectors(h, enc["attention_mask"].to(device), self.shape, self.proj).float().cpu()  # (n, D)
 
 
 def embed_documents(embedder: DocEmbedder, docs: Documents, batch_size: int = 64) -> Tensor:
