@@ -79,6 +79,10 @@ def test_kernel_cloze_marks_sentences_of_the_old_version(tmp_path):
     mc = build_kernel_cloze(new, n=10, seed=0, old=old, test_fraction=1.0, choices=3)
     for r in mc:
         assert len(r["choices"]) == 3 and r["choices"][r["answer"]] in r["provenance"]["sentence"]
+    # 5 choices need 4 other identifiers: the corpus blanks only 3 (2 options would have doubled the chance rate)
+    with pytest.raises(RetrolmError, match=r"5 choices need 4 other blanked words of the kind of .*; the corpus "
+                                           r"has [0-3]: ask for fewer --choices"):
+        build_kernel_cloze(new, n=10, seed=0, old=old, test_fraction=1.0, choices=5)
 
 
 def test_in_old_is_by_content_so_moved_files_count(tmp_path):

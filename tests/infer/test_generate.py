@@ -4,6 +4,7 @@ produces exactly what a full forward pass over the same neighbours predicts."""
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -167,9 +168,13 @@ def test_temperature_divides_the_logits_and_settings_are_checked():
         assert drawn == want, t
     check_sampling(1, 0.0, 1.0)  # the smallest valid settings
     check_sampling(1, 0.0, 1e-6)
-    for bad in ((0, 1.0, 0.9), (1, -0.1, 0.9), (1, 1.0, 0.0), (1, 1.0, 1.01), (0, -1.0, 0.9)):
-        with pytest.raises(RetrolmError, match=r"need max_new_tokens >= 1, temperature >= 0 and 0 < top_p <= 1"):
+    for bad in ((0, 1.0, 0.9), (1, -0.1, 0.9), (1, 1.0, 0.0), (1, 1.0, 1.01), (0, -1.0, 0.9), (1, math.nan, 0.9),
+                (1, math.inf, 0.9)):
+        with pytest.raises(RetrolmError, match=r"need max_new_tokens >= 1, a finite temperature >= 0 and 0 < top_p"):
             check_sampling(*bad)
+    # a tiny temperature is (nearly) greedy: the logits' quotient overflowed to inf and the draw to NaN
+    g = torch.Generator().manual_seed(0)
+    assert [sample(logits, 1e-38, p, g) for p in (1.0, 0.5)] == [0, 0]
 
 
 def test_generate_cli_json_from_a_trained_checkpoint(built_db, tmp_path, capsys):

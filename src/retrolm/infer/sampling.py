@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -13,9 +14,9 @@ from retrolm.core.errors import RetrolmError
 
 def check_sampling(max_new_tokens: int, temperature: float, top_p: float) -> None:
     """One clear error for a nonsensical setting."""
-    if max_new_tokens < 1 or temperature < 0 or not 0 < top_p <= 1:
+    if max_new_tokens < 1 or not 0 <= temperature < math.inf or not 0 < top_p <= 1:  # NaN fails every comparison
         raise RetrolmError(
-            f"generate: need max_new_tokens >= 1, temperature >= 0 and 0 < top_p <= 1 "
+            f"generate: need max_new_tokens >= 1, a finite temperature >= 0 and 0 < top_p <= 1 "
             f"(got {max_new_tokens}, {temperature}, {top_p})"
         )
 
@@ -34,7 +35,9 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: to
     """The next token from ``logits`` (V,): argmax at temperature 0, else a draw from the tempered nucleus."""
     if temperature <= 0:
         return int(logits.argmax())
-    probs = torch.softmax(logits.float().cpu() / temperature, dim=-1)
+    logits = logits.float().cpu()
+    # shifted first: at a tiny temperature the quotient of the logits themselves overflows to inf (then NaN)
+    probs = torch.softmax((logits - logits.max()) / temperature, dim=-1)
     if top_p < 1.0:
         probs = nucleus(probs, top_p)
     return int(torch.multinomial(probs, 1, generator=generator))

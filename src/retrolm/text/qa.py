@@ -262,6 +262,9 @@ def build_kernel_cloze(corpus: str | Path, n: int = 200, seed: int = 0, old: str
                               **({"in_old": c["in_old"]} if "in_old" in c else {})}}
         if choices >= 2:
             opts = [*distractors(c, choices - 1), c["word"]]
+            if len(opts) < choices:  # fewer options would raise the chance rate unannounced
+                raise RetrolmError(f"{corpus}: {choices} choices need {choices - 1} other blanked words of the kind "
+                                   f"of {c['word']!r}; the corpus has {len(opts) - 1}: ask for fewer --choices")
             rng.shuffle(opts)
             rec.update(choices=opts, answer=opts.index(c["word"]))
         else:
