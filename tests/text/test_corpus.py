@@ -89,12 +89,15 @@ def test_bad_files_are_skipped_or_repaired_with_warnings(tmp_path, caplog):
 
 
 def test_bom_corrupt_gzip_hidden_folders_and_links(tmp_path, caplog):
-    """A JSONL file with a byte-order mark keeps its first record; a corrupt .jsonl.gz is skipped with a warning;
-    hidden folders (.git/) are not corpus; a link to a file the folder holds is read once, not refused."""
+    """A JSONL file with a byte-order mark keeps its first record, and a text file's text does not start with the
+    mark; a corrupt .jsonl.gz is skipped with a warning, an upper-case .JSONL.GZ is read (it was taken for
+    binary); hidden folders (.git/) are not corpus; a link to a file the folder holds is read once, not refused."""
     import gzip
 
     (tmp_path / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + b'{"id": "first", "text": "one"}\n{"id": "second", '
                                          b'"text": "two"}\n')
+    (tmp_path / "bom.md").write_bytes(b"\xef\xbb\xbfHello BOM")
+    (tmp_path / "UPPER.JSONL.GZ").write_bytes(gzip.compress(b'{"id": "up", "text": "upper case name"}\n'))
     good = gzip.compress(b'{"id": "z", "text": "zipped"}\n' * 200)
     (tmp_path / "broken.jsonl.gz").write_bytes(good[:40] + bytes(60) + good[100:])
     (tmp_path / ".git").mkdir()
@@ -104,8 +107,8 @@ def test_bom_corrupt_gzip_hidden_folders_and_links(tmp_path, caplog):
     (tmp_path / "Changes").symlink_to(tmp_path / "process" / "changes.rst")
     with caplog.at_level(logging.WARNING):
         docs = {d.id: d.text for d in iter_documents([tmp_path])}
-    assert {"first": "one", "second": "two", "process/changes.rst": "Minimal requirements to compile the kernel."
-            }.items() <= docs.items()
+    assert {"first": "one", "second": "two", "process/changes.rst": "Minimal requirements to compile the kernel.",
+            "bom.md": "Hello BOM", "up": "upper case name"}.items() <= docs.items()
     assert not any(i.startswith(".git") for i in docs) and "Changes" not in docs
     assert "broken.jsonl.gz" in caplog.text and "cannot read" in caplog.text
 
@@ -167,6 +170,10 @@ def test_split_is_by_document_id_hash_and_writes_both_files(tmp_path):
     # another seed is another split
     split_corpus([tmp_path / "a.jsonl"], tmp_path / "seed1", heldout=0.25, seed=1)
     assert ids_of(read_split(tmp_path / "seed1")) != ids_of(split)
+    # a split that leaves one side empty is refused and leaves the split already in the folder as it was
+    with pytest.raises(RetrolmError, match="split left one side empty"):
+        split_corpus([write_jsonl(tmp_path / "one.jsonl", docs[:1])], tmp_path / "out", heldout=0.25)
+    assert ids_of(read_split(tmp_path / "out")) == ids_of(split)
 
 
 @pytest.mark.parametrize("fraction", [0.0, 1.0, -0.1, 1.5])

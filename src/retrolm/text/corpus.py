@@ -61,11 +61,11 @@ def _decode(data: bytes, source: str, warn: Warn) -> str | None:
     if b"\x00" in data[:8192]:
         warn("skipping %s: binary file", source)
         return None
-    try:
-        return data.decode("utf-8")
+    try:  # utf-8-sig: a byte-order mark is not text (Windows editors write one)
+        return data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         warn("repairing %s: not valid UTF-8 (%s); invalid bytes replaced", source, e.reason)
-        return data.decode("utf-8", errors="replace")
+        return data.decode("utf-8-sig", errors="replace")
 
 
 def _html_to_text(html: str) -> str:
@@ -104,7 +104,7 @@ def _record_text(record: dict, source: str, warn: Warn) -> str | None:
 def jsonl_records(path: Path, warn: Warn = _silent) -> Iterator[tuple[str, dict]]:
     """``(source, record)`` of every JSON object with an ``id`` in a ``.jsonl`` / ``.jsonl.gz`` / ``.ndjson`` file, as
     ingestion reads them: undecodable bytes repaired, bad lines and an unreadable rest skipped (with ``warn``)."""
-    opener = gzip.open if path.name.endswith(".gz") else open
+    opener = gzip.open if path.name.lower().endswith(".gz") else open
     try:
         with opener(path, "rb") as f:
             for lineno, raw in enumerate(f, start=1):
@@ -287,6 +287,6 @@ def split_corpus(
             line = json.dumps({"id": doc.id, "text": doc.text}, ensure_ascii=False) + "\n"
             (fh if part == "heldout" else ft).write(line)
             counts[part] += 1
-    if not counts["heldout"] or not counts["train"]:
-        raise RetrolmError(f"{out}: split left one side empty ({counts}); use more documents or another fraction")
+        if not counts["heldout"] or not counts["train"]:  # inside: an earlier split in out_dir stays as it was
+            raise RetrolmError(f"{out}: split left one side empty ({counts}); use more documents or another fraction")
     return counts
