@@ -113,9 +113,9 @@ def eval_cmd(ctx: typer.Context, checkpoint: Checkpoint, db: Db, data: Data, out
         saved = model_folder(Path(checkpoint)) / "config.yaml"
         config = saved if saved.is_file() else None
     cfg = command_config(RealmConfig, ctx, config)
+    model = load_realm(checkpoint, cfg)
     items = load_qa(data)
     check_questions([it for it in items if not it.multiple_choice], str(data))
-    model = load_realm(checkpoint, cfg)
     docs = DatabaseDocuments(DatabaseView.open(db, device=cfg.device))
     result = evaluate_realm(model, docs, items, cfg, out)
     summary = {k: result[k] for k in ("em", "f1", "n", "recall_at_k", "k")}

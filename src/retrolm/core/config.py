@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import typing
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -38,24 +40,80 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequenc
             if not isinstance(loaded, dict):
                 raise RetrolmError(f"{path}: expected a mapping of settings (key: value), got a "
                                    f"{type(loaded).__name__}")
+            _check_text_fields(cls, loaded, str(path))
             cfg = OmegaConf.merge(cfg, loaded)
         if overrides:
             bad = [o for o in overrides if "=" not in o]
             if bad:
                 raise RetrolmError(f"override {bad[0]!r}: expected key=value")
             where = "overrides"
-            for o in overrides:  # OmegaConf parses each value as YAML and lets a parser error escape
-                try:
-                    yaml.safe_load(o.split("=", 1)[1])
+            for o in overrides:
+                key, raw = o.split("=", 1)
+                hint = _field_type(cls, key.split("."))
+                if hint is not None and _unwrap(hint)[0] is str:
+                    # the text as typed: YAML would read 0100 as 64, 12:30 as 750 and yes as True
+                    OmegaConf.update(cfg, key, _text_value(raw, _unwrap(hint)[1]), merge=True)
+                    continue
+                try:  # OmegaConf parses the value as YAML and lets a parser error escape
+                    yaml.safe_load(raw)
                 except yaml.YAMLError as e:
                     raise RetrolmError(f"override {o!r}: invalid value ({str(e).splitlines()[0]})") from None
-            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+                cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([o]))
         if values:
             cfg = OmegaConf.merge(cfg, {k: v for k, v in values.items() if v is not None})
         return OmegaConf.to_object(cfg)  # type: ignore[return-value]
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", None)
         raise RetrolmError(f"{where}: {key + ': ' if key else ''}{str(e).splitlines()[0]}") from None
+
+
+_NULLS = {"null", "Null", "NULL", "~"}
+
+
+def _unwrap(hint: Any) -> tuple[Any, bool]:
+    """(the type inside ``X | None``, whether None is allowed)."""
+    args = typing.get_args(hint)
+    if type(None) in args and len(args) == 2:
+        return next(a for a in args if a is not type(None)), True
+    return hint, False
+
+
+def _field_type(cls: Any, keys: Sequence[str]) -> Any:
+    """The declared type of the dotted field ``keys`` of dataclass ``cls`` (None if there is no such field)."""
+    for i, key in enumerate(keys):
+        if not dataclasses.is_dataclass(cls):
+            return None
+        hint = typing.get_type_hints(cls).get(key)
+        if hint is None or i == len(keys) - 1:
+            return hint
+        cls = _unwrap(hint)[0]
+    return None
+
+
+def _text_value(raw: str, optional: bool) -> str | None:
+    """A text field's override: as typed, unless quoted (``'yes'``) or a YAML null where None is allowed."""
+    if optional and raw.strip() in _NULLS:
+        return None
+    if len(raw) >= 2 and raw[0] == raw[-1] and raw[0] in "'\"":
+        return yaml.safe_load(raw)
+    return raw
+
+
+def _check_text_fields(cls: Any, data: dict, where: str, prefix: str = "") -> None:
+    """A text field given an unquoted YAML number or bool is refused: the text typed is lost by then (``0100`` read
+    as 64, ``no`` as False) and writing back ``str(value)`` would change it silently."""
+    if not dataclasses.is_dataclass(cls):
+        return
+    hints = typing.get_type_hints(cls)
+    for key, value in data.items():
+        if key not in hints:
+            continue  # OmegaConf names unknown keys
+        inner, _ = _unwrap(hints[key])
+        if isinstance(value, dict):
+            _check_text_fields(inner, value, where, f"{prefix}{key}.")
+        elif inner is str and value is not None and not isinstance(value, str):
+            raise RetrolmError(f"{where}: {prefix}{key}: expected text, got the YAML {type(value).__name__} "
+                               f"{value!r}; quote it")
 
 
 def save_config(config: Any, path: str | Path) -> None:

@@ -1,0 +1,34 @@
+"""load_config: a text setting keeps the text typed (YAML would have turned it into a number or a bool, written back
+as other text), and a YAML file that gives one a number or a bool is refused in one line."""
+
+from __future__ import annotations
+
+import pytest
+
+from retrolm.core.config import load_config
+from retrolm.core.errors import RetrolmError
+from retrolm.infer.generate import GenerateConfig
+from retrolm.train import TrainConfig
+
+
+def test_text_overrides_are_kept_as_typed_and_others_still_parsed():
+    cfg = load_config(TrainConfig, None, ["db=runs/db", "out_dir=0100", "init_from=1e5", "neighbours_dir=12:30",
+                                          "steps=0x10", "lr=1e-3", "model.retro_layers=[2,4]"])
+    assert (cfg.out_dir, cfg.init_from, cfg.neighbours_dir) == ("0100", "1e5", "12:30")  # were '64', '100000.0', '750'
+    assert cfg.steps == 16 and cfg.lr == 1e-3 and list(cfg.model.retro_layers) == [2, 4]
+    assert load_config(TrainConfig, None, ["db=x", "init_from=null"]).init_from is None
+    assert load_config(TrainConfig, None, ["db=x", "init_from='null'"]).init_from == "null"  # quoted: the text
+    assert load_config(GenerateConfig, None, ["checkpoint=c", "prompt=yes"]).prompt == "yes"  # was 'True'
+    assert load_config(GenerateConfig, None, ["checkpoint=c", "prompt=a: [b, {c"]).prompt == "a: [b, {c"
+
+
+def test_a_yaml_number_or_bool_for_a_text_setting_is_refused(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("db: runs/db\nout_dir: 0100\n")
+    with pytest.raises(RetrolmError, match=r"^.*c.yaml: out_dir: expected text, got the YAML int 64; quote it$"):
+        load_config(TrainConfig, path)
+    path.write_text("db: runs/db\nout_dir: '0100'\nmodel:\n  retro_layers: [2]\n")
+    assert load_config(TrainConfig, path).out_dir == "0100"
+    path.write_text("checkpoint: c\nprompt: no\n")
+    with pytest.raises(RetrolmError, match="prompt: expected text, got the YAML bool False; quote it"):
+        load_config(GenerateConfig, path)
