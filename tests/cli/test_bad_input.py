@@ -269,6 +269,24 @@ def test_a_long_single_line_document_is_tokenized_in_pieces(built_db, monkeypatc
     assert pieces.sha256 == train_bpe_whole(text, 400).sha256  # the same vocabulary and merges as on the whole text
 
 
+def test_a_tokenizer_that_marks_the_start_of_a_text_encodes_a_long_one_whole():
+    """A Llama-2-style tokenizer.json prepends "▁" to the text it is given: encoded in pieces, a long text gained a
+    space at every cut. Such a tokenizer gets the text whole (a byte-level one still gets pieces, test above)."""
+    from tokenizers import Tokenizer, models, normalizers, trainers
+
+    from retrolm.text import tokenizer as tok_module
+
+    text = " ".join(d["text"] for d in wiki_docs(400)).replace("\n", " ")
+    assert len(text) > 3 * tok_module.PIECE_CHARS
+    tok = Tokenizer(models.BPE(byte_fallback=True))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tok.train_from_iterator([text[:100_000]], trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "</s>"],
+                                                                  show_progress=False))
+    lm = tok_module.LMTokenizer(tok, "llama-style")
+    whole = tok.encode(text, add_special_tokens=False).ids
+    assert lm.encode(text) == whole and list(lm.encode_batch(["short", text])[1]) == whole
+
+
 def train_bpe_whole(text: str, vocab_size: int):
     """``train_bpe`` as it was: the trainer gets the text whole."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers

@@ -52,6 +52,24 @@ def _pieces(text: str, size: int = PIECE_CHARS) -> list[str]:
     return out
 
 
+def _pieces_are_exact(tokenizer: Tokenizer) -> bool:
+    """Whether encoding a text in :func:`_pieces` gives the ids of the whole: true for byte-level BPE (GPT-2,
+    SmolLM2, Llama 3, ``train:N``), where a space starts a pre-token anyway; not where the normalizer or a
+    Metaspace pre-tokenizer marks the start of the text (Llama 2, Mistral: "▁" prepended), which every piece would
+    get (a space added per cut)."""
+    spec = json.loads(tokenizer.to_str())
+
+    def types(node: object) -> set[str]:
+        if isinstance(node, dict):
+            return {str(node.get("type"))} | {t for v in node.values() for t in types(v)}
+        if isinstance(node, list):
+            return {t for v in node for t in types(v)}
+        return set()
+
+    pre, norm = types(spec.get("pre_tokenizer")), types(spec.get("normalizer"))
+    return "ByteLevel" in pre and "Metaspace" not in pre and "Prepend" not in norm
+
+
 class LMTokenizer:
     """A thin, typed wrapper around :class:`tokenizers.Tokenizer` with the ids retrolm needs."""
 
@@ -69,6 +87,7 @@ class LMTokenizer:
         pad = tokenizer.token_to_id(pad_token or PAD_TOKEN)
         # A tokenizer without a pad token pads with EOS; padded positions are always masked anyway.
         self.pad_id: int = pad if pad is not None else (self.eos_id if self.eos_id is not None else 0)
+        self._pieces_safe = _pieces_are_exact(tokenizer)
 
     @property
     def sha256(self) -> str:
@@ -76,8 +95,9 @@ class LMTokenizer:
 
     def encode_batch(self, texts: Sequence[str]) -> list[Sequence[int]]:
         """Token ids for each text, without special tokens (parallel in Rust). A text over ``PIECE_CHARS`` is encoded
-        in pieces and its ids come back as a uint32 array (a list of 10M Python ints would take ~400 MB)."""
-        if all(len(t) <= PIECE_CHARS for t in texts):
+        in pieces (byte-level tokenizers only) and its ids come back as a uint32 array (a list of 10M Python ints
+        would take ~400 MB)."""
+        if all(len(t) <= PIECE_CHARS for t in texts) or not self._pieces_safe:
             return [e.ids for e in self.tok.encode_batch(list(texts), add_special_tokens=False)]
         return [self._encode_long(t) if len(t) > PIECE_CHARS else self.encode(t) for t in texts]
 
@@ -87,7 +107,7 @@ class LMTokenizer:
         return np.concatenate(parts)
 
     def encode(self, text: str) -> list[int]:
-        if len(text) <= PIECE_CHARS:
+        if len(text) <= PIECE_CHARS or not self._pieces_safe:
             return self.tok.encode(text, add_special_tokens=False).ids
         return self._encode_long(text).tolist()
 
