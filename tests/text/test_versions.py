@@ -52,7 +52,8 @@ def test_split_versions_writes_a_seeded_labelled_sample(tmp_path):
     base = wiki_docs(30, start=600)
     old = write_jsonl(tmp_path / "old.jsonl", [{"id": f"1/{d['id']}", "text": d["text"]} for d in base])
     new_docs = [{"id": f"2/{d['id']}", "text": d["text"]} for d in base[:20]]  # identical
-    new_docs += [{"id": f"2/x/{d['id']}", "text": d["text"] + "\n" + "Added paragraph. " * 5} for d in base[20:25]]
+    new_docs += [{"id": f"2/x/{d['id']}", "text": "Revised. " + d["text"] + "\n" + "Added paragraph. " * 5}
+                 for d in base[20:25]]
     new_docs += [{"id": f"2/translations/{d['id']}", "text": d["text"]} for d in wiki_docs(3, start=950)]
     new_docs += [{"id": f"2/n/{d['id']}", "text": d["text"]} for d in wiki_docs(6, start=960)]
     new = write_jsonl(tmp_path / "new.jsonl", new_docs)
@@ -75,21 +76,28 @@ def test_split_versions_writes_a_seeded_labelled_sample(tmp_path):
 
 
 def test_a_held_out_excerpt_is_labelled_by_what_is_stored(tmp_path):
-    """A changed file whose first characters are all new text is a *new* excerpt: with max_chars it is not held out
-    as changed (another changed file is drawn instead), and every changed excerpt shares > 30% with one old file."""
-    base = [d for d in wiki_docs(30, start=600) if len(d["text"]) > 400][:5]
+    """A changed file whose first characters are all new text is a *new* excerpt, and one whose first characters
+    are verbatim old text (the change further down) an *identical* one: with max_chars neither is held out as
+    changed (another changed file is drawn instead), and every changed excerpt shares > 30% with one old file and
+    holds text the old one does not."""
+    base = [d for d in wiki_docs(40, start=600) if len(d["text"]) > 400][:7]
     old = write_jsonl(tmp_path / "old.jsonl", [{"id": f"1/{d['id']}", "text": d["text"]} for d in base])
     fresh = [d for d in wiki_docs(30, start=960) if len(d["text"]) > 400]
-    new_docs = [{"id": f"2/tail/{d['id']}", "text": d["text"] + "\n" + "Added paragraph. " * 5} for d in base[:3]]
+    # a change inside the excerpt: changed as a document and as an excerpt
+    new_docs = [{"id": f"2/mid/{d['id']}", "text": d["text"][:100] + " Revised here. " + d["text"][100:]}
+                for d in base[:3]]
     # new text first (longer than the excerpt), then the whole old file: changed as a document, new as an excerpt
     new_docs += [{"id": f"2/head/{d['id']}", "text": f["text"][:400] + "\n" + d["text"] * 3}
-                 for d, f in zip(base[3:], fresh, strict=False)]
+                 for d, f in zip(base[3:5], fresh, strict=False)]
+    # old text first, the change past the excerpt: changed as a document, identical as an excerpt
+    new_docs += [{"id": f"2/tail/{d['id']}", "text": d["text"] + "\n" + "Added paragraph. " * 5} for d in base[5:7]]
     new = write_jsonl(tmp_path / "new.jsonl", new_docs)
     counts = split_versions([old], [new], tmp_path / "a", per_bucket=4, seed=0, max_chars=250, min_chars=0)
-    assert counts["all"]["changed"] == 5  # documents are labelled whole
+    assert counts["all"]["changed"] == 7  # documents are labelled whole
     held = [json.loads(x) for x in (tmp_path / "a" / "heldout-changed.jsonl").read_text().splitlines()]
     assert sorted(h["id"] for h in held) == sorted(d["id"] for d in new_docs[:3])
-    assert all(h["excerpt_overlap"] > 0.3 for h in held)
+    old_text = {f"2/mid/{d['id']}": d["text"] for d in base[:3]}
+    assert all(h["excerpt_overlap"] > 0.3 and h["text"] not in old_text[h["id"]] for h in held)
 
 
 def test_truncate_cuts_at_a_line_break():

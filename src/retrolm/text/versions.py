@@ -87,6 +87,7 @@ class VersionLabeller:
             raise RetrolmError(f"new_max_overlap must be in [0, 1), got {new_max_overlap}")
         self.old, self.new_max_overlap = old, new_max_overlap
         self.by_text = {hashlib.sha256(d.text.encode()).hexdigest(): d.id for d in old}
+        self.old_text = {d.id: d.text for d in old}
         self.index = NgramIndex((d.text for d in old), n)
 
     def label(self, doc: Document) -> Label:
@@ -96,6 +97,14 @@ class VersionLabeller:
         best, share = self.index.best_match(doc.text)
         return Label(doc.id, "changed" if share > self.new_max_overlap else "new", round(share, 4),
                      self.old[best].id if best >= 0 else None)
+
+    def label_excerpt(self, doc: Document) -> Label:
+        """The label of part of a document: as :meth:`label`, but identical when the part is verbatim text of the
+        old document it shares most with (the whole-text hash of :meth:`label` never matches a part)."""
+        lab = self.label(doc)
+        if lab.bucket != "identical" and lab.best_match is not None and doc.text in self.old_text[lab.best_match]:
+            return Label(doc.id, "identical", 1.0, lab.best_match)
+        return lab
 
 
 def label_versions(old: list[Document], new: list[Document], new_max_overlap: float = 0.3, n: int = 8
@@ -139,7 +148,7 @@ def split_versions(old_paths: list[str | Path], new_paths: list[str | Path], out
         if i not in excerpts:
             text = truncate(new[i].text, max_chars)
             same = text == new[i].text or labels[i].bucket == "identical"
-            excerpts[i] = labels[i] if same else labeller.label(Document(new[i].id, text, new[i].source))
+            excerpts[i] = labels[i] if same else labeller.label_excerpt(Document(new[i].id, text, new[i].source))
         return excerpts[i]
 
     rng = np.random.default_rng(seed)
