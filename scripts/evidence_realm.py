@@ -7,13 +7,12 @@ Questions: `retrolm corpus qa kernel-cloze` over linux-docs-6.1 (a sentence of a
 answer is that word), split by document into fine-tuning and test questions. Store: one ~600-character passage around
 each question's sentence (so the answer is only in the store) plus passages cut from other 6.1 documents as
 distractors. Systems, all with all-MiniLM-L6-v2 as the query encoder, document encoder and reader (mean pooling, no
-projection; the untrained retriever ranks exactly as the frozen sentence encoder only with ``normalize=true``, the
-"normalized" rows: the others score by the inner product of unnormalised vectors):
+projection, unit vectors scored by cosine × 20: ``normalize=true``, so the untrained retriever ranks exactly as the
+frozen sentence encoder; one row without it shows what the unnormalised inner product of the first runs cost):
 
 * reader without retrieval: a span reader over REALM's null (empty) document has nothing to point at (EM 0 by
   construction; measured anyway);
-* reader over the frozen encoder's retrieval: no pre-training, query encoder fixed in fine-tuning (and the same
-  with ``normalize=true``: exactly the frozen encoder's ranking);
+* reader over the frozen encoder's retrieval: no pre-training, query encoder fixed in fine-tuning;
 * full REALM: salient-span pre-training with an index refreshed every N steps, then fine-tuning;
 * ablations: random-token masking; an index never refreshed (stale).
 
@@ -51,6 +50,7 @@ PROFILES = {
             "lr": 3e-5},
 }
 WINDOW = 600  # characters of a passage
+UNNORMALISED = "encoder, unnormalised inner product (normalize=false, the runs before 2026-12-07's fix)"
 
 
 def passage_around(text: str, sentence: str, rng: random.Random) -> str | None:
@@ -110,7 +110,7 @@ def main() -> None:
     db = work / "db"
     step("db build", [*RETROLM, "db", "build", store, "--out", db, "--tokenizer", "train:4000", "--index", "none",
                       "--bm25", "-q"], db / "meta.json")
-    shape = ["encoder=minilm", "embed_dim=null", "pooling=mean", f"max_doc_len={p['max_doc_len']}",
+    shape = ["encoder=minilm", "embed_dim=null", "pooling=mean", "normalize=true", f"max_doc_len={p['max_doc_len']}",
              f"max_query_len={p['max_query_len']}", f"batch_size={p['batch_size']}", f"qa_k={p['qa_k']}",
              f"lr={p['lr']}"]
     pre = {  # name → pre-training overrides
@@ -124,8 +124,7 @@ def main() -> None:
                                   f"k={p['k']}", f"steps={p['pretrain_steps']}", f"save_every={p['pretrain_steps']}",
                                   "log_every=10"], out / "pretrain.json")
     # fine-tuning: from each pre-trained model, and from the encoder itself with the retriever fixed
-    starts = {"frozen-retrieval": ("minilm", ["train_query_encoder=false"]),
-              "frozen-retrieval-normalized": ("minilm", ["train_query_encoder=false", "normalize=true"])}
+    starts = {"frozen-retrieval": ("minilm", ["train_query_encoder=false"])}
     starts.update({name: (work / f"pretrain-{name}", []) for name in pre})
     for name, (ckpt, extra) in starts.items():
         out = work / f"finetune-{name}"
@@ -133,15 +132,14 @@ def main() -> None:
                                   "--out", out, *shape, *extra, f"steps={p['finetune_steps']}", "log_every=10"],
              out / "final" / "model.json")
     # evaluation: retrieval before pre-training (the encoder itself), after pre-training, and after fine-tuning
-    evals = {"encoder (no pre-training, no fine-tuning)": "minilm",
-             "encoder, normalized (the frozen sentence encoder's ranking)": "minilm"}
+    evals = {"encoder (no pre-training, no fine-tuning)": "minilm", UNNORMALISED: "minilm"}
     evals.update({f"pretrained: {name}": work / f"pretrain-{name}" for name in pre})
     evals.update({f"fine-tuned: {name}": work / f"finetune-{name}" for name in starts})
     for label, ckpt in evals.items():
         out = res / slug(label)
-        norm = ["normalize=true"] if label.startswith("encoder, normalized") else []
+        how = [x if label != UNNORMALISED else "normalize=false" for x in shape]
         step(f"eval {label}", [*RETROLM, "realm", "eval", "--checkpoint", ckpt, "--db", db, "--data", test, "--out",
-                               out, *shape, *norm], out / "realm.json")
+                               out, *how], out / "realm.json")
     for name in pre:  # the pre-training logs next to the results
         (res / f"pretrain-{name}").mkdir(parents=True, exist_ok=True)
         shutil.copyfile(work / f"pretrain-{name}" / "pretrain.json", res / f"pretrain-{name}" / "pretrain.json")
@@ -223,10 +221,10 @@ def write_page(res: Path, work: Path, db: Path, test: Path, evals: dict, no_retr
         f"Store: {n_store} passages of ~{WINDOW} characters: one around each question's sentence, the rest cut from "
         f"other 6.1 documents. Questions: {n_train} for fine-tuning and {n_test} for test (split by document), "
         "`retrolm corpus qa kernel-cloze` (one word of a documentation sentence blanked). Encoders: "
-        "all-MiniLM-L6-v2 for the query encoder, document encoder and reader; mean pooling and no projection. "
-        "The untrained retriever ranks as the frozen sentence encoder only in the *normalized* rows "
-        "(`normalize=true`: unit vectors, cosine × 20); the others score by the inner product of the unnormalised "
-        "mean vectors, which favours passages with long ones. "
+        "all-MiniLM-L6-v2 for the query encoder, document encoder and reader; mean pooling, no projection, unit "
+        "vectors scored by cosine × 20 (`normalize=true`), so the untrained retriever ranks exactly as the frozen "
+        "sentence encoder (the *unnormalised* row scores by the inner product of the raw mean vectors, as every run "
+        "did before 2026-12-07's fix: it favours passages with long vectors). "
         f"Pre-training: {p['pretrain_steps']} steps × {p['batch_size']} sentences, k = {p['k']} candidates (null "
         f"document included), index refreshed every {p['refresh_every']} steps by a background thread. Fine-tuning: "
         f"{p['finetune_steps']} steps × {p['batch_size']} questions, top {p['qa_k']} passages, document encoder and "
