@@ -213,3 +213,26 @@ def test_a_store_of_later_segments_keeps_global_ids(store, tmp_path):
         array = getattr(empty, name)
         assert array.shape == (0,) and array.dtype == dtype, name
         assert getattr(store, name).dtype == dtype, name  # the same types as a store's columns
+
+
+def test_a_character_split_by_a_chunk_boundary_is_kept_whole_in_the_chunk_it_starts(tmp_path):
+    """Byte-level tokens can cut a character's UTF-8 bytes between two chunks: each chunk decoded alone gave U+FFFD
+    on both sides (what the encoder, BM25 and readers saw). The character now goes whole to the chunk it starts in,
+    so a document's chunk texts join to its text; a U+FFFD the text itself holds stays."""
+    from retrolm.text.tokenizer import train_bpe
+
+    tok = train_bpe(["plain ascii words only " * 50], 300)  # no merges across the bytes of é, –, 😀
+    texts = {"x": "ab😀cd é–f 😀😀 g", "y": "a\ufffdb😀"}
+    w = SegmentWriter(tmp_path / "s", M, np.dtype(np.uint16), tok.pad_id, 0, 0)
+    for doc_id, text in texts.items():
+        w.add(doc_id, doc_id, len(text.encode()), tok.encode(text))
+    w.close()
+    store = ChunkStore.open([tmp_path / "s"], M, tok.pad_id)
+    chunks = store.texts(np.arange(store.n_chunks), tok)
+    old = tok.decode_batch([store.tokens(np.array([c]))[0][: store.lengths(np.array([c]))[0]].tolist()
+                            for c in range(store.n_chunks)])
+    assert sum("\ufffd" in t for t in old) > 4  # the split characters (the case this is about)
+    for d, text in enumerate(texts.values()):
+        first, n = int(store.doc_first_chunk[d]), int(store.doc_n_chunks[d])
+        assert "".join(chunks[first : first + n]) == text
+    assert sum(t.count("\ufffd") for t in chunks) == 1  # the document's own

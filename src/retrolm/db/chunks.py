@@ -163,6 +163,10 @@ class Segment:
         )
 
 
+REPLACEMENT = "\ufffd"
+"""What decoding puts for bytes that are not a whole UTF-8 character."""
+
+
 class ChunkStore:
     """A global, read-only view over the segments of a database, addressed by chunk id."""
 
@@ -275,10 +279,37 @@ class ChunkStore:
         return np.concatenate([t[:k] for t, k in zip(toks, lens, strict=True)])
 
     def texts(self, ids: np.ndarray | Sequence[int], tokenizer: LMTokenizer) -> list[str]:
-        """The chunks as text (padding dropped): what the frozen encoder, BM25 and in-context readers see."""
+        """The chunks as text (padding dropped): what the frozen encoder, BM25 and in-context readers see. A
+        character whose bytes the chunk boundary splits (byte-level tokens) is given whole to the chunk it starts in
+        and dropped from the next, instead of a U+FFFD on each side."""
         ids = np.asarray(ids, dtype=np.int64)
         toks, lens = self.tokens(ids), self.lengths(ids)
-        return tokenizer.decode_batch([t[:k].tolist() for t, k in zip(toks, lens, strict=True)])
+        out = tokenizer.decode_batch([t[:k].tolist() for t, k in zip(toks, lens, strict=True)])
+        split = [i for i, t in enumerate(out) if t.startswith(REPLACEMENT) or t.endswith(REPLACEMENT)]
+        for i in split:  # rare: only where the text itself does not hold U+FFFD does this change anything
+            text = self._whole_characters(int(ids[i]), tokenizer)
+            if text is not None:
+                out[i] = text
+        return out
+
+    def _whole_characters(self, chunk: int, tokenizer: LMTokenizer) -> str | None:
+        """The chunk's text with the characters its boundaries split fixed (None: not a byte-level tokenizer)."""
+        data = tokenizer.token_bytes(self.tokens(np.array([chunk]))[0][: int(self.lengths(np.array([chunk]))[0])])
+        if data is None:
+            return None
+        if self.chunk_pos(np.array([chunk]))[0] > 0:  # the tail of a character the previous chunk starts
+            start = 0
+            while start < min(3, len(data)) and data[start] & 0xC0 == 0x80:
+                start += 1
+            data = data[start:]
+        nxt = int(self.continuation_ids(np.array([chunk]))[0])
+        if nxt >= 0:  # the rest of a character this chunk starts
+            head = tokenizer.token_bytes(self.tokens(np.array([nxt]))[0][:4]) or b""
+            more = 0
+            while more < min(3, len(head)) and head[more] & 0xC0 == 0x80:
+                more += 1
+            data += head[:more]
+        return data.decode("utf-8", errors="replace")
 
     def nbytes(self) -> int:
         return sum(sum((s.folder / f).stat().st_size for f in (*SEGMENT_FILES, "docs.parquet")) for s in self.segments)

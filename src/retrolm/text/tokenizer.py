@@ -52,6 +52,13 @@ def _pieces(text: str, size: int = PIECE_CHARS) -> list[str]:
     return out
 
 
+def _byte_level_alphabet() -> dict[int, str]:
+    """GPT-2's byte-level alphabet: each byte → the printable character its tokens spell it with."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    moved = [b for b in range(256) if b not in keep]
+    return {**{b: chr(b) for b in keep}, **{b: chr(256 + i) for i, b in enumerate(moved)}}
+
+
 def _pieces_are_exact(tokenizer: Tokenizer) -> bool:
     """Whether encoding a text in :func:`_pieces` gives the ids of the whole: true for byte-level BPE (GPT-2,
     SmolLM2, Llama 3, ``train:N``), where a space starts a pre-token anyway; not where the normalizer or a
@@ -88,6 +95,7 @@ class LMTokenizer:
         # A tokenizer without a pad token pads with EOS; padded positions are always masked anyway.
         self.pad_id: int = pad if pad is not None else (self.eos_id if self.eos_id is not None else 0)
         self._pieces_safe = _pieces_are_exact(tokenizer)
+        self._byte_table: dict[int, bytes] | None = None  # token_bytes' table, built on first use
 
     @property
     def sha256(self) -> str:
@@ -116,6 +124,25 @@ class LMTokenizer:
 
     def decode_batch(self, batch: Sequence[Sequence[int]]) -> list[str]:
         return self.tok.decode_batch([list(ids) for ids in batch], skip_special_tokens=True)
+
+    def token_bytes(self, ids: Sequence[int]) -> bytes | None:
+        """The UTF-8 bytes the tokens stand for (special tokens dropped, as :meth:`decode` drops them), for a
+        byte-level tokenizer; None for any other (its tokens are not byte strings)."""
+        if self._byte_table is None:
+            spec = json.loads(self.tok.to_str())
+            if (spec.get("decoder") or {}).get("type") != "ByteLevel":
+                self._byte_table = {}
+            else:
+                to_byte = {c: b for b, c in _byte_level_alphabet().items()}
+                special = set(self.tok.get_added_tokens_decoder())
+                table: dict[int, bytes] = {}
+                for token, i in self.tok.get_vocab(with_added_tokens=True).items():
+                    if i not in special and all(c in to_byte for c in token):
+                        table[i] = bytes(to_byte[c] for c in token)
+                self._byte_table = table
+        if not self._byte_table:
+            return None
+        return b"".join(self._byte_table.get(int(i), b"") for i in ids)
 
     def save(self, path: str | Path) -> None:
         write_bytes(path, self.tok.to_str(pretty=False).encode())
