@@ -137,7 +137,7 @@ def main() -> None:
     evals.update({f"fine-tuned: {name}": work / f"finetune-{name}" for name in starts})
     for label, ckpt in evals.items():
         out = res / slug(label)
-        how = [x if label != UNNORMALISED else "normalize=false" for x in shape]
+        how = ["normalize=false" if label == UNNORMALISED and x == "normalize=true" else x for x in shape]
         step(f"eval {label}", [*RETROLM, "realm", "eval", "--checkpoint", ckpt, "--db", db, "--data", test, "--out",
                                out, *how], out / "realm.json")
     for name in pre:  # the pre-training logs next to the results
