@@ -6,8 +6,9 @@ store), with and without retrieval, per bucket and exclusion protocol, for BM25 
     .venv/bin/python scripts/evidence_incontext.py [--work runs/evidence-incontext] [--per-bucket 6]
 
 Every step is a `retrolm` command (printed and listed in the results page); finished steps are skipped on a re-run.
-Every evidence script runs its steps through :func:`run` here: a step whose output another command made (other flags)
-runs again; runs/step-commands.json records which command made each output.
+Every evidence script runs its steps through :func:`run` here: a step whose output another command made (other flags),
+or whose inputs another step made again since, runs again; runs/step-commands.json records which command made each
+output.
 Writes docs/results/incontext/<run>/{eval.json,report.md,leakage.png,config.yaml} and docs/in-context-retrieval.md.
 """
 
@@ -83,36 +84,70 @@ def record_command(done: Path, cmd: list) -> None:
 
 
 def made_by_other(cmd: list, done: Path) -> str | None:
-    """The other command that made ``done``, or None (it does not exist, this command made it, or nothing recorded
-    who did: outputs from before commands were recorded are taken as this command's)."""
+    """Why ``done`` must be made again, or None (it does not exist, or this command made it from the inputs it
+    names as they are now; an output from before commands were recorded is taken as this command's): another
+    command made it, or an input it names (a path, or a folder holding one) holds another step's output made since
+    (a held-out file drawn again, a database rebuilt), as make would redo it."""
     if not done.exists():
         return None
-    recorded = _stamps().get(str(done.resolve()))
-    return recorded if recorded not in (None, shown_command(cmd)) else None
+    stamps = _stamps()
+    here = str(done.resolve())
+    recorded = stamps.get(here)
+    if recorded not in (None, shown_command(cmd)):
+        return f"was made by another command: {recorded}"
+    made = done.stat().st_mtime
+    inputs = [p for p in map(_named_path, cmd) if p is not None and not done.resolve().is_relative_to(p)]
+    for out in stamps:
+        if out != here and any(Path(out).is_relative_to(p) for p in inputs):
+            try:
+                if Path(out).stat().st_mtime > made:
+                    return f"its input {rel(Path(out))} was made again since"
+            except FileNotFoundError:
+                continue
+    return None
+
+
+def _named_path(arg: object) -> Path | None:
+    """The existing path an argument names (``PATH`` or ``key=PATH``, relative to the repository), else None; a
+    step's own output folder is one too, and the caller leaves it out."""
+    text = str(arg)
+    for part in (text, text.split("=", 1)[1] if "=" in text else None):
+        if part and "/" in part:
+            path = Path(part) if Path(part).is_absolute() else REPO / part
+            if path.exists():
+                return path.resolve()
+    return None
 
 
 def is_done(cmd: list, done: Path) -> bool:
-    """``done`` exists and was made by this command: :func:`run` would skip the step."""
+    """``done`` exists and is up to date for this command: :func:`run` would skip the step."""
     return done.exists() and made_by_other(cmd, done) is None
 
 
+REDO_FLAGS = {("db", "build"): "--overwrite", ("train",): "--no-resume", ("retrofit",): "--no-resume",
+              ("realm", "pretrain"): "--no-resume"}
+"""What a command redoing its output needs: a build refuses an existing folder, a training run would resume from
+its last checkpoint (and train nothing)."""
+
+
 def run(cmd: list, log: list[str], done: Path | None = None) -> float:
-    """Run a step unless ``done`` exists and was made by the same command; returns its wall seconds (0: skipped).
-    An output another command made (other flags) is made again: a database is rebuilt with ``--overwrite`` (the old
-    one stays until the new one is complete); other retrolm commands redo their output when run again."""
+    """Run a step unless ``done`` exists and is up to date (:func:`made_by_other`); returns its wall seconds (0:
+    skipped). A step made again gets the flag :data:`REDO_FLAGS` names for its command."""
     shown = shown_command(cmd)
     if shown not in log:  # a run that several chains start from (trained once) is listed once
         log.append(shown)
     todo = list(cmd)
     if done is not None and done.exists():
-        other = made_by_other(cmd, done)
-        if other is None:
+        why = made_by_other(cmd, done)
+        if why is None:
             record_command(done, cmd)
             print(f"[skip] {shown}", flush=True)
             return 0.0
-        print(f"[redo] {rel(done)} was made by another command: {other}", flush=True)
-        if todo[len(RETROLM) : len(RETROLM) + 2] == ["db", "build"]:
-            todo.append("--overwrite")
+        print(f"[redo] {rel(done)} {why}", flush=True)
+        words = [str(c) for c in todo[len(RETROLM) :]] if todo[: len(RETROLM)] == RETROLM else []
+        flag = next((f for k, f in REDO_FLAGS.items() if tuple(words[: len(k)]) == k), None)
+        if flag is not None:
+            todo.append(flag)
     print(f"[run] {shown}", flush=True)
     t = time.time()
     subprocess.run([str(c) for c in todo], check=True, cwd=REPO)
@@ -213,13 +248,16 @@ def main() -> None:
     work, log, seconds = args.work, [], {}
     data, kernel = prepare_kernel(work, args, log)
     held = work / "heldout.jsonl"
-    if not held.exists():  # the kernel sample plus Wikipedia summaries: text with nothing related in the store
+    # the kernel sample plus Wikipedia summaries (text with nothing related in the store), again when the sample was
+    # drawn again; recorded as a step's output, so that the evaluations reading it are redone too
+    if not held.exists() or held.stat().st_mtime < (kernel / "heldout.jsonl").stat().st_mtime:
         wiki = [json.loads(x) for x in (REPO / "data" / "wiki-sample.jsonl").read_text().splitlines()]
         wiki = [w for w in wiki if len(w["text"]) >= 1000][: args.per_bucket]
         rows = (kernel / "heldout.jsonl").read_text().splitlines()
         rows += [json.dumps({"id": f"wiki/{w['id']}", "text": w["text"][: args.max_chars], "bucket": "wikipedia"})
                  for w in wiki]
         held.write_text("\n".join(rows) + "\n")
+        record_command(held, ["heldout.jsonl written by evidence_incontext.py"])
     log.append(f"# {held}: {kernel / 'heldout.jsonl'} + the first {args.per_bucket} summaries of "
                f"data/wiki-sample.jsonl with >= 1,000 characters, cut to {args.max_chars} (bucket wikipedia), written "
                "by this script")

@@ -67,8 +67,27 @@ def test_a_finished_step_is_reused_by_its_own_command_and_redone_by_another(tmp_
     assert old.read_text() == "old" and not mod.is_done(step_cmd(old, 0, "newer"), old)
 
 
+def test_a_step_whose_input_was_made_again_is_made_again(tmp_path):
+    """A held-out file drawn again (another --per-bucket) made the evaluation that reads it stale, though its own
+    command did not change: a step is redone when a path it names holds another step's output made since."""
+    mod = load_module(tmp_path)
+    data, out = tmp_path / "kernel" / "heldout.jsonl", tmp_path / "eval" / "eval.json"
+    data.parent.mkdir()
+    out.parent.mkdir()
+    reads = [sys.executable, "-c", f"import pathlib, sys; pathlib.Path({str(out)!r}).write_text("
+             f"(pathlib.Path(sys.argv[1]) / 'heldout.jsonl').read_text())", data.parent]
+    mod.run(step_cmd(data, 0, "6 per bucket"), [], data)
+    mod.run(reads, [], out)
+    assert out.read_text() == "6 per bucket" and mod.run(reads, [], out) == 0  # up to date: skipped
+    mod.run(step_cmd(data, 0.05, "3 per bucket"), [], data)  # another command: the input is made again
+    assert not mod.is_done(reads, out)
+    mod.run(reads, [], out)
+    assert out.read_text() == "3 per bucket" and mod.is_done(reads, out)
+
+
 def test_a_database_made_by_another_command_is_rebuilt_with_overwrite(tmp_path):
-    """`db build` refuses an existing folder: the step it redoes adds --overwrite (recorded without it)."""
+    """`db build` refuses an existing folder, and a training run would resume from its last checkpoint (training
+    nothing): the step redone adds --overwrite / --no-resume (recorded without it)."""
     mod = load_module(tmp_path)
     fake = tmp_path / "fake_retrolm.py"  # stands for `python -m retrolm.cli`: writes its arguments to meta.json
     fake.write_text("import json, pathlib, sys\n"
@@ -83,3 +102,7 @@ def test_a_database_made_by_another_command_is_rebuilt_with_overwrite(tmp_path):
     mod.run(other, [], meta)
     assert json.loads(meta.read_text()) == ["db", "build", "b.jsonl", "--out", str(meta), "--overwrite"]
     assert mod.is_done(other, meta) and mod.run(other, [], meta) == 0
+    weights = tmp_path / "weights"
+    mod.run([*mod.RETROLM, "train", "lr=1", "--out", weights], [], weights)
+    mod.run([*mod.RETROLM, "train", "lr=2", "--out", weights], [], weights)
+    assert json.loads(weights.read_text()) == ["train", "lr=2", "--out", str(weights), "--no-resume"]
