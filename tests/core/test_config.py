@@ -20,6 +20,19 @@ def test_text_overrides_are_kept_as_typed_and_others_still_parsed():
     assert load_config(TrainConfig, None, ["db=x", "init_from='null'"]).init_from == "null"  # quoted: the text
     assert load_config(GenerateConfig, None, ["checkpoint=c", "prompt=yes"]).prompt == "yes"  # was 'True'
     assert load_config(GenerateConfig, None, ["checkpoint=c", "prompt=a: [b, {c"]).prompt == "a: [b, {c"
+    assert load_config(GenerateConfig, None, ["checkpoint=c", "prompt='it's'"]).prompt == "'it's'"  # not one scalar
+    cfg = load_config(TrainConfig, None, ["db=x", "device= cpu", "init_from="])
+    assert cfg.device == "cpu" and cfg.init_from is None  # spaces dropped and empty = None, as YAML reads them
+
+
+def test_list_of_text_overrides_keep_each_item_as_typed():
+    from retrolm.train.retrofit import RetrofitConfig
+
+    cfg = load_config(RetrofitConfig, None, ["db=x", "lora_target_modules=[q_proj, 0100, 'yes']"])
+    assert cfg.lora_target_modules == ["q_proj", "0100", "yes"]
+    assert load_config(RetrofitConfig, None, ["db=x", "lora_target_modules=null"]).lora_target_modules is None
+    with pytest.raises(RetrolmError, match=r"expected a list of text items, \[a, b\]"):
+        load_config(RetrofitConfig, None, ["db=x", "lora_target_modules=[[a]]"])
 
 
 def test_a_yaml_number_or_bool_for_a_text_setting_is_refused(tmp_path):

@@ -49,10 +49,11 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequenc
             where = "overrides"
             for o in overrides:
                 key, raw = o.split("=", 1)
-                hint = _field_type(cls, key.split("."))
-                if hint is not None and _unwrap(hint)[0] is str:
+                inner, optional = _unwrap(_field_type(cls, key.split(".")))
+                if inner is str or _is_text_list(inner):
                     # the text as typed: YAML would read 0100 as 64, 12:30 as 750 and yes as True
-                    OmegaConf.update(cfg, key, _text_value(raw, _unwrap(hint)[1]), merge=True)
+                    value = _text_value(raw, optional) if inner is str else _text_list(raw, o, optional)
+                    OmegaConf.update(cfg, key, value, merge=True)
                     continue
                 try:  # OmegaConf parses the value as YAML and lets a parser error escape
                     yaml.safe_load(raw)
@@ -71,7 +72,7 @@ _NULLS = {"null", "Null", "NULL", "~"}
 
 
 def _unwrap(hint: Any) -> tuple[Any, bool]:
-    """(the type inside ``X | None``, whether None is allowed)."""
+    """(the type inside ``X | None``, whether None is allowed); (None, False) for no field."""
     args = typing.get_args(hint)
     if type(None) in args and len(args) == 2:
         return next(a for a in args if a is not type(None)), True
@@ -90,13 +91,38 @@ def _field_type(cls: Any, keys: Sequence[str]) -> Any:
     return None
 
 
+def _is_text_list(hint: Any) -> bool:
+    return typing.get_origin(hint) in (list, tuple) and all(a in (str, Ellipsis) for a in typing.get_args(hint))
+
+
 def _text_value(raw: str, optional: bool) -> str | None:
-    """A text field's override: as typed, unless quoted (``'yes'``) or a YAML null where None is allowed."""
-    if optional and raw.strip() in _NULLS:
+    """A text field's override: as typed (surrounding spaces dropped, as YAML drops them), unquoted when quoted
+    (``'yes'``); empty or a YAML null is None where None is allowed."""
+    raw = raw.strip()
+    if optional and (raw in _NULLS or raw == ""):
         return None
     if len(raw) >= 2 and raw[0] == raw[-1] and raw[0] in "'\"":
-        return yaml.safe_load(raw)
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError:  # 'it's': not one quoted scalar; the text as typed
+            return raw
+        return value if isinstance(value, str) else raw
     return raw
+
+
+def _text_list(raw: str, override: str, optional: bool) -> list[str] | None:
+    """A list-of-text field's override, ``[a, b]`` (or one item), each item as :func:`_text_value` takes it."""
+    raw = raw.strip()
+    if optional and (raw in _NULLS or raw == ""):
+        return None
+    if not (raw.startswith("[") and raw.endswith("]")):
+        return [_text_value(raw, False) or ""]
+    inner = raw[1:-1].strip()
+    if not inner:
+        return []
+    if any(c in inner for c in "[]{}"):
+        raise RetrolmError(f"override {override!r}: expected a list of text items, [a, b]")
+    return [_text_value(item, False) or "" for item in inner.split(",")]
 
 
 def _check_text_fields(cls: Any, data: dict, where: str, prefix: str = "") -> None:
@@ -114,6 +140,11 @@ def _check_text_fields(cls: Any, data: dict, where: str, prefix: str = "") -> No
         elif inner is str and value is not None and not isinstance(value, str):
             raise RetrolmError(f"{where}: {prefix}{key}: expected text, got the YAML {type(value).__name__} "
                                f"{value!r}; quote it")
+        elif _is_text_list(inner) and isinstance(value, list):
+            for item in value:
+                if not isinstance(item, str):
+                    raise RetrolmError(f"{where}: {prefix}{key}: expected text items, got the YAML "
+                                       f"{type(item).__name__} {item!r}; quote it")
 
 
 def save_config(config: Any, path: str | Path) -> None:
