@@ -215,19 +215,25 @@ def test_a_store_of_later_segments_keeps_global_ids(store, tmp_path):
         assert getattr(store, name).dtype == dtype, name  # the same types as a store's columns
 
 
-def test_a_character_split_by_a_chunk_boundary_is_kept_whole_in_the_chunk_it_starts(tmp_path):
+@pytest.mark.parametrize("m", [1, 2, M])
+def test_a_character_split_by_a_chunk_boundary_is_kept_whole_in_the_chunk_it_starts(tmp_path, m):
     """Byte-level tokens can cut a character's UTF-8 bytes between two chunks: each chunk decoded alone gave U+FFFD
     on both sides (what the encoder, BM25 and readers saw). The character now goes whole to the chunk it starts in,
-    so a document's chunk texts join to its text; a U+FFFD the text itself holds stays."""
-    from retrolm.text.tokenizer import train_bpe
+    so a document's chunk texts join to its text, however many chunks it spans (chunks of 1 or 2 tokens); a U+FFFD
+    the text itself holds stays, and an added token that is not special keeps its text."""
+    from tokenizers import AddedToken
 
-    tok = train_bpe(["plain ascii words only " * 50], 300)  # no merges across the bytes of é, –, 😀
-    texts = {"x": "ab😀cd é–f 😀😀 g", "y": "a\ufffdb😀"}
-    w = SegmentWriter(tmp_path / "s", M, np.dtype(np.uint16), tok.pad_id, 0, 0)
+    from retrolm.text.tokenizer import LMTokenizer, train_bpe
+
+    bpe = train_bpe(["plain ascii words only " * 50], 300).tok  # no merges across the bytes of é, –, 😀
+    bpe.add_tokens([AddedToken("<br>", special=False)])
+    tok = LMTokenizer(bpe, "bpe")
+    texts = {"x": "ab😀cd é–f 😀😀 g<br>é", "y": "a\ufffdb😀"}
+    w = SegmentWriter(tmp_path / "s", m, np.dtype(np.uint16), tok.pad_id, 0, 0)
     for doc_id, text in texts.items():
         w.add(doc_id, doc_id, len(text.encode()), tok.encode(text))
     w.close()
-    store = ChunkStore.open([tmp_path / "s"], M, tok.pad_id)
+    store = ChunkStore.open([tmp_path / "s"], m, tok.pad_id)
     chunks = store.texts(np.arange(store.n_chunks), tok)
     old = tok.decode_batch([store.tokens(np.array([c]))[0][: store.lengths(np.array([c]))[0]].tolist()
                             for c in range(store.n_chunks)])

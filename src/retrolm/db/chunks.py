@@ -167,6 +167,24 @@ REPLACEMENT = "\ufffd"
 """What decoding puts for bytes that are not a whole UTF-8 character."""
 
 
+def _missing_bytes(data: bytes) -> int:
+    """How many continuation bytes the last character of ``data`` lacks (0 when it is complete)."""
+    for back in range(1, min(4, len(data)) + 1):
+        b = data[-back]
+        if b & 0xC0 != 0x80:  # the last character's first byte: its high bits give its length
+            size = 2 if b >> 5 == 0b110 else 3 if b >> 4 == 0b1110 else 4 if b >> 3 == 0b11110 else 1
+            return max(0, size - back)
+    return 0
+
+
+def _continuation_prefix(data: bytes, limit: int) -> int:
+    """How many of the first ``limit`` bytes of ``data`` are UTF-8 continuation bytes (10xxxxxx), in a row."""
+    n = 0
+    while n < min(limit, len(data)) and data[n] & 0xC0 == 0x80:
+        n += 1
+    return n
+
+
 class ChunkStore:
     """A global, read-only view over the segments of a database, addressed by chunk id."""
 
@@ -285,31 +303,39 @@ class ChunkStore:
         ids = np.asarray(ids, dtype=np.int64)
         toks, lens = self.tokens(ids), self.lengths(ids)
         out = tokenizer.decode_batch([t[:k].tolist() for t, k in zip(toks, lens, strict=True)])
-        split = [i for i, t in enumerate(out) if t.startswith(REPLACEMENT) or t.endswith(REPLACEMENT)]
-        for i in split:  # rare: only where the text itself does not hold U+FFFD does this change anything
-            text = self._whole_characters(int(ids[i]), tokenizer)
-            if text is not None:
+        split = np.array([i for i, t in enumerate(out) if t.startswith(REPLACEMENT) or t.endswith(REPLACEMENT)],
+                         dtype=np.int64)
+        if len(split) and tokenizer.token_bytes([]) is not None:  # rare outside non-Latin text
+            fixed = self._whole_characters(ids[split], toks[split], lens[split], tokenizer)
+            for i, text in zip(split, fixed, strict=True):
                 out[i] = text
         return out
 
-    def _whole_characters(self, chunk: int, tokenizer: LMTokenizer) -> str | None:
-        """The chunk's text with the characters its boundaries split fixed (None: not a byte-level tokenizer)."""
-        data = tokenizer.token_bytes(self.tokens(np.array([chunk]))[0][: int(self.lengths(np.array([chunk]))[0])])
-        if data is None:
-            return None
-        if self.chunk_pos(np.array([chunk]))[0] > 0:  # the tail of a character the previous chunk starts
-            start = 0
-            while start < min(3, len(data)) and data[start] & 0xC0 == 0x80:
-                start += 1
-            data = data[start:]
-        nxt = int(self.continuation_ids(np.array([chunk]))[0])
-        if nxt >= 0:  # the rest of a character this chunk starts
-            head = tokenizer.token_bytes(self.tokens(np.array([nxt]))[0][:4]) or b""
-            more = 0
-            while more < min(3, len(head)) and head[more] & 0xC0 == 0x80:
-                more += 1
-            data += head[:more]
-        return data.decode("utf-8", errors="replace")
+    def _whole_characters(self, ids: np.ndarray, toks: np.ndarray, lens: np.ndarray, tokenizer: LMTokenizer
+                          ) -> list[str]:
+        """The chunks' texts from their bytes: the continuation bytes they start with dropped (the character began
+        in an earlier chunk of the document), the ones their last character lacks taken from the chunks after."""
+        first = self.chunk_pos(ids) == 0
+        data = [tokenizer.token_bytes(t[:k]) or b"" for t, k in zip(toks, lens, strict=True)]
+        data = [d if at_start else d[_continuation_prefix(d, 3) :] for d, at_start in zip(data, first, strict=True)]
+        need = np.array([_missing_bytes(d) for d in data])
+        nxt = np.where(need > 0, self.continuation_ids(ids), -1)
+        for _ in range(3):  # from as many following chunks as they take (a chunk may be one 1-byte token)
+            todo = np.flatnonzero(nxt >= 0)
+            if not len(todo):
+                break
+            t, k = self.tokens(nxt[todo]), self.lengths(nxt[todo])
+            for j, row, n in zip(todo, t, k, strict=True):
+                head = tokenizer.token_bytes(row[: min(int(n), int(need[j]))]) or b""
+                more = _continuation_prefix(head, int(need[j]))
+                data[j] += head[:more]
+                need[j] -= more
+                if more < len(head) or need[j] == 0:
+                    nxt[j] = -1  # complete (or the text ends the character early: it stays U+FFFD)
+            going = np.flatnonzero(nxt >= 0)
+            if len(going):
+                nxt[going] = self.continuation_ids(nxt[going])
+        return [d.decode("utf-8", errors="replace") for d in data]
 
     def nbytes(self) -> int:
         return sum(sum((s.folder / f).stat().st_size for f in (*SEGMENT_FILES, "docs.parquet")) for s in self.segments)

@@ -134,10 +134,12 @@ class LMTokenizer:
                 self._byte_table = {}
             else:
                 to_byte = {c: b for b, c in _byte_level_alphabet().items()}
-                special = set(self.tok.get_added_tokens_decoder())
+                added = self.tok.get_added_tokens_decoder()
                 table: dict[int, bytes] = {}
                 for token, i in self.tok.get_vocab(with_added_tokens=True).items():
-                    if i not in special and all(c in to_byte for c in token):
+                    if i in added:  # decoded as their text, unless special (decode skips those)
+                        table[i] = b"" if added[i].special else added[i].content.encode()
+                    elif all(c in to_byte for c in token):
                         table[i] = bytes(to_byte[c] for c in token)
                 self._byte_table = table
         if not self._byte_table:
