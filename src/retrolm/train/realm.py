@@ -51,11 +51,12 @@ class RealmConfig:
     embed_dim: int | None = 128
     """Retrieval embedding size (None: the encoder's hidden size, no projection)."""
     pooling: str = "cls"
-    """Pooling of the retrieval embeddings (pre-training only): cls (REALM) or mean (a sentence-transformers
-    encoder's own)."""
+    """Pooling of the retrieval embeddings of a REALM built from an encoder (pre-training, or an encoder given to
+    finetune / eval): cls (REALM) or mean (a sentence-transformers encoder's own); a REALM folder keeps its own."""
     normalize: bool = False
-    """L2-normalise the retrieval embeddings and score by scaled cosine (pre-training only): with pooling=mean and
-    embed_dim=null the untrained retriever ranks exactly as the frozen sentence encoder (see ``RealmShape``)."""
+    """L2-normalise the retrieval embeddings and score by scaled cosine (like ``pooling``: for a REALM built from
+    an encoder; a REALM folder keeps its own): with pooling=mean and embed_dim=null the untrained retriever ranks
+    exactly as the frozen sentence encoder (see ``RealmShape``)."""
     k: int = 8
     """Pre-training candidates, the null document included (REALM: 8)."""
     qa_k: int = 5
