@@ -305,7 +305,7 @@ class ChunkStore:
         out = tokenizer.decode_batch([t[:k].tolist() for t, k in zip(toks, lens, strict=True)])
         split = np.array([i for i, t in enumerate(out) if t.startswith(REPLACEMENT) or t.endswith(REPLACEMENT)],
                          dtype=np.int64)
-        if len(split) and tokenizer.token_bytes([]) is not None:  # rare outside non-Latin text
+        if len(split) and tokenizer.byte_level:  # rare outside non-Latin text
             fixed = self._whole_characters(ids[split], toks[split], lens[split], tokenizer)
             for i, text in zip(split, fixed, strict=True):
                 out[i] = text

@@ -13,6 +13,7 @@ tokens and the language model trained on them must all agree on the vocabulary.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -59,12 +60,11 @@ def _byte_level_alphabet() -> dict[int, str]:
     return {**{b: chr(b) for b in keep}, **{b: chr(256 + i) for i, b in enumerate(moved)}}
 
 
-def _pieces_are_exact(tokenizer: Tokenizer) -> bool:
+def _pieces_are_exact(spec: dict) -> bool:
     """Whether encoding a text in :func:`_pieces` gives the ids of the whole: true for byte-level BPE (GPT-2,
     SmolLM2, Llama 3, ``train:N``), where a space starts a pre-token anyway; not where the normalizer or a
     Metaspace pre-tokenizer marks the start of the text (Llama 2, Mistral: "▁" prepended), which every piece would
-    get (a space added per cut)."""
-    spec = json.loads(tokenizer.to_str())
+    get (a space added per cut). ``spec``: the tokenizer.json."""
 
     def types(node: object) -> set[str]:
         if isinstance(node, dict):
@@ -94,8 +94,6 @@ class LMTokenizer:
         pad = tokenizer.token_to_id(pad_token or PAD_TOKEN)
         # A tokenizer without a pad token pads with EOS; padded positions are always masked anyway.
         self.pad_id: int = pad if pad is not None else (self.eos_id if self.eos_id is not None else 0)
-        self._pieces_safe = _pieces_are_exact(tokenizer)
-        self._byte_table: dict[int, bytes] | None = None  # token_bytes' table, built on first use
 
     @property
     def sha256(self) -> str:
@@ -125,24 +123,36 @@ class LMTokenizer:
     def decode_batch(self, batch: Sequence[Sequence[int]]) -> list[str]:
         return self.tok.decode_batch([list(ids) for ids in batch], skip_special_tokens=True)
 
+    # what only long texts and split characters need, from the tokenizer.json parsed once, on first use
+    @functools.cached_property
+    def _spec(self) -> dict:
+        return json.loads(self.tok.to_str())
+
+    @functools.cached_property
+    def _pieces_safe(self) -> bool:
+        return _pieces_are_exact(self._spec)
+
+    @functools.cached_property
+    def byte_level(self) -> bool:
+        """Whether tokens are byte strings (GPT-2-style byte-level BPE): :meth:`token_bytes` works."""
+        return (self._spec.get("decoder") or {}).get("type") == "ByteLevel"
+
+    @functools.cached_property
+    def _byte_table(self) -> dict[int, bytes]:
+        to_byte = {c: b for b, c in _byte_level_alphabet().items()}
+        added = self.tok.get_added_tokens_decoder()
+        table: dict[int, bytes] = {}
+        for token, i in self.tok.get_vocab(with_added_tokens=True).items():
+            if i in added:  # decoded as their text, unless special (decode skips those)
+                table[i] = b"" if added[i].special else added[i].content.encode()
+            elif all(c in to_byte for c in token):
+                table[i] = bytes(to_byte[c] for c in token)
+        return table
+
     def token_bytes(self, ids: Sequence[int]) -> bytes | None:
         """The UTF-8 bytes the tokens stand for (special tokens dropped, as :meth:`decode` drops them), for a
         byte-level tokenizer; None for any other (its tokens are not byte strings)."""
-        if self._byte_table is None:
-            spec = json.loads(self.tok.to_str())
-            if (spec.get("decoder") or {}).get("type") != "ByteLevel":
-                self._byte_table = {}
-            else:
-                to_byte = {c: b for b, c in _byte_level_alphabet().items()}
-                added = self.tok.get_added_tokens_decoder()
-                table: dict[int, bytes] = {}
-                for token, i in self.tok.get_vocab(with_added_tokens=True).items():
-                    if i in added:  # decoded as their text, unless special (decode skips those)
-                        table[i] = b"" if added[i].special else added[i].content.encode()
-                    elif all(c in to_byte for c in token):
-                        table[i] = bytes(to_byte[c] for c in token)
-                self._byte_table = table
-        if not self._byte_table:
+        if not self.byte_level:
             return None
         return b"".join(self._byte_table.get(int(i), b"") for i in ids)
 
