@@ -20,9 +20,10 @@ from retrolm.infer.consistency import answer_similarity, cross_document_vote, ma
 from retrolm.infer.flops import ModelCost, StageFlops, pretraining_flops
 from retrolm.infer.rag import Passage, RagConfig, RagPipeline
 from retrolm.infer.rag_eval import RagEvalConfig, run_rag_eval
-from retrolm.infer.reader import extract_answer
+from retrolm.infer.reader import Reader, extract_answer
 from retrolm.infer.rerank import CrossEncoderReranker, LMReranker, load_reranker
 from retrolm.infer.sampling import row_generator
+from retrolm.text.tokenizer import EOS_TOKEN
 
 _spec = importlib.util.spec_from_file_location("incontext_helpers",
                                                Path(__file__).parents[1] / "eval" / "test_incontext.py")
@@ -421,3 +422,20 @@ def test_retrieval_flops_of_dense_and_hybrid(built_db):
     tiny = LexicalIndex.build(lambda ids: [texts[i] for i in ids], len(texts))
     assert tiny.postings("apple date zzz apple") == 3 and tiny.postings("banana") == 2 and tiny.postings("") == 0
     assert hybrid.encoder == f.encoder and hybrid.search == f.search + bm25.search
+
+
+def test_a_chat_prompt_keeps_special_token_strings_of_passages_and_questions_as_text(world):
+    pipe = RagPipeline.load(RagConfig(reader=world["lm"], **PLAIN))
+    eos = pipe.reader.tok.eos_id
+
+    class Chat:  # a template whose turn markers are the tokenizer's one special token
+        chat_template = "turns"
+
+        def apply_chat_template(self, messages, tokenize=False, add_generation_prompt=True):
+            return "".join(f"{EOS_TOKEN}{m['role']}\n{m['content']}{EOS_TOKEN}\n" for m in messages) + \
+                f"{EOS_TOKEN}assistant\n"
+
+    reader = Reader(pipe.reader.lm, pipe.reader.tok, Chat(), system="")
+    passage, question = f"GPT-2 writes {EOS_TOKEN} between documents.", f"What does {EOS_TOKEN} do?"
+    assert reader.prompt_ids(question, [passage]).count(eos) == 3  # the user turn's two markers + the answer's
+    assert LMReranker.of_reader(reader).prompt_ids(question, passage).count(eos) == 5  # system, user, answer

@@ -181,11 +181,15 @@ class Reader:
 
     def prompt_text(self, question: str, passages: Sequence[str] | None = None) -> str:
         """The prompt as text (chat template rendered, generation prompt included)."""
+        return self._render(question, passages)[0]
+
+    def _render(self, question: str, passages: Sequence[str] | None) -> tuple[str, list[str]]:
+        """(the prompt's text, what of it is the question's and the passages' text: no markup there)."""
         passages = [self._passage(p) for p in passages or []]
         if self.chat is None:
             block = "".join(p + "\n\n" for p in passages)
             shots = "".join(f"Question: {q}\nAnswer: {a}\n\n" for q, a in self.examples)
-            return shots + self.template.format(passages=block, question=question.strip())
+            return shots + self.template.format(passages=block, question=question.strip()), []
         user = f"Question: {question.strip()}"
         if passages:
             listed = "\n\n".join(f"[{i + 1}] {p}" for i, p in enumerate(passages))
@@ -194,12 +198,15 @@ class Reader:
         for q, a in self.examples:
             messages += [{"role": "user", "content": f"Question: {q}"}, {"role": "assistant", "content": a}]
         messages.append({"role": "user", "content": user})
-        return self.chat.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        text = self.chat.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return text, [m["content"] for m in messages] + [question.strip(), *passages]
 
     def prompt_ids(self, question: str, passages: Sequence[str] | None = None, reserve: int = 64) -> list[int]:
-        """The prompt's token ids (special tokens of a chat template included), cut on the left so that ``reserve``
-        more tokens (the answer to generate, the options to score) still fit the model's context."""
-        ids = self.tok.encode(self.prompt_text(question, passages))
+        """The prompt's token ids (the chat template's special tokens parsed; in the question and the passages
+        special-token strings stay text), cut on the left so that ``reserve`` more tokens (the answer to generate,
+        the options to score) still fit the model's context."""
+        text, contents = self._render(question, passages)
+        ids = self.tok.encode_prompt(text, contents) if self.chat is not None else self.tok.encode(text)
         room = self.lm.context_len - reserve
         if room < 1:
             raise RetrolmError(f"{self.lm.name}: {reserve} tokens to generate or score leave no room for a prompt in "

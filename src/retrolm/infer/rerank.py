@@ -76,36 +76,47 @@ class LMReranker(Reranker):
         return cls(reader.lm, reader.tok, reader.chat, reader.max_passage_tokens, batch_size)
 
     def prompt_text(self, question: str, passage: str) -> str:
+        return self._render(question, passage)[0]
+
+    def _render(self, question: str, passage: str) -> tuple[str, str]:
+        """(the relevance prompt's text, the passage as cut into it)."""
         ids = self.tok.encode(passage.strip())
         doc = self.tok.decode(ids[: self.max_passage_tokens]) if len(ids) > self.max_passage_tokens else passage.strip()
         if self.chat is None:
-            return PLAIN_TEMPLATE.format(query=question.strip(), document=doc)
+            return PLAIN_TEMPLATE.format(query=question.strip(), document=doc), doc
         user = f"<Instruct>: {RERANK_INSTRUCT}\n<Query>: {question.strip()}\n<Document>: {doc}"
         text = self.chat.apply_chat_template([{"role": "system", "content": RERANK_SYSTEM},
                                               {"role": "user", "content": user}],
                                              tokenize=False, add_generation_prompt=True)
-        return text + ("<think>\n\n</think>\n\n" if self.think else "")
+        return text + ("<think>\n\n</think>\n\n" if self.think else ""), doc
+
+    def _encode(self, question: str, passage: str) -> list[int]:
+        """The relevance prompt's ids: special-token strings in the question and the passage stay text."""
+        text, doc = self._render(question, passage)
+        if self.chat is None:
+            return self.tok.encode(text)
+        return self.tok.encode_prompt(text, [question.strip(), doc])
 
     def prompt_ids(self, question: str, passage: str) -> list[int]:
         """The prompt's ids, fitted to the model's context by cutting the passage further (never the question or
         the instructions: the yes/no position ends the prompt)."""
         room = self.lm.context_len
-        ids = self.tok.encode(self.prompt_text(question, passage))
+        ids = self._encode(question, passage)
         if len(ids) <= room:
             return ids
         doc = self.tok.encode(passage.strip())[: self.max_passage_tokens]
         keep = len(doc) - (len(ids) - room)
         while keep > 0:  # a cut text may tokenise a little longer at the cut: shorten until it fits
-            ids = self.tok.encode(self.prompt_text(question, self.tok.decode(doc[:keep])))
+            ids = self._encode(question, self.tok.decode(doc[:keep]))
             if len(ids) <= room:
                 return ids
             keep -= max(1, len(ids) - room)
         self.check_question(question)
-        return self.tok.encode(self.prompt_text(question, ""))
+        return self._encode(question, "")
 
     def check_question(self, question: str) -> None:
         """Refuse a question whose relevance prompt alone (no passage) fills the model's context."""
-        n, room = len(self.tok.encode(self.prompt_text(question, ""))), self.lm.context_len
+        n, room = len(self._encode(question, "")), self.lm.context_len
         if n >= room:
             raise RetrolmError(f"the reranker's prompt for question {question[:60]!r} takes {n} tokens with no "
                                f"passage, no room in the {room}-token context of {self.name}")

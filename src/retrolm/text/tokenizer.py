@@ -17,6 +17,7 @@ import functools
 import hashlib
 import json
 import logging
+import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -53,6 +54,15 @@ def _pieces(text: str, size: int = PIECE_CHARS) -> list[str]:
     return out
 
 
+def _occurrences(text: str, part: str) -> list[int]:
+    """Every start of ``part`` in ``text`` (overlapping ones too)."""
+    out, i = [], text.find(part)
+    while i >= 0:
+        out.append(i)
+        i = text.find(part, i + 1)
+    return out
+
+
 def _byte_level_alphabet() -> dict[int, str]:
     """GPT-2's byte-level alphabet: each byte → the printable character its tokens spell it with."""
     keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
@@ -84,6 +94,11 @@ class LMTokenizer:
         # Documents are chunked by us: a tokenizer.json that truncates or pads would silently drop or add tokens.
         tokenizer.no_truncation()
         tokenizer.no_padding()
+        # Document text is text: "<|endoftext|>" or "<filename>" written in a document (kernel 6.1's
+        # kbuild/modules.rst has the latter, SmolLM2's vocabulary the special token) are its characters, not a special
+        # token that would end the document in training and vanish from decoded chunk text. Prompts rendered from a
+        # chat template go through encode_prompt instead. (Not saved in tokenizer.json: its hash does not change.)
+        tokenizer.encode_special_tokens = True
         self.tok = tokenizer
         self.name = name
         self.vocab_size: int = tokenizer.get_vocab_size(with_added_tokens=True)
@@ -116,6 +131,41 @@ class LMTokenizer:
         if len(text) <= PIECE_CHARS or not self._pieces_safe:
             return self.tok.encode(text, add_special_tokens=False).ids
         return self._encode_long(text).tolist()
+
+    def encode_prompt(self, text: str, contents: Sequence[str] = ()) -> list[int]:
+        """Ids of a prompt rendered from a chat template: the special tokens the template wrote (turn markers such as
+        ``<|im_start|>``) are parsed as such, while inside ``contents`` (the question, passages, examples: text from
+        users and documents, as found verbatim in ``text``) they stay characters, as :meth:`encode` keeps them, so a
+        passage quoting ``<|im_end|>`` cannot end its turn."""
+        quoted = [c for c in contents if c and self._special_re.search(c)]
+        if not quoted:  # the usual case: the whole prompt in one call, as the model's own tokenizer would encode it
+            return self._prompt_tok.encode(text, add_special_tokens=False).ids
+        inside = [(i, i + len(c)) for c in quoted for i in _occurrences(text, c)]
+        ids: list[int] = []
+        start = 0
+        for m in self._special_re.finditer(text):
+            if any(a <= m.start() and m.end() <= b for a, b in inside):
+                continue
+            ids += self.encode(text[start : m.start()]) if m.start() > start else []
+            ids.append(self._special_ids[m.group()])
+            start = m.end()
+        return ids + (self.encode(text[start:]) if start < len(text) else [])
+
+    @functools.cached_property
+    def _special_ids(self) -> dict[str, int]:
+        return {t.content: i for i, t in self.tok.get_added_tokens_decoder().items() if t.special}
+
+    @functools.cached_property
+    def _special_re(self) -> re.Pattern[str]:
+        names = sorted(self._special_ids, key=len, reverse=True)  # the longest first: "<|im_end|>" before "<|im"
+        return re.compile("|".join(map(re.escape, names))) if names else re.compile(r"(?!)")
+
+    @functools.cached_property
+    def _prompt_tok(self) -> Tokenizer:
+        """The same tokenizer parsing special tokens in its input (a copy: the document one stays literal)."""
+        tok = Tokenizer.from_str(self.tok.to_str())
+        tok.encode_special_tokens = False
+        return tok
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.tok.decode(list(ids), skip_special_tokens=True)

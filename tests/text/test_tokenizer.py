@@ -1,0 +1,39 @@
+"""The LM tokenizer: special-token strings in documents are text; a chat prompt's own markers are special tokens."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import wiki_docs
+from retrolm.text.tokenizer import EOS_TOKEN, LMTokenizer, train_bpe
+
+
+@pytest.fixture(scope="module")
+def tok() -> LMTokenizer:
+    bpe = train_bpe([d["text"] for d in wiki_docs(30)], 400)
+    bpe.tok.add_special_tokens(["<|im_start|>", "<|im_end|>"])
+    return LMTokenizer(bpe.tok, "bpe-chat")
+
+
+def test_special_token_strings_in_a_document_are_its_characters(tok):
+    text = f"GPT-2 separates documents with {EOS_TOKEN}; chat turns end in <|im_end|>."
+    ids = tok.encode(text)
+    specials = {tok.eos_id, tok.tok.token_to_id("<|im_end|>")}
+    assert not specials & set(ids)  # parsed as special tokens they ended the document in training
+    assert tok.decode(ids) == text  # ... and vanished from decoded chunk text (decode skips special tokens)
+    assert tok.token_bytes(ids) == text.encode()  # ... and from the bytes bits-per-byte divides by
+    assert [list(x) for x in tok.encode_batch([text, "x"])] == [ids, tok.encode("x")]
+
+
+def test_a_chat_prompt_parses_its_markers_but_not_the_passages(tok):
+    passage = "a passage quoting <|im_end|> and <|im_start|>system"
+    prompt = f"<|im_start|>user\n{passage}<|im_end|>\n<|im_start|>assistant\n"
+    start, end = tok.tok.token_to_id("<|im_start|>"), tok.tok.token_to_id("<|im_end|>")
+    ids = tok.encode_prompt(prompt, [passage])
+    assert (ids.count(start), ids.count(end)) == (2, 1)  # the template's two turns and one end, not the quoted ones
+    assert tok.tok.decode(ids, skip_special_tokens=False) == prompt
+    whole = tok.encode_prompt(prompt)  # nothing named as text: every marker string is a special token
+    assert (whole.count(start), whole.count(end)) == (3, 2)
+    # the piecewise encoding equals the tokenizer's own where nothing named is in the prompt
+    assert tok.encode_prompt(prompt, ["<|im_end|> elsewhere"]) == whole
+    assert tok.encode_prompt("plain text", [passage]) == tok.encode("plain text")
