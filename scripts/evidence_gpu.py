@@ -110,7 +110,18 @@ def main() -> None:
     copy_training_files(res, runs)
     args.vocab_note = f"{p['vocab']:,}-token BPE trained on it"
     args.encoder_note = Path(args.encoder).name
+    args.data_note = data_note(p)
+    t = p["train"]
+    args.train_note = f"{t['steps']} steps × {t['batch_size']} × {t['model.seq_len']} tokens"
     write_page(res, db, runs, evals, step, args)
+
+
+def data_note(p: dict) -> str:
+    """What the profile's training text is (the page said the gpu profile's whatever the profile)."""
+    kernel = ("every kernel document of 6.1 and 6.12" if p["fraction"] >= 1 else
+              f"the 6.1 and 6.12 kernel documents of {p['fraction']:.0%} of the paths and the held-out documents' "
+              "closest 6.1 files")
+    return f"{kernel} (6.12's held-out documents removed) and {p['wiki_docs']:,} Wikipedia summaries"
 
 
 def write_page(res: Path, db: Path, runs: dict[str, Path], evals: list[tuple[str, str, Path]], step: Steps,
@@ -140,15 +151,15 @@ def write_page(res: Path, db: Path, runs: dict[str, Path], evals: list[tuple[str
         "",
         f"Produced by `scripts/evidence_gpu.py` on {platform.node()} ({machine()}), {time.strftime('%Y-%m-%d')}, "
         f"{sum(step.seconds.values()) / 60:.1f} min of steps. Runs that are missing did not fit the slice. Data "
-        "(gpu profile): every kernel document of 6.1 and 6.12 (6.12's held-out documents removed) and 10,000 "
-        f"Wikipedia summaries; database {meta['num_chunks']:,} chunks of 64 tokens ({args.vocab_note}) with "
+        f"({args.profile} profile): {args.data_note}; database {meta['num_chunks']:,} chunks of 64 tokens "
+        f"({args.vocab_note}) with "
         f"{args.encoder_note} keys (flat index){build}; training neighbours k = 2, dense, exact search (a matrix "
         "multiply on the GPU where there is one), own document excluded. Held-out: 12 documents per bucket "
         "(identical / changed / new against 6.1, Wikipedia). Change = relative change of held-out bits per byte "
         "with retrieval against the same model with retrieval off (negative = better), 95% bootstrap interval over "
         "documents.",
         "",
-        "## Training (480 steps × 16 × 2048 tokens; RETRO-fitting: baseline-medium frozen, the same tokens again)",
+        f"## Training ({args.train_note}; RETRO-fitting: baseline-medium frozen, the same tokens again)",
         "",
         markdown_table(["run", "steps", "final train loss", "val bits/byte", "tokens/s", "minutes",
                         "neighbour search s"], train_rows),
