@@ -327,7 +327,7 @@ def test_the_reranker_fits_its_prompt_to_the_context(world, tmp_path):
                      ).save_pretrained(small)
     world["db"].tokenizer.save(small / "tokenizer.json")
     pipe = RagPipeline.load(RagConfig(db=str(world["db"].path), reader=str(small), retriever="bm25", top_n=2,
-                                      passages=1, max_passage_tokens=192, **PLAIN))
+                                      passages=1, max_passage_tokens=192, rerank=True, **PLAIN))
     reranker = pipe.reranker
     assert isinstance(reranker, LMReranker) and reranker.lm.context_len == 64
     passage = "The code of zorblat is amber. " * 40
@@ -439,3 +439,17 @@ def test_a_chat_prompt_keeps_special_token_strings_of_passages_and_questions_as_
     passage, question = f"GPT-2 writes {EOS_TOKEN} between documents.", f"What does {EOS_TOKEN} do?"
     assert reader.prompt_ids(question, [passage]).count(eos) == 3  # the user turn's two markers + the answer's
     assert LMReranker.of_reader(reader).prompt_ids(question, passage).count(eos) == 5  # system, user, answer
+
+
+def test_one_answer_reranks_only_when_a_reranker_is_named_and_an_evaluation_by_default(world, capsys):
+    base = dict(db=str(world["db"].path), reader=world["lm"], retriever="bm25", top_n=3, passages=1, **PLAIN)
+    pipe = RagPipeline.load(RagConfig(**base))
+    assert pipe.reranker is None and pipe.answer("The code of quenmir is").mode == "retrieval"
+    assert isinstance(RagPipeline.load(RagConfig(**base, rerank=True)).reranker, LMReranker)
+    assert isinstance(RagPipeline.load(RagConfig(**base, reranker=world["lm"])).reranker, LMReranker)
+    assert RagPipeline.load(RagConfig(**base), evaluation=True).reranker is not None  # rag-eval compares the stages
+    assert RagPipeline.load(RagConfig(**base, rerank=False), evaluation=True).reranker is None
+    rc, stdout, err = run_cli(["rag", "--db", world["db"].path, "--reader", world["lm"], "The code of teslin is",
+                               "retriever=bm25", "passages=1", "template='{passages}{question}'", "max_new_tokens=6",
+                               "rerank=null"], capsys)
+    assert rc == 0 and "mode: retrieval" in stdout, err

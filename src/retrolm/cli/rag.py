@@ -26,10 +26,11 @@ def rag_cmd(
     config: ConfigFile = None,
     as_json: AsJson = False,
 ) -> None:
-    """Answer a question: retrieve → rerank → read (→ self-consistency / cross-document consistency), and show the
+    """Answer a question: retrieve → (rerank →) read (→ self-consistency / cross-document consistency), and show the
     passages that support the answer.
 
-    Extra ``key=value`` arguments override RagConfig fields, e.g. ``top_n=20 passages=3 cross_doc=true samples=5``."""
+    Extra ``key=value`` arguments override RagConfig fields, e.g. ``top_n=20 passages=3 cross_doc=true samples=5``.
+    Reranking is on with ``reranker=MODEL`` (or ``rerank=true``: the reader judges its own candidates)."""
     cfg = command_config(RagConfig, ctx, config, db=db, reader=reader)
     answer = RagPipeline.load(cfg).answer(question)
     if as_json:

@@ -65,8 +65,11 @@ class RagConfig:
     """unit=chunk: a passage is the chunk followed by the next chunk of its document."""
     document_tokens: int = 256
     """unit=document: database tokens per passage, centred on the document's best chunk."""
-    rerank: bool = True
-    """Rerank the candidates before reading."""
+    rerank: bool | None = None
+    """Rerank the candidates before reading. None: ``rag-eval`` does (its report compares the stages), one answer
+    (``retrolm rag``, :meth:`RagPipeline.answer`) only when ``reranker`` names a model: the default reranker is the
+    reader itself, and SmolLM2-135M judging its own candidates put the question's source first for 19% of questions
+    where BM25 had 59-60%, lowering accuracy (docs/test-time-rag.md)."""
     reranker: str | None = None
     """None = the reader's LM judging yes/no; a causal LM reference; or cross-encoder:REF (any HF sequence
     classifier; a folder holding one is recognised without the prefix)."""
@@ -246,7 +249,7 @@ class RagPipeline:
         cfg: the configuration.
         reader: the reading LM.
         retriever: passages from the database (None: closed book).
-        reranker: None when ``cfg.rerank`` is off.
+        reranker: None when reranking is off.
     """
 
     def __init__(self, cfg: RagConfig, reader: Reader, retriever: PassageRetriever | None,
@@ -254,14 +257,16 @@ class RagPipeline:
         self.cfg, self.reader, self.retriever, self.reranker = cfg, reader, retriever, reranker
 
     @classmethod
-    def load(cls, cfg: RagConfig, db: DatabaseView | None = None) -> RagPipeline:
-        """Open the database (unless given), load the reader and the reranker."""
+    def load(cls, cfg: RagConfig, db: DatabaseView | None = None, evaluation: bool = False) -> RagPipeline:
+        """Open the database (unless given), load the reader and the reranker (``evaluation``: for ``rag-eval``,
+        which reranks unless ``cfg.rerank`` is false)."""
         reader = Reader.load(cfg.reader, cfg.device, system=cfg.system_prompt, template=cfg.template,
                              max_passage_tokens=cfg.max_passage_tokens, examples=cfg.examples)
         if db is None and cfg.db is not None:
             db = DatabaseView.open(cfg.db, device=cfg.device)
         retriever = PassageRetriever(db, cfg.retriever, cfg.unit, cfg.continuation, cfg.document_tokens) if db else None
-        reranker = load_reranker(cfg.reranker, reader, cfg.device, cfg.batch_size) if cfg.rerank and db else None
+        rerank = cfg.rerank if cfg.rerank is not None else (evaluation or cfg.reranker is not None)
+        reranker = load_reranker(cfg.reranker, reader, cfg.device, cfg.batch_size) if rerank and db else None
         return cls(cfg, reader, retriever, reranker)
 
     def with_database(self, db: DatabaseView) -> RagPipeline:

@@ -5,7 +5,7 @@ Every configuration adds one stage to the one before and all of them read the sa
 =================  ==================================================================================================
 closed_book        the reader alone
 retrieval          + the top ``passages`` retrieved passages in the prompt
-rerank             + the ``top_n`` candidates reranked, the best ``passages`` read              (``rerank=true``)
+rerank             + the ``top_n`` candidates reranked, the best ``passages`` read   (unless ``rerank=false``)
 self_consistency   + ``samples`` sampled answers, normalised majority vote                      (``samples>1``)
 cross_doc          + each of ``cross_doc_passages`` passages answered alone, consistency vote   (``cross_doc=true``)
 =================  ==================================================================================================
@@ -220,7 +220,7 @@ def run_rag_eval(cfg: RagEvalConfig, show_progress: bool = True) -> dict[str, An
     t = time.perf_counter()
     contam = contamination(items, db, cfg.contamination_n)
     contam_s = time.perf_counter() - t
-    pipe = RagPipeline.load(cfg, db)
+    pipe = RagPipeline.load(cfg, db, evaluation=True)
     pipe.check_fits(items, str(cfg.data))
     preds, seconds = evaluate(pipe, items, cfg.block, show_progress=show_progress)
     seconds["contamination"] = round(contam_s, 1)
