@@ -184,7 +184,7 @@ class Reader:
         return self._render(question, passages)[0]
 
     def _render(self, question: str, passages: Sequence[str] | None) -> tuple[str, list[str]]:
-        """(the prompt's text, what of it is the question's and the passages' text: no markup there)."""
+        """(the prompt's text, its messages' text in order: questions and passages, where no markup is parsed)."""
         passages = [self._passage(p) for p in passages or []]
         if self.chat is None:
             block = "".join(p + "\n\n" for p in passages)
@@ -199,7 +199,7 @@ class Reader:
             messages += [{"role": "user", "content": f"Question: {q}"}, {"role": "assistant", "content": a}]
         messages.append({"role": "user", "content": user})
         text = self.chat.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return text, [m["content"] for m in messages] + [question.strip(), *passages]
+        return text, [m["content"] for m in messages]
 
     def prompt_ids(self, question: str, passages: Sequence[str] | None = None, reserve: int = 64) -> list[int]:
         """The prompt's token ids (the chat template's special tokens parsed; in the question and the passages

@@ -78,24 +78,22 @@ class LMReranker(Reranker):
     def prompt_text(self, question: str, passage: str) -> str:
         return self._render(question, passage)[0]
 
-    def _render(self, question: str, passage: str) -> tuple[str, str]:
-        """(the relevance prompt's text, the passage as cut into it)."""
+    def _render(self, question: str, passage: str) -> tuple[str, list[str]]:
+        """(the relevance prompt's text, its messages' text in order)."""
         ids = self.tok.encode(passage.strip())
         doc = self.tok.decode(ids[: self.max_passage_tokens]) if len(ids) > self.max_passage_tokens else passage.strip()
         if self.chat is None:
-            return PLAIN_TEMPLATE.format(query=question.strip(), document=doc), doc
+            return PLAIN_TEMPLATE.format(query=question.strip(), document=doc), []
         user = f"<Instruct>: {RERANK_INSTRUCT}\n<Query>: {question.strip()}\n<Document>: {doc}"
         text = self.chat.apply_chat_template([{"role": "system", "content": RERANK_SYSTEM},
                                               {"role": "user", "content": user}],
                                              tokenize=False, add_generation_prompt=True)
-        return text + ("<think>\n\n</think>\n\n" if self.think else ""), doc
+        return text + ("<think>\n\n</think>\n\n" if self.think else ""), [RERANK_SYSTEM, user]
 
     def _encode(self, question: str, passage: str) -> list[int]:
         """The relevance prompt's ids: special-token strings in the question and the passage stay text."""
-        text, doc = self._render(question, passage)
-        if self.chat is None:
-            return self.tok.encode(text)
-        return self.tok.encode_prompt(text, [question.strip(), doc])
+        text, contents = self._render(question, passage)
+        return self.tok.encode_prompt(text, contents) if self.chat is not None else self.tok.encode(text)
 
     def prompt_ids(self, question: str, passage: str) -> list[int]:
         """The prompt's ids, fitted to the model's context by cutting the passage further (never the question or

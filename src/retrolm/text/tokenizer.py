@@ -54,15 +54,6 @@ def _pieces(text: str, size: int = PIECE_CHARS) -> list[str]:
     return out
 
 
-def _occurrences(text: str, part: str) -> list[int]:
-    """Every start of ``part`` in ``text`` (overlapping ones too)."""
-    out, i = [], text.find(part)
-    while i >= 0:
-        out.append(i)
-        i = text.find(part, i + 1)
-    return out
-
-
 def _byte_level_alphabet() -> dict[int, str]:
     """GPT-2's byte-level alphabet: each byte → the printable character its tokens spell it with."""
     keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
@@ -134,13 +125,18 @@ class LMTokenizer:
 
     def encode_prompt(self, text: str, contents: Sequence[str] = ()) -> list[int]:
         """Ids of a prompt rendered from a chat template: the special tokens the template wrote (turn markers such as
-        ``<|im_start|>``) are parsed as such, while inside ``contents`` (the question, passages, examples: text from
-        users and documents, as found verbatim in ``text``) they stay characters, as :meth:`encode` keeps them, so a
-        passage quoting ``<|im_end|>`` cannot end its turn."""
-        quoted = [c for c in contents if c and self._special_re.search(c)]
-        if not quoted:  # the usual case: the whole prompt in one call, as the model's own tokenizer would encode it
+        ``<|im_start|>``) are parsed as such, while inside ``contents`` (the messages' text, in the order the template
+        renders them: questions and passages from users and documents) they stay characters, as :meth:`encode` keeps
+        them, so a passage quoting ``<|im_end|>`` cannot end its turn. A content not found verbatim is skipped."""
+        if not any(c and self._special_re.search(c) for c in contents):
+            # the usual case: the whole prompt in one call, as the model's own tokenizer would encode it
             return self._prompt_tok.encode(text, add_special_tokens=False).ids
-        inside = [(i, i + len(c)) for c in quoted for i in _occurrences(text, c)]
+        inside, cursor = [], 0
+        for c in contents:  # in order, each searched after the last (template text before it cannot be claimed)
+            at = text.find(c, cursor) if c else -1
+            if at >= 0:
+                inside.append((at, at + len(c)))
+                cursor = at + len(c)
         ids: list[int] = []
         start = 0
         for m in self._special_re.finditer(text):
