@@ -20,9 +20,9 @@ from retrolm.train import ModelSpec, TrainConfig, Trainer
 K = 2
 
 
-def random_model(db, retro: bool = True) -> RetroModel:
+def random_model(db, retro: bool = True, seq_len: int = 256) -> RetroModel:
     torch.manual_seed(0)
-    cfg = RetroConfig(vocab_size=db.tokenizer.vocab_size, seq_len=256, n_layer=2, n_head=2, d_model=32,
+    cfg = RetroConfig(vocab_size=db.tokenizer.vocab_size, seq_len=seq_len, n_layer=2, n_head=2, d_model=32,
                       chunk_len=db.chunk_len, num_neighbours=K, retro_layers=(2,) if retro else (), enc_n_layer=1)
     model = RetroModel(cfg).eval()
     with torch.no_grad():  # make retrieval matter: at init CCA is too weak to change a single greedy choice
@@ -113,6 +113,21 @@ def test_long_prompt_keeps_its_latest_chunks(built_db):
     expected = search(db, db.tokenizer.decode(ids[-m:]), k=K)  # retrieved with the prompt's very last chunk
     assert [h.chunk_id for h in g.chunks[0].sources] == [h.chunk_id for h in expected]
     assert "did not fit the context" in format_generation(g)
+
+
+def test_a_context_of_partial_chunks_keeps_whole_chunks_of_the_prompt(built_db):
+    """seq_len 164 with chunks of 64: the prompt keeps one whole chunk (it kept 36 tokens, and the generated chunks
+    then straddled chunk boundaries, booked to the wrong neighbours); a context under two chunks is refused."""
+    db, m = built_db, built_db.chunk_len
+    model = random_model(db, seq_len=2 * m + 36)
+    ids = db.tokenizer.encode(" ".join(db.chunk_texts(np.arange(4))))
+    g = generate(model, db.tokenizer, db.tokenizer.decode(ids), DenseRetriever(db), max_new_tokens=70,
+                 stop_at_eos=False)
+    assert g.prompt_tokens_dropped == len(ids) - m and [len(c.token_ids) for c in g.chunks] == [64, 6]
+    expected = search(db, db.tokenizer.decode(ids[-m:]), k=K)
+    assert [h.chunk_id for h in g.chunks[0].sources] == [h.chunk_id for h in expected]
+    with pytest.raises(RetrolmError, match="fewer than two chunks of 64"):
+        generate(random_model(db, seq_len=m + 10), db.tokenizer, "The", DenseRetriever(db), max_new_tokens=4)
 
 
 def test_asking_for_more_tokens_than_the_model_has_positions_says_so(built_db, caplog):

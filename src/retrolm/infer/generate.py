@@ -164,7 +164,13 @@ def generate(
     if not prompt.strip():
         raise RetrolmError("generate: the prompt is empty")
     raw = tokenizer.encode(prompt)
-    ids, dropped = fit_prompt(raw, tokenizer.pad_id, m, cfg.seq_len)
+    # the prompt is cut to whole chunks of a whole-chunk context (a context of 100 with chunks of 64 kept 36 tokens,
+    # and the chunks after were booked to the wrong neighbours), with a chunk of room to generate in
+    whole = cfg.seq_len // m * m
+    if whole < 2 * m:
+        raise RetrolmError(f"generate: the model's context of {cfg.seq_len} tokens holds fewer than two chunks of "
+                           f"{m}: no room for a prompt chunk and a generated one")
+    ids, dropped = fit_prompt(raw, tokenizer.pad_id, m, whole)
     # the left padding, which a model that reads a token mask (a pretrained base) keeps out of its attention
     n_pad = len(ids) - len(raw) if not dropped else 0
     max_new = min(max_new_tokens, cfg.seq_len - len(ids))
