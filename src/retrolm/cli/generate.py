@@ -7,14 +7,10 @@ from typing import Annotated
 import typer
 
 from retrolm.cli.app import EXTRA, AsJson, ConfigFile, app, command_config, print_json
-from retrolm.core.io import read_json_object
 from retrolm.db import DatabaseView
-from retrolm.eval.incontext import InContextSettings
-from retrolm.infer.generate import GenerateConfig, Generation, format_generation, generate
-from retrolm.infer.incontext import generate_in_context
-from retrolm.models.loading import load_model
+from retrolm.infer.generate import GenerateConfig, Generation, format_generation
+from retrolm.infer.generator import Generator
 from retrolm.retrieval import get_retriever
-from retrolm.text.tokenizer import load_tokenizer
 
 
 @app.command("generate", context_settings=EXTRA)
@@ -51,18 +47,8 @@ def generate_cmd(
 
 def run_generate(cfg: GenerateConfig) -> Generation:
     """Load the model (and database), then generate as the model reads: RETRO per chunk, a plain LM in context."""
-    loaded = load_model(cfg.checkpoint, device=cfg.device)
-    tokenizer = load_tokenizer(str(loaded.folder or loaded.name))
+    gen = Generator.load(cfg.checkpoint, device=cfg.device)
     database = DatabaseView.open(cfg.db, device=cfg.device) if cfg.db is not None else None
-    ret = get_retriever(database, cfg.retriever) if database is not None else None
-    sampling = dict(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed,
-                    stop_at_eos=cfg.stop_at_eos)
-    if loaded.kind == "causal_lm":
-        settings = InContextSettings(stride=cfg.stride, query_tokens=cfg.query_tokens, passages=cfg.neighbours or 1,
-                                     continuation=cfg.continuation, context_tokens=cfg.context_tokens)
-        return generate_in_context(loaded.model, tokenizer, cfg.prompt, ret, settings, **sampling)
     if database is not None:
-        record = loaded.folder / "database.json"
-        database.check_trained_with(read_json_object(record, "database record") if record.is_file() else None,
-                                    loaded.folder)
-    return generate(loaded.model, tokenizer, cfg.prompt, ret, num_neighbours=cfg.neighbours, **sampling)
+        gen.check_database(database)
+    return gen.generate(cfg, get_retriever(database, cfg.retriever) if database is not None else None)

@@ -1,0 +1,108 @@
+"""The HTTP service (FastAPI): a JSON API over :class:`retrolm.serve.service.Service` and a web page that asks it
+and shows the sources of every answer.
+
+=====================  ======================================================================================
+``GET /``              the page: search, answer or continue a text; every result lists its sources
+``GET /api/info``      the database, its retrievers and the loaded models
+``GET /api/search``    ``?q=...&k=5&retriever=bm25``: the best chunks, their continuations and documents
+``POST /api/answer``   ``{"question": ..., "top_n"?, "passages"?, "max_new_tokens"?}``: retrieve → (rerank →) read
+``POST /api/generate`` ``{"prompt": ..., "max_new_tokens"?, "temperature"?, "top_p"?, "seed"?, "k"?,
+                       "retrieval"?}``: the continuation, span by span, with the chunks each span read
+``GET /api/document``  ``?id=...``: a document's text as the database holds it
+=====================  ======================================================================================
+
+A request the service cannot serve is answered ``{"error": "one line"}`` with status 400 (404 for a document that
+is not there, 422 for a malformed request).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse
+from pydantic import BaseModel, Field
+
+from retrolm.core.errors import RetrolmError
+from retrolm.serve.page import PAGE
+from retrolm.serve.service import Service
+
+
+class AnswerRequest(BaseModel):
+    question: str
+    top_n: int | None = Field(None, description="Candidates retrieved (and reranked).")
+    passages: int | None = Field(None, description="Passages placed in the reader's prompt.")
+    max_new_tokens: int | None = None
+
+
+class GenerateRequest(BaseModel):
+    prompt: str
+    max_new_tokens: int | None = None
+    temperature: float | None = Field(None, description="0 = greedy.")
+    top_p: float | None = None
+    seed: int | None = None
+    k: int | None = Field(None, description="Neighbours (RETRO) or passages (in-context) per retrieval.")
+    retrieval: bool = True
+
+
+def create_app(service: Service) -> FastAPI:
+    """The FastAPI application serving ``service`` (run it with uvicorn; tests use FastAPI's TestClient)."""
+    app = FastAPI(title="retrolm", description="Search, answers and generation with their sources.",
+                  version=_version())
+
+    @app.exception_handler(RetrolmError)
+    async def bad_request(_: Request, e: RetrolmError) -> JSONResponse:
+        return JSONResponse({"error": str(e)}, status_code=400)
+
+    @app.exception_handler(LookupError)
+    async def not_found(_: Request, e: LookupError) -> JSONResponse:
+        return JSONResponse({"error": str(e.args[0]) if e.args else "not found"}, status_code=404)
+
+    @app.exception_handler(RequestValidationError)
+    async def malformed(_: Request, e: RequestValidationError) -> JSONResponse:
+        first = e.errors()[0] if e.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ())[1:]) or "request"  # loc[0]: body, query, ...
+        return JSONResponse({"error": f"{where}: {first.get('msg', 'invalid request')}"}, status_code=422)
+
+    @app.get("/", response_class=HTMLResponse)
+    def page() -> str:
+        return PAGE
+
+    @app.get("/api/info")
+    def info() -> dict[str, Any]:
+        return service.info()
+
+    # sync endpoints run on FastAPI's thread pool; the service serialises them
+    @app.get("/api/search")
+    def search(q: str = Query(..., description="Query text."), k: int = 5,
+               retriever: str | None = Query(None, description="dense | bm25 | hybrid (default: the service's).")
+               ) -> dict[str, Any]:
+        return service.search(q, k, retriever)
+
+    @app.post("/api/answer")
+    def answer(req: AnswerRequest) -> dict[str, Any]:
+        return service.answer(req.question, req.top_n, req.passages, req.max_new_tokens)
+
+    @app.post("/api/generate")
+    def generate(req: GenerateRequest) -> dict[str, Any]:
+        return service.generate(req.prompt, req.max_new_tokens, req.temperature, req.top_p, req.seed, req.k,
+                                req.retrieval)
+
+    @app.get("/api/document")
+    def document(id: str = Query(..., description="Document id.")) -> dict[str, Any]:
+        return service.document(id)
+
+    return app
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("retrolm")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+__all__ = ["AnswerRequest", "GenerateRequest", "create_app"]

@@ -1,0 +1,180 @@
+"""What ``retrolm serve`` serves, without HTTP: one database opened once, a reader and a generator loaded once, and
+the requests they answer (search, answer a question with its sources, continue a text with the chunks each span read,
+show a document). :mod:`retrolm.serve.app` puts it behind FastAPI.
+
+The database view follows other processes' edits at every search (``retrolm db add`` / ``db delete`` on the same
+folder take effect at the next request: the knowledge update of SPEC R7 without restarting anything). Models and
+searches are not thread-safe, so requests are served one at a time (a lock); run several processes for more.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from retrolm.core.errors import RetrolmError
+from retrolm.db import DatabaseView
+from retrolm.infer.generate import GenerateConfig
+from retrolm.infer.generator import Generator
+from retrolm.infer.rag import RagConfig, RagPipeline
+from retrolm.retrieval import Retriever, get_retriever
+
+
+@dataclass
+class ServeConfig:
+    """``retrolm serve``: the database, the models and the limits of one service."""
+
+    db: str | None = None
+    """Database folder (required)."""
+    reader: str | None = None
+    """Causal LM answering questions (``POST /api/answer``): HF folder, short name (smollm2-135m) or hub name; None →
+    the service searches but does not answer."""
+    generator: str | None = None
+    """Model continuing text (``POST /api/generate``): a RETRO / RETRO-fitted checkpoint, or a causal LM (it reads
+    passages in its context); None → the reader, if any."""
+    retriever: str = "auto"
+    """Default retriever: auto | dense | bm25 | hybrid (auto: dense when the database has dense keys, else BM25)."""
+    host: str = "127.0.0.1"
+    """Interface to listen on (0.0.0.0: every interface; there is no authentication)."""
+    port: int = 8000
+    device: str = "cpu"
+    max_k: int = 50
+    """Most results one search may ask for."""
+    max_new_tokens: int = 256
+    """Most tokens one generation or answer may ask for."""
+    rag: RagConfig = field(default_factory=RagConfig)
+    """How questions are answered (``rag.top_n=10 rag.passages=3 rag.reranker=...``); its db, reader, retriever and
+    device are this config's."""
+    generate: GenerateConfig = field(default_factory=lambda: GenerateConfig(checkpoint="-", prompt="-"))
+    """Generation defaults (``generate.stride=32 generate.max_new_tokens=64``; a request may change the sampling
+    settings); its checkpoint, prompt and db are not read."""
+
+    def __post_init__(self) -> None:
+        if self.db is None:
+            raise RetrolmError("serve: --db is required")
+        if not 0 < self.port < 65536:
+            raise RetrolmError(f"serve: port must be in 1..65535, got {self.port}")
+        if self.max_k < 1 or self.max_new_tokens < 1:
+            raise RetrolmError("serve: max_k and max_new_tokens must be >= 1")
+
+
+class Service:
+    """One database and the models that read it, serving requests one at a time. Every method returns plain JSON
+    data and raises :class:`RetrolmError` for a request it cannot serve (the HTTP layer answers 400)."""
+
+    def __init__(self, cfg: ServeConfig, db: DatabaseView | None = None) -> None:
+        self.cfg = cfg
+        self.db = db if db is not None else DatabaseView.open(cfg.db, device=cfg.device)
+        self.lock = threading.Lock()
+        self._retrievers: dict[str, Retriever] = {}
+        self.pipe: RagPipeline | None = None
+        if cfg.reader is not None:
+            rag = dataclasses.replace(cfg.rag, db=cfg.db, reader=cfg.reader, retriever=cfg.retriever,
+                                      device=cfg.device)
+            self.pipe = RagPipeline.load(rag, self.db)
+        self.generator: Generator | None = None
+        if cfg.generator is not None and cfg.generator != cfg.reader:
+            self.generator = Generator.load(cfg.generator, device=cfg.device)
+            self.generator.check_database(self.db)
+        elif self.pipe is not None:  # the reader continues text too: loaded once
+            lm = self.pipe.reader.lm
+            self.generator = Generator(lm, self.pipe.reader.tok, "causal_lm", lm.name)
+
+    # ------------------------------------------------------------------------------------------------ requests
+    def info(self) -> dict[str, Any]:
+        """The database (counts, tokenizer, encoder, indexes), the retrievers it serves and the loaded models."""
+        with self.lock:
+            self.db.refresh()
+            kinds = ["dense", "bm25", "hybrid"] if self.db.has_dense else ["bm25"]  # BM25 is built if not stored
+            return {"db": self.db.info(), "retrievers": kinds, "default_retriever": self.cfg.retriever,
+                    "reader": self.pipe.reader.lm.name if self.pipe else None,
+                    "reranker": self.pipe.reranker.describe() if self.pipe and self.pipe.reranker else None,
+                    "generator": self.generator.name if self.generator else None,
+                    "generator_kind": self.generator.kind if self.generator else None,
+                    "max_k": self.cfg.max_k, "max_new_tokens": self.cfg.max_new_tokens}
+
+    def search(self, query: str, k: int = 5, retriever: str | None = None) -> dict[str, Any]:
+        """The ``k`` best chunks for ``query``, each with its continuation, document and score."""
+        query = _text(query, "query")
+        k = _bounded(k, "k", self.cfg.max_k)
+        with self.lock:
+            ret = self._retriever(retriever)
+            hits = ret.search(query, k).hits(0)
+            return {"query": query, "retriever": ret.name, "hits": [h.to_dict() for h in hits]}
+
+    def answer(self, question: str, top_n: int | None = None, passages: int | None = None,
+               max_new_tokens: int | None = None) -> dict[str, Any]:
+        """Retrieve → (rerank →) read: the answer, the passages read and those that support it, FLOPs by stage."""
+        question = _text(question, "question")
+        if self.pipe is None:
+            raise RetrolmError("this service answers no questions: start it with --reader MODEL")
+        rag = self.pipe.cfg
+        changes = {name: value for name, value in (("top_n", top_n), ("passages", passages),
+                                                   ("max_new_tokens", max_new_tokens)) if value is not None}
+        if "top_n" in changes:
+            changes["top_n"] = _bounded(changes["top_n"], "top_n", self.cfg.max_k)
+        if "max_new_tokens" in changes:
+            changes["max_new_tokens"] = _bounded(changes["max_new_tokens"], "max_new_tokens", self.cfg.max_new_tokens)
+        if "passages" in changes and "top_n" not in changes:  # more passages than candidates: fetch as many
+            changes["top_n"] = max(rag.top_n, min(changes["passages"], self.cfg.max_k))
+        cfg = dataclasses.replace(rag, **changes)  # validated: passages <= top_n, every count >= 1
+        pipe = RagPipeline(cfg, self.pipe.reader, self.pipe.retriever, self.pipe.reranker)
+        with self.lock:
+            return pipe.answer(question).to_dict()
+
+    def generate(self, prompt: str, max_new_tokens: int | None = None, temperature: float | None = None,
+                 top_p: float | None = None, seed: int | None = None, k: int | None = None,
+                 retrieval: bool = True) -> dict[str, Any]:
+        """Continue ``prompt``; every generated span lists the database chunks it read."""
+        prompt = _text(prompt, "prompt")
+        if self.generator is None:
+            raise RetrolmError("this service generates no text: start it with --generator MODEL or --reader MODEL")
+        base = self.cfg.generate
+        values = {"prompt": prompt, "max_new_tokens": min(base.max_new_tokens, self.cfg.max_new_tokens),
+                  "temperature": temperature, "top_p": top_p, "seed": seed, "neighbours": k}
+        if max_new_tokens is not None:
+            values["max_new_tokens"] = _bounded(max_new_tokens, "max_new_tokens", self.cfg.max_new_tokens)
+        if k is not None:
+            _bounded(k, "k", self.cfg.max_k)
+        cfg = dataclasses.replace(base, **{n: v for n, v in values.items() if v is not None})
+        with self.lock:
+            ret = self._retriever(None) if retrieval else None
+            return self.generator.generate(cfg, ret).to_dict()
+
+    def document(self, doc_id: str) -> dict[str, Any]:
+        """A live document's whole text, as the database holds it (its chunks' tokens decoded)."""
+        with self.lock:
+            self.db.refresh()
+            store = self.db.store
+            doc = store.doc_index(doc_id)
+            if doc is None or self.db.deleted_docs[doc]:
+                raise LookupError(f"no document {doc_id!r} in {self.db.path}")
+            first, n = int(store.doc_first_chunk[doc]), int(store.doc_n_chunks[doc])
+            return {"id": doc_id, "source": store.doc_source(doc), "chunks": [first, first + n],
+                    "text": self.db.tokenizer.decode(np.asarray(store.doc_tokens(doc)).tolist())}
+
+    # ------------------------------------------------------------------------------------------------ helpers
+    def _retriever(self, kind: str | None) -> Retriever:
+        kind = kind or self.cfg.retriever
+        if kind not in self._retrievers:
+            self._retrievers[kind] = get_retriever(self.db, kind)
+        return self._retrievers[kind]
+
+
+def _text(value: str, name: str) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise RetrolmError(f"the {name} is empty")
+    return value
+
+
+def _bounded(value: int, name: str, most: int) -> int:
+    if not 1 <= value <= most:
+        raise RetrolmError(f"{name} must be in 1..{most}, got {value}")
+    return value
+
+
+__all__ = ["ServeConfig", "Service"]

@@ -1,0 +1,116 @@
+"""The HTTP service: search, answers, generation and documents with their sources, live database edits, the page,
+and one-line errors — over FastAPI's TestClient, on the tiny store and copying Llama of the test-time RAG tests."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import shutil
+import socket
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from conftest import assert_one_line_error, run_cli
+from retrolm.db import Database
+from retrolm.infer.rag import RagConfig
+from retrolm.serve import ServeConfig, Service
+from retrolm.serve.app import create_app
+
+_spec = importlib.util.spec_from_file_location("rag_tests", Path(__file__).parents[1] / "infer" / "test_rag.py")
+_rag = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_rag)
+world = _rag.world  # a BM25 store of summaries + "The code of NAME is WORD" facts, and a Llama that copies
+
+PLAIN = RagConfig(template="{passages}{question}", max_new_tokens=6, top_n=3, passages=1)
+
+
+@pytest.fixture(scope="module")
+def client(world):
+    service = Service(ServeConfig(db=str(world["db"].path), reader=world["lm"], rag=PLAIN))
+    return TestClient(create_app(service))
+
+
+def test_search_answer_generate_and_document_show_their_sources(client, world):
+    info = client.get("/api/info").json()
+    assert info["retrievers"] == ["bm25"] and info["reader"] == info["generator"] == world["lm"]
+    assert info["db"]["num_docs"] == 30 and info["reranker"] is None  # one answer reranks only when asked
+
+    hits = client.get("/api/search", params={"q": "The code of quenmir is", "k": 3}).json()["hits"]
+    assert len(hits) == 3 and hits[0]["doc_id"] == "fact-quenmir"
+    assert hits[0]["text"].startswith("The code of quenmir is basalt")
+
+    a = client.post("/api/answer", json={"question": "The code of quenmir is"}).json()
+    assert a["answer"] == "basalt" and a["mode"] == "retrieval"
+    assert [p["doc_id"] for p in a["supporting_passages"]] == ["fact-quenmir"] and a["flops"]["total"] > 0
+    four = client.post("/api/answer", json={"question": "The code of quenmir is", "passages": 4}).json()
+    assert len(four["passages"]) == 4  # more passages than the service's top_n (3): as many candidates are fetched
+
+    g = client.post("/api/generate", json={"prompt": "The code of zorblat is", "max_new_tokens": 3}).json()
+    assert g["retrieval"] and g["new_tokens"] == 3 and g["chunks"][0]["sources"][0]["doc_id"] == "fact-zorblat"
+    assert g["text"].strip().startswith("amber")  # it copies what the passage it read says
+    off = client.post("/api/generate", json={"prompt": "The code of zorblat is", "max_new_tokens": 3,
+                                             "retrieval": False}).json()
+    assert not off["retrieval"] and all(not c["sources"] for c in off["chunks"])
+
+    doc = client.get("/api/document", params={"id": "fact-quenmir"}).json()
+    assert doc["text"] == "The code of quenmir is basalt" and doc["chunks"][1] - doc["chunks"][0] == 1
+
+
+def test_bad_requests_get_one_line(client):
+    def err(r, status):
+        assert r.status_code == status, r.text
+        return r.json()["error"]
+
+    assert err(client.get("/api/search", params={"q": "  "}), 400) == "the query is empty"
+    assert err(client.get("/api/search", params={"q": "x", "k": 0}), 400) == "k must be in 1..50, got 0"
+    assert "built without dense keys" in err(client.get("/api/search", params={"q": "x", "retriever": "dense"}), 400)
+    assert err(client.get("/api/search"), 422) == "q: Field required"
+    assert err(client.post("/api/answer", json={}), 422) == "question: Field required"
+    assert err(client.post("/api/answer", json={"question": "x", "top_n": 2, "passages": 3}), 400).startswith(
+        "passages (3) and cross_doc_passages")
+    assert err(client.post("/api/generate", json={"prompt": "x", "max_new_tokens": 10_000}), 400) == \
+        "max_new_tokens must be in 1..256, got 10000"
+    cold = client.post("/api/generate", json={"prompt": "x", "temperature": -1})
+    assert "a finite temperature >= 0" in err(cold, 400)
+    assert err(client.get("/api/document", params={"id": "nope"}), 404).startswith("no document 'nope'")
+
+
+def test_database_edits_show_at_the_next_request(world, tmp_path):
+    """Knowledge update without a restart: another process deletes a document, the service stops returning it."""
+    folder = tmp_path / "db"
+    shutil.copytree(world["db"].path, folder)
+    client = TestClient(create_app(Service(ServeConfig(db=str(folder)))))  # search only: no models loaded
+
+    def ids() -> list[str]:
+        return [h["doc_id"] for h in client.get("/api/search", params={"q": "The code of quenmir is"}).json()["hits"]]
+
+    assert ids()[0] == "fact-quenmir"
+    Database.open(folder).delete(["fact-quenmir"], show_progress=False)
+    assert "fact-quenmir" not in ids()
+    assert client.get("/api/document", params={"id": "fact-quenmir"}).status_code == 404
+    assert client.post("/api/answer", json={"question": "x"}).json()["error"] == \
+        "this service answers no questions: start it with --reader MODEL"
+
+
+def test_the_page_works_offline_and_asks_every_endpoint(client):
+    r = client.get("/")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
+    assert not re.search(r"(src|href)=\"?(https?:)?//", r.text)  # no script, style or font from elsewhere
+    for endpoint in ("/api/info", "/api/search", "/api/answer", "/api/generate", "/api/document"):
+        assert endpoint in r.text
+    assert "innerHTML" not in r.text  # database text goes in as text, never as markup
+
+
+def test_cli_refuses_bad_settings_before_loading_anything(world, capsys):
+    rc, _, err = run_cli(["serve"], capsys)
+    assert_one_line_error(rc, err, "serve: --db is required")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        rc, _, err = run_cli(["serve", "--db", world["db"].path, "--port", port], capsys)
+    assert_one_line_error(rc, err, f"serve: cannot listen on 127.0.0.1:{port}")
+    rc, _, err = run_cli(["serve", "--db", world["db"].path, "port=70000"], capsys)
+    assert_one_line_error(rc, err, "port must be in 1..65535")
