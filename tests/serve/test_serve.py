@@ -3,6 +3,7 @@ and one-line errors — over FastAPI's TestClient, on the tiny store and copying
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import re
 import shutil
@@ -12,7 +13,7 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from conftest import assert_one_line_error, run_cli
+from conftest import assert_one_line_error, run_cli, write_jsonl
 from retrolm.db import Database
 from retrolm.infer.rag import RagConfig
 from retrolm.serve import ServeConfig, Service
@@ -75,6 +76,31 @@ def test_bad_requests_get_one_line(client):
     cold = client.post("/api/generate", json={"prompt": "x", "temperature": -1})
     assert "a finite temperature >= 0" in err(cold, 400)
     assert err(client.get("/api/document", params={"id": "nope"}), 404).startswith("no document 'nope'")
+    assert err(client.get("/api/nothing"), 404) == "Not Found" and err(client.get("/api/answer"), 405)
+    assert err(client.post("/api/generate", json={"prompt": "x", "seed": 2**64}), 400).startswith("seed must be")
+
+
+def test_top_n_alone_shrinks_the_passages_read(world):
+    service = Service(ServeConfig(db=str(world["db"].path), reader=world["lm"],
+                                  rag=dataclasses.replace(PLAIN, passages=2)))
+    answer = TestClient(create_app(service)).post("/api/answer", json={"question": "The code of quenmir is",
+                                                                           "top_n": 1}).json()
+    assert len(answer["passages"]) == 1  # it was 'passages (2) and cross_doc_passages (4) cannot exceed top_n (1)'
+
+
+def test_a_generator_without_retrieval_layers_generates_without_retrieval(world):
+    from retrolm.infer.generator import Generator
+    from retrolm.models.retro import RetroConfig, RetroModel
+
+    db = world["db"]
+    service = Service(ServeConfig(db=str(db.path)))
+    baseline = RetroModel(RetroConfig(vocab_size=db.tokenizer.vocab_size, seq_len=128, n_layer=1, n_head=2,
+                                      d_model=16, chunk_len=db.chunk_len, retro_layers=())).eval()
+    service.generator = Generator(baseline, db.tokenizer, "retro", "baseline")
+    client = TestClient(create_app(service))
+    assert client.get("/api/info").json()["generator_retrieves"] is False
+    g = client.post("/api/generate", json={"prompt": "The code of zorblat is", "max_new_tokens": 3}).json()
+    assert g["retrieval"] is False and g["new_tokens"] == 3  # it was 400 'generate without --db' for every request
 
 
 def test_database_edits_show_at_the_next_request(world, tmp_path):
@@ -90,6 +116,10 @@ def test_database_edits_show_at_the_next_request(world, tmp_path):
     Database.open(folder).delete(["fact-quenmir"], show_progress=False)
     assert "fact-quenmir" not in ids()
     assert client.get("/api/document", params={"id": "fact-quenmir"}).status_code == 404
+    new = write_jsonl(tmp_path / "new.jsonl", [{"id": "fact-quenmir-2", "text": "The code of quenmir is obsidian"}])
+    Database.open(folder).add([new], show_progress=False)  # added documents show too (the view follows the folder)
+    assert ids()[0] == "fact-quenmir-2"
+    assert client.get("/api/document", params={"id": "fact-quenmir-2"}).json()["text"].endswith("obsidian")
     assert client.post("/api/answer", json={"question": "x"}).json()["error"] == \
         "this service answers no questions: start it with --reader MODEL"
 

@@ -37,3 +37,8 @@ def test_a_chat_prompt_parses_its_markers_but_not_the_passages(tok):
     # the piecewise encoding equals the tokenizer's own where nothing named is in the prompt
     assert tok.encode_prompt(prompt, ["<|im_end|> elsewhere"]) == whole
     assert tok.encode_prompt("plain text", [passage]) == tok.encode("plain text")
+    # the template's own tokens are the tokenizer's (only the quoted markers become characters)
+    assert ids[:3] == whole[:3] and ids[-5:] == whole[-5:]
+    # a template that trims its messages: the message is found stripped, its marker is still text
+    trimmed = f"<|im_start|>user\n{passage}<|im_end|>\n"
+    assert tok.encode_prompt(trimmed, ["  " + passage + "\n"]).count(end) == 1

@@ -41,7 +41,8 @@ def serve_cmd(
         raise RetrolmError(f"serve needs FastAPI and uvicorn ({e.name} is missing): pip install fastapi uvicorn") \
             from None
     service = Service(cfg)
-    typer.echo(f"retrolm serve: {cfg.db} on http://{cfg.host}:{cfg.port}/ (API: /api/search, /api/answer, "
+    host = f"[{cfg.host}]" if ":" in cfg.host else cfg.host  # an IPv6 address in a URL
+    typer.echo(f"retrolm serve: {cfg.db} on http://{host}:{cfg.port}/ (API: /api/search, /api/answer, "
                f"/api/generate, /api/document, /api/info; docs: /docs). Ctrl-C stops it.", err=True)
     uvicorn.run(create_app(service), host=cfg.host, port=cfg.port, log_level="warning")
 

@@ -41,10 +41,17 @@ class Generator:
         """True for a plain causal LM: it reads retrieved passages in its context (no cross-attention)."""
         return self.kind == "causal_lm"
 
+    @property
+    def retrieves(self) -> bool:
+        """Whether it reads retrieved text: a causal LM in its context, RETRO through its CCA layers (a baseline
+        checkpoint, without them, does not)."""
+        config = getattr(self.model, "config", None)
+        return self.in_context or self.kind != "retro" or bool(getattr(config, "retro_layers", ()))
+
     def check_database(self, db: DatabaseView) -> None:
         """A model with retrieval layers reads neighbours of the database it was trained with (same tokenizer and
         chunk length; its checkpoint's ``database.json``); a plain LM reads any database's text."""
-        if self.in_context or self.folder is None:
+        if self.in_context or self.folder is None or not self.retrieves:
             return
         record = self.folder / "database.json"
         db.check_trained_with(read_json_object(record, "database record") if record.is_file() else None, self.folder)

@@ -177,7 +177,8 @@ class Reader:
     # ------------------------------------------------------------------------------------------------ prompts
     def _passage(self, text: str) -> str:
         ids = self.tok.encode(text.strip())
-        return self.tok.decode(ids[: self.max_passage_tokens]) if len(ids) > self.max_passage_tokens else text.strip()
+        return self.tok.decode(ids[: self.max_passage_tokens]).strip() if len(ids) > self.max_passage_tokens else \
+            text.strip()
 
     def prompt_text(self, question: str, passages: Sequence[str] | None = None) -> str:
         """The prompt as text (chat template rendered, generation prompt included)."""

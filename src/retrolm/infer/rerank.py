@@ -81,7 +81,8 @@ class LMReranker(Reranker):
     def _render(self, question: str, passage: str) -> tuple[str, list[str]]:
         """(the relevance prompt's text, its messages' text in order)."""
         ids = self.tok.encode(passage.strip())
-        doc = self.tok.decode(ids[: self.max_passage_tokens]) if len(ids) > self.max_passage_tokens else passage.strip()
+        doc = self.tok.decode(ids[: self.max_passage_tokens]).strip() if len(ids) > self.max_passage_tokens else \
+            passage.strip()
         if self.chat is None:
             return PLAIN_TEMPLATE.format(query=question.strip(), document=doc), []
         user = f"<Instruct>: {RERANK_INSTRUCT}\n<Query>: {question.strip()}\n<Document>: {doc}"

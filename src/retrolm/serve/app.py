@@ -17,16 +17,20 @@ is not there, 422 for a malformed request).
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
 from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from retrolm.core.errors import RetrolmError
 from retrolm.serve.page import PAGE
-from retrolm.serve.service import Service
+from retrolm.serve.service import NotFoundError, Service
+
+logger = logging.getLogger(__name__)
 
 
 class AnswerRequest(BaseModel):
@@ -53,11 +57,16 @@ def create_app(service: Service) -> FastAPI:
 
     @app.exception_handler(RetrolmError)
     async def bad_request(_: Request, e: RetrolmError) -> JSONResponse:
-        return JSONResponse({"error": str(e)}, status_code=400)
+        return JSONResponse({"error": str(e)}, status_code=404 if isinstance(e, NotFoundError) else 400)
 
-    @app.exception_handler(LookupError)
-    async def not_found(_: Request, e: LookupError) -> JSONResponse:
-        return JSONResponse({"error": str(e.args[0]) if e.args else "not found"}, status_code=404)
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, e: StarletteHTTPException) -> JSONResponse:  # unknown route, wrong method
+        return JSONResponse({"error": str(e.detail)}, status_code=e.status_code, headers=e.headers)
+
+    @app.exception_handler(Exception)
+    async def internal(_: Request, e: Exception) -> JSONResponse:  # a bug: still one line of JSON for the page
+        logger.exception("request failed")
+        return JSONResponse({"error": f"internal error: {type(e).__name__}: {e}"}, status_code=500)
 
     @app.exception_handler(RequestValidationError)
     async def malformed(_: Request, e: RequestValidationError) -> JSONResponse:

@@ -24,6 +24,10 @@ from retrolm.infer.rag import RagConfig, RagPipeline
 from retrolm.retrieval import Retriever, get_retriever
 
 
+class NotFoundError(RetrolmError):
+    """What a request names is not there (HTTP 404)."""
+
+
 @dataclass
 class ServeConfig:
     """``retrolm serve``: the database, the models and the limits of one service."""
@@ -68,7 +72,8 @@ class Service:
 
     def __init__(self, cfg: ServeConfig, db: DatabaseView | None = None) -> None:
         self.cfg = cfg
-        self.db = db if db is not None else DatabaseView.open(cfg.db, device=cfg.device)
+        # follow: documents added by another process (db add, add --replace) show too, not only deletions
+        self.db = db if db is not None else DatabaseView.open(cfg.db, device=cfg.device, follow=True)
         self.lock = threading.Lock()
         self._retrievers: dict[str, Retriever] = {}
         self.pipe: RagPipeline | None = None
@@ -95,6 +100,7 @@ class Service:
                     "reranker": self.pipe.reranker.describe() if self.pipe and self.pipe.reranker else None,
                     "generator": self.generator.name if self.generator else None,
                     "generator_kind": self.generator.kind if self.generator else None,
+                    "generator_retrieves": bool(self.generator and self.generator.retrieves),
                     "max_k": self.cfg.max_k, "max_new_tokens": self.cfg.max_new_tokens}
 
     def search(self, query: str, k: int = 5, retriever: str | None = None) -> dict[str, Any]:
@@ -121,6 +127,10 @@ class Service:
             changes["max_new_tokens"] = _bounded(changes["max_new_tokens"], "max_new_tokens", self.cfg.max_new_tokens)
         if "passages" in changes and "top_n" not in changes:  # more passages than candidates: fetch as many
             changes["top_n"] = max(rag.top_n, min(changes["passages"], self.cfg.max_k))
+        if "top_n" in changes and "passages" not in changes:  # fewer candidates than passages: read them all
+            changes["passages"] = min(rag.passages, changes["top_n"])
+        if "top_n" in changes:
+            changes["cross_doc_passages"] = min(rag.cross_doc_passages, changes["top_n"])
         cfg = dataclasses.replace(rag, **changes)  # validated: passages <= top_n, every count >= 1
         pipe = RagPipeline(cfg, self.pipe.reader, self.pipe.retriever, self.pipe.reranker)
         with self.lock:
@@ -129,7 +139,8 @@ class Service:
     def generate(self, prompt: str, max_new_tokens: int | None = None, temperature: float | None = None,
                  top_p: float | None = None, seed: int | None = None, k: int | None = None,
                  retrieval: bool = True) -> dict[str, Any]:
-        """Continue ``prompt``; every generated span lists the database chunks it read."""
+        """Continue ``prompt``; every generated span lists the database chunks it read (none for a generator that
+        reads no retrieved text: a baseline checkpoint)."""
         prompt = _text(prompt, "prompt")
         if self.generator is None:
             raise RetrolmError("this service generates no text: start it with --generator MODEL or --reader MODEL")
@@ -140,9 +151,11 @@ class Service:
             values["max_new_tokens"] = _bounded(max_new_tokens, "max_new_tokens", self.cfg.max_new_tokens)
         if k is not None:
             _bounded(k, "k", self.cfg.max_k)
+        if seed is not None and not 0 <= seed < 2**63:
+            raise RetrolmError(f"seed must be in 0..2^63-1, got {seed}")
         cfg = dataclasses.replace(base, **{n: v for n, v in values.items() if v is not None})
         with self.lock:
-            ret = self._retriever(None) if retrieval else None
+            ret = self._retriever(None) if retrieval and self.generator.retrieves else None
             return self.generator.generate(cfg, ret).to_dict()
 
     def document(self, doc_id: str) -> dict[str, Any]:
@@ -152,7 +165,7 @@ class Service:
             store = self.db.store
             doc = store.doc_index(doc_id)
             if doc is None or self.db.deleted_docs[doc]:
-                raise LookupError(f"no document {doc_id!r} in {self.db.path}")
+                raise NotFoundError(f"no document {doc_id!r} in {self.db.path}")
             first, n = int(store.doc_first_chunk[doc]), int(store.doc_n_chunks[doc])
             return {"id": doc_id, "source": store.doc_source(doc), "chunks": [first, first + n],
                     "text": self.db.tokenizer.decode(np.asarray(store.doc_tokens(doc)).tolist())}
@@ -177,4 +190,4 @@ def _bounded(value: int, name: str, most: int) -> int:
     return value
 
 
-__all__ = ["ServeConfig", "Service"]
+__all__ = ["NotFoundError", "ServeConfig", "Service"]

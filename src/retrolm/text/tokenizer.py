@@ -124,28 +124,37 @@ class LMTokenizer:
         return self._encode_long(text).tolist()
 
     def encode_prompt(self, text: str, contents: Sequence[str] = ()) -> list[int]:
-        """Ids of a prompt rendered from a chat template: the special tokens the template wrote (turn markers such as
-        ``<|im_start|>``) are parsed as such, while inside ``contents`` (the messages' text, in the order the template
-        renders them: questions and passages from users and documents) they stay characters, as :meth:`encode` keeps
-        them, so a passage quoting ``<|im_end|>`` cannot end its turn. A content not found verbatim is skipped."""
+        """Ids of a prompt rendered from a chat template, as the model's own tokenizer encodes it (the template's
+        special tokens, ``<|im_start|>`` and the like, parsed as such), except that inside ``contents`` (the messages'
+        text, in the order the template renders them: questions and passages from users and documents) a
+        special-token string stays characters, as :meth:`encode` keeps it: a passage quoting ``<|im_end|>`` cannot
+        end its turn. A content is found verbatim or stripped (templates that trim messages); one not found is
+        parsed as the template is, with a warning."""
+        enc = self._prompt_tok.encode(text, add_special_tokens=False)
         if not any(c and self._special_re.search(c) for c in contents):
-            # the usual case: the whole prompt in one call, as the model's own tokenizer would encode it
-            return self._prompt_tok.encode(text, add_special_tokens=False).ids
+            return enc.ids  # the usual case
         inside, cursor = [], 0
         for c in contents:  # in order, each searched after the last (template text before it cannot be claimed)
-            at = text.find(c, cursor) if c else -1
-            if at >= 0:
-                inside.append((at, at + len(c)))
-                cursor = at + len(c)
-        ids: list[int] = []
-        start = 0
-        for m in self._special_re.finditer(text):
-            if any(a <= m.start() and m.end() <= b for a, b in inside):
+            if not (c and self._special_re.search(c)):
                 continue
-            ids += self.encode(text[start : m.start()]) if m.start() > start else []
-            ids.append(self._special_ids[m.group()])
-            start = m.end()
-        return ids + (self.encode(text[start:]) if start < len(text) else [])
+            for form in (c, c.strip()):
+                at = text.find(form, cursor) if form else -1
+                if at >= 0:
+                    inside.append((at, at + len(form)))
+                    cursor = at + len(form)
+                    break
+            else:
+                logger.warning("%s: a message holding a special-token string is not in the rendered prompt as "
+                               "written: its special-token strings are read as special tokens", self.name)
+        ids: list[int] = []
+        special = set(self._special_ids.values())
+        # the template's tokenization is kept; only the special tokens a message wrote become their characters' ids
+        for i, (a, b) in zip(enc.ids, enc.offsets, strict=True):
+            if i in special and any(lo <= a and b <= hi for lo, hi in inside):
+                ids += self.encode(text[a:b])
+            else:
+                ids.append(i)
+        return ids
 
     @functools.cached_property
     def _special_ids(self) -> dict[str, int]:
