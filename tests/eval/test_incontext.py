@@ -235,6 +235,9 @@ def test_a_context_too_small_for_passage_and_prompt_keeps_both_and_reports_what_
         def decode(self, ids):
             return "".join(chr(i) for i in ids)
 
+        def decode_spans(self, spans):
+            return [self.decode(s) for s in spans]
+
     class TinyLM:  # a 64-token context that always says "x"; records every context it is given
         context_len, name, seen = 64, "tiny", []
 

@@ -42,3 +42,12 @@ def test_a_chat_prompt_parses_its_markers_but_not_the_passages(tok):
     # a template that trims its messages: the message is found stripped, its marker is still text
     trimmed = f"<|im_start|>user\n{passage}<|im_end|>\n"
     assert tok.encode_prompt(trimmed, ["  " + passage + "\n"]).count(end) == 1
+
+
+def test_spans_of_one_stream_keep_split_characters_whole(tok):
+    text = "日本語のテキスト 🙂 é ok"
+    ids = tok.encode(text)
+    for spans in ([ids[:4], ids[4:]], [[i] for i in ids], [ids[:1], ids[1:7], ids[7:]]):
+        parts = tok.decode_spans(spans)
+        assert "".join(parts) == text and "\ufffd" not in "".join(parts)  # decoding each span alone gave U+FFFDs
+    assert tok.decode_spans([ids[:4], ids[4:]])[0] == "日本"  # the character cut at token 4 goes to the first span

@@ -214,10 +214,9 @@ def generate(
 
     # Generated chunk j (positions [j*m, (j+1)*m)) reads the neighbours of chunk j-1.
     first, sources = len(ids) // m, slots.sources if slots is not None else {}
-    chunks = []
-    for j in range(first, first + -(-len(out) // m)):
-        span = out[(j - first) * m : (j - first + 1) * m]
-        chunks.append(GeneratedChunk(tokenizer.decode(span), sources.get(j - 1, []), span))
+    spans = [out[i : i + m] for i in range(0, len(out), m)]
+    chunks = [GeneratedChunk(text, sources.get(first + i - 1, []), span)
+              for i, (span, text) in enumerate(zip(spans, tokenizer.decode_spans(spans), strict=True))]
     return Generation(prompt, tokenizer.decode(out), chunks, len(out), seconds, slots is not None, dropped)
 
 

@@ -76,6 +76,8 @@ def generate_in_context(
             chunks.append(GeneratedChunk(tokenizer.decode(span), hits, span))
         if done:
             break
+    for chunk, text in zip(chunks, tokenizer.decode_spans([c.token_ids for c in chunks]), strict=True):
+        chunk.text = text  # a character split between two spans whole in the first (not U+FFFD on both sides)
     return Generation(prompt, tokenizer.decode(out), chunks, len(out), time.perf_counter() - t0, retriever is not None,
                       dropped)
 

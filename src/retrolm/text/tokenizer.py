@@ -175,6 +175,24 @@ class LMTokenizer:
     def decode(self, ids: Sequence[int]) -> str:
         return self.tok.decode(list(ids), skip_special_tokens=True)
 
+    def decode_spans(self, spans: Sequence[Sequence[int]]) -> list[str]:
+        """The texts of consecutive spans of one token stream (generated chunks), joining to the whole's text: a
+        character whose bytes a span boundary splits (byte-level tokens) is whole in the span it starts in, instead
+        of a U+FFFD on each side."""
+        if not self.byte_level or len(spans) < 2:
+            return [self.decode(s) for s in spans]
+        data = [self.token_bytes(s) or b"" for s in spans]
+        whole = b"".join(data)
+        ends = np.cumsum([len(d) for d in data]).tolist()
+        out, start = [], 0
+        for j, end in enumerate(ends):
+            if j < len(ends) - 1:  # past the continuation bytes (at most 3) of a character begun before the cut
+                while end < len(whole) and end - ends[j] < 3 and whole[end] & 0xC0 == 0x80:
+                    end += 1
+            out.append(whole[start:end].decode("utf-8", errors="replace"))
+            start = max(start, end)
+        return out
+
     def decode_batch(self, batch: Sequence[Sequence[int]]) -> list[str]:
         return self.tok.decode_batch([list(ids) for ids in batch], skip_special_tokens=True)
 
