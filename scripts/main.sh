@@ -60,3 +60,4 @@ VERSIONS=$(.venv/bin/python -c "import json,sys; print(', '.join(json.load(open(
   data/full/linux-docs-6.1.source.json data/full/linux-docs-6.12.source.json)
 printf '\ncorpus: %s\n' "$VERSIONS" | tee -a "$RUN/summary.md"
 echo "reports: $RUN/eval-previous-version/report.md, $RUN/eval-strict/report.md; table: $RUN/summary.md"
+echo "browse it: .venv/bin/retrolm serve --db $RUN/db --reader $LM   (then open http://127.0.0.1:8000/)"
