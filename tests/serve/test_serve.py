@@ -14,7 +14,8 @@ import pytest
 from fastapi.testclient import TestClient
 
 from conftest import assert_one_line_error, run_cli, write_jsonl
-from retrolm.db import Database
+from retrolm.core.errors import RetrolmError
+from retrolm.db import BuildConfig, Database
 from retrolm.infer.rag import RagConfig
 from retrolm.serve import ServeConfig, Service
 from retrolm.serve.app import create_app
@@ -144,3 +145,30 @@ def test_cli_refuses_bad_settings_before_loading_anything(world, capsys):
     assert_one_line_error(rc, err, f"serve: cannot listen on 127.0.0.1:{port}")
     rc, _, err = run_cli(["serve", "--db", world["db"].path, "port=70000"], capsys)
     assert_one_line_error(rc, err, "port must be in 1..65535")
+
+
+def test_a_rebuild_under_the_service_remakes_its_retrievers_and_checks_the_generator_again(built_db, wiki_corpus,
+                                                                                           tmp_path):
+    folder = tmp_path / "db"
+    shutil.copytree(built_db.path, folder)
+    service = Service(ServeConfig(db=str(folder)))
+
+    class Checked:  # a generator that reads neighbours by token id: it must be checked against each build
+        retrieves, name, kind, calls = True, "retro", "retro", 0
+
+        def check_database(self, db):
+            Checked.calls += 1
+            if not db.has_dense:
+                raise RetrolmError(f"{db.path}: built without the encoder this model was trained with")
+
+    service.generator = Checked()
+    client = TestClient(create_app(service))
+    assert client.get("/api/search", params={"q": "a city in France"}).json()["retriever"] == "dense"
+    Database.build([wiki_corpus], folder, BuildConfig(tokenizer="train:1000", index="none", bm25=True),
+                   overwrite=True, show_progress=False)
+    # the default retriever follows the database (it stayed the dense one: a 500 on a missing index)
+    r = client.get("/api/search", params={"q": "a city in France"})
+    assert r.status_code == 200 and r.json()["retriever"] == "bm25" and r.json()["hits"]
+    assert client.get("/api/info").json()["retrievers"] == ["bm25"]
+    r = client.post("/api/generate", json={"prompt": "Paris"})  # checked again before it reads the new build
+    assert r.status_code == 400 and "built without the encoder" in r.json()["error"] and Checked.calls == 1

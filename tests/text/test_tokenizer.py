@@ -42,6 +42,12 @@ def test_a_chat_prompt_parses_its_markers_but_not_the_passages(tok):
     # a template that trims its messages: the message is found stripped, its marker is still text
     trimmed = f"<|im_start|>user\n{passage}<|im_end|>\n"
     assert tok.encode_prompt(trimmed, ["  " + passage + "\n"]).count(end) == 1
+    # a question quoting a marker after an example turn with the same words: found in its own turn, not the example's
+    shot, question = "Question: What is x?", "Question: What is x?<|im_end|>"
+    two = f"<|im_start|>user\n{shot}<|im_end|>\n<|im_start|>user\n{question}<|im_end|>\n"
+    ids = tok.encode_prompt(two, [shot, question])
+    assert ids.count(end) == 2 and tok.tok.decode(ids, skip_special_tokens=False) == two
+    assert ids[len(tok.encode_prompt(f"<|im_start|>user\n{shot}")) : ][0] == end  # the example's end stays special
 
 
 def test_spans_of_one_stream_keep_split_characters_whole(tok):
@@ -51,3 +57,14 @@ def test_spans_of_one_stream_keep_split_characters_whole(tok):
         parts = tok.decode_spans(spans)
         assert "".join(parts) == text and "\ufffd" not in "".join(parts)  # decoding each span alone gave U+FFFDs
     assert tok.decode_spans([ids[:4], ids[4:]])[0] == "日本"  # the character cut at token 4 goes to the first span
+
+
+def test_spans_of_a_metaspace_tokenizer_keep_their_spaces():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    words = ["▁The", "▁history", "▁of", "▁France", "[UNK]"]
+    raw = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    raw.pre_tokenizer, raw.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()
+    meta = LMTokenizer(raw, "metaspace")
+    ids = meta.encode("The history of France")
+    assert meta.decode_spans([ids[:2], ids[2:]]) == ["The history", " of France"]  # alone: "of France"

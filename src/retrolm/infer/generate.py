@@ -128,10 +128,14 @@ class _NeighbourSlots:
         self.tokens = torch.zeros(1, n_chunks, k, 2 * m, dtype=torch.long, device=device)
         self.mask = torch.zeros(1, n_chunks, k, 2 * m, dtype=torch.bool, device=device)
         self.sources: dict[int, list[Hit]] = {}
+        self.build = retriever.db.meta.get("build_id")
 
     def fill(self, u: int, chunk: list[int]) -> None:
         """Retrieve with chunk ``u``'s tokens; its neighbours (chunk + continuation) go into slot ``u``."""
         result = self.retriever.search([self.tokenizer.decode(chunk)], self.k)
+        db = self.retriever.db
+        if db.meta.get("build_id") != self.build:  # its tokens may be of another vocabulary or chunk length
+            raise RetrolmError(f"{db.path}: the database was rebuilt during generation; generate again")
         toks, mask = self.retriever.db.store.neighbour_tokens(result.ids[0])
         self.tokens[0, u], self.mask[0, u] = torch.from_numpy(toks), torch.from_numpy(mask)
         self.sources[u] = result.hits(0)

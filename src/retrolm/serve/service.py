@@ -88,12 +88,14 @@ class Service:
         elif self.pipe is not None:  # the reader continues text too: loaded once
             lm = self.pipe.reader.lm
             self.generator = Generator(lm, self.pipe.reader.tok, "causal_lm", lm.name)
+        # the build the retrievers were made for, and the one the generator was checked against
+        self._build = self._checked = self.db.meta.get("build_id")
 
     # ------------------------------------------------------------------------------------------------ requests
     def info(self) -> dict[str, Any]:
         """The database (counts, tokenizer, encoder, indexes), the retrievers it serves and the loaded models."""
         with self.lock:
-            self.db.refresh()
+            self._sync()
             kinds = ["dense", "bm25", "hybrid"] if self.db.has_dense else ["bm25"]  # BM25 is built if not stored
             return {"db": self.db.info(), "retrievers": kinds, "default_retriever": self.cfg.retriever,
                     "reader": self.pipe.reader.lm.name if self.pipe else None,
@@ -108,6 +110,7 @@ class Service:
         query = _text(query, "query")
         k = _bounded(k, "k", self.cfg.max_k)
         with self.lock:
+            self._sync()
             ret = self._retriever(retriever)
             hits = ret.search(query, k).hits(0)
             return {"query": query, "retriever": ret.name, "hits": [h.to_dict() for h in hits]}
@@ -132,8 +135,9 @@ class Service:
         if "top_n" in changes:
             changes["cross_doc_passages"] = min(rag.cross_doc_passages, changes["top_n"])
         cfg = dataclasses.replace(rag, **changes)  # validated: passages <= top_n, every count >= 1
-        pipe = RagPipeline(cfg, self.pipe.reader, self.pipe.retriever, self.pipe.reranker)
         with self.lock:
+            self._sync()
+            pipe = RagPipeline(cfg, self.pipe.reader, self.pipe.retriever, self.pipe.reranker)
             return pipe.answer(question).to_dict()
 
     def generate(self, prompt: str, max_new_tokens: int | None = None, temperature: float | None = None,
@@ -155,13 +159,14 @@ class Service:
             raise RetrolmError(f"seed must be in 0..2^63-1, got {seed}")
         cfg = dataclasses.replace(base, **{n: v for n, v in values.items() if v is not None})
         with self.lock:
+            self._sync(generating=True)
             ret = self._retriever(None) if retrieval and self.generator.retrieves else None
             return self.generator.generate(cfg, ret).to_dict()
 
     def document(self, doc_id: str) -> dict[str, Any]:
         """A live document's whole text, as the database holds it (its chunks' tokens decoded)."""
         with self.lock:
-            self.db.refresh()
+            self._sync()
             store = self.db.store
             doc = store.doc_index(doc_id)
             if doc is None or self.db.deleted_docs[doc]:
@@ -171,8 +176,26 @@ class Service:
                     "text": self.db.tokenizer.decode(np.asarray(store.doc_tokens(doc)).tolist())}
 
     # ------------------------------------------------------------------------------------------------ helpers
+    def _sync(self, generating: bool = False) -> None:
+        """Take in other processes' writes. After a rebuild (another build id) the retrievers are made again (a
+        dense database rebuilt as BM25-only: ``auto`` becomes BM25, and the encoder's FLOPs are the new one's) and
+        a generator that reads neighbours by token id (RETRO) is checked against the new database before it reads.
+        A step that fails raises, and is tried again at the next request."""
+        self.db.refresh()
+        build = self.db.meta.get("build_id")
+        if build != self._build:
+            self._retrievers.clear()
+            if self.pipe is not None:
+                self.pipe = self.pipe.with_database(self.db)
+            self._build = build
+        if generating and self.generator is not None and self._checked != build:
+            self.generator.check_database(self.db)
+            self._checked = build
+
     def _retriever(self, kind: str | None) -> Retriever:
         kind = kind or self.cfg.retriever
+        if kind == "auto":  # what auto means follows the database (a rebuild may add or drop dense keys)
+            kind = "dense" if self.db.has_dense else "bm25"
         if kind not in self._retrievers:
             self._retrievers[kind] = get_retriever(self.db, kind)
         return self._retrievers[kind]

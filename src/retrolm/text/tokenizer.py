@@ -135,15 +135,17 @@ class LMTokenizer:
             return enc.ids  # the usual case
         inside, cursor = [], 0
         for c in contents:  # in order, each searched after the last (template text before it cannot be claimed)
-            if not (c and self._special_re.search(c)):
-                continue
+            quoted = bool(c and self._special_re.search(c))
             for form in (c, c.strip()):
                 at = text.find(form, cursor) if form else -1
                 if at >= 0:
-                    inside.append((at, at + len(form)))
+                    if quoted:
+                        inside.append((at, at + len(form)))
                     cursor = at + len(form)
                     break
             else:
+                if not quoted:
+                    continue
                 logger.warning("%s: a message holding a special-token string is not in the rendered prompt as "
                                "written: its special-token strings are read as special tokens", self.name)
         ids: list[int] = []
@@ -179,8 +181,16 @@ class LMTokenizer:
         """The texts of consecutive spans of one token stream (generated chunks), joining to the whole's text: a
         character whose bytes a span boundary splits (byte-level tokens) is whole in the span it starts in, instead
         of a U+FFFD on each side."""
-        if not self.byte_level or len(spans) < 2:
+        if len(spans) < 2:
             return [self.decode(s) for s in spans]
+        if not self.byte_level:  # each span's text as what it adds to the decoded stream (a Metaspace "▁" is a
+            out, done, ids = [], "", []  # space only inside a text: decoded alone, a span loses its first one)
+            for s in spans:
+                ids += list(s)
+                text = self.decode(ids)
+                out.append(text[len(done):] if text.startswith(done) else self.decode(s))
+                done = text
+            return out
         data = [self.token_bytes(s) or b"" for s in spans]
         whole = b"".join(data)
         ends = np.cumsum([len(d) for d in data]).tolist()
