@@ -1,4 +1,4 @@
-"""``retrolm corpus split | fetch | versions``."""
+"""``retrolm corpus split | fetch | versions | qa | knowledge``."""
 
 from __future__ import annotations
 
@@ -89,3 +89,22 @@ def corpus_qa(
     count = build_benchmark(kind, corpus, out, n=n, seed=seed, choices=choices, old=old, balance=balance,
                             test_fraction=test_fraction)
     typer.echo(f"{out}: {count} {kind} questions")
+
+
+@corpus_app.command("knowledge")
+def corpus_knowledge(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for facts.jsonl, qa.jsonl, inferences.jsonl.")],
+    seed: Annotated[int, typer.Option(help="Seed of the invented words and of the structures.")] = 0,
+    chains: Annotated[int, typer.Option(help="Comparison chains (one adjective each).")] = 12,
+    chain_len: Annotated[int, typer.Option(help="Entities per chain.")] = 4,
+    tops: Annotated[int, typer.Option(help="Top categories of the hierarchy.")] = 4,
+    mids: Annotated[int, typer.Option(help="Middle categories per top.")] = 3,
+    leaves: Annotated[int, typer.Option(help="Leaves per middle category.")] = 3,
+) -> None:
+    """Synthetic knowledge no model can know (invented words): facts to inject, and tests of the facts, their
+    reversals and syllogisms (multiple choice)."""
+    from retrolm.text.knowledge import KnowledgeSpec, write_knowledge
+
+    counts = write_knowledge(KnowledgeSpec(chains=chains, chain_len=chain_len, tops=tops, mids=mids, leaves=leaves,
+                                           seed=seed), out)
+    typer.echo(f"{out}: " + ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in counts.items()))

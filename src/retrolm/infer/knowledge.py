@@ -1,0 +1,251 @@
+"""Knowledge injection (SPEC K; Lampinen et al. 2025): the same new facts given to one pretrained LM in the weights
+(fine-tuning), in the context (every fact in the prompt), or through retrieval (the facts in a database, the best
+``retrieve_k`` read), and tested on the facts and on what follows from them (reversals, syllogisms: see
+:mod:`retrolm.text.knowledge`). Augmented fine-tuning (K3) adds inferences to the fine-tuning data: written by the
+model itself in context (``augmented_model``: few-shot, each comparison restated the other way round, each leaf's
+two facts joined into their conclusion; how many it gets right is reported) or derived by rule (``augmented_rules``,
+the upper bound of what augmentation can give).
+
+Every condition reads the same items with the same plain prompt (passages, a blank line each, then the question) and
+scores multiple choice by the options' per-token log-likelihood; accuracy per kind of item with 95% bootstrap
+intervals over items. The base model is loaded once; each fine-tuned condition starts again from its weights.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from retrolm.core.config import save_config
+from retrolm.core.errors import RetrolmError
+from retrolm.core.io import write_bytes, write_json
+from retrolm.db import BuildConfig, Database
+from retrolm.eval.qa import load_qa
+from retrolm.infer.reader import Reader
+from retrolm.models.hf import CausalLM
+from retrolm.retrieval import get_retriever
+from retrolm.text.knowledge import invented_words
+from retrolm.text.tokenizer import load_tokenizer
+from retrolm.train.finetune import FinetuneConfig, finetune
+
+logger = logging.getLogger(__name__)
+
+CONDITIONS = ("closed_book", "in_context", "retrieval", "fine_tuned", "augmented_model", "augmented_rules")
+PLAIN_TEMPLATE = "{passages}{question}"
+
+
+@dataclass
+class KnowledgeConfig:
+    """``retrolm knowledge``: one knowledge set (``retrolm corpus knowledge``), one reader, the conditions to run."""
+
+    data: str | None = None
+    """Folder written by ``retrolm corpus knowledge`` (facts.jsonl, qa.jsonl, inferences.jsonl)."""
+    reader: str = "smollm2-135m"
+    """The pretrained causal LM (HF folder, short name or hub name)."""
+    out_dir: str = "runs/knowledge"
+    conditions: list[str] = field(default_factory=lambda: list(CONDITIONS))
+    retrieve_k: int = 4
+    """Facts retrieved per question (BM25 over one fact per document)."""
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    demonstrations: int = 3
+    """augmented_model: worked examples (with other invented words) before each fact to restate."""
+    bootstrap: int = 2000
+    seed: int = 0
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        bad = [c for c in self.conditions if c not in CONDITIONS]
+        if bad or not self.conditions:
+            raise RetrolmError(f"conditions: choose from {', '.join(CONDITIONS)}; got {bad or 'none'}")
+        if self.retrieve_k < 1 or self.demonstrations < 1 or self.bootstrap < 1:
+            raise RetrolmError("retrieve_k, demonstrations and bootstrap must be >= 1")
+
+
+def _jsonl(path: Path) -> list[dict]:
+    if not path.is_file():
+        raise RetrolmError(f"{path}: not found (make the set with retrolm corpus knowledge --out {path.parent})")
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def accuracy_interval(correct: Sequence[bool], resamples: int, seed: int) -> tuple[float, float, float]:
+    """(accuracy, low, high): the 95% percentile bootstrap over items."""
+    x = np.asarray(correct, dtype=float)
+    if not len(x):
+        return float("nan"), float("nan"), float("nan")
+    means = np.random.default_rng(seed).choice(x, size=(resamples, len(x))).mean(axis=1)
+    return float(x.mean()), float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+
+
+class KnowledgeStudy:
+    """Runs the conditions of a :class:`KnowledgeConfig` and writes ``knowledge.json``, ``predictions.jsonl`` and
+    ``report.md`` into ``out_dir``."""
+
+    def __init__(self, cfg: KnowledgeConfig) -> None:
+        if cfg.data is None:
+            raise RetrolmError("knowledge: --data is required (a folder from retrolm corpus knowledge)")
+        self.cfg, data = cfg, Path(cfg.data)
+        self.facts = _jsonl(data / "facts.jsonl")
+        self.inferences = _jsonl(data / "inferences.jsonl")
+        self.items = load_qa(data / "qa.jsonl")
+        if any(not it.multiple_choice for it in self.items):
+            raise RetrolmError(f"{data / 'qa.jsonl'}: every item must be multiple choice")
+        self.out = Path(cfg.out_dir)
+        self.tok = load_tokenizer(cfg.reader)
+
+    def _reader(self, lm: CausalLM) -> Reader:
+        return Reader(lm, self.tok, chat=None, template=PLAIN_TEMPLATE)
+
+    def _base(self) -> CausalLM:
+        return CausalLM.from_pretrained(self.cfg.reader, device=self.cfg.device)
+
+    def _choose(self, reader: Reader, passages: Sequence[Sequence[str]] | None) -> list[int]:
+        """The chosen option of every item, reading ``passages[i]`` before item i (None: nothing)."""
+        out = []
+        for i, it in enumerate(self.items):
+            prompt = reader.prompt_ids(it.question, passages[i] if passages else None,
+                                       reserve=reader.option_room(it.choices))
+            chosen = reader.choose([prompt], [it.choices])[0].answers[0]
+            out.append(it.choices.index(chosen))
+        return out
+
+    def _retrieved(self) -> list[list[str]]:
+        """The ``retrieve_k`` facts BM25 finds for each question, best first."""
+        folder = self.out / "facts-db"
+        if (folder / "meta.json").is_file():
+            db = Database.open(folder)
+        else:
+            db = Database.build([Path(self.cfg.data) / "facts.jsonl"], folder,
+                                BuildConfig(tokenizer=self.cfg.reader, index="none", bm25=True), show_progress=False)
+        result = get_retriever(db, "bm25").search([it.question for it in self.items], self.cfg.retrieve_k)
+        return [[h.text.strip() for h in result.hits(i)] for i in range(len(self.items))]
+
+    def _generated_inferences(self, reader: Reader) -> list[dict]:
+        """The inferences the model writes itself (few-shot, greedy), next to the rule's."""
+        rng = random.Random(self.cfg.seed + 1)
+        names = invented_words(4 * self.cfg.demonstrations, rng)  # not words of the set: it may collide, rarely
+        pairs = [names[2 * i : 2 * i + 2] for i in range(2 * self.cfg.demonstrations)]
+        by_id = {f["id"]: f["text"] for f in self.facts}
+        prompts, wanted = [], []
+        for inf in self.inferences:
+            stated = [by_id[f] for f in inf["from"]]
+            if len(stated) == 1:  # a comparison, restated the other way round
+                shots = "".join(f"Statement: {a} is more famous than {b}.\nOther way round: {b} is less famous than "
+                                f"{a}.\n\n" for a, b in pairs[: self.cfg.demonstrations])
+                text = f"{shots}Statement: {stated[0]}\nOther way round:"
+            else:  # a syllogism: the leaf's fact and its middle category's fact, joined
+                shots = "".join(f"All {a} are {b}. All {b} are {c}.\nSo: All {a} are {c}.\n\n"
+                                for (a, b), c in zip(pairs[self.cfg.demonstrations :], names[-self.cfg.demonstrations:],
+                                                     strict=False))
+                text = f"{shots}{stated[0]} {stated[1]}\nSo:"
+            prompts.append(self.tok.encode(text))
+            wanted.append(inf["text"])
+        readings = reader.generate(prompts, max_new_tokens=20)
+        out = []
+        for inf, r in zip(self.inferences, readings, strict=True):
+            written = r.texts[0].strip().splitlines()[0].strip() if r.texts[0].strip() else ""
+            out.append({"id": inf["id"], "written": written, "rule": inf["text"],
+                        "correct": " ".join(written.split()) == inf["text"]})
+        return out
+
+    def _fine_tuned(self, texts: Sequence[str], name: str, stats: dict) -> Reader:
+        lm = self._base()
+        t = time.perf_counter()
+        losses = finetune(lm, self.tok, texts, self.cfg.finetune)
+        stats[name] = {"texts": len(texts), "epoch_losses": [round(x, 4) for x in losses],
+                       "seconds": round(time.perf_counter() - t, 1)}
+        return self._reader(lm)
+
+    def run(self) -> dict[str, Any]:
+        cfg = self.cfg
+        self.out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, self.out / "config.yaml")
+        facts = [f["text"] for f in self.facts]
+        base = self._reader(self._base())
+        chosen: dict[str, list[int]] = {}
+        finetuning: dict[str, Any] = {}
+        augmentation: list[dict] = []
+        seconds: dict[str, float] = {}
+        for cond in cfg.conditions:
+            t = time.perf_counter()
+            logger.info("knowledge: %s", cond)
+            if cond == "closed_book":
+                chosen[cond] = self._choose(base, None)
+            elif cond == "in_context":
+                chosen[cond] = self._choose(base, [facts] * len(self.items))
+            elif cond == "retrieval":
+                chosen[cond] = self._choose(base, self._retrieved())
+            elif cond == "fine_tuned":
+                chosen[cond] = self._choose(self._fine_tuned(facts, cond, finetuning), None)
+            elif cond == "augmented_model":
+                augmentation = self._generated_inferences(base)
+                written = [a["written"] for a in augmentation if a["written"]]
+                chosen[cond] = self._choose(self._fine_tuned(facts + written, cond, finetuning), None)
+            else:  # augmented_rules
+                rules = [x["text"] for x in self.inferences]
+                chosen[cond] = self._choose(self._fine_tuned(facts + rules, cond, finetuning), None)
+            seconds[cond] = round(time.perf_counter() - t, 1)
+        result = self._summary(chosen, finetuning, augmentation, seconds)
+        write_json(self.out / "knowledge.json", result)
+        rows = [{"id": it.id, "kind": it.meta.get("kind"), "question": it.question,
+                 "answer": it.choices[it.answer], **{c: it.choices[chosen[c][i]] for c in chosen}}
+                for i, it in enumerate(self.items)]
+        write_bytes(self.out / "predictions.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n"
+                                                            for r in rows).encode())
+        write_bytes(self.out / "report.md", report(result).encode())
+        return result
+
+    def _summary(self, chosen: dict[str, list[int]], finetuning: dict, augmentation: list[dict],
+                 seconds: dict[str, float]) -> dict[str, Any]:
+        kinds = sorted({str(it.meta.get("kind")) for it in self.items})
+        table: dict[str, dict[str, Any]] = {}
+        for cond, picks in chosen.items():
+            table[cond] = {}
+            for kind in [*kinds, "all"]:
+                idx = [i for i, it in enumerate(self.items) if kind == "all" or it.meta.get("kind") == kind]
+                acc, lo, hi = accuracy_interval([picks[i] == self.items[i].answer for i in idx], self.cfg.bootstrap,
+                                                self.cfg.seed)
+                table[cond][kind] = {"accuracy": acc, "ci95": [lo, hi], "n": len(idx)}
+        chance = {kind: float(np.mean([1 / len(it.choices) for it in self.items
+                                       if kind == "all" or it.meta.get("kind") == kind])) for kind in [*kinds, "all"]}
+        aug = None
+        if augmentation:
+            aug = {"written": len(augmentation), "correct": sum(a["correct"] for a in augmentation),
+                   "examples": augmentation[:6]}
+        return {"config": asdict(self.cfg), "facts": len(self.facts), "items": len(self.items), "kinds": kinds,
+                "chance": chance, "accuracy": table, "finetuning": finetuning, "augmentation": aug,
+                "seconds": seconds}
+
+
+def report(result: dict[str, Any]) -> str:
+    """The results as a markdown page: accuracy per condition and kind of item."""
+    kinds = [*result["kinds"], "all"]
+    lines = [f"# Knowledge injection: {result['config']['reader']}", "",
+             f"{result['facts']} facts, {result['items']} multiple-choice items; accuracy (%) with 95% bootstrap "
+             "intervals over items.", "",
+             "| condition | " + " | ".join(f"{k} (n={result['accuracy'][next(iter(result['accuracy']))][k]['n']})"
+                                        for k in kinds) + " |",
+             "|---|" + "---|" * len(kinds),
+             "| chance | " + " | ".join(f"{100 * result['chance'][k]:.1f}" for k in kinds) + " |"]
+    for cond, row in result["accuracy"].items():
+        cells = [f"{100 * row[k]['accuracy']:.1f} [{100 * row[k]['ci95'][0]:.0f}, {100 * row[k]['ci95'][1]:.0f}]"
+                 for k in kinds]
+        lines.append(f"| {cond} | " + " | ".join(cells) + " |")
+    aug = result.get("augmentation")
+    if aug:
+        lines += ["", f"Inferences the model wrote itself (augmented_model): {aug['correct']} of {aug['written']} "
+                      "equal the rule's."]
+    for name, ft in result.get("finetuning", {}).items():
+        lines.append(f"- {name}: {ft['texts']} texts, loss per epoch {ft['epoch_losses'][0]} → "
+                     f"{ft['epoch_losses'][-1]}, {ft['seconds']} s")
+    return "\n".join(lines) + "\n"
+
+
+__all__ = ["CONDITIONS", "KnowledgeConfig", "KnowledgeStudy", "accuracy_interval", "report"]

@@ -1,0 +1,81 @@
+"""Knowledge injection on a tiny store of invented facts: a Llama that copies its context answers the stated facts
+when they are in its context or retrieved, not closed book; fine-tuning lowers the loss on the facts; the report's
+numbers are the predictions'."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import assert_one_line_error, run_cli
+from retrolm.core.errors import RetrolmError
+from retrolm.infer.knowledge import KnowledgeConfig, KnowledgeStudy
+from retrolm.models.hf import CausalLM
+from retrolm.text.knowledge import KnowledgeSpec, write_knowledge
+from retrolm.text.tokenizer import train_bpe
+from retrolm.train.finetune import FinetuneConfig, finetune
+
+_spec = importlib.util.spec_from_file_location("incontext_helpers",
+                                               Path(__file__).parents[1] / "eval" / "test_incontext.py")
+_mod = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_mod)
+
+
+@pytest.fixture(scope="module")
+def knowledge(tmp_path_factory):
+    root = tmp_path_factory.mktemp("knowledge")
+    write_knowledge(KnowledgeSpec(chains=3, chain_len=3, tops=2, mids=2, leaves=2, seed=0), root / "data")
+    facts = [json.loads(x)["text"] for x in (root / "data" / "facts.jsonl").read_text().splitlines()]
+    tok = train_bpe(facts * 3 + [json.loads(x)["question"] for x in (root / "data" / "qa.jsonl").read_text()
+                                 .splitlines()], 400)
+    _mod.induction_llama(tok.vocab_size).save_pretrained(root / "copier")
+    tok.save(root / "copier" / "tokenizer.json")
+    return root
+
+
+def test_the_copier_answers_what_it_reads_and_the_report_counts_its_predictions(knowledge):
+    out = knowledge / "out"
+    cfg = KnowledgeConfig(data=str(knowledge / "data"), reader=str(knowledge / "copier"), out_dir=str(out),
+                          conditions=["closed_book", "in_context", "retrieval", "augmented_rules"], retrieve_k=2,
+                          finetune=FinetuneConfig(epochs=1, batch_size=4), bootstrap=200)
+    r = KnowledgeStudy(cfg).run()
+    acc = r["accuracy"]
+    # a copier that reads the stated facts picks the option that continues them (closed book it cannot), and on a
+    # reversal the option with the stated wording, which is wrong: reading is copying here
+    assert acc["retrieval"]["fact"]["accuracy"] > 0.8 > acc["closed_book"]["fact"]["accuracy"]
+    assert acc["retrieval"]["reversal"]["accuracy"] < 0.2
+    assert r["finetuning"]["augmented_rules"]["texts"] == r["facts"] + 6 + 8  # facts + reversals + syllogisms
+    rows = [json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()]
+    for cond in acc:
+        for kind in r["kinds"]:
+            mine = [x[cond] == x["answer"] for x in rows if x["kind"] == kind]
+            assert acc[cond][kind]["n"] == len(mine) and acc[cond][kind]["accuracy"] == pytest.approx(
+                sum(mine) / len(mine))
+            lo, hi = acc[cond][kind]["ci95"]
+            assert lo <= acc[cond][kind]["accuracy"] <= hi
+    assert r["chance"]["reversal"] == 0.5 and "| retrieval |" in (out / "report.md").read_text()
+    assert (out / "config.yaml").is_file()
+
+
+def test_finetuning_lowers_the_loss_on_its_texts(knowledge):
+    lm = CausalLM.from_pretrained(str(knowledge / "copier"))
+    from retrolm.text.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(str(knowledge / "copier"))
+    texts = ["All gloop are snerk.", "fraz is more famous than blip."]
+    losses = finetune(lm, tok, texts, FinetuneConfig(epochs=6, lr=3e-3, batch_size=2, warmup_steps=0),
+                      show_progress=False)
+    assert losses[-1] < 0.7 * losses[0] and not lm.hf.training and not any(p.requires_grad for p in
+                                                                           lm.hf.parameters())
+    with pytest.raises(RetrolmError, match="no texts"):
+        finetune(lm, tok, [], FinetuneConfig())
+
+
+def test_cli_needs_the_data_and_known_conditions(knowledge, capsys):
+    rc, _, err = run_cli(["knowledge", "--out", knowledge / "x"], capsys)
+    assert_one_line_error(rc, err, "--data is required")
+    rc, _, err = run_cli(["knowledge", "--data", knowledge / "data", "conditions=[telepathy]"], capsys)
+    assert_one_line_error(rc, err, "conditions: choose from")
