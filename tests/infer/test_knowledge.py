@@ -79,3 +79,47 @@ def test_cli_needs_the_data_and_known_conditions(knowledge, capsys):
     assert_one_line_error(rc, err, "--data is required")
     rc, _, err = run_cli(["knowledge", "--data", knowledge / "data", "conditions=[telepathy]"], capsys)
     assert_one_line_error(rc, err, "conditions: choose from")
+
+
+def test_demonstrations_are_sound_and_the_database_is_this_sets(knowledge, tmp_path):
+    from retrolm.infer.reader import Reading
+
+    study = KnowledgeStudy(KnowledgeConfig(data=str(knowledge / "data"), reader=str(knowledge / "copier"),
+                                           out_dir=str(tmp_path / "out")))
+    seen = []
+
+    class Recorder:  # stands for the reader: records the prompts, writes the rule's inference for every other one
+        def generate(self, prompts, max_new_tokens):
+            seen.extend(study.tok.decode(p) for p in prompts)
+            return [Reading([""], 0, 0, 0, [f" {inf['text']}\nmore" if i % 2 else " nonsense"])
+                    for i, inf in enumerate(study.inferences)]
+
+    written = study._generated_inferences(Recorder())
+    assert [w["correct"] for w in written] == [i % 2 == 1 for i in range(len(written))]
+    data_words = {w for f in study.facts for w in f["text"].rstrip(".").split()}
+    demos = [p.rsplit("\n\n", 1)[0] for p in seen]  # the worked examples before the fact to restate
+    for demo in demos:
+        words = {w.strip(".") for w in demo.split()} - {"Statement:", "Other", "way", "round:", "is", "than", "famous",
+                                                         "more", "less", "All", "are", "So:"}
+        assert words and not words & data_words
+    comparison = next(d for d in demos if "Statement" in d)
+    assert "is more famous" in comparison and "is less famous" in comparison  # both directions shown
+    for line in (x for d in demos for x in d.splitlines() if x.startswith("All ")):
+        a, b, c = line.split()[1], line.split()[3].strip("."), line.split()[-1].strip(".")
+        assert len({a, b, c}) == 3  # "All B are B." taught the middle category as the answer
+    # a second set in the same folder retrieves its own facts (a stale database was reused)
+    write_knowledge(KnowledgeSpec(chains=2, chain_len=3, tops=2, mids=1, leaves=1, seed=5), tmp_path / "other")
+    study._retrieved()
+    other = KnowledgeStudy(KnowledgeConfig(data=str(tmp_path / "other"), reader=str(knowledge / "copier"),
+                                           out_dir=str(tmp_path / "out")))
+    texts = {f["text"] for f in other.facts}
+    assert all(p in texts for ps in other._retrieved() for p in ps)
+
+
+def test_facts_that_overflow_the_context_are_refused(knowledge, tmp_path):
+    lm = CausalLM.from_pretrained(str(knowledge / "copier"))
+    lm.hf.config.max_position_embeddings = 64
+    study = KnowledgeStudy(KnowledgeConfig(data=str(knowledge / "data"), reader=str(knowledge / "copier"),
+                                           out_dir=str(tmp_path / "out")))
+    with pytest.raises(RetrolmError, match="do not fit the 64-token context"):
+        study._choose(study._reader(lm), [[f["text"] for f in study.facts]] * len(study.items))

@@ -110,47 +110,60 @@ class KnowledgeStudy:
         """The chosen option of every item, reading ``passages[i]`` before item i (None: nothing)."""
         out = []
         for i, it in enumerate(self.items):
-            prompt = reader.prompt_ids(it.question, passages[i] if passages else None,
-                                       reserve=reader.option_room(it.choices))
+            reserve = reader.option_room(it.choices)
+            prompt = reader.prompt_ids(it.question, passages[i] if passages else None, reserve=reserve)
+            if passages and len(self.tok.encode(reader.prompt_text(it.question, passages[i]))) > len(prompt):
+                raise RetrolmError(f"the {len(passages[i])} passages of item {it.id} do not fit the "
+                                   f"{reader.lm.context_len}-token context of {reader.lm.name}: fewer facts needed")
             chosen = reader.choose([prompt], [it.choices])[0].answers[0]
             out.append(it.choices.index(chosen))
         return out
 
     def _retrieved(self) -> list[list[str]]:
-        """The ``retrieve_k`` facts BM25 finds for each question, best first."""
-        folder = self.out / "facts-db"
-        if (folder / "meta.json").is_file():
-            db = Database.open(folder)
-        else:
-            db = Database.build([Path(self.cfg.data) / "facts.jsonl"], folder,
-                                BuildConfig(tokenizer=self.cfg.reader, index="none", bm25=True), show_progress=False)
+        """The ``retrieve_k`` facts BM25 finds for each question, best first (one hop: a syllogism's question names
+        the leaf, so the middle category's fact is found only by chance)."""
+        db = Database.build([Path(self.cfg.data) / "facts.jsonl"], self.out / "facts-db",  # tiny: built every run
+                            BuildConfig(tokenizer=self.cfg.reader, index="none", bm25=True), overwrite=True,
+                            show_progress=False)
         result = get_retriever(db, "bm25").search([it.question for it in self.items], self.cfg.retrieve_k)
         return [[h.text.strip() for h in result.hits(i)] for i in range(len(self.items))]
 
+    def _demonstration_words(self, n: int) -> list[str]:
+        """``n`` invented words for worked examples, none of them (or a prefix of one) a word of the data."""
+        taken = {w for f in self.facts for w in f["text"].rstrip(".").split()}
+        rng = random.Random(f"demonstrations-{self.cfg.seed}")  # a stream no data seed reproduces
+        pool = [w for w in invented_words(4 * n + 40, rng)
+                if not any(w.startswith(t) or t.startswith(w) for t in taken)]
+        if len(pool) < n:
+            raise RetrolmError("could not invent words for the demonstrations that the data does not use")
+        return pool[:n]
+
     def _generated_inferences(self, reader: Reader) -> list[dict]:
-        """The inferences the model writes itself (few-shot, greedy), next to the rule's."""
-        rng = random.Random(self.cfg.seed + 1)
-        names = invented_words(4 * self.cfg.demonstrations, rng)  # not words of the set: it may collide, rarely
-        pairs = [names[2 * i : 2 * i + 2] for i in range(2 * self.cfg.demonstrations)]
+        """The inferences the model writes itself (few-shot, greedy), next to the rule's. Demonstrations use words
+        the data does not, restate "more" and "less" facts alike, and show syllogisms over three distinct words."""
+        d = self.cfg.demonstrations
+        names = self._demonstration_words(5 * d)
+        compare = "".join(
+            f"Statement: {a} is {w} famous than {b}.\nOther way round: {b} is {o} famous than {a}.\n\n"
+            for i, (a, b) in enumerate(zip(names[0 : 2 * d : 2], names[1 : 2 * d : 2], strict=True))
+            for w, o in [("more", "less") if i % 2 == 0 else ("less", "more")])
+        chain = "".join(f"All {a} are {b}. All {b} are {c}.\nSo: All {a} are {c}.\n\n"
+                        for a, b, c in zip(names[2 * d : 3 * d], names[3 * d : 4 * d], names[4 * d : 5 * d],
+                                           strict=True))
         by_id = {f["id"]: f["text"] for f in self.facts}
-        prompts, wanted = [], []
+        prompts = []
         for inf in self.inferences:
             stated = [by_id[f] for f in inf["from"]]
             if len(stated) == 1:  # a comparison, restated the other way round
-                shots = "".join(f"Statement: {a} is more famous than {b}.\nOther way round: {b} is less famous than "
-                                f"{a}.\n\n" for a, b in pairs[: self.cfg.demonstrations])
-                text = f"{shots}Statement: {stated[0]}\nOther way round:"
+                text = f"{compare}Statement: {stated[0]}\nOther way round:"
             else:  # a syllogism: the leaf's fact and its middle category's fact, joined
-                shots = "".join(f"All {a} are {b}. All {b} are {c}.\nSo: All {a} are {c}.\n\n"
-                                for (a, b), c in zip(pairs[self.cfg.demonstrations :], names[-self.cfg.demonstrations:],
-                                                     strict=False))
-                text = f"{shots}{stated[0]} {stated[1]}\nSo:"
+                text = f"{chain}{stated[0]} {stated[1]}\nSo:"
             prompts.append(self.tok.encode(text))
-            wanted.append(inf["text"])
-        readings = reader.generate(prompts, max_new_tokens=20)
+        readings = reader.generate(prompts, max_new_tokens=32)
         out = []
         for inf, r in zip(self.inferences, readings, strict=True):
-            written = r.texts[0].strip().splitlines()[0].strip() if r.texts[0].strip() else ""
+            lines = (r.texts[0] or "").strip().splitlines()
+            written = lines[0].strip() if lines else ""
             out.append({"id": inf["id"], "written": written, "rule": inf["text"],
                         "correct": " ".join(written.split()) == inf["text"]})
         return out

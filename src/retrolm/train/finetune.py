@@ -40,13 +40,13 @@ class FinetuneConfig:
 
 def finetune(lm: CausalLM, tokenizer: LMTokenizer, texts: Sequence[str], cfg: FinetuneConfig,
              show_progress: bool = True) -> list[float]:
-    """Train every weight of ``lm`` (in place) to predict ``texts``, each a sequence of its own that starts after the
-    tokenizer's EOS (a document boundary, as in pre-training) and ends with it; shuffled every epoch with
-    ``cfg.seed``. Returns the mean loss (nats per token) of each epoch; ``lm`` is left in eval mode."""
+    """Train every weight of ``lm`` (in place) to predict ``texts``, each a sequence of its own ending with the
+    tokenizer's EOS (as a prompt made of the text's start would be read: nothing before it); shuffled every epoch
+    with ``cfg.seed``. Returns the mean loss (nats per token) of each epoch; ``lm`` is left in eval mode."""
     if not texts:
         raise RetrolmError("finetune: no texts")
-    bos = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
-    rows = [bos + tokenizer.encode(t) + bos for t in texts]
+    eos = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
+    rows = [tokenizer.encode(t) + eos for t in texts]
     if max(len(r) for r in rows) > lm.context_len:
         raise RetrolmError(f"finetune: a text of {max(len(r) for r in rows)} tokens exceeds the context of {lm.name}")
     hf = lm.hf
