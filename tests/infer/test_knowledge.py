@@ -57,6 +57,7 @@ def test_the_copier_answers_what_it_reads_and_the_report_counts_its_predictions(
             lo, hi = acc[cond][kind]["ci95"]
             assert lo <= acc[cond][kind]["accuracy"] <= hi
     assert r["chance"]["reversal"] == 0.5 and "| retrieval |" in (out / "report.md").read_text()
+    assert r["augmentation"] is None  # augmented_model did not run
     assert (out / "config.yaml").is_file()
 
 

@@ -213,6 +213,9 @@ class KnowledgeStudy:
         write_bytes(self.out / "predictions.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n"
                                                             for r in rows).encode())
         write_bytes(self.out / "report.md", report(result).encode())
+        if augmentation:  # what the model wrote, next to the rule
+            write_bytes(self.out / "augmentations.jsonl", "".join(json.dumps(a, ensure_ascii=False) + "\n"
+                                                                  for a in augmentation).encode())
         return result
 
     def _summary(self, chosen: dict[str, list[int]], finetuning: dict, augmentation: list[dict],
@@ -230,8 +233,12 @@ class KnowledgeStudy:
                                        if kind == "all" or it.meta.get("kind") == kind])) for kind in [*kinds, "all"]}
         aug = None
         if augmentation:
+            kind = {inf["id"]: "reversal" if len(inf["from"]) == 1 else "syllogism" for inf in self.inferences}
             aug = {"written": len(augmentation), "correct": sum(a["correct"] for a in augmentation),
-                   "examples": augmentation[:6]}
+                   "correct_by_kind": {k: sum(a["correct"] for a in augmentation if kind[a["id"]] == k)
+                                       for k in ("reversal", "syllogism")},
+                   "written_by_kind": {k: sum(kind[a["id"]] == k for a in augmentation)
+                                       for k in ("reversal", "syllogism")}}
         return {"config": asdict(self.cfg), "facts": len(self.facts), "items": len(self.items), "kinds": kinds,
                 "chance": chance, "accuracy": table, "finetuning": finetuning, "augmentation": aug,
                 "seconds": seconds}
@@ -253,8 +260,9 @@ def report(result: dict[str, Any]) -> str:
         lines.append(f"| {cond} | " + " | ".join(cells) + " |")
     aug = result.get("augmentation")
     if aug:
-        lines += ["", f"Inferences the model wrote itself (augmented_model): {aug['correct']} of {aug['written']} "
-                      "equal the rule's."]
+        by = ", ".join(f"{n} of {aug['written_by_kind'][k]} {k}s" for k, n in aug["correct_by_kind"].items())
+        lines += ["", f"Inferences the model wrote itself (augmented_model) that equal the rule's: {aug['correct']} of "
+                      f"{aug['written']} ({by})."]
     for name, ft in result.get("finetuning", {}).items():
         lines.append(f"- {name}: {ft['texts']} texts, loss per epoch {ft['epoch_losses'][0]} → "
                      f"{ft['epoch_losses'][-1]}, {ft['seconds']} s")
