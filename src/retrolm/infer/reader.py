@@ -24,7 +24,7 @@ from retrolm.core.hub import resolve_model
 from retrolm.eval.qa import choice_prediction
 from retrolm.infer.flops import ModelCost
 from retrolm.infer.sampling import check_sampling, row_generator, sample
-from retrolm.models.hf import CausalLM
+from retrolm.models.hf import CausalLM, pad_rows
 from retrolm.text.tokenizer import LMTokenizer, load_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -100,14 +100,7 @@ def _forward_params(hf: torch.nn.Module) -> frozenset[str]:
 
 def left_pad(rows: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, T) ids and attention mask of rows aligned to the right."""
-    T = max(len(r) for r in rows)
-    ids = torch.full((len(rows), T), pad, dtype=torch.long)
-    mask = torch.zeros((len(rows), T), dtype=torch.long)
-    for i, r in enumerate(rows):
-        if r:
-            ids[i, T - len(r):] = torch.tensor(list(r), dtype=torch.long)
-            mask[i, T - len(r):] = 1
-    return ids, mask
+    return pad_rows(rows, pad, left=True)
 
 
 @dataclass

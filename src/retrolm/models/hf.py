@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -21,6 +21,20 @@ from retrolm.core.errors import RetrolmError
 from retrolm.core.hub import ModelRef, load_error, resolve_model, weights_fingerprint
 
 logger = logging.getLogger(__name__)
+
+
+def pad_rows(rows: Sequence[Sequence[int]], pad: int, left: bool = False) -> tuple[Tensor, Tensor]:
+    """(B, T) ids and attention mask of token rows padded with ``pad`` to the longest, on the right (or the left:
+    rows aligned to the right, as a batch of prompts to continue)."""
+    T = max((len(r) for r in rows), default=0)
+    ids = torch.full((len(rows), T), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), T), dtype=torch.long)
+    for i, r in enumerate(rows):
+        if r:
+            first = T - len(r) if left else 0
+            ids[i, first : first + len(r)] = torch.tensor(list(r), dtype=torch.long)
+            mask[i, first : first + len(r)] = 1
+    return ids, mask
 
 
 def padded_token_nll(forward: Callable[[Tensor, Tensor], Tensor], rows: list[list[int]], n_targets: list[int],
@@ -39,15 +53,9 @@ def padded_token_nll(forward: Callable[[Tensor, Tensor], Tensor], rows: list[lis
     order = sorted(range(len(rows)), key=lambda i: -len(rows[i]))
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
-        T = max(len(rows[i]) for i in idx)
-        ids = torch.zeros((len(idx), T), dtype=torch.long)
-        mask = torch.zeros((len(idx), T), dtype=torch.long)
-        ends = []  # where each row's last token sits
-        for r, i in enumerate(idx):
-            first = T - len(rows[i]) if left_pad else 0
-            ids[r, first : first + len(rows[i])] = torch.tensor(rows[i])
-            mask[r, first : first + len(rows[i])] = 1
-            ends.append(first + len(rows[i]) - 1)
+        ids, mask = pad_rows([rows[i] for i in idx], 0, left=left_pad)
+        T = ids.shape[1]
+        ends = [T - 1 if left_pad else len(rows[i]) - 1 for i in idx]  # where each row's last token sits
         logp = F.log_softmax(forward(ids.to(device), mask.to(device)).float()[:, :-1], dim=-1)
         nll = -logp.gather(-1, ids[:, 1:, None].to(device))[..., 0]  # (B, T-1): nll of token t+1
         for r, i in enumerate(idx):

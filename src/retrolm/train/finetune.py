@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from retrolm.core.errors import RetrolmError
-from retrolm.models.hf import CausalLM
+from retrolm.models.hf import CausalLM, pad_rows
 from retrolm.text.tokenizer import LMTokenizer
 
 logger = logging.getLogger(__name__)
@@ -64,12 +64,7 @@ def finetune(lm: CausalLM, tokenizer: LMTokenizer, texts: Sequence[str], cfg: Fi
             rng.shuffle(order)
             total, count = 0.0, 0
             for start in range(0, len(order), cfg.batch_size):
-                batch = [rows[i] for i in order[start : start + cfg.batch_size]]
-                width = max(len(r) for r in batch)
-                ids = torch.full((len(batch), width), tokenizer.pad_id, dtype=torch.long)
-                mask = torch.zeros((len(batch), width), dtype=torch.long)
-                for r, row in enumerate(batch):
-                    ids[r, : len(row)], mask[r, : len(row)] = torch.tensor(row), 1
+                ids, mask = pad_rows([rows[i] for i in order[start : start + cfg.batch_size]], tokenizer.pad_id)
                 ids, mask = ids.to(dev), mask.to(dev)
                 logits = hf(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
                 target = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
