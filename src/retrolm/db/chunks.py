@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 
 from retrolm.core.errors import RetrolmError
 from retrolm.core.io import atomic_path, naming_errors, read_json, write_json
-from retrolm.text.tokenizer import LMTokenizer
+from retrolm.text.tokenizer import REPLACEMENT, LMTokenizer, continuation_prefix, missing_bytes
 
 SEGMENT_FILES = ("tokens.bin", "lengths.bin", "doc.bin", "pos.bin")
 
@@ -163,28 +163,6 @@ class Segment:
         )
 
 
-REPLACEMENT = "\ufffd"
-"""What decoding puts for bytes that are not a whole UTF-8 character."""
-
-
-def _missing_bytes(data: bytes) -> int:
-    """How many continuation bytes the last character of ``data`` lacks (0 when it is complete)."""
-    for back in range(1, min(4, len(data)) + 1):
-        b = data[-back]
-        if b & 0xC0 != 0x80:  # the last character's first byte: its high bits give its length
-            size = 2 if b >> 5 == 0b110 else 3 if b >> 4 == 0b1110 else 4 if b >> 3 == 0b11110 else 1
-            return max(0, size - back)
-    return 0
-
-
-def _continuation_prefix(data: bytes, limit: int) -> int:
-    """How many of the first ``limit`` bytes of ``data`` are UTF-8 continuation bytes (10xxxxxx), in a row."""
-    n = 0
-    while n < min(limit, len(data)) and data[n] & 0xC0 == 0x80:
-        n += 1
-    return n
-
-
 class ChunkStore:
     """A global, read-only view over the segments of a database, addressed by chunk id."""
 
@@ -317,8 +295,8 @@ class ChunkStore:
         in an earlier chunk of the document), the ones their last character lacks taken from the chunks after."""
         first = self.chunk_pos(ids) == 0
         data = [tokenizer.token_bytes(t[:k]) or b"" for t, k in zip(toks, lens, strict=True)]
-        data = [d if at_start else d[_continuation_prefix(d, 3) :] for d, at_start in zip(data, first, strict=True)]
-        need = np.array([_missing_bytes(d) for d in data])
+        data = [d if at_start else d[continuation_prefix(d, 3) :] for d, at_start in zip(data, first, strict=True)]
+        need = np.array([missing_bytes(d) for d in data])
         nxt = np.where(need > 0, self.continuation_ids(ids), -1)
         for _ in range(3):  # from as many following chunks as they take (a chunk may be one 1-byte token)
             todo = np.flatnonzero(nxt >= 0)
@@ -327,7 +305,7 @@ class ChunkStore:
             t, k = self.tokens(nxt[todo]), self.lengths(nxt[todo])
             for j, row, n in zip(todo, t, k, strict=True):
                 head = tokenizer.token_bytes(row[: min(int(n), int(need[j]))]) or b""
-                more = _continuation_prefix(head, int(need[j]))
+                more = continuation_prefix(head, int(need[j]))
                 data[j] += head[:more]
                 need[j] -= more
                 if more < len(head) or need[j] == 0:

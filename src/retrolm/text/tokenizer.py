@@ -61,6 +61,28 @@ def _byte_level_alphabet() -> dict[int, str]:
     return {**{b: chr(b) for b in keep}, **{b: chr(256 + i) for i, b in enumerate(moved)}}
 
 
+REPLACEMENT = "\ufffd"
+"""What decoding puts for bytes that are not a whole UTF-8 character."""
+
+
+def missing_bytes(data: bytes) -> int:
+    """How many continuation bytes the last character of ``data`` lacks (0 when it is complete)."""
+    for back in range(1, min(4, len(data)) + 1):
+        b = data[-back]
+        if b & 0xC0 != 0x80:  # the last character's first byte: its high bits give its length
+            size = 2 if b >> 5 == 0b110 else 3 if b >> 4 == 0b1110 else 4 if b >> 3 == 0b11110 else 1
+            return max(0, size - back)
+    return 0
+
+
+def continuation_prefix(data: bytes, limit: int) -> int:
+    """How many of the first ``limit`` bytes of ``data`` are UTF-8 continuation bytes (10xxxxxx), in a row."""
+    n = 0
+    while n < min(limit, len(data)) and data[n] & 0xC0 == 0x80:
+        n += 1
+    return n
+
+
 def _pieces_are_exact(spec: dict) -> bool:
     """Whether encoding a text in :func:`_pieces` gives the ids of the whole: true for byte-level BPE (GPT-2,
     SmolLM2, Llama 3, ``train:N``), where a space starts a pre-token anyway; not where the normalizer or a
@@ -197,8 +219,7 @@ class LMTokenizer:
         out, start = [], 0
         for j, end in enumerate(ends):
             if j < len(ends) - 1:  # past the continuation bytes (at most 3) of a character begun before the cut
-                while end < len(whole) and end - ends[j] < 3 and whole[end] & 0xC0 == 0x80:
-                    end += 1
+                end += continuation_prefix(whole[end : end + 3], 3)
             out.append(whole[start:end].decode("utf-8", errors="replace"))
             start = max(start, end)
         return out
