@@ -73,7 +73,7 @@ def generate_in_context(
                              tokenizer.eos_id if stop_at_eos else None)
         out += span
         if span:
-            chunks.append(GeneratedChunk(tokenizer.decode(span), hits, span))
+            chunks.append(GeneratedChunk("", hits, span))  # its text once every span is known (below)
         if done:
             break
     for chunk, text in zip(chunks, tokenizer.decode_spans([c.token_ids for c in chunks]), strict=True):

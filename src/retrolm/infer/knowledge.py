@@ -112,7 +112,8 @@ class KnowledgeStudy:
         for i, it in enumerate(self.items):
             reserve = reader.option_room(it.choices)
             prompt = reader.prompt_ids(it.question, passages[i] if passages else None, reserve=reserve)
-            if passages and len(self.tok.encode(reader.prompt_text(it.question, passages[i]))) > len(prompt):
+            cut = len(prompt) >= reader.lm.context_len - reserve and passages  # only then can it have been cut
+            if cut and len(self.tok.encode(reader.prompt_text(it.question, passages[i]))) > len(prompt):
                 raise RetrolmError(f"the {len(passages[i])} passages of item {it.id} do not fit the "
                                    f"{reader.lm.context_len}-token context of {reader.lm.name}: fewer facts needed")
             chosen = reader.choose([prompt], [it.choices])[0].answers[0]
