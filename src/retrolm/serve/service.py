@@ -14,8 +14,6 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
-
 from retrolm.core.errors import RetrolmError
 from retrolm.db import DatabaseView
 from retrolm.infer.generate import GenerateConfig
@@ -173,7 +171,7 @@ class Service:
                 raise NotFoundError(f"no document {doc_id!r} in {self.db.path}")
             first, n = int(store.doc_first_chunk[doc]), int(store.doc_n_chunks[doc])
             return {"id": doc_id, "source": store.doc_source(doc), "chunks": [first, first + n],
-                    "text": self.db.tokenizer.decode(np.asarray(store.doc_tokens(doc)).tolist())}
+                    "text": self.db.tokenizer.decode(store.doc_tokens(doc).tolist())}
 
     # ------------------------------------------------------------------------------------------------ helpers
     def _sync(self, generating: bool = False) -> None:
