@@ -13,6 +13,7 @@ from retrolm.core.errors import RetrolmError
 from retrolm.db import BuildConfig, Database, DatabaseView
 from retrolm.db.meta import staging_path
 from retrolm.retrieval import get_retriever
+from retrolm.retrieval.sharded import ShardedRetriever, is_shards_file
 
 DbDir = Annotated[Path, typer.Argument(help="Database folder.")]
 Corpus = Annotated[
@@ -35,6 +36,8 @@ def db_build(
     batch_size: Annotated[int | None, typer.Option(help="Chunks per encoder batch.")] = None,
     shard_size: Annotated[int | None, typer.Option(help="Chunks per resumable embedding shard.")] = None,
     device: Annotated[str | None, typer.Option(help="Encoder device (cpu, cuda, ...).")] = None,
+    shard: Annotated[str | None, typer.Option(help="I/N: build shard I (from 0) of N, the documents whose id hashes "
+                                              "to I; search the N shards together with a shards file.")] = None,
     config: ConfigFile = None,
     resume: Annotated[bool, typer.Option(help="Resume a partial build of the same inputs.")] = True,
     overwrite: Annotated[
@@ -52,14 +55,15 @@ def db_build(
         raise RetrolmError("db build: no corpus path given")
     cfg = command_config(BuildConfig, ctx, config, overrides, encoder=encoder, tokenizer=tokenizer, chunk_len=chunk_len,
                          index=index, index_factory=index_factory, bm25=bm25, batch_size=batch_size,
-                         shard_size=shard_size, device=device)
+                         shard_size=shard_size, device=device, shard=shard)
     if not resume:
         shutil.rmtree(staging_path(out), ignore_errors=True)
     db = Database.build(corpus, out, cfg, overwrite=overwrite, show_progress=not quiet)
     info = db.info()
     keys = " + ".join(k for k, on in ((f"index {info['index_factory']}", info["index_factory"]),
                                       ("BM25", info["bm25"])) if on)
-    typer.echo(f"built {out}: {info['num_docs']} documents, {info['num_chunks']} chunks, {keys}, "
+    part = f" (shard {info['shard']})" if info["shard"] else ""
+    typer.echo(f"built {out}{part}: {info['num_docs']} documents, {info['num_chunks']} chunks, {keys}, "
                f"{info['bytes_on_disk'] / 1e6:.1f} MB")
 
 
@@ -74,11 +78,14 @@ def db_add(
     device: Annotated[str | None, typer.Option(help="Encoder device.")] = None,
     quiet: Quiet = False,
 ) -> None:
-    """Append documents to a database; they are searchable immediately, nothing is rebuilt."""
+    """Append documents to a database; they are searchable immediately, nothing is rebuilt. A shard takes only the
+    documents that hash to it: give every shard the same files."""
     db = Database.open(db_dir, device=device)
     db.check_compatible(encoder=encoder, tokenizer=tokenizer, chunk_len=chunk_len)
     r = db.add(corpus, replace=replace, show_progress=not quiet)
-    typer.echo(f"added {r['docs_added']} documents ({r['chunks_added']} chunks), replaced {r['docs_replaced']}")
+    other = f"; {r['docs_other_shards']} belong to other shards" if r["docs_other_shards"] else ""
+    typer.echo(f"added {r['docs_added']} documents ({r['chunks_added']} chunks), replaced {r['docs_replaced']}"
+               f"{other}")
 
 
 @db_app.command("delete")
@@ -123,11 +130,19 @@ def db_search(
     as_json: AsJson = False,
     device: Annotated[str | None, typer.Option(help="Encoder device.")] = None,
 ) -> None:
-    """Search a database with a text query; shows each chunk, its continuation and its document. Read-only."""
+    """Search a database (or the parts a shards file names) with a text query; shows each chunk, its continuation and
+    its document. Read-only."""
     if not query.strip():
         raise RetrolmError("search: the query is empty")
-    db = DatabaseView.open(db_dir, device=device)
-    hits = get_retriever(db, "bm25" if bm25 else retriever).search(query, k).hits(0)
+    kind = "bm25" if bm25 else retriever
+    if is_shards_file(db_dir):
+        sharded = ShardedRetriever.open(db_dir, device=device, retriever=kind)
+        try:
+            hits = sharded.search(query, k).hits(0)
+        finally:
+            sharded.close()
+    else:
+        hits = get_retriever(DatabaseView.open(db_dir, device=device), kind).search(query, k).hits(0)
     if as_json:
         print_json([h.to_dict() for h in hits])
         return
@@ -141,7 +156,8 @@ def db_search(
     for col in ("#", "score", "doc (chunk)", "text ⟶ continuation"):
         table.add_column(col)
     for rank, h in enumerate(hits, 1):
-        table.add_row(str(rank), f"{h.score:.3f}", f"{h.doc_id}\n(chunk {h.chunk_id}, #{h.position})",
+        where = f"{h.shard}: " if getattr(h, "shard", None) else ""
+        table.add_row(str(rank), f"{h.score:.3f}", f"{h.doc_id}\n({where}chunk {h.chunk_id}, #{h.position})",
                       f"{h.text.strip()}\n[dim]⟶ {h.continuation.strip()[:300]}[/dim]")
     Console().print(table)
 
@@ -152,7 +168,15 @@ def db_info(
     as_json: AsJson = False,
     verify: Annotated[bool, typer.Option("--verify", help="Read every file and check its checksum.")] = False,
 ) -> None:
-    """Describe a database: counts, tokenizer, encoder, indexes, size on disk."""
+    """Describe a database: counts, tokenizer, encoder, indexes, size on disk (a shards file: its parts, checked to be
+    the parts of one database)."""
+    if is_shards_file(db_dir):
+        if verify:
+            raise RetrolmError(f"{db_dir}: --verify checks one database folder; run it on each part")
+        sharded = ShardedRetriever.open(db_dir)
+        sharded.close()
+        print_json(sharded.describe()) if as_json else typer.echo(_describe_shards(sharded.describe()))
+        return
     db = DatabaseView.open(db_dir)
     info = db.info()
     if verify:
@@ -164,3 +188,14 @@ def db_info(
     width = max(map(len, info))
     for key, value in info.items():
         typer.echo(f"{key:<{width}}  {value}")
+
+
+def _describe_shards(d: dict) -> str:
+    lines = [f"{d['path']}: {d['num_shards']} shards, {d['num_docs']} documents, {d['num_chunks']} chunks; "
+             f"chunk_len {d['chunk_len']}, tokenizer {d['tokenizer']}, encoder {d['encoder']}; "
+             f"retriever {d['retriever']}"]
+    for s in d["shards"]:
+        index = s["index_factory"] or "no dense index"
+        lines.append(f"  {s['label'] or '-':>6}  {s['shard']}: {s['num_docs']} documents, {s['num_chunks']} chunks, "
+                     f"{index}{' + BM25' if s['bm25'] else ''}")
+    return "\n".join(lines)

@@ -11,6 +11,7 @@ from retrolm.db import DatabaseView
 from retrolm.infer.generate import GenerateConfig, Generation, format_generation
 from retrolm.infer.generator import Generator
 from retrolm.retrieval import get_retriever
+from retrolm.retrieval.sharded import ShardedRetriever, is_shards_file
 
 
 @app.command("generate", context_settings=EXTRA)
@@ -19,7 +20,7 @@ def generate_cmd(
     checkpoint: Annotated[str | None, typer.Option(help="RETRO checkpoint / run folder, or a pretrained LM (HF folder, "
                                                    "smollm2-135m, hub name).")] = None,
     prompt: Annotated[str | None, typer.Option(help="Text to continue.")] = None,
-    db: Annotated[str | None, typer.Option(help="Retrieval database; omit for retrieval off.")] = None,
+    db: Annotated[str | None, typer.Option(help="Retrieval database or shards file; omit for retrieval off.")] = None,
     max_new_tokens: Annotated[int | None, typer.Option(help="Tokens to generate (default 128).")] = None,
     temperature: Annotated[float | None, typer.Option(help="0 = greedy (default).")] = None,
     top_p: Annotated[float | None, typer.Option(help="Nucleus sampling mass (default 1).")] = None,
@@ -48,6 +49,13 @@ def generate_cmd(
 def run_generate(cfg: GenerateConfig) -> Generation:
     """Load the model (and database), then generate as the model reads: RETRO per chunk, a plain LM in context."""
     gen = Generator.load(cfg.checkpoint, device=cfg.device)
+    if cfg.db is not None and is_shards_file(cfg.db):
+        gen.check_sharded(cfg.db)
+        sharded = ShardedRetriever.open(cfg.db, device=cfg.device, retriever=cfg.retriever)
+        try:
+            return gen.generate(cfg, sharded)
+        finally:
+            sharded.close()
     database = DatabaseView.open(cfg.db, device=cfg.device) if cfg.db is not None else None
     if database is not None:
         gen.check_database(database)

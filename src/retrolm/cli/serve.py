@@ -15,7 +15,8 @@ from retrolm.serve import ServeConfig, Service
 @app.command("serve", context_settings=EXTRA)
 def serve_cmd(
     ctx: typer.Context,
-    db: Annotated[str | None, typer.Option("--db", help="Database folder.")] = None,
+    db: Annotated[str | None, typer.Option("--db", help="Database folder, or a shards file (the front of a "
+                                           "sharded database).")] = None,
     reader: Annotated[str | None, typer.Option(help="Causal LM that answers questions (HF folder, smollm2-135m, "
                                                "hub name); omit to only search.")] = None,
     generator: Annotated[str | None, typer.Option(help="RETRO checkpoint or causal LM that continues text "

@@ -45,7 +45,7 @@ from retrolm.db.meta import (
     swap_into_place,
     update_counts,
 )
-from retrolm.text.corpus import Document, corpus_fingerprint, iter_documents
+from retrolm.text.corpus import Document, corpus_fingerprint, in_shard, iter_documents, parse_shard
 from retrolm.text.encoder import DEFAULT_ENCODER, EncoderTokenizer, SentenceEncoder
 from retrolm.text.tokenizer import LMTokenizer, parse_train_spec, resolve_tokenizer
 
@@ -101,6 +101,11 @@ class BuildConfig:
     """Encoder device (default: CUDA if available)."""
     seed: int = 0
     """Seed for index training samples."""
+    shard: str | None = None
+    """``I/N``: this database is shard I (from 0) of a database split N ways, and keeps only the documents whose id
+    hashes to I (:func:`retrolm.text.corpus.shard_of`), so N machines can each build their part from the same corpus
+    and search them together (:mod:`retrolm.retrieval.sharded`). A ``train:N`` tokenizer is still trained on the
+    whole corpus, so every shard gets the same one. Not to be confused with ``shard_size``'s embedding shards."""
 
     def __post_init__(self) -> None:
         if not 1 <= self.chunk_len <= 4096:
@@ -116,6 +121,8 @@ class BuildConfig:
             raise RetrolmError("exact_batch_min and sort_shards must be positive")
         if self.tokenize_workers is not None and self.tokenize_workers < 0:
             raise RetrolmError(f"tokenize_workers must be >= 0, got {self.tokenize_workers}")
+        if self.shard is not None:
+            parse_shard(self.shard)
 
     @property
     def dense(self) -> bool:
@@ -437,9 +444,12 @@ def _build_stages(corpus: Sequence[str | Path], staging: Path, config: BuildConf
     timings: dict[str, float] = {}
     t = time.perf_counter()
     seg = staging / "segments" / "seg-000000"
-    info = tokenize_into_segment(iter_documents(corpus), tokenizer, seg, config.chunk_len, 0, 0, show_progress)
+    shard = parse_shard(config.shard) if config.shard else None
+    info = tokenize_into_segment(in_shard(iter_documents(corpus), shard), tokenizer, seg, config.chunk_len, 0, 0,
+                                 show_progress)
     if info["n_chunks"] == 0:
-        raise RetrolmError(f"{', '.join(map(str, corpus))}: corpus produced no tokens")
+        where = f" in shard {config.shard}" if shard else ""
+        raise RetrolmError(f"{', '.join(map(str, corpus))}: corpus produced no tokens{where}")
     store = ChunkStore.open([seg], config.chunk_len, tokenizer.pad_id)
     timings["tokenize_s"] = time.perf_counter() - t
     index_meta = None
@@ -496,6 +506,7 @@ def _build_stages(corpus: Sequence[str | Path], staging: Path, config: BuildConf
         "bm25": bm25_dir,
         "segments": [seg.name],
         "tombstones": None,
+        "shard": {"index": shard[0], "count": shard[1]} if shard else None,
         # Wall time of the stages run by the last (possibly resumed) invocation.
         "build_stats": {k: round(v, 3) for k, v in timings.items()},
         "software": library_versions(),  # e.g. the BM25 scorer's release decides which neighbours a search returns

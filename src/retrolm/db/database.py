@@ -44,7 +44,7 @@ from retrolm.db.index import VectorIndex
 from retrolm.db.lexical import LexicalIndex
 from retrolm.db.meta import FORMAT_VERSION, db_path, file_records, now, referenced_files, update_counts
 from retrolm.db.view import DatabaseView, meta_stamp
-from retrolm.text.corpus import Document, corpus_fingerprint, iter_documents
+from retrolm.text.corpus import Document, corpus_fingerprint, iter_documents, shard_of
 
 logger = logging.getLogger(__name__)
 
@@ -133,8 +133,13 @@ class Database(DatabaseView):
     def _add_staged(self, staging: Path, corpus: Sequence[str | Path], replace: bool, show_progress: bool) -> dict:
         live = {d: i for i, d in enumerate(self.store.doc_ids) if not self.deleted_docs[i]}
 
+        shard, elsewhere = self.shard, [0]
+
         def checked(docs: Iterable[Document]) -> Iterator[Document]:
             for doc in docs:  # fail early, before any embedding work
+                if shard is not None and shard_of(doc.id, shard[1]) != shard[0]:
+                    elsewhere[0] += 1  # another shard's document: its own database takes it
+                    continue
                 if doc.id in live and not replace:
                     raise RetrolmError(
                         f"{doc.source}: document id {doc.id!r} is already in {self.path} (use --replace)")
@@ -144,6 +149,8 @@ class Database(DatabaseView):
         seg = staging / seg_name
         info = tokenize_into_segment(checked(iter_documents(corpus)), self.tokenizer, seg, self.chunk_len,
                                      self.store.n_chunks, self.store.n_docs, show_progress)
+        if info["n_docs"] == 0:  # every document belongs to other shards: nothing to commit
+            return {"docs_added": 0, "chunks_added": 0, "docs_replaced": 0, "docs_other_shards": elsewhere[0]}
         new_store = ChunkStore.open([seg], self.chunk_len, self.tokenizer.pad_id)
         replaced = [live[d] for d in new_store.doc_ids if d in live]
         version = self.meta["version"] + 1
@@ -168,7 +175,8 @@ class Database(DatabaseView):
         for src, dst in moves:
             commit_dir(src, dst) if src.is_dir() else os.replace(src, dst)
         self._commit(meta, deleted)
-        return {"docs_added": info["n_docs"], "chunks_added": info["n_chunks"], "docs_replaced": len(replaced)}
+        return {"docs_added": info["n_docs"], "chunks_added": info["n_chunks"], "docs_replaced": len(replaced),
+                "docs_other_shards": elsewhere[0]}
 
     def delete(
         self,

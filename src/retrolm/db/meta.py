@@ -51,6 +51,9 @@ def read_meta(path: Path) -> dict:
     if path.name.endswith(STAGING_SUFFIX) or (path / "plan.json").is_file():
         final = path.with_name(path.name.removesuffix(STAGING_SUFFIX))
         raise RetrolmError(f"{path}: unfinished build staging folder, not a database (re-run the build of {final})")
+    if path.is_file() and path.suffix in (".yaml", ".yml"):  # retrolm.retrieval.sharded's shards file
+        raise RetrolmError(f"{path}: a shards file; this needs one database folder (db search, db info, rag, generate "
+                           f"and serve read shards)")
     if not path.is_dir():
         raise RetrolmError(f"{path}: database folder does not exist")
     meta = read_json(path / "meta.json", "database description (meta.json)")

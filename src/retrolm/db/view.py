@@ -212,6 +212,12 @@ class DatabaseView:
 
     # ---- components
     @property
+    def shard(self) -> tuple[int, int] | None:
+        """(I, N) when this database is shard I of N (built with ``shard=I/N``), else None."""
+        sh = self.meta.get("shard")
+        return (sh["index"], sh["count"]) if sh else None
+
+    @property
     def has_dense(self) -> bool:
         """Whether the database holds frozen-encoder keys (a BM25-only database does not)."""
         return self.index is not None
@@ -370,12 +376,15 @@ class DatabaseView:
             "num_chunks_stored": m["num_chunks_stored"],
             "chunk_len": self.chunk_len,
             "tokenizer": m["tokenizer"]["name"],
+            "tokenizer_sha256": m["tokenizer"]["sha256"],
             "vocab_size": m["tokenizer"]["vocab_size"],
             "encoder": enc.get("name"),
+            "encoder_fingerprint": enc.get("fingerprint"),
             "encoder_dim": enc.get("dim"),
             "index_type": index.get("kind"),
             "index_factory": index.get("factory"),
             "bm25": bool(m.get("bm25")),
+            "shard": f"{self.shard[0]}/{self.shard[1]}" if self.shard else None,
             "segments": len(m["segments"]),
             "bytes_on_disk": size,
             "bytes_per_chunk": round(size / max(1, m["num_chunks_stored"]), 1),

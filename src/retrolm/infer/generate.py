@@ -35,7 +35,7 @@ class GenerateConfig:
     prompt: str = ""
     """Text to continue."""
     db: str | None = None
-    """Retrieval database; None → retrieval off."""
+    """Retrieval database, or a shards file (a causal LM only); None → retrieval off."""
     retriever: str = "auto"
     """auto | dense | bm25 | hybrid (auto: dense if the database has dense keys, else BM25)."""
     max_new_tokens: int = 128

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch.nn as nn
 
+from retrolm.core.errors import RetrolmError
 from retrolm.core.io import read_json_object
 from retrolm.db import DatabaseView
 from retrolm.eval.incontext import InContextSettings
@@ -55,6 +56,13 @@ class Generator:
             return
         record = self.folder / "database.json"
         db.check_trained_with(read_json_object(record, "database record") if record.is_file() else None, self.folder)
+
+    def check_sharded(self, shards: str) -> None:
+        """Over the parts of a sharded database only a causal LM generates with retrieval (it reads their text): a
+        model with retrieval layers reads its neighbours' token ids from one database folder."""
+        if not self.in_context and self.retrieves:
+            raise RetrolmError(f"{shards}: a RETRO model reads its neighbours' tokens from one database folder; over "
+                               f"shards, generate with a causal LM (it reads passages in its context)")
 
     def generate(self, cfg: GenerateConfig, retriever: Retriever | None = None) -> Generation:
         """Continue ``cfg.prompt`` with ``cfg``'s sampling settings (``cfg.checkpoint`` and ``cfg.db`` are not read:

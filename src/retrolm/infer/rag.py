@@ -38,6 +38,7 @@ from retrolm.infer.flops import ModelCost, StageFlops, bm25_search_flops, dense_
 from retrolm.infer.reader import DEFAULT_SYSTEM, DEFAULT_TEMPLATE, Reader, Reading, check_template
 from retrolm.infer.rerank import LMReranker, Reranker, load_reranker
 from retrolm.retrieval import get_retriever
+from retrolm.retrieval.sharded import LocalShard, ShardedRetriever, is_shards_file
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +51,7 @@ class RagConfig:
     """The retrieve → rerank → read pipeline."""
 
     db: str | None = None
-    """Retrieval database folder (None: closed book only)."""
+    """Retrieval database folder, or a shards file (:mod:`retrolm.retrieval.sharded`); None: closed book only."""
     reader: str = "smollm2-135m"
     """The reading causal LM: HF folder, short name or hub name."""
     retriever: str = "auto"
@@ -140,11 +141,14 @@ class Passage:
     rank: int
     """Retrieval rank, 0 = best."""
     rerank_score: float | None = None
+    shard: str | None = None
+    """The part of a sharded database it came from (``chunk_id`` is that part's); None for one database."""
 
     def to_dict(self) -> dict:
-        return {"doc_id": self.doc_id, "chunk_id": self.chunk_id, "position": self.position,
-                "score": round(self.score, 4), "rank": self.rank,
-                "rerank_score": None if self.rerank_score is None else round(self.rerank_score, 4), "text": self.text}
+        out = {"doc_id": self.doc_id, "chunk_id": self.chunk_id, "position": self.position,
+               "score": round(self.score, 4), "rank": self.rank,
+               "rerank_score": None if self.rerank_score is None else round(self.rerank_score, 4), "text": self.text}
+        return out if self.shard is None else {**out, "shard": self.shard}
 
 
 class PassageRetriever:
@@ -213,6 +217,41 @@ class PassageRetriever:
         return StageFlops(encoder=encoder, search=search)
 
 
+class ShardedPassageRetriever:
+    """Chunk passages from the parts of a sharded database (:mod:`retrolm.retrieval.sharded`), with the FLOPs of
+    every part's search: each part embeds the question itself, so a dense search over N parts pays the encoder N
+    times. ``unit=document`` needs one database folder (passages are cut from its token arrays)."""
+
+    def __init__(self, sharded: ShardedRetriever, continuation: bool = True) -> None:
+        self.sharded, self.continuation = sharded, continuation
+        self.retriever = sharded
+        self.kind = sharded.kind
+        self._local: dict[str, PassageRetriever] = {}
+
+    def retrieve(self, questions: Sequence[str], n: int) -> tuple[list[list[Passage]], list[StageFlops]]:
+        """Per question, up to ``n`` passages (best first) and the FLOPs of every part's search."""
+        result = self.sharded.search(list(questions), max(1, n))
+        out, flops = [], []
+        for i, q in enumerate(questions):
+            out.append([Passage(h.text + (h.continuation if self.continuation else ""), h.doc_id, h.chunk_id,
+                                h.position, h.score, r, shard=h.shard) for r, h in enumerate(result.hits(i))])
+            total = StageFlops()
+            for shard, reported in zip(self.sharded.shards, result.flops[i], strict=True):
+                if reported is not None:  # a remote part counted its own
+                    total += StageFlops(encoder=int(reported.get("encoder", 0)), search=int(reported.get("search", 0)))
+                elif isinstance(shard, LocalShard):
+                    total += self._local_retriever(shard).flops(q)
+            flops.append(total)
+        return out, flops
+
+    def _local_retriever(self, shard: LocalShard) -> PassageRetriever:
+        made = self._local.get(shard.name)
+        if made is None or made.db.meta.get("build_id") != shard.db.meta.get("build_id") or made.kind != self.kind:
+            # hybrid's FLOPs are its dense and BM25 searches over the part, as one database's
+            made = self._local[shard.name] = PassageRetriever(shard.db, self.kind)
+        return made
+
+
 @dataclass
 class RagAnswer:
     """The pipeline's answer to one question."""
@@ -252,7 +291,7 @@ class RagPipeline:
         reranker: None when reranking is off.
     """
 
-    def __init__(self, cfg: RagConfig, reader: Reader, retriever: PassageRetriever | None,
+    def __init__(self, cfg: RagConfig, reader: Reader, retriever: PassageRetriever | ShardedPassageRetriever | None,
                  reranker: Reranker | None = None) -> None:
         self.cfg, self.reader, self.retriever, self.reranker = cfg, reader, retriever, reranker
 
@@ -262,11 +301,18 @@ class RagPipeline:
         which reranks unless ``cfg.rerank`` is false)."""
         reader = Reader.load(cfg.reader, cfg.device, system=cfg.system_prompt, template=cfg.template,
                              max_passage_tokens=cfg.max_passage_tokens, examples=cfg.examples)
-        if db is None and cfg.db is not None:
+        retriever: PassageRetriever | ShardedPassageRetriever | None = None
+        if db is None and cfg.db is not None and is_shards_file(cfg.db):
+            if cfg.unit != "chunk":
+                raise RetrolmError(f"{cfg.db}: unit=document needs one database folder; a sharded one serves chunks")
+            retriever = ShardedPassageRetriever(ShardedRetriever.open(cfg.db, device=cfg.device,
+                                                                      retriever=cfg.retriever), cfg.continuation)
+        elif db is None and cfg.db is not None:
             db = DatabaseView.open(cfg.db, device=cfg.device)
-        retriever = PassageRetriever(db, cfg.retriever, cfg.unit, cfg.continuation, cfg.document_tokens) if db else None
+        if db is not None:
+            retriever = PassageRetriever(db, cfg.retriever, cfg.unit, cfg.continuation, cfg.document_tokens)
         rerank = cfg.rerank if cfg.rerank is not None else (evaluation or cfg.reranker is not None)
-        reranker = load_reranker(cfg.reranker, reader, cfg.device, cfg.batch_size) if rerank and db else None
+        reranker = load_reranker(cfg.reranker, reader, cfg.device, cfg.batch_size) if rerank and retriever else None
         return cls(cfg, reader, retriever, reranker)
 
     def with_database(self, db: DatabaseView) -> RagPipeline:

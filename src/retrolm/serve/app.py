@@ -5,6 +5,8 @@ and shows the sources of every answer.
 ``GET /``              the page: search, answer or continue a text; every result lists its sources
 ``GET /api/info``      the database, its retrievers and the loaded models
 ``GET /api/search``    ``?q=...&k=5&retriever=bm25``: the best chunks, their continuations and documents
+``POST /api/search``   ``{"queries": [...], "k"?, "retriever"?, "exclude_doc_ids"?}``: the same for a batch, with
+                       each query's FLOPs; the front of a sharded database asks its parts this way
 ``POST /api/answer``   ``{"question": ..., "top_n"?, "passages"?, "max_new_tokens"?}``: retrieve → (rerank →) read
 ``POST /api/generate`` ``{"prompt": ..., "max_new_tokens"?, "temperature"?, "top_p"?, "seed"?, "k"?,
                        "retrieval"?}``: the continuation, span by span, with the chunks each span read
@@ -38,6 +40,13 @@ class AnswerRequest(BaseModel):
     top_n: int | None = Field(None, description="Candidates retrieved (and reranked).")
     passages: int | None = Field(None, description="Passages placed in the reader's prompt.")
     max_new_tokens: int | None = None
+
+
+class SearchRequest(BaseModel):
+    queries: list[str]
+    k: int = 5
+    retriever: str | None = Field(None, description="dense | bm25 | hybrid (default: the service's).")
+    exclude_doc_ids: list[list[str]] | None = Field(None, description="Per query, document ids it must not return.")
 
 
 class GenerateRequest(BaseModel):
@@ -89,6 +98,10 @@ def create_app(service: Service) -> FastAPI:
                ) -> dict[str, Any]:
         return service.search(q, k, retriever)
 
+    @app.post("/api/search")
+    def search_batch(req: SearchRequest) -> dict[str, Any]:
+        return service.search_batch(req.queries, req.k, req.retriever, req.exclude_doc_ids)
+
     @app.post("/api/answer")
     def answer(req: AnswerRequest) -> dict[str, Any]:
         return service.answer(req.question, req.top_n, req.passages, req.max_new_tokens)
@@ -114,4 +127,4 @@ def _version() -> str:
         return "unknown"
 
 
-__all__ = ["AnswerRequest", "GenerateRequest", "create_app"]
+__all__ = ["AnswerRequest", "GenerateRequest", "SearchRequest", "create_app"]

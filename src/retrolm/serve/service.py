@@ -5,6 +5,10 @@ show a document). :mod:`retrolm.serve.app` puts it behind FastAPI.
 The database view follows other processes' edits at every search (``retrolm db add`` / ``db delete`` on the same
 folder take effect at the next request: the knowledge update of SPEC R7 without restarting anything). Models and
 searches are not thread-safe, so requests are served one at a time (a lock); run several processes for more.
+
+The database may be a shards file (:mod:`retrolm.retrieval.sharded`): the service then fronts the parts, each a
+folder here or another machine's ``retrolm serve`` of its part, and searches, answers and in-context generation read
+all of them (``POST /api/search`` is how a front asks a part).
 """
 
 from __future__ import annotations
@@ -18,8 +22,8 @@ from retrolm.core.errors import RetrolmError
 from retrolm.db import DatabaseView
 from retrolm.infer.generate import GenerateConfig
 from retrolm.infer.generator import Generator
-from retrolm.infer.rag import RagConfig, RagPipeline
-from retrolm.retrieval import Retriever, get_retriever
+from retrolm.infer.rag import PassageRetriever, RagConfig, RagPipeline
+from retrolm.retrieval.sharded import ShardedRetriever, exclusion_by_ids, is_shards_file
 
 
 class NotFoundError(RetrolmError):
@@ -31,7 +35,7 @@ class ServeConfig:
     """``retrolm serve``: the database, the models and the limits of one service."""
 
     db: str | None = None
-    """Database folder (required)."""
+    """Database folder, or a shards file naming the parts of one (required)."""
     reader: str | None = None
     """Causal LM answering questions (``POST /api/answer``): HF folder, short name (smollm2-135m) or hub name; None →
     the service searches but does not answer."""
@@ -46,6 +50,8 @@ class ServeConfig:
     device: str = "cpu"
     max_k: int = 50
     """Most results one search may ask for."""
+    max_queries: int = 256
+    """Most queries one ``POST /api/search`` may carry."""
     max_new_tokens: int = 256
     """Most tokens one generation or answer may ask for."""
     rag: RagConfig = field(default_factory=RagConfig)
@@ -60,8 +66,8 @@ class ServeConfig:
             raise RetrolmError("serve: --db is required")
         if not 0 < self.port < 65536:
             raise RetrolmError(f"serve: port must be in 1..65535, got {self.port}")
-        if self.max_k < 1 or self.max_new_tokens < 1:
-            raise RetrolmError("serve: max_k and max_new_tokens must be >= 1")
+        if self.max_k < 1 or self.max_new_tokens < 1 or self.max_queries < 1:
+            raise RetrolmError("serve: max_k, max_new_tokens and max_queries must be >= 1")
 
 
 class Service:
@@ -70,10 +76,13 @@ class Service:
 
     def __init__(self, cfg: ServeConfig, db: DatabaseView | None = None) -> None:
         self.cfg = cfg
+        self.sharded: ShardedRetriever | None = None
+        if db is None and is_shards_file(cfg.db):
+            self.sharded = ShardedRetriever.open(cfg.db, device=cfg.device, retriever=cfg.retriever)
         # follow: documents added by another process (db add, add --replace) show too, not only deletions
-        self.db = db if db is not None else DatabaseView.open(cfg.db, device=cfg.device, follow=True)
+        self.db = db if db is not None or self.sharded else DatabaseView.open(cfg.db, device=cfg.device, follow=True)
         self.lock = threading.Lock()
-        self._retrievers: dict[str, Retriever] = {}
+        self._retrievers: dict[str, PassageRetriever] = {}
         self.pipe: RagPipeline | None = None
         if cfg.reader is not None:
             rag = dataclasses.replace(cfg.rag, db=cfg.db, reader=cfg.reader, retriever=cfg.retriever,
@@ -82,20 +91,26 @@ class Service:
         self.generator: Generator | None = None
         if cfg.generator is not None and cfg.generator != cfg.reader:
             self.generator = Generator.load(cfg.generator, device=cfg.device)
-            self.generator.check_database(self.db)
+            self._check_generator()
         elif self.pipe is not None:  # the reader continues text too: loaded once
             lm = self.pipe.reader.lm
             self.generator = Generator(lm, self.pipe.reader.tok, "causal_lm", lm.name)
+        if self.generator is not None and self.sharded is not None:
+            self._check_generator()
         # the build the retrievers were made for, and the one the generator was checked against
-        self._build = self._checked = self.db.meta.get("build_id")
+        self._build = self._checked = self.db.meta.get("build_id") if self.db is not None else None
 
     # ------------------------------------------------------------------------------------------------ requests
     def info(self) -> dict[str, Any]:
         """The database (counts, tokenizer, encoder, indexes), the retrievers it serves and the loaded models."""
         with self.lock:
             self._sync()
-            kinds = ["dense", "bm25", "hybrid"] if self.db.has_dense else ["bm25"]  # BM25 is built if not stored
-            return {"db": self.db.info(), "retrievers": kinds, "default_retriever": self.cfg.retriever,
+            if self.sharded is not None:
+                self.sharded.refresh_infos()
+                db, kinds = self.sharded.describe(), self.sharded.kinds()
+            else:  # BM25 is built if not stored
+                db, kinds = self.db.info(), ["dense", "bm25", "hybrid"] if self.db.has_dense else ["bm25"]
+            return {"db": db, "retrievers": kinds, "default_retriever": self.cfg.retriever,
                     "reader": self.pipe.reader.lm.name if self.pipe else None,
                     "reranker": self.pipe.reranker.describe() if self.pipe and self.pipe.reranker else None,
                     "generator": self.generator.name if self.generator else None,
@@ -107,11 +122,32 @@ class Service:
         """The ``k`` best chunks for ``query``, each with its continuation, document and score."""
         query = _text(query, "query")
         k = _bounded(k, "k", self.cfg.max_k)
+        out = self.search_batch([query], k, retriever)
+        return {"query": query, "retriever": out["retriever"], "hits": out["results"][0]}
+
+    def search_batch(self, queries: list[str], k: int = 5, retriever: str | None = None,
+                     exclude_doc_ids: list[list[str]] | None = None) -> dict[str, Any]:
+        """The ``k`` best chunks of each query (``exclude_doc_ids``: per query, documents it must not retrieve), and
+        per query the encoder and search FLOPs. This is how the front of a sharded database asks each part."""
+        if not isinstance(queries, list) or not queries:
+            raise RetrolmError("queries must be a non-empty list")
+        if len(queries) > self.cfg.max_queries:
+            raise RetrolmError(f"at most {self.cfg.max_queries} queries per request, got {len(queries)}")
+        queries = [_text(q, "query") for q in queries]
+        k = _bounded(k, "k", self.cfg.max_k)
+        if exclude_doc_ids is not None and len(exclude_doc_ids) != len(queries):
+            raise RetrolmError(f"exclude_doc_ids lists {len(exclude_doc_ids)} sets for {len(queries)} queries")
         with self.lock:
             self._sync()
+            if self.sharded is not None:
+                result = self.sharded.search(queries, k, exclude_doc_ids, kind=retriever or self.cfg.retriever)
+                hits = [[h.to_dict() for h in result.hits(i)] for i in range(len(queries))]
+                return {"retriever": result.kind, "results": hits, "flops": None}
             ret = self._retriever(retriever)
-            hits = ret.search(query, k).hits(0)
-            return {"query": query, "retriever": ret.name, "hits": [h.to_dict() for h in hits]}
+            result = ret.retriever.search(queries, k, exclusion_by_ids(self.db, exclude_doc_ids))
+            hits = [[h.to_dict() for h in result.hits(i)] for i in range(len(queries))]
+            return {"retriever": ret.kind, "results": hits,
+                    "flops": [{"encoder": f.encoder, "search": f.search} for f in map(ret.flops, queries)]}
 
     def answer(self, question: str, top_n: int | None = None, passages: int | None = None,
                max_new_tokens: int | None = None) -> dict[str, Any]:
@@ -158,13 +194,20 @@ class Service:
         cfg = dataclasses.replace(base, **{n: v for n, v in values.items() if v is not None})
         with self.lock:
             self._sync(generating=True)
-            ret = self._retriever(None) if retrieval and self.generator.retrieves else None
+            ret = None
+            if retrieval and self.generator.retrieves:
+                ret = self.sharded if self.sharded is not None else self._retriever(None).retriever
             return self.generator.generate(cfg, ret).to_dict()
 
     def document(self, doc_id: str) -> dict[str, Any]:
         """A live document's whole text, as the database holds it (its chunks' tokens decoded)."""
         with self.lock:
             self._sync()
+            if self.sharded is not None:
+                found = self.sharded.document(doc_id)
+                if found is None:
+                    raise NotFoundError(f"no document {doc_id!r} in any shard")
+                return {"id": doc_id, "source": found[0], "chunks": None, "text": found[1]}
             store = self.db.store
             doc = store.doc_index(doc_id)
             if doc is None or self.db.deleted_docs[doc]:
@@ -179,6 +222,8 @@ class Service:
         dense database rebuilt as BM25-only: ``auto`` becomes BM25, and the encoder's FLOPs are the new one's) and
         a generator that reads neighbours by token id (RETRO) is checked against the new database before it reads.
         A step that fails raises, and is tried again at the next request."""
+        if self.sharded is not None:  # each part follows its own folder (here, or in its own service)
+            return
         self.db.refresh()
         build = self.db.meta.get("build_id")
         if build != self._build:
@@ -190,12 +235,19 @@ class Service:
             self.generator.check_database(self.db)
             self._checked = build
 
-    def _retriever(self, kind: str | None) -> Retriever:
+    def _check_generator(self) -> None:
+        if self.sharded is None:
+            self.generator.check_database(self.db)
+        else:
+            self.generator.check_sharded(self.cfg.db)
+
+    def _retriever(self, kind: str | None) -> PassageRetriever:
+        """The retriever of ``kind`` with its FLOPs (made again after a rebuild, see :meth:`_sync`)."""
         kind = kind or self.cfg.retriever
         if kind == "auto":  # what auto means follows the database (a rebuild may add or drop dense keys)
             kind = "dense" if self.db.has_dense else "bm25"
         if kind not in self._retrievers:
-            self._retrievers[kind] = get_retriever(self.db, kind)
+            self._retrievers[kind] = PassageRetriever(self.db, kind)
         return self._retrievers[kind]
 
 

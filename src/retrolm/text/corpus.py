@@ -258,6 +258,31 @@ def iter_documents(paths: Iterable[str | Path], *, unique_ids: bool = True, warn
         raise RetrolmError(f"{', '.join(map(str, paths))}: no documents found (empty corpus)")
 
 
+def parse_shard(spec: str) -> tuple[int, int]:
+    """``"I/N"`` (shard I of N, counted from 0) as ``(I, N)``."""
+    try:
+        i, n = (int(x) for x in str(spec).split("/"))
+    except ValueError:
+        raise RetrolmError(f"shard must be I/N (e.g. 0/4), got {spec!r}") from None
+    if not 0 <= i < n:
+        raise RetrolmError(f"shard {spec!r}: need 0 <= I < N")
+    return i, n
+
+
+def shard_of(doc_id: str, n_shards: int) -> int:
+    """The shard that holds document ``doc_id`` in a database split ``n_shards`` ways: a hash of the id alone, so every
+    machine routes a document the same way, whatever file or order it comes in."""
+    digest = hashlib.blake2b(doc_id.encode("utf-8", "surrogatepass"), digest_size=8).digest()
+    return int.from_bytes(digest, "big") % n_shards
+
+
+def in_shard(docs: Iterable[Document], shard: tuple[int, int] | None) -> Iterator[Document]:
+    """The documents of ``docs`` that belong to ``shard`` = (I, N); all of them for None."""
+    for doc in docs:
+        if shard is None or shard_of(doc.id, shard[1]) == shard[0]:
+            yield doc
+
+
 def corpus_fingerprint(paths: Iterable[str | Path]) -> list[list]:
     """Cheap identity of a corpus (resolved path, size, mtime of every file) to decide whether to resume."""
     return [[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f, _ in list_files(paths)]

@@ -1,0 +1,402 @@
+"""A database split over machines: N shards searched together, each an ordinary database.
+
+A corpus too big for one machine is built in N parts, ``retrolm db build CORPUS --out db-I --shard I/N`` on machine
+I: each keeps the documents whose id hashes to I (:func:`retrolm.text.corpus.shard_of`), so the parts are disjoint
+and every ``db add`` of the same files puts a document in exactly one of them. Each machine then serves its part with
+``retrolm serve db-I`` (FastAPI/uvicorn, ``POST /api/search``), and a shards file names them::
+
+    shards:
+      - http://10.0.0.1:8000      # a `retrolm serve` of one shard
+      - /data/db-1                # or a shard folder on this machine
+    retriever: auto
+
+A search asks every shard at once (one thread each) for its own top-k and merges them: the scatter-gather of
+Elasticsearch and FAISS's ``IndexShards``. Dense scores are inner products of one frozen encoder, so the merged top-k
+is exactly the top-k of one database holding every chunk (exact indexes; approximate ones are as approximate as on
+their shard). BM25 scores use each shard's own term statistics, like Elasticsearch's default ``query_then_fetch``:
+with shards of a few thousand chunks or more the statistics nearly agree and so do the rankings
+(benchmarks/RESULTS.md measures the overlap). Hybrid merges the dense and BM25 rankings over all shards first, then
+fuses them by reciprocal rank. Chunk ids are the shard's own; a hit says which shard it came from.
+"""
+
+from __future__ import annotations
+
+import logging
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from retrolm.core.config import load_config
+from retrolm.core.errors import RetrolmError
+from retrolm.db import DatabaseView, Hit
+from retrolm.retrieval import get_retriever
+from retrolm.retrieval.base import Exclusion, Retriever
+from retrolm.retrieval.hybrid import RRF_K
+
+logger = logging.getLogger(__name__)
+
+SHARD_FILE_SUFFIXES = (".yaml", ".yml")
+"""A database argument naming a file with one of these suffixes is a shards file."""
+
+
+def is_shards_file(path: str | Path) -> bool:
+    """Whether ``path`` names a shards file (rather than a database folder)."""
+    p = Path(path)
+    return p.suffix in SHARD_FILE_SUFFIXES and not p.is_dir()
+
+
+@dataclass
+class ShardsConfig:
+    """A shards file: the parts of one database and how to search them."""
+
+    shards: list[str] = field(default_factory=list)
+    """Each part: a database folder (relative to the shards file) or the URL of a ``retrolm serve`` of it."""
+    retriever: str = "auto"
+    """auto | dense | bm25 | hybrid (auto: dense when every shard has dense keys, else BM25)."""
+    complete: bool = True
+    """Require the shards to be the N parts of one database (built with ``shard=I/N``, each I once); false searches
+    any databases of one tokenizer and encoder together (their document ids should not collide)."""
+    timeout: float = 60.0
+    """Seconds to wait for a remote shard's answer."""
+    hybrid_depth: int = 4
+    """Hybrid: each ranking fetches this many times k before fusion (as :class:`HybridRetriever`)."""
+
+    def __post_init__(self) -> None:
+        if not self.shards:
+            raise RetrolmError("shards file: `shards` lists no database")
+        if self.timeout <= 0 or self.hybrid_depth < 1:
+            raise RetrolmError("shards file: timeout must be > 0 and hybrid_depth >= 1")
+
+
+@dataclass
+class ShardHit(Hit):
+    """A :class:`Hit` from one shard; ``chunk_id`` is that shard's."""
+
+    shard: str = ""
+    """The shard it came from (its folder or URL, as the shards file names it)."""
+
+
+class Shard(ABC):
+    """One part of a sharded database."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    @abstractmethod
+    def info(self) -> dict[str, Any]:
+        """The part's ``db info``: counts, tokenizer, encoder, shard label."""
+
+    @abstractmethod
+    def search(self, queries: Sequence[str], k: int, kind: str,
+               exclude_docs: Sequence[Sequence[str]] | None = None) -> tuple[list[list[Hit]], list[dict] | None]:
+        """Per query, its top-k hits in this part (``exclude_docs``: per query, document ids it must not return),
+        and per query the FLOPs of the search when the part reports them (remote parts; None for local ones)."""
+
+    @abstractmethod
+    def document(self, doc_id: str) -> str | None:
+        """A live document's text, or None when this part does not hold it."""
+
+    def close(self) -> None:  # noqa: B027 (a local part has nothing to release)
+        """Release connections."""
+
+
+def exclusion_by_ids(db: DatabaseView, doc_ids: Sequence[Sequence[str]] | None) -> Exclusion | None:
+    """Per query, documents named by id that it must not retrieve (ids ``db`` does not hold are ignored: another
+    part holds them)."""
+    if doc_ids is None:
+        return None
+    store = db.store
+    return Exclusion(docs=[[i for i in map(store.doc_index, ids) if i is not None] for ids in doc_ids])
+
+
+class LocalShard(Shard):
+    """A part stored on this machine (a database folder), followed like ``retrolm serve`` follows its database."""
+
+    def __init__(self, path: str | Path, device: str | None = None) -> None:
+        super().__init__(str(path))
+        self.db = DatabaseView.open(path, device=device, follow=True)
+        self._retrievers: dict[str, tuple[str | None, Retriever]] = {}
+
+    def info(self) -> dict[str, Any]:
+        self.db.refresh()
+        return self.db.info()
+
+    def retriever(self, kind: str) -> Retriever:
+        """The part's retriever of ``kind``, made again when the folder was rebuilt (another encoder perhaps)."""
+        self.db.refresh()
+        build = self.db.meta.get("build_id")
+        made = self._retrievers.get(kind)
+        if made is None or made[0] != build:
+            made = self._retrievers[kind] = (build, get_retriever(self.db, kind))
+        return made[1]
+
+    def search(self, queries: Sequence[str], k: int, kind: str,
+               exclude_docs: Sequence[Sequence[str]] | None = None) -> tuple[list[list[Hit]], list[dict] | None]:
+        result = self.retriever(kind).search(list(queries), k, exclusion_by_ids(self.db, exclude_docs))
+        return [result.hits(i) for i in range(len(queries))], None
+
+    def document(self, doc_id: str) -> str | None:
+        self.db.refresh()
+        i = self.db.store.doc_index(doc_id)
+        if i is None or self.db.deleted_docs[i]:
+            return None
+        return self.db.tokenizer.decode(self.db.store.doc_tokens(i).tolist())
+
+
+class RemoteShard(Shard):
+    """A part served by ``retrolm serve`` on another machine, asked over HTTP (httpx)."""
+
+    def __init__(self, url: str, timeout: float = 60.0) -> None:
+        import httpx
+
+        super().__init__(url.rstrip("/"))
+        self._client = httpx.Client(base_url=self.name, timeout=timeout)
+
+    def _call(self, method: str, path: str, **kwargs: Any) -> dict[str, Any] | None:
+        import httpx
+
+        try:
+            r = self._client.request(method, path, **kwargs)
+        except httpx.HTTPError as e:
+            raise RetrolmError(f"shard {self.name}: {type(e).__name__}: {e}") from None
+        if r.status_code == 404 and path == "/api/document":
+            return None
+        try:
+            body = r.json()
+        except ValueError:
+            body = None
+        if r.status_code != 200 or not isinstance(body, dict):
+            why = body.get("error") if isinstance(body, dict) else None
+            raise RetrolmError(f"shard {self.name}: {path} answered {r.status_code}: {why or r.text[:200]!r}")
+        return body
+
+    def info(self) -> dict[str, Any]:
+        return self._call("GET", "/api/info")["db"]
+
+    def search(self, queries: Sequence[str], k: int, kind: str,
+               exclude_docs: Sequence[Sequence[str]] | None = None) -> tuple[list[list[Hit]], list[dict] | None]:
+        body = {"queries": list(queries), "k": k, "retriever": kind,
+                "exclude_doc_ids": None if exclude_docs is None else [list(d) for d in exclude_docs]}
+        out = self._call("POST", "/api/search", json=body)
+        if len(out["results"]) != len(queries):
+            raise RetrolmError(f"shard {self.name}: {len(out['results'])} results for {len(queries)} queries")
+        fields = set(Hit.__dataclass_fields__)  # a shard that is itself a front of shards adds its own "shard"
+        return [[Hit(**{f: h[f] for f in fields}) for h in hits] for hits in out["results"]], out.get("flops")
+
+    def document(self, doc_id: str) -> str | None:
+        out = self._call("GET", "/api/document", params={"id": doc_id})
+        return None if out is None else out["text"]
+
+    def close(self) -> None:
+        self._client.close()
+
+
+@dataclass
+class ShardedResult:
+    """The merged top-k of each query over every shard, best first (like :class:`SearchResult`)."""
+
+    results: list[list[ShardHit]]
+    flops: list[list[dict | None]]
+    """Per query, per shard: the FLOPs a remote shard reported for it (None for local shards)."""
+    kind: str = "dense"
+    """The retriever: dense | bm25 | hybrid."""
+
+    def hits(self, i: int) -> list[ShardHit]:
+        return self.results[i]
+
+    def texts(self, i: int) -> list[str]:
+        return [h.text for h in self.results[i]]
+
+    def __len__(self) -> int:
+        return len(self.results)
+
+
+class ShardedRetriever:
+    """Top-k chunks over the parts of a sharded database (see the module's docstring). Open with :meth:`open`.
+
+    Args:
+        shards: the parts.
+        kind: auto | dense | bm25 | hybrid.
+        complete: require the N parts of one database, each once.
+        hybrid_depth: hybrid fetches this many times k per ranking before fusion.
+    """
+
+    def __init__(self, shards: Sequence[Shard], kind: str = "auto", complete: bool = True,
+                 hybrid_depth: int = 4) -> None:
+        if not shards:
+            raise RetrolmError("a sharded database needs at least one shard")
+        self.shards, self.complete, self.hybrid_depth = list(shards), complete, hybrid_depth
+        self.path = "shards"
+        """The shards file (when opened from one)."""
+        self._pool = ThreadPoolExecutor(max_workers=len(self.shards), thread_name_prefix="shard")
+        try:
+            self.infos = self._each(lambda s: s.info())
+            self.kind = self.name = self._resolve(kind)
+            self._check(self.kind)
+        except BaseException:
+            self._pool.shutdown(wait=False)
+            raise
+
+    @classmethod
+    def open(cls, path: str | Path, overrides: Sequence[str] = (), device: str | None = None,
+             retriever: str | None = None) -> ShardedRetriever:
+        """The retriever a shards file describes (``overrides``: ``key=value`` changes to it; ``retriever`` wins over
+        the file's). Folders are relative to the file."""
+        path = Path(path)
+        if not path.is_file():
+            raise RetrolmError(f"{path}: no such shards file")
+        cfg = load_config(ShardsConfig, path, overrides)
+        shards: list[Shard] = []
+        try:
+            for entry in cfg.shards:
+                if entry.startswith(("http://", "https://")):
+                    shards.append(RemoteShard(entry, cfg.timeout))
+                else:
+                    folder = Path(entry).expanduser()
+                    shards.append(LocalShard(folder if folder.is_absolute() else path.parent / folder, device))
+            made = cls(shards, retriever or cfg.retriever, cfg.complete, cfg.hybrid_depth)
+            made.path = str(path)
+            return made
+        except BaseException:
+            for s in shards:
+                s.close()
+            raise
+
+    def kinds(self) -> list[str]:
+        """The retrievers every shard serves: BM25 always (built in memory where not stored), dense and hybrid when
+        every shard has dense keys."""
+        return ["dense", "bm25", "hybrid"] if all(i.get("encoder") for i in self.infos) else ["bm25"]
+
+    def _resolve(self, kind: str) -> str:
+        if kind == "auto":
+            return self.kinds()[0]
+        if kind not in ("dense", "bm25", "hybrid"):
+            raise RetrolmError(f"retriever must be one of auto, dense, bm25, hybrid; got {kind!r}")
+        if kind not in self.kinds():
+            lacking = [s.name for s, i in zip(self.shards, self.infos, strict=True) if not i.get("encoder")]
+            raise RetrolmError(f"{kind} search needs dense keys in every shard; {', '.join(lacking)} has none")
+        return kind
+
+    def _each(self, fn: Any) -> list:
+        """``fn(shard)`` for every shard at once, in shard order; the first error is raised."""
+        return list(self._pool.map(fn, self.shards))
+
+    def _check(self, kind: str) -> None:
+        """Refuse parts that cannot be searched together, naming the first that differs."""
+        first, name0 = self.infos[0], self.shards[0].name
+        keys = ["chunk_len", "tokenizer_sha256"] + (["encoder", "encoder_fingerprint"] if kind != "bm25" else [])
+        for shard, info in zip(self.shards[1:], self.infos[1:], strict=True):
+            for key in keys:
+                if info.get(key) != first.get(key):
+                    raise RetrolmError(f"shard {shard.name}: {key} {info.get(key)!r} differs from {name0}'s "
+                                       f"{first.get(key)!r}; shards must share chunk length, tokenizer and encoder")
+        if not self.complete:
+            return
+        labels = [i.get("shard") for i in self.infos]
+        unlabelled = [s.name for s, lab in zip(self.shards, labels, strict=True) if not lab]
+        if unlabelled:
+            raise RetrolmError(f"shard {unlabelled[0]} was not built as a shard (db build --shard I/N); set "
+                               f"complete=false to search separate databases together")
+        counts = {int(lab.split("/")[1]) for lab in labels}
+        if len(counts) > 1:
+            raise RetrolmError(f"shards of different splits: {', '.join(sorted(set(labels)))}")
+        n = counts.pop()
+        have = sorted(int(lab.split("/")[0]) for lab in labels)
+        if have != list(range(n)):
+            missing = sorted(set(range(n)) - set(have))
+            twice = sorted({i for i in have if have.count(i) > 1})
+            raise RetrolmError(f"the shards are not the {n} parts of one database: "
+                               + "; ".join(x for x in (f"missing {', '.join(f'{i}/{n}' for i in missing)}" if missing
+                                                       else "", f"twice {', '.join(f'{i}/{n}' for i in twice)}"
+                                                       if twice else "") if x))
+
+    # --------------------------------------------------------------------------------------------------- search
+    @property
+    def num_chunks(self) -> int:
+        return sum(int(i["num_chunks"]) for i in self.infos)
+
+    def refresh_infos(self) -> None:
+        """Ask every shard for its counts again (after edits)."""
+        self.infos = self._each(lambda s: s.info())
+
+    def search(self, queries: str | Sequence[str], k: int, exclude_docs: Sequence[Sequence[str]] | None = None,
+               kind: str | None = None) -> ShardedResult:
+        """The ``k`` best chunks per query over every shard; ``exclude_docs``: per query, document ids it must not
+        retrieve; ``kind``: another retriever than the one opened (checked like it)."""
+        kind = self.kind if kind is None else self._resolve(kind)
+        if kind != self.kind:
+            self._check(kind)  # e.g. dense asked of shards opened for BM25: their encoders must agree
+        if k < 1:
+            raise RetrolmError(f"k must be >= 1, got {k}")
+        queries = [queries] if isinstance(queries, str) else list(queries)
+        if exclude_docs is not None and len(exclude_docs) != len(queries):
+            raise RetrolmError(f"exclusion lists {len(exclude_docs)} document sets for {len(queries)} queries")
+        if kind != "hybrid":
+            merged, flops = self._merged(queries, k, kind, exclude_docs)
+            return ShardedResult(merged, flops, kind)
+        depth = self.hybrid_depth * k
+        dense, f_dense = self._merged(queries, depth, "dense", exclude_docs)
+        bm25, f_bm25 = self._merged(queries, depth, "bm25", exclude_docs)
+        fused = [_fuse(d, b, k) for d, b in zip(dense, bm25, strict=True)]
+        return ShardedResult(fused, [[_add_flops(a, b) for a, b in zip(x, y, strict=True)]
+                                     for x, y in zip(f_dense, f_bm25, strict=True)], kind)
+
+    def _merged(self, queries: list[str], k: int, kind: str, exclude_docs: Sequence[Sequence[str]] | None
+                ) -> tuple[list[list[ShardHit]], list[list[dict | None]]]:
+        answers = self._each(lambda s: s.search(queries, k, kind, exclude_docs))
+        merged, flops = [], []
+        for q in range(len(queries)):
+            pool = [ShardHit(**h.to_dict(), shard=s.name) for s, (hits, _) in zip(self.shards, answers, strict=True)
+                    for h in hits[q]]
+            # best first; a tie keeps shard order, then the shard's own order (sorted is stable)
+            merged.append(sorted(pool, key=lambda h: -h.score)[:k])
+            flops.append([f[q] if f is not None else None for _, f in answers])
+        return merged, flops
+
+    def document(self, doc_id: str) -> tuple[str, str] | None:
+        """(shard name, text) of a live document, or None when no shard holds it."""
+        for shard, text in zip(self.shards, self._each(lambda s: s.document(doc_id)), strict=True):
+            if text is not None:
+                return shard.name, text
+        return None
+
+    def describe(self) -> dict[str, Any]:
+        """The parts and their counts (what ``retrolm db info`` prints for a shards file)."""
+        return {"path": self.path, "retriever": self.kind, "num_shards": len(self.shards),
+                "num_docs": sum(int(i["num_docs"]) for i in self.infos), "num_chunks": self.num_chunks,
+                "chunk_len": self.infos[0]["chunk_len"], "tokenizer": self.infos[0]["tokenizer"],
+                "encoder": self.infos[0].get("encoder"),
+                "shards": [{"shard": s.name, "label": i.get("shard"), "num_docs": i["num_docs"],
+                            "num_chunks": i["num_chunks"], "index_factory": i.get("index_factory"),
+                            "bm25": i.get("bm25")} for s, i in zip(self.shards, self.infos, strict=True)]}
+
+    def close(self) -> None:
+        for s in self.shards:
+            s.close()
+        self._pool.shutdown(wait=False)
+
+
+def _fuse(dense: list[ShardHit], bm25: list[ShardHit], k: int) -> list[ShardHit]:
+    """Reciprocal-rank fusion of two merged rankings, keyed by (shard, chunk id); the score becomes the fused one."""
+    fused: dict[tuple[str, int], float] = {}
+    first: dict[tuple[str, int], ShardHit] = {}
+    for ranking in (dense, bm25):
+        for rank, h in enumerate(ranking):
+            key = (h.shard, h.chunk_id)
+            fused[key] = fused.get(key, 0.0) + 1.0 / (RRF_K + rank + 1)
+            first.setdefault(key, h)
+    best = sorted(fused.items(), key=lambda kv: -kv[1])[:k]  # ties: dense order first (dict order, stable sort)
+    out = []
+    for key, score in best:
+        h = first[key]
+        out.append(ShardHit(**{**h.to_dict(), "score": score}))
+    return out
+
+
+def _add_flops(a: dict | None, b: dict | None) -> dict | None:
+    if a is None or b is None:
+        return a or b
+    return {key: a.get(key, 0) + b.get(key, 0) for key in set(a) | set(b)}

@@ -1,0 +1,297 @@
+"""A database split into shards (``db build --shard I/N``) searched together, here and over HTTP: the merged dense
+top-k is the one database's top-k, the parts must be the N parts of one database, ``db add`` routes each document to
+its shard, and the service fronts the parts (search, answers with their sources, documents)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import socket
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from fastapi.testclient import TestClient
+
+from conftest import assert_one_line_error, run_cli, search, wiki_docs, write_jsonl
+from retrolm.cli.generate import run_generate
+from retrolm.core.errors import RetrolmError
+from retrolm.db import BuildConfig, Database, DatabaseView
+from retrolm.infer.generate import GenerateConfig
+from retrolm.infer.generator import Generator
+from retrolm.infer.rag import PassageRetriever, RagConfig, RagPipeline, ShardedPassageRetriever
+from retrolm.retrieval.sharded import LocalShard, ShardedRetriever
+from retrolm.serve import ServeConfig, Service
+from retrolm.serve.app import create_app
+from retrolm.text.corpus import in_shard, iter_documents, parse_shard, shard_of
+
+QUERIES = ["a river in Europe", "the history of a city", "a species of moth", "a football player",
+           "an album released by a band", "a village in Poland"]
+
+
+def shards_file(path: Path, entries: list, **settings) -> Path:
+    path.write_text(yaml.safe_dump({"shards": [str(e) for e in entries], **settings}), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory, wiki_corpus, tiny_db_config):
+    """The 40-document corpus built as 3 shards, with the config of the one-database fixture ``built_db``."""
+    root = tmp_path_factory.mktemp("sharded")
+    paths = []
+    for i in range(3):
+        cfg = BuildConfig(**{**tiny_db_config.__dict__, "shard": f"{i}/3", "bm25": True})
+        paths.append(Database.build([wiki_corpus], root / f"db-{i}", cfg, show_progress=False).path)
+    return {"root": root, "paths": paths, "file": shards_file(root / "shards.yaml", [p.name for p in paths])}
+
+
+def test_a_document_goes_to_one_shard_by_its_id_alone(tmp_path):
+    # pinned: a different hash would send documents of existing sharded databases to the wrong part
+    assert [shard_of(d, 4) for d in ("a", "b", "doc-1", "Linux/kernel.rst")] == [3, 1, 1, 3]
+    assert shard_of("é", 7) == 2
+    assert parse_shard("2/5") == (2, 5)
+    for bad in ("3/3", "-1/2", "1", "a/b", "1/0"):
+        with pytest.raises(RetrolmError, match="shard"):
+            parse_shard(bad)
+    docs = list(iter_documents([write_jsonl(tmp_path / "c.jsonl", wiki_docs(40))]))
+    parts = [[d.id for d in in_shard(docs, (i, 3))] for i in range(3)]
+    together = [d for part in parts for d in part]
+    assert sorted(together) == sorted(d.id for d in docs) and all(parts)  # disjoint, complete, none empty
+
+
+def test_the_shards_hold_the_corpus_once_with_one_tokenizer(shards, built_db):
+    views = [DatabaseView.open(p) for p in shards["paths"]]
+    ids = [set(v.live_doc_ids()) for v in views]
+    assert sum(map(len, ids)) == 40 and set().union(*ids) == set(built_db.live_doc_ids())
+    for i, (v, held) in enumerate(zip(views, ids, strict=True)):
+        assert v.shard == (i, 3) and v.info()["shard"] == f"{i}/3"
+        assert all(shard_of(d, 3) == i for d in held)
+        # train:1000 is trained on the whole corpus in every part: one tokenizer, the one database's
+        assert v.meta["tokenizer"]["sha256"] == built_db.meta["tokenizer"]["sha256"]
+
+
+def test_the_merged_dense_top_k_is_the_one_database_top_k(shards, built_db):
+    sharded = ShardedRetriever.open(shards["file"])
+    assert sharded.kind == "dense" and sharded.num_chunks == built_db.store.n_chunks
+    result = sharded.search(QUERIES, 8)
+    for i, q in enumerate(QUERIES):
+        want = search(built_db, q, 8)
+        got = result.hits(i)
+        assert [(h.doc_id, h.position, h.text) for h in got] == [(h.doc_id, h.position, h.text) for h in want]
+        np.testing.assert_allclose([h.score for h in got], [h.score for h in want], rtol=1e-5, atol=1e-6)
+        assert {h.shard for h in got} <= {str(p) for p in shards["paths"]}
+        assert all(shard_of(h.doc_id, 3) == shards["paths"].index(Path(h.shard)) for h in got)
+    assert len({h.shard for i in range(len(QUERIES)) for h in result.hits(i)}) == 3  # every part contributed
+    # a document excluded per query is skipped in whichever part holds it, as in the one database
+    top = result.hits(0)[0].doc_id
+    excluded = sharded.search([QUERIES[0]], 8, exclude_docs=[[top]]).hits(0)
+    assert top not in {h.doc_id for h in excluded}
+    assert [h.doc_id for h in excluded] == [h.doc_id for h in search(built_db, QUERIES[0], 8, exclude_doc_ids=[top])]
+    sharded.close()
+
+
+def test_bm25_and_hybrid_merge_every_part(shards):
+    sharded = ShardedRetriever.open(shards["file"], retriever="bm25")
+    hits = sharded.search("military political century", 6).hits(0)
+    scores = [h.score for h in hits]
+    assert scores == sorted(scores, reverse=True) and len(hits) == 6
+    # each part's own best hit for the query is in the merged list unless six better ones came from elsewhere
+    for p in shards["paths"]:
+        own = search(DatabaseView.open(p), "military political century", 1, retriever="bm25")
+        if own and own[0].score >= scores[-1]:
+            assert (str(p), own[0].chunk_id) in {(h.shard, h.chunk_id) for h in hits}
+    hybrid = sharded.search("military political century", 4, kind="hybrid").hits(0)
+    dense = sharded.search("military political century", 16, kind="dense").hits(0)
+    bm25 = sharded.search("military political century", 16).hits(0)
+    rank = {kind: {(h.shard, h.chunk_id): r for r, h in enumerate(hits)} for kind, hits in (("d", dense), ("b", bm25))}
+    for h in hybrid:  # reciprocal-rank fusion of the two merged rankings
+        key = (h.shard, h.chunk_id)
+        want = sum(1.0 / (61 + rank[k][key]) for k in "db" if key in rank[k])
+        assert h.score == pytest.approx(want)
+    sharded.close()
+
+
+def test_parts_that_do_not_make_one_database_are_refused(shards, built_db, tiny_db_config, wiki_corpus, tmp_path):
+    root, (p0, p1, p2) = shards["root"], shards["paths"]
+    cases = [([p0, p1], "missing 2/3"), ([p0, p1, p2, p1], "twice 1/3"),
+             ([p0, p1, p2, built_db.path], "was not built as a shard (db build --shard I/N); set complete=false")]
+    for entries, fragment in cases:
+        with pytest.raises(RetrolmError, match=fragment.replace("(", r"\(").replace(")", r"\)")):
+            ShardedRetriever.open(shards_file(tmp_path / "s.yaml", entries))
+    # separate databases of one tokenizer and encoder may be searched together when asked to
+    both = ShardedRetriever.open(shards_file(tmp_path / "s.yaml", [p0, built_db.path], complete=False))
+    assert both.num_chunks == built_db.store.n_chunks + DatabaseView.open(p0).store.n_chunks
+    both.close()
+    other = Database.build([wiki_corpus], tmp_path / "other", BuildConfig(**{**tiny_db_config.__dict__,
+                           "chunk_len": 32, "shard": "2/3"}), show_progress=False).path
+    with pytest.raises(RetrolmError, match=f"shard {other}: chunk_len 32 differs from {p0}'s 64"):
+        ShardedRetriever.open(shards_file(tmp_path / "s.yaml", [p0, p1, other]))
+    with pytest.raises(RetrolmError, match="no such shards file"):
+        ShardedRetriever.open(root / "nope.yaml")
+    with pytest.raises(RetrolmError, match="lists no database"):
+        ShardedRetriever.open(shards_file(tmp_path / "s.yaml", []))
+
+
+def test_db_add_puts_each_document_in_its_own_shard(tmp_path, tiny_db_config):
+    corpus = write_jsonl(tmp_path / "c.jsonl", wiki_docs(12))
+    more = write_jsonl(tmp_path / "more.jsonl", wiki_docs(9, start=12))
+    paths = [Database.build([corpus], tmp_path / f"db-{i}", BuildConfig(**{**tiny_db_config.__dict__,
+                            "shard": f"{i}/2"}), show_progress=False).path for i in range(2)]
+    added = [Database.open(p).add([more], show_progress=False) for p in paths]
+    assert sum(a["docs_added"] for a in added) == 9
+    assert [a["docs_other_shards"] for a in added] == [9 - a["docs_added"] for a in added]
+    for i, p in enumerate(paths):
+        db = DatabaseView.open(p)
+        assert db.shard == (i, 2) and all(shard_of(d, 2) == i for d in db.live_doc_ids())
+    sharded = ShardedRetriever.open(shards_file(tmp_path / "s.yaml", paths))
+    assert sum(int(i["num_docs"]) for i in sharded.infos) == 21
+    sharded.close()
+
+
+def _serve_in_thread(service: Service) -> tuple[str, object]:
+    """A real uvicorn server on a free port of this machine (what another machine's shard would run)."""
+    import uvicorn
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(create_app(service), host="127.0.0.1", port=port, log_level="warning"))
+    threading.Thread(target=server.run, daemon=True).start()
+    for _ in range(200):
+        if server.started:
+            break
+        time.sleep(0.05)
+    assert server.started
+    return f"http://127.0.0.1:{port}", server
+
+
+def test_a_remote_shard_over_http_gives_the_same_results(shards, tmp_path):
+    p0, p1, p2 = shards["paths"]
+    url, server = _serve_in_thread(Service(ServeConfig(db=str(p2))))
+    try:
+        mixed = ShardedRetriever.open(shards_file(tmp_path / "mixed.yaml", [p0, p1, url]))
+        local = ShardedRetriever.open(shards["file"])
+        for kind in ("dense", "bm25", "hybrid"):
+            got, want = mixed.search(QUERIES, 5, kind=kind), local.search(QUERIES, 5, kind=kind)
+            for i in range(len(QUERIES)):
+                assert [(h.doc_id, h.chunk_id) for h in got.hits(i)] == [(h.doc_id, h.chunk_id) for h in want.hits(i)]
+                assert [h.shard for h in got.hits(i)] == [url if h.shard == str(p2) else h.shard
+                                                         for h in want.hits(i)]
+        # the remote part reports its FLOPs: its encoder forward and its search, as the local part's would be
+        passages = ShardedPassageRetriever(mixed)
+        _, flops = passages.retrieve([QUERIES[0]], 3)
+        one = PassageRetriever(DatabaseView.open(p2), "dense").flops(QUERIES[0])
+        assert flops[0].encoder == 3 * one.encoder > 0  # each part embeds the question
+        doc = next(d for d in DatabaseView.open(p2).live_doc_ids())
+        assert mixed.document(doc)[0] == url and mixed.document("no such doc") is None
+        # a shard that is down: one line naming it
+        server.should_exit = True
+        time.sleep(0.3)
+        with pytest.raises(RetrolmError, match=f"shard {url}: ConnectError"):
+            mixed.search("river", 3)
+        mixed.close()
+        local.close()
+    finally:
+        server.should_exit = True
+
+
+def test_the_service_fronts_the_shards(shards, built_db):
+    client = TestClient(create_app(Service(ServeConfig(db=str(shards["file"])))))
+    info = client.get("/api/info").json()
+    assert info["db"]["num_docs"] == 40 and info["db"]["num_shards"] == 3 and info["retrievers"][0] == "dense"
+    hits = client.get("/api/search", params={"q": QUERIES[2], "k": 4}).json()["hits"]
+    assert [h["doc_id"] for h in hits] == [h.doc_id for h in search(built_db, QUERIES[2], 4)]
+    assert all(h["shard"] for h in hits)
+    batch = client.post("/api/search", json={"queries": ["military works", "political century"], "k": 2,
+                                              "retriever": "bm25"}).json()
+    assert batch["retriever"] == "bm25" and [len(r) for r in batch["results"]] == [2, 2]
+    doc = client.get("/api/document", params={"id": hits[0]["doc_id"]}).json()
+    assert doc["source"] == hits[0]["shard"] and hits[0]["text"].strip()[:40] in doc["text"]
+    r = client.get("/api/document", params={"id": "nope"})
+    assert r.status_code == 404 and r.json()["error"] == "no document 'nope' in any shard"
+    # one part's service answers the batch endpoint with FLOPs and per-query exclusions
+    part = TestClient(create_app(Service(ServeConfig(db=str(shards["paths"][0])))))
+    top = part.post("/api/search", json={"queries": [QUERIES[0]], "k": 1}).json()
+    assert top["flops"][0]["encoder"] > 0 and top["flops"][0]["search"] > 0
+    first = top["results"][0][0]["doc_id"]
+    skip = part.post("/api/search", json={"queries": [QUERIES[0]], "k": 1, "exclude_doc_ids": [[first]]}).json()
+    assert skip["results"][0][0]["doc_id"] != first
+    bad = part.post("/api/search", json={"queries": ["a", "b"], "exclude_doc_ids": [[]]})
+    assert bad.status_code == 400 and bad.json()["error"] == "exclude_doc_ids lists 1 sets for 2 queries"
+
+
+_spec = importlib.util.spec_from_file_location("rag_tests", Path(__file__).parents[1] / "infer" / "test_rag.py")
+_rag = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_rag)
+world = _rag.world  # a BM25 store of summaries + "The code of NAME is WORD" facts, and a Llama that copies
+
+
+def test_answers_over_shards_cite_the_part_they_read(world, tmp_path):
+    corpus, tok = world["root"] / "corpus.jsonl", str(Path(world["lm"]) / "tokenizer.json")
+    paths = [Database.build([corpus], tmp_path / f"db-{i}", BuildConfig(tokenizer=tok, index="none", bm25=True,
+                                                                       shard=f"{i}/2"), show_progress=False).path
+             for i in range(2)]
+    file = shards_file(tmp_path / "shards.yaml", paths)
+    cfg = RagConfig(db=str(file), reader=world["lm"], template="{passages}{question}", max_new_tokens=6, top_n=3,
+                    passages=1)
+    pipe = RagPipeline.load(cfg)
+    for name, word in (("quenmir", "basalt"), ("zorblat", "amber")):
+        a = pipe.answer(f"The code of {name} is")
+        assert a.answer == word and a.passages[0].doc_id == f"fact-{name}"
+        assert a.passages[0].shard == str(paths[shard_of(f"fact-{name}", 2)])
+        assert a.flops.search > 0 and a.flops.encoder == 0  # BM25 over both parts, no encoder
+    local = [PassageRetriever(DatabaseView.open(p), "bm25") for p in paths]
+    q = "The code of quenmir is"
+    assert pipe.answer(q).flops.search == sum(r.flops(q).search for r in local)
+    with pytest.raises(RetrolmError, match="unit=document needs one database folder"):
+        RagPipeline.load(RagConfig(db=str(file), reader=world["lm"], unit="document"))
+    with pytest.raises(RetrolmError, match="a RETRO model reads its neighbours' tokens from one database"):
+        Generator(torch.nn.Identity(), pipe.reader.tok, "retrofit", "fitted").check_sharded(str(file))
+    # a causal LM generates over the parts, each span citing the part it read
+    g = run_generate(GenerateConfig(checkpoint=world["lm"], prompt="The code of zorblat is", db=str(file),
+                                    max_new_tokens=3, retriever="bm25"))
+    assert g.text.strip().startswith("amber")
+    assert g.chunks[0].sources[0].doc_id == "fact-zorblat"
+    assert g.chunks[0].sources[0].shard == str(paths[shard_of("fact-zorblat", 2)])
+
+
+def test_cli_builds_describes_and_searches_shards(shards, tmp_path, capsys, wiki_corpus, tiny_encoder):
+    rc, out, _ = run_cli(["db", "info", shards["file"]], capsys)
+    assert rc == 0 and "3 shards, 40 documents" in out and "0/3" in out and "2/3" in out
+    rc, out, _ = run_cli(["db", "search", shards["file"], QUERIES[0], "-k", "3", "--json"], capsys)
+    hits = json.loads(out)
+    assert rc == 0 and len(hits) == 3 and all("shard" in h for h in hits)
+    rc, out, _ = run_cli(["db", "build", wiki_corpus, "--out", tmp_path / "p", "--encoder", tiny_encoder,
+                          "--tokenizer", "train:1000", "--shard", "1/4", "--quiet"], capsys)
+    assert rc == 0 and "(shard 1/4)" in out
+    assert all(shard_of(d, 4) == 1 for d in DatabaseView.open(tmp_path / "p").live_doc_ids())
+    rc, _, err = run_cli(["db", "build", wiki_corpus, "--out", tmp_path / "q", "--shard", "4/4"], capsys)
+    assert_one_line_error(rc, err, "shard '4/4': need 0 <= I < N")
+    rc, _, err = run_cli(["db", "search", shards["root"] / "missing.yaml", "x"], capsys)
+    assert_one_line_error(rc, err, "no such shards file")
+
+
+def test_a_local_shard_follows_edits_and_rebuilds(shards, tmp_path, wiki_corpus, tiny_db_config):
+    import shutil
+
+    copy = tmp_path / "db-0"
+    shutil.copytree(shards["paths"][0], copy)
+    part = LocalShard(copy)
+    first, n_docs = part.retriever("dense"), part.info()["num_docs"]
+    gone = part.db.live_doc_ids()[0]
+    Database.open(copy).delete(doc_ids=[gone], show_progress=False)
+    assert part.retriever("dense") is first and part.info()["num_docs"] == n_docs - 1  # an edit: same build
+    assert gone not in {h.doc_id for h in part.search([gone], 40, "bm25")[0][0]}
+    assert part.document(gone) is None and part.document(part.db.live_doc_ids()[0])
+    cfg = BuildConfig(**{**tiny_db_config.__dict__, "shard": "0/3"})
+    Database.build([wiki_corpus], copy, cfg, overwrite=True, show_progress=False)
+    assert part.retriever("dense") is not first and part.info()["num_docs"] == n_docs  # a new build: made again
+
+
+def test_commands_that_need_one_folder_say_so_for_a_shards_file(shards, capsys):
+    rc, _, err = run_cli(["db", "delete", shards["file"], "--doc-id", "x"], capsys)
+    assert_one_line_error(rc, err, "a shards file; this needs one database folder")
