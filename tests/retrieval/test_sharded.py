@@ -86,6 +86,8 @@ def test_the_merged_dense_top_k_is_the_one_database_top_k(shards, built_db):
         assert {h.shard for h in got} <= {str(p) for p in shards["paths"]}
         assert all(shard_of(h.doc_id, 3) == shards["paths"].index(Path(h.shard)) for h in got)
     assert len({h.shard for i in range(len(QUERIES)) for h in result.hits(i)}) == 3  # every part contributed
+    # the parts on this machine share one embedding of the queries: only the first loaded its encoder
+    assert [s.db._encoder is not None for s in sharded.shards] == [True, False, False]
     # a document excluded per query is skipped in whichever part holds it, as in the one database
     top = result.hits(0)[0].doc_id
     excluded = sharded.search([QUERIES[0]], 8, exclude_docs=[[top]]).hits(0)
@@ -185,7 +187,10 @@ def test_a_remote_shard_over_http_gives_the_same_results(shards, tmp_path):
         passages = ShardedPassageRetriever(mixed)
         _, flops = passages.retrieve([QUERIES[0]], 3)
         one = PassageRetriever(DatabaseView.open(p2), "dense").flops(QUERIES[0])
-        assert flops[0].encoder == 3 * one.encoder > 0  # each part embeds the question
+        # the remote part embeds the question itself, the two local parts once between them
+        assert flops[0].encoder == 2 * one.encoder > 0
+        assert flops[0].search == sum(PassageRetriever(DatabaseView.open(p), "dense").flops(QUERIES[0]).search
+                                      for p in (p0, p1, p2))
         doc = next(d for d in DatabaseView.open(p2).live_doc_ids())
         assert mixed.document(doc)[0] == url and mixed.document("no such doc") is None
         # a shard that is down: one line naming it
@@ -285,7 +290,7 @@ def test_a_local_shard_follows_edits_and_rebuilds(shards, tmp_path, wiki_corpus,
     gone = part.db.live_doc_ids()[0]
     Database.open(copy).delete(doc_ids=[gone], show_progress=False)
     assert part.retriever("dense") is first and part.info()["num_docs"] == n_docs - 1  # an edit: same build
-    assert gone not in {h.doc_id for h in part.search([gone], 40, "bm25")[0][0]}
+    assert gone not in {h.doc_id for h in part.search([gone], 40, "bm25").hits(0)}
     assert part.document(gone) is None and part.document(part.db.live_doc_ids()[0])
     cfg = BuildConfig(**{**tiny_db_config.__dict__, "shard": "0/3"})
     Database.build([wiki_corpus], copy, cfg, overwrite=True, show_progress=False)

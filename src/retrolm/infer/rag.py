@@ -219,8 +219,9 @@ class PassageRetriever:
 
 class ShardedPassageRetriever:
     """Chunk passages from the parts of a sharded database (:mod:`retrolm.retrieval.sharded`), with the FLOPs of
-    every part's search: each part embeds the question itself, so a dense search over N parts pays the encoder N
-    times. ``unit=document`` needs one database folder (passages are cut from its token arrays)."""
+    every part's search: each remote part embeds the question itself (a dense search over N machines pays the
+    encoder N times), the parts on this machine once between them. ``unit=document`` needs one database folder
+    (passages are cut from its token arrays)."""
 
     def __init__(self, sharded: ShardedRetriever, continuation: bool = True) -> None:
         self.sharded, self.continuation = sharded, continuation
@@ -235,12 +236,15 @@ class ShardedPassageRetriever:
         for i, q in enumerate(questions):
             out.append([Passage(h.text + (h.continuation if self.continuation else ""), h.doc_id, h.chunk_id,
                                 h.position, h.score, r, shard=h.shard) for r, h in enumerate(result.hits(i))])
-            total = StageFlops()
+            total, embedded = StageFlops(), False
             for shard, reported in zip(self.sharded.shards, result.flops[i], strict=True):
                 if reported is not None:  # a remote part counted its own
                     total += StageFlops(encoder=int(reported.get("encoder", 0)), search=int(reported.get("search", 0)))
                 elif isinstance(shard, LocalShard):
-                    total += self._local_retriever(shard).flops(q)
+                    f = self._local_retriever(shard).flops(q)
+                    # the parts on this machine share one embedding of the question (ShardedRetriever)
+                    total += StageFlops(encoder=0 if embedded else f.encoder, search=f.search)
+                    embedded = True
             flops.append(total)
         return out, flops
 

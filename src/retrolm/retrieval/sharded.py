@@ -23,11 +23,13 @@ from __future__ import annotations
 
 import logging
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from retrolm.core.config import load_config
 from retrolm.core.errors import RetrolmError
@@ -79,6 +81,23 @@ class ShardHit(Hit):
     """The shard it came from (its folder or URL, as the shards file names it)."""
 
 
+@dataclass
+class ShardAnswer:
+    """One part's top-k for a batch of queries: scores first, hits made only for those the merge keeps (a local part
+    decodes no chunk text that loses to another part's)."""
+
+    scores: list[list[float]]
+    """Per query, the part's scores, best first."""
+    fetch: Callable[[int, list[int]], list[Hit]]
+    """``fetch(q, ranks)``: query q's hits at those ranks of :attr:`scores`."""
+    flops: list[dict] | None = None
+    """Per query, the FLOPs of the search when the part reports them (remote parts; None for local ones)."""
+
+    def hits(self, q: int) -> list[Hit]:
+        """Query q's hits, all of them."""
+        return self.fetch(q, list(range(len(self.scores[q]))))
+
+
 class Shard(ABC):
     """One part of a sharded database."""
 
@@ -91,9 +110,9 @@ class Shard(ABC):
 
     @abstractmethod
     def search(self, queries: Sequence[str], k: int, kind: str,
-               exclude_docs: Sequence[Sequence[str]] | None = None) -> tuple[list[list[Hit]], list[dict] | None]:
-        """Per query, its top-k hits in this part (``exclude_docs``: per query, document ids it must not return),
-        and per query the FLOPs of the search when the part reports them (remote parts; None for local ones)."""
+               exclude_docs: Sequence[Sequence[str]] | None = None, vectors: np.ndarray | None = None) -> ShardAnswer:
+        """Per query, its top-k in this part (``exclude_docs``: per query, document ids it must not return;
+        ``vectors``: the queries already embedded by this encoder, for a dense search)."""
 
     @abstractmethod
     def document(self, doc_id: str) -> str | None:
@@ -134,9 +153,16 @@ class LocalShard(Shard):
         return made[1]
 
     def search(self, queries: Sequence[str], k: int, kind: str,
-               exclude_docs: Sequence[Sequence[str]] | None = None) -> tuple[list[list[Hit]], list[dict] | None]:
-        result = self.retriever(kind).search(list(queries), k, exclusion_by_ids(self.db, exclude_docs))
-        return [result.hits(i) for i in range(len(queries))], None
+               exclude_docs: Sequence[Sequence[str]] | None = None, vectors: np.ndarray | None = None) -> ShardAnswer:
+        asked = vectors if vectors is not None and kind == "dense" else list(queries)
+        result = self.retriever(kind).search(asked, k, exclusion_by_ids(self.db, exclude_docs))
+        found = [np.flatnonzero(row >= 0) for row in result.ids]  # -1: nothing more in this part
+
+        def fetch(q: int, ranks: list[int]) -> list[Hit]:
+            at = found[q][ranks]
+            return self.db.hits(result.scores[q][at], result.ids[q][at])
+
+        return ShardAnswer([result.scores[q][f].tolist() for q, f in enumerate(found)], fetch)
 
     def document(self, doc_id: str) -> str | None:
         self.db.refresh()
@@ -177,14 +203,17 @@ class RemoteShard(Shard):
         return self._call("GET", "/api/info")["db"]
 
     def search(self, queries: Sequence[str], k: int, kind: str,
-               exclude_docs: Sequence[Sequence[str]] | None = None) -> tuple[list[list[Hit]], list[dict] | None]:
+               exclude_docs: Sequence[Sequence[str]] | None = None, vectors: np.ndarray | None = None) -> ShardAnswer:
+        # the part embeds the texts itself (on its machine, at the same time as the other parts)
         body = {"queries": list(queries), "k": k, "retriever": kind,
                 "exclude_doc_ids": None if exclude_docs is None else [list(d) for d in exclude_docs]}
         out = self._call("POST", "/api/search", json=body)
         if len(out["results"]) != len(queries):
             raise RetrolmError(f"shard {self.name}: {len(out['results'])} results for {len(queries)} queries")
         fields = set(Hit.__dataclass_fields__)  # a shard that is itself a front of shards adds its own "shard"
-        return [[Hit(**{f: h[f] for f in fields}) for h in hits] for hits in out["results"]], out.get("flops")
+        hits = [[Hit(**{f: h[f] for f in fields}) for h in row] for row in out["results"]]
+        return ShardAnswer([[h.score for h in row] for row in hits], lambda q, ranks: [hits[q][r] for r in ranks],
+                           out.get("flops"))
 
     def document(self, doc_id: str) -> str | None:
         out = self._call("GET", "/api/document", params={"id": doc_id})
@@ -346,14 +375,22 @@ class ShardedRetriever:
 
     def _merged(self, queries: list[str], k: int, kind: str, exclude_docs: Sequence[Sequence[str]] | None
                 ) -> tuple[list[list[ShardHit]], list[list[dict | None]]]:
-        answers = self._each(lambda s: s.search(queries, k, kind, exclude_docs))
+        local = [s for s in self.shards if isinstance(s, LocalShard)]
+        # parts on this machine share one encoder (checked at open): the queries are embedded once, not once a part
+        vectors = local[0].retriever("dense").prepare(queries) if kind == "dense" and len(local) > 1 else None
+        answers: list[ShardAnswer] = self._each(lambda s: s.search(queries, k, kind, exclude_docs, vectors))
         merged, flops = [], []
         for q in range(len(queries)):
-            pool = [ShardHit(**h.to_dict(), shard=s.name) for s, (hits, _) in zip(self.shards, answers, strict=True)
-                    for h in hits[q]]
             # best first; a tie keeps shard order, then the shard's own order (sorted is stable)
-            merged.append(sorted(pool, key=lambda h: -h.score)[:k])
-            flops.append([f[q] if f is not None else None for _, f in answers])
+            pool = [(score, p, r) for p, a in enumerate(answers) for r, score in enumerate(a.scores[q])]
+            best = sorted(pool, key=lambda t: -t[0])[:k]
+            kept: dict[tuple[int, int], ShardHit] = {}
+            for p, a in enumerate(answers):  # one fetch per part, for the ranks the merge kept
+                ranks = [r for _, pp, r in best if pp == p]
+                for r, h in zip(ranks, a.fetch(q, ranks) if ranks else [], strict=True):
+                    kept[p, r] = ShardHit(**h.to_dict(), shard=self.shards[p].name)
+            merged.append([kept[p, r] for _, p, r in best])
+            flops.append([a.flops[q] if a.flops is not None else None for a in answers])
         return merged, flops
 
     def document(self, doc_id: str) -> tuple[str, str] | None:
