@@ -7,8 +7,9 @@ SmolLM2's tokenizer (the main job's settings). Queries are the first ``--query-w
 * build seconds of the whole database and of each part (parts built one after another here; on N machines the
   build takes as long as the slowest part);
 * BM25 agreement: top-1 agreement and overlap@10 (share of the whole database's top-10 chunks, by document and
-  position, in the merged top-10). They differ only through the term statistics (IDF, mean chunk length), which
-  each part computes over its own chunks (Elasticsearch's ``query_then_fetch`` does the same);
+  position, in the merged top-10) and the share of queries with the same ten scores, with BM25 statistics summed
+  over the parts (the default, ``global_stats``: Elasticsearch's ``dfs_query_then_fetch``) and with each part's own
+  (``query_then_fetch``). With summed statistics every part scores as the whole database: only ties may order apart;
 * latency p50 / p95 of one query at a time: the whole database, the parts searched in this process (a thread each)
   and the parts each behind its own ``retrolm serve`` (uvicorn on local ports, in threads of this process: on one
   2-core machine they share its cores, so this is the cost of the protocol, not of N machines);
@@ -75,29 +76,35 @@ def latency(search, queries: list[str]) -> dict:
 
 
 def agreement(whole: list[list], parts: list[list]) -> dict:
-    """Top-1 agreement and overlap@k of (doc_id, position) lists."""
-    top1 = np.mean([bool(w) and bool(p) and w[0] == p[0] for w, p in zip(whole, parts, strict=True)])
-    overlap = np.mean([len(set(w) & set(p)) / max(1, len(w)) for w, p in zip(whole, parts, strict=True)])
-    return {"top1_agreement": round(float(top1), 4), "overlap_at_k": round(float(overlap), 4)}
+    """Top-1 agreement and overlap@k of (doc_id, position, score) lists, and the share of queries whose k scores are
+    the same (to 1e-5): a tie may put another chunk of the same score at the edge of the top-k."""
+    pairs = list(zip(whole, parts, strict=True))
+    top1 = np.mean([bool(w) and bool(p) and w[0][:2] == p[0][:2] for w, p in pairs])
+    overlap = np.mean([len({x[:2] for x in w} & {x[:2] for x in p}) / max(1, len(w)) for w, p in pairs])
+    same = np.mean([len(w) == len(p) and np.allclose([x[2] for x in w], [x[2] for x in p], rtol=1e-5)
+                    for w, p in pairs])
+    return {"top1_agreement": round(float(top1), 4), "overlap_at_k": round(float(overlap), 4),
+            "same_scores": round(float(same), 4)}
 
 
-def compare(name: str, whole_db: Path, parts: list[Path], kind: str, queries: list[str], k: int, work: Path) -> dict:
+def compare(name: str, whole_db: Path, parts: list[Path], kind: str, queries: list[str], k: int, work: Path,
+            **settings) -> dict:
     whole = get_retriever(DatabaseView.open(whole_db), kind)
     file = work / f"{name}-shards.yaml"
-    file.write_text(yaml.safe_dump({"shards": [str(p.resolve()) for p in parts], "retriever": kind}))
+    file.write_text(yaml.safe_dump({"shards": [str(p.resolve()) for p in parts], "retriever": kind, **settings}))
     local = ShardedRetriever.open(file)
-    key = [[(h.doc_id, h.position) for h in whole.search([q], k).hits(0)] for q in queries]
-    got = [[(h.doc_id, h.position) for h in local.search(q, k).hits(0)] for q in queries]
+    key = [[(h.doc_id, h.position, h.score) for h in whole.search([q], k).hits(0)] for q in queries]
+    got = [[(h.doc_id, h.position, h.score) for h in local.search(q, k).hits(0)] for q in queries]
     out = {"kind": kind, "chunks": local.num_chunks, **agreement(key, got),
            "latency_whole": latency(lambda q: whole.search([q], k).hits(0), queries),
            "latency_parts_in_process": latency(lambda q: local.search(q, k), queries)}
     served = [serve(p) for p in parts]
     try:
         remote_file = work / f"{name}-remote.yaml"
-        remote_file.write_text(yaml.safe_dump({"shards": [u for u, _ in served], "retriever": kind}))
+        remote_file.write_text(yaml.safe_dump({"shards": [u for u, _ in served], "retriever": kind, **settings}))
         remote = ShardedRetriever.open(remote_file)
-        same = all([(h.doc_id, h.position) for h in remote.search(q, k).hits(0)] == g for q, g in zip(queries, got,
-                                                                                                         strict=True))
+        same = all([(h.doc_id, h.position) for h in remote.search(q, k).hits(0)] == [x[:2] for x in g]
+                   for q, g in zip(queries, got, strict=True))
         out["remote_same_as_in_process"] = same
         out["latency_parts_over_http"] = latency(lambda q: remote.search(q, k), queries)
         remote.close()
@@ -139,6 +146,8 @@ def main() -> None:
     result["queries"] = len(queries)
     result["bm25"] = compare("bm25", a.out / "whole", parts, "bm25", queries, a.k, a.out)
     result["bm25"]["chunks_per_part"] = [DatabaseView.open(p).store.n_chunks for p in parts]
+    result["bm25_own_statistics"] = compare("bm25-own", a.out / "whole", parts, "bm25", queries, a.k, a.out,
+                                            global_stats=False)
 
     if a.dense_docs:
         subset = a.out / "dense-corpus.jsonl"

@@ -117,6 +117,57 @@ def test_bm25_and_hybrid_merge_every_part(shards):
     sharded.close()
 
 
+def test_bm25_with_summed_statistics_ranks_as_the_one_database(shards, built_db):
+    from retrolm.db.lexical import TermStats
+
+    queries = [*QUERIES, "military political century", "works of the early period", "american modern complex"]
+    sharded = ShardedRetriever.open(shards["file"], retriever="bm25")
+    whole = DatabaseView.open(built_db.path)
+    # the parts' statistics add up to the one database's (its BM25 index covers the same chunks)
+    assert sharded.term_stats(queries) == whole.lexical.term_stats(queries)
+    assert len(whole.lexical.term_stats(queries).df) == 14
+    own = ShardedRetriever(sharded.shards, "bm25", global_stats=False)
+    differ = 0
+    for q in queries:
+        want = search(whole, q, 8, retriever="bm25")
+        got = sharded.search(q, 8).hits(0)
+        # scored as the one database scores: the same scores, the same chunks (ties may come in another order)
+        np.testing.assert_allclose([h.score for h in got], [h.score for h in want], rtol=1e-5)
+        above = want[-1].score * (1 + 1e-5) if want else 0.0
+        assert {(h.doc_id, h.position) for h in got if h.score > above} == {
+            (h.doc_id, h.position) for h in want if h.score > above}
+        mine = [h.score for h in own.search(q, 8).hits(0)]
+        differ += len(mine) != len(want) or not np.allclose(mine, [h.score for h in want], rtol=1e-5)
+    assert differ >= len(queries) // 2  # each part's own statistics score otherwise
+    # a part given its own statistics scores exactly as bm25s does (every match kept: ties cannot change the sets)
+    lex = DatabaseView.open(shards["paths"][0]).lexical
+    plain = lex.search(queries, lex.n_chunks)
+    again = lex.search(queries, lex.n_chunks, stats=lex.term_stats(queries))
+    for q in range(len(queries)):
+        a = {(int(i), round(float(s), 4)) for i, s in zip(plain[1][q], plain[0][q], strict=True) if i >= 0}
+        b = {(int(i), round(float(s), 4)) for i, s in zip(again[1][q], again[0][q], strict=True) if i >= 0}
+        assert a == b
+    assert TermStats.merged([TermStats(3, 10, {"a": 1}), TermStats(2, 5, {"a": 2, "b": 1})]) == TermStats(
+        5, 15, {"a": 3, "b": 1})
+    sharded.close()
+
+
+def test_bm25_chunk_lengths_are_stored_or_counted_again(shards, tmp_path):
+    import shutil
+
+    from retrolm.db.lexical import LENGTHS, LexicalIndex
+
+    db = DatabaseView.open(shards["paths"][1])
+    stored = np.asarray(db.lexical.chunk_lengths())
+    assert stored.sum() > 0 and len(stored) == db.store.n_chunks
+    old = tmp_path / "bm25"
+    shutil.copytree(db.path / db.meta["bm25"], old)
+    (old / LENGTHS).unlink()  # an index stored before the lengths were
+    assert np.array_equal(LexicalIndex.load(old, texts=db.chunk_texts).chunk_lengths(), stored)
+    with pytest.raises(RetrolmError, match="chunk lengths are not stored"):
+        LexicalIndex.load(old).chunk_lengths()
+
+
 def test_parts_that_do_not_make_one_database_are_refused(shards, built_db, tiny_db_config, wiki_corpus, tmp_path):
     root, (p0, p1, p2) = shards["root"], shards["paths"]
     cases = [([p0, p1], "missing 2/3"), ([p0, p1, p2, p1], "twice 1/3"),
@@ -227,6 +278,13 @@ def test_the_service_fronts_the_shards(shards, built_db):
     assert skip["results"][0][0]["doc_id"] != first
     bad = part.post("/api/search", json={"queries": ["a", "b"], "exclude_doc_ids": [[]]})
     assert bad.status_code == 400 and bad.json()["error"] == "exclude_doc_ids lists 1 sets for 2 queries"
+    terms = part.post("/api/terms", json={"queries": ["military works"]}).json()
+    assert terms["n_chunks"] == DatabaseView.open(shards["paths"][0]).store.n_chunks and set(terms["df"]) <= {
+        "military", "works"}
+    assert terms["total_length"] > terms["n_chunks"]
+    stats = {"n_chunks": 10, "total_length": 100, "df": {"x": 1}}
+    dense = part.post("/api/search", json={"queries": ["x"], "retriever": "dense", "term_stats": stats})
+    assert dense.status_code == 400 and dense.json()["error"] == "term_stats are BM25's; this search is dense"
 
 
 _spec = importlib.util.spec_from_file_location("rag_tests", Path(__file__).parents[1] / "infer" / "test_rag.py")

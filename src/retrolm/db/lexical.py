@@ -12,8 +12,10 @@ Needs the optional dependency: ``pip install retrolm[bm25]``.
 from __future__ import annotations
 
 import logging
+import math
 import shutil
 from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +38,8 @@ def _bm25s():
     return bm25s
 
 
+LENGTHS = "chunk_lengths.npy"
+"""BM25 terms per chunk, stored beside bm25s's files (bm25s keeps only their mean)."""
 NO_TERMS = "no_terms"
 """Marks a stored index of chunks that hold no term at all (bm25s saves nothing for them)."""
 
@@ -43,11 +47,15 @@ NO_TERMS = "no_terms"
 class LexicalIndex:
     """BM25 over the chunks ``0..n_chunks-1`` of one database."""
 
-    def __init__(self, retriever, n_chunks: int, folder: Path | None = None, has_terms: bool = True) -> None:
+    def __init__(self, retriever, n_chunks: int, folder: Path | None = None, has_terms: bool = True,
+                 lengths: np.ndarray | None = None, texts: Callable[[np.ndarray], list[str]] | None = None) -> None:
         self.retriever, self.n_chunks, self.folder = retriever, n_chunks, folder
         self.has_terms = has_terms and n_chunks > 0
         """False when no chunk holds a term BM25 keeps (only stopwords, single characters, punctuation): bm25s cannot
         index that, and every search finds nothing."""
+        self.lengths = lengths
+        """BM25 terms per chunk (see :meth:`chunk_lengths`)."""
+        self.texts = texts
 
     @classmethod
     def build(cls, chunk_texts: Callable[[np.ndarray], list[str]], n_chunks: int, show_progress: bool = False
@@ -62,7 +70,9 @@ class LexicalIndex:
         has_terms = tokens is not None and len(tokens.vocab) > 0
         if has_terms:
             retriever.index(tokens, show_progress=show_progress)
-        return cls(retriever, n_chunks, has_terms=has_terms)
+        # the document lengths bm25s normalised by (it keeps only their mean): shared statistics need each
+        lengths = np.array([len(ids) for ids in tokens.ids] if has_terms else np.zeros(n_chunks), dtype=np.int32)
+        return cls(retriever, n_chunks, has_terms=has_terms, lengths=lengths, texts=chunk_texts)
 
     def save(self, folder: Path) -> None:
         """Write the index folder atomically (a temporary folder renamed into place)."""
@@ -75,6 +85,8 @@ class LexicalIndex:
                 else:
                     tmp.mkdir(parents=True)
                     (tmp / NO_TERMS).write_text("")
+                if self.lengths is not None:
+                    np.save(tmp / LENGTHS, np.asarray(self.lengths, dtype=np.int32))
                 (tmp / "n_chunks.txt").write_text(str(self.n_chunks))
                 fsync_tree(tmp)
         except BaseException:
@@ -87,15 +99,19 @@ class LexicalIndex:
         self.folder = folder
 
     @classmethod
-    def load(cls, folder: Path) -> LexicalIndex:
+    def load(cls, folder: Path, texts: Callable[[np.ndarray], list[str]] | None = None) -> LexicalIndex:
+        """The index stored in ``folder``; ``texts`` gives chunk texts where its chunk lengths were not stored."""
         bm25s = _bm25s()
         try:
             n = int((folder / "n_chunks.txt").read_text())
             has_terms = n > 0 and not (folder / NO_TERMS).exists()
             retriever = bm25s.BM25.load(str(folder), mmap=True, show_progress=False) if has_terms else bm25s.BM25()
+            lengths = np.load(folder / LENGTHS, mmap_mode="r") if (folder / LENGTHS).is_file() else None
         except (OSError, ValueError) as e:
             raise RetrolmError(f"{folder}: corrupt or unreadable BM25 index ({e})") from None
-        return cls(retriever, n, folder, has_terms)
+        if lengths is not None and len(lengths) != n:
+            raise RetrolmError(f"{folder / LENGTHS}: {len(lengths)} chunk lengths for {n} chunks (damaged index)")
+        return cls(retriever, n, folder, has_terms, lengths, texts)
 
     def postings(self, query: str) -> int:
         """How many (term, chunk) postings the query's distinct terms have in the index: the entries a BM25 search
@@ -112,9 +128,55 @@ class LexicalIndex:
             return len(terms) * self.n_chunks
         return int(sum(int(indptr[vocab[t] + 1] - indptr[vocab[t]]) for t in terms if t in vocab))
 
-    def search(self, queries: list[str], k: int, exclude: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def _layout(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict] | None:
+        """bm25s's precomputed scores, one column per term (indptr, chunk indices, idf x tf part), and its vocabulary;
+        None for an index without terms."""
+        if not self.has_terms:
+            return None
+        try:
+            sc, method = self.retriever.scores, self.retriever.method
+            layout = sc["indptr"], sc["indices"], sc["data"], self.retriever.vocab_dict
+        except (AttributeError, KeyError, TypeError):
+            layout, method = None, None
+        if layout is None or method != "lucene":
+            raise RetrolmError("this bm25s version or scorer stores its index in another layout: BM25 with shared "
+                               "term statistics (sharded databases) is not available with it")
+        return layout
+
+    def chunk_lengths(self) -> np.ndarray:
+        """BM25 terms per chunk, as indexed (BM25's document lengths): stored with the index since 2026-12-07,
+        counted again from the chunk texts for an index stored before."""
+        if self.lengths is None:
+            if self.texts is None:
+                raise RetrolmError(f"{self.folder}: BM25 chunk lengths are not stored and no chunk texts are at hand")
+            logger.info("%s: counting BM25 terms per chunk (not stored with this index)", self.folder)
+            counts = []
+            for start in range(0, self.n_chunks, BUILD_BATCH):
+                texts = self.texts(np.arange(start, min(start + BUILD_BATCH, self.n_chunks)))
+                counts += [len(t) for t in _bm25s().tokenize(texts, return_ids=False, show_progress=False)]
+            self.lengths = np.asarray(counts, dtype=np.int32)
+        return self.lengths
+
+    def term_stats(self, queries: list[str]) -> TermStats:
+        """This index's statistics for the queries' terms: what the front of a sharded database sums over its parts
+        so that every part scores alike (:meth:`search` with ``stats``)."""
+        layout = self._layout()
+        if layout is None:
+            return TermStats(self.n_chunks, 0, {})
+        indptr, _, _, vocab = layout
+        terms = {t for toks in _bm25s().tokenize(queries, return_ids=False, show_progress=False) for t in toks}
+        df = {t: int(indptr[vocab[t] + 1] - indptr[vocab[t]]) for t in sorted(terms) if t in vocab}
+        return TermStats(self.n_chunks, int(self.chunk_lengths().sum()), df)
+
+    def search(self, queries: list[str], k: int, exclude: np.ndarray | None = None,
+               stats: TermStats | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Top-k (scores, chunk ids) per query, best first; ``exclude`` (bool per chunk) never returned; -1 / -inf
-        where fewer than k chunks share a term with the query (BM25 scores those 0: they are not matches)."""
+        where fewer than k chunks share a term with the query (BM25 scores those 0: they are not matches).
+
+        ``stats``: score with these statistics instead of this index's own (those of every part of a sharded
+        database summed: each part then scores a chunk as one database holding all parts would)."""
+        if stats is not None:
+            return self._search_with_stats(queries, k, exclude, stats)
         bm25s = _bm25s()
         nq = len(queries)
         out_ids = np.full((nq, k), -1, dtype=np.int64)
@@ -136,3 +198,68 @@ class LexicalIndex:
         ids[miss], scores[miss] = -1, -np.inf
         out_ids[todo, :k_eff], out_scores[todo, :k_eff] = ids, scores
         return out_scores, out_ids
+
+    def _search_with_stats(self, queries: list[str], k: int, exclude: np.ndarray | None, stats: TermStats
+                           ) -> tuple[np.ndarray, np.ndarray]:
+        # bm25s stores idf(t) x tf/(tf + K(chunk)) per posting, K = k1 (1 - b + b len/mean len) with this index's
+        # statistics: the term count tf is recovered (an integer), and the posting scored with the given idf and mean
+        # length. Columns are summed as bm25s sums them (a term repeated in a query counts twice).
+        nq = len(queries)
+        out_ids = np.full((nq, k), -1, dtype=np.int64)
+        out_scores = np.full((nq, k), -np.inf, dtype=np.float32)
+        layout = self._layout()
+        if layout is None or k < 1:
+            return out_scores, out_ids
+        indptr, indices, data, vocab = layout
+        lengths = self.chunk_lengths()
+        k1, b = float(self.retriever.k1), float(self.retriever.b)
+        own_mean, mean = float(lengths.mean()), stats.total_length / max(1, stats.n_chunks)
+        tokens = _bm25s().tokenize(queries, return_ids=False, show_progress=False)
+        for q, toks in enumerate(tokens):
+            if not queries[q].strip():
+                continue
+            scores = np.zeros(self.n_chunks, dtype=np.float64)
+            for t in toks:
+                if t not in vocab or t not in stats.df:
+                    continue
+                col = slice(int(indptr[vocab[t]]), int(indptr[vocab[t] + 1]))
+                rows, length = indices[col], lengths[indices[col]].astype(np.float64)
+                part = data[col].astype(np.float64) / bm25_idf(col.stop - col.start, self.n_chunks)
+                own_k = k1 * (1 - b + b * length / own_mean)
+                tf = np.rint(part * own_k / (1 - part))
+                scores[rows] += bm25_idf(stats.df[t], stats.n_chunks) * tf / (k1 * (1 - b + b * length / mean) + tf)
+            scores = scores.astype(np.float32)  # as bm25s's own scores
+            if exclude is not None:
+                scores[exclude] = 0.0
+            hit = np.flatnonzero(scores > 0)
+            top = hit[np.argsort(-scores[hit], kind="stable")[:k]]  # ties: lower chunk id first
+            out_ids[q, : len(top)], out_scores[q, : len(top)] = top, scores[top]
+        return out_scores, out_ids
+
+
+@dataclass
+class TermStats:
+    """BM25 statistics of an index for some query terms: chunks indexed, their total length in BM25 terms, and per
+    term how many chunks hold it."""
+
+    n_chunks: int
+    total_length: int
+    df: dict[str, int]
+
+    @classmethod
+    def merged(cls, parts: list[TermStats]) -> TermStats:
+        """The statistics of one index holding every part's chunks."""
+        df: dict[str, int] = {}
+        for p in parts:
+            for t, n in p.df.items():
+                df[t] = df.get(t, 0) + n
+        return cls(sum(p.n_chunks for p in parts), sum(p.total_length for p in parts), df)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def bm25_idf(df: int, n: int) -> float:
+    """BM25's inverse document frequency as bm25s's default (Lucene) scorer computes it: log(1 + (n - df + 0.5) /
+    (df + 0.5)) for a term held by ``df`` of ``n`` chunks."""
+    return math.log(1.0 + (n - df + 0.5) / (df + 0.5))

@@ -278,7 +278,7 @@ class DatabaseView:
                 raise RetrolmError(f"{self.path}: changed by another process since this view opened it (its BM25 "
                                    f"index {folder.name} is gone); open the database again")
             elif folder is not None:
-                self._lexical = LexicalIndex.load(folder)
+                self._lexical = LexicalIndex.load(folder, texts=self.chunk_texts)
             else:
                 logger.info("%s: no BM25 index stored; building one in memory (`retrolm db bm25` stores it)",
                             self.path)

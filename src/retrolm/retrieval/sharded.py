@@ -34,8 +34,10 @@ import numpy as np
 from retrolm.core.config import load_config
 from retrolm.core.errors import RetrolmError
 from retrolm.db import DatabaseView, Hit
+from retrolm.db.lexical import TermStats
 from retrolm.retrieval import get_retriever
 from retrolm.retrieval.base import Exclusion, Retriever
+from retrolm.retrieval.bm25 import BM25Retriever
 from retrolm.retrieval.hybrid import RRF_K
 
 logger = logging.getLogger(__name__)
@@ -65,6 +67,10 @@ class ShardsConfig:
     """Seconds to wait for a remote shard's answer."""
     hybrid_depth: int = 4
     """Hybrid: each ranking fetches this many times k before fusion (as :class:`HybridRetriever`)."""
+    global_stats: bool = True
+    """BM25 scores every part with the statistics of all parts (term frequencies and mean chunk length, summed: one
+    more round trip to each remote part per search), so that the merged ranking is the one database's; false: each
+    part's own statistics."""
 
     def __post_init__(self) -> None:
         if not self.shards:
@@ -109,10 +115,15 @@ class Shard(ABC):
         """The part's ``db info``: counts, tokenizer, encoder, shard label."""
 
     @abstractmethod
-    def search(self, queries: Sequence[str], k: int, kind: str,
-               exclude_docs: Sequence[Sequence[str]] | None = None, vectors: np.ndarray | None = None) -> ShardAnswer:
+    def search(self, queries: Sequence[str], k: int, kind: str, exclude_docs: Sequence[Sequence[str]] | None = None,
+               vectors: np.ndarray | None = None, stats: TermStats | None = None) -> ShardAnswer:
         """Per query, its top-k in this part (``exclude_docs``: per query, document ids it must not return;
-        ``vectors``: the queries already embedded by this encoder, for a dense search)."""
+        ``vectors``: the queries already embedded by this encoder, for a dense search; ``stats``: BM25 statistics of
+        all parts, to score with instead of this part's own)."""
+
+    @abstractmethod
+    def term_stats(self, queries: Sequence[str]) -> TermStats:
+        """This part's BM25 statistics for the queries' terms."""
 
     @abstractmethod
     def document(self, doc_id: str) -> str | None:
@@ -152,10 +163,11 @@ class LocalShard(Shard):
             made = self._retrievers[kind] = (build, get_retriever(self.db, kind))
         return made[1]
 
-    def search(self, queries: Sequence[str], k: int, kind: str,
-               exclude_docs: Sequence[Sequence[str]] | None = None, vectors: np.ndarray | None = None) -> ShardAnswer:
+    def search(self, queries: Sequence[str], k: int, kind: str, exclude_docs: Sequence[Sequence[str]] | None = None,
+               vectors: np.ndarray | None = None, stats: TermStats | None = None) -> ShardAnswer:
         asked = vectors if vectors is not None and kind == "dense" else list(queries)
-        result = self.retriever(kind).search(asked, k, exclusion_by_ids(self.db, exclude_docs))
+        retriever = BM25Retriever(self.db, stats) if stats is not None and kind == "bm25" else self.retriever(kind)
+        result = retriever.search(asked, k, exclusion_by_ids(self.db, exclude_docs))
         found = [np.flatnonzero(row >= 0) for row in result.ids]  # -1: nothing more in this part
 
         def fetch(q: int, ranks: list[int]) -> list[Hit]:
@@ -163,6 +175,10 @@ class LocalShard(Shard):
             return self.db.hits(result.scores[q][at], result.ids[q][at])
 
         return ShardAnswer([result.scores[q][f].tolist() for q, f in enumerate(found)], fetch)
+
+    def term_stats(self, queries: Sequence[str]) -> TermStats:
+        self.db.refresh()
+        return self.db.lexical.term_stats(list(queries))
 
     def document(self, doc_id: str) -> str | None:
         self.db.refresh()
@@ -202,10 +218,10 @@ class RemoteShard(Shard):
     def info(self) -> dict[str, Any]:
         return self._call("GET", "/api/info")["db"]
 
-    def search(self, queries: Sequence[str], k: int, kind: str,
-               exclude_docs: Sequence[Sequence[str]] | None = None, vectors: np.ndarray | None = None) -> ShardAnswer:
+    def search(self, queries: Sequence[str], k: int, kind: str, exclude_docs: Sequence[Sequence[str]] | None = None,
+               vectors: np.ndarray | None = None, stats: TermStats | None = None) -> ShardAnswer:
         # the part embeds the texts itself (on its machine, at the same time as the other parts)
-        body = {"queries": list(queries), "k": k, "retriever": kind,
+        body = {"queries": list(queries), "k": k, "retriever": kind, "term_stats": stats and stats.to_dict(),
                 "exclude_doc_ids": None if exclude_docs is None else [list(d) for d in exclude_docs]}
         out = self._call("POST", "/api/search", json=body)
         if len(out["results"]) != len(queries):
@@ -214,6 +230,10 @@ class RemoteShard(Shard):
         hits = [[Hit(**{f: h[f] for f in fields}) for h in row] for row in out["results"]]
         return ShardAnswer([[h.score for h in row] for row in hits], lambda q, ranks: [hits[q][r] for r in ranks],
                            out.get("flops"))
+
+    def term_stats(self, queries: Sequence[str]) -> TermStats:
+        out = self._call("POST", "/api/terms", json={"queries": list(queries)})
+        return TermStats(int(out["n_chunks"]), int(out["total_length"]), {t: int(n) for t, n in out["df"].items()})
 
     def document(self, doc_id: str) -> str | None:
         out = self._call("GET", "/api/document", params={"id": doc_id})
@@ -254,10 +274,11 @@ class ShardedRetriever:
     """
 
     def __init__(self, shards: Sequence[Shard], kind: str = "auto", complete: bool = True,
-                 hybrid_depth: int = 4) -> None:
+                 hybrid_depth: int = 4, global_stats: bool = True) -> None:
         if not shards:
             raise RetrolmError("a sharded database needs at least one shard")
         self.shards, self.complete, self.hybrid_depth = list(shards), complete, hybrid_depth
+        self.global_stats = global_stats
         self.path = "shards"
         """The shards file (when opened from one)."""
         self._pool = ThreadPoolExecutor(max_workers=len(self.shards), thread_name_prefix="shard")
@@ -286,7 +307,7 @@ class ShardedRetriever:
                 else:
                     folder = Path(entry).expanduser()
                     shards.append(LocalShard(folder if folder.is_absolute() else path.parent / folder, device))
-            made = cls(shards, retriever or cfg.retriever, cfg.complete, cfg.hybrid_depth)
+            made = cls(shards, retriever or cfg.retriever, cfg.complete, cfg.hybrid_depth, cfg.global_stats)
             made.path = str(path)
             return made
         except BaseException:
@@ -378,7 +399,8 @@ class ShardedRetriever:
         local = [s for s in self.shards if isinstance(s, LocalShard)]
         # parts on this machine share one encoder (checked at open): the queries are embedded once, not once a part
         vectors = local[0].retriever("dense").prepare(queries) if kind == "dense" and len(local) > 1 else None
-        answers: list[ShardAnswer] = self._each(lambda s: s.search(queries, k, kind, exclude_docs, vectors))
+        stats = self.term_stats(queries) if kind == "bm25" and self.global_stats and len(self.shards) > 1 else None
+        answers: list[ShardAnswer] = self._each(lambda s: s.search(queries, k, kind, exclude_docs, vectors, stats))
         merged, flops = [], []
         for q in range(len(queries)):
             # best first; a tie keeps shard order, then the shard's own order (sorted is stable)
@@ -392,6 +414,11 @@ class ShardedRetriever:
             merged.append([kept[p, r] for _, p, r in best])
             flops.append([a.flops[q] if a.flops is not None else None for a in answers])
         return merged, flops
+
+    def term_stats(self, queries: Sequence[str]) -> TermStats:
+        """BM25's statistics over all parts for the queries' terms (Elasticsearch's ``dfs_query_then_fetch``): chunks,
+        their total length, and per term the chunks that hold it, each summed over the parts."""
+        return TermStats.merged(self._each(lambda s: s.term_stats(queries)))
 
     def document(self, doc_id: str) -> tuple[str, str] | None:
         """(shard name, text) of a live document, or None when no shard holds it."""

@@ -7,6 +7,9 @@ and shows the sources of every answer.
 ``GET /api/search``    ``?q=...&k=5&retriever=bm25``: the best chunks, their continuations and documents
 ``POST /api/search``   ``{"queries": [...], "k"?, "retriever"?, "exclude_doc_ids"?}``: the same for a batch, with
                        each query's FLOPs; the front of a sharded database asks its parts this way
+``POST /api/terms``    ``{"queries": [...]}``: BM25 statistics for the queries' terms (chunks, their total length,
+                       how many hold each term); a sharded front sums its parts' and sends the sums with
+                       ``POST /api/search`` as ``term_stats``, so that every part scores as one database
 ``POST /api/answer``   ``{"question": ..., "top_n"?, "passages"?, "max_new_tokens"?}``: retrieve → (rerank →) read
 ``POST /api/generate`` ``{"prompt": ..., "max_new_tokens"?, "temperature"?, "top_p"?, "seed"?, "k"?,
                        "retrieval"?}``: the continuation, span by span, with the chunks each span read
@@ -29,6 +32,7 @@ from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from retrolm.core.errors import RetrolmError
+from retrolm.db.lexical import TermStats
 from retrolm.serve.page import PAGE
 from retrolm.serve.service import NotFoundError, Service
 
@@ -42,11 +46,23 @@ class AnswerRequest(BaseModel):
     max_new_tokens: int | None = None
 
 
+class TermStatsBody(BaseModel):
+    n_chunks: int
+    total_length: int
+    df: dict[str, int]
+
+
 class SearchRequest(BaseModel):
     queries: list[str]
     k: int = 5
     retriever: str | None = Field(None, description="dense | bm25 | hybrid (default: the service's).")
     exclude_doc_ids: list[list[str]] | None = Field(None, description="Per query, document ids it must not return.")
+    term_stats: TermStatsBody | None = Field(None, description="BM25: the statistics of all parts of a sharded "
+                                             "database (their /api/terms, summed), to score with.")
+
+
+class TermsRequest(BaseModel):
+    queries: list[str]
 
 
 class GenerateRequest(BaseModel):
@@ -100,7 +116,12 @@ def create_app(service: Service) -> FastAPI:
 
     @app.post("/api/search")
     def search_batch(req: SearchRequest) -> dict[str, Any]:
-        return service.search_batch(req.queries, req.k, req.retriever, req.exclude_doc_ids)
+        stats = None if req.term_stats is None else TermStats(**req.term_stats.model_dump())
+        return service.search_batch(req.queries, req.k, req.retriever, req.exclude_doc_ids, stats)
+
+    @app.post("/api/terms")
+    def terms(req: TermsRequest) -> dict[str, Any]:
+        return service.terms(req.queries)
 
     @app.post("/api/answer")
     def answer(req: AnswerRequest) -> dict[str, Any]:
@@ -127,4 +148,4 @@ def _version() -> str:
         return "unknown"
 
 
-__all__ = ["AnswerRequest", "GenerateRequest", "SearchRequest", "create_app"]
+__all__ = ["AnswerRequest", "GenerateRequest", "SearchRequest", "TermsRequest", "create_app"]

@@ -20,9 +20,11 @@ from typing import Any
 
 from retrolm.core.errors import RetrolmError
 from retrolm.db import DatabaseView
+from retrolm.db.lexical import TermStats
 from retrolm.infer.generate import GenerateConfig
 from retrolm.infer.generator import Generator
 from retrolm.infer.rag import PassageRetriever, RagConfig, RagPipeline
+from retrolm.retrieval import BM25Retriever
 from retrolm.retrieval.sharded import ShardedRetriever, exclusion_by_ids, is_shards_file
 
 
@@ -126,9 +128,11 @@ class Service:
         return {"query": query, "retriever": out["retriever"], "hits": out["results"][0]}
 
     def search_batch(self, queries: list[str], k: int = 5, retriever: str | None = None,
-                     exclude_doc_ids: list[list[str]] | None = None) -> dict[str, Any]:
-        """The ``k`` best chunks of each query (``exclude_doc_ids``: per query, documents it must not retrieve), and
-        per query the encoder and search FLOPs. This is how the front of a sharded database asks each part."""
+                     exclude_doc_ids: list[list[str]] | None = None, term_stats: TermStats | None = None
+                     ) -> dict[str, Any]:
+        """The ``k`` best chunks of each query (``exclude_doc_ids``: per query, documents it must not retrieve;
+        ``term_stats``: BM25 statistics of all parts of a sharded database, to score with), and per query the encoder
+        and search FLOPs. This is how the front of a sharded database asks each part."""
         if not isinstance(queries, list) or not queries:
             raise RetrolmError("queries must be a non-empty list")
         if len(queries) > self.cfg.max_queries:
@@ -140,14 +144,31 @@ class Service:
         with self.lock:
             self._sync()
             if self.sharded is not None:
+                if term_stats is not None:
+                    raise RetrolmError("term_stats are for a part of a sharded database; this service fronts the parts")
                 result = self.sharded.search(queries, k, exclude_doc_ids, kind=retriever or self.cfg.retriever)
                 hits = [[h.to_dict() for h in result.hits(i)] for i in range(len(queries))]
                 return {"retriever": result.kind, "results": hits, "flops": None}
             ret = self._retriever(retriever)
-            result = ret.retriever.search(queries, k, exclusion_by_ids(self.db, exclude_doc_ids))
+            searcher = ret.retriever
+            if term_stats is not None:
+                if ret.kind != "bm25":
+                    raise RetrolmError(f"term_stats are BM25's; this search is {ret.kind}")
+                searcher = BM25Retriever(self.db, term_stats)
+            result = searcher.search(queries, k, exclusion_by_ids(self.db, exclude_doc_ids))
             hits = [[h.to_dict() for h in result.hits(i)] for i in range(len(queries))]
             return {"retriever": ret.kind, "results": hits,
                     "flops": [{"encoder": f.encoder, "search": f.search} for f in map(ret.flops, queries)]}
+
+    def terms(self, queries: list[str]) -> dict[str, Any]:
+        """This database's BM25 statistics for the queries' terms (what a sharded front sums over its parts)."""
+        if not isinstance(queries, list) or len(queries) > self.cfg.max_queries:
+            raise RetrolmError(f"queries must be a list of at most {self.cfg.max_queries}")
+        with self.lock:
+            self._sync()
+            if self.sharded is not None:
+                raise RetrolmError("term statistics come from a part; this service fronts the parts")
+            return self.db.lexical.term_stats(queries).to_dict()
 
     def answer(self, question: str, top_n: int | None = None, passages: int | None = None,
                max_new_tokens: int | None = None) -> dict[str, Any]:
