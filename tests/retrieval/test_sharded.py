@@ -224,16 +224,29 @@ def _serve_in_thread(service: Service) -> tuple[str, object]:
 
 def test_a_remote_shard_over_http_gives_the_same_results(shards, tmp_path):
     p0, p1, p2 = shards["paths"]
-    url, server = _serve_in_thread(Service(ServeConfig(db=str(p2))))
+    # a part's service with small limits: the front splits batches and caps hybrid's depth to them
+    url, server = _serve_in_thread(Service(ServeConfig(db=str(p2), max_k=8, max_queries=2)))
     try:
         mixed = ShardedRetriever.open(shards_file(tmp_path / "mixed.yaml", [p0, p1, url]))
         local = ShardedRetriever.open(shards["file"])
-        for kind in ("dense", "bm25", "hybrid"):
-            got, want = mixed.search(QUERIES, 5, kind=kind), local.search(QUERIES, 5, kind=kind)
-            for i in range(len(QUERIES)):
-                assert [(h.doc_id, h.chunk_id) for h in got.hits(i)] == [(h.doc_id, h.chunk_id) for h in want.hits(i)]
-                assert [h.shard for h in got.hits(i)] == [url if h.shard == str(p2) else h.shard
-                                                         for h in want.hits(i)]
+        queries = [*QUERIES, "  "]  # a blank query retrieves nothing, here as in one database
+        excluded = [[h.doc_id for h in local.search(q, 2).hits(0)] for q in queries]
+        # hybrid fetches 4 x k per ranking, here capped at the part's max_k: 8 for k = 4, as 2 x k on the local side
+        local_hybrid = ShardedRetriever(local.shards, "hybrid", hybrid_depth=2)
+        for kind, k, reference in (("dense", 5, local), ("bm25", 5, local), ("hybrid", 4, local_hybrid)):
+            for exclude in (None, excluded):
+                got = mixed.search(queries, k, exclude, kind=kind)
+                want = reference.search(queries, k, exclude, kind=kind)
+                for i in range(len(queries)):
+                    assert [(h.doc_id, h.chunk_id) for h in got.hits(i)] == [(h.doc_id, h.chunk_id)
+                                                                             for h in want.hits(i)]
+                    assert [h.shard for h in got.hits(i)] == [url if h.shard == str(p2) else h.shard
+                                                             for h in want.hits(i)]
+                    if exclude is not None:
+                        assert not {h.doc_id for h in got.hits(i)} & set(exclude[i])
+                assert not got.hits(len(queries) - 1)
+        with pytest.raises(RetrolmError, match=f"shard {url}: k=9 is more than its service allows \\(max_k=8"):
+            mixed.search(QUERIES[0], 9)
         # the remote part reports its FLOPs: its encoder forward and its search, as the local part's would be
         passages = ShardedPassageRetriever(mixed)
         _, flops = passages.retrieve([QUERIES[0]], 3)
@@ -242,8 +255,17 @@ def test_a_remote_shard_over_http_gives_the_same_results(shards, tmp_path):
         assert flops[0].encoder == 2 * one.encoder > 0
         assert flops[0].search == sum(PassageRetriever(DatabaseView.open(p), "dense").flops(QUERIES[0]).search
                                       for p in (p0, p1, p2))
+        assert [s.db._encoder is not None for s in mixed.shards[:2]] == [True, False]  # counting loads no encoder
+        hybrid = ShardedPassageRetriever(ShardedRetriever(mixed.shards, "hybrid")).retrieve([QUERIES[0]], 3)[1][0]
+        bm25 = sum(PassageRetriever(DatabaseView.open(p), "bm25").flops(QUERIES[0]).search for p in (p0, p1, p2))
+        assert hybrid.encoder == 2 * one.encoder and hybrid.search == flops[0].search + bm25  # both rankings
         doc = next(d for d in DatabaseView.open(p2).live_doc_ids())
         assert mixed.document(doc)[0] == url and mixed.document("no such doc") is None
+        # a front of shards is not a part: its parts are listed instead
+        front, front_server = _serve_in_thread(Service(ServeConfig(db=str(shards["file"]))))
+        with pytest.raises(RetrolmError, match=f"shard {front} is the front of a sharded database itself"):
+            ShardedRetriever.open(shards_file(tmp_path / "nested.yaml", [p0, p1, front]))
+        front_server.should_exit = True
         # a shard that is down: one line naming it
         server.should_exit = True
         time.sleep(0.3)
@@ -255,7 +277,7 @@ def test_a_remote_shard_over_http_gives_the_same_results(shards, tmp_path):
         server.should_exit = True
 
 
-def test_the_service_fronts_the_shards(shards, built_db):
+def test_the_service_fronts_the_shards(shards, built_db, wiki_corpus):
     client = TestClient(create_app(Service(ServeConfig(db=str(shards["file"])))))
     info = client.get("/api/info").json()
     assert info["db"]["num_docs"] == 40 and info["db"]["num_shards"] == 3 and info["retrievers"][0] == "dense"
@@ -266,7 +288,8 @@ def test_the_service_fronts_the_shards(shards, built_db):
                                               "retriever": "bm25"}).json()
     assert batch["retriever"] == "bm25" and [len(r) for r in batch["results"]] == [2, 2]
     doc = client.get("/api/document", params={"id": hits[0]["doc_id"]}).json()
-    assert doc["source"] == hits[0]["shard"] and hits[0]["text"].strip()[:40] in doc["text"]
+    assert doc["shard"] == hits[0]["shard"] and hits[0]["text"].strip()[:40] in doc["text"]
+    assert doc["source"].startswith(str(wiki_corpus))  # the file it came from, as for one database
     r = client.get("/api/document", params={"id": "nope"})
     assert r.status_code == 404 and r.json()["error"] == "no document 'nope' in any shard"
     # one part's service answers the batch endpoint with FLOPs and per-query exclusions
@@ -336,6 +359,14 @@ def test_cli_builds_describes_and_searches_shards(shards, tmp_path, capsys, wiki
     assert_one_line_error(rc, err, "shard '4/4': need 0 <= I < N")
     rc, _, err = run_cli(["db", "search", shards["root"] / "missing.yaml", "x"], capsys)
     assert_one_line_error(rc, err, "no such shards file")
+    # the file's retriever is the default of every command; an explicit one wins
+    lexical = shards_file(tmp_path / "bm25.yaml", shards["paths"], retriever="bm25")
+    outs = [json.loads(run_cli(["db", "search", f, "military political century", "-k", "2", "--json", *extra],
+                               capsys)[1]) for f, extra in ((lexical, []), (shards["file"], ["--retriever", "bm25"]),
+                                                            (lexical, ["--retriever", "dense"]))]
+    assert outs[0] == outs[1] != outs[2]
+    rc, _, err = run_cli(["db", "info", shards["file"], "--verify"], capsys)
+    assert_one_line_error(rc, err, "--verify checks one database folder; run it on each part")
 
 
 def test_a_local_shard_follows_edits_and_rebuilds(shards, tmp_path, wiki_corpus, tiny_db_config):
@@ -358,3 +389,104 @@ def test_a_local_shard_follows_edits_and_rebuilds(shards, tmp_path, wiki_corpus,
 def test_commands_that_need_one_folder_say_so_for_a_shards_file(shards, capsys):
     rc, _, err = run_cli(["db", "delete", shards["file"], "--doc-id", "x"], capsys)
     assert_one_line_error(rc, err, "a shards file; this needs one database folder")
+
+
+def _other_encoder(folder: Path, like: str) -> str:
+    """The tiny encoder's shape and tokenizer with other weights."""
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    torch.manual_seed(1)
+    BertModel(BertConfig.from_pretrained(like)).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(like).save_pretrained(folder)
+    return str(folder)
+
+
+def test_parts_are_checked_again_when_one_is_rebuilt(shards, tmp_path, wiki_corpus, tiny_db_config, tiny_encoder):
+    import shutil
+
+    paths = [tmp_path / f"db-{i}" for i in range(3)]
+    for src, dst in zip(shards["paths"], paths, strict=True):
+        shutil.copytree(src, dst)
+    sharded = ShardedRetriever.open(shards_file(tmp_path / "s.yaml", paths))
+    before = sharded.search(QUERIES[0], 5).hits(0)
+    other = BuildConfig(**{**tiny_db_config.__dict__, "shard": "2/3", "encoder": _other_encoder(tmp_path / "enc",
+                                                                                              tiny_encoder)})
+    Database.build([wiki_corpus], paths[2], other, overwrite=True, show_progress=False)
+    with pytest.raises(RetrolmError, match=f"shard {paths[2]}: encoder .* differs from {paths[0]}'s"):
+        sharded.search(QUERIES[0], 5)  # part 0's query vectors would be searched among another encoder's keys
+    with pytest.raises(RetrolmError, match=f"shard {paths[2]}: encoder .* differs"):
+        sharded.refresh_infos()  # (the service's /api/info): the new build is not taken as checked
+    with pytest.raises(RetrolmError, match=f"shard {paths[2]}: encoder .* differs"):
+        sharded.search(QUERIES[0], 5)
+    same = BuildConfig(**{**tiny_db_config.__dict__, "shard": "0/3", "bm25": True})
+    Database.build([wiki_corpus], paths[2], same, overwrite=True, show_progress=False)
+    with pytest.raises(RetrolmError, match="missing 2/3; twice 0/3"):
+        sharded.search(QUERIES[0], 5)
+    Database.build([wiki_corpus], paths[2], BuildConfig(**{**same.__dict__, "shard": "2/3"}), overwrite=True,
+                   show_progress=False)
+    after = sharded.search(QUERIES[0], 5).hits(0)  # the part is back: checked, and searched as before
+    assert [(h.doc_id, h.position) for h in after] == [(h.doc_id, h.position) for h in before]
+    sharded.close()
+
+
+def test_mismatched_parts_and_bad_requests_get_one_line(shards, tmp_path, wiki_corpus, tiny_db_config):
+    p0, p1 = shards["paths"][:2]
+    tok = Database.build([wiki_corpus], tmp_path / "tok", BuildConfig(**{**tiny_db_config.__dict__, "shard": "2/3",
+                         "tokenizer": "train:500"}), show_progress=False).path
+    with pytest.raises(RetrolmError, match=f"shard {tok}: tokenizer_sha256 .* differs"):
+        ShardedRetriever.open(shards_file(tmp_path / "s.yaml", [p0, p1, tok]))
+    half = Database.build([wiki_corpus], tmp_path / "half", BuildConfig(**{**tiny_db_config.__dict__,
+                          "shard": "1/2"}), show_progress=False).path
+    with pytest.raises(RetrolmError, match="shards of different splits: 0/3, 1/2, 1/3"):
+        ShardedRetriever.open(shards_file(tmp_path / "s.yaml", [p0, p1, half]))
+    lexical = Database.build([wiki_corpus], tmp_path / "lex", BuildConfig(**{**tiny_db_config.__dict__, "index": "none",
+                             "bm25": True, "shard": "2/3"}), show_progress=False).path
+    both = ShardedRetriever.open(shards_file(tmp_path / "s.yaml", [p0, p1, lexical]))
+    assert both.kind == "bm25"  # auto: BM25 when a part has no dense keys
+    with pytest.raises(RetrolmError, match=f"dense search needs dense keys in every shard; {lexical} has none"):
+        both.search("x", 3, kind="dense")
+    with pytest.raises(RetrolmError, match="exclusion lists 1 document sets for 2 queries"):
+        both.search(["a", "b"], 3, exclude_docs=[["x"]])
+    assert [len(both.search(["", "  ", "military"], 3).hits(i)) for i in range(3)] == [0, 0, 3]  # blanks: nothing
+    for bad in ("timeout: 0", "hybrid_depth: 0"):
+        (tmp_path / "bad.yaml").write_text(f"shards: [{p0}]\n{bad}\n")
+        with pytest.raises(RetrolmError, match="timeout must be > 0 and hybrid_depth >= 1"):
+            ShardedRetriever.open(tmp_path / "bad.yaml")
+    # a db add whose documents all belong to other parts commits nothing
+    part = Database.build([wiki_corpus], tmp_path / "p", BuildConfig(**{**tiny_db_config.__dict__, "shard": "0/3"}),
+                          show_progress=False)
+    version = part.meta["version"]
+    others = write_jsonl(tmp_path / "o.jsonl", [d for d in wiki_docs(20, start=40) if shard_of(d["id"], 3) != 0])
+    assert part.add([others], show_progress=False) == {"docs_added": 0, "chunks_added": 0, "docs_replaced": 0,
+                                                        "docs_other_shards": len(wiki_docs(20, start=40)) - sum(
+                                                            shard_of(d["id"], 3) == 0 for d in wiki_docs(20, 40))}
+    assert Database.open(part.path).meta["version"] == version
+
+
+def test_an_empty_part_cannot_be_built(tmp_path, tiny_db_config, capsys):
+    docs = wiki_docs(3)
+    empty = next(i for i in range(4) if all(shard_of(d["id"], 4) != i for d in docs))
+    corpus = write_jsonl(tmp_path / "three.jsonl", docs)
+    rc, _, err = run_cli(["db", "build", corpus, "--out", tmp_path / "e", "--encoder", tiny_db_config.encoder,
+                          "--tokenizer", "train:500", "--shard", f"{empty}/4"], capsys)
+    assert_one_line_error(rc, err, f"corpus produced no tokens in shard {empty}/4")
+
+
+def test_fusion_keys_chunks_by_document_and_sorts_ties_like_one_database(built_db):
+    from retrolm.retrieval import get_retriever
+    from retrolm.retrieval.sharded import ShardHit, _fuse
+
+    def hit(doc, pos, chunk, shard="a"):
+        return ShardHit(chunk, doc, 1.0, "t", "", pos, shard=shard)
+
+    # chunk 7 of part a renumbered between the two rankings: two chunks, not one chunk found twice
+    fused = _fuse([hit("x", 0, 7), hit("y", 1, 3)], [hit("z", 2, 7)], 2, lambda h: (0, h.chunk_id))
+    assert [(h.doc_id, round(h.score, 6)) for h in fused] == [("x", round(1 / 61, 6)), ("z", round(1 / 61, 6))]
+    # one database searched as a single part: the same hybrid ranking, ties included
+    single = ShardedRetriever([LocalShard(built_db.path)], "hybrid", complete=False)
+    for q in QUERIES:
+        want = get_retriever(built_db, "hybrid").search([q], 6)
+        got = single.search(q, 6).hits(0)
+        assert [h.chunk_id for h in got] == [int(i) for i in want.ids[0] if i >= 0]
+        assert [h.score for h in got] == pytest.approx([float(s) for s in want.scores[0] if np.isfinite(s)])
+    single.close()

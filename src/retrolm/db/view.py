@@ -368,6 +368,7 @@ class DatabaseView:
         enc, index = m.get("encoder") or {}, m.get("index") or {}
         return {
             "path": str(self.path),
+            "build_id": m.get("build_id"),
             "format_version": m["format_version"],
             "version": m["version"],
             "num_docs": m["num_docs"],

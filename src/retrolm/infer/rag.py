@@ -205,16 +205,23 @@ class PassageRetriever:
 
     def flops(self, question: str) -> StageFlops:
         """Encoder and search FLOPs of one query (see :mod:`retrolm.infer.flops`)."""
-        n_chunks = self.db.store.n_chunks
-        encoder = search = 0
+        return StageFlops(encoder=self.encoder_flops(question), search=self.search_flops(question))
+
+    def encoder_flops(self, question: str) -> int:
+        """Embedding the query (dense and hybrid; loads the encoder)."""
+        if self.kind not in ("dense", "hybrid"):
+            return 0
+        tokens = int(self.db.encoder.tokenize([question])["attention_mask"].sum())
+        return self._encoder_cost.prompt(tokens)
+
+    def search_flops(self, question: str) -> int:
+        """Searching the index for the query (the encoder is not loaded)."""
+        n_chunks, search = self.db.store.n_chunks, 0
         if self.kind in ("dense", "hybrid"):
-            enc = self.db.encoder
-            tokens = int(enc.tokenize([question])["attention_mask"].sum())
-            encoder = self._encoder_cost.prompt(tokens)
-            search += dense_search_flops(enc.dim, n_chunks)
+            search += dense_search_flops(int(self.db.meta["encoder"]["dim"]), n_chunks)
         if self.kind in ("bm25", "hybrid"):
             search += bm25_search_flops(self.db.lexical.postings(question), n_chunks)
-        return StageFlops(encoder=encoder, search=search)
+        return search
 
 
 class ShardedPassageRetriever:
@@ -227,7 +234,7 @@ class ShardedPassageRetriever:
         self.sharded, self.continuation = sharded, continuation
         self.retriever = sharded
         self.kind = sharded.kind
-        self._local: dict[str, PassageRetriever] = {}
+        self._local: dict[str, tuple[str | None, PassageRetriever]] = {}
 
     def retrieve(self, questions: Sequence[str], n: int) -> tuple[list[list[Passage]], list[StageFlops]]:
         """Per question, up to ``n`` passages (best first) and the FLOPs of every part's search."""
@@ -236,24 +243,26 @@ class ShardedPassageRetriever:
         for i, q in enumerate(questions):
             out.append([Passage(h.text + (h.continuation if self.continuation else ""), h.doc_id, h.chunk_id,
                                 h.position, h.score, r, shard=h.shard) for r, h in enumerate(result.hits(i))])
-            total, embedded = StageFlops(), False
+            total = StageFlops()
+            local = [s for s in self.sharded.shards if isinstance(s, LocalShard)]
+            if local:  # the parts on this machine share one embedding of the question (ShardedRetriever)
+                total += StageFlops(encoder=self._local_retriever(local[0]).encoder_flops(q))
             for shard, reported in zip(self.sharded.shards, result.flops[i], strict=True):
                 if reported is not None:  # a remote part counted its own
                     total += StageFlops(encoder=int(reported.get("encoder", 0)), search=int(reported.get("search", 0)))
                 elif isinstance(shard, LocalShard):
-                    f = self._local_retriever(shard).flops(q)
-                    # the parts on this machine share one embedding of the question (ShardedRetriever)
-                    total += StageFlops(encoder=0 if embedded else f.encoder, search=f.search)
-                    embedded = True
+                    total += StageFlops(search=self._local_retriever(shard).search_flops(q))
             flops.append(total)
         return out, flops
 
     def _local_retriever(self, shard: LocalShard) -> PassageRetriever:
+        """A part's passage retriever (its FLOPs: hybrid's are its dense and BM25 searches over the part), made again
+        when the part was rebuilt."""
+        build = shard.db.meta.get("build_id")
         made = self._local.get(shard.name)
-        if made is None or made.db.meta.get("build_id") != shard.db.meta.get("build_id") or made.kind != self.kind:
-            # hybrid's FLOPs are its dense and BM25 searches over the part, as one database's
-            made = self._local[shard.name] = PassageRetriever(shard.db, self.kind)
-        return made
+        if made is None or made[0] != build:
+            made = self._local[shard.name] = (build, PassageRetriever(shard.db, self.kind))
+        return made[1]
 
 
 @dataclass
@@ -300,17 +309,19 @@ class RagPipeline:
         self.cfg, self.reader, self.retriever, self.reranker = cfg, reader, retriever, reranker
 
     @classmethod
-    def load(cls, cfg: RagConfig, db: DatabaseView | None = None, evaluation: bool = False) -> RagPipeline:
-        """Open the database (unless given), load the reader and the reranker (``evaluation``: for ``rag-eval``,
-        which reranks unless ``cfg.rerank`` is false)."""
+    def load(cls, cfg: RagConfig, db: DatabaseView | None = None, evaluation: bool = False,
+             sharded: ShardedRetriever | None = None) -> RagPipeline:
+        """Open the database (unless given: ``db``, or the parts of a sharded one opened as ``sharded``), load the
+        reader and the reranker (``evaluation``: for ``rag-eval``, which reranks unless ``cfg.rerank`` is false)."""
         reader = Reader.load(cfg.reader, cfg.device, system=cfg.system_prompt, template=cfg.template,
                              max_passage_tokens=cfg.max_passage_tokens, examples=cfg.examples)
         retriever: PassageRetriever | ShardedPassageRetriever | None = None
-        if db is None and cfg.db is not None and is_shards_file(cfg.db):
-            if cfg.unit != "chunk":
-                raise RetrolmError(f"{cfg.db}: unit=document needs one database folder; a sharded one serves chunks")
-            retriever = ShardedPassageRetriever(ShardedRetriever.open(cfg.db, device=cfg.device,
-                                                                      retriever=cfg.retriever), cfg.continuation)
+        shards = sharded is not None or (db is None and cfg.db is not None and is_shards_file(cfg.db))
+        if shards and cfg.unit != "chunk":
+            raise RetrolmError(f"{cfg.db}: unit=document needs one database folder; a sharded one serves chunks")
+        if shards:
+            sharded = sharded or ShardedRetriever.open(cfg.db, device=cfg.device, retriever=cfg.retriever)
+            retriever = ShardedPassageRetriever(sharded, cfg.continuation)
         elif db is None and cfg.db is not None:
             db = DatabaseView.open(cfg.db, device=cfg.device)
         if db is not None:

@@ -13,10 +13,16 @@ and every ``db add`` of the same files puts a document in exactly one of them. E
 A search asks every shard at once (one thread each) for its own top-k and merges them: the scatter-gather of
 Elasticsearch and FAISS's ``IndexShards``. Dense scores are inner products of one frozen encoder, so the merged top-k
 is exactly the top-k of one database holding every chunk (exact indexes; approximate ones are as approximate as on
-their shard). BM25 scores use each shard's own term statistics, like Elasticsearch's default ``query_then_fetch``:
-with shards of a few thousand chunks or more the statistics nearly agree and so do the rankings
-(benchmarks/RESULTS.md measures the overlap). Hybrid merges the dense and BM25 rankings over all shards first, then
-fuses them by reciprocal rank. Chunk ids are the shard's own; a hit says which shard it came from.
+their shard); the parts on this machine share one embedding of the queries, each remote part embeds them itself.
+BM25 first sums every part's statistics for the query terms (chunks, their total length, how many hold each term:
+Elasticsearch's ``dfs_query_then_fetch``), and every part scores with the sums, so the merged scores are the one
+database's too (``global_stats: false``: each part's own statistics, as ``query_then_fetch``; benchmarks/RESULTS.md
+measures both). Hybrid merges the dense and BM25 rankings over all shards first, then fuses them by reciprocal rank.
+Chunk ids are the shard's own; a hit says which shard it came from.
+
+Every answer carries its part's build id: when a part was rebuilt since the front last looked (another encoder, or
+another shard label), the parts are checked again before the search is run once more. A part is a database folder or
+the service of one; a front of shards is not a part (list its parts instead).
 """
 
 from __future__ import annotations
@@ -98,6 +104,8 @@ class ShardAnswer:
     """``fetch(q, ranks)``: query q's hits at those ranks of :attr:`scores`."""
     flops: list[dict] | None = None
     """Per query, the FLOPs of the search when the part reports them (remote parts; None for local ones)."""
+    build_id: str | None = None
+    """The build of the part that answered (checked against the one the front checked)."""
 
     def hits(self, q: int) -> list[Hit]:
         """Query q's hits, all of them."""
@@ -110,9 +118,12 @@ class Shard(ABC):
     def __init__(self, name: str) -> None:
         self.name = name
 
+    max_k: int | None = None
+    """Most results one request may ask of this part (a remote part's service limit; None: no limit)."""
+
     @abstractmethod
     def info(self) -> dict[str, Any]:
-        """The part's ``db info``: counts, tokenizer, encoder, shard label."""
+        """The part's ``db info``: counts, tokenizer, encoder, shard label, build id."""
 
     @abstractmethod
     def search(self, queries: Sequence[str], k: int, kind: str, exclude_docs: Sequence[Sequence[str]] | None = None,
@@ -126,8 +137,8 @@ class Shard(ABC):
         """This part's BM25 statistics for the queries' terms."""
 
     @abstractmethod
-    def document(self, doc_id: str) -> str | None:
-        """A live document's text, or None when this part does not hold it."""
+    def document(self, doc_id: str) -> dict[str, Any] | None:
+        """A live document (``text``, ``source``: the file it came from), or None when this part does not hold it."""
 
     def close(self) -> None:  # noqa: B027 (a local part has nothing to release)
         """Release connections."""
@@ -167,6 +178,8 @@ class LocalShard(Shard):
                vectors: np.ndarray | None = None, stats: TermStats | None = None) -> ShardAnswer:
         asked = vectors if vectors is not None and kind == "dense" else list(queries)
         retriever = BM25Retriever(self.db, stats) if stats is not None and kind == "bm25" else self.retriever(kind)
+        self.db.refresh()  # the excluded documents' indices are the ones the search sees
+        build = self.db.meta.get("build_id")
         result = retriever.search(asked, k, exclusion_by_ids(self.db, exclude_docs))
         found = [np.flatnonzero(row >= 0) for row in result.ids]  # -1: nothing more in this part
 
@@ -174,18 +187,19 @@ class LocalShard(Shard):
             at = found[q][ranks]
             return self.db.hits(result.scores[q][at], result.ids[q][at])
 
-        return ShardAnswer([result.scores[q][f].tolist() for q, f in enumerate(found)], fetch)
+        return ShardAnswer([result.scores[q][f].tolist() for q, f in enumerate(found)], fetch, None, build)
 
     def term_stats(self, queries: Sequence[str]) -> TermStats:
         self.db.refresh()
         return self.db.lexical.term_stats(list(queries))
 
-    def document(self, doc_id: str) -> str | None:
+    def document(self, doc_id: str) -> dict[str, Any] | None:
         self.db.refresh()
         i = self.db.store.doc_index(doc_id)
         if i is None or self.db.deleted_docs[i]:
             return None
-        return self.db.tokenizer.decode(self.db.store.doc_tokens(i).tolist())
+        return {"text": self.db.tokenizer.decode(self.db.store.doc_tokens(i).tolist()),
+                "source": self.db.store.doc_source(i)}
 
 
 class RemoteShard(Shard):
@@ -196,6 +210,7 @@ class RemoteShard(Shard):
 
         super().__init__(url.rstrip("/"))
         self._client = httpx.Client(base_url=self.name, timeout=timeout)
+        self.max_queries = 256
 
     def _call(self, method: str, path: str, **kwargs: Any) -> dict[str, Any] | None:
         import httpx
@@ -204,40 +219,60 @@ class RemoteShard(Shard):
             r = self._client.request(method, path, **kwargs)
         except httpx.HTTPError as e:
             raise RetrolmError(f"shard {self.name}: {type(e).__name__}: {e}") from None
-        if r.status_code == 404 and path == "/api/document":
-            return None
         try:
             body = r.json()
         except ValueError:
             body = None
+        if r.status_code == 404 and path == "/api/document" and isinstance(body, dict) and \
+                str(body.get("error", "")).startswith("no document"):
+            return None
         if r.status_code != 200 or not isinstance(body, dict):
             why = body.get("error") if isinstance(body, dict) else None
             raise RetrolmError(f"shard {self.name}: {path} answered {r.status_code}: {why or r.text[:200]!r}")
         return body
 
     def info(self) -> dict[str, Any]:
-        return self._call("GET", "/api/info")["db"]
+        out = self._call("GET", "/api/info")
+        if "num_shards" in out["db"]:
+            raise RetrolmError(f"shard {self.name} is the front of a sharded database itself: list its parts instead")
+        self.max_k, self.max_queries = int(out["max_k"]), int(out["max_queries"])
+        return out["db"]
 
     def search(self, queries: Sequence[str], k: int, kind: str, exclude_docs: Sequence[Sequence[str]] | None = None,
                vectors: np.ndarray | None = None, stats: TermStats | None = None) -> ShardAnswer:
         # the part embeds the texts itself (on its machine, at the same time as the other parts)
-        body = {"queries": list(queries), "k": k, "retriever": kind, "term_stats": stats and stats.to_dict(),
-                "exclude_doc_ids": None if exclude_docs is None else [list(d) for d in exclude_docs]}
-        out = self._call("POST", "/api/search", json=body)
-        if len(out["results"]) != len(queries):
-            raise RetrolmError(f"shard {self.name}: {len(out['results'])} results for {len(queries)} queries")
-        fields = set(Hit.__dataclass_fields__)  # a shard that is itself a front of shards adds its own "shard"
-        hits = [[Hit(**{f: h[f] for f in fields}) for h in row] for row in out["results"]]
+        if self.max_k is not None and k > self.max_k:
+            raise RetrolmError(f"shard {self.name}: k={k} is more than its service allows (max_k={self.max_k}; start "
+                               f"it with max_k={k} or more)")
+        hits: list[list[Hit]] = []
+        flops: list[dict] = []
+        builds = set()
+        for start in range(0, len(queries), self.max_queries):  # the service's limit per request
+            batch = list(queries[start : start + self.max_queries])
+            body = {"queries": batch, "k": k, "retriever": kind, "term_stats": stats and stats.to_dict(),
+                    "exclude_doc_ids": None if exclude_docs is None else
+                    [list(d) for d in exclude_docs[start : start + self.max_queries]]}
+            out = self._call("POST", "/api/search", json=body)
+            if len(out["results"]) != len(batch):
+                raise RetrolmError(f"shard {self.name}: {len(out['results'])} results for {len(batch)} queries")
+            hits += [[Hit(**h) for h in row] for row in out["results"]]
+            flops += out["flops"]
+            builds.add(out.get("build_id"))
+        # two builds in one search: report none of them, so that the front looks again
+        build = builds.pop() if len(builds) == 1 else None
         return ShardAnswer([[h.score for h in row] for row in hits], lambda q, ranks: [hits[q][r] for r in ranks],
-                           out.get("flops"))
+                           flops, build)
 
     def term_stats(self, queries: Sequence[str]) -> TermStats:
-        out = self._call("POST", "/api/terms", json={"queries": list(queries)})
-        return TermStats(int(out["n_chunks"]), int(out["total_length"]), {t: int(n) for t, n in out["df"].items()})
+        stats = TermStats(0, 0, {})
+        for start in range(0, len(queries), self.max_queries):  # the counts are the index's: one batch's as good
+            out = self._call("POST", "/api/terms", json={"queries": list(queries[start : start + self.max_queries])})
+            stats = TermStats(int(out["n_chunks"]), int(out["total_length"]),
+                              {**stats.df, **{t: int(n) for t, n in out["df"].items()}})
+        return stats
 
-    def document(self, doc_id: str) -> str | None:
-        out = self._call("GET", "/api/document", params={"id": doc_id})
-        return None if out is None else out["text"]
+    def document(self, doc_id: str) -> dict[str, Any] | None:
+        return self._call("GET", "/api/document", params={"id": doc_id})
 
     def close(self) -> None:
         self._client.close()
@@ -282,6 +317,7 @@ class ShardedRetriever:
         self.path = "shards"
         """The shards file (when opened from one)."""
         self._pool = ThreadPoolExecutor(max_workers=len(self.shards), thread_name_prefix="shard")
+        self._index = {s.name: i for i, s in enumerate(self.shards)}
         try:
             self.infos = self._each(lambda s: s.info())
             self.kind = self.name = self._resolve(kind)
@@ -293,8 +329,8 @@ class ShardedRetriever:
     @classmethod
     def open(cls, path: str | Path, overrides: Sequence[str] = (), device: str | None = None,
              retriever: str | None = None) -> ShardedRetriever:
-        """The retriever a shards file describes (``overrides``: ``key=value`` changes to it; ``retriever`` wins over
-        the file's). Folders are relative to the file."""
+        """The retriever a shards file describes (``overrides``: ``key=value`` changes to it; ``retriever``, unless
+        None or auto, wins over the file's). Folders are relative to the file."""
         path = Path(path)
         if not path.is_file():
             raise RetrolmError(f"{path}: no such shards file")
@@ -307,7 +343,8 @@ class ShardedRetriever:
                 else:
                     folder = Path(entry).expanduser()
                     shards.append(LocalShard(folder if folder.is_absolute() else path.parent / folder, device))
-            made = cls(shards, retriever or cfg.retriever, cfg.complete, cfg.hybrid_depth, cfg.global_stats)
+            kind = cfg.retriever if retriever in (None, "auto") else retriever
+            made = cls(shards, kind, cfg.complete, cfg.hybrid_depth, cfg.global_stats)
             made.path = str(path)
             return made
         except BaseException:
@@ -334,18 +371,20 @@ class ShardedRetriever:
         """``fn(shard)`` for every shard at once, in shard order; the first error is raised."""
         return list(self._pool.map(fn, self.shards))
 
-    def _check(self, kind: str) -> None:
-        """Refuse parts that cannot be searched together, naming the first that differs."""
-        first, name0 = self.infos[0], self.shards[0].name
+    def _check(self, kind: str, infos: list[dict] | None = None) -> None:
+        """Refuse parts that cannot be searched together (as ``infos`` describe them, by default the last checked),
+        naming the first that differs."""
+        infos = self.infos if infos is None else infos
+        first, name0 = infos[0], self.shards[0].name
         keys = ["chunk_len", "tokenizer_sha256"] + (["encoder", "encoder_fingerprint"] if kind != "bm25" else [])
-        for shard, info in zip(self.shards[1:], self.infos[1:], strict=True):
+        for shard, info in zip(self.shards[1:], infos[1:], strict=True):
             for key in keys:
                 if info.get(key) != first.get(key):
                     raise RetrolmError(f"shard {shard.name}: {key} {info.get(key)!r} differs from {name0}'s "
                                        f"{first.get(key)!r}; shards must share chunk length, tokenizer and encoder")
         if not self.complete:
             return
-        labels = [i.get("shard") for i in self.infos]
+        labels = [i.get("shard") for i in infos]
         unlabelled = [s.name for s, lab in zip(self.shards, labels, strict=True) if not lab]
         if unlabelled:
             raise RetrolmError(f"shard {unlabelled[0]} was not built as a shard (db build --shard I/N); set "
@@ -369,14 +408,18 @@ class ShardedRetriever:
         return sum(int(i["num_chunks"]) for i in self.infos)
 
     def refresh_infos(self) -> None:
-        """Ask every shard for its counts again (after edits)."""
-        self.infos = self._each(lambda s: s.info())
+        """Ask every shard for its counts again (after edits), and check the parts again (one may have been
+        rebuilt)."""
+        infos = self._each(lambda s: s.info())
+        self._check(self.kind, infos)  # kept only once checked: a search compares its answers' build ids with them
+        self.infos = infos
 
     def search(self, queries: str | Sequence[str], k: int, exclude_docs: Sequence[Sequence[str]] | None = None,
                kind: str | None = None) -> ShardedResult:
-        """The ``k`` best chunks per query over every shard; ``exclude_docs``: per query, document ids it must not
-        retrieve; ``kind``: another retriever than the one opened (checked like it)."""
-        kind = self.kind if kind is None else self._resolve(kind)
+        """The ``k`` best chunks per query over every shard (a blank query retrieves nothing); ``exclude_docs``: per
+        query, document ids it must not retrieve; ``kind``: another retriever than the one opened (checked like it;
+        None or auto: the one opened)."""
+        kind = self.kind if kind in (None, "auto") else self._resolve(kind)
         if kind != self.kind:
             self._check(kind)  # e.g. dense asked of shards opened for BM25: their encoders must agree
         if k < 1:
@@ -384,28 +427,56 @@ class ShardedRetriever:
         queries = [queries] if isinstance(queries, str) else list(queries)
         if exclude_docs is not None and len(exclude_docs) != len(queries):
             raise RetrolmError(f"exclusion lists {len(exclude_docs)} document sets for {len(queries)} queries")
+        asked = [i for i, q in enumerate(queries) if q.strip()]
+        results: list[list[ShardHit]] = [[] for _ in queries]
+        flops: list[list[dict | None]] = [[None] * len(self.shards) for _ in queries]
+        if asked:
+            sub = [queries[i] for i in asked]
+            excl = None if exclude_docs is None else [exclude_docs[i] for i in asked]
+            for i, r, f in zip(asked, *self._search_asked(sub, k, kind, excl), strict=True):
+                results[i], flops[i] = r, f
+        return ShardedResult(results, flops, kind)
+
+    def _search_asked(self, queries: list[str], k: int, kind: str, exclude_docs: Sequence[Sequence[str]] | None
+                      ) -> tuple[list[list[ShardHit]], list[list[dict | None]]]:
         if kind != "hybrid":
-            merged, flops = self._merged(queries, k, kind, exclude_docs)
-            return ShardedResult(merged, flops, kind)
-        depth = self.hybrid_depth * k
+            return self._merged(queries, k, kind, exclude_docs)
+        # as deep as every part's service allows, never under k
+        depth = max(k, min([self.hybrid_depth * k] + [s.max_k for s in self.shards if s.max_k is not None]))
         dense, f_dense = self._merged(queries, depth, "dense", exclude_docs)
         bm25, f_bm25 = self._merged(queries, depth, "bm25", exclude_docs)
-        fused = [_fuse(d, b, k) for d, b in zip(dense, bm25, strict=True)]
-        return ShardedResult(fused, [[_add_flops(a, b) for a, b in zip(x, y, strict=True)]
-                                     for x, y in zip(f_dense, f_bm25, strict=True)], kind)
+        fused = [_fuse(d, b, k, self._order) for d, b in zip(dense, bm25, strict=True)]
+        return fused, [[_add_flops(a, b) for a, b in zip(x, y, strict=True)] for x, y in zip(f_dense, f_bm25,
+                                                                                          strict=True)]
 
-    def _merged(self, queries: list[str], k: int, kind: str, exclude_docs: Sequence[Sequence[str]] | None
-                ) -> tuple[list[list[ShardHit]], list[list[dict | None]]]:
-        local = [s for s in self.shards if isinstance(s, LocalShard)]
-        # parts on this machine share one encoder (checked at open): the queries are embedded once, not once a part
-        vectors = local[0].retriever("dense").prepare(queries) if kind == "dense" and len(local) > 1 else None
+    def _merged(self, queries: list[str], k: int, kind: str, exclude_docs: Sequence[Sequence[str]] | None,
+                again: bool = True) -> tuple[list[list[ShardHit]], list[list[dict | None]]]:
         stats = self.term_stats(queries) if kind == "bm25" and self.global_stats and len(self.shards) > 1 else None
-        answers: list[ShardAnswer] = self._each(lambda s: s.search(queries, k, kind, exclude_docs, vectors, stats))
+
+        def ask(s: Shard, vectors: np.ndarray | None = None) -> ShardAnswer:
+            return s.search(queries, k, kind, exclude_docs, vectors, stats)
+
+        # remote parts first (they embed on their machines meanwhile), then the parts here
+        remote = {i: self._pool.submit(ask, s) for i, s in enumerate(self.shards) if not isinstance(s, LocalShard)}
+        local = [i for i, s in enumerate(self.shards) if isinstance(s, LocalShard)]
+        # parts on this machine share one encoder (checked): the queries are embedded once, not once a part
+        vectors = self.shards[local[0]].retriever("dense").prepare(queries) if kind == "dense" and len(local) > 1 \
+            else None
+        running = {**remote, **{i: self._pool.submit(ask, self.shards[i], vectors) for i in local}}
+        answers: list[ShardAnswer] = [running[i].result() for i in range(len(self.shards))]
+        changed = [i for i, a in enumerate(answers) if a.build_id != self.infos[i].get("build_id")]
+        if changed and again:  # a part was rebuilt: check the parts again, then search once more
+            logger.info("shards %s changed since they were checked: checking again",
+                        ", ".join(self.shards[i].name for i in changed))
+            self.refresh_infos()
+            if kind != self.kind:
+                self._check(kind)
+            return self._merged(queries, k, kind, exclude_docs, again=False)
         merged, flops = [], []
         for q in range(len(queries)):
-            # best first; a tie keeps shard order, then the shard's own order (sorted is stable)
+            # best first; a tie keeps shard order, then the shard's own order
             pool = [(score, p, r) for p, a in enumerate(answers) for r, score in enumerate(a.scores[q])]
-            best = sorted(pool, key=lambda t: -t[0])[:k]
+            best = sorted(pool, key=lambda t: (-t[0], t[1], t[2]))[:k]
             kept: dict[tuple[int, int], ShardHit] = {}
             for p, a in enumerate(answers):  # one fetch per part, for the ranks the merge kept
                 ranks = [r for _, pp, r in best if pp == p]
@@ -420,11 +491,16 @@ class ShardedRetriever:
         their total length, and per term the chunks that hold it, each summed over the parts."""
         return TermStats.merged(self._each(lambda s: s.term_stats(queries)))
 
-    def document(self, doc_id: str) -> tuple[str, str] | None:
-        """(shard name, text) of a live document, or None when no shard holds it."""
-        for shard, text in zip(self.shards, self._each(lambda s: s.document(doc_id)), strict=True):
-            if text is not None:
-                return shard.name, text
+    def _order(self, h: ShardHit) -> tuple[int, int]:
+        """Where a hit sorts among hits of the same score: its part's place in the shards file, then its chunk id (as
+        one database sorts ties)."""
+        return self._index[h.shard], h.chunk_id
+
+    def document(self, doc_id: str) -> tuple[str, dict[str, Any]] | None:
+        """(shard name, document: ``text``, ``source``) of a live document, or None when no shard holds it."""
+        for shard, doc in zip(self.shards, self._each(lambda s: s.document(doc_id)), strict=True):
+            if doc is not None:
+                return shard.name, doc
         return None
 
     def describe(self) -> dict[str, Any]:
@@ -443,16 +519,19 @@ class ShardedRetriever:
         self._pool.shutdown(wait=False)
 
 
-def _fuse(dense: list[ShardHit], bm25: list[ShardHit], k: int) -> list[ShardHit]:
-    """Reciprocal-rank fusion of two merged rankings, keyed by (shard, chunk id); the score becomes the fused one."""
-    fused: dict[tuple[str, int], float] = {}
-    first: dict[tuple[str, int], ShardHit] = {}
+def _fuse(dense: list[ShardHit], bm25: list[ShardHit], k: int, order: Callable[[ShardHit], tuple]
+          ) -> list[ShardHit]:
+    """Reciprocal-rank fusion of two merged rankings; the score becomes the fused one. A chunk is keyed by its part,
+    document and position (not by chunk id: a part compacted between the two rankings renumbers its chunks); ties
+    sort by ``order``."""
+    fused: dict[tuple[str, str, int], float] = {}
+    first: dict[tuple[str, str, int], ShardHit] = {}
     for ranking in (dense, bm25):
         for rank, h in enumerate(ranking):
-            key = (h.shard, h.chunk_id)
+            key = (h.shard, h.doc_id, h.position)
             fused[key] = fused.get(key, 0.0) + 1.0 / (RRF_K + rank + 1)
             first.setdefault(key, h)
-    best = sorted(fused.items(), key=lambda kv: -kv[1])[:k]  # ties: dense order first (dict order, stable sort)
+    best = sorted(fused.items(), key=lambda kv: (-kv[1], order(first[kv[0]])))[:k]
     out = []
     for key, score in best:
         h = first[key]

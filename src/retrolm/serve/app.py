@@ -5,8 +5,9 @@ and shows the sources of every answer.
 ``GET /``              the page: search, answer or continue a text; every result lists its sources
 ``GET /api/info``      the database, its retrievers and the loaded models
 ``GET /api/search``    ``?q=...&k=5&retriever=bm25``: the best chunks, their continuations and documents
-``POST /api/search``   ``{"queries": [...], "k"?, "retriever"?, "exclude_doc_ids"?}``: the same for a batch, with
-                       each query's FLOPs; the front of a sharded database asks its parts this way
+``POST /api/search``   ``{"queries": [...], "k"?, "retriever"?, "exclude_doc_ids"?, "term_stats"?}``: the same for a
+                       batch, with each query's FLOPs and the database's build id (a front of shards: no FLOPs); the
+                       front of a sharded database asks its parts this way
 ``POST /api/terms``    ``{"queries": [...]}``: BM25 statistics for the queries' terms (chunks, their total length,
                        how many hold each term); a sharded front sums its parts' and sends the sums with
                        ``POST /api/search`` as ``term_stats``, so that every part scores as one database

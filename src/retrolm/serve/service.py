@@ -89,7 +89,7 @@ class Service:
         if cfg.reader is not None:
             rag = dataclasses.replace(cfg.rag, db=cfg.db, reader=cfg.reader, retriever=cfg.retriever,
                                       device=cfg.device)
-            self.pipe = RagPipeline.load(rag, self.db)
+            self.pipe = RagPipeline.load(rag, self.db, sharded=self.sharded)
         self.generator: Generator | None = None
         if cfg.generator is not None and cfg.generator != cfg.reader:
             self.generator = Generator.load(cfg.generator, device=cfg.device)
@@ -97,8 +97,6 @@ class Service:
         elif self.pipe is not None:  # the reader continues text too: loaded once
             lm = self.pipe.reader.lm
             self.generator = Generator(lm, self.pipe.reader.tok, "causal_lm", lm.name)
-        if self.generator is not None and self.sharded is not None:
-            self._check_generator()
         # the build the retrievers were made for, and the one the generator was checked against
         self._build = self._checked = self.db.meta.get("build_id") if self.db is not None else None
 
@@ -118,7 +116,8 @@ class Service:
                     "generator": self.generator.name if self.generator else None,
                     "generator_kind": self.generator.kind if self.generator else None,
                     "generator_retrieves": bool(self.generator and self.generator.retrieves),
-                    "max_k": self.cfg.max_k, "max_new_tokens": self.cfg.max_new_tokens}
+                    "max_k": self.cfg.max_k, "max_queries": self.cfg.max_queries,
+                    "max_new_tokens": self.cfg.max_new_tokens}
 
     def search(self, query: str, k: int = 5, retriever: str | None = None) -> dict[str, Any]:
         """The ``k`` best chunks for ``query``, each with its continuation, document and score."""
@@ -146,7 +145,7 @@ class Service:
             if self.sharded is not None:
                 if term_stats is not None:
                     raise RetrolmError("term_stats are for a part of a sharded database; this service fronts the parts")
-                result = self.sharded.search(queries, k, exclude_doc_ids, kind=retriever or self.cfg.retriever)
+                result = self.sharded.search(queries, k, exclude_doc_ids, kind=retriever)
                 hits = [[h.to_dict() for h in result.hits(i)] for i in range(len(queries))]
                 return {"retriever": result.kind, "results": hits, "flops": None}
             ret = self._retriever(retriever)
@@ -157,7 +156,7 @@ class Service:
                 searcher = BM25Retriever(self.db, term_stats)
             result = searcher.search(queries, k, exclusion_by_ids(self.db, exclude_doc_ids))
             hits = [[h.to_dict() for h in result.hits(i)] for i in range(len(queries))]
-            return {"retriever": ret.kind, "results": hits,
+            return {"retriever": ret.kind, "results": hits, "build_id": self.db.meta.get("build_id"),
                     "flops": [{"encoder": f.encoder, "search": f.search} for f in map(ret.flops, queries)]}
 
     def terms(self, queries: list[str]) -> dict[str, Any]:
@@ -228,7 +227,8 @@ class Service:
                 found = self.sharded.document(doc_id)
                 if found is None:
                     raise NotFoundError(f"no document {doc_id!r} in any shard")
-                return {"id": doc_id, "source": found[0], "chunks": None, "text": found[1]}
+                return {"id": doc_id, "source": found[1]["source"], "shard": found[0], "chunks": None,
+                        "text": found[1]["text"]}
             store = self.db.store
             doc = store.doc_index(doc_id)
             if doc is None or self.db.deleted_docs[doc]:
