@@ -192,7 +192,7 @@ def db_info(
 
 def _describe_shards(d: dict) -> str:
     lines = [f"{d['path']}: {d['num_shards']} shards, {d['num_docs']} documents, {d['num_chunks']} chunks; "
-             f"chunk_len {d['chunk_len']}, tokenizer {d['tokenizer']}, encoder {d['encoder']}; "
+             f"chunk_len {d['chunk_len']}, tokenizer {d['tokenizer']}, encoder {d['encoder'] or 'none (BM25 only)'}; "
              f"retriever {d['retriever']}"]
     for s in d["shards"]:
         index = s["index_factory"] or "no dense index"

@@ -41,7 +41,8 @@ def rag_cmd(
     for i in answer.support:
         p = answer.passages[i]
         text = " ".join(p.text.split())
-        typer.echo(f"\n[{i + 1}] {p.doc_id} (chunk {p.chunk_id}, retrieval rank {p.rank + 1})\n    "
+        where = f"{p.shard}: " if p.shard else ""
+        typer.echo(f"\n[{i + 1}] {p.doc_id} ({where}chunk {p.chunk_id}, retrieval rank {p.rank + 1})\n    "
                    f"{text[:400]}{'…' if len(text) > 400 else ''}")
 
 
