@@ -78,13 +78,14 @@ def latency(search, queries: list[str]) -> dict:
 def agreement(whole: list[list], parts: list[list]) -> dict:
     """Top-1 agreement and overlap@k of (doc_id, position, score) lists, and the share of queries whose k scores are
     the same (to 1e-5): a tie may put another chunk of the same score at the edge of the top-k."""
-    pairs = list(zip(whole, parts, strict=True))
+    # queries that match nothing (a line of table rules: no BM25 term) are left out: nothing to agree on
+    pairs = [(w, p) for w, p in zip(whole, parts, strict=True) if w or p]
     top1 = np.mean([bool(w) and bool(p) and w[0][:2] == p[0][:2] for w, p in pairs])
     overlap = np.mean([len({x[:2] for x in w} & {x[:2] for x in p}) / max(1, len(w)) for w, p in pairs])
     same = np.mean([len(w) == len(p) and np.allclose([x[2] for x in w], [x[2] for x in p], rtol=1e-5)
                     for w, p in pairs])
-    return {"top1_agreement": round(float(top1), 4), "overlap_at_k": round(float(overlap), 4),
-            "same_scores": round(float(same), 4)}
+    return {"queries_with_results": len(pairs), "top1_agreement": round(float(top1), 4),
+            "overlap_at_k": round(float(overlap), 4), "same_scores": round(float(same), 4)}
 
 
 def compare(name: str, whole_db: Path, parts: list[Path], kind: str, queries: list[str], k: int, work: Path,

@@ -490,3 +490,79 @@ def test_fusion_keys_chunks_by_document_and_sorts_ties_like_one_database(built_d
         assert [h.chunk_id for h in got] == [int(i) for i in want.ids[0] if i >= 0]
         assert [h.score for h in got] == pytest.approx([float(s) for s in want.scores[0] if np.isfinite(s)])
     single.close()
+
+
+def test_statistics_a_part_is_given_are_checked(shards):
+    part = TestClient(create_app(Service(ServeConfig(db=str(shards["paths"][0])))))
+    own = part.post("/api/terms", json={"queries": ["military works"]}).json()
+
+    def ask(stats):
+        r = part.post("/api/search", json={"queries": ["military works"], "retriever": "bm25", "term_stats": stats})
+        return r.status_code, r.json().get("error", "")
+
+    assert ask(own)[0] == 200
+    assert ask({**own, "df": {"military": -1}})[1].startswith("term statistics need n_chunks, total_length >= 0")
+    assert ask({**own, "n_chunks": own["n_chunks"] - 1})[1].endswith(f"do not include this index's own ("
+                                                                      f"{own['n_chunks']} chunks, "
+                                                                      f"{own['total_length']} terms, {own['df']})")
+    assert "do not include" in ask({**own, "df": {}})[1]  # a sum without this part's counts
+    assert ask({**own, "df": {"military": 0}})[0] == 400
+
+
+def test_a_part_of_another_release_or_scorer_gets_one_line(shards, tmp_path):
+    import shutil
+
+    import httpx
+
+    from retrolm.core.io import read_json, write_json
+    from retrolm.db.lexical import SCORER
+    from retrolm.retrieval.sharded import RemoteShard
+
+    old = RemoteShard("http://old:8000")
+    old._client = httpx.Client(base_url="http://old:8000", transport=httpx.MockTransport(
+        lambda request: httpx.Response(200, json={"db": {"num_docs": 1}, "max_k": 50})))
+    with pytest.raises(RetrolmError, match="shard http://old:8000: /api/info answered without max_queries"):
+        old.info()
+    # parts whose BM25 indexes score otherwise (another bm25s release, variant or parameters) are not merged
+    copy = tmp_path / "db-2"
+    shutil.copytree(shards["paths"][2], copy)
+    meta = read_json(copy / "meta.json")
+    scorer = copy / meta["bm25"] / SCORER
+    scorer.write_text(scorer.read_text().replace('"k1": 1.5', '"k1": 1.2'))  # as another bm25s default would be
+    write_json(copy / "meta.json", {**meta, "files": {k: v for k, v in meta["files"].items() if SCORER not in k}})
+    with pytest.raises(RetrolmError, match=f"shard {copy}: bm25_scorer .* differs"):
+        ShardedRetriever.open(shards_file(tmp_path / "s.yaml", [*shards["paths"][:2], copy]), retriever="bm25")
+    dense = ShardedRetriever.open(shards_file(tmp_path / "s.yaml", [*shards["paths"][:2], copy]), retriever="dense")
+    with pytest.raises(RetrolmError, match="bm25_scorer"):
+        dense.search("x", 2, kind="bm25")
+    dense.close()
+
+
+def test_db_bm25_stores_the_chunk_lengths_an_older_index_lacks(shards, tmp_path):
+    import shutil
+
+    from retrolm.core.io import read_json, write_json
+    from retrolm.db.lexical import LENGTHS
+
+    copy = tmp_path / "db"
+    shutil.copytree(shards["paths"][0], copy)
+    meta = read_json(copy / "meta.json")
+    (copy / meta["bm25"] / LENGTHS).unlink()  # as stored before 2026-12-07
+    write_json(copy / "meta.json", {**meta, "files": {k: v for k, v in meta["files"].items() if LENGTHS not in k}})
+    want = np.asarray(DatabaseView.open(shards["paths"][0]).lexical.chunk_lengths())
+    assert np.array_equal(DatabaseView.open(copy).lexical.chunk_lengths(), want)  # counted again, in memory
+    Database.open(copy).store_bm25(show_progress=False)
+    folder = DatabaseView.open(copy).meta["bm25"]
+    assert folder != meta["bm25"] and np.array_equal(np.load(copy / folder / LENGTHS), want)
+    assert DatabaseView.open(copy).verify() > 0
+
+
+def test_a_baseline_checkpoint_over_shards_says_it_reads_nothing(shards, tmp_path):
+    from retrolm.models.retro import RetroConfig, RetroModel
+
+    db = DatabaseView.open(shards["paths"][0])
+    RetroModel(RetroConfig(vocab_size=db.tokenizer.vocab_size, seq_len=128, n_layer=1, n_head=2, d_model=16,
+                           chunk_len=db.chunk_len, retro_layers=())).save_pretrained(tmp_path / "base")
+    db.tokenizer.save(tmp_path / "base" / "tokenizer.json")
+    with pytest.raises(RetrolmError, match="this checkpoint has no RETRO layers; generate without --db"):
+        run_generate(GenerateConfig(checkpoint=str(tmp_path / "base"), prompt="The city", db=str(shards["file"])))

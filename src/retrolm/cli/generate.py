@@ -7,6 +7,7 @@ from typing import Annotated
 import typer
 
 from retrolm.cli.app import EXTRA, AsJson, ConfigFile, app, command_config, print_json
+from retrolm.core.errors import RetrolmError
 from retrolm.db import DatabaseView
 from retrolm.infer.generate import GenerateConfig, Generation, format_generation
 from retrolm.infer.generator import Generator
@@ -51,6 +52,8 @@ def run_generate(cfg: GenerateConfig) -> Generation:
     gen = Generator.load(cfg.checkpoint, device=cfg.device)
     if cfg.db is not None and is_shards_file(cfg.db):
         gen.check_sharded(cfg.db)
+        if not gen.in_context:  # a RETRO checkpoint that retrieves was refused: this one reads nothing
+            raise RetrolmError("this checkpoint has no RETRO layers; generate without --db")
         sharded = ShardedRetriever.open(cfg.db, device=cfg.device, retriever=cfg.retriever)
         try:
             return gen.generate(cfg, sharded)

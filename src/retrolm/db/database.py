@@ -41,7 +41,7 @@ from retrolm.core.versions import library_versions
 from retrolm.db.build import BuildConfig, build_database, embed_shards, make_index, shard_blocks, tokenize_into_segment
 from retrolm.db.chunks import ChunkStore, SegmentWriter, token_dtype
 from retrolm.db.index import VectorIndex
-from retrolm.db.lexical import LexicalIndex
+from retrolm.db.lexical import LENGTHS, LexicalIndex
 from retrolm.db.meta import FORMAT_VERSION, db_path, file_records, now, referenced_files, update_counts
 from retrolm.db.view import DatabaseView, meta_stamp
 from retrolm.text.corpus import Document, corpus_fingerprint, iter_documents, shard_of
@@ -272,17 +272,21 @@ class Database(DatabaseView):
     def store_bm25(self, show_progress: bool = True) -> None:
         """Build and store a BM25 index over the chunks (kept up to date by later adds and compactions)."""
         with self._writing():
-            if self.meta.get("bm25"):
+            folder = self.meta.get("bm25")
+            if folder and (self.path / folder / LENGTHS).is_file():
                 return  # already stored, and kept up to date by every write since
+            # none stored, or one stored before its chunk lengths were (which sharded search needs): made again
             self._commit(dict(self.meta, version=self.meta["version"] + 1, bm25=True), self.deleted_docs,
-                         show_progress=show_progress)
+                         show_progress=show_progress, rebuild_bm25=True)
 
-    def _commit(self, meta: dict, deleted_docs: np.ndarray, show_progress: bool = False) -> None:
+    def _commit(self, meta: dict, deleted_docs: np.ndarray, show_progress: bool = False,
+                rebuild_bm25: bool = False) -> None:
         """Rebuild the BM25 index if the chunk set changed, write tombstones, then meta.json (the commit point), then
         reload this object's view."""
         store = ChunkStore.open([self.path / "segments" / s for s in meta["segments"]], self.chunk_len,
                                 self.tokenizer.pad_id)
-        if meta.get("bm25") and (meta["segments"] != self.meta["segments"] or not self.meta.get("bm25")):
+        if meta.get("bm25") and (rebuild_bm25 or meta["segments"] != self.meta["segments"] or
+                                 not self.meta.get("bm25")):
             meta["bm25"] = f"bm25-v{meta['version']}"
             LexicalIndex.build(lambda ids: store.texts(ids, self.tokenizer), store.n_chunks, show_progress).save(
                 self.path / meta["bm25"])

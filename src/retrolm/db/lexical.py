@@ -22,7 +22,7 @@ import numpy as np
 
 from retrolm.core.device import usable_cpus
 from retrolm.core.errors import RetrolmError
-from retrolm.core.io import fsync_dir, fsync_tree, naming_errors
+from retrolm.core.io import fsync_dir, fsync_tree, naming_errors, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +38,8 @@ def _bm25s():
     return bm25s
 
 
+SCORER = "scorer.json"
+"""The bm25s release, variant and parameters the index was made with."""
 LENGTHS = "chunk_lengths.npy"
 """BM25 terms per chunk, stored beside bm25s's files (bm25s keeps only their mean)."""
 NO_TERMS = "no_terms"
@@ -56,6 +58,7 @@ class LexicalIndex:
         self.lengths = lengths
         """BM25 terms per chunk (see :meth:`chunk_lengths`)."""
         self.texts = texts
+        self._total_length: int | None = None
 
     @classmethod
     def build(cls, chunk_texts: Callable[[np.ndarray], list[str]], n_chunks: int, show_progress: bool = False
@@ -87,6 +90,7 @@ class LexicalIndex:
                     (tmp / NO_TERMS).write_text("")
                 if self.lengths is not None:
                     np.save(tmp / LENGTHS, np.asarray(self.lengths, dtype=np.int32))
+                write_json(tmp / SCORER, self.scorer())
                 (tmp / "n_chunks.txt").write_text(str(self.n_chunks))
                 fsync_tree(tmp)
         except BaseException:
@@ -149,7 +153,8 @@ class LexicalIndex:
         if self.lengths is None:
             if self.texts is None:
                 raise RetrolmError(f"{self.folder}: BM25 chunk lengths are not stored and no chunk texts are at hand")
-            logger.info("%s: counting BM25 terms per chunk (not stored with this index)", self.folder)
+            logger.warning("%s: counting BM25 terms per chunk (an index stored before they were; `retrolm db bm25` "
+                           "stores them)", self.folder)
             counts = []
             for start in range(0, self.n_chunks, BUILD_BATCH):
                 texts = self.texts(np.arange(start, min(start + BUILD_BATCH, self.n_chunks)))
@@ -166,7 +171,9 @@ class LexicalIndex:
         indptr, _, _, vocab = layout
         terms = {t for toks in _bm25s().tokenize(queries, return_ids=False, show_progress=False) for t in toks}
         df = {t: int(indptr[vocab[t] + 1] - indptr[vocab[t]]) for t in sorted(terms) if t in vocab}
-        return TermStats(self.n_chunks, int(self.chunk_lengths().sum()), df)
+        if self._total_length is None:
+            self._total_length = int(self.chunk_lengths().sum())
+        return TermStats(self.n_chunks, self._total_length, df)
 
     def search(self, queries: list[str], k: int, exclude: np.ndarray | None = None,
                stats: TermStats | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -212,6 +219,12 @@ class LexicalIndex:
             return out_scores, out_ids
         indptr, indices, data, vocab = layout
         lengths = self.chunk_lengths()
+        own = self.term_stats(queries)
+        # sums over parts that include this one hold at least its own counts: anything less is stale or made up
+        if stats.n_chunks < own.n_chunks or stats.total_length < own.total_length or any(
+                stats.df.get(t, 0) < n for t, n in own.df.items()):
+            raise RetrolmError(f"{self.folder or 'BM25 index'}: the term statistics given do not include this index's "
+                               f"own ({own.n_chunks} chunks, {own.total_length} terms, {own.df})")
         k1, b = float(self.retriever.k1), float(self.retriever.b)
         own_mean, mean = float(lengths.mean()), stats.total_length / max(1, stats.n_chunks)
         tokens = _bm25s().tokenize(queries, return_ids=False, show_progress=False)
@@ -232,9 +245,20 @@ class LexicalIndex:
             if exclude is not None:
                 scores[exclude] = 0.0
             hit = np.flatnonzero(scores > 0)
+            if len(hit) > k:  # only what scores at least the k-th best is sorted
+                hit = hit[scores[hit] >= np.partition(scores[hit], len(hit) - k)[len(hit) - k]]
             top = hit[np.argsort(-scores[hit], kind="stable")[:k]]  # ties: lower chunk id first
             out_ids[q, : len(top)], out_scores[q, : len(top)] = top, scores[top]
         return out_scores, out_ids
+
+    def scorer(self) -> dict:
+        """What decides this index's scores: the bm25s release, its variant and parameters (parts of a sharded
+        database must agree on it)."""
+        from importlib.metadata import version
+
+        r = self.retriever
+        return {"bm25s": version("bm25s"), "method": getattr(r, "method", None), "k1": getattr(r, "k1", None),
+                "b": getattr(r, "b", None)}
 
 
 @dataclass
@@ -245,6 +269,11 @@ class TermStats:
     n_chunks: int
     total_length: int
     df: dict[str, int]
+
+    def __post_init__(self) -> None:
+        if self.n_chunks < 0 or self.total_length < 0 or any(not 0 <= n <= self.n_chunks for n in self.df.values()):
+            raise RetrolmError(f"term statistics need n_chunks, total_length >= 0 and 0 <= df <= n_chunks; got "
+                               f"n_chunks={self.n_chunks}, total_length={self.total_length}, df={self.df}")
 
     @classmethod
     def merged(cls, parts: list[TermStats]) -> TermStats:

@@ -16,10 +16,10 @@ import numpy as np
 
 from retrolm.core.errors import RetrolmError
 from retrolm.core.hub import resolve_model
-from retrolm.core.io import dir_size, load_npy
+from retrolm.core.io import dir_size, load_npy, read_json
 from retrolm.db.chunks import ChunkStore
 from retrolm.db.index import SearchSettings, VectorIndex
-from retrolm.db.lexical import LexicalIndex
+from retrolm.db.lexical import SCORER, LexicalIndex
 from retrolm.db.meta import db_path, read_meta, recover_interrupted_swap, verify_files
 from retrolm.text.encoder import SentenceEncoder
 from retrolm.text.tokenizer import LMTokenizer
@@ -265,6 +265,13 @@ class DatabaseView:
     def _bm25_folder(self) -> Path | None:
         return self.path / self.meta["bm25"] if self.meta.get("bm25") else None
 
+    def _bm25_scorer(self) -> dict | None:
+        """The stored BM25 index's scorer (bm25s release, variant, parameters); None if not recorded."""
+        folder = self._bm25_folder()
+        if folder is None or not (folder / SCORER).is_file():
+            return None
+        return read_json(folder / SCORER, "BM25 scorer record")
+
     @property
     def lexical(self) -> LexicalIndex:
         """The BM25 index: the stored one, or (if the database has none) one built in memory for this session."""
@@ -385,6 +392,7 @@ class DatabaseView:
             "index_type": index.get("kind"),
             "index_factory": index.get("factory"),
             "bm25": bool(m.get("bm25")),
+            "bm25_scorer": self._bm25_scorer(),
             "shard": f"{self.shard[0]}/{self.shard[1]}" if self.shard else None,
             "segments": len(m["segments"]),
             "bytes_on_disk": size,

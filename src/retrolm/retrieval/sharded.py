@@ -16,8 +16,9 @@ is exactly the top-k of one database holding every chunk (exact indexes; approxi
 their shard); the parts on this machine share one embedding of the queries, each remote part embeds them itself.
 BM25 first sums every part's statistics for the query terms (chunks, their total length, how many hold each term:
 Elasticsearch's ``dfs_query_then_fetch``), and every part scores with the sums, so the merged scores are the one
-database's too (``global_stats: false``: each part's own statistics, as ``query_then_fetch``; benchmarks/RESULTS.md
-measures both). Hybrid merges the dense and BM25 rankings over all shards first, then fuses them by reciprocal rank.
+database's too, to float32 rounding (``global_stats: false``: each part's own statistics, as ``query_then_fetch``;
+benchmarks/RESULTS.md measures both). Hybrid merges the dense and BM25 rankings over all shards first, then fuses
+them by reciprocal rank.
 Chunk ids are the shard's own; a hit says which shard it came from.
 
 Every answer carries its part's build id: when a part was rebuilt since the front last looked (another encoder, or
@@ -231,12 +232,21 @@ class RemoteShard(Shard):
             raise RetrolmError(f"shard {self.name}: {path} answered {r.status_code}: {why or r.text[:200]!r}")
         return body
 
+    def _fields(self, body: dict[str, Any], path: str, *keys: str) -> list[Any]:
+        """``body[key]`` for each key; one line naming what is missing (a part running another retrolm release)."""
+        missing = [k for k in keys if k not in body]
+        if missing:
+            raise RetrolmError(f"shard {self.name}: {path} answered without {', '.join(missing)} (is it a retrolm "
+                               f"serve of this release?)")
+        return [body[k] for k in keys]
+
     def info(self) -> dict[str, Any]:
-        out = self._call("GET", "/api/info")
-        if "num_shards" in out["db"]:
+        db, max_k, max_queries = self._fields(self._call("GET", "/api/info"), "/api/info", "db", "max_k",
+                                              "max_queries")
+        if "num_shards" in db:
             raise RetrolmError(f"shard {self.name} is the front of a sharded database itself: list its parts instead")
-        self.max_k, self.max_queries = int(out["max_k"]), int(out["max_queries"])
-        return out["db"]
+        self.max_k, self.max_queries = int(max_k), int(max_queries)
+        return db
 
     def search(self, queries: Sequence[str], k: int, kind: str, exclude_docs: Sequence[Sequence[str]] | None = None,
                vectors: np.ndarray | None = None, stats: TermStats | None = None) -> ShardAnswer:
@@ -252,12 +262,16 @@ class RemoteShard(Shard):
             body = {"queries": batch, "k": k, "retriever": kind, "term_stats": stats and stats.to_dict(),
                     "exclude_doc_ids": None if exclude_docs is None else
                     [list(d) for d in exclude_docs[start : start + self.max_queries]]}
-            out = self._call("POST", "/api/search", json=body)
-            if len(out["results"]) != len(batch):
-                raise RetrolmError(f"shard {self.name}: {len(out['results'])} results for {len(batch)} queries")
-            hits += [[Hit(**h) for h in row] for row in out["results"]]
-            flops += out["flops"]
-            builds.add(out.get("build_id"))
+            results, reported, build = self._fields(self._call("POST", "/api/search", json=body), "/api/search",
+                                                    "results", "flops", "build_id")
+            if len(results) != len(batch) or len(reported) != len(batch):
+                raise RetrolmError(f"shard {self.name}: {len(results)} results for {len(batch)} queries")
+            try:
+                hits += [[Hit(**h) for h in row] for row in results]
+            except TypeError as e:
+                raise RetrolmError(f"shard {self.name}: /api/search answered hits of another shape ({e})") from None
+            flops += reported
+            builds.add(build)
         # two builds in one search: report none of them, so that the front looks again
         build = builds.pop() if len(builds) == 1 else None
         return ShardAnswer([[h.score for h in row] for row in hits], lambda q, ranks: [hits[q][r] for r in ranks],
@@ -267,12 +281,16 @@ class RemoteShard(Shard):
         stats = TermStats(0, 0, {})
         for start in range(0, len(queries), self.max_queries):  # the counts are the index's: one batch's as good
             out = self._call("POST", "/api/terms", json={"queries": list(queries[start : start + self.max_queries])})
-            stats = TermStats(int(out["n_chunks"]), int(out["total_length"]),
-                              {**stats.df, **{t: int(n) for t, n in out["df"].items()}})
+            n, total, df = self._fields(out, "/api/terms", "n_chunks", "total_length", "df")
+            stats = TermStats(int(n), int(total), {**stats.df, **{t: int(c) for t, c in df.items()}})
         return stats
 
     def document(self, doc_id: str) -> dict[str, Any] | None:
-        return self._call("GET", "/api/document", params={"id": doc_id})
+        out = self._call("GET", "/api/document", params={"id": doc_id})
+        if out is None:
+            return None
+        text, source = self._fields(out, "/api/document", "text", "source")
+        return {"text": text, "source": source}
 
     def close(self) -> None:
         self._client.close()
@@ -378,10 +396,13 @@ class ShardedRetriever:
         first, name0 = infos[0], self.shards[0].name
         keys = ["chunk_len", "tokenizer_sha256"] + (["encoder", "encoder_fingerprint"] if kind != "bm25" else [])
         for shard, info in zip(self.shards[1:], infos[1:], strict=True):
-            for key in keys:
+            scored = kind != "dense" and None not in (info.get("bm25_scorer"), first.get("bm25_scorer"))
+            # (a BM25 index stored before its scorer was recorded cannot be compared)
+            for key in [*keys, "bm25_scorer"] if scored else keys:
                 if info.get(key) != first.get(key):
                     raise RetrolmError(f"shard {shard.name}: {key} {info.get(key)!r} differs from {name0}'s "
-                                       f"{first.get(key)!r}; shards must share chunk length, tokenizer and encoder")
+                                       f"{first.get(key)!r}; shards must share chunk length, tokenizer, encoder and "
+                                       f"BM25 scorer")
         if not self.complete:
             return
         labels = [i.get("shard") for i in infos]
