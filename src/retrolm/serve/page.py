@@ -75,7 +75,7 @@ function source(h, support) {
 async function showDoc(id) {
   try {
     const d = await call("/api/document?id=" + encodeURIComponent(id));
-    $("dochead").textContent = `${d.id} (${d.source})`;
+    $("dochead").textContent = `${d.id} (${d.source}${d.shard ? ", shard " + d.shard : ""})`;
     $("dochead").style.display = $("doc").style.display = "block";
     $("doc").textContent = d.text;
     $("dochead").scrollIntoView();
@@ -122,7 +122,8 @@ $("answer").onclick = () => run("answer");
 $("search").onclick = () => run("search");
 $("generate").onclick = () => run("generate");
 call("/api/info").then((i) => {
-  $("info").textContent = `${i.db.path}: ${i.db.num_docs} documents, ${i.db.num_chunks} chunks · retrievers ` +
+  $("info").textContent = `${i.db.path}: ${i.db.num_docs} documents, ${i.db.num_chunks} chunks` +
+    (i.db.num_shards ? ` in ${i.db.num_shards} shards` : "") + ` · retrievers ` +
     `${i.retrievers.join(", ")} · reader ${i.reader || "none"} · generator ${i.generator || "none"}`;
   can.answer = !!i.reader;
   can.generate = !!i.generator;
