@@ -170,7 +170,7 @@ def test_bm25_chunk_lengths_are_stored_or_counted_again(shards, tmp_path):
 
 def test_parts_that_do_not_make_one_database_are_refused(shards, built_db, tiny_db_config, wiki_corpus, tmp_path):
     root, (p0, p1, p2) = shards["root"], shards["paths"]
-    cases = [([p0, p1], "missing 2/3"), ([p0, p1, p2, p1], "twice 1/3"),
+    cases = [([p0, p1], "missing 2/3"), ([p0, p1, p2, p1], f"shard {p1} is the same database as {p1}"),
              ([p0, p1, p2, built_db.path], "was not built as a shard (db build --shard I/N); set complete=false")]
     for entries, fragment in cases:
         with pytest.raises(RetrolmError, match=fragment.replace("(", r"\(").replace(")", r"\)")):
@@ -266,11 +266,17 @@ def test_a_remote_shard_over_http_gives_the_same_results(shards, tmp_path):
         with pytest.raises(RetrolmError, match=f"shard {front} is the front of a sharded database itself"):
             ShardedRetriever.open(shards_file(tmp_path / "nested.yaml", [p0, p1, front]))
         front_server.should_exit = True
-        # a shard that is down: one line naming it
+        # a front advertises the smallest limit of its parts
+        front_client = TestClient(create_app(Service(ServeConfig(db=str(tmp_path / "mixed.yaml")))))
+        assert front_client.get("/api/info").json()["max_k"] == 8
+        assert front_client.get("/api/search", params={"q": "x", "k": 9}).json()["error"] == "k must be in 1..8, got 9"
+        # a shard that is down: one line naming it (a front's service answers 502: its upstream failed)
         server.should_exit = True
         time.sleep(0.3)
         with pytest.raises(RetrolmError, match=f"shard {url}: ConnectError"):
             mixed.search("river", 3)
+        down = front_client.get("/api/search", params={"q": "river"})
+        assert down.status_code == 502 and down.json()["error"].startswith(f"shard {url}: ConnectError")
         mixed.close()
         local.close()
     finally:
@@ -343,6 +349,9 @@ def test_answers_over_shards_cite_the_part_they_read(world, tmp_path):
     assert g.text.strip().startswith("amber")
     assert g.chunks[0].sources[0].doc_id == "fact-zorblat"
     assert g.chunks[0].sources[0].shard == str(paths[shard_of("fact-zorblat", 2)])
+    from retrolm.infer.generate import format_generation
+
+    assert f"fact-zorblat ({paths[shard_of('fact-zorblat', 2)]}: chunk" in format_generation(g)
 
 
 def test_cli_builds_describes_and_searches_shards(shards, tmp_path, capsys, wiki_corpus, tiny_encoder):
@@ -448,10 +457,24 @@ def test_mismatched_parts_and_bad_requests_get_one_line(shards, tmp_path, wiki_c
     with pytest.raises(RetrolmError, match="exclusion lists 1 document sets for 2 queries"):
         both.search(["a", "b"], 3, exclude_docs=[["x"]])
     assert [len(both.search(["", "  ", "military"], 3).hits(i)) for i in range(3)] == [0, 0, 3]  # blanks: nothing
-    for bad in ("timeout: 0", "hybrid_depth: 0"):
+    for bad, why in (("timeout: 0", "timeout must be > 0 and hybrid_depth >= 1"),
+                     ("hybrid_depth: 0", "timeout must be > 0 and hybrid_depth >= 1"),
+                     ("retriever: bm2", "retriever must be one of auto, dense, bm25, hybrid; got 'bm2'")):
         (tmp_path / "bad.yaml").write_text(f"shards: [{p0}]\n{bad}\n")
-        with pytest.raises(RetrolmError, match="timeout must be > 0 and hybrid_depth >= 1"):
+        with pytest.raises(RetrolmError, match=f"^{tmp_path / 'bad.yaml'}: {why}"):
             ShardedRetriever.open(tmp_path / "bad.yaml")
+    with pytest.raises(RetrolmError, match=f"shard {p0} is the same database as {p0} .*: list each part once"):
+        ShardedRetriever.open(shards_file(tmp_path / "s.yaml", [p0, p0], complete=False))
+    with pytest.raises(RetrolmError, match=r"shards\.yaml is a shards file itself; list its parts instead"):
+        ShardedRetriever.open(shards_file(tmp_path / "s.yaml", [shards["file"]], complete=False))
+    # commands that need one folder refuse a shards file before they write anything
+    from retrolm.eval.config import EvalConfig
+    from retrolm.infer.rag_eval import RagEvalConfig
+
+    for make in (lambda: EvalConfig(checkpoint="x", db=str(shards["file"])),
+                 lambda: RagEvalConfig(db=str(shards["file"]))):
+        with pytest.raises(RetrolmError, match=r"a shards file; .* needs one database folder"):
+            make()
     # a db add whose documents all belong to other parts commits nothing
     part = Database.build([wiki_corpus], tmp_path / "p", BuildConfig(**{**tiny_db_config.__dict__, "shard": "0/3"}),
                           show_progress=False)
@@ -566,3 +589,24 @@ def test_a_baseline_checkpoint_over_shards_says_it_reads_nothing(shards, tmp_pat
     db.tokenizer.save(tmp_path / "base" / "tokenizer.json")
     with pytest.raises(RetrolmError, match="this checkpoint has no RETRO layers; generate without --db"):
         run_generate(GenerateConfig(checkpoint=str(tmp_path / "base"), prompt="The city", db=str(shards["file"])))
+
+
+def test_a_part_restarted_with_other_limits_is_read_again():
+    import httpx
+
+    from retrolm.retrieval.sharded import RemoteShard
+
+    limit = {"max_k": 50}
+
+    def part(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/api/info":
+            return httpx.Response(200, json={"db": {"num_docs": 1}, "max_k": limit["max_k"], "max_queries": 256})
+        return httpx.Response(400, json={"error": f"k must be in 1..{limit['max_k']}, got 6"})
+
+    shard = RemoteShard("http://p:1")
+    shard._client = httpx.Client(base_url="http://p:1", transport=httpx.MockTransport(part))
+    shard.info()
+    limit["max_k"] = 5  # restarted with max_k=5 since the front read its limits
+    with pytest.raises(RetrolmError, match="shard http://p:1: k=6 is more than its service allows \\(max_k=5"):
+        shard.search(["q"], 6, "bm25")
+    assert shard.max_k == 5

@@ -13,7 +13,7 @@ from retrolm.eval.multiplier import load_points, multiplier_report, plot_multipl
 from retrolm.infer.rag import RagConfig, RagPipeline
 from retrolm.infer.rag_eval import RagEvalConfig, run_rag_eval
 
-Db = Annotated[str | None, typer.Option("--db", help="Retrieval database folder (rag: or a shards file).")]
+Db = Annotated[str | None, typer.Option("--db", help="Retrieval database folder, or (rag only) a shards file.")]
 ReaderOpt = Annotated[str | None, typer.Option("--reader", help="Reading LM: HF folder, smollm2-135m or hub name.")]
 
 

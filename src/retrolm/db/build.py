@@ -448,7 +448,7 @@ def _build_stages(corpus: Sequence[str | Path], staging: Path, config: BuildConf
     info = tokenize_into_segment(in_shard(iter_documents(corpus), shard), tokenizer, seg, config.chunk_len, 0, 0,
                                  show_progress)
     if info["n_chunks"] == 0:
-        where = f" in shard {config.shard}" if shard else ""
+        where = f" in shard {config.shard} (no document id hashes to it: use fewer parts)" if shard else ""
         raise RetrolmError(f"{', '.join(map(str, corpus))}: corpus produced no tokens{where}")
     store = ChunkStore.open([seg], config.chunk_len, tokenizer.pad_id)
     timings["tokenize_s"] = time.perf_counter() - t

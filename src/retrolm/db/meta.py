@@ -52,8 +52,8 @@ def read_meta(path: Path) -> dict:
         final = path.with_name(path.name.removesuffix(STAGING_SUFFIX))
         raise RetrolmError(f"{path}: unfinished build staging folder, not a database (re-run the build of {final})")
     if path.is_file() and path.suffix in (".yaml", ".yml"):  # retrolm.retrieval.sharded's shards file
-        raise RetrolmError(f"{path}: a shards file; this needs one database folder (db search, db info, rag, generate "
-                           f"and serve read shards)")
+        raise RetrolmError(f"{path}: a shards file; this needs one database folder (run it on each part: db search, "
+                           f"db info, rag, generate and serve take a shards file)")
     if not path.is_dir():
         raise RetrolmError(f"{path}: database folder does not exist")
     meta = read_json(path / "meta.json", "database description (meta.json)")

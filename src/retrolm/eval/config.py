@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from retrolm.core.errors import RetrolmError
+from retrolm.retrieval.sharded import needs_folder
 
 
 @dataclass
@@ -77,6 +78,7 @@ class EvalConfig:
     """Seed of the random document order behind database-size subsets."""
 
     def __post_init__(self) -> None:
+        needs_folder(self.db, "evaluation")  # before anything is written to the output folder
         if self.neighbours is not None and self.neighbours < 1:
             raise RetrolmError(f"neighbours must be >= 1, got {self.neighbours}")
         if self.context_chunks < 0:

@@ -244,7 +244,8 @@ def format_generation(g: Generation, max_source_chars: int = 160) -> str:
         lines.append(f"[chunk {i}] {c.text}")
         for h in c.sources:
             snippet = " ".join(h.text.split())[:max_source_chars]
-            lines.append(f"    ← {h.doc_id} (chunk {h.chunk_id}, score {h.score:.3f}): {snippet}")
+            where = f"{h.shard}: " if getattr(h, "shard", None) else ""  # a sharded database's part
+            lines.append(f"    ← {h.doc_id} ({where}chunk {h.chunk_id}, score {h.score:.3f}): {snippet}")
     lines.append("")
     lines.append(f"{g.new_tokens} tokens in {g.seconds:.2f}s ({g.tokens_per_s:.1f} tok/s), "
                  f"retrieval {'on' if g.retrieval else 'off'}")

@@ -41,6 +41,7 @@ from retrolm.eval.report import markdown_table
 from retrolm.infer.consistency import majority_vote
 from retrolm.infer.flops import StageFlops, mean_flops, pretraining_flops
 from retrolm.infer.rag import MODES, Passage, RagConfig, RagPipeline, reading_flops
+from retrolm.retrieval.sharded import needs_folder
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +72,7 @@ class RagEvalConfig(RagConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        needs_folder(self.db, "rag-eval")  # before anything is written to the output folder
         if self.max_questions is not None and self.max_questions < 1:
             raise RetrolmError(f"max_questions must be >= 1, got {self.max_questions}")
         if self.multiplier_metric not in ("em", "f1"):

@@ -59,6 +59,21 @@ def is_shards_file(path: str | Path) -> bool:
     return p.suffix in SHARD_FILE_SUFFIXES and not p.is_dir()
 
 
+class PartUnavailable(RetrolmError):
+    """A remote part could not be reached or failed (the front's service answers 502)."""
+
+
+class PartRefused(RetrolmError):
+    """A remote part refused a request (4xx): its limits may have changed since the front read them."""
+
+
+def needs_folder(path: str | Path | None, what: str) -> None:
+    """One line when ``path`` names a shards file where ``what`` needs one database folder."""
+    if path and is_shards_file(path):
+        raise RetrolmError(f"{path}: a shards file; {what} needs one database folder (search, rag, generate and serve "
+                           f"take a shards file)")
+
+
 @dataclass
 class ShardsConfig:
     """A shards file: the parts of one database and how to search them."""
@@ -81,9 +96,11 @@ class ShardsConfig:
 
     def __post_init__(self) -> None:
         if not self.shards:
-            raise RetrolmError("shards file: `shards` lists no database")
+            raise RetrolmError("`shards` lists no database")
         if self.timeout <= 0 or self.hybrid_depth < 1:
-            raise RetrolmError("shards file: timeout must be > 0 and hybrid_depth >= 1")
+            raise RetrolmError("timeout must be > 0 and hybrid_depth >= 1")
+        if self.retriever not in ("auto", "dense", "bm25", "hybrid"):
+            raise RetrolmError(f"retriever must be one of auto, dense, bm25, hybrid; got {self.retriever!r}")
 
 
 @dataclass
@@ -219,7 +236,7 @@ class RemoteShard(Shard):
         try:
             r = self._client.request(method, path, **kwargs)
         except httpx.HTTPError as e:
-            raise RetrolmError(f"shard {self.name}: {type(e).__name__}: {e}") from None
+            raise PartUnavailable(f"shard {self.name}: {type(e).__name__}: {e}") from None
         try:
             body = r.json()
         except ValueError:
@@ -229,7 +246,8 @@ class RemoteShard(Shard):
             return None
         if r.status_code != 200 or not isinstance(body, dict):
             why = body.get("error") if isinstance(body, dict) else None
-            raise RetrolmError(f"shard {self.name}: {path} answered {r.status_code}: {why or r.text[:200]!r}")
+            error = PartRefused if 400 <= r.status_code < 500 else PartUnavailable
+            raise error(f"shard {self.name}: {path} answered {r.status_code}: {why or r.text[:200]!r}")
         return body
 
     def _fields(self, body: dict[str, Any], path: str, *keys: str) -> list[Any]:
@@ -251,6 +269,19 @@ class RemoteShard(Shard):
     def search(self, queries: Sequence[str], k: int, kind: str, exclude_docs: Sequence[Sequence[str]] | None = None,
                vectors: np.ndarray | None = None, stats: TermStats | None = None) -> ShardAnswer:
         # the part embeds the texts itself (on its machine, at the same time as the other parts)
+        return self._limited(lambda: self._search(queries, k, kind, exclude_docs, stats))
+
+    def _limited(self, request: Callable[[], Any]) -> Any:
+        """``request()``; refused, once more after reading the part's limits again (it may have been restarted with
+        others since the front read them)."""
+        try:
+            return request()
+        except PartRefused:
+            self.info()
+            return request()
+
+    def _search(self, queries: Sequence[str], k: int, kind: str, exclude_docs: Sequence[Sequence[str]] | None,
+                stats: TermStats | None) -> ShardAnswer:
         if self.max_k is not None and k > self.max_k:
             raise RetrolmError(f"shard {self.name}: k={k} is more than its service allows (max_k={self.max_k}; start "
                                f"it with max_k={k} or more)")
@@ -278,6 +309,9 @@ class RemoteShard(Shard):
                            flops, build)
 
     def term_stats(self, queries: Sequence[str]) -> TermStats:
+        return self._limited(lambda: self._term_stats(queries))
+
+    def _term_stats(self, queries: Sequence[str]) -> TermStats:
         stats = TermStats(0, 0, {})
         for start in range(0, len(queries), self.max_queries):  # the counts are the index's: one batch's as good
             out = self._call("POST", "/api/terms", json={"queries": list(queries[start : start + self.max_queries])})
@@ -352,15 +386,21 @@ class ShardedRetriever:
         path = Path(path)
         if not path.is_file():
             raise RetrolmError(f"{path}: no such shards file")
-        cfg = load_config(ShardsConfig, path, overrides)
+        try:
+            cfg = load_config(ShardsConfig, path, overrides)
+        except RetrolmError as e:
+            raise RetrolmError(e if str(e).startswith(str(path)) else f"{path}: {e}") from None
         shards: list[Shard] = []
         try:
             for entry in cfg.shards:
                 if entry.startswith(("http://", "https://")):
                     shards.append(RemoteShard(entry, cfg.timeout))
-                else:
-                    folder = Path(entry).expanduser()
-                    shards.append(LocalShard(folder if folder.is_absolute() else path.parent / folder, device))
+                    continue
+                folder = Path(entry).expanduser()
+                folder = folder if folder.is_absolute() else path.parent / folder
+                if is_shards_file(folder) and folder.is_file():
+                    raise RetrolmError(f"{path}: {entry} is a shards file itself; list its parts instead")
+                shards.append(LocalShard(folder, device))
             kind = cfg.retriever if retriever in (None, "auto") else retriever
             made = cls(shards, kind, cfg.complete, cfg.hybrid_depth, cfg.global_stats)
             made.path = str(path)
@@ -382,7 +422,8 @@ class ShardedRetriever:
             raise RetrolmError(f"retriever must be one of auto, dense, bm25, hybrid; got {kind!r}")
         if kind not in self.kinds():
             lacking = [s.name for s, i in zip(self.shards, self.infos, strict=True) if not i.get("encoder")]
-            raise RetrolmError(f"{kind} search needs dense keys in every shard; {', '.join(lacking)} has none")
+            raise RetrolmError(f"{kind} search needs dense keys in every shard; {', '.join(lacking)} "
+                               f"{'has' if len(lacking) == 1 else 'have'} none")
         return kind
 
     def _each(self, fn: Any) -> list:
@@ -403,6 +444,13 @@ class ShardedRetriever:
                     raise RetrolmError(f"shard {shard.name}: {key} {info.get(key)!r} differs from {name0}'s "
                                        f"{first.get(key)!r}; shards must share chunk length, tokenizer, encoder and "
                                        f"BM25 scorer")
+        seen: dict[str, str] = {}
+        for shard, info in zip(self.shards, infos, strict=True):
+            build = info.get("build_id")
+            if build is not None and build in seen:
+                raise RetrolmError(f"shard {shard.name} is the same database as {seen[build]} (build {build[:8]}): "
+                                   f"list each part once")
+            seen.setdefault(build, shard.name)
         if not self.complete:
             return
         labels = [i.get("shard") for i in infos]
@@ -487,7 +535,7 @@ class ShardedRetriever:
         answers: list[ShardAnswer] = [running[i].result() for i in range(len(self.shards))]
         changed = [i for i, a in enumerate(answers) if a.build_id != self.infos[i].get("build_id")]
         if changed and again:  # a part was rebuilt: check the parts again, then search once more
-            logger.info("shards %s changed since they were checked: checking again",
+            logger.info("%s rebuilt since the parts were checked: checking again",
                         ", ".join(self.shards[i].name for i in changed))
             self.refresh_infos()
             if kind != self.kind:
@@ -529,10 +577,16 @@ class ShardedRetriever:
         return {"path": self.path, "retriever": self.kind, "num_shards": len(self.shards),
                 "num_docs": sum(int(i["num_docs"]) for i in self.infos), "num_chunks": self.num_chunks,
                 "chunk_len": self.infos[0]["chunk_len"], "tokenizer": self.infos[0]["tokenizer"],
-                "encoder": self.infos[0].get("encoder"),
+                "encoder": _one_or_mixed([i.get("encoder") for i in self.infos]),
                 "shards": [{"shard": s.name, "label": i.get("shard"), "num_docs": i["num_docs"],
                             "num_chunks": i["num_chunks"], "index_factory": i.get("index_factory"),
                             "bm25": i.get("bm25")} for s, i in zip(self.shards, self.infos, strict=True)]}
+
+    @property
+    def max_k(self) -> int | None:
+        """The most results one search may ask for: the smallest limit of the remote parts' services (None: none)."""
+        limits = [s.max_k for s in self.shards if s.max_k is not None]
+        return min(limits) if limits else None
 
     def close(self) -> None:
         for s in self.shards:
@@ -556,8 +610,14 @@ def _fuse(dense: list[ShardHit], bm25: list[ShardHit], k: int, order: Callable[[
     out = []
     for key, score in best:
         h = first[key]
-        out.append(ShardHit(**{**h.to_dict(), "score": score}))
+        out.append(ShardHit(**{**h.to_dict(), "score": float(np.float32(score))}))  # as one database's fusion
     return out
+
+
+def _one_or_mixed(values: list) -> Any:
+    """The value all parts share, or ``mixed: a, b`` (e.g. BM25 parts of which one also has dense keys)."""
+    distinct = list(dict.fromkeys(values))
+    return distinct[0] if len(distinct) == 1 else "mixed: " + ", ".join(str(v) for v in distinct)
 
 
 def _add_flops(a: dict | None, b: dict | None) -> dict | None:

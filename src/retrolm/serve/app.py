@@ -18,7 +18,7 @@ and shows the sources of every answer.
 =====================  ======================================================================================
 
 A request the service cannot serve is answered ``{"error": "one line"}`` with status 400 (404 for a document that
-is not there, 422 for a malformed request).
+is not there, 422 for a malformed request, 502 when a part of a sharded database it fronts is down or failing).
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from retrolm.core.errors import RetrolmError
 from retrolm.db.lexical import TermStats
+from retrolm.retrieval.sharded import PartUnavailable
 from retrolm.serve.page import PAGE
 from retrolm.serve.service import NotFoundError, Service
 
@@ -83,7 +84,9 @@ def create_app(service: Service) -> FastAPI:
 
     @app.exception_handler(RetrolmError)
     async def bad_request(_: Request, e: RetrolmError) -> JSONResponse:
-        return JSONResponse({"error": str(e)}, status_code=404 if isinstance(e, NotFoundError) else 400)
+        # a part of a sharded database that is down or failing is the front's upstream: 502, not the client's fault
+        status = 404 if isinstance(e, NotFoundError) else 502 if isinstance(e, PartUnavailable) else 400
+        return JSONResponse({"error": str(e)}, status_code=status)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, e: StarletteHTTPException) -> JSONResponse:  # unknown route, wrong method

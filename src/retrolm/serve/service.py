@@ -116,13 +116,13 @@ class Service:
                     "generator": self.generator.name if self.generator else None,
                     "generator_kind": self.generator.kind if self.generator else None,
                     "generator_retrieves": bool(self.generator and self.generator.retrieves),
-                    "max_k": self.cfg.max_k, "max_queries": self.cfg.max_queries,
+                    "max_k": self.max_k, "max_queries": self.cfg.max_queries,
                     "max_new_tokens": self.cfg.max_new_tokens}
 
     def search(self, query: str, k: int = 5, retriever: str | None = None) -> dict[str, Any]:
         """The ``k`` best chunks for ``query``, each with its continuation, document and score."""
         query = _text(query, "query")
-        k = _bounded(k, "k", self.cfg.max_k)
+        k = _bounded(k, "k", self.max_k)
         out = self.search_batch([query], k, retriever)
         return {"query": query, "retriever": out["retriever"], "hits": out["results"][0]}
 
@@ -137,7 +137,7 @@ class Service:
         if len(queries) > self.cfg.max_queries:
             raise RetrolmError(f"at most {self.cfg.max_queries} queries per request, got {len(queries)}")
         queries = [_text(q, "query") for q in queries]
-        k = _bounded(k, "k", self.cfg.max_k)
+        k = _bounded(k, "k", self.max_k)
         if exclude_doc_ids is not None and len(exclude_doc_ids) != len(queries):
             raise RetrolmError(f"exclude_doc_ids lists {len(exclude_doc_ids)} sets for {len(queries)} queries")
         with self.lock:
@@ -179,11 +179,11 @@ class Service:
         changes = {name: value for name, value in (("top_n", top_n), ("passages", passages),
                                                    ("max_new_tokens", max_new_tokens)) if value is not None}
         if "top_n" in changes:
-            changes["top_n"] = _bounded(changes["top_n"], "top_n", self.cfg.max_k)
+            changes["top_n"] = _bounded(changes["top_n"], "top_n", self.max_k)
         if "max_new_tokens" in changes:
             changes["max_new_tokens"] = _bounded(changes["max_new_tokens"], "max_new_tokens", self.cfg.max_new_tokens)
         if "passages" in changes and "top_n" not in changes:  # more passages than candidates: fetch as many
-            changes["top_n"] = max(rag.top_n, min(changes["passages"], self.cfg.max_k))
+            changes["top_n"] = max(rag.top_n, min(changes["passages"], self.max_k))
         if "top_n" in changes and "passages" not in changes:  # fewer candidates than passages: read them all
             changes["passages"] = min(rag.passages, changes["top_n"])
         if "top_n" in changes:
@@ -208,7 +208,7 @@ class Service:
         if max_new_tokens is not None:
             values["max_new_tokens"] = _bounded(max_new_tokens, "max_new_tokens", self.cfg.max_new_tokens)
         if k is not None:
-            _bounded(k, "k", self.cfg.max_k)
+            _bounded(k, "k", self.max_k)
         if seed is not None and not 0 <= seed < 2**63:
             raise RetrolmError(f"seed must be in 0..2^63-1, got {seed}")
         cfg = dataclasses.replace(base, **{n: v for n, v in values.items() if v is not None})
@@ -238,6 +238,12 @@ class Service:
                     "text": self.db.tokenizer.decode(store.doc_tokens(doc).tolist())}
 
     # ------------------------------------------------------------------------------------------------ helpers
+    @property
+    def max_k(self) -> int:
+        """Most results one request may ask for: ``max_k``, and no more than any remote part of a front allows."""
+        parts = self.sharded.max_k if self.sharded is not None else None
+        return self.cfg.max_k if parts is None else min(self.cfg.max_k, parts)
+
     def _sync(self, generating: bool = False) -> None:
         """Take in other processes' writes. After a rebuild (another build id) the retrievers are made again (a
         dense database rebuilt as BM25-only: ``auto`` becomes BM25, and the encoder's FLOPs are the new one's) and
