@@ -59,6 +59,7 @@ class LexicalIndex:
         """BM25 terms per chunk (see :meth:`chunk_lengths`)."""
         self.texts = texts
         self._total_length: int | None = None
+        self._mean_length: float | None = None
 
     @classmethod
     def build(cls, chunk_texts: Callable[[np.ndarray], list[str]], n_chunks: int, show_progress: bool = False
@@ -168,8 +169,12 @@ class LexicalIndex:
         layout = self._layout()
         if layout is None:
             return TermStats(self.n_chunks, 0, {})
+        return self._stats_of(_bm25s().tokenize(queries, return_ids=False, show_progress=False), layout)
+
+    def _stats_of(self, tokens: list[list[str]], layout: tuple) -> TermStats:
+        """:meth:`term_stats` of queries already tokenized."""
         indptr, _, _, vocab = layout
-        terms = {t for toks in _bm25s().tokenize(queries, return_ids=False, show_progress=False) for t in toks}
+        terms = {t for toks in tokens for t in toks}
         df = {t: int(indptr[vocab[t] + 1] - indptr[vocab[t]]) for t in sorted(terms) if t in vocab}
         if self._total_length is None:
             self._total_length = int(self.chunk_lengths().sum())
@@ -219,15 +224,17 @@ class LexicalIndex:
             return out_scores, out_ids
         indptr, indices, data, vocab = layout
         lengths = self.chunk_lengths()
-        own = self.term_stats(queries)
+        tokens = _bm25s().tokenize(queries, return_ids=False, show_progress=False)
+        own = self._stats_of(tokens, layout)
         # sums over parts that include this one hold at least its own counts: anything less is stale or made up
         if stats.n_chunks < own.n_chunks or stats.total_length < own.total_length or any(
                 stats.df.get(t, 0) < n for t, n in own.df.items()):
             raise RetrolmError(f"{self.folder or 'BM25 index'}: the term statistics given do not include this index's "
                                f"own ({own.n_chunks} chunks, {own.total_length} terms, {own.df})")
         k1, b = float(self.retriever.k1), float(self.retriever.b)
-        own_mean, mean = float(lengths.mean()), stats.total_length / max(1, stats.n_chunks)
-        tokens = _bm25s().tokenize(queries, return_ids=False, show_progress=False)
+        if self._mean_length is None:  # as bm25s averaged them when it indexed
+            self._mean_length = float(lengths.mean())
+        own_mean, mean = self._mean_length, stats.total_length / max(1, stats.n_chunks)
         for q, toks in enumerate(tokens):
             if not queries[q].strip():
                 continue

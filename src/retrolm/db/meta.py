@@ -46,12 +46,22 @@ def staging_path(out: str | Path) -> Path:
     return out.with_name(out.name + STAGING_SUFFIX)
 
 
+SHARD_FILE_SUFFIXES = (".yaml", ".yml")
+"""A database argument naming a file with one of these suffixes is a shards file (:mod:`retrolm.retrieval.sharded`)."""
+
+
+def is_shards_file(path: str | Path) -> bool:
+    """Whether ``path`` names a shards file (rather than a database folder)."""
+    p = Path(path)
+    return p.suffix in SHARD_FILE_SUFFIXES and not p.is_dir()
+
+
 def read_meta(path: Path) -> dict:
     """The description of the database at ``path``, checked to be a finished retrolm database this version reads."""
     if path.name.endswith(STAGING_SUFFIX) or (path / "plan.json").is_file():
         final = path.with_name(path.name.removesuffix(STAGING_SUFFIX))
         raise RetrolmError(f"{path}: unfinished build staging folder, not a database (re-run the build of {final})")
-    if path.is_file() and path.suffix in (".yaml", ".yml"):  # retrolm.retrieval.sharded's shards file
+    if is_shards_file(path) and path.is_file():
         raise RetrolmError(f"{path}: a shards file; this needs one database folder (run it on each part: db search, "
                            f"db info, rag, generate and serve take a shards file)")
     if not path.is_dir():

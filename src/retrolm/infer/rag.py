@@ -240,11 +240,11 @@ class ShardedPassageRetriever:
         """Per question, up to ``n`` passages (best first) and the FLOPs of every part's search."""
         result = self.sharded.search(list(questions), max(1, n))
         out, flops = [], []
+        local = [s for s in self.sharded.shards if isinstance(s, LocalShard)]
         for i, q in enumerate(questions):
             out.append([Passage(h.text + (h.continuation if self.continuation else ""), h.doc_id, h.chunk_id,
                                 h.position, h.score, r, shard=h.shard) for r, h in enumerate(result.hits(i))])
             total = StageFlops()
-            local = [s for s in self.sharded.shards if isinstance(s, LocalShard)]
             if local:  # the parts on this machine share one embedding of the question (ShardedRetriever)
                 total += StageFlops(encoder=self._local_retriever(local[0]).encoder_flops(q))
             for shard, reported in zip(self.sharded.shards, result.flops[i], strict=True):

@@ -42,22 +42,13 @@ from retrolm.core.config import load_config
 from retrolm.core.errors import RetrolmError
 from retrolm.db import DatabaseView, Hit
 from retrolm.db.lexical import TermStats
+from retrolm.db.meta import is_shards_file
 from retrolm.retrieval import get_retriever
 from retrolm.retrieval.base import Exclusion, Retriever
 from retrolm.retrieval.bm25 import BM25Retriever
 from retrolm.retrieval.hybrid import RRF_K
 
 logger = logging.getLogger(__name__)
-
-SHARD_FILE_SUFFIXES = (".yaml", ".yml")
-"""A database argument naming a file with one of these suffixes is a shards file."""
-
-
-def is_shards_file(path: str | Path) -> bool:
-    """Whether ``path`` names a shards file (rather than a database folder)."""
-    p = Path(path)
-    return p.suffix in SHARD_FILE_SUFFIXES and not p.is_dir()
-
 
 class PartUnavailable(RetrolmError):
     """A remote part could not be reached or failed (the front's service answers 502)."""
