@@ -7,7 +7,10 @@ The base is a tiny random Llama (2 layers, 64 wide) the tests create, with the t
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -676,3 +679,41 @@ def test_no_neighbour_per_chunk_reads_as_no_retrieval(encoder, tiny_base, built_
     idx, nb = inputs(built_db.tokenizer.vocab_size)
     with torch.no_grad():
         torch.testing.assert_close(model(idx, nb[:, :, :0]).logits, model(idx).logits, rtol=0, atol=0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["frozen", "lora"])
+def test_fsdp_retrofitting_on_two_cpu_processes_is_one_process_and_resumes(mode, tiny_base, built_db, tmp_path):
+    """A frozen pretrained base (or its LoRA adapters) and the new modules sharded over two processes (torchrun,
+    gloo): the same steps as one process, a checkpoint of only the trained weights, and a resume that picks them up
+    again."""
+    args = ["-m", "retrolm.cli", "retrofit", "--base", str(tiny_base), "--db", str(built_db.path), "-q",
+            f"seq_len={T}", "steps=2", "eval_every=2", "save_every=1", "eval_batches=1", "log_every=1",
+            "warmup_steps=1", "tensorboard=false", "val_fraction=0.2", "lr=0.01", "cca_layers=[1,2]", "enc_n_layer=1",
+            "enc_d_model=32", "enc_n_head=2", f"lora={mode == 'lora'}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    sharded, one = tmp_path / "fsdp", tmp_path / "one"
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", *args, "--out", str(sharded),
+                "batch_size=1", "distributed=fsdp"]
+    for cmd in (torchrun, [sys.executable, *args, "--out", str(one), "batch_size=2"]):
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+
+    def losses(run):
+        return {r["step"]: r["train/loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+                if "train/loss" in r}
+
+    assert list(losses(sharded).values()) == pytest.approx(list(losses(one).values()), rel=1e-5)
+    ckpt = "checkpoints/step-000002"
+    weights = [load_file(run / ckpt / "model.safetensors") for run in (sharded, one)]
+    assert weights[0].keys() == weights[1].keys()
+    assert {n.startswith("base.") for n in weights[0]} == ({True, False} if mode == "lora" else {False})
+    for name, t in weights[0].items():
+        assert torch.allclose(t, weights[1][name], atol=2e-5), name
+
+    first = losses(sharded)[2]
+    shutil.rmtree(sharded / ckpt)
+    (sharded / "metrics.jsonl").write_text("")
+    proc = subprocess.run(torchrun, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert losses(sharded) == pytest.approx({2: first}, rel=1e-6)

@@ -5,6 +5,7 @@ gradient stops the run before anything is saved (issue 9, "a clean bad-input rec
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import os
 from pathlib import Path
@@ -229,6 +230,12 @@ def test_no_resume_keeps_earlier_checkpoints_aside(built_db, tmp_path):
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-000002"]
     (aside,) = out.glob("checkpoints.before-*")
     assert sorted(p.name for p in aside.iterdir()) == ["step-000002", "step-000004"]  # nothing lost
+    # the fresh run's curve is its own; the earlier one is kept beside it
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "train/loss" in r] == [1, 2]
+    (old,) = out.glob("metrics.before-*.jsonl")
+    assert old.name.removeprefix("metrics.") == aside.name.removeprefix("checkpoints.") + ".jsonl"
+    assert [json.loads(x)["step"] for x in old.read_text().splitlines() if "train/loss" in x] == [1, 2, 3, 4]
     t = Trainer(tiny_cfg(built_db, out, steps=2))
     t.setup(show_progress=False)  # a later resume continues the fresh run, not the old step 4
     assert t.step == 2

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,7 +38,7 @@ from torch.utils.checkpoint import checkpoint
 
 from retrolm.core.errors import RetrolmError
 from retrolm.models.layers import MLP, Attention, CausalSelfAttention, RMSNorm, apply_rope, padding_mask, rope_table
-from retrolm.models.weights import load_weights, read_model_config, save_weights
+from retrolm.models.weights import load_weights, read_model_config, save_weights, tied_aliases
 
 __all__ = ["PRESETS", "ChunkedCrossAttention", "ModelOutput", "NeighbourEncoder", "RetroCache", "RetroConfig",
            "RetroModel", "attending_layout", "check_neighbours", "encode_attending"]
@@ -480,9 +480,15 @@ class RetroModel(nn.Module):
                 nn.init.zeros_(p)
 
     # ---- saving and loading
-    def save_pretrained(self, folder: str | Path) -> None:
-        """Write ``model.safetensors`` and ``model.json`` (the config) into ``folder``, atomically per file."""
-        save_weights(self, folder, {"architecture": "retro", **self.config.to_dict()})
+    def save_pretrained(self, folder: str | Path, state: Mapping[str, Tensor] | None = None) -> None:
+        """Write ``model.safetensors`` and ``model.json`` (the config) into ``folder``, atomically per file. ``state``:
+        the full tensors by name to write instead of the model's own (a model sharded over processes gathers them)."""
+        config = {"architecture": "retro", **self.config.to_dict()}
+        if state is None:
+            save_weights(self, folder, config)
+        else:  # tied weights once, under the name safetensors keeps for them
+            aliases = tied_aliases(self)
+            save_weights(self, folder, config, {n: t for n, t in state.items() if n not in aliases})
 
     @classmethod
     def from_pretrained(cls, folder: str | Path, device: str | torch.device = "cpu") -> RetroModel:

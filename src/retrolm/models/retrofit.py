@@ -49,6 +49,7 @@ import dataclasses
 import functools
 import logging
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -646,9 +647,11 @@ class RetrofitModel(nn.Module):
         return self.config.unfreeze or (self.config.lora and "lora_" in name)
 
     # ------------------------------------------------------------------ saving and loading
-    def save_pretrained(self, folder: str | Path) -> None:
-        """Write the new weights (+ LoRA adapters or, unfrozen, the base's weights) and ``model.json`` to ``folder``."""
-        tensors = {n: p for n, p in self.named_parameters() if self._saved(n)}  # tied weights once
+    def save_pretrained(self, folder: str | Path, state: Mapping[str, Tensor] | None = None) -> None:
+        """Write the new weights (+ LoRA adapters or, unfrozen, the base's weights) and ``model.json`` to ``folder``.
+        ``state``: the full tensors by name to write instead of the model's own (a sharded model gathers them)."""
+        # tied weights once
+        tensors = {n: p if state is None else state[n] for n, p in self.named_parameters() if self._saved(n)}
         save_weights(self, folder, {"architecture": "retrofit", **self.config.to_dict()}, tensors)
 
     @classmethod
@@ -666,10 +669,16 @@ class RetrofitModel(nn.Module):
 
     def load_trained_weights(self, folder: str | Path, device: str | torch.device = "cpu") -> None:
         """Load what :meth:`save_pretrained` wrote into this model (same base: its fingerprint is checked)."""
-        folder = Path(folder)
-        check_fingerprint(folder, RetrofitModelConfig.from_dict(
+        self.check_trained_folder(folder)
+        self.check_missing(folder, load_weights(self, folder, device, strict=False))
+
+    def check_trained_folder(self, folder: str | Path) -> None:
+        """Refuse a folder written for another base (by the base's recorded fingerprint)."""
+        check_fingerprint(Path(folder), RetrofitModelConfig.from_dict(
             {k: v for k, v in read_model_config(folder).items() if k != "architecture"}), self.config.base_fingerprint)
-        missing = load_weights(self, folder, device, strict=False)
+
+    def check_missing(self, folder: str | Path, missing: list[str]) -> None:
+        """Refuse a load that left out trained weights (``missing``: the names the folder did not hold)."""
         params = dict(self.named_parameters())  # a tied weight under its first name only
         lost = [n for n in missing if n in params and self._saved(n)]
         if lost:

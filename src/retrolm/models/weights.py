@@ -45,23 +45,57 @@ def load_weights(model: nn.Module, folder: str | Path, device: str | torch.devic
     With ``strict=False`` only the tensors the file holds are loaded (e.g. a retrofitted model's new weights);
     returns the names of the model's tensors that the file did not hold.
     """
-    from safetensors.torch import load_file, load_model
+    from safetensors.torch import load_model
+
+    path = Path(folder) / "model.safetensors"
+    if strict:
+        verify_checksums(Path(folder), ["model.safetensors"])
+        try:
+            load_model(model, str(path), device=str(device))
+        except FileNotFoundError:
+            raise RetrolmError(f"{path}: not found") from None
+        except Exception as e:  # safetensors raises several types for truncated / mismatched files
+            raise RetrolmError(f"{path}: cannot load ({_first_line(e)})") from None
+        return []
+    state = read_weights(folder, device)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except Exception as e:  # mismatched shapes
+        raise RetrolmError(f"{path}: cannot load ({_first_line(e)})") from None
+    if unexpected:
+        raise RetrolmError(f"{path}: holds tensors the model does not have: {', '.join(unexpected[:5])}")
+    return list(missing)
+
+
+def read_weights(folder: str | Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """The tensors of ``model.safetensors`` in ``folder`` by name (checked against ``checksums.json`` when present)."""
+    from safetensors.torch import load_file
 
     path = Path(folder) / "model.safetensors"
     verify_checksums(Path(folder), ["model.safetensors"])
     try:
-        if strict:
-            load_model(model, str(path), device=str(device))
-            return []
-        state = load_file(str(path), device=str(device))
-        missing, unexpected = model.load_state_dict(state, strict=False)
+        return load_file(str(path), device=str(device))
     except FileNotFoundError:
         raise RetrolmError(f"{path}: not found") from None
-    except Exception as e:  # safetensors raises several types for truncated / mismatched files
-        raise RetrolmError(f"{path}: cannot load ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
-    if unexpected:
-        raise RetrolmError(f"{path}: holds tensors the model does not have: {', '.join(unexpected[:5])}")
-    return list(missing)
+    except Exception as e:  # safetensors raises several types for truncated files
+        raise RetrolmError(f"{path}: cannot load ({_first_line(e)})") from None
+
+
+def tied_aliases(model: nn.Module) -> dict[str, str]:
+    """The state-dict names of ``model`` whose tensor ``model.safetensors`` stores under another name (tied weights:
+    safetensors keeps the first of a shared tensor's names in sorted order), as {alias: stored name}."""
+    groups: dict[int, list[str]] = {}
+    for name, t in model.state_dict(keep_vars=True).items():
+        groups.setdefault(id(t), []).append(name)
+    aliases = {}
+    for names in groups.values():
+        kept = min(names)
+        aliases.update({n: kept for n in names if n != kept})
+    return aliases
+
+
+def _first_line(e: Exception) -> str:
+    return str(e).splitlines()[0] if str(e) else type(e).__name__
 
 
 def write_checksums(folder: Path) -> None:

@@ -117,6 +117,13 @@ class LoopConfig:
     tensorboard: bool = True
     dist_timeout_minutes: int = 120
     """torchrun: how long ranks wait for each other (rank 0 alone precomputes the neighbours at setup)."""
+    distributed: str = "ddp"
+    """torchrun with several processes: ddp (each process holds the whole model, gradients are averaged) | fsdp
+    (FSDP2: parameters, gradients and optimizer state are split over the processes, each decoder block gathered only
+    while it runs — for models whose training state does not fit one device). Same batches, same results."""
+    fsdp_reshard_after_forward: bool = True
+    """fsdp: free each block's gathered weights after its forward and gather them again for backward (ZeRO-3); false
+    keeps them until backward (less communication, more memory)."""
 
     def __post_init__(self) -> None:
         if self.steps < 0 or self.batch_size < 1 or self.grad_accum < 1:
@@ -149,6 +156,8 @@ class LoopConfig:
             raise RetrolmError(f"grad_clip must be >= 0 (0: no clipping), got {self.grad_clip}")
         if self.retriever not in ("dense", "bm25", "hybrid"):
             raise RetrolmError(f"retriever must be dense, bm25 or hybrid, got {self.retriever!r}")
+        if self.distributed not in ("ddp", "fsdp"):
+            raise RetrolmError(f"distributed must be ddp or fsdp, got {self.distributed!r}")
         if self.neighbour_search not in ("auto", "faiss", "torch"):
             raise RetrolmError(f"neighbour_search must be auto, faiss or torch, got {self.neighbour_search!r}")
 

@@ -102,7 +102,11 @@ class RetrofitTrainer(Trainer):
 
     def load_model(self, folder: Path) -> None:
         """Resume: the checkpoint's trained weights into the freshly built model (same base, by fingerprint)."""
-        self.model.load_trained_weights(folder, self.device)
+        if self.sharded:
+            self.model.check_trained_folder(folder)
+            self.model.check_missing(folder, self._load_sharded(folder))
+        else:
+            self.model.load_trained_weights(folder, self.device)
 
 
 def check_tokenizer(base: str, db) -> None:

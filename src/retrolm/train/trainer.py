@@ -8,7 +8,8 @@ baseline differs only by ``model.retro_layers: []`` (same code path, data and lo
 Checkpoints are folders ``out_dir/checkpoints/step-000100/`` (see :mod:`retrolm.train.checkpoints`). Resume is exact:
 the batches are a pure function of (seed, step), and the RNG states (dropout) are restored. A non-finite loss stops
 the run before anything is saved. Multi-GPU: launch with ``torchrun --nproc_per_node N``; each rank takes its own
-slice of every batch and gradients are averaged by DDP.
+slice of every batch and gradients are averaged by DDP, or with ``distributed=fsdp`` the weights, gradients and
+optimizer state are split over the ranks (:mod:`retrolm.train.distributed`); checkpoints are the same either way.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from retrolm.core.hub import find_checkpoint
 from retrolm.core.io import exclusive_lock, read_json, read_json_object, write_json
 from retrolm.db import DatabaseView
 from retrolm.models import RetroModel
-from retrolm.models.weights import load_weights
+from retrolm.models.weights import load_weights, read_weights, tied_aliases
 from retrolm.retrieval import get_retriever
 from retrolm.retrieval.neighbours import (
     NeighbourConfig,
@@ -52,9 +53,29 @@ from retrolm.retrieval.neighbours import (
 from retrolm.train.checkpoints import CheckpointManager
 from retrolm.train.config import LoopConfig, TrainConfig, lr_at
 from retrolm.train.data import IGNORE, RetroSequences, model_kwargs, n_sequences, swap_neighbours
+from retrolm.train.distributed import (
+    full_model_state,
+    full_norm,
+    full_optimizer_state,
+    load_model_state,
+    load_optimizer_state,
+    local_bytes,
+    shard,
+)
 from retrolm.train.scoring import score_sequences
 
 logger = logging.getLogger(__name__)
+
+
+def peak_memory_gib(device: torch.device) -> float | None:
+    """This process's peak memory so far: allocated on a GPU, resident (RSS) on a CPU (None where unknown)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    try:
+        import resource
+    except ImportError:  # not on Windows
+        return None
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
 def database_record(db: DatabaseView) -> dict:
@@ -189,6 +210,9 @@ class Trainer:
         self.writer = None
         self.checkpoints = CheckpointManager(self.out / "checkpoints", cfg.keep_checkpoints)
         self._near_dup_groups: list[np.ndarray] | None = None
+        self.sharded = False
+        self._full_model: dict[str, torch.Tensor] | None = None
+        self._full_optimizer: dict | None = None
 
     # ------------------------------------------------------------------ what a recipe trains
     def build_model(self) -> torch.nn.Module:
@@ -212,11 +236,33 @@ class Trainer:
     def trainable_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
         return [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
 
-    def save_model(self, folder: Path) -> None:
-        self.model.save_pretrained(folder)
+    def save_model(self, folder: Path, state: dict[str, torch.Tensor] | None = None) -> None:
+        """Write the model into checkpoint ``folder`` (``state``: its full tensors, gathered from a sharded model)."""
+        self.model.save_pretrained(folder, state=state)
 
     def load_model(self, folder: Path) -> None:
-        load_weights(self.model, folder, self.device)
+        """Resume: the checkpoint's weights into the freshly built model (sharded: every rank keeps its shard)."""
+        if self.sharded:
+            self._check_loaded(folder, self._load_sharded(folder))
+        else:
+            load_weights(self.model, folder, self.device)
+
+    def _load_sharded(self, folder: Path) -> list[str]:
+        """Full tensors of ``folder`` into the sharded model (tied weights under each of their names); returns the
+        model's names the folder did not hold."""
+        state = read_weights(folder)
+        for alias, stored in tied_aliases(self.model).items():
+            if stored in state:
+                state.setdefault(alias, state[stored])
+        try:
+            return load_model_state(self.model, state)
+        except (RetrolmError, RuntimeError) as e:
+            raise RetrolmError(f"{folder / 'model.safetensors'}: {str(e).splitlines()[0]}") from None
+
+    def _check_loaded(self, folder: Path, missing: list[str]) -> None:
+        """A checkpoint of this recipe holds every tensor of the model."""
+        if missing:
+            raise RetrolmError(f"{folder / 'model.safetensors'}: misses tensors of the model: {', '.join(missing[:5])}")
 
     # ------------------------------------------------------------------ setup
     def setup(self, resume: bool = True, show_progress: bool = True) -> None:
@@ -235,6 +281,13 @@ class Trainer:
             torch.backends.cuda.matmul.allow_tf32 = True
         self.main = self.rank == 0
         self.show = show_progress and self.main
+        self.sharded = self.world > 1 and cfg.distributed == "fsdp"
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        if not resume and self.main and (self.out / "metrics.jsonl").is_file():
+            # a fresh start writes its own curve: the earlier run's rows would read as this run's steps
+            (self.out / "metrics.jsonl").rename(self.out / f"metrics.before-{stamp}.jsonl")
+            logger.warning("%s: starting afresh (--no-resume); the earlier metrics are kept in metrics.before-%s.jsonl",
+                           self.out, stamp)
 
         self.db = DatabaseView.open(cfg.db)
         if self.db.deleted_docs.any():
@@ -268,12 +321,16 @@ class Trainer:
         self.seqs = RetroSequences(self.db.store, seq_chunks, self.db.tokenizer.eos_id, neighbours, self.db.store,
                                    cfg.num_neighbours, tokenizer=self.db.tokenizer, doc_family=family)
 
+        if self.sharded:  # before the optimizer: it steps the sharded parameters
+            units = shard(self.model, cfg.fsdp_reshard_after_forward)
+            logger.info("fsdp: %d units + root over %d processes; this one holds %.1f MB of weights", units,
+                        self.world, local_bytes(self.model.parameters()) / 1e6)
         params = self.trainable_parameters()
         if not params:
             raise RetrolmError("the model has no trainable parameters")
         decay = [p for _, p in params if p.dim() >= 2]
         no_decay = [p for _, p in params if p.dim() < 2]
-        fused = self.device.type == "cuda"
+        fused = self.device.type == "cuda" and not self.sharded  # sharded: the foreach kernels, as torchtitan's
         self.opt = torch.optim.AdamW(
             [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused,
@@ -298,14 +355,14 @@ class Trainer:
                                    "the same settings or start afresh (--no-resume)")
         elif self.main and self.checkpoints.all():
             # a fresh start must not leave older checkpoints that a later resume would pick up: keep them aside
-            aside = self.checkpoints.folder.with_name(f"checkpoints.before-{time.strftime('%Y%m%d-%H%M%S')}")
+            aside = self.checkpoints.folder.with_name(f"checkpoints.before-{stamp}")
             self.checkpoints.folder.rename(aside)
             logger.warning("%s: starting afresh (--no-resume); the earlier checkpoints are kept in %s",
                            self.out, aside)
         self.forward_model = self.model
         if cfg.compile:
             self.forward_model = torch.compile(self.model)
-        if self.world > 1:
+        if self.world > 1 and not self.sharded:
             from torch.nn.parallel import DistributedDataParallel
 
             self.forward_model = DistributedDataParallel(self.forward_model,
@@ -453,7 +510,9 @@ class Trainer:
                     batch = swap_neighbours(batch, cfg.neighbour_swap, rng)
                 batch = batch.to(self.device)
                 sync = micro == cfg.grad_accum - 1 or self.world == 1
-                ctx = contextlib.nullcontext() if sync else self.forward_model.no_sync()
+                ctx = contextlib.nullcontext() if sync or self.sharded else self.forward_model.no_sync()
+                if self.sharded:  # reduce-scatter the gradients once per step, after the last micro-batch
+                    self.model.set_requires_gradient_sync(sync)
                 with ctx, autocast(self.device, cfg.bf16):
                     out = self.forward_model(batch.idx, batch.neighbours, batch.neighbour_mask, batch.targets,
                                              **model_kwargs(self.model, batch))
@@ -467,8 +526,8 @@ class Trainer:
                 torch.distributed.all_reduce(t)
                 loss_sum = float(t) / self.world
             # grad_clip=0 clips nothing (max_norm=inf still returns the norm that is logged)
-            gnorm = float(torch.nn.utils.clip_grad_norm_([p for _, p in self.trainable_parameters()],
-                                                         cfg.grad_clip or math.inf))
+            gnorm = full_norm(torch.nn.utils.clip_grad_norm_([p for _, p in self.trainable_parameters()],
+                                                             cfg.grad_clip or math.inf))
             if not (math.isfinite(loss_sum) and math.isfinite(gnorm)):  # before the step: weights stay finite
                 good = self.checkpoints.all()
                 what = "loss" if not math.isfinite(loss_sum) else "gradient norm"
@@ -477,14 +536,18 @@ class Trainer:
                     f"(last good checkpoint: {good[-1] if good else 'none'}); lower lr or check the data"
                 )
             self.opt.step()
-            self.opt.zero_grad(set_to_none=True)
             self.step += 1
+            logging_now = self.step % cfg.log_every == 0 or self.step == cfg.steps
+            held = self._held_mb() if logging_now else 0.0  # before the gradients go
+            self.opt.zero_grad(set_to_none=True)
             bar.update(1)
             bar.set_postfix(loss=f"{loss_sum:.3f}")
-            if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+            if logging_now:
                 dt = time.perf_counter() - t0
                 last = {"train/loss": loss_sum, "train/lr": lr, "train/grad_norm": gnorm,
-                        "train/tokens_per_s": tokens / max(dt, 1e-9)}
+                        "train/tokens_per_s": tokens / max(dt, 1e-9), "train/state_mb": held}
+                if (peak := peak_memory_gib(self.device)) is not None:
+                    last["train/peak_memory_gib"] = peak
                 self._log(last)
                 t0, tokens = time.perf_counter(), 0
             if (self.step % cfg.eval_every == 0 or self.step == cfg.steps) and len(self.val_ids):
@@ -495,6 +558,13 @@ class Trainer:
         if cfg.steps == 0 and not self.checkpoints.all():  # the model as built, for eval and generate
             self.save_checkpoint()
         return last
+
+    def _held_mb(self) -> float:
+        """MB of training state this process holds: weights, gradients and optimizer moments (its shards under
+        fsdp, everything under ddp or alone)."""
+        params = list(self.model.parameters())
+        moments = [t for state in self.opt.state.values() for t in state.values() if torch.is_tensor(t)]
+        return local_bytes([*params, *(p.grad for p in params if p.grad is not None), *moments]) / 1e6
 
     def evaluate(self, retrieval: bool | None = None) -> dict[str, float]:
         """Validation loss and bits-per-byte, with retrieval (RETRO) and with it switched off (nothing without a
@@ -539,9 +609,15 @@ class Trainer:
         """Rank 0 writes the checkpoint; every rank must call this (the ranks' GPU RNG states are gathered)."""
         self._cuda_rng_by_rank = self._gather_cuda_rng()
         self._cpu_rng_by_rank = self._gather(torch.get_rng_state()) if self.world > 1 else None
+        if self.sharded:  # gathered to rank 0, which writes the single-process format
+            self._full_model, self._full_optimizer = full_model_state(self.model), full_optimizer_state(self.model,
+                                                                                                        self.opt)
         if not self.main:
             return None
-        return self.checkpoints.save(self.step, self._write_checkpoint)
+        try:
+            return self.checkpoints.save(self.step, self._write_checkpoint)
+        finally:
+            self._full_model = self._full_optimizer = None
 
     def _gather_cuda_rng(self) -> list | None:
         """Each rank's own GPU generator state, in rank order (rank r draws dropout on its device only, so rank 0's
@@ -559,16 +635,18 @@ class Trainer:
         return states
 
     def _write_checkpoint(self, folder: Path) -> None:
-        if not all(bool(torch.isfinite(p).all()) for p in self.model.parameters()):
+        full = self._full_model if self.sharded else None
+        weights = full.values() if full is not None else self.model.parameters()
+        if not all(bool(torch.isfinite(t).all()) for t in weights if t.is_floating_point()):
             raise RetrolmError(f"{self.out}: non-finite weights at step {self.step}; not saved (earlier checkpoints "
                                "are intact); lower lr or check the data")
-        self.save_model(folder)
+        self.save_model(folder, full)
         save_config(self.cfg, folder / "config.yaml")
         self.db.tokenizer.save(folder / "tokenizer.json")  # a checkpoint generates and evaluates without its database
         write_json(folder / "database.json", database_record(self.db))
         if frozen := frozen_names(self.model):  # a continuation keeps these frozen without its ancestors' checkpoints
             write_json(folder / FROZEN_FILE, frozen)
-        torch.save(self.opt.state_dict(), folder / "optimizer.pt")
+        torch.save(self._full_optimizer if self.sharded else self.opt.state_dict(), folder / "optimizer.pt")
         torch.save({"step": self.step, "sequences_per_step": self._per_step, "data_order": self._data_order,
                     "torch_rng": torch.get_rng_state(),
                     "numpy_rng": np.random.get_state(),
@@ -578,7 +656,12 @@ class Trainer:
 
     def _load_checkpoint(self, folder: Path) -> None:
         self.load_model(folder)
-        self.opt.load_state_dict(torch.load(folder / "optimizer.pt", map_location=self.device, weights_only=False))
+        if self.sharded:  # every rank reads the full state and keeps its shard
+            load_optimizer_state(self.model, self.opt, torch.load(folder / "optimizer.pt", map_location="cpu",
+                                                                  weights_only=False))
+        else:
+            self.opt.load_state_dict(torch.load(folder / "optimizer.pt", map_location=self.device,
+                                                weights_only=False))
         state = torch.load(folder / "trainer.pt", weights_only=False)
         self.step = int(state["step"])
         # checked once resuming is done (see setup); checkpoints of older versions lack them

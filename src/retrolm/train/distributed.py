@@ -1,0 +1,121 @@
+"""Sharded data parallelism for the training loop: PyTorch's FSDP2 (``fully_shard``), ZeRO-3 style.
+
+Under DDP every process holds the whole model, its gradients and its AdamW state (16 bytes per parameter in fp32),
+so the largest model one GPU can train bounds every run. ``distributed=fsdp`` splits each parameter, gradient and
+optimizer moment over the N processes (each keeps 1/N); a decoder block's weights are gathered just before its
+forward and backward and freed after. The sharding units are the entries of the model's outermost ``nn.ModuleList``s
+(RETRO's decoder blocks and encoder layers, a pretrained model's layers); embeddings, final norm and head (tied to
+the embeddings) form the root unit.
+
+Checkpoints stay the single-process format (``model.safetensors`` with the model's own names, an ``optimizer.pt``
+in ``torch.optim``'s layout): the full tensors are gathered to rank 0 and written by it, so eval, generate and a
+resume on another number of processes read them as any other run's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+from retrolm.core.errors import RetrolmError
+
+
+def shard_units(model: nn.Module) -> list[nn.Module]:
+    """The modules sharded as units of their own: each entry of every ``nn.ModuleList`` not inside another unit."""
+    units: list[nn.Module] = []
+    taken: list[str] = []
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.ModuleList) or any(name.startswith(p) for p in taken):
+            continue
+        for i, entry in enumerate(module):
+            units.append(entry)
+            taken.append(f"{name}.{i}.")
+    return units
+
+
+def shard(model: nn.Module, reshard_after_forward: bool = True) -> int:
+    """Shard ``model`` in place over the default process group (its parameters become DTensors); returns the number
+    of units below the root. Build the optimizer afterwards, over the sharded parameters."""
+    from torch.distributed.fsdp import fully_shard
+
+    units = shard_units(model)
+    for unit in units:
+        fully_shard(unit, reshard_after_forward=reshard_after_forward)
+    fully_shard(model, reshard_after_forward=reshard_after_forward)
+    return len(units)
+
+
+def local_bytes(tensors) -> int:
+    """Bytes this process holds of ``tensors`` (its shard of a DTensor, all of a plain tensor)."""
+    from torch.distributed.tensor import DTensor
+
+    return sum((t.to_local() if isinstance(t, DTensor) else t).nbytes for t in tensors)
+
+
+def full_norm(norm: torch.Tensor) -> float:
+    """A gradient norm as a float (``clip_grad_norm_`` over sharded gradients returns a DTensor)."""
+    from torch.distributed.tensor import DTensor
+
+    return float(norm.full_tensor() if isinstance(norm, DTensor) else norm)
+
+
+def _full_options():
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    # full tensors, on rank 0's CPU only: the other ranks get an empty dict and never hold the whole model
+    return StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The whole model's tensors by name, on rank 0 (empty elsewhere). Every rank must call this."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    return get_model_state_dict(model, options=_full_options())
+
+
+def load_model_state(model: nn.Module, state: Mapping[str, torch.Tensor]) -> list[str]:
+    """Load full tensors (every rank passes the same) into the sharded ``model``; returns the names it did not
+    hold. Every rank must call this."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    keys = set_model_state_dict(model, dict(state), options=StateDictOptions(full_state_dict=True, strict=False))
+    if keys.unexpected_keys:
+        raise RetrolmError(f"holds tensors the model does not have: {', '.join(keys.unexpected_keys[:5])}")
+    return list(keys.missing_keys)
+
+
+def _optimizer_names(model: nn.Module, opt: torch.optim.Optimizer) -> list[str]:
+    """The name of each parameter the optimizer steps, in the order ``opt.state_dict()`` numbers them."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [names[id(p)] for group in opt.param_groups for p in group["params"]]
+
+
+def full_optimizer_state(model: nn.Module, opt: torch.optim.Optimizer) -> dict:
+    """The optimizer's whole state in ``torch.optim``'s own layout (parameters numbered, as ``opt.state_dict()``
+    of one process), on rank 0 (empty elsewhere). Every rank must call this."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    by_name = get_optimizer_state_dict(model, opt, options=_full_options())
+    if not by_name:
+        return {}
+    index = {n: i for i, n in enumerate(_optimizer_names(model, opt))}
+    return {"state": {index[n]: s for n, s in by_name["state"].items()},
+            "param_groups": [{**g, "params": [index[n] for n in g["params"]]} for g in by_name["param_groups"]]}
+
+
+def load_optimizer_state(model: nn.Module, opt: torch.optim.Optimizer, state: dict) -> None:
+    """Load a state in ``torch.optim``'s layout (as :func:`full_optimizer_state` writes it) into the optimizer of the
+    sharded ``model``. Every rank must call this, with the same ``state``."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    names = _optimizer_names(model, opt)
+    groups = state.get("param_groups", [])
+    numbered = [i for g in groups for i in g["params"]]
+    if sorted(numbered) != list(range(len(names))) or len(groups) != len(opt.param_groups):
+        raise RetrolmError(f"optimizer state of {len(numbered)} parameters in {len(groups)} groups, but this run "
+                           f"trains {len(names)} in {len(opt.param_groups)}")
+    by_name = {"state": {names[i]: s for i, s in state["state"].items()},
+               "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in groups]}
+    set_optimizer_state_dict(model, opt, by_name, options=StateDictOptions(full_state_dict=True))
