@@ -717,3 +717,15 @@ def test_fsdp_retrofitting_on_two_cpu_processes_is_one_process_and_resumes(mode,
     proc = subprocess.run(torchrun, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert losses(sharded) == pytest.approx({2: first}, rel=1e-6)
+
+
+def test_encoder_base_is_refused_under_fsdp(tiny_base, built_db, tmp_path):
+    """encoder=base runs the base's layer norms and projections outside the layers' forward, where FSDP has not
+    gathered their weights: one line before anything is built, not a DTensor traceback on every rank."""
+    from retrolm.train.retrofit import RetrofitTrainer
+
+    trainer = RetrofitTrainer(RetrofitConfig(base=str(tiny_base), db=str(built_db.path), out_dir=str(tmp_path),
+                                             encoder="base", distributed="fsdp"))
+    trainer.sharded = True  # what setup decides under torchrun with distributed=fsdp
+    with pytest.raises(RetrolmError, match=r"encoder=base .* use distributed=ddp"):
+        trainer.build_model()

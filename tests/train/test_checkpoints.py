@@ -223,6 +223,10 @@ def test_no_resume_keeps_earlier_checkpoints_aside(built_db, tmp_path):
     """A fresh start (--no-resume) must not leave a higher-step checkpoint behind for a later resume to pick up."""
     out = tmp_path / "run"
     run(tiny_cfg(built_db, out))  # steps 2 and 4
+    bad = Trainer(tiny_cfg(built_db, out, steps=2, model=ModelSpec(preset="tiny", seq_len=100, retro_layers=[])))
+    with pytest.raises(RetrolmError, match="not a multiple"):  # a fresh start that fails its checks moves nothing
+        bad.setup(resume=False, show_progress=False)
+    assert not list(out.glob("*.before-*")) and len((out / "metrics.jsonl").read_text().splitlines()) > 4
     t = Trainer(tiny_cfg(built_db, out, steps=2))
     t.setup(resume=False, show_progress=False)
     t.train()

@@ -11,12 +11,12 @@ import sys
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from retrolm.core.errors import RetrolmError
 from retrolm.models import RetroConfig, RetroModel
-from retrolm.models.weights import tied_aliases
+from retrolm.models.weights import tied_aliases, write_checksums
 from retrolm.train import ModelSpec, TrainConfig
 from retrolm.train.distributed import shard_units
 
@@ -103,3 +103,27 @@ def test_fsdp_on_two_cpu_processes_trains_as_one_process_and_resumes_exactly(bui
     resumed = load_file(fsdp / step3 / "model.safetensors")
     for name, t in resumed.items():
         assert torch.allclose(t, weights[0][name], atol=1e-6), name
+
+    # a checkpoint that lacks a tensor is refused, as one process refuses it (not filled in from the model)
+    shutil.rmtree(fsdp / step3)
+    step2 = fsdp / "checkpoints" / "step-000002"
+    tensors = load_file(step2 / "model.safetensors")
+    del tensors["blocks.0.mlp.proj.weight"]
+    save_file(tensors, step2 / "model.safetensors")
+    write_checksums(step2)
+    refused = subprocess.run(torchrun, capture_output=True, text=True, timeout=300, env=env)
+    assert refused.returncode != 0 and "misses tensors of the model: blocks.0.mlp.proj.weight" in refused.stderr
+
+
+@pytest.mark.slow
+def test_fsdp_checkpoint_before_the_first_step_has_no_optimizer_state(built_db, tmp_path):
+    """steps=0 writes the model as built; its optimizer has no state yet (torch's sharded getter would make one up
+    by a zero step, which a resume would then count as a step taken)."""
+    out = tmp_path / "zero"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "retrolm.cli", "train", "-q",
+           f"db={built_db.path}", "model.seq_len=256", "steps=0", "tensorboard=false", "distributed=fsdp",
+           f"out_dir={out}", "batch_size=1"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    state = torch.load(out / "checkpoints" / "step-000000" / "optimizer.pt", weights_only=False)
+    assert state["state"] == {} and len(state["param_groups"]) == 2

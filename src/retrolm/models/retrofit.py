@@ -670,19 +670,16 @@ class RetrofitModel(nn.Module):
     def load_trained_weights(self, folder: str | Path, device: str | torch.device = "cpu") -> None:
         """Load what :meth:`save_pretrained` wrote into this model (same base: its fingerprint is checked)."""
         self.check_trained_folder(folder)
-        self.check_missing(folder, load_weights(self, folder, device, strict=False))
+        missing = load_weights(self, folder, device, strict=False)
+        params = dict(self.named_parameters())  # a tied weight under its first name only
+        lost = [n for n in missing if n in params and self._saved(n)]
+        if lost:
+            raise RetrolmError(f"{Path(folder) / 'model.safetensors'}: misses trained weights: {', '.join(lost[:5])}")
 
     def check_trained_folder(self, folder: str | Path) -> None:
         """Refuse a folder written for another base (by the base's recorded fingerprint)."""
         check_fingerprint(Path(folder), RetrofitModelConfig.from_dict(
             {k: v for k, v in read_model_config(folder).items() if k != "architecture"}), self.config.base_fingerprint)
-
-    def check_missing(self, folder: str | Path, missing: list[str]) -> None:
-        """Refuse a load that left out trained weights (``missing``: the names the folder did not hold)."""
-        params = dict(self.named_parameters())  # a tied weight under its first name only
-        lost = [n for n in missing if n in params and self._saved(n)]
-        if lost:
-            raise RetrolmError(f"{Path(folder) / 'model.safetensors'}: misses trained weights: {', '.join(lost[:5])}")
 
     # ------------------------------------------------------------------ forward
     def init_cache(self, batch_size: int, max_len: int | None = None, device: torch.device | str | None = None,

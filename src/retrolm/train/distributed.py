@@ -9,12 +9,14 @@ the embeddings) form the root unit.
 
 Checkpoints stay the single-process format (``model.safetensors`` with the model's own names, an ``optimizer.pt``
 in ``torch.optim``'s layout): the full tensors are gathered to rank 0 and written by it, so eval, generate and a
-resume on another number of processes read them as any other run's.
+resume on another number of processes read them as any other run's. On resume rank 0 alone reads them and sends
+every process its shards, so a node holds one copy of the model in host memory, not one per process.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -61,29 +63,40 @@ def full_norm(norm: torch.Tensor) -> float:
     return float(norm.full_tensor() if isinstance(norm, DTensor) else norm)
 
 
-def _full_options():
-    from torch.distributed.checkpoint.state_dict import StateDictOptions
+def from_main(obj: Any) -> Any:
+    """Rank 0's ``obj`` on every rank (every rank must call this): what rank 0 alone read decides for all, so that
+    no rank enters a collective that the others skip."""
+    import torch.distributed as dist
 
-    # full tensors, on rank 0's CPU only: the other ranks get an empty dict and never hold the whole model
-    return StateDictOptions(full_state_dict=True, cpu_offload=True)
-
-
-def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The whole model's tensors by name, on rank 0 (empty elsewhere). Every rank must call this."""
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict
-
-    return get_model_state_dict(model, options=_full_options())
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
-def load_model_state(model: nn.Module, state: Mapping[str, torch.Tensor]) -> list[str]:
-    """Load full tensors (every rank passes the same) into the sharded ``model``; returns the names it did not
-    hold. Every rank must call this."""
+def full_model_state(model: nn.Module, keep: Callable[[str], bool]) -> dict[str, torch.Tensor]:
+    """The full tensors of the state-dict names ``keep`` accepts, on rank 0's CPU (empty elsewhere). Every rank must
+    call this; the tensors are gathered one at a time, so no rank holds the whole model."""
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
+
+    main = dist.get_rank() == 0
+    out = {}
+    for name, t in model.state_dict().items():
+        if not keep(name):
+            continue
+        full = t.full_tensor() if isinstance(t, DTensor) else t
+        if main:
+            out[name] = full.detach().cpu()
+    return out
+
+
+def load_model_state(model: nn.Module, state: Mapping[str, torch.Tensor] | None) -> None:
+    """Load full tensors into the sharded ``model``: rank 0 passes them (every name the model holds that they
+    cover), the other ranks None and receive their shards from it. Every rank must call this."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-    keys = set_model_state_dict(model, dict(state), options=StateDictOptions(full_state_dict=True, strict=False))
-    if keys.unexpected_keys:
-        raise RetrolmError(f"holds tensors the model does not have: {', '.join(keys.unexpected_keys[:5])}")
-    return list(keys.missing_keys)
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False)
+    set_model_state_dict(model, dict(state or {}), options=options)
 
 
 def _optimizer_names(model: nn.Module, opt: torch.optim.Optimizer) -> list[str]:
@@ -95,9 +108,13 @@ def _optimizer_names(model: nn.Module, opt: torch.optim.Optimizer) -> list[str]:
 def full_optimizer_state(model: nn.Module, opt: torch.optim.Optimizer) -> dict:
     """The optimizer's whole state in ``torch.optim``'s own layout (parameters numbered, as ``opt.state_dict()``
     of one process), on rank 0 (empty elsewhere). Every rank must call this."""
-    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
-    by_name = get_optimizer_state_dict(model, opt, options=_full_options())
+    if not opt.state:  # before the first step: torch's getter would take a zero step to make up a state to return
+        return opt.state_dict() if dist.get_rank() == 0 else {}
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)  # on rank 0's CPU only
+    by_name = get_optimizer_state_dict(model, opt, options=options)
     if not by_name:
         return {}
     index = {n: i for i, n in enumerate(_optimizer_names(model, opt))}
@@ -105,17 +122,29 @@ def full_optimizer_state(model: nn.Module, opt: torch.optim.Optimizer) -> dict:
             "param_groups": [{**g, "params": [index[n] for n in g["params"]]} for g in by_name["param_groups"]]}
 
 
-def load_optimizer_state(model: nn.Module, opt: torch.optim.Optimizer, state: dict) -> None:
+def load_optimizer_state(model: nn.Module, opt: torch.optim.Optimizer, state: dict | None) -> None:
     """Load a state in ``torch.optim``'s layout (as :func:`full_optimizer_state` writes it) into the optimizer of the
-    sharded ``model``. Every rank must call this, with the same ``state``."""
+    sharded ``model``: rank 0 passes it, the other ranks None. Every rank must call this."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
     names = _optimizer_names(model, opt)
-    groups = state.get("param_groups", [])
-    numbered = [i for g in groups for i in g["params"]]
-    if sorted(numbered) != list(range(len(names))) or len(groups) != len(opt.param_groups):
-        raise RetrolmError(f"optimizer state of {len(numbered)} parameters in {len(groups)} groups, but this run "
-                           f"trains {len(names)} in {len(opt.param_groups)}")
-    by_name = {"state": {names[i]: s for i, s in state["state"].items()},
-               "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in groups]}
-    set_optimizer_state_dict(model, opt, by_name, options=StateDictOptions(full_state_dict=True))
+    error = by_name = None
+    if state is not None:
+        groups = state.get("param_groups", [])
+        numbered = [i for g in groups for i in g["params"]]
+        if sorted(numbered) != list(range(len(names))) or len(groups) != len(opt.param_groups):
+            error = (f"optimizer state of {len(numbered)} parameters in {len(groups)} groups, but this run trains "
+                     f"{len(names)} in {len(opt.param_groups)}")
+        elif state["state"]:
+            by_name = {"state": {names[i]: s for i, s in state["state"].items()},
+                       "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in groups]}
+    # an empty state (a checkpoint before the first step) is its groups' settings alone: loaded as they are, since
+    # torch's setter would first take a zero step and leave every parameter a state one step old
+    error, empty = from_main((error, state if state is not None and by_name is None else None))
+    if error:
+        raise RetrolmError(error)
+    if empty is not None:
+        opt.load_state_dict(empty)
+        return
+    set_optimizer_state_dict(model, opt, by_name or {},
+                             options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))

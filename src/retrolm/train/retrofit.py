@@ -85,6 +85,9 @@ class RetrofitTrainer(Trainer):
     def build_model(self) -> torch.nn.Module:
         """The base (checked against the database's tokenizer first) with the new modules, on the CPU."""
         cfg = self.cfg
+        if self.sharded and cfg.encoder == "base":
+            raise RetrolmError("encoder=base runs parts of the base's layers outside their forward, which "
+                               "distributed=fsdp cannot gather; use distributed=ddp")
         check_tokenizer(cfg.base, self.db)
         model = RetrofitModel.from_base(
             cfg.base, seq_len=cfg.seq_len, chunk_len=self.db.chunk_len, num_neighbours=cfg.num_neighbours,
@@ -100,11 +103,15 @@ class RetrofitTrainer(Trainer):
                                f"{model.config.vocab_size} embeddings of {cfg.base}")
         return model
 
+    def saved_names(self) -> set[str]:
+        """What a RETRO-fitting checkpoint holds: the new modules and what of the base is trained."""
+        return {n for n, _ in self.model.named_parameters() if self.model._saved(n)}
+
     def load_model(self, folder: Path) -> None:
         """Resume: the checkpoint's trained weights into the freshly built model (same base, by fingerprint)."""
         if self.sharded:
             self.model.check_trained_folder(folder)
-            self.model.check_missing(folder, self._load_sharded(folder))
+            self._load_sharded(folder)
         else:
             self.model.load_trained_weights(folder, self.device)
 

@@ -35,7 +35,7 @@ from retrolm.core.config import save_config
 from retrolm.core.device import autocast, default_device
 from retrolm.core.errors import RetrolmError
 from retrolm.core.hub import find_checkpoint
-from retrolm.core.io import exclusive_lock, read_json, read_json_object, write_json
+from retrolm.core.io import exclusive_lock, read_json, read_json_object, write_bytes, write_json
 from retrolm.db import DatabaseView
 from retrolm.models import RetroModel
 from retrolm.models.weights import load_weights, read_weights, tied_aliases
@@ -54,6 +54,7 @@ from retrolm.train.checkpoints import CheckpointManager
 from retrolm.train.config import LoopConfig, TrainConfig, lr_at
 from retrolm.train.data import IGNORE, RetroSequences, model_kwargs, n_sequences, swap_neighbours
 from retrolm.train.distributed import (
+    from_main,
     full_model_state,
     full_norm,
     full_optimizer_state,
@@ -243,26 +244,39 @@ class Trainer:
     def load_model(self, folder: Path) -> None:
         """Resume: the checkpoint's weights into the freshly built model (sharded: every rank keeps its shard)."""
         if self.sharded:
-            self._check_loaded(folder, self._load_sharded(folder))
+            self._load_sharded(folder)
         else:
             load_weights(self.model, folder, self.device)
 
-    def _load_sharded(self, folder: Path) -> list[str]:
-        """Full tensors of ``folder`` into the sharded model (tied weights under each of their names); returns the
-        model's names the folder did not hold."""
-        state = read_weights(folder)
-        for alias, stored in tied_aliases(self.model).items():
-            if stored in state:
-                state.setdefault(alias, state[stored])
-        try:
-            return load_model_state(self.model, state)
-        except (RetrolmError, RuntimeError) as e:
-            raise RetrolmError(f"{folder / 'model.safetensors'}: {str(e).splitlines()[0]}") from None
+    def saved_names(self) -> set[str]:
+        """The state-dict names a checkpoint of this recipe holds: every tensor of the model, tied ones once."""
+        return set(self.model.state_dict()) - set(tied_aliases(self.model))
 
-    def _check_loaded(self, folder: Path, missing: list[str]) -> None:
-        """A checkpoint of this recipe holds every tensor of the model."""
-        if missing:
-            raise RetrolmError(f"{folder / 'model.safetensors'}: misses tensors of the model: {', '.join(missing[:5])}")
+    def _load_sharded(self, folder: Path) -> None:
+        """Full tensors of ``folder`` into the sharded model: rank 0 reads them (tied weights under each of their
+        names) and the others receive their shards, so one copy of the model is read into host memory."""
+        path = folder / "model.safetensors"
+        error, state = None, None
+        if self.main:
+            try:
+                state = read_weights(folder)
+                names = set(self.model.state_dict())
+                extra = sorted(set(state) - names)
+                missing = sorted(self.saved_names() - set(state))
+                if extra or missing:
+                    error = (f"{path}: holds tensors the model does not have: {', '.join(extra[:5])}" if extra else
+                             f"{path}: misses tensors of the model: {', '.join(missing[:5])}")
+                for alias, stored in tied_aliases(self.model).items():
+                    if stored in state:
+                        state.setdefault(alias, state[stored])
+            except RetrolmError as e:
+                error = str(e)
+        if (error := from_main(error)) is not None:
+            raise RetrolmError(error)
+        try:
+            load_model_state(self.model, state)
+        except RuntimeError as e:  # another shape
+            raise RetrolmError(f"{path}: {str(e).splitlines()[0]}") from None
 
     # ------------------------------------------------------------------ setup
     def setup(self, resume: bool = True, show_progress: bool = True) -> None:
@@ -282,12 +296,8 @@ class Trainer:
         self.main = self.rank == 0
         self.show = show_progress and self.main
         self.sharded = self.world > 1 and cfg.distributed == "fsdp"
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        if not resume and self.main and (self.out / "metrics.jsonl").is_file():
-            # a fresh start writes its own curve: the earlier run's rows would read as this run's steps
-            (self.out / "metrics.jsonl").rename(self.out / f"metrics.before-{stamp}.jsonl")
-            logger.warning("%s: starting afresh (--no-resume); the earlier metrics are kept in metrics.before-%s.jsonl",
-                           self.out, stamp)
+        metrics = self.out / "metrics.jsonl"
+        earlier_rows = len(metrics.read_text().splitlines()) if metrics.is_file() else 0  # before this run's own
 
         self.db = DatabaseView.open(cfg.db)
         if self.db.deleted_docs.any():
@@ -353,12 +363,10 @@ class Trainer:
                 # sequences, or train on validation ones, that the first steps did not
                 raise RetrolmError(f"{last}: resumed with another data order ({', '.join(changed)}); resume with "
                                    "the same settings or start afresh (--no-resume)")
-        elif self.main and self.checkpoints.all():
-            # a fresh start must not leave older checkpoints that a later resume would pick up: keep them aside
-            aside = self.checkpoints.folder.with_name(f"checkpoints.before-{stamp}")
-            self.checkpoints.folder.rename(aside)
-            logger.warning("%s: starting afresh (--no-resume); the earlier checkpoints are kept in %s",
-                           self.out, aside)
+        elif self.main:
+            self._set_aside(earlier_rows)
+        if self.world > 1:  # no rank looks for checkpoints (steps=0) before rank 0 has set the old ones aside
+            torch.distributed.barrier()
         self.forward_model = self.model
         if cfg.compile:
             self.forward_model = torch.compile(self.model)
@@ -382,6 +390,27 @@ class Trainer:
         logger.info("model: %.2fM parameters (%.2fM trained), retrieval %s, %d train / %d val sequences of %d tokens",
                     n_all / 1e6, n_train / 1e6, "on" if self.retrieval else "off", len(self.train_ids),
                     len(self.val_ids), self.seq_len)
+
+    def _set_aside(self, earlier_rows: int) -> None:
+        """A fresh start (--no-resume) in a used run folder keeps the earlier run's checkpoints (which a later resume
+        would pick up), metrics rows and TensorBoard events (which would read as this run's) in ``*.before-<time>``."""
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        moved = []
+        if self.checkpoints.all():
+            self.checkpoints.folder.rename(self.checkpoints.folder.with_name(f"checkpoints.before-{stamp}"))
+            moved.append(f"checkpoints.before-{stamp}")
+        metrics = self.out / "metrics.jsonl"
+        if earlier_rows:
+            rows = metrics.read_text().splitlines(keepends=True)
+            write_bytes(self.out / f"metrics.before-{stamp}.jsonl", "".join(rows[:earlier_rows]).encode())
+            write_bytes(metrics, "".join(rows[earlier_rows:]).encode())  # this run's own setup rows stay
+            moved.append(f"metrics.before-{stamp}.jsonl")
+        if (self.out / "tensorboard").is_dir():
+            (self.out / "tensorboard").rename(self.out / f"tensorboard.before-{stamp}")
+            moved.append(f"tensorboard.before-{stamp}")
+        if moved:
+            logger.warning("%s: starting afresh (--no-resume); the earlier run is kept in %s", self.out,
+                           ", ".join(moved))
 
     def _neighbours(self, seq_chunks: int, show_progress: bool) -> np.ndarray:
         root = Path(self.cfg.neighbours_dir) if self.cfg.neighbours_dir else self.out / "neighbours"
@@ -610,8 +639,9 @@ class Trainer:
         self._cuda_rng_by_rank = self._gather_cuda_rng()
         self._cpu_rng_by_rank = self._gather(torch.get_rng_state()) if self.world > 1 else None
         if self.sharded:  # gathered to rank 0, which writes the single-process format
-            self._full_model, self._full_optimizer = full_model_state(self.model), full_optimizer_state(self.model,
-                                                                                                        self.opt)
+            saved = self.saved_names()
+            self._full_model = full_model_state(self.model, saved.__contains__)
+            self._full_optimizer = full_optimizer_state(self.model, self.opt)
         if not self.main:
             return None
         try:
@@ -657,8 +687,8 @@ class Trainer:
     def _load_checkpoint(self, folder: Path) -> None:
         self.load_model(folder)
         if self.sharded:  # every rank reads the full state and keeps its shard
-            load_optimizer_state(self.model, self.opt, torch.load(folder / "optimizer.pt", map_location="cpu",
-                                                                  weights_only=False))
+            state = torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=False) if self.main else None
+            load_optimizer_state(self.model, self.opt, state)
         else:
             self.opt.load_state_dict(torch.load(folder / "optimizer.pt", map_location=self.device,
                                                 weights_only=False))
