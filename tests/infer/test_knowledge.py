@@ -39,7 +39,8 @@ def knowledge(tmp_path_factory):
 def test_the_copier_answers_what_it_reads_and_the_report_counts_its_predictions(knowledge):
     out = knowledge / "out"
     cfg = KnowledgeConfig(data=str(knowledge / "data"), reader=str(knowledge / "copier"), out_dir=str(out),
-                          conditions=["closed_book", "in_context", "retrieval", "augmented_rules"], retrieve_k=2,
+                          conditions=["closed_book", "in_context", "retrieval", "multi_hop_retrieval",
+                                      "augmented_rules"], retrieve_k=2,
                           finetune=FinetuneConfig(epochs=1, batch_size=4), bootstrap=200)
     r = KnowledgeStudy(cfg).run()
     acc = r["accuracy"]
@@ -58,6 +59,14 @@ def test_the_copier_answers_what_it_reads_and_the_report_counts_its_predictions(
             assert lo <= acc[cond][kind]["accuracy"] <= hi
     assert r["chance"]["reversal"] == 0.5 and "| retrieval |" in (out / "report.md").read_text()
     assert r["augmentation"] is None  # augmented_model did not run
+    # a syllogism's question names the leaf: the second hop, asked with the middle category its first fact names,
+    # finds the middle category's fact too
+    support = r["support_retrieved"]
+    assert set(support) == {"retrieval", "multi_hop_retrieval"} and support["multi_hop_retrieval"]["syllogism"] == 1.0
+    assert support["retrieval"]["syllogism"] < 1.0
+    assert all(support["multi_hop_retrieval"][k] >= support["retrieval"][k] for k in [*r["kinds"], "all"])
+    cells = " | ".join(f"{100 * support['multi_hop_retrieval'][k]:.1f}" for k in [*r["kinds"], "all"])
+    assert f"| multi_hop_retrieval | {cells} |" in (out / "report.md").read_text()
     assert (out / "config.yaml").is_file()
 
 
@@ -110,11 +119,11 @@ def test_demonstrations_are_sound_and_the_database_is_this_sets(knowledge, tmp_p
         assert len({a, b, c}) == 3  # "All B are B." taught the middle category as the answer
     # a second set in the same folder retrieves its own facts (a stale database was reused)
     write_knowledge(KnowledgeSpec(chains=2, chain_len=3, tops=2, mids=1, leaves=1, seed=5), tmp_path / "other")
-    study._retrieved()
+    study._retrieved(1)
     other = KnowledgeStudy(KnowledgeConfig(data=str(tmp_path / "other"), reader=str(knowledge / "copier"),
                                            out_dir=str(tmp_path / "out")))
     texts = {f["text"] for f in other.facts}
-    assert all(p in texts for ps in other._retrieved() for p in ps)
+    assert all(p in texts for ps in other._retrieved(2)[0] for p in ps)
 
 
 def test_facts_that_overflow_the_context_are_refused(knowledge, tmp_path):

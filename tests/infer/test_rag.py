@@ -18,7 +18,7 @@ from retrolm.db import BuildConfig, Database
 from retrolm.eval.qa import QAItem, load_qa, score_prediction
 from retrolm.infer.consistency import answer_similarity, cross_document_vote, majority_vote
 from retrolm.infer.flops import ModelCost, StageFlops, pretraining_flops
-from retrolm.infer.rag import Passage, RagConfig, RagPipeline
+from retrolm.infer.rag import Passage, PassageRetriever, RagConfig, RagPipeline, new_words, retrieve_hops
 from retrolm.infer.rag_eval import RagEvalConfig, run_rag_eval
 from retrolm.infer.reader import Reader, extract_answer
 from retrolm.infer.rerank import CrossEncoderReranker, LMReranker, load_reranker
@@ -453,3 +453,37 @@ def test_one_answer_reranks_only_when_a_reranker_is_named_and_an_evaluation_by_d
                                "retriever=bm25", "passages=1", "template='{passages}{question}'", "max_new_tokens=6",
                                "rerank=null"], capsys)
     assert rc == 0 and "mode: retrieval" in stdout, err
+
+
+def test_a_second_hop_finds_what_the_question_does_not_name(tmp_path):
+    """"What is the code of the keeper of the amber gate?" names the gate, not its keeper: hop 1 finds who keeps it,
+    hop 2 (the question and the passage's new word, the keeper's name) the keeper's code; a passage found again is
+    not repeated, each hop adds up to n new ones, and the second search is counted."""
+    bridges = [{"id": f"bridge-{n}", "text": f"The keeper of the {w} gate is {n}"}
+               for n, w in zip(NAMES, WORDS, strict=True)]
+    facts = [{"id": f"fact-{n}", "text": f"The code of {n} is {n[::-1]}"} for n in NAMES]
+    db = Database.build([write_jsonl(tmp_path / "corpus.jsonl", wiki_docs(10) + bridges + facts)], tmp_path / "db",
+                        BuildConfig(tokenizer="train:1000", index="none", bm25=True), show_progress=False)
+    retriever = PassageRetriever(db, "bm25", continuation=False)
+    questions = [f"What is the code of the keeper of the {w} gate?" for w in WORDS]
+    one, one_flops = retrieve_hops(retriever, questions, 1, hops=1)
+    assert [[p.doc_id for p in ps] for ps in one] == [[f"bridge-{n}"] for n in NAMES]
+    two, two_flops = retrieve_hops(retriever, questions, 1, hops=2)
+    assert [[p.doc_id for p in ps] for ps in two] == [[f"bridge-{n}", f"fact-{n}"] for n in NAMES]
+    assert [p.hop for p in two[0]] == [1, 2] and two[0][1].to_dict()["hop"] == 2 and "hop" not in two[0][0].to_dict()
+    assert all(b.search > a.search for a, b in zip(one_flops, two_flops, strict=True))
+    assert new_words("What is the code of the keeper of the amber gate?", bridges[0]["text"]) == "zorblat"
+    # interleaved, best of each hop first; nothing twice
+    wide, _ = retrieve_hops(retriever, questions[:1], 3, hops=2)
+    assert [p.hop for p in wide[0]] == [1, 2, 1, 2, 1, 2]
+    assert wide[0][1].doc_id == "fact-zorblat" and len({p.doc_id for p in wide[0]}) == 6
+
+
+def test_the_pipeline_reads_both_hops(world):
+    """hops=2 in the pipeline: the reader's passages interleave the hops, and hops must be >= 1."""
+    pipe = RagPipeline.load(RagConfig(db=str(world["db"].path), reader=world["lm"], retriever="bm25", top_n=2,
+                                      passages=2, hops=2, **PLAIN))
+    passages, _ = pipe.retrieve(["The code of zorblat is"])
+    assert [p.hop for p in passages[0]][:2] == [1, 2] and passages[0][0].doc_id == "fact-zorblat"
+    with pytest.raises(RetrolmError, match="hops must be >= 1"):
+        RagConfig(hops=0)

@@ -13,6 +13,7 @@ intervals over items. The base model is loaded once; each fine-tuned condition s
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import random
@@ -29,16 +30,17 @@ from retrolm.core.errors import RetrolmError
 from retrolm.core.io import write_bytes, write_json
 from retrolm.db import BuildConfig, Database
 from retrolm.eval.qa import load_qa
+from retrolm.infer.rag import PassageRetriever, retrieve_hops
 from retrolm.infer.reader import Reader
 from retrolm.models.hf import CausalLM
-from retrolm.retrieval import get_retriever
 from retrolm.text.knowledge import invented_words
 from retrolm.text.tokenizer import load_tokenizer
 from retrolm.train.finetune import FinetuneConfig, finetune
 
 logger = logging.getLogger(__name__)
 
-CONDITIONS = ("closed_book", "in_context", "retrieval", "fine_tuned", "augmented_model", "augmented_rules")
+CONDITIONS = ("closed_book", "in_context", "retrieval", "multi_hop_retrieval", "fine_tuned", "augmented_model",
+              "augmented_rules")
 PLAIN_TEMPLATE = "{passages}{question}"
 
 
@@ -53,7 +55,11 @@ class KnowledgeConfig:
     out_dir: str = "runs/knowledge"
     conditions: list[str] = field(default_factory=lambda: list(CONDITIONS))
     retrieve_k: int = 4
-    """Facts retrieved per question (BM25 over one fact per document)."""
+    """Facts retrieved per question and hop (BM25 over one fact per document)."""
+    hops: int = 2
+    """multi_hop_retrieval: retrieval hops, each searching again with the question and the best fact the previous
+    hop found (a syllogism's question names the leaf; its first fact names the middle category, whose fact names
+    the top)."""
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     demonstrations: int = 3
     """augmented_model: worked examples (with other invented words) before each fact to restate."""
@@ -65,8 +71,8 @@ class KnowledgeConfig:
         bad = [c for c in self.conditions if c not in CONDITIONS]
         if bad or not self.conditions:
             raise RetrolmError(f"conditions: choose from {', '.join(CONDITIONS)}; got {bad or 'none'}")
-        if self.retrieve_k < 1 or self.demonstrations < 1 or self.bootstrap < 1:
-            raise RetrolmError("retrieve_k, demonstrations and bootstrap must be >= 1")
+        if self.retrieve_k < 1 or self.demonstrations < 1 or self.bootstrap < 1 or self.hops < 1:
+            raise RetrolmError("retrieve_k, hops, demonstrations and bootstrap must be >= 1")
 
 
 def _jsonl(path: Path) -> list[dict]:
@@ -120,14 +126,21 @@ class KnowledgeStudy:
             out.append(it.choices.index(chosen))
         return out
 
-    def _retrieved(self) -> list[list[str]]:
-        """The ``retrieve_k`` facts BM25 finds for each question, best first (one hop: a syllogism's question names
-        the leaf, so the middle category's fact is found only by chance)."""
-        db = Database.build([Path(self.cfg.data) / "facts.jsonl"], self.out / "facts-db",  # tiny: built every run
-                            BuildConfig(tokenizer=self.cfg.reader, index="none", bm25=True), overwrite=True,
-                            show_progress=False)
-        result = get_retriever(db, "bm25").search([it.question for it in self.items], self.cfg.retrieve_k)
-        return [[h.text.strip() for h in result.hits(i)] for i in range(len(self.items))]
+    @functools.cached_property
+    def _facts_db(self) -> Database:
+        return Database.build([Path(self.cfg.data) / "facts.jsonl"], self.out / "facts-db",  # tiny: built every run
+                              BuildConfig(tokenizer=self.cfg.reader, index="none", bm25=True), overwrite=True,
+                              show_progress=False)
+
+    def _retrieved(self, hops: int) -> tuple[list[list[str]], list[bool]]:
+        """The facts BM25 finds for each question (``retrieve_k`` per hop; with one hop a syllogism's question names
+        the leaf, so the middle category's fact is found only by chance), and whether they hold every fact the item
+        rests on."""
+        retriever = PassageRetriever(self._facts_db, "bm25", continuation=False)
+        found, _ = retrieve_hops(retriever, [it.question for it in self.items], self.cfg.retrieve_k, hops)
+        support = [set(it.meta.get("facts") or ()) <= {p.doc_id for p in ps} for it, ps in zip(self.items, found,
+                                                                                               strict=True)]
+        return [[p.text.strip() for p in ps] for ps in found], support
 
     def _demonstration_words(self, n: int) -> list[str]:
         """``n`` invented words for worked examples, none of them (or a prefix of one) a word of the data."""
@@ -187,6 +200,7 @@ class KnowledgeStudy:
         finetuning: dict[str, Any] = {}
         augmentation: list[dict] = []
         seconds: dict[str, float] = {}
+        support: dict[str, list[bool]] = {}
         for cond in cfg.conditions:
             t = time.perf_counter()
             logger.info("knowledge: %s", cond)
@@ -194,8 +208,9 @@ class KnowledgeStudy:
                 chosen[cond] = self._choose(base, None)
             elif cond == "in_context":
                 chosen[cond] = self._choose(base, [facts] * len(self.items))
-            elif cond == "retrieval":
-                chosen[cond] = self._choose(base, self._retrieved())
+            elif cond in ("retrieval", "multi_hop_retrieval"):
+                passages, support[cond] = self._retrieved(1 if cond == "retrieval" else cfg.hops)
+                chosen[cond] = self._choose(base, passages)
             elif cond == "fine_tuned":
                 chosen[cond] = self._choose(self._fine_tuned(facts, cond, finetuning), None)
             elif cond == "augmented_model":
@@ -206,7 +221,7 @@ class KnowledgeStudy:
                 rules = [x["text"] for x in self.inferences]
                 chosen[cond] = self._choose(self._fine_tuned(facts + rules, cond, finetuning), None)
             seconds[cond] = round(time.perf_counter() - t, 1)
-        result = self._summary(chosen, finetuning, augmentation, seconds)
+        result = self._summary(chosen, finetuning, augmentation, seconds, support)
         write_json(self.out / "knowledge.json", result)
         rows = [{"id": it.id, "kind": it.meta.get("kind"), "question": it.question,
                  "answer": it.choices[it.answer], **{c: it.choices[chosen[c][i]] for c in chosen}}
@@ -220,9 +235,10 @@ class KnowledgeStudy:
         return result
 
     def _summary(self, chosen: dict[str, list[int]], finetuning: dict, augmentation: list[dict],
-                 seconds: dict[str, float]) -> dict[str, Any]:
+                 seconds: dict[str, float], support: dict[str, list[bool]]) -> dict[str, Any]:
         kinds = sorted({str(it.meta.get("kind")) for it in self.items})
         table: dict[str, dict[str, Any]] = {}
+        found: dict[str, dict[str, Any]] = {}
         for cond, picks in chosen.items():
             table[cond] = {}
             for kind in [*kinds, "all"]:
@@ -230,6 +246,8 @@ class KnowledgeStudy:
                 acc, lo, hi = accuracy_interval([picks[i] == self.items[i].answer for i in idx], self.cfg.bootstrap,
                                                 self.cfg.seed)
                 table[cond][kind] = {"accuracy": acc, "ci95": [lo, hi], "n": len(idx)}
+                if cond in support:  # the share of items whose supporting facts were all retrieved
+                    found.setdefault(cond, {})[kind] = float(np.mean([support[cond][i] for i in idx]))
         chance = {kind: float(np.mean([1 / len(it.choices) for it in self.items
                                        if kind == "all" or it.meta.get("kind") == kind])) for kind in [*kinds, "all"]}
         aug = None
@@ -241,7 +259,8 @@ class KnowledgeStudy:
                    "written_by_kind": {k: sum(kind[a["id"]] == k for a in augmentation)
                                        for k in ("reversal", "syllogism")}}
         return {"config": asdict(self.cfg), "facts": len(self.facts), "items": len(self.items), "kinds": kinds,
-                "chance": chance, "accuracy": table, "finetuning": finetuning, "augmentation": aug,
+                "chance": chance, "accuracy": table, "support_retrieved": found, "finetuning": finetuning,
+                "augmentation": aug,
                 "seconds": seconds}
 
 
@@ -259,6 +278,11 @@ def report(result: dict[str, Any]) -> str:
         cells = [f"{100 * row[k]['accuracy']:.1f} [{100 * row[k]['ci95'][0]:.0f}, {100 * row[k]['ci95'][1]:.0f}]"
                  for k in kinds]
         lines.append(f"| {cond} | " + " | ".join(cells) + " |")
+    if result.get("support_retrieved"):
+        lines += ["", "Items whose supporting facts were all retrieved (%):", "",
+                  "| condition | " + " | ".join(kinds) + " |", "|---|" + "---|" * len(kinds)]
+        for cond, row in result["support_retrieved"].items():
+            lines.append(f"| {cond} | " + " | ".join(f"{100 * row[k]:.1f}" for k in kinds) + " |")
     aug = result.get("augmentation")
     if aug:
         by = ", ".join(f"{n} of {aug['written_by_kind'][k]} {k}s" for k, n in aug["correct_by_kind"].items())

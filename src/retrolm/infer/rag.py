@@ -22,8 +22,11 @@ In Python::
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import itertools
 import logging
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -59,7 +62,11 @@ class RagConfig:
     unit: str = "chunk"
     """What a passage is: chunk (a chunk, plus its continuation) or document (a window of the document)."""
     top_n: int = 10
-    """Candidates retrieved per question (and reranked)."""
+    """Candidates retrieved per question and hop (and reranked)."""
+    hops: int = 1
+    """Multi-hop retrieval: each hop after the first searches again with the question followed by the best passage
+    the previous hop found, for what the question does not name (the bridge of a two-step question); the hops'
+    passages are interleaved, best of each hop first (:func:`retrieve_hops`)."""
     passages: int = 3
     """Passages placed in the reader's prompt."""
     continuation: bool = True
@@ -113,8 +120,8 @@ class RagConfig:
             raise RetrolmError(f"unit must be chunk or document, got {self.unit!r}")
         if self.choice_normalize not in CHOICE_NORMALIZATIONS:  # checked here, not at the first multiple-choice item
             raise RetrolmError(f"choice_normalize must be mean or sum, got {self.choice_normalize!r}")
-        for name in ("top_n", "passages", "samples", "cross_doc_passages", "cross_doc_samples", "max_new_tokens",
-                     "max_passage_tokens", "batch_size", "document_tokens"):
+        for name in ("top_n", "hops", "passages", "samples", "cross_doc_passages", "cross_doc_samples",
+                     "max_new_tokens", "max_passage_tokens", "batch_size", "document_tokens"):
             if getattr(self, name) < 1:
                 raise RetrolmError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.passages > self.top_n or (self.cross_doc and self.cross_doc_passages > self.top_n):
@@ -143,11 +150,15 @@ class Passage:
     rerank_score: float | None = None
     shard: str | None = None
     """The part of a sharded database it came from (``chunk_id`` is that part's); None for one database."""
+    hop: int = 1
+    """The retrieval hop that found it (``hops`` > 1; ``rank`` is its rank within that hop)."""
 
     def to_dict(self) -> dict:
         out = {"doc_id": self.doc_id, "chunk_id": self.chunk_id, "position": self.position,
                "score": round(self.score, 4), "rank": self.rank,
                "rerank_score": None if self.rerank_score is None else round(self.rerank_score, 4), "text": self.text}
+        if self.hop != 1:
+            out["hop"] = self.hop
         return out if self.shard is None else {**out, "shard": self.shard}
 
 
@@ -265,6 +276,54 @@ class ShardedPassageRetriever:
         return made[1]
 
 
+def new_words(question: str, passage: str) -> str:
+    """The words of ``passage`` (in order, each once) that ``question`` does not hold, case-insensitively."""
+    have = {w.lower() for w in re.findall(r"\w+", question)}
+    out: list[str] = []
+    for w in re.findall(r"\w+", passage):
+        if w.lower() not in have:
+            have.add(w.lower())
+            out.append(w)
+    return " ".join(out)
+
+
+def retrieve_hops(retriever: PassageRetriever | ShardedPassageRetriever, questions: Sequence[str], n: int,
+                  hops: int) -> tuple[list[list[Passage]], list[StageFlops]]:
+    """Multi-hop retrieval: per question up to ``n`` passages per hop and the FLOPs of every hop's search.
+
+    Hop 1 searches with the question. Hop h > 1 searches with the question followed by the words of the best
+    passage hop h - 1 added that the question lacks: what the question does not name ("All troff are" finds "All
+    troff are glon.", and the second hop, asked "All troff are glon", the facts about glon). It keeps the first
+    ``n`` passages no earlier hop found. The hops' lists are interleaved
+    (the best of each hop, then the second of each, ...), so that reading the first few passages reads every hop's
+    best. A hop that adds nothing ends the chain."""
+    found, flops = retriever.retrieve(questions, n)
+    document = getattr(retriever, "unit", "chunk") == "document"
+
+    def key(p: Passage) -> tuple:
+        return (p.shard, p.doc_id) if document else (p.shard, p.doc_id, p.chunk_id)
+
+    by_hop = [[ps] for ps in found]
+    for hop in range(2, hops + 1):
+        # the words of the previous hop's best new passage that the question lacks: repeating the question's own
+        # words would weigh them twice and find what hop 1 found
+        bridge = {i: new_words(questions[i], lists[-1][0].text) for i, lists in enumerate(by_hop) if lists[-1]}
+        follow = [i for i, words in bridge.items() if words]  # nothing new to follow ends the chain
+        for lists in by_hop:
+            lists.append([])
+        if not follow:
+            break
+        # fetched beyond n by what earlier hops found, so that each hop can add n passages that are new
+        fetch = n + max(sum(map(len, by_hop[i])) for i in follow)
+        more, more_flops = retriever.retrieve([f"{questions[i]} {bridge[i]}" for i in follow], fetch)
+        for i, ps, f in zip(follow, more, more_flops, strict=True):
+            seen = {key(p) for lists in by_hop[i] for p in lists}
+            by_hop[i][-1] = [dataclasses.replace(p, hop=hop) for p in ps if key(p) not in seen][:n]
+            flops[i] += f
+    merged = [[p for group in itertools.zip_longest(*lists) for p in group if p is not None] for lists in by_hop]
+    return merged, flops
+
+
 @dataclass
 class RagAnswer:
     """The pipeline's answer to one question."""
@@ -340,7 +399,7 @@ class RagPipeline:
     def retrieve(self, questions: Sequence[str]) -> tuple[list[list[Passage]], list[StageFlops]]:
         if self.retriever is None:
             raise RetrolmError("no database: retrieval needs --db")
-        return self.retriever.retrieve(questions, self.cfg.top_n)
+        return retrieve_hops(self.retriever, questions, self.cfg.top_n, self.cfg.hops)
 
     def rerank(self, questions: Sequence[str], candidates: Sequence[list[Passage]]
                ) -> tuple[list[list[Passage]], list[StageFlops]]:
@@ -491,4 +550,5 @@ class RagPipeline:
         return out
 
 
-__all__ = ["MODES", "Passage", "PassageRetriever", "RagAnswer", "RagConfig", "RagPipeline", "reading_flops"]
+__all__ = ["MODES", "Passage", "PassageRetriever", "RagAnswer", "RagConfig", "RagPipeline", "new_words",
+           "reading_flops", "retrieve_hops"]
