@@ -487,3 +487,47 @@ def test_the_pipeline_reads_both_hops(world):
     assert [p.hop for p in passages[0]][:2] == [1, 2] and passages[0][0].doc_id == "fact-zorblat"
     with pytest.raises(RetrolmError, match="hops must be >= 1"):
         RagConfig(hops=0)
+
+
+def test_later_hops_skip_text_already_found_and_follow_the_chunk_not_its_continuation(tmp_path):
+    """With continuations a passage is a chunk and the next one: a later hop must not return that next chunk (its
+    text is already there), and its query takes the new words of the matched chunk alone."""
+    db = Database.build([write_jsonl(tmp_path / "corpus.jsonl", wiki_docs(20))], tmp_path / "db",
+                        BuildConfig(tokenizer="train:1000", index="none", bm25=True, chunk_len=32), show_progress=False)
+    retriever = PassageRetriever(db, "bm25", continuation=True)
+    questions = [" ".join(d["text"].split()[:12]) for d in wiki_docs(8)]
+    found, _ = retrieve_hops(retriever, questions, 3, hops=2)
+    later = 0
+    for ps in found:
+        for p in (p for p in ps if p.hop == 2):  # (hop 1 is one search's ranking, as without hops)
+            for q in (q for q in ps if q is not p and (q.hop == 1 or q.rank < p.rank)):
+                same = (p.doc_id, p.shard) == (q.doc_id, q.shard)
+                assert not (same and p.position < q.position + q.span and q.position < p.position + p.span)
+        later += sum(p.hop == 2 for p in ps)
+        hop2 = [p.rank for p in ps if p.hop == 2]
+        assert hop2 == list(range(len(hop2)))  # ranks among the hop's new passages
+    assert later > 0
+    first = found[0][0]
+    assert first.span == 2 and first.matched is not None and first.text.startswith(first.matched)
+
+
+def test_new_words_in_scripts_without_spaces_or_with_combining_marks():
+    assert new_words("हिन्दी भाषा", "हिन्दी भारत की भाषा है") == "भारत की है"  # vowel signs stay in their word
+    assert new_words("北京是", "北京是中国的首都") == "中 国 的 首 都"  # each Han character is a word
+    assert new_words("cafe\u0301 noir", "Caf\u00e9 au lait") == "au lait"  # NFC: a decomposed é is é
+
+
+def test_a_later_hop_asks_no_more_than_the_retriever_serves():
+    """A sharded database's remote parts cap k (max_k): the later hop's wider fetch stays within it."""
+    asked = []
+
+    class Capped:
+        unit, max_k = "chunk", 5
+
+        def retrieve(self, questions, n):
+            asked.append(n)
+            ps = [[Passage(f"{q} alpha{j} beta{j}", f"d{j}", j, 0, 1.0, j) for j in range(n)] for q in questions]
+            return ps, [StageFlops() for _ in questions]
+
+    found, _ = retrieve_hops(Capped(), ["alpha0"], 4, hops=2)
+    assert asked == [4, 5] and [p.hop for p in found[0]] == [1, 2, 1, 1, 1]

@@ -42,7 +42,8 @@ def rag_cmd(
         p = answer.passages[i]
         text = " ".join(p.text.split())
         where = f"{p.shard}: " if p.shard else ""
-        typer.echo(f"\n[{i + 1}] {p.doc_id} ({where}chunk {p.chunk_id}, retrieval rank {p.rank + 1})\n    "
+        hop = f"hop {p.hop} " if p.hop > 1 else ""
+        typer.echo(f"\n[{i + 1}] {p.doc_id} ({where}chunk {p.chunk_id}, {hop}retrieval rank {p.rank + 1})\n    "
                    f"{text[:400]}{'…' if len(text) > 400 else ''}")
 
 

@@ -132,14 +132,15 @@ class KnowledgeStudy:
                               BuildConfig(tokenizer=self.cfg.reader, index="none", bm25=True), overwrite=True,
                               show_progress=False)
 
-    def _retrieved(self, hops: int) -> tuple[list[list[str]], list[bool]]:
+    def _retrieved(self, hops: int) -> tuple[list[list[str]], list[bool | None]]:
         """The facts BM25 finds for each question (``retrieve_k`` per hop; with one hop a syllogism's question names
         the leaf, so the middle category's fact is found only by chance), and whether they hold every fact the item
         rests on."""
         retriever = PassageRetriever(self._facts_db, "bm25", continuation=False)
         found, _ = retrieve_hops(retriever, [it.question for it in self.items], self.cfg.retrieve_k, hops)
-        support = [set(it.meta.get("facts") or ()) <= {p.doc_id for p in ps} for it, ps in zip(self.items, found,
-                                                                                               strict=True)]
+        # None: the item lists no supporting facts (data not written by `retrolm corpus knowledge`)
+        support = [set(it.meta["facts"]) <= {p.doc_id for p in ps} if it.meta.get("facts") else None
+                   for it, ps in zip(self.items, found, strict=True)]
         return [[p.text.strip() for p in ps] for ps in found], support
 
     def _demonstration_words(self, n: int) -> list[str]:
@@ -200,7 +201,7 @@ class KnowledgeStudy:
         finetuning: dict[str, Any] = {}
         augmentation: list[dict] = []
         seconds: dict[str, float] = {}
-        support: dict[str, list[bool]] = {}
+        support: dict[str, list[bool | None]] = {}
         for cond in cfg.conditions:
             t = time.perf_counter()
             logger.info("knowledge: %s", cond)
@@ -235,7 +236,7 @@ class KnowledgeStudy:
         return result
 
     def _summary(self, chosen: dict[str, list[int]], finetuning: dict, augmentation: list[dict],
-                 seconds: dict[str, float], support: dict[str, list[bool]]) -> dict[str, Any]:
+                 seconds: dict[str, float], support: dict[str, list[bool | None]]) -> dict[str, Any]:
         kinds = sorted({str(it.meta.get("kind")) for it in self.items})
         table: dict[str, dict[str, Any]] = {}
         found: dict[str, dict[str, Any]] = {}
@@ -246,8 +247,9 @@ class KnowledgeStudy:
                 acc, lo, hi = accuracy_interval([picks[i] == self.items[i].answer for i in idx], self.cfg.bootstrap,
                                                 self.cfg.seed)
                 table[cond][kind] = {"accuracy": acc, "ci95": [lo, hi], "n": len(idx)}
-                if cond in support:  # the share of items whose supporting facts were all retrieved
-                    found.setdefault(cond, {})[kind] = float(np.mean([support[cond][i] for i in idx]))
+                known = [support[cond][i] for i in idx if support.get(cond) and support[cond][i] is not None]
+                if known:  # the share of items whose supporting facts were all retrieved
+                    found.setdefault(cond, {})[kind] = float(np.mean(known))
         chance = {kind: float(np.mean([1 / len(it.choices) for it in self.items
                                        if kind == "all" or it.meta.get("kind") == kind])) for kind in [*kinds, "all"]}
         aug = None
@@ -282,7 +284,7 @@ def report(result: dict[str, Any]) -> str:
         lines += ["", "Items whose supporting facts were all retrieved (%):", "",
                   "| condition | " + " | ".join(kinds) + " |", "|---|" + "---|" * len(kinds)]
         for cond, row in result["support_retrieved"].items():
-            lines.append(f"| {cond} | " + " | ".join(f"{100 * row[k]:.1f}" for k in kinds) + " |")
+            lines.append(f"| {cond} | " + " | ".join(f"{100 * row[k]:.1f}" if k in row else "–" for k in kinds) + " |")
     aug = result.get("augmentation")
     if aug:
         by = ", ".join(f"{n} of {aug['written_by_kind'][k]} {k}s" for k, n in aug["correct_by_kind"].items())

@@ -26,11 +26,12 @@ import dataclasses
 import functools
 import itertools
 import logging
-import re
+import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+import regex
 
 from retrolm.core.device import default_device
 from retrolm.core.errors import RetrolmError
@@ -64,9 +65,10 @@ class RagConfig:
     top_n: int = 10
     """Candidates retrieved per question and hop (and reranked)."""
     hops: int = 1
-    """Multi-hop retrieval: each hop after the first searches again with the question followed by the best passage
-    the previous hop found, for what the question does not name (the bridge of a two-step question); the hops'
-    passages are interleaved, best of each hop first (:func:`retrieve_hops`)."""
+    """Multi-hop retrieval: each hop after the first searches again with the question followed by the words of the
+    previous hop's best chunk that the question lacks, for what the question does not name (the bridge of a two-step
+    question), and adds up to ``top_n`` passages that do not overlap earlier ones; the hops' passages are interleaved,
+    best of each hop first (:func:`retrieve_hops`), so read at least ``hops`` passages."""
     passages: int = 3
     """Passages placed in the reader's prompt."""
     continuation: bool = True
@@ -124,9 +126,10 @@ class RagConfig:
                      "max_new_tokens", "max_passage_tokens", "batch_size", "document_tokens"):
             if getattr(self, name) < 1:
                 raise RetrolmError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.passages > self.top_n or (self.cross_doc and self.cross_doc_passages > self.top_n):
+        found = self.top_n * self.hops
+        if self.passages > found or (self.cross_doc and self.cross_doc_passages > found):
             raise RetrolmError(f"passages ({self.passages}) and cross_doc_passages ({self.cross_doc_passages}) "
-                               f"cannot exceed top_n ({self.top_n})")
+                               f"cannot exceed top_n × hops ({found})")
         if (self.samples > 1 or self.cross_doc_samples > 1) and self.sample_temperature <= 0:
             raise RetrolmError("samples > 1 needs sample_temperature > 0 (greedy samples are all the same)")
         check_template(self.template)
@@ -151,7 +154,11 @@ class Passage:
     shard: str | None = None
     """The part of a sharded database it came from (``chunk_id`` is that part's); None for one database."""
     hop: int = 1
-    """The retrieval hop that found it (``hops`` > 1; ``rank`` is its rank within that hop)."""
+    """The retrieval hop that found it (``hops`` > 1; ``rank`` is its rank among that hop's new passages)."""
+    span: int = 1
+    """unit=chunk: chunks of its document it holds from ``position`` on (2 with the continuation)."""
+    matched: str | None = None
+    """The text the query matched when the passage holds more (unit=chunk: the chunk without its continuation)."""
 
     def to_dict(self) -> dict:
         out = {"doc_id": self.doc_id, "chunk_id": self.chunk_id, "position": self.position,
@@ -160,6 +167,13 @@ class Passage:
         if self.hop != 1:
             out["hop"] = self.hop
         return out if self.shard is None else {**out, "shard": self.shard}
+
+
+def chunk_passage(hit, rank: int, continuation: bool, shard: str | None = None) -> Passage:
+    """A retrieved chunk as a passage, followed by the next chunk of its document when ``continuation``."""
+    more = continuation and bool(hit.continuation)
+    return Passage(hit.text + (hit.continuation if more else ""), hit.doc_id, hit.chunk_id, hit.position, hit.score,
+                   rank, shard=shard, span=2 if more else 1, matched=hit.text if more else None)
 
 
 class PassageRetriever:
@@ -187,8 +201,7 @@ class PassageRetriever:
         for i in range(len(questions)):
             hits = result.hits(i)
             if self.unit == "chunk":
-                out.append([Passage(h.text + (h.continuation if self.continuation else ""), h.doc_id, h.chunk_id,
-                                    h.position, h.score, r) for r, h in enumerate(hits)])
+                out.append([chunk_passage(h, r, self.continuation) for r, h in enumerate(hits)])
             else:
                 out.append(self._documents(hits, n))
         return out, [self.flops(q) for q in questions]
@@ -253,8 +266,7 @@ class ShardedPassageRetriever:
         out, flops = [], []
         local = [s for s in self.sharded.shards if isinstance(s, LocalShard)]
         for i, q in enumerate(questions):
-            out.append([Passage(h.text + (h.continuation if self.continuation else ""), h.doc_id, h.chunk_id,
-                                h.position, h.score, r, shard=h.shard) for r, h in enumerate(result.hits(i))])
+            out.append([chunk_passage(h, r, self.continuation, shard=h.shard) for r, h in enumerate(result.hits(i))])
             total = StageFlops()
             if local:  # the parts on this machine share one embedding of the question (ShardedRetriever)
                 total += StageFlops(encoder=self._local_retriever(local[0]).encoder_flops(q))
@@ -266,6 +278,11 @@ class ShardedPassageRetriever:
             flops.append(total)
         return out, flops
 
+    @property
+    def max_k(self) -> int | None:
+        """The most passages one search may ask for (the remote parts' limit; None: none)."""
+        return self.sharded.max_k
+
     def _local_retriever(self, shard: LocalShard) -> PassageRetriever:
         """A part's passage retriever (its FLOPs: hybrid's are its dense and BM25 searches over the part), made again
         when the part was rebuilt."""
@@ -276,13 +293,23 @@ class ShardedPassageRetriever:
         return made[1]
 
 
+_WORD = regex.compile(r"[\p{Han}\p{Hiragana}\p{Katakana}]|(?:(?![\p{Han}\p{Hiragana}\p{Katakana}])[\p{L}\p{M}\p{N}])+")
+"""A word: a run of letters (with their combining marks) and digits; each Chinese or Japanese character alone, as
+those scripts do not separate words."""
+
+
+def words(text: str) -> list[str]:
+    """The words of ``text`` (NFC, so that a decomposed accent stays in its word), in order."""
+    return _WORD.findall(unicodedata.normalize("NFC", text))
+
+
 def new_words(question: str, passage: str) -> str:
     """The words of ``passage`` (in order, each once) that ``question`` does not hold, case-insensitively."""
-    have = {w.lower() for w in re.findall(r"\w+", question)}
+    have = {w.casefold() for w in words(question)}
     out: list[str] = []
-    for w in re.findall(r"\w+", passage):
-        if w.lower() not in have:
-            have.add(w.lower())
+    for w in words(passage):
+        if w.casefold() not in have:
+            have.add(w.casefold())
             out.append(w)
     return " ".join(out)
 
@@ -300,25 +327,36 @@ def retrieve_hops(retriever: PassageRetriever | ShardedPassageRetriever, questio
     found, flops = retriever.retrieve(questions, n)
     document = getattr(retriever, "unit", "chunk") == "document"
 
-    def key(p: Passage) -> tuple:
-        return (p.shard, p.doc_id) if document else (p.shard, p.doc_id, p.chunk_id)
+    def overlaps(p: Passage, q: Passage) -> bool:  # the same text, or part of it (a chunk and its continuation)
+        if (p.shard, p.doc_id) != (q.shard, q.doc_id):
+            return False
+        return document or (p.position < q.position + q.span and q.position < p.position + p.span)
 
     by_hop = [[ps] for ps in found]
     for hop in range(2, hops + 1):
-        # the words of the previous hop's best new passage that the question lacks: repeating the question's own
+        # the words of the previous hop's best new chunk that the question lacks: repeating the question's own
         # words would weigh them twice and find what hop 1 found
-        bridge = {i: new_words(questions[i], lists[-1][0].text) for i, lists in enumerate(by_hop) if lists[-1]}
-        follow = [i for i, words in bridge.items() if words]  # nothing new to follow ends the chain
+        bridge = {i: new_words(questions[i], lists[-1][0].matched or lists[-1][0].text)
+                  for i, lists in enumerate(by_hop) if lists[-1]}
+        follow = [i for i, extra in bridge.items() if extra]  # nothing new to follow ends the chain
         for lists in by_hop:
             lists.append([])
         if not follow:
             break
-        # fetched beyond n by what earlier hops found, so that each hop can add n passages that are new
-        fetch = n + max(sum(map(len, by_hop[i])) for i in follow)
-        more, more_flops = retriever.retrieve([f"{questions[i]} {bridge[i]}" for i in follow], fetch)
+        # fetched beyond n by what earlier hops found, so that each hop can add n passages that are new (up to what
+        # the retriever serves: a sharded database's parts cap k)
+        fetch = n + max(2 * sum(map(len, by_hop[i])) for i in follow)
+        limit = getattr(retriever, "max_k", None)
+        more, more_flops = retriever.retrieve([f"{questions[i]} {bridge[i]}" for i in follow],
+                                              fetch if limit is None else max(n, min(fetch, limit)))
         for i, ps, f in zip(follow, more, more_flops, strict=True):
-            seen = {key(p) for lists in by_hop[i] for p in lists}
-            by_hop[i][-1] = [dataclasses.replace(p, hop=hop) for p in ps if key(p) not in seen][:n]
+            kept = [p for lists in by_hop[i] for p in lists]
+            new: list[Passage] = []
+            for p in ps:  # best first; nothing that overlaps an earlier hop's passage or a better one of this hop
+                if len(new) < n and not any(overlaps(p, q) for q in kept):
+                    new.append(dataclasses.replace(p, hop=hop, rank=len(new)))
+                    kept.append(p)
+            by_hop[i][-1] = new
             flops[i] += f
     merged = [[p for group in itertools.zip_longest(*lists) for p in group if p is not None] for lists in by_hop]
     return merged, flops

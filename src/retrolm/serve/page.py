@@ -66,7 +66,7 @@ function source(h, support) {
   link.onclick = () => showDoc(h.doc_id);
   head.append(link, (h.shard ? ` · shard ${h.shard}` : "") + ` · chunk ${h.chunk_id}` +
     (h.score !== undefined && h.score !== null ? ` · score ${Number(h.score).toFixed(3)}` : "") +
-    (h.rank !== undefined ? ` · retrieval rank ${h.rank + 1}` : "") +
+    (h.rank !== undefined ? ` · ${h.hop ? `hop ${h.hop} ` : ""}retrieval rank ${h.rank + 1}` : "") +
     (support ? " · supports the answer" : ""));
   box.append(head, el("span", "", h.text));
   if (h.continuation) box.append(el("span", "cont", " ⟶ " + h.continuation));
