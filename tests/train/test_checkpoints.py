@@ -227,6 +227,8 @@ def test_no_resume_keeps_earlier_checkpoints_aside(built_db, tmp_path):
     with pytest.raises(RetrolmError, match="not a multiple"):  # a fresh start that fails its checks moves nothing
         bad.setup(resume=False, show_progress=False)
     assert not list(out.glob("*.before-*")) and len((out / "metrics.jsonl").read_text().splitlines()) > 4
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"step": 5, "train/lo')  # a row torn by a crash: the fresh run's rows start on a line of their own
     t = Trainer(tiny_cfg(built_db, out, steps=2))
     t.setup(resume=False, show_progress=False)
     t.train()
@@ -238,6 +240,7 @@ def test_no_resume_keeps_earlier_checkpoints_aside(built_db, tmp_path):
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "train/loss" in r] == [1, 2]
     (old,) = out.glob("metrics.before-*.jsonl")
+    assert old.read_text().endswith('"train/lo\n')
     assert old.name.removeprefix("metrics.") == aside.name.removeprefix("checkpoints.") + ".jsonl"
     assert [json.loads(x)["step"] for x in old.read_text().splitlines() if "train/loss" in x] == [1, 2, 3, 4]
     t = Trainer(tiny_cfg(built_db, out, steps=2))

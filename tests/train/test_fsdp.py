@@ -113,6 +113,24 @@ def test_fsdp_on_two_cpu_processes_trains_as_one_process_and_resumes_exactly(bui
     write_checksums(step2)
     refused = subprocess.run(torchrun, capture_output=True, text=True, timeout=300, env=env)
     assert refused.returncode != 0 and "misses tensors of the model: blocks.0.mlp.proj.weight" in refused.stderr
+    # ... and so is one of another shape (a [2] vector would broadcast into a [64] shard without a word)
+    tensors["blocks.0.mlp.proj.weight"] = weights[0]["blocks.0.mlp.proj.weight"]
+    tensors["blocks.0.norm1.weight"] = torch.ones(2)
+    save_file(tensors, step2 / "model.safetensors")
+    write_checksums(step2)
+    refused = subprocess.run(torchrun, capture_output=True, text=True, timeout=300, env=env)
+    assert refused.returncode != 0 and "blocks.0.norm1.weight has shape (2,)" in refused.stderr
+
+    # a checkpoint rank 0 cannot read (no checksums, a truncated optimizer.pt) is skipped by every rank alike: the run
+    # resumes from step 1 and trains steps 2 and 3 again, as the uninterrupted run did
+    (step2 / "checksums.json").unlink()
+    data = (step2 / "optimizer.pt").read_bytes()
+    (step2 / "optimizer.pt").write_bytes(data[: len(data) // 2])
+    (fsdp / "metrics.jsonl").write_text("")
+    again = subprocess.run(torchrun, capture_output=True, text=True, timeout=300, env=env)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "damaged checkpoint skipped" in again.stderr
+    assert list(_losses(fsdp)) == [2, 3] and _losses(fsdp)[3] == pytest.approx(first[3], rel=1e-6)
 
 
 @pytest.mark.slow

@@ -1,11 +1,11 @@
 """Knowledge injection (SPEC K; Lampinen et al. 2025): the same new facts given to one pretrained LM in the weights
 (fine-tuning), in the context (every fact in the prompt), or through retrieval (the facts in a database, the best
 ``retrieve_k`` read; ``multi_hop_retrieval`` searches ``hops`` times, each later hop with the words of the previous
-hop's best fact that the question lacks, which finds a syllogism's second fact), and tested on the facts and on what follows from them (reversals, syllogisms: see
-:mod:`retrolm.text.knowledge`). Augmented fine-tuning (K3) adds inferences to the fine-tuning data: written by the
-model itself in context (``augmented_model``: few-shot, each comparison restated the other way round, each leaf's
-two facts joined into their conclusion; how many it gets right is reported) or derived by rule (``augmented_rules``,
-the upper bound of what augmentation can give).
+hop's best fact that the question lacks, which finds a syllogism's second fact), and tested on the facts and on what
+follows from them (reversals, syllogisms: see :mod:`retrolm.text.knowledge`). Augmented fine-tuning (K3) adds
+inferences to the fine-tuning data: written by the model itself in context (``augmented_model``: few-shot, each
+comparison restated the other way round, each leaf's two facts joined into their conclusion; how many it gets right
+is reported) or derived by rule (``augmented_rules``, the upper bound of what augmentation can give).
 
 Every condition reads the same items with the same plain prompt (passages, a blank line each, then the question) and
 scores multiple choice by the options' per-token log-likelihood; accuracy per kind of item with 95% bootstrap

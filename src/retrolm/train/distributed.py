@@ -21,8 +21,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from retrolm.core.errors import RetrolmError
-
 
 def shard_units(model: nn.Module) -> list[nn.Module]:
     """The modules sharded as units of their own: each entry of every ``nn.ModuleList`` not inside another unit."""
@@ -122,28 +120,40 @@ def full_optimizer_state(model: nn.Module, opt: torch.optim.Optimizer) -> dict:
             "param_groups": [{**g, "params": [index[n] for n in g["params"]]} for g in by_name["param_groups"]]}
 
 
+def optimizer_state_error(model: nn.Module, opt: torch.optim.Optimizer, state: object) -> str | None:
+    """Why ``state`` (read from an optimizer.pt) does not fit ``opt`` of ``model``, or None when it does."""
+    names = _optimizer_names(model, opt)
+    if not isinstance(state, dict) or not isinstance(state.get("state"), dict) \
+            or not isinstance(state.get("param_groups"), list):
+        return "not an optimizer state (state and param_groups)"
+    groups = state["param_groups"]
+    numbered = [i for g in groups for i in g.get("params", [])]
+    if sorted(numbered) != list(range(len(names))) or len(groups) != len(opt.param_groups):
+        return (f"optimizer state of {len(numbered)} parameters in {len(groups)} groups, but this run trains "
+                f"{len(names)} in {len(opt.param_groups)}")
+    if not set(state["state"]) <= set(range(len(names))):
+        return "optimizer state of parameters this run does not train"
+    return None
+
+
 def load_optimizer_state(model: nn.Module, opt: torch.optim.Optimizer, state: dict | None) -> None:
-    """Load a state in ``torch.optim``'s layout (as :func:`full_optimizer_state` writes it) into the optimizer of the
-    sharded ``model``: rank 0 passes it, the other ranks None. Every rank must call this."""
+    """Load a state in ``torch.optim``'s layout (as :func:`full_optimizer_state` writes it, checked by
+    :func:`optimizer_state_error`) into the optimizer of the sharded ``model``: rank 0 passes it, the other ranks
+    None. Every rank must call this."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
     names = _optimizer_names(model, opt)
-    error = by_name = None
+    by_name = empty = None
     if state is not None:
-        groups = state.get("param_groups", [])
-        numbered = [i for g in groups for i in g["params"]]
-        if sorted(numbered) != list(range(len(names))) or len(groups) != len(opt.param_groups):
-            error = (f"optimizer state of {len(numbered)} parameters in {len(groups)} groups, but this run trains "
-                     f"{len(names)} in {len(opt.param_groups)}")
-        elif state["state"]:
+        if state["state"]:
             by_name = {"state": {names[i]: s for i, s in state["state"].items()},
-                       "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in groups]}
+                       "param_groups": [{**g, "params": [names[i] for i in g["params"]]}
+                                        for g in state["param_groups"]]}
+        else:
+            empty = state
     # an empty state (a checkpoint before the first step) is its groups' settings alone: loaded as they are, since
     # torch's setter would first take a zero step and leave every parameter a state one step old
-    error, empty = from_main((error, state if state is not None and by_name is None else None))
-    if error:
-        raise RetrolmError(error)
-    if empty is not None:
+    if (empty := from_main(empty)) is not None:
         opt.load_state_dict(empty)
         return
     set_optimizer_state_dict(model, opt, by_name or {},

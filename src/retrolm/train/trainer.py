@@ -61,6 +61,7 @@ from retrolm.train.distributed import (
     load_model_state,
     load_optimizer_state,
     local_bytes,
+    optimizer_state_error,
     shard,
 )
 from retrolm.train.scoring import score_sequences
@@ -242,7 +243,8 @@ class Trainer:
         self.model.save_pretrained(folder, state=state)
 
     def load_model(self, folder: Path) -> None:
-        """Resume: the checkpoint's weights into the freshly built model (sharded: every rank keeps its shard)."""
+        """Resume: the checkpoint's weights into the freshly built model (sharded: every rank keeps its shard of
+        them and of the optimizer state, :meth:`_load_sharded`)."""
         if self.sharded:
             self._load_sharded(folder)
         else:
@@ -253,30 +255,45 @@ class Trainer:
         return set(self.model.state_dict()) - set(tied_aliases(self.model))
 
     def _load_sharded(self, folder: Path) -> None:
-        """Full tensors of ``folder`` into the sharded model: rank 0 reads them (tied weights under each of their
-        names) and the others receive their shards, so one copy of the model is read into host memory."""
-        path = folder / "model.safetensors"
-        error, state = None, None
+        """A checkpoint into the sharded model and its optimizer. Rank 0 alone reads and checks the files (one copy
+        of the model in host memory) and tells every rank the verdict before any tensor is sent, so that all fail
+        or go on together; the others receive their shards."""
+        error = model_state = optimizer_state = None
         if self.main:
             try:
-                state = read_weights(folder)
-                names = set(self.model.state_dict())
-                extra = sorted(set(state) - names)
-                missing = sorted(self.saved_names() - set(state))
-                if extra or missing:
-                    error = (f"{path}: holds tensors the model does not have: {', '.join(extra[:5])}" if extra else
-                             f"{path}: misses tensors of the model: {', '.join(missing[:5])}")
-                for alias, stored in tied_aliases(self.model).items():
-                    if stored in state:
-                        state.setdefault(alias, state[stored])
+                model_state = self._read_full_model(folder)
+                optimizer_state = torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=False)
+                if (why := optimizer_state_error(self.model, self.opt, optimizer_state)) is not None:
+                    error = f"{folder / 'optimizer.pt'}: {why}"
             except RetrolmError as e:
                 error = str(e)
+            except Exception as e:  # a truncated or foreign file: several exception types
+                error = f"{folder}: cannot load ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
         if (error := from_main(error)) is not None:
             raise RetrolmError(error)
-        try:
-            load_model_state(self.model, state)
-        except RuntimeError as e:  # another shape
-            raise RetrolmError(f"{path}: {str(e).splitlines()[0]}") from None
+        load_model_state(self.model, model_state)
+        load_optimizer_state(self.model, self.opt, optimizer_state)
+
+    def _read_full_model(self, folder: Path) -> dict[str, torch.Tensor]:
+        """Rank 0: the checkpoint's tensors, checked against the model's names and (global) shapes, with tied
+        weights under each of their names."""
+        path = folder / "model.safetensors"
+        state = read_weights(folder)
+        model = self.model.state_dict()
+        extra = sorted(set(state) - set(model))
+        if extra:
+            raise RetrolmError(f"{path}: holds tensors the model does not have: {', '.join(extra[:5])}")
+        missing = sorted(self.saved_names() - set(state))
+        if missing:
+            raise RetrolmError(f"{path}: misses tensors of the model: {', '.join(missing[:5])}")
+        for name, t in state.items():
+            if tuple(t.shape) != tuple(model[name].shape):
+                raise RetrolmError(f"{path}: {name} has shape {tuple(t.shape)}, the model's is "
+                                   f"{tuple(model[name].shape)}")
+        for alias, stored in tied_aliases(self.model).items():
+            if stored in state:
+                state.setdefault(alias, state[stored])
+        return state
 
     # ------------------------------------------------------------------ setup
     def setup(self, resume: bool = True, show_progress: bool = True) -> None:
@@ -297,7 +314,11 @@ class Trainer:
         self.show = show_progress and self.main
         self.sharded = self.world > 1 and cfg.distributed == "fsdp"
         metrics = self.out / "metrics.jsonl"
-        earlier_rows = len(metrics.read_text().splitlines()) if metrics.is_file() else 0  # before this run's own
+        earlier = metrics.read_text() if self.main and metrics.is_file() else ""
+        if earlier and not earlier.endswith("\n"):  # a row torn by a crash: this run's rows start on a line of its own
+            with open(metrics, "a") as f:
+                f.write("\n")
+        earlier_rows = len(earlier.splitlines())  # before this run's own
 
         self.db = DatabaseView.open(cfg.db)
         if self.db.deleted_docs.any():
@@ -685,11 +706,8 @@ class Trainer:
                    folder / "trainer.pt")
 
     def _load_checkpoint(self, folder: Path) -> None:
-        self.load_model(folder)
-        if self.sharded:  # every rank reads the full state and keeps its shard
-            state = torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=False) if self.main else None
-            load_optimizer_state(self.model, self.opt, state)
-        else:
+        self.load_model(folder)  # sharded: with the optimizer state
+        if not self.sharded:
             self.opt.load_state_dict(torch.load(folder / "optimizer.pt", map_location=self.device,
                                                 weights_only=False))
         state = torch.load(folder / "trainer.pt", weights_only=False)
