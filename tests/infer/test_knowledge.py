@@ -65,6 +65,17 @@ def test_the_copier_answers_what_it_reads_and_the_report_counts_its_predictions(
     assert set(support) == {"retrieval", "multi_hop_retrieval"} and support["multi_hop_retrieval"]["syllogism"] == 1.0
     assert support["retrieval"]["syllogism"] < 1.0
     assert all(support["multi_hop_retrieval"][k] >= support["retrieval"][k] for k in [*r["kinds"], "all"])
+    # accuracy split by which options the passages held adds up to the kind's accuracy, item by item
+    for cond in ("retrieval", "multi_hop_retrieval"):
+        for kind in r["kinds"]:
+            groups = r["by_options_read"][cond][kind]
+            mine = [x for x in rows if x["kind"] == kind]
+            assert sum(g["n"] for g in groups.values()) == len(mine)
+            only = [x for x in mine if x[f"{cond}_options_read"] == [x["answer"]]]
+            assert groups["answer_only"]["n"] == len(only)
+            if only:
+                assert groups["answer_only"]["accuracy"] == pytest.approx(
+                    sum(x[cond] == x["answer"] for x in only) / len(only))
     cells = " | ".join(f"{100 * support['multi_hop_retrieval'][k]:.1f}" for k in [*r["kinds"], "all"])
     assert f"| multi_hop_retrieval | {cells} |" in (out / "report.md").read_text()
     assert (out / "config.yaml").is_file()

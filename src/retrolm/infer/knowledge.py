@@ -203,6 +203,7 @@ class KnowledgeStudy:
         augmentation: list[dict] = []
         seconds: dict[str, float] = {}
         support: dict[str, list[bool | None]] = {}
+        read: dict[str, list[list[int]]] = {}  # per retrieval condition and item: the options its passages hold
         for cond in cfg.conditions:
             t = time.perf_counter()
             logger.info("knowledge: %s", cond)
@@ -212,6 +213,7 @@ class KnowledgeStudy:
                 chosen[cond] = self._choose(base, [facts] * len(self.items))
             elif cond in ("retrieval", "multi_hop_retrieval"):
                 passages, support[cond] = self._retrieved(1 if cond == "retrieval" else cfg.hops)
+                read[cond] = [options_in(it.choices, ps) for it, ps in zip(self.items, passages, strict=True)]
                 chosen[cond] = self._choose(base, passages)
             elif cond == "fine_tuned":
                 chosen[cond] = self._choose(self._fine_tuned(facts, cond, finetuning), None)
@@ -223,10 +225,11 @@ class KnowledgeStudy:
                 rules = [x["text"] for x in self.inferences]
                 chosen[cond] = self._choose(self._fine_tuned(facts + rules, cond, finetuning), None)
             seconds[cond] = round(time.perf_counter() - t, 1)
-        result = self._summary(chosen, finetuning, augmentation, seconds, support)
+        result = self._summary(chosen, finetuning, augmentation, seconds, support, read)
         write_json(self.out / "knowledge.json", result)
         rows = [{"id": it.id, "kind": it.meta.get("kind"), "question": it.question,
-                 "answer": it.choices[it.answer], **{c: it.choices[chosen[c][i]] for c in chosen}}
+                 "answer": it.choices[it.answer], **{c: it.choices[chosen[c][i]] for c in chosen},
+                 **{f"{c}_options_read": [it.choices[j] for j in read[c][i]] for c in read}}
                 for i, it in enumerate(self.items)]
         write_bytes(self.out / "predictions.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n"
                                                             for r in rows).encode())
@@ -236,8 +239,28 @@ class KnowledgeStudy:
                                                                   for a in augmentation).encode())
         return result
 
+    def _by_options_read(self, chosen: dict[str, list[int]], read: dict[str, list[list[int]]], kinds: list[str]
+                         ) -> dict[str, dict[str, dict[str, dict[str, float]]]]:
+        """Per retrieval condition and kind: accuracy where the answer was the only option the passages held, where
+        other options were read too, and where the answer was not read: whether the reader infers or picks the
+        option it read."""
+        out: dict[str, dict[str, dict[str, dict[str, float]]]] = {}
+        for cond, options in read.items():
+            for kind in kinds:
+                groups: dict[str, list[bool]] = {"answer_only": [], "answer_and_others": [], "answer_not_read": []}
+                for i, it in enumerate(self.items):
+                    if it.meta.get("kind") != kind:
+                        continue
+                    group = ("answer_not_read" if it.answer not in options[i] else
+                             "answer_only" if len(options[i]) == 1 else "answer_and_others")
+                    groups[group].append(chosen[cond][i] == it.answer)
+                out.setdefault(cond, {})[kind] = {g: {"n": len(v), "accuracy": float(np.mean(v)) if v else None}
+                                                  for g, v in groups.items()}
+        return out
+
     def _summary(self, chosen: dict[str, list[int]], finetuning: dict, augmentation: list[dict],
-                 seconds: dict[str, float], support: dict[str, list[bool | None]]) -> dict[str, Any]:
+                 seconds: dict[str, float], support: dict[str, list[bool | None]], read: dict[str, list[list[int]]]
+                 ) -> dict[str, Any]:
         kinds = sorted({str(it.meta.get("kind")) for it in self.items})
         table: dict[str, dict[str, Any]] = {}
         found: dict[str, dict[str, Any]] = {}
@@ -262,9 +285,17 @@ class KnowledgeStudy:
                    "written_by_kind": {k: sum(kind[a["id"]] == k for a in augmentation)
                                        for k in ("reversal", "syllogism")}}
         return {"config": asdict(self.cfg), "facts": len(self.facts), "items": len(self.items), "kinds": kinds,
-                "chance": chance, "accuracy": table, "support_retrieved": found, "finetuning": finetuning,
+                "chance": chance, "accuracy": table, "support_retrieved": found,
+                "by_options_read": self._by_options_read(chosen, read, kinds), "finetuning": finetuning,
                 "augmentation": aug,
                 "seconds": seconds}
+
+
+def options_in(choices: Sequence[str], passages: Sequence[str]) -> list[int]:
+    """The indices of the options whose words occur, as a phrase, in the passages (a reader that copies what it reads
+    prefers those)."""
+    text = f" {' '.join(' '.join(p.replace('.', ' ').split()) for p in passages)} "
+    return [j for j, c in enumerate(choices) if f" {' '.join(c.replace('.', ' ').split())} " in text]
 
 
 def report(result: dict[str, Any]) -> str:
@@ -286,6 +317,14 @@ def report(result: dict[str, Any]) -> str:
                   "| condition | " + " | ".join(kinds) + " |", "|---|" + "---|" * len(kinds)]
         for cond, row in result["support_retrieved"].items():
             lines.append(f"| {cond} | " + " | ".join(f"{100 * row[k]:.1f}" if k in row else "–" for k in kinds) + " |")
+    if result.get("by_options_read"):
+        lines += ["", "Accuracy (%, n) by the options the passages held: the answer alone / the answer and others / "
+                      "not the answer:", "", "| condition | kind | answer only | answer and others | answer not read |",
+                  "|---|---|---|---|---|"]
+        for cond, by_kind in result["by_options_read"].items():
+            for kind, groups in by_kind.items():
+                cells = [f"{100 * g['accuracy']:.1f} ({g['n']})" if g["n"] else "– (0)" for g in groups.values()]
+                lines.append(f"| {cond} | {kind} | " + " | ".join(cells) + " |")
     aug = result.get("augmentation")
     if aug:
         by = ", ".join(f"{n} of {aug['written_by_kind'][k]} {k}s" for k, n in aug["correct_by_kind"].items())
