@@ -15,7 +15,7 @@ every process its shards, so a node holds one copy of the model in host memory, 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -47,7 +47,7 @@ def shard(model: nn.Module, reshard_after_forward: bool = True) -> int:
     return len(units)
 
 
-def local_bytes(tensors) -> int:
+def local_bytes(tensors: Iterable[torch.Tensor]) -> int:
     """Bytes this process holds of ``tensors`` (its shard of a DTensor, all of a plain tensor)."""
     from torch.distributed.tensor import DTensor
 
