@@ -489,6 +489,17 @@ def test_the_pipeline_reads_both_hops(world):
         RagConfig(hops=0)
 
 
+def test_hops_that_cannot_be_read_are_warned_about(world, caplog):
+    cfg = dict(db=str(world["db"].path), reader=world["lm"], retriever="bm25", top_n=2, **PLAIN)
+    with caplog.at_level("WARNING", logger="retrolm.infer.rag"):
+        RagPipeline.load(RagConfig(passages=1, hops=2, **cfg))
+    assert "passages of the last 1 hop(s) are searched but not read" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="retrolm.infer.rag"):
+        RagPipeline.load(RagConfig(passages=2, hops=2, **cfg))
+    assert "not read" not in caplog.text
+
+
 def test_later_hops_skip_text_already_found_and_follow_the_chunk_not_its_continuation(tmp_path):
     """With continuations a passage is a chunk and the next one: a later hop must not return that next chunk (its
     text is already there), and its query takes the new words of the matched chunk alone."""

@@ -404,6 +404,11 @@ class RagPipeline:
     def __init__(self, cfg: RagConfig, reader: Reader, retriever: PassageRetriever | ShardedPassageRetriever | None,
                  reranker: Reranker | None = None) -> None:
         self.cfg, self.reader, self.retriever, self.reranker = cfg, reader, retriever, reranker
+        if retriever is not None and cfg.hops > cfg.passages and reranker is None and not cfg.cross_doc:
+            # the hops are interleaved best first: fewer passages than hops leave the last hops searched but unread
+            logger.warning("hops=%d with passages=%d and no reranker: the passages of the last %d hop(s) are searched "
+                           "but not read; read at least as many passages as hops", cfg.hops, cfg.passages,
+                           cfg.hops - cfg.passages)
 
     @classmethod
     def load(cls, cfg: RagConfig, db: DatabaseView | None = None, evaluation: bool = False,
