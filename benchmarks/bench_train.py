@@ -24,7 +24,6 @@ import argparse
 import datetime as dt
 import json
 import platform
-import resource
 import time
 from pathlib import Path
 
@@ -33,6 +32,7 @@ from rich.console import Console
 from rich.table import Table
 from torch.utils.flop_counter import FlopCounterMode
 
+from retrolm.core.device import peak_memory_gib
 from retrolm.models.retro import RetroConfig, RetroModel
 
 SHAPES = {
@@ -114,8 +114,7 @@ def time_training(cfg: RetroConfig, batch: int, device: torch.device, compile_mo
         times.append(time.perf_counter() - t)
     times.sort()
     median = times[len(times) // 2]
-    mem = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
-           else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    mem = peak_memory_gib(device) * 2**30
     return {
         "params_M": model.num_params() / 1e6,
         "step_s": median,

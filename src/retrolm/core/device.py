@@ -10,6 +10,17 @@ import torch
 from retrolm.core.errors import RetrolmError
 
 
+def peak_memory_gib(device: torch.device) -> float | None:
+    """This process's peak memory so far: allocated on a GPU, resident (RSS) on a CPU (None where unknown)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    try:
+        import resource
+    except ImportError:  # not on Windows
+        return None
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
 def default_device(device: str | torch.device | None = None) -> torch.device:
     """``device`` if given (checked: a device torch knows, CUDA only where there is one), else CUDA when available,
     else the CPU."""

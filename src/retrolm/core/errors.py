@@ -9,3 +9,8 @@ class RetrolmError(Exception):
     The message must stand on its own in one line and name the file (or option) and what is wrong;
     the CLI prints it as ``error: <message>`` and exits with status 2, without a traceback.
     """
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (its type's name when it has none): what a one-line error quotes."""
+    return str(e).splitlines()[0] if str(e) else type(e).__name__

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from retrolm.core.errors import RetrolmError
+from retrolm.core.errors import RetrolmError, first_line
 from retrolm.core.io import atomic_path, file_digest, read_json_object, write_json
 
 CHECKSUMS = "checksums.json"
@@ -55,13 +55,13 @@ def load_weights(model: nn.Module, folder: str | Path, device: str | torch.devic
         except FileNotFoundError:
             raise RetrolmError(f"{path}: not found") from None
         except Exception as e:  # safetensors raises several types for truncated / mismatched files
-            raise RetrolmError(f"{path}: cannot load ({_first_line(e)})") from None
+            raise RetrolmError(f"{path}: cannot load ({first_line(e)})") from None
         return []
     state = read_weights(folder, device)
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except Exception as e:  # mismatched shapes
-        raise RetrolmError(f"{path}: cannot load ({_first_line(e)})") from None
+        raise RetrolmError(f"{path}: cannot load ({first_line(e)})") from None
     if unexpected:
         raise RetrolmError(f"{path}: holds tensors the model does not have: {', '.join(unexpected[:5])}")
     return list(missing)
@@ -78,7 +78,7 @@ def read_weights(folder: str | Path, device: str | torch.device = "cpu") -> dict
     except FileNotFoundError:
         raise RetrolmError(f"{path}: not found") from None
     except Exception as e:  # safetensors raises several types for truncated files
-        raise RetrolmError(f"{path}: cannot load ({_first_line(e)})") from None
+        raise RetrolmError(f"{path}: cannot load ({first_line(e)})") from None
 
 
 def tied_aliases(model: nn.Module) -> dict[str, str]:
@@ -92,10 +92,6 @@ def tied_aliases(model: nn.Module) -> dict[str, str]:
         kept = min(names)
         aliases.update({n: kept for n in names if n != kept})
     return aliases
-
-
-def _first_line(e: Exception) -> str:
-    return str(e).splitlines()[0] if str(e) else type(e).__name__
 
 
 def write_checksums(folder: Path) -> None:

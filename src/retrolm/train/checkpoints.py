@@ -17,7 +17,7 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-from retrolm.core.errors import RetrolmError
+from retrolm.core.errors import RetrolmError, first_line
 from retrolm.core.hub import step_folders
 from retrolm.core.io import fsync_dir, fsync_tree
 from retrolm.models.weights import CHECKSUMS, verify_checksums, write_checksums
@@ -75,7 +75,7 @@ class CheckpointManager:
             try:
                 verify_checksums(ckpt)
             except errors as e:
-                logger.warning("%s: damaged checkpoint skipped (%s)", ckpt, _first_line(e))
+                logger.warning("%s: damaged checkpoint skipped (%s)", ckpt, first_line(e))
                 continue
             try:
                 load(ckpt)
@@ -84,17 +84,13 @@ class CheckpointManager:
                 if (ckpt / CHECKSUMS).is_file() and not isinstance(e, (OSError, EOFError)):
                     # every file is as written: this run's settings (another model shape, freeze_init, lora) or
                     # software do not fit it, and every older checkpoint would most likely fail the same way
-                    raise RetrolmError(f"{ckpt}: intact, but does not load into this run ({_first_line(e)}); resume "
+                    raise RetrolmError(f"{ckpt}: intact, but does not load into this run ({first_line(e)}); resume "
                                        "with the settings and software it was written with, or start afresh "
                                        "(--no-resume)") from None
-                logger.warning("%s: damaged checkpoint skipped (%s)", ckpt, _first_line(e))
+                logger.warning("%s: damaged checkpoint skipped (%s)", ckpt, first_line(e))
         if found:
             raise RetrolmError(f"{self.folder}: no intact checkpoint to resume from (pass --no-resume to restart)")
         return None
-
-
-def _first_line(e: Exception) -> str:
-    return str(e).splitlines()[0] if str(e) else type(e).__name__
 
 
 def _reason(e: Exception, folder: Path) -> str:

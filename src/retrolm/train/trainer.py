@@ -32,8 +32,8 @@ import yaml
 from tqdm.auto import tqdm
 
 from retrolm.core.config import save_config
-from retrolm.core.device import autocast, default_device
-from retrolm.core.errors import RetrolmError
+from retrolm.core.device import autocast, default_device, peak_memory_gib
+from retrolm.core.errors import RetrolmError, first_line
 from retrolm.core.hub import find_checkpoint
 from retrolm.core.io import exclusive_lock, read_json, read_json_object, write_bytes, write_json
 from retrolm.db import DatabaseView
@@ -67,17 +67,6 @@ from retrolm.train.distributed import (
 from retrolm.train.scoring import score_sequences
 
 logger = logging.getLogger(__name__)
-
-
-def peak_memory_gib(device: torch.device) -> float | None:
-    """This process's peak memory so far: allocated on a GPU, resident (RSS) on a CPU (None where unknown)."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    try:
-        import resource
-    except ImportError:  # not on Windows
-        return None
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
 def database_record(db: DatabaseView) -> dict:
@@ -268,7 +257,7 @@ class Trainer:
             except RetrolmError as e:
                 error = str(e)
             except Exception as e:  # a truncated or foreign file: several exception types
-                error = f"{folder}: cannot load ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+                error = f"{folder}: cannot load ({first_line(e)})"
         if (error := from_main(error)) is not None:
             raise RetrolmError(error)
         load_model_state(self.model, model_state)
