@@ -486,9 +486,13 @@ class RetroModel(nn.Module):
         config = {"architecture": "retro", **self.config.to_dict()}
         if state is None:
             save_weights(self, folder, config)
-        else:  # tied weights once, under the name safetensors keeps for them
-            aliases = tied_aliases(self)
-            save_weights(self, folder, config, {n: t for n, t in state.items() if n not in aliases})
+        else:
+            save_weights(self, folder, config, {n: state[n] for n in sorted(self.saved_names())})
+
+    def saved_names(self) -> set[str]:
+        """The state-dict names :meth:`save_pretrained` writes: every tensor, a tied one once (under the name
+        safetensors keeps for it)."""
+        return set(self.state_dict()) - set(tied_aliases(self))
 
     @classmethod
     def from_pretrained(cls, folder: str | Path, device: str | torch.device = "cpu") -> RetroModel:

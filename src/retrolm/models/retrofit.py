@@ -650,9 +650,14 @@ class RetrofitModel(nn.Module):
     def save_pretrained(self, folder: str | Path, state: Mapping[str, Tensor] | None = None) -> None:
         """Write the new weights (+ LoRA adapters or, unfrozen, the base's weights) and ``model.json`` to ``folder``.
         ``state``: the full tensors by name to write instead of the model's own (a sharded model gathers them)."""
-        # tied weights once
-        tensors = {n: p if state is None else state[n] for n, p in self.named_parameters() if self._saved(n)}
+        saved = self.saved_names()
+        tensors = {n: p if state is None else state[n] for n, p in self.named_parameters() if n in saved}
         save_weights(self, folder, {"architecture": "retrofit", **self.config.to_dict()}, tensors)
+
+    def saved_names(self) -> set[str]:
+        """The names :meth:`save_pretrained` writes: the new modules' parameters and what of the base is trained
+        (a tied weight under its first name only)."""
+        return {n for n, _ in self.named_parameters() if self._saved(n)}
 
     @classmethod
     def from_pretrained(cls, folder: str | Path, device: str | torch.device = "cpu") -> RetrofitModel:

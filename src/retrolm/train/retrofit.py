@@ -103,10 +103,6 @@ class RetrofitTrainer(Trainer):
                                f"{model.config.vocab_size} embeddings of {cfg.base}")
         return model
 
-    def saved_names(self) -> set[str]:
-        """What a RETRO-fitting checkpoint holds: the new modules and what of the base is trained."""
-        return {n for n, _ in self.model.named_parameters() if self.model._saved(n)}
-
     def load_model(self, folder: Path) -> None:
         """Resume: the checkpoint's trained weights into the freshly built model (same base, by fingerprint)."""
         if self.sharded:

@@ -239,10 +239,6 @@ class Trainer:
         else:
             load_weights(self.model, folder, self.device)
 
-    def saved_names(self) -> set[str]:
-        """The state-dict names a checkpoint of this recipe holds: every tensor of the model, tied ones once."""
-        return set(self.model.state_dict()) - set(tied_aliases(self.model))
-
     def _load_sharded(self, folder: Path) -> None:
         """A checkpoint into the sharded model and its optimizer. Rank 0 alone reads and checks the files (one copy
         of the model in host memory) and tells every rank the verdict before any tensor is sent, so that all fail
@@ -272,7 +268,7 @@ class Trainer:
         extra = sorted(set(state) - set(model))
         if extra:
             raise RetrolmError(f"{path}: holds tensors the model does not have: {', '.join(extra[:5])}")
-        missing = sorted(self.saved_names() - set(state))
+        missing = sorted(self.model.saved_names() - set(state))
         if missing:
             raise RetrolmError(f"{path}: misses tensors of the model: {', '.join(missing[:5])}")
         for name, t in state.items():
@@ -649,7 +645,7 @@ class Trainer:
         self._cuda_rng_by_rank = self._gather_cuda_rng()
         self._cpu_rng_by_rank = self._gather(torch.get_rng_state()) if self.world > 1 else None
         if self.sharded:  # gathered to rank 0, which writes the single-process format
-            saved = self.saved_names()
+            saved = self.model.saved_names()
             self._full_model = full_model_state(self.model, saved.__contains__)
             self._full_optimizer = full_optimizer_state(self.model, self.opt)
         if not self.main:
@@ -675,7 +671,7 @@ class Trainer:
         return states
 
     def _write_checkpoint(self, folder: Path) -> None:
-        full = self._full_model if self.sharded else None
+        full = self._full_model  # set only by a sharded run
         weights = full.values() if full is not None else self.model.parameters()
         if not all(bool(torch.isfinite(t).all()) for t in weights if t.is_floating_point()):
             raise RetrolmError(f"{self.out}: non-finite weights at step {self.step}; not saved (earlier checkpoints "
@@ -686,7 +682,7 @@ class Trainer:
         write_json(folder / "database.json", database_record(self.db))
         if frozen := frozen_names(self.model):  # a continuation keeps these frozen without its ancestors' checkpoints
             write_json(folder / FROZEN_FILE, frozen)
-        torch.save(self._full_optimizer if self.sharded else self.opt.state_dict(), folder / "optimizer.pt")
+        torch.save(self._full_optimizer if full is not None else self.opt.state_dict(), folder / "optimizer.pt")
         torch.save({"step": self.step, "sequences_per_step": self._per_step, "data_order": self._data_order,
                     "torch_rng": torch.get_rng_state(),
                     "numpy_rng": np.random.get_state(),
