@@ -35,7 +35,7 @@ import regex
 
 from retrolm.core.device import default_device
 from retrolm.core.errors import RetrolmError
-from retrolm.db import DatabaseView
+from retrolm.db import DatabaseView, Hit
 from retrolm.eval.qa import CHOICE_NORMALIZATIONS, QAItem
 from retrolm.infer.consistency import CrossDocVote, cross_document_vote, majority_vote
 from retrolm.infer.flops import ModelCost, StageFlops, bm25_search_flops, dense_search_flops
@@ -169,7 +169,7 @@ class Passage:
         return out if self.shard is None else {**out, "shard": self.shard}
 
 
-def chunk_passage(hit, rank: int, continuation: bool, shard: str | None = None) -> Passage:
+def chunk_passage(hit: Hit, rank: int, continuation: bool, shard: str | None = None) -> Passage:
     """A retrieved chunk as a passage, followed by the next chunk of its document when ``continuation``."""
     more = continuation and bool(hit.continuation)
     return Passage(hit.text + (hit.continuation if more else ""), hit.doc_id, hit.chunk_id, hit.position, hit.score,
@@ -186,6 +186,9 @@ class PassageRetriever:
         continuation: chunk passages include the next chunk of their document.
         document_tokens: document passages' length in database tokens.
     """
+
+    max_k: int | None = None
+    """The most passages one search may ask for (None: no limit; a sharded database's remote parts have one)."""
 
     def __init__(self, db: DatabaseView, kind: str = "auto", unit: str = "chunk", continuation: bool = True,
                  document_tokens: int = 256) -> None:
@@ -254,6 +257,8 @@ class ShardedPassageRetriever:
     encoder N times), the parts on this machine once between them. ``unit=document`` needs one database folder
     (passages are cut from its token arrays)."""
 
+    unit = "chunk"
+
     def __init__(self, sharded: ShardedRetriever, continuation: bool = True) -> None:
         self.sharded, self.continuation = sharded, continuation
         self.retriever = sharded
@@ -318,14 +323,14 @@ def retrieve_hops(retriever: PassageRetriever | ShardedPassageRetriever, questio
                   hops: int) -> tuple[list[list[Passage]], list[StageFlops]]:
     """Multi-hop retrieval: per question up to ``n`` passages per hop and the FLOPs of every hop's search.
 
-    Hop 1 searches with the question. Hop h > 1 searches with the question followed by the words of the best
-    passage hop h - 1 added that the question lacks: what the question does not name ("All troff are" finds "All
-    troff are glon.", and the second hop, asked "All troff are glon", the facts about glon). It keeps the first
-    ``n`` passages no earlier hop found. The hops' lists are interleaved
+    Hop 1 searches with the question. Hop h > 1 searches with the question followed by the words of the best chunk
+    hop h - 1 added that the question lacks: what the question does not name ("All troff are" finds "All troff are
+    glon.", and the second hop, asked "All troff are glon", the facts about glon). It keeps the first ``n`` passages
+    that overlap no passage found before (a chunk's continuation counts as found). The hops' lists are interleaved
     (the best of each hop, then the second of each, ...), so that reading the first few passages reads every hop's
     best. A hop that adds nothing ends the chain."""
     found, flops = retriever.retrieve(questions, n)
-    document = getattr(retriever, "unit", "chunk") == "document"
+    document = retriever.unit == "document"
 
     def overlaps(p: Passage, q: Passage) -> bool:  # the same text, or part of it (a chunk and its continuation)
         if (p.shard, p.doc_id) != (q.shard, q.doc_id):
@@ -346,7 +351,7 @@ def retrieve_hops(retriever: PassageRetriever | ShardedPassageRetriever, questio
         # fetched beyond n by what earlier hops found, so that each hop can add n passages that are new (up to what
         # the retriever serves: a sharded database's parts cap k)
         fetch = n + max(2 * sum(map(len, by_hop[i])) for i in follow)
-        limit = getattr(retriever, "max_k", None)
+        limit = retriever.max_k
         more, more_flops = retriever.retrieve([f"{questions[i]} {bridge[i]}" for i in follow],
                                               fetch if limit is None else max(n, min(fetch, limit)))
         for i, ps, f in zip(follow, more, more_flops, strict=True):
