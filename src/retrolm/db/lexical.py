@@ -59,7 +59,6 @@ class LexicalIndex:
         """BM25 terms per chunk (see :meth:`chunk_lengths`)."""
         self.texts = texts
         self._total_length: int | None = None
-        self._mean_length: float | None = None
 
     @classmethod
     def build(cls, chunk_texts: Callable[[np.ndarray], list[str]], n_chunks: int, show_progress: bool = False
@@ -232,9 +231,8 @@ class LexicalIndex:
             raise RetrolmError(f"{self.folder or 'BM25 index'}: the term statistics given do not include this index's "
                                f"own ({own.n_chunks} chunks, {own.total_length} terms, {own.df})")
         k1, b = float(self.retriever.k1), float(self.retriever.b)
-        if self._mean_length is None:  # as bm25s averaged them when it indexed
-            self._mean_length = float(lengths.mean())
-        own_mean, mean = self._mean_length, stats.total_length / max(1, stats.n_chunks)
+        # the mean length bm25s normalised by when it indexed, and the one of all parts
+        own_mean, mean = own.total_length / own.n_chunks, stats.total_length / max(1, stats.n_chunks)
         for q, toks in enumerate(tokens):
             if not queries[q].strip():
                 continue
