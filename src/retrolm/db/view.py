@@ -303,6 +303,17 @@ class DatabaseView:
         return [d for d, dead in zip(self.store.doc_ids, self.deleted_docs, strict=True) if not dead]
 
     # ---- chunks
+    def document(self, doc_id: str) -> dict | None:
+        """A live document as stored: ``source`` (the file it came from), ``chunks`` ([first, end) chunk ids) and
+        ``text`` (its chunks' tokens decoded); None when the database holds no live document of that id."""
+        store = self.store
+        i = store.doc_index(doc_id)
+        if i is None or self.deleted_docs[i]:
+            return None
+        first, n = int(store.doc_first_chunk[i]), int(store.doc_n_chunks[i])
+        return {"source": store.doc_source(i), "chunks": [first, first + n],
+                "text": self.tokenizer.decode(store.doc_tokens(i).tolist())}
+
     def chunk_texts(self, ids: Sequence[int] | np.ndarray) -> list[str]:
         """The chunks as text."""
         return self.store.texts(np.asarray(ids, dtype=np.int64), self.tokenizer)

@@ -204,11 +204,8 @@ class LocalShard(Shard):
 
     def document(self, doc_id: str) -> dict[str, Any] | None:
         self.db.refresh()
-        i = self.db.store.doc_index(doc_id)
-        if i is None or self.db.deleted_docs[i]:
-            return None
-        return {"text": self.db.tokenizer.decode(self.db.store.doc_tokens(i).tolist()),
-                "source": self.db.store.doc_source(i)}
+        doc = self.db.document(doc_id)
+        return None if doc is None else {"text": doc["text"], "source": doc["source"]}
 
 
 class RemoteShard(Shard):

@@ -229,13 +229,10 @@ class Service:
                     raise NotFoundError(f"no document {doc_id!r} in any shard")
                 return {"id": doc_id, "source": found[1]["source"], "shard": found[0], "chunks": None,
                         "text": found[1]["text"]}
-            store = self.db.store
-            doc = store.doc_index(doc_id)
-            if doc is None or self.db.deleted_docs[doc]:
+            doc = self.db.document(doc_id)
+            if doc is None:
                 raise NotFoundError(f"no document {doc_id!r} in {self.db.path}")
-            first, n = int(store.doc_first_chunk[doc]), int(store.doc_n_chunks[doc])
-            return {"id": doc_id, "source": store.doc_source(doc), "chunks": [first, first + n],
-                    "text": self.db.tokenizer.decode(store.doc_tokens(doc).tolist())}
+            return {"id": doc_id, **doc}
 
     # ------------------------------------------------------------------------------------------------ helpers
     @property
