@@ -44,7 +44,7 @@ from retrolm.db.index import VectorIndex
 from retrolm.db.lexical import LENGTHS, LexicalIndex
 from retrolm.db.meta import FORMAT_VERSION, db_path, file_records, now, referenced_files, update_counts
 from retrolm.db.view import DatabaseView, meta_stamp
-from retrolm.text.corpus import Document, corpus_fingerprint, iter_documents, shard_of
+from retrolm.text.corpus import Document, belongs, corpus_fingerprint, iter_documents
 
 logger = logging.getLogger(__name__)
 
@@ -137,7 +137,7 @@ class Database(DatabaseView):
 
         def checked(docs: Iterable[Document]) -> Iterator[Document]:
             for doc in docs:  # fail early, before any embedding work
-                if shard is not None and shard_of(doc.id, shard[1]) != shard[0]:
+                if not belongs(doc.id, shard):
                     elsewhere[0] += 1  # another shard's document: its own database takes it
                     continue
                 if doc.id in live and not replace:

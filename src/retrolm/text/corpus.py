@@ -276,11 +276,14 @@ def shard_of(doc_id: str, n_shards: int) -> int:
     return int.from_bytes(digest, "big") % n_shards
 
 
+def belongs(doc_id: str, shard: tuple[int, int] | None) -> bool:
+    """Whether document ``doc_id`` belongs to ``shard`` = (I, N) (every document belongs to None: no split)."""
+    return shard is None or shard_of(doc_id, shard[1]) == shard[0]
+
+
 def in_shard(docs: Iterable[Document], shard: tuple[int, int] | None) -> Iterator[Document]:
     """The documents of ``docs`` that belong to ``shard`` = (I, N); all of them for None."""
-    for doc in docs:
-        if shard is None or shard_of(doc.id, shard[1]) == shard[0]:
-            yield doc
+    return (doc for doc in docs if belongs(doc.id, shard))
 
 
 def corpus_fingerprint(paths: Iterable[str | Path]) -> list[list]:
