@@ -56,14 +56,20 @@ def is_shards_file(path: str | Path) -> bool:
     return p.suffix in SHARD_FILE_SUFFIXES and not p.is_dir()
 
 
+def needs_folder(path: str | Path | None, what: str) -> None:
+    """One line when ``path`` names a shards file where ``what`` needs one database folder."""
+    if path and is_shards_file(path):
+        raise RetrolmError(f"{path}: a shards file; {what} needs one database folder (run it on each part; db search, "
+                           f"db info, rag, generate and serve take a shards file)")
+
+
 def read_meta(path: Path) -> dict:
     """The description of the database at ``path``, checked to be a finished retrolm database this version reads."""
     if path.name.endswith(STAGING_SUFFIX) or (path / "plan.json").is_file():
         final = path.with_name(path.name.removesuffix(STAGING_SUFFIX))
         raise RetrolmError(f"{path}: unfinished build staging folder, not a database (re-run the build of {final})")
-    if is_shards_file(path) and path.is_file():
-        raise RetrolmError(f"{path}: a shards file; this needs one database folder (run it on each part: db search, "
-                           f"db info, rag, generate and serve take a shards file)")
+    if path.is_file():
+        needs_folder(path, "this")
     if not path.is_dir():
         raise RetrolmError(f"{path}: database folder does not exist")
     meta = read_json(path / "meta.json", "database description (meta.json)")

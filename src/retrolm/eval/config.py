@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from retrolm.core.errors import RetrolmError
-from retrolm.retrieval.sharded import needs_folder
+from retrolm.db.meta import needs_folder
 
 
 @dataclass

@@ -35,13 +35,13 @@ from retrolm.core.errors import RetrolmError
 from retrolm.core.io import atomic_path, write_bytes, write_json
 from retrolm.core.versions import library_versions
 from retrolm.db import DatabaseView, noisy_copy
+from retrolm.db.meta import needs_folder
 from retrolm.eval.multiplier import Point, fit_metric, load_points, multiplier_report, plot_multiplier
 from retrolm.eval.qa import QAItem, contamination, load_qa, mean_scores, score_prediction
 from retrolm.eval.report import markdown_table
 from retrolm.infer.consistency import majority_vote
 from retrolm.infer.flops import StageFlops, mean_flops, pretraining_flops
 from retrolm.infer.rag import MODES, Passage, RagConfig, RagPipeline, reading_flops
-from retrolm.retrieval.sharded import needs_folder
 
 logger = logging.getLogger(__name__)
 

@@ -58,13 +58,6 @@ class PartRefused(RetrolmError):
     """A remote part refused a request (4xx): its limits may have changed since the front read them."""
 
 
-def needs_folder(path: str | Path | None, what: str) -> None:
-    """One line when ``path`` names a shards file where ``what`` needs one database folder."""
-    if path and is_shards_file(path):
-        raise RetrolmError(f"{path}: a shards file; {what} needs one database folder (search, rag, generate and serve "
-                           f"take a shards file)")
-
-
 @dataclass
 class ShardsConfig:
     """A shards file: the parts of one database and how to search them."""
