@@ -11,7 +11,11 @@ wiki               10,033 English Wikipedia lead summaries (PyPI ``ovos-skill-wi
 python-docs        the Python 3.11 documentation sources (Debian ``python3.11-doc``)           PSF
 linux-docs-6.1     the Linux kernel 6.1 documentation, ``.rst`` (Debian ``linux-doc-6.1``)    GPL-2
 linux-docs-6.12    the Linux kernel 6.12 documentation, ``.rst`` (Debian ``linux-doc-6.12``)  GPL-2
+wordnet            WordNet 3.0, 117,659 synsets with their glosses (Debian ``wordnet-base``)   WordNet
+gcide              GCIDE (Webster 1913 + additions), 126,236 entries (Debian ``dict-gcide``)  GPL-3
 =================  =========================================================================  ===========
+
+The dictionaries are parsed by :mod:`retrolm.text.dictionaries` (one document per synset / entry).
 
 Kernel documents are identified by version and path (``6.12/Documentation/…``), so that two versions of a file are
 two documents: the previous version of a held-out document stays retrievable unless an exclusion removes it.
@@ -37,9 +41,11 @@ import tempfile
 import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from urllib.parse import unquote
 
 from retrolm.core.errors import RetrolmError
 from retrolm.core.io import atomic_path, read_json, write_json
+from retrolm.text.dictionaries import read_gcide, read_wordnet
 
 logger = logging.getLogger(__name__)
 
@@ -111,7 +117,7 @@ def _debian(work: Path, package: str) -> tuple[Path, str]:
         raise RetrolmError(f"apt-get download {package}: no package file (run `apt-get update` once?)")
     root = work / package
     _run(["dpkg", "-x", str(debs[-1]), str(root)])
-    return root, f"{package}={debs[-1].name.split('_')[1]}"
+    return root, f"{package}={unquote(debs[-1].name.split('_')[1])}"  # an epoch is %3a in the file name
 
 
 def _python_docs(work: Path) -> tuple[Iterator[dict], str]:
@@ -144,11 +150,24 @@ def _linux_docs(kernel: str) -> Callable[[Path], tuple[Iterator[dict], str]]:
     return fetch
 
 
+def _wordnet(work: Path) -> tuple[Iterator[dict], str]:
+    root, version = _debian(work, "wordnet-base")
+    return read_wordnet(root / "usr/share/wordnet"), version
+
+
+def _gcide(work: Path) -> tuple[Iterator[dict], str]:
+    root, version = _debian(work, "dict-gcide")
+    folder = root / "usr/share/dictd"
+    return read_gcide(folder / "gcide.index", folder / "gcide.dict.dz"), version
+
+
 SOURCES: dict[str, Callable[[Path], tuple[Iterator[dict], str]]] = {
     "wiki": _wiki,
     "python-docs": _python_docs,
     "linux-docs-6.1": _linux_docs("6.1"),
     "linux-docs-6.12": _linux_docs("6.12"),
+    "wordnet": _wordnet,
+    "gcide": _gcide,
 }
 
 
