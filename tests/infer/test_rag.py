@@ -542,3 +542,21 @@ def test_a_later_hop_asks_no_more_than_the_retriever_serves():
 
     found, _ = retrieve_hops(Capped(), ["alpha0"], 4, hops=2)
     assert asked == [4, 5] and [p.hop for p in found[0]] == [1, 2, 1, 1, 1]
+
+
+def test_a_record_s_query_is_what_retrieval_searches_with(world, tmp_path):
+    """A benchmark's ``query`` replaces the question in the search only: the reader still reads the question."""
+    qa = write_jsonl(tmp_path / "q.jsonl", [{"id": "q", "question": "The code of zorblat is", "answers": ["amber"]},
+                                            {"id": "r", "question": "The code of zorblat is", "answers": ["amber"],
+                                             "query": "quenmir"}])
+    run_rag_eval(eval_cfg(world, "query", data=str(qa)), show_progress=False)
+    preds = [json.loads(x) for x in (world["root"] / "query" / "predictions.jsonl").read_text().splitlines()]
+    assert [p["retrieval"]["passages"] for p in preds] == [["fact-zorblat"], ["fact-quenmir"]]
+    assert [p["retrieval"]["answer"] for p in preds] == ["amber", "basalt"]  # copied after the question's "is"
+    pipe = RagPipeline.load(RagConfig(db=str(world["db"].path), reader=world["lm"], retriever="bm25", top_n=3,
+                                      passages=1, rerank=False, **PLAIN))
+    (a,) = pipe.answer_items(load_qa(qa)[1:])
+    assert [p.doc_id for p in a.passages] == ["fact-quenmir"] and a.question == "The code of zorblat is"
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"id": "q", "question": "x", "answers": ["y"], "query": " "}])
+    with pytest.raises(RetrolmError, match=r"bad\.jsonl:1: 'query' must be a non-empty string"):
+        load_qa(bad)

@@ -6,6 +6,11 @@ A QA file holds one JSON object per line::
     {"id": "q1", "question": "...", "answers": ["...", "..."]}                       # short answer
     {"id": "q2", "question": "...", "choices": ["...", "...", "..."], "answer": 1}   # multiple choice (MMLU style)
 
+An optional ``query`` is what retrieval searches with instead of the question, for a benchmark whose questions wrap
+their content in words of the format (``What does the word "cystolith" mean?`` → ``cystolith``): in a dictionary,
+*what*, *word* and *mean* are frequent enough that BM25 prefers a chunk repeating them to the one entry that holds the
+rare word. The reader and the reranker still read the question.
+
 Any other field (e.g. ``provenance``) is kept in :attr:`QAItem.meta`. A bad record is a one-line error naming the file
 and line. Scores follow the official SQuAD v1.1 script: answers are lower-cased, stripped of punctuation, of the
 articles *a*, *an*, *the* and of extra whitespace; EM and F1 take the best gold answer.
@@ -52,6 +57,8 @@ class QAItem:
     """Multiple choice: index of the correct option in :attr:`choices`."""
     meta: dict = field(default_factory=dict)
     """Every other field of the record (provenance, labels, ...)."""
+    query: str | None = None
+    """What retrieval searches with, when it is not the question (see the module docstring)."""
 
     @property
     def multiple_choice(self) -> bool:
@@ -60,6 +67,10 @@ class QAItem:
     def text(self) -> str:
         """What contamination is checked on: the question followed by the gold answer."""
         return f"{self.question} {self.answers[0] if self.answers else ''}".strip()
+
+    def search_text(self) -> str:
+        """What retrieval searches with: the query if the record has one, else the question."""
+        return self.query if self.query is not None else self.question
 
 
 def _record(obj: object, where: str) -> QAItem:
@@ -71,7 +82,10 @@ def _record(obj: object, where: str) -> QAItem:
     question = obj["question"]
     if not isinstance(question, str) or not question.strip():
         raise RetrolmError(f"{where}: 'question' must be a non-empty string")
-    meta = {k: v for k, v in obj.items() if k not in ("id", "question", "answers", "choices", "answer")}
+    query = obj.get("query")
+    if query is not None and (not isinstance(query, str) or not query.strip()):
+        raise RetrolmError(f"{where}: 'query' must be a non-empty string when given")
+    meta = {k: v for k, v in obj.items() if k not in ("id", "question", "answers", "choices", "answer", "query")}
     if "choices" in obj:
         choices, answer = obj["choices"], obj.get("answer")
         if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) and c.strip()
@@ -79,14 +93,14 @@ def _record(obj: object, where: str) -> QAItem:
             raise RetrolmError(f"{where}: 'choices' must be a list of at least two non-empty strings")
         if not isinstance(answer, int) or isinstance(answer, bool) or not 0 <= answer < len(choices):
             raise RetrolmError(f"{where}: 'answer' must be the index of the correct choice (0..{len(choices) - 1})")
-        return QAItem(str(obj["id"]), question, [choices[answer]], list(choices), answer, meta)
+        return QAItem(str(obj["id"]), question, [choices[answer]], list(choices), answer, meta, query)
     answers = obj.get("answers")
     if isinstance(answers, str):
         answers = [answers]
     if not isinstance(answers, list) or not answers or not all(isinstance(a, str) and a.strip() for a in answers):
         raise RetrolmError(f"{where}: 'answers' must be a non-empty list of non-empty strings "
                            "(or give 'choices' and 'answer')")
-    return QAItem(str(obj["id"]), question, list(answers), meta=meta)
+    return QAItem(str(obj["id"]), question, list(answers), meta=meta, query=query)
 
 
 def load_qa(path: str | Path, max_questions: int | None = None) -> list[QAItem]:

@@ -575,7 +575,7 @@ class RagPipeline:
         if mode == "closed_book":
             return [RagAnswer(it.question, r.answers[0], mode, [], [], reading_flops(r), samples=r.answers)
                     for it, r in zip(items, self.read(items, None), strict=True)]
-        passages, flops = self.retrieve(questions)
+        passages, flops = self.retrieve([it.search_text() for it in items])
         if self.reranker is not None:
             passages, rr = self.rerank(questions, passages)
             flops = [a + b for a, b in zip(flops, rr, strict=True)]

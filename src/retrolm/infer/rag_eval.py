@@ -115,7 +115,7 @@ def evaluate_block(pipe: RagPipeline, items: list[QAItem], closed_book: bool = T
     if closed_book:
         out["closed_book"] = [Prediction(r.answers[0], reading_flops(r))
                               for r in timed("closed_book", pipe.read, items, None)]
-    passages, base_flops = timed("retrieve", pipe.retrieve, qs)
+    passages, base_flops = timed("retrieve", pipe.retrieve, [it.search_text() for it in items])
     k = c.passages
     reads = timed("retrieval", pipe.read, items, [ps[:k] for ps in passages])
     out["retrieval"] = [Prediction(r.answers[0], f + reading_flops(r), ps[:k], list(range(len(ps[:k]))))
