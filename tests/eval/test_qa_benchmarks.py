@@ -11,7 +11,15 @@ import pytest
 from conftest import WIKI_SAMPLE, run_cli, write_jsonl
 from retrolm.core.errors import RetrolmError
 from retrolm.eval.qa import load_qa
-from retrolm.text.qa import BLANK, build_benchmark, build_kernel_cloze, choose_blank, cloze_sentences, in_test_split
+from retrolm.text.qa import (
+    BLANK,
+    build_benchmark,
+    build_dict_def,
+    build_kernel_cloze,
+    choose_blank,
+    cloze_sentences,
+    in_test_split,
+)
 
 
 def test_wiki_entity_is_reproducible_and_traceable(tmp_path):
@@ -135,3 +143,72 @@ def test_corpus_qa_cli(tmp_path, capsys):
     assert rc == 2 and "unknown" in err
     with pytest.raises(RetrolmError, match="usable 'description'"):
         build_benchmark("wiki-entity", write_jsonl(tmp_path / "k.jsonl", KERNEL_NEW), out)
+
+
+def synset(i: int, lemmas: list[str], definition: str, pos: str = "noun", lexfile: int = 4) -> dict:
+    return {"id": f"wordnet/{pos}/{i:08d}", "text": f"{', '.join(lemmas)} ({pos}): {definition}", "lemmas": lemmas,
+            "pos": pos, "lexfile": lexfile, "definition": definition}
+
+
+WORDNET = [
+    synset(1, ["abaction"], "stealing cattle on a large scale"),
+    synset(2, ["cystolith"], "a calculus formed in the bladder"),
+    synset(3, ["toccata"], "a baroque composition for a keyboard instrument"),  # no entry in the store
+    synset(4, ["bank"], "a sloping land beside a body of water"),  # two senses: ambiguous
+    synset(5, ["bank"], "a financial institution that accepts deposits", lexfile=14),
+    synset(6, ["Paris", "capital of France"], "the capital and largest city of France"),  # not a lowercase word
+    synset(7, ["greedily"], "in a greedy manner", pos="adverb", lexfile=2),  # the definition gives it away
+    synset(8, ["gormandize"], "eat immoderately and greedily", pos="verb", lexfile=34),
+    synset(9, ["quire"], "a collection of twenty four sheets of paper"),
+    synset(10, ["rampart"], "an embankment built around a space for defensive purposes"),
+    synset(11, ["glut"], "overeat or eat immodestly", pos="verb", lexfile=34),
+    synset(14, ["eat up"], "eat a large amount of food quickly", pos="verb", lexfile=34),  # not one word
+    synset(12, ["cobble"], "a rounded stone used for paving", lexfile=6),
+    synset(13, ["yawl"], "a sailing vessel with two masts, the smaller one abaft the rudder post and several further "
+                         "words that make its definition too long for a question to be fair", lexfile=6),
+]
+GCIDE = [
+    {"id": "gcide/Abaction", "text": "Abaction, n. Stealing cattle on a large scale. [Obs.]",
+     "headwords": ["Abaction"]},
+    {"id": "gcide/Cystolith", "text": "Cystolith, n. 1. (Bot.) A concretion of mineral matter.\n2. (Med.) A "
+                                      "urinary calculus.", "headwords": ["Cystolith"]},
+    {"id": "gcide/Gormandize", "text": "Gormandize, v. i. To eat greedily.",
+     "headwords": ["Gormandize", "Gourmandize"]},
+    {"id": "gcide/Quire", "text": "Quire, n. A collection of twenty-four sheets of paper.", "headwords": ["Quire"]},
+    {"id": "gcide/Rampart", "text": "Rampart, n. That which secures; a bulwark.", "headwords": ["Rampart"]},
+    {"id": "gcide/Glut", "text": "Glut, v. t. To swallow greedily. Overeat or eat immodestly", "headwords": ["Glut"]},
+]
+
+
+def test_dict_def_asks_rare_unambiguous_words_the_store_defines(tmp_path):
+    wordnet, gcide = write_jsonl(tmp_path / "wn.jsonl", WORDNET), write_jsonl(tmp_path / "gc.jsonl", GCIDE)
+    alone = build_benchmark("dict-def", wordnet, tmp_path / "all.jsonl", n=20, test_fraction=1.0)
+    asked = {it.query for it in load_qa(tmp_path / "all.jsonl")}
+    assert alone == len(asked) == 8  # not bank (two senses), Paris, greedily, yawl (over 25 words)
+    assert asked == {"abaction", "cystolith", "toccata", "gormandize", "quire", "rampart", "glut", "cobble"}
+    recs = build_dict_def(wordnet, n=20, store=gcide, test_fraction=1.0, choices=3)
+    by_word = {r["provenance"]["word"]: r for r in recs}
+    assert set(by_word) == {"abaction", "cystolith", "gormandize", "quire", "rampart", "glut"}  # the store's words
+    # verbatim (case and spaces aside) in the word's own entry, or not: the hyphen of "twenty-four" is a difference
+    in_store = {w: r["provenance"]["in_store"] for w, r in by_word.items()}
+    assert in_store == {"abaction": True, "cystolith": False, "gormandize": False, "quire": False, "rampart": False,
+                        "glut": True}
+    assert [r["provenance"]["in_store"] for r in recs[:4]] == [True, False, True, False]  # balanced, then the rest
+    assert by_word["gormandize"]["provenance"]["store_doc_ids"] == ["gcide/Gormandize"]
+    defs = {d["lemmas"][0]: d for d in WORDNET}
+    for w, r in by_word.items():
+        assert r["query"] == w and r["question"] == f'What does the word "{w}" mean?'
+        gold = r["choices"][r["answer"]]
+        assert gold == defs[w]["definition"] and len(set(r["choices"])) == 3
+        others = [d for d in WORDNET if d["definition"] in r["choices"] and d["definition"] != gold]
+        assert all(d["pos"] == defs[w]["pos"] for d in others)  # same part of speech, similar length
+        assert all(len(gold.split()) / 2 <= len(d["definition"].split()) <= 2 * len(gold.split()) for d in others)
+    # the nouns of lexicographer file 4 come first: abaction's options are other noun.act definitions where they fit
+    assert {d["lexfile"] for d in WORDNET if d["definition"] in by_word["abaction"]["choices"]} == {4}
+    assert build_dict_def(wordnet, n=20, store=gcide, test_fraction=1.0, choices=3) == recs
+    assert build_dict_def(wordnet, n=20, store=gcide, test_fraction=1.0, choices=3, seed=1) != recs
+    with pytest.raises(RetrolmError, match=r"4 choices need 3 other verb definitions about as long as that of "
+                                           r"'(gormandize|glut)'; the corpus has 2: ask for fewer --choices"):
+        build_dict_def(wordnet, n=20, store=gcide, test_fraction=1.0, choices=4)
+    with pytest.raises(RetrolmError, match=r"no synsets .* `retrolm corpus fetch wordnet`"):
+        build_dict_def(gcide)

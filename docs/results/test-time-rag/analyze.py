@@ -1,6 +1,7 @@
 """Paired comparisons of a rag-eval run (docs/test-time-rag.md): each configuration against closed book, with a 95%
-bootstrap interval over questions, on all / clean / contaminated items, and (kernel-cloze) on questions whose sentence
-the store holds verbatim (in_old) or not; plus how often the read passages include the question's source document.
+bootstrap interval over questions, on all / clean / contaminated items, and on questions whose text the store holds
+verbatim or not (kernel-cloze: the sentence, in_old; dict-def: the definition in the word's entry, in_store); plus how
+often the read passages include the question's source document (dict-def: the word's entry in the store).
 
     .venv/bin/python docs/results/test-time-rag/analyze.py RUN_DIR QA.jsonl [metric]
 """
@@ -29,9 +30,10 @@ def main(run: str, qa_path: str, metric: str = "em") -> None:
     modes = [m for m in MODES if m in preds[0]]
     groups = {"all": [True] * len(preds), "clean": [not p["contaminated"] for p in preds],
               "contaminated": [p["contaminated"] for p in preds]}
-    if "in_old" in qa[preds[0]["id"]]["provenance"]:
-        groups["in_old (verbatim in store)"] = [qa[p["id"]]["provenance"]["in_old"] for p in preds]
-        groups["new sentence"] = [not g for g in groups["in_old (verbatim in store)"]]
+    for label, other in (("in_old", "new sentence"), ("in_store", "definition not in store")):
+        if label in qa[preds[0]["id"]]["provenance"]:
+            groups[f"{label} (verbatim in store)"] = [qa[p["id"]]["provenance"][label] for p in preds]
+            groups[other] = [not g for g in groups[f"{label} (verbatim in store)"]]
     print(f"| group | n | {' | '.join(modes)} |")
     print("|---|---|" + "---|" * len(modes))
     for g, keep in groups.items():
@@ -48,13 +50,14 @@ def main(run: str, qa_path: str, metric: str = "em") -> None:
                 d, lo, hi = interval(score - base)
                 cells.append(f"{100 * score.mean():.1f} ({d:+.1f} [{lo:+.1f}, {hi:+.1f}])")
         print(f"| {g} | {len(sel)} | {' | '.join(cells)} |")
-    src = []
+    src = []  # the documents of the store the answer comes from
     for p in preds:
         prov = qa[p["id"]]["provenance"]
-        src.append(f"6.1/{prov['path']}" if "path" in prov else prov.get("doc_id"))
+        src.append(set(prov["store_doc_ids"]) if "store_doc_ids" in prov else
+                   {f"6.1/{prov['path']}" if "path" in prov else prov.get("doc_id")})
     for m in modes[1:]:
-        first = np.mean([(p[m]["passages"] or [None])[0] == s for p, s in zip(preds, src, strict=True)])
-        read = np.mean([s in p[m]["passages"] for p, s in zip(preds, src, strict=True)])
+        first = np.mean([(p[m]["passages"] or [None])[0] in s for p, s in zip(preds, src, strict=True)])
+        read = np.mean([bool(s & set(p[m]["passages"])) for p, s in zip(preds, src, strict=True)])
         print(f"{m}: source document first {100 * first:.0f}%, among the passages read {100 * read:.0f}%")
 
 

@@ -28,7 +28,8 @@ def corpus_split(
 
 @corpus_app.command("fetch")
 def corpus_fetch(
-    names: Annotated[list[str], typer.Argument(help="wiki | python-docs | linux-docs-6.1 | linux-docs-6.12.")],
+    names: Annotated[list[str], typer.Argument(help="wiki | python-docs | linux-docs-6.1 | linux-docs-6.12 | wordnet | "
+                                                           "gcide.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for NAME.jsonl.")] = Path("data/full"),
     sample: Annotated[int | None, typer.Option(help="Keep about this many documents (every k-th).")] = None,
     force: Annotated[bool, typer.Option(help="Fetch again even if NAME.jsonl exists.")] = False,
@@ -69,16 +70,19 @@ def corpus_versions(
 
 @corpus_app.command("qa")
 def corpus_qa(
-    kind: Annotated[str, typer.Argument(help="wiki-entity | kernel-cloze.")],
-    corpus: Annotated[Path, typer.Option("--corpus", help="The fetched corpus JSONL (wiki.jsonl, linux-docs-*).")],
+    kind: Annotated[str, typer.Argument(help="wiki-entity | kernel-cloze | dict-def.")],
+    corpus: Annotated[Path, typer.Option("--corpus", help="The fetched corpus JSONL (wiki.jsonl, linux-docs-*, "
+                                         "wordnet.jsonl).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="The QA JSONL file to write.")],
     n: Annotated[int, typer.Option("-n", help="Questions.")] = 200,
     seed: Annotated[int, typer.Option(help="Seed of the test split and of the draw.")] = 0,
-    choices: Annotated[int | None, typer.Option(help="wiki-entity: options per question (multiple choice).")] = None,
+    choices: Annotated[int | None, typer.Option(help="Options per question (multiple choice).")] = None,
     old: Annotated[Path | None, typer.Option(help="kernel-cloze: the previous version's corpus (marks sentences "
                                              "already there).")] = None,
-    balance: Annotated[bool | None, typer.Option(help="kernel-cloze with --old: half old, half new "
-                                                 "sentences.")] = None,
+    store: Annotated[Path | None, typer.Option(help="dict-def: the store's dictionary (gcide.jsonl): only its "
+                                               "headwords are asked; marks definitions it holds verbatim.")] = None,
+    balance: Annotated[bool | None, typer.Option(help="kernel-cloze with --old, dict-def with --store: half of the "
+                                                 "questions with text the store holds verbatim, half without.")] = None,
     test_fraction: Annotated[float | None, typer.Option(help="Share of documents in the test split.")] = None,
 ) -> None:
     """Build a reproducible QA benchmark from a real corpus (fixed seed and split; provenance in every record)."""
@@ -86,7 +90,7 @@ def corpus_qa(
 
     if n < 1:
         raise RetrolmError(f"-n {n}: the number of questions must be >= 1")
-    count = build_benchmark(kind, corpus, out, n=n, seed=seed, choices=choices, old=old, balance=balance,
+    count = build_benchmark(kind, corpus, out, n=n, seed=seed, choices=choices, old=old, store=store, balance=balance,
                             test_fraction=test_fraction)
     typer.echo(f"{out}: {count} {kind} questions")
 

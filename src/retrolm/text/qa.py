@@ -13,6 +13,15 @@ and arguments give the same file, byte for byte.
   exact sentence was already there (``in_old``), and ``balance`` draws half of each: questions the store contains
   verbatim and questions it cannot contain. With ``choices=4``, multiple choice against words blanked out of other
   sentences of the same kind (identifier or name), from the same document where it has enough.
+* ``dict-def`` — what a word means (``'What does the word "abaction" mean?'``), answered by its WordNet definition
+  (``retrolm corpus fetch wordnet``). Words are lowercase, alphabetic, of one sense in the whole of WordNet (rare and
+  unambiguous), and their definitions do not contain them. Each record's ``query`` is the word alone: retrieval
+  searches with it (see :mod:`retrolm.eval.qa`), the reader reads the question. With ``store`` (the dictionary the
+  database is built from, e.g. ``gcide``) only words it has an entry for are asked, each record says whether that
+  entry holds WordNet's definition verbatim (``in_store``: GCIDE took some senses from WordNet 1.5), and ``balance``
+  draws half of each.
+  With ``choices=4``, multiple choice against the definitions of other words of the same part of speech and WordNet
+  lexicographer file (``noun.animal``…), of a similar length.
 """
 
 from __future__ import annotations
@@ -22,6 +31,7 @@ import inspect
 import json
 import random
 import re
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
@@ -273,8 +283,8 @@ def build_kernel_cloze(corpus: str | Path, n: int = 200, seed: int = 0, old: str
     return out
 
 
-def _round_robin(per_doc: list[list[dict]], n: int, balance: bool) -> list[dict]:
-    """Up to n candidates, one per document per round; with ``balance``, alternately in_old and not."""
+def _round_robin(per_doc: list[list[dict]], n: int, balance: bool, key: str = "in_old") -> list[dict]:
+    """Up to n candidates, one per document per round; with ``balance``, alternately ``key`` true and false."""
     if not balance:
         pools = [list(c) for c in per_doc]
         out: list[dict] = []
@@ -285,7 +295,7 @@ def _round_robin(per_doc: list[list[dict]], n: int, balance: bool) -> list[dict]
         return out
     halves = []
     for flag in (True, False):
-        halves.append(_round_robin([[c for c in cs if c["in_old"] == flag] for cs in per_doc], n, False))
+        halves.append(_round_robin([[c for c in cs if c[key] == flag] for cs in per_doc], n, False))
     out = []
     for a, b in zip(halves[0], halves[1], strict=False):
         out += [a, b]
@@ -293,7 +303,94 @@ def _round_robin(per_doc: list[list[dict]], n: int, balance: bool) -> list[dict]
     return (out + rest)[:n]
 
 
-BUILDERS: dict[str, Callable[..., list[dict]]] = {"wiki-entity": build_wiki_entity, "kernel-cloze": build_kernel_cloze}
+# ------------------------------------------------------------------------------------------------------ dict-def
+_DICT_WORD = re.compile(r"^[a-z]{4,}$")
+
+
+def _definition_gives_away(word: str, definition: str) -> bool:
+    """Whether a definition names its word or its stem ("greedily": "in a greedy manner")."""
+    return word[: max(4, min(len(word) - 2, 5))] in definition.lower()
+
+
+def build_dict_def(corpus: str | Path, n: int = 200, seed: int = 0, choices: int = 0, store: str | Path | None = None,
+                   balance: bool = True, test_fraction: float = 0.2) -> list[dict]:
+    """What rare words mean, answered by their WordNet definitions (see the module docstring)."""
+    corpus = Path(corpus)
+    synsets = [d for d in _read_jsonl(corpus)
+               if isinstance(d.get("lemmas"), list) and isinstance(d.get("definition"), str) and d.get("pos")]
+    if not synsets:
+        raise RetrolmError(f"{corpus}: no synsets with 'lemmas', 'pos' and 'definition' (is it "
+                           "`retrolm corpus fetch wordnet`?)")
+    senses = Counter(w.lower() for d in synsets for w in {str(x) for x in d["lemmas"]})
+    entries: dict[str, list[tuple[str, str]]] = {}  # headword -> (store document, its text lowercased, one-spaced)
+    if store is not None:
+        for d in _read_jsonl(Path(store)):
+            text = _norm_space(str(d.get("text", ""))).lower()
+            for head in d.get("headwords") or [str(d["id"]).split("/", 1)[-1]]:
+                entries.setdefault(str(head).lower(), []).append((str(d["id"]), text))
+    cands = []
+    for d in synsets:
+        definition = _norm_space(d["definition"])
+        if not 3 <= len(definition.split()) <= 25:
+            continue
+        for word in d["lemmas"]:
+            word = str(word)
+            if (not _DICT_WORD.match(word) or senses[word] != 1 or _definition_gives_away(word, definition)
+                    or not in_test_split(word, seed, test_fraction) or (store is not None and word not in entries)):
+                continue
+            cand = {"word": word, "doc_id": str(d["id"]), "pos": d["pos"], "lexfile": d.get("lexfile"),
+                    "definition": definition}
+            if store is not None:
+                cand["store_doc_ids"] = [i for i, _ in entries[word]]
+                cand["in_store"] = any(definition.lower() in text for _, text in entries[word])
+            cands.append(cand)
+    cands.sort(key=lambda c: c["word"])
+    rng = random.Random(seed)
+    rng.shuffle(cands)
+    picked = _round_robin([[c] for c in cands], n, balance and store is not None, key="in_store")
+    # distractors: definitions of other words of the same part of speech and lexicographer file, of a similar length
+    pools: dict[tuple, list[str]] = {}
+    for d in synsets:
+        definition = _norm_space(d["definition"])
+        if 3 <= len(definition.split()) <= 25:
+            pools.setdefault((d["pos"], d.get("lexfile")), []).append(definition)
+            pools.setdefault((d["pos"],), []).append(definition)
+    pools = {k: sorted(set(v)) for k, v in pools.items()}
+
+    def distractors(c: dict, k: int) -> list[str]:
+        size = len(c["definition"].split())
+        out: list[str] = []
+        for key in ((c["pos"], c["lexfile"]), (c["pos"],)):
+            seen = {c["definition"].lower(), *(o.lower() for o in out)}
+            fresh = [x for x in pools.get(key, []) if x.lower() not in seen and size / 2 <= len(x.split()) <= size * 2
+                     and not _definition_gives_away(c["word"], x)]
+            out += rng.sample(fresh, min(k - len(out), len(fresh)))
+            if len(out) == k:
+                break
+        return out
+
+    base = _provenance("dict-def", corpus, seed, test_fraction, store=Path(store).name if store is not None else None)
+    records = []
+    for i, c in enumerate(picked):
+        rec = {"id": f"dict-def-{i:05d}", "question": f'What does the word "{c["word"]}" mean?', "query": c["word"],
+               "provenance": {**base, **{k: c[k] for k in ("doc_id", "word", "pos")},
+                              **{k: c[k] for k in ("store_doc_ids", "in_store") if k in c}}}
+        if choices >= 2:
+            opts = [*distractors(c, choices - 1), c["definition"]]
+            if len(opts) < choices:
+                raise RetrolmError(f"{corpus}: {choices} choices need {choices - 1} other {c['pos']} definitions about "
+                                   f"as long as that of {c['word']!r}; the corpus has {len(opts) - 1}: ask for "
+                                   "fewer --choices")
+            rng.shuffle(opts)
+            rec.update(choices=opts, answer=opts.index(c["definition"]))
+        else:
+            rec["answers"] = [c["definition"]]
+        records.append(rec)
+    return records
+
+
+BUILDERS: dict[str, Callable[..., list[dict]]] = {"wiki-entity": build_wiki_entity, "kernel-cloze": build_kernel_cloze,
+                                                  "dict-def": build_dict_def}
 
 
 def build_benchmark(kind: str, corpus: str | Path, out: str | Path, **kwargs) -> int:
@@ -314,5 +411,5 @@ def build_benchmark(kind: str, corpus: str | Path, out: str | Path, **kwargs) ->
     return len(records)
 
 
-__all__ = ["BLANK", "BUILDERS", "build_benchmark", "build_kernel_cloze", "build_wiki_entity", "choose_blank",
-           "cloze_sentences", "in_test_split"]
+__all__ = ["BLANK", "BUILDERS", "build_benchmark", "build_dict_def", "build_kernel_cloze", "build_wiki_entity",
+           "choose_blank", "cloze_sentences", "in_test_split"]
