@@ -560,3 +560,64 @@ def test_a_record_s_query_is_what_retrieval_searches_with(world, tmp_path):
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"id": "q", "question": "x", "answers": ["y"], "query": " "}])
     with pytest.raises(RetrolmError, match=r"bad\.jsonl:1: 'query' must be a non-empty string"):
         load_qa(bad)
+
+
+def test_an_evaluation_that_stops_resumes_after_its_last_finished_block(world, monkeypatch):
+    import retrolm.infer.rag_eval as rag_eval
+
+    real, calls = rag_eval.evaluate_block, []
+
+    def counted(pipe, items, *a, **kw):
+        calls.append([it.id for it in items])
+        if len(calls) == stop_at:
+            raise KeyboardInterrupt  # the job is killed during this block
+        return real(pipe, items, *a, **kw)
+
+    monkeypatch.setattr(rag_eval, "evaluate_block", counted)
+    stop_at = 0
+    whole = run_rag_eval(eval_cfg(world, "whole", block=2, samples=2), show_progress=False)
+    assert len(calls) == 5 and not (world["root"] / "whole" / "progress.jsonl").exists()
+    calls.clear()
+    stop_at = 3
+    cfg = eval_cfg(world, "stopped", block=2, samples=2)
+    with pytest.raises(KeyboardInterrupt):
+        run_rag_eval(cfg, show_progress=False)
+    progress = world["root"] / "stopped" / "progress.jsonl"
+    assert len(progress.read_text().splitlines()) == 3  # the fingerprint and two finished blocks
+    with open(progress, "a") as f:
+        f.write('{"pass": "rag-eval", "start": 4, "ids": ["q4", "q')  # a line torn by the crash
+    calls.clear()
+    stop_at = 0
+    resumed = run_rag_eval(cfg, show_progress=False)
+    assert calls == [["q4", "q5"], ["q6", "q7"], ["q8", "q9"]]  # only the blocks that had not finished
+    assert resumed["summary"] == whole["summary"]
+    preds = [(world["root"] / d / "predictions.jsonl").read_text() for d in ("whole", "stopped")]
+    assert preds[0] == preds[1] and not progress.exists()
+    # other settings start over
+    calls.clear()
+    stop_at = 2
+    with pytest.raises(KeyboardInterrupt):
+        run_rag_eval(cfg, show_progress=False)
+    calls.clear()
+    stop_at = 0
+    run_rag_eval(eval_cfg(world, "stopped", block=2, samples=2, top_n=2), show_progress=False)
+    assert len(calls) == 5
+
+
+def test_the_fingerprint_of_an_evaluation_follows_its_questions_and_database(world, tmp_path):
+    import shutil
+
+    from retrolm.infer.rag_eval import fingerprint
+
+    db = tmp_path / "db"
+    shutil.copytree(world["db"].path, db)
+    qa = tmp_path / "qa.jsonl"
+    shutil.copy(world["qa"], qa)
+    cfg = eval_cfg(world, "fp", db=str(db), data=str(qa))
+    first = fingerprint(cfg)
+    assert fingerprint(eval_cfg(world, "elsewhere", db=str(db), data=str(qa), max_questions=3)) == first
+    Database.open(db).delete(doc_ids=["fact-zorblat"])
+    edited = fingerprint(cfg)
+    assert edited != first
+    qa.write_text(qa.read_text().replace("amber", "ambre"))
+    assert fingerprint(cfg) != edited

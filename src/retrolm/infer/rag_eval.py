@@ -17,12 +17,19 @@ answer is their reranked answer. The folder gets ``rag.json`` (``summary[config]
 ``report.md`` and ``config.yaml``; with ``noise=[...]`` the retrieval configurations are evaluated again on a copy of
 the store with the unrelated corpus added (``robustness``); with ``baselines=FILE`` the compute multiplier of each
 configuration (``multiplier``, ``multiplier.png``).
+
+A run that stops (a crash, a killed job) resumes: every finished block of questions is appended to
+``progress.jsonl`` in the folder, under a fingerprint of the settings, the QA file and the database, and the same
+command evaluates only the blocks that are not there. Other settings, another QA file or an edited database start
+over. The file is removed once the report is written.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -32,7 +39,7 @@ from tqdm.auto import tqdm
 
 from retrolm.core.config import save_config
 from retrolm.core.errors import RetrolmError
-from retrolm.core.io import atomic_path, write_bytes, write_json
+from retrolm.core.io import atomic_path, file_digest, write_bytes, write_json
 from retrolm.core.versions import library_versions
 from retrolm.db import DatabaseView, noisy_copy
 from retrolm.db.meta import needs_folder
@@ -40,8 +47,9 @@ from retrolm.eval.multiplier import Point, fit_metric, load_points, multiplier_r
 from retrolm.eval.qa import QAItem, contamination, load_qa, mean_scores, score_prediction
 from retrolm.eval.report import markdown_table
 from retrolm.infer.consistency import majority_vote
-from retrolm.infer.flops import StageFlops, mean_flops, pretraining_flops
+from retrolm.infer.flops import STAGES, StageFlops, mean_flops, pretraining_flops
 from retrolm.infer.rag import MODES, Passage, RagConfig, RagPipeline, reading_flops
+from retrolm.text.corpus import corpus_fingerprint
 
 logger = logging.getLogger(__name__)
 
@@ -89,14 +97,92 @@ class Prediction:
 
     answer: str
     flops: StageFlops
-    passages: list[Passage] = field(default_factory=list)
+    passages: list[str] = field(default_factory=list)
+    """The documents of the passages read, in the order read."""
     support: list[int] = field(default_factory=list)
     samples: list[str] = field(default_factory=list)
 
     def to_dict(self, item: QAItem) -> dict:
         return {"answer": self.answer, **score_prediction(self.answer, item), "flops": self.flops.total,
-                "passages": [p.doc_id for p in self.passages], "support": self.support,
+                "passages": self.passages, "support": self.support,
                 **({"samples": self.samples} if len(self.samples) > 1 else {})}
+
+    def state(self) -> dict:
+        """Everything the report needs, as JSON (a block of ``progress.jsonl``)."""
+        return {"answer": self.answer, "flops": {s: getattr(self.flops, s) for s in STAGES},
+                "passages": self.passages, "support": self.support, "samples": self.samples}
+
+    @classmethod
+    def from_state(cls, d: dict) -> Prediction:
+        return cls(d["answer"], StageFlops(**d["flops"]), d["passages"], d["support"], d["samples"])
+
+
+def _docs(passages: list[Passage]) -> list[str]:
+    return [p.doc_id for p in passages]
+
+
+class Progress:
+    """The blocks a run has finished (``progress.jsonl``): a first line with the run's fingerprint, then one line
+    per block, ``{"pass", "start", "ids", "predictions": {config: [...]}, "seconds": {...}}``, flushed to disk as
+    each block ends. A line torn by a crash, and anything after it, is dropped when the run resumes."""
+
+    def __init__(self, path: Path, fingerprint: str) -> None:
+        self.path, self.done = path, {}
+        kept = []
+        if path.is_file():
+            lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+            head = _json_line(lines[0]) if lines else None
+            if head is not None and head.get("fingerprint") == fingerprint:
+                for line in lines[1:]:
+                    row = _json_line(line)
+                    if row is None:
+                        break
+                    self.done[(row["pass"], row["start"])] = row
+                    kept.append(line)
+                logger.info("%s: resuming after %d finished blocks", path, len(kept))
+            else:
+                logger.info("%s: made with other settings, questions or database: starting over", path)
+        with atomic_path(path) as tmp:  # only whole lines remain, so the next one starts on a line of its own
+            tmp.write_text("".join(x + "\n" for x in [json.dumps({"fingerprint": fingerprint}), *kept]),
+                           encoding="utf-8")
+
+    def get(self, name: str, start: int, ids: list[str]) -> tuple[dict[str, list[Prediction]], dict] | None:
+        """A finished block's predictions and seconds, or None (also when it holds other questions)."""
+        row = self.done.get((name, start))
+        if row is None or row["ids"] != ids:
+            return None
+        return {m: [Prediction.from_state(p) for p in ps] for m, ps in row["predictions"].items()}, row["seconds"]
+
+    def put(self, name: str, start: int, ids: list[str], preds: dict[str, list[Prediction]], seconds: dict) -> None:
+        row = {"pass": name, "start": start, "ids": ids, "seconds": seconds,
+               "predictions": {m: [p.state() for p in ps] for m, ps in preds.items()}}
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def remove(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+def _json_line(line: str) -> dict | None:
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return row if isinstance(row, dict) else None
+
+
+def fingerprint(cfg: RagEvalConfig) -> str:
+    """What a run's answers depend on: every setting but where they go and how many questions are asked, the QA
+    file's bytes, the noise files and the database's state (its ``meta.json``, which every edit rewrites)."""
+    settings = {k: v for k, v in asdict(cfg).items() if k not in ("out_dir", "max_questions")}
+    h = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode())
+    h.update(file_digest(cfg.data).encode())
+    h.update(json.dumps(corpus_fingerprint(cfg.noise or [])).encode())
+    db = Path(cfg.db)
+    h.update((db / "meta.json" if db.is_dir() else db).read_bytes())
+    return h.hexdigest()
 
 
 def evaluate_block(pipe: RagPipeline, items: list[QAItem], closed_book: bool = True,
@@ -118,13 +204,13 @@ def evaluate_block(pipe: RagPipeline, items: list[QAItem], closed_book: bool = T
     passages, base_flops = timed("retrieve", pipe.retrieve, [it.search_text() for it in items])
     k = c.passages
     reads = timed("retrieval", pipe.read, items, [ps[:k] for ps in passages])
-    out["retrieval"] = [Prediction(r.answers[0], f + reading_flops(r), ps[:k], list(range(len(ps[:k]))))
+    out["retrieval"] = [Prediction(r.answers[0], f + reading_flops(r), _docs(ps[:k]), list(range(len(ps[:k]))))
                         for r, f, ps in zip(reads, base_flops, passages, strict=True)]
     if pipe.reranker is not None:
         passages, rr = timed("rerank_scoring", pipe.rerank, qs, passages)
         base_flops = [a + b for a, b in zip(base_flops, rr, strict=True)]
         reads = timed("rerank", pipe.read, items, [ps[:k] for ps in passages])
-        out["rerank"] = [Prediction(r.answers[0], f + reading_flops(r), ps[:k], list(range(len(ps[:k]))))
+        out["rerank"] = [Prediction(r.answers[0], f + reading_flops(r), _docs(ps[:k]), list(range(len(ps[:k]))))
                          for r, f, ps in zip(reads, base_flops, passages, strict=True)]
     if c.samples > 1:
         # option likelihoods are deterministic: a multiple-choice item keeps the answer it had before sampling
@@ -140,27 +226,38 @@ def evaluate_block(pipe: RagPipeline, items: list[QAItem], closed_book: bool = T
                 continue
             r = sampled[i]
             vote = majority_vote(r.answers)
-            out["self_consistency"].append(Prediction(vote.answer, f + reading_flops(r), ps[:k],
+            out["self_consistency"].append(Prediction(vote.answer, f + reading_flops(r), _docs(ps[:k]),
                                                       list(range(len(ps[:k]))), r.answers))
     if c.cross_doc:
         each = timed("cross_doc", pipe.read_each, items, passages)
         out["cross_doc"] = []
         for it, rs, f, ps in zip(items, each, base_flops, passages, strict=True):
             vote, candidates, support, total = pipe.vote_across_documents(it, ps, rs, f)
-            out["cross_doc"].append(Prediction(vote.answer, total, candidates, support,
+            out["cross_doc"].append(Prediction(vote.answer, total, _docs(candidates), support,
                                                [a for r in rs for a in r.answers]))
     return out
 
 
 def evaluate(pipe: RagPipeline, items: list[QAItem], block: int = 16, closed_book: bool = True,
-             show_progress: bool = False, desc: str = "rag-eval") -> tuple[dict[str, list[Prediction]], dict]:
+             show_progress: bool = False, desc: str = "rag-eval", progress: Progress | None = None
+             ) -> tuple[dict[str, list[Prediction]], dict]:
     """All configurations on all items, block by block; returns predictions per configuration and seconds per
-    stage."""
+    stage. With ``progress``, blocks it holds are taken from it and every other block is added to it."""
     preds: dict[str, list[Prediction]] = {}
     timer: dict[str, float] = {}
     for start in tqdm(range(0, len(items), block), desc=desc, unit=f"x{block} questions", disable=not show_progress):
-        for mode, ps in evaluate_block(pipe, items[start : start + block], closed_book, timer).items():
+        part = items[start : start + block]
+        ids = [it.id for it in part]
+        done = progress.get(desc, start, ids) if progress is not None else None
+        if done is None:
+            seconds: dict[str, float] = {}
+            done = evaluate_block(pipe, part, closed_book, seconds), seconds
+            if progress is not None:
+                progress.put(desc, start, ids, *done)
+        for mode, ps in done[0].items():
             preds.setdefault(mode, []).extend(ps)
+        for stage, sec in done[1].items():
+            timer[stage] = timer.get(stage, 0.0) + sec
     return preds, {k: round(v, 1) for k, v in timer.items()}
 
 
@@ -224,7 +321,8 @@ def run_rag_eval(cfg: RagEvalConfig, show_progress: bool = True) -> dict[str, An
     contam_s = time.perf_counter() - t
     pipe = RagPipeline.load(cfg, db, evaluation=True)
     pipe.check_fits(items, str(cfg.data))
-    preds, seconds = evaluate(pipe, items, cfg.block, show_progress=show_progress)
+    progress = Progress(out / "progress.jsonl", fingerprint(cfg))
+    preds, seconds = evaluate(pipe, items, cfg.block, show_progress=show_progress, progress=progress)
     seconds["contamination"] = round(contam_s, 1)
     summary = summarize(items, preds, contam.flags)
     lm = pipe.reader.lm
@@ -243,7 +341,7 @@ def run_rag_eval(cfg: RagEvalConfig, show_progress: bool = True) -> dict[str, An
     if cfg.noise:
         noisy = noisy_copy(db, out / "db-with-noise", cfg.noise, show_progress)
         npreds, nsec = evaluate(pipe.with_database(noisy), items, cfg.block, closed_book=False,
-                                show_progress=show_progress, desc="rag-eval + noise")
+                                show_progress=show_progress, desc="rag-eval + noise", progress=progress)
         seconds["robustness"] = round(sum(nsec.values()), 1)
         result["robustness"] = {"noise": cfg.noise, "noise_chunks": noisy.store.n_chunks - db.store.n_chunks,
                                 "summary": summarize(items, npreds, contam.flags)}
@@ -257,6 +355,7 @@ def run_rag_eval(cfg: RagEvalConfig, show_progress: bool = True) -> dict[str, An
                    **{m: ps[i].to_dict(it) for m, ps in preds.items()}}
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
     write_bytes(out / "report.md", report_markdown(result).encode())
+    progress.remove()
     return result
 
 
@@ -295,5 +394,14 @@ def _ordered(by_mode: dict) -> list[tuple[str, Any]]:
     return [(m, by_mode[m]) for m in MODES if m in by_mode]
 
 
-__all__ = ["Prediction", "RagEvalConfig", "evaluate", "evaluate_block", "report_markdown",
-           "run_rag_eval", "summarize"]
+__all__ = [
+    "Prediction",
+    "Progress",
+    "RagEvalConfig",
+    "evaluate",
+    "evaluate_block",
+    "fingerprint",
+    "report_markdown",
+    "run_rag_eval",
+    "summarize",
+]
