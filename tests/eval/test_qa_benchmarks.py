@@ -3,6 +3,7 @@ provenance in every record, and loadable as QA files."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 
@@ -158,25 +159,40 @@ WORDNET = [
     synset(5, ["bank"], "a financial institution that accepts deposits", lexfile=14),
     synset(6, ["Paris", "capital of France"], "the capital and largest city of France"),  # not a lowercase word
     synset(7, ["greedily"], "in a greedy manner", pos="adverb", lexfile=2),  # the definition gives it away
+    synset(15, ["coyly"], "in a shy and modest manner", pos="adverb", lexfile=2),
+    synset(16, ["moodily"], "in a moody manner", pos="adverb", lexfile=2),  # a stem, not the word, gives it away
     synset(8, ["gormandize"], "eat immoderately and greedily", pos="verb", lexfile=34),
+    synset(14, ["eat up"], "eat a large amount of food quickly", pos="verb", lexfile=34),  # not one word
+    synset(11, ["glut"], "overeat or eat immodestly", pos="verb", lexfile=34),
     synset(9, ["quire"], "a collection of twenty four sheets of paper"),
     synset(10, ["rampart"], "an embankment built around a space for defensive purposes"),
-    synset(11, ["glut"], "overeat or eat immodestly", pos="verb", lexfile=34),
-    synset(14, ["eat up"], "eat a large amount of food quickly", pos="verb", lexfile=34),  # not one word
+    synset(17, ["decolonise", "decolonize"], "make a former dependency independent", pos="verb", lexfile=40),
     synset(12, ["cobble"], "a rounded stone used for paving", lexfile=6),
     synset(13, ["yawl"], "a sailing vessel with two masts, the smaller one abaft the rudder post and several further "
                          "words that make its definition too long for a question to be fair", lexfile=6),
+    # never asked (several words): distractors of other lexicographer files and lengths, and one naming a word
+    *(synset(20 + i, [f"stone {i}"], f"a kind of building stone number {i} from the quarry", lexfile=6)
+      for i in range(6)),
+    synset(30, ["long thing"], "a definition of the same lexicographer file that is far too long to stand beside any "
+                               "short one"),
+    synset(31, ["plant deposit"], "a deposit like the cystoliths found in the leaves of nettles"),
 ]
 GCIDE = [
-    {"id": "gcide/Abaction", "text": "Abaction, n. Stealing cattle on a large scale. [Obs.]",
+    {"id": "gcide/Abaction", "text": "Abaction, n. Stealing cattle on a large scale. [Obs.]", "headword": "Abaction",
      "headwords": ["Abaction"]},
     {"id": "gcide/Cystolith", "text": "Cystolith, n. 1. (Bot.) A concretion of mineral matter.\n2. (Med.) A "
-                                      "urinary calculus.", "headwords": ["Cystolith"]},
-    {"id": "gcide/Gormandize", "text": "Gormandize, v. i. To eat greedily.",
+                                      "urinary calculus.", "headword": "Cystolith", "headwords": ["Cystolith"]},
+    {"id": "gcide/Gormandize", "text": "Gormandize, v. i. To eat greedily.", "headword": "Gormandize",
      "headwords": ["Gormandize", "Gourmandize"]},
-    {"id": "gcide/Quire", "text": "Quire, n. A collection of twenty-four sheets of paper.", "headwords": ["Quire"]},
-    {"id": "gcide/Rampart", "text": "Rampart, n. That which secures; a bulwark.", "headwords": ["Rampart"]},
-    {"id": "gcide/Glut", "text": "Glut, v. t. To swallow greedily. Overeat or eat immodestly", "headwords": ["Glut"]},
+    {"id": "gcide/Quire", "text": "Quire, n. A collection of twenty-four sheets of paper.", "headword": "Quire",
+     "headwords": ["Quire"]},
+    {"id": "gcide/Rampart", "text": "Rampart, n. That which secures; a bulwark.", "headword": "Rampart",
+     "headwords": ["Rampart", "Cobble"]},  # cobble is listed under rampart but heads nothing
+    {"id": "gcide/Glut", "text": "Glut, v. t. To swallow greedily. Overeat or eat immodestly", "headword": "Glut",
+     "headwords": ["Glut"]},
+    {"id": "gcide/Coyly", "text": "Coyly, adv. In a coy manner.", "headword": "Coyly", "headwords": ["Coyly"]},
+    {"id": "gcide/Decolonise", "text": "Decolonise, v. To make a former dependency independent.",
+     "headword": "Decolonise", "headwords": ["Decolonise", "Decolonize"]},
 ]
 
 
@@ -184,17 +200,26 @@ def test_dict_def_asks_rare_unambiguous_words_the_store_defines(tmp_path):
     wordnet, gcide = write_jsonl(tmp_path / "wn.jsonl", WORDNET), write_jsonl(tmp_path / "gc.jsonl", GCIDE)
     alone = build_benchmark("dict-def", wordnet, tmp_path / "all.jsonl", n=20, test_fraction=1.0)
     asked = {it.query for it in load_qa(tmp_path / "all.jsonl")}
-    assert alone == len(asked) == 8  # not bank (two senses), Paris, greedily, yawl (over 25 words)
-    assert asked == {"abaction", "cystolith", "toccata", "gormandize", "quire", "rampart", "glut", "cobble"}
+    # not bank (two senses), Paris, greedily and moodily (their definitions name their stem), yawl (over 25 words);
+    # one question for decolonise / decolonize
+    assert alone == len(asked) == 10
+    assert asked == {"abaction", "cystolith", "toccata", "coyly", "gormandize", "quire", "rampart", "glut", "cobble",
+                     "decolonise"}
+    # the test split is drawn by synset
+    half = build_dict_def(wordnet, n=20, test_fraction=0.5, seed=2)
+    assert 0 < len(half) < 10
+    assert {r["provenance"]["doc_id"] for r in half} == {
+        d["id"] for d in WORDNET if d["lemmas"][0] in asked and in_test_split(d["id"], 2, 0.5)}
     recs = build_dict_def(wordnet, n=20, store=gcide, test_fraction=1.0, choices=3)
     by_word = {r["provenance"]["word"]: r for r in recs}
-    assert set(by_word) == {"abaction", "cystolith", "gormandize", "quire", "rampart", "glut"}  # the store's words
+    assert set(by_word) == {"abaction", "cystolith", "gormandize", "quire", "rampart", "glut", "coyly", "decolonise"}
     # verbatim (case and spaces aside) in the word's own entry, or not: the hyphen of "twenty-four" is a difference
     in_store = {w: r["provenance"]["in_store"] for w, r in by_word.items()}
     assert in_store == {"abaction": True, "cystolith": False, "gormandize": False, "quire": False, "rampart": False,
-                        "glut": True}
-    assert [r["provenance"]["in_store"] for r in recs[:4]] == [True, False, True, False]  # balanced, then the rest
+                        "glut": True, "coyly": False, "decolonise": True}
+    assert [r["provenance"]["in_store"] for r in recs[:6]] == [True, False] * 3  # balanced, then the rest
     assert by_word["gormandize"]["provenance"]["store_doc_ids"] == ["gcide/Gormandize"]
+    assert recs[0]["provenance"]["store_sha256"] == hashlib.sha256(gcide.read_bytes()).hexdigest()
     defs = {d["lemmas"][0]: d for d in WORDNET}
     for w, r in by_word.items():
         assert r["query"] == w and r["question"] == f'What does the word "{w}" mean?'
@@ -203,12 +228,22 @@ def test_dict_def_asks_rare_unambiguous_words_the_store_defines(tmp_path):
         others = [d for d in WORDNET if d["definition"] in r["choices"] and d["definition"] != gold]
         assert all(d["pos"] == defs[w]["pos"] for d in others)  # same part of speech, similar length
         assert all(len(gold.split()) / 2 <= len(d["definition"].split()) <= 2 * len(gold.split()) for d in others)
-    # the nouns of lexicographer file 4 come first: abaction's options are other noun.act definitions where they fit
-    assert {d["lexfile"] for d in WORDNET if d["definition"] in by_word["abaction"]["choices"]} == {4}
+    for seed in range(10):  # options come from the word's lexicographer file first, and never name the word
+        for r in build_dict_def(wordnet, n=20, store=gcide, test_fraction=1.0, choices=3, seed=seed):
+            if r["provenance"]["pos"] == "noun" and r["provenance"]["word"] != "cobble":
+                assert {d["lexfile"] for d in WORDNET if d["definition"] in r["choices"]} == {4}
+            if r["provenance"]["word"] == "cystolith":
+                assert not any("cystoliths" in c for c in r["choices"])
     assert build_dict_def(wordnet, n=20, store=gcide, test_fraction=1.0, choices=3) == recs
     assert build_dict_def(wordnet, n=20, store=gcide, test_fraction=1.0, choices=3, seed=1) != recs
-    with pytest.raises(RetrolmError, match=r"4 choices need 3 other verb definitions about as long as that of "
-                                           r"'(gormandize|glut)'; the corpus has 2: ask for fewer --choices"):
+    with pytest.raises(RetrolmError, match=r"4 choices need 3 other (verb|adverb) definitions about as long as that "
+                                           r"of '(gormandize|glut|coyly)'; the corpus has 2: ask for fewer --choices"):
         build_dict_def(wordnet, n=20, store=gcide, test_fraction=1.0, choices=4)
     with pytest.raises(RetrolmError, match=r"no synsets .* `retrolm corpus fetch wordnet`"):
         build_dict_def(gcide)
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"id": "gcide/X", "text": "X", "headwords": "X"}])
+    with pytest.raises(RetrolmError, match=r"bad\.jsonl: document 'gcide/X': 'headword' must be a string or null"):
+        build_dict_def(wordnet, store=bad)
+    odd = write_jsonl(tmp_path / "odd.jsonl", [{**WORDNET[0], "pos": ["noun"]}])  # not a synset: skipped, no traceback
+    with pytest.raises(RetrolmError, match=r"no synsets"):
+        build_dict_def(odd)

@@ -553,6 +553,7 @@ def test_a_record_s_query_is_what_retrieval_searches_with(world, tmp_path):
     preds = [json.loads(x) for x in (world["root"] / "query" / "predictions.jsonl").read_text().splitlines()]
     assert [p["retrieval"]["passages"] for p in preds] == [["fact-zorblat"], ["fact-quenmir"]]
     assert [p["retrieval"]["answer"] for p in preds] == ["amber", "basalt"]  # copied after the question's "is"
+    assert "query" not in preds[0] and preds[1]["query"] == "quenmir"
     pipe = RagPipeline.load(RagConfig(db=str(world["db"].path), reader=world["lm"], retriever="bm25", top_n=3,
                                       passages=1, rerank=False, **PLAIN))
     (a,) = pipe.answer_items(load_qa(qa)[1:])

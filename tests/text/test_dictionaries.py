@@ -33,6 +33,12 @@ GCIDE_ENTRIES = [
                                     b"        [1913 Webster + WordNet 1.5]\n"),
     (["Bow"], b"Bow \\Bow\\, n.\n   A weapon of caf['e] archers; an [ae]sthete's \x92toy\x92.\n   [PJC]\n"),
     (["Bow"], b"Bow \\Bow\\, v. t.\n   To bend.\n   [Webster 1913 Suppl.]\n"),
+    # the index lists plurals under the headword (and sorts them first); no space after the pronunciation; a spoken
+    # form across a line break; a run-on form with its syllable marks
+    (["Abbacies", "Abbacy"], b'Abbacy \\Ab"ba*cy\\n.; pl. {Abbacies}. (ab"ba*\n   s[i^]) The office of an abbot.\n'
+                             b'   -- Ab*ba"cial*ly, adv.\n   [1913 Webster]\n'),
+    (["Zzz"], b"   [PJC]\n"),  # nothing left once the tag is gone
+    (["Zyx"], b"Quotation that begins with no key.\n"),
 ]
 
 
@@ -50,7 +56,8 @@ def write_gcide(folder: Path) -> tuple[Path, Path]:
 
 def test_gcide_entries_become_clean_documents(tmp_path):
     docs = list(read_gcide(*write_gcide(tmp_path)))
-    assert [d["id"] for d in docs] == ["gcide/Abaction", "gcide/Gormandize", "gcide/Bow", "gcide/Bow#2"]
+    assert [d["id"] for d in docs] == ["gcide/Abaction", "gcide/Gormandize", "gcide/Bow", "gcide/Bow#2", "gcide/Abbacy",
+                                       "gcide/Zyx"]
     by_id = {d["id"]: d for d in docs}
     # pronunciation, its spoken form and the source tag gone; the usage label kept
     assert by_id["gcide/Abaction"]["text"] == "Abaction, n.\nStealing cattle on a large scale. [Obs.]" \
@@ -62,6 +69,10 @@ def test_gcide_entries_become_clean_documents(tmp_path):
     # accent codes as letters; an entry that is not UTF-8 read as Windows-1252
     assert by_id["gcide/Bow"]["text"] == "Bow, n. A weapon of café archers; an æsthete's ’toy’."
     assert by_id["gcide/Bow#2"]["text"] == "Bow, v. t. To bend."
+    abbacy = by_id["gcide/Abbacy"]  # named by the key its text begins with, not by its first key
+    assert abbacy["headword"] == "Abbacy" and abbacy["headwords"] == ["Abbacies", "Abbacy"]
+    assert abbacy["text"] == "Abbacy n.; pl. Abbacies. The office of an abbot. -- Abbacially, adv."
+    assert by_id["gcide/Zyx"]["headword"] is None
 
 
 def test_gcide_breve_and_unknown_codes():
@@ -84,7 +95,8 @@ WORDNET = {
              'policy; "the agency gathers it"  '],
     "verb": ["01168468 34 v 01 gormandize 0 001 @ 01166351 v 0000 01 + 08 00 | eat greedily  "],
     "adj": ["00003700 00 s 02 galore(ip) 0 abounding 0 000 | in great numbers; \"apples galore\"  "],
-    "adv": ["00001740 02 r 01 greedily 0 000 | in a greedy manner  "],
+    "adv": ["00001740 02 r 01 greedily 0 000 | in a greedy manner  ",
+            "00001841 02 r 01 galore 0 000 | in great numbers;  "],
 }
 
 
@@ -97,8 +109,9 @@ def write_wordnet(folder: Path) -> Path:
 def test_wordnet_synsets_become_documents(tmp_path):
     docs = list(read_wordnet(write_wordnet(tmp_path)))
     assert [d["id"] for d in docs] == ["wordnet/noun/00982679", "wordnet/verb/01168468", "wordnet/adj/00003700",
-                                       "wordnet/adv/00001740"]
-    noun, verb, adj, adv = docs
+                                       "wordnet/adv/00001740", "wordnet/adv/00001841"]
+    noun, verb, adj, adv, adv2 = docs
+    assert adv2["definition"] == "in great numbers"  # a gloss ending in a semicolon
     assert noun["lemmas"] == ["strategic intelligence", "SIGINT"] and noun["lexfile"] == 4
     assert noun["definition"] == "intelligence required for policy"  # the quoted example is not the definition
     assert noun["text"] == ('strategic intelligence, SIGINT (noun): intelligence required for policy; "the agency '
@@ -110,9 +123,11 @@ def test_wordnet_synsets_become_documents(tmp_path):
 
 def test_a_damaged_wordnet_file_is_one_line_naming_it(tmp_path):
     write_wordnet(tmp_path)
-    (tmp_path / "data.verb").write_text("01168468 34 v 03 gormandize 0 | eat\n")  # says 3 words, holds 1
-    with pytest.raises(RetrolmError, match=r"data\.verb:1: not a WordNet data line"):
-        list(read_wordnet(tmp_path))
+    for line in ("01168468 34 v 03 gormandize 0 | eat\n",  # says 3 words, holds 1
+                 "01168468 34 v 01 gormandize 0 000 eat greedily\n"):  # no gloss
+        (tmp_path / "data.verb").write_text(line)
+        with pytest.raises(RetrolmError, match=r"data\.verb:1: not a WordNet data line"):
+            list(read_wordnet(tmp_path))
     (tmp_path / "data.adv").unlink()  # checked before anything is read
     with pytest.raises(RetrolmError, match=r"data\.adv: not found"):
         list(read_wordnet(tmp_path))
@@ -135,7 +150,7 @@ def test_fetching_the_dictionaries_records_the_package_version_with_its_epoch(tm
 
     monkeypatch.setattr(sources, "_run", apt)
     monkeypatch.setattr(sources, "_can_update_apt", lambda: False)
-    for name, package, count in (("wordnet", "wordnet-base=1:3.0-37", 4), ("gcide", "dict-gcide=0.48.5", 4)):
+    for name, package, count in (("wordnet", "wordnet-base=1:3.0-37", 5), ("gcide", "dict-gcide=0.48.5", 6)):
         out = sources.fetch_corpus(name, tmp_path)
         record = json.loads((tmp_path / f"{name}.source.json").read_text())
         assert record["package"] == package and record["documents"] == count

@@ -9,7 +9,8 @@ A QA file holds one JSON object per line::
 An optional ``query`` is what retrieval searches with instead of the question, for a benchmark whose questions wrap
 their content in words of the format (``What does the word "cystolith" mean?`` → ``cystolith``): in a dictionary,
 *what*, *word* and *mean* are frequent enough that BM25 prefers a chunk repeating them to the one entry that holds the
-rare word. The reader and the reranker still read the question.
+rare word. The reader and the reranker still read the question. ``rag-eval``, ``rag`` pipelines given QA items and the
+knowledge study search with it; REALM, whose retriever is trained on the question, does not.
 
 Any other field (e.g. ``provenance``) is kept in :attr:`QAItem.meta`. A bad record is a one-line error naming the file
 and line. Scores follow the official SQuAD v1.1 script: answers are lower-cased, stripped of punctuation, of the

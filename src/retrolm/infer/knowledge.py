@@ -138,7 +138,7 @@ class KnowledgeStudy:
         the leaf, so the middle category's fact is found only by chance), and whether they hold every fact the item
         rests on."""
         retriever = PassageRetriever(self._facts_db, "bm25", continuation=False)
-        found, _ = retrieve_hops(retriever, [it.question for it in self.items], self.cfg.retrieve_k, hops)
+        found, _ = retrieve_hops(retriever, [it.search_text() for it in self.items], self.cfg.retrieve_k, hops)
         # None: the item lists no supporting facts (data not written by `retrolm corpus knowledge`)
         support = [set(it.meta["facts"]) <= {p.doc_id for p in ps} if it.meta.get("facts") else None
                    for it, ps in zip(self.items, found, strict=True)]

@@ -351,7 +351,8 @@ def run_rag_eval(cfg: RagEvalConfig, show_progress: bool = True) -> dict[str, An
     write_json(out / "rag.json", result)
     with atomic_path(out / "predictions.jsonl") as tmp, open(tmp, "w", encoding="utf-8") as f:
         for i, it in enumerate(items):
-            row = {"id": it.id, "question": it.question, "gold": it.answers, "contaminated": contam.flags[i],
+            row = {"id": it.id, "question": it.question, **({"query": it.query} if it.query is not None else {}),
+                   "gold": it.answers, "contaminated": contam.flags[i],
                    **{m: ps[i].to_dict(it) for m, ps in preds.items()}}
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
     write_bytes(out / "report.md", report_markdown(result).encode())

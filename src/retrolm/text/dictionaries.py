@@ -7,12 +7,15 @@ WordNet's definition of a word, and the store is the other dictionary, which wor
 
 * WordNet ``data.{noun,verb,adj,adv}`` lines: ``offset lexfile ss_type w_cnt word lex_id ... | gloss``. A document is
   ``{"id": "wordnet/noun/00982679", "text": "lemma, lemma (noun): gloss", "lemmas", "pos", "lexfile",
-  "definition"}``; the definition is the gloss before its first quoted example.
+  "definition"}``; the definition is the gloss before its first ``; "`` (where its examples start in nearly every
+  gloss; 70 glosses introduce theirs otherwise and keep them).
 * GCIDE is a dictd database: ``gcide.index`` lines ``headword<TAB>offset<TAB>length`` (base64 numbers) into the
-  dictzip-compressed ``gcide.dict.dz``. Several headwords may point at one entry (variant spellings); an entry becomes
-  one document ``{"id": "gcide/Headword", "text", "headwords"}`` (``#2``, ``#3``… for a headword's later entries),
-  with the pronunciation (``\\Ab*ac"tion\\``), source tags (``[1913 Webster]``) and cross-reference braces removed
-  and the accent codes (``['e]``) turned into letters.
+  dictzip-compressed ``gcide.dict.dz``. Several keys point at one entry (variant spellings, plurals and inflections,
+  run-on forms, phrases and names it defines); an entry becomes one document ``{"id": "gcide/Headword", "text",
+  "headword", "headwords"}``: ``headword`` is the key its text begins with (None for the few that begin with none,
+  named then by their first key), ``headwords`` every key, ``#2``, ``#3``… mark a headword's later entries. The
+  pronunciation (``\\Ab*ac"tion\\``) and spoken form, source tags (``[1913 Webster]``), cross-reference braces and
+  the syllable marks of run-on forms are removed, and the accent codes (``['e]``) turned into letters.
 """
 
 from __future__ import annotations
@@ -31,13 +34,17 @@ _B64 = {c: i for i, c in enumerate("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqr
 # GCIDE's accent codes: a mark and a letter in brackets. Only the common ones are rewritten; any other stays as it is.
 _MARKS = {"'": "\u0301", "`": "\u0300", "^": "\u0302", "=": "\u0304", "~": "\u0303", '"': "\u0308", ",": "\u0327",
           ".": "\u0307"}
-_LETTERS = {"ae": "æ", "AE": "Æ", "oe": "œ", "OE": "Œ", "eth": "ð", "thorn": "þ", "ng": "ŋ", "deg": "°",
-            "sect": "§", "root": "√", "imac": "ī", "aum": "ä", "th": "θ", "yogh": "ȝ"}
-_ACCENT = re.compile(r"\[([A-Za-z]{2,5})\]|\[([" + re.escape("".join(_MARKS)) + r"])([A-Za-z])\]|\[([A-Za-z])\^\]")
-_PRONUNCIATION = re.compile(r"\s*\\[^\\\n]*\\")  # with the space before it: Gormandize \Gor"mand*ize\,
-_SPOKEN = re.compile(r"[ \t]*\([^()\n]*(?:\*|\[[a-z]{1,2}\^\]|\[[=.~'`\"^][a-z]\])[^()\n]*\)")  # (a^b*[a^]k"sh[u^]n)
-_TAG = re.compile(r"[ \t]*\[[^\[\]\n]*(?:Webster|WordNet|PJC)[^\[\]\n]*\]")
+_LETTERS = {"=oo": "o\u035eo", "oo^": "o\u035do", "ae": "æ", "AE": "Æ", "oe": "œ", "OE": "Œ", "eth": "ð",
+            "thorn": "þ", "ng": "ŋ", "deg": "°", "sect": "§", "root": "√", "imac": "ī", "aum": "ä", "th": "θ",
+            "yogh": "ȝ"}
+_ACCENT = re.compile(r"\[([A-Za-z]{2,5}|=oo|oo\^)\]|\[([" + re.escape("".join(_MARKS)) + r"])([A-Za-z])\]"
+                     r"|\[([A-Za-z])\^\]")
+_PRONUNCIATION = re.compile(r"\\[^\\]*\\")  # \Ab*ac"tion\ (often with no space after it: \Car"i*na`ted\a.)
+_SPOKEN = re.compile(r"\s*\([^()]*\w[*\"`]\w[^()]*\)")  # (ăb*ăk"shŭn): syllable marks inside a word in parentheses
+_TAG = re.compile(r"\s*\[[^\[\]]*(?:Webster|WordNet|PJC|Century Dict|RHUD|MW10)[^\[\]]*\]")
+_SYLLABLES = re.compile(r"(?<=\w)[*\"`](?=\w)")  # run-on forms keep their marks: -- Bru"tish*ly, adv.
 _BRACES = re.compile(r"[{}]")
+_BEFORE_COMMA = re.compile(r"\s+(?=[,;])")
 
 
 def _accent(m: re.Match) -> str:
@@ -49,11 +56,28 @@ def _accent(m: re.Match) -> str:
 
 
 def clean_gcide(entry: str) -> str:
-    """An entry's text without pronunciations, source tags and braces, accents as letters, paragraphs on one line."""
-    text = _SPOKEN.sub("", _PRONUNCIATION.sub("", entry))
-    text = _ACCENT.sub(_accent, _BRACES.sub("", _TAG.sub("", text)))
-    paragraphs = (" ".join(p.split()) for p in re.split(r"\n\s*\n", text))
-    return "\n".join(p for p in paragraphs if p)
+    """An entry's text without pronunciations, spoken forms, source tags, braces and syllable marks, accents as
+    letters, each paragraph on one line."""
+    paragraphs = []
+    for para in re.split(r"\n\s*\n", entry):
+        p = " ".join(para.split())  # markup may cross a line break
+        p = _SPOKEN.sub("", _ACCENT.sub(_accent, _PRONUNCIATION.sub(" ", p)))  # spoken forms are told by their marks
+        p = _SYLLABLES.sub("", _BRACES.sub("", _TAG.sub("", p)))
+        p = _BEFORE_COMMA.sub("", " ".join(p.split()))
+        if p:
+            paragraphs.append(p)
+    return "\n".join(paragraphs)
+
+
+def headword(text: str, keys: list[str]) -> str | None:
+    """The index key an entry's text begins with (its headword), or None. The index also lists the plurals,
+    inflections, run-on forms, phrases and names an entry defines."""
+    low = text.lower()
+    for key in sorted(keys, key=lambda k: (-len(k), k)):
+        k = key.lower()
+        if low.startswith(k) and (len(low) == len(k) or not low[len(k)].isalnum()):
+            return key
+    return None
 
 
 def _b64(value: str, where: str) -> int:
@@ -89,10 +113,12 @@ def read_gcide(index: Path, dict_dz: Path) -> Iterator[dict]:
         text = clean_gcide(entry)
         if not text:
             continue
-        first = words[0]
-        seen[first] = seen.get(first, 0) + 1
-        doc_id = f"gcide/{first}" + (f"#{seen[first]}" if seen[first] > 1 else "")
-        yield {"id": doc_id, "text": text, "headwords": list(dict.fromkeys(words))}
+        keys = list(dict.fromkeys(words))
+        head = headword(text, keys)
+        name = head or keys[0]
+        seen[name] = seen.get(name, 0) + 1
+        doc_id = f"gcide/{name}" + (f"#{seen[name]}" if seen[name] > 1 else "")
+        yield {"id": doc_id, "text": text, "headword": head, "headwords": keys}
 
 
 _ADJ_MARKER = re.compile(r"\([a-z]+\)$")  # WordNet's syntactic markers on adjectives: galore(ip)
@@ -109,7 +135,7 @@ def read_wordnet(folder: Path) -> Iterator[dict]:
             for line_no, line in enumerate(f, 1):
                 if line.startswith("  "):  # the licence header
                     continue
-                head, bar, gloss = line.partition(" | ")
+                head, _, gloss = line.partition(" | ")
                 fields = head.split()
                 try:
                     count = int(fields[3], 16)
@@ -118,11 +144,11 @@ def read_wordnet(folder: Path) -> Iterator[dict]:
                 except (IndexError, ValueError):
                     raise RetrolmError(f"{path}:{line_no}: not a WordNet data line") from None
                 gloss = gloss.strip()
-                if not bar or not gloss or len(lemmas) != count:
+                if not gloss or len(lemmas) != count:
                     raise RetrolmError(f"{path}:{line_no}: not a WordNet data line")
                 definition = re.split(r';\s*"', gloss, maxsplit=1)[0].strip().rstrip(";").strip()
                 yield {"id": f"wordnet/{name}/{offset}", "text": f"{', '.join(lemmas)} ({pos}): {gloss}",
                        "lemmas": lemmas, "pos": pos, "lexfile": lexfile, "definition": definition}
 
 
-__all__ = ["WORDNET_POS", "clean_gcide", "read_gcide", "read_wordnet"]
+__all__ = ["WORDNET_POS", "clean_gcide", "headword", "read_gcide", "read_wordnet"]

@@ -15,13 +15,14 @@ and arguments give the same file, byte for byte.
   sentences of the same kind (identifier or name), from the same document where it has enough.
 * ``dict-def`` — what a word means (``'What does the word "abaction" mean?'``), answered by its WordNet definition
   (``retrolm corpus fetch wordnet``). Words are lowercase, alphabetic, of one sense in the whole of WordNet (rare and
-  unambiguous), and their definitions do not contain them. Each record's ``query`` is the word alone: retrieval
+  unambiguous), one per synset (the test split is drawn by synset, so a synonym's question never shares the answer),
+  and share no stem with their definition or the other options. Each record's ``query`` is the word alone: retrieval
   searches with it (see :mod:`retrolm.eval.qa`), the reader reads the question. With ``store`` (the dictionary the
-  database is built from, e.g. ``gcide``) only words it has an entry for are asked, each record says whether that
-  entry holds WordNet's definition verbatim (``in_store``: GCIDE took some senses from WordNet 1.5), and ``balance``
-  draws half of each.
-  With ``choices=4``, multiple choice against the definitions of other words of the same part of speech and WordNet
-  lexicographer file (``noun.animal``…), of a similar length.
+  database is built from, e.g. ``gcide``) only words that head one of its entries are asked (not an inflection or
+  run-on form listed under another), each record says whether that entry holds WordNet's definition verbatim
+  (``in_store``: GCIDE took some senses from WordNet 1.5), and ``balance`` draws half of each. With ``choices=4``,
+  multiple choice against the definitions of other words of the same part of speech and WordNet lexicographer file
+  (``noun.animal``…), of a similar length.
 """
 
 from __future__ import annotations
@@ -305,11 +306,50 @@ def _round_robin(per_doc: list[list[dict]], n: int, balance: bool, key: str = "i
 
 # ------------------------------------------------------------------------------------------------------ dict-def
 _DICT_WORD = re.compile(r"^[a-z]{4,}$")
+_SUFFIXES = ("ingly", "ness", "ment", "ally", "ily", "ing", "ous", "ies", "ed", "es", "ly", "al", "er", "y", "s", "e")
+_SHORT_WORDS = frozenset({"the", "and", "for", "not", "one", "any", "are", "has", "its", "who", "out", "off", "all",
+                          "but", "can", "way", "per"})
+
+
+def _stem(word: str) -> str:
+    """The word without one common English suffix, keeping at least three letters."""
+    for suffix in _SUFFIXES:
+        if word.endswith(suffix) and len(word) - len(suffix) >= 3:
+            return word[: -len(suffix)]
+    return word
 
 
 def _definition_gives_away(word: str, definition: str) -> bool:
-    """Whether a definition names its word or its stem ("greedily": "in a greedy manner")."""
-    return word[: max(4, min(len(word) - 2, 5))] in definition.lower()
+    """Whether a definition shares a stem or five letters in a row with the word ("coyly": "in a coy manner",
+    "acarpellous": "having no carpels", "chromatogram": "... in chromatography"). Unrelated words that happen to share
+    them are dropped too: the pool of questions is large, and a shared spelling would let options be told apart
+    without knowing the word."""
+    stem = _stem(word)
+    grams = {word[i : i + 5] for i in range(len(word) - 4)}
+    for token in re.findall(r"[a-z]+", definition.lower()):
+        if len(token) < 3 or token in COMMON or token in _SHORT_WORDS:
+            continue
+        if (len(t := _stem(token)) >= 3 and t in word) or stem in token or any(g in token for g in grams):
+            return True
+    return False
+
+
+def _store_entries(store: Path) -> dict[str, list[tuple[str, str]]]:
+    """Headword (lowercase) → the store's documents it heads: (id, text lowercased and one-spaced). A document says
+    what it heads with ``headword`` (``retrolm corpus fetch gcide``; None: no headword) or else ``headwords``."""
+    entries: dict[str, list[tuple[str, str]]] = {}
+    for d in _read_jsonl(store):
+        if "headword" in d:
+            heads = [] if d["headword"] is None else [d["headword"]]
+        else:
+            heads = d.get("headwords", [str(d["id"]).split("/", 1)[-1]])
+        if not isinstance(heads, list) or not all(isinstance(h, str) for h in heads):
+            raise RetrolmError(f"{store}: document {d['id']!r}: 'headword' must be a string or null, 'headwords' a "
+                               "list of strings")
+        text = _norm_space(str(d.get("text", ""))).lower()
+        for head in heads:
+            entries.setdefault(head.lower(), []).append((str(d["id"]), text))
+    return entries
 
 
 def build_dict_def(corpus: str | Path, n: int = 200, seed: int = 0, choices: int = 0, store: str | Path | None = None,
@@ -317,33 +357,29 @@ def build_dict_def(corpus: str | Path, n: int = 200, seed: int = 0, choices: int
     """What rare words mean, answered by their WordNet definitions (see the module docstring)."""
     corpus = Path(corpus)
     synsets = [d for d in _read_jsonl(corpus)
-               if isinstance(d.get("lemmas"), list) and isinstance(d.get("definition"), str) and d.get("pos")]
+               if isinstance(d.get("lemmas"), list) and all(isinstance(w, str) for w in d["lemmas"])
+               and isinstance(d.get("definition"), str) and isinstance(d.get("pos"), str)]
     if not synsets:
         raise RetrolmError(f"{corpus}: no synsets with 'lemmas', 'pos' and 'definition' (is it "
                            "`retrolm corpus fetch wordnet`?)")
-    senses = Counter(w.lower() for d in synsets for w in {str(x) for x in d["lemmas"]})
-    entries: dict[str, list[tuple[str, str]]] = {}  # headword -> (store document, its text lowercased, one-spaced)
-    if store is not None:
-        for d in _read_jsonl(Path(store)):
-            text = _norm_space(str(d.get("text", ""))).lower()
-            for head in d.get("headwords") or [str(d["id"]).split("/", 1)[-1]]:
-                entries.setdefault(str(head).lower(), []).append((str(d["id"]), text))
+    senses = Counter(w.lower() for d in synsets for w in set(d["lemmas"]))
+    entries = _store_entries(Path(store)) if store is not None else {}
     cands = []
-    for d in synsets:
+    for d in synsets:  # the test split is drawn by synset: synonyms share their definition
         definition = _norm_space(d["definition"])
-        if not 3 <= len(definition.split()) <= 25:
+        if not 3 <= len(definition.split()) <= 25 or not in_test_split(str(d["id"]), seed, test_fraction):
             continue
-        for word in d["lemmas"]:
-            word = str(word)
-            if (not _DICT_WORD.match(word) or senses[word] != 1 or _definition_gives_away(word, definition)
-                    or not in_test_split(word, seed, test_fraction) or (store is not None and word not in entries)):
-                continue
-            cand = {"word": word, "doc_id": str(d["id"]), "pos": d["pos"], "lexfile": d.get("lexfile"),
-                    "definition": definition}
-            if store is not None:
-                cand["store_doc_ids"] = [i for i, _ in entries[word]]
-                cand["in_store"] = any(definition.lower() in text for _, text in entries[word])
-            cands.append(cand)
+        words = sorted(w for w in d["lemmas"] if _DICT_WORD.match(w) and senses[w] == 1
+                       and not _definition_gives_away(w, definition) and (store is None or w in entries))
+        if not words:
+            continue
+        word = words[0]  # one question per synset
+        cand = {"word": word, "doc_id": str(d["id"]), "pos": d["pos"], "lexfile": d.get("lexfile"),
+                "definition": definition}
+        if store is not None:
+            cand["store_doc_ids"] = [i for i, _ in entries[word]]
+            cand["in_store"] = any(definition.lower() in text for _, text in entries[word])
+        cands.append(cand)
     cands.sort(key=lambda c: c["word"])
     rng = random.Random(seed)
     rng.shuffle(cands)
@@ -369,7 +405,8 @@ def build_dict_def(corpus: str | Path, n: int = 200, seed: int = 0, choices: int
                 break
         return out
 
-    base = _provenance("dict-def", corpus, seed, test_fraction, store=Path(store).name if store is not None else None)
+    base = _provenance("dict-def", corpus, seed, test_fraction, store=Path(store).name if store is not None else None,
+                       store_sha256=_sha256(Path(store)) if store is not None else None)
     records = []
     for i, c in enumerate(picked):
         rec = {"id": f"dict-def-{i:05d}", "question": f'What does the word "{c["word"]}" mean?', "query": c["word"],
