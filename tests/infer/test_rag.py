@@ -249,6 +249,10 @@ def test_cli_contract(world, capsys):
                              "retriever=bm25", "rerank=false", "passages=1", "template='{passages}{question}'",
                              "max_new_tokens=6"], capsys)
     assert rc == 0 and "answer: garnet" in stdout and "fact-teslin" in stdout
+    rc, stdout, _ = run_cli(["rag", "--db", world["db"].path, "--reader", world["lm"], "The code of teslin is",
+                             "--query", "mogwen", "retriever=bm25", "rerank=false", "passages=1",
+                             "template='{passages}{question}'", "max_new_tokens=6"], capsys)
+    assert rc == 0 and "answer: harbor" in stdout and "fact-mogwen" in stdout  # searched with the query
     rc, _, err = run_cli(["rag-eval", "--db", world["db"].path, "--data", world["qa"], "--reader", world["lm"],
                           "--out", out, "passages=5", "top_n=2"], capsys)
     assert rc == 2 and err.startswith("error: ") and "top_n" in err and len(err.strip().splitlines()) == 1
@@ -558,6 +562,9 @@ def test_a_record_s_query_is_what_retrieval_searches_with(world, tmp_path):
                                       passages=1, rerank=False, **PLAIN))
     (a,) = pipe.answer_items(load_qa(qa)[1:])
     assert [p.doc_id for p in a.passages] == ["fact-quenmir"] and a.question == "The code of zorblat is"
+    assert pipe.answer("The code of zorblat is", query="quenmir").answer == "basalt"
+    with pytest.raises(RetrolmError, match="the query is empty"):
+        pipe.answer("The code of zorblat is", query=" ")
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"id": "q", "question": "x", "answers": ["y"], "query": " "}])
     with pytest.raises(RetrolmError, match=r"bad\.jsonl:1: 'query' must be a non-empty string"):
         load_qa(bad)

@@ -23,6 +23,8 @@ def rag_cmd(
     question: Annotated[str, typer.Argument(help="The question.")],
     db: Db = None,
     reader: ReaderOpt = None,
+    query: Annotated[str | None, typer.Option("--query", help="Search with this instead of the question (the "
+                                              "reader still reads the question).")] = None,
     config: ConfigFile = None,
     as_json: AsJson = False,
 ) -> None:
@@ -32,7 +34,7 @@ def rag_cmd(
     Extra ``key=value`` arguments override RagConfig fields, e.g. ``top_n=20 passages=3 cross_doc=true samples=5``.
     Reranking is on with ``reranker=MODEL`` (or ``rerank=true``: the reader judges its own candidates)."""
     cfg = command_config(RagConfig, ctx, config, db=db, reader=reader)
-    answer = RagPipeline.load(cfg).answer(question)
+    answer = RagPipeline.load(cfg).answer(question, query)
     if as_json:
         print_json(answer.to_dict())
         return

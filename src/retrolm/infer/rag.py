@@ -562,11 +562,14 @@ class RagPipeline:
             return "self_consistency"
         return "rerank" if self.reranker is not None else "retrieval"
 
-    def answer(self, question: str) -> RagAnswer:
-        """Answer one question with every stage the configuration enables."""
+    def answer(self, question: str, query: str | None = None) -> RagAnswer:
+        """Answer one question with every stage the configuration enables; ``query``: what to search with instead of
+        the question (the reader still reads the question)."""
         if not question.strip():
             raise RetrolmError("rag: the question is empty")
-        return self.answer_items([QAItem("q", question, [])])[0]
+        if query is not None and not query.strip():
+            raise RetrolmError("rag: the query is empty")
+        return self.answer_items([QAItem("q", question, [], query=query)])[0]
 
     def answer_items(self, items: Sequence[QAItem]) -> list[RagAnswer]:
         """Answer questions with every stage the configuration enables."""
