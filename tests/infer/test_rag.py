@@ -188,6 +188,39 @@ def test_multiple_choice_is_scored_and_voted_by_option_not_by_normalised_text():
     assert (cd.answer, cd.support, cd.agreement) == ("1", [1, 2], [0.0, 1.0, 1.0])
 
 
+def test_pmi_prefers_the_option_the_question_makes_likelier_not_the_likeliest_one(world):
+    """choice_normalize=pmi: the option's total log-likelihood less its likelihood after the premise alone (the
+    prompt without question or passages), read once more per question and paid for."""
+    from retrolm.eval.qa import choice_prediction
+
+    common, rare = [0.5, 0.5], [1.0, 1.0, 1.0]  # "common" is likelier after the question...
+    assert choice_prediction([common, rare], "sum") == 0 and choice_prediction([common, rare], "mean") == 0
+    assert choice_prediction([common, rare], "pmi", [[0.1, 0.1], [4.0, 4.0, 4.0]]) == 1  # ...but likelier anywhere
+    with pytest.raises(RetrolmError, match="pmi needs"):
+        choice_prediction([common, rare], "pmi")
+    with pytest.raises(RetrolmError, match="mean, sum or pmi"):
+        RagConfig(choice_normalize="max")
+    reader = Reader.load(world["lm"], template="{passages}Q: {question}\nA:")
+    premise = reader.prompt_ids("", reserve=8)
+    assert premise
+    prompt = reader.prompt_ids("The code of zorblat is")
+    seen = []
+
+    def nlls(p, options):  # option 1 is the likelier after the question, option 0 after the premise
+        seen.append(p)
+        return [[1.0], [0.5]] if p == prompt else [[3.0], [0.1]]
+
+    reader.option_nlls = nlls
+    (mean,) = reader.choose([prompt], [["amber", "basalt"]], "mean")
+    (pmi,) = reader.choose([prompt], [["amber", "basalt"]], "pmi")
+    assert mean.answers == ["basalt"] and pmi.answers == ["amber"] and seen[-1] == premise
+    assert pmi.generation_flops > mean.generation_flops and pmi.prompt_flops == mean.prompt_flops
+    plain = Reader.load(world["lm"], template="{passages}{question}")  # nothing is left without the question
+    plain.option_nlls = nlls
+    plain.choose([prompt], [["amber", "basalt"]], "pmi")
+    assert seen[-1] == [plain.tok.eos_id]
+
+
 def test_flops_on_a_hand_computed_case():
     c = ModelCost("toy", matmul_params=100, n_layer=2, d_attn=8)
     assert c.per_token(5) == 200 + 4 * 2 * 5 * 8

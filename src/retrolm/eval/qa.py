@@ -183,16 +183,25 @@ def mean_scores(scores: Sequence[dict[str, float]], keep: Sequence[bool] | None 
     return out
 
 
-CHOICE_NORMALIZATIONS = ("mean", "sum")
-"""How option log-likelihoods are compared: per token (mean) or in total (sum)."""
+CHOICE_NORMALIZATIONS = ("mean", "sum", "pmi")
+"""How option log-likelihoods are compared: per token (mean), in total (sum), or in total against the option's own
+likelihood after the task's format alone (pmi)."""
 
 
-def choice_prediction(nlls: Sequence[Sequence[float]], normalize: str = "mean") -> int:
+def choice_prediction(nlls: Sequence[Sequence[float]], normalize: str = "mean",
+                      prior_nlls: Sequence[Sequence[float]] | None = None) -> int:
     """The option with the highest log-likelihood: ``nlls[c]`` are the per-token NLLs of option c; ``normalize``
-    "mean" (per token, the default: longer options are not penalised) or "sum"."""
+    "mean" (per token, the default: longer options are not penalised), "sum", or "pmi": the total minus the option's
+    total after a premise without the question (``prior_nlls``, the domain-conditional PMI of Holtzman et al. 2021),
+    so that an option likely in any context (short, common words, familiar spelling) is not chosen for that."""
     if normalize not in CHOICE_NORMALIZATIONS:
-        raise RetrolmError(f"choice normalisation must be mean or sum, got {normalize!r}")
-    totals = [float(np.sum(x)) / (max(1, len(x)) if normalize == "mean" else 1) for x in nlls]
+        raise RetrolmError(f"choice normalisation must be mean, sum or pmi, got {normalize!r}")
+    if normalize == "pmi":
+        if prior_nlls is None or len(prior_nlls) != len(nlls):
+            raise RetrolmError("pmi needs each option's NLLs after the premise alone")
+        totals = [float(np.sum(x)) - float(np.sum(y)) for x, y in zip(nlls, prior_nlls, strict=True)]
+    else:
+        totals = [float(np.sum(x)) / (max(1, len(x)) if normalize == "mean" else 1) for x in nlls]
     return int(np.argmin(totals))
 
 

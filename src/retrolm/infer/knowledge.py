@@ -30,7 +30,7 @@ from retrolm.core.config import save_config
 from retrolm.core.errors import RetrolmError
 from retrolm.core.io import write_bytes, write_json
 from retrolm.db import BuildConfig, Database
-from retrolm.eval.qa import load_qa
+from retrolm.eval.qa import CHOICE_NORMALIZATIONS, load_qa
 from retrolm.infer.rag import PassageRetriever, retrieve_hops
 from retrolm.infer.reader import Reader
 from retrolm.models.hf import CausalLM
@@ -64,11 +64,17 @@ class KnowledgeConfig:
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     demonstrations: int = 3
     """augmented_model: worked examples (with other invented words) before each fact to restate."""
+    choice_normalize: str = "mean"
+    """How options are compared: log-likelihood per token (mean), in total (sum), or in total less the option's
+    likelihood after the prompt without question or facts (pmi), which discounts how likely an invented word's
+    spelling is in any context."""
     bootstrap: int = 2000
     seed: int = 0
     device: str = "cpu"
 
     def __post_init__(self) -> None:
+        if self.choice_normalize not in CHOICE_NORMALIZATIONS:
+            raise RetrolmError(f"choice_normalize must be mean, sum or pmi, got {self.choice_normalize!r}")
         bad = [c for c in self.conditions if c not in CONDITIONS]
         if bad or not self.conditions:
             raise RetrolmError(f"conditions: choose from {', '.join(CONDITIONS)}; got {bad or 'none'}")
@@ -123,7 +129,7 @@ class KnowledgeStudy:
             if cut and len(self.tok.encode(reader.prompt_text(it.question, passages[i]))) > len(prompt):
                 raise RetrolmError(f"the {len(passages[i])} passages of item {it.id} do not fit the "
                                    f"{reader.lm.context_len}-token context of {reader.lm.name}: fewer facts needed")
-            chosen = reader.choose([prompt], [it.choices])[0].answers[0]
+            chosen = reader.choose([prompt], [it.choices], self.cfg.choice_normalize)[0].answers[0]
             out.append(it.choices.index(chosen))
         return out
 

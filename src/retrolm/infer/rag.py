@@ -109,7 +109,8 @@ class RagConfig:
     examples: list[list[str]] = field(default_factory=list)
     """Demonstrations shown to the reader before each question: [question, answer] pairs."""
     choice_normalize: str = "mean"
-    """Multiple choice: option log-likelihood per token (mean) or in total (sum)."""
+    """Multiple choice: option log-likelihood per token (mean), in total (sum), or in total less its likelihood after
+    the prompt without question and passages (pmi; one more short forward per question)."""
     batch_size: int = 8
     """Prompts per forward pass (reader and reranker)."""
     seed: int = 0
@@ -121,7 +122,7 @@ class RagConfig:
         if self.unit not in ("chunk", "document"):
             raise RetrolmError(f"unit must be chunk or document, got {self.unit!r}")
         if self.choice_normalize not in CHOICE_NORMALIZATIONS:  # checked here, not at the first multiple-choice item
-            raise RetrolmError(f"choice_normalize must be mean or sum, got {self.choice_normalize!r}")
+            raise RetrolmError(f"choice_normalize must be mean, sum or pmi, got {self.choice_normalize!r}")
         for name in ("top_n", "hops", "passages", "samples", "cross_doc_passages", "cross_doc_samples",
                      "max_new_tokens", "max_passage_tokens", "batch_size", "document_tokens"):
             if getattr(self, name) < 1:

@@ -285,14 +285,22 @@ class Reader:
     def choose(self, prompts: Sequence[list[int]], choices: Sequence[Sequence[str]], normalize: str = "mean"
                ) -> list[Reading]:
         """Multiple choice: the option with the highest (per-token) log-likelihood after each prompt (see
-        :meth:`option_nlls`). FLOPs: the prompt's forward (``prompt_flops``) and the options' forwards after it
-        (``generation_flops``)."""
+        :meth:`option_nlls` and :func:`~retrolm.eval.qa.choice_prediction`). FLOPs: the prompt's forward
+        (``prompt_flops``) and the options' forwards after it (``generation_flops``; with ``pmi`` also the premise's
+        forward and the options' after it). A template that leaves nothing without the question (``{passages}
+        {question}``) has the end-of-text token as its premise: the options' likelihood at the start of a text."""
         out = []
         for prompt, opts in zip(prompts, choices, strict=True):
             nlls = self.option_nlls(prompt, opts)
             p = len(prompt)
-            out.append(Reading([opts[choice_prediction(nlls, normalize)]], p, self.cost.prompt(p),
-                               sum(self.cost.prompt(len(x), past=p) for x in nlls)))
+            scoring = sum(self.cost.prompt(len(x), past=p) for x in nlls)
+            prior = None
+            if normalize == "pmi":  # the premise: this reader's prompt with no question and no passages
+                premise = self.prompt_ids("", reserve=self.option_room(opts)) or [self.tok.eos_id]  # or a boundary
+                prior = self.option_nlls(premise, opts)
+                scoring += self.cost.prompt(len(premise)) + sum(self.cost.prompt(len(x), past=len(premise))
+                                                                for x in prior)
+            out.append(Reading([opts[choice_prediction(nlls, normalize, prior)]], p, self.cost.prompt(p), scoring))
         return out
 
     @torch.no_grad()
