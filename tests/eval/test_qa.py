@@ -58,7 +58,7 @@ def test_exact_match_and_f1_on_squad_cases():
 def test_choice_prediction():
     nlls = [[1.0, 1.0, 1.0], [2.5], [0.9, 5.0]]  # sums 3, 2.5, 5.9; means 1, 2.5, 2.95
     assert choice_prediction(nlls) == 0 and choice_prediction(nlls, "sum") == 1
-    with pytest.raises(RetrolmError, match="mean or sum"):
+    with pytest.raises(RetrolmError, match="mean, sum or pmi"):
         choice_prediction(nlls, "max")
 
 

@@ -296,7 +296,7 @@ def test_config_errors(world):
         RagConfig(samples=3, sample_temperature=0)
     with pytest.raises(RetrolmError, match="unit"):
         RagConfig(unit="page")
-    with pytest.raises(RetrolmError, match="choice_normalize must be mean or sum, got 'max'"):
+    with pytest.raises(RetrolmError, match="choice_normalize must be mean, sum or pmi, got 'max'"):
         RagConfig(choice_normalize="max")
     with pytest.raises(RetrolmError, match="needs --data"):
         run_rag_eval(RagEvalConfig(db=str(world["db"].path)))
