@@ -144,3 +144,21 @@ def test_facts_that_overflow_the_context_are_refused(knowledge, tmp_path):
                                            out_dir=str(tmp_path / "out")))
     with pytest.raises(RetrolmError, match="do not fit the 64-token context"):
         study._choose(study._reader(lm), [[f["text"] for f in study.facts]] * len(study.items))
+
+
+def test_options_are_scored_as_configured(knowledge, tmp_path, monkeypatch):
+    from retrolm.infer.reader import Reader
+
+    seen, real = [], Reader.choose
+
+    def spy(self, prompts, choices, normalize="mean"):
+        seen.append(normalize)
+        return real(self, prompts, choices, normalize)
+
+    monkeypatch.setattr(Reader, "choose", spy)
+    KnowledgeStudy(KnowledgeConfig(data=str(knowledge / "data"), reader=str(knowledge / "copier"),
+                                   out_dir=str(tmp_path / "pmi"), conditions=["closed_book"], choice_normalize="pmi",
+                                   bootstrap=10)).run()
+    assert seen and set(seen) == {"pmi"}
+    with pytest.raises(RetrolmError, match="mean, sum or pmi"):
+        KnowledgeConfig(choice_normalize="max")

@@ -214,7 +214,9 @@ def test_pmi_prefers_the_option_the_question_makes_likelier_not_the_likeliest_on
     (mean,) = reader.choose([prompt], [["amber", "basalt"]], "mean")
     (pmi,) = reader.choose([prompt], [["amber", "basalt"]], "pmi")
     assert mean.answers == ["basalt"] and pmi.answers == ["amber"] and seen[-1] == premise
-    assert pmi.generation_flops > mean.generation_flops and pmi.prompt_flops == mean.prompt_flops
+    c = reader.cost  # the premise's forward and the options' after it, on top of the mean rule's
+    assert pmi.generation_flops == mean.generation_flops + c.prompt(len(premise)) + 2 * c.prompt(1, past=len(premise))
+    assert pmi.prompt_flops == mean.prompt_flops
     plain = Reader.load(world["lm"], template="{passages}{question}")  # nothing is left without the question
     plain.option_nlls = nlls
     plain.choose([prompt], [["amber", "basalt"]], "pmi")
@@ -286,6 +288,8 @@ def test_cli_contract(world, capsys):
                              "--query", "mogwen", "retriever=bm25", "rerank=false", "passages=1",
                              "template='{passages}{question}'", "max_new_tokens=6"], capsys)
     assert rc == 0 and "answer: harbor" in stdout and "fact-mogwen" in stdout  # searched with the query
+    rc, _, err = run_cli(["rag", "--reader", world["lm"], "The code of teslin is", "--query", "mogwen"], capsys)
+    assert rc == 2 and "--query is what retrieval searches with: it needs --db" in err
     rc, _, err = run_cli(["rag-eval", "--db", world["db"].path, "--data", world["qa"], "--reader", world["lm"],
                           "--out", out, "passages=5", "top_n=2"], capsys)
     assert rc == 2 and err.startswith("error: ") and "top_n" in err and len(err.strip().splitlines()) == 1
@@ -629,8 +633,16 @@ def test_an_evaluation_that_stops_resumes_after_its_last_finished_block(world, m
         f.write('{"pass": "rag-eval", "start": 4, "ids": ["q4", "q')  # a line torn by the crash
     calls.clear()
     stop_at = 0
+    calls.clear()
+    stop_at = 2  # stops again, one block later: the torn line must not have glued itself to the next row
+    with pytest.raises(KeyboardInterrupt):
+        run_rag_eval(cfg, show_progress=False)
+    assert [json.loads(x)["start"] for x in progress.read_text().splitlines()[1:]] == [0, 2, 4]
+    calls.clear()
+    stop_at = 0
     resumed = run_rag_eval(cfg, show_progress=False)
-    assert calls == [["q4", "q5"], ["q6", "q7"], ["q8", "q9"]]  # only the blocks that had not finished
+    assert calls == [["q6", "q7"], ["q8", "q9"]]  # only the blocks that had not finished
+    assert resumed["resumed_blocks"] == 3 and whole["resumed_blocks"] == 0
     assert resumed["summary"] == whole["summary"]
     preds = [(world["root"] / d / "predictions.jsonl").read_text() for d in ("whole", "stopped")]
     assert preds[0] == preds[1] and not progress.exists()
@@ -643,6 +655,35 @@ def test_an_evaluation_that_stops_resumes_after_its_last_finished_block(world, m
     stop_at = 0
     run_rag_eval(eval_cfg(world, "stopped", block=2, samples=2, top_n=2), show_progress=False)
     assert len(calls) == 5
+    # fewer questions: the finished blocks are kept, a block that now holds fewer questions is read again
+    calls.clear()
+    stop_at = 3
+    with pytest.raises(KeyboardInterrupt):
+        run_rag_eval(cfg, show_progress=False)
+    calls.clear()
+    stop_at = 0
+    short = run_rag_eval(eval_cfg(world, "stopped", block=2, samples=2, max_questions=3), show_progress=False)
+    assert calls == [["q2"]] and short["n"] == 3 and short["resumed_blocks"] == 1
+
+
+def test_progress_keeps_odd_answers_and_ignores_rows_it_cannot_use(tmp_path):
+    from retrolm.infer.rag_eval import Prediction, Progress
+
+    path = tmp_path / "progress.jsonl"
+    one = {"retrieval": [Prediction("a\u2028b\x85c", StageFlops(search=3), ["d"], [0], [])]}
+    Progress(path, "fp").put("rag-eval", 0, ["q0"], one, {"retrieval": 1.5})
+    back = Progress(path, "fp").get("rag-eval", 0, ["q0"])  # str.splitlines() would cut this row at U+2028
+    assert back is not None and back[0]["retrieval"][0].answer == "a\u2028b\x85c" and back[1] == {"retrieval": 1.5}
+    assert back[0]["retrieval"][0].flops == StageFlops(search=3)
+    rows = path.read_text().splitlines(keepends=False)
+    for bad in ('{"block": 0}', '{"fingerprint": "fp", "pass": ["x"], "start": 2, "ids": [], "predictions": {}, '
+                '"seconds": {}}', rows[1].replace('"search": 3', '"search": "many"'),
+                rows[1].replace('"fingerprint": "fp"', '"fingerprint": "another run"')):
+        path.write_text(rows[0] + "\n" + bad + "\n" + rows[1] + "\n")
+        p = Progress(path, "fp")  # no traceback: the row and everything after it are dropped
+        assert p.get("rag-eval", 0, ["q0"]) is None and len(path.read_text().splitlines()) == 1
+    path.write_text("\x00\xff garbage")
+    assert Progress(path, "fp").done == {} and json.loads(path.read_text()) == {"fingerprint": "fp"}
 
 
 def test_the_fingerprint_of_an_evaluation_follows_its_questions_and_database(world, tmp_path):
@@ -662,3 +703,16 @@ def test_the_fingerprint_of_an_evaluation_follows_its_questions_and_database(wor
     assert edited != first
     qa.write_text(qa.read_text().replace("amber", "ambre"))
     assert fingerprint(cfg) != edited
+    assert fingerprint(eval_cfg(world, "fp", db=str(db), data=str(qa), contamination_n=8)) == fingerprint(cfg)
+    noise = write_jsonl(tmp_path / "noise.jsonl", wiki_docs(2, start=900))
+    noisy = eval_cfg(world, "fp", db=str(db), data=str(qa), noise=[str(noise)])
+    before = fingerprint(noisy)
+    noise.write_text(noise.read_text() + json.dumps({"id": "more", "text": "more noise"}) + "\n")
+    assert fingerprint(noisy) != before
+    lm = tmp_path / "lm"
+    shutil.copytree(world["lm"], lm)
+    local = eval_cfg(world, "fp", db=str(db), data=str(qa), reader=str(lm))
+    before = fingerprint(local)
+    weights = next(lm.glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:-4] + b"\x00\x00\x00\x01")  # retrained in place
+    assert fingerprint(local) != before

@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from retrolm.cli.app import EXTRA, AsJson, ConfigFile, Quiet, app, command_config, print_json, print_table
+from retrolm.core.errors import RetrolmError
 from retrolm.core.io import write_json
 from retrolm.eval.multiplier import load_points, multiplier_report, plot_multiplier
 from retrolm.infer.rag import RagConfig, RagPipeline
@@ -34,6 +35,8 @@ def rag_cmd(
     Extra ``key=value`` arguments override RagConfig fields, e.g. ``top_n=20 passages=3 cross_doc=true samples=5``.
     Reranking is on with ``reranker=MODEL`` (or ``rerank=true``: the reader judges its own candidates)."""
     cfg = command_config(RagConfig, ctx, config, db=db, reader=reader)
+    if query is not None and cfg.db is None:
+        raise RetrolmError("--query is what retrieval searches with: it needs --db")
     answer = RagPipeline.load(cfg).answer(question, query)
     if as_json:
         print_json(answer.to_dict())

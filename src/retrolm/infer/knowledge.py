@@ -8,8 +8,10 @@ comparison restated the other way round, each leaf's two facts joined into their
 is reported) or derived by rule (``augmented_rules``, the upper bound of what augmentation can give).
 
 Every condition reads the same items with the same plain prompt (passages, a blank line each, then the question) and
-scores multiple choice by the options' per-token log-likelihood; accuracy per kind of item with 95% bootstrap
-intervals over items. The base model is loaded once; each fine-tuned condition starts again from its weights.
+scores multiple choice by the options' log-likelihood (per token by default; ``choice_normalize=pmi`` discounts each
+option's likelihood at the start of a text, the premise of this prompt without its question); accuracy per kind of
+item with 95% bootstrap intervals over items. The base model is loaded once; each fine-tuned condition starts again
+from its weights.
 """
 
 from __future__ import annotations
@@ -234,7 +236,8 @@ class KnowledgeStudy:
         result = self._summary(chosen, finetuning, augmentation, seconds, support, read)
         write_json(self.out / "knowledge.json", result)
         rows = [{"id": it.id, "kind": it.meta.get("kind"), "question": it.question,
-                 "answer": it.choices[it.answer], **{c: it.choices[chosen[c][i]] for c in chosen},
+                 **({"query": it.query} if it.query is not None else {}), "answer": it.choices[it.answer],
+                 **{c: it.choices[chosen[c][i]] for c in chosen},
                  **{f"{c}_options_read": [it.choices[j] for j in read[c][i]] for c in read}}
                 for i, it in enumerate(self.items)]
         write_bytes(self.out / "predictions.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n"

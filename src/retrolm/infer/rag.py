@@ -110,7 +110,7 @@ class RagConfig:
     """Demonstrations shown to the reader before each question: [question, answer] pairs."""
     choice_normalize: str = "mean"
     """Multiple choice: option log-likelihood per token (mean), in total (sum), or in total less its likelihood after
-    the prompt without question and passages (pmi; one more short forward per question)."""
+    the prompt without question and passages (pmi; one more forward per question)."""
     batch_size: int = 8
     """Prompts per forward pass (reader and reranker)."""
     seed: int = 0

@@ -20,8 +20,10 @@ configuration (``multiplier``, ``multiplier.png``).
 
 A run that stops (a crash, a killed job) resumes: every finished block of questions is appended to
 ``progress.jsonl`` in the folder, under a fingerprint of the settings, the QA file and the database, and the same
-command evaluates only the blocks that are not there. Other settings, another QA file or an edited database start
-over. The file is removed once the report is written.
+command evaluates only the blocks that are not there (``rag.json`` counts them in ``resumed_blocks``; the stages'
+``seconds`` include their earlier times). Other settings, another QA file or noise file, an edited database, a
+reader folder with other weights or another retrolm version start over. The file is removed once the report is
+written.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from retrolm import __version__
 from retrolm.core.config import save_config
 from retrolm.core.errors import RetrolmError
 from retrolm.core.io import atomic_path, file_digest, write_bytes, write_json
@@ -52,6 +55,9 @@ from retrolm.infer.rag import MODES, Passage, RagConfig, RagPipeline, reading_fl
 from retrolm.text.corpus import corpus_fingerprint
 
 logger = logging.getLogger(__name__)
+
+PROGRESS_FORMAT = 1
+"""The layout of ``progress.jsonl`` rows (part of the fingerprint: a file of another layout starts over)."""
 
 
 @dataclass
@@ -114,7 +120,13 @@ class Prediction:
 
     @classmethod
     def from_state(cls, d: dict) -> Prediction:
-        return cls(d["answer"], StageFlops(**d["flops"]), d["passages"], d["support"], d["samples"])
+        """The prediction :meth:`state` wrote (KeyError / TypeError / ValueError on anything else)."""
+        flops = {s: int(d["flops"][s]) for s in STAGES}
+        if not isinstance(d["answer"], str) or not all(isinstance(x, list) for x in (d["passages"], d["support"],
+                                                                                     d["samples"])):
+            raise TypeError("not a prediction")
+        return cls(d["answer"], StageFlops(**flops), [str(x) for x in d["passages"]], [int(x) for x in d["support"]],
+                   [str(x) for x in d["samples"]])
 
 
 def _docs(passages: list[Passage]) -> list[str]:
@@ -123,38 +135,42 @@ def _docs(passages: list[Passage]) -> list[str]:
 
 class Progress:
     """The blocks a run has finished (``progress.jsonl``): a first line with the run's fingerprint, then one line
-    per block, ``{"pass", "start", "ids", "predictions": {config: [...]}, "seconds": {...}}``, flushed to disk as
-    each block ends. A line torn by a crash, and anything after it, is dropped when the run resumes."""
+    per block, ``{"fingerprint", "pass", "start", "ids", "predictions": {config: [...]}, "seconds": {...}}``, flushed
+    to disk as each block ends. A line that is torn by a crash or not such a row, and anything after it, is dropped
+    when the run resumes; a row of another fingerprint (a second run writing to the same folder) is never used."""
 
     def __init__(self, path: Path, fingerprint: str) -> None:
-        self.path, self.done = path, {}
+        self.path, self.fingerprint, self.done, self.restored = path, fingerprint, {}, 0
         kept = []
         if path.is_file():
-            lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+            # split on line feeds only: str.splitlines() also splits on U+2028 and U+0085 inside an answer
+            lines = [x for x in path.read_text(encoding="utf-8", errors="replace").split("\n") if x]
             head = _json_line(lines[0]) if lines else None
             if head is not None and head.get("fingerprint") == fingerprint:
                 for line in lines[1:]:
                     row = _json_line(line)
-                    if row is None:
+                    done = _block(row, fingerprint)
+                    if done is None:
                         break
-                    self.done[(row["pass"], row["start"])] = row
+                    self.done[(row["pass"], row["start"])] = (row["ids"], *done)
                     kept.append(line)
                 logger.info("%s: resuming after %d finished blocks", path, len(kept))
             else:
-                logger.info("%s: made with other settings, questions or database: starting over", path)
+                logger.info("%s: made with other settings, questions, database or retrolm: starting over", path)
         with atomic_path(path) as tmp:  # only whole lines remain, so the next one starts on a line of its own
             tmp.write_text("".join(x + "\n" for x in [json.dumps({"fingerprint": fingerprint}), *kept]),
                            encoding="utf-8")
 
     def get(self, name: str, start: int, ids: list[str]) -> tuple[dict[str, list[Prediction]], dict] | None:
         """A finished block's predictions and seconds, or None (also when it holds other questions)."""
-        row = self.done.get((name, start))
-        if row is None or row["ids"] != ids:
+        held = self.done.get((name, start))
+        if held is None or held[0] != ids:
             return None
-        return {m: [Prediction.from_state(p) for p in ps] for m, ps in row["predictions"].items()}, row["seconds"]
+        self.restored += 1
+        return held[1], held[2]
 
     def put(self, name: str, start: int, ids: list[str], preds: dict[str, list[Prediction]], seconds: dict) -> None:
-        row = {"pass": name, "start": start, "ids": ids, "seconds": seconds,
+        row = {"fingerprint": self.fingerprint, "pass": name, "start": start, "ids": ids, "seconds": seconds,
                "predictions": {m: [p.state() for p in ps] for m, ps in preds.items()}}
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
@@ -173,13 +189,38 @@ def _json_line(line: str) -> dict | None:
     return row if isinstance(row, dict) else None
 
 
+def _block(row: dict | None, fingerprint: str) -> tuple[dict[str, list[Prediction]], dict] | None:
+    """A progress row's predictions and seconds, or None when it is not a finished block of this run."""
+    if row is None or row.get("fingerprint") != fingerprint:
+        return None
+    ids, preds, seconds = row.get("ids"), row.get("predictions"), row.get("seconds")
+    if (not isinstance(row.get("pass"), str) or not isinstance(row.get("start"), int) or not isinstance(ids, list)
+            or not isinstance(preds, dict) or not isinstance(seconds, dict)):
+        return None
+    try:
+        out = {str(m): [Prediction.from_state(p) for p in ps] for m, ps in preds.items()}
+    except (KeyError, TypeError, ValueError):
+        return None
+    if any(len(ps) != len(ids) for ps in out.values()):
+        return None
+    return out, {str(k): float(v) for k, v in seconds.items() if isinstance(v, int | float)}
+
+
 def fingerprint(cfg: RagEvalConfig) -> str:
-    """What a run's answers depend on: every setting but where they go and how many questions are asked, the QA
-    file's bytes, the noise files and the database's state (its ``meta.json``, which every edit rewrites)."""
-    settings = {k: v for k, v in asdict(cfg).items() if k not in ("out_dir", "max_questions")}
-    h = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode())
+    """What a run's answers depend on: every setting that changes a prediction, the QA file's bytes, the noise files,
+    the database's state (its ``meta.json``, which every edit rewrites), the weights of a reader or reranker given as
+    a local folder (quick digests) and retrolm's version and progress format."""
+    ignored = ("out_dir", "max_questions", "queries", "baselines", "multiplier_metric", "contamination_n")
+    settings = {k: v for k, v in asdict(cfg).items() if k not in ignored}
+    h = hashlib.sha256(json.dumps([PROGRESS_FORMAT, __version__, settings], sort_keys=True,
+                                  default=str).encode())
     h.update(file_digest(cfg.data).encode())
     h.update(json.dumps(corpus_fingerprint(cfg.noise or [])).encode())
+    for ref in (cfg.reader, cfg.reranker):
+        folder = Path(str(ref)) if ref else None
+        if folder is not None and folder.is_dir():
+            for f in sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin")):
+                h.update(f"{f.name}:{file_digest(f, quick=True)}".encode())
     db = Path(cfg.db)
     h.update((db / "meta.json" if db.is_dir() else db).read_bytes())
     return h.hexdigest()
@@ -346,8 +387,9 @@ def run_rag_eval(cfg: RagEvalConfig, show_progress: bool = True) -> dict[str, An
         result["robustness"] = {"noise": cfg.noise, "noise_chunks": noisy.store.n_chunks - db.store.n_chunks,
                                 "summary": summarize(items, npreds, contam.flags)}
     result["multiplier"] = _multiplier(cfg, items, baselines, summary, reader, out)
-    seconds["total"] = round(time.perf_counter() - t0, 1)
+    seconds["total"] = round(time.perf_counter() - t0, 1)  # this process: stages include the resumed blocks' times
     result["seconds"] = seconds
+    result["resumed_blocks"] = progress.restored
     write_json(out / "rag.json", result)
     with atomic_path(out / "predictions.jsonl") as tmp, open(tmp, "w", encoding="utf-8") as f:
         for i, it in enumerate(items):

@@ -296,12 +296,21 @@ class Reader:
             scoring = sum(self.cost.prompt(len(x), past=p) for x in nlls)
             prior = None
             if normalize == "pmi":  # the premise: this reader's prompt with no question and no passages
-                premise = self.prompt_ids("", reserve=self.option_room(opts)) or [self.tok.eos_id]  # or a boundary
+                premise = self.prompt_ids("", reserve=self.option_room(opts)) or self._boundary
                 prior = self.option_nlls(premise, opts)
                 scoring += self.cost.prompt(len(premise)) + sum(self.cost.prompt(len(x), past=len(premise))
                                                                 for x in prior)
             out.append(Reading([opts[choice_prediction(nlls, normalize, prior)]], p, self.cost.prompt(p), scoring))
         return out
+
+    @functools.cached_property
+    def _boundary(self) -> list[int]:
+        """The premise of a template that leaves nothing without the question: the end-of-text token."""
+        for t in (self.tok.eos_id, self.tok.pad_id):
+            if t is not None:
+                return [t]
+        raise RetrolmError(f"{self.lm.name}: pmi needs a premise, and this template leaves none without the question "
+                           "and the tokenizer has no end-of-text token: use a template with text around {question}")
 
     @torch.no_grad()
     def option_nlls(self, prompt: list[int], options: Sequence[str]) -> list[list[float]]:
