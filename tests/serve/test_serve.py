@@ -48,6 +48,8 @@ def test_search_answer_generate_and_document_show_their_sources(client, world):
     assert [p["doc_id"] for p in a["supporting_passages"]] == ["fact-quenmir"] and a["flops"]["total"] > 0
     four = client.post("/api/answer", json={"question": "The code of quenmir is", "passages": 4}).json()
     assert len(four["passages"]) == 4  # more passages than the service's top_n (3): as many candidates are fetched
+    other = client.post("/api/answer", json={"question": "The code of quenmir is", "query": "zorblat"}).json()
+    assert other["supporting_passages"][0]["doc_id"] == "fact-zorblat"  # searched with the query, read the question
 
     g = client.post("/api/generate", json={"prompt": "The code of zorblat is", "max_new_tokens": 3}).json()
     assert g["retrieval"] and g["new_tokens"] == 3 and g["chunks"][0]["sources"][0]["doc_id"] == "fact-zorblat"
@@ -70,6 +72,7 @@ def test_bad_requests_get_one_line(client):
     assert "built without dense keys" in err(client.get("/api/search", params={"q": "x", "retriever": "dense"}), 400)
     assert err(client.get("/api/search"), 422) == "q: Field required"
     assert err(client.post("/api/answer", json={}), 422) == "question: Field required"
+    assert err(client.post("/api/answer", json={"question": "x", "query": " "}), 400) == "the query is empty"
     assert err(client.post("/api/answer", json={"question": "x", "top_n": 2, "passages": 3}), 400).startswith(
         "passages (3) and cross_doc_passages")
     assert err(client.post("/api/generate", json={"prompt": "x", "max_new_tokens": 10_000}), 400) == \

@@ -11,7 +11,8 @@ and shows the sources of every answer.
 ``POST /api/terms``    ``{"queries": [...]}``: BM25 statistics for the queries' terms (chunks, their total length,
                        how many hold each term); a sharded front sums its parts' and sends the sums with
                        ``POST /api/search`` as ``term_stats``, so that every part scores as one database
-``POST /api/answer``   ``{"question": ..., "top_n"?, "passages"?, "max_new_tokens"?}``: retrieve → (rerank →) read
+``POST /api/answer``   ``{"question": ..., "top_n"?, "passages"?, "max_new_tokens"?, "query"?}``: retrieve → (rerank →)
+                       read
 ``POST /api/generate`` ``{"prompt": ..., "max_new_tokens"?, "temperature"?, "top_p"?, "seed"?, "k"?,
                        "retrieval"?}``: the continuation, span by span, with the chunks each span read
 ``GET /api/document``  ``?id=...``: a document's text as the database holds it
@@ -43,6 +44,7 @@ logger = logging.getLogger(__name__)
 
 class AnswerRequest(BaseModel):
     question: str
+    query: str | None = Field(None, description="What retrieval searches with instead of the question.")
     top_n: int | None = Field(None, description="Candidates retrieved (and reranked).")
     passages: int | None = Field(None, description="Passages placed in the reader's prompt.")
     max_new_tokens: int | None = None
@@ -129,7 +131,7 @@ def create_app(service: Service) -> FastAPI:
 
     @app.post("/api/answer")
     def answer(req: AnswerRequest) -> dict[str, Any]:
-        return service.answer(req.question, req.top_n, req.passages, req.max_new_tokens)
+        return service.answer(req.question, req.top_n, req.passages, req.max_new_tokens, req.query)
 
     @app.post("/api/generate")
     def generate(req: GenerateRequest) -> dict[str, Any]:

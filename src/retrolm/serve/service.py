@@ -170,9 +170,11 @@ class Service:
             return self.db.lexical.term_stats(queries).to_dict()
 
     def answer(self, question: str, top_n: int | None = None, passages: int | None = None,
-               max_new_tokens: int | None = None) -> dict[str, Any]:
-        """Retrieve → (rerank →) read: the answer, the passages read and those that support it, FLOPs by stage."""
+               max_new_tokens: int | None = None, query: str | None = None) -> dict[str, Any]:
+        """Retrieve → (rerank →) read: the answer, the passages read and those that support it, FLOPs by stage;
+        ``query``: what to search with instead of the question."""
         question = _text(question, "question")
+        query = _text(query, "query") if query is not None else None
         if self.pipe is None:
             raise RetrolmError("this service answers no questions: start it with --reader MODEL")
         rag = self.pipe.cfg
@@ -192,7 +194,7 @@ class Service:
         with self.lock:
             self._sync()
             pipe = RagPipeline(cfg, self.pipe.reader, self.pipe.retriever, self.pipe.reranker)
-            return pipe.answer(question).to_dict()
+            return pipe.answer(question, query).to_dict()
 
     def generate(self, prompt: str, max_new_tokens: int | None = None, temperature: float | None = None,
                  top_p: float | None = None, seed: int | None = None, k: int | None = None,
