@@ -132,6 +132,25 @@ def test_contamination_counts_on_hand_made_items():
     assert find_contamination([QAItem("marks", "¿?", ["—"])], DOCS, n=5).flags == [False]
 
 
+def test_checking_question_and_answer_apart_finds_a_short_answer_held_verbatim():
+    """Every 13-gram of question + answer spans the question's wording, so a definition of nine words held verbatim
+    is missed; checked apart, the answer is found whole."""
+    docs = ["Cofferdam, n. a large watertight chamber used for construction under the water. See Caisson."]
+    item = QAItem("d", 'What does the word "cofferdam" mean?',
+                  ["large watertight chamber used for construction under the water"], ["x", "y"], 0)
+    common = QAItem("w", 'What does the word "lazy" mean?', ["the lazy dog"], ["the lazy dog", "y"], 0)
+    assert find_contamination([item, common], docs + DOCS, n=13).flags == [False, False]
+    parts = find_contamination([item, common], docs + DOCS, n=13, scope="parts")  # "lazy dog": 2 words, not checked
+    assert parts.flags == [True, False] and parts.evidence["d"].startswith("large watertight chamber")
+    assert parts.to_dict()["scope"] == "parts" and parts.to_dict()["min_words"] == 5
+    assert find_contamination([common], DOCS, n=13, scope="parts", min_words=2).flags == [True]  # "lazy dog"
+    assert find_contamination([item], docs, n=5, scope="parts").flags == [True]  # 5-grams inside the answer
+    # the default is unchanged: the hand-made items above give the same flags either way where no part is short
+    assert find_contamination(ITEMS, DOCS, n=5).flags == [True, False, True, False, False, True]
+    with pytest.raises(RetrolmError, match="scope must be item or parts"):
+        find_contamination(ITEMS, DOCS, n=5, scope="answer")
+
+
 def test_contamination_against_a_database(tmp_path):
     docs = [{"id": f"d{i}", "text": t} for i, t in enumerate(DOCS)]
     db = Database.build([write_jsonl(tmp_path / "c.jsonl", docs)], tmp_path / "db",

@@ -307,6 +307,8 @@ def test_config_errors(world):
     assert load_qa(world["mixed"])[4].multiple_choice and isinstance(load_qa(world["qa"])[0], QAItem)
     with pytest.raises(RetrolmError, match="queries must be >= 0"):
         eval_cfg(world, "bad", queries=-1)
+    with pytest.raises(RetrolmError, match="contamination_scope must be item or parts, got 'answer'"):
+        eval_cfg(world, "bad", contamination_scope="answer")
     # baselines the multiplier cannot use (EM in percent that falls with compute) fail before any question is read,
     # not after the evaluation, which would be lost
     bad = world["root"] / "falling.json"

@@ -47,7 +47,7 @@ from retrolm.core.versions import library_versions
 from retrolm.db import DatabaseView, noisy_copy
 from retrolm.db.meta import needs_folder
 from retrolm.eval.multiplier import Point, fit_metric, load_points, multiplier_report, plot_multiplier
-from retrolm.eval.qa import QAItem, contamination, load_qa, mean_scores, score_prediction
+from retrolm.eval.qa import CONTAMINATION_SCOPES, QAItem, contamination, load_qa, mean_scores, score_prediction
 from retrolm.eval.report import markdown_table
 from retrolm.infer.consistency import majority_vote
 from retrolm.infer.flops import STAGES, StageFlops, mean_flops, pretraining_flops
@@ -72,6 +72,10 @@ class RagEvalConfig(RagConfig):
     """Evaluate only the first N questions."""
     contamination_n: int = 13
     """Word n-gram length of the contamination check (the paper: 16 for MMLU, 26 for Math-500)."""
+    contamination_scope: str = "item"
+    """item: n-grams of question + answer; parts: of the question and of the answer apart, a part shorter than n words
+    checked whole if it has ``contamination_min_words`` (a short answer held verbatim; see :mod:`retrolm.eval.qa`)."""
+    contamination_min_words: int = 5
     noise: list[str] = field(default_factory=list)
     """Robustness: unrelated corpus paths added to a copy of the store; the retrieval configurations run again."""
     block: int = 16
@@ -91,8 +95,10 @@ class RagEvalConfig(RagConfig):
             raise RetrolmError(f"max_questions must be >= 1, got {self.max_questions}")
         if self.multiplier_metric not in ("em", "f1"):
             raise RetrolmError(f"multiplier_metric must be em or f1, got {self.multiplier_metric!r}")
-        if self.block < 1 or self.contamination_n < 1:
-            raise RetrolmError("block and contamination_n must be >= 1")
+        if self.block < 1 or self.contamination_n < 1 or self.contamination_min_words < 1:
+            raise RetrolmError("block, contamination_n and contamination_min_words must be >= 1")
+        if self.contamination_scope not in CONTAMINATION_SCOPES:
+            raise RetrolmError(f"contamination_scope must be item or parts, got {self.contamination_scope!r}")
         if self.queries is not None and self.queries < 0:
             raise RetrolmError(f"queries must be >= 0, got {self.queries}")
 
@@ -210,7 +216,8 @@ def fingerprint(cfg: RagEvalConfig) -> str:
     """What a run's answers depend on: every setting that changes a prediction, the QA file's bytes, the noise files,
     the database's state (its ``meta.json``, which every edit rewrites), the weights of a reader or reranker given as
     a local folder (quick digests) and retrolm's version and progress format."""
-    ignored = ("out_dir", "max_questions", "queries", "baselines", "multiplier_metric", "contamination_n")
+    ignored = ("out_dir", "max_questions", "queries", "baselines", "multiplier_metric", "contamination_n",
+               "contamination_scope", "contamination_min_words")
     settings = {k: v for k, v in asdict(cfg).items() if k not in ignored}
     h = hashlib.sha256(json.dumps([PROGRESS_FORMAT, __version__, settings], sort_keys=True,
                                   default=str).encode())
@@ -358,7 +365,7 @@ def run_rag_eval(cfg: RagEvalConfig, show_progress: bool = True) -> dict[str, An
     save_config(cfg, out / "config.yaml")
     db = DatabaseView.open(cfg.db, device=cfg.device)
     t = time.perf_counter()
-    contam = contamination(items, db, cfg.contamination_n)
+    contam = contamination(items, db, cfg.contamination_n, cfg.contamination_scope, cfg.contamination_min_words)
     contam_s = time.perf_counter() - t
     pipe = RagPipeline.load(cfg, db, evaluation=True)
     pipe.check_fits(items, str(cfg.data))
@@ -413,7 +420,8 @@ def report_markdown(result: dict) -> str:
              pct(s["clean"]["f1"]), s["clean"]["n"]] for m, s in _ordered(result["summary"])]
     lines = [f"# Test-time retrieval: {result['data']}", "",
              f"Reader {result['reader']['name']}; {result['n']} questions; retriever {result['db']['retriever']} over "
-             f"{result['db']['chunks']:,} chunks; contaminated ({c['n']}-gram overlap with the store): "
+             f"{result['db']['chunks']:,} chunks; contaminated ({c['n']}-gram overlap with the store"
+             f"{', question and answer apart' if c.get('scope') == 'parts' else ''}): "
              f"{c['contaminated']} of {c['items']} ({100 * c['fraction']:.1f}%).", "",
              markdown_table(["config", "EM", "F1", "n", "FLOPs/question", "EM (clean)", "F1 (clean)", "n (clean)"],
                             rows), ""]
