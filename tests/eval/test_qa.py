@@ -145,10 +145,17 @@ def test_checking_question_and_answer_apart_finds_a_short_answer_held_verbatim()
     assert parts.to_dict()["scope"] == "parts" and parts.to_dict()["min_words"] == 5
     assert find_contamination([common], DOCS, n=13, scope="parts", min_words=2).flags == [True]  # "lazy dog"
     assert find_contamination([item], docs, n=5, scope="parts").flags == [True]  # 5-grams inside the answer
-    # the default is unchanged: the hand-made items above give the same flags either way where no part is short
-    assert find_contamination(ITEMS, DOCS, n=5).flags == [True, False, True, False, False, True]
+    # parts only adds: whatever the whole item finds stays found, a gram across question and answer included
+    assert find_contamination([QAItem("a", "x y", ["z w"])], ["x y z w"], n=13, scope="parts").flags == [True]
+    assert find_contamination(ITEMS, DOCS, n=5, scope="parts").flags == [True, False, True, False, False, True]
+    # a short question is not checked whole (it would be found in any text that asks it)
+    question = QAItem("q", "who was the first president of the united states", ["a man"])
+    assert find_contamination([question], ["Who was the first president of the United States?"], n=13,
+                              scope="parts").flags == [False]
     with pytest.raises(RetrolmError, match="scope must be item or parts"):
         find_contamination(ITEMS, DOCS, n=5, scope="answer")
+    with pytest.raises(RetrolmError, match="min_words must be >= 1"):
+        find_contamination(ITEMS, DOCS, n=5, scope="parts", min_words=0)
 
 
 def test_contamination_against_a_database(tmp_path):

@@ -309,6 +309,8 @@ def test_config_errors(world):
         eval_cfg(world, "bad", queries=-1)
     with pytest.raises(RetrolmError, match="contamination_scope must be item or parts, got 'answer'"):
         eval_cfg(world, "bad", contamination_scope="answer")
+    with pytest.raises(RetrolmError, match="contamination_min_words must be >= 1"):
+        eval_cfg(world, "bad", contamination_min_words=0)
     # baselines the multiplier cannot use (EM in percent that falls with compute) fail before any question is read,
     # not after the evaluation, which would be lost
     bad = world["root"] / "falling.json"
@@ -592,7 +594,10 @@ def test_a_record_s_query_is_what_retrieval_searches_with(world, tmp_path):
     qa = write_jsonl(tmp_path / "q.jsonl", [{"id": "q", "question": "The code of zorblat is", "answers": ["amber"]},
                                             {"id": "r", "question": "The code of zorblat is", "answers": ["amber"],
                                              "query": "quenmir"}])
-    run_rag_eval(eval_cfg(world, "query", data=str(qa)), show_progress=False)
+    r = run_rag_eval(eval_cfg(world, "query", data=str(qa), contamination_scope="parts", contamination_min_words=1),
+                     show_progress=False)
+    assert r["contamination"]["scope"] == "parts" and r["contamination"]["min_words"] == 1
+    assert "answers also on their own, whole from 1 words" in (world["root"] / "query" / "report.md").read_text()
     preds = [json.loads(x) for x in (world["root"] / "query" / "predictions.jsonl").read_text().splitlines()]
     assert [p["retrieval"]["passages"] for p in preds] == [["fact-zorblat"], ["fact-quenmir"]]
     assert [p["retrieval"]["answer"] for p in preds] == ["amber", "basalt"]  # copied after the question's "is"
@@ -705,7 +710,8 @@ def test_the_fingerprint_of_an_evaluation_follows_its_questions_and_database(wor
     assert edited != first
     qa.write_text(qa.read_text().replace("amber", "ambre"))
     assert fingerprint(cfg) != edited
-    assert fingerprint(eval_cfg(world, "fp", db=str(db), data=str(qa), contamination_n=8)) == fingerprint(cfg)
+    assert fingerprint(eval_cfg(world, "fp", db=str(db), data=str(qa), contamination_n=8, contamination_scope="parts",
+                                contamination_min_words=2)) == fingerprint(cfg)  # no prediction changes
     noise = write_jsonl(tmp_path / "noise.jsonl", wiki_docs(2, start=900))
     noisy = eval_cfg(world, "fp", db=str(db), data=str(qa), noise=[str(noise)])
     before = fingerprint(noisy)

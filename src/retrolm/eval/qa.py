@@ -19,9 +19,9 @@ articles *a*, *an*, *the* and of extra whitespace; EM and F1 take the best gold 
 Contamination (the test item itself, not just its answer, appears in the datastore): an item is contaminated when any
 word n-gram of its text (question followed by its gold answer; for multiple choice the correct choice) occurs in a
 live document of the store, after the same normalisation. An item shorter than n words is checked as a whole. With
-``scope="parts"`` the question and the answer are checked apart: n-grams inside each, and a part shorter than n words
-as a whole if it has at least ``min_words`` words. That finds a short answer held verbatim (a definition of nine
-words), which every n-gram of question + answer misses because it spans the question's wording. The
+``scope="parts"`` the answer is also checked on its own: its n-grams, or the whole answer when it is shorter than n
+words and has at least ``min_words`` words. That finds a short answer held verbatim (a definition of nine words),
+which every n-gram of question + answer misses because it spans the question's wording. The
 paper this follows used n = 16 on MMLU and n = 26 on Math-500; GPT-3's analysis used 13 (the default here).
 """
 
@@ -249,23 +249,26 @@ CONTAMINATION_SCOPES = ("item", "parts")
 
 def item_ngrams(items: Sequence[QAItem], n: int, scope: str = "item", min_words: int = 5
                 ) -> list[set[tuple[str, ...]]]:
-    """Per item, its word n-grams: of its whole text (an item shorter than n words: that text as one gram), or with
-    ``scope="parts"`` of its question and of its answer apart (a part shorter than n words: as one gram if it has at
-    least ``min_words`` words, else nothing)."""
+    """Per item, the word n-grams of its whole text (an item shorter than n words: that text as one gram); with
+    ``scope="parts"`` also its answer's own: its n-grams, or the whole answer as one gram when it is shorter than n
+    words and has at least ``min_words`` (so ``parts`` flags every item ``item`` does, and more)."""
     if n < 1:
         raise RetrolmError(f"contamination n must be >= 1, got {n}")
     if scope not in CONTAMINATION_SCOPES:
         raise RetrolmError(f"contamination scope must be item or parts, got {scope!r}")
+    if min_words < 1:
+        raise RetrolmError(f"contamination min_words must be >= 1, got {min_words}")
     out = []
     for item in items:
-        texts = [item.text()] if scope == "item" else [item.question, item.answers[0] if item.answers else ""]
         grams: set[tuple[str, ...]] = set()
-        for text in texts:
-            w = words(text)
-            if len(w) >= n:
-                grams |= {tuple(w[i : i + n]) for i in range(len(w) - n + 1)}
-            elif w and (scope == "item" or len(w) >= min_words):  # no words: the empty gram would match anything
-                grams.add(tuple(w))
+        w = words(item.text())
+        if w:  # no words: nothing to find (the empty gram would match every document)
+            grams |= {tuple(w)} if len(w) < n else {tuple(w[i : i + n]) for i in range(len(w) - n + 1)}
+        a = words(item.answers[0]) if scope == "parts" and item.answers else []
+        if len(a) >= n:
+            grams |= {tuple(a[i : i + n]) for i in range(len(a) - n + 1)}
+        elif len(a) >= min_words:
+            grams.add(tuple(a))
         out.append(grams)
     return out
 

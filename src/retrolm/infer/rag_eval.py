@@ -73,8 +73,8 @@ class RagEvalConfig(RagConfig):
     contamination_n: int = 13
     """Word n-gram length of the contamination check (the paper: 16 for MMLU, 26 for Math-500)."""
     contamination_scope: str = "item"
-    """item: n-grams of question + answer; parts: of the question and of the answer apart, a part shorter than n words
-    checked whole if it has ``contamination_min_words`` (a short answer held verbatim; see :mod:`retrolm.eval.qa`)."""
+    """item: n-grams of question + answer; parts: the answer on its own too, whole when it is shorter than n words and
+    has ``contamination_min_words`` (finds a short answer held verbatim; see :mod:`retrolm.eval.qa`)."""
     contamination_min_words: int = 5
     noise: list[str] = field(default_factory=list)
     """Robustness: unrelated corpus paths added to a copy of the store; the retrieval configurations run again."""
@@ -421,7 +421,7 @@ def report_markdown(result: dict) -> str:
     lines = [f"# Test-time retrieval: {result['data']}", "",
              f"Reader {result['reader']['name']}; {result['n']} questions; retriever {result['db']['retriever']} over "
              f"{result['db']['chunks']:,} chunks; contaminated ({c['n']}-gram overlap with the store"
-             f"{', question and answer apart' if c.get('scope') == 'parts' else ''}): "
+             f"{_answer_scope(c)}): "
              f"{c['contaminated']} of {c['items']} ({100 * c['fraction']:.1f}%).", "",
              markdown_table(["config", "EM", "F1", "n", "FLOPs/question", "EM (clean)", "F1 (clean)", "n (clean)"],
                             rows), ""]
@@ -438,6 +438,13 @@ def report_markdown(result: dict) -> str:
                                    v["multiplier"], v["multiplier_with_test_time"]]
                                   for m, v in _ordered(mult["systems"])]), ""]
     return "\n".join(lines)
+
+
+def _answer_scope(c: dict) -> str:
+    """How a ``parts`` check also looked at the answer, for the report."""
+    if c.get("scope") != "parts":
+        return ""
+    return f"; answers also on their own, whole from {c['min_words']} words"
 
 
 def _ordered(by_mode: dict) -> list[tuple[str, Any]]:
