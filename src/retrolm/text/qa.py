@@ -33,11 +33,12 @@ import json
 import random
 import re
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
+from functools import partial
 from pathlib import Path
 
 from retrolm.core.errors import RetrolmError
-from retrolm.core.io import atomic_path, jsonl_values
+from retrolm.core.io import atomic_path, file_digest, jsonl_values
 
 BUILDER_VERSION = 1
 SKIP_DESCRIPTIONS = re.compile(r"(?i)wikimedia|disambiguation|topics referred to|list article|^$")
@@ -51,14 +52,6 @@ COMMON = frozenset(_COMMON_WORDS.split())
 _SENTENCE_SPLIT = re.compile(r"(?<=[.!?])\s+(?=[A-Z(])")
 _WORD_OK = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_\-]*[A-Za-z0-9_]$")
 BLANK = "____"
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def in_test_split(doc_id: str, seed: int, fraction: float) -> bool:
@@ -102,7 +95,37 @@ class _OldText:
 
 def _provenance(builder: str, corpus: Path, seed: int, fraction: float, **extra) -> dict:
     return {"builder": builder, "builder_version": BUILDER_VERSION, "corpus": corpus.name,
-            "corpus_sha256": _sha256(corpus), "seed": seed, "split": "test", "test_fraction": fraction, **extra}
+            "corpus_sha256": file_digest(corpus), "seed": seed, "split": "test", "test_fraction": fraction, **extra}
+
+
+def _draw(pools: Iterable[Sequence[str]], answer: str, k: int, rng: random.Random, keep: Callable[[str], bool]
+          ) -> list[str]:
+    """Up to k wrong options, from each pool in turn for what the earlier ones lacked: not the answer, not one drawn
+    already (case aside), and kept by ``keep``."""
+    out: list[str] = []
+    for pool in pools:
+        seen = {answer.lower(), *(o.lower() for o in out)}
+        fresh = [x for x in pool if x.lower() not in seen and keep(x)]
+        out += rng.sample(fresh, min(k - len(out), len(fresh)))
+        if len(out) == k:
+            break
+    return out
+
+
+def _with_choices(rec: dict, answer: str, choices: int, rng: random.Random, others: Callable[[int], list[str]],
+                  need: str) -> dict:
+    """``rec`` with ``choices`` shuffled options (``others(k)`` draws the k wrong ones) and the answer's index, or
+    with ``answers`` when ``choices`` < 2. Too few wrong options is an error, ``need`` saying what they should have
+    been: fewer options would raise the chance rate unannounced."""
+    if choices < 2:
+        rec["answers"] = [answer]
+        return rec
+    opts = [*others(choices - 1), answer]
+    if len(opts) < choices:
+        raise RetrolmError(f"{need}; the corpus has {len(opts) - 1}: ask for fewer --choices")
+    rng.shuffle(opts)
+    rec.update(choices=opts, answer=opts.index(answer))
+    return rec
 
 
 # --------------------------------------------------------------------------------------------------- wiki-entity
@@ -128,15 +151,10 @@ def build_wiki_entity(corpus: str | Path, n: int = 200, seed: int = 0, choices: 
         title, desc = str(d["id"]), d["description"].strip()
         rec = {"id": f"wiki-entity-{len(out):05d}", "question": f"What is {title}?",
                "provenance": {**base, "doc_id": title, "topic": d.get("topic")}}
-        if choices >= 2:
-            opts = _distractors(desc, by_topic.get(str(d.get("topic")), []), [x["description"].strip() for x in usable],
-                                choices - 1, rng)
-            opts.append(desc)
-            rng.shuffle(opts)
-            rec.update(choices=opts, answer=opts.index(desc))
-        else:
-            rec["answers"] = [desc]
-        out.append(rec)
+        others = partial(_distractors, desc, by_topic.get(str(d.get("topic")), []),
+                         [x["description"].strip() for x in usable], rng=rng)
+        out.append(_with_choices(rec, desc, choices, rng, others,
+                                 f"{choices} choices need {choices - 1} other answers than {desc!r}"))
     return out
 
 
@@ -255,15 +273,9 @@ def build_kernel_cloze(corpus: str | Path, n: int = 200, seed: int = 0, old: str
     def distractors(c: dict, k: int) -> list[str]:
         kind = _blank_score(c["word"], False)
         folder = c["path"].rsplit("/", 1)[0]
-        picked_: list[str] = []
-        for pool in (sorted(by_doc.get(c["path"], ())),
-                     sorted({w for p, ws in by_doc.items() if p.rsplit("/", 1)[0] == folder for w in ws}), every):
-            seen = {c["word"].lower(), *(w.lower() for w in picked_)}
-            fresh = [w for w in pool if w.lower() not in seen and _blank_score(w, False) == kind]
-            picked_ += rng.sample(fresh, min(k - len(picked_), len(fresh)))
-            if len(picked_) == k:
-                break
-        return picked_
+        pools = (sorted(by_doc.get(c["path"], ())),
+                 sorted({w for p, ws in by_doc.items() if p.rsplit("/", 1)[0] == folder for w in ws}), every)
+        return _draw(pools, c["word"], k, rng, lambda w: _blank_score(w, False) == kind)
 
     out = []
     for i, c in enumerate(picked):
@@ -271,16 +283,9 @@ def build_kernel_cloze(corpus: str | Path, n: int = 200, seed: int = 0, old: str
                "question": f"Fill in the blank with one word. From the Linux kernel documentation: {c['masked']}",
                "provenance": {**base, **{k: c[k] for k in ("doc_id", "path", "sentence")},
                               **({"in_old": c["in_old"]} if "in_old" in c else {})}}
-        if choices >= 2:
-            opts = [*distractors(c, choices - 1), c["word"]]
-            if len(opts) < choices:  # fewer options would raise the chance rate unannounced
-                raise RetrolmError(f"{corpus}: {choices} choices need {choices - 1} other blanked words of the kind "
-                                   f"of {c['word']!r}; the corpus has {len(opts) - 1}: ask for fewer --choices")
-            rng.shuffle(opts)
-            rec.update(choices=opts, answer=opts.index(c["word"]))
-        else:
-            rec["answers"] = [c["word"]]
-        out.append(rec)
+        out.append(_with_choices(rec, c["word"], choices, rng, partial(distractors, c),
+                                 f"{corpus}: {choices} choices need {choices - 1} other blanked words of the kind of "
+                                 f"{c['word']!r}"))
     return out
 
 
@@ -395,34 +400,19 @@ def build_dict_def(corpus: str | Path, n: int = 200, seed: int = 0, choices: int
 
     def distractors(c: dict, k: int) -> list[str]:
         size = len(c["definition"].split())
-        out: list[str] = []
-        for key in ((c["pos"], c["lexfile"]), (c["pos"],)):
-            seen = {c["definition"].lower(), *(o.lower() for o in out)}
-            fresh = [x for x in pools.get(key, []) if x.lower() not in seen and size / 2 <= len(x.split()) <= size * 2
-                     and not _definition_gives_away(c["word"], x)]
-            out += rng.sample(fresh, min(k - len(out), len(fresh)))
-            if len(out) == k:
-                break
-        return out
+        return _draw((pools.get((c["pos"], c["lexfile"]), []), pools.get((c["pos"],), [])), c["definition"], k, rng,
+                     lambda x: size / 2 <= len(x.split()) <= size * 2 and not _definition_gives_away(c["word"], x))
 
     base = _provenance("dict-def", corpus, seed, test_fraction, store=Path(store).name if store is not None else None,
-                       store_sha256=_sha256(Path(store)) if store is not None else None)
+                       store_sha256=file_digest(store) if store is not None else None)
     records = []
     for i, c in enumerate(picked):
         rec = {"id": f"dict-def-{i:05d}", "question": f'What does the word "{c["word"]}" mean?', "query": c["word"],
                "provenance": {**base, **{k: c[k] for k in ("doc_id", "word", "pos")},
                               **{k: c[k] for k in ("store_doc_ids", "in_store") if k in c}}}
-        if choices >= 2:
-            opts = [*distractors(c, choices - 1), c["definition"]]
-            if len(opts) < choices:
-                raise RetrolmError(f"{corpus}: {choices} choices need {choices - 1} other {c['pos']} definitions about "
-                                   f"as long as that of {c['word']!r}; the corpus has {len(opts) - 1}: ask for "
-                                   "fewer --choices")
-            rng.shuffle(opts)
-            rec.update(choices=opts, answer=opts.index(c["definition"]))
-        else:
-            rec["answers"] = [c["definition"]]
-        records.append(rec)
+        records.append(_with_choices(rec, c["definition"], choices, rng, partial(distractors, c),
+                                     f"{corpus}: {choices} choices need {choices - 1} other {c['pos']} definitions "
+                                     f"about as long as that of {c['word']!r}"))
     return records
 
 
