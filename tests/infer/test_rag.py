@@ -617,59 +617,48 @@ def test_a_record_s_query_is_what_retrieval_searches_with(world, tmp_path):
 def test_an_evaluation_that_stops_resumes_after_its_last_finished_block(world, monkeypatch):
     import retrolm.infer.rag_eval as rag_eval
 
-    real, calls = rag_eval.evaluate_block, []
+    real, calls, stop = rag_eval.evaluate_block, [], {"at": 0}
 
     def counted(pipe, items, *a, **kw):
         calls.append([it.id for it in items])
-        if len(calls) == stop_at:
+        if len(calls) == stop["at"]:
             raise KeyboardInterrupt  # the job is killed during this block
         return real(pipe, items, *a, **kw)
 
+    def run(cfg, killed_at: int = 0) -> dict | None:
+        """The evaluation, killed during its ``killed_at``-th block (0: never); ``calls`` holds this run's blocks."""
+        calls.clear()
+        stop["at"] = killed_at
+        if not killed_at:
+            return run_rag_eval(cfg, show_progress=False)
+        with pytest.raises(KeyboardInterrupt):
+            run_rag_eval(cfg, show_progress=False)
+        return None
+
     monkeypatch.setattr(rag_eval, "evaluate_block", counted)
-    stop_at = 0
-    whole = run_rag_eval(eval_cfg(world, "whole", block=2, samples=2), show_progress=False)
+    whole = run(eval_cfg(world, "whole", block=2, samples=2))
     assert len(calls) == 5 and not (world["root"] / "whole" / "progress.jsonl").exists()
-    calls.clear()
-    stop_at = 3
     cfg = eval_cfg(world, "stopped", block=2, samples=2)
-    with pytest.raises(KeyboardInterrupt):
-        run_rag_eval(cfg, show_progress=False)
+    run(cfg, killed_at=3)
     progress = world["root"] / "stopped" / "progress.jsonl"
     assert len(progress.read_text().splitlines()) == 3  # the fingerprint and two finished blocks
     with open(progress, "a") as f:
         f.write('{"pass": "rag-eval", "start": 4, "ids": ["q4", "q')  # a line torn by the crash
-    calls.clear()
-    stop_at = 0
-    calls.clear()
-    stop_at = 2  # stops again, one block later: the torn line must not have glued itself to the next row
-    with pytest.raises(KeyboardInterrupt):
-        run_rag_eval(cfg, show_progress=False)
+    run(cfg, killed_at=2)  # stops again, one block later: the torn line must not have glued itself to the next row
     assert [json.loads(x)["start"] for x in progress.read_text().splitlines()[1:]] == [0, 2, 4]
-    calls.clear()
-    stop_at = 0
-    resumed = run_rag_eval(cfg, show_progress=False)
+    resumed = run(cfg)
     assert calls == [["q6", "q7"], ["q8", "q9"]]  # only the blocks that had not finished
     assert resumed["resumed_blocks"] == 3 and whole["resumed_blocks"] == 0
     assert resumed["summary"] == whole["summary"]
     preds = [(world["root"] / d / "predictions.jsonl").read_text() for d in ("whole", "stopped")]
     assert preds[0] == preds[1] and not progress.exists()
     # other settings start over
-    calls.clear()
-    stop_at = 2
-    with pytest.raises(KeyboardInterrupt):
-        run_rag_eval(cfg, show_progress=False)
-    calls.clear()
-    stop_at = 0
-    run_rag_eval(eval_cfg(world, "stopped", block=2, samples=2, top_n=2), show_progress=False)
+    run(cfg, killed_at=2)
+    run(eval_cfg(world, "stopped", block=2, samples=2, top_n=2))
     assert len(calls) == 5
     # fewer questions: the finished blocks are kept, a block that now holds fewer questions is read again
-    calls.clear()
-    stop_at = 3
-    with pytest.raises(KeyboardInterrupt):
-        run_rag_eval(cfg, show_progress=False)
-    calls.clear()
-    stop_at = 0
-    short = run_rag_eval(eval_cfg(world, "stopped", block=2, samples=2, max_questions=3), show_progress=False)
+    run(cfg, killed_at=3)
+    short = run(eval_cfg(world, "stopped", block=2, samples=2, max_questions=3))
     assert calls == [["q2"]] and short["n"] == 3 and short["resumed_blocks"] == 1
 
 
