@@ -713,3 +713,7 @@ def test_the_fingerprint_of_an_evaluation_follows_its_questions_and_database(wor
     weights = next(lm.glob("*.safetensors"))
     weights.write_bytes(weights.read_bytes()[:-4] + b"\x00\x00\x00\x01")  # retrained in place
     assert fingerprint(local) != before
+    reranked = eval_cfg(world, "fp", db=str(db), data=str(qa), reranker=f"cross-encoder:{lm}")
+    before = fingerprint(reranked)
+    weights.write_bytes(weights.read_bytes()[:-4] + b"\x00\x00\x00\x02")  # a local cross-encoder retrained
+    assert fingerprint(reranked) != before

@@ -224,7 +224,8 @@ def fingerprint(cfg: RagEvalConfig) -> str:
     h.update(file_digest(cfg.data).encode())
     h.update(json.dumps(corpus_fingerprint(cfg.noise or [])).encode())
     for ref in (cfg.reader, cfg.reranker):
-        folder = Path(str(ref)) if ref else None
+        ref = str(ref).removeprefix("cross-encoder:") if ref else None  # a reranker's folder comes after the prefix
+        folder = Path(ref) if ref else None
         if folder is not None and folder.is_dir():
             for f in sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin")):
                 h.update(f"{f.name}:{file_digest(f, quick=True)}".encode())
