@@ -108,3 +108,23 @@ def test_length_batches_partition_the_chunks_by_length():
     assert len(groups) == 35
     _, plain = length_batches(lengths, 1024, exact=False)  # the old batching: sorted, cut every 1,024
     assert [len(g) for g in plain] == [1024] * 8 and not any(lengths[g].min() == lengths[g].max() for g in plain)
+
+
+@pytest.mark.parametrize("path", ["fast", "hf", "pickled"])
+def test_special_token_strings_in_text_are_text(encoder, path, monkeypatch):
+    """"[SEP]" / "[MASK]" written in a chunk are its characters: parsed as the special tokens they would end the
+    encoder's input or mask a word, on the Rust path, the HF fallback and in a spawned worker's (pickled) copy."""
+    import pickle
+
+    wordpiece = pickle.loads(pickle.dumps(encoder.wordpiece)) if path == "pickled" else encoder.wordpiece
+    if path == "hf":
+        monkeypatch.setattr(wordpiece, "_fast", None)
+        monkeypatch.setattr(wordpiece, "_fast_unpadded", None)
+    hf = wordpiece.hf
+    text = "a [SEP] b [MASK] c"
+    ids = wordpiece.tokenize([text])["input_ids"][0].tolist()
+    assert ids[0] == hf.cls_token_id and ids[-1] == hf.sep_token_id
+    assert hf.sep_token_id not in ids[1:-1] and hf.mask_token_id not in ids
+    assert hf.convert_ids_to_tokens(ids[1:-1]) == ["a", "[", "sep", "]", "b", "[", "mask", "]", "c"]
+    pieces, _ = wordpiece.token_ids([text])
+    assert pieces[0].tolist() == ids

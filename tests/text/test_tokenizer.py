@@ -68,3 +68,15 @@ def test_spans_of_a_metaspace_tokenizer_keep_their_spaces():
     meta = LMTokenizer(raw, "metaspace")
     ids = meta.encode("The history of France")
     assert meta.decode_spans([ids[:2], ids[2:]]) == ["The history", " of France"]  # alone: "of France"
+
+
+
+def test_a_pickled_tokenizer_still_reads_special_token_strings_as_text(tok):
+    """A worker process gets the tokenizer pickled; the flag that keeps "<|endoftext|>" in a document literal is not
+    part of the tokenizer's JSON and must survive the copy."""
+    import pickle
+
+    text = f"before {EOS_TOKEN} and <|im_end|> after"
+    copy = pickle.loads(pickle.dumps(tok))
+    assert copy.encode(text) == tok.encode(text)
+    assert copy.eos_id not in copy.encode(text)

@@ -33,7 +33,9 @@ DEFAULT_ENCODER = "sentence-transformers/all-MiniLM-L6-v2"
 
 class EncoderTokenizer:
     """The encoder's own tokenizer (WordPiece for BERT-family models), without the model: what the database build's
-    pre-tokenization workers load. Pads on the right and cuts texts at ``max_length`` tokens."""
+    pre-tokenization workers load. Pads on the right and cuts texts at ``max_length`` tokens. Text is text: "[SEP]"
+    or "[MASK]" written in a chunk or a query are its characters, not the special tokens that would end the input or
+    mask a word (the tokenizer adds its own [CLS] / [SEP] around each text)."""
 
     def __init__(self, path: str, max_length: int = 256):
         from transformers import AutoTokenizer
@@ -45,6 +47,14 @@ class EncoderTokenizer:
         if self._fast is not None:  # for token_ids: truncation as in tokenize, padding left to features_from_ids
             self._fast_unpadded = copy.deepcopy(self._fast)
             self._fast_unpadded.no_padding()
+            self._fast_unpadded.encode_special_tokens = True  # a copy (its JSON) loses the flag
+
+    def __setstate__(self, state: dict) -> None:
+        # Rust tokenizers are pickled as their JSON, without encode_special_tokens (a spawned worker's copy)
+        self.__dict__.update(state)
+        for fast in (self._fast, self._fast_unpadded):
+            if fast is not None:
+                fast.encode_special_tokens = True
 
     def _fast_tokenizer(self):
         """The Rust tokenizer under a "fast" HF tokenizer, set to pad and truncate like ``tokenize``'s HF call.
@@ -54,16 +64,18 @@ class EncoderTokenizer:
         if backend is None or self.hf.pad_token_id is None or self.hf.padding_side != "right":
             return None
         fast = copy.deepcopy(backend)
+        fast.encode_special_tokens = True  # as _tokenize_hf's split_special_tokens
         fast.enable_truncation(self.max_length)
         fast.enable_padding(pad_id=self.hf.pad_token_id, pad_token=self.hf.pad_token)
-        probe = ["Chunked cross-attention.", "A longer probe text, with punctuation; and numbers 1234!"]
+        probe = ["Chunked cross-attention.", "A longer probe text, with punctuation; and numbers 1234! [SEP] [MASK]"]
         if not all(torch.equal(a, b) for a, b in zip(self._tokenize_fast(probe, fast).values(),
                                                       self._tokenize_hf(probe).values(), strict=True)):
             return None
         return fast
 
     def _tokenize_hf(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
-        return self.hf(list(texts), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
+        return self.hf(list(texts), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt",
+                       split_special_tokens=True)
 
     def _tokenize_fast(self, texts: Sequence[str], fast) -> dict[str, torch.Tensor]:
         encs = fast.encode_batch_fast(list(texts)) if hasattr(fast, "encode_batch_fast") else fast.encode_batch(
@@ -92,9 +104,9 @@ class EncoderTokenizer:
                 list(texts))
             cut = np.array([len(e.overflowing) > 0 for e in encs], dtype=bool)
             return [np.asarray(e.ids, dtype=np.int64) for e in encs], cut
-        full = self.hf(list(texts), truncation=False)["input_ids"]
+        full = self.hf(list(texts), truncation=False, split_special_tokens=True)["input_ids"]
         cut = np.array([len(x) > self.max_length for x in full], dtype=bool)
-        kept = self.hf(list(texts), truncation=True, max_length=self.max_length)["input_ids"]
+        kept = self.hf(list(texts), truncation=True, max_length=self.max_length, split_special_tokens=True)["input_ids"]
         return [np.asarray(x, dtype=np.int64) for x in kept], cut
 
     def features_from_ids(self, pieces: Sequence[np.ndarray]) -> dict[str, torch.Tensor]:

@@ -123,6 +123,12 @@ class LMTokenizer:
         # A tokenizer without a pad token pads with EOS; padded positions are always masked anyway.
         self.pad_id: int = pad if pad is not None else (self.eos_id if self.eos_id is not None else 0)
 
+    def __setstate__(self, state: dict) -> None:
+        # A Rust tokenizer is pickled as its JSON, which leaves encode_special_tokens out: a copy sent to a worker
+        # process would parse "<|endoftext|>" in a document as the special token again.
+        self.__dict__.update(state)
+        self.tok.encode_special_tokens = True
+
     @property
     def sha256(self) -> str:
         return hashlib.sha256(self.tok.to_str().encode()).hexdigest()
