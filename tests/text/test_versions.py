@@ -10,7 +10,7 @@ import pytest
 from conftest import wiki_docs, write_jsonl
 from retrolm.core.errors import RetrolmError
 from retrolm.text.corpus import Document
-from retrolm.text.versions import NgramIndex, label_versions, split_versions, truncate, word_ngrams
+from retrolm.text.versions import NgramIndex, VersionLabeller, label_versions, split_versions, truncate, word_ngrams
 
 
 def doc(i: str, text: str) -> Document:
@@ -36,6 +36,23 @@ def test_labels_are_by_content_not_by_path():
     assert labels["new/mixed.rst"].bucket == "new"  # a little shared text does not make it a version of the old one
     with pytest.raises(RetrolmError, match="new_max_overlap"):
         label_versions(old, new, new_max_overlap=1.0)
+
+
+def test_a_copy_with_other_line_ends_or_unicode_form_is_identical():
+    """The same text saved with CRLF line ends or in decomposed Unicode (NFD) is the old document, whole or in part;
+    one changed character is not."""
+    import unicodedata
+
+    text = "Le café naïve résumé.\nSecond line of the déjà vu file, with more words to count here.\nThird line.\n"
+    labeller = VersionLabeller([doc("old/a.rst", text)])
+    for copy in (text.replace("\n", "\r\n"), unicodedata.normalize("NFD", text)):
+        assert copy != text
+        lab = labeller.label(doc("new/a.rst", copy))
+        assert (lab.bucket, lab.best_match, lab.overlap) == ("identical", "old/a.rst", 1.0)
+        part = labeller.label_excerpt(doc("new/a.rst", copy[: len(copy) // 2]))
+        assert (part.bucket, part.best_match) == ("identical", "old/a.rst")
+    nfd = labeller.label(doc("new/b.rst", unicodedata.normalize("NFD", text).replace("Third", "Fourth")))
+    assert nfd.bucket == "changed" and nfd.overlap > 0.6  # NFD words are the same words, not split at accents
 
 
 def test_ngram_index_finds_the_best_old_document():

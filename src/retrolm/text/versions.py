@@ -3,7 +3,8 @@ by how much of it the old version already holds, and split off a seeded, labelle
 
 Labels are by content, not by path (files move):
 
-* **identical** — its text equals the text of some old document;
+* **identical** — its text equals the text of some old document (after line endings and Unicode normalisation: a
+  copy saved with CRLF or in decomposed form is the same text);
 * **changed** — not identical, but more than ``new_max_overlap`` of its word n-grams (n = 8) occur in one old document;
 * **new** — at most ``new_max_overlap`` (default 30%) of its n-grams occur in any single old document.
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import unicodedata
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,9 +32,18 @@ BUCKETS = ("identical", "changed", "new")
 _WORD = re.compile(r"\w+")
 
 
+def _canonical(text: str) -> str:
+    """What "the same text" compares: NFC, with CRLF / CR line ends as LF."""
+    return unicodedata.normalize("NFC", text.replace("\r\n", "\n").replace("\r", "\n"))
+
+
+def _text_key(text: str) -> str:
+    return hashlib.sha256(_canonical(text).encode()).hexdigest()
+
+
 def word_ngrams(text: str, n: int = 8) -> np.ndarray:
     """Sorted unique 64-bit hashes of the word n-grams of ``text`` (lower-cased words)."""
-    words = _WORD.findall(text.lower())
+    words = _WORD.findall(unicodedata.normalize("NFC", text).lower())  # NFD's combining accents would split words
     if len(words) < n:
         words = words + [""] * (n - len(words)) if words else []
     grams = {" ".join(words[i : i + n]) for i in range(max(0, len(words) - n + 1))}
@@ -86,12 +97,12 @@ class VersionLabeller:
         if not 0 <= new_max_overlap < 1:
             raise RetrolmError(f"new_max_overlap must be in [0, 1), got {new_max_overlap}")
         self.old, self.new_max_overlap = old, new_max_overlap
-        self.by_text = {hashlib.sha256(d.text.encode()).hexdigest(): d.id for d in old}
-        self.old_text = {d.id: d.text for d in old}
+        self.by_text = {_text_key(d.text): d.id for d in old}
+        self.old_text = {d.id: _canonical(d.text) for d in old}
         self.index = NgramIndex((d.text for d in old), n)
 
     def label(self, doc: Document) -> Label:
-        same = self.by_text.get(hashlib.sha256(doc.text.encode()).hexdigest())
+        same = self.by_text.get(_text_key(doc.text))
         if same is not None:
             return Label(doc.id, "identical", 1.0, same)
         best, share = self.index.best_match(doc.text)
@@ -102,7 +113,8 @@ class VersionLabeller:
         """The label of part of a document: as :meth:`label`, but identical when the part is verbatim text of the
         old document it shares most with (the whole-text hash of :meth:`label` never matches a part)."""
         lab = self.label(doc)
-        if lab.bucket != "identical" and lab.best_match is not None and doc.text in self.old_text[lab.best_match]:
+        if (lab.bucket != "identical" and lab.best_match is not None
+                and _canonical(doc.text) in self.old_text[lab.best_match]):
             return Label(doc.id, "identical", 1.0, lab.best_match)
         return lab
 
