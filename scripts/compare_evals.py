@@ -10,12 +10,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from pathlib import Path
 
-
-def pct(x: float) -> str:
-    return "–" if x is None or math.isnan(x) else f"{-x:+.1%}"  # shown as the change in bits per byte
+from retrolm.eval.report import change as pct
 
 
 def main() -> None:

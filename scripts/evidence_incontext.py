@@ -27,6 +27,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from retrolm.core.io import write_json
+from retrolm.eval.report import change
 
 REPO = Path(__file__).resolve().parents[1]
 RETROLM = [sys.executable, "-m", "retrolm.cli"]
@@ -299,15 +300,16 @@ def write_page(out_root: Path, log: list[str], seconds: dict, args: argparse.Nam
         protocol = "previous version allowed" if near == 0 else "strict (near-duplicates excluded)"
         lo, hi = r["gain_ci95"]["all"]
         rows.append([name, retriever, stride, query, protocol, f"{r['summary']['no_retrieval']['bpb']:.3f}",
-                     f"{r['summary']['in_context']['bpb']:.3f}", f"{-r['gain']['all']:+.1%} [{-hi:+.1%}, {-lo:+.1%}]",
-                     f"{r['novel']['fraction']:.0%}", "–" if r["gain"]["novel"] != r["gain"]["novel"]
-                     else f"{-r['gain']['novel']:+.1%}", f"{cost['forward_tokens_per_scored_token']:.1f}",
+                     f"{r['summary']['in_context']['bpb']:.3f}",
+                     f"{change(r['gain']['all'])} [{change(hi)}, {change(lo)}]",
+                     f"{r['novel']['fraction']:.0%}", change(r["gain"]["novel"]),
+                     f"{cost['forward_tokens_per_scored_token']:.1f}",
                      f"{cost['scored_tokens_per_s']:.0f}"])
         for g, d in r.get("groups", {}).items():
             glo, ghi = d["gain_ci95"]
             detail.append([name, g, d["docs"], d["chunks"], f"{d['novel_fraction']:.0%}",
                            f"{d['summary']['no_retrieval']['bpb']:.3f}", f"{d['summary']['in_context']['bpb']:.3f}",
-                           f"{-d['gain']:+.1%} [{-ghi:+.1%}, {-glo:+.1%}]"])
+                           f"{change(d['gain'])} [{change(ghi)}, {change(glo)}]"])
 
     page = [
         "# In-context retrieval: SmolLM2-135M reading the kernel 6.1 docs while predicting 6.12",

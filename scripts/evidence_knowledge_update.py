@@ -27,6 +27,8 @@ import numpy as np
 from evidence_incontext import LM, REPO, RETROLM, Steps, commands_section, prepare_kernel, run, table
 from evidence_retro import reader_keys
 
+from retrolm.eval.report import change
+
 READ = ["retriever=bm25", "stride=64", "query_tokens=32", "context_tokens=256", "near_dup_threshold=0",
         "group_by=bucket"]
 READ_RETROFIT = ["retriever=bm25", "context_chunks=3", "near_dup_threshold=0", "group_by=bucket"]
@@ -122,10 +124,10 @@ def as_built_line(out_root: Path) -> str:
         return ""
     r, t = (json.loads(x.read_text()) for x in (f, out_root / "retrofit-db-6.1" / "eval.json"))
     lo, hi = r["gain_ci95"]["all"]
-    buckets = ", ".join(f"{g} {-r['groups'][g]['gain']:+.1%}" for g in r["groups"])
-    return (f"The same model as built, before any training (`steps=0`; 6.1 only): {-r['gain']['all']:+.1%} "
-            f"[{-hi:+.1%}, {-lo:+.1%}] ({buckets}; novel chunks {-r['gain']['novel']:+.1%}), against "
-            f"{-t['gain']['all']:+.1%} after the training steps.")
+    buckets = ", ".join(f"{g} {change(r['groups'][g]['gain'])}" for g in r["groups"])
+    return (f"The same model as built, before any training (`steps=0`; 6.1 only): {change(r['gain']['all'])} "
+            f"[{change(hi)}, {change(lo)}] ({buckets}; novel chunks {change(r['gain']['novel'])}), against "
+            f"{change(t['gain']['all'])} after the training steps.")
 
 
 def reader_table(out_root: Path, prefix: str = "") -> str | None:
@@ -148,7 +150,7 @@ def reader_table(out_root: Path, prefix: str = "") -> str | None:
             else:
                 d = r["groups"][g]
                 bpb, gain, (lo, hi) = d["summary"][on]["bpb"], d["gain"], d["gain_ci95"]
-            row.append(f"{bpb:.3f} ({-gain:+.1%} [{-hi:+.1%}, {-lo:+.1%}])")
+            row.append(f"{bpb:.3f} ({change(gain)} [{change(hi)}, {change(lo)}])")
         rows.append(row)
     return table(header, rows)
 

@@ -29,6 +29,8 @@ from pathlib import Path
 
 from evidence_incontext import RETROLM, Steps, commands_section, evidence_start, run, save_page
 
+from retrolm.eval.report import change as pct  # the other evidence scripts import it from here
+
 REPO = Path(__file__).resolve().parents[1]
 
 # (d_model, n_layer, n_head, peak lr): the lr shrinks with width, as it must for the bigger model to be better at
@@ -229,10 +231,6 @@ def last_metrics(path: Path) -> dict:
     return out
 
 
-def pct(x: float) -> str:
-    return "–" if x != x else f"{-x:+.1%}"
-
-
 BUCKETS = ("identical", "changed", "new", "wikipedia")
 
 
@@ -247,7 +245,7 @@ def change_cells(r: dict) -> tuple[list[str], list[str]]:
     s, (lo, hi) = r["summary"], r["gain_ci95"]["all"]
     on, off = reader_keys(s)
     groups = r.get("groups", {})
-    head = [f"{s[off]['bpb']:.4f}", f"{s[on]['bpb']:.4f}", f"{pct(r['gain']['all'])} [{-hi:+.1%}, {-lo:+.1%}]"]
+    head = [f"{s[off]['bpb']:.4f}", f"{s[on]['bpb']:.4f}", f"{pct(r['gain']['all'])} [{pct(hi)}, {pct(lo)}]"]
     return head, [*(pct(groups[b]["gain"]) if b in groups else "–" for b in BUCKETS), pct(r["gain"]["novel"])]
 
 
@@ -303,13 +301,13 @@ def write_page(res: Path, work: Path, runs: dict[str, Path], readers: list[str],
             on, off = reader_keys(s)
             lo, hi = r["gain_ci95"]["all"]
             overall.append([reader, protocol, f"{s[off]['bpb']:.4f}", f"{s[on]['bpb']:.4f}",
-                            f"{pct(r['gain']['all'])} [{-hi:+.1%}, {-lo:+.1%}]", pct(r["gain"]["novel"]),
+                            f"{pct(r['gain']['all'])} [{pct(hi)}, {pct(lo)}]", pct(r["gain"]["novel"]),
                             f"{r['novel']['fraction']:.0%}", *base_cells(s)])
             for g, d in r.get("groups", {}).items():
                 glo, ghi = d["gain_ci95"]
                 per_bucket.append([reader, protocol, g, d["chunks"], f"{d['novel_fraction']:.0%}",
                                    f"{d['summary'][off]['bpb']:.4f}", f"{d['summary'][on]['bpb']:.4f}",
-                                   f"{pct(d['gain'])} [{-ghi:+.1%}, {-glo:+.1%}]",
+                                   f"{pct(d['gain'])} [{pct(ghi)}, {pct(glo)}]",
                                    *base_cells(d["summary"])])
     by_k = json.loads((res / "scale-k" / "scale-neighbours.json").read_text())
     by_db = json.loads((res / "scale-db" / "scale-db-size.json").read_text())

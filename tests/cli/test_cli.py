@@ -175,3 +175,10 @@ def test_readme_commands_exist():
     assert "bash scripts/setup.sh --dev && .venv/bin/python -m pytest -q" in readme
     for script in ("scripts/setup.sh", "scripts/main.sh"):
         assert Path(REPO / script).is_file()
+
+
+def test_json_printed_by_a_command_is_strict_json_too(capsys):
+    from retrolm.cli.app import print_json
+
+    print_json({"gain": float("nan"), "k": 2})
+    assert json.loads(capsys.readouterr().out, parse_constant=lambda t: 1 / 0) == {"gain": None, "k": 2}

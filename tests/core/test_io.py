@@ -153,3 +153,23 @@ def test_a_failed_write_names_the_file_not_its_hidden_temporary(tmp_path):
     with pytest.raises(OSError) as raised, atomic_path(path):
         raise OSError(errno.EACCES, "Permission denied", str(tmp_path / "other"))
     assert raised.value.filename == str(tmp_path / "other")  # another file's error keeps its own name
+
+
+def test_json_files_are_strict_json_with_null_for_a_missing_number(tmp_path):
+    """A bucket without novel chunks has no gain (NaN in memory): the file says null, which jq and JavaScript read,
+    instead of Python's NaN token, which they reject; the caller's object keeps its NaN."""
+    import json
+    import math
+
+    import numpy as np
+
+    def strict(token: str):
+        raise ValueError(f"not JSON: {token}")
+
+    result = {"gain": {"all": 0.25, "novel": float("nan")}, "ci": (np.float64("-inf"), math.inf),
+              "groups": [{"gain": np.float64("nan"), "chunks": 3}], "name": "x"}
+    write_json(tmp_path / "eval.json", result)
+    back = json.loads((tmp_path / "eval.json").read_text(), parse_constant=strict)
+    assert back == {"gain": {"all": 0.25, "novel": None}, "ci": [None, None],
+                    "groups": [{"gain": None, "chunks": 3}], "name": "x"}
+    assert math.isnan(result["gain"]["novel"])

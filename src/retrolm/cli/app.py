@@ -21,6 +21,7 @@ import typer
 
 from retrolm.core.config import load_config
 from retrolm.core.errors import RetrolmError
+from retrolm.core.io import json_safe
 
 app = typer.Typer(
     help="retrolm: semi-parametric language models (retrieval databases, RETRO, retrieval-augmented readers).",
@@ -54,7 +55,8 @@ def command_config(cls: type[T], ctx: typer.Context, config: Path | None, overri
 
 
 def print_json(obj: object) -> None:
-    sys.stdout.write(json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+    """``--json`` output: strict JSON, as the files (a missing number is null)."""
+    sys.stdout.write(json.dumps(json_safe(obj), indent=2, ensure_ascii=False, allow_nan=False) + "\n")
 
 
 def print_table(title: str, header: list[str], rows: list[list[str]]) -> None:

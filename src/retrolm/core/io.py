@@ -11,6 +11,7 @@ import fcntl
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -93,8 +94,21 @@ def write_bytes(path: str | Path, data: bytes) -> None:
         tmp.write_bytes(data)
 
 
+def json_safe(obj: Any) -> Any:
+    """``obj`` with every NaN / ±inf float as None: JSON has no such numbers, and Python's ``NaN`` / ``Infinity``
+    tokens break strict parsers (jq, JavaScript's ``JSON.parse``)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
 def write_json(path: str | Path, obj: Any) -> None:
-    write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+    """Write ``obj`` as strict JSON (indented, keys sorted; a missing number, NaN or ±inf, as ``null``)."""
+    write_bytes(path, (json.dumps(json_safe(obj), indent=2, sort_keys=True, allow_nan=False) + "\n").encode())
 
 
 def read_json(path: str | Path, what: str = "JSON file") -> Any:

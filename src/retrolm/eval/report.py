@@ -18,6 +18,14 @@ def fmt(x: float | int | None, digits: int = 4) -> str:
     return f"{x:.{digits}f}"
 
 
+def change(gain: float | None) -> str:
+    """A relative gain in bits per byte shown as the change it is ('+3.0%' for a 3% loss), '–' where there is none
+    (NaN in memory, null in a JSON file)."""
+    if gain is None or math.isnan(gain):
+        return "–"
+    return f"{-gain:+.1%}"
+
+
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     """A GitHub-flavoured Markdown table; numbers are formatted with :func:`fmt`."""
     cells = [[c if isinstance(c, str) else fmt(c) for c in row] for row in rows]
