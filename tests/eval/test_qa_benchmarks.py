@@ -32,7 +32,7 @@ def test_wiki_entity_is_reproducible_and_traceable(tmp_path):
     docs = {d["id"]: d for d in map(json.loads, WIKI_SAMPLE.read_text().splitlines())}
     for r in records:
         p = r["provenance"]
-        assert p["builder"] == "wiki-entity" and p["seed"] == 3 and p["split"] == "test"
+        assert p["builder"] == "wiki-entity" and p["seed"] == 3 and p["split"] == "test" and p["builder_version"] == 1
         assert len(p["corpus_sha256"]) == 64
         assert in_test_split(p["doc_id"], 3, p["test_fraction"])
         assert r["answers"] == [docs[p["doc_id"]]["description"]] and p["doc_id"] in r["question"]
@@ -78,6 +78,7 @@ def test_kernel_cloze_marks_sentences_of_the_old_version(tmp_path):
         "The NAPI budget decides how many packets the poll function of a driver may process at once.",
         "Drivers call netif_napi_add when they set up their receive queues during the probe."}
     in_old = {s: r["provenance"]["in_old"] for s, r in by_sentence.items()}
+    assert {r["provenance"]["builder_version"] for r in recs} == {2}  # the blank is never inside another token
     assert sum(in_old.values()) == 1 and in_old[next(s for s in in_old if "packet_mmap" in s)]  # line breaks ignored
     for s, r in by_sentence.items():
         (answer,) = r["answers"]
@@ -128,6 +129,12 @@ def test_cloze_helpers():
     assert choose_blank("the cat sat on the mat with another cat today.", random.Random(0)) is None  # nothing specific
     masked, word = choose_blank("Call kmalloc_array before you touch the buffer of this device.", random.Random(0))
     assert word == "kmalloc_array" and masked == f"Call {BLANK} before you touch the buffer of this device."
+    # a word that appears inside another token of the sentence would give itself away: never the blank
+    for sentence, leak in [("DAMON uses the mailing lists (damon@lists.linux.dev) for its patches.", "DAMON"),
+                           ("Set explicit LP-11 or LP-111 state for the Synopsys lanes.", "LP-11")]:
+        for seed in range(20):
+            got = choose_blank(sentence, random.Random(seed))
+            assert got is None or got[1] != leak, (sentence, seed)
 
 
 def test_corpus_qa_cli(tmp_path, capsys):

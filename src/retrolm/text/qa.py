@@ -40,7 +40,9 @@ from pathlib import Path
 from retrolm.core.errors import RetrolmError
 from retrolm.core.io import atomic_path, file_digest, jsonl_values
 
-BUILDER_VERSION = 1
+BUILDER_VERSIONS = {"kernel-cloze": 2}
+"""Per builder, what changed the questions it makes (recorded in each record's provenance; 1 where absent).
+kernel-cloze 2: a word found inside another token of its sentence ("damon@lists" for DAMON) is never the blank."""
 SKIP_DESCRIPTIONS = re.compile(r"(?i)wikimedia|disambiguation|topics referred to|list article|^$")
 _COMMON_WORDS = """about above after again against also although among another because been before being below between
 both cannot could does doing down during each either every few from further have having here hers herself himself
@@ -94,7 +96,7 @@ class _OldText:
 
 
 def _provenance(builder: str, corpus: Path, seed: int, fraction: float, **extra) -> dict:
-    return {"builder": builder, "builder_version": BUILDER_VERSION, "corpus": corpus.name,
+    return {"builder": builder, "builder_version": BUILDER_VERSIONS.get(builder, 1), "corpus": corpus.name,
             "corpus_sha256": file_digest(corpus), "seed": seed, "split": "test", "test_fraction": fraction, **extra}
 
 
@@ -215,7 +217,14 @@ def choose_blank(sentence: str, rng: random.Random) -> tuple[str, str] | None:
     counts: dict[str, int] = {}
     for w in stripped:
         counts[w.lower()] = counts.get(w.lower(), 0) + 1
-    scored = [(_blank_score(w, i == 0), i) for i, w in enumerate(stripped) if counts[w.lower()] == 1]
+    lowered = [t.lower() for t in toks]
+
+    def elsewhere(i: int) -> bool:  # the word inside another token gives the answer away ("damon@lists", "LP-111")
+        w = stripped[i].lower()
+        return any(w in t for j, t in enumerate(lowered) if j != i)
+
+    scored = [(_blank_score(w, i == 0), i) for i, w in enumerate(stripped)
+              if counts[w.lower()] == 1 and not elsewhere(i)]
     best = max((s for s, _ in scored), default=0)
     if best < 2:
         return None
