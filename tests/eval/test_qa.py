@@ -81,6 +81,9 @@ def test_load_qa_and_its_one_line_errors(tmp_path):
         json.dumps({"id": 1, "question": "q", "choices": ["a", "b"], "answer": 2}): "index of the correct choice",
         json.dumps({"id": 1, "question": "q", "choices": ["a"], "answer": 0}): "at least two",
         json.dumps([1, 2]): "expected a JSON object",
+        '{"id": 1, "question": "What is \\ud800?", "answers": ["a"]}':
+            r"not valid Unicode \(a lone surrogate, U\+D800\)",
+        '{"id": 1, "question": "q", "answers": ["\\udfff"]}': "not valid Unicode",
     }
     for line, message in bad.items():
         f = tmp_path / "bad.jsonl"

@@ -102,6 +102,27 @@ def test_cli_needs_the_data_and_known_conditions(knowledge, capsys):
     assert_one_line_error(rc, err, "conditions: choose from")
 
 
+@pytest.mark.parametrize(("name", "line", "message"), [
+    ("facts.jsonl", '{"id": "fact-x", "text": "All a are b."', "facts.jsonl:{n}: invalid JSON"),
+    ("facts.jsonl", '{"id": "fact-x"}', "facts.jsonl:{n}: 'text' must be a non-empty string"),
+    ("facts.jsonl", '{"id": "fact-x", "text": "All a are \\ud800."}',
+     "facts.jsonl:{n}: not valid Unicode (a lone surrogate, U+D800)"),
+    ("inferences.jsonl", '{"id": "inf-x", "text": "All a are c."}', "inferences.jsonl:{n}: 'from' must be a "),
+    ("inferences.jsonl", '{"id": "inf-x", "text": "All a are c.", "from": ["fact-nowhere"]}',
+     "inference 'inf-x' follows from 'fact-nowhere', which facts.jsonl does not hold"),
+])
+def test_a_malformed_data_file_is_one_line_naming_it(knowledge, tmp_path, capsys, name, line, message):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(knowledge / "data", data)
+    n = len((data / name).read_text().splitlines()) + 1  # the line added
+    with open(data / name, "a", encoding="utf-8") as f:
+        f.write(line + "\n")
+    rc, _, err = run_cli(["knowledge", "--data", data, "--out", tmp_path / "out", "conditions=[closed_book]"], capsys)
+    assert_one_line_error(rc, err, message.format(n=n))
+
+
 def test_demonstrations_are_sound_and_the_database_is_this_sets(knowledge, tmp_path):
     from retrolm.infer.reader import Reading
 

@@ -131,6 +131,10 @@ def test_rerankers(world, tiny_encoder, tmp_path):
     n_tokens = [len(tok("what is amber", p)["input_ids"]) for p in ["amber is a resin", "basalt is a rock", "x"]]
     assert len(scores) == 3 and flops == sum(ce.cost.prompt(n) for n in n_tokens)
     assert isinstance(load_reranker(f"cross-encoder:{tmp_path / 'ce'}", pipe.reader), CrossEncoderReranker)
+    # a plain encoder named as a cross-encoder would score with a random head: refused
+    with pytest.raises(RetrolmError, match=r"not a cross-encoder: its checkpoint has no classifier.bias, "
+                                           r"classifier.weight"):
+        load_reranker(f"cross-encoder:{tiny_encoder}", pipe.reader)
     # reranking reorders by the reranker's score, ties kept in retrieval order, and charges its FLOPs
 
     class Fixed:
@@ -330,6 +334,12 @@ def test_config_errors(world):
         run_rag_eval(eval_cfg(world, "huge", data=str(huge)))
     with pytest.raises(RetrolmError, match=rf"question 'fine': max_new_tokens is {context} tokens"):
         run_rag_eval(eval_cfg(world, "huge", data=str(huge), max_new_tokens=context))
+    long_question = write_jsonl(world["root"] / "long.jsonl", [
+        {"id": "fine", "question": "The code of zorblat is", "answers": ["amber"]},
+        {"id": "q-long", "question": "zorblat " * context, "answers": ["amber"]}])
+    with pytest.raises(RetrolmError, match=rf"long.jsonl: question 'q-long': .*: the prompt takes \d+ tokens; with "
+                                           rf"\d+ kept for the answer or the options, its {context}-token context"):
+        run_rag_eval(eval_cfg(world, "huge", data=str(long_question)))
     assert not (world["root"] / "huge" / "rag.json").exists()
 
 
@@ -407,6 +417,25 @@ def test_document_unit_reads_whole_documents(world):
     assert len({p.doc_id for p in passages[0]}) == len(passages[0]) and flops[0].search > 0
 
 
+def test_passages_that_do_not_fit_are_the_lowest_ranked_left_out_and_not_reported(world, monkeypatch, caplog):
+    """Three passages where the reader's context holds the prompt with one: the best-ranked one is read and is the
+    only one reported (a prompt cut on the left lost the instructions and the best passages, yet all were listed)."""
+    pipe = RagPipeline.load(RagConfig(db=str(world["db"].path), reader=world["lm"], retriever="bm25", top_n=3,
+                                      passages=3, rerank=False, **PLAIN))
+    q = "The code of plimbo is"
+    full = pipe.answer(q)
+    assert len(full.passages) == 3 and full.support == [0, 1, 2]
+    one = len(pipe.reader.prompt_ids(q, [full.passages[0].text], reserve=pipe.cfg.max_new_tokens))
+    monkeypatch.setattr(type(pipe.reader.lm), "context_len", property(lambda _: one + pipe.cfg.max_new_tokens))
+    ans = pipe.answer(q)
+    assert [p.chunk_id for p in ans.passages] == [full.passages[0].chunk_id] and ans.support == [0]
+    assert ans.answer == "dune" and "2 of the 3 passages of question 'q' do not fit" in caplog.text
+    # a byte that is not UTF-8 in a command-line argument arrives as half a surrogate pair: refused, not a traceback
+    for question, query, what in [("What is \udcff?", None, "question"), ("What?", "x \ud800", "query")]:
+        with pytest.raises(RetrolmError, match=f"rag: the {what}: not valid Unicode"):
+            pipe.answer(question, query)
+
+
 def test_batched_reading_matches_reading_alone(world):
     """Left padding, the shared KV cache of samples and the options read after one prompt change nothing."""
     reader = RagPipeline.load(RagConfig(reader=world["lm"], **PLAIN)).reader
@@ -428,10 +457,20 @@ def test_batched_reading_matches_reading_alone(world):
     assert [r.texts for r in alone_sampled] == [r.texts for r in sampled]
     assert len({row_generator(1, prompts[0], i).initial_seed() for i in range(3)} | {
         row_generator(2, prompts[0], 0).initial_seed(), row_generator(1, prompts[1], 0).initial_seed()}) == 5
-    # the prompt is cut on the left to leave room for what is generated or scored after it
+    # a prompt that leaves no room for what is generated or scored after it is refused, not cut (on the left it
+    # would lose the instructions and the best passages); passages_that_fit says how many fit, best first
     n = reader.lm.context_len
-    assert reader.prompt_ids("The code of drunek is", ["x " * 2 * n], reserve=10) == reader.tok.encode(
-        reader.prompt_text("The code of drunek is", ["x " * 2 * n]))[-(n - 10):]
+    short, long = "The code of drunek is ember", "x " * (n // 2)
+    full = len(reader.prompt_ids("The code of drunek is", [short, long]))
+    assert reader.passages_that_fit("The code of drunek is", [short, long], reserve=n - full) == 2
+    assert reader.passages_that_fit("The code of drunek is", [short, long], reserve=n - full + 1) == 1
+    alone = len(reader.prompt_ids("The code of drunek is", [long]))  # the long one is cut to max_passage_tokens
+    assert reader.passages_that_fit("The code of drunek is", [long, short], reserve=n - alone + 1) == 0
+    assert reader.passages_that_fit("The code of drunek is", [short, long], reserve=n - alone + 1) == 1
+    with pytest.raises(RetrolmError, match=rf"the prompt with 2 passages takes {full} tokens; with {n - full + 1} "
+                                           rf"kept for the answer or the options, its {n}-token context has room for "
+                                           rf"{full - 1}"):
+        reader.prompt_ids("The code of drunek is", [short, long], reserve=n - full + 1)
     with pytest.raises(RetrolmError, match=f"{n} tokens to generate or score leave no room"):
         reader.prompt_ids("q", reserve=n)
     options = ["ember", "basalt cobalt", "x"]

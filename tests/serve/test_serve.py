@@ -82,6 +82,12 @@ def test_bad_requests_get_one_line(client):
     assert err(client.get("/api/document", params={"id": "nope"}), 404).startswith("no document 'nope'")
     assert err(client.get("/api/nothing"), 404) == "Not Found" and err(client.get("/api/answer"), 405)
     assert err(client.post("/api/generate", json={"prompt": "x", "seed": 2**64}), 400).startswith("seed must be")
+    # "\ud800" is valid JSON but no text (it cannot be tokenized): a 400, not a 500
+    lone = '{"question": "What is \\ud800?"}'
+    assert err(client.post("/api/answer", content=lone, headers={"content-type": "application/json"}), 400) == \
+        "the question: not valid Unicode (a lone surrogate, U+D800)"
+    assert err(client.post("/api/generate", content=lone.replace("question", "prompt"),
+                           headers={"content-type": "application/json"}), 400).startswith("the prompt: not valid")
 
 
 def test_top_n_alone_shrinks_the_passages_read(world):

@@ -80,3 +80,20 @@ def test_a_pickled_tokenizer_still_reads_special_token_strings_as_text(tok):
     copy = pickle.loads(pickle.dumps(tok))
     assert copy.encode(text) == tok.encode(text)
     assert copy.eos_id not in copy.encode(text)
+
+
+def test_a_cut_slice_of_tokens_leaves_out_the_characters_it_splits(tok):
+    """A passage cut to a number of tokens, or a window of a document, keeps whole characters: where a cut splits a
+    character's bytes (emoji and CJK take several byte-level tokens) it is left out, not shown as U+FFFD."""
+    text = "東京 🎉🎉 em dash — and café"
+    ids = tok.encode(text)
+    assert tok.decode_cut(ids) == tok.decode(ids) == text
+    for i in range(len(ids)):
+        for j in range(i + 1, len(ids) + 1):
+            cut = tok.decode_cut(ids[i:j])
+            assert "\ufffd" not in cut and cut in text, (i, j, cut)
+    split = [i for i in range(1, len(ids)) if "\ufffd" in tok.decode(ids[:i])]
+    assert split  # the fixture does split characters
+    for i in split:  # what is kept is everything whole: the cut loses less than one character at each end
+        head, rest = tok.decode_cut(ids[:i]), tok.decode_cut(ids[i:])
+        assert text.startswith(head) and text.endswith(rest) and len(head) + len(rest) == len(text) - 1

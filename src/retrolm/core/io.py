@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -135,9 +136,25 @@ def jsonl_values(path: str | Path) -> Iterator[tuple[str, Any]]:
             if not line.strip():
                 continue
             try:
-                yield where, json.loads(line)
+                value = json.loads(line)
             except json.JSONDecodeError as e:
                 raise RetrolmError(f"{where}: invalid JSON ({e.msg})") from None
+            if _SURROGATE_ESCAPE.search(line):  # "\ud800" is valid JSON but no text: tokenizers and files reject it
+                check_unicode(json.dumps(value, ensure_ascii=False), where)
+            yield where, value
+
+
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def check_unicode(text: str, where: str) -> str:
+    """``text``, or a one-line error naming ``where`` when it holds half of a UTF-16 pair (a lone surrogate, which
+    JSON's ``\\ud800`` and undecodable command-line bytes produce): it cannot be encoded, tokenized or written."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise RetrolmError(f"{where}: not valid Unicode (a lone surrogate, U+{ord(text[e.start]):04X})") from None
+    return text
 
 
 def read_json_object(path: str | Path, what: str = "JSON file") -> dict:

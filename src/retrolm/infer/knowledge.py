@@ -30,7 +30,7 @@ import numpy as np
 
 from retrolm.core.config import save_config
 from retrolm.core.errors import RetrolmError
-from retrolm.core.io import write_bytes, write_json
+from retrolm.core.io import jsonl_values, write_bytes, write_json
 from retrolm.db import BuildConfig, Database
 from retrolm.eval.qa import CHOICE_NORMALIZATIONS, load_qa
 from retrolm.infer.rag import PassageRetriever, retrieve_hops
@@ -84,10 +84,23 @@ class KnowledgeConfig:
             raise RetrolmError("retrieve_k, hops, demonstrations and bootstrap must be >= 1")
 
 
-def _jsonl(path: Path) -> list[dict]:
+def _jsonl(path: Path, lists: tuple[str, ...] = ()) -> list[dict]:
+    """The records of facts.jsonl / inferences.jsonl: objects with a string ``id`` and ``text`` (and ``lists``, lists
+    of strings), or a one-line error naming the line."""
     if not path.is_file():
         raise RetrolmError(f"{path}: not found (make the set with retrolm corpus knowledge --out {path.parent})")
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    rows = []
+    for where, obj in jsonl_values(path):
+        if not isinstance(obj, dict):
+            raise RetrolmError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+        for key in ("id", "text"):
+            if not isinstance(obj.get(key), str) or not obj[key].strip():
+                raise RetrolmError(f"{where}: {key!r} must be a non-empty string")
+        for key in lists:
+            if not isinstance(obj.get(key), list) or not obj[key] or not all(isinstance(x, str) for x in obj[key]):
+                raise RetrolmError(f"{where}: {key!r} must be a non-empty list of fact ids")
+        rows.append(obj)
+    return rows
 
 
 def accuracy_interval(correct: Sequence[bool], resamples: int, seed: int) -> tuple[float, float, float]:
@@ -108,7 +121,12 @@ class KnowledgeStudy:
             raise RetrolmError("knowledge: --data is required (a folder from retrolm corpus knowledge)")
         self.cfg, data = cfg, Path(cfg.data)
         self.facts = _jsonl(data / "facts.jsonl")
-        self.inferences = _jsonl(data / "inferences.jsonl")
+        self.inferences = _jsonl(data / "inferences.jsonl", lists=("from",))
+        known = {f["id"] for f in self.facts}
+        for inf in self.inferences:
+            if unknown := [f for f in inf["from"] if f not in known]:
+                raise RetrolmError(f"{data / 'inferences.jsonl'}: inference {inf['id']!r} follows from {unknown[0]!r}, "
+                                   f"which facts.jsonl does not hold")
         self.items = load_qa(data / "qa.jsonl")
         if any(not it.multiple_choice for it in self.items):
             raise RetrolmError(f"{data / 'qa.jsonl'}: every item must be multiple choice")
@@ -126,11 +144,10 @@ class KnowledgeStudy:
         out = []
         for i, it in enumerate(self.items):
             reserve = reader.option_room(it.choices)
-            prompt = reader.prompt_ids(it.question, passages[i] if passages else None, reserve=reserve)
-            cut = len(prompt) >= reader.lm.context_len - reserve and passages  # only then can it have been cut
-            if cut and len(self.tok.encode(reader.prompt_text(it.question, passages[i]))) > len(prompt):
+            if passages and reader.passages_that_fit(it.question, passages[i], reserve) < len(passages[i]):
                 raise RetrolmError(f"the {len(passages[i])} passages of item {it.id} do not fit the "
                                    f"{reader.lm.context_len}-token context of {reader.lm.name}: fewer facts needed")
+            prompt = reader.prompt_ids(it.question, passages[i] if passages else None, reserve=reserve)
             chosen = reader.choose([prompt], [it.choices], self.cfg.choice_normalize)[0].answers[0]
             out.append(it.choices.index(chosen))
         return out

@@ -35,6 +35,7 @@ import regex
 
 from retrolm.core.device import default_device
 from retrolm.core.errors import RetrolmError
+from retrolm.core.io import check_unicode
 from retrolm.db import DatabaseView, Hit
 from retrolm.eval.qa import CHOICE_NORMALIZATIONS, QAItem
 from retrolm.infer.consistency import CrossDocVote, cross_document_vote, majority_vote
@@ -220,7 +221,7 @@ class PassageRetriever:
             d = int(store.chunk_doc(np.asarray([h.chunk_id]))[0])
             toks = store.doc_tokens(d)
             start = max(0, min(h.position * m - (self.document_tokens - m) // 2, len(toks) - self.document_tokens))
-            text = self.db.tokenizer.decode(toks[start : start + self.document_tokens].tolist())
+            text = self.db.tokenizer.decode_cut(toks[start : start + self.document_tokens].tolist())
             out.append(Passage(text, h.doc_id, h.chunk_id, h.position, h.score, rank))
         return out
 
@@ -410,6 +411,7 @@ class RagPipeline:
     def __init__(self, cfg: RagConfig, reader: Reader, retriever: PassageRetriever | ShardedPassageRetriever | None,
                  reranker: Reranker | None = None) -> None:
         self.cfg, self.reader, self.retriever, self.reranker = cfg, reader, retriever, reranker
+        self._warned_fit = False
         if retriever is not None and cfg.hops > cfg.passages and reranker is None and not cfg.cross_doc:
             # the hops are interleaved best first: fewer passages than hops leave the last hops searched but unread
             logger.warning("hops=%d with passages=%d and no reranker: the passages of the last %d hop(s) are searched "
@@ -471,18 +473,34 @@ class RagPipeline:
 
     def check_fits(self, items: Sequence[QAItem], source: str) -> None:
         """Refuse, before anything is read, items whose answer or longest option leaves no room for a prompt in the
-        reader's context (they would stop an evaluation half way)."""
+        reader's context, or whose question does not fit it (they would stop an evaluation half way)."""
         room = self.reader.lm.context_len
         for it in items:
             if (need := self.reserve(it)) >= room:
                 what = "its longest option takes" if it.multiple_choice else "max_new_tokens is"
                 raise RetrolmError(f"{source}: question {it.id!r}: {what} {need} tokens, no room for a "
                                    f"prompt in the {room}-token context of {self.reader.lm.name}")
-            if isinstance(self.reranker, LMReranker):
-                try:
+            try:
+                if isinstance(self.reranker, LMReranker):
                     self.reranker.check_question(it.question)
-                except RetrolmError as e:
-                    raise RetrolmError(f"{source}: question {it.id!r}: {e}") from None
+                # the question alone (passages that do not fit are left out; the question cannot be)
+                self.reader.prompt_ids(it.question, None, reserve=need)
+            except RetrolmError as e:
+                raise RetrolmError(f"{source}: question {it.id!r}: {e}") from None
+
+    def fit(self, items: Sequence[QAItem], passages: Sequence[Sequence[Passage]]) -> list[list[Passage]]:
+        """Each item's passages that fit the reader's context, best first: the lowest-ranked are left out (and not
+        reported as read) where all of them would not fit with the answer or the options after them."""
+        out = []
+        for it, ps in zip(items, passages, strict=True):
+            n = self.reader.passages_that_fit(it.question, [p.text for p in ps], self.reserve(it)) if ps else 0
+            if n < len(ps) and not self._warned_fit:
+                self._warned_fit = True
+                logger.warning("%d of the %d passages of question %r do not fit the %d-token context of %s: the "
+                               "lowest-ranked are left out (fewer passages, or a smaller max_passage_tokens, avoid "
+                               "it)", len(ps) - n, len(ps), it.id, self.reader.lm.context_len, self.reader.lm.name)
+            out.append(list(ps[:n]))
+        return out
 
     def read(self, items: Sequence[QAItem], passages: Sequence[Sequence[Passage]] | None, samples: int = 1,
              temperature: float | None = None) -> list[Reading]:
@@ -570,6 +588,9 @@ class RagPipeline:
             raise RetrolmError("rag: the question is empty")
         if query is not None and not query.strip():
             raise RetrolmError("rag: the query is empty")
+        check_unicode(question, "rag: the question")
+        if query is not None:
+            check_unicode(query, "rag: the query")
         return self.answer_items([QAItem("q", question, [], query=query)])[0]
 
     def answer_items(self, items: Sequence[QAItem]) -> list[RagAnswer]:
@@ -590,14 +611,14 @@ class RagPipeline:
                 out.append(RagAnswer(it.question, vote.answer, mode, candidates, support, total, vote.to_dict(),
                                      [a for r in rs for a in r.answers]))
             return out
-        k = self.cfg.passages
         sc = mode == "self_consistency"
-        readings = self.read(items, [ps[:k] for ps in passages], self.cfg.samples if sc else 1,
+        passages = self.fit(items, [ps[: self.cfg.passages] for ps in passages])
+        readings = self.read(items, passages, self.cfg.samples if sc else 1,
                              self.cfg.sample_temperature if sc else None)
         for it, ps, f, r in zip(items, passages, flops, readings, strict=True):
             vote = majority_vote(r.answers, exact=it.multiple_choice) if sc else None
             answer = vote.answer if vote is not None else r.answers[0]
-            out.append(RagAnswer(it.question, answer, mode, ps[:k], list(range(len(ps[:k]))), f + reading_flops(r),
+            out.append(RagAnswer(it.question, answer, mode, ps, list(range(len(ps))), f + reading_flops(r),
                                  vote.to_dict() if vote is not None else None, r.answers))
         return out
 

@@ -251,32 +251,36 @@ def evaluate_block(pipe: RagPipeline, items: list[QAItem], closed_book: bool = T
         out["closed_book"] = [Prediction(r.answers[0], reading_flops(r))
                               for r in timed("closed_book", pipe.read, items, None)]
     passages, base_flops = timed("retrieve", pipe.retrieve, [it.search_text() for it in items])
-    k = c.passages
-    reads = timed("retrieval", pipe.read, items, [ps[:k] for ps in passages])
-    out["retrieval"] = [Prediction(r.answers[0], f + reading_flops(r), _docs(ps[:k]), list(range(len(ps[:k]))))
-                        for r, f, ps in zip(reads, base_flops, passages, strict=True)]
+    def shown(passages: list[list[Passage]]) -> list[list[Passage]]:  # what is read: the first k that fit
+        return pipe.fit(items, [ps[: c.passages] for ps in passages])
+
+    read = shown(passages)
+    reads = timed("retrieval", pipe.read, items, read)
+    out["retrieval"] = [Prediction(r.answers[0], f + reading_flops(r), _docs(ps), list(range(len(ps))))
+                        for r, f, ps in zip(reads, base_flops, read, strict=True)]
     if pipe.reranker is not None:
         passages, rr = timed("rerank_scoring", pipe.rerank, qs, passages)
         base_flops = [a + b for a, b in zip(base_flops, rr, strict=True)]
-        reads = timed("rerank", pipe.read, items, [ps[:k] for ps in passages])
-        out["rerank"] = [Prediction(r.answers[0], f + reading_flops(r), _docs(ps[:k]), list(range(len(ps[:k]))))
-                         for r, f, ps in zip(reads, base_flops, passages, strict=True)]
+        read = shown(passages)
+        reads = timed("rerank", pipe.read, items, read)
+        out["rerank"] = [Prediction(r.answers[0], f + reading_flops(r), _docs(ps), list(range(len(ps))))
+                         for r, f, ps in zip(reads, base_flops, read, strict=True)]
     if c.samples > 1:
         # option likelihoods are deterministic: a multiple-choice item keeps the answer it had before sampling
         short = [i for i, it in enumerate(items) if not it.multiple_choice]
-        reads = timed("self_consistency", pipe.read, [items[i] for i in short], [passages[i][:k] for i in short],
+        reads = timed("self_consistency", pipe.read, [items[i] for i in short], [read[i] for i in short],
                       c.samples, c.sample_temperature) if short else []
         sampled = dict(zip(short, reads, strict=True))
         base = out["rerank" if "rerank" in out else "retrieval"]
         out["self_consistency"] = []
-        for i, (f, ps) in enumerate(zip(base_flops, passages, strict=True)):
+        for i, (f, ps) in enumerate(zip(base_flops, read, strict=True)):
             if i not in sampled:
                 out["self_consistency"].append(base[i])
                 continue
             r = sampled[i]
             vote = majority_vote(r.answers)
-            out["self_consistency"].append(Prediction(vote.answer, f + reading_flops(r), _docs(ps[:k]),
-                                                      list(range(len(ps[:k]))), r.answers))
+            out["self_consistency"].append(Prediction(vote.answer, f + reading_flops(r), _docs(ps),
+                                                      list(range(len(ps))), r.answers))
     if c.cross_doc:
         each = timed("cross_doc", pipe.read_each, items, passages)
         out["cross_doc"] = []

@@ -170,8 +170,8 @@ class Reader:
     # ------------------------------------------------------------------------------------------------ prompts
     def _passage(self, text: str) -> str:
         ids = self.tok.encode(text.strip())
-        return self.tok.decode(ids[: self.max_passage_tokens]).strip() if len(ids) > self.max_passage_tokens else \
-            text.strip()
+        cut = len(ids) > self.max_passage_tokens
+        return self.tok.decode_cut(ids[: self.max_passage_tokens]).strip() if cut else text.strip()
 
     def prompt_text(self, question: str, passages: Sequence[str] | None = None) -> str:
         """The prompt as text (chat template rendered, generation prompt included)."""
@@ -195,17 +195,38 @@ class Reader:
         text = self.chat.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         return text, [m["content"] for m in messages]
 
-    def prompt_ids(self, question: str, passages: Sequence[str] | None = None, reserve: int = 64) -> list[int]:
-        """The prompt's token ids (the chat template's special tokens parsed; in the question and the passages
-        special-token strings stay text), cut on the left so that ``reserve`` more tokens (the answer to generate,
-        the options to score) still fit the model's context."""
+    def _encode(self, question: str, passages: Sequence[str] | None) -> list[int]:
         text, contents = self._render(question, passages)
-        ids = self.tok.encode_prompt(text, contents) if self.chat is not None else self.tok.encode(text)
+        return self.tok.encode_prompt(text, contents) if self.chat is not None else self.tok.encode(text)
+
+    def _room(self, reserve: int) -> int:
         room = self.lm.context_len - reserve
         if room < 1:
             raise RetrolmError(f"{self.lm.name}: {reserve} tokens to generate or score leave no room for a prompt in "
                                f"its context of {self.lm.context_len}")
-        return ids[-room:] if len(ids) > room else ids
+        return room
+
+    def passages_that_fit(self, question: str, passages: Sequence[str], reserve: int = 64) -> int:
+        """How many of ``passages``, best first, fit in the prompt with ``reserve`` tokens left for the answer or
+        the options: the lowest-ranked go first (a prompt cut on the left would lose the instructions and the best
+        passages instead)."""
+        room = self._room(reserve)
+        n = len(passages)
+        while n > 0 and len(self._encode(question, passages[:n])) > room:
+            n -= 1
+        return n
+
+    def prompt_ids(self, question: str, passages: Sequence[str] | None = None, reserve: int = 64) -> list[int]:
+        """The prompt's token ids (the chat template's special tokens parsed; in the question and the passages
+        special-token strings stay text), with ``reserve`` more tokens (the answer to generate, the options to score)
+        left in the model's context; a prompt that does not fit is refused (:meth:`passages_that_fit` says how many
+        passages do)."""
+        ids = self._encode(question, passages)
+        if len(ids) > (room := self._room(reserve)):
+            what = f"with {len(passages)} passages " if passages else ""
+            raise RetrolmError(f"{self.lm.name}: the prompt {what}takes {len(ids)} tokens; with {reserve} kept for the "
+                               f"answer or the options, its {self.lm.context_len}-token context has room for {room}")
+        return ids
 
     def _option_ids(self, options: Sequence[str]) -> list[list[int]]:
         lead = "" if self.chat is not None else " "

@@ -81,8 +81,8 @@ class LMReranker(Reranker):
     def _render(self, question: str, passage: str) -> tuple[str, list[str]]:
         """(the relevance prompt's text, its messages' text in order)."""
         ids = self.tok.encode(passage.strip())
-        doc = self.tok.decode(ids[: self.max_passage_tokens]).strip() if len(ids) > self.max_passage_tokens else \
-            passage.strip()
+        cut = len(ids) > self.max_passage_tokens
+        doc = self.tok.decode_cut(ids[: self.max_passage_tokens]).strip() if cut else passage.strip()
         if self.chat is None:
             return PLAIN_TEMPLATE.format(query=question.strip(), document=doc), []
         user = f"<Instruct>: {RERANK_INSTRUCT}\n<Query>: {question.strip()}\n<Document>: {doc}"
@@ -106,7 +106,7 @@ class LMReranker(Reranker):
         doc = self.tok.encode(passage.strip())[: self.max_passage_tokens]
         keep = len(doc) - (len(ids) - room)
         while keep > 0:  # a cut text may tokenise a little longer at the cut: shorten until it fits
-            ids = self._encode(question, self.tok.decode(doc[:keep]))
+            ids = self._encode(question, self.tok.decode_cut(doc[:keep]))
             if len(ids) <= room:
                 return ids
             keep -= max(1, len(ids) - room)
@@ -148,9 +148,15 @@ class CrossEncoderReranker(Reranker):
         resolved = resolve_model(ref, what="reranker")
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(resolved.path)
-            self.model = AutoModelForSequenceClassification.from_pretrained(resolved.path).to(device).eval()
+            model, info = AutoModelForSequenceClassification.from_pretrained(resolved.path, output_loading_info=True)
         except Exception as e:  # OSError offline / missing files, ValueError for other architectures
             raise load_error(resolved, "a cross-encoder", e) from None
+        if missing := sorted(info.get("missing_keys") or []):
+            # a plain encoder (a sentence embedder, a base BERT) gets a freshly initialised, random head: its scores
+            # would order passages at random, differently at every load
+            raise RetrolmError(f"{resolved.name}: not a cross-encoder: its checkpoint has no {', '.join(missing[:3])} "
+                               f"(a sequence-classification head trained for relevance is needed)")
+        self.model = model.to(device).eval()
         self.name, self.device = resolved.name, device
         self.max_length, self.batch_size = max_length, batch_size
         self.cost = ModelCost.of(self.model, resolved.name, bidirectional=True)

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from retrolm.core.errors import RetrolmError
+from retrolm.core.io import check_unicode
 from retrolm.db import DatabaseView
 from retrolm.db.lexical import TermStats
 from retrolm.infer.generate import GenerateConfig
@@ -280,7 +281,7 @@ class Service:
 def _text(value: str, name: str) -> str:
     if not isinstance(value, str) or not value.strip():
         raise RetrolmError(f"the {name} is empty")
-    return value
+    return check_unicode(value, f"the {name}")
 
 
 def _bounded(value: int, name: str, most: int) -> int:

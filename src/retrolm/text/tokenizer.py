@@ -205,6 +205,22 @@ class LMTokenizer:
     def decode(self, ids: Sequence[int]) -> str:
         return self.tok.decode(list(ids), skip_special_tokens=True)
 
+    def decode_cut(self, ids: Sequence[int]) -> str:
+        """The text of a slice cut out of a token stream (a passage cut to a length, a window of a document): a
+        character whose bytes the cut splits (byte-level tokens) is left out at either end, instead of a U+FFFD."""
+        if not self.byte_level:  # byte-fallback tokens decode a split character to U+FFFD
+            return self.decode(ids).strip("\ufffd")
+        data = self.token_bytes(ids) or b""
+        data = data[continuation_prefix(data, 3):]
+        tail = 0  # bytes of a last character whose end was cut off
+        for back in range(1, min(4, len(data)) + 1):
+            b = data[-back]
+            if b & 0xC0 != 0x80:  # the last character's first byte: 110xxxxx needs 2 bytes, 1110xxxx 3, 11110xxx 4
+                need = 2 if b & 0xE0 == 0xC0 else 3 if b & 0xF0 == 0xE0 else 4 if b & 0xF8 == 0xF0 else 1
+                tail = back if back < need else 0
+                break
+        return data[: len(data) - tail].decode("utf-8", errors="replace")
+
     def decode_spans(self, spans: Sequence[Sequence[int]]) -> list[str]:
         """The texts of consecutive spans of one token stream (generated chunks), joining to the whole's text: a
         character whose bytes a span boundary splits (byte-level tokens) is whole in the span it starts in, instead
