@@ -9,7 +9,7 @@ import random
 
 import pytest
 
-from conftest import WIKI_SAMPLE, run_cli, write_jsonl
+from conftest import WIKI_SAMPLE, assert_one_line_error, run_cli, write_jsonl
 from retrolm.core.errors import RetrolmError
 from retrolm.eval.qa import load_qa
 from retrolm.text.qa import (
@@ -149,6 +149,13 @@ def test_corpus_qa_cli(tmp_path, capsys):
     assert rc == 2 and "does not take --old" in err
     rc, _, err = run_cli(["corpus", "qa", "trivia", "--corpus", WIKI_SAMPLE, "--out", out], capsys)
     assert rc == 2 and "unknown" in err
+    for option, value, message in [("--choices", "1", "--choices 1: a multiple-choice question needs >= 2 options"),
+                                   ("--test-fraction", "5", "--test-fraction 5.0: a share of the documents"),
+                                   ("--test-fraction", "0", "--test-fraction 0.0: a share of the documents")]:
+        rc, _, err = run_cli(["corpus", "qa", "wiki-entity", "--corpus", WIKI_SAMPLE, "--out", tmp_path / "bad.jsonl",
+                              option, value], capsys)
+        assert_one_line_error(rc, err, message)
+    assert not (tmp_path / "bad.jsonl").exists()
     with pytest.raises(RetrolmError, match="usable 'description'"):
         build_benchmark("wiki-entity", write_jsonl(tmp_path / "k.jsonl", KERNEL_NEW), out)
 

@@ -84,6 +84,8 @@ def test_bad_requests_get_one_line(client):
     assert err(client.post("/api/generate", json={"prompt": "x", "seed": 2**64}), 400).startswith("seed must be")
     # "\ud800" is valid JSON but no text (it cannot be tokenized): a 400, not a 500
     lone = '{"question": "What is \\ud800?"}'
+    assert err(client.post("/api/answer", content="not json", headers={"content-type": "application/json"}), 422) \
+        == "request body: not valid JSON (Expecting value)"
     assert err(client.post("/api/answer", content=lone, headers={"content-type": "application/json"}), 400) == \
         "the question: not valid Unicode (a lone surrogate, U+D800)"
     assert err(client.post("/api/generate", content=lone.replace("question", "prompt"),
@@ -154,6 +156,8 @@ def test_cli_refuses_bad_settings_before_loading_anything(world, capsys):
     assert_one_line_error(rc, err, f"serve: cannot listen on 127.0.0.1:{port}")
     rc, _, err = run_cli(["serve", "--db", world["db"].path, "port=70000"], capsys)
     assert_one_line_error(rc, err, "port must be in 1..65535")
+    rc, _, err = run_cli(["serve", "--db", world["db"].path, "retriever=nope"], capsys)
+    assert_one_line_error(rc, err, "serve: retriever must be one of auto, dense, bm25, hybrid; got 'nope'")
 
 
 def test_a_rebuild_under_the_service_remakes_its_retrievers_and_checks_the_generator_again(built_db, wiki_corpus,

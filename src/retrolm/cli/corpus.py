@@ -90,6 +90,11 @@ def corpus_qa(
 
     if n < 1:
         raise RetrolmError(f"-n {n}: the number of questions must be >= 1")
+    if choices is not None and choices < 2:  # fewer would quietly write a short-answer set
+        raise RetrolmError(f"--choices {choices}: a multiple-choice question needs >= 2 options (leave it out for "
+                           f"short answers)")
+    if test_fraction is not None and not 0 < test_fraction <= 1:
+        raise RetrolmError(f"--test-fraction {test_fraction}: a share of the documents, in (0, 1]")
     count = build_benchmark(kind, corpus, out, n=n, seed=seed, choices=choices, old=old, store=store, balance=balance,
                             test_fraction=test_fraction)
     typer.echo(f"{out}: {count} {kind} questions")

@@ -102,6 +102,10 @@ def create_app(service: Service) -> FastAPI:
     @app.exception_handler(RequestValidationError)
     async def malformed(_: Request, e: RequestValidationError) -> JSONResponse:
         first = e.errors()[0] if e.errors() else {}
+        if first.get("type") == "json_invalid":  # its loc is ("body", character offset)
+            why = (first.get("ctx") or {}).get("error")
+            return JSONResponse({"error": "request body: not valid JSON" + (f" ({why})" if why else "")},
+                                status_code=422)
         where = ".".join(str(p) for p in first.get("loc", ())[1:]) or "request"  # loc[0]: body, query, ...
         return JSONResponse({"error": f"{where}: {first.get('msg', 'invalid request')}"}, status_code=422)
 

@@ -25,7 +25,7 @@ from retrolm.db.lexical import TermStats
 from retrolm.infer.generate import GenerateConfig
 from retrolm.infer.generator import Generator
 from retrolm.infer.rag import PassageRetriever, RagConfig, RagPipeline
-from retrolm.retrieval import BM25Retriever
+from retrolm.retrieval import RETRIEVERS, BM25Retriever
 from retrolm.retrieval.sharded import ShardedRetriever, exclusion_by_ids, is_shards_file
 
 
@@ -71,6 +71,8 @@ class ServeConfig:
             raise RetrolmError(f"serve: port must be in 1..65535, got {self.port}")
         if self.max_k < 1 or self.max_new_tokens < 1 or self.max_queries < 1:
             raise RetrolmError("serve: max_k, max_new_tokens and max_queries must be >= 1")
+        if self.retriever != "auto" and self.retriever not in RETRIEVERS:  # else every search would fail
+            raise RetrolmError(f"serve: retriever must be one of auto, {', '.join(RETRIEVERS)}; got {self.retriever!r}")
 
 
 class Service:
