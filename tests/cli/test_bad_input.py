@@ -414,3 +414,44 @@ def test_usage_errors_exit_2_without_a_traceback(capsys):
                           (["corpus", "versions", "--old", "a"], "Missing option '--new'")]:
         rc, _, err = run_cli(args, capsys)
         assert rc == 2 and message in err and "Traceback" not in err, err
+
+
+def test_overwrite_replaces_only_a_database_and_never_what_it_reads(db_copy, tmp_path, capsys):
+    """``--overwrite`` swaps the whole folder away: a folder whose meta.json is not a database's, and corpus files
+    kept inside the database folder, would have been deleted with it."""
+    enc = ["--encoder", DatabaseView.open(db_copy).meta["encoder"]["name"], "--tokenizer", "train:300", "-q"]
+    corpus = write_jsonl(tmp_path / "c.jsonl", wiki_docs(3, start=100))
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "meta.json").write_text('{"name": "my project"}')
+    (project / "notes.txt").write_text("precious")
+    for extra in ([], ["--overwrite"]):
+        rc, _, err = run_cli(["db", "build", corpus, "--out", project, *extra, *enc], capsys)
+        assert_one_line_error(rc, err, f"{project}: folder exists and is not a retrolm database")
+    assert (project / "notes.txt").read_text() == "precious"
+    inside = db_copy / "mycorpus"
+    inside.mkdir()
+    kept = write_jsonl(inside / "c.jsonl", wiki_docs(3, start=100))
+    rc, _, err = run_cli(["db", "build", inside, "--out", db_copy, "--overwrite", *enc], capsys)
+    assert_one_line_error(rc, err, f"{inside}: is inside the database folder {db_copy} that the build replaces")
+    assert kept.is_file()
+    # a database whose meta.json is damaged is rebuilt with --overwrite (and only with it)
+    (db_copy / "meta.json").write_text("[1]")
+    rc, _, err = run_cli(["db", "build", corpus, "--out", db_copy, *enc], capsys)
+    assert_one_line_error(rc, err, f"{db_copy}/meta.json: damaged database description; --overwrite rebuilds")
+    rc, _, err = run_cli(["db", "build", corpus, "--out", db_copy, "--overwrite", *enc], capsys)
+    assert rc == 0, err
+    assert DatabaseView.open(db_copy).store.n_docs == 3
+
+
+def test_search_shows_database_text_as_text_and_bounds_k(db_copy, tmp_path, capsys):
+    doc = {"id": "brackets[/note]", "text": "x = a[i] and [citation needed] plus [red]warn[/red] [/note] quasar zebra"}
+    rc, _, err = run_cli(["db", "add", db_copy, write_jsonl(tmp_path / "b.jsonl", [doc]), "-q"], capsys)
+    assert rc == 0, err
+    rc, out, err = run_cli(["db", "search", db_copy, "quasar zebra", "--bm25", "-k", "1"], capsys)
+    assert rc == 0, err
+    flat = " ".join(out.replace("│", " ").split())
+    for word in ("a[i]", "[citation", "needed]", "[red]warn[/red]", "[/note]", "brackets[/note]"):  # words wrap
+        assert word in flat.split(), word
+    rc, _, err = run_cli(["db", "search", db_copy, "quasar", "-k", "10000000000"], capsys)
+    assert_one_line_error(rc, err, "search: -k must be in 1..100,000, got 10000000000")

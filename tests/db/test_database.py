@@ -331,6 +331,9 @@ def test_blocklist_terms_are_whole_words_even_with_symbols(tmp_path):
         assert pattern.search(text), text
     for text in ("ABC++ is not it", "C++x", "trusted", "rusty", "x.NETy"):
         assert not pattern.search(text), text
+    blockfile.write_bytes(b"\xef\xbb\xbfcyclone\n")  # saved by a Windows editor: the mark is not part of the term
+    (pattern,) = compile_filters(None, blockfile)
+    assert pattern.search("the 1970 cyclone")
 
 
 def test_bm25_over_chunks_without_a_term_finds_nothing_and_grows_with_text(tmp_path):
@@ -397,3 +400,18 @@ def test_an_integer_exclusion_mask_excludes_like_a_bool_one(built_db, retriever)
     np.testing.assert_array_equal(got, want)
     with pytest.raises(RetrolmError, match="exclude_chunks must be a bool mask over chunk ids"):
         r.search([text], 4, Exclusion(chunks=np.arange(built_db.store.n_chunks)))
+
+
+def test_replacing_a_file_given_alone_warns_when_the_folder_named_it_otherwise(tmp_path, tiny_db_config, caplog):
+    """A file's id is its path under the folder given: a database built from a folder knows ``guide/walrus.md``, and
+    the edited file added alone is ``walrus.md``, a second document. Nothing is replaced, so it says why."""
+    folder = tmp_path / "docs"
+    (folder / "guide").mkdir(parents=True)
+    (folder / "guide" / "walrus.md").write_text("Walruses have tusks and whiskers. " * 5)
+    (folder / "penguin.md").write_text("Penguins swim in cold water. " * 5)
+    db = Database.build([folder], tmp_path / "db", tiny_db_config, show_progress=False)
+    assert sorted(db.live_doc_ids()) == ["guide/walrus.md", "penguin.md"]
+    (folder / "guide" / "walrus.md").write_text("Walruses have long tusks. " * 5)
+    assert db.add([folder / "guide" / "walrus.md"], replace=True, show_progress=False)["docs_replaced"] == 0
+    assert "document id 'walrus.md' replaces nothing" in caplog.text and "'guide/walrus.md'" in caplog.text
+    assert db.add([folder], replace=True, show_progress=False)["docs_replaced"] == 2  # the folder replaces it

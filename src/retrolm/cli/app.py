@@ -61,13 +61,14 @@ def print_json(obj: object) -> None:
 
 def print_table(title: str, header: list[str], rows: list[list[str]]) -> None:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
-    table = Table(title=title)
+    table = Table(title=escape(title))  # cells hold answers and passages: brackets in them are text, not markup
     for h in header:
-        table.add_column(h, justify="right")
+        table.add_column(escape(h), justify="right")
     for r in rows:
-        table.add_row(*r)
+        table.add_row(*map(escape, r))
     Console(width=140).print(table)
 
 

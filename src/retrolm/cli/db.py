@@ -119,6 +119,9 @@ def db_bm25(db_dir: DbDir, quiet: Quiet = False) -> None:
     typer.echo(f"{db_dir}: BM25 index over {db.store.n_chunks} chunks stored in {db.meta['bm25']}/")
 
 
+MAX_SEARCH_K = 100_000
+
+
 @db_app.command("search")
 def db_search(
     db_dir: DbDir,
@@ -134,6 +137,8 @@ def db_search(
     its document. Read-only."""
     if not query.strip():
         raise RetrolmError("search: the query is empty")
+    if not 1 <= k <= MAX_SEARCH_K:  # the result arrays are allocated k wide before anything is found
+        raise RetrolmError(f"search: -k must be in 1..{MAX_SEARCH_K:,}, got {k}")
     kind = "bm25" if bm25 else retriever
     if is_shards_file(db_dir):
         sharded = ShardedRetriever.open(db_dir, device=device, retriever=kind)
@@ -150,15 +155,16 @@ def db_search(
         typer.echo("no results")
         return
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     table = Table(show_lines=True)
     for col in ("#", "score", "doc (chunk)", "text ⟶ continuation"):
         table.add_column(col)
-    for rank, h in enumerate(hits, 1):
+    for rank, h in enumerate(hits, 1):  # database text is text: "[/note]" or "[red]" in it is not markup
         where = f"{h.shard}: " if getattr(h, "shard", None) else ""
-        table.add_row(str(rank), f"{h.score:.3f}", f"{h.doc_id}\n({where}chunk {h.chunk_id}, #{h.position})",
-                      f"{h.text.strip()}\n[dim]⟶ {h.continuation.strip()[:300]}[/dim]")
+        table.add_row(str(rank), f"{h.score:.3f}", escape(f"{h.doc_id}\n({where}chunk {h.chunk_id}, #{h.position})"),
+                      f"{escape(h.text.strip())}\n[dim]⟶ {escape(h.continuation.strip()[:300])}[/dim]")
     Console().print(table)
 
 

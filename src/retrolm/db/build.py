@@ -362,7 +362,7 @@ def build_database(
         raise RetrolmError(f"{out}: is the current directory (or holds it); build into a folder named from outside it")
     recover_interrupted_swap(out)
     if (out / "meta.json").is_file():
-        old = read_json(out / "meta.json", "database description (meta.json)")
+        old = _existing_meta(out, overwrite)
         if old.get("chunk_len") not in (None, config.chunk_len) and not overwrite:
             raise RetrolmError(
                 f"{out}: existing database has chunk_len {old.get('chunk_len')}, asked for {config.chunk_len}; "
@@ -375,6 +375,8 @@ def build_database(
     for c in map(Path, corpus):
         if c.is_dir() and out.resolve().is_relative_to(c.resolve()):
             raise RetrolmError(f"{out}: output folder is inside the corpus folder {c}; choose another --out")
+        if c.exists() and c.resolve().is_relative_to(out.resolve()):  # --overwrite would delete it with the folder
+            raise RetrolmError(f"{c}: is inside the database folder {out} that the build replaces; move it out first")
     staging = staging_path(out)
     plan = {"format_version": FORMAT_VERSION, "config": asdict(config), "corpus": corpus_fingerprint(corpus)}
     # a finished build keeps its plan's digest in meta.json once plan.json is gone (the mark of a finished build), so
@@ -420,6 +422,23 @@ def build_database(
                 swap_into_place(staging, out)
         else:
             swap_into_place(staging, out)
+
+
+def _existing_meta(out: Path, overwrite: bool) -> dict:
+    """The ``meta.json`` of the database at ``out``. A folder whose ``meta.json`` is someone else's is never replaced,
+    even with ``overwrite``; a damaged description of a database (its ``segments/`` are there) is, with it."""
+    try:
+        meta = read_json(out / "meta.json", "database description (meta.json)")
+    except RetrolmError:
+        meta = None
+    if isinstance(meta, dict) and meta.get("format") == FORMAT:
+        return meta
+    if overwrite and (out / "segments").is_dir():
+        logger.warning("%s: replacing a database whose meta.json is damaged", out)
+        return {}
+    if (out / "segments").is_dir():
+        raise RetrolmError(f"{out / 'meta.json'}: damaged database description; --overwrite rebuilds the database")
+    raise RetrolmError(f"{out}: folder exists and is not a retrolm database (its meta.json is not one)")
 
 
 def _stage_tokenizer(corpus: Sequence[str | Path], staging: Path, spec: str) -> LMTokenizer:

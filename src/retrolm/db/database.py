@@ -62,7 +62,7 @@ def compile_filters(match: str | None, blocklist: str | Path | None) -> list[re.
     if blocklist is not None:
         path = Path(blocklist)
         try:
-            terms = [t.strip() for t in path.read_text(encoding="utf-8").splitlines()]
+            terms = [t.strip() for t in path.read_text(encoding="utf-8-sig").splitlines()]
         except (OSError, UnicodeDecodeError) as e:
             raise RetrolmError(f"{path}: cannot read blocklist ({e})") from None
         terms = [t for t in terms if t and not t.startswith("#")]
@@ -132,6 +132,10 @@ class Database(DatabaseView):
 
     def _add_staged(self, staging: Path, corpus: Sequence[str | Path], replace: bool, show_progress: bool) -> dict:
         live = {d: i for i, d in enumerate(self.store.doc_ids) if not self.deleted_docs[i]}
+        by_name: dict[str, list[str]] = {}  # live ids by their last path part, for --replace's hint below
+        if replace:
+            for d in live:
+                by_name.setdefault(d.rsplit("/", 1)[-1], []).append(d)
 
         shard, elsewhere = self.shard, [0]
 
@@ -143,6 +147,11 @@ class Database(DatabaseView):
                 if doc.id in live and not replace:
                     raise RetrolmError(
                         f"{doc.source}: document id {doc.id!r} is already in {self.path} (use --replace)")
+                if replace and doc.id not in live and (same := [d for d in by_name.get(doc.id, []) if d != doc.id]):
+                    # a file's id is its path under the folder given: the edited file given alone gets its bare name
+                    logger.warning("%s: document id %r replaces nothing; %s holds %s (a file's id is its path under "
+                                   "the folder given: add the folder, not the file, to replace it)", doc.source,
+                                   doc.id, self.path, ", ".join(map(repr, same[:3])))
                 yield doc
 
         seg_name = self._next_segment_name()
