@@ -45,3 +45,17 @@ def test_a_yaml_number_or_bool_for_a_text_setting_is_refused(tmp_path):
     path.write_text("checkpoint: c\nprompt: no\n")
     with pytest.raises(RetrolmError, match="prompt: expected text, got the YAML bool False; quote it"):
         load_config(GenerateConfig, path)
+
+
+def test_seeds_out_of_range_and_list_item_overrides_are_one_line():
+    """A negative seed failed with numpy's traceback only once a generator was made (after the neighbour search of a
+    training run); one item of a list failed inside OmegaConf's merge with a TypeError."""
+    base = ["db=x", "out_dir=y"]
+    with pytest.raises(RetrolmError, match=r"^seed must be in 0\.\.2\*\*63-1, got -1$"):
+        load_config(TrainConfig, None, [*base, "seed=-1"])
+    with pytest.raises(RetrolmError, match=r"seed must be in 0\.\.2\*\*63-1, got 99999999999999999999"):
+        load_config(GenerateConfig, None, ["checkpoint=c", "prompt=p"], seed=99999999999999999999)
+    assert load_config(TrainConfig, None, [*base, f"seed={2**63 - 1}"]).seed == 2**63 - 1
+    with pytest.raises(RetrolmError, match=r"override 'model\.retro_layers\.0=3': cannot set this .*; set the whole "
+                                           r"value, e.g. model\.retro_layers=\[\.\.\.\] for a list"):
+        load_config(TrainConfig, None, [*base, "model.retro_layers.0=3"])

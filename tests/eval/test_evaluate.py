@@ -267,6 +267,37 @@ def test_a_rerun_with_another_config_clears_the_older_results(tmp_path):
     assert left() == set()
 
 
+def test_results_of_older_inputs_go_even_under_the_same_config(tmp_path):
+    """`checkpoint: RUN` names the run's newest checkpoint: once the run trained on, eval.json came from the new one
+    and scale-neighbours.json stayed from the old one, next to a config claiming both. The same goes for an edited
+    database and rewritten held-out files."""
+    from retrolm.eval.run import RESULT_FILES, SCALE_FILES, out_dir
+
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step-000001").mkdir(parents=True)
+    (run / "checkpoints" / "step-000001" / "model.json").write_text("{}")
+    db, held = tmp_path / "db", tmp_path / "held.jsonl"
+    db.mkdir()
+    (db / "meta.json").write_text('{"build_id": "b", "version": 1}')
+    held.write_text('{"id": "a", "text": "x"}\n')
+    cfg = EvalConfig(checkpoint=str(run), db=str(db), data=[str(held)], out_dir=str(tmp_path / "ev"))
+
+    def rerun_after(change) -> bool:  # whether the results written before the change are gone after it
+        out = out_dir(cfg, RESULT_FILES)
+        for name in (*RESULT_FILES, *SCALE_FILES):
+            (out / name).write_text("old")
+        change()
+        out_dir(cfg, RESULT_FILES)
+        return not any((out / name).exists() for name in (*RESULT_FILES, *SCALE_FILES))
+
+    assert not rerun_after(lambda: None)
+    assert rerun_after(lambda: (run / "checkpoints" / "step-000002").mkdir() or
+                       (run / "checkpoints" / "step-000002" / "model.json").write_text("{}"))
+    assert rerun_after(lambda: (db / "meta.json").write_text('{"build_id": "b", "version": 2}'))
+    assert rerun_after(lambda: held.write_text('{"id": "a", "text": "y"}\n'))
+    assert not rerun_after(lambda: None)
+
+
 def test_near_duplicate_exclusion_removes_the_copies(copy_world):
     r = run_eval(eval_cfg(copy_world, "eval-dedup", baselines=[]), show_progress=False)
     assert r["exclusion"]["excluded_docs_near_duplicate"] == 8  # each held-out document's copy

@@ -365,3 +365,15 @@ def test_a_cache_left_half_updated_by_a_failed_call_is_refused(model, data):
         model(idx[:, :M], torch.zeros(2, 5, K, R + 1, dtype=torch.long), cache=fresh)
     assert not fresh.failed
     model(idx[:, :M], nb, cache=fresh)
+
+
+@pytest.mark.parametrize("strict", [True, False])
+def test_weights_of_another_shape_name_the_tensor_that_differs(tmp_path, strict):
+    """torch's first line ("Error(s) in loading state_dict for RetroModel:") named no tensor."""
+    from retrolm.models.weights import load_weights
+
+    RetroModel(RetroConfig.preset("tiny")).save_pretrained(tmp_path / "m")
+    wider = RetroModel(RetroConfig.preset("tiny", d_model=128))
+    with pytest.raises(RetrolmError, match=r"model.safetensors: cannot load \(blocks.0.norm1.weight has shape \(64,\) "
+                                           r"in the file, \(128,\) in the model\)"):
+        load_weights(wider, tmp_path / "m", strict=strict)

@@ -257,8 +257,8 @@ def test_resuming_with_settings_that_do_not_fit_says_so_instead_of_calling_every
     out = Path(shutil.copytree(two_checkpoints, tmp_path / "run"))
     wider = tiny_cfg(built_db, out, model=ModelSpec(preset="tiny", seq_len=256, d_model=128))
     t = Trainer(wider)
-    with caplog.at_level(logging.WARNING), pytest.raises(RetrolmError, match=r"step-000004: intact, but does not load "
-                                                                            r"into this run \(.*\); resume with the"):
+    with caplog.at_level(logging.WARNING), pytest.raises(RetrolmError, match=r"step-000004: resumed with another "
+                                                                            r"model \(.*d_model 64 → 128.*\); resume"):
         t.setup(show_progress=False)
     assert "damaged" not in caplog.text
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000002", "step-000004"]

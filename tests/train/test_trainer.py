@@ -11,6 +11,7 @@ import random
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,7 +23,7 @@ from safetensors.torch import load_file
 from conftest import REPO, wiki_docs, write_jsonl
 from retrolm.core.config import load_config
 from retrolm.core.errors import RetrolmError
-from retrolm.db import Database
+from retrolm.db import Database, DatabaseView
 from retrolm.models.loading import load_model
 from retrolm.text.tokenizer import load_tokenizer
 from retrolm.train import ModelSpec, TrainConfig, Trainer
@@ -72,6 +73,36 @@ def test_resuming_with_another_data_order_is_refused(built_db, tmp_path, change)
     (key, value), = change.items()
     with pytest.raises(RetrolmError, match=rf"step-000003: resumed with another data order \({key} .* → {value}\)"):
         Trainer(tiny_cfg(built_db, tmp_path / "r", **change)).setup(show_progress=False)
+
+
+def test_resuming_with_another_model_or_database_is_refused(built_db, tmp_path):
+    """Same-shaped tensors load into a model with other heads, and a database with another tokenizer feeds other
+    token ids: a resumed run went on training either way, and its next checkpoint recorded the new setting."""
+    run(tiny_cfg(built_db, tmp_path / "r", steps=3))
+    with pytest.raises(RetrolmError, match=r"step-000003: resumed with another model "
+                                           r"\(enc_n_head 4 → 2, n_head 4 → 2\)"):
+        Trainer(tiny_cfg(built_db, tmp_path / "r", model=ModelSpec(preset="tiny", seq_len=256, n_head=2))).setup(
+            show_progress=False)
+    other = Path(shutil.copytree(built_db.path, tmp_path / "other-db"))
+    tok = json.loads((other / "tokenizer.json").read_text())
+    merges = tok["model"]["merges"]
+    merges[0], merges[1] = merges[1], merges[0]  # the same vocabulary, merged in another order
+    (other / "tokenizer.json").write_text(json.dumps(tok))  # another tokenizer (another SHA-256)
+    meta = json.loads((other / "meta.json").read_text())
+    (other / "meta.json").write_text(json.dumps({**meta, "tokenizer": {
+        **meta["tokenizer"], "sha256": load_tokenizer(str(other / "tokenizer.json")).sha256}}))
+    with pytest.raises(RetrolmError, match=r"step-000003: trained with another tokenizer or chunk length than "
+                                           r".*other-db has \(another database, or rebuilt since\); resume with"):
+        Trainer(tiny_cfg(DatabaseView.open(other), tmp_path / "r")).setup(show_progress=False)
+    shutil.copy(built_db.path / "tokenizer.json", other / "tokenizer.json")
+    meta["encoder"].update(name="/models/another-encoder", fingerprint="0" * 64)
+    (other / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(RetrolmError, match=r"trained with neighbours from encoder .*--no-resume"):
+        Trainer(tiny_cfg(DatabaseView.open(other), tmp_path / "r")).setup(show_progress=False)
+    t = Trainer(tiny_cfg(built_db, tmp_path / "r", model=ModelSpec(preset="tiny", seq_len=256, dropout=0.1)))
+    t.setup(show_progress=False)  # regularisation may change
+    assert t.step == 3
+    t.cleanup()
 
 
 def test_a_step_is_the_mean_over_its_tokens_however_it_is_split(built_db, tmp_path):
@@ -133,6 +164,8 @@ def test_resume_is_exact(built_db, tmp_path, monkeypatch):
     with pytest.raises(Interrupted):
         run(tiny_cfg(built_db, tmp_path / "b", model=model, warmup_steps=1))
     monkeypatch.undo()
+    with open(tmp_path / "b" / "metrics.jsonl", "a") as f:  # logged after the checkpoint, then killed mid-row
+        f.write(json.dumps({"step": 4, "train/loss": 9.9}) + "\n" + '{"step": 5, "train/lo')
 
     fresh = Trainer(tiny_cfg(built_db, tmp_path / "fresh", model=model, warmup_steps=1))  # (setup seeds the RNG)
     fresh.setup(resume=False, show_progress=False)
@@ -304,8 +337,9 @@ def test_neighbours_follow_a_rebuilt_database_and_tombstones_are_refused(tmp_pat
     # the same folder rebuilt from another corpus starts again at version 1: old neighbours must not be reused
     db = Database.build([write_jsonl(tmp_path / "b.jsonl", wiki_docs(24, start=50))], tmp_path / "db",
                         tiny_db_config, overwrite=True, show_progress=False)
-    # resuming the run would read another data order (refused); a new run sharing its neighbours folder searches again
-    with pytest.raises(RetrolmError, match=r"another data order \(sequences"):
+    # resuming the run would read other token ids (refused); a new run sharing its neighbours folder searches again
+    with pytest.raises(RetrolmError, match=r"step-000001: trained with another tokenizer or chunk length than .*db has "
+                                           r"\(another database, or rebuilt since\)"):
         run(tiny_cfg(db, tmp_path / "run", steps=2))
     run(tiny_cfg(db, tmp_path / "run2", steps=2, neighbours_dir=str(tmp_path / "run" / "neighbours")))
     saved = json.loads((tmp_path / "run" / "neighbours" / "neighbours.json").read_text())
@@ -444,6 +478,14 @@ def test_retrofitting_a_baseline_starts_at_it_and_trains_only_the_new_tensors(bu
     t.setup(show_progress=False)
     assert {n for n, p in t.model.named_parameters() if p.requires_grad} == trained
     t.cleanup()
+    # the fitting itself resumes without the baseline it started from: its own checkpoints hold every tensor
+    t = Trainer(TrainConfig(**{**vars(fit), "steps": 4}))
+    t.setup(show_progress=False)
+    assert t.step == 3 and {n for n, p in t.model.named_parameters() if p.requires_grad} == trained
+    t.model.eval()
+    with torch.no_grad():
+        assert torch.equal(t.model(ids, neighbours=nb).logits, after(ids, neighbours=nb).logits)
+    t.cleanup()
     # a checkpoint written before the record existed is answered from its config, back to the first checkpoint
     for record in [*(tmp_path / "fit").glob("checkpoints/*/frozen.json"), *records]:
         record.unlink()
@@ -476,8 +518,14 @@ def test_init_from_errors_are_one_line(built_db, tmp_path):
     t.cleanup()
     wider = tiny_cfg(built_db, tmp_path / "wider", init_from=str(tmp_path / "base"),
                      model=ModelSpec(preset="tiny", seq_len=256, d_model=128))
-    with pytest.raises(RetrolmError, match="cannot load"):
+    with pytest.raises(RetrolmError, match=r"init_from holds another decoder \(d_model 64 → 128, d_ff 256 → 512\)"):
         Trainer(wider).setup(show_progress=False)
+    # same-shaped tensors of another decoder (other heads, an extra block) loaded without a word
+    for spec, change in [(dict(n_head=2), "n_head 4 → 2"), (dict(n_layer=5, retro_layers=[5]), "n_layer 4 → 5")]:
+        other = tiny_cfg(built_db, tmp_path / "other", init_from=str(tmp_path / "base"), freeze_init=True,
+                         model=ModelSpec(preset="tiny", seq_len=256, **spec))
+        with pytest.raises(RetrolmError, match=rf"init_from holds another decoder \({change}\); give model"):
+            Trainer(other).setup(show_progress=False)
 
 
 def test_runs_share_one_neighbours_folder(built_db, tmp_path, monkeypatch, caplog):

@@ -13,7 +13,7 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from retrolm.core.errors import RetrolmError
+from retrolm.core.errors import RetrolmError, first_line
 from retrolm.core.io import write_bytes
 
 T = TypeVar("T")
@@ -59,13 +59,35 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequenc
                     yaml.safe_load(raw)
                 except yaml.YAMLError as e:
                     raise RetrolmError(f"override {o!r}: invalid value ({str(e).splitlines()[0]})") from None
-                cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([o]))
+                try:
+                    cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([o]))
+                except (TypeError, ValueError) as e:  # e.g. one item of a list: OmegaConf cannot merge it
+                    raise RetrolmError(f"override {o!r}: cannot set this ({first_line(e)}); set the whole value, "
+                                       f"e.g. {key.rsplit('.', 1)[0]}=[...] for a list") from None
         if values:
             cfg = OmegaConf.merge(cfg, {k: v for k, v in values.items() if v is not None})
-        return OmegaConf.to_object(cfg)  # type: ignore[return-value]
+        obj = OmegaConf.to_object(cfg)
+        _check_seeds(obj)
+        return obj  # type: ignore[return-value]
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", None)
         raise RetrolmError(f"{where}: {key + ': ' if key else ''}{str(e).splitlines()[0]}") from None
+
+
+SEED_RANGE = range(0, 2**63)
+"""Seeds every generator takes (numpy refuses negative ones, torch ones past 64 bits)."""
+
+
+def _check_seeds(obj: Any, prefix: str = "") -> None:
+    """Refuse a ``seed`` field (in ``obj`` or a config nested in it) out of :data:`SEED_RANGE`: it would fail with a
+    traceback only when a generator is made, possibly after hours of work."""
+    if not dataclasses.is_dataclass(obj):
+        return
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if f.name == "seed" and isinstance(value, int) and value not in SEED_RANGE:
+            raise RetrolmError(f"{prefix}seed must be in 0..2**63-1, got {value}")
+        _check_seeds(value, f"{prefix}{f.name}.")
 
 
 _NULLS = {"null", "Null", "NULL", "~"}

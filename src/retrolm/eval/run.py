@@ -15,7 +15,8 @@ import yaml
 
 from retrolm.core.config import save_config
 from retrolm.core.errors import RetrolmError
-from retrolm.core.io import atomic_path, write_bytes, write_json
+from retrolm.core.hub import find_checkpoint
+from retrolm.core.io import atomic_path, file_digest, write_bytes, write_json
 from retrolm.core.versions import library_versions
 from retrolm.eval.config import EvalConfig
 from retrolm.eval.evaluator import Evaluator, Scores, display_name, neighbours_of_other_documents
@@ -39,7 +40,13 @@ def out_dir(cfg: EvalConfig, own: tuple[str, ...]) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     path, new = out / "config.yaml", out / ".config.yaml.new"
     save_config(cfg, new)
-    if path.is_file():
+    inputs, recorded = _inputs(cfg), out / INPUTS_FILE
+    if recorded.is_file() and _config_dict(recorded) != inputs:
+        # the same settings over other inputs: a run that trained on (`checkpoint: RUN` names its newest checkpoint),
+        # an edited database, rewritten held-out files
+        for name in RESULT_FILES + SCALE_FILES:
+            (out / name).unlink(missing_ok=True)
+    elif path.is_file():
         before, after = _config_dict(path), _config_dict(new)
         # where the results go and what ran them do not change them; a field an older config.yaml lacks had its
         # default then
@@ -53,7 +60,24 @@ def out_dir(cfg: EvalConfig, own: tuple[str, ...]) -> Path:
         for name in gone:
             (out / name).unlink(missing_ok=True)
     os.replace(new, path)
+    write_json(recorded, inputs)
     return out
+
+
+INPUTS_FILE = ".inputs.json"
+"""What a report folder's results were computed from, beyond its config: resolved checkpoints, database state, data."""
+
+
+def _inputs(cfg: EvalConfig) -> dict:
+    def resolved(ref: str) -> str:
+        folder = find_checkpoint(ref) if ref else None
+        return str(folder.resolve()) if folder is not None else ref
+
+    meta = Path(cfg.db) / "meta.json"
+    db = _config_dict(meta) if cfg.db and meta.is_file() else {}
+    return {"checkpoint": resolved(cfg.checkpoint), "baselines": [resolved(b) for b in cfg.baselines],
+            "db": {k: db.get(k) for k in ("build_id", "version")},
+            "data": [file_digest(p, quick=True) if Path(p).is_file() else p for p in cfg.data]}
 
 
 def _default(f: Field) -> Any:

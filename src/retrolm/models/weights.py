@@ -55,16 +55,32 @@ def load_weights(model: nn.Module, folder: str | Path, device: str | torch.devic
         except FileNotFoundError:
             raise RetrolmError(f"{path}: not found") from None
         except Exception as e:  # safetensors raises several types for truncated / mismatched files
-            raise RetrolmError(f"{path}: cannot load ({first_line(e)})") from None
+            raise RetrolmError(f"{path}: cannot load ({_shape_mismatch(model, path) or first_line(e)})") from None
         return []
     state = read_weights(folder, device)
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except Exception as e:  # mismatched shapes
-        raise RetrolmError(f"{path}: cannot load ({first_line(e)})") from None
+        raise RetrolmError(f"{path}: cannot load ({_shape_mismatch(model, path) or first_line(e)})") from None
     if unexpected:
         raise RetrolmError(f"{path}: holds tensors the model does not have: {', '.join(unexpected[:5])}")
     return list(missing)
+
+
+def _shape_mismatch(model: nn.Module, path: Path) -> str | None:
+    """The first tensor whose shape in the file is not the model's, said so (torch's message names none of them in
+    its first line), or None."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 (not a dict)
+    except Exception:  # an unreadable file: the caller's message stands
+        return None
+    for name, tensor in model.state_dict().items():
+        if name in shapes and shapes[name] != tuple(tensor.shape):
+            return f"{name} has shape {shapes[name]} in the file, {tuple(tensor.shape)} in the model"
+    return None
 
 
 def read_weights(folder: str | Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:

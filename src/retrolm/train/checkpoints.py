@@ -25,6 +25,10 @@ from retrolm.models.weights import CHECKSUMS, verify_checksums, write_checksums
 logger = logging.getLogger(__name__)
 
 
+class ResumeRefused(RetrolmError):
+    """An intact checkpoint of another run (another model or database): resuming from it is refused as it is."""
+
+
 class CheckpointManager:
     """The ``checkpoints/`` folder of a run."""
 
@@ -80,6 +84,8 @@ class CheckpointManager:
             try:
                 load(ckpt)
                 return ckpt
+            except ResumeRefused:  # the checkpoint is fine and says why this run cannot go on from it
+                raise
             except errors as e:
                 if (ckpt / CHECKSUMS).is_file() and not isinstance(e, (OSError, EOFError)):
                     # every file is as written: this run's settings (another model shape, freeze_init, lora) or

@@ -38,7 +38,7 @@ from retrolm.core.hub import find_checkpoint
 from retrolm.core.io import exclusive_lock, read_json, read_json_object, write_bytes, write_json
 from retrolm.db import DatabaseView
 from retrolm.models import RetroModel
-from retrolm.models.weights import load_weights, read_weights, tied_aliases
+from retrolm.models.weights import load_weights, read_model_config, read_weights, tied_aliases
 from retrolm.retrieval import get_retriever
 from retrolm.retrieval.neighbours import (
     NeighbourConfig,
@@ -50,7 +50,7 @@ from retrolm.retrieval.neighbours import (
     rule_outdated,
     save_neighbours,
 )
-from retrolm.train.checkpoints import CheckpointManager
+from retrolm.train.checkpoints import CheckpointManager, ResumeRefused
 from retrolm.train.config import LoopConfig, TrainConfig, lr_at
 from retrolm.train.data import IGNORE, RetroSequences, model_kwargs, n_sequences, swap_neighbours
 from retrolm.train.distributed import (
@@ -67,6 +67,14 @@ from retrolm.train.distributed import (
 from retrolm.train.scoring import score_sequences
 
 logger = logging.getLogger(__name__)
+
+
+RESUMABLE_CHANGES = frozenset({"dropout", "lora_dropout", "checkpoint_activations", "base"})
+"""Model settings a run may resume under changed: regularisation and memory, and the base's location (a RETRO-fitted
+base is checked by its fingerprint)."""
+DECODER_FIELDS = ("vocab_size", "n_layer", "n_head", "d_model", "d_ff", "rope_theta", "tie_embeddings", "bias",
+                  "norm_eps")
+"""What ``init_from`` must share with the model it starts (the decoder); retrieval settings and seq_len may change."""
 
 
 def database_record(db: DatabaseView) -> dict:
@@ -87,6 +95,13 @@ def init_from_checkpoint(model: RetroModel, ref: str, db: DatabaseView, freeze: 
         sha = read_json_object(record, "database record").get("tokenizer_sha256")
         if sha and sha != db.tokenizer.sha256:
             raise RetrolmError(f"{folder}: trained with another tokenizer than the database {db.path}")
+    saved = read_model_config(folder)
+    if saved.get("architecture") == "retro":  # same-shaped tensors of another decoder would load without a word
+        now = json.loads(json.dumps(model.config.to_dict()))
+        changed = [f"{k} {saved[k]!r} → {now[k]!r}" for k in DECODER_FIELDS if k in saved and saved[k] != now.get(k)]
+        if changed:
+            raise RetrolmError(f"{folder}: init_from holds another decoder ({', '.join(changed)}); give model the "
+                               "checkpoint's shape (only retrieval settings and seq_len may differ)")
     missing = set(load_weights(model, folder, strict=False))
     tensors = model.state_dict(keep_vars=True)
     loaded = {id(t) for name, t in tensors.items() if name not in missing}
@@ -211,7 +226,16 @@ class Trainer:
         assert isinstance(self.cfg, TrainConfig)
         model_cfg = self.cfg.model.build(self.db.tokenizer.vocab_size, self.db.chunk_len, self.cfg.num_neighbours)
         model = RetroModel(model_cfg)
-        if self.cfg.init_from:
+        own = self.checkpoints.all() if getattr(self, "_resume", False) else []
+        if self.cfg.init_from and own and find_checkpoint(self.cfg.init_from) is None:
+            # resuming a fitting whose starting checkpoint is gone: its own checkpoints hold every tensor, and
+            # frozen.json what the fitting froze (the weights come in with the resume)
+            if self.cfg.freeze_init:
+                frozen = frozen_by(own[-1]) or set()
+                for name, p in model.named_parameters():
+                    p.requires_grad_(name not in frozen)
+            logger.info("%s is gone; resuming from the run's own checkpoints", self.cfg.init_from)
+        elif self.cfg.init_from:
             init_from_checkpoint(model, self.cfg.init_from, self.db, self.cfg.freeze_init)
         return model
 
@@ -310,6 +334,7 @@ class Trainer:
             # training sequences are runs of stored chunks: deleted text would still be trained on
             raise RetrolmError(f"{cfg.db}: has deleted documents; run `retrolm db compact {cfg.db}` before training")
         torch.manual_seed(cfg.seed)
+        self._resume = resume
         self.model = self.build_model().to(self.device)
         # every rank builds the same model from the same seed; from here on each draws its own dropout masks (with
         # one seed they drew the same masks on their different batches). Rank 0 goes on as a single process does.
@@ -357,6 +382,8 @@ class Trainer:
             last = self.checkpoints.resume(self._load_checkpoint)
             if last is not None:
                 logger.info("resumed from %s", last)
+            if self.main:
+                self._drop_rows_after(earlier_rows, self.step)
             if self._resumed_per_step not in (None, self._per_step):
                 # the data position is step × sequences per step: another count would re-read or skip sequences
                 raise RetrolmError(f"{last}: written at {self._resumed_per_step} sequences per step (batch_size × "
@@ -396,6 +423,25 @@ class Trainer:
         logger.info("model: %.2fM parameters (%.2fM trained), retrieval %s, %d train / %d val sequences of %d tokens",
                     n_all / 1e6, n_train / 1e6, "on" if self.retrieval else "off", len(self.train_ids),
                     len(self.val_ids), self.seq_len)
+
+    def _drop_rows_after(self, earlier_rows: int, step: int) -> None:
+        """Resuming at ``step``: the earlier rows of ``metrics.jsonl`` logged after it (between the last checkpoint and
+        the interruption) are logged again by the resumed steps; the first copies go."""
+        metrics = self.out / "metrics.jsonl"
+        if not earlier_rows or not metrics.is_file():
+            return
+        rows = metrics.read_text().splitlines(keepends=True)
+
+        def after(line: str) -> bool:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:  # a row torn by the crash
+                return True
+            return isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] > step
+
+        kept = [r for r in rows[:earlier_rows] if not after(r)]
+        if len(kept) < earlier_rows:
+            write_bytes(metrics, "".join(kept + rows[earlier_rows:]).encode())
 
     def _set_aside(self, earlier_rows: int) -> None:
         """A fresh start (--no-resume) in a used run folder keeps the earlier run's checkpoints (which a later resume
@@ -690,7 +736,33 @@ class Trainer:
                     "cuda_rng_by_rank": self._cuda_rng_by_rank, "cpu_rng_by_rank": self._cpu_rng_by_rank},
                    folder / "trainer.pt")
 
+    def _check_same_run(self, folder: Path) -> None:
+        """Refuse to resume from a checkpoint of another model or database: it would go on training with other
+        token ids or another architecture, and the checkpoints after it would hide that."""
+        saved = read_model_config(folder)
+        now = json.loads(json.dumps(self.model.config.to_dict()))
+        changed = [f"{k} {saved[k]!r} → {now[k]!r}" for k in sorted(now)
+                   if k in saved and k not in RESUMABLE_CHANGES and saved[k] != now[k]]
+        if changed:
+            raise ResumeRefused(f"{folder}: resumed with another model ({', '.join(changed[:4])}); resume with the "
+                                "same settings or start afresh (--no-resume)")
+        record = folder / "database.json"
+        if not record.is_file():
+            return
+        trained = read_json_object(record, "database record")
+        if trained.get("tokenizer_sha256") not in (None, self.db.tokenizer.sha256) or \
+                trained.get("chunk_len") not in (None, self.db.chunk_len):
+            raise ResumeRefused(f"{folder}: trained with another tokenizer or chunk length than {self.db.path} has "
+                                "(another database, or rebuilt since); resume with the same database or start afresh "
+                                "(--no-resume)")
+        if self.retrieval:  # neighbours from another encoder's embedding space
+            try:
+                self.db.check_trained_with(trained, folder)
+            except RetrolmError as e:
+                raise ResumeRefused(f"{e} (or start afresh: --no-resume)") from None
+
     def _load_checkpoint(self, folder: Path) -> None:
+        self._check_same_run(folder)
         self.load_model(folder)  # sharded: with the optimizer state
         if not self.sharded:
             self.opt.load_state_dict(torch.load(folder / "optimizer.pt", map_location=self.device,
