@@ -403,6 +403,9 @@ def test_counts_and_sweeps_that_ask_for_nothing(tmp_path, built_db, capsys):
     rc, _, err = run_cli(["corpus", "versions", "--old", tmp_path, "--new", tmp_path, "--out", tmp_path / "v",
                           "--per-bucket", "-1"], capsys)
     assert_one_line_error(rc, err, "--per-bucket and --min-chars must be >= 0")
+    rc, _, err = run_cli(["corpus", "versions", "--old", tmp_path, "--new", tmp_path, "--out", tmp_path / "v",
+                          "--seed", "-1"], capsys)
+    assert_one_line_error(rc, err, "--seed must be in 0..2**63-1, got -1")
     rc, _, err = run_cli(["scale", "neighbours", "--checkpoint", tmp_path, "--db", built_db.path, "--data",
                           tmp_path / "h.jsonl", "--out", tmp_path / "s", "--ks", ","], capsys)
     assert_one_line_error(rc, err, "','", "expected comma-separated numbers")

@@ -57,5 +57,8 @@ def test_seeds_out_of_range_and_list_item_overrides_are_one_line():
         load_config(GenerateConfig, None, ["checkpoint=c", "prompt=p"], seed=99999999999999999999)
     assert load_config(TrainConfig, None, [*base, f"seed={2**63 - 1}"]).seed == 2**63 - 1
     with pytest.raises(RetrolmError, match=r"override 'model\.retro_layers\.0=3': cannot set this .*; set the whole "
-                                           r"value, e.g. model\.retro_layers=\[\.\.\.\] for a list"):
+                                           r"list, model\.retro_layers=\[\.\.\.\]$"):
         load_config(TrainConfig, None, [*base, "model.retro_layers.0=3"])
+    with pytest.raises(RetrolmError, match=r"^overrides: steps: .*abc") as e:  # a wrong type: OmegaConf's message
+        load_config(TrainConfig, None, [*base, "steps=abc"])
+    assert "list" not in str(e.value)

@@ -421,11 +421,11 @@ def test_parts_are_checked_again_when_one_is_rebuilt(shards, tmp_path, wiki_corp
     other = BuildConfig(**{**tiny_db_config.__dict__, "shard": "2/3", "encoder": _other_encoder(tmp_path / "enc",
                                                                                               tiny_encoder)})
     Database.build([wiki_corpus], paths[2], other, overwrite=True, show_progress=False)
-    with pytest.raises(RetrolmError, match=f"shard {paths[2]}: encoder .* differs from {paths[0]}'s"):
+    with pytest.raises(RetrolmError, match=f"shard {paths[2]}: encoder_fingerprint .* differs from {paths[0]}'s"):
         sharded.search(QUERIES[0], 5)  # part 0's query vectors would be searched among another encoder's keys
-    with pytest.raises(RetrolmError, match=f"shard {paths[2]}: encoder .* differs"):
+    with pytest.raises(RetrolmError, match=f"shard {paths[2]}: encoder_fingerprint .* differs"):
         sharded.refresh_infos()  # (the service's /api/info): the new build is not taken as checked
-    with pytest.raises(RetrolmError, match=f"shard {paths[2]}: encoder .* differs"):
+    with pytest.raises(RetrolmError, match=f"shard {paths[2]}: encoder_fingerprint .* differs"):
         sharded.search(QUERIES[0], 5)
     same = BuildConfig(**{**tiny_db_config.__dict__, "shard": "0/3", "bm25": True})
     Database.build([wiki_corpus], paths[2], same, overwrite=True, show_progress=False)
@@ -435,6 +435,12 @@ def test_parts_are_checked_again_when_one_is_rebuilt(shards, tmp_path, wiki_corp
                    show_progress=False)
     after = sharded.search(QUERIES[0], 5).hits(0)  # the part is back: checked, and searched as before
     assert [(h.doc_id, h.position) for h in after] == [(h.doc_id, h.position) for h in before]
+    # the same encoder in another folder (another machine's copy) is the same encoder: its fingerprint says so
+    copied = shutil.copytree(tiny_encoder, tmp_path / "encoder-copy")
+    Database.build([wiki_corpus], paths[2], BuildConfig(**{**same.__dict__, "shard": "2/3", "encoder": str(copied)}),
+                   overwrite=True, show_progress=False)
+    again = sharded.search(QUERIES[0], 5).hits(0)
+    assert [(h.doc_id, h.position) for h in again] == [(h.doc_id, h.position) for h in before]
     sharded.close()
 
 

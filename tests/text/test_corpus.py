@@ -113,6 +113,39 @@ def test_bom_corrupt_gzip_hidden_folders_and_links(tmp_path, caplog):
     assert "broken.jsonl.gz" in caplog.text and "cannot read" in caplog.text
 
 
+def test_utf16_files_are_text_and_ids_must_be_ids(tmp_path, caplog):
+    """A Windows "Unicode" .txt (UTF-16 with its byte-order mark) was skipped as binary for its NUL bytes; a null,
+    list or empty id became the document "None", "['x']" or ""."""
+    (tmp_path / "win.txt").write_bytes("Grüße aus Windows\r\n".encode("utf-16"))
+    (tmp_path / "wide.txt").write_bytes("UTF-32 text".encode("utf-32"))
+    lines = [{"id": None, "text": "null id"}, {"id": ["x"], "text": "list id"}, {"id": "", "text": "empty id"},
+             {"id": 7, "text": "an integer id is fine"}, {"id": "ok", "text": "fine"}]
+    (tmp_path / "ids.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    with caplog.at_level(logging.WARNING):
+        docs = {d.id: d.text for d in iter_documents([tmp_path])}
+    assert docs == {"win.txt": "Grüße aus Windows\r\n", "wide.txt": "UTF-32 text", "7": "an integer id is fine",
+                    "ok": "fine"}
+    assert caplog.text.count("'id' must be a non-empty string or an integer") == 3
+
+
+def test_linked_folders_are_read_once_and_never_loop(tmp_path):
+    """A symbolic link to a folder outside the corpus is followed (rglob skipped it without a word); one to a folder
+    inside it, or to an ancestor, adds nothing and does not loop; ids are paths under the folder given."""
+    outside = tmp_path / "elsewhere" / "sub"
+    outside.mkdir(parents=True)
+    (outside / "r.txt").write_text("a real file reached through a link")
+    corpus = tmp_path / "corpus"
+    (corpus / "inner").mkdir(parents=True)
+    (corpus / "a.txt").write_text("local doc")
+    (corpus / "inner" / "b.txt").write_text("inner doc")
+    (corpus / "linked").symlink_to(outside)
+    (corpus / "again").symlink_to(corpus / "inner")  # sorts before inner: still read as inner/b.txt, once
+    (corpus / "inner" / "loop").symlink_to(corpus)
+    docs = {d.id: d.text for d in iter_documents([corpus])}
+    assert docs == {"a.txt": "local doc", "inner/b.txt": "inner doc",
+                    "linked/r.txt": "a real file reached through a link"}
+
+
 def test_long_texts_are_cut_where_a_word_starts_even_at_the_half():
     from retrolm.text.tokenizer import _pieces
 

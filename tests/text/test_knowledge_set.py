@@ -73,3 +73,7 @@ def test_same_seed_same_files_and_bad_sizes(tmp_path, capsys):
     assert rc == 0 and "30 facts" in out  # 2 chains x 3 comparisons + 2 tops x 3 middles x (1 + 3 leaves)
     rc, _, err = run_cli(["corpus", "knowledge", "--out", tmp_path / "bad", "--chains", 99], capsys)
     assert_one_line_error(rc, err, "chains: at most 16")
+    # sizes that need more invented words than exist ran for minutes (a quadratic search) before failing
+    rc, _, err = run_cli(["corpus", "knowledge", "--out", tmp_path / "huge", "--chain-len", 50000], capsys)
+    assert_one_line_error(rc, err, "these sizes need 600,052 invented words; at most 100,000")
+    assert not (tmp_path / "huge").exists()

@@ -94,6 +94,22 @@ def test_a_pinned_version_is_fetched_and_replaces_another_one(tmp_path, monkeypa
     assert json.loads(record.read_text())["sample"] is None and len(calls) > n
     with pytest.raises(RetrolmError, match="--sample must be a positive number of documents, got -5"):
         sources.fetch_corpus("linux-docs-6.12", tmp_path, sample=-5)
+    # a file cut short (copied in part, a full disk) is not "already fetched": its size is not the recorded one
+    out = tmp_path / "linux-docs-6.12.jsonl"
+    whole = out.read_bytes()
+    out.write_bytes(whole[: len(whole) // 2])
+    n = len(calls)
+    sources.fetch_corpus("linux-docs-6.12", tmp_path)
+    assert len(calls) > n and out.read_bytes() == whole
+    # a damaged record says how to go on; an --out that is a file is refused before any download
+    record.write_text("[]")
+    with pytest.raises(RetrolmError, match=r"source.json: corrupt corpus record \(not a JSON object\); fetch again "
+                                           r"with --force"):
+        sources.fetch_corpus("linux-docs-6.12", tmp_path)
+    n = len(calls)
+    with pytest.raises(RetrolmError, match=r"--out .*linux-docs-6.12.jsonl: not a folder"):
+        sources.fetch_corpus("linux-docs-6.12", out)
+    assert len(calls) == n
 
 
 def test_bad_pins_are_one_line_errors(tmp_path, capsys):

@@ -122,3 +122,19 @@ def test_truncate_cuts_at_a_line_break():
     assert truncate(text, 30) == "first line\nsecond line"
     assert truncate(text, None) == text and truncate(text, 1000) == text
     assert truncate("no breaks at all here", 8) == "no break"
+
+
+def test_bad_lines_of_either_version_are_reported(tmp_path, caplog):
+    """The labelling is the only pass over both versions: a line it cannot read is said, not dropped silently."""
+    import logging
+
+    base = wiki_docs(4, start=500)
+    old = write_jsonl(tmp_path / "old.jsonl", base)
+    new = tmp_path / "new.jsonl"
+    write_jsonl(new, base)
+    with open(new, "a") as f:
+        f.write('{broken json\n{"id": "nt", "txt": "no text field"}\n')
+    with caplog.at_level(logging.WARNING):
+        counts = split_versions([old], [new], tmp_path / "out", per_bucket=1, seed=0, min_chars=0)
+    assert sum(counts["all"].values()) == 4
+    assert "new.jsonl:5: invalid JSON" in caplog.text and "new.jsonl:6" in caplog.text

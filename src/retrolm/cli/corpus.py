@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from retrolm.cli.app import corpus_app
+from retrolm.core.config import check_seed
 from retrolm.core.errors import RetrolmError
 from retrolm.text.corpus import split_corpus
 from retrolm.text.sources import fetch_corpus
@@ -64,6 +65,7 @@ def corpus_versions(
     """Label a new version of a corpus against the old one by content and split off a labelled held-out sample."""
     if per_bucket < 0 or min_chars < 0 or (max_chars is not None and max_chars < 1):
         raise RetrolmError("--per-bucket and --min-chars must be >= 0, --max-chars >= 1")
+    check_seed(seed, "--seed")
     counts = split_versions(old, new, out, per_bucket, seed, max_chars, new_max_overlap, min_chars=min_chars)
     typer.echo(f"{out}: all {counts['all']}, held out {counts['heldout']}")
 

@@ -61,9 +61,12 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequenc
                     raise RetrolmError(f"override {o!r}: invalid value ({str(e).splitlines()[0]})") from None
                 try:
                     cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([o]))
-                except (TypeError, ValueError) as e:  # e.g. one item of a list: OmegaConf cannot merge it
-                    raise RetrolmError(f"override {o!r}: cannot set this ({first_line(e)}); set the whole value, "
-                                       f"e.g. {key.rsplit('.', 1)[0]}=[...] for a list") from None
+                except OmegaConfBaseException:  # a wrong type or key: said below, with the key
+                    raise
+                except (TypeError, ValueError) as e:  # one item of a list: OmegaConf cannot merge it
+                    parent, _, last = key.rpartition(".")
+                    hint = f"; set the whole list, {parent}=[...]" if last.isdigit() and parent else ""
+                    raise RetrolmError(f"override {o!r}: cannot set this ({first_line(e)}){hint}") from None
         if values:
             cfg = OmegaConf.merge(cfg, {k: v for k, v in values.items() if v is not None})
         obj = OmegaConf.to_object(cfg)
@@ -78,6 +81,13 @@ SEED_RANGE = range(0, 2**63)
 """Seeds every generator takes (numpy refuses negative ones, torch ones past 64 bits)."""
 
 
+def check_seed(value: int, name: str = "seed") -> int:
+    """``value``, or a one-line error when it is out of :data:`SEED_RANGE`."""
+    if value not in SEED_RANGE:
+        raise RetrolmError(f"{name} must be in 0..2**63-1, got {value}")
+    return value
+
+
 def _check_seeds(obj: Any, prefix: str = "") -> None:
     """Refuse a ``seed`` field (in ``obj`` or a config nested in it) out of :data:`SEED_RANGE`: it would fail with a
     traceback only when a generator is made, possibly after hours of work."""
@@ -85,8 +95,8 @@ def _check_seeds(obj: Any, prefix: str = "") -> None:
         return
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)
-        if f.name == "seed" and isinstance(value, int) and value not in SEED_RANGE:
-            raise RetrolmError(f"{prefix}seed must be in 0..2**63-1, got {value}")
+        if f.name == "seed" and isinstance(value, int):
+            check_seed(value, f"{prefix}seed")
         _check_seeds(value, f"{prefix}{f.name}.")
 
 

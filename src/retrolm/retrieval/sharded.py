@@ -420,7 +420,10 @@ class ShardedRetriever:
         for shard, info in zip(self.shards[1:], infos[1:], strict=True):
             scored = kind != "dense" and None not in (info.get("bm25_scorer"), first.get("bm25_scorer"))
             # (a BM25 index stored before its scorer was recorded cannot be compared)
-            for key in [*keys, "bm25_scorer"] if scored else keys:
+            own = [*keys, "bm25_scorer"] if scored else keys
+            if info.get("encoder_fingerprint") and first.get("encoder_fingerprint"):
+                own = [k for k in own if k != "encoder"]  # the same weights in another folder are the same encoder
+            for key in own:
                 if info.get(key) != first.get(key):
                     raise RetrolmError(f"shard {shard.name}: {key} {info.get(key)!r} differs from {name0}'s "
                                        f"{first.get(key)!r}; shards must share chunk length, tokenizer, encoder and "

@@ -20,6 +20,7 @@ import gzip
 import hashlib
 import json
 import logging
+import os
 import zlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -58,6 +59,14 @@ class Document:
 
 def _decode(data: bytes, source: str, warn: Warn) -> str | None:
     """Bytes → text, or None for a binary file. Invalid UTF-8 is replaced (with a warning), not fatal."""
+    for bom, codec in ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"),
+                       (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16")):
+        if data.startswith(bom):  # a Windows "Unicode" text file (its NUL bytes are not binary); UTF-32 first: its
+            try:  # little-endian mark begins with UTF-16's
+                return data.decode(codec)
+            except UnicodeDecodeError:
+                warn("repairing %s: not valid %s; invalid bytes replaced", source, codec.upper())
+                return data.decode(codec, errors="replace")
     if b"\x00" in data[:8192]:
         warn("skipping %s: binary file", source)
         return None
@@ -138,10 +147,19 @@ def _unpaired_surrogates_replaced(text: str, source: str, warn: Warn) -> str:
     return text
 
 
+def _usable_id(value: object) -> bool:
+    """A document id: a non-empty string or an integer (null, lists and objects became "None", "['x']", ...)."""
+    return (isinstance(value, str) and bool(value.strip())) or (isinstance(value, int) and not isinstance(value, bool))
+
+
 def _read_jsonl(path: Path, warn: Warn) -> Iterator[Document]:
     for source, record in jsonl_records(path, warn):
         text = _record_text(record, source, warn)
         if text is None:
+            continue
+        if not _usable_id(record["id"]):
+            warn("skipping %s: 'id' must be a non-empty string or an integer, got %s", source,
+                 json.dumps(record["id"])[:40])
             continue
         if not text.strip():
             warn("skipping %s: empty document", source)
@@ -176,6 +194,9 @@ def _read_parquet(path: Path, warn: Warn) -> Iterator[Document]:
         for doc_id, text in zip(batch.column(0).to_pylist(), batch.column(1).to_pylist(), strict=True):
             row += 1
             source = f"{path}:row{row}"
+            if not _usable_id(doc_id):
+                warn("skipping %s: 'id' must be a non-empty string or an integer, got %r", source, doc_id)
+                continue
             if not isinstance(text, str) or not text.strip():
                 warn("skipping %s: empty document", source)
                 continue
@@ -209,22 +230,54 @@ def list_files(paths: Iterable[str | Path]) -> list[tuple[Path, Path]]:
         root = Path(p)
         if not root.exists():
             raise RetrolmError(f"{root}: corpus path does not exist")
-        files = [root] if root.is_file() else sorted(
-            f for f in root.rglob("*")
-            if f.is_file() and not any(part.startswith(".") for part in f.relative_to(root).parts)
-        )
-        links: list[Path] = []
+        files, links = ([root], []) if root.is_file() else _folder_files(root)
         for f in files:
-            if f is not root and f.is_symlink():
-                links.append(f)  # after the folder's real files, so a link never displaces its target
-                continue
             _add_file(f, root, seen, out)
-        for f in links:
+        for f in links:  # after the folder's real files, so a link never displaces its target
             key = f.resolve()
             if key in seen and seen[key].is_relative_to(root):
                 continue
             _add_file(f, root, seen, out)
     return out
+
+
+def _folder_files(root: Path) -> tuple[list[Path], list[Path]]:
+    """(the folder's own files, the files reached through a symbolic link: to a file, or inside a linked folder), each
+    sorted, hidden names left out. Linked folders are followed (``rglob`` skipped them without a word) after the
+    folder's own, and each real folder is read once: a link to a folder inside the corpus, or to an ancestor, adds
+    nothing and does not loop."""
+    def identity(path: str) -> tuple[int, int]:
+        st = os.stat(path)
+        return st.st_dev, st.st_ino
+
+    direct: list[Path] = []
+    linked: list[Path] = []
+    visited: set[tuple[int, int]] = set()
+    folder_links: list[str] = []
+
+    def files_of(dirpath: str, filenames: list[str], into: list[Path]) -> None:
+        for name in filenames:
+            f = Path(dirpath) / name
+            if not name.startswith(".") and f.is_file():
+                (linked if f.is_symlink() else into).append(f)
+
+    for dirpath, dirnames, filenames in os.walk(root):  # the folder's own tree: links to folders are not entered
+        visited.add(identity(dirpath))
+        own = [d for d in dirnames if not d.startswith(".")]
+        folder_links += [os.path.join(dirpath, d) for d in own if os.path.islink(os.path.join(dirpath, d))]
+        dirnames[:] = [d for d in own if not os.path.islink(os.path.join(dirpath, d))]
+        files_of(dirpath, filenames, direct)
+    for link in sorted(folder_links):
+        if not os.path.isdir(link):  # a broken link
+            continue
+        for dirpath, dirnames, filenames in os.walk(link, followlinks=True):
+            if identity(dirpath) in visited:
+                dirnames[:] = []
+                continue
+            visited.add(identity(dirpath))
+            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+            files_of(dirpath, filenames, linked)
+    return sorted(direct), sorted(linked)
 
 
 def _add_file(f: Path, root: Path, seen: dict[Path, Path], out: list[tuple[Path, Path]]) -> None:

@@ -62,17 +62,31 @@ class KnowledgeSpec:
         if self.tops < 2 or self.mids < 1 or self.leaves < 1:
             raise RetrolmError("tops must be >= 2 (a syllogism needs another top to choose against), mids and "
                                "leaves >= 1")
+        if self.words > MAX_WORDS:
+            raise RetrolmError(f"these sizes need {self.words:,} invented words; at most {MAX_WORDS:,} (fewer "
+                               "chains, entities per chain, categories or leaves)")
+
+    @property
+    def words(self) -> int:
+        """Invented words the set names: every entity of every chain and every category."""
+        return self.chains * self.chain_len + self.tops * (1 + self.mids * (1 + self.leaves))
+
+
+MAX_WORDS = 100_000
+"""Invented words one set may ask for (about 410,000 of this shape exist, none a prefix of another)."""
 
 
 def invented_words(n: int, rng: random.Random) -> list[str]:
     """``n`` distinct pronounceable invented words of two syllables (none a prefix of another)."""
     words: set[str] = set()
+    prefixes: set[str] = set()  # every proper prefix of a kept word: the check is per letter, not per word kept
     for _ in range(200 * n + 1000):
         if len(words) == n:
             break
         w = "".join(rng.choice(_ONSETS) + rng.choice(_VOWELS) for _ in range(2)) + rng.choice(_CODAS)
-        if not any(w.startswith(o) or o.startswith(w) for o in words):
+        if w not in prefixes and not any(w[:i] in words for i in range(1, len(w) + 1)):
             words.add(w)
+            prefixes.update(w[:i] for i in range(1, len(w)))
     if len(words) < n:
         raise RetrolmError(f"could not invent {n} distinct words")
     return sorted(words)
@@ -86,8 +100,7 @@ def _comparison(a: str, b: str, adjective: str, more: bool) -> str:
 def make_knowledge(spec: KnowledgeSpec) -> tuple[list[dict], list[dict], list[dict]]:
     """(facts, test items, inferences) of ``spec`` (see the module docstring)."""
     rng = random.Random(spec.seed)
-    n_words = spec.chains * spec.chain_len + spec.tops * (1 + spec.mids * (1 + spec.leaves))
-    words = invented_words(n_words, rng)
+    words = invented_words(spec.words, rng)
     rng.shuffle(words)
     facts: list[dict] = []
     items: list[dict] = []

