@@ -411,6 +411,13 @@ def test_retrofit_cli_then_eval_and_generate(tiny_base, built_db, tmp_path, caps
         assert torch.equal(model(idx).logits, want)
         assert not torch.allclose(model(idx, nb).logits, want)
 
+    # a base whose fingerprint was unknown when the run started (a hub name, not yet downloaded) resumes: the base's
+    # own check only warns there, and the model check must not refuse it
+    from retrolm.models.weights import write_checksums
+
+    saved = json.loads((ckpt / "model.json").read_text())
+    (ckpt / "model.json").write_text(json.dumps({**saved, "base_fingerprint": None}))
+    write_checksums(ckpt)
     rc, _, err = run_cli([*args, "steps=4"], capsys)  # resumes from step 3: only step 4 is trained
     assert rc == 0, err
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]

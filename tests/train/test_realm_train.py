@@ -3,6 +3,7 @@ fine-tuning on a hand-made store where each answer is in exactly one document.""
 
 from __future__ import annotations
 
+import json
 import random
 import threading
 
@@ -252,7 +253,22 @@ def test_pretrain_resumes_where_it_stopped(tokenizer, tmp_path):
     pretrain(docs, tmp_path / "b", small_cfg(steps=2, batch_size=3), model=tiny_realm(tokenizer), examples=examples)
     resumed = pretrain(docs, tmp_path / "b", cfg, model=tiny_realm(tokenizer, seed=5), examples=examples)
     assert len(resumed["steps"]) == 4
-    assert [s["loss"] for s in resumed["steps"]] == pytest.approx([s["loss"] for s in whole["steps"]], rel=1e-4)
+    assert [s["loss"] for s in resumed["steps"]] == pytest.approx([s["loss"] for s in whole["steps"]], rel=1e-6)
+    # the index it was reading comes back with it: refresh_every=0 is never rebuilt (it was, from the resumed
+    # weights, at every resume)
+    assert [s["index_step"] for s in resumed["steps"]] == [0, 0, 0, 0]
+    # over other sentences the saved order would pick other ones, then stop with an IndexError
+    with pytest.raises(RetrolmError, match=r"step-000004: written over 8 pre-training sentences, resumed over 5 "
+                                           r"others .*start afresh \(--no-resume\)"):
+        pretrain(docs, tmp_path / "b", small_cfg(steps=6, batch_size=3, save_every=2), model=tiny_realm(tokenizer),
+                 examples=examples[:5])
+    # a fresh start puts the earlier run aside: a later resume does not go on from its checkpoints
+    pretrain(docs, tmp_path / "b", small_cfg(steps=1, batch_size=3), model=tiny_realm(tokenizer), examples=examples,
+             resume=False)
+    names = sorted(p.name for p in (tmp_path / "b").iterdir())
+    assert [n.split(".before-")[0] for n in names if ".before-" in n] == ["checkpoints", "final", "pretrain"]
+    assert [p.name for p in (tmp_path / "b" / "checkpoints").iterdir()] == ["step-000001"]
+    assert json.loads((tmp_path / "b" / "pretrain.json").read_text())["steps"][-1]["step"] == 1
 
 
 # --------------------------------------------------------------------------------------------------------- QA

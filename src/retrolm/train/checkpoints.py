@@ -14,7 +14,8 @@ import contextlib
 import logging
 import os
 import shutil
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from retrolm.core.errors import RetrolmError, first_line
@@ -23,6 +24,24 @@ from retrolm.core.io import fsync_dir, fsync_tree
 from retrolm.models.weights import CHECKSUMS, verify_checksums, write_checksums
 
 logger = logging.getLogger(__name__)
+
+
+def set_aside(out: Path, names: Sequence[str], why: str, stamp: str | None = None) -> list[str]:
+    """Move the earlier run's ``names`` in run folder ``out`` (checkpoints, logs, models) to ``NAME.before-<time>``
+    (``pretrain.before-<time>.json`` for a file), so that a fresh start neither resumes from nor reads as them.
+    Returns the new names (logged with ``why``)."""
+    stamp = stamp or time.strftime("%Y%m%d-%H%M%S")
+    moved = []
+    for name in names:
+        path = out / name
+        if path.exists():
+            target = path.with_name(f"{path.stem}.before-{stamp}{path.suffix}" if path.is_file() else
+                                    f"{name}.before-{stamp}")
+            path.rename(target)
+            moved.append(target.name)
+    if moved:
+        logger.warning("%s: starting afresh (%s); the earlier run is kept in %s", out, why, ", ".join(moved))
+    return moved
 
 
 class ResumeRefused(RetrolmError):

@@ -19,9 +19,12 @@ whose answer is in none of them are skipped.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import random
 import re
+import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -33,9 +36,9 @@ from torch import Tensor
 from retrolm.core.config import save_config
 from retrolm.core.device import default_device
 from retrolm.core.errors import RetrolmError
-from retrolm.core.io import write_json
+from retrolm.core.io import commit_dir, write_json
 from retrolm.models.realm import RealmModel, marginal_log_likelihood, retrieval_utility
-from retrolm.train.checkpoints import CheckpointManager
+from retrolm.train.checkpoints import CheckpointManager, ResumeRefused, set_aside
 from retrolm.train.realm_index import DocumentIndex, Documents, IndexRefresher
 from retrolm.train.realm_masking import mask_example
 
@@ -264,13 +267,20 @@ def _optimizer(model: RealmModel, cfg: RealmConfig) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
+INDEX_FILE = "index.pt"
+"""A pre-training checkpoint's document index (embeddings, snapshot step): a resumed run reads the index it was
+reading, instead of one rebuilt from the resumed weights (which would also undo ``refresh_every=0``)."""
+
+
 def _save(ckpts: CheckpointManager, model: RealmModel, opt: torch.optim.Optimizer, cfg: RealmConfig, step: int,
-          state: dict) -> None:
+          state: dict, index: DocumentIndex | None = None) -> None:
     def write(folder: Path) -> None:
         model.save_pretrained(folder)
         save_config(cfg, folder / "config.yaml")
         torch.save(opt.state_dict(), folder / "optimizer.pt")
         torch.save({"step": step, **state}, folder / "trainer.pt")
+        if index is not None:
+            torch.save({"embeddings": index.embeddings, "step": index.step, "live": index.live}, folder / INDEX_FILE)
 
     ckpts.save(step, write)
 
@@ -296,23 +306,39 @@ def pretrain(docs: Documents, out_dir: str | Path, cfg: RealmConfig, model: Real
     log: dict = {"steps": [], "refreshes": []}
     step = 0
     order: list[int] = []
+    # what the order indexes: resumed over other sentences (another database state, max_examples) it would train on
+    # other sentences than it says, then stop with an IndexError
+    data = {"examples": len(examples), "sha256": hashlib.sha256(json.dumps(examples).encode()).hexdigest()}
+    saved_index: DocumentIndex | None = None
 
     def load(folder: Path) -> None:
-        nonlocal model, opt, step, log, order
+        nonlocal model, opt, step, log, order, saved_index
+        state = torch.load(folder / "trainer.pt", weights_only=False)
+        if state.get("data") not in (None, data):
+            raise ResumeRefused(f"{folder}: written over {state['data']['examples']} pre-training sentences, resumed "
+                                f"over {data['examples']} others (another database state or max_examples); resume "
+                                "with the same data or start afresh (--no-resume)")
         model = RealmModel.from_pretrained(folder, device)
         opt = _optimizer(model, cfg)
         opt.load_state_dict(torch.load(folder / "optimizer.pt", map_location=device))
-        state = torch.load(folder / "trainer.pt", weights_only=False)
         step, log, order = state["step"], state["log"], state["order"]
         rng.setstate(state["rng"])
         torch.set_rng_state(state["torch_rng"])
+        if (folder / INDEX_FILE).is_file():  # the index the run was reading (refresh_every=0: never rebuilt)
+            held = torch.load(folder / INDEX_FILE, weights_only=False)
+            saved_index = DocumentIndex(held["embeddings"], int(held["step"]), held["live"])
 
     if resume and ckpts.resume(load) is not None:
         logger.info("resumed REALM pre-training at step %d", step)
+        if step < cfg.steps and (out / "final").exists():  # the model of a shorter run: not what this one ends with
+            shutil.rmtree(out / "final")
+    else:  # an earlier run's checkpoints (a later resume would go on from them), model and log
+        set_aside(out, ["checkpoints", "final", "pretrain.json"], "--no-resume" if not resume else "nothing to resume")
     model.train()
     started = time.perf_counter()
-    refresher = IndexRefresher(docs, DocumentIndex.build(model, docs, step, cfg.max_doc_len, cfg.embed_batch_size),
-                               cfg.max_doc_len, cfg.embed_batch_size)
+    first = saved_index if saved_index is not None and len(saved_index) == len(docs) else \
+        DocumentIndex.build(model, docs, step, cfg.max_doc_len, cfg.embed_batch_size)
+    refresher = IndexRefresher(docs, first, cfg.max_doc_len, cfg.embed_batch_size)
     log.setdefault("index_build_seconds", []).append(time.perf_counter() - started)
     try:
         while step < cfg.steps:
@@ -342,14 +368,23 @@ def pretrain(docs: Documents, out_dir: str | Path, cfg: RealmConfig, model: Real
                             res.loss.item(), res.utility, index.step)
             if step % cfg.save_every == 0 or step == cfg.steps:
                 _save(ckpts, model, opt, cfg, step, {"log": log, "rng": rng.getstate(), "order": order,
-                                                     "torch_rng": torch.get_rng_state()})
+                                                     "torch_rng": torch.get_rng_state(), "data": data},
+                      index=refresher.index)
     finally:
         refresher.close()
     log["seconds"] = time.perf_counter() - started
-    model.save_pretrained(out / "final")
-    save_config(cfg, out / "final" / "config.yaml")
+    _write_final(model, cfg, out)
     write_json(out / "pretrain.json", log)
     return log
+
+
+def _write_final(model: RealmModel, cfg: RealmConfig, out: Path) -> None:
+    """``OUT/final/``, whole or not at all: a kill while writing left a model.json next to half the weights."""
+    staging = out / "final.partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    model.save_pretrained(staging)
+    save_config(cfg, staging / "config.yaml")
+    commit_dir(staging, out / "final")  # (replacing an earlier final/)
 
 
 # ------------------------------------------------------------------------------------------------------- QA
@@ -453,8 +488,7 @@ def finetune(model: RealmModel, docs: Documents, questions: Sequence[str], answe
     if not any(s["loss"] is not None for s in log["steps"]):
         logger.warning("no question had its answer in its top %d documents: the model was not trained", cfg.qa_k)
     model.eval()
-    model.save_pretrained(out / "final")
-    save_config(cfg, out / "final" / "config.yaml")
+    _write_final(model, cfg, out)
     write_json(out / "finetune.json", log)
     return log
 

@@ -50,7 +50,7 @@ from retrolm.retrieval.neighbours import (
     rule_outdated,
     save_neighbours,
 )
-from retrolm.train.checkpoints import CheckpointManager, ResumeRefused
+from retrolm.train.checkpoints import CheckpointManager, ResumeRefused, set_aside
 from retrolm.train.config import LoopConfig, TrainConfig, lr_at
 from retrolm.train.data import IGNORE, RetroSequences, model_kwargs, n_sequences, swap_neighbours
 from retrolm.train.distributed import (
@@ -69,9 +69,9 @@ from retrolm.train.scoring import score_sequences
 logger = logging.getLogger(__name__)
 
 
-RESUMABLE_CHANGES = frozenset({"dropout", "lora_dropout", "checkpoint_activations", "base"})
-"""Model settings a run may resume under changed: regularisation and memory, and the base's location (a RETRO-fitted
-base is checked by its fingerprint)."""
+RESUMABLE_CHANGES = frozenset({"dropout", "lora_dropout", "checkpoint_activations", "base", "base_fingerprint"})
+"""Model settings a run may resume under changed: regularisation and memory, and the base's location and fingerprint
+(a RETRO-fitted base is checked by its own rule: a fingerprint recorded as unknown only warns)."""
 DECODER_FIELDS = ("vocab_size", "n_layer", "n_head", "d_model", "d_ff", "rope_theta", "tie_embeddings", "bias",
                   "norm_eps")
 """What ``init_from`` must share with the model it starts (the decoder); retrieval settings and seq_len may change."""
@@ -447,22 +447,13 @@ class Trainer:
         """A fresh start (--no-resume) in a used run folder keeps the earlier run's checkpoints (which a later resume
         would pick up), metrics rows and TensorBoard events (which would read as this run's) in ``*.before-<time>``."""
         stamp = time.strftime("%Y%m%d-%H%M%S")
-        moved = []
-        if self.checkpoints.all():
-            self.checkpoints.folder.rename(self.checkpoints.folder.with_name(f"checkpoints.before-{stamp}"))
-            moved.append(f"checkpoints.before-{stamp}")
         metrics = self.out / "metrics.jsonl"
         if earlier_rows:
             rows = metrics.read_text().splitlines(keepends=True)
             write_bytes(self.out / f"metrics.before-{stamp}.jsonl", "".join(rows[:earlier_rows]).encode())
             write_bytes(metrics, "".join(rows[earlier_rows:]).encode())  # this run's own setup rows stay
-            moved.append(f"metrics.before-{stamp}.jsonl")
-        if (self.out / "tensorboard").is_dir():
-            (self.out / "tensorboard").rename(self.out / f"tensorboard.before-{stamp}")
-            moved.append(f"tensorboard.before-{stamp}")
-        if moved:
-            logger.warning("%s: starting afresh (--no-resume); the earlier run is kept in %s", self.out,
-                           ", ".join(moved))
+            logger.warning("%s: the earlier run's metrics rows are kept in metrics.before-%s.jsonl", self.out, stamp)
+        set_aside(self.out, [*(["checkpoints"] if self.checkpoints.all() else []), "tensorboard"], "--no-resume", stamp)
 
     def _neighbours(self, seq_chunks: int, show_progress: bool) -> np.ndarray:
         root = Path(self.cfg.neighbours_dir) if self.cfg.neighbours_dir else self.out / "neighbours"
