@@ -198,7 +198,7 @@ def write_page(res: Path, work: Path, db: Path, test: Path, evals: dict, no_retr
     for name in ("realm", "random-masking", "stale-index"):
         lg = json.loads((work / f"pretrain-{name}" / "pretrain.json").read_text())
         losses = [s["loss"] for s in lg["steps"] if s.get("loss") is not None]
-        util = [s.get("utility", 0.0) for s in lg["steps"]]
+        util = [s["utility"] for s in lg["steps"] if s.get("utility") is not None]  # (NaN is written as null)
         lags = [r["lag"] for r in lg.get("refreshes", [])]
         secs = [r.get("seconds") for r in lg.get("refreshes", []) if r.get("seconds") is not None]
         pre_rows.append([name, len(lg["steps"]), f"{sum(losses[:10]) / max(1, len(losses[:10])):.3f}",

@@ -273,7 +273,7 @@ def test_results_of_older_inputs_go_even_under_the_same_config(tmp_path):
     database and rewritten held-out files."""
     from retrolm.eval.run import RESULT_FILES, SCALE_FILES, out_dir
 
-    run = tmp_path / "run"
+    run = tmp_path / "run🎉"  # (JSON escapes it as a surrogate pair, which YAML read back as two lone halves)
     (run / "checkpoints" / "step-000001").mkdir(parents=True)
     (run / "checkpoints" / "step-000001" / "model.json").write_text("{}")
     db, held = tmp_path / "db", tmp_path / "held.jsonl"

@@ -130,11 +130,15 @@ def test_cloze_helpers():
     masked, word = choose_blank("Call kmalloc_array before you touch the buffer of this device.", random.Random(0))
     assert word == "kmalloc_array" and masked == f"Call {BLANK} before you touch the buffer of this device."
     # a word that appears inside another token of the sentence would give itself away: never the blank
+    # (the question's own prefix included: it names Linux); inside a word it gives nothing away
     for sentence, leak in [("DAMON uses the mailing lists (damon@lists.linux.dev) for its patches.", "DAMON"),
-                           ("Set explicit LP-11 or LP-111 state for the Synopsys lanes.", "LP-11")]:
+                           ("Set explicit LP-11 or LP-111 state for the Synopsys lanes.", "LP-11"),
+                           ("Boot Linux with these Synopsys options for the board.", "Linux")]:
         for seed in range(20):
             got = choose_blank(sentence, random.Random(seed))
             assert got is None or got[1] != leak, (sentence, seed)
+    assert {choose_blank("The PECI bus follows the specification.", random.Random(seed))[1]
+            for seed in range(10)} == {"PECI"}
 
 
 def test_corpus_qa_cli(tmp_path, capsys):

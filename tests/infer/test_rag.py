@@ -4,6 +4,7 @@ FLOPs must match hand-computed values, and the CLI must keep its contract."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import re
@@ -427,9 +428,20 @@ def test_passages_that_do_not_fit_are_the_lowest_ranked_left_out_and_not_reporte
     assert len(full.passages) == 3 and full.support == [0, 1, 2]
     one = len(pipe.reader.prompt_ids(q, [full.passages[0].text], reserve=pipe.cfg.max_new_tokens))
     monkeypatch.setattr(type(pipe.reader.lm), "context_len", property(lambda _: one + pipe.cfg.max_new_tokens))
+    import retrolm.infer.rag as rag_module
+
+    monkeypatch.setattr(rag_module, "_FIT_WARNED", set())  # warned once per reader
     ans = pipe.answer(q)
     assert [p.chunk_id for p in ans.passages] == [full.passages[0].chunk_id] and ans.support == [0]
     assert ans.answer == "dune" and "2 of the 3 passages of question 'q' do not fit" in caplog.text
+    # cross-document consistency reads each passage alone: only those that fit are read and can support the answer
+    room = min(len(pipe.reader.prompt_ids(q, [p.text], reserve=pipe.cfg.max_new_tokens)) for p in full.passages)
+    monkeypatch.setattr(type(pipe.reader.lm), "context_len", property(lambda _: room + pipe.cfg.max_new_tokens))
+    cross = RagPipeline(dataclasses.replace(pipe.cfg, cross_doc=True, cross_doc_passages=3), pipe.reader,
+                        pipe.retriever)
+    fitting = [p for p in full.passages if len(pipe.reader.prompt_ids(q, [p.text], reserve=0)) <= room]
+    got = cross.answer(q)  # the prompt was refused half way (it had been cut on the left)
+    assert [p.chunk_id for p in got.passages] == [p.chunk_id for p in fitting] and 0 < len(fitting) < 3
     # a byte that is not UTF-8 in a command-line argument arrives as half a surrogate pair: refused, not a traceback
     for question, query, what in [("What is \udcff?", None, "question"), ("What?", "x \ud800", "query")]:
         with pytest.raises(RetrolmError, match=f"rag: the {what}: not valid Unicode"):

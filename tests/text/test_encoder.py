@@ -120,6 +120,8 @@ def test_special_token_strings_in_text_are_text(encoder, path, monkeypatch):
     if path == "hf":
         monkeypatch.setattr(wordpiece, "_fast", None)
         monkeypatch.setattr(wordpiece, "_fast_unpadded", None)
+    if path != "hf":  # the Rust path itself (its probe falls back to HF when the two disagree)
+        assert wordpiece._fast is not None and wordpiece._fast_unpadded is not None
     hf = wordpiece.hf
     text = "a [SEP] b [MASK] c"
     ids = wordpiece.tokenize([text])["input_ids"][0].tolist()

@@ -3,6 +3,7 @@ plot). The report folder holds ``config.yaml``, ``eval.json``, ``report.md``, ``
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from collections.abc import Iterable
@@ -41,7 +42,7 @@ def out_dir(cfg: EvalConfig, own: tuple[str, ...]) -> Path:
     path, new = out / "config.yaml", out / ".config.yaml.new"
     save_config(cfg, new)
     inputs, recorded = _inputs(cfg), out / INPUTS_FILE
-    if recorded.is_file() and _config_dict(recorded) != inputs:
+    if recorded.is_file() and _json_dict(recorded) != inputs:
         # the same settings over other inputs: a run that trained on (`checkpoint: RUN` names its newest checkpoint),
         # an edited database, rewritten held-out files
         for name in RESULT_FILES + SCALE_FILES:
@@ -74,7 +75,7 @@ def _inputs(cfg: EvalConfig) -> dict:
         return str(folder.resolve()) if folder is not None else ref
 
     meta = Path(cfg.db) / "meta.json"
-    db = _config_dict(meta) if cfg.db and meta.is_file() else {}
+    db = _json_dict(meta) if cfg.db and meta.is_file() else {}
     return {"checkpoint": resolved(cfg.checkpoint), "baselines": [resolved(b) for b in cfg.baselines],
             "db": {k: db.get(k) for k in ("build_id", "version")},
             "data": [file_digest(p, quick=True) if Path(p).is_file() else p for p in cfg.data]}
@@ -84,6 +85,16 @@ def _default(f: Field) -> Any:
     if f.default is not MISSING:
         return f.default
     return f.default_factory() if f.default_factory is not MISSING else None
+
+
+def _json_dict(path: Path) -> dict:
+    """A JSON object file, or {} (unreadable: as if it were not there). Not through YAML: it reads JSON's escaped
+    surrogate pairs ("\\ud83c\\udf89") as two lone halves."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
 
 
 def _config_dict(path: Path) -> dict:
@@ -212,7 +223,8 @@ def gain_text(gain: dict[str, float]) -> list[str]:
     for key, value in gain.items():
         novel = key.startswith("novel")
         ref = key.split("vs ", 1)[1] if "vs " in key else "retrieval off"
-        out.append(f"vs {ref}, {'novel' if novel else 'all'} chunks: {value:+.1%}")
+        shown = "–" if value is None or math.isnan(value) else f"{value:+.1%}"  # (null once read back from JSON)
+        out.append(f"vs {ref}, {'novel' if novel else 'all'} chunks: {shown}")
     return out
 
 

@@ -398,6 +398,10 @@ def reading_flops(r: Reading) -> StageFlops:
     return StageFlops(reader_prompt=r.prompt_flops, reader_generation=r.generation_flops)
 
 
+_FIT_WARNED: set[str] = set()
+"""Readers already warned that passages were left out to fit their context."""
+
+
 class RagPipeline:
     """Retrieve → rerank → read, stage by stage over batches of questions.
 
@@ -411,7 +415,6 @@ class RagPipeline:
     def __init__(self, cfg: RagConfig, reader: Reader, retriever: PassageRetriever | ShardedPassageRetriever | None,
                  reranker: Reranker | None = None) -> None:
         self.cfg, self.reader, self.retriever, self.reranker = cfg, reader, retriever, reranker
-        self._warned_fit = False
         if retriever is not None and cfg.hops > cfg.passages and reranker is None and not cfg.cross_doc:
             # the hops are interleaved best first: fewer passages than hops leave the last hops searched but unread
             logger.warning("hops=%d with passages=%d and no reranker: the passages of the last %d hop(s) are searched "
@@ -494,8 +497,8 @@ class RagPipeline:
         out = []
         for it, ps in zip(items, passages, strict=True):
             n = self.reader.passages_that_fit(it.question, [p.text for p in ps], self.reserve(it)) if ps else 0
-            if n < len(ps) and not self._warned_fit:
-                self._warned_fit = True
+            if n < len(ps) and self.reader.lm.name not in _FIT_WARNED:  # once per reader (the service makes a
+                _FIT_WARNED.add(self.reader.lm.name)  # pipeline per request)
                 logger.warning("%d of the %d passages of question %r do not fit the %d-token context of %s: the "
                                "lowest-ranked are left out (fewer passages, or a smaller max_passage_tokens, avoid "
                                "it)", len(ps) - n, len(ps), it.id, self.reader.lm.context_len, self.reader.lm.name)
@@ -525,14 +528,14 @@ class RagPipeline:
                 out[i] = r
         return out  # type: ignore[return-value]
 
-    def cross_doc_candidates(self, passages: Sequence[Passage]) -> list[Passage]:
+    def cross_doc_candidates(self, passages: Sequence[Passage], item: QAItem | None = None) -> list[Passage]:
         """The passages cross-document consistency reads alone: the best-ranked one of each of the first
         ``cross_doc_passages`` documents (chunk i and chunk i+1 of one document, which overlap through the continuation,
-        would otherwise vote twice for one source)."""
+        would otherwise vote twice for one source); with ``item``, only those that fit its prompt."""
         seen: set[str] = set()
         out = []
         for p in passages:
-            if p.doc_id not in seen:
+            if p.doc_id not in seen and (item is None or self.fit([item], [[p]])[0]):
                 seen.add(p.doc_id)
                 out.append(p)
                 if len(out) == self.cfg.cross_doc_passages:
@@ -547,7 +550,7 @@ class RagPipeline:
         for i, (it, ps) in enumerate(zip(items, passages, strict=True)):
             # nothing retrieved: the question alone, as every other configuration reads it (the vote then has one
             # reading and no passage supports it)
-            for p in self.cross_doc_candidates(ps) or [None]:
+            for p in self.cross_doc_candidates(ps, it) or [None]:
                 flat_items.append(it)
                 flat_passages.append([p] if p is not None else [])
                 owner.append(i)
@@ -567,7 +570,7 @@ class RagPipeline:
         total = flops
         for r in readings:
             total = total + reading_flops(r)
-        candidates = self.cross_doc_candidates(passages)
+        candidates = self.cross_doc_candidates(passages, item)
         return vote, candidates, vote.support if candidates else [], total
 
     # -------------------------------------------------------------------------------------------------- answer

@@ -42,7 +42,8 @@ from retrolm.core.io import atomic_path, file_digest, jsonl_values
 
 BUILDER_VERSIONS = {"kernel-cloze": 2}
 """Per builder, what changed the questions it makes (recorded in each record's provenance; 1 where absent).
-kernel-cloze 2: a word found inside another token of its sentence ("damon@lists" for DAMON) is never the blank."""
+kernel-cloze 2: a word that starts another token of the question ("damon@lists" for DAMON, the prefix's "Linux") is
+never the blank."""
 SKIP_DESCRIPTIONS = re.compile(r"(?i)wikimedia|disambiguation|topics referred to|list article|^$")
 _COMMON_WORDS = """about above after again against also although among another because been before being below between
 both cannot could does doing down during each either every few from further have having here hers herself himself
@@ -210,6 +211,10 @@ def _blank_score(word: str, first: bool) -> int:
     return 2 if word[0].isupper() else 0
 
 
+CLOZE_PREFIX = "Fill in the blank with one word. From the Linux kernel documentation:"
+"""What every kernel-cloze question says before its sentence."""
+
+
 def choose_blank(sentence: str, rng: random.Random) -> tuple[str, str] | None:
     """(the sentence with one specific word blanked, that word), or None if it has none."""
     toks = sentence.split()
@@ -217,11 +222,14 @@ def choose_blank(sentence: str, rng: random.Random) -> tuple[str, str] | None:
     counts: dict[str, int] = {}
     for w in stripped:
         counts[w.lower()] = counts.get(w.lower(), 0) + 1
-    lowered = [t.lower() for t in toks]
+    # the rest of what the question shows: the other tokens and the question's own words
+    context = [t.lower() for t in [*toks, *CLOZE_PREFIX.split()]]
 
-    def elsewhere(i: int) -> bool:  # the word inside another token gives the answer away ("damon@lists", "LP-111")
-        w = stripped[i].lower()
-        return any(w in t for j, t in enumerate(lowered) if j != i)
+    def elsewhere(i: int) -> bool:
+        """The word starts another token ("damon@lists" for DAMON, "LP-111" for LP-11, the prefix's "Linux"): the
+        question gives it away. Inside a word it does not ("PECI" in "specification")."""
+        found = re.compile(rf"(?<![a-z0-9]){re.escape(stripped[i].lower())}")
+        return any(found.search(t) for j, t in enumerate(context) if j != i)
 
     scored = [(_blank_score(w, i == 0), i) for i, w in enumerate(stripped)
               if counts[w.lower()] == 1 and not elsewhere(i)]
@@ -289,7 +297,7 @@ def build_kernel_cloze(corpus: str | Path, n: int = 200, seed: int = 0, old: str
     out = []
     for i, c in enumerate(picked):
         rec = {"id": f"kernel-cloze-{i:05d}",
-               "question": f"Fill in the blank with one word. From the Linux kernel documentation: {c['masked']}",
+               "question": f"{CLOZE_PREFIX} {c['masked']}",
                "provenance": {**base, **{k: c[k] for k in ("doc_id", "path", "sentence")},
                               **({"in_old": c["in_old"]} if "in_old" in c else {})}}
         out.append(_with_choices(rec, c["word"], choices, rng, partial(distractors, c),
