@@ -59,6 +59,14 @@ def test_seeds_out_of_range_and_list_item_overrides_are_one_line():
     with pytest.raises(RetrolmError, match=r"override 'model\.retro_layers\.0=3': cannot set this .*; set the whole "
                                            r"list, model\.retro_layers=\[\.\.\.\]$"):
         load_config(TrainConfig, None, [*base, "model.retro_layers.0=3"])
+    with pytest.raises(RetrolmError, match=r"set the whole list, model\.retro_layers=\[\.\.\.\]$"):
+        load_config(TrainConfig, None, [*base, "model.retro_layers[0]=3"])
+    import numpy as np
+
+    from retrolm.core.config import check_seed
+
+    with pytest.raises(RetrolmError, match="seed must be in"):
+        check_seed(np.int64(-1))  # (a membership test of the range scanned it element by element)
     with pytest.raises(RetrolmError, match=r"^overrides: steps: .*abc") as e:  # a wrong type: OmegaConf's message
         load_config(TrainConfig, None, [*base, "steps=abc"])
     assert "list" not in str(e.value)

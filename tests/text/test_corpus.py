@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import json
 import logging
@@ -118,14 +119,15 @@ def test_utf16_files_are_text_and_ids_must_be_ids(tmp_path, caplog):
     list or empty id became the document "None", "['x']" or ""."""
     (tmp_path / "win.txt").write_bytes("Grüße aus Windows\r\n".encode("utf-16"))
     (tmp_path / "wide.txt").write_bytes("UTF-32 text".encode("utf-32"))
+    (tmp_path / "noise.dat").write_bytes(codecs.BOM_UTF32_LE + bytes(range(256)) * 4)  # binary after the mark
     lines = [{"id": None, "text": "null id"}, {"id": ["x"], "text": "list id"}, {"id": "", "text": "empty id"},
-             {"id": 7, "text": "an integer id is fine"}, {"id": "ok", "text": "fine"}]
+             {"id": 7, "text": "an integer id"}, {"id": 1.0, "text": "a float id column"}, {"id": "ok", "text": "fine"}]
     (tmp_path / "ids.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
     with caplog.at_level(logging.WARNING):
         docs = {d.id: d.text for d in iter_documents([tmp_path])}
-    assert docs == {"win.txt": "Grüße aus Windows\r\n", "wide.txt": "UTF-32 text", "7": "an integer id is fine",
-                    "ok": "fine"}
-    assert caplog.text.count("'id' must be a non-empty string or an integer") == 3
+    assert docs == {"win.txt": "Grüße aus Windows\r\n", "wide.txt": "UTF-32 text", "7": "an integer id",
+                    "1.0": "a float id column", "ok": "fine"}
+    assert caplog.text.count("'id' must name the document") == 3 and "noise.dat: binary file" in caplog.text
 
 
 def test_linked_folders_are_read_once_and_never_loop(tmp_path):
@@ -141,9 +143,17 @@ def test_linked_folders_are_read_once_and_never_loop(tmp_path):
     (corpus / "linked").symlink_to(outside)
     (corpus / "again").symlink_to(corpus / "inner")  # sorts before inner: still read as inner/b.txt, once
     (corpus / "inner" / "loop").symlink_to(corpus)
+    (corpus / "up").symlink_to(tmp_path)  # holds the corpus and everything beside it: skipped
+    # inside a linked folder, real names win over links to the same folder or file, whatever the listing order
+    (outside / "m").mkdir()
+    (outside / "m" / "doc.txt").write_text("the doc under its real folder")
+    (outside / "a-alias").symlink_to(outside / "m")
+    (outside / "z-new.txt").write_text("renamed file")
+    (outside / "a-old.txt").symlink_to(outside / "z-new.txt")
     docs = {d.id: d.text for d in iter_documents([corpus])}
     assert docs == {"a.txt": "local doc", "inner/b.txt": "inner doc",
-                    "linked/r.txt": "a real file reached through a link"}
+                    "linked/r.txt": "a real file reached through a link",
+                    "linked/m/doc.txt": "the doc under its real folder", "linked/z-new.txt": "renamed file"}
 
 
 def test_long_texts_are_cut_where_a_word_starts_even_at_the_half():

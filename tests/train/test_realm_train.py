@@ -3,6 +3,7 @@ fine-tuning on a hand-made store where each answer is in exactly one document.""
 
 from __future__ import annotations
 
+import collections
 import json
 import random
 import threading
@@ -265,10 +266,23 @@ def test_pretrain_resumes_where_it_stopped(tokenizer, tmp_path):
     # a fresh start puts the earlier run aside: a later resume does not go on from its checkpoints
     pretrain(docs, tmp_path / "b", small_cfg(steps=1, batch_size=3), model=tiny_realm(tokenizer), examples=examples,
              resume=False)
-    names = sorted(p.name for p in (tmp_path / "b").iterdir())
-    assert [n.split(".before-")[0] for n in names if ".before-" in n] == ["checkpoints", "final", "pretrain"]
+    def aside() -> dict[str, int]:
+        return collections.Counter(p.name.split(".before-")[0] for p in (tmp_path / "b").iterdir()
+                                   if ".before-" in p.name)
+
+    # (the 2-step run's final/ went aside when the resumed run trained on, the 4-step run's now)
+    assert aside() == {"checkpoints": 1, "final": 2, "pretrain": 1}
     assert [p.name for p in (tmp_path / "b" / "checkpoints").iterdir()] == ["step-000001"]
     assert json.loads((tmp_path / "b" / "pretrain.json").read_text())["steps"][-1]["step"] == 1
+    # fresh starts within one second each keep the run before them (the second rename failed or overwrote)
+    for _ in range(2):
+        pretrain(docs, tmp_path / "b", small_cfg(steps=1, batch_size=3), model=tiny_realm(tokenizer),
+                 examples=examples, resume=False)
+    assert aside() == {"checkpoints": 3, "final": 4, "pretrain": 3}
+    # training a finished run on sets its final model aside (its checkpoints rotate away), then writes the new one
+    pretrain(docs, tmp_path / "b", small_cfg(steps=2, batch_size=3), model=tiny_realm(tokenizer), examples=examples)
+    assert aside() == {"checkpoints": 3, "final": 5, "pretrain": 3}
+    assert (tmp_path / "b" / "final" / "model.json").is_file()
 
 
 # --------------------------------------------------------------------------------------------------------- QA

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import operator
+import re
 import typing
 from collections.abc import Sequence
 from dataclasses import asdict
@@ -64,8 +66,9 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequenc
                 except OmegaConfBaseException:  # a wrong type or key: said below, with the key
                     raise
                 except (TypeError, ValueError) as e:  # one item of a list: OmegaConf cannot merge it
-                    parent, _, last = key.rpartition(".")
-                    hint = f"; set the whole list, {parent}=[...]" if last.isdigit() and parent else ""
+                    parts = [x for x in re.split(r"[.\[\]]+", key) if x]
+                    at = next((i for i, x in enumerate(parts) if x.lstrip("-").isdigit()), 0)
+                    hint = f"; set the whole list, {'.'.join(parts[:at])}=[...]" if at else ""
                     raise RetrolmError(f"override {o!r}: cannot set this ({first_line(e)}){hint}") from None
         if values:
             cfg = OmegaConf.merge(cfg, {k: v for k, v in values.items() if v is not None})
@@ -83,7 +86,7 @@ SEED_RANGE = range(0, 2**63)
 
 def check_seed(value: int, name: str = "seed") -> int:
     """``value``, or a one-line error when it is out of :data:`SEED_RANGE`."""
-    if value not in SEED_RANGE:
+    if not SEED_RANGE.start <= operator.index(value) < SEED_RANGE.stop:  # (`in range` scans for a numpy int)
         raise RetrolmError(f"{name} must be in 0..2**63-1, got {value}")
     return value
 

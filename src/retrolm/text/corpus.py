@@ -64,9 +64,8 @@ def _decode(data: bytes, source: str, warn: Warn) -> str | None:
         if data.startswith(bom):  # a Windows "Unicode" text file (its NUL bytes are not binary); UTF-32 first: its
             try:  # little-endian mark begins with UTF-16's
                 return data.decode(codec)
-            except UnicodeDecodeError:
-                warn("repairing %s: not valid %s; invalid bytes replaced", source, codec.upper())
-                return data.decode(codec, errors="replace")
+            except UnicodeDecodeError:  # a binary file that happens to start with the mark
+                break
     if b"\x00" in data[:8192]:
         warn("skipping %s: binary file", source)
         return None
@@ -148,8 +147,11 @@ def _unpaired_surrogates_replaced(text: str, source: str, warn: Warn) -> str:
 
 
 def _usable_id(value: object) -> bool:
-    """A document id: a non-empty string or an integer (null, lists and objects became "None", "['x']", ...)."""
-    return (isinstance(value, str) and bool(value.strip())) or (isinstance(value, int) and not isinstance(value, bool))
+    """Whether a record's id names a document: null, NaN, an empty string, a list or an object do not (they became
+    "None", "nan", "['x']" ...); numbers and booleans keep their text as before ("1.0": a float id column)."""
+    if value is None or isinstance(value, list | dict) or (isinstance(value, float) and value != value):
+        return False
+    return not isinstance(value, str) or bool(value.strip())
 
 
 def _read_jsonl(path: Path, warn: Warn) -> Iterator[Document]:
@@ -158,7 +160,7 @@ def _read_jsonl(path: Path, warn: Warn) -> Iterator[Document]:
         if text is None:
             continue
         if not _usable_id(record["id"]):
-            warn("skipping %s: 'id' must be a non-empty string or an integer, got %s", source,
+            warn("skipping %s: 'id' must name the document (a non-empty string or a number), got %s", source,
                  json.dumps(record["id"])[:40])
             continue
         if not text.strip():
@@ -195,7 +197,8 @@ def _read_parquet(path: Path, warn: Warn) -> Iterator[Document]:
             row += 1
             source = f"{path}:row{row}"
             if not _usable_id(doc_id):
-                warn("skipping %s: 'id' must be a non-empty string or an integer, got %r", source, doc_id)
+                warn("skipping %s: 'id' must name the document (a non-empty string or a number), got %r", source,
+                     doc_id)
                 continue
             if not isinstance(text, str) or not text.strip():
                 warn("skipping %s: empty document", source)
@@ -242,42 +245,59 @@ def list_files(paths: Iterable[str | Path]) -> list[tuple[Path, Path]]:
 
 
 def _folder_files(root: Path) -> tuple[list[Path], list[Path]]:
-    """(the folder's own files, the files reached through a symbolic link: to a file, or inside a linked folder), each
-    sorted, hidden names left out. Linked folders are followed (``rglob`` skipped them without a word) after the
-    folder's own, and each real folder is read once: a link to a folder inside the corpus, or to an ancestor, adds
-    nothing and does not loop."""
+    """(the folder's own files, then what is reached through symbolic links: the files of linked folders, then links
+    to files), each sorted, hidden names left out. Linked folders are followed (``rglob`` skipped them without a
+    word) after the folder's own tree, real subfolders before links, each real folder once; a link to a folder inside
+    the corpus adds nothing, and one to a folder that holds the corpus is skipped with a warning (it would read
+    everything beside the corpus)."""
+    root_real = os.path.realpath(root)
+
+    def holds_corpus(link: str) -> bool:
+        target = os.path.realpath(link)
+        return root_real == target or root_real.startswith(target.rstrip(os.sep) + os.sep)
+
     def identity(path: str) -> tuple[int, int]:
         st = os.stat(path)
         return st.st_dev, st.st_ino
 
-    direct: list[Path] = []
-    linked: list[Path] = []
-    visited: set[tuple[int, int]] = set()
-    folder_links: list[str] = []
+    def unreadable(e: OSError) -> None:
+        logger.warning("skipping %s: cannot read the folder (%s)", e.filename, e.strerror)
 
-    def files_of(dirpath: str, filenames: list[str], into: list[Path]) -> None:
+    direct: list[Path] = []
+    via_folder: list[Path] = []
+    file_links: list[Path] = []
+    visited: set[tuple[int, int]] = set()
+    folder_links: list[Path] = []
+
+    def visit(dirpath: str, dirnames: list[str], filenames: list[str], files: list[Path]) -> None:
+        """Record the files of ``dirpath``; keep in ``dirnames`` the real subfolders, then the linked ones."""
+        shown = [d for d in dirnames if not d.startswith(".")]
+        real = sorted(d for d in shown if not os.path.islink(os.path.join(dirpath, d)))
+        links = sorted(d for d in shown if os.path.islink(os.path.join(dirpath, d)))
+        for d in links:
+            if holds_corpus(os.path.join(dirpath, d)):
+                logger.warning("skipping %s: a link to a folder that holds the corpus", os.path.join(dirpath, d))
+        dirnames[:] = real + [d for d in links if not holds_corpus(os.path.join(dirpath, d))]
         for name in filenames:
             f = Path(dirpath) / name
             if not name.startswith(".") and f.is_file():
-                (linked if f.is_symlink() else into).append(f)
+                (file_links if f.is_symlink() else files).append(f)
 
-    for dirpath, dirnames, filenames in os.walk(root):  # the folder's own tree: links to folders are not entered
+    for dirpath, dirnames, filenames in os.walk(root, onerror=unreadable):  # the folder's own tree first
         visited.add(identity(dirpath))
-        own = [d for d in dirnames if not d.startswith(".")]
-        folder_links += [os.path.join(dirpath, d) for d in own if os.path.islink(os.path.join(dirpath, d))]
-        dirnames[:] = [d for d in own if not os.path.islink(os.path.join(dirpath, d))]
-        files_of(dirpath, filenames, direct)
+        visit(dirpath, dirnames, filenames, direct)
+        folder_links += [Path(dirpath) / d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]
+        dirnames[:] = [d for d in dirnames if not os.path.islink(os.path.join(dirpath, d))]
     for link in sorted(folder_links):
         if not os.path.isdir(link):  # a broken link
             continue
-        for dirpath, dirnames, filenames in os.walk(link, followlinks=True):
-            if identity(dirpath) in visited:
+        for dirpath, dirnames, filenames in os.walk(link, followlinks=True, onerror=unreadable):
+            if identity(dirpath) in visited:  # inside the corpus, or read through another link already
                 dirnames[:] = []
                 continue
             visited.add(identity(dirpath))
-            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-            files_of(dirpath, filenames, linked)
-    return sorted(direct), sorted(linked)
+            visit(dirpath, dirnames, filenames, via_folder)
+    return sorted(direct), sorted(via_folder) + sorted(file_links)
 
 
 def _add_file(f: Path, root: Path, seen: dict[Path, Path], out: list[tuple[Path, Path]]) -> None:

@@ -26,6 +26,18 @@ from retrolm.models.weights import CHECKSUMS, verify_checksums, write_checksums
 logger = logging.getLogger(__name__)
 
 
+def aside_path(path: Path, stamp: str) -> Path:
+    """Where ``path`` is set aside: ``NAME.before-<stamp>`` (a file keeps its suffix last), numbered when two fresh
+    starts fall in the same second."""
+    for n in range(1000):
+        tag = stamp if n == 0 else f"{stamp}-{n}"
+        target = path.with_name(f"{path.stem}.before-{tag}{path.suffix}" if path.is_file() else
+                                f"{path.name}.before-{tag}")
+        if not target.exists():
+            return target
+    raise RetrolmError(f"{path}: too many earlier runs set aside at {stamp}")
+
+
 def set_aside(out: Path, names: Sequence[str], why: str, stamp: str | None = None) -> list[str]:
     """Move the earlier run's ``names`` in run folder ``out`` (checkpoints, logs, models) to ``NAME.before-<time>``
     (``pretrain.before-<time>.json`` for a file), so that a fresh start neither resumes from nor reads as them.
@@ -35,8 +47,7 @@ def set_aside(out: Path, names: Sequence[str], why: str, stamp: str | None = Non
     for name in names:
         path = out / name
         if path.exists():
-            target = path.with_name(f"{path.stem}.before-{stamp}{path.suffix}" if path.is_file() else
-                                    f"{name}.before-{stamp}")
+            target = aside_path(path, stamp)
             path.rename(target)
             moved.append(target.name)
     if moved:

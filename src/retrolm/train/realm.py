@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import random
 import re
 import shutil
@@ -36,7 +37,8 @@ from torch import Tensor
 from retrolm.core.config import save_config
 from retrolm.core.device import default_device
 from retrolm.core.errors import RetrolmError
-from retrolm.core.io import commit_dir, write_json
+from retrolm.core.io import write_json
+from retrolm.db.meta import swap_into_place
 from retrolm.models.realm import RealmModel, marginal_log_likelihood, retrieval_utility
 from retrolm.train.checkpoints import CheckpointManager, ResumeRefused, set_aside
 from retrolm.train.realm_index import DocumentIndex, Documents, IndexRefresher
@@ -280,7 +282,7 @@ def _save(ckpts: CheckpointManager, model: RealmModel, opt: torch.optim.Optimize
         torch.save(opt.state_dict(), folder / "optimizer.pt")
         torch.save({"step": step, **state}, folder / "trainer.pt")
         if index is not None:
-            torch.save({"embeddings": index.embeddings, "step": index.step, "live": index.live}, folder / INDEX_FILE)
+            torch.save({"embeddings": index.embeddings, "step": index.step}, folder / INDEX_FILE)
 
     ckpts.save(step, write)
 
@@ -326,18 +328,26 @@ def pretrain(docs: Documents, out_dir: str | Path, cfg: RealmConfig, model: Real
         torch.set_rng_state(state["torch_rng"])
         if (folder / INDEX_FILE).is_file():  # the index the run was reading (refresh_every=0: never rebuilt)
             held = torch.load(folder / INDEX_FILE, weights_only=False)
-            saved_index = DocumentIndex(held["embeddings"], int(held["step"]), held["live"])
+            saved_index = DocumentIndex(held["embeddings"], int(held["step"]), None)
 
+    _recover_final(out)
     if resume and ckpts.resume(load) is not None:
         logger.info("resumed REALM pre-training at step %d", step)
-        if step < cfg.steps and (out / "final").exists():  # the model of a shorter run: not what this one ends with
-            shutil.rmtree(out / "final")
+        if step < cfg.steps:  # the model of a shorter run is not what this one ends with (nor its newest checkpoint)
+            set_aside(out, ["final"], "resumed to train on")
     else:  # an earlier run's checkpoints (a later resume would go on from them), model and log
         set_aside(out, ["checkpoints", "final", "pretrain.json"], "--no-resume" if not resume else "nothing to resume")
     model.train()
     started = time.perf_counter()
-    first = saved_index if saved_index is not None and len(saved_index) == len(docs) else \
-        DocumentIndex.build(model, docs, step, cfg.max_doc_len, cfg.embed_batch_size)
+    if saved_index is not None and len(saved_index) == len(docs):
+        live = docs.live()  # deletions are the database's now, not the checkpoint's
+        first = DocumentIndex(saved_index.embeddings, saved_index.step,
+                              None if live is None else torch.from_numpy(live))
+    else:
+        if saved_index is not None:
+            logger.warning("the saved index holds %d documents, the database %d: building it again",
+                           len(saved_index), len(docs))
+        first = DocumentIndex.build(model, docs, step, cfg.max_doc_len, cfg.embed_batch_size)
     refresher = IndexRefresher(docs, first, cfg.max_doc_len, cfg.embed_batch_size)
     log.setdefault("index_build_seconds", []).append(time.perf_counter() - started)
     try:
@@ -379,12 +389,20 @@ def pretrain(docs: Documents, out_dir: str | Path, cfg: RealmConfig, model: Real
 
 
 def _write_final(model: RealmModel, cfg: RealmConfig, out: Path) -> None:
-    """``OUT/final/``, whole or not at all: a kill while writing left a model.json next to half the weights."""
+    """``OUT/final/``, whole or not at all: a kill while writing left a model.json next to half the weights. An
+    earlier final/ stays until the new one is in place."""
     staging = out / "final.partial"
     shutil.rmtree(staging, ignore_errors=True)
     model.save_pretrained(staging)
     save_config(cfg, staging / "config.yaml")
-    commit_dir(staging, out / "final")  # (replacing an earlier final/)
+    swap_into_place(staging, out / "final")
+
+
+def _recover_final(out: Path) -> None:
+    """A kill between :func:`_write_final`'s two renames left the old model aside: it comes back."""
+    old = out / "final.old"
+    if old.is_dir() and not (out / "final").exists():
+        os.replace(old, out / "final")
 
 
 # ------------------------------------------------------------------------------------------------------- QA

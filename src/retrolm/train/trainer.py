@@ -50,7 +50,7 @@ from retrolm.retrieval.neighbours import (
     rule_outdated,
     save_neighbours,
 )
-from retrolm.train.checkpoints import CheckpointManager, ResumeRefused, set_aside
+from retrolm.train.checkpoints import CheckpointManager, ResumeRefused, aside_path, set_aside
 from retrolm.train.config import LoopConfig, TrainConfig, lr_at
 from retrolm.train.data import IGNORE, RetroSequences, model_kwargs, n_sequences, swap_neighbours
 from retrolm.train.distributed import (
@@ -450,9 +450,10 @@ class Trainer:
         metrics = self.out / "metrics.jsonl"
         if earlier_rows:
             rows = metrics.read_text().splitlines(keepends=True)
-            write_bytes(self.out / f"metrics.before-{stamp}.jsonl", "".join(rows[:earlier_rows]).encode())
+            kept = aside_path(metrics, stamp)
+            write_bytes(kept, "".join(rows[:earlier_rows]).encode())
             write_bytes(metrics, "".join(rows[earlier_rows:]).encode())  # this run's own setup rows stay
-            logger.warning("%s: the earlier run's metrics rows are kept in metrics.before-%s.jsonl", self.out, stamp)
+            logger.warning("%s: the earlier run's metrics rows are kept in %s", self.out, kept.name)
         set_aside(self.out, [*(["checkpoints"] if self.checkpoints.all() else []), "tensorboard"], "--no-resume", stamp)
 
     def _neighbours(self, seq_chunks: int, show_progress: bool) -> np.ndarray:
