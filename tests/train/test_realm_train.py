@@ -350,3 +350,18 @@ def test_rows_longer_than_the_encoders_positions_and_no_questions_are_refused(to
         predict(model, index, docs, [], small_cfg())
     exactly = small_cfg(max_doc_len=237, steps=1)  # 256: allowed
     finetune(model, docs, ["Where does Alice live ?"], [["Paris"]], tmp_path / "ok", exactly)
+
+
+def test_a_kill_between_the_final_models_renames_brings_the_old_one_back(tokenizer, tmp_path):
+    """final/ is swapped in (the old one renamed aside, the new one in, the old one removed): a kill between the two
+    renames leaves no final/, and the next run puts the old one back before anything else."""
+    from retrolm.train.realm import _recover_final, _write_final
+
+    model = tiny_realm(tokenizer)
+    _write_final(model, small_cfg(), tmp_path)
+    assert (tmp_path / "final" / "model.json").is_file() and not (tmp_path / "final.partial").exists()
+    (tmp_path / "final").rename(tmp_path / "final.old")  # the kill
+    _recover_final(tmp_path)
+    assert (tmp_path / "final" / "model.json").is_file() and not (tmp_path / "final.old").exists()
+    _write_final(model, small_cfg(), tmp_path)  # replacing it leaves nothing aside
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["final"]

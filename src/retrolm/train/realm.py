@@ -468,6 +468,7 @@ def finetune(model: RealmModel, docs: Documents, questions: Sequence[str], answe
     """Fine-tune for open-domain QA with the document encoder and the index fixed; writes ``OUT/final/`` and
     ``OUT/finetune.json``."""
     out = Path(out_dir)
+    _recover_final(out)
     check_questions(questions)
     check_lengths(model, cfg)
     device = default_device(cfg.device)
