@@ -269,25 +269,30 @@ def _folder_files(root: Path) -> tuple[list[Path], list[Path]]:
     visited: set[tuple[int, int]] = set()
     folder_links: list[Path] = []
 
-    def visit(dirpath: str, dirnames: list[str], filenames: list[str], files: list[Path]) -> None:
-        """Record the files of ``dirpath``; keep in ``dirnames`` the real subfolders, then the linked ones."""
-        shown = [d for d in dirnames if not d.startswith(".")]
-        real = sorted(d for d in shown if not os.path.islink(os.path.join(dirpath, d)))
-        links = sorted(d for d in shown if os.path.islink(os.path.join(dirpath, d)))
-        for d in links:
-            if holds_corpus(os.path.join(dirpath, d)):
-                logger.warning("skipping %s: a link to a folder that holds the corpus", os.path.join(dirpath, d))
-        dirnames[:] = real + [d for d in links if not holds_corpus(os.path.join(dirpath, d))]
+    def visit(dirpath: str, dirnames: list[str], filenames: list[str], files: list[Path]
+              ) -> tuple[list[str], list[str]]:
+        """Record the files of ``dirpath``; return its real subfolders and its linked ones (those that hold the
+        corpus left out), each sorted."""
+        real, links = [], []
+        for d in sorted(d for d in dirnames if not d.startswith(".")):
+            path = os.path.join(dirpath, d)
+            if not os.path.islink(path):
+                real.append(d)
+            elif holds_corpus(path):
+                logger.warning("skipping %s: a link to a folder that holds the corpus", path)
+            else:
+                links.append(d)
         for name in filenames:
             f = Path(dirpath) / name
             if not name.startswith(".") and f.is_file():
                 (file_links if f.is_symlink() else files).append(f)
+        return real, links
 
     for dirpath, dirnames, filenames in os.walk(root, onerror=unreadable):  # the folder's own tree first
         visited.add(identity(dirpath))
-        visit(dirpath, dirnames, filenames, direct)
-        folder_links += [Path(dirpath) / d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]
-        dirnames[:] = [d for d in dirnames if not os.path.islink(os.path.join(dirpath, d))]
+        real, links = visit(dirpath, dirnames, filenames, direct)
+        folder_links += [Path(dirpath) / d for d in links]
+        dirnames[:] = real
     for link in sorted(folder_links):
         if not os.path.isdir(link):  # a broken link
             continue
@@ -296,7 +301,8 @@ def _folder_files(root: Path) -> tuple[list[Path], list[Path]]:
                 dirnames[:] = []
                 continue
             visited.add(identity(dirpath))
-            visit(dirpath, dirnames, filenames, via_folder)
+            real, links = visit(dirpath, dirnames, filenames, via_folder)
+            dirnames[:] = real + links  # real subfolders first: a link to one of them then adds nothing
     return sorted(direct), sorted(via_folder) + sorted(file_links)
 
 

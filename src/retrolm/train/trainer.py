@@ -23,6 +23,7 @@ import math
 import os
 import random
 import time
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 
@@ -77,6 +78,13 @@ DECODER_FIELDS = ("vocab_size", "n_layer", "n_head", "d_model", "d_ff", "rope_th
 """What ``init_from`` must share with the model it starts (the decoder); retrieval settings and seq_len may change."""
 
 
+def config_changes(saved: dict, model: torch.nn.Module, keys: Sequence[str]) -> list[str]:
+    """``"key old → new"`` for each of ``keys`` where a checkpoint's ``model.json`` (``saved``) and ``model``'s config
+    differ (a key the checkpoint lacks, written by an older version, is not compared)."""
+    now = json.loads(json.dumps(model.config.to_dict()))  # as model.json holds it: tuples as lists
+    return [f"{k} {saved[k]!r} → {now.get(k)!r}" for k in keys if k in saved and saved[k] != now.get(k)]
+
+
 def database_record(db: DatabaseView) -> dict:
     """What a checkpoint records about the database it was trained on (checked by eval and generate)."""
     return {"path": str(db.path.resolve()), "chunk_len": db.chunk_len, "tokenizer_sha256": db.tokenizer.sha256,
@@ -96,12 +104,10 @@ def init_from_checkpoint(model: RetroModel, ref: str, db: DatabaseView, freeze: 
         if sha and sha != db.tokenizer.sha256:
             raise RetrolmError(f"{folder}: trained with another tokenizer than the database {db.path}")
     saved = read_model_config(folder)
-    if saved.get("architecture") == "retro":  # same-shaped tensors of another decoder would load without a word
-        now = json.loads(json.dumps(model.config.to_dict()))
-        changed = [f"{k} {saved[k]!r} → {now[k]!r}" for k in DECODER_FIELDS if k in saved and saved[k] != now.get(k)]
-        if changed:
-            raise RetrolmError(f"{folder}: init_from holds another decoder ({', '.join(changed)}); give model the "
-                               "checkpoint's shape (only retrieval settings and seq_len may differ)")
+    # same-shaped tensors of another decoder would load without a word
+    if saved.get("architecture") == "retro" and (changed := config_changes(saved, model, DECODER_FIELDS)):
+        raise RetrolmError(f"{folder}: init_from holds another decoder ({', '.join(changed)}); give model the "
+                           "checkpoint's shape (only retrieval settings and seq_len may differ)")
     missing = set(load_weights(model, folder, strict=False))
     tensors = model.state_dict(keep_vars=True)
     loaded = {id(t) for name, t in tensors.items() if name not in missing}
@@ -215,6 +221,7 @@ class Trainer:
         self.step = 0
         self.writer = None
         self.checkpoints = CheckpointManager(self.out / "checkpoints", cfg.keep_checkpoints)
+        self._resume = False  # setup's: a RETRO-fitting resumes from its own checkpoints when init_from is gone
         self._near_dup_groups: list[np.ndarray] | None = None
         self.sharded = False
         self._full_model: dict[str, torch.Tensor] | None = None
@@ -226,7 +233,7 @@ class Trainer:
         assert isinstance(self.cfg, TrainConfig)
         model_cfg = self.cfg.model.build(self.db.tokenizer.vocab_size, self.db.chunk_len, self.cfg.num_neighbours)
         model = RetroModel(model_cfg)
-        own = self.checkpoints.all() if getattr(self, "_resume", False) else []
+        own = self.checkpoints.all() if self._resume else []
         if self.cfg.init_from and own and find_checkpoint(self.cfg.init_from) is None:
             # resuming a fitting whose starting checkpoint is gone: its own checkpoints hold every tensor, and
             # frozen.json what the fitting froze (the weights come in with the resume)
@@ -732,10 +739,8 @@ class Trainer:
         """Refuse to resume from a checkpoint of another model or database: it would go on training with other
         token ids or another architecture, and the checkpoints after it would hide that."""
         saved = read_model_config(folder)
-        now = json.loads(json.dumps(self.model.config.to_dict()))
-        changed = [f"{k} {saved[k]!r} → {now[k]!r}" for k in sorted(now)
-                   if k in saved and k not in RESUMABLE_CHANGES and saved[k] != now[k]]
-        if changed:
+        if changed := config_changes(saved, self.model,
+                                     sorted(k for k in self.model.config.to_dict() if k not in RESUMABLE_CHANGES)):
             raise ResumeRefused(f"{folder}: resumed with another model ({', '.join(changed[:4])}); resume with the "
                                 "same settings or start afresh (--no-resume)")
         record = folder / "database.json"
