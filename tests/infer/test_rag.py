@@ -768,3 +768,29 @@ def test_the_fingerprint_of_an_evaluation_follows_its_questions_and_database(wor
     before = fingerprint(reranked)
     weights.write_bytes(weights.read_bytes()[:-4] + b"\x00\x00\x00\x02")  # a local cross-encoder retrained
     assert fingerprint(reranked) != before
+
+
+def test_the_fingerprint_follows_a_hub_models_cached_revision(world, tmp_path, monkeypatch):
+    """A hub reader's answers change with its revision: the resume fingerprint reads the revision the cache holds."""
+    from retrolm.infer.rag_eval import fingerprint
+
+    cache = tmp_path / "hub"
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    import huggingface_hub.constants as hc
+    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(cache))
+    repo = cache / "models--someone--reader-lm"
+
+    def cache_revision(commit: str) -> None:
+        (repo / "refs").mkdir(parents=True, exist_ok=True)
+        (repo / "refs" / "main").write_text(commit)
+        (repo / "snapshots" / commit).mkdir(parents=True, exist_ok=True)
+        (repo / "snapshots" / commit / "config.json").write_text("{}")
+
+    cfg = eval_cfg(world, "fp", reader="someone/reader-lm")
+    cache_revision("a" * 40)
+    first = fingerprint(cfg)
+    assert fingerprint(cfg) == first
+    cache_revision("b" * 40)  # the hub model was updated and read again
+    assert fingerprint(cfg) != first
+    reranked = eval_cfg(world, "fp", reader="someone/reader-lm", reranker="cross-encoder:someone/ce")
+    assert fingerprint(reranked) != fingerprint(cfg)

@@ -185,3 +185,18 @@ def test_a_rebuild_under_the_service_remakes_its_retrievers_and_checks_the_gener
     assert client.get("/api/info").json()["retrievers"] == ["bm25"]
     r = client.post("/api/generate", json={"prompt": "Paris"})  # checked again before it reads the new build
     assert r.status_code == 400 and "built without the encoder" in r.json()["error"] and Checked.calls == 1
+
+
+def test_port_check_tries_every_address_the_host_resolves_to(monkeypatch):
+    """uvicorn binds each address of a name such as localhost (::1 and 127.0.0.1): one taken is refused."""
+    from retrolm.cli.serve import _check_port
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        both = [(socket.AF_INET6, socket.SOCK_STREAM, 6, "", ("::1", port, 0, 0)),
+                (socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", port))]
+        monkeypatch.setattr(socket, "getaddrinfo", lambda *a, **k: both)
+        with pytest.raises(RetrolmError, match=rf"cannot listen on 127\.0\.0\.1:{port} "):
+            _check_port("localhost", port)

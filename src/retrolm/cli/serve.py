@@ -49,15 +49,21 @@ def serve_cmd(
 
 
 def _check_port(host: str, port: int) -> None:
-    """One line instead of uvicorn's log when the address is taken or not this machine's."""
+    """One line instead of uvicorn's log when the address is taken or not this machine's.
+
+    uvicorn listens through asyncio's ``create_server``, which binds every address the host resolves to (``localhost``:
+    ``::1`` and ``127.0.0.1``), IPv6 ones v6-only; each is tried the same way here."""
     try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as e:
         raise RetrolmError(f"serve: cannot resolve host {host!r} ({e.strerror})") from None
-    family, _, _, _, addr = infos[0]
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind(addr)
-        except OSError as e:
-            raise RetrolmError(f"serve: cannot listen on {host}:{port} ({e.strerror})") from None
+    for family, _, _, _, addr in dict.fromkeys(infos):
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6 and hasattr(socket, "IPPROTO_IPV6"):
+                s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            try:
+                s.bind(addr)
+            except OSError as e:
+                shown = f"[{addr[0]}]" if family == socket.AF_INET6 else addr[0]
+                raise RetrolmError(f"serve: cannot listen on {shown}:{port} ({e.strerror})") from None

@@ -188,6 +188,27 @@ def weights_fingerprint(folder: str | Path) -> str | None:
     return h.hexdigest()
 
 
+def model_identity(ref: str, what: str = "model") -> str:
+    """What a model reference names now, for resume fingerprints: a local folder's (a packaged model's included) weight
+    files and config by quick digest, or a hub name with the revision the local cache holds (after loading, the one
+    that was read). A retrained folder, an upgraded package or a newer hub revision each give another identity."""
+    resolved = resolve_model(ref, what)
+    if resolved.local:
+        folder = Path(resolved.path)
+        files = sorted({p for pattern in _WEIGHT_FILES for p in folder.glob(pattern)} | set(folder.glob("config.json")))
+        return "|".join(f"{p.name}:{file_digest(p, quick=True)}" for p in files)
+    revision = None
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(resolved.name, "config.json")
+        if isinstance(cached, str):
+            revision = Path(cached).parent.name  # .../snapshots/<commit>/config.json
+    except (ImportError, ValueError, OSError):  # an odd name or cache layout only loses the revision
+        revision = None
+    return f"{resolved.name}@{revision}"
+
+
 def step_folders(folder: Path) -> list[Path]:
     """A run's ``checkpoints/step-N`` folders, oldest first: ordered by step number, not by name (``step-1000000``
     sorts before ``step-999999`` as text)."""

@@ -42,6 +42,7 @@ from tqdm.auto import tqdm
 from retrolm import __version__
 from retrolm.core.config import save_config
 from retrolm.core.errors import RetrolmError
+from retrolm.core.hub import model_identity
 from retrolm.core.io import atomic_path, file_digest, write_bytes, write_json
 from retrolm.core.versions import library_versions
 from retrolm.db import DatabaseView, noisy_copy
@@ -214,8 +215,8 @@ def _block(row: dict | None, fingerprint: str) -> tuple[dict[str, list[Predictio
 
 def fingerprint(cfg: RagEvalConfig) -> str:
     """What a run's answers depend on: every setting that changes a prediction, the QA file's bytes, the noise files,
-    the database's state (its ``meta.json``, which every edit rewrites), the weights of a reader or reranker given as
-    a local folder (quick digests) and retrolm's version and progress format."""
+    the database's state (its ``meta.json``, which every edit rewrites), the reader's and reranker's weights (a folder's
+    or a packaged model's by quick digests, a hub model's cached revision) and retrolm's version and progress format."""
     ignored = ("out_dir", "max_questions", "queries", "baselines", "multiplier_metric", "contamination_n",
                "contamination_scope", "contamination_min_words")
     settings = {k: v for k, v in asdict(cfg).items() if k not in ignored}
@@ -224,11 +225,9 @@ def fingerprint(cfg: RagEvalConfig) -> str:
     h.update(file_digest(cfg.data).encode())
     h.update(json.dumps(corpus_fingerprint(cfg.noise or [])).encode())
     for ref in (cfg.reader, cfg.reranker):
-        ref = str(ref).removeprefix("cross-encoder:") if ref else None  # a reranker's folder comes after the prefix
-        folder = Path(ref) if ref else None
-        if folder is not None and folder.is_dir():
-            for f in sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin")):
-                h.update(f"{f.name}:{file_digest(f, quick=True)}".encode())
+        ref = str(ref).removeprefix("cross-encoder:") if ref else None  # a reranker's model comes after the prefix
+        if ref and ref != "reader":
+            h.update(model_identity(ref).encode())
     db = Path(cfg.db)
     h.update((db / "meta.json" if db.is_dir() else db).read_bytes())
     return h.hexdigest()
