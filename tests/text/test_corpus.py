@@ -130,6 +130,25 @@ def test_utf16_files_are_text_and_ids_must_be_ids(tmp_path, caplog):
     assert caplog.text.count("'id' must name the document") == 3 and "noise.dat: binary file" in caplog.text
 
 
+def test_utf16_jsonl_files_are_read_line_by_line(tmp_path, caplog):
+    """A .jsonl saved as Windows "Unicode" (UTF-16 with its mark, here gzipped too) was read as UTF-8 lines, each
+    skipped as binary for its NUL bytes: no document. Bytes that do not decode end the file with one warning."""
+    import gzip
+
+    lines = [{"id": "a", "text": "Grüße 😀"}, {"id": "b", "text": "two\nlines"}]
+    body = "".join(json.dumps(x, ensure_ascii=False) + "\r\n" for x in lines)
+    (tmp_path / "win.jsonl").write_bytes(body.encode("utf-16"))
+    (tmp_path / "wide.jsonl.gz").write_bytes(gzip.compress(body.replace('"a"', '"c"').replace('"b"', '"d"')
+                                                                 .encode("utf-32")))
+    (tmp_path / "cut.jsonl").write_bytes(body.replace('"a"', '"e"').replace('"b"', '"f"').encode("utf-16")
+                                         + b"\x00\xd8")
+    with caplog.at_level(logging.WARNING):
+        docs = {d.id: d.text for d in iter_documents([tmp_path])}
+    assert docs == {"a": "Grüße 😀", "b": "two\nlines", "c": "Grüße 😀", "d": "two\nlines", "e": "Grüße 😀",
+                    "f": "two\nlines"}
+    assert "binary" not in caplog.text and "cut.jsonl after line 2: not valid UTF-16" in caplog.text
+
+
 def test_linked_folders_are_read_once_and_never_loop(tmp_path):
     """A symbolic link to a folder outside the corpus is followed (rglob skipped it without a word); one to a folder
     inside it, or to an ancestor, adds nothing and does not loop; ids are paths under the folder given."""

@@ -18,6 +18,7 @@ from __future__ import annotations
 import codecs
 import gzip
 import hashlib
+import io
 import json
 import logging
 import os
@@ -25,6 +26,7 @@ import zlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from retrolm.core.errors import RetrolmError
 from retrolm.core.io import atomic_path
@@ -109,17 +111,35 @@ def _record_text(record: dict, source: str, warn: Warn) -> str | None:
     return None
 
 
+def _jsonl_lines(f: BinaryIO, path: Path, warn: Warn) -> Iterator[tuple[int, str | None]]:
+    """``(line number, text or None)`` of a JSONL stream. UTF-8 is decoded line by line (a bad line is repaired or
+    skipped alone); a file that starts with a UTF-16/32 byte-order mark (Windows "Unicode") is decoded as a whole
+    stream, since its newlines are not single bytes."""
+    head = f.peek(4)[:4] if hasattr(f, "peek") else b""
+    for bom, codec in ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"),
+                       (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16")):
+        if head.startswith(bom):
+            lineno = 0
+            try:  # a decoding error ends the file, as a corrupt .gz does: where the next line starts is unknown
+                for lineno, line in enumerate(io.TextIOWrapper(f, encoding=codec, newline="\n"), start=1):
+                    yield lineno, line
+            except UnicodeDecodeError as e:
+                warn("skipping the rest of %s after line %d: not valid %s (%s)", path, lineno, codec.upper(), e.reason)
+            return
+    for lineno, raw in enumerate(f, start=1):
+        if lineno == 1 and raw.startswith(codecs.BOM_UTF8):  # a byte-order mark is not part of the JSON
+            raw = raw[len(codecs.BOM_UTF8) :]
+        yield lineno, _decode(raw, f"{path}:{lineno}", warn)
+
+
 def jsonl_records(path: Path, warn: Warn = _silent) -> Iterator[tuple[str, dict]]:
     """``(source, record)`` of every JSON object with an ``id`` in a ``.jsonl`` / ``.jsonl.gz`` / ``.ndjson`` file, as
     ingestion reads them: undecodable bytes repaired, bad lines and an unreadable rest skipped (with ``warn``)."""
     opener = gzip.open if path.name.lower().endswith(".gz") else open
     try:
         with opener(path, "rb") as f:
-            for lineno, raw in enumerate(f, start=1):
+            for lineno, line in _jsonl_lines(f, path, warn):
                 source = f"{path}:{lineno}"
-                if lineno == 1 and raw.startswith(codecs.BOM_UTF8):  # a byte-order mark is not part of the JSON
-                    raw = raw[len(codecs.BOM_UTF8) :]
-                line = _decode(raw, source, warn)
                 if line is None or not line.strip():
                     continue
                 try:
