@@ -285,6 +285,10 @@ def test_a_tokenizer_that_marks_the_start_of_a_text_encodes_a_long_one_whole():
     lm = tok_module.LMTokenizer(tok, "llama-style")
     whole = tok.encode(text, add_special_tokens=False).ids
     assert lm.encode(text) == whole and list(lm.encode_batch(["short", text])[1]) == whole
+    from retrolm.eval.incontext import encode_with_offsets
+
+    ids, starts = encode_with_offsets(lm, text)  # the in-context scorer's encoding: the same ids, in order
+    assert ids == whole and starts == sorted(starts) and len(starts) == len(ids)
 
 
 def train_bpe_whole(text: str, vocab_size: int):

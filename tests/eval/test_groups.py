@@ -50,3 +50,7 @@ def test_document_field(tmp_path):
         fz.write('{"id": "b", "text": "z", "bucket": "identical"}\n{not json\n{"text": "no id"}\n')
     (folder / "notes.txt").write_text("ignored")
     assert document_field([str(f), str(folder)], "bucket") == {"a": "new", "7": "changed", "b": "identical"}
+    # records ingestion makes no document of (empty text, a null id) need no field: group_by stopped on them
+    g = write_jsonl(tmp_path / "g.jsonl", [{"id": "c", "text": "kept", "bucket": "new"}, {"id": "d", "text": " "},
+                                           {"id": None, "text": "no usable id"}])
+    assert document_field([str(g)], "bucket") == {"c": "new"}

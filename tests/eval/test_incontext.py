@@ -179,7 +179,8 @@ def test_losses_are_booked_to_the_same_chunks_as_retro(copy_world, tmp_path):
 
 
 def test_another_lm_tokenizer_books_by_character(copy_world, tmp_path):
-    """An LM with its own tokenizer: each of its predicted tokens lands in the chunk holding its first character."""
+    """An LM with its own tokenizer: each of its predicted tokens lands in the chunk holding its first character, and
+    it predicts exactly the text the byte counts hold (all but the database tokenizer's first token of a document)."""
     db = copy_world["db"]
     texts = document_texts([str(copy_world["held"])], None)
     other = train_bpe(texts.values(), 600)
@@ -187,17 +188,27 @@ def test_another_lm_tokenizer_books_by_character(copy_world, tmp_path):
     source = tokenize_corpus([copy_world["held"]], db.tokenizer, db.chunk_len, tmp_path / "held")
     scorer = InContextScorer(load_model(copy_world["lm"]).model, other, source, db.tokenizer, texts,
                              InContextSettings(stride=32))
+    split = 0
     for d, doc_id in enumerate(source.doc_ids):
-        doc = scorer.docs[d]
-        ids, starts = encode_with_offsets(other, texts[doc_id])
-        _, src_starts = encode_with_offsets(db.tokenizer, texts[doc_id])
+        doc, text = scorer.docs[d], texts[doc_id]
+        ids, starts = encode_with_offsets(other, text)
+        _, src_starts = encode_with_offsets(db.tokenizer, text)
         chunk_starts = src_starts[:: db.chunk_len]
-        assert doc.ids == ids == other.encode(texts[doc_id])
+        # the LM predicts exactly the text the byte counts hold: all but the database tokenizer's first token
+        if doc.ids == ids == other.encode(text):
+            assert starts[doc.first] == src_starts[1] and doc.first >= 1
+        else:  # one of its tokens straddled that point: the text is read in two parts there
+            split += 1
+            head, head_starts = encode_with_offsets(other, text[: src_starts[1]])
+            tail, tail_starts = encode_with_offsets(other, text[src_starts[1] :])
+            assert doc.ids == head + tail and doc.first == len(head)
+            starts = head_starts + [src_starts[1] + t for t in tail_starts]
         for s, owner in zip(starts, doc.owner, strict=True):
             c = owner - source.doc_first_chunk[d]
             assert chunk_starts[c] <= s and (c + 1 == len(chunk_starts) or s < chunk_starts[c + 1])
+    assert split == len(source.doc_ids)  # the database's first tokens here are one letter ("D" of "Digital")
     scores = scorer.score()
-    assert scores.tokens.sum() == sum(len(d.ids) for d in scorer.docs)  # (n - 1) + EOS per document
+    assert scores.tokens.sum() == sum(len(d.ids) + 1 - d.first for d in scorer.docs)  # + EOS per document
 
 
 def test_generation_reads_passages_and_shows_them(copy_world):

@@ -247,6 +247,11 @@ def test_flops_on_a_hand_computed_case():
     cost = ModelCost.of(m)
     # per layer q, o: 16×16; k, v: 16×8; gate, up, down: 16×32; plus the (tied) head 50×16
     assert cost.matmul_params == 2 * (2 * 256 + 2 * 128 + 3 * 512) + 50 * 16 and cost.d_attn == 16
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    gpt2 = ModelCost.of(GPT2LMHeadModel(GPT2Config(vocab_size=50, n_embd=16, n_layer=2, n_head=4, n_positions=32)))
+    # GPT-2's projections are Conv1D, not Linear: per layer c_attn 16×48, c_proj 16×16, c_fc 16×64, mlp c_proj 64×16
+    assert gpt2.matmul_params == 2 * (16 * 48 + 16 * 16 + 2 * 16 * 64) + 50 * 16 and gpt2.d_attn == 16
     pre = pretraining_flops("HuggingFaceTB/SmolLM2-135M-Instruct", 134_515_008)
     assert pre["flops"] == pytest.approx(6 * 134_515_008 * 2e12) and "2T" in pre["source"]
     assert pretraining_flops("unknown/model", 10) is None

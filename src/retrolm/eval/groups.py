@@ -13,21 +13,22 @@ from collections.abc import Sequence
 import numpy as np
 
 from retrolm.core.errors import RetrolmError
-from retrolm.text.corpus import JSONL_SUFFIXES, jsonl_records, list_files
+from retrolm.text.corpus import JSONL_SUFFIXES, jsonl_documents, list_files
 
 
 def document_field(paths: Sequence[str], field: str) -> dict[str, str]:
     """doc id → the value of ``field`` in the held-out JSONL records (files, or folders of them)."""
     out: dict[str, str] = {}
-    # the files ingestion reads (list_files' order and checks); records it skipped (bad JSON, no id) are skipped here
+    # the files ingestion reads (list_files' order and checks); records it skipped (bad JSON, no usable id, empty
+    # text) are skipped here too, and ids are the documents' (repaired as ingestion repairs them)
     files = [f for f, _ in list_files(paths) if f.name.lower().endswith(JSONL_SUFFIXES)]
     if not files:
         raise RetrolmError(f"{', '.join(map(str, paths))}: group_by needs JSONL held-out data (a field per record)")
     for f in files:
-        for _, rec in jsonl_records(f):  # ingestion warned about what it skipped
+        for doc, rec in jsonl_documents(f):  # ingestion warned about what it skipped
             if field not in rec:
-                raise RetrolmError(f"{f}: record {rec['id']!r} has no field {field!r} (group_by)")
-            out[str(rec["id"])] = str(rec[field])
+                raise RetrolmError(f"{f}: record {doc.id!r} has no field {field!r} (group_by)")
+            out[doc.id] = str(rec[field])
     return out
 
 

@@ -57,7 +57,7 @@ def encode_with_offsets(tokenizer: LMTokenizer, text: str) -> tuple[list[int], l
     ids: list[int] = []
     starts: list[int] = []
     shift = 0
-    for piece in _pieces(text) if len(text) > PIECE_CHARS else [text]:
+    for piece in _pieces(text) if len(text) > PIECE_CHARS and tokenizer._pieces_safe else [text]:
         enc = tokenizer.tok.encode(piece, add_special_tokens=False)
         ids += enc.ids
         starts += [shift + s for s, _ in enc.offsets]
@@ -71,6 +71,9 @@ class _Document:
     """The LM's tokens of the document."""
     owner: np.ndarray
     """(len(ids),) held-out chunk id (global in the source store) of each token."""
+    first: int = 1
+    """The first token predicted: the tokens before it cover exactly the text of the database tokenizer's first
+    token, which no model predicts (the byte counts leave it out)."""
 
 
 @dataclass
@@ -114,8 +117,19 @@ class InContextScorer:
         assert len(src_ids) == int(source.doc_n_tokens[d]), "held-out text and its stored tokens disagree"
         chunk_starts = np.asarray(src_starts[::m])  # character where each of the document's chunks starts
         ids, starts = encode_with_offsets(self.tok, text)
+        # the bytes of a chunk are those of its database tokens, less the document's first one (chunk_bytes): the
+        # LM predicts from the character where the database's second token starts, so both score the same text
+        end = src_starts[1] if len(src_ids) > 1 else len(text)
+        if end >= len(text):
+            predicted_from = len(ids)  # a one-token document: only the end of text is predicted
+        elif end in starts:
+            predicted_from = starts.index(end)
+        else:  # an LM token straddles it: the LM reads the text in two parts there
+            head, head_starts = encode_with_offsets(self.tok, text[:end])
+            tail, tail_starts = encode_with_offsets(self.tok, text[end:])
+            ids, starts, predicted_from = head + tail, head_starts + [end + t for t in tail_starts], len(head)
         owner = first + np.maximum(np.searchsorted(chunk_starts, np.asarray(starts), side="right") - 1, 0)
-        return _Document(ids, owner.astype(np.int64))
+        return _Document(ids, owner.astype(np.int64), max(1, predicted_from))
 
     def _windows(self) -> list[tuple[int, int, int]]:
         """(document, first target index, number of targets) of every block; the EOS after the last token counts as
@@ -124,7 +138,7 @@ class InContextScorer:
         out = []
         for d, doc in enumerate(self.docs):
             n = len(doc.ids) + (1 if self.tok.eos_id is not None else 0)
-            out += [(d, t0, min(s, n - t0)) for t0 in range(1, n, s)]
+            out += [(d, t0, min(s, n - t0)) for t0 in range(doc.first, n, s)]
         return out
 
     def _merge_unretrieved(self, windows: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
@@ -149,7 +163,7 @@ class InContextScorer:
         passages: list[list[int]] = [[] for _ in windows]
         retrievals = 0
         if retriever is not None:
-            todo = [i for i, (_, t0, _) in enumerate(windows) if t0 > 1]  # the first block has no query yet
+            todo = [i for i, (d, t0, _) in enumerate(windows) if t0 > self.docs[d].first]  # the first reads none
             queries = [self.tok.decode(self.docs[windows[i][0]].ids[max(0, windows[i][1] - cfg.query_tokens):
                                                                     windows[i][1]]) for i in todo]
             if queries:

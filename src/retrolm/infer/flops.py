@@ -49,11 +49,13 @@ class ModelCost:
 
     @classmethod
     def of(cls, module: nn.Module, name: str = "", bidirectional: bool = False) -> ModelCost:
-        """Read the cost parameters off a ``transformers`` model (Linear weights counted once even when shared)."""
+        """Read the cost parameters off a ``transformers`` model (Linear and GPT-2 Conv1D weights, each counted once
+        even when shared)."""
         seen: set[int] = set()
         matmul = 0
         for m in module.modules():
-            if isinstance(m, nn.Linear) and id(m.weight) not in seen:
+            linear = isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D"  # GPT-2's layers are Conv1D
+            if linear and id(m.weight) not in seen:
                 seen.add(id(m.weight))
                 matmul += m.weight.numel()
         cfg = getattr(module, "config", None)

@@ -174,7 +174,9 @@ def _usable_id(value: object) -> bool:
     return not isinstance(value, str) or bool(value.strip())
 
 
-def _read_jsonl(path: Path, warn: Warn) -> Iterator[Document]:
+def jsonl_documents(path: Path, warn: Warn = _silent) -> Iterator[tuple[Document, dict]]:
+    """``(document, its record)`` of every record of a JSONL file that ingestion makes a document (records without a
+    usable id or text skipped, with ``warn``): what reads other fields of held-out records pairs them the same way."""
     for source, record in jsonl_records(path, warn):
         text = _record_text(record, source, warn)
         if text is None:
@@ -187,7 +189,12 @@ def _read_jsonl(path: Path, warn: Warn) -> Iterator[Document]:
             warn("skipping %s: empty document", source)
             continue
         yield Document(id=_unpaired_surrogates_replaced(str(record["id"]), source, warn),
-                       text=_unpaired_surrogates_replaced(text, source, warn), source=source)
+                       text=_unpaired_surrogates_replaced(text, source, warn), source=source), record
+
+
+def _read_jsonl(path: Path, warn: Warn) -> Iterator[Document]:
+    for doc, _ in jsonl_documents(path, warn):
+        yield doc
 
 
 def _read_parquet(path: Path, warn: Warn) -> Iterator[Document]:
