@@ -86,7 +86,11 @@ def _xy(points: Sequence[Point]) -> tuple[np.ndarray, np.ndarray]:
         raise RetrolmError("the multiplier needs baselines at two or more different pretraining FLOPs")
     if any(p.flops <= 0 for p in points):
         raise RetrolmError("baseline pretraining FLOPs must be positive")
-    return np.log10([p.flops for p in points]), np.asarray([p.metric for p in points], dtype=float)
+    y = np.asarray([p.metric for p in points], dtype=float)
+    if np.ptp(y) <= 1e-9 * max(1.0, float(np.abs(y).max())):  # a fitted slope would be rounding noise of either sign
+        raise RetrolmError(f"the baselines all score {y[0]:g}: a metric that does not change with pretraining FLOPs "
+                           "gives no compute multiplier")
+    return np.log10([p.flops for p in points]), y
 
 
 def fit_loglinear(points: Sequence[Point]) -> Fit:
