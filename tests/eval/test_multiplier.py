@@ -94,7 +94,7 @@ def test_curves_a_multiplier_cannot_be_read_off_and_bad_systems_are_refused():
     # equal baselines: the fitted slope is rounding noise (-8e-19 for four at 0.7), which passed as a fit
     flat = [Point(f"b{i}", f, 0.7) for i, f in enumerate([1e18, 1e19, 1e20, 1e21])]
     for fit in (fit_loglinear, fit_sigmoid):
-        with pytest.raises(RetrolmError, match="all score 0.7: a metric that does not change"):
+        with pytest.raises(RetrolmError, match=r"all score 0\.7: a metric that does not change"):
             fit(flat)
     with pytest.raises(RetrolmError, match=r"'s' has accuracy 30, above the ceiling 1 .*percent"):
         fit_sigmoid([Point("s", 1e15, 30.0), Point("l", 1e17, 40.0)], 0.0, 1.0)

@@ -168,6 +168,30 @@ def test_bm25_chunk_lengths_are_stored_or_counted_again(shards, tmp_path):
         LexicalIndex.load(old).chunk_lengths()
 
 
+def test_bm25_matches_accented_words_in_either_unicode_form(tmp_path):
+    """bm25s's word pattern stops at a combining accent: a decomposed (NFD) "Abdülhamid" found nothing in composed
+    text, nor the reverse. Texts and queries are put in NFC; an index stored before keeps reading as it was built."""
+    import json
+    import unicodedata
+
+    from retrolm.db.lexical import SCORER, LexicalIndex
+
+    texts = ["Abdülhamid ruled the empire", "the river Dhahabī flows south", "nothing accented here at all"]
+    nfd = [unicodedata.normalize("NFD", t) for t in texts]
+    for stored, queries in ((texts, nfd), (nfd, texts)):
+        index = LexicalIndex.build(lambda ids, stored=stored: [stored[i] for i in ids], len(stored))
+        _, ids = index.search(["Abdülhamid", unicodedata.normalize("NFD", "Dhahabī"), *queries[:1]], 1)
+        assert ids[:, 0].tolist() == [0, 1, 0]
+    index.save(tmp_path / "bm25")
+    assert json.loads((tmp_path / "bm25" / SCORER).read_text())["text_form"] == "NFC"
+    assert LexicalIndex.load(tmp_path / "bm25").search(["Abdülhamid"], 1)[1][0, 0] == 0
+    record = json.loads((tmp_path / "bm25" / SCORER).read_text())
+    del record["text_form"]  # an index stored before: its terms are of the text as it was, queries taken as typed
+    (tmp_path / "bm25" / SCORER).write_text(json.dumps(record))
+    old = LexicalIndex.load(tmp_path / "bm25")
+    assert old.text_form is None and old.search(["Abdülhamid"], 1)[1][0, 0] == 0
+
+
 def test_parts_that_do_not_make_one_database_are_refused(shards, built_db, tiny_db_config, wiki_corpus, tmp_path):
     root, (p0, p1, p2) = shards["root"], shards["paths"]
     cases = [([p0, p1], "missing 2/3"), ([p0, p1, p2, p1], f"shard {p1} is the same database as {p1}"),

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import math
 import shutil
+import unicodedata
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -22,7 +23,7 @@ import numpy as np
 
 from retrolm.core.device import usable_cpus
 from retrolm.core.errors import RetrolmError
-from retrolm.core.io import fsync_dir, fsync_tree, naming_errors, write_json
+from retrolm.core.io import fsync_dir, fsync_tree, naming_errors, read_json, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +41,9 @@ def _bm25s():
 
 SCORER = "scorer.json"
 """The bm25s release, variant and parameters the index was made with."""
+TEXT_FORM = "NFC"
+"""The Unicode form texts and queries are put in before BM25 splits them into terms: bm25s's word pattern stops at a
+combining accent, so a decomposed (NFD) "Abdülhamid" never matched a composed one, either way round."""
 LENGTHS = "chunk_lengths.npy"
 """BM25 terms per chunk, stored beside bm25s's files (bm25s keeps only their mean)."""
 NO_TERMS = "no_terms"
@@ -50,8 +54,11 @@ class LexicalIndex:
     """BM25 over the chunks ``0..n_chunks-1`` of one database."""
 
     def __init__(self, retriever, n_chunks: int, folder: Path | None = None, has_terms: bool = True,
-                 lengths: np.ndarray | None = None, texts: Callable[[np.ndarray], list[str]] | None = None) -> None:
+                 lengths: np.ndarray | None = None, texts: Callable[[np.ndarray], list[str]] | None = None,
+                 text_form: str | None = TEXT_FORM) -> None:
         self.retriever, self.n_chunks, self.folder = retriever, n_chunks, folder
+        self.text_form = text_form
+        """Unicode form of the indexed text, which queries are put in too (None: an index stored before it was)."""
         self.has_terms = has_terms and n_chunks > 0
         """False when no chunk holds a term BM25 keeps (only stopwords, single characters, punctuation): bm25s cannot
         index that, and every search finds nothing."""
@@ -69,7 +76,7 @@ class LexicalIndex:
         for start in range(0, n_chunks, BUILD_BATCH):
             texts += chunk_texts(np.arange(start, min(start + BUILD_BATCH, n_chunks)))
         retriever = bm25s.BM25()
-        tokens = bm25s.tokenize(texts, show_progress=show_progress) if n_chunks else None
+        tokens = bm25s.tokenize(_in_form(texts, TEXT_FORM), show_progress=show_progress) if n_chunks else None
         has_terms = tokens is not None and len(tokens.vocab) > 0
         if has_terms:
             retriever.index(tokens, show_progress=show_progress)
@@ -111,19 +118,23 @@ class LexicalIndex:
             has_terms = n > 0 and not (folder / NO_TERMS).exists()
             retriever = bm25s.BM25.load(str(folder), mmap=True, show_progress=False) if has_terms else bm25s.BM25()
             lengths = np.load(folder / LENGTHS, mmap_mode="r") if (folder / LENGTHS).is_file() else None
+            scorer = read_json(folder / SCORER, "BM25 scorer record") if (folder / SCORER).is_file() else {}
         except (OSError, ValueError) as e:
             raise RetrolmError(f"{folder}: corrupt or unreadable BM25 index ({e})") from None
         if lengths is not None and len(lengths) != n:
             raise RetrolmError(f"{folder / LENGTHS}: {len(lengths)} chunk lengths for {n} chunks (damaged index)")
-        return cls(retriever, n, folder, has_terms, lengths, texts)
+        return cls(retriever, n, folder, has_terms, lengths, texts, scorer.get("text_form"))
+
+    def tokenize(self, texts: list[str], **kwargs) -> object:
+        """bm25s's terms of texts or queries, in the Unicode form the index holds."""
+        return _bm25s().tokenize(_in_form(texts, self.text_form), show_progress=False, **kwargs)
 
     def postings(self, query: str) -> int:
         """How many (term, chunk) postings the query's distinct terms have in the index: the entries a BM25 search
         reads. ``n_chunks`` per term (the upper bound) if this bm25s version's index layout cannot say."""
         if not self.has_terms:
             return 0
-        bm25s = _bm25s()
-        terms = set(bm25s.tokenize([query], return_ids=False, show_progress=False)[0])  # as search() tokenizes
+        terms = set(self.tokenize([query], return_ids=False)[0])  # as search() tokenizes
         try:
             indptr, vocab = self.retriever.scores["indptr"], self.retriever.vocab_dict
         except (AttributeError, KeyError, TypeError):
@@ -158,7 +169,7 @@ class LexicalIndex:
             counts = []
             for start in range(0, self.n_chunks, BUILD_BATCH):
                 texts = self.texts(np.arange(start, min(start + BUILD_BATCH, self.n_chunks)))
-                counts += [len(t) for t in _bm25s().tokenize(texts, return_ids=False, show_progress=False)]
+                counts += [len(t) for t in self.tokenize(texts, return_ids=False)]
             self.lengths = np.asarray(counts, dtype=np.int32)
         return self.lengths
 
@@ -168,7 +179,7 @@ class LexicalIndex:
         layout = self._layout()
         if layout is None:
             return TermStats(self.n_chunks, 0, {})
-        return self._stats_of(_bm25s().tokenize(queries, return_ids=False, show_progress=False), layout)
+        return self._stats_of(self.tokenize(queries, return_ids=False), layout)
 
     def _stats_of(self, tokens: list[list[str]], layout: tuple) -> TermStats:
         """:meth:`term_stats` of queries already tokenized."""
@@ -188,7 +199,6 @@ class LexicalIndex:
         database summed: each part then scores a chunk as one database holding all parts would)."""
         if stats is not None:
             return self._search_with_stats(queries, k, exclude, stats)
-        bm25s = _bm25s()
         nq = len(queries)
         out_ids = np.full((nq, k), -1, dtype=np.int64)
         out_scores = np.full((nq, k), -np.inf, dtype=np.float32)
@@ -198,16 +208,29 @@ class LexicalIndex:
         if k_eff == 0 or not todo or not allowed.any() or not self.has_terms:
             return out_scores, out_ids
         # as strings, so that retrieve() maps them through the index's own vocabulary
-        tokens = bm25s.tokenize([queries[i] for i in todo], return_ids=False, show_progress=False)
+        tokens = self.tokenize([queries[i] for i in todo], return_ids=False)
         # bm25s scores the queries on a thread pool, numpy releasing the GIL (2 cores: 1.95× on 1,024 queries); at
         # most one thread per 50 queries; n_threads=0 is its plain loop, without a pool
-        threads = min(usable_cpus(), len(todo) // 50)
-        ids, scores = self.retriever.retrieve(tokens, k=k_eff, show_progress=False, weight_mask=allowed,
-                                              n_threads=threads if threads > 1 else 0)
-        ids, scores = np.asarray(ids, dtype=np.int64), np.asarray(scores, dtype=np.float32)
-        miss = (scores <= 0) | (allowed[np.clip(ids, 0, self.n_chunks - 1)] == 0)
-        ids[miss], scores[miss] = -1, -np.inf
-        out_ids[todo, :k_eff], out_scores[todo, :k_eff] = ids, scores
+        # ties as everywhere else (the exact path, fusion, shards): lower chunk id first. bm25s orders them higher id
+        # first and cuts them anywhere, so it fetches past k until the k-th score is not tied with the last fetched
+        fetch = min(self.n_chunks, 2 * k_eff + 8)
+        rows = list(range(len(todo)))
+        while rows:
+            threads = min(usable_cpus(), len(rows) // 50)
+            ids, scores = self.retriever.retrieve([tokens[r] for r in rows] if len(rows) < len(todo) else tokens,
+                                                  k=fetch, show_progress=False, weight_mask=allowed,
+                                                  n_threads=threads if threads > 1 else 0)
+            ids, scores = np.asarray(ids, dtype=np.int64), np.asarray(scores, dtype=np.float32)
+            order = np.lexsort((ids, -scores), axis=-1)
+            ids, scores = np.take_along_axis(ids, order, -1), np.take_along_axis(scores, order, -1)
+            tied = (scores[:, k_eff - 1] > 0) & (scores[:, -1] == scores[:, k_eff - 1]) & (fetch < self.n_chunks)
+            ids, scores = ids[:, :k_eff], scores[:, :k_eff]
+            miss = (scores <= 0) | (allowed[np.clip(ids, 0, self.n_chunks - 1)] == 0)
+            ids[miss], scores[miss] = -1, -np.inf
+            done = [todo[r] for r, t in zip(rows, tied, strict=True) if not t]
+            out_ids[done, :k_eff], out_scores[done, :k_eff] = ids[~tied], scores[~tied]
+            rows = [r for r, t in zip(rows, tied, strict=True) if t]
+            fetch = min(self.n_chunks, 4 * fetch)
         return out_scores, out_ids
 
     def _search_with_stats(self, queries: list[str], k: int, exclude: np.ndarray | None, stats: TermStats
@@ -223,7 +246,7 @@ class LexicalIndex:
             return out_scores, out_ids
         indptr, indices, data, vocab = layout
         lengths = self.chunk_lengths()
-        tokens = _bm25s().tokenize(queries, return_ids=False, show_progress=False)
+        tokens = self.tokenize(queries, return_ids=False)
         own = self._stats_of(tokens, layout)
         # sums over parts that include this one hold at least its own counts: anything less is stale or made up
         if stats.n_chunks < own.n_chunks or stats.total_length < own.total_length or any(
@@ -263,7 +286,11 @@ class LexicalIndex:
 
         r = self.retriever
         return {"bm25s": version("bm25s"), "method": getattr(r, "method", None), "k1": getattr(r, "k1", None),
-                "b": getattr(r, "b", None)}
+                "b": getattr(r, "b", None), "text_form": self.text_form}
+
+
+def _in_form(texts: list[str], form: str | None) -> list[str]:
+    return [unicodedata.normalize(form, t) for t in texts] if form else list(texts)
 
 
 @dataclass

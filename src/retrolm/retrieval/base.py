@@ -79,6 +79,10 @@ class Retriever(ABC):
         out[:] = list(queries)
         return out
 
+    def _prepared(self, queries: object) -> bool:
+        """Whether ``queries`` is already :meth:`prepare`'s output (texts as an object array)."""
+        return isinstance(queries, np.ndarray) and queries.dtype == object and queries.ndim == 1
+
     @abstractmethod
     def _search(self, queries: np.ndarray, k: int, exclude_chunks: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
         """(scores, ids) of the top-k per prepared query; ``exclude_chunks`` (deleted ones included) never returned."""
@@ -94,7 +98,7 @@ class Retriever(ABC):
         self.db.refresh()
         if isinstance(queries, str):
             queries = [queries]
-        if not (isinstance(queries, np.ndarray) and (queries.dtype == object or queries.ndim == 2)):
+        if not self._prepared(queries):
             queries = self.prepare(list(queries))
         exclude = exclude or Exclusion()
         mask = self.db.exclusion_mask(exclude.chunks)

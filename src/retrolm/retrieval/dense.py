@@ -35,6 +35,10 @@ class DenseRetriever(Retriever):
             vecs[live] = self.db.embed([queries[i] for i in live], self.batch_size, show_progress)
         return vecs
 
+    def _prepared(self, queries: object) -> bool:
+        # query vectors; an object or string array (a pandas column's values) holds texts
+        return isinstance(queries, np.ndarray) and queries.ndim == 2 and queries.dtype.kind in "fiu"
+
     def _search(self, queries: np.ndarray, k: int, exclude_chunks: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
         scores, ids = self.db.search_vectors(queries, k, exclude_chunks=exclude_chunks, settings=self.settings,
                                              refresh=False)  # Retriever.search refreshed the view

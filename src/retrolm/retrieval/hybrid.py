@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
 from retrolm.db import DatabaseView
@@ -43,4 +45,13 @@ class HybridRetriever(Retriever):
         fetch = min(self.depth * k, self.db.store.n_chunks)
         _, dense_ids = self.dense._search(self.dense.prepare(list(queries)), fetch, exclude_chunks)
         _, bm25_ids = self.bm25._search(queries, fetch, exclude_chunks)
+        return reciprocal_rank_fusion([dense_ids, bm25_ids], k)
+
+    def _search_excluding_docs(self, queries: np.ndarray, k: int, mask: np.ndarray | None,
+                               docs: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
+        # each ranking drops the excluded documents before the fusion, at the usual depth: fusing first let them take
+        # ranks (and fetched deeper lists), so the result differed from the same exclusion given as a chunk mask
+        fetch = min(self.depth * k, self.db.store.n_chunks)
+        _, dense_ids = self.dense._search_excluding_docs(self.dense.prepare(list(queries)), fetch, mask, docs)
+        _, bm25_ids = self.bm25._search_excluding_docs(queries, fetch, mask, docs)
         return reciprocal_rank_fusion([dense_ids, bm25_ids], k)

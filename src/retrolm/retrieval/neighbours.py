@@ -163,8 +163,9 @@ def compute_neighbours(
         groups = []
     elif groups is None:
         groups = near_duplicate_groups(db, config.near_dup_threshold, show_progress=show_progress)
-    for start in tqdm(range(0, n, config.batch_size), desc="neighbours", unit="batch", disable=not show_progress):
-        ids = np.arange(start, min(start + config.batch_size, n))
+    pinned = db_identity(db)
+
+    def search_rows(ids: np.ndarray) -> None:
         docs = None
         # the documents read by chunk u's neighbours' readers: u's own and, where u ends a document, u+1's
         own, after = chunk_doc[ids], chunk_doc[np.minimum(ids + 1, n - 1)]
@@ -180,6 +181,22 @@ def compute_neighbours(
             docs = [docs_of_seq[s] for s in seq]
         queries = _queries(retriever, source, ids + source.first_chunk, same_db)
         out[ids] = retriever.search(queries, config.k, Exclusion(chunks=exclude_chunks, docs=docs)).ids
+
+    for start in tqdm(range(0, n, config.batch_size), desc="neighbours", unit="batch", disable=not show_progress):
+        search_rows(np.arange(start, min(start + config.batch_size, n)))
+    # every search reads the database as it is now: a deletion by another process during the run reached only the
+    # later batches. The earlier rows that hold a chunk deleted since are searched again (the others cannot change:
+    # a deletion only removes candidates), so that the set is that of the version it is saved with.
+    db.refresh()
+    while (now := db_identity(db)) != pinned:
+        if {**now, "version": 0} != {**pinned, "version": 0}:
+            raise RetrolmError(f"{db.path}: the database was rebuilt or grew during the neighbour search "
+                               f"(version {pinned['version']} → {now['version']}); compute the neighbours again")
+        pinned = now
+        stale = np.flatnonzero(((out >= 0) & db.deleted_chunks[np.maximum(out, 0)]).any(1))
+        for start in range(0, len(stale), config.batch_size):
+            search_rows(stale[start : start + config.batch_size])
+        db.refresh()
     return out
 
 
