@@ -179,3 +179,18 @@ def test_an_encoder_without_pooler_or_segments_builds_and_reads(tiny_encoder, tm
     h = model.read(enc["input_ids"], enc["attention_mask"], torch.ones_like(enc["input_ids"]))
     assert h.shape == (2, enc["input_ids"].shape[1], 32) and torch.isfinite(h).all()
     assert model.embed_queries(**enc).shape == (2, 16)
+
+
+def test_an_encoder_saved_in_half_precision_builds_in_float32(tiny_encoder, tmp_path):
+    """transformers loads a checkpoint in the dtype it was saved in: a bfloat16 encoder gave bfloat16 encoders beside
+    float32 heads, and the first embedding failed with a dtype mismatch; saved and loaded again, likewise."""
+    from transformers import AutoModel, AutoTokenizer
+
+    AutoModel.from_pretrained(tiny_encoder).to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    AutoTokenizer.from_pretrained(tiny_encoder).save_pretrained(tmp_path / "bf16")
+    model = RealmModel.from_encoder(str(tmp_path / "bf16"), embed_dim=16)
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    enc = model.tokenize(["a question"], 16)
+    assert model.embed_queries(**enc).dtype == torch.float32
+    model.save_pretrained(tmp_path / "realm")
+    assert {p.dtype for p in RealmModel.from_pretrained(tmp_path / "realm").parameters()} == {torch.float32}

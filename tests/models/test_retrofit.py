@@ -170,6 +170,11 @@ def test_cached_decoding_logits_equal_a_full_forward(encoder, pieces, tiny_base,
     assert cache.pos == 160
     assert seen == list(pieces)
     torch.testing.assert_close(torch.cat(parts, 1), full, rtol=1e-4, atol=1e-4)
+    with torch.no_grad():  # the neighbours of the chunks complete so far, none at first (RetroModel's recipe): the same
+        cache = model.init_cache(2, 160)
+        parts = [model(idx[:, :10], nb[:, :0], cache=cache).logits]
+        parts += [model(idx[:, p : p + 30], nb[:, : (p + 30) // M], cache=cache).logits for p in range(10, 160, 30)]
+    torch.testing.assert_close(torch.cat(parts, 1), full, rtol=1e-4, atol=1e-4)
     # the neighbours matter in this comparison: without them the logits differ after the first chunk
     with torch.no_grad():
         off = model(idx).logits

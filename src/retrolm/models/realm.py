@@ -109,12 +109,13 @@ def _bare_encoder(encoder_config) -> nn.Module:
     itself); encoders built without one (DistilBERT, ELECTRA, DeBERTa) refuse the argument."""
     from transformers import AutoModel
 
+    # float32 whatever dtype the checkpoint was saved in (its config records it): the new heads are float32
     try:
-        return AutoModel.from_config(encoder_config, add_pooling_layer=False)
+        return AutoModel.from_config(encoder_config, add_pooling_layer=False, dtype=torch.float32)
     except TypeError as e:
         if "add_pooling_layer" not in str(e):
             raise
-        return AutoModel.from_config(encoder_config)
+        return AutoModel.from_config(encoder_config, dtype=torch.float32)
 
 
 class MLMHead(nn.Module):
@@ -172,7 +173,7 @@ class RealmModel(nn.Module):
         resolved = resolve_model(ref, "REALM encoder")
         try:
             tokenizer = AutoTokenizer.from_pretrained(resolved.path)
-            encoder = AutoModel.from_pretrained(resolved.path)
+            encoder = AutoModel.from_pretrained(resolved.path, dtype=torch.float32)  # a half-precision save too
         except Exception as e:  # OSError offline / missing files, ValueError for unknown configs
             raise load_error(resolved, "a REALM encoder", e) from None
         model = cls(encoder.config, tokenizer, RealmShape(resolved.name, embed_dim, pooling, normalize))

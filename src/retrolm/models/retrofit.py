@@ -742,10 +742,13 @@ class RetrofitModel(nn.Module):
         limit = self.config.seq_len if cache is None else cache.max_len
         if T == 0 or start + T > limit:
             raise RetrolmError(f"sequence positions [{start}, {start + T}) exceed the model/cache length {limit}")
+        passed = neighbours is not None  # an empty tensor (no chunk complete yet, nothing retrieved) starts a reader
         neighbours, neighbour_mask = check_neighbours(B, neighbours, neighbour_mask, self.config.neighbour_len)
         if attention_mask is not None and (attention_mask.shape != idx.shape or attention_mask.dtype != torch.bool):
             raise RetrolmError(f"attention_mask must be bool of shape {tuple(idx.shape)}; got "
                                f"{attention_mask.dtype} of shape {tuple(attention_mask.shape)}")
+        if cache is not None and cache.reading is None:
+            cache.reading = passed
         if cache is not None and cache.reading is False and neighbours is not None:
             raise RetrolmError("this decoding cache was started without neighbours and cannot read any: start "
                                "one (init_cache) whose first call passes neighbours")
@@ -769,8 +772,6 @@ class RetrofitModel(nn.Module):
             visible = cache.token_mask[:, : start + T]
         run = None
         if cache is not None:
-            if cache.reading is None:
-                cache.reading = neighbours is not None
             run = _Run(neighbours, neighbour_mask, start, cache, token_mask=visible) if cache.reading else None
         elif neighbours is not None:
             run = _Run(neighbours, neighbour_mask, token_mask=attention_mask)
