@@ -97,3 +97,30 @@ def test_a_cut_slice_of_tokens_leaves_out_the_characters_it_splits(tok):
     for i in split:  # what is kept is everything whole: the cut loses less than one character at each end
         head, rest = tok.decode_cut(ids[:i]), tok.decode_cut(ids[i:])
         assert text.startswith(head) and text.endswith(rest) and len(head) + len(rest) == len(text) - 1
+
+
+def test_generation_stops_at_the_end_of_a_chat_turn(tok):
+    """SmolLM2-Instruct documents end in <|endoftext|> (eos_id) but its answers in <|im_end|>: generation that stopped
+    only at eos_id went on past the answer and wrote chat turns of its own (decode hid the markers)."""
+    import torch
+
+    from retrolm.infer.incontext import _decode
+
+    im_end, im_start = tok.tok.token_to_id("<|im_end|>"), tok.tok.token_to_id("<|im_start|>")
+    assert tok.stop_ids == {tok.eos_id, im_end}  # <|im_start|> opens a turn: not a stop
+    plain = train_bpe([d["text"] for d in wiki_docs(5)], 300)
+    assert plain.stop_ids == {plain.eos_id}
+
+    class Scripted:
+        """Writes 7, 8, then <|im_end|>, then a new turn."""
+
+        def step(self, ids, cache=None):
+            n = 0 if cache is None else cache + 1
+            script = [7, 8, im_end, im_start, 9]
+            logits = torch.zeros(tok.vocab_size)
+            logits[script[min(n, len(script) - 1)]] = 10.0
+            return logits, n
+
+    gen = torch.Generator().manual_seed(0)
+    assert _decode(Scripted(), [1, 2], 10, 0.0, 1.0, gen, tok.stop_ids) == ([7, 8], True)
+    assert _decode(Scripted(), [1, 2], 5, 0.0, 1.0, gen, frozenset()) == ([7, 8, im_end, im_start, 9], False)

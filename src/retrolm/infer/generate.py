@@ -205,7 +205,7 @@ def generate(
     out: list[int] = []
     while len(out) < max_new:
         tok = sample(logits, temperature, top_p, gen)
-        if stop_at_eos and tok == tokenizer.eos_id:
+        if stop_at_eos and tok in tokenizer.stop_ids:
             break
         out.append(tok)
         pos = len(ids) + len(out) - 1  # position of the token just sampled

@@ -70,7 +70,7 @@ def generate_in_context(
         if not out:
             dropped = len(ids) - keep  # prompt tokens the first span could not see
         span, done = _decode(lm, context, min(settings.stride, max_new_tokens - len(out)), temperature, top_p, gen,
-                             tokenizer.eos_id if stop_at_eos else None)
+                             tokenizer.stop_ids if stop_at_eos else frozenset())
         out += span
         if span:
             chunks.append(GeneratedChunk("", hits, span))  # its text once every span is known (below)
@@ -83,13 +83,13 @@ def generate_in_context(
 
 
 def _decode(lm: CausalLM, context: list[int], n: int, temperature: float, top_p: float, gen: torch.Generator,
-            eos_id: int | None) -> tuple[list[int], bool]:
-    """Up to ``n`` tokens after ``context``, one forward per token over a KV cache; True if EOS ended it."""
+            stop_ids: frozenset[int]) -> tuple[list[int], bool]:
+    """Up to ``n`` tokens after ``context``, one forward per token over a KV cache; True if a stop token ended it."""
     logits, cache = lm.step(context)
     span: list[int] = []
     for _ in range(n):
         tok = sample(logits, temperature, top_p, gen)
-        if eos_id is not None and tok == eos_id:
+        if tok in stop_ids:
             return span, True
         span.append(tok)
         if len(span) == n:

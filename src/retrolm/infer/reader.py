@@ -25,7 +25,7 @@ from retrolm.eval.qa import choice_prediction
 from retrolm.infer.flops import ModelCost
 from retrolm.infer.sampling import check_sampling, row_generator, sample
 from retrolm.models.hf import CausalLM, pad_rows
-from retrolm.text.tokenizer import LMTokenizer, load_tokenizer
+from retrolm.text.tokenizer import END_OF_TURN, LMTokenizer, load_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -139,10 +139,10 @@ class Reader:
         self.lm, self.tok, self.chat, self.system, self.template = lm, tokenizer, chat, system, template
         self.max_passage_tokens, self.examples = max_passage_tokens, [tuple(e) for e in examples]
         self.cost = ModelCost.of(lm.hf, lm.name)
-        stops = {tokenizer.eos_id}
+        stops = set(tokenizer.stop_ids)
         if chat is not None:
             stops.add(getattr(chat, "eos_token_id", None))
-        for special in ("<|im_end|>", "<|eot_id|>", "<|end|>", "</s>"):
+        for special in END_OF_TURN:  # as the tokenizer's, and also where its vocabulary does not mark them special
             stops.add(tokenizer.tok.token_to_id(special))
         self.stop_ids = {s for s in stops if s is not None}
         self.pad_id = tokenizer.pad_id

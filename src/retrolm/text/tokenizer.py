@@ -100,6 +100,10 @@ def _pieces_are_exact(spec: dict) -> bool:
     return "ByteLevel" in pre and "Metaspace" not in pre and "Prepend" not in norm
 
 
+END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end|>", "</s>", "<|endoftext|>", "<end_of_turn>")
+"""Special tokens that end a chat turn or a text in common formats (ChatML, Llama 3, Phi, Llama 2, GPT-2, Gemma)."""
+
+
 class LMTokenizer:
     """A thin, typed wrapper around :class:`tokenizers.Tokenizer` with the ids retrolm needs."""
 
@@ -118,7 +122,14 @@ class LMTokenizer:
         # Documents end with "<|endoftext|>" where the vocabulary has it (GPT-2, SmolLM2: the separator of pre-training
         # documents), else with the tokenizer's own EOS (an instruct model's is the end of a chat turn).
         eos = tokenizer.token_to_id(EOS_TOKEN)
-        self.eos_id: int | None = eos if eos is not None else (tokenizer.token_to_id(eos_token) if eos_token else None)
+        own_eos = tokenizer.token_to_id(eos_token) if eos_token else None
+        self.eos_id: int | None = eos if eos is not None else own_eos
+        # Generation stops at either, and at the end-of-turn markers of common chat formats: an instruct model
+        # (SmolLM2's "<|im_end|>") ends its answer with one, and past it writes turns of its own
+        added = tokenizer.get_added_tokens_decoder()
+        turn_ends = {i for i, t in added.items() if t.special and t.content in END_OF_TURN}
+        self.stop_ids: frozenset[int] = frozenset({i for i in (self.eos_id, own_eos) if i is not None} | turn_ends)
+        """Token ids that end a generated text."""
         pad = tokenizer.token_to_id(pad_token or PAD_TOKEN)
         # A tokenizer without a pad token pads with EOS; padded positions are always masked anyway.
         self.pad_id: int = pad if pad is not None else (self.eos_id if self.eos_id is not None else 0)
