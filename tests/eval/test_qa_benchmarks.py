@@ -32,7 +32,7 @@ def test_wiki_entity_is_reproducible_and_traceable(tmp_path):
     docs = {d["id"]: d for d in map(json.loads, WIKI_SAMPLE.read_text().splitlines())}
     for r in records:
         p = r["provenance"]
-        assert p["builder"] == "wiki-entity" and p["seed"] == 3 and p["split"] == "test" and p["builder_version"] == 1
+        assert p["builder"] == "wiki-entity" and p["seed"] == 3 and p["split"] == "test" and p["builder_version"] == 2
         assert len(p["corpus_sha256"]) == 64
         assert in_test_split(p["doc_id"], 3, p["test_fraction"])
         assert r["answers"] == [docs[p["doc_id"]]["description"]] and p["doc_id"] in r["question"]
@@ -78,7 +78,7 @@ def test_kernel_cloze_marks_sentences_of_the_old_version(tmp_path):
         "The NAPI budget decides how many packets the poll function of a driver may process at once.",
         "Drivers call netif_napi_add when they set up their receive queues during the probe."}
     in_old = {s: r["provenance"]["in_old"] for s, r in by_sentence.items()}
-    assert {r["provenance"]["builder_version"] for r in recs} == {2}  # the blank is never inside another token
+    assert {r["provenance"]["builder_version"] for r in recs} == {3}  # the blank is never inside another token
     assert sum(in_old.values()) == 1 and in_old[next(s for s in in_old if "packet_mmap" in s)]  # line breaks ignored
     for s, r in by_sentence.items():
         (answer,) = r["answers"]
@@ -265,3 +265,18 @@ def test_dict_def_asks_rare_unambiguous_words_the_store_defines(tmp_path):
     odd = write_jsonl(tmp_path / "odd.jsonl", [{**WORDNET[0], "pos": ["noun"]}])  # not a synset: skipped, no traceback
     with pytest.raises(RetrolmError, match=r"no synsets"):
         build_dict_def(odd)
+
+
+def test_no_two_options_differ_only_in_case():
+    """Options were distinct from the answer case aside, but one pool could give both "raid5" and "RAID5" (4 of 1,000
+    kernel-cloze questions): a test-taker rules the pair out, and option_index finds two matches."""
+    import random
+
+    from retrolm.text.qa import _distractors, _draw
+
+    for seed in range(40):
+        rng = random.Random(seed)
+        drawn = _draw([["RAID5", "raid5", "raid1"], ["Raid1", "mdadm", "md0"]], "raid10", 3, rng, lambda w: True)
+        assert len(drawn) == 3 and len({d.lower() for d in drawn}) == 3
+        picked = _distractors("NUMA", ["FORM2", "Form2", "numa"], ["domainID", "form2", "node"], 3, rng)
+        assert len(picked) == 3 and len({p.lower() for p in picked}) == 3 and "numa" not in {p.lower() for p in picked}

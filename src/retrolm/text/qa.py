@@ -40,10 +40,11 @@ from pathlib import Path
 from retrolm.core.errors import RetrolmError
 from retrolm.core.io import atomic_path, file_digest, jsonl_values
 
-BUILDER_VERSIONS = {"kernel-cloze": 2}
+BUILDER_VERSIONS = {"kernel-cloze": 3, "wiki-entity": 2, "dict-def": 2}
 """Per builder, what changed the questions it makes (recorded in each record's provenance; 1 where absent).
 kernel-cloze 2: a word that starts another token of the question ("damon@lists" for DAMON, the prefix's "Linux") is
-never the blank."""
+never the blank. 3 (and wiki-entity 2, dict-def 2): no two options of a question differ only in case (4 of 1,000
+kernel-cloze questions had e.g. both "raid5" and "RAID5"); sets without such twins are drawn as before."""
 SKIP_DESCRIPTIONS = re.compile(r"(?i)wikimedia|disambiguation|topics referred to|list article|^$")
 _COMMON_WORDS = """about above after again against also although among another because been before being below between
 both cannot could does doing down during each either every few from further have having here hers herself himself
@@ -108,8 +109,11 @@ def _draw(pools: Iterable[Sequence[str]], answer: str, k: int, rng: random.Rando
     out: list[str] = []
     for pool in pools:
         seen = {answer.lower(), *(o.lower() for o in out)}
-        fresh = [x for x in pool if x.lower() not in seen and keep(x)]
-        out += rng.sample(fresh, min(k - len(out), len(fresh)))
+        fresh: dict[str, str] = {}  # the first spelling of each word: case twins are one option
+        for x in pool:
+            if x.lower() not in seen and keep(x):
+                fresh.setdefault(x.lower(), x)
+        out += rng.sample(list(fresh.values()), min(k - len(out), len(fresh)))
         if len(out) == k:
             break
     return out
@@ -164,7 +168,11 @@ def build_wiki_entity(corpus: str | Path, n: int = 200, seed: int = 0, choices: 
 def _distractors(answer: str, same_topic: list[str], everything: list[str], k: int, rng: random.Random) -> list[str]:
     def fresh(pool: list[str], have: list[str]) -> list[str]:
         seen = {answer.lower(), *(h.lower() for h in have)}
-        return sorted({p for p in pool if p.lower() not in seen})
+        unique: dict[str, str] = {}  # the first spelling in sorted order: case twins are one option
+        for p in sorted(set(pool)):
+            if p.lower() not in seen:
+                unique.setdefault(p.lower(), p)
+        return list(unique.values())
 
     picked = rng.sample(fresh(same_topic, []), min(k, len(fresh(same_topic, []))))
     if len(picked) < k:
