@@ -55,6 +55,9 @@ def test_the_same_corpus_file_twice_is_refused(tmp_path, tiny_encoder, db_copy, 
     rc, _, err = run_cli(["db", "build", a, b, *common], capsys)
     assert_one_line_error(rc, err, f"{b}:1", "duplicate document id", repr(docs[1]["id"]))
     assert not out.exists() and not (tmp_path / "new.partial").exists()
+    for spec in ("train:299", "train:abc", f"train:{2**64}"):  # the last was an OverflowError after the corpus read
+        rc, _, err = run_cli(["db", "build", a, "--out", out, "--encoder", tiny_encoder, "--tokenizer", spec], capsys)
+        assert_one_line_error(rc, err, repr(spec), "vocabulary size 300 <= N <= 16,777,216")
 
     more = write_jsonl(tmp_path / "more.jsonl", wiki_docs(2, start=300))
     before = snapshot(db_copy)

@@ -322,6 +322,10 @@ def train_bpe(texts: Iterable[str], vocab_size: int) -> LMTokenizer:
     return LMTokenizer(tok, f"bpe-trained-{vocab_size}")
 
 
+MAX_TRAINED_VOCAB = 1 << 24
+"""The largest vocabulary ``train:N`` trains (16.8M; language models use 32k-256k)."""
+
+
 def parse_train_spec(spec: str) -> int | None:
     """``"train:8192"`` → 8192; anything else → None."""
     if not spec.startswith("train:"):
@@ -330,8 +334,9 @@ def parse_train_spec(spec: str) -> int | None:
         n = int(spec.split(":", 1)[1])
     except ValueError:
         n = 0
-    if n < 300:
-        raise RetrolmError(f"--tokenizer {spec!r}: expected train:N with a vocabulary size N >= 300")
+    if not 300 <= n <= MAX_TRAINED_VOCAB:  # past the top the trainer failed with an OverflowError after reading
+        raise RetrolmError(f"--tokenizer {spec!r}: expected train:N with a vocabulary size 300 <= N <= "
+                           f"{MAX_TRAINED_VOCAB:,}")
     return n
 
 
