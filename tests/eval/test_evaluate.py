@@ -134,6 +134,14 @@ def test_near_duplicates_by_containment_find_excerpts_that_jaccard_misses():
     halves = np.concatenate([docs[0][:150], docs[1][:150]])
     assert find_near_duplicates([halves], docs, threshold=0.6, measure="containment") == []
     assert len(find_near_duplicates([halves], docs, threshold=0.45, measure="containment")) == 2
+    # documents of 7-12 tokens: contained where their whole token run appears (they were hashed as one gram of their
+    # own length, so only an identical short document matched); generators are read once
+    short = [docs[7][500:510], docs[7][500:510].copy(), rng.integers(0, 5000, 12), docs[3][:1]]
+    short[1][4] = 4999
+    refs = [*docs, short[2], docs[3][:1]]
+    found = find_near_duplicates((q for q in short), (d for d in refs), measure="containment")
+    # a one-token document is no copy of every document holding its token: only of an identical one
+    assert [(f.query, f.reference, f.jaccard) for f in found] == [(0, 7, 1.0), (2, 30, 1.0), (3, 31, 1.0)]
 
 
 # --- end to end on a corpus where only retrieval can help ---------------------------------------------------------

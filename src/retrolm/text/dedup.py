@@ -120,20 +120,38 @@ def find_near_duplicates(
 def _find_contained(queries: Iterable[np.ndarray], references: Iterable[np.ndarray], threshold: float, n: int,
                     show_progress: bool) -> list[NearDuplicate]:
     """Exact containment: every reference n-gram goes into one sorted (hash, document) table; a query's n-grams are
-    looked up with binary search and counted per document. No sketch, so nothing is missed."""
+    looked up with binary search and counted per document. No sketch, so nothing is missed. A query of n/2 to n - 1
+    tokens is contained where a reference holds its whole token sequence (its one gram is then a window of its own
+    length, which the references are hashed at too); a shorter one only in an identical document."""
+    query_sets: list[np.ndarray] = []
+    short: dict[int, dict[int, list[int]]] = {}  # length < n → hash of the whole query → the queries
+    for q, toks in enumerate(queries):
+        query_sets.append(ngram_set(toks, n))
+        if (n + 1) // 2 <= len(toks) < n:  # shorter still (a word or two) is no copy of anything: identical only
+            short.setdefault(len(toks), {}).setdefault(int(query_sets[-1][0]), []).append(q)
+    wanted = {length: np.array(sorted(by_hash), dtype=np.uint64) for length, by_hash in short.items()}
     hashes, owners = [], []
+    short_hits: dict[int, set[int]] = {}  # short query → references holding it
     for i, toks in enumerate(tqdm(references, desc="index n-grams", unit="doc", disable=not show_progress)):
         h = ngram_set(toks, n)
         hashes.append(h)
         owners.append(np.full(len(h), i, dtype=np.int64))
+        for length, by_hash in short.items():
+            if len(toks) >= length:
+                for held in np.intersect1d(ngram_set(toks, length), wanted[length], assume_unique=True).tolist():
+                    for q in by_hash[held]:
+                        short_hits.setdefault(q, set()).add(i)
+    short_queries = {q for by_hash in short.values() for qs in by_hash.values() for q in qs}
     table = np.concatenate(hashes) if hashes else np.zeros(0, np.uint64)
     owner = np.concatenate(owners) if owners else np.zeros(0, np.int64)
     order = np.argsort(table, kind="stable")
     table, owner = table[order], owner[order]
     found = []
-    for q, toks in enumerate(queries):
-        h = ngram_set(toks, n)
+    for q, h in enumerate(query_sets):
         if not len(h):
+            continue
+        if len(h) == 1 and q in short_queries:
+            found += [NearDuplicate(q, r, 1.0) for r in sorted(short_hits.get(q, ()))]
             continue
         lo, hi = np.searchsorted(table, h, "left"), np.searchsorted(table, h, "right")
         hit = hi > lo
