@@ -238,7 +238,7 @@ def test_a_context_too_small_for_passage_and_prompt_keeps_both_and_reports_what_
     from retrolm.db import Hit
 
     class CharTokenizer:  # one token per character
-        eos_id = None
+        eos_id, stop_ids = None, frozenset()
 
         def encode(self, text):
             return [ord(c) % 256 for c in text]
@@ -276,6 +276,11 @@ def test_a_context_too_small_for_passage_and_prompt_keeps_both_and_reports_what_
             assert head == "B" * (len(head) - 2) + "\n\n" and set(tail) <= {"p", "x"}
         first = "".join(chr(i) for i in TinyLM.seen[0])
         assert g.prompt_tokens_dropped == 100 - first.count("p") == 100 - room // 2
+    # a span shorter than the stride (the last, or max_new_tokens below it) leaves the context more room
+    TinyLM.seen = []
+    settings = InContextSettings(stride=8, query_tokens=8, passages=1, context_tokens=60)
+    g = generate_in_context(TinyLM(), CharTokenizer(), "p" * 100, TwoPassages(), settings, max_new_tokens=12)
+    assert [len(ctx) for ctx in TinyLM.seen] == [64 - 8, 64 - 4] and g.new_tokens == 12
 
 
 def test_scaling_curves_of_a_pretrained_lm(copy_world):

@@ -43,12 +43,14 @@ def generate_in_context(
     out: list[int] = []
     chunks: list[GeneratedChunk] = []
     t0 = time.perf_counter()
-    room = lm.context_len - settings.stride  # what the context may hold before a span is decoded
-    if room < 2:
+    first_span = min(settings.stride, max_new_tokens)
+    if lm.context_len - first_span < 2:
         raise RetrolmError(f"generate: stride {settings.stride} leaves no room for a context in the "
                            f"{lm.context_len}-token context of {lm.name}")
     dropped = 0
     while len(out) < max_new_tokens:
+        # what the context may hold before the span is decoded: a last, shorter span leaves more of it
+        room = lm.context_len - min(settings.stride, max_new_tokens - len(out))
         history = ids + out
         hits = []
         if retriever is not None:
