@@ -177,6 +177,29 @@ def test_generate_and_eval_refuse_a_database_of_another_encoder(retro_checkpoint
     assert_one_line_error(rc, err, str(other_encoder_db), "encoder")
 
 
+def test_outputs_never_go_into_a_database_a_checkpoint_or_a_run(retro_checkpoint, db_copy, tmp_path, capsys):
+    """eval --out CHECKPOINT replaced its config.yaml (its checksums then failed and training could not resume);
+    --out DB wrote reports into the database; train out_dir=DB put checkpoints where db build --overwrite deletes
+    them; an empty out_dir wrote into the working directory."""
+    held_out = write_jsonl(tmp_path / "held.jsonl", wiki_docs(2, start=300))
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    before = {p: p.read_bytes() for p in Path(retro_checkpoint).iterdir()}
+    for out, holds in ((retro_checkpoint, "a model checkpoint"), (db_copy, "a retrolm database"),
+                       (run, "a training run")):
+        rc, _, err = run_cli(["eval", "--checkpoint", retro_checkpoint, "--db", db_copy, "--data", held_out,
+                              "--out", out, "-q"], capsys)
+        assert_one_line_error(rc, err, f"{out}: {holds}; eval / scale would write its files into it")
+    assert {p: p.read_bytes() for p in Path(retro_checkpoint).iterdir()} == before
+    rc, _, err = run_cli(["train", f"db={db_copy}", f"out_dir={db_copy}"], capsys)
+    assert_one_line_error(rc, err, f"{db_copy}: a retrolm database; train would write its files into it")
+    rc, _, err = run_cli(["train", f"db={db_copy}", "out_dir="], capsys)
+    assert_one_line_error(rc, err, "train: no output folder given (out_dir is empty)")
+    (tmp_path / "afile").write_text("x")
+    rc, _, err = run_cli(["rag-eval", "--db", db_copy, "--data", held_out, "--out", tmp_path / "afile"], capsys)
+    assert_one_line_error(rc, err, "afile: rag-eval writes a folder here, and this is a file")
+
+
 # ------------------------------------------------------------------------------------------------ 8. smaller
 def test_bm25_search_is_read_only_and_quiet(db_copy, capsys, caplog):
     before = snapshot(db_copy)

@@ -9,7 +9,7 @@ import typer
 
 from retrolm.cli.app import EXTRA, AsJson, ConfigFile, Quiet, app, command_config, print_json, print_table
 from retrolm.core.errors import RetrolmError
-from retrolm.core.io import write_json
+from retrolm.core.io import output_folder, write_json
 from retrolm.eval.multiplier import load_points, multiplier_report, plot_multiplier
 from retrolm.infer.rag import RagConfig, RagPipeline
 from retrolm.infer.rag_eval import RagEvalConfig, run_rag_eval
@@ -100,6 +100,7 @@ def rag_multiplier_cmd(
     """The compute multiplier: fit the baselines' metric against pretraining FLOPs and invert it at each system."""
     sys_points = load_points(systems, "systems")
     report = multiplier_report(load_points(baselines), sys_points, kind, chance, ceiling, queries)
+    out = output_folder(out, "rag-multiplier")
     write_json(out / "multiplier.json", report)
     plot_multiplier(out / "multiplier.png", report, sys_points, "bits per byte" if kind == "bpb" else "accuracy")
     if as_json:

@@ -273,6 +273,36 @@ def exclusive_lock(folder: Path, timeout: float | None = None, what: str = "data
             fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
+def folder_holds(path: Path) -> str | None:
+    """What retrolm keeps in a folder that an output must not be written into: a database, a model checkpoint (or
+    model folder) or a training run; None for any other folder."""
+    meta = path / "meta.json"
+    if meta.is_file():
+        with contextlib.suppress(OSError, ValueError):
+            if '"retrolm-db"' in meta.read_text(errors="replace")[:4096]:
+                return "a retrolm database"
+    if any((path / name).is_file() for name in ("model.safetensors", "model.json", "checksums.json")):
+        return "a model checkpoint"
+    if (path / "checkpoints").is_dir():
+        return "a training run"
+    return None
+
+
+def output_folder(path: str | Path | None, what: str, run_ok: bool = False) -> Path:
+    """``path`` as the folder ``what`` writes its files to, refused in one line when it is empty, a file, or a folder
+    holding a database, a checkpoint or (unless ``run_ok``: training resumes there) a training run, whose files it
+    would overwrite (a report's config.yaml over a checkpoint's broke its checksums)."""
+    if path is None or not str(path).strip():
+        raise RetrolmError(f"{what}: no output folder given (out_dir is empty)")
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise RetrolmError(f"{out}: {what} writes a folder here, and this is a file")
+    held = folder_holds(out) if out.is_dir() else None
+    if held is not None and not (run_ok and held == "a training run"):
+        raise RetrolmError(f"{out}: {held}; {what} would write its files into it (give another output folder)")
+    return out
+
+
 QUICK_DIGEST_FULL_BYTES = 64 << 20  # up to this size even a quick digest reads the whole file (~50 ms)
 
 

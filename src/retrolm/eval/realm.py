@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from retrolm.core.config import save_config
-from retrolm.core.io import write_json
+from retrolm.core.io import output_folder, write_json
 from retrolm.eval.qa import QAItem, mean_scores, normalize_answer, score_prediction
 from retrolm.models.realm import RealmModel
 from retrolm.train.realm import RealmConfig, predict
@@ -21,6 +21,7 @@ def evaluate_realm(model: RealmModel, docs: Documents, items: Sequence[QAItem], 
                    out_dir: str | Path | None = None, index: DocumentIndex | None = None) -> dict:
     """EM, F1, n and recall@k of ``model`` on ``items``; written to ``OUT/realm.json`` (with per-question
     predictions) when ``out_dir`` is given."""
+    out = None if out_dir is None else output_folder(out_dir, "realm eval")  # before the work, not after
     index = index or DocumentIndex.build(model, docs, 0, cfg.max_doc_len, cfg.embed_batch_size)
     items = [it for it in items if not it.multiple_choice]
     answers, retrieved = predict(model, index, docs, [it.question for it in items], cfg)
@@ -35,8 +36,8 @@ def evaluate_realm(model: RealmModel, docs: Documents, items: Sequence[QAItem], 
                      "answer_in_top_k": hit})
     result = {**mean_scores(scores), "recall_at_k": round(100 * sum(found) / max(1, len(found)), 2), "k": cfg.qa_k,
               "predictions": rows}
-    if out_dir is not None:
-        out = Path(out_dir)
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
         write_json(out / "realm.json", result)
         save_config(cfg, out / "config.yaml")
     return result

@@ -17,7 +17,7 @@ import yaml
 from retrolm.core.config import save_config
 from retrolm.core.errors import RetrolmError
 from retrolm.core.hub import find_checkpoint
-from retrolm.core.io import atomic_path, file_digest, write_bytes, write_json
+from retrolm.core.io import atomic_path, file_digest, output_folder, write_bytes, write_json
 from retrolm.core.versions import library_versions
 from retrolm.eval.config import EvalConfig
 from retrolm.eval.evaluator import Evaluator, Scores, display_name, neighbours_of_other_documents
@@ -37,7 +37,7 @@ def out_dir(cfg: EvalConfig, own: tuple[str, ...]) -> Path:
     evaluation itself (every ``EvalConfig`` field) differ from the ones already there, every result of either command
     is removed; when only this command's own settings differ (a scale axis's ks or fractions), its ``own`` files.
     They are removed before the new config is in place, so a rerun that fails midway leaves none of them."""
-    out = Path(cfg.out_dir)
+    out = output_folder(cfg.out_dir, "eval / scale")
     out.mkdir(parents=True, exist_ok=True)
     path, new = out / "config.yaml", out / ".config.yaml.new"
     save_config(cfg, new)

@@ -30,7 +30,7 @@ import numpy as np
 
 from retrolm.core.config import save_config
 from retrolm.core.errors import RetrolmError
-from retrolm.core.io import jsonl_values, write_bytes, write_json
+from retrolm.core.io import jsonl_values, output_folder, write_bytes, write_json
 from retrolm.db import BuildConfig, Database
 from retrolm.eval.qa import CHOICE_NORMALIZATIONS, load_qa
 from retrolm.infer.rag import PassageRetriever, retrieve_hops
@@ -130,7 +130,7 @@ class KnowledgeStudy:
         self.items = load_qa(data / "qa.jsonl")
         if any(not it.multiple_choice for it in self.items):
             raise RetrolmError(f"{data / 'qa.jsonl'}: every item must be multiple choice")
-        self.out = Path(cfg.out_dir)
+        self.out = output_folder(cfg.out_dir, "knowledge")
         self.tok = load_tokenizer(cfg.reader)
 
     def _reader(self, lm: CausalLM) -> Reader:

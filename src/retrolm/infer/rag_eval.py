@@ -43,7 +43,7 @@ from retrolm import __version__
 from retrolm.core.config import save_config
 from retrolm.core.errors import RetrolmError
 from retrolm.core.hub import model_identity
-from retrolm.core.io import atomic_path, file_digest, write_bytes, write_json
+from retrolm.core.io import atomic_path, file_digest, output_folder, write_bytes, write_json
 from retrolm.core.versions import library_versions
 from retrolm.db import DatabaseView, noisy_copy
 from retrolm.db.meta import needs_folder
@@ -362,9 +362,9 @@ def run_rag_eval(cfg: RagEvalConfig, show_progress: bool = True) -> dict[str, An
     if cfg.data is None or cfg.db is None:
         raise RetrolmError("rag-eval needs --data QA.jsonl and --db DB")
     t0 = time.perf_counter()
+    out = output_folder(cfg.out_dir, "rag-eval")
     items = load_qa(cfg.data, cfg.max_questions)
     baselines = _baselines(cfg, items)
-    out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
     db = DatabaseView.open(cfg.db, device=cfg.device)

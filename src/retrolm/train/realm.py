@@ -37,7 +37,7 @@ from torch import Tensor
 from retrolm.core.config import save_config
 from retrolm.core.device import default_device
 from retrolm.core.errors import RetrolmError
-from retrolm.core.io import write_json
+from retrolm.core.io import output_folder, write_json
 from retrolm.db.meta import swap_into_place
 from retrolm.models.realm import RealmModel, marginal_log_likelihood, retrieval_utility
 from retrolm.train.checkpoints import CheckpointManager, ResumeRefused, set_aside
@@ -294,7 +294,7 @@ def pretrain(docs: Documents, out_dir: str | Path, cfg: RealmConfig, model: Real
     Writes ``OUT/checkpoints/step-NNNNNN/``, ``OUT/final/`` (the model) and ``OUT/pretrain.json`` (the log:
     losses, retrieval utility, refresh lags). Returns the log.
     """
-    out = Path(out_dir)
+    out = output_folder(out_dir, "realm pretrain", run_ok=True)
     device = default_device(cfg.device)
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
@@ -467,7 +467,7 @@ def finetune(model: RealmModel, docs: Documents, questions: Sequence[str], answe
              out_dir: str | Path, cfg: RealmConfig) -> dict:
     """Fine-tune for open-domain QA with the document encoder and the index fixed; writes ``OUT/final/`` and
     ``OUT/finetune.json``."""
-    out = Path(out_dir)
+    out = output_folder(out_dir, "realm finetune", run_ok=True)
     _recover_final(out)
     check_questions(questions)
     check_lengths(model, cfg)

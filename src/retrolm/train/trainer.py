@@ -36,7 +36,7 @@ from retrolm.core.config import save_config
 from retrolm.core.device import autocast, default_device, peak_memory_gib
 from retrolm.core.errors import RetrolmError, first_line
 from retrolm.core.hub import find_checkpoint
-from retrolm.core.io import exclusive_lock, read_json, read_json_object, write_bytes, write_json
+from retrolm.core.io import exclusive_lock, output_folder, read_json, read_json_object, write_bytes, write_json
 from retrolm.db import DatabaseView
 from retrolm.models import RetroModel
 from retrolm.models.weights import load_weights, read_model_config, read_weights, tied_aliases
@@ -217,7 +217,7 @@ class Trainer:
 
     def __init__(self, cfg: LoopConfig):
         self.cfg = cfg
-        self.out = Path(cfg.out_dir)
+        self.out = output_folder(cfg.out_dir, "train", run_ok=True)
         self.step = 0
         self.writer = None
         self.checkpoints = CheckpointManager(self.out / "checkpoints", cfg.keep_checkpoints)
