@@ -441,6 +441,29 @@ def test_counts_and_sweeps_that_ask_for_nothing(tmp_path, built_db, capsys):
     assert_one_line_error(rc, err, "','", "expected comma-separated numbers")
 
 
+def test_settings_out_of_range_are_refused_before_any_work(tmp_path, built_db, capsys):
+    """Each of these was a traceback, ran for minutes, or failed after training with the wrong advice."""
+    held = write_jsonl(tmp_path / "h.jsonl", wiki_docs(1, start=300))
+    common = ["--checkpoint", tmp_path, "--db", built_db.path, "--data", held, "--out", tmp_path / "s"]
+    for args, message in [
+        (["scale", "db-size", *common, "--fractions", "0.5,nan"], "database fractions must be in (0, 1]"),
+        (["scale", "neighbours", *common, "--ks", "2,100000"], "neighbour counts must be in 1..1000"),
+        (["eval", *common, "-k", "100000"], "neighbours must be in 1..1000, got 100000"),
+        (["generate", "--checkpoint", tmp_path, "--db", built_db.path, "--prompt", "Hi", "-k", "100000"],
+         "number of neighbours must be in 1..1000"),
+        (["train", f"db={built_db.path}", f"out_dir={tmp_path / 'r'}", "num_neighbours=5000"],
+         "num_neighbours must be at most 1000"),
+        (["train", f"db={built_db.path}", f"out_dir={tmp_path / 'r'}", "lr=inf"], "lr must be > 0"),
+        (["train", f"db={built_db.path}", f"out_dir={tmp_path / 'r'}", "min_lr=nan"], "lr must be > 0"),
+        (["knowledge", "--data", tmp_path, "--out", tmp_path / "k", "device=gpu"], "gpu"),
+        (["knowledge", "--data", tmp_path, "--out", tmp_path / "k", "finetune.weight_decay=-1"],
+         "finetune: weight_decay must be >= 0, got -1.0"),
+    ]:
+        rc, _, err = run_cli(args, capsys)
+        assert_one_line_error(rc, err, message)
+    assert not (tmp_path / "r").exists()
+
+
 def test_usage_errors_exit_2_without_a_traceback(capsys):
     """typer >= 0.29 bundles its own click, whose exceptions are not click's: an unknown option was a traceback."""
     for args, message in [(["db", "search", "nodb", "q", "--k", "3"], "No such option: --k"),

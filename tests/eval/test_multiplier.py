@@ -105,8 +105,11 @@ def test_curves_a_multiplier_cannot_be_read_off_and_bad_systems_are_refused():
         multiplier_report(base, [Point("x", 1e15, 1.9), Point("x", 1e16, 1.85)], "bpb")
     with pytest.raises(RetrolmError, match="system 'y': pretraining FLOPs must be positive"):
         multiplier_report(base, [Point("y", 0.0, 1.9)], "bpb")
-    with pytest.raises(RetrolmError, match="questions charged must be >= 0"):
-        multiplier_report(base, [Point("x", 1e15, 1.9, 1e12)], "bpb", queries=-5)
+    for queries in (-5, float("nan"), float("inf")):  # NaN dropped the charge from the report, inf gave 0
+        with pytest.raises(RetrolmError, match="questions charged must be a finite number >= 0"):
+            multiplier_report(base, [Point("x", 1e15, 1.9, 1e12)], "bpb", queries=queries)
+    with pytest.raises(RetrolmError, match=r"system 'z': .* test-time FLOPs >= 0 \(finite\)"):
+        multiplier_report(base, [Point("z", 1e15, 1.9, float("inf"))], "bpb", queries=1)
 
 
 def test_multiplier_cli(tmp_path, capsys):

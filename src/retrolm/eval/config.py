@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from retrolm.core.errors import RetrolmError
 from retrolm.db.meta import needs_folder
+from retrolm.retrieval.neighbours import MAX_NEIGHBOURS
 
 
 @dataclass
@@ -79,8 +80,8 @@ class EvalConfig:
 
     def __post_init__(self) -> None:
         needs_folder(self.db, "evaluation")  # before anything is written to the output folder
-        if self.neighbours is not None and self.neighbours < 1:
-            raise RetrolmError(f"neighbours must be >= 1, got {self.neighbours}")
+        if self.neighbours is not None and not 1 <= self.neighbours <= MAX_NEIGHBOURS:
+            raise RetrolmError(f"neighbours must be in 1..{MAX_NEIGHBOURS}, got {self.neighbours}")
         if self.context_chunks < 0:
             raise RetrolmError(f"context_chunks must be >= 0, got {self.context_chunks}")
         if self.leakage_neighbours < 1 or self.novel_tokens < 1 or self.ngram < 1 or self.batch_size < 1:
@@ -114,7 +115,7 @@ class ScaleConfig(EvalConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not self.fractions or min(self.fractions) <= 0 or max(self.fractions) > 1:
+        if not self.fractions or not all(0 < f <= 1 for f in self.fractions):  # NaN fails the test too
             raise RetrolmError(f"database fractions must be in (0, 1], got {self.fractions}")
-        if not self.ks or min(self.ks) < 1:
-            raise RetrolmError(f"neighbour counts must be positive, got {self.ks}")
+        if not self.ks or not all(1 <= k <= MAX_NEIGHBOURS for k in self.ks):
+            raise RetrolmError(f"neighbour counts must be in 1..{MAX_NEIGHBOURS}, got {self.ks}")

@@ -154,14 +154,14 @@ def multiplier(fit: Fit, system: Point, queries: float = 0.0) -> dict:
 def multiplier_report(baselines: Sequence[Point], systems: Sequence[Point], kind: str, chance: float = 0.0,
                       ceiling: float = 1.0, queries: float = 0.0) -> dict:
     """Fit the baselines, then the multiplier of every system."""
-    if queries < 0:
-        raise RetrolmError(f"the questions charged must be >= 0, got {queries:g}")
+    if not (queries >= 0 and math.isfinite(queries)):  # NaN passed and dropped the charge; inf gave 0
+        raise RetrolmError(f"the questions charged must be a finite number >= 0, got {queries:g}")
     names = [s.name for s in systems]
     if len(set(names)) < len(names):
         raise RetrolmError(f"system names must differ: {sorted({n for n in names if names.count(n) > 1})} repeat")
-    bad = [s.name for s in systems if not s.flops > 0 or s.test_flops_per_question < 0]
+    bad = [s.name for s in systems if not (0 < s.flops < math.inf and 0 <= s.test_flops_per_question < math.inf)]
     if bad:
-        raise RetrolmError(f"system {bad[0]!r}: pretraining FLOPs must be positive and test-time FLOPs >= 0")
+        raise RetrolmError(f"system {bad[0]!r}: pretraining FLOPs must be positive and test-time FLOPs >= 0 (finite)")
     fit = fit_metric(baselines, kind, chance, ceiling)
     return {"kind": kind, "fit": fit.to_dict(),
             "baselines": [{"name": p.name, "flops": p.flops, "metric": p.metric,

@@ -20,6 +20,7 @@ from retrolm.db import Hit
 from retrolm.infer.sampling import check_sampling, sample
 from retrolm.models import RetroModel
 from retrolm.retrieval import Retriever
+from retrolm.retrieval.neighbours import MAX_NEIGHBOURS
 from retrolm.text.tokenizer import LMTokenizer
 
 logger = logging.getLogger(__name__)
@@ -59,8 +60,8 @@ class GenerateConfig:
 
     def __post_init__(self) -> None:
         check_sampling(self.max_new_tokens, self.temperature, self.top_p)
-        if self.neighbours is not None and self.neighbours < 1:
-            raise RetrolmError(f"generate: number of neighbours must be >= 1, got {self.neighbours}")
+        if self.neighbours is not None and not 1 <= self.neighbours <= MAX_NEIGHBOURS:
+            raise RetrolmError(f"generate: number of neighbours must be in 1..{MAX_NEIGHBOURS}, got {self.neighbours}")
         if not self.checkpoint:
             raise RetrolmError("generate: --checkpoint is required")
         if not self.prompt.strip():

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from retrolm.core.config import save_config
+from retrolm.core.device import default_device
 from retrolm.core.errors import RetrolmError
 from retrolm.core.io import jsonl_values, output_folder, write_bytes, write_json
 from retrolm.db import BuildConfig, Database
@@ -82,6 +83,7 @@ class KnowledgeConfig:
             raise RetrolmError(f"conditions: choose from {', '.join(CONDITIONS)}; got {bad or 'none'}")
         if self.retrieve_k < 1 or self.demonstrations < 1 or self.bootstrap < 1 or self.hops < 1:
             raise RetrolmError("retrieve_k, hops, demonstrations and bootstrap must be >= 1")
+        default_device(self.device)  # "gpu", or cuda without one: one line now, not a traceback at the first load
 
 
 def _jsonl(path: Path, lists: tuple[str, ...] = ()) -> list[dict]:

@@ -186,6 +186,8 @@ class RetrofitModelConfig:
         self.enc_n_head = max(1, self.enc_d_model // 64) if self.enc_n_head is None else self.enc_n_head
         check(not (self.unfreeze and self.lora), "unfreeze and lora are exclusive (LoRA adapts a frozen base)")
         check(self.lora_r > 0, f"lora_r must be positive, got {self.lora_r}")
+        check(math.isfinite(self.lora_alpha) and self.lora_alpha > 0, f"lora_alpha must be positive, got "
+              f"{self.lora_alpha}")
         check(self.seq_len > 0 and self.seq_len % self.chunk_len == 0,
               f"seq_len {self.seq_len} must be a positive multiple of chunk_len {self.chunk_len}")
         if self.lora_target_modules is not None:

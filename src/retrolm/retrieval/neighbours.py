@@ -41,6 +41,11 @@ EXCLUSION_RULE = 2
 SEARCH_BACKENDS = ("faiss", "torch")
 
 
+MAX_NEIGHBOURS = 1000
+"""The most neighbours (or passages) a model reads per chunk: RETRO reads 2-40, in-context readers a few; a count
+beyond this (-k 100000) is a typo that ran for minutes or out of memory."""
+
+
 @dataclass
 class NeighbourConfig:
     """How neighbours are precomputed."""

@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field
 
 from retrolm.core.errors import RetrolmError
 from retrolm.models import PRESETS, RetroConfig
-from retrolm.retrieval.neighbours import EXCLUDE_RULES
+from retrolm.retrieval.neighbours import EXCLUDE_RULES, MAX_NEIGHBOURS
 
 
 @dataclass
@@ -143,10 +143,13 @@ class LoopConfig:
             raise RetrolmError("neighbour_swap needs batch_size >= 2 (a chunk reads another sequence's neighbours)")
         if self.num_neighbours < 1 or self.keep_checkpoints < 1:
             raise RetrolmError("num_neighbours and keep_checkpoints must be positive")
+        if self.num_neighbours > MAX_NEIGHBOURS:
+            raise RetrolmError(f"num_neighbours must be at most {MAX_NEIGHBOURS}, got {self.num_neighbours}")
         for name in ("eval_every", "eval_batches", "save_every", "log_every"):
             if getattr(self, name) < 1:  # checked here, not as a ZeroDivisionError after the neighbour search
                 raise RetrolmError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not self.lr > 0 or self.min_lr < 0 or self.warmup_steps < 0 or self.weight_decay < 0:
+        finite = all(math.isfinite(v) for v in (self.lr, self.min_lr, self.weight_decay))  # inf / NaN failed later
+        if not finite or not self.lr > 0 or self.min_lr < 0 or self.warmup_steps < 0 or self.weight_decay < 0:
             raise RetrolmError(f"lr must be > 0 and min_lr, warmup_steps, weight_decay >= 0 (got lr={self.lr}, "
                                f"min_lr={self.min_lr}, warmup_steps={self.warmup_steps}, "
                                f"weight_decay={self.weight_decay})")

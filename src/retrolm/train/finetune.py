@@ -36,6 +36,8 @@ class FinetuneConfig:
             raise RetrolmError("finetune: epochs and batch_size must be >= 1, warmup_steps >= 0")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise RetrolmError(f"finetune: lr must be > 0, got {self.lr}")
+        if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
+            raise RetrolmError(f"finetune: weight_decay must be >= 0, got {self.weight_decay}")
 
 
 def finetune(lm: CausalLM, tokenizer: LMTokenizer, texts: Sequence[str], cfg: FinetuneConfig,
