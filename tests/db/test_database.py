@@ -367,6 +367,9 @@ def test_a_noisy_copy_follows_a_rebuilt_source(tmp_path):
                          overwrite=True, show_progress=False)
     again = noisy_copy(src, tmp_path / "noisy", [noise])
     assert set(again.live_doc_ids()) == {d["id"] for d in wiki_docs(4, start=50) + wiki_docs(2, start=100)}
+    # noise that repeats the database's documents: scale has no --replace to suggest
+    with pytest.raises(RetrolmError, match=r"already in .*noisy \(noise must be other documents than the database's\)"):
+        noisy_copy(src, tmp_path / "noisy", [tmp_path / "b.jsonl"])
 
 
 def test_a_bad_index_factory_fails_before_any_chunk_is_embedded(tmp_path, tiny_db_config, monkeypatch):

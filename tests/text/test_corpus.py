@@ -254,3 +254,32 @@ def test_split_that_leaves_a_side_empty_is_an_error(tmp_path, capsys):
     counts = {part: len(docs) for part, docs in read_split(tmp_path / "cli").items()}
     want = f"{tmp_path / 'cli'}: {counts['train']} train documents, {counts['heldout']} held-out documents"
     assert out.strip() == want
+
+
+def test_split_never_replaces_its_own_input(tmp_path):
+    """Splitting out/train.jsonl into out/ renamed the new files over the input: the first split's held-out
+    documents were gone without a word. An output folder inside a corpus folder is read back on a rerun."""
+    split_corpus([write_jsonl(tmp_path / "a.jsonl", wiki_docs(40))], tmp_path / "sp", heldout=0.2)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "sp").iterdir()}
+    with pytest.raises(RetrolmError, match=r"train\.jsonl: the split would replace its own input"):
+        split_corpus([tmp_path / "sp" / "train.jsonl"], tmp_path / "sp", heldout=0.3, seed=3)
+    with pytest.raises(RetrolmError, match="output folder is inside the corpus folder"):
+        split_corpus([tmp_path], tmp_path / "sp2", heldout=0.3)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "sp").iterdir()} == before
+
+
+def test_a_database_or_checkpoint_folder_is_not_a_corpus(built_db, tmp_path, caplog):
+    """A database given as a corpus (scale --noise DB) was read as 44 documents: meta.json, tokenizer.json, ...
+    Inside a corpus folder such a folder is skipped with a warning."""
+    with pytest.raises(RetrolmError, match="a retrolm database, not a corpus"):
+        list(iter_documents([built_db.path]))
+    import shutil
+
+    corpus = tmp_path / "corpus"
+    shutil.copytree(built_db.path, corpus / "db")
+    (corpus / "ckpt").mkdir()
+    (corpus / "ckpt" / "model.json").write_text("{}")
+    (corpus / "notes.md").write_text("the only document")
+    with caplog.at_level(logging.WARNING):
+        assert [d.id for d in iter_documents([corpus])] == ["notes.md"]
+    assert "a retrolm database, not corpus text" in caplog.text and "a model checkpoint" in caplog.text

@@ -102,10 +102,12 @@ class Database(DatabaseView):
             yield
 
     # ---- live updates
-    def add(self, corpus: Sequence[str | Path], replace: bool = False, show_progress: bool = True) -> dict:
+    def add(self, corpus: Sequence[str | Path], replace: bool = False, show_progress: bool = True,
+            duplicate_hint: str = "use --replace") -> dict:
         """Append documents; new chunks are searchable as soon as this returns. No existing data is rebuilt.
 
-        A document whose id is already live is an error, unless ``replace`` (then the old one is deleted).
+        A document whose id is already live is an error (its message ending in ``duplicate_hint``), unless ``replace``
+        (then the old one is deleted).
         Resumable like :meth:`build`. Returns counts of what was added/replaced.
         """
         here = self.path.resolve()
@@ -122,7 +124,7 @@ class Database(DatabaseView):
             staging.mkdir(exist_ok=True)
             write_json(staging / "plan.json", plan)
             try:
-                result = self._add_staged(staging, corpus, replace, show_progress)
+                result = self._add_staged(staging, corpus, replace, show_progress, duplicate_hint)
             except (RetrolmError, OSError):
                 if not any((staging / "embeddings").glob("*.npy")):  # nothing worth resuming
                     shutil.rmtree(staging, ignore_errors=True)
@@ -130,7 +132,8 @@ class Database(DatabaseView):
             shutil.rmtree(staging, ignore_errors=True)
         return result
 
-    def _add_staged(self, staging: Path, corpus: Sequence[str | Path], replace: bool, show_progress: bool) -> dict:
+    def _add_staged(self, staging: Path, corpus: Sequence[str | Path], replace: bool, show_progress: bool,
+                    duplicate_hint: str) -> dict:
         live = {d: i for i, d in enumerate(self.store.doc_ids) if not self.deleted_docs[i]}
         by_name: dict[str, list[str]] = {}  # live ids by their last path part, for --replace's hint below
         if replace:
@@ -146,7 +149,7 @@ class Database(DatabaseView):
                     continue
                 if doc.id in live and not replace:
                     raise RetrolmError(
-                        f"{doc.source}: document id {doc.id!r} is already in {self.path} (use --replace)")
+                        f"{doc.source}: document id {doc.id!r} is already in {self.path} ({duplicate_hint})")
                 if replace and doc.id not in live and (same := [d for d in by_name.get(doc.id, []) if d != doc.id]):
                     # a file's id is its path under the folder given: the edited file given alone gets its bare name
                     logger.warning("%s: document id %r replaces nothing; %s holds %s (a file's id is its path under "
@@ -347,6 +350,6 @@ def noisy_copy(db: DatabaseView, path: Path, noise: Sequence[str | Path], show_p
     shutil.rmtree(path, ignore_errors=True)
     shutil.copytree(db.path, path)
     noisy = Database.open(path)
-    noisy.add(noise, show_progress=show_progress)
+    noisy.add(noise, show_progress=show_progress, duplicate_hint="noise must be other documents than the database's")
     write_json(marker, want)
     return Database.open(path)

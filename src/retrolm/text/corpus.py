@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from retrolm.core.errors import RetrolmError
-from retrolm.core.io import atomic_path
+from retrolm.core.io import atomic_path, folder_holds
 
 logger = logging.getLogger(__name__)
 
@@ -260,6 +260,8 @@ def list_files(paths: Iterable[str | Path]) -> list[tuple[Path, Path]]:
         root = Path(p)
         if not root.exists():
             raise RetrolmError(f"{root}: corpus path does not exist")
+        if root.is_dir() and (held := folder_holds(root)) is not None:  # its meta.json and tokenizer read as text
+            raise RetrolmError(f"{root}: {held}, not a corpus (give the folder or files of the documents)")
         files, links = ([root], []) if root.is_file() else _folder_files(root)
         for f in files:
             _add_file(f, root, seen, out)
@@ -303,7 +305,9 @@ def _folder_files(root: Path) -> tuple[list[Path], list[Path]]:
         real, links = [], []
         for d in sorted(d for d in dirnames if not d.startswith(".")):
             path = os.path.join(dirpath, d)
-            if not os.path.islink(path):
+            if (held := folder_holds(Path(path))) is not None:
+                logger.warning("skipping %s: %s, not corpus text", path, held)
+            elif not os.path.islink(path):
                 real.append(d)
             elif holds_corpus(path):
                 logger.warning("skipping %s: a link to a folder that holds the corpus", path)
@@ -408,6 +412,12 @@ def split_corpus(
     if not 0.0 < heldout < 1.0:
         raise RetrolmError(f"held-out fraction must be in (0, 1), got {heldout}")
     out = Path(out_dir)
+    targets = {(out / name).resolve() for name in ("train.jsonl", "heldout.jsonl")}
+    for p in map(Path, paths := list(paths)):
+        if p.resolve() in targets:  # the split was renamed over its own input: the held-out documents were lost
+            raise RetrolmError(f"{p}: the split would replace its own input; choose another --out")
+        if p.is_dir() and out.resolve().is_relative_to(p.resolve()):  # a rerun would read the last split as corpus
+            raise RetrolmError(f"{out}: output folder is inside the corpus folder {p}; choose another --out")
     counts = {"train": 0, "heldout": 0}
     with (
         atomic_path(out / "train.jsonl") as t,
