@@ -676,3 +676,20 @@ def test_a_continuation_under_another_split_is_warned_about(built_db, tmp_path, 
             t.setup(show_progress=False)
         t.cleanup()
         assert ("trained on a split made with other settings (seed 0 → 1)" in caplog.text) == warned, caplog.text
+
+
+def test_two_runs_never_write_to_one_folder_at_once(built_db, tmp_path):
+    """A second train into the same out_dir wrote every metrics row twice (the same settings) or saved over the
+    other's checkpoints (another model); it is refused while the first holds the folder, which it gives up when
+    its training ends or its setup fails."""
+    first = Trainer(tiny_cfg(built_db, tmp_path / "r", steps=2))
+    first.setup(show_progress=False)
+    with pytest.raises(RetrolmError, match="another retrolm process is still writing to this training run"):
+        Trainer(tiny_cfg(built_db, tmp_path / "r", steps=2)).setup(show_progress=False)
+    first.train()
+    second = Trainer(tiny_cfg(built_db, tmp_path / "r", steps=3))
+    second.setup(show_progress=False)  # the first run's training ended: the folder can be resumed
+    assert second.step == 2
+    second.cleanup()
+    rows = [json.loads(x) for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "train/loss" in r] == [1, 2]

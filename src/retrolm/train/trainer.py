@@ -22,6 +22,7 @@ import logging
 import math
 import os
 import random
+import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import asdict
@@ -218,6 +219,7 @@ class Trainer:
     def __init__(self, cfg: LoopConfig):
         self.cfg = cfg
         self.out = output_folder(cfg.out_dir, "train", run_ok=True)
+        self._run_lock: contextlib.ExitStack | None = None
         self.step = 0
         self.writer = None
         self.checkpoints = CheckpointManager(self.out / "checkpoints", cfg.keep_checkpoints)
@@ -313,6 +315,18 @@ class Trainer:
 
     # ------------------------------------------------------------------ setup
     def setup(self, resume: bool = True, show_progress: bool = True) -> None:
+        """Build the model, data and neighbours, and resume from the newest intact checkpoint (unless ``resume`` is
+        False); the run folder is this process's until :meth:`train` ends, :meth:`cleanup` or a failed setup."""
+        fresh = not self.out.exists()
+        try:
+            self._setup(resume, show_progress)
+        except BaseException:
+            self._release_run()
+            if fresh and self.out.is_dir() and {p.name for p in self.out.iterdir()} <= {".lock"}:
+                shutil.rmtree(self.out, ignore_errors=True)  # a run refused at its checks leaves no folder behind
+            raise
+
+    def _setup(self, resume: bool, show_progress: bool) -> None:
         cfg = self.cfg
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
@@ -329,6 +343,10 @@ class Trainer:
         self.main = self.rank == 0
         self.show = show_progress and self.main
         self.sharded = self.world > 1 and cfg.distributed == "fsdp"
+        if self.main:  # a second run into the folder wrote every metrics row twice, or saved over the other's model
+            self._release_run()
+            self._run_lock = contextlib.ExitStack()
+            self._run_lock.enter_context(exclusive_lock(self.out, timeout=0, what="training run (out_dir)"))
         metrics = self.out / "metrics.jsonl"
         earlier = metrics.read_text() if self.main and metrics.is_file() else ""
         if earlier and not earlier.endswith("\n"):  # a row torn by a crash: this run's rows start on a line of its own
@@ -637,6 +655,7 @@ class Trainer:
         bar.close()
         if cfg.steps == 0 and not self.checkpoints.all():  # the model as built, for eval and generate
             self.save_checkpoint()
+        self._release_run()  # its last write is done: the folder is another run's to resume (API callers too)
         return last
 
     def _held_mb(self) -> float:
@@ -782,7 +801,13 @@ class Trainer:
         elif state.get("cuda_rng") is not None and torch.cuda.is_available():  # written before per-rank states
             torch.cuda.set_rng_state_all(state["cuda_rng"])
 
+    def _release_run(self) -> None:
+        if self._run_lock is not None:
+            self._run_lock.close()
+            self._run_lock = None
+
     def cleanup(self) -> None:
+        self._release_run()
         if self.writer is not None:
             self.writer.close()
         if self.world > 1:
