@@ -436,6 +436,11 @@ def test_counts_and_sweeps_that_ask_for_nothing(tmp_path, built_db, capsys):
     rc, _, err = run_cli(["corpus", "versions", "--old", tmp_path, "--new", tmp_path, "--out", tmp_path / "v",
                           "--seed", "-1"], capsys)
     assert_one_line_error(rc, err, "--seed must be in 0..2**63-1, got -1")
+    corpus = write_jsonl(tmp_path / "c.jsonl", wiki_docs(4))
+    rc, _, err = run_cli(["corpus", "split", corpus, "--out", tmp_path / "sp", "--seed", "-1"], capsys)
+    assert_one_line_error(rc, err, "--seed must be in 0..2**63-1, got -1")
+    rc, _, err = run_cli(["db", "info", corpus], capsys)
+    assert_one_line_error(rc, err, "c.jsonl: a file, not a database folder")
     rc, _, err = run_cli(["scale", "neighbours", "--checkpoint", tmp_path, "--db", built_db.path, "--data",
                           tmp_path / "h.jsonl", "--out", tmp_path / "s", "--ks", ","], capsys)
     assert_one_line_error(rc, err, "','", "expected comma-separated numbers")

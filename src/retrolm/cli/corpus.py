@@ -23,6 +23,7 @@ def corpus_split(
     seed: Annotated[int, typer.Option(help="Seed of the hash that assigns documents.")] = 0,
 ) -> None:
     """Split a corpus by document into train.jsonl (for the database) and heldout.jsonl (for evaluation)."""
+    check_seed(seed, "--seed")
     counts = split_corpus(corpus, out, heldout, seed)
     typer.echo(f"{out}: {counts['train']} train documents, {counts['heldout']} held-out documents")
 

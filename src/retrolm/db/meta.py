@@ -70,6 +70,7 @@ def read_meta(path: Path) -> dict:
         raise RetrolmError(f"{path}: unfinished build staging folder, not a database (re-run the build of {final})")
     if path.is_file():
         needs_folder(path, "this")
+        raise RetrolmError(f"{path}: a file, not a database folder")
     if not path.is_dir():
         raise RetrolmError(f"{path}: database folder does not exist")
     meta = read_json(path / "meta.json", "database description (meta.json)")
