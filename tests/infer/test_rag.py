@@ -264,6 +264,7 @@ def test_answer_extraction():
     assert extract_answer("[3] Richard Overy") == "Richard Overy" and extract_answer("Paris [1][2]") == "Paris [1][2]"
     assert extract_answer("Answer: [1] [2] Paris [2]") == "Paris" and extract_answer("array[0]") == "array[0]"
     assert extract_answer("**Answer:** Paris") == "Paris"
+    assert extract_answer("**Answer:**\n[2]\n  Paris\nmore") == "Paris"  # a label alone on its line, then the answer
 
 
 def test_cli_contract(world, capsys):
@@ -451,6 +452,22 @@ def test_passages_that_do_not_fit_are_the_lowest_ranked_left_out_and_not_reporte
     for question, query, what in [("What is \udcff?", None, "question"), ("What?", "x \ud800", "query")]:
         with pytest.raises(RetrolmError, match=f"rag: the {what}: not valid Unicode"):
             pipe.answer(question, query)
+
+
+def test_an_answer_label_on_its_own_line_does_not_end_the_answer(world, monkeypatch):
+    """A reader writing "**Answer:**", a line break, then the answer was stopped at the break: the answer extracted
+    from "**Answer:**" is empty. A line break ends the answer once there is one."""
+    import retrolm.infer.reader as reader_module
+
+    reader = RagPipeline.load(RagConfig(reader=world["lm"], **PLAIN)).reader
+    tok = reader.tok
+    script = [*tok.encode("**Answer:**"), *tok.encode("\n"), *tok.encode(" ember"), *tok.encode("\n"),
+              *tok.encode("and more")]
+    written = iter(script)
+    monkeypatch.setattr(reader_module, "sample", lambda *args: next(written))
+    (reading,) = reader.generate([reader.prompt_ids("The code of drunek is", ["The code of drunek is ember"])],
+                                 max_new_tokens=len(script))
+    assert reading.answers == ["ember"] and reading.texts == ["**Answer:**\n ember"]
 
 
 def test_batched_reading_matches_reading_alone(world):

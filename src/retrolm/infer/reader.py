@@ -49,11 +49,13 @@ def chat_tokenizer(path: str) -> object | None:
 
 
 def extract_answer(text: str) -> str:
-    """The answer in a generation: its first non-empty line without an ``Answer:`` prefix (``**Answer:**`` too),
-    passage numbers (``[3]``) or surrounding quotes."""
-    line = next((ln for ln in text.splitlines() if ln.strip()), "")
-    line = _CITATIONS.sub("", _PREFIX.sub("", line))
-    return _PREFIX.sub("", line).strip().strip("\"'`*").strip()
+    """The answer in a generation: its first line that holds more than an ``Answer:`` prefix (``**Answer:**`` too),
+    passage numbers (``[3]``) or surrounding quotes, without them."""
+    for line in text.splitlines():  # a label alone on its line ("**Answer:**") is followed by the answer
+        line = _CITATIONS.sub("", _PREFIX.sub("", line))
+        if answer := _PREFIX.sub("", line).strip().strip("\"'`*").strip():
+            return answer
+    return ""
 
 
 def check_template(template: str) -> None:
@@ -288,8 +290,11 @@ class Reader:
                     continue
                 t = sample(logits[r], temperature, top_p, gens[r])
                 sampled[r] += 1
-                begun = any(x not in blank for x in toks[r])
-                if t in self.stop_ids or (t in breaks and begun):
+                # a line break ends the answer once there is one: a label alone ("**Answer:**" on its own line, a
+                # passage number) is not an answer yet, and extract_answer would find nothing in it
+                begun = t in breaks and any(x not in blank for x in toks[r]) and \
+                    bool(extract_answer(self.tok.decode(toks[r])))
+                if t in self.stop_ids or begun:
                     done[r] = True
                 else:
                     toks[r].append(t)
