@@ -145,7 +145,7 @@ def test_blank_search_query_is_refused(built_db, query, capsys):
 
 
 @pytest.mark.parametrize(("args", "message"), [
-    (["-k", "0", "--prompt", "Hello"], "neighbours must be >= 1, got 0"),
+    (["-k", "0", "--prompt", "Hello"], "neighbours must be in 1..1000, got 0"),
     (["--prompt", ""], "prompt is empty"),
     (["--prompt", "  \n"], "prompt is empty"),
 ])
