@@ -96,6 +96,9 @@ def test_curves_a_multiplier_cannot_be_read_off_and_bad_systems_are_refused():
     for fit in (fit_loglinear, fit_sigmoid):
         with pytest.raises(RetrolmError, match=r"all score 0\.7: a metric that does not change"):
             fit(flat)
+    below_chance = [Point("s", 1e18, 0.19), Point("m", 1e19, 0.228), Point("l", 1e20, 0.18)]
+    with pytest.raises(RetrolmError, match=r"all score at or below chance \(0\.25\)"):
+        fit_sigmoid(below_chance, 0.25, 1.0)
     with pytest.raises(RetrolmError, match=r"'s' has accuracy 30, above the ceiling 1 .*percent"):
         fit_sigmoid([Point("s", 1e15, 30.0), Point("l", 1e17, 40.0)], 0.0, 1.0)
     # a metric far past the fit: no equivalent compute instead of an overflow

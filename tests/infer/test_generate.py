@@ -214,3 +214,19 @@ def test_generate_cli_json_from_a_trained_checkpoint(built_db, tmp_path, capsys)
     args = ["generate", "--checkpoint", tmp_path / "run", "--prompt", "The history", "--max-new-tokens", 5]
     rc, out, _ = run_cli(args, capsys)
     assert rc == 0 and "retrieval off" in out
+
+
+def test_generation_stops_at_any_stop_token_of_the_tokenizer(built_db, monkeypatch):
+    """A chat model's turn ends in its own token (<|im_end|>), not the EOS that separates documents: generation ran
+    past it to max_new_tokens, writing turns of its own."""
+    import copy
+    import sys
+
+    generate_module = sys.modules["retrolm.infer.generate"]  # the package exports the function under that name
+    tok = copy.copy(built_db.tokenizer)
+    end_of_turn = 5
+    tok.stop_ids = frozenset({tok.eos_id, end_of_turn})
+    written = iter([7, 8, end_of_turn, 9, 10])
+    monkeypatch.setattr(generate_module, "sample", lambda *args: next(written))
+    g = generate(random_model(built_db), tok, "The river", DenseRetriever(built_db), max_new_tokens=5)
+    assert [t for c in g.chunks for t in c.token_ids] == [7, 8] and g.new_tokens == 2

@@ -126,6 +126,9 @@ def test_a_malformed_data_file_is_one_line_naming_it(knowledge, tmp_path, capsys
 def test_demonstrations_are_sound_and_the_database_is_this_sets(knowledge, tmp_path):
     from retrolm.infer.reader import Reading
 
+    with pytest.raises(RetrolmError, match="a model checkpoint; knowledge would write its files into it"):
+        KnowledgeStudy(KnowledgeConfig(data=str(knowledge / "data"), reader=str(knowledge / "copier"),
+                                       out_dir=str(knowledge / "copier")))  # its reports over the reader's files
     study = KnowledgeStudy(KnowledgeConfig(data=str(knowledge / "data"), reader=str(knowledge / "copier"),
                                            out_dir=str(tmp_path / "out")))
     seen = []

@@ -317,6 +317,8 @@ def test_finetune_learns_qa_whose_answers_are_only_in_the_store(tokenizer, tmp_p
     before = evaluate_realm(model, docs, items, cfg)
     finetune(model, docs, [it.question for it in items], [it.answers for it in items], tmp_path / "ft", cfg)
     after = evaluate_realm(model, docs, items, cfg, tmp_path / "eval")
+    with pytest.raises(RetrolmError, match="a model checkpoint; realm eval would write its files into it"):
+        evaluate_realm(model, docs, items, cfg, tmp_path / "ft" / "final")  # its config.yaml over the model's
     top1 = sum(r["retrieved"][0] == int(r["id"]) for r in after["predictions"])
     assert before["em"] <= 25.0
     assert after["em"] >= 75.0 and top1 >= 6

@@ -693,3 +693,14 @@ def test_two_runs_never_write_to_one_folder_at_once(built_db, tmp_path):
     second.cleanup()
     rows = [json.loads(x) for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "train/loss" in r] == [1, 2]
+    # a training that fails gives the folder up too (a retry in the same process), and the neighbour folder may be
+    # the run's own (its lock is another file: the same one waited for itself forever)
+    crashing = Trainer(tiny_cfg(built_db, tmp_path / "n", steps=3, neighbours_dir=str(tmp_path / "n")))
+    crashing.setup(show_progress=False)
+    crashing._train = lambda: (_ for _ in ()).throw(RetrolmError("non-finite training loss"))
+    with pytest.raises(RetrolmError, match="non-finite"):
+        crashing.train()
+    retry = Trainer(tiny_cfg(built_db, tmp_path / "n", steps=3, neighbours_dir=str(tmp_path / "n")))
+    retry.setup(show_progress=False)
+    retry.train()
+    retry.cleanup()

@@ -226,8 +226,9 @@ def _lock_timeout() -> float:
 
 
 @contextlib.contextmanager
-def exclusive_lock(folder: Path, timeout: float | None = None, what: str = "database") -> Iterator[None]:
-    """Hold an exclusive advisory lock on ``folder`` so two writers never interleave.
+def exclusive_lock(folder: Path, timeout: float | None = None, what: str = "database", name: str = ".lock"
+                   ) -> Iterator[None]:
+    """Hold an exclusive advisory lock on ``folder`` (its file ``name``) so two writers never interleave.
 
     A second writer waits (saying so once) up to ``timeout`` seconds (``RETROLM_LOCK_TIMEOUT``, 600 by default),
     then fails with a one-line error. Callers must re-read any state they read before taking the lock.
@@ -237,7 +238,7 @@ def exclusive_lock(folder: Path, timeout: float | None = None, what: str = "data
     said = False
     while True:
         folder.mkdir(parents=True, exist_ok=True)
-        f = open(folder / ".lock", "a+")  # noqa: SIM115 - closed below, or handed to the caller's with block
+        f = open(folder / name, "a+")  # noqa: SIM115 - closed below, or handed to the caller's with block
         try:
             while True:
                 try:
@@ -256,7 +257,7 @@ def exclusive_lock(folder: Path, timeout: float | None = None, what: str = "data
             # The holder may have moved or replaced the folder meanwhile (a build swaps its staging folder, lock file
             # included, into place): a lock on a file that is no longer folder/.lock guards nothing, so take it again.
             try:
-                same = os.path.samestat(os.fstat(f.fileno()), os.stat(folder / ".lock"))
+                same = os.path.samestat(os.fstat(f.fileno()), os.stat(folder / name))
             except FileNotFoundError:
                 same = False
         except BaseException:

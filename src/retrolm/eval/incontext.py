@@ -13,6 +13,7 @@ with every other reader. Without retrieval the LM reads the same document window
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import logging
 import time
@@ -72,8 +73,9 @@ class _Document:
     owner: np.ndarray
     """(len(ids),) held-out chunk id (global in the source store) of each token."""
     first: int = 1
-    """The first token predicted: the tokens before it cover exactly the text of the database tokenizer's first
-    token, which no model predicts (the byte counts leave it out)."""
+    """The first token predicted: the tokens before it cover the text of the database tokenizer's first token, which
+    no model predicts (the byte counts leave it out); exactly, unless that token ends inside a character or the LM's
+    tokenizer marks the start of a text (then to the LM's next token)."""
 
 
 @dataclass
@@ -122,8 +124,10 @@ class InContextScorer:
         end = src_starts[1] if len(src_ids) > 1 else len(text)
         if end >= len(text):
             predicted_from = len(ids)  # a one-token document: only the end of text is predicted
-        elif end in starts:
-            predicted_from = starts.index(end)
+        elif end in starts or not self.tok._pieces_safe:
+            # (a tokenizer that marks the start of a text, Llama-2's "▁", would gain a phantom token in a second part:
+            # it predicts from its first token at or after that point, a few bytes off for such a document)
+            predicted_from = bisect.bisect_left(starts, end)
         else:  # an LM token straddles it: the LM reads the text in two parts there
             head, head_starts = encode_with_offsets(self.tok, text[:end])
             tail, tail_starts = encode_with_offsets(self.tok, text[end:])

@@ -114,6 +114,9 @@ def fit_sigmoid(points: Sequence[Point], floor: float = 0.0, ceiling: float = 1.
                            f"{ceiling:g} (accuracies in percent need a ceiling of 100)")
     span = ceiling - floor
     u = np.clip((y - floor) / span, EPS, 1 - EPS)
+    if np.ptp(u) == 0:  # all at or below chance (or at the ceiling): as flat as equal scores
+        raise RetrolmError(f"the baselines all score at or below chance ({floor:g}) or at the ceiling "
+                           f"({ceiling:g}): no compute multiplier can be read off them")
     k, c = np.polyfit(x, np.log(u / (1 - u)), 1)
     if k <= 0:
         raise RetrolmError(f"the baselines' accuracy does not rise with pretraining FLOPs (fitted slope {k:+.3g} per "

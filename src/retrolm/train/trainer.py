@@ -70,6 +70,10 @@ from retrolm.train.scoring import score_sequences
 
 logger = logging.getLogger(__name__)
 
+RUN_LOCK = ".run.lock"
+"""The file a training run locks in its folder from setup to the end of training (not ``.lock``: the neighbour folder's
+lock, which may be the same folder)."""
+
 
 RESUMABLE_CHANGES = frozenset({"dropout", "lora_dropout", "checkpoint_activations", "base", "base_fingerprint"})
 """Model settings a run may resume under changed: regularisation and memory, and the base's location and fingerprint
@@ -321,9 +325,9 @@ class Trainer:
         try:
             self._setup(resume, show_progress)
         except BaseException:
-            self._release_run()
-            if fresh and self.out.is_dir() and {p.name for p in self.out.iterdir()} <= {".lock"}:
+            if fresh and self.out.is_dir() and {p.name for p in self.out.iterdir()} <= {RUN_LOCK}:
                 shutil.rmtree(self.out, ignore_errors=True)  # a run refused at its checks leaves no folder behind
+            self._release_run()  # after the removal: another run taking the folder meanwhile keeps its lock file
             raise
 
     def _setup(self, resume: bool, show_progress: bool) -> None:
@@ -346,7 +350,9 @@ class Trainer:
         if self.main:  # a second run into the folder wrote every metrics row twice, or saved over the other's model
             self._release_run()
             self._run_lock = contextlib.ExitStack()
-            self._run_lock.enter_context(exclusive_lock(self.out, timeout=0, what="training run (out_dir)"))
+            self._run_lock.enter_context(exclusive_lock(self.out, timeout=0, name=RUN_LOCK,
+                                                        what="training run (out_dir; or a trainer of this process "
+                                                             "that has not ended)"))
         metrics = self.out / "metrics.jsonl"
         earlier = metrics.read_text() if self.main and metrics.is_file() else ""
         if earlier and not earlier.endswith("\n"):  # a row torn by a crash: this run's rows start on a line of its own
@@ -589,6 +595,14 @@ class Trainer:
 
     # ------------------------------------------------------------------ loop
     def train(self) -> dict[str, float]:
+        """Train to ``steps`` (saving, evaluating and logging as configured); the run folder is given up when it
+        ends, by an error too (a retry in the same process may take it)."""
+        try:
+            return self._train()
+        finally:
+            self._release_run()
+
+    def _train(self) -> dict[str, float]:
         cfg = self.cfg
         last: dict[str, float] = {}
         bar = tqdm(total=cfg.steps, initial=self.step, desc="train", unit="step", disable=not self.show)
@@ -655,7 +669,6 @@ class Trainer:
         bar.close()
         if cfg.steps == 0 and not self.checkpoints.all():  # the model as built, for eval and generate
             self.save_checkpoint()
-        self._release_run()  # its last write is done: the folder is another run's to resume (API callers too)
         return last
 
     def _held_mb(self) -> float:
