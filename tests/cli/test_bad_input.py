@@ -183,7 +183,7 @@ def test_outputs_never_go_into_a_database_a_checkpoint_or_a_run(retro_checkpoint
     them; an empty out_dir wrote into the working directory."""
     held_out = write_jsonl(tmp_path / "held.jsonl", wiki_docs(2, start=300))
     run = tmp_path / "run"
-    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "step-000002").mkdir(parents=True)
     before = {p: p.read_bytes() for p in Path(retro_checkpoint).iterdir()}
     for out, holds in ((retro_checkpoint, "a model checkpoint"), (db_copy, "a retrolm database"),
                        (run, "a training run")):

@@ -302,7 +302,8 @@ def test_source_chunk_ids_need_not_start_at_zero(built_db, ranking):
     np.testing.assert_array_equal(nb, retriever.search(queries, 2).ids)
 
 
-def test_a_deletion_during_the_neighbour_search_is_applied_to_every_row(built_db, tmp_path):
+@pytest.mark.parametrize("kind", ["dense", "hybrid"])
+def test_a_deletion_during_the_neighbour_search_is_applied_to_every_row(built_db, tmp_path, kind):
     """Another process deletes a document after two batches: the earlier rows that held its chunks are searched
     again, so the set equals one computed after the deletion (it kept them, saved under the new version). A database
     that grows during the search is refused."""
@@ -313,7 +314,7 @@ def test_a_deletion_during_the_neighbour_search_is_applied_to_every_row(built_db
 
     shutil.copytree(built_db.path, tmp_path / "db")
     db = DatabaseView.open(tmp_path / "db")
-    r = get_retriever(db, "dense")
+    r = get_retriever(db, kind)
     cfg = NeighbourConfig(k=2, batch_size=16)
     before = compute_neighbours(r, config=cfg)
     victim = int(np.bincount(db.store.chunk_doc(before[before >= 0])).argmax())  # the most retrieved document
@@ -329,7 +330,7 @@ def test_a_deletion_during_the_neighbour_search_is_applied_to_every_row(built_db
     during = compute_neighbours(r, config=cfg)
     assert db.meta["version"] == 2 and db.deleted_docs[victim]
     assert (db.store.chunk_doc(before[:32][before[:32] >= 0]) == victim).any()  # the first batches had read it
-    np.testing.assert_array_equal(during, compute_neighbours(get_retriever(db, "dense"), config=cfg))
+    np.testing.assert_array_equal(during, compute_neighbours(get_retriever(db, kind), config=cfg))
 
     def rebuilding_search(*args, **kwargs):
         calls.append(1)

@@ -640,3 +640,27 @@ def test_a_part_restarted_with_other_limits_is_read_again():
     with pytest.raises(RetrolmError, match="shard http://p:1: k=6 is more than its service allows \\(max_k=5"):
         shard.search(["q"], 6, "bm25")
     assert shard.max_k == 5
+
+
+def test_parts_whose_bm25_text_form_differs_still_search_together(tmp_path, wiki_corpus, tiny_db_config, monkeypatch):
+    """Parts built before the BM25 text form was recorded, one of them since rebuilt by db add (recording NFC): the
+    front refused every BM25 search, and db bm25 could not bring the others up to date."""
+    from retrolm.db import lexical
+    from retrolm.text.corpus import shard_of
+
+    real = lexical.LexicalIndex.scorer
+    with monkeypatch.context() as m:  # as stored before: no text_form
+        m.setattr(lexical.LexicalIndex, "scorer",
+                  lambda self: {k: v for k, v in real(self).items() if k != "text_form"})
+        paths = [Database.build([wiki_corpus], tmp_path / f"db-{i}",
+                                BuildConfig(**{**tiny_db_config.__dict__, "shard": f"{i}/3", "bm25": True}),
+                                show_progress=False).path for i in range(3)]
+    doc_id = next(f"new-{j}" for j in range(100) if shard_of(f"new-{j}", 3) == 0)
+    new = write_jsonl(tmp_path / "new.jsonl", [{"id": doc_id, "text": wiki_docs(1, start=60)[0]["text"]}])
+    Database.open(paths[0]).add([new], show_progress=False)
+    assert json.loads((paths[0] / Database.open(paths[0]).meta["bm25"] / "scorer.json").read_text())["text_form"]
+    r = ShardedRetriever([LocalShard(p) for p in paths], "bm25")
+    try:
+        assert r.search("a river in Europe", 3).hits(0)
+    finally:
+        r.close()

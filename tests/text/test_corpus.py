@@ -146,7 +146,7 @@ def test_utf16_jsonl_files_are_read_line_by_line(tmp_path, caplog):
         docs = {d.id: d.text for d in iter_documents([tmp_path])}
     assert docs == {"a": "Grüße 😀", "b": "two\nlines", "c": "Grüße 😀", "d": "two\nlines", "e": "Grüße 😀",
                     "f": "two\nlines"}
-    assert "binary" not in caplog.text and "cut.jsonl after line 2: not valid UTF-16" in caplog.text
+    assert "binary" not in caplog.text and "cut.jsonl from line 3: not valid UTF-16" in caplog.text
 
 
 def test_linked_folders_are_read_once_and_never_loop(tmp_path):
@@ -278,8 +278,12 @@ def test_a_database_or_checkpoint_folder_is_not_a_corpus(built_db, tmp_path, cap
     corpus = tmp_path / "corpus"
     shutil.copytree(built_db.path, corpus / "db")
     (corpus / "ckpt").mkdir()
-    (corpus / "ckpt" / "model.json").write_text("{}")
-    (corpus / "notes.md").write_text("the only document")
+    (corpus / "ckpt" / "model.safetensors").write_bytes(b"\x00" * 8)
+    (corpus / "notes.md").write_text("a document")
+    (corpus / "webapp" / "checkpoints").mkdir(parents=True)  # no model by chance: TensorFlow.js's model.json, a
+    (corpus / "webapp" / "model.json").write_text("{}")  # chapter folder called checkpoints
+    (corpus / "webapp" / "checkpoints" / "howto.txt").write_text("how to save a game")
     with caplog.at_level(logging.WARNING):
-        assert [d.id for d in iter_documents([corpus])] == ["notes.md"]
+        assert [d.id for d in iter_documents([corpus])] == ["notes.md", "webapp/checkpoints/howto.txt",
+                                                            "webapp/model.json"]
     assert "a retrolm database, not corpus text" in caplog.text and "a model checkpoint" in caplog.text

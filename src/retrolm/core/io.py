@@ -282,9 +282,11 @@ def folder_holds(path: Path) -> str | None:
         with contextlib.suppress(OSError, ValueError):
             if '"retrolm-db"' in meta.read_text(errors="replace")[:4096]:
                 return "a retrolm database"
-    if any((path / name).is_file() for name in ("model.safetensors", "model.json", "checksums.json")):
+    # markers a folder of documents does not have by chance (TensorFlow.js writes a model.json; a manual may have a
+    # chapter folder called checkpoints)
+    if (path / "model.safetensors").is_file() or all((path / n).is_file() for n in ("model.json", "checksums.json")):
         return "a model checkpoint"
-    if (path / "checkpoints").is_dir():
+    if (path / "checkpoints").is_dir() and any((path / "checkpoints").glob("step-*")):
         return "a training run"
     return None
 

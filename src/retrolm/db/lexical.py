@@ -209,29 +209,37 @@ class LexicalIndex:
             return out_scores, out_ids
         # as strings, so that retrieve() maps them through the index's own vocabulary
         tokens = self.tokenize([queries[i] for i in todo], return_ids=False)
+        # ties as everywhere else (the exact path, fusion, shards): lower chunk id first. bm25s orders them higher id
+        # first and cuts them anywhere: one more hit than asked shows a tie across the k-th place, and such a query
+        # is scored over every chunk once more, alone (fetching ever deeper for all tied queries cost 10-100x)
+        fetch = min(self.n_chunks, k_eff + 1)
         # bm25s scores the queries on a thread pool, numpy releasing the GIL (2 cores: 1.95× on 1,024 queries); at
         # most one thread per 50 queries; n_threads=0 is its plain loop, without a pool
-        # ties as everywhere else (the exact path, fusion, shards): lower chunk id first. bm25s orders them higher id
-        # first and cuts them anywhere, so it fetches past k until the k-th score is not tied with the last fetched
-        fetch = min(self.n_chunks, 2 * k_eff + 8)
-        rows = list(range(len(todo)))
-        while rows:
-            threads = min(usable_cpus(), len(rows) // 50)
-            ids, scores = self.retriever.retrieve([tokens[r] for r in rows] if len(rows) < len(todo) else tokens,
-                                                  k=fetch, show_progress=False, weight_mask=allowed,
-                                                  n_threads=threads if threads > 1 else 0)
-            ids, scores = np.asarray(ids, dtype=np.int64), np.asarray(scores, dtype=np.float32)
-            order = np.lexsort((ids, -scores), axis=-1)
-            ids, scores = np.take_along_axis(ids, order, -1), np.take_along_axis(scores, order, -1)
-            tied = (scores[:, k_eff - 1] > 0) & (scores[:, -1] == scores[:, k_eff - 1]) & (fetch < self.n_chunks)
-            ids, scores = ids[:, :k_eff], scores[:, :k_eff]
-            miss = (scores <= 0) | (allowed[np.clip(ids, 0, self.n_chunks - 1)] == 0)
-            ids[miss], scores[miss] = -1, -np.inf
-            done = [todo[r] for r, t in zip(rows, tied, strict=True) if not t]
-            out_ids[done, :k_eff], out_scores[done, :k_eff] = ids[~tied], scores[~tied]
-            rows = [r for r, t in zip(rows, tied, strict=True) if t]
-            fetch = min(self.n_chunks, 4 * fetch)
+        threads = min(usable_cpus(), len(todo) // 50)
+        ids, scores = self.retriever.retrieve(tokens, k=fetch, show_progress=False, weight_mask=allowed,
+                                              n_threads=threads if threads > 1 else 0)
+        ids, scores = np.asarray(ids, dtype=np.int64), np.asarray(scores, dtype=np.float32)
+        order = np.lexsort((ids, -scores), axis=-1)
+        ids, scores = np.take_along_axis(ids, order, -1)[:, :k_eff], np.take_along_axis(scores, order, -1)
+        tied = (fetch > k_eff) & (scores[:, k_eff - 1] > 0) & (scores[:, k_eff - 1] == scores[:, -1])
+        scores = scores[:, :k_eff]
+        for row in np.flatnonzero(tied):
+            ids[row], scores[row] = self._top_by_id(tokens[row], k_eff, allowed)
+        miss = (scores <= 0) | (allowed[np.clip(ids, 0, self.n_chunks - 1)] == 0)
+        ids[miss], scores[miss] = -1, -np.inf
+        out_ids[todo, :k_eff], out_scores[todo, :k_eff] = ids, scores
         return out_scores, out_ids
+
+    def _top_by_id(self, terms: list[str], k: int, allowed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, scores) of one query's top k over every chunk, ties lower id first (bm25s's own scores)."""
+        scores = np.asarray(self.retriever.get_scores(list(terms), weight_mask=allowed), dtype=np.float32)
+        hit = np.flatnonzero(scores > 0)
+        if len(hit) > k:  # only what scores at least the k-th best is sorted
+            hit = hit[scores[hit] >= np.partition(scores[hit], len(hit) - k)[len(hit) - k]]
+        top = hit[np.argsort(-scores[hit], kind="stable")[:k]]
+        ids, out = np.full(k, -1, dtype=np.int64), np.full(k, -np.inf, dtype=np.float32)
+        ids[: len(top)], out[: len(top)] = top, scores[top]
+        return ids, out
 
     def _search_with_stats(self, queries: list[str], k: int, exclude: np.ndarray | None, stats: TermStats
                            ) -> tuple[np.ndarray, np.ndarray]:

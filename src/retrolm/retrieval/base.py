@@ -64,6 +64,9 @@ class Retriever(ABC):
     """Top-k chunks of a database for text queries. Subclasses implement :meth:`_search` (chunk mask only)."""
 
     name = "retriever"
+    removal_stable = True
+    """Whether excluding a chunk leaves every other query's top k as it was unless that chunk was in it (true of a
+    ranking by score; not of rank fusion, where it moves the ranks below it)."""
     excluded_fetch = 0
     """With documents excluded per query: fetch up to k + this many hits in the first search, enough to pass over
     every chunk of the excluded documents (for searches that cost about the same at any k: BM25); 0 → fetch 2k and

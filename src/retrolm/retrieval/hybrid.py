@@ -36,6 +36,7 @@ class HybridRetriever(Retriever):
     """Dense + BM25, each fetching ``depth`` × k candidates, fused by reciprocal rank."""
 
     name = "hybrid"
+    removal_stable = False
 
     def __init__(self, db: DatabaseView, depth: int = 4, **dense_kwargs) -> None:
         super().__init__(db)

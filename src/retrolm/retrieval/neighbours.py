@@ -190,15 +190,17 @@ def compute_neighbours(
     for start in tqdm(range(0, n, config.batch_size), desc="neighbours", unit="batch", disable=not show_progress):
         search_rows(np.arange(start, min(start + config.batch_size, n)))
     # every search reads the database as it is now: a deletion by another process during the run reached only the
-    # later batches. The earlier rows that hold a chunk deleted since are searched again (the others cannot change:
-    # a deletion only removes candidates), so that the set is that of the version it is saved with.
+    # later batches. The earlier rows that hold a chunk deleted since are searched again (for a ranking by score the
+    # others cannot change: a deletion only removes candidates), so that the set is that of the version it is saved
+    # with.
     db.refresh()
     while (now := db_identity(db)) != pinned:
         if {**now, "version": 0} != {**pinned, "version": 0}:
             raise RetrolmError(f"{db.path}: the database was rebuilt or grew during the neighbour search "
                                f"(version {pinned['version']} → {now['version']}); compute the neighbours again")
         pinned = now
-        stale = np.flatnonzero(((out >= 0) & db.deleted_chunks[np.maximum(out, 0)]).any(1))
+        stale = np.flatnonzero(((out >= 0) & db.deleted_chunks[np.maximum(out, 0)]).any(1)) \
+            if retriever.removal_stable else np.arange(n)  # fused ranks move: every row again
         for start in range(0, len(stale), config.batch_size):
             search_rows(stale[start : start + config.batch_size])
         db.refresh()

@@ -331,6 +331,14 @@ class ShardedResult:
         return len(self.results)
 
 
+def _compared(value: object, key: str) -> object:
+    """What of a part's description must agree: a BM25 scorer's text form does not (each part puts queries in its
+    index's own; a part rebuilt by db add records NFC where its older siblings record none)."""
+    if key == "bm25_scorer" and isinstance(value, dict):
+        return {k: v for k, v in value.items() if k != "text_form"}
+    return value
+
+
 class ShardedRetriever:
     """Top-k chunks over the parts of a sharded database (see the module's docstring). Open with :meth:`open`.
 
@@ -424,7 +432,7 @@ class ShardedRetriever:
             if info.get("encoder_fingerprint") and first.get("encoder_fingerprint"):
                 own = [k for k in own if k != "encoder"]  # the same weights in another folder are the same encoder
             for key in own:
-                if info.get(key) != first.get(key):
+                if _compared(info.get(key), key) != _compared(first.get(key), key):
                     raise RetrolmError(f"shard {shard.name}: {key} {info.get(key)!r} differs from {name0}'s "
                                        f"{first.get(key)!r}; shards must share chunk length, tokenizer, encoder and "
                                        f"BM25 scorer")

@@ -111,6 +111,10 @@ def _record_text(record: dict, source: str, warn: Warn) -> str | None:
     return None
 
 
+_UNDECODABLE, _MARK = "retrolm-undecodable", "\udc00"
+codecs.register_error(_UNDECODABLE, lambda e: (_MARK, e.end))
+
+
 def _jsonl_lines(f: BinaryIO, path: Path, warn: Warn) -> Iterator[tuple[int, str | None]]:
     """``(line number, text or None)`` of a JSONL stream. UTF-8 is decoded line by line (a bad line is repaired or
     skipped alone); a file that starts with a UTF-16/32 byte-order mark (Windows "Unicode") is decoded as a whole
@@ -119,12 +123,15 @@ def _jsonl_lines(f: BinaryIO, path: Path, warn: Warn) -> Iterator[tuple[int, str
     for bom, codec in ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"),
                        (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16")):
         if head.startswith(bom):
-            lineno = 0
-            try:  # a decoding error ends the file, as a corrupt .gz does: where the next line starts is unknown
-                for lineno, line in enumerate(io.TextIOWrapper(f, encoding=codec, newline="\n"), start=1):
-                    yield lineno, line
-            except UnicodeDecodeError as e:
-                warn("skipping the rest of %s after line %d: not valid %s (%s)", path, lineno, codec.upper(), e.reason)
+            # bytes that do not decode come through as a lone surrogate (decoding never makes one otherwise), so the
+            # lines before them are kept; they end the file, as a corrupt .gz does: where the next line starts is
+            # unknown
+            text = io.TextIOWrapper(f, encoding=codec, errors=_UNDECODABLE, newline="\n")
+            for lineno, line in enumerate(text, start=1):
+                if _MARK in line:
+                    warn("skipping the rest of %s from line %d: not valid %s", path, lineno, codec.upper())
+                    return
+                yield lineno, line
             return
     for lineno, raw in enumerate(f, start=1):
         if lineno == 1 and raw.startswith(codecs.BOM_UTF8):  # a byte-order mark is not part of the JSON
