@@ -516,3 +516,5 @@ def test_search_shows_database_text_as_text_and_bounds_k(db_copy, tmp_path, caps
         assert word in flat.split(), word
     rc, _, err = run_cli(["db", "search", db_copy, "quasar", "-k", "10000000000"], capsys)
     assert_one_line_error(rc, err, "search: -k must be in 1..100,000, got 10000000000")
+    rc, _, err = run_cli(["db", "search", db_copy, "quasar", "--bm25", "--retriever", "dense"], capsys)
+    assert_one_line_error(rc, err, "search: --bm25 and --retriever dense contradict each other")

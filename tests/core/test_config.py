@@ -70,3 +70,15 @@ def test_seeds_out_of_range_and_list_item_overrides_are_one_line():
     with pytest.raises(RetrolmError, match=r"^overrides: steps: .*abc") as e:  # a wrong type: OmegaConf's message
         load_config(TrainConfig, None, [*base, "steps=abc"])
     assert "list" not in str(e.value)
+
+
+def test_a_setting_given_twice_in_a_config_file_is_refused(tmp_path):
+    """The last value won without a word; a key overriding a YAML merge (<<: *base) is still fine."""
+    from retrolm.core.config import load_config
+    from retrolm.train.config import TrainConfig
+
+    (tmp_path / "twice.yaml").write_text("steps: 5\nlr: 0.001\nsteps: 7\n")
+    with pytest.raises(RetrolmError, match=r"twice\.yaml: invalid YAML \(key 'steps' is given twice\)"):
+        load_config(TrainConfig, tmp_path / "twice.yaml")
+    (tmp_path / "merged.yaml").write_text("model: &m {preset: tiny}\nsteps: 3\n")
+    assert load_config(TrainConfig, tmp_path / "merged.yaml").steps == 3

@@ -285,8 +285,8 @@ def test_a_context_too_small_for_passage_and_prompt_keeps_both_and_reports_what_
 
 def test_scaling_curves_of_a_pretrained_lm(copy_world):
     noise = write_jsonl(copy_world["root"] / "noise.jsonl", wiki_docs(15, start=600))
-    cfg = ScaleConfig(**{**vars(eval_cfg(copy_world, "scale")), "ks": [1, 2], "fractions": [0.1, 1.0],
-                         "noise": [str(noise)]})
+    cfg = ScaleConfig(**{**vars(eval_cfg(copy_world, "scale")), "ks": [2, 1, 2], "fractions": [0.1, 1.0, 0.1],
+                         "noise": [str(noise)]})  # a value given twice is evaluated once
     by_size = scale_db_size(cfg, show_progress=False)
     small, full, noisy = by_size["rows"]
     off = by_size["references"]["no_retrieval"]["bpb"]

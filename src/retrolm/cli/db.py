@@ -139,6 +139,8 @@ def db_search(
         raise RetrolmError("search: the query is empty")
     if not 1 <= k <= MAX_SEARCH_K:  # the result arrays are allocated k wide before anything is found
         raise RetrolmError(f"search: -k must be in 1..{MAX_SEARCH_K:,}, got {k}")
+    if bm25 and retriever not in ("auto", "bm25"):  # which one was meant is unknown: --bm25 won silently
+        raise RetrolmError(f"search: --bm25 and --retriever {retriever} contradict each other; give one")
     kind = "bm25" if bm25 else retriever
     if is_shards_file(db_dir):
         sharded = ShardedRetriever.open(db_dir, device=device, retriever=kind)

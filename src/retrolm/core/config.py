@@ -21,6 +21,21 @@ from retrolm.core.io import write_bytes
 T = TypeVar("T")
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (the last value won without a word)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: set[tuple[str, str]] = set()
+        for key_node, _ in node.value:  # before merges (<<: *x) are flattened in: a key may override a merged one
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            if (key_node.tag, key_node.value) in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"key {key_node.value!r} is given twice",
+                                                        key_node.start_mark)
+            seen.add((key_node.tag, key_node.value))
+        return super().construct_mapping(node, deep)
+
+
 def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequence[str] = (), **values: Any) -> T:
     """Build ``cls`` from its defaults, then a YAML file, then dotted overrides, then keyword values.
 
@@ -34,7 +49,7 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequenc
             if not Path(path).is_file():
                 raise RetrolmError(f"{path}: config file not found")
             try:
-                loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+                loaded = yaml.load(Path(path).read_text(encoding="utf-8"), Loader=_UniqueKeyLoader) or {}
             except yaml.YAMLError as e:
                 raise RetrolmError(f"{path}: invalid YAML ({str(e).splitlines()[0]})") from None
             except UnicodeDecodeError:

@@ -30,7 +30,7 @@ def scale_neighbours(cfg: ScaleConfig, show_progress: bool = True) -> dict[str, 
     see :func:`~retrolm.eval.leakage.overlap_by_rank`): whether the k-th neighbour brings anything to copy. With
     ``group_by`` every row carries the bits-per-byte of each group as well.
     """
-    ks = sorted(cfg.ks)
+    ks = sorted(set(cfg.ks))  # a count given twice is evaluated once
     with _scaling_run(cfg, "scale-neighbours", show_progress) as (out, ev):
         groups = _groups(ev, cfg)
         ranks = None
@@ -87,7 +87,7 @@ def scale_db_size(cfg: ScaleConfig, show_progress: bool = True) -> dict[str, Any
         order = np.random.default_rng(cfg.seed).permutation(np.flatnonzero(~ev.db.deleted_docs))
         chunk_doc = store.all_chunk_docs()
         rows = []
-        for f in sorted(fractions):
+        for f in sorted(set(fractions)):
             keep_docs = np.zeros(store.n_docs, dtype=bool)
             keep_docs[order[: max(1, round(f * len(order)))]] = True
             mask = ~keep_docs[chunk_doc] | ev.excluded_chunks
