@@ -78,10 +78,14 @@ fi
 echo "benchmarks done at $(( $(date +%s) - T0 )) s"
 
 L=$(left)
-[ "$L" -gt 120 ] && timeout $((L - 40)) python3 scripts/evidence_gpu.py --encoder $ENC --work $W --deadline $(( $(date +%s) + L - 45 )) \
-  2>&1 | grep -v "Loading weights\|it/s\]" > "$OUT/evidence.log"
-echo "evidence exit ${PIPESTATUS[0]} at $(( $(date +%s) - T0 )) s"
-tail -15 "$OUT/evidence.log"
+if [ "$L" -gt 120 ]; then
+  timeout $((L - 40)) python3 scripts/evidence_gpu.py --encoder $ENC --work $W --deadline $(( $(date +%s) + L - 45 )) \
+    2>&1 | grep -v "Loading weights\|it/s\]" > "$OUT/evidence.log"
+  echo "evidence exit ${PIPESTATUS[0]} at $(( $(date +%s) - T0 )) s"
+  tail -15 "$OUT/evidence.log"
+else
+  echo "evidence skipped: ${L} s left"
+fi
 
 L=$(left)
 [ "$L" -gt 100 ] && bench_build $W/bench-linux61.jsonl linux61 $((L / 2 - 10))

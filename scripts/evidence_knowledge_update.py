@@ -63,12 +63,15 @@ def main() -> None:
     held = {json.loads(x)["id"] for x in (kernel / "heldout.jsonl").read_text().splitlines()}
     old_versions = sorted({lab["best_match"] for lab in labels
                            if lab["id"] in held and lab["bucket"] in ("identical", "changed")})
-    if not (deleted / "meta.json").exists():
+    # done only when the delete finished for these ids (a killed or failed delete left the copy whole, and the next
+    # run evaluated "after delete" on a database where nothing was deleted)
+    marker, ids = deleted / ".deleted.json", [a for d in old_versions for a in ("--doc-id", d)]
+    if not marker.is_file() or json.loads(marker.read_text()) != old_versions:
         shutil.rmtree(deleted, ignore_errors=True)
         shutil.copytree(rest, deleted)
         log.append(f"cp -r {rest.relative_to(REPO)} {deleted.relative_to(REPO)}")
-        ids = [a for d in old_versions for a in ("--doc-id", d)]
         run([*RETROLM, "db", "delete", deleted, *ids, "-q"], log)
+        marker.write_text(json.dumps(old_versions))
     else:
         log.append(f"retrolm db delete {deleted.relative_to(REPO)} --doc-id ... ({len(old_versions)} ids, skipped)")
     out_root = REPO / "docs" / "results" / "knowledge-update"

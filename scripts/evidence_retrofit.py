@@ -108,7 +108,10 @@ def main() -> None:
         b = max(1, round(batch * batch_mult))
         n = max(1, round(share * base_seqs / b))
         lr = (p["fit_lr"] if frozen else p["fit_lr_unfrozen"]) * lr_mult
-        extra = [*retrofit_args(base, n), f"freeze_init={str(frozen).lower()}", f"lr={lr:.3g}", f"batch_size={b}",
+        # evidence_retro's run is given no batch_size (the profile's): with it the two commands differed, and each
+        # script retrained the other's run
+        batch_arg = [] if variant == "retrofit-frozen" and b == batch else [f"batch_size={b}"]
+        extra = [*retrofit_args(base, n), f"freeze_init={str(frozen).lower()}", f"lr={lr:.3g}", *batch_arg,
                  *offset, *seed, *SETTINGS.get(variant, [])]
         if share == 1.0:  # keep checkpoints along the way: the gain as a function of tokens within one run
             extra[extra.index(f"save_every={n}")] = f"save_every={max(1, round(n * ALONG[0]))}"
