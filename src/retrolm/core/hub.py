@@ -173,13 +173,17 @@ def _dequantise_gguf(gguf: Path, target: Path) -> None:
 _WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt", "*.onnx", "*.gguf")
 
 
+def _model_files(folder: Path) -> list[Path]:
+    """A model folder's weight files and config.json, sorted: what identifies the model it holds."""
+    return sorted({p for pattern in _WEIGHT_FILES for p in folder.glob(pattern)} | set(folder.glob("config.json")))
+
+
 def weights_fingerprint(folder: str | Path) -> str | None:
     """SHA-256 over a model folder's weight files and config.json (names + contents), or None if it has none.
 
     Two folders holding the same model match whatever their paths; a folder whose model was replaced does not.
     """
-    folder = Path(folder)
-    files = sorted({p for pattern in _WEIGHT_FILES for p in folder.glob(pattern)} | set(folder.glob("config.json")))
+    files = _model_files(Path(folder))
     if not any(p.name != "config.json" for p in files):
         return None
     h = hashlib.sha256()
@@ -194,9 +198,7 @@ def model_identity(ref: str, what: str = "model") -> str:
     that was read). A retrained folder, an upgraded package or a newer hub revision each give another identity."""
     resolved = resolve_model(ref, what)
     if resolved.local:
-        folder = Path(resolved.path)
-        files = sorted({p for pattern in _WEIGHT_FILES for p in folder.glob(pattern)} | set(folder.glob("config.json")))
-        return "|".join(f"{p.name}:{file_digest(p, quick=True)}" for p in files)
+        return "|".join(f"{p.name}:{file_digest(p, quick=True)}" for p in _model_files(Path(resolved.path)))
     revision = None
     try:
         from huggingface_hub import try_to_load_from_cache

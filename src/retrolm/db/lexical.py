@@ -233,10 +233,7 @@ class LexicalIndex:
     def _top_by_id(self, terms: list[str], k: int, allowed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(ids, scores) of one query's top k over every chunk, ties lower id first (bm25s's own scores)."""
         scores = np.asarray(self.retriever.get_scores(list(terms), weight_mask=allowed), dtype=np.float32)
-        hit = np.flatnonzero(scores > 0)
-        if len(hit) > k:  # only what scores at least the k-th best is sorted
-            hit = hit[scores[hit] >= np.partition(scores[hit], len(hit) - k)[len(hit) - k]]
-        top = hit[np.argsort(-scores[hit], kind="stable")[:k]]
+        top = _top_k_lower_id_first(scores, k)
         ids, out = np.full(k, -1, dtype=np.int64), np.full(k, -np.inf, dtype=np.float32)
         ids[: len(top)], out[: len(top)] = top, scores[top]
         return ids, out
@@ -280,10 +277,7 @@ class LexicalIndex:
             scores = scores.astype(np.float32)  # as bm25s's own scores
             if exclude is not None:
                 scores[exclude] = 0.0
-            hit = np.flatnonzero(scores > 0)
-            if len(hit) > k:  # only what scores at least the k-th best is sorted
-                hit = hit[scores[hit] >= np.partition(scores[hit], len(hit) - k)[len(hit) - k]]
-            top = hit[np.argsort(-scores[hit], kind="stable")[:k]]  # ties: lower chunk id first
+            top = _top_k_lower_id_first(scores, k)
             out_ids[q, : len(top)], out_scores[q, : len(top)] = top, scores[top]
         return out_scores, out_ids
 
@@ -295,6 +289,14 @@ class LexicalIndex:
         r = self.retriever
         return {"bm25s": version("bm25s"), "method": getattr(r, "method", None), "k1": getattr(r, "k1", None),
                 "b": getattr(r, "b", None), "text_form": self.text_form}
+
+
+def _top_k_lower_id_first(scores: np.ndarray, k: int) -> np.ndarray:
+    """Ids of the (up to) k best positive ``scores``, best first, ties lower id first."""
+    hit = np.flatnonzero(scores > 0)
+    if len(hit) > k:  # only what scores at least the k-th best is sorted
+        hit = hit[scores[hit] >= np.partition(scores[hit], len(hit) - k)[len(hit) - k]]
+    return hit[np.argsort(-scores[hit], kind="stable")[:k]]
 
 
 def _in_form(texts: list[str], form: str | None) -> list[str]:

@@ -59,12 +59,16 @@ class Document:
     source: str
 
 
+_WIDE_BOMS = ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"), (codecs.BOM_UTF16_LE, "utf-16"),
+              (codecs.BOM_UTF16_BE, "utf-16"))
+"""Byte-order marks of UTF-32 and UTF-16 text, UTF-32 first: its little-endian mark begins with UTF-16's."""
+
+
 def _decode(data: bytes, source: str, warn: Warn) -> str | None:
     """Bytes → text, or None for a binary file. Invalid UTF-8 is replaced (with a warning), not fatal."""
-    for bom, codec in ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"),
-                       (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16")):
-        if data.startswith(bom):  # a Windows "Unicode" text file (its NUL bytes are not binary); UTF-32 first: its
-            try:  # little-endian mark begins with UTF-16's
+    for bom, codec in _WIDE_BOMS:
+        if data.startswith(bom):  # a Windows "Unicode" text file (its NUL bytes are not binary)
+            try:
                 return data.decode(codec)
             except UnicodeDecodeError:  # a binary file that happens to start with the mark
                 break
@@ -120,8 +124,7 @@ def _jsonl_lines(f: BinaryIO, path: Path, warn: Warn) -> Iterator[tuple[int, str
     skipped alone); a file that starts with a UTF-16/32 byte-order mark (Windows "Unicode") is decoded as a whole
     stream, since its newlines are not single bytes."""
     head = f.peek(4)[:4] if hasattr(f, "peek") else b""
-    for bom, codec in ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"),
-                       (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16")):
+    for bom, codec in _WIDE_BOMS:
         if head.startswith(bom):
             # bytes that do not decode come through as a lone surrogate (decoding never makes one otherwise), so the
             # lines before them are kept; they end the file, as a corrupt .gz does: where the next line starts is
