@@ -28,6 +28,7 @@ from pathlib import Path
 
 from retrolm.core.io import write_json
 from retrolm.eval.report import change
+from retrolm.text.versions import BUCKETS
 
 REPO = Path(__file__).resolve().parents[1]
 RETROLM = [sys.executable, "-m", "retrolm.cli"]
@@ -50,9 +51,12 @@ def prepare_kernel(work: Path, args: argparse.Namespace, log: list[str]) -> tupl
     data = REPO / "data" / "full"
     run([*RETROLM, "corpus", "fetch", "linux-docs-6.1", "linux-docs-6.12", "--out", data], log)
     kernel = work / "kernel"
+    # rest.jsonl (the 6.12 documents a database holds) is drawn with the sample: a database built from it is
+    # rebuilt when the sample is drawn again
+    also = (kernel / "rest.jsonl", kernel / "labels.json", *(kernel / f"heldout-{b}.jsonl" for b in BUCKETS))
     run([*RETROLM, "corpus", "versions", "--old", data / "linux-docs-6.1.jsonl",
          "--new", data / "linux-docs-6.12.jsonl", "--out", kernel, "--per-bucket", args.per_bucket,
-         "--max-chars", args.max_chars, "--seed", "0"], log, done=kernel / "heldout.jsonl")
+         "--max-chars", args.max_chars, "--seed", "0"], log, done=kernel / "heldout.jsonl", also=also)
     return data, kernel
 
 
@@ -131,9 +135,10 @@ REDO_FLAGS = {("db", "build"): "--overwrite", ("train",): "--no-resume", ("retro
 its last checkpoint (and train nothing)."""
 
 
-def run(cmd: list, log: list[str], done: Path | None = None) -> float:
+def run(cmd: list, log: list[str], done: Path | None = None, also: tuple[Path, ...] = ()) -> float:
     """Run a step unless ``done`` exists and is up to date (:func:`made_by_other`); returns its wall seconds (0:
-    skipped). A step made again gets the flag :data:`REDO_FLAGS` names for its command."""
+    skipped). A step made again gets the flag :data:`REDO_FLAGS` names for its command. ``also``: other files the
+    command writes, recorded as its outputs too, so that a step reading one of them is redone when this one is."""
     shown = shown_command(cmd)
     if shown not in log:  # a run that several chains start from (trained once) is listed once
         log.append(shown)
@@ -152,8 +157,9 @@ def run(cmd: list, log: list[str], done: Path | None = None) -> float:
     print(f"[run] {shown}", flush=True)
     t = time.time()
     subprocess.run([str(c) for c in todo], check=True, cwd=REPO)
-    if done is not None:
-        record_command(done, cmd)
+    for out in (done, *also) if done is not None else also:
+        if out.exists():
+            record_command(out, cmd)
     seconds = time.time() - t
     print(f"[done in {seconds:.0f}s]", flush=True)
     return seconds

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from evidence_incontext import LM, REPO, RETROLM, Steps, commands_section, prepare_kernel, run, table
+from evidence_incontext import LM, REPO, RETROLM, Steps, commands_section, prepare_kernel, record_command, run, table
 from evidence_retro import reader_keys
 
 from retrolm.eval.report import change
@@ -97,14 +97,18 @@ def retrofit(work: Path, data: Path, old_versions: list[str], steps: int, step: 
     new layers cannot have learned the held-out text from them) → the checkpoint's folder, and that of the model as
     built (``steps=0``: nothing trained, nothing searched)."""
     train = work / "retrofit-train.jsonl"
-    if not train.exists():
-        skip = set(old_versions)
-        docs = [x for x in (data / "linux-docs-6.1.jsonl").read_text().splitlines() if json.loads(x)["id"] not in skip]
+    skip = set(old_versions)
+    docs = [x for x in (data / "linux-docs-6.1.jsonl").read_text().splitlines() if json.loads(x)["id"] not in skip]
+    text = "\n".join(docs) + "\n"
+    what = f"(retrofit-train.jsonl: linux-docs-6.1.jsonl without the {len(old_versions)} documents deleted below)"
+    if not train.exists() or train.read_text() != text:
+        # written again when the sample (so the documents left out) or the corpus changed; recorded as an output, so
+        # that the database and the run made from the old file are made again
         tmp = train.with_suffix(".tmp")
-        tmp.write_text("\n".join(docs) + "\n")
+        tmp.write_text(text)
         tmp.rename(train)
-    step.log.append(f"(retrofit-train.jsonl: linux-docs-6.1.jsonl without the {len(old_versions)} documents "
-                    "deleted below)")
+        record_command(train, [what])
+    step.log.append(what)
     db = work / "db-6.1-train"
     step("build retrofit db", [*RETROLM, "db", "build", train, "--out", db, "--tokenizer", LM, "--index", "none",
                                "--bm25", "-q"], db / "meta.json")

@@ -21,12 +21,16 @@ READ="stride=64 query_tokens=32 context_tokens=256 group_by=bucket"
 
 echo "== 1. corpus: Linux kernel docs 6.1 and 6.12 (Debian packages), held-out 6.12 documents labelled against 6.1"
 $R corpus fetch linux-docs-6.1 linux-docs-6.12 --out data/full
-# a sample drawn with other settings (PER_BUCKET) is drawn again, and the evaluations of the old one go with it
-SAMPLE="per_bucket=$PER_BUCKET max_chars=1600 seed=0"
-if [ -f "$RUN/kernel/labels.json" ] && \
-   [ "$(cat "$RUN/kernel/settings.txt" 2>/dev/null || echo "per_bucket=3 max_chars=1600 seed=0")" != "$SAMPLE" ]; then
-  echo "   $RUN/kernel was drawn with other settings: drawing the sample again ($SAMPLE)"
-  rm -rf "$RUN/kernel" "$RUN/eval-previous-version" "$RUN/eval-strict"
+# the held-out sample follows the package versions apt serves (Debian updates both with each stable kernel release)
+VERSIONS=$(.venv/bin/python -c "import json,sys; print(', '.join(json.load(open(f))['package'] for f in sys.argv[1:]))" \
+  data/full/linux-docs-6.1.source.json data/full/linux-docs-6.12.source.json)
+# a sample drawn with other settings (PER_BUCKET) or from other package versions (data/full fetched again) is drawn
+# again; the database and the evaluations of the old one go with it
+SAMPLE="per_bucket=$PER_BUCKET max_chars=1600 seed=0 corpus=$VERSIONS"
+if { [ -f "$RUN/kernel/labels.json" ] || [ -f "$RUN/db/meta.json" ]; } && \
+   [ "$(cat "$RUN/kernel/settings.txt" 2>/dev/null)" != "$SAMPLE" ]; then
+  echo "   $RUN was made with other settings or corpus versions: drawing the sample again ($SAMPLE)"
+  rm -rf "$RUN/kernel" "$RUN/db" "$RUN/eval-previous-version" "$RUN/eval-strict" "$RUN/summary.md"
 fi
 if [ ! -f "$RUN/kernel/labels.json" ]; then
   # the settings first: labels.json is written last, so a sample killed midway is drawn again
@@ -55,9 +59,6 @@ $R generate --checkpoint $LM --db "$RUN/db" --prompt "$PROMPT" --max-new-tokens 
 echo "== 5. bits per byte on held-out kernel 6.12 documents: SmolLM2-135M alone vs with retrieval from kernel 6.1"
 .venv/bin/python scripts/compare_evals.py "previous version allowed=$RUN/eval-previous-version" \
   "strict=$RUN/eval-strict" --markdown "$RUN/summary.md"
-# the held-out sample follows the package versions apt serves (Debian updates both with each stable kernel release)
-VERSIONS=$(.venv/bin/python -c "import json,sys; print(', '.join(json.load(open(f))['package'] for f in sys.argv[1:]))" \
-  data/full/linux-docs-6.1.source.json data/full/linux-docs-6.12.source.json)
 printf '\ncorpus: %s\n' "$VERSIONS" | tee -a "$RUN/summary.md"
 echo "reports: $RUN/eval-previous-version/report.md, $RUN/eval-strict/report.md; table: $RUN/summary.md"
 echo "browse it: .venv/bin/retrolm serve --db $RUN/db --reader $LM   (then open http://127.0.0.1:8000/)"

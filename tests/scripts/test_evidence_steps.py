@@ -85,6 +85,31 @@ def test_a_step_whose_input_was_made_again_is_made_again(tmp_path):
     assert out.read_text() == "3 per bucket" and mod.is_done(reads, out)
 
 
+def test_a_step_reading_another_file_its_input_step_wrote_is_made_again(tmp_path):
+    """`corpus versions` is done by heldout.jsonl but writes rest.jsonl too: the database built from rest.jsonl was
+    kept when the sample was drawn again (it named rest.jsonl, not heldout.jsonl). Files given as ``also`` are
+    recorded as the step's outputs."""
+    mod = load_module(tmp_path)
+    kernel, db = tmp_path / "kernel", tmp_path / "db.txt"
+    kernel.mkdir()
+    held, rest = kernel / "heldout.jsonl", kernel / "rest.jsonl"
+
+    def draw(n: int) -> list:
+        code = f"import pathlib; k = pathlib.Path({str(kernel)!r}); (k / 'rest.jsonl').write_text('rest {n}'); " \
+               f"(k / 'heldout.jsonl').write_text('held {n}')"
+        return [sys.executable, "-c", code]
+
+    build = [sys.executable, "-c", f"import pathlib, sys; pathlib.Path({str(db)!r}).write_text("
+             "pathlib.Path(sys.argv[1]).read_text())", rest]
+    mod.run(draw(6), [], held, also=(rest,))
+    mod.run(build, [], db)
+    assert db.read_text() == "rest 6" and mod.is_done(build, db)
+    mod.run(draw(3), [], held, also=(rest,))  # the sample drawn again
+    assert not mod.is_done(build, db)
+    mod.run(build, [], db)
+    assert db.read_text() == "rest 3"
+
+
 def test_a_database_made_by_another_command_is_rebuilt_with_overwrite(tmp_path):
     """`db build` refuses an existing folder, and a training run would resume from its last checkpoint (training
     nothing): the step redone adds --overwrite / --no-resume (recorded without it)."""
