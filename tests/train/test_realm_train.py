@@ -285,6 +285,45 @@ def test_pretrain_resumes_where_it_stopped(tokenizer, tmp_path):
     assert (tmp_path / "b" / "final" / "model.json").is_file()
 
 
+def test_a_resume_at_a_refresh_step_refreshes_and_takes_this_runs_lr(tokenizer, tmp_path, monkeypatch, caplog):
+    """A refresh starts at the step a checkpoint is saved, which holds the index before it: a resumed run had no
+    refresh in flight and read the stale index for another refresh_every steps. And the optimizer state brought back
+    the checkpoint's lr and weight decay whatever the resumed run's config said."""
+    import retrolm.train.realm as realm_train
+
+    docs, examples = TextDocuments(DOCS), [(d, -1) for d in DOCS[:8]]
+    wait = IndexRefresher.poll
+    monkeypatch.setattr(IndexRefresher, "poll", lambda self, step, wait_=False: wait(self, step, wait=True))
+    cfg = small_cfg(steps=6, batch_size=3, refresh_every=2, save_every=2)
+    whole = pretrain(docs, tmp_path / "a", cfg, model=tiny_realm(tokenizer), examples=examples)
+    assert [s["index_step"] for s in whole["steps"]] == [0, 0, 0, 2, 2, 4]
+
+    class Crash(Exception):
+        pass
+
+    save = realm_train._save
+
+    def crash_after_step_2(*args, **kwargs):
+        save(*args, **kwargs)
+        if args[4] == 2:
+            raise Crash
+
+    monkeypatch.setattr(realm_train, "_save", crash_after_step_2)
+    with pytest.raises(Crash):
+        pretrain(docs, tmp_path / "b", cfg, model=tiny_realm(tokenizer), examples=examples)
+    monkeypatch.setattr(realm_train, "_save", save)
+    resumed = pretrain(docs, tmp_path / "b", cfg, model=tiny_realm(tokenizer), examples=examples)
+    assert [s["index_step"] for s in resumed["steps"]] == [0, 0, 0, 2, 2, 4]  # was [0, 0, 0, 0, 0, 4]
+    assert [s["loss"] for s in resumed["steps"]] == pytest.approx([s["loss"] for s in whole["steps"]], rel=1e-6)
+
+    with caplog.at_level("WARNING"):
+        pretrain(docs, tmp_path / "b", small_cfg(steps=7, batch_size=3, save_every=7, lr=1e-4, weight_decay=0.0),
+                 model=tiny_realm(tokenizer), examples=examples)
+    assert "resumed with lr 0.0001 and weight_decay 0 (written with 0.003 and 0.01)" in caplog.text
+    groups = torch.load(tmp_path / "b" / "checkpoints" / "step-000007" / "optimizer.pt")["param_groups"]
+    assert {(g["lr"], g["weight_decay"]) for g in groups} == {(1e-4, 0.0)}
+
+
 # --------------------------------------------------------------------------------------------------------- QA
 def test_answer_spans_finds_every_occurrence():
     assert answer_spans([5, 6, 7, 5, 6], [[5, 6], [7]]) == [(0, 1), (3, 4), (2, 2)]

@@ -75,6 +75,33 @@ def test_resuming_with_another_data_order_is_refused(built_db, tmp_path, change)
         Trainer(tiny_cfg(built_db, tmp_path / "r", **change)).setup(show_progress=False)
 
 
+def test_a_resume_under_other_neighbours_is_refused_and_other_optimiser_settings_apply(built_db, tmp_path, caplog):
+    """The optimizer state brought back the checkpoint's weight decay and betas while config.yaml recorded the new
+    ones; other neighbour settings (exclude=none: the text to predict) were read from the resumed step on without a
+    word; and a refused resume had already dropped the interrupted run's metrics rows after its checkpoint."""
+    run(tiny_cfg(built_db, tmp_path / "r", steps=3))
+    metrics = tmp_path / "r" / "metrics.jsonl"
+    with open(metrics, "a") as f:  # rows of steps the interrupted run logged after its last checkpoint
+        f.write(json.dumps({"step": 4, "train/loss": 1.0}) + "\n" + json.dumps({"step": 5, "train/loss": 1.0}) + "\n")
+    rows = metrics.read_text()
+    for change, shown in (({"neighbour_exclude": "none"}, "neighbour_exclude document → none"),
+                          ({"retriever": "bm25"}, "retriever dense → bm25")):
+        with pytest.raises(RetrolmError, match=rf"step-000003: resumed with other training neighbours \({shown}\)"):
+            Trainer(tiny_cfg(built_db, tmp_path / "r", **change)).setup(show_progress=False)
+        assert metrics.read_text() == rows
+    with pytest.raises(RetrolmError, match=r"written at 2 sequences per step"):
+        Trainer(tiny_cfg(built_db, tmp_path / "r", batch_size=4)).setup(show_progress=False)
+    assert metrics.read_text() == rows
+    t = Trainer(tiny_cfg(built_db, tmp_path / "r", steps=6, weight_decay=0.0, beta2=0.99))
+    with caplog.at_level(logging.WARNING):
+        t.setup(show_progress=False)
+    assert "resumed with other optimiser settings (steps 3 → 6, weight_decay 0.1 → 0.0, beta2 0.95 → 0.99): they " \
+           "apply from step 3 on" in caplog.text
+    assert [(g["weight_decay"], g["betas"]) for g in t.opt.param_groups] == [(0.0, (0.9, 0.99)), (0.0, (0.9, 0.99))]
+    assert [r["step"] for r in metric_rows(tmp_path / "r") if "train/loss" in r and r["step"] > 3] == []
+    t.cleanup()
+
+
 def test_resuming_with_another_model_or_database_is_refused(built_db, tmp_path):
     """Same-shaped tensors load into a model with other heads, and a database with another tokenizer feeds other
     token ids: a resumed run went on training either way, and its next checkpoint recorded the new setting."""

@@ -153,6 +153,8 @@ class LoopConfig:
             raise RetrolmError(f"lr must be > 0 and min_lr, warmup_steps, weight_decay >= 0 (got lr={self.lr}, "
                                f"min_lr={self.min_lr}, warmup_steps={self.warmup_steps}, "
                                f"weight_decay={self.weight_decay})")
+        if self.min_lr > self.lr:  # the cosine "decay" would climb from lr to min_lr
+            raise RetrolmError(f"min_lr ({self.min_lr}) must be at most lr ({self.lr}): lower min_lr with lr")
         if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
             raise RetrolmError(f"beta1 and beta2 must be in [0, 1), got {self.beta1}, {self.beta2}")
         if not self.grad_clip >= 0:  # a negative bound turned every step into gradient ascent

@@ -324,8 +324,17 @@ def pretrain(docs: Documents, out_dir: str | Path, cfg: RealmConfig, model: Real
         opt = _optimizer(model, cfg)
         opt.load_state_dict(torch.load(folder / "optimizer.pt", map_location=device))
         step, log, order = state["step"], state["log"], state["order"]
+        # the optimizer state brings back the checkpoint's lr and weight decay: this run's config says what applies
+        saved = opt.param_groups[0]
+        if (saved["lr"], saved["weight_decay"]) != (cfg.lr, cfg.weight_decay):
+            logger.warning("%s: resumed with lr %g and weight_decay %g (written with %g and %g): they apply from step "
+                           "%d on", folder, cfg.lr, cfg.weight_decay, saved["lr"], saved["weight_decay"], step)
+        for group in opt.param_groups:
+            group.update(lr=cfg.lr, weight_decay=cfg.weight_decay)
         rng.setstate(state["rng"])
         torch.set_rng_state(state["torch_rng"])
+        if state.get("cuda_rng") is not None and device.type == "cuda":  # the reader's dropout masks on the GPU
+            torch.cuda.set_rng_state(state["cuda_rng"].cpu(), device)
         if (folder / INDEX_FILE).is_file():  # the index the run was reading (refresh_every=0: never rebuilt)
             held = torch.load(folder / INDEX_FILE, weights_only=False)
             saved_index = DocumentIndex(held["embeddings"], int(held["step"]), None)
@@ -350,6 +359,10 @@ def pretrain(docs: Documents, out_dir: str | Path, cfg: RealmConfig, model: Real
         first = DocumentIndex.build(model, docs, step, cfg.max_doc_len, cfg.embed_batch_size)
     refresher = IndexRefresher(docs, first, cfg.max_doc_len, cfg.embed_batch_size)
     log.setdefault("index_build_seconds", []).append(time.perf_counter() - started)
+    if first.step < step and cfg.refresh_every and step % cfg.refresh_every == 0 and step < cfg.steps:
+        # the checkpoint was saved as this step's refresh started, with the index before it: start it again (from
+        # the same weights), or the run reads a stale index for another refresh_every steps
+        refresher.start(model, step)
     try:
         while step < cfg.steps:
             if len(order) < cfg.batch_size:
@@ -377,9 +390,10 @@ def pretrain(docs: Documents, out_dir: str | Path, cfg: RealmConfig, model: Real
                 logger.info("step %d: loss %.4f, retrieval utility %.3f nats, index of step %d", step,
                             res.loss.item(), res.utility, index.step)
             if step % cfg.save_every == 0 or step == cfg.steps:
+                cuda_rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
                 _save(ckpts, model, opt, cfg, step, {"log": log, "rng": rng.getstate(), "order": order,
-                                                     "torch_rng": torch.get_rng_state(), "data": data},
-                      index=refresher.index)
+                                                     "torch_rng": torch.get_rng_state(), "cuda_rng": cuda_rng,
+                                                     "data": data}, index=refresher.index)
     finally:
         refresher.close()
     log["seconds"] = time.perf_counter() - started

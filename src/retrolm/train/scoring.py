@@ -65,9 +65,11 @@ def score_sequences(
     device: torch.device | None = None,
     desc: str = "score",
     show_progress: bool = False,
+    bf16: bool = True,
 ) -> Scores:
     """Per-chunk nats of a RETRO-style ``model(idx, neighbours, mask)`` over sequences ``seq_ids`` (default: all) of
-    ``seqs``, reading neighbours when ``with_neighbours`` (and the sequences have them)."""
+    ``seqs``, reading neighbours when ``with_neighbours`` (and the sequences have them); under bf16 autocast on CUDA
+    unless ``bf16`` is False."""
     device = device or next(model.parameters()).device
     seq_ids = np.arange(len(seqs)) if seq_ids is None else np.asarray(seq_ids)
     n = seqs.source.n_chunks
@@ -78,7 +80,7 @@ def score_sequences(
                       leave=False):
         ids = seq_ids[start : start + batch_size]
         batch = seqs.batch(ids, with_neighbours).to(device)
-        with autocast(device):
+        with autocast(device, bf16):
             logits = model(batch.idx, batch.neighbours, batch.neighbour_mask, **model_kwargs(model, batch)).logits
         ce = F.cross_entropy(logits.float().flatten(0, 1), batch.targets.flatten(), ignore_index=IGNORE,
                              reduction="none").view(batch.idx.shape).double().cpu().numpy()

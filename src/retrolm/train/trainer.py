@@ -200,6 +200,16 @@ def neighbour_settings(config: dict) -> dict:
     return config
 
 
+def _changes(saved: dict | None, now: dict) -> list[str]:
+    """``key old → new`` for each setting of ``now`` that ``saved`` (a checkpoint's record) holds otherwise; none when
+    the checkpoint has no record (written before it existed) or either side is empty (a baseline reads no neighbours:
+    resuming one as RETRO, or RETRO as one, is another model, which the model check refuses)."""
+    if not saved or not now:
+        return []
+    return [f"{k} {saved.get(k)} → {v}" for k, v in now.items() if saved.get(k) != v] + \
+        [f"{k} {v} → none" for k, v in saved.items() if k not in now]
+
+
 def _saved_neighbour_set(folder: Path) -> dict | None:
     record = folder / "neighbours.json"
     return read_json(record, "neighbour description") if record.is_file() else None
@@ -385,6 +395,8 @@ class Trainer:
         if cfg.steps and len(self.train_ids) < self._per_step:  # a step would read past two epochs' permutations
             raise RetrolmError(f"{cfg.db}: {len(self.train_ids)} training sequences of {self.seq_len} tokens, fewer "
                                f"than one step reads ({self._per_step}); lower batch_size or grad_accum")
+        if resume and cfg.steps:  # before the search, on the newest checkpoint's record (checked again on loading)
+            self._check_reading(*self._newest_reading())
         # steps=0 writes the model as built: nothing reads training neighbours
         neighbours = self._neighbours(seq_chunks, show_progress) if self.retrieval and cfg.steps else None
         family = None
@@ -410,11 +422,11 @@ class Trainer:
         if resume:
             self._resumed_per_step: int | None = None
             self._resumed_order: dict | None = None
+            self._resumed_reading: dict | None = None
+            self._resumed_optimiser: dict | None = None
             last = self.checkpoints.resume(self._load_checkpoint)
             if last is not None:
                 logger.info("resumed from %s", last)
-            if self.main:
-                self._drop_rows_after(earlier_rows, self.step)
             if self._resumed_per_step not in (None, self._per_step):
                 # the data position is step × sequences per step: another count would re-read or skip sequences
                 raise RetrolmError(f"{last}: written at {self._resumed_per_step} sequences per step (batch_size × "
@@ -427,6 +439,16 @@ class Trainer:
                 # sequences, or train on validation ones, that the first steps did not
                 raise RetrolmError(f"{last}: resumed with another data order ({', '.join(changed)}); resume with "
                                    "the same settings or start afresh (--no-resume)")
+            self._check_reading(last, self._resumed_reading)
+            if changed := _changes(self._resumed_optimiser, self._optimiser):
+                # the optimizer state came back with the checkpoint's settings: the config's are put back in, and
+                # the schedule follows the config from here on
+                for group, decay in zip(self.opt.param_groups, (cfg.weight_decay, 0.0), strict=True):
+                    group.update(weight_decay=decay, betas=(cfg.beta1, cfg.beta2))
+                logger.warning("%s: resumed with other optimiser settings (%s): they apply from step %d on", last,
+                               ", ".join(changed), self.step)
+            if self.main:  # after the refusals: a refused resume keeps the interrupted run's rows
+                self._drop_rows_after(earlier_rows, self.step)
         elif self.main:
             self._set_aside(earlier_rows)
         if self.world > 1:  # no rank looks for checkpoints (steps=0) before rank 0 has set the old ones aside
@@ -544,6 +566,42 @@ class Trainer:
         cfg = self.cfg
         return {"seed": cfg.seed, "val_fraction": cfg.val_fraction, "data_offset": cfg.data_offset,
                 "seq_len": self.seq_len, "sequences": len(self.seqs)}
+
+    @property
+    def _reading(self) -> dict:
+        """The settings that decide which neighbours training reads (saved in trainer.pt; none for a baseline)."""
+        cfg = self.cfg
+        if not self.retrieval:
+            return {}
+        reading = {"retriever": cfg.retriever, "neighbour_exclude": cfg.neighbour_exclude,
+                   "num_neighbours": cfg.num_neighbours}
+        if cfg.neighbour_exclude == "near_duplicate":
+            reading["neighbour_near_dup"] = cfg.neighbour_near_dup
+        return reading
+
+    def _check_reading(self, folder: Path | None, saved: dict | None) -> None:
+        """Refuse to resume from ``folder`` (trainer.pt's record ``saved``) under other neighbour settings: the later
+        steps would read other neighbours (with exclude=none, the text they predict) under a config.yaml that hides
+        the first steps' setting."""
+        if changed := _changes(saved, self._reading):
+            raise RetrolmError(f"{folder}: resumed with other training neighbours ({', '.join(changed)}); resume "
+                               "with the same settings, continue it as a new run (init_from) or start afresh "
+                               "(--no-resume)")
+
+    def _newest_reading(self) -> tuple[Path | None, dict | None]:
+        """The newest checkpoint with a readable trainer.pt and its neighbour settings (None: none, or none saved)."""
+        for folder in reversed(self.checkpoints.all()):
+            try:
+                return folder, torch.load(folder / "trainer.pt", weights_only=False).get("reading")
+            except Exception:  # a damaged checkpoint: resuming skips it and checks the one it loads
+                continue
+        return None, None
+
+    @property
+    def _optimiser(self) -> dict:
+        """The optimiser and schedule settings (saved in trainer.pt: a resume under others is told which)."""
+        return {k: getattr(self.cfg, k) for k in ("lr", "min_lr", "warmup_steps", "steps", "weight_decay", "beta1",
+                                                  "beta2", "grad_clip")}
 
     def _check_parent_split(self, n_seqs: int) -> None:
         """Warn when ``init_from`` was trained under another split: its training sequences may be this run's
@@ -693,7 +751,7 @@ class Trainer:
         modes = [True, False] if self.retrieval else [False]
         for mode in modes if retrieval is None else [retrieval]:
             scores = score_sequences(self.model, self.seqs, ids, self.cfg.batch_size, with_neighbours=mode,
-                                     device=self.device)
+                                     device=self.device, bf16=self.cfg.bf16)  # validated as it trains
             nats, count = float(scores.nats.sum()), int(scores.tokens.sum())
             tag = "val" if mode or not self.retrieval else "val_no_retrieval"
             results[f"{tag}/loss"] = nats / max(count, 1)
@@ -761,6 +819,7 @@ class Trainer:
             write_json(folder / FROZEN_FILE, frozen)
         torch.save(self._full_optimizer if full is not None else self.opt.state_dict(), folder / "optimizer.pt")
         torch.save({"step": self.step, "sequences_per_step": self._per_step, "data_order": self._data_order,
+                    "reading": self._reading, "optimiser": self._optimiser,
                     "torch_rng": torch.get_rng_state(),
                     "numpy_rng": np.random.get_state(),
                     "python_rng": random.getstate(),
@@ -801,6 +860,7 @@ class Trainer:
         # checked once resuming is done (see setup); checkpoints of older versions lack them
         self._resumed_per_step = state.get("sequences_per_step")
         self._resumed_order = state.get("data_order")
+        self._resumed_reading, self._resumed_optimiser = state.get("reading"), state.get("optimiser")
         cpu_by_rank = state.get("cpu_rng_by_rank")  # each rank draws its own dropout masks on the CPU
         own_cpu = cpu_by_rank[self.rank] if cpu_by_rank is not None and len(cpu_by_rank) == self.world else None
         torch.set_rng_state(own_cpu if own_cpu is not None else state["torch_rng"])
