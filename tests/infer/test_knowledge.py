@@ -186,3 +186,19 @@ def test_options_are_scored_as_configured(knowledge, tmp_path, monkeypatch):
     assert seen and set(seen) == {"pmi"}
     with pytest.raises(RetrolmError, match="mean, sum or pmi"):
         KnowledgeConfig(choice_normalize="max")
+
+
+def test_items_without_a_kind_are_reported_as_unlabelled(knowledge, tmp_path):
+    """Items without a ``kind`` were grouped under "None" and then matched none of its items: n = 0, NaN accuracy."""
+    import shutil
+
+    data = Path(shutil.copytree(knowledge / "data", tmp_path / "data"))
+    rows = [json.loads(x) for x in (data / "qa.jsonl").read_text().splitlines()]
+    (data / "qa.jsonl").write_text("".join(json.dumps({k: v for k, v in r.items() if k != "kind"}) + "\n"
+                                           for r in rows))
+    r = KnowledgeStudy(KnowledgeConfig(data=str(data), reader=str(knowledge / "copier"), out_dir=str(tmp_path / "o"),
+                                       conditions=["closed_book"], bootstrap=10)).run()
+    assert r["kinds"] == ["unlabelled"]
+    cell = r["accuracy"]["closed_book"]["unlabelled"]
+    assert cell["n"] == len(rows) and cell["accuracy"] == r["accuracy"]["closed_book"]["all"]["accuracy"]
+

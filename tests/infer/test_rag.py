@@ -311,6 +311,11 @@ def test_config_errors(world):
         RagConfig(samples=3, sample_temperature=0)
     with pytest.raises(RetrolmError, match="unit"):
         RagConfig(unit="page")
+    # sampling settings with the config, not at the first sampled reading (after the model loads and stages ran)
+    for bad in ({"top_p": 0.0}, {"top_p": 1.5}, {"temperature": -1.0},
+                {"samples": 3, "sample_temperature": float("nan")}):
+        with pytest.raises(RetrolmError, match="a finite temperature >= 0 and 0 < top_p <= 1"):
+            RagConfig(**bad)
     with pytest.raises(RetrolmError, match="choice_normalize must be mean, sum or pmi, got 'max'"):
         RagConfig(choice_normalize="max")
     with pytest.raises(RetrolmError, match="needs --data"):
@@ -422,6 +427,59 @@ def test_document_unit_reads_whole_documents(world):
     passages, flops = pipe.retrieve(["The code of plimbo is"])
     assert passages[0][0].doc_id == "fact-plimbo" and passages[0][0].text.strip() == "The code of plimbo is dune"
     assert len({p.doc_id for p in passages[0]}) == len(passages[0]) and flops[0].search > 0
+
+
+def test_a_document_passage_is_read_around_the_chunk_it_was_found_by(tmp_path):
+    """A document's window is clamped at its end, and the reader reads the first max_passage_tokens of a passage:
+    a fact at the end of a long document was cut off before the reader saw it (the answer came from the text before
+    it). The window is now cut around the best chunk, which a later hop follows too."""
+    long_doc = " ".join(d["text"] for d in wiki_docs(3)) + " The code of zorblat is amber."
+    db = Database.build([write_jsonl(tmp_path / "corpus.jsonl", [{"id": "long", "text": long_doc}, *wiki_docs(8, 3)])],
+                        tmp_path / "db", BuildConfig(tokenizer="train:1000", index="none", bm25=True),
+                        show_progress=False)
+    assert len(db.tokenizer.encode(long_doc)) > 400
+    lm_dir = tmp_path / "copy-llama"
+    induction_llama(db.tokenizer.vocab_size).save_pretrained(lm_dir)
+    db.tokenizer.save(lm_dir / "tokenizer.json")
+    cfg = RagConfig(db=str(db.path), reader=str(lm_dir), retriever="bm25", unit="document", top_n=1, passages=1,
+                    rerank=False, max_passage_tokens=96, template="{passages}{question}", max_new_tokens=2)
+    pipe = RagPipeline.load(cfg)
+    (p,), = pipe.retrieve(["The code of zorblat is"])[0]
+    assert p.doc_id == "long" and p.matched and p.matched.strip() in long_doc
+    assert "The code of zorblat is amber" in p.text  # was cut off: the window's first 96 tokens
+    assert len(pipe.reader.tok.encode(p.text)) <= 96
+    assert "The code of zorblat is amber" in pipe.reader.prompt_text("The code of zorblat is", [p.text])
+    # a window that fits is read whole, and a part it does not hold leaves it as it is
+    assert pipe.reader.window("short text", "short") == "short text"
+    assert pipe.reader.window(long_doc, "not in it") == long_doc
+
+
+def test_document_passages_are_searched_deeper_until_n_documents_are_found(tmp_path):
+    """unit=document fetched 4·n chunks once: where one long document filled them, fewer than n documents came back
+    although the store held more that match."""
+    db = Database.build([write_jsonl(tmp_path / "corpus.jsonl", wiki_docs(40))], tmp_path / "db",
+                        BuildConfig(tokenizer="train:1000", index="none", bm25=True, chunk_len=8), show_progress=False)
+    retriever = PassageRetriever(db, "bm25", unit="document")
+    questions = [" ".join(d["text"].split()[:8]) for d in wiki_docs(40)]
+    everything = retriever.retriever.search(questions, db.store.n_chunks)
+    for n in (2, 3):
+        found, _ = retriever.retrieve(questions, n)
+        for i, ps in enumerate(found):
+            matching = list(dict.fromkeys(h.doc_id for h in everything.hits(i)))
+            assert [p.doc_id for p in ps] == matching[:n]
+
+
+def test_a_later_hop_finds_new_chunks_beyond_those_next_to_the_earlier_ones(tmp_path):
+    """The second hop's query holds the first hop's chunk, so that chunk and the chunks next to it rank first: it
+    fetched n + 2 per passage found before and could come back empty though other chunks matched."""
+    db = Database.build([write_jsonl(tmp_path / "corpus.jsonl", wiki_docs(40))], tmp_path / "db",
+                        BuildConfig(tokenizer="train:1000", index="none", bm25=True, chunk_len=16),
+                        show_progress=False)
+    retriever = PassageRetriever(db, "bm25", continuation=True)
+    questions = [" ".join(d["text"].split()[:10]) for d in wiki_docs(40)]
+    found, _ = retrieve_hops(retriever, questions, 1, hops=2)
+    followed = [i for i, ps in enumerate(found) if new_words(questions[i], ps[0].matched or ps[0].text)]
+    assert len(followed) > 20 and all([p.hop for p in found[i]] == [1, 2] for i in followed)
 
 
 def test_passages_that_do_not_fit_are_the_lowest_ranked_left_out_and_not_reported(world, monkeypatch, caplog):
@@ -785,6 +843,9 @@ def test_the_fingerprint_of_an_evaluation_follows_its_questions_and_database(wor
     before = fingerprint(local)
     weights = next(lm.glob("*.safetensors"))
     weights.write_bytes(weights.read_bytes()[:-4] + b"\x00\x00\x00\x01")  # retrained in place
+    assert fingerprint(local) != before
+    before = fingerprint(local)  # a chat template makes other prompts of the same weights
+    (lm / "tokenizer_config.json").write_text(json.dumps({"chat_template": "{{ messages[0]['content'] }}"}))
     assert fingerprint(local) != before
     reranked = eval_cfg(world, "fp", db=str(db), data=str(qa), reranker=f"cross-encoder:{lm}")
     before = fingerprint(reranked)

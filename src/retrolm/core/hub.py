@@ -192,13 +192,21 @@ def weights_fingerprint(folder: str | Path) -> str | None:
     return h.hexdigest()
 
 
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                    "vocab.txt", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json")
+"""A model folder's tokenizer and chat template: a reader's prompts are made of them."""
+
+
 def model_identity(ref: str, what: str = "model") -> str:
     """What a model reference names now, for resume fingerprints: a local folder's (a packaged model's included) weight
-    files and config by quick digest, or a hub name with the revision the local cache holds (after loading, the one
-    that was read). A retrained folder, an upgraded package or a newer hub revision each give another identity."""
+    files, config, tokenizer and chat template by quick digest, or a hub name with the revision the local cache holds
+    (after loading, the one that was read). A retrained folder, another chat template, an upgraded package or a newer
+    hub revision each give another identity."""
     resolved = resolve_model(ref, what)
     if resolved.local:
-        return "|".join(f"{p.name}:{file_digest(p, quick=True)}" for p in _model_files(Path(resolved.path)))
+        folder = Path(resolved.path)
+        files = sorted({*_model_files(folder), *(p for name in _TOKENIZER_FILES for p in folder.glob(name))})
+        return "|".join(f"{p.name}:{file_digest(p, quick=True)}" for p in files)
     revision = None
     try:
         from huggingface_hub import try_to_load_from_cache

@@ -33,7 +33,7 @@ from retrolm.core.device import default_device
 from retrolm.core.errors import RetrolmError
 from retrolm.core.io import jsonl_values, output_folder, write_bytes, write_json
 from retrolm.db import BuildConfig, Database
-from retrolm.eval.qa import CHOICE_NORMALIZATIONS, load_qa
+from retrolm.eval.qa import CHOICE_NORMALIZATIONS, QAItem, load_qa
 from retrolm.infer.rag import PassageRetriever, retrieve_hops
 from retrolm.infer.reader import Reader
 from retrolm.models.hf import CausalLM
@@ -103,6 +103,12 @@ def _jsonl(path: Path, lists: tuple[str, ...] = ()) -> list[dict]:
                 raise RetrolmError(f"{where}: {key!r} must be a non-empty list of fact ids")
         rows.append(obj)
     return rows
+
+
+def _kind(item: QAItem) -> str:
+    """The kind an item is reported under (its ``kind`` field; "unlabelled" without one)."""
+    kind = item.meta.get("kind")
+    return "unlabelled" if kind is None else str(kind)
 
 
 def accuracy_interval(correct: Sequence[bool], resamples: int, seed: int) -> tuple[float, float, float]:
@@ -277,7 +283,7 @@ class KnowledgeStudy:
             for kind in kinds:
                 groups: dict[str, list[bool]] = {"answer_only": [], "answer_and_others": [], "answer_not_read": []}
                 for i, it in enumerate(self.items):
-                    if it.meta.get("kind") != kind:
+                    if _kind(it) != kind:
                         continue
                     group = ("answer_not_read" if it.answer not in options[i] else
                              "answer_only" if len(options[i]) == 1 else "answer_and_others")
@@ -289,13 +295,13 @@ class KnowledgeStudy:
     def _summary(self, chosen: dict[str, list[int]], finetuning: dict, augmentation: list[dict],
                  seconds: dict[str, float], support: dict[str, list[bool | None]], read: dict[str, list[list[int]]]
                  ) -> dict[str, Any]:
-        kinds = sorted({str(it.meta.get("kind")) for it in self.items})
+        kinds = sorted({_kind(it) for it in self.items})
         table: dict[str, dict[str, Any]] = {}
         found: dict[str, dict[str, Any]] = {}
         for cond, picks in chosen.items():
             table[cond] = {}
             for kind in [*kinds, "all"]:
-                idx = [i for i, it in enumerate(self.items) if kind == "all" or it.meta.get("kind") == kind]
+                idx = [i for i, it in enumerate(self.items) if kind == "all" or _kind(it) == kind]
                 acc, lo, hi = accuracy_interval([picks[i] == self.items[i].answer for i in idx], self.cfg.bootstrap,
                                                 self.cfg.seed)
                 table[cond][kind] = {"accuracy": acc, "ci95": [lo, hi], "n": len(idx)}
@@ -303,7 +309,7 @@ class KnowledgeStudy:
                 if known:  # the share of items whose supporting facts were all retrieved
                     found.setdefault(cond, {})[kind] = float(np.mean(known))
         chance = {kind: float(np.mean([1 / len(it.choices) for it in self.items
-                                       if kind == "all" or it.meta.get("kind") == kind])) for kind in [*kinds, "all"]}
+                                       if kind == "all" or _kind(it) == kind])) for kind in [*kinds, "all"]}
         aug = None
         if augmentation:
             kind = {inf["id"]: "reversal" if len(inf["from"]) == 1 else "syllogism" for inf in self.inferences}

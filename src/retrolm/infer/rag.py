@@ -42,6 +42,7 @@ from retrolm.infer.consistency import CrossDocVote, cross_document_vote, majorit
 from retrolm.infer.flops import ModelCost, StageFlops, bm25_search_flops, dense_search_flops
 from retrolm.infer.reader import DEFAULT_SYSTEM, DEFAULT_TEMPLATE, Reader, Reading, check_template
 from retrolm.infer.rerank import LMReranker, Reranker, load_reranker
+from retrolm.infer.sampling import check_sampling
 from retrolm.retrieval import get_retriever
 from retrolm.retrieval.sharded import LocalShard, ShardedRetriever, is_shards_file
 
@@ -134,6 +135,9 @@ class RagConfig:
                                f"cannot exceed top_n × hops ({found})")
         if (self.samples > 1 or self.cross_doc_samples > 1) and self.sample_temperature <= 0:
             raise RetrolmError("samples > 1 needs sample_temperature > 0 (greedy samples are all the same)")
+        # here, not at the first sampled reading, after the model loads and the first stages ran
+        check_sampling(self.max_new_tokens, self.temperature, self.top_p)
+        check_sampling(self.max_new_tokens, self.sample_temperature, self.top_p)
         check_template(self.template)
         default_device(self.device)  # here, not as a traceback once the reader is loaded
 
@@ -200,16 +204,27 @@ class PassageRetriever:
 
     def retrieve(self, questions: Sequence[str], n: int) -> tuple[list[list[Passage]], list[StageFlops]]:
         """Per question, up to ``n`` passages (best first) and the encoder + search FLOPs."""
-        fetch = n if self.unit == "chunk" else min(4 * n, self.db.store.n_chunks)
-        result = self.retriever.search(list(questions), max(1, fetch))
-        out = []
-        for i in range(len(questions)):
-            hits = result.hits(i)
-            if self.unit == "chunk":
-                out.append([chunk_passage(h, r, self.continuation) for r, h in enumerate(hits)])
-            else:
-                out.append(self._documents(hits, n))
-        return out, [self.flops(q) for q in questions]
+        if self.unit == "chunk":
+            result = self.retriever.search(list(questions), max(1, n))
+            out = [[chunk_passage(h, r, self.continuation) for r, h in enumerate(result.hits(i))]
+                   for i in range(len(questions))]
+            return out, [self.flops(q) for q in questions]
+        # documents: their best chunks, searched deeper where a few long documents fill the chunks fetched
+        total = self.db.store.n_chunks
+        fetch, todo = max(1, min(4 * n, total)), list(range(len(questions)))
+        docs: list[list[Passage]] = [[] for _ in questions]
+        while todo:
+            result = self.retriever.search([questions[i] for i in todo], fetch)
+            short = []
+            for j, i in enumerate(todo):
+                hits = result.hits(j)
+                found = len({h.doc_id for h in hits})
+                if found < n and len(hits) == fetch and fetch < total:
+                    short.append(i)
+                else:
+                    docs[i] = self._documents(hits, n)
+            todo, fetch = short, min(2 * fetch, total)
+        return docs, [self.flops(q) for q in questions]
 
     def _documents(self, hits: list, n: int) -> list[Passage]:
         store, m = self.db.store, self.db.chunk_len
@@ -222,7 +237,9 @@ class PassageRetriever:
             toks = store.doc_tokens(d)
             start = max(0, min(h.position * m - (self.document_tokens - m) // 2, len(toks) - self.document_tokens))
             text = self.db.tokenizer.decode_cut(toks[start : start + self.document_tokens].tolist())
-            out.append(Passage(text, h.doc_id, h.chunk_id, h.position, h.score, rank))
+            # the best chunk is what the query matched: a reader keeps it when it cuts the window, and a later
+            # hop follows its words, not the whole window's
+            out.append(Passage(text, h.doc_id, h.chunk_id, h.position, h.score, rank, matched=h.text))
         return out
 
     @functools.cached_property
@@ -352,7 +369,9 @@ def retrieve_hops(retriever: PassageRetriever | ShardedPassageRetriever, questio
             break
         # fetched beyond n by what earlier hops found, so that each hop can add n passages that are new (up to what
         # the retriever serves: a sharded database's parts cap k)
-        fetch = n + max(2 * sum(map(len, by_hop[i])) for i in follow)
+        # (a passage found before rules out up to 3 chunks, its own, its continuation and the one whose continuation
+        # it is; each new one up to 2 more)
+        fetch = 3 * (n + max(sum(map(len, by_hop[i])) for i in follow))
         limit = retriever.max_k
         more, more_flops = retriever.retrieve([f"{questions[i]} {bridge[i]}" for i in follow],
                                               fetch if limit is None else max(n, min(fetch, limit)))
@@ -453,7 +472,10 @@ class RagPipeline:
     def retrieve(self, questions: Sequence[str]) -> tuple[list[list[Passage]], list[StageFlops]]:
         if self.retriever is None:
             raise RetrolmError("no database: retrieval needs --db")
-        return retrieve_hops(self.retriever, questions, self.cfg.top_n, self.cfg.hops)
+        found, flops = retrieve_hops(self.retriever, questions, self.cfg.top_n, self.cfg.hops)
+        if self.retriever.unit == "document":  # what the reranker and the reader read of each: around its best chunk
+            found = [[dataclasses.replace(p, text=self.reader.window(p.text, p.matched)) for p in ps] for ps in found]
+        return found, flops
 
     def rerank(self, questions: Sequence[str], candidates: Sequence[list[Passage]]
                ) -> tuple[list[list[Passage]], list[StageFlops]]:

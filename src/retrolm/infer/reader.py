@@ -170,6 +170,27 @@ class Reader:
         return frozenset(breaks), frozenset(blank)
 
     # ------------------------------------------------------------------------------------------------ prompts
+    def window(self, text: str, around: str | None) -> str:
+        """``text`` cut to the ``max_passage_tokens`` the reader reads of a passage, kept around its part ``around``
+        (the chunk a document passage was found by) instead of from its start, where that part would be cut off;
+        ``text`` itself when it fits, or when ``around`` is not found in it."""
+        t, part = text.strip(), (around or "").strip()
+        enc = self.tok.tok.encode(t, add_special_tokens=False)
+        ids, offsets = enc.ids, enc.offsets
+        first = t.find(part) if part else -1
+        if len(ids) <= self.max_passage_tokens or first < 0:
+            return text
+        end = first + len(part)
+        inside = [i for i, (a, b) in enumerate(offsets) if a < end and b > first]
+        if not inside or inside[-1] < self.max_passage_tokens:  # read from the start, it is read whole
+            return text
+        lo, hi = inside[0], inside[-1] + 1
+        room = self.max_passage_tokens - (hi - lo)
+        if room <= 0:  # the part alone is longer than a passage: its start
+            return self.tok.decode_cut(ids[lo : lo + self.max_passage_tokens]).strip()
+        start = max(0, min(lo - room // 2, len(ids) - self.max_passage_tokens))
+        return self.tok.decode_cut(ids[start : start + self.max_passage_tokens]).strip()
+
     def _passage(self, text: str) -> str:
         ids = self.tok.encode(text.strip())
         cut = len(ids) > self.max_passage_tokens
