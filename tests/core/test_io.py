@@ -173,3 +173,23 @@ def test_json_files_are_strict_json_with_null_for_a_missing_number(tmp_path):
     assert back == {"gain": {"all": 0.25, "novel": None}, "ci": [None, None],
                     "groups": [{"gain": None, "chunks": 3}], "name": "x"}
     assert math.isnan(result["gain"]["novel"])
+
+
+def test_dir_size_counts_what_is_there_while_a_writer_removes_files(tmp_path, monkeypatch):
+    """/api/info answered 500 when a writer's staging folder vanished between the listing and the stat."""
+    from retrolm.core import io
+
+    (tmp_path / "a.bin").write_bytes(b"x" * 10)
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "b.bin").write_bytes(b"y" * 5)
+    (tmp_path / "sub" / "gone.tmp").write_bytes(b"z" * 7)
+    assert io.dir_size(tmp_path) == 22
+    real = os.stat
+
+    def racing(path, *args, **kwargs):
+        if str(path).endswith("gone.tmp"):  # listed, then removed by the writer before it is measured
+            raise FileNotFoundError(path)
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(io.os, "stat", racing)
+    assert io.dir_size(tmp_path) == 15

@@ -190,6 +190,8 @@ def test_temperature_divides_the_logits_and_settings_are_checked():
     # a tiny temperature is (nearly) greedy: the logits' quotient overflowed to inf and the draw to NaN
     g = torch.Generator().manual_seed(0)
     assert [sample(logits, 1e-38, p, g) for p in (1.0, 0.5)] == [0, 0]
+    # a temperature or top_p that float32 holds as 0 (the service answered 500: NaN probabilities)
+    assert [sample(logits, 1e-300, 0.9, g), sample(logits, 1.0, 1e-300, g)] == [0, 0]
 
 
 def test_generate_cli_json_from_a_trained_checkpoint(built_db, tmp_path, capsys):

@@ -569,13 +569,19 @@ def test_a_part_of_another_release_or_scorer_gets_one_line(shards, tmp_path):
 
     from retrolm.core.io import read_json, write_json
     from retrolm.db.lexical import SCORER
-    from retrolm.retrieval.sharded import RemoteShard
+    from retrolm.retrieval.sharded import PartUnavailable, RemoteShard
 
     old = RemoteShard("http://old:8000")
     old._client = httpx.Client(base_url="http://old:8000", transport=httpx.MockTransport(
         lambda request: httpx.Response(200, json={"db": {"num_docs": 1}, "max_k": 50})))
-    with pytest.raises(RetrolmError, match="shard http://old:8000: /api/info answered without max_queries"):
-        old.info()
+    with pytest.raises(PartUnavailable, match="shard http://old:8000: /api/info answered without max_queries"):
+        old.info()  # the front's upstream failing (502), not the client's request (400)
+    bad = RemoteShard("http://bad:8000")
+    bad.max_k, bad.max_queries = 50, 256
+    bad._client = httpx.Client(base_url="http://bad:8000", transport=httpx.MockTransport(
+        lambda request: httpx.Response(200, json={"results": [[{"score": 1.0}]], "flops": [None], "build_id": "b"})))
+    with pytest.raises(PartUnavailable, match="shard http://bad:8000: /api/search answered hits of another shape"):
+        bad.search(["q"], 2, "bm25")
     # parts whose BM25 indexes score otherwise (another bm25s release, variant or parameters) are not merged
     copy = tmp_path / "db-2"
     shutil.copytree(shards["paths"][2], copy)

@@ -16,7 +16,7 @@ from fastapi.testclient import TestClient
 from conftest import assert_one_line_error, run_cli, write_jsonl
 from retrolm.core.errors import RetrolmError
 from retrolm.db import BuildConfig, Database
-from retrolm.infer.rag import RagConfig
+from retrolm.infer.rag import PassageRetriever, RagConfig
 from retrolm.serve import ServeConfig, Service
 from retrolm.serve.app import create_app
 
@@ -90,6 +90,52 @@ def test_bad_requests_get_one_line(client):
         "the question: not valid Unicode (a lone surrogate, U+D800)"
     assert err(client.post("/api/generate", content=lone.replace("question", "prompt"),
                            headers={"content-type": "application/json"}), 400).startswith("the prompt: not valid")
+    # bytes that are not UTF-8, and nesting deeper than the parser goes: malformed bodies like any other (a bare 400)
+    for body in (b'{"queries": ["caf\xe9"]}', b'{"queries": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"):
+        assert err(client.post("/api/search", content=body, headers={"content-type": "application/json"}), 422) \
+            == "request body: not valid JSON (cannot be parsed)"
+    # a temperature or top_p that float32 holds as 0: sampled NaN probabilities (a 500)
+    for settings in ({"temperature": 1e-300}, {"temperature": 1.0, "top_p": 1e-300}):
+        r = client.post("/api/generate", json={"prompt": "The code of zorblat is", "max_new_tokens": 2, **settings})
+        assert r.status_code == 200, r.text
+
+
+def test_requests_without_sizes_stay_within_max_k_and_generation_reads_its_retriever(world, monkeypatch):
+    """A front whose parts allow fewer results than the defaults (top_n 10, k 5) failed every request that gave no
+    size; and generate.retriever was ignored for the service's own retriever."""
+    service = Service(ServeConfig(db=str(world["db"].path), reader=world["lm"], max_k=3,
+                                  rag=dataclasses.replace(PLAIN, top_n=10, passages=3)))
+    client = TestClient(create_app(service))
+    assert len(client.get("/api/search", params={"q": "The code of zorblat is"}).json()["hits"]) == 3
+    assert len(client.post("/api/search", json={"queries": ["The code of zorblat is"]}).json()["results"][0]) == 3
+    fetched = []
+    real_retrieve = PassageRetriever.retrieve
+
+    def counted(self, questions, n):
+        fetched.append(n)
+        return real_retrieve(self, questions, n)
+
+    monkeypatch.setattr(PassageRetriever, "retrieve", counted)
+    for body in ({}, {"passages": 2}):  # a remote part with max_k=3 refused the 10 of rag.top_n
+        answer = client.post("/api/answer", json={"question": "The code of zorblat is", **body})
+        assert answer.status_code == 200 and fetched[-1] == 3
+    assert client.get("/api/search", params={"q": "x", "k": 4}).json()["error"] == "k must be in 1..3, got 4"
+    asked = []
+    real = Service._retriever
+
+    def spy(self, kind):
+        asked.append(kind)
+        return real(self, kind)
+
+    for kind, want in (("bm25", "bm25"), ("auto", None)):
+        s = Service(ServeConfig(db=str(world["db"].path), reader=world["lm"], rag=PLAIN,
+                                generate=dataclasses.replace(service.cfg.generate, retriever=kind)))
+        asked.clear()
+        s._retriever = spy.__get__(s)
+        s.generate("The code of zorblat is", max_new_tokens=2)
+        assert asked == [want]
+    with pytest.raises(RetrolmError, match=r"serve: generate\.retriever must be one of auto, dense, bm25, hybrid"):
+        ServeConfig(db=str(world["db"].path), generate=dataclasses.replace(service.cfg.generate, retriever="nope"))
 
 
 def test_top_n_alone_shrinks_the_passages_read(world):

@@ -15,6 +15,7 @@ import math
 import os
 import re
 import shutil
+import stat
 import tempfile
 import time
 from collections.abc import Iterator
@@ -204,7 +205,18 @@ def commit_dir(tmp_dir: Path, final_dir: Path) -> None:
 
 
 def dir_size(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    """Bytes of the files under ``path``; a file or folder removed while it is walked (a writer's staging or temp
+    folder, a version a commit retired) counts as gone, not as an error."""
+    total = 0
+    for root, _, files in os.walk(path):  # os.walk skips a folder that vanished before it was listed
+        for name in files:
+            try:
+                st = os.stat(os.path.join(root, name))
+            except FileNotFoundError:
+                continue
+            if stat.S_ISREG(st.st_mode):
+                total += st.st_size
+    return total
 
 
 LOCK_TIMEOUT_S: float | None = None

@@ -26,6 +26,7 @@ def nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     renormalised."""
     sorted_p, order = probs.sort(descending=True)
     keep = sorted_p.cumsum(-1) - sorted_p < top_p  # a token is kept if the mass before it is still short of top_p
+    keep[0] = True  # the likeliest always (a top_p below the dtype's smallest number kept none: NaN)
     out = torch.zeros_like(probs)
     out[order[keep]] = sorted_p[keep]
     return out / out.sum()
@@ -33,7 +34,7 @@ def nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
 
 def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> int:
     """The next token from ``logits`` (V,): argmax at temperature 0, else a draw from the tempered nucleus."""
-    if temperature <= 0:
+    if temperature < torch.finfo(torch.float32).tiny:  # 0, or one float32 holds as 0 (its draws were NaN)
         return int(logits.argmax())
     logits = logits.float().cpu()
     # shifted first: at a tiny temperature the quotient of the logits themselves overflows to inf (then NaN)

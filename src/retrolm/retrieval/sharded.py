@@ -234,8 +234,8 @@ class RemoteShard(Shard):
     def _fields(self, body: dict[str, Any], path: str, *keys: str) -> list[Any]:
         """``body[key]`` for each key; one line naming what is missing (a part running another retrolm release)."""
         missing = [k for k in keys if k not in body]
-        if missing:
-            raise RetrolmError(f"shard {self.name}: {path} answered without {', '.join(missing)} (is it a retrolm "
+        if missing:  # a part answering what the front cannot use is its upstream failing (502), not the client
+            raise PartUnavailable(f"shard {self.name}: {path} answered without {', '.join(missing)} (is it a retrolm "
                                f"serve of this release?)")
         return [body[k] for k in keys]
 
@@ -277,11 +277,11 @@ class RemoteShard(Shard):
             results, reported, build = self._fields(self._call("POST", "/api/search", json=body), "/api/search",
                                                     "results", "flops", "build_id")
             if len(results) != len(batch) or len(reported) != len(batch):
-                raise RetrolmError(f"shard {self.name}: {len(results)} results for {len(batch)} queries")
+                raise PartUnavailable(f"shard {self.name}: {len(results)} results for {len(batch)} queries")
             try:
                 hits += [[Hit(**h) for h in row] for row in results]
             except TypeError as e:
-                raise RetrolmError(f"shard {self.name}: /api/search answered hits of another shape ({e})") from None
+                raise PartUnavailable(f"shard {self.name}: /api/search answered hits of another shape ({e})") from None
             flops += reported
             builds.add(build)
         # two builds in one search: report none of them, so that the front looks again

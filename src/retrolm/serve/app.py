@@ -58,7 +58,7 @@ class TermStatsBody(BaseModel):
 
 class SearchRequest(BaseModel):
     queries: list[str]
-    k: int = 5
+    k: int | None = Field(None, description="Results per query (default 5, or the service's max_k if lower).")
     retriever: str | None = Field(None, description="dense | bm25 | hybrid (default: the service's).")
     exclude_doc_ids: list[list[str]] | None = Field(None, description="Per query, document ids it must not return.")
     term_stats: TermStatsBody | None = Field(None, description="BM25: the statistics of all parts of a sharded "
@@ -79,6 +79,11 @@ class GenerateRequest(BaseModel):
     retrieval: bool = True
 
 
+BODY_UNPARSED = "There was an error parsing the body"
+"""FastAPI's 400 for a JSON body its parser fails on other than by a syntax error (answered as every malformed body
+is: 422, "not valid JSON")."""
+
+
 def create_app(service: Service) -> FastAPI:
     """The FastAPI application serving ``service`` (run it with uvicorn; tests use FastAPI's TestClient)."""
     app = FastAPI(title="retrolm", description="Search, answers and generation with their sources.",
@@ -92,6 +97,8 @@ def create_app(service: Service) -> FastAPI:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, e: StarletteHTTPException) -> JSONResponse:  # unknown route, wrong method
+        if e.status_code == 400 and str(e.detail) == BODY_UNPARSED:  # bytes that are not UTF-8, nesting too deep
+            return JSONResponse({"error": "request body: not valid JSON (cannot be parsed)"}, status_code=422)
         return JSONResponse({"error": str(e.detail)}, status_code=e.status_code, headers=e.headers)
 
     @app.exception_handler(Exception)
@@ -119,7 +126,8 @@ def create_app(service: Service) -> FastAPI:
 
     # sync endpoints run on FastAPI's thread pool; the service serialises them
     @app.get("/api/search")
-    def search(q: str = Query(..., description="Query text."), k: int = 5,
+    def search(q: str = Query(..., description="Query text."),
+               k: int | None = Query(None, description="Results (default 5, or the service's max_k if lower)."),
                retriever: str | None = Query(None, description="dense | bm25 | hybrid (default: the service's).")
                ) -> dict[str, Any]:
         return service.search(q, k, retriever)

@@ -125,6 +125,10 @@ call("/api/info").then((i) => {
   $("info").textContent = `${i.db.path}: ${i.db.num_docs} documents, ${i.db.num_chunks} chunks` +
     (i.db.num_shards ? ` in ${i.db.num_shards} shards` : "") + ` · retrievers ` +
     `${i.retrievers.join(", ")} · reader ${i.reader || "none"} · generator ${i.generator || "none"}`;
+  if (i.max_k) {  // a front whose parts serve fewer results than 5
+    $("k").max = i.max_k;
+    $("k").value = Math.min(Number($("k").value) || 5, i.max_k);
+  }
   can.answer = !!i.reader;
   can.generate = !!i.generator;
   $("answer").disabled = !can.answer;

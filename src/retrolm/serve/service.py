@@ -71,8 +71,9 @@ class ServeConfig:
             raise RetrolmError(f"serve: port must be in 1..65535, got {self.port}")
         if self.max_k < 1 or self.max_new_tokens < 1 or self.max_queries < 1:
             raise RetrolmError("serve: max_k, max_new_tokens and max_queries must be >= 1")
-        if self.retriever != "auto" and self.retriever not in RETRIEVERS:  # else every search would fail
-            raise RetrolmError(f"serve: retriever must be one of auto, {', '.join(RETRIEVERS)}; got {self.retriever!r}")
+        for name, value in (("retriever", self.retriever), ("generate.retriever", self.generate.retriever)):
+            if value != "auto" and value not in RETRIEVERS:  # else every search (or generation) would fail
+                raise RetrolmError(f"serve: {name} must be one of auto, {', '.join(RETRIEVERS)}; got {value!r}")
 
 
 class Service:
@@ -122,14 +123,15 @@ class Service:
                     "max_k": self.max_k, "max_queries": self.cfg.max_queries,
                     "max_new_tokens": self.cfg.max_new_tokens}
 
-    def search(self, query: str, k: int = 5, retriever: str | None = None) -> dict[str, Any]:
-        """The ``k`` best chunks for ``query``, each with its continuation, document and score."""
+    def search(self, query: str, k: int | None = None, retriever: str | None = None) -> dict[str, Any]:
+        """The ``k`` best chunks for ``query`` (default 5, or fewer where the service allows fewer), each with its
+        continuation, document and score."""
         query = _text(query, "query")
-        k = _bounded(k, "k", self.max_k)
+        k = self._k(k)
         out = self.search_batch([query], k, retriever)
         return {"query": query, "retriever": out["retriever"], "hits": out["results"][0]}
 
-    def search_batch(self, queries: list[str], k: int = 5, retriever: str | None = None,
+    def search_batch(self, queries: list[str], k: int | None = None, retriever: str | None = None,
                      exclude_doc_ids: list[list[str]] | None = None, term_stats: TermStats | None = None
                      ) -> dict[str, Any]:
         """The ``k`` best chunks of each query (``exclude_doc_ids``: per query, documents it must not retrieve;
@@ -140,7 +142,7 @@ class Service:
         if len(queries) > self.cfg.max_queries:
             raise RetrolmError(f"at most {self.cfg.max_queries} queries per request, got {len(queries)}")
         queries = [_text(q, "query") for q in queries]
-        k = _bounded(k, "k", self.max_k)
+        k = self._k(k)
         if exclude_doc_ids is not None and len(exclude_doc_ids) != len(queries):
             raise RetrolmError(f"exclude_doc_ids lists {len(exclude_doc_ids)} sets for {len(queries)} queries")
         with self.lock:
@@ -188,7 +190,9 @@ class Service:
         if "max_new_tokens" in changes:
             changes["max_new_tokens"] = _bounded(changes["max_new_tokens"], "max_new_tokens", self.cfg.max_new_tokens)
         if "passages" in changes and "top_n" not in changes:  # more passages than candidates: fetch as many
-            changes["top_n"] = max(rag.top_n, min(changes["passages"], self.max_k))
+            changes["top_n"] = min(max(rag.top_n, changes["passages"]), self.max_k)
+        elif "top_n" not in changes and rag.top_n > self.max_k:  # a front's parts may serve fewer than the default
+            changes["top_n"] = self.max_k
         if "top_n" in changes and "passages" not in changes:  # fewer candidates than passages: read them all
             changes["passages"] = min(rag.passages, changes["top_n"])
         if "top_n" in changes:
@@ -221,7 +225,9 @@ class Service:
             self._sync(generating=True)
             ret = None
             if retrieval and self.generator.retrieves:
-                ret = self.sharded if self.sharded is not None else self._retriever(None).retriever
+                # generate.retriever, unless auto: the service's default retriever
+                kind = None if base.retriever == "auto" else base.retriever
+                ret = self.sharded if self.sharded is not None else self._retriever(kind).retriever
             return self.generator.generate(cfg, ret).to_dict()
 
     def document(self, doc_id: str) -> dict[str, Any]:
@@ -240,6 +246,10 @@ class Service:
             return {"id": doc_id, **doc}
 
     # ------------------------------------------------------------------------------------------------ helpers
+    def _k(self, k: int | None) -> int:
+        """A search's k: as asked (within ``max_k``), or the default cut to ``max_k``."""
+        return min(DEFAULT_K, self.max_k) if k is None else _bounded(k, "k", self.max_k)
+
     @property
     def max_k(self) -> int:
         """Most results one request may ask for: ``max_k``, and no more than any remote part of a front allows."""
@@ -284,6 +294,10 @@ def _text(value: str, name: str) -> str:
     if not isinstance(value, str) or not value.strip():
         raise RetrolmError(f"the {name} is empty")
     return check_unicode(value, f"the {name}")
+
+
+DEFAULT_K = 5
+"""Results of a search that asks for no number (fewer where the service allows fewer)."""
 
 
 def _bounded(value: int, name: str, most: int) -> int:
