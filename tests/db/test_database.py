@@ -184,6 +184,30 @@ def test_compacting_an_ivf_database_below_what_its_index_trains_on(tmp_path, tin
     assert reopened.store.n_docs == 3 and reopened.index.ntotal == reopened.store.n_chunks
 
 
+def test_compaction_builds_the_index_from_the_factory_the_build_asked_for(tmp_path, tiny_db_config):
+    """meta.json recorded the factory as read back from the index: "IndexPreTransform" for L2norm or RR, which FAISS
+    does not parse, so such a database could never be compacted (and IVF8,PQ4x4fsr read back as another index). The
+    factory asked for is recorded now; a database an earlier release recorded so is compacted from build.yaml's."""
+    from dataclasses import replace
+
+    db = Database.build([wiki_corpus_of(tmp_path, 160)], tmp_path / "db",
+                        replace(tiny_db_config, index_factory="L2norm,IVF8,Flat"), show_progress=False)
+    assert db.meta["index"]["factory"] == "L2norm,IVF8,Flat"
+    db.delete(doc_ids=db.store.doc_ids[:2])
+    db.compact(show_progress=False)
+    assert db.meta["index"]["factory"] == "L2norm,IVF8,Flat" and db.index.ntotal == db.store.n_chunks
+    meta = json.loads((db.path / "meta.json").read_text())
+    (db.path / "meta.json").write_text(json.dumps({**meta, "index": {**meta["index"], "factory": "IndexPreTransform"}}))
+    old = Database.open(db.path)  # as an earlier release recorded it
+    old.delete(doc_ids=old.store.doc_ids[:1])
+    old.compact(show_progress=False)
+    assert old.meta["index"]["factory"] == "L2norm,IVF8,Flat" and old.store.n_docs == 157
+
+
+def wiki_corpus_of(tmp_path, n: int):
+    return write_jsonl(tmp_path / "corpus.jsonl", wiki_docs(n))
+
+
 def test_add_after_compact_keeps_the_compacted_segment(tmp_path, tiny_db_config):
     """build → delete → compact → add: the new segment once took the compacted one's name and overwrote it."""
     db = Database.build([write_jsonl(tmp_path / "c.jsonl", wiki_docs(12))], tmp_path / "db", tiny_db_config,

@@ -257,3 +257,32 @@ def test_corrupt_file_is_a_retrolm_error(indexes, tmp_path, damage: str, kind: s
         path.write_bytes(b"not an index" + raw[12:])
     with pytest.raises(RetrolmError, match=re.escape(f"{path}: corrupt or unreadable FAISS index")):
         VectorIndex.load(path, mmap=mmap)
+
+
+def test_factories_faiss_builds_with_another_metric_are_refused_when_created() -> None:
+    """FAISS builds HNSW32,PQ8 with L2 whatever metric it is asked for: the build embedded every chunk, then its
+    index was refused on loading (and again at every resume)."""
+    with pytest.raises(RetrolmError, match="'HNSW32,PQ8': FAISS builds it with another metric than inner product"):
+        VectorIndex.create(DIM, factory="HNSW32,PQ8")
+
+
+@pytest.mark.parametrize("factory, exact", [("Flat", True), ("HNSW16,Flat", True), ("IVF8,Flat", False),
+                                            ("HNSW16,SQ8", False), ("PCA16,Flat", False), ("PCA16,HNSW16,Flat", False),
+                                            ("IVF8,PQ8,RFlat", True)])
+def test_only_indexes_holding_the_vectors_themselves_store_exact_keys(data, factory: str, exact: bool) -> None:
+    """'Exact' search and the neighbour precompute read keys back from flat and HNSW indexes: scalar-quantized or
+    projected keys are approximations."""
+    index = build("auto", data[:1000], factory=factory)
+    assert index.stores_exact_keys is exact
+    if exact:
+        np.testing.assert_array_equal(index.reconstruct(np.arange(5)), data[:5])
+
+
+def test_indexes_faiss_cannot_name_or_read_back_give_one_line(data, tmp_path) -> None:
+    """A whitened PCA made reverse_index_factory fail with a bare AssertionError when the index was loaded; a loaded
+    fast-scan IVF crashes the process (segfault) when its vectors are read back, as compaction does."""
+    build("auto", data[:2000], factory="PCAW16,IVF8,Flat").save(tmp_path / "pcaw.faiss")
+    assert VectorIndex.load(tmp_path / "pcaw.faiss").kind == "ivfpq"
+    build("auto", data[:2000], factory="IVF8,PQ8x4fs").save(tmp_path / "fs.faiss")
+    with pytest.raises(RetrolmError, match=r"a fast-scan index .* cannot give its vectors back"):
+        VectorIndex.load(tmp_path / "fs.faiss").reconstruct(np.arange(3))

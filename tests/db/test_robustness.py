@@ -170,6 +170,30 @@ def test_an_open_reader_follows_other_processes_deletes_and_keeps_its_chunks_thr
     assert kept[0].doc_id == wiki_docs(12)[1]["id"] and lazy.lexical.n_chunks == n_chunks
 
 
+def test_opening_while_another_process_commits_reads_the_new_version(small_db, tmp_path, monkeypatch):
+    """A writer's commit removes the version before it (tombstones, index): a database opened in between failed with
+    '... missing, restore it or rebuild' although nothing was wrong."""
+    from retrolm.db import view
+
+    path = copy_db(small_db, tmp_path / "db")
+    Database.open(path).delete(doc_ids=[wiki_docs(12)[0]["id"]], show_progress=False)  # version 2 has tombstones
+    real, commits = view.verify_files, []
+
+    def racing(folder, meta, *args, **kwargs):
+        if not commits:  # meta.json read; another process commits the next version before the files are opened
+            commits.append(meta["version"])
+            Database.open(folder).delete(doc_ids=[wiki_docs(12)[1]["id"]], show_progress=False)
+        return real(folder, meta, *args, **kwargs)
+
+    monkeypatch.setattr(view, "verify_files", racing)
+    opened = DatabaseView.open(path)
+    assert opened.meta["version"] == commits[0] + 1 and opened.deleted_docs.sum() == 2
+    monkeypatch.setattr(view, "verify_files", real)
+    (path / opened.meta["tombstones"]).unlink()  # missing without a commit: said as it is
+    with pytest.raises(RetrolmError, match=r"tombstones-v.*missing"):
+        DatabaseView.open(path)
+
+
 def test_a_second_writer_waits_for_the_lock_then_proceeds(small_db, tmp_path, monkeypatch, caplog):
     path = copy_db(small_db, tmp_path / "db")
     victim = Database.open(path).store.doc_ids[0]

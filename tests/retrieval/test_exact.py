@@ -147,7 +147,8 @@ def test_exact_search_configuration_errors(built_db, monkeypatch):
     if not torch.cuda.is_available():
         with pytest.raises(RetrolmError, match="CUDA is not available"):
             ExactRetriever(built_db, device="cuda")
-    monkeypatch.setattr(built_db.index, "kind", "ivfpq")
+    monkeypatch.setattr(built_db.index, "kind", "ivfpq")  # as an IVF-PQ index (approximate keys) would be
+    monkeypatch.setattr(type(built_db.index), "stores_exact_keys", property(lambda self: False))
     with pytest.raises(RetrolmError, match=r"^\S+: exact torch search needs the exact keys, but its ivfpq index"):
         load_keys(built_db, torch.device("cpu"), torch.float32)
     assert dim == r.keys.shape[1]

@@ -72,6 +72,26 @@ def test_unpaired_surrogate_escapes_in_jsonl_are_replaced(tmp_path, caplog):
     doc.text.encode("utf-8")
 
 
+def test_a_file_name_that_is_not_utf8_gives_documents_named_in_utf8(tmp_path, caplog):
+    """Python holds such a name's bytes as lone surrogates: the build failed at its end, writing the ids and sources
+    (and again at every rerun)."""
+    import os
+
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    (folder / "ok.txt").write_text("fine text")
+    with open(os.path.join(os.fsencode(folder), b"caf\xe9.txt"), "w") as f:
+        f.write("latin-1 name")
+    with open(os.path.join(os.fsencode(folder), b"notes\xff.jsonl"), "w") as f:
+        f.write('{"id": "n1", "text": "a record"}\n')
+    with caplog.at_level(logging.WARNING):
+        docs = list(iter_documents([folder]))
+    assert sorted(d.id for d in docs) == ["caf\ufffd.txt", "n1", "ok.txt"]
+    assert all(d.id.encode("utf-8") and d.source.encode("utf-8") for d in docs)  # every id and source can be written
+    assert {d.source for d in docs if d.id == "n1"} == {f"{folder}/notes\ufffd.jsonl:1"}
+    assert "its name is not valid UTF-8" in caplog.text
+
+
 def test_bad_files_are_skipped_or_repaired_with_warnings(tmp_path, caplog):
     (tmp_path / "good.txt").write_text("fine text")
     (tmp_path / "binary.dat").write_bytes(b"\x00\x01\x02garbage\x00")

@@ -493,7 +493,9 @@ def _build_stages(corpus: Sequence[str | Path], staging: Path, config: BuildConf
                               config.index, config.index_factory, config.seed)
             made.save(staging / index_file)
             index = VectorIndex.load(staging / index_file, mmap=True)
-        index_meta = {"kind": index.kind, "factory": index.factory, "file": index_file}
+        # the factory string asked for: a loaded index's is read back from its structure, and some (RR, L2norm,
+        # residual quantizers) do not read back as a string FAISS parses, which compaction needs
+        index_meta = {"kind": index.kind, "factory": config.index_factory or index.factory, "file": index_file}
         timings["index_s"] = time.perf_counter() - t
     bm25_dir = None
     if config.bm25:

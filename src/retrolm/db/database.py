@@ -33,6 +33,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
+import yaml
 from tqdm.auto import tqdm
 
 from retrolm.core.errors import RetrolmError
@@ -261,12 +262,12 @@ class Database(DatabaseView):
         meta = dict(self.meta, version=version, segments=[seg_name])
         if self.index is not None:
             old = self.index
-            kind, factory = old.kind, old.factory
-            need = VectorIndex.create(old.dim, kind=old.kind, factory=old.factory).fewest_train_vectors
+            kind, factory = old.kind, self._index_factory()
+            need = VectorIndex.create(old.dim, kind=old.kind, factory=factory).fewest_train_vectors
             if len(kept) < need:  # too few to train the same kind of index again (none kept: it would stay untrained)
                 kind, factory = "auto", None
                 logger.warning("%s: compaction keeps %d chunks, fewer than the %d a %s index trains on; the compacted "
-                               "index is exact (flat)", self.path, len(kept), need, old.factory)
+                               "index is exact (flat)", self.path, len(kept), need, factory)
             index = make_index(
                 old.dim, len(kept),
                 lambda: (old.reconstruct(kept[s : s + 65536]) for s in range(0, len(kept), 65536)),
@@ -280,6 +281,28 @@ class Database(DatabaseView):
         commit_dir(tmp / seg_name, self.path / "segments" / seg_name)
         self._commit(meta, np.zeros(info["n_docs"], dtype=bool))
         return info
+
+    def _index_factory(self) -> str:
+        """The FAISS factory string of this database's index, to build it again (compaction): the one recorded at the
+        build, else (recorded by an earlier release as read back from the index, which FAISS may not parse: RR32,
+        L2norm, residual quantizers) the one build.yaml asked for, else the one read back."""
+        old = self.index
+        assert old is not None
+        asked = None
+        if (self.path / "build.yaml").is_file():
+            try:
+                asked = (yaml.safe_load((self.path / "build.yaml").read_text()) or {}).get("index_factory")
+            except (OSError, yaml.YAMLError, AttributeError):
+                asked = None
+        for factory in dict.fromkeys(f for f in ((self.meta.get("index") or {}).get("factory"), asked, old.factory)
+                                     if isinstance(f, str) and f):
+            try:
+                VectorIndex.create(old.dim, kind=old.kind, factory=factory)
+                return factory
+            except RetrolmError:
+                continue
+        raise RetrolmError(f"{self.path}: cannot build its {old.kind} index again (factory {old.factory!r} is not "
+                           "one FAISS parses; build.yaml names none): rebuild the database to compact it")
 
     def store_bm25(self, show_progress: bool = True) -> None:
         """Build and store a BM25 index over the chunks (kept up to date by later adds and compactions)."""

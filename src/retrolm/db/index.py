@@ -118,7 +118,7 @@ def _factory_of(index: faiss.Index) -> str:
         return f"{_factory_of(index.base_index)},{stage}"
     try:
         return reverse_index_factory(index)
-    except (NotImplementedError, RuntimeError, AttributeError, KeyError):
+    except (NotImplementedError, RuntimeError, AttributeError, KeyError, AssertionError):  # PCAW: a bare assert
         pass
     # an OPQ rotation is saved as a plain LinearTransform, which reverse_index_factory does not name
     if isinstance(index, faiss.IndexPreTransform) and index.chain.size() == 1:
@@ -220,6 +220,9 @@ class VectorIndex:
             index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
         except RuntimeError as e:
             raise RetrolmError(f"index factory {factory!r}: {_faiss_reason(e)}") from None
+        if index.metric_type != faiss.METRIC_INNER_PRODUCT:  # e.g. HNSW32,PQ8: FAISS builds it with L2 regardless
+            raise RetrolmError(f"index factory {factory!r}: FAISS builds it with another metric than inner product "
+                               "(retrieval scores by inner product); choose another factory")
         actual = _kind_of(index)
         if kind == "auto" and actual is not None:
             kind = actual  # an explicit factory decides the kind
@@ -303,7 +306,12 @@ class VectorIndex:
         refine = _refine_of(self.index)
         if refine is not None:
             return isinstance(faiss.downcast_index(refine.refine_index), faiss.IndexFlat)
-        return self.kind in ("flat", "hnsw")
+        if isinstance(faiss.downcast_index(self.index), faiss.IndexPreTransform):  # PCA, OPQ, RR: other vectors
+            return False
+        inner = faiss.downcast_index(_unwrap(self.index))
+        if isinstance(inner, faiss.IndexHNSW):  # its storage: flat, or scalar-quantized (SQ8, SQ4: approximate)
+            inner = faiss.downcast_index(inner.storage)
+        return isinstance(inner, faiss.IndexFlat)
 
     @property
     def refine_nbytes(self) -> int:
@@ -453,6 +461,9 @@ class VectorIndex:
             raise RetrolmError(f"{self._name()}: ids out of range [0, {self.ntotal})")
         if self.kind == "ivfpq" and _refine_of(self.index) is None:  # a refine stage reconstructs from its own copy
             ivf = faiss.extract_index_ivf(self.index)
+            if isinstance(faiss.downcast_index(ivf), faiss.IndexIVFFastScan):  # FAISS crashes reading them back
+                raise RetrolmError(f"{self._name()}: a fast-scan index ({self.factory}) cannot give its vectors back; "
+                                   "build the database with a refine stage (e.g. '...fs,RFlat') to compact it")
             if ivf.direct_map.type == faiss.DirectMap.NoMap:
                 # an id → (list, offset) table: 8 B per vector in RAM, never saved (save() drops it)
                 ivf.make_direct_map(True)

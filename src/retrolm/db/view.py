@@ -67,6 +67,10 @@ class Hit:
         return asdict(self)
 
 
+OPEN_ATTEMPTS = 5
+"""How often opening a database reads meta.json again when a writer committed while its files were opened."""
+
+
 class DatabaseView:
     """A database folder opened for reading. Open with :meth:`open`."""
 
@@ -120,8 +124,17 @@ class DatabaseView:
         the chunks it opened, with a warning, unless ``follow`` (a process that only serves searches)."""
         path = db_path(path)
         recover_interrupted_swap(path)
-        stamp = meta_stamp(path)  # before reading: a write in between is picked up by the next refresh
-        return cls(path, read_meta(path), device=device, stamp=stamp, follow=follow)
+        attempts = 0
+        while True:
+            stamp = meta_stamp(path)  # before reading: a write in between is picked up by the next refresh
+            try:
+                return cls(path, read_meta(path), device=device, stamp=stamp, follow=follow)
+            except RetrolmError:
+                # a writer committed while the files were opened, and removed the version this read named: read
+                # the new one (a file missing without a commit is the database's fault, said as it is)
+                attempts += 1
+                if attempts == OPEN_ATTEMPTS or meta_stamp(path) == stamp:
+                    raise
 
     def refresh(self) -> bool:
         """Take in what other processes wrote since this view last read ``meta.json``; one ``stat`` when nothing

@@ -243,7 +243,29 @@ def _read_parquet(path: Path, warn: Warn) -> Iterator[Document]:
             yield Document(id=str(doc_id), text=text, source=source)
 
 
+def _named_in_utf8(text: str) -> str:
+    """A string made from a file name that is not valid UTF-8 (Python holds its bytes as lone surrogates, which no
+    file or tokenizer takes), with those bytes replaced by U+FFFD."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
 def _read_path(path: Path, root: Path, warn: Warn) -> Iterator[Document]:
+    docs = _read_path_as_named(path, root, warn)
+    if _named_in_utf8(str(path)) == str(path):
+        yield from docs
+        return
+    # the documents' ids and sources come from the name: repaired (the build failed at its end, at every rerun)
+    warn("reading %s: its name is not valid UTF-8; the undecodable bytes of its documents' ids and sources are "
+         "replaced by U+FFFD", _named_in_utf8(str(path)))
+    for doc in docs:
+        yield Document(id=_named_in_utf8(doc.id), text=doc.text, source=_named_in_utf8(doc.source))
+
+
+def _read_path_as_named(path: Path, root: Path, warn: Warn) -> Iterator[Document]:
     name = path.name.lower()
     if name.endswith(JSONL_SUFFIXES):
         yield from _read_jsonl(path, warn)
