@@ -442,3 +442,11 @@ def test_replacing_a_file_given_alone_warns_when_the_folder_named_it_otherwise(t
     assert db.add([folder / "guide" / "walrus.md"], replace=True, show_progress=False)["docs_replaced"] == 0
     assert "document id 'walrus.md' replaces nothing" in caplog.text and "'guide/walrus.md'" in caplog.text
     assert db.add([folder], replace=True, show_progress=False)["docs_replaced"] == 2  # the folder replaces it
+
+
+def test_build_settings_that_would_be_ignored_or_leave_nothing_to_search_are_refused():
+    with pytest.raises(RetrolmError, match="index=none leaves the database unsearchable"):
+        BuildConfig(index="none")
+    with pytest.raises(RetrolmError, match="index=none builds no vector index: index_factory 'IVF8,Flat' would be"):
+        BuildConfig(index="none", bm25=True, index_factory="IVF8,Flat")
+

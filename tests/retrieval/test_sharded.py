@@ -424,12 +424,15 @@ def test_commands_that_need_one_folder_say_so_for_a_shards_file(shards, capsys):
     assert_one_line_error(rc, err, "a shards file; this needs one database folder")
 
 
-def _other_encoder(folder: Path, like: str) -> str:
-    """The tiny encoder's shape and tokenizer with other weights."""
+def _other_encoder(folder: Path, like: str, width: int | None = None) -> str:
+    """The tiny encoder's shape (or another ``width``) and tokenizer with other weights."""
     from transformers import AutoTokenizer, BertConfig, BertModel
 
     torch.manual_seed(1)
-    BertModel(BertConfig.from_pretrained(like)).save_pretrained(folder)
+    cfg = BertConfig.from_pretrained(like)
+    if width is not None:
+        cfg.hidden_size, cfg.intermediate_size = width, 2 * width
+    BertModel(cfg).save_pretrained(folder)
     AutoTokenizer.from_pretrained(like).save_pretrained(folder)
     return str(folder)
 
@@ -465,6 +468,25 @@ def test_parts_are_checked_again_when_one_is_rebuilt(shards, tmp_path, wiki_corp
                    overwrite=True, show_progress=False)
     again = sharded.search(QUERIES[0], 5).hits(0)
     assert [(h.doc_id, h.position) for h in again] == [(h.doc_id, h.position) for h in before]
+    sharded.close()
+
+
+def test_a_first_part_rebuilt_with_a_wider_encoder_is_named(shards, tmp_path, wiki_corpus, tiny_db_config,
+                                                            tiny_encoder):
+    """The parts here share the query vectors of the first one's encoder: rebuilt with a 48-wide encoder, its vectors
+    went to the others before the parts were checked again, and the error blamed another part's index."""
+    import shutil
+
+    paths = [tmp_path / f"db-{i}" for i in range(3)]
+    for src, dst in zip(shards["paths"], paths, strict=True):
+        shutil.copytree(src, dst)
+    sharded = ShardedRetriever.open(shards_file(tmp_path / "s.yaml", paths))
+    sharded.search(QUERIES[0], 5)
+    wide = _other_encoder(tmp_path / "wide", tiny_encoder, width=48)
+    Database.build([wiki_corpus], paths[0], BuildConfig(**{**tiny_db_config.__dict__, "shard": "0/3",
+                                                           "encoder": wide}), overwrite=True, show_progress=False)
+    with pytest.raises(RetrolmError, match=r"shard .*db-[12]: encoder_fingerprint .* differs from .*db-0's"):
+        sharded.search(QUERIES[0], 5)
     sharded.close()
 
 

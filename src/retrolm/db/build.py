@@ -114,6 +114,9 @@ class BuildConfig:
             raise RetrolmError(f"index must be one of {', '.join(INDEX_KINDS)} or none, got {self.index!r}")
         if self.index == "none" and not self.bm25:
             raise RetrolmError("index=none leaves the database unsearchable: add bm25=true (--bm25)")
+        if self.index == "none" and self.index_factory:  # it was ignored without a word
+            raise RetrolmError(f"index=none builds no vector index: index_factory {self.index_factory!r} would be "
+                               "ignored")
         if (self.batch_size is not None and self.batch_size < 1) or self.shard_size < 1:
             raise RetrolmError("batch_size and shard_size must be positive")
         if (self.exact_batch_min is not None and self.exact_batch_min < 1) or (

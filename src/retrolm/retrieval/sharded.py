@@ -521,18 +521,22 @@ class ShardedRetriever:
         remote = {i: self._pool.submit(ask, s) for i, s in enumerate(self.shards) if not isinstance(s, LocalShard)}
         local = [i for i, s in enumerate(self.shards) if isinstance(s, LocalShard)]
         # parts on this machine share one encoder (checked): the queries are embedded once, not once a part
-        vectors = self.shards[local[0]].retriever("dense").prepare(queries) if kind == "dense" and len(local) > 1 \
-            else None
+        vectors = None
+        if kind == "dense" and len(local) > 1:
+            rebuilt = []
+            for i in local:
+                db = self.shards[i].db  # type: ignore[attr-defined]
+                db.refresh()
+                if db.meta.get("build_id") != self.infos[i].get("build_id"):
+                    rebuilt.append(i)
+            if rebuilt and again:  # checked before one part's encoder embeds for all (another width: wrong blame)
+                return self._recheck(rebuilt, queries, k, kind, exclude_docs)
+            vectors = self.shards[local[0]].retriever("dense").prepare(queries)
         running = {**remote, **{i: self._pool.submit(ask, self.shards[i], vectors) for i in local}}
         answers: list[ShardAnswer] = [running[i].result() for i in range(len(self.shards))]
         changed = [i for i, a in enumerate(answers) if a.build_id != self.infos[i].get("build_id")]
         if changed and again:  # a part was rebuilt: check the parts again, then search once more
-            logger.info("%s rebuilt since the parts were checked: checking again",
-                        ", ".join(self.shards[i].name for i in changed))
-            self.refresh_infos()
-            if kind != self.kind:
-                self._check(kind)
-            return self._merged(queries, k, kind, exclude_docs, again=False)
+            return self._recheck(changed, queries, k, kind, exclude_docs)
         merged, flops = [], []
         for q in range(len(queries)):
             # best first; a tie keeps shard order, then the shard's own order
@@ -546,6 +550,16 @@ class ShardedRetriever:
             merged.append([kept[p, r] for _, p, r in best])
             flops.append([a.flops[q] if a.flops is not None else None for a in answers])
         return merged, flops
+
+    def _recheck(self, rebuilt: list[int], queries: list[str], k: int, kind: str,
+                 exclude_docs: Sequence[Sequence[str]] | None) -> tuple[list[list[ShardHit]], list[list[dict | None]]]:
+        """Parts ``rebuilt`` since they were checked: check every part again, then search once more."""
+        logger.info("%s rebuilt since the parts were checked: checking again",
+                    ", ".join(self.shards[i].name for i in rebuilt))
+        self.refresh_infos()
+        if kind != self.kind:
+            self._check(kind)
+        return self._merged(queries, k, kind, exclude_docs, again=False)
 
     def term_stats(self, queries: Sequence[str]) -> TermStats:
         """BM25's statistics over all parts for the queries' terms (Elasticsearch's ``dfs_query_then_fetch``): chunks,
