@@ -304,6 +304,13 @@ def test_results_of_older_inputs_go_even_under_the_same_config(tmp_path):
     assert rerun_after(lambda: (db / "meta.json").write_text('{"build_id": "b", "version": 2}'))
     assert rerun_after(lambda: held.write_text('{"id": "a", "text": "y"}\n'))
     assert not rerun_after(lambda: None)
+    # held-out data given as a folder: a file rewritten inside it (the folder's path alone was recorded)
+    folder = tmp_path / "held"
+    folder.mkdir()
+    (folder / "a.jsonl").write_text('{"id": "a", "text": "x"}\n')
+    cfg = EvalConfig(checkpoint=str(run), db=str(db), data=[str(folder)], out_dir=str(tmp_path / "ev-folder"))
+    assert not rerun_after(lambda: None)
+    assert rerun_after(lambda: (folder / "a.jsonl").write_text('{"id": "a", "text": "changed"}\n'))
 
 
 def test_near_duplicate_exclusion_removes_the_copies(copy_world):
@@ -404,6 +411,36 @@ def test_scaling_commands(copy_world):
     for name in ("scale-neighbours", "scale-db-size"):
         assert (copy_world["root"] / "scale" / f"{name}.png").is_file()
         assert json.loads((copy_world["root"] / "scale" / f"{name}.json").read_text())["rows"]
+
+
+def test_what_an_eval_reports_does_not_depend_on_settings_it_should_not(copy_world, tmp_path):
+    """group_by was dropped without retrieval or for a baseline; the hybrid retriever's score moved with
+    leakage_neighbours (RETRO read the first k of a deeper fused ranking); deleted documents counted as excluded;
+    report.md truncated the byte count; scale with retrieval=false reported the scores without retrieval as its axis."""
+    import shutil
+
+    off = run_eval(eval_cfg(copy_world, "groups-off", retrieval=False, group_by="bucket", near_dup_threshold=0),
+                   show_progress=False)
+    assert set(off["groups"]) == {"even", "odd"} and "gain" not in off["groups"]["even"]
+    assert off["groups"]["even"]["summary"][RETRO_OFF]["chunks"] == off["groups"]["even"]["chunks"]
+    report = (copy_world["root"] / "groups-off" / "report.md").read_text()
+    assert "## Per bucket" in report
+    total = off["summary"][RETRO_OFF]["bytes"]
+    assert f"| {round(total):,} |" in report  # per-chunk shares summed: 2857.9999... was shown as 2,857
+    bpb = [run_eval(eval_cfg(copy_world, f"hybrid-{n}", retriever="hybrid", leakage_neighbours=n, baselines=[],
+                             near_dup_threshold=0), show_progress=False)["summary"][RETRO]["bpb"] for n in (2, 10)]
+    assert bpb[0] == bpb[1]
+    with pytest.raises(RetrolmError, match="retrieval=false leaves nothing to scale"):
+        scale_neighbours(ScaleConfig(**{**vars(eval_cfg(copy_world, "scale-off")), "retrieval": False, "ks": [1]}),
+                         show_progress=False)
+    db = Database.open(shutil.copytree(copy_world["db"].path, tmp_path / "db"))
+    again = write_jsonl(tmp_path / "again.jsonl", [json.loads(copy_world["held"].read_text().splitlines()[0])])
+    db.add([again], show_progress=False)
+    db.add([again], replace=True, show_progress=False)  # the first copy is deleted, the second live
+    r = run_eval(eval_cfg(copy_world, "deleted", db=str(db.path), baselines=[], near_dup_threshold=0),
+                 show_progress=False)
+    live = int(db.store.doc_n_chunks[np.flatnonzero(~db.deleted_docs)[-1]])
+    assert r["exclusion"]["excluded_docs_same_id"] == 1 and r["exclusion"]["excluded_chunks"] == live
 
 
 def test_a_group_by_the_data_lacks_fails_before_any_scoring(copy_world, monkeypatch):

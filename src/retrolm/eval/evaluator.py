@@ -183,12 +183,13 @@ class Evaluator:
         """Database chunks never retrieved for evaluation: copies of the held-out documents and near-duplicates."""
         by_id, near, pairs = self.excluded_docs(self.db, np.arange(self.db.store.n_docs))
         self.excluded_chunks = (by_id | near)[self.db.store.all_chunk_docs()]
+        live = ~self.db.deleted_docs  # deleted documents are never retrieved anyway: not counted as excluded
         return {
             "eval_docs": self.source.n_docs,
             "eval_chunks": self.source.n_chunks,
-            "excluded_docs_same_id": int(by_id.sum()),
-            "excluded_docs_near_duplicate": int((near & ~by_id).sum()),
-            "excluded_chunks": int(self.excluded_chunks.sum()),
+            "excluded_docs_same_id": int((by_id & live).sum()),
+            "excluded_docs_near_duplicate": int((near & ~by_id & live).sum()),
+            "excluded_chunks": int((self.excluded_chunks & ~self.db.deleted_chunks).sum()),
             "near_duplicate_pairs": pairs[:100],
         }
 
@@ -309,7 +310,7 @@ class Evaluator:
         """bits-per-byte, nats per token, perplexity and counts over all (or the selected) chunks."""
         sel = np.ones(len(scores.nats), dtype=bool) if select is None else select
         tokens = int(scores.tokens[sel].sum())
-        loss = float(scores.nats[sel].sum()) / max(tokens, 1)
+        loss = float(scores.nats[sel].sum()) / tokens if tokens else float("nan")  # nothing scored: no loss, not 0
         return {
             "bpb": bits_per_byte(scores.nats, self.n_bytes, sel),
             "loss": loss,

@@ -24,6 +24,7 @@ from retrolm.eval.evaluator import Evaluator, Scores, display_name, neighbours_o
 from retrolm.eval.groups import chunk_groups, gain_interval
 from retrolm.eval.leakage import leakage_curve, novel_chunks, overlap_ratio
 from retrolm.eval.report import markdown_table, plot_lines
+from retrolm.text.corpus import list_files
 
 RESULT_FILES = ("eval.json", "per_chunk.npz", "report.md", "leakage.png")
 """What ``retrolm eval`` writes next to its config.yaml."""
@@ -76,9 +77,16 @@ def _inputs(cfg: EvalConfig) -> dict:
 
     meta = Path(cfg.db) / "meta.json"
     db = _json_dict(meta) if cfg.db and meta.is_file() else {}
-    return {"checkpoint": resolved(cfg.checkpoint), "baselines": [resolved(b) for b in cfg.baselines],
-            "db": {k: db.get(k) for k in ("build_id", "version")},
-            "data": [file_digest(p, quick=True) if Path(p).is_file() else p for p in cfg.data]}
+    def digests(paths: Iterable[str]) -> list:
+        # a folder by its files: a file rewritten inside it makes other results as well as a named one
+        return [file_digest(p, quick=True) if Path(p).is_file() else
+                [file_digest(f, quick=True) for f, _ in list_files([p])] if Path(p).is_dir() else p for p in paths]
+
+    inputs = {"checkpoint": resolved(cfg.checkpoint), "baselines": [resolved(b) for b in cfg.baselines],
+              "db": {k: db.get(k) for k in ("build_id", "version")}, "data": digests(cfg.data)}
+    if getattr(cfg, "noise", None):  # scale db-size's noise corpus
+        inputs["noise"] = digests(cfg.noise)
+    return inputs
 
 
 def _default(f: Field) -> Any:
@@ -133,7 +141,10 @@ def run_eval(cfg: EvalConfig, show_progress: bool = True) -> dict[str, Any]:
         if ev.retrieval and ev.main.in_context:
             scores[on] = ev.score_in_context(ev.main, True, desc=f"in-context retrieval (k={ev.k})", key=on)
         elif ev.retrieval:
-            read = neighbours_of_other_documents(nb, doc, cfg.seed) if cfg.shuffle_neighbours else nb
+            # what a search for k finds: a fused ranking's first k of a deeper search differ (hybrid fetches each
+            # ranking k-deep), and the score must not depend on leakage_neighbours
+            read = nb if leak_k == ev.k or ev.retriever.removal_stable else ev.neighbours(ev.k)
+            read = neighbours_of_other_documents(read, doc, cfg.seed) if cfg.shuffle_neighbours else read
             scores[on] = ev.score(ev.main, read, ev.k, desc=f"retrieval on (k={ev.k})")
         scores.update(ev.reference_scores())
 
@@ -156,6 +167,7 @@ def run_eval(cfg: EvalConfig, show_progress: bool = True) -> dict[str, Any]:
         per_chunk = {f"nats:{k}": s.nats for k, s in scores.items()}
         per_chunk.update(tokens=next(iter(scores.values())).tokens, bytes=ev.n_bytes, lengths=ev.lengths,
                          doc=doc)
+        novel: np.ndarray | None = None  # without neighbours there is no leakage analysis
         if nb is not None:
             # Leakage: overlap of every chunk with its `leakage_neighbours` nearest (exclusions applied).
             lcs = ev.longest_common_runs(nb[:, : cfg.leakage_neighbours])
@@ -180,8 +192,6 @@ def run_eval(cfg: EvalConfig, show_progress: bool = True) -> dict[str, Any]:
                     "all": gain_interval(scores[on].nats, scores[off].nats, doc),
                     "novel": gain_interval(scores[on].nats, scores[off].nats, doc, novel),
                 }
-                if groups:
-                    result["groups"] = _groups(ev, groups, scores, on, off, novel)
                 for name in scores:
                     if name.startswith("baseline:"):
                         result["gain"][f"vs {name}"] = _gain(result["summary"][on]["bpb"],
@@ -192,6 +202,8 @@ def run_eval(cfg: EvalConfig, show_progress: bool = True) -> dict[str, Any]:
                        xlabel="max overlap α (r(C) ≤ α)",
                        title="Bits-per-byte on chunks with r(C) ≤ α",
                        secondary=("share of chunks", curve.fraction))
+        if groups:  # retrieval off or a baseline too: the bits per byte of each group
+            result["groups"] = _groups(ev, groups, scores, on, off, novel)
         write_json(out / "eval.json", result)
         with atomic_path(out / "per_chunk.npz") as tmp, open(tmp, "wb") as f:
             np.savez_compressed(f, **per_chunk)
@@ -202,18 +214,24 @@ def run_eval(cfg: EvalConfig, show_progress: bool = True) -> dict[str, Any]:
 
 
 def _groups(ev: Evaluator, groups: dict[str, np.ndarray], scores: dict[str, Scores], on: str, off: str,
-            novel: np.ndarray) -> dict[str, dict]:
-    """Summaries, gains (with bootstrap intervals over documents) and novel shares per group of documents."""
+            novel: np.ndarray | None) -> dict[str, dict]:
+    """Summaries per group of documents; with retrieval, gains (with bootstrap intervals over documents); with the
+    leakage analysis (``novel``), novel shares and the gain on novel chunks."""
     doc = ev.source.all_chunk_docs()
     out = {}
     for g, sel in groups.items():
         summ = {name: ev.summary(s, sel) for name, s in scores.items()}
-        out[g] = {"docs": len(np.unique(doc[sel])), "chunks": int(sel.sum()),
-                  "novel_fraction": float(novel[sel].mean()), "summary": summ,
-                  "gain": _gain(summ[on]["bpb"], summ[off]["bpb"]),
-                  "gain_ci95": gain_interval(scores[on].nats, scores[off].nats, doc, sel),
-                  "gain_novel": _gain(ev.summary(scores[on], sel & novel)["bpb"],
-                                      ev.summary(scores[off], sel & novel)["bpb"])}
+        entry: dict[str, Any] = {"docs": len(np.unique(doc[sel])), "chunks": int(sel.sum())}
+        if novel is not None:
+            entry["novel_fraction"] = float(novel[sel].mean())
+        entry["summary"] = summ
+        if on in scores:
+            entry["gain"] = _gain(summ[on]["bpb"], summ[off]["bpb"])
+            entry["gain_ci95"] = gain_interval(scores[on].nats, scores[off].nats, doc, sel)
+            if novel is not None:
+                entry["gain_novel"] = _gain(ev.summary(scores[on], sel & novel)["bpb"],
+                                            ev.summary(scores[off], sel & novel)["bpb"])
+        out[g] = entry
     return out
 
 
@@ -240,7 +258,7 @@ def _eval_report(cfg: EvalConfig, r: dict[str, Any]) -> str:
              f"({cfg.ngram}-gram {cfg.near_dup_measure} ≥ {cfg.near_dup_threshold}); "
              f"{r['exclusion']['excluded_chunks']} chunks",
              "", "## Bits per byte", ""]
-    rows = [[name, s["bpb"], s["loss"], s["perplexity"], s["tokens"], int(s["bytes"])]
+    rows = [[name, s["bpb"], s["loss"], s["perplexity"], s["tokens"], round(s["bytes"])]  # shares: x.9999...
             for name, s in r["summary"].items()]
     lines += [markdown_table(["model / mode", "bits/byte", "nats/token", "perplexity", "tokens", "bytes"], rows), ""]
     if "reader" in r:
@@ -260,12 +278,21 @@ def _eval_report(cfg: EvalConfig, r: dict[str, Any]) -> str:
             lines += ["95% bootstrap intervals over documents: all chunks [{:+.1%}, {:+.1%}], novel chunks "
                       "[{:+.1%}, {:+.1%}].".format(*ci["all"], *ci["novel"]), ""]
     if "groups" in r:
-        lines += [f"## Per {cfg.group_by} (95% bootstrap intervals over documents)", ""]
+        first = next(iter(r["groups"].values()), {})
+        gains, novel = "gain" in first, "novel_fraction" in first
+        lines += [f"## Per {cfg.group_by}" + (" (95% bootstrap intervals over documents)" if gains else ""), ""]
         names = list(r["summary"])
-        rows = [[g, d["docs"], d["chunks"], f"{d['novel_fraction']:.0%}", *(d["summary"][n]["bpb"] for n in names),
-                 f"{d['gain']:+.1%} [{d['gain_ci95'][0]:+.1%}, {d['gain_ci95'][1]:+.1%}]",
-                 "–" if math.isnan(d["gain_novel"]) else f"{d['gain_novel']:+.1%}"] for g, d in r["groups"].items()]
-        lines += [markdown_table([cfg.group_by, "docs", "chunks", "novel", *names, "gain", "gain on novel"], rows), ""]
+
+        def shown(x: float | None) -> str:
+            return "–" if x is None or math.isnan(x) else f"{x:+.1%}"
+
+        rows = [[g, d["docs"], d["chunks"], *([f"{d['novel_fraction']:.0%}"] if novel else []),
+                 *(d["summary"][n]["bpb"] for n in names),
+                 *([f"{shown(d['gain'])} [{shown(d['gain_ci95'][0])}, {shown(d['gain_ci95'][1])}]"] if gains else []),
+                 *([shown(d["gain_novel"])] if gains and novel else [])] for g, d in r["groups"].items()]
+        header = [cfg.group_by, "docs", "chunks", *(["novel"] if novel else []), *names,
+                  *(["gain"] if gains else []), *(["gain on novel"] if gains and novel else [])]
+        lines += [markdown_table(header, rows), ""]
     if "leakage" in r:
         leak = r["leakage"]
         lines += ["## Leakage (bits-per-byte over chunks with r(C) ≤ α)", "",

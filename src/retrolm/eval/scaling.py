@@ -39,7 +39,9 @@ def scale_neighbours(cfg: ScaleConfig, show_progress: bool = True) -> dict[str, 
         else:
             nb = ev.neighbours(max(ks))
             ranks = overlap_by_rank(ev.next_chunk_overlap(nb))
-            scored = ((k, ev.score(ev.main, nb, k, desc=f"k={k}")) for k in ks)
+            # a fused ranking's first k are not what a search for k finds (each ranking is fetched k-deep)
+            prefix = ev.retriever is None or ev.retriever.removal_stable
+            scored = ((k, ev.score(ev.main, nb if prefix else ev.neighbours(k), k, desc=f"k={k}")) for k in ks)
         rows = [_row(ev, scores, groups, k=k) for k, scores in scored]
         result = _scaling_result(ev, "neighbours", rows, groups)
         if ranks is not None:
@@ -129,6 +131,10 @@ def _scaling_run(cfg: ScaleConfig, name: str, show_progress: bool) -> Iterator[t
         if not ev.main.retrieval:
             raise RetrolmError(f"{ev.main.path}: a baseline checkpoint does not retrieve; scaling needs a retrieving "
                                "model (RETRO or a pretrained LM)")
+        if not ev.retrieval:  # every row was the score without retrieval, reported as the axis's
+            raise RetrolmError("scale: retrieval=false leaves nothing to scale (the axis is what retrieval reads)")
+        if cfg.shuffle_neighbours:  # a control of `retrolm eval` that scale did not apply
+            raise RetrolmError("scale: shuffle_neighbours is a control of `retrolm eval`, not of a scaling axis")
         yield out, ev
     finally:
         ev.close()
