@@ -32,7 +32,7 @@ def test_wiki_entity_is_reproducible_and_traceable(tmp_path):
     docs = {d["id"]: d for d in map(json.loads, WIKI_SAMPLE.read_text().splitlines())}
     for r in records:
         p = r["provenance"]
-        assert p["builder"] == "wiki-entity" and p["seed"] == 3 and p["split"] == "test" and p["builder_version"] == 2
+        assert p["builder"] == "wiki-entity" and p["seed"] == 3 and p["split"] == "test" and p["builder_version"] == 3
         assert len(p["corpus_sha256"]) == 64
         assert in_test_split(p["doc_id"], 3, p["test_fraction"])
         assert r["answers"] == [docs[p["doc_id"]]["description"]] and p["doc_id"] in r["question"]
@@ -78,7 +78,7 @@ def test_kernel_cloze_marks_sentences_of_the_old_version(tmp_path):
         "The NAPI budget decides how many packets the poll function of a driver may process at once.",
         "Drivers call netif_napi_add when they set up their receive queues during the probe."}
     in_old = {s: r["provenance"]["in_old"] for s, r in by_sentence.items()}
-    assert {r["provenance"]["builder_version"] for r in recs} == {3}  # the blank is never inside another token
+    assert {r["provenance"]["builder_version"] for r in recs} == {4}  # the blank is never inside another token
     assert sum(in_old.values()) == 1 and in_old[next(s for s in in_old if "packet_mmap" in s)]  # line breaks ignored
     for s, r in by_sentence.items():
         (answer,) = r["answers"]
@@ -93,6 +93,43 @@ def test_kernel_cloze_marks_sentences_of_the_old_version(tmp_path):
     with pytest.raises(RetrolmError, match=r"5 choices need 4 other blanked words of the kind of .*; the corpus "
                                            r"has [0-3]: ask for fewer --choices"):
         build_kernel_cloze(new, n=10, seed=0, old=old, test_fraction=1.0, choices=5)
+
+
+def test_kernel_cloze_asks_a_sentence_once_and_never_offers_a_second_right_answer(tmp_path):
+    """A sentence in two files was asked twice; a wrong option could fill the blank into a sentence the corpus holds
+    (uac2 vs mass_storage in "The function name to use ... is mass_storage."); a blanked sentence other files
+    complete with another word has two right answers."""
+    template = "The function name to use when creating the function directory is {}."
+    docs = [{"id": f"6.12/Documentation/usb/{n}.rst", "path": f"Documentation/usb/{n}.rst",
+             "text": template.format(w) + "\n\nThe gadget driver registers GadgetFS_" + n + " with the composite "
+                     "framework during its bind callback.\n"} for n, w in (("a", "mass_storage"), ("b", "uac2"))]
+    docs.append({"id": "6.12/Documentation/usb/c.rst", "path": "Documentation/usb/c.rst",
+                 "text": "The gadget driver registers GadgetFS_a with the composite framework during its bind "
+                         "callback.\n"})  # doc a's second sentence, again
+    corpus = write_jsonl(tmp_path / "usb.jsonl", docs)
+    for seed in range(6):
+        recs = build_kernel_cloze(corpus, n=10, seed=seed, test_fraction=1.0, balance=False)
+        sentences = [r["provenance"]["sentence"] for r in recs]
+        assert len(sentences) == len(set(sentences))  # asked once
+        assert all(r["answers"][0] not in ("mass_storage", "uac2") for r in recs)  # two files, two answers
+    # offered as a wrong option, a word must not complete the question into a sentence of the corpus
+    only_a = write_jsonl(tmp_path / "a.jsonl", [docs[0], {**docs[1], "id": "6.1/other", "path": "other"}])
+    for seed in range(6):
+        for r in build_kernel_cloze(only_a, n=10, seed=seed, test_fraction=0.5, balance=False, choices=2):
+            if r["choices"][r["answer"]] == "mass_storage":
+                assert "uac2" not in r["choices"]
+
+
+def test_wiki_entity_asks_no_title_that_names_its_answer(tmp_path):
+    """"What is Tanker (ship)?" had one option with "ship": 182 of 908 questions were answered by the title."""
+    from retrolm.text.qa import build_wiki_entity
+
+    docs = [{"id": "Tanker (ship)", "description": "Ship designed to transport liquids", "topic": "t"},
+            {"id": "Lake Huron", "description": "One of the Great Lakes of North America", "topic": "t"},
+            {"id": "Zorblat", "description": "Fictional mineral used in tests", "topic": "t"},
+            {"id": "Quenmir", "description": "Invented river of a made-up land", "topic": "t"}]
+    recs = build_wiki_entity(write_jsonl(tmp_path / "w.jsonl", docs), n=10, seed=0, test_fraction=1.0)
+    assert sorted(r["provenance"]["doc_id"] for r in recs) == ["Quenmir", "Zorblat"]
 
 
 def test_in_old_is_by_content_so_moved_files_count(tmp_path):

@@ -615,6 +615,23 @@ def test_bases_it_cannot_copy_from_are_one_line_errors(tiny_base, tmp_path, buil
         RetrofitModel.from_base(str(tiny_base), chunk_len=M, seq_len=T, encoder="bert")
 
 
+def test_a_scaled_rope_is_refused_as_transformers_4_records_it():
+    """transformers 4.x keeps RoPE scaling in ``rope_scaling`` (5.x in ``rope_parameters``): a Llama 3 base passed
+    the plain-RoPE check there and its copied readers rotated without the scaling."""
+    from types import SimpleNamespace
+
+    from retrolm.models.retrofit import _base_attention_settings
+
+    def base(**cfg):
+        return SimpleNamespace(config=SimpleNamespace(rope_theta=10000.0, rms_norm_eps=1e-5, **cfg))
+
+    assert _base_attention_settings(base()) == {"rope_theta": 10000.0, "norm_eps": 1e-5}
+    assert _base_attention_settings(base(rope_scaling=None))["rope_theta"] == 10000.0
+    for scaling in ({"rope_type": "llama3", "factor": 8.0}, {"type": "linear", "factor": 2.0}):
+        with pytest.raises(RetrolmError, match="encoder=base needs plain RoPE"):
+            _base_attention_settings(base(rope_scaling=scaling))
+
+
 def test_retrofit_cli_steps_0_writes_the_base_reader_as_built(tiny_base, built_db, tmp_path, capsys):
     """``encoder=base`` reads before any training: steps=0 writes checkpoint step-000000 without searching training
     neighbours, and it evaluates (retrieval on differs from off)."""

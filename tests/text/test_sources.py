@@ -117,3 +117,14 @@ def test_bad_pins_are_one_line_errors(tmp_path, capsys):
 
     rc, _, err = run_cli(["corpus", "fetch", "linux-docs-6.1", "--out", tmp_path, "--pin", "linux-doc-6.1"], capsys)
     assert rc != 0 and "expected PACKAGE=VERSION" in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_sample_is_spread_over_the_whole_corpus(tmp_path, monkeypatch):
+    """A step of len // sample is 1 once sample > len / 2: --sample 6000 of 10,033 documents kept the first 6,000."""
+    def ten(work):
+        return iter([{"id": str(i), "text": f"document {i}"} for i in range(10)]), "fake=1"
+
+    monkeypatch.setitem(sources.SOURCES, "fake", ten)
+    for sample, ids in ((6, [0, 1, 3, 5, 6, 8]), (3, [0, 3, 6]), (20, list(range(10)))):
+        out = sources.fetch_corpus("fake", tmp_path / str(sample), sample=sample)
+        assert [int(json.loads(x)["id"]) for x in out.read_text().splitlines()] == ids

@@ -92,6 +92,31 @@ def test_split_versions_writes_a_seeded_labelled_sample(tmp_path):
     assert (tmp_path / "c" / "heldout.jsonl").read_text() != (tmp_path / "a" / "heldout.jsonl").read_text()
 
 
+def test_rest_holds_no_copy_of_a_held_out_document_and_outputs_never_replace_inputs(tmp_path):
+    """Labels compare with the old version only: a new document with a twin in the new version (two files of one
+    text) was held out as "new" while its twin went into rest.jsonl, so a store of old + rest held its text. And
+    `corpus versions` wrote over its own input (--new out/rest.jsonl --out out)."""
+    old = write_jsonl(tmp_path / "old.jsonl", [{"id": f"o/{d['id']}", "text": d["text"]} for d in wiki_docs(5)])
+    twins = wiki_docs(4, start=300)
+    new_docs = [{"id": f"n/{d['id']}", "text": d["text"]} for d in twins]
+    new_docs += [{"id": f"n/{d['id']}-twin", "text": "Moved here.\n" + d["text"]} for d in twins]
+    new = write_jsonl(tmp_path / "new.jsonl", new_docs)
+    split_versions([old], [new], tmp_path / "s", per_bucket=2, seed=0, min_chars=0)
+    held = [json.loads(x)["id"] for x in (tmp_path / "s" / "heldout.jsonl").read_text().splitlines()]
+    rest = [json.loads(x)["id"] for x in (tmp_path / "s" / "rest.jsonl").read_text().splitlines()]
+    assert len(held) == 2 and len(rest) == 4  # the held-out documents' twins are left out
+    assert all(h.removesuffix("-twin") != r.removesuffix("-twin") for h in held for r in rest)
+    labels = json.loads((tmp_path / "s" / "labels.json").read_text())
+    assert {c["copy_of"] for c in labels["rest_copies_left_out"]} == set(held)
+    assert labels["counts"]["rest"] == 4 and labels["counts"]["rest_copies_left_out"] == 2
+    before = (tmp_path / "s" / "rest.jsonl").read_text()
+    with pytest.raises(RetrolmError, match=r"rest\.jsonl: corpus versions would replace its own input"):
+        split_versions([old], [tmp_path / "s" / "rest.jsonl"], tmp_path / "s", per_bucket=1, min_chars=0)
+    assert (tmp_path / "s" / "rest.jsonl").read_text() == before
+    with pytest.raises(RetrolmError, match="output folder is inside the corpus folder"):
+        split_versions([old], [tmp_path / "s"], tmp_path / "s" / "again", per_bucket=1, min_chars=0)
+
+
 def test_a_held_out_excerpt_is_labelled_by_what_is_stored(tmp_path):
     """A changed file whose first characters are all new text is a *new* excerpt, and one whose first characters
     are verbatim old text (the change further down) an *identical* one: with max_chars neither is held out as
@@ -122,6 +147,8 @@ def test_truncate_cuts_at_a_line_break():
     assert truncate(text, 30) == "first line\nsecond line"
     assert truncate(text, None) == text and truncate(text, 1000) == text
     assert truncate("no breaks at all here", 8) == "no break"
+    assert truncate("The capital of France is Paris. " * 3, 40) == "The capital of France is Paris. The"  # not "capi"
+    assert truncate("line one\r\nline two is longer\r\nthird", 30) == "line one\r\nline two is longer"
 
 
 def test_bad_lines_of_either_version_are_reported(tmp_path, caplog):

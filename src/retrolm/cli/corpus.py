@@ -33,7 +33,7 @@ def corpus_fetch(
     names: Annotated[list[str], typer.Argument(help="wiki | python-docs | linux-docs-6.1 | linux-docs-6.12 | wordnet | "
                                                            "gcide.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for NAME.jsonl.")] = Path("data/full"),
-    sample: Annotated[int | None, typer.Option(help="Keep about this many documents (every k-th).")] = None,
+    sample: Annotated[int | None, typer.Option(help="Keep this many documents, spread evenly over the corpus.")] = None,
     force: Annotated[bool, typer.Option(help="Fetch again even if NAME.jsonl exists.")] = False,
     pin: Annotated[list[str] | None, typer.Option(help="PACKAGE=VERSION: fetch that exact Debian version (e.g. "
                                                   "linux-doc-6.1=6.1.176-1, as NAME.source.json records it); "

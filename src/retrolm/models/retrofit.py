@@ -255,7 +255,9 @@ def _base_attention_settings(hf: nn.Module) -> dict[str, float]:
     cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
     rope = getattr(cfg, "rope_parameters", None) or {}
     theta = rope.get("rope_theta", getattr(cfg, "rope_theta", None))
-    kind = rope.get("rope_type", "default")
+    # transformers < 5 keeps the scaling (Llama 3's, linear, YaRN) apart, in rope_scaling
+    scaling = getattr(cfg, "rope_scaling", None) or {}
+    kind = rope.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
     eps = getattr(cfg, "rms_norm_eps", None)
     if theta is None or eps is None or kind != "default":
         raise RetrolmError(f"{type(hf).__name__}: encoder=base needs plain RoPE and RMSNorm (found rope_theta={theta}, "

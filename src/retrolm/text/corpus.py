@@ -433,6 +433,17 @@ def corpus_fingerprint(paths: Iterable[str | Path]) -> list[list]:
     return [[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f, _ in list_files(paths)]
 
 
+def check_outputs_apart(paths: Iterable[str | Path], out: Path, names: Iterable[str], what: str) -> None:
+    """Refuse outputs ``out/<names>`` that would replace one of the corpus ``paths`` (written by renaming over it: its
+    documents lost) or an ``out`` inside a corpus folder (a rerun would read the last outputs as corpus)."""
+    targets = {(out / name).resolve() for name in names}
+    for p in map(Path, paths):
+        if p.resolve() in targets:
+            raise RetrolmError(f"{p}: {what} would replace its own input; choose another --out")
+        if p.is_dir() and out.resolve().is_relative_to(p.resolve()):
+            raise RetrolmError(f"{out}: output folder is inside the corpus folder {p}; choose another --out")
+
+
 def split_corpus(
     paths: Iterable[str | Path], out_dir: str | Path, heldout: float = 0.05, seed: int = 0
 ) -> dict[str, int]:
@@ -444,12 +455,7 @@ def split_corpus(
     if not 0.0 < heldout < 1.0:
         raise RetrolmError(f"held-out fraction must be in (0, 1), got {heldout}")
     out = Path(out_dir)
-    targets = {(out / name).resolve() for name in ("train.jsonl", "heldout.jsonl")}
-    for p in map(Path, paths := list(paths)):
-        if p.resolve() in targets:  # the split was renamed over its own input: the held-out documents were lost
-            raise RetrolmError(f"{p}: the split would replace its own input; choose another --out")
-        if p.is_dir() and out.resolve().is_relative_to(p.resolve()):  # a rerun would read the last split as corpus
-            raise RetrolmError(f"{out}: output folder is inside the corpus folder {p}; choose another --out")
+    check_outputs_apart(paths := list(paths), out, ("train.jsonl", "heldout.jsonl"), "the split")
     counts = {"train": 0, "heldout": 0}
     with (
         atomic_path(out / "train.jsonl") as t,

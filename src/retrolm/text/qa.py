@@ -40,11 +40,15 @@ from pathlib import Path
 from retrolm.core.errors import RetrolmError
 from retrolm.core.io import atomic_path, file_digest, jsonl_values
 
-BUILDER_VERSIONS = {"kernel-cloze": 3, "wiki-entity": 2, "dict-def": 2}
+BUILDER_VERSIONS = {"kernel-cloze": 4, "wiki-entity": 3, "dict-def": 2}
 """Per builder, what changed the questions it makes (recorded in each record's provenance; 1 where absent).
 kernel-cloze 2: a word that starts another token of the question ("damon@lists" for DAMON, the prefix's "Linux") is
 never the blank. 3 (and wiki-entity 2, dict-def 2): no two options of a question differ only in case (4 of 1,000
-kernel-cloze questions had e.g. both "raid5" and "RAID5"); sets without such twins are drawn as before."""
+kernel-cloze questions had e.g. both "raid5" and "RAID5"); sets without such twins are drawn as before. kernel-cloze
+4: a sentence is asked once (3 of 1,000 were asked twice), a blanked sentence other files complete with another word
+is not asked, and no wrong option fills the blank into a sentence of the corpus (5 of 1,000 had two right options).
+wiki-entity 3: no title names its answer (in 182 of 908 questions the answer was the only option sharing a word with
+the title: "What is Tanker (ship)?")."""
 SKIP_DESCRIPTIONS = re.compile(r"(?i)wikimedia|disambiguation|topics referred to|list article|^$")
 _COMMON_WORDS = """about above after again against also although among another because been before being below between
 both cannot could does doing down during each either every few from further have having here hers herself himself
@@ -143,7 +147,7 @@ def build_wiki_entity(corpus: str | Path, n: int = 200, seed: int = 0, choices: 
     docs = [d for d in _read_jsonl(corpus) if isinstance(d.get("description"), str)]
     usable = [d for d in docs if not SKIP_DESCRIPTIONS.search(d["description"].strip())
               and 1 <= len(d["description"].split()) <= 10
-              and d["description"].strip().lower() != str(d["id"]).strip().lower()]
+              and not _title_gives_away(str(d["id"]), d["description"])]
     if not usable:
         raise RetrolmError(f"{corpus}: no documents with a usable 'description' (is it `retrolm corpus fetch wiki`?)")
     test = sorted((d for d in usable if in_test_split(str(d["id"]), seed, test_fraction)), key=lambda d: str(d["id"]))
@@ -163,6 +167,16 @@ def build_wiki_entity(corpus: str | Path, n: int = 200, seed: int = 0, choices: 
         out.append(_with_choices(rec, desc, choices, rng, others,
                                  f"{choices} choices need {choices - 1} other answers than {desc!r}"))
     return out
+
+
+def _title_gives_away(title: str, description: str) -> bool:
+    """Whether the question's title names its answer: a word of the title (its disambiguation too: "Tanker (ship)",
+    "Jaws (film)") that the description shares by stem or five letters in a row ("Lake Huron": "One of the Great
+    Lakes"), or the description is the title itself."""
+    if description.strip().lower() == title.strip().lower():
+        return True
+    return any(_definition_gives_away(w, description) for w in re.findall(r"[a-z]+", title.lower())
+               if len(w) >= 3 and w not in COMMON and w not in _SHORT_WORDS)
 
 
 def _distractors(answer: str, same_topic: list[str], everything: list[str], k: int, rng: random.Random) -> list[str]:
@@ -268,14 +282,18 @@ def build_kernel_cloze(corpus: str | Path, n: int = 200, seed: int = 0, old: str
     test = sorted((d for d in docs if in_test_split(str(d.get("path") or d["id"]), seed, test_fraction)),
                   key=lambda d: str(d["id"]))
     rng.shuffle(test)
+    # every English sentence of the corpus: an option that fills a question's blank into one of them is right too
+    sentences = {_norm_space(s) for d in docs for s in cloze_sentences(d["text"])}
     per_doc: list[list[dict]] = []
+    asked: set[str] = set()  # a sentence in two files (or twice in one) is asked once
     for d in test:
         path = str(d.get("path") or str(d["id"]).split("/", 1)[-1])
         cands = []
         for s in cloze_sentences(d["text"]):
             blank = choose_blank(s, rng)
-            if blank is None:
+            if blank is None or _norm_space(s) in asked:
                 continue
+            asked.add(_norm_space(s))
             masked, word = blank
             cand = {"doc_id": str(d["id"]), "path": path, "sentence": s, "masked": masked, "word": word}
             if old is not None:
@@ -284,6 +302,12 @@ def build_kernel_cloze(corpus: str | Path, n: int = 200, seed: int = 0, old: str
         rng.shuffle(cands)
         if cands:
             per_doc.append(cands)
+    # a blanked sentence other files complete with another word has two right answers: not asked
+    fills: dict[str, set[str]] = {}
+    for cs in per_doc:
+        for c in cs:
+            fills.setdefault(_norm_space(c["masked"]), set()).add(c["word"])
+    per_doc = [kept for cs in per_doc if (kept := [c for c in cs if len(fills[_norm_space(c["masked"])]) == 1])]
     picked = _round_robin(per_doc, n, balance and old is not None)
     base = _provenance("kernel-cloze", corpus, seed, test_fraction,
                        old_corpus=Path(old).name if old is not None else None)
@@ -300,7 +324,10 @@ def build_kernel_cloze(corpus: str | Path, n: int = 200, seed: int = 0, old: str
         folder = c["path"].rsplit("/", 1)[0]
         pools = (sorted(by_doc.get(c["path"], ())),
                  sorted({w for p, ws in by_doc.items() if p.rsplit("/", 1)[0] == folder for w in ws}), every)
-        return _draw(pools, c["word"], k, rng, lambda w: _blank_score(w, False) == kind)
+        def wrong(w: str) -> bool:  # of the kind, and no sentence of the corpus with it in the blank
+            return _blank_score(w, False) == kind and _norm_space(c["masked"].replace(BLANK, w, 1)) not in sentences
+
+        return _draw(pools, c["word"], k, rng, wrong)
 
     out = []
     for i, c in enumerate(picked):

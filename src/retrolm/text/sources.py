@@ -174,7 +174,7 @@ SOURCES: dict[str, Callable[[Path], tuple[Iterator[dict], str]]] = {
 def fetch_corpus(name: str, out_dir: str | Path, sample: int | None = None, force: bool = False,
                  pins: dict[str, str] | None = None) -> Path:
     """Fetch corpus ``name`` into ``out_dir/name.jsonl`` (kept if already there, unless ``force`` or it came from
-    another version than ``pins`` asks for); ``sample`` keeps every k-th document so that about that many remain;
+    another version than ``pins`` asks for); ``sample`` keeps that many documents, spread evenly over the corpus;
     ``pins``: Debian package → exact version. Returns the JSONL path."""
     if name not in SOURCES:
         raise RetrolmError(f"corpus {name!r}: unknown; choose from {', '.join(sorted(SOURCES))}")
@@ -208,8 +208,9 @@ def fetch_corpus(name: str, out_dir: str | Path, sample: int | None = None, forc
     with tempfile.TemporaryDirectory(prefix="retrolm-fetch-") as tmp:
         docs, version = SOURCES[name](Path(tmp))
         docs = list(docs)
-    if sample:
-        docs = docs[:: max(1, len(docs) // sample)][:sample]
+    if sample:  # spread over the whole corpus (a step of len // sample kept a prefix once sample > len / 2)
+        keep = min(sample, len(docs))
+        docs = [docs[i * len(docs) // keep] for i in range(keep)]
     with atomic_path(out) as tmp_out, open(tmp_out, "w", encoding="utf-8") as f:
         for d in docs:
             f.write(json.dumps(d, ensure_ascii=False) + "\n")

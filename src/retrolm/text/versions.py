@@ -26,9 +26,11 @@ import numpy as np
 
 from retrolm.core.errors import RetrolmError
 from retrolm.core.io import atomic_path, write_json
-from retrolm.text.corpus import Document, iter_documents
+from retrolm.text.corpus import Document, check_outputs_apart, iter_documents
 
 BUCKETS = ("identical", "changed", "new")
+OUTPUTS = ("heldout.jsonl", "rest.jsonl", "labels.json")
+"""What ``split_versions`` writes besides ``heldout-<bucket>.jsonl``."""
 _WORD = re.compile(r"\w+")
 
 
@@ -66,18 +68,22 @@ class NgramIndex:
         order = np.argsort(all_h, kind="stable")
         self.hashes, self.owners, self.n = all_h[order], all_o[order], n
 
-    def best_match(self, text: str) -> tuple[int, float]:
-        """(document with the largest share of ``text``'s n-grams, that share); (-1, 0) if none share any."""
+    def shared(self, text: str) -> np.ndarray:
+        """Per indexed document, how many of ``text``'s distinct n-grams it holds."""
         h = word_ngrams(text, self.n)
         if not len(h) or not self.n_docs:
-            return -1, 0.0
+            return np.zeros(self.n_docs, dtype=np.int64)
         lo, hi = np.searchsorted(self.hashes, h, "left"), np.searchsorted(self.hashes, h, "right")
         hits = np.concatenate([self.owners[a:b] for a, b in zip(lo, hi, strict=True) if b > a] or [np.zeros(0, int)])
-        if not len(hits):
+        return np.bincount(hits, minlength=self.n_docs)
+
+    def best_match(self, text: str) -> tuple[int, float]:
+        """(document with the largest share of ``text``'s n-grams, that share); (-1, 0) if none share any."""
+        counts = self.shared(text)
+        if not counts.any():
             return -1, 0.0
-        counts = np.bincount(hits, minlength=self.n_docs)
         best = int(counts.argmax())
-        return best, float(counts[best]) / len(h)
+        return best, float(counts[best]) / len(word_ngrams(text, self.n))
 
 
 @dataclass
@@ -127,11 +133,14 @@ def label_versions(old: list[Document], new: list[Document], new_max_overlap: fl
 
 
 def truncate(text: str, max_chars: int | None) -> str:
-    """The first ``max_chars`` characters of ``text``, cut at the last line break before the limit if there is one."""
+    """The first ``max_chars`` characters of ``text``, cut at the last line break before the limit if there is one in
+    its second half, else at the last space (a word is not cut in two), with no line end (CR) left dangling."""
     if not max_chars or len(text) <= max_chars:
         return text
     cut = text.rfind("\n", 0, max_chars)
-    return text[: cut if cut > max_chars // 2 else max_chars]
+    if cut <= max_chars // 2:
+        cut = text.rfind(" ", 0, max_chars)
+    return text[: cut if cut > max_chars // 2 else max_chars].rstrip("\r")
 
 
 def split_versions(old_paths: list[str | Path], new_paths: list[str | Path], out_dir: str | Path,
@@ -144,11 +153,15 @@ def split_versions(old_paths: list[str | Path], new_paths: list[str | Path], out
       ``heldout-<bucket>.jsonl`` the same per bucket; documents are cut to ``max_chars`` characters (at a line break)
       when given, and a document whose excerpt falls in another bucket (a changed file may begin with new text, a
       new one with old text) is replaced by another draw; a changed or new excerpt carries its ``excerpt_overlap``;
-    * ``rest.jsonl`` — every other new-version document (to add to a database of the old version);
+    * ``rest.jsonl`` — every other new-version document (to add to a database of the old version), except copies
+      of a held-out excerpt (documents holding more than ``new_max_overlap`` of its n-grams; listed in labels.json);
     * ``labels.json`` — the label of every new-version document and the counts per bucket.
 
     Returns the counts.
     """
+    out = Path(out_dir)
+    check_outputs_apart([*old_paths, *new_paths], out, (*OUTPUTS, *(f"heldout-{b}.jsonl" for b in BUCKETS)),
+                        "corpus versions")
     old, new = list(iter_documents(old_paths)), list(iter_documents(new_paths))  # the one pass: bad lines are said
     labeller = VersionLabeller(old, new_max_overlap)
     labels = [labeller.label(d) for d in new]
@@ -180,7 +193,21 @@ def split_versions(old_paths: list[str | Path], new_paths: list[str | Path], out
                     kept.append(int(i))
         held[bucket] = sorted(kept)
     chosen = {i for ids in held.values() for i in ids}
-    out = Path(out_dir)
+    # other new-version documents holding more than new_max_overlap of a held-out excerpt (a copy or near-copy: two
+    # files of one text, a template filled twice) stay out of rest.jsonl: a store of old + rest would hold the text
+    # of a document labelled new
+    held_ids = sorted(chosen)
+    index = NgramIndex(truncate(new[i].text, max_chars) for i in held_ids)
+    sizes = np.array([len(word_ngrams(truncate(new[i].text, max_chars))) for i in held_ids], dtype=float)
+    copies: dict[int, dict] = {}
+    for i, d in enumerate(new):
+        if i in chosen or not held_ids:
+            continue
+        share = index.shared(d.text) / np.maximum(sizes, 1)  # of each held-out excerpt's n-grams, held by d
+        j = int(share.argmax())
+        if share[j] > new_max_overlap:
+            copies[i] = {"id": d.id, "copy_of": new[held_ids[j]].id, "overlap": round(float(share[j]), 4)}
+    left_out = chosen | set(copies)
 
     def record(i: int) -> dict:
         lab, part = labels[i], excerpt_label(i)
@@ -198,9 +225,11 @@ def split_versions(old_paths: list[str | Path], new_paths: list[str | Path], out
     write(out / "heldout.jsonl", (record(i) for b in BUCKETS for i in held[b]))
     for b in BUCKETS:
         write(out / f"heldout-{b}.jsonl", (record(i) for i in held[b]))
-    write(out / "rest.jsonl", ({"id": d.id, "text": d.text} for i, d in enumerate(new) if i not in chosen))
+    write(out / "rest.jsonl", ({"id": d.id, "text": d.text} for i, d in enumerate(new) if i not in left_out))
     counts = {"all": {b: sum(lab.bucket == b for lab in labels) for b in BUCKETS},
-              "heldout": {b: len(held[b]) for b in BUCKETS}, "old_docs": len(old), "new_docs": len(new)}
+              "heldout": {b: len(held[b]) for b in BUCKETS}, "old_docs": len(old), "new_docs": len(new),
+              "rest": len(new) - len(left_out), "rest_copies_left_out": len(copies)}
     write_json(out / "labels.json", {"counts": counts, "new_max_overlap": new_max_overlap, "seed": seed,
+                                     "rest_copies_left_out": list(copies.values()),
                                      "labels": [vars(lab) for lab in labels]})
     return counts
