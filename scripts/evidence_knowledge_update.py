@@ -24,7 +24,18 @@ import time
 from pathlib import Path
 
 import numpy as np
-from evidence_incontext import LM, REPO, RETROLM, Steps, commands_section, prepare_kernel, record_command, run, table
+from evidence_incontext import (
+    LM,
+    REPO,
+    RETROLM,
+    Steps,
+    commands_section,
+    prepare_kernel,
+    record_command,
+    run,
+    shown_command,
+    table,
+)
 from evidence_retro import reader_keys
 
 from retrolm.eval.report import change
@@ -66,14 +77,17 @@ def main() -> None:
     # done only when the delete finished for these ids (a killed or failed delete left the copy whole, and the next
     # run evaluated "after delete" on a database where nothing was deleted)
     marker, ids = deleted / ".deleted.json", [a for d in old_versions for a in ("--doc-id", d)]
+    # both commands listed, run or not: the page's commands make every database its evaluations read
+    log.append(f"cp -r {rest.relative_to(REPO)} {deleted.relative_to(REPO)}")
+    delete = [*RETROLM, "db", "delete", deleted, *ids, "-q"]
     if not marker.is_file() or json.loads(marker.read_text()) != old_versions:
         shutil.rmtree(deleted, ignore_errors=True)
         shutil.copytree(rest, deleted)
-        log.append(f"cp -r {rest.relative_to(REPO)} {deleted.relative_to(REPO)}")
-        run([*RETROLM, "db", "delete", deleted, *ids, "-q"], log)
+        run(delete, log)
         marker.write_text(json.dumps(old_versions))
     else:
-        log.append(f"retrolm db delete {deleted.relative_to(REPO)} --doc-id ... ({len(old_versions)} ids, skipped)")
+        log.append(shown_command(delete))
+        print(f"[skip] {shown_command(delete)}", flush=True)
     out_root = REPO / "docs" / "results" / "knowledge-update"
 
     def evaluate(label: str, checkpoint: Path | str, db: str, name: str, read: list[str]) -> None:
