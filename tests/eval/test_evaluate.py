@@ -142,6 +142,9 @@ def test_near_duplicates_by_containment_find_excerpts_that_jaccard_misses():
     found = find_near_duplicates((q for q in short), (d for d in refs), measure="containment")
     # a one-token document is no copy of every document holding its token: only of an identical one
     assert [(f.query, f.reference, f.jaccard) for f in found] == [(0, 7, 1.0), (2, 30, 1.0), (3, 31, 1.0)]
+    # a share exactly at the threshold passes: 0.55 × 100 n-grams is 55.000000000000007 in floating point
+    at = np.concatenate([docs[4][:67], rng.integers(5001, 9000, 45)])  # 100 13-grams, 55 of them in docs[4]
+    assert [f.reference for f in find_near_duplicates([at], docs, threshold=0.55, measure="containment")] == [4]
 
 
 # --- end to end on a corpus where only retrieval can help ---------------------------------------------------------

@@ -160,7 +160,8 @@ def _find_contained(queries: Iterable[np.ndarray], references: Iterable[np.ndarr
         # each reference document holds an n-gram at most once (sets), so counting owners counts shared n-grams
         docs = np.concatenate([owner[a:b] for a, b in zip(lo[hit], hi[hit], strict=True)])
         counts = np.bincount(docs)
-        for r in np.flatnonzero(counts >= threshold * len(h)):
+        # the share compared, not counts against threshold × size: 0.55 × 100 is 55.000000000000007 in floating point
+        for r in np.flatnonzero(counts / len(h) >= threshold):
             found.append(NearDuplicate(q, int(r), float(counts[r] / len(h))))
     logger.info("near-duplicates (%d-gram containment >= %.2f): %d pairs", n, threshold, len(found))
     return found
