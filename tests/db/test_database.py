@@ -202,6 +202,22 @@ def test_compaction_builds_the_index_from_the_factory_the_build_asked_for(tmp_pa
     old.delete(doc_ids=old.store.doc_ids[:1])
     old.compact(show_progress=False)
     assert old.meta["index"]["factory"] == "L2norm,IVF8,Flat" and old.store.n_docs == 157
+    # a read-back FAISS parses as another index: IVF8,PQ8x4fsr reads back as ...x4fs (no residual)
+    fsr = Database.build([wiki_corpus_of(tmp_path, 160)], tmp_path / "fsr",
+                         replace(tiny_db_config, index_factory="IVF8,PQ8x4fsr,RFlat"), show_progress=False)
+    from retrolm.db.index import _factory_of
+
+    meta = json.loads((fsr.path / "meta.json").read_text())
+    read_back = _factory_of(fsr.index.index)
+    assert read_back != "IVF8,PQ8x4fsr,RFlat"
+    (fsr.path / "meta.json").write_text(json.dumps({**meta, "index": {**meta["index"], "factory": read_back}}))
+    old = Database.open(fsr.path)
+    old.delete(doc_ids=old.store.doc_ids[:1])
+    old.compact(show_progress=False)
+    import faiss
+
+    assert old.meta["index"]["factory"] == "IVF8,PQ8x4fsr,RFlat"
+    assert faiss.extract_index_ivf(old.index.index).by_residual
 
 
 def wiki_corpus_of(tmp_path, n: int):

@@ -462,11 +462,22 @@ def test_document_passages_are_searched_deeper_until_n_documents_are_found(tmp_p
     retriever = PassageRetriever(db, "bm25", unit="document")
     questions = [" ".join(d["text"].split()[:8]) for d in wiki_docs(40)]
     everything = retriever.retriever.search(questions, db.store.n_chunks)
+    searched, search = [], retriever.retriever.search
+
+    def counted(queries, k, *args, **kwargs):
+        searched.extend(queries)
+        return search(queries, k, *args, **kwargs)
+
+    retriever.retriever.search = counted
     for n in (2, 3):
-        found, _ = retriever.retrieve(questions, n)
+        searched.clear()
+        found, flops = retriever.retrieve(questions, n)
         for i, ps in enumerate(found):
             matching = list(dict.fromkeys(h.doc_id for h in everything.hits(i)))
             assert [p.doc_id for p in ps] == matching[:n]
+            # each search of a question is counted (searched again deeper: twice or more)
+            assert flops[i].search == searched.count(questions[i]) * retriever.flops(questions[i]).search
+        assert len(searched) > len(questions)
 
 
 def test_a_later_hop_finds_new_chunks_beyond_those_next_to_the_earlier_ones(tmp_path):

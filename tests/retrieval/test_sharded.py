@@ -378,6 +378,30 @@ def test_answers_over_shards_cite_the_part_they_read(world, tmp_path):
     assert f"fact-zorblat ({paths[shard_of('fact-zorblat', 2)]}: chunk" in format_generation(g)
 
 
+def test_a_front_generates_with_the_retriever_generate_names(world, tmp_path, tiny_encoder, monkeypatch):
+    """generate.retriever was read for one database but a front searched with the kind it was opened for."""
+    import dataclasses
+
+    corpus, tok = world["root"] / "corpus.jsonl", str(Path(world["lm"]) / "tokenizer.json")
+    paths = [Database.build([corpus], tmp_path / f"db-{i}", BuildConfig(tokenizer=tok, encoder=tiny_encoder, bm25=True,
+                                                                       shard=f"{i}/2"), show_progress=False).path
+             for i in range(2)]
+    kinds, search = [], ShardedRetriever.search
+
+    def spy(self, queries, k, exclude_docs=None, kind=None):
+        kinds.append(kind or self.kind)
+        return search(self, queries, k, exclude_docs, kind)
+
+    monkeypatch.setattr(ShardedRetriever, "search", spy)
+    base = ServeConfig(db=str(shards_file(tmp_path / "s.yaml", paths)), reader=world["lm"], retriever="dense")
+    service = Service(dataclasses.replace(base, generate=dataclasses.replace(base.generate, retriever="bm25")))
+    service.generate("The code of zorblat is", max_new_tokens=2)
+    assert kinds and set(kinds) == {"bm25"}
+    kinds.clear()
+    Service(base).generate("The code of zorblat is", max_new_tokens=2)  # auto: the front's own
+    assert kinds and set(kinds) == {"dense"}
+
+
 def test_cli_builds_describes_and_searches_shards(shards, tmp_path, capsys, wiki_corpus, tiny_encoder):
     rc, out, _ = run_cli(["db", "info", shards["file"]], capsys)
     assert rc == 0 and "3 shards, 40 documents" in out and "0/3" in out and "2/3" in out
@@ -604,6 +628,16 @@ def test_a_part_of_another_release_or_scorer_gets_one_line(shards, tmp_path):
         lambda request: httpx.Response(200, json={"results": [[{"score": 1.0}]], "flops": [None], "build_id": "b"})))
     with pytest.raises(PartUnavailable, match="shard http://bad:8000: /api/search answered hits of another shape"):
         bad.search(["q"], 2, "bm25")
+    for body, path in (({"results": None, "flops": [None], "build_id": "b"}, "/api/search"),
+                       ({"db": None, "max_k": 5, "max_queries": 2}, "/api/info"),
+                       ({"db": {}, "max_k": None, "max_queries": 2}, "/api/info"),
+                       ({"n_chunks": 3, "total_length": 9, "df": None}, "/api/terms")):
+        bad._client = httpx.Client(base_url="http://bad:8000", transport=httpx.MockTransport(
+            lambda request, body=body: httpx.Response(200, json=body)))  # were TypeErrors: a 500 from the front
+        call = {"/api/search": lambda: bad.search(["q"], 2, "bm25"), "/api/info": bad.info,
+                "/api/terms": lambda: bad.term_stats(["q"])}[path]
+        with pytest.raises(PartUnavailable, match=f"shard http://bad:8000: {path} answered .* of another type"):
+            call()
     # parts whose BM25 indexes score otherwise (another bm25s release, variant or parameters) are not merged
     copy = tmp_path / "db-2"
     shutil.copytree(shards["paths"][2], copy)

@@ -120,6 +120,8 @@ def test_requests_without_sizes_stay_within_max_k_and_generation_reads_its_retri
         answer = client.post("/api/answer", json={"question": "The code of zorblat is", **body})
         assert answer.status_code == 200 and fetched[-1] == 3
     assert client.get("/api/search", params={"q": "x", "k": 4}).json()["error"] == "k must be in 1..3, got 4"
+    more = client.post("/api/answer", json={"question": "The code of zorblat is", "passages": 5})
+    assert more.status_code == 400 and more.json()["error"] == "passages must be in 1..3, got 5"  # its own setting
     asked = []
     real = Service._retriever
 

@@ -102,6 +102,27 @@ def test_a_resume_under_other_neighbours_is_refused_and_other_optimiser_settings
     t.cleanup()
 
 
+def test_a_checkpoint_of_an_earlier_release_resumes_under_the_configs_optimiser_settings(built_db, tmp_path,
+                                                                                         monkeypatch):
+    """trainer.pt of an earlier release records no optimiser settings: the optimizer state's weight decay and betas
+    stayed while config.yaml said otherwise."""
+    save = torch.save
+
+    def as_before(obj, *args, **kwargs):  # trainer.pt as an earlier release wrote it
+        if isinstance(obj, dict) and "optimiser" in obj:
+            obj = {k: v for k, v in obj.items() if k not in ("optimiser", "reading")}
+        return save(obj, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", as_before)
+    run(tiny_cfg(built_db, tmp_path / "r", steps=3))
+    monkeypatch.setattr(torch, "save", save)
+    t = Trainer(tiny_cfg(built_db, tmp_path / "r", steps=6, weight_decay=0.0, beta2=0.99))
+    t.setup(show_progress=False)
+    assert t.step == 3
+    assert [(g["weight_decay"], g["betas"]) for g in t.opt.param_groups] == [(0.0, (0.9, 0.99)), (0.0, (0.9, 0.99))]
+    t.cleanup()
+
+
 def test_resuming_with_another_model_or_database_is_refused(built_db, tmp_path):
     """Same-shaped tensors load into a model with other heads, and a database with another tokenizer feeds other
     token ids: a resumed run went on training either way, and its next checkpoint recorded the new setting."""

@@ -265,9 +265,9 @@ class Database(DatabaseView):
             kind, factory = old.kind, self._index_factory()
             need = VectorIndex.create(old.dim, kind=old.kind, factory=factory).fewest_train_vectors
             if len(kept) < need:  # too few to train the same kind of index again (none kept: it would stay untrained)
-                kind, factory = "auto", None
                 logger.warning("%s: compaction keeps %d chunks, fewer than the %d a %s index trains on; the compacted "
                                "index is exact (flat)", self.path, len(kept), need, factory)
+                kind, factory = "auto", None
             index = make_index(
                 old.dim, len(kept),
                 lambda: (old.reconstruct(kept[s : s + 65536]) for s in range(0, len(kept), 65536)),
@@ -283,9 +283,10 @@ class Database(DatabaseView):
         return info
 
     def _index_factory(self) -> str:
-        """The FAISS factory string of this database's index, to build it again (compaction): the one recorded at the
-        build, else (recorded by an earlier release as read back from the index, which FAISS may not parse: RR32,
-        L2norm, residual quantizers) the one build.yaml asked for, else the one read back."""
+        """The FAISS factory string of this database's index, to build it again (compaction): the one build.yaml asked
+        for when it builds this kind of index (not after a compaction fell back to flat), else the one meta.json
+        records (an earlier release recorded it as read back from the index: RR32, L2norm or residual quantizers do not
+        parse, fsr reads back as fs), else the one read back now."""
         old = self.index
         assert old is not None
         asked = None
@@ -294,7 +295,9 @@ class Database(DatabaseView):
                 asked = (yaml.safe_load((self.path / "build.yaml").read_text()) or {}).get("index_factory")
             except (OSError, yaml.YAMLError, AttributeError):
                 asked = None
-        for factory in dict.fromkeys(f for f in ((self.meta.get("index") or {}).get("factory"), asked, old.factory)
+        # build.yaml's first: an earlier release recorded the string read back, which FAISS may parse as another
+        # index (IVF8,PQ8x4fsr read back as ...x4fs); what was asked is refused below if the kind has changed since
+        for factory in dict.fromkeys(f for f in (asked, (self.meta.get("index") or {}).get("factory"), old.factory)
                                      if isinstance(f, str) and f):
             try:
                 VectorIndex.create(old.dim, kind=old.kind, factory=factory)

@@ -213,10 +213,12 @@ class PassageRetriever:
         total = self.db.store.n_chunks
         fetch, todo = max(1, min(4 * n, total)), list(range(len(questions)))
         docs: list[list[Passage]] = [[] for _ in questions]
+        rounds = [0] * len(questions)  # searches of each question: each one costs (and embeds the query) again
         while todo:
             result = self.retriever.search([questions[i] for i in todo], fetch)
             short = []
             for j, i in enumerate(todo):
+                rounds[i] += 1
                 hits = result.hits(j)
                 found = len({h.doc_id for h in hits})
                 if found < n and len(hits) == fetch and fetch < total:
@@ -224,7 +226,8 @@ class PassageRetriever:
                 else:
                     docs[i] = self._documents(hits, n)
             todo, fetch = short, min(2 * fetch, total)
-        return docs, [self.flops(q) for q in questions]
+        once = [self.flops(q) for q in questions]
+        return docs, [StageFlops(encoder=f.encoder * r, search=f.search * r) for f, r in zip(once, rounds, strict=True)]
 
     def _documents(self, hits: list, n: int) -> list[Passage]:
         store, m = self.db.store, self.db.chunk_len

@@ -231,17 +231,22 @@ class RemoteShard(Shard):
             raise error(f"shard {self.name}: {path} answered {r.status_code}: {why or r.text[:200]!r}")
         return body
 
-    def _fields(self, body: dict[str, Any], path: str, *keys: str) -> list[Any]:
-        """``body[key]`` for each key; one line naming what is missing (a part running another retrolm release)."""
-        missing = [k for k in keys if k not in body]
+    def _fields(self, body: dict[str, Any], path: str, **expected: type | tuple[type, ...]) -> list[Any]:
+        """``body[key]`` for each key, of the type ``expected`` names; one line naming what is missing or of another
+        type (a part running another retrolm release)."""
+        missing = [k for k in expected if k not in body]
         if missing:  # a part answering what the front cannot use is its upstream failing (502), not the client
             raise PartUnavailable(f"shard {self.name}: {path} answered without {', '.join(missing)} (is it a retrolm "
-                               f"serve of this release?)")
-        return [body[k] for k in keys]
+                                  f"serve of this release?)")
+        odd = [k for k, kind in expected.items() if not isinstance(body[k], kind)]
+        if odd:
+            raise PartUnavailable(f"shard {self.name}: {path} answered {', '.join(odd)} of another type (is it a "
+                                  "retrolm serve of this release?)")
+        return [body[k] for k in expected]
 
     def info(self) -> dict[str, Any]:
-        db, max_k, max_queries = self._fields(self._call("GET", "/api/info"), "/api/info", "db", "max_k",
-                                              "max_queries")
+        db, max_k, max_queries = self._fields(self._call("GET", "/api/info"), "/api/info", db=dict, max_k=int,
+                                              max_queries=int)
         if "num_shards" in db:
             raise RetrolmError(f"shard {self.name} is the front of a sharded database itself: list its parts instead")
         self.max_k, self.max_queries = int(max_k), int(max_queries)
@@ -275,7 +280,7 @@ class RemoteShard(Shard):
                     "exclude_doc_ids": None if exclude_docs is None else
                     [list(d) for d in exclude_docs[start : start + self.max_queries]]}
             results, reported, build = self._fields(self._call("POST", "/api/search", json=body), "/api/search",
-                                                    "results", "flops", "build_id")
+                                                    results=list, flops=list, build_id=(str, type(None)))
             if len(results) != len(batch) or len(reported) != len(batch):
                 raise PartUnavailable(f"shard {self.name}: {len(results)} results for {len(batch)} queries")
             try:
@@ -296,15 +301,17 @@ class RemoteShard(Shard):
         stats = TermStats(0, 0, {})
         for start in range(0, len(queries), self.max_queries):  # the counts are the index's: one batch's as good
             out = self._call("POST", "/api/terms", json={"queries": list(queries[start : start + self.max_queries])})
-            n, total, df = self._fields(out, "/api/terms", "n_chunks", "total_length", "df")
-            stats = TermStats(int(n), int(total), {**stats.df, **{t: int(c) for t, c in df.items()}})
+            n, total, df = self._fields(out, "/api/terms", n_chunks=int, total_length=int, df=dict)
+            if not all(isinstance(c, int) for c in df.values()):
+                raise PartUnavailable(f"shard {self.name}: /api/terms answered counts that are not whole numbers")
+            stats = TermStats(n, total, {**stats.df, **df})
         return stats
 
     def document(self, doc_id: str) -> dict[str, Any] | None:
         out = self._call("GET", "/api/document", params={"id": doc_id})
         if out is None:
             return None
-        text, source = self._fields(out, "/api/document", "text", "source")
+        text, source = self._fields(out, "/api/document", text=str, source=str)
         return {"text": text, "source": source}
 
     def close(self) -> None:

@@ -189,6 +189,8 @@ class Service:
             changes["top_n"] = _bounded(changes["top_n"], "top_n", self.max_k)
         if "max_new_tokens" in changes:
             changes["max_new_tokens"] = _bounded(changes["max_new_tokens"], "max_new_tokens", self.cfg.max_new_tokens)
+        if "passages" in changes:  # within what one search may bring back (a front's parts may allow fewer)
+            changes["passages"] = _bounded(changes["passages"], "passages", self.max_k * rag.hops)
         if "passages" in changes and "top_n" not in changes:  # more passages than candidates: fetch as many
             changes["top_n"] = min(max(rag.top_n, changes["passages"]), self.max_k)
         elif "top_n" not in changes and rag.top_n > self.max_k:  # a front's parts may serve fewer than the default
@@ -227,7 +229,10 @@ class Service:
             if retrieval and self.generator.retrieves:
                 # generate.retriever, unless auto: the service's default retriever
                 kind = None if base.retriever == "auto" else base.retriever
-                ret = self.sharded if self.sharded is not None else self._retriever(kind).retriever
+                if self.sharded is not None:
+                    ret = self.sharded if kind is None else _SearchedAs(self.sharded, kind)
+                else:
+                    ret = self._retriever(kind).retriever
             return self.generator.generate(cfg, ret).to_dict()
 
     def document(self, doc_id: str) -> dict[str, Any]:
@@ -288,6 +293,19 @@ class Service:
         if kind not in self._retrievers:
             self._retrievers[kind] = PassageRetriever(self.db, kind)
         return self._retrievers[kind]
+
+
+class _SearchedAs:
+    """A sharded front searched with another retriever kind than it was opened for (``generate.retriever``)."""
+
+    def __init__(self, sharded: ShardedRetriever, kind: str) -> None:
+        self.sharded, self.kind = sharded, kind
+
+    def search(self, queries: str | list[str], k: int, exclude_docs: list[list[str]] | None = None) -> Any:
+        return self.sharded.search(queries, k, exclude_docs, kind=self.kind)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.sharded, name)
 
 
 def _text(value: str, name: str) -> str:

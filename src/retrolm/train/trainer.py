@@ -440,11 +440,12 @@ class Trainer:
                 raise RetrolmError(f"{last}: resumed with another data order ({', '.join(changed)}); resume with "
                                    "the same settings or start afresh (--no-resume)")
             self._check_reading(last, self._resumed_reading)
-            if changed := _changes(self._resumed_optimiser, self._optimiser):
-                # the optimizer state came back with the checkpoint's settings: the config's are put back in, and
-                # the schedule follows the config from here on
+            if last is not None:
+                # the optimizer state came back with the checkpoint's settings: the config's are put back in (a
+                # checkpoint of an earlier release records none), and the schedule follows the config from here on
                 for group, decay in zip(self.opt.param_groups, (cfg.weight_decay, 0.0), strict=True):
                     group.update(weight_decay=decay, betas=(cfg.beta1, cfg.beta2))
+            if changed := _changes(self._resumed_optimiser, self._optimiser):
                 logger.warning("%s: resumed with other optimiser settings (%s): they apply from step %d on", last,
                                ", ".join(changed), self.step)
             if self.main:  # after the refusals: a refused resume keeps the interrupted run's rows
