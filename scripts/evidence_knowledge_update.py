@@ -32,6 +32,7 @@ from evidence_incontext import (
     commands_section,
     prepare_kernel,
     record_command,
+    rel,
     run,
     shown_command,
     table,
@@ -78,13 +79,16 @@ def main() -> None:
     # run evaluated "after delete" on a database where nothing was deleted)
     marker, ids = deleted / ".deleted.json", [a for d in old_versions for a in ("--doc-id", d)]
     # both commands listed, run or not: the page's commands make every database its evaluations read
-    log.append(f"cp -r {rest.relative_to(REPO)} {deleted.relative_to(REPO)}")
+    log.append(f"cp -r {rel(rest)} {rel(deleted)}")
     delete = [*RETROLM, "db", "delete", deleted, *ids, "-q"]
-    if not marker.is_file() or json.loads(marker.read_text()) != old_versions:
+    # done for these ids on a copy of this build of the rest database (rebuilt: rest.jsonl drawn again, whose copies
+    # of held-out excerpts depend on --max-chars, with the same held-out documents)
+    done = {"ids": old_versions, "rest_build": json.loads((rest / "meta.json").read_text()).get("build_id")}
+    if not marker.is_file() or json.loads(marker.read_text()) != done:
         shutil.rmtree(deleted, ignore_errors=True)
         shutil.copytree(rest, deleted)
         run(delete, log)
-        marker.write_text(json.dumps(old_versions))
+        marker.write_text(json.dumps(done))
     else:
         log.append(shown_command(delete))
         print(f"[skip] {shown_command(delete)}", flush=True)

@@ -112,6 +112,15 @@ def test_kernel_cloze_asks_a_sentence_once_and_never_offers_a_second_right_answe
         sentences = [r["provenance"]["sentence"] for r in recs]
         assert len(sentences) == len(set(sentences))  # asked once
         assert all(r["answers"][0] not in ("mass_storage", "uac2") for r in recs)  # two files, two answers
+    # completed otherwise by a file outside the test split, or with the blank on another word of it
+    names = [f"Documentation/usb/f{i}.rst" for i in range(40)]
+    test, train = (next(n for n in names if in_test_split(n, 0, 0.5) is flag) for flag in (True, False))
+    split = write_jsonl(tmp_path / "split.jsonl", [
+        {"id": f"6.12/{test}", "path": test, "text": "The probe routine sets CONFIG_FOO_BAR when the device answers "
+                                                     "the first request."},
+        {"id": f"6.12/{train}", "path": train, "text": "The probe routine sets CONFIG_BAZ_QUX when the device answers "
+                                                       "the first request."}])
+    assert build_kernel_cloze(split, n=10, seed=0, test_fraction=0.5, balance=False) == []
     # offered as a wrong option, a word must not complete the question into a sentence of the corpus
     only_a = write_jsonl(tmp_path / "a.jsonl", [docs[0], {**docs[1], "id": "6.1/other", "path": "other"}])
     for seed in range(6):

@@ -80,15 +80,16 @@ def test_a_file_name_that_is_not_utf8_gives_documents_named_in_utf8(tmp_path, ca
     folder = tmp_path / "corpus"
     folder.mkdir()
     (folder / "ok.txt").write_text("fine text")
-    with open(os.path.join(os.fsencode(folder), b"caf\xe9.txt"), "w") as f:
-        f.write("latin-1 name")
+    for name in (b"caf\xe9.txt", b"caf\xe8.txt"):
+        with open(os.path.join(os.fsencode(folder), name), "w") as f:
+            f.write("latin-1 name")
     with open(os.path.join(os.fsencode(folder), b"notes\xff.jsonl"), "w") as f:
         f.write('{"id": "n1", "text": "a record"}\n')
     with caplog.at_level(logging.WARNING):
         docs = list(iter_documents([folder]))
-    assert sorted(d.id for d in docs) == ["caf\ufffd.txt", "n1", "ok.txt"]
+    assert sorted(d.id for d in docs) == ["caf\\xe8.txt", "caf\\xe9.txt", "n1", "ok.txt"]  # two names, two ids
     assert all(d.id.encode("utf-8") and d.source.encode("utf-8") for d in docs)  # every id and source can be written
-    assert {d.source for d in docs if d.id == "n1"} == {f"{folder}/notes\ufffd.jsonl:1"}
+    assert {d.source for d in docs if d.id == "n1"} == {f"{folder}/notes\\xff.jsonl:1"}
     assert "its name is not valid UTF-8" in caplog.text
 
 

@@ -82,11 +82,8 @@ def _inputs(cfg: EvalConfig) -> dict:
         return [file_digest(p, quick=True) if Path(p).is_file() else
                 [file_digest(f, quick=True) for f, _ in list_files([p])] if Path(p).is_dir() else p for p in paths]
 
-    inputs = {"checkpoint": resolved(cfg.checkpoint), "baselines": [resolved(b) for b in cfg.baselines],
-              "db": {k: db.get(k) for k in ("build_id", "version")}, "data": digests(cfg.data)}
-    if getattr(cfg, "noise", None):  # scale db-size's noise corpus
-        inputs["noise"] = digests(cfg.noise)
-    return inputs
+    return {"checkpoint": resolved(cfg.checkpoint), "baselines": [resolved(b) for b in cfg.baselines],
+            "db": {k: db.get(k) for k in ("build_id", "version")}, "data": digests(cfg.data)}
 
 
 def _default(f: Field) -> Any:

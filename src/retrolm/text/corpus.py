@@ -245,12 +245,12 @@ def _read_parquet(path: Path, warn: Warn) -> Iterator[Document]:
 
 def _named_in_utf8(text: str) -> str:
     """A string made from a file name that is not valid UTF-8 (Python holds its bytes as lone surrogates, which no
-    file or tokenizer takes), with those bytes replaced by U+FFFD."""
+    file or tokenizer takes), with those bytes written as backslash escapes (two such names stay two ids)."""
     try:
         text.encode("utf-8")
         return text
     except UnicodeEncodeError:
-        return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def _read_path(path: Path, root: Path, warn: Warn) -> Iterator[Document]:
@@ -260,7 +260,7 @@ def _read_path(path: Path, root: Path, warn: Warn) -> Iterator[Document]:
         return
     # the documents' ids and sources come from the name: repaired (the build failed at its end, at every rerun)
     warn("reading %s: its name is not valid UTF-8; the undecodable bytes of its documents' ids and sources are "
-         "replaced by U+FFFD", _named_in_utf8(str(path)))
+         "written as \\xNN", _named_in_utf8(str(path)))
     for doc in docs:
         yield Document(id=_named_in_utf8(doc.id), text=doc.text, source=_named_in_utf8(doc.source))
 

@@ -302,12 +302,16 @@ def build_kernel_cloze(corpus: str | Path, n: int = 200, seed: int = 0, old: str
         rng.shuffle(cands)
         if cands:
             per_doc.append(cands)
-    # a blanked sentence other files complete with another word has two right answers: not asked
+    # a blanked sentence that another sentence of the corpus completes with another word has two right answers: not
+    # asked (every sentence indexed at each word a blank may take)
     fills: dict[str, set[str]] = {}
-    for cs in per_doc:
-        for c in cs:
-            fills.setdefault(_norm_space(c["masked"]), set()).add(c["word"])
-    per_doc = [kept for cs in per_doc if (kept := [c for c in cs if len(fills[_norm_space(c["masked"])]) == 1])]
+    for sentence in sentences:
+        toks = sentence.split()
+        for i, w in enumerate(t.strip(".,;:()\"'") for t in toks):
+            if _blank_score(w, i == 0) >= 2:
+                fills.setdefault(" ".join([*toks[:i], toks[i].replace(w, BLANK, 1), *toks[i + 1 :]]), set()).add(w)
+    per_doc = [kept for cs in per_doc
+               if (kept := [c for c in cs if fills.get(_norm_space(c["masked"]), set()) <= {c["word"]}])]
     picked = _round_robin(per_doc, n, balance and old is not None)
     base = _provenance("kernel-cloze", corpus, seed, test_fraction,
                        old_corpus=Path(old).name if old is not None else None)

@@ -68,22 +68,22 @@ class NgramIndex:
         order = np.argsort(all_h, kind="stable")
         self.hashes, self.owners, self.n = all_h[order], all_o[order], n
 
-    def shared(self, text: str) -> np.ndarray:
-        """Per indexed document, how many of ``text``'s distinct n-grams it holds."""
+    def shared(self, text: str) -> tuple[np.ndarray, int]:
+        """Per indexed document, how many of ``text``'s distinct n-grams it holds; and how many ``text`` has."""
         h = word_ngrams(text, self.n)
         if not len(h) or not self.n_docs:
-            return np.zeros(self.n_docs, dtype=np.int64)
+            return np.zeros(self.n_docs, dtype=np.int64), len(h)
         lo, hi = np.searchsorted(self.hashes, h, "left"), np.searchsorted(self.hashes, h, "right")
         hits = np.concatenate([self.owners[a:b] for a, b in zip(lo, hi, strict=True) if b > a] or [np.zeros(0, int)])
-        return np.bincount(hits, minlength=self.n_docs)
+        return np.bincount(hits, minlength=self.n_docs), len(h)
 
     def best_match(self, text: str) -> tuple[int, float]:
         """(document with the largest share of ``text``'s n-grams, that share); (-1, 0) if none share any."""
-        counts = self.shared(text)
+        counts, size = self.shared(text)
         if not counts.any():
             return -1, 0.0
         best = int(counts.argmax())
-        return best, float(counts[best]) / len(word_ngrams(text, self.n))
+        return best, float(counts[best]) / size
 
 
 @dataclass
@@ -203,7 +203,7 @@ def split_versions(old_paths: list[str | Path], new_paths: list[str | Path], out
     for i, d in enumerate(new):
         if i in chosen or not held_ids:
             continue
-        share = index.shared(d.text) / np.maximum(sizes, 1)  # of each held-out excerpt's n-grams, held by d
+        share = index.shared(d.text)[0] / np.maximum(sizes, 1)  # of each held-out excerpt's n-grams, held by d
         j = int(share.argmax())
         if share[j] > new_max_overlap:
             copies[i] = {"id": d.id, "copy_of": new[held_ids[j]].id, "overlap": round(float(share[j]), 4)}
