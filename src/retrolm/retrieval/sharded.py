@@ -249,7 +249,7 @@ class RemoteShard(Shard):
                                               max_queries=int)
         if "num_shards" in db:
             raise RetrolmError(f"shard {self.name} is the front of a sharded database itself: list its parts instead")
-        self.max_k, self.max_queries = int(max_k), int(max_queries)
+        self.max_k, self.max_queries = max_k, max_queries  # whole numbers: _fields checked them
         return db
 
     def search(self, queries: Sequence[str], k: int, kind: str, exclude_docs: Sequence[Sequence[str]] | None = None,

@@ -127,8 +127,7 @@ class Service:
         """The ``k`` best chunks for ``query`` (default 5, or fewer where the service allows fewer), each with its
         continuation, document and score."""
         query = _text(query, "query")
-        k = self._k(k)
-        out = self.search_batch([query], k, retriever)
+        out = self.search_batch([query], k, retriever)  # which checks k (and gives the default)
         return {"query": query, "retriever": out["retriever"], "hits": out["results"][0]}
 
     def search_batch(self, queries: list[str], k: int | None = None, retriever: str | None = None,

@@ -255,12 +255,12 @@ def _named_in_utf8(text: str) -> str:
 
 def _read_path(path: Path, root: Path, warn: Warn) -> Iterator[Document]:
     docs = _read_path_as_named(path, root, warn)
-    if _named_in_utf8(str(path)) == str(path):
+    if (shown := _named_in_utf8(str(path))) == str(path):
         yield from docs
         return
     # the documents' ids and sources come from the name: repaired (the build failed at its end, at every rerun)
     warn("reading %s: its name is not valid UTF-8; the undecodable bytes of its documents' ids and sources are "
-         "written as \\xNN", _named_in_utf8(str(path)))
+         "written as \\xNN", shown)
     for doc in docs:
         yield Document(id=_named_in_utf8(doc.id), text=doc.text, source=_named_in_utf8(doc.source))
 

@@ -237,10 +237,15 @@ CLOZE_PREFIX = "Fill in the blank with one word. From the Linux kernel documenta
 """What every kernel-cloze question says before its sentence."""
 
 
+def _bare(token: str) -> str:
+    """A token of a sentence without the punctuation around it: the word a blank takes the place of."""
+    return token.strip(".,;:()\"'")
+
+
 def choose_blank(sentence: str, rng: random.Random) -> tuple[str, str] | None:
     """(the sentence with one specific word blanked, that word), or None if it has none."""
     toks = sentence.split()
-    stripped = [t.strip(".,;:()\"'") for t in toks]
+    stripped = [_bare(t) for t in toks]
     counts: dict[str, int] = {}
     for w in stripped:
         counts[w.lower()] = counts.get(w.lower(), 0) + 1
@@ -307,7 +312,7 @@ def build_kernel_cloze(corpus: str | Path, n: int = 200, seed: int = 0, old: str
     fills: dict[str, set[str]] = {}
     for sentence in sentences:
         toks = sentence.split()
-        for i, w in enumerate(t.strip(".,;:()\"'") for t in toks):
+        for i, w in enumerate(map(_bare, toks)):
             if _blank_score(w, i == 0) >= 2:
                 fills.setdefault(" ".join([*toks[:i], toks[i].replace(w, BLANK, 1), *toks[i + 1 :]]), set()).add(w)
     per_doc = [kept for cs in per_doc

@@ -198,7 +198,7 @@ def split_versions(old_paths: list[str | Path], new_paths: list[str | Path], out
     # of a document labelled new
     held_ids = sorted(chosen)
     index = NgramIndex(truncate(new[i].text, max_chars) for i in held_ids)
-    sizes = np.array([len(word_ngrams(truncate(new[i].text, max_chars))) for i in held_ids], dtype=float)
+    sizes = np.bincount(index.owners, minlength=index.n_docs)  # each excerpt's distinct n-grams
     copies: dict[int, dict] = {}
     for i, d in enumerate(new):
         if i in chosen or not held_ids:
